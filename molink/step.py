@@ -1,0 +1,87 @@
+"""The contract between the head's scheduler and every stage: one step of one micro-batch.
+
+A ``StepPlan`` is what the scheduler decides for one micro-batch; every stage executes it for
+its own layers; the last stage samples and answers with a ``StepResult``.
+
+Rules (the wire mirrors them one to one):
+
+* Block ids are allocated by the head and are the same on every stage (the head sizes its
+  block pool to the smallest stage's capacity). A stage only stores the tables.
+* A sequence's data (tokens, sampling parameters) reaches a stage once, in
+  ``new_sequences``. It is sent again only when the stage must (re)start the sequence from
+  scratch: first admission, resumption after preemption, or replay on another node.
+* After that only diffs travel: ``ScheduledSequence.new_block_ids`` (blocks appended to the
+  table this step), the flat ``token_ids`` of this step (read by the first stage only), and
+  ``finished_seq_ids`` (forget the sequence; its blocks are already freed by the head).
+* Rows of the flattened token batch follow the order of ``scheduled``.
+* The last stage keeps each sequence's token history for penalties and appends what it
+  samples itself, so sampled tokens never travel forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from molink.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewSequenceData:
+    """Everything a stage needs to know about a sequence, sent once."""
+
+    seq_id: int
+    token_ids: tuple[int, ...]  # all known tokens: prompt, plus outputs when resuming/replaying
+    num_prompt_tokens: int  # the first num_prompt_tokens of token_ids are the prompt
+    sampling: SamplingParams  # seed is already specific to this sequence (n > 1 siblings differ)
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One sequence's share of a step."""
+
+    seq_id: int
+    num_computed_tokens: int  # tokens already in the KV cache = position of the first new token
+    num_new_tokens: int
+    new_block_ids: tuple[int, ...] = ()  # appended to the sequence's block table this step
+    sample: bool = False  # the chunk reaches the end of the known tokens: sample one token
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    scheduled: tuple[ScheduledSequence, ...]
+    token_ids: tuple[int, ...]  # flat, sum(num_new_tokens) long, in `scheduled` order
+    new_sequences: tuple[NewSequenceData, ...] = ()
+    finished_seq_ids: tuple[int, ...] = ()
+    micro_batch: int = 0  # which in-flight slot this plan belongs to
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    seq_id: int
+    token_id: int
+    logprob: float | None = None  # of the sampled token, when requested
+    top_logprobs: tuple[TokenLogprob, ...] = ()  # the k most likely alternatives
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step_id: int
+    sampled: tuple[SampledToken, ...] = ()  # one per ScheduledSequence with sample=True
+    micro_batch: int = 0
+    error: str | None = None  # a stage failed; the head fails the affected requests
+    stage_timings: dict = field(default_factory=dict, compare=False)
