@@ -1,0 +1,122 @@
+"""Builds engines from a model name: the pieces every entry point shares."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from molink.config import CacheConfig, LayerRange, ModelConfig, SchedulerConfig, normalize_dtype
+from molink.engine.llm_engine import LLMEngine
+from molink.engine.local_executor import LocalExecutor
+from molink.errors import InvalidParameterError
+from molink.kv_cache.manager import KVCacheManager
+from molink.models.kv_cache import KVCache
+from molink.scheduler.scheduler import Scheduler
+from molink.stage.worker import StageWorker
+from molink.tokenizer.tokenizer import Tokenizer
+from molink.weights import ModelSource, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+
+
+def torch_dtype_for(source: ModelSource, dtype: str) -> torch.dtype:
+    name = normalize_dtype(dtype)
+    if name == "auto":
+        name = source.resolve_dtype("auto")
+    return _TORCH_DTYPES[name]
+
+
+def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
+    limit = config.max_position_embeddings
+    if requested is None:
+        return limit
+    if not 1 <= requested <= limit:
+        raise InvalidParameterError(
+            "max_model_len", f"{requested} must be in [1, {limit}] (the model's context)"
+        )
+    return requested
+
+
+def num_blocks_for(
+    config: ModelConfig, layer_range: LayerRange, options: EngineOptions, dtype: torch.dtype
+) -> int:
+    if options.num_kv_blocks is not None:
+        return options.num_kv_blocks
+    per_block = KVCache.bytes_per_block(
+        config, layer_range.end - layer_range.start, options.block_size, dtype
+    )
+    num_blocks = options.kv_cache_memory_bytes // per_block
+    if num_blocks < 2:
+        raise InvalidParameterError(
+            "kv_cache_memory", f"{options.kv_cache_memory_bytes} bytes hold fewer than 2 blocks"
+        )
+    return int(num_blocks)
+
+
+def build_scheduler(
+    config: ModelConfig, options: EngineOptions, num_blocks: int, max_model_len: int,
+    eos_token_ids: tuple[int, ...],
+) -> Scheduler:
+    sched_config = SchedulerConfig(
+        max_num_batched_tokens=options.max_num_batched_tokens,
+        max_num_seqs=options.max_num_seqs,
+        max_model_len=max_model_len,
+    )
+    sched_config.validate()
+    cache = CacheConfig(block_size=options.block_size, num_blocks=num_blocks,
+                        enable_prefix_caching=options.enable_prefix_caching)
+    kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+    return Scheduler(sched_config, kv, eos_token_ids)
+
+
+def build_local_engine(
+    options: EngineOptions, layer_splits: list[int] | None = None
+) -> tuple[LLMEngine, ModelSource, int]:
+    """An engine whose stages all live in this process.
+
+    ``layer_splits`` (e.g. ``[7, 19]``) runs the model as several consecutive layer ranges
+    handing hidden states across, exactly as the pipeline's seams do.
+    Returns the engine, its model source and max_model_len.
+    """
+    source = resolve_model_source(options.model)
+    config = source.model_config
+    dtype = torch_dtype_for(source, options.dtype)
+    max_model_len = resolve_max_model_len(config, options.max_model_len)
+    bounds = [0, *(layer_splits or []), config.num_layers]
+    ranges = [LayerRange.resolve(a, b, config.num_layers) for a, b in zip(bounds, bounds[1:])]
+    num_blocks = min(num_blocks_for(config, r, options, dtype) for r in ranges)
+    stages = [
+        StageWorker(source.load_slice(r, dtype_name(dtype)), config, r, num_blocks,
+                    options.block_size, dtype)
+        for r in ranges
+    ]
+    tokenizer = Tokenizer.from_dir(source.tokenizer_dir)
+    eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    scheduler = build_scheduler(config, options, num_blocks, max_model_len, eos)
+    engine = LLMEngine(scheduler, LocalExecutor(stages), tokenizer)
+    return engine, source, max_model_len
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _TORCH_DTYPES.items()}[dtype]

@@ -1,0 +1,180 @@
+"""The head's loop: schedule -> run the pipeline -> update -> emit.
+
+With K micro-batches in flight the engine keeps up to K plans outstanding and schedules a
+micro-batch's next step as soon as its tokens come back; a single node runs K = 1 and its
+executor computes synchronously inside ``submit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from molink.engine.executor import PlanExecutor
+from molink.engine.request_state import RequestState
+from molink.errors import InvalidParameterError
+from molink.outputs import RequestOutput
+from molink.sampling_params import SamplingParams
+from molink.scheduler.scheduler import Scheduler
+from molink.step import StepPlan
+from molink.tokenizer.protocol import TokenizerLike
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: PlanExecutor,
+        tokenizer: TokenizerLike,
+        num_micro_batches: int = 1,
+    ) -> None:
+        if num_micro_batches < 1:
+            raise InvalidParameterError("num_micro_batches", "must be >= 1")
+        self.scheduler = scheduler
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.num_micro_batches = num_micro_batches
+        self._requests: dict[str, RequestState] = {}
+        self._in_flight: dict[int, StepPlan] = {}  # step id -> plan
+        self._free_slots: list[int] = list(range(num_micro_batches))
+        self.num_steps = 0
+
+    # -- requests -----------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self._requests:
+            raise InvalidParameterError("request_id", f"{request_id!r} is already running")
+        state = RequestState.create(
+            request_id, prompt_token_ids, params, self.tokenizer, arrival_time
+        )
+        state.seq_ids = self.scheduler.add_request(
+            request_id, prompt_token_ids, params, state.metrics.arrival_time
+        )
+        self._requests[request_id] = state
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.abort_request(request_id)
+        for out in state.outputs:
+            if out.finish_reason is None:
+                out.finish_reason = "abort"
+        return state.snapshot()
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Fail every request (the pipeline is broken); frees every block."""
+        outputs = []
+        for request_id in list(self._requests):
+            state = self._requests.pop(request_id)
+            self.scheduler.abort_request(request_id)
+            for out in state.outputs:
+                if out.finish_reason is None:
+                    out.finish_reason = "error"
+                    out.error = message
+            outputs.append(state.snapshot())
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._in_flight)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def step(self, poll_timeout: float = 0.0) -> list[RequestOutput]:
+        """Fill free micro-batch slots, collect what came back, and emit outputs."""
+        self._fill_pipeline()
+        if not self._in_flight:
+            return []
+        results = self.executor.poll(poll_timeout)
+        touched: dict[str, RequestState] = {}
+        now = time.monotonic()
+        for result in results:
+            plan = self._in_flight.pop(result.step_id, None)
+            if plan is None:
+                logger.warning("result for unknown step %d ignored", result.step_id)
+                continue
+            self._free_slots.append(plan.micro_batch)
+            if result.error:
+                logger.error("step %d failed: %s", result.step_id, result.error)
+            for update in self.scheduler.update(plan, result):
+                state = self._requests.get(update.request_id)
+                if state is not None:
+                    self._apply_update(state, update, now, result.error)
+                    touched[state.request_id] = state
+        return [self._emit(state) for state in touched.values()]
+
+    def _fill_pipeline(self) -> None:
+        while self._free_slots:
+            micro_batch = self._free_slots[-1]
+            plan = self.scheduler.schedule(micro_batch=micro_batch)
+            if plan.is_empty:
+                if plan.finished_seq_ids:
+                    self.executor.release(list(plan.finished_seq_ids))
+                return
+            self._free_slots.pop()
+            self._in_flight[plan.step_id] = plan
+            self._mark_scheduled(plan)
+            self.num_steps += 1
+            self.executor.submit(plan)
+
+    def _mark_scheduled(self, plan: StepPlan) -> None:
+        now = time.monotonic()
+        for new_seq in plan.new_sequences:
+            request_id = self.scheduler.request_id_of(new_seq.seq_id)
+            state = self._requests.get(request_id) if request_id else None
+            if state is not None and state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = now
+
+    def _apply_update(self, state: RequestState, update, now: float, error: str | None) -> None:
+        out = state.outputs[update.seq_index]
+        if out.finished:
+            return
+        if update.new_token_id is not None:
+            self._append_token(state, update, now)
+        if update.finish_reason is not None and not out.finished:
+            out.finish_reason = update.finish_reason
+            out.stop_reason = update.stop_reason
+            if update.finish_reason == "error":
+                out.error = error or "the pipeline failed"
+            else:
+                tail = state.detokenizers[update.seq_index].flush()
+                out.text += tail
+                out.delta_text += tail
+        if state.finished:
+            state.metrics.finished_time = now
+
+    def _append_token(self, state: RequestState, update, now: float) -> None:
+        out = state.outputs[update.seq_index]
+        sampled = update.sampled
+        out.token_ids.append(sampled.token_id)
+        out.delta_token_ids.append(sampled.token_id)
+        if out.logprobs is not None and sampled.logprob is not None:
+            out.logprobs.append(sampled.logprob)
+            out.top_logprobs.append(list(sampled.top_logprobs))
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = now
+        step = state.detokenizers[update.seq_index].add_token(sampled.token_id)
+        out.text = state.detokenizers[update.seq_index].text
+        out.delta_text += step.delta_text
+        if step.stop_string is not None and update.finish_reason is None:
+            self.scheduler.finish_sequence(update.seq_id, "stop", step.stop_string)
+            out.finish_reason = "stop"
+            out.stop_reason = step.stop_string
+
+    def _emit(self, state: RequestState) -> RequestOutput:
+        output = state.snapshot()
+        if output.finished:
+            self._requests.pop(state.request_id, None)
+        return output

@@ -1,0 +1,146 @@
+"""Runs one stage's layers over micro-batches with the stage's own paged KV cache.
+
+The head allocates block ids; a stage only mirrors each sequence's block table from the
+diffs in every plan (see molink/step.py). The last stage also keeps each sequence's token
+history and samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from molink.config import LayerRange, ModelConfig
+from molink.errors import ProtocolError
+from molink.models.attention import AttentionMetadata, SeqChunk
+from molink.models.kv_cache import KVCache
+from molink.sampling.sampler import Sampler, SequenceSamplingState
+from molink.step import SampledToken, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+SeqKey = tuple[str, int]
+
+
+class StageWorker:
+    """A StageExecutor (molink/stage/protocol.py) backed by a DecoderSlice."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        layer_range: LayerRange,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.layer_range = layer_range
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.is_first = layer_range.is_first()
+        self.is_last = layer_range.is_last(model_config.num_layers)
+        num_local_layers = layer_range.end - layer_range.start
+        self.kv_cache = KVCache.allocate(
+            model_config, num_local_layers, num_blocks, block_size, dtype
+        )
+        self.sampler = (
+            Sampler(model_config.eos_token_ids, model_config.vocab_size) if self.is_last else None
+        )
+        self._block_tables: dict[SeqKey, list[int]] = {}
+        self._sampling_states: dict[SeqKey, SequenceSamplingState] = {}
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._block_tables)
+
+    def release(self, seq_ids: list[int], head_id: str = "") -> None:
+        for seq_id in seq_ids:
+            self._block_tables.pop((head_id, seq_id), None)
+            self._sampling_states.pop((head_id, seq_id), None)
+
+    @torch.inference_mode()
+    def execute(
+        self, plan: StepPlan, hidden: torch.Tensor | None, head_id: str = ""
+    ) -> torch.Tensor | StepResult:
+        self.release(list(plan.finished_seq_ids), head_id)
+        self._register_new_sequences(plan, head_id)
+        chunks = self._chunks(plan, head_id)
+        if plan.is_empty:
+            return StepResult(step_id=plan.step_id, micro_batch=plan.micro_batch)
+        meta = AttentionMetadata.build(chunks, self.block_size)
+        inputs = self._inputs(plan, hidden)
+        output = self.model(inputs, meta, self.kv_cache)
+        if not self.is_last:
+            return output
+        return self._sample(plan, output, head_id)
+
+    def _register_new_sequences(self, plan: StepPlan, head_id: str) -> None:
+        for new_seq in plan.new_sequences:
+            key = (head_id, new_seq.seq_id)
+            # A re-sent sequence (preemption, replay) starts from scratch.
+            self._block_tables[key] = []
+            if self.is_last:
+                self._sampling_states[key] = SequenceSamplingState(
+                    params=new_seq.sampling,
+                    token_ids=list(new_seq.token_ids),
+                    num_prompt_tokens=new_seq.num_prompt_tokens,
+                )
+
+    def _chunks(self, plan: StepPlan, head_id: str) -> list[SeqChunk]:
+        chunks = []
+        for sched in plan.scheduled:
+            table = self._block_tables.get((head_id, sched.seq_id))
+            if table is None:
+                raise ProtocolError(f"unknown sequence id {sched.seq_id} in step {plan.step_id}")
+            self._check_blocks(sched.new_block_ids)
+            table.extend(sched.new_block_ids)
+            end = sched.num_computed_tokens + sched.num_new_tokens
+            if sched.num_new_tokens < 1 or end > len(table) * self.block_size:
+                raise ProtocolError(
+                    f"sequence {sched.seq_id}: {end} tokens do not fit its "
+                    f"{len(table)} blocks of {self.block_size}"
+                )
+            chunks.append(SeqChunk(sched.num_computed_tokens, sched.num_new_tokens, table))
+        return chunks
+
+    def _check_blocks(self, block_ids: tuple[int, ...]) -> None:
+        for block_id in block_ids:
+            if not 0 <= block_id < self.num_blocks:
+                raise ProtocolError(f"block id {block_id} outside [0, {self.num_blocks})")
+
+    def _inputs(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
+        if self.is_first:
+            if len(plan.token_ids) != plan.num_tokens:
+                raise ProtocolError(
+                    f"step {plan.step_id} has {len(plan.token_ids)} token ids for "
+                    f"{plan.num_tokens} scheduled tokens"
+                )
+            return torch.tensor(plan.token_ids, dtype=torch.long)
+        expected = (plan.num_tokens, self.model_config.hidden_size)
+        if hidden is None or tuple(hidden.shape) != expected:
+            got = None if hidden is None else tuple(hidden.shape)
+            raise ProtocolError(f"step {plan.step_id}: hidden states {got}, expected {expected}")
+        return hidden
+
+    def _sample(self, plan: StepPlan, output: torch.Tensor, head_id: str) -> StepResult:
+        assert self.sampler is not None
+        rows, states, seq_ids = [], [], []
+        offset = 0
+        for sched in plan.scheduled:
+            offset += sched.num_new_tokens
+            if sched.sample:
+                rows.append(offset - 1)
+                states.append(self._sampling_states[(head_id, sched.seq_id)])
+                seq_ids.append(sched.seq_id)
+        if not rows:
+            return StepResult(step_id=plan.step_id, micro_batch=plan.micro_batch)
+        logits = self.model.compute_logits(output[rows])
+        sampled = self.sampler.sample(logits, states)
+        tokens = []
+        for seq_id, state, (token_id, logprob, top) in zip(seq_ids, states, sampled, strict=True):
+            state.token_ids.append(token_id)
+            tokens.append(SampledToken(seq_id, token_id, logprob, top))
+        return StepResult(step_id=plan.step_id, sampled=tuple(tokens), micro_batch=plan.micro_batch)
