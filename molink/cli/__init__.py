@@ -1,0 +1,1 @@
+"""Command line: ``molink serve``, ``molink stage``, ``molink status``."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from molink.config import CacheConfig, LayerRange, ModelConfig, SchedulerConfig, normalize_dtype
+from molink.config import CacheConfig, LayerRange, ModelConfig, SchedulerConfig
 from molink.engine.llm_engine import LLMEngine
 from molink.engine.local_executor import LocalExecutor
 from molink.errors import InvalidParameterError
@@ -17,6 +17,7 @@ from molink.scheduler.scheduler import Scheduler
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
 from molink.weights import ModelSource, resolve_model_source
+from molink.weights.source import resolve_torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,7 @@ class EngineOptions:
 
 
 def torch_dtype_for(source: ModelSource, dtype: str) -> torch.dtype:
-    name = normalize_dtype(dtype)
-    if name == "auto":
-        name = source.resolve_dtype("auto")
-    return _TORCH_DTYPES[name]
+    return resolve_torch_dtype(dtype, source.checkpoint_dtype)
 
 
 def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:

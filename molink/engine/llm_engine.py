@@ -142,20 +142,20 @@ class LLMEngine:
         if out.finished:
             return
         if update.new_token_id is not None:
-            self._append_token(state, update, now)
+            self._append_token(state, update, now, _emits_text(state, update))
         if update.finish_reason is not None and not out.finished:
             out.finish_reason = update.finish_reason
             out.stop_reason = update.stop_reason
             if update.finish_reason == "error":
                 out.error = error or "the pipeline failed"
             else:
-                tail = state.detokenizers[update.seq_index].flush()
-                out.text += tail
-                out.delta_text += tail
+                detokenizer = state.detokenizers[update.seq_index]
+                out.delta_text += detokenizer.flush().delta_text
+                out.text = detokenizer.text
         if state.finished:
             state.metrics.finished_time = now
 
-    def _append_token(self, state: RequestState, update, now: float) -> None:
+    def _append_token(self, state: RequestState, update, now: float, emit_text: bool) -> None:
         out = state.outputs[update.seq_index]
         sampled = update.sampled
         out.token_ids.append(sampled.token_id)
@@ -165,6 +165,8 @@ class LLMEngine:
             out.top_logprobs.append(list(sampled.top_logprobs))
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
+        if not emit_text:
+            return
         step = state.detokenizers[update.seq_index].add_token(sampled.token_id)
         out.text = state.detokenizers[update.seq_index].text
         out.delta_text += step.delta_text
@@ -178,3 +180,11 @@ class LLMEngine:
         if output.finished:
             self._requests.pop(state.request_id, None)
         return output
+
+
+def _emits_text(state: RequestState, update) -> bool:
+    """The EOS or stop token a sequence ends on is not part of its text (as in vLLM),
+    unless the request asks for the stop text in its output."""
+    if update.finish_reason != "stop" or not isinstance(update.stop_reason, int | None):
+        return True
+    return state.params.include_stop_str_in_output

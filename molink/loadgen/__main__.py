@@ -1,0 +1,5 @@
+import sys
+
+from molink.loadgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,300 @@
+"""Paged attention over a flattened batch of sequence chunks.
+
+A forward step carries, for every scheduled sequence, a chunk of new tokens. Rows of the
+flattened batch follow the order of the chunks. ``AttentionMetadata.build`` turns the chunks
+into the index tensors every layer needs, once per forward:
+
+* decode chunks (one new token) of all sequences are attended in ONE batched call: their
+  blocks are gathered into a padded ``[B, L, kv_heads, head_dim]`` tensor with a padding
+  mask; query heads are grouped by the key/value head they share, so grouped-query
+  attention needs no repeated keys;
+* prefill chunks (several new tokens) are attended one sequence at a time, causally, to
+  the cached prefix and themselves. A chunk that starts at position 0 attends only to its
+  own new keys, which skips reading the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from molink.errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    start_pos: int  # tokens of this sequence already in the KV cache
+    num_tokens: int  # new tokens of this sequence in this forward
+    block_ids: Sequence[int]  # the sequence's whole block table (covers start_pos + num_tokens)
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Every single-token chunk of the batch, attended together."""
+
+    rows: slice | torch.Tensor  # their rows in the flattened batch
+    batch_size: int
+    block_table: torch.Tensor  # [batch_size * blocks_per_seq], padded with block 0
+    context_len: int  # longest context; gathered keys are cut to it
+    mask: torch.Tensor | None  # [batch_size, 1, 1, context_len] bool; None: no padding
+
+
+@dataclass(frozen=True)
+class PrefillGroup:
+    """One multi-token chunk of one sequence."""
+
+    rows: slice
+    block_table: torch.Tensor | None  # blocks covering the context; None: own keys only
+    context_len: int
+    mask: torch.Tensor | None  # [num_tokens, context_len] bool; None: plain causal
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_chunk(index: int, chunk: SeqChunk, block_size: int) -> None:
+    if chunk.start_pos < 0 or chunk.num_tokens < 1:
+        raise InvalidParameterError(
+            "chunks",
+            f"chunk {index}: start_pos must be >= 0 and num_tokens >= 1, "
+            f"got start_pos={chunk.start_pos}, num_tokens={chunk.num_tokens}",
+        )
+    needed = _cdiv(chunk.start_pos + chunk.num_tokens, block_size)
+    if len(chunk.block_ids) < needed:
+        raise InvalidParameterError(
+            "block_ids",
+            f"chunk {index}: {chunk.start_pos + chunk.num_tokens} tokens need {needed} blocks "
+            f"of {block_size}, but the block table has {len(chunk.block_ids)}",
+        )
+
+
+class AttentionMetadata:
+    """Index tensors of one forward, shared by every layer of a stage.
+
+    ``positions`` [T] and ``slot_mapping`` [T] (``block_id * block_size + offset``) cover
+    every new token in chunk order.
+    """
+
+    def __init__(
+        self,
+        chunks: tuple[SeqChunk, ...],
+        block_size: int,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        decode: DecodeGroup | None,
+        prefills: tuple[PrefillGroup, ...],
+        sliding_window: int | None,
+    ) -> None:
+        self.chunks = chunks
+        self.block_size = block_size
+        self.positions = positions
+        self.slot_mapping = slot_mapping
+        self.decode = decode
+        self.prefills = prefills
+        self.sliding_window = sliding_window
+        self.num_tokens = int(positions.shape[0])
+        self.max_context_len = max(c.start_pos + c.num_tokens for c in chunks)
+
+    @classmethod
+    def build(
+        cls,
+        chunks: Sequence[SeqChunk],
+        block_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        sliding_window: int | None = None,
+    ) -> AttentionMetadata:
+        """Precompute everything attention needs for ``chunks`` (rows in chunk order).
+
+        ``sliding_window``: each token attends only to the last ``sliding_window`` positions
+        (itself included), as Mistral does. Models apply their own window; callers leave it.
+        """
+        chunks = tuple(chunks)
+        if not chunks:
+            raise InvalidParameterError("chunks", "a forward needs at least one chunk")
+        if block_size < 1:
+            raise InvalidParameterError("block_size", "must be >= 1")
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_chunks: list[SeqChunk] = []
+        prefills: list[PrefillGroup] = []
+        for index, chunk in enumerate(chunks):
+            _check_chunk(index, chunk, block_size)
+            row = len(positions)
+            end = chunk.start_pos + chunk.num_tokens
+            block_ids = chunk.block_ids
+            positions.extend(range(chunk.start_pos, end))
+            slots.extend(
+                block_ids[p // block_size] * block_size + p % block_size
+                for p in range(chunk.start_pos, end)
+            )
+            if chunk.num_tokens == 1:
+                decode_rows.append(row)
+                decode_chunks.append(chunk)
+            else:
+                prefills.append(_prefill_group(row, chunk, block_size, device, sliding_window))
+        decode = (
+            _decode_group(decode_rows, decode_chunks, block_size, device, sliding_window)
+            if decode_chunks
+            else None
+        )
+        return cls(
+            chunks,
+            block_size,
+            torch.tensor(positions, dtype=torch.long, device=device),
+            torch.tensor(slots, dtype=torch.long, device=device),
+            decode,
+            tuple(prefills),
+            sliding_window,
+        )
+
+    def with_sliding_window(self, window: int) -> AttentionMetadata:
+        """The same batch with every token's attention limited to the last ``window`` positions."""
+        return AttentionMetadata.build(
+            self.chunks, self.block_size, device=self.positions.device, sliding_window=window
+        )
+
+
+def _decode_group(
+    rows: list[int],
+    chunks: list[SeqChunk],
+    block_size: int,
+    device: torch.device | str,
+    window: int | None,
+) -> DecodeGroup:
+    lengths = [c.start_pos + 1 for c in chunks]
+    context_len = max(lengths)
+    blocks_per_seq = _cdiv(context_len, block_size)
+    table: list[int] = []
+    for chunk, length in zip(chunks, lengths, strict=True):
+        used = _cdiv(length, block_size)
+        table.extend(chunk.block_ids[:used])
+        table.extend([0] * (blocks_per_seq - used))
+    mask = None
+    needs_window = window is not None and context_len > window
+    if needs_window or min(lengths) != context_len:
+        lens = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
+        key_pos = torch.arange(context_len, device=device)[None, :]
+        mask = key_pos < lens
+        if needs_window:
+            mask &= key_pos >= lens - window
+        mask = mask.view(len(chunks), 1, 1, context_len)
+    first = rows[0]
+    contiguous = rows == list(range(first, first + len(rows)))
+    return DecodeGroup(
+        rows=(
+            slice(first, first + len(rows))
+            if contiguous
+            else torch.tensor(rows, dtype=torch.long, device=device)
+        ),
+        batch_size=len(chunks),
+        block_table=torch.tensor(table, dtype=torch.long, device=device),
+        context_len=context_len,
+        mask=mask,
+    )
+
+
+def _prefill_group(
+    row: int,
+    chunk: SeqChunk,
+    block_size: int,
+    device: torch.device | str,
+    window: int | None,
+) -> PrefillGroup:
+    n = chunk.num_tokens
+    context_len = chunk.start_pos + n
+    rows = slice(row, row + n)
+    if chunk.start_pos == 0 and (window is None or n <= window):
+        return PrefillGroup(rows, None, context_len, None)
+    used = _cdiv(context_len, block_size)
+    table = torch.tensor(list(chunk.block_ids[:used]), dtype=torch.long, device=device)
+    query_pos = torch.arange(chunk.start_pos, context_len, device=device)[:, None]
+    key_pos = torch.arange(context_len, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return PrefillGroup(rows, table, context_len, mask)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """Store ``k``/``v`` [T, kv_heads, D] in the cache, attend ``q`` [T, heads, D].
+
+    Returns [T, heads * D] in row order.
+    """
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    decode, prefills = meta.decode, meta.prefills
+    if not prefills:
+        assert decode is not None
+        return _decode(q, key_cache, value_cache, decode)
+    if decode is None and len(prefills) == 1:
+        return _prefill(q, k, v, key_cache, value_cache, prefills[0])
+    out = q.new_empty(q.shape[0], q.shape[1] * head_dim)
+    if decode is not None:
+        result = _decode(q, key_cache, value_cache, decode)
+        if isinstance(decode.rows, slice):
+            out[decode.rows] = result
+        else:
+            out.index_copy_(0, decode.rows, result)
+    for group in prefills:
+        out[group.rows] = _prefill(q, k, v, key_cache, value_cache, group)
+    return out
+
+
+def _decode(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, group: DecodeGroup
+) -> torch.Tensor:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    batch = group.batch_size
+    # Query heads sharing a kv head become that head's "query rows": [B, kv, group, D].
+    query = q[group.rows].view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    keys = _gather(key_cache, group.block_table, batch, group.context_len)
+    values = _gather(value_cache, group.block_table, batch, group.context_len)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask)
+    return out.reshape(batch, num_heads * head_dim)
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Blocks of ``table`` as [batch, kv_heads, length, D] (a strided view of one copy)."""
+    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
+    blocks = cache.index_select(0, table).view(batch, -1, num_kv_heads, head_dim)
+    return blocks[:, :length].transpose(1, 2)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group: PrefillGroup,
+) -> torch.Tensor:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[1]
+    gqa = num_heads != num_kv_heads
+    query = q[group.rows].transpose(0, 1).unsqueeze(0)
+    if group.block_table is None:
+        keys = k[group.rows].transpose(0, 1).unsqueeze(0)
+        values = v[group.rows].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=gqa)
+    else:
+        keys = _gather(key_cache, group.block_table, 1, group.context_len)
+        values = _gather(value_cache, group.block_table, 1, group.context_len)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=group.mask, enable_gqa=gqa
+        )
+    return out.squeeze(0).transpose(0, 1).reshape(-1, num_heads * head_dim)

@@ -1,0 +1,153 @@
+"""The head's watch over its stages: periodic health checks and pipeline pushes.
+
+A stage that fails ``health_failures_to_down`` checks in a row is declared down; the head
+then drops it from the registry (so its layers show up as missing and a replacement can
+join) and fails the steps in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from molink.pipeline.identity import NodeInfo
+from molink.pipeline.registry import PipelineView, StageRegistry
+from molink.pipeline.wire import view_to_proto
+from molink.transport.channel import NodeClient, call_metadata, describe_rpc_error
+from molink.transport.config import TransportConfig
+from molink.transport.generated import molink_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        config: TransportConfig,
+        registry: StageRegistry,
+        on_stage_down: Callable[[NodeInfo, str], None],
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._on_stage_down = on_stage_down
+        self._lock = threading.Lock()
+        self._clients: dict[str, NodeClient] = {}
+        self._failures: dict[str, int] = {}
+        self._latest: dict[str, pb.HealthResponse | str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="head-health", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self._config.health_timeout_s + 1.0)
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+    def latest(self) -> dict[str, pb.HealthResponse | str]:
+        with self._lock:
+            return dict(self._latest)
+
+    def forget(self, node_id: str) -> None:
+        """A node (re)joined: start counting its failures afresh."""
+        with self._lock:
+            self._failures.pop(node_id, None)
+            self._latest.pop(node_id, None)
+
+    def push_view(self, view: PipelineView, skip: str | None = None) -> None:
+        """Tell every stage (but the head and ``skip``) about a new pipeline, in the
+        background; a stage that misses it fetches the pipeline when a step's epoch is
+        newer than its own."""
+        targets = [s for s in view.stages if s.node_id not in (view.head_id, skip)]
+        if targets:
+            threading.Thread(
+                target=self._push, args=(view, targets), name="head-push", daemon=True
+            ).start()
+
+    def check_once(self) -> None:
+        view = self._registry.view()
+        calls = []
+        for stage in view.stages:
+            if stage.node_id == view.head_id:
+                continue
+            stub = self._client(stage.address).stub
+            calls.append(
+                (
+                    stage,
+                    stub.Health.future(
+                        pb.HealthRequest(),
+                        timeout=self._config.health_timeout_s,
+                        metadata=call_metadata(),
+                    ),
+                )
+            )
+        for stage, call in calls:
+            try:
+                response = call.result()
+            except grpc.RpcError as exc:
+                self._failed(stage, describe_rpc_error(exc))
+                continue
+            self._answered(stage, response)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._config.health_interval_s):
+            try:
+                self.check_once()
+            except Exception:
+                logger.exception("health check round failed")
+
+    def _answered(self, stage: NodeInfo, response: pb.HealthResponse) -> None:
+        with self._lock:
+            self._failures[stage.node_id] = 0
+            previous = self._latest.get(stage.node_id)
+            self._latest[stage.node_id] = response
+        was_degraded = (
+            isinstance(previous, pb.HealthResponse) and previous.status == pb.HEALTH_STATUS_DEGRADED
+        )
+        if response.status == pb.HEALTH_STATUS_DEGRADED and not was_degraded:
+            logger.warning("stage %s reports: %s", stage.describe(), response.message)
+
+    def _failed(self, stage: NodeInfo, detail: str) -> None:
+        with self._lock:
+            count = self._failures.get(stage.node_id, 0) + 1
+            self._failures[stage.node_id] = count
+            self._latest[stage.node_id] = f"unreachable: {detail}"
+        logger.warning(
+            "stage %s failed a health check (%d/%d): %s",
+            stage.describe(),
+            count,
+            self._config.health_failures_to_down,
+            detail,
+        )
+        if count >= self._config.health_failures_to_down:
+            with self._lock:
+                self._failures.pop(stage.node_id, None)
+            self._on_stage_down(stage, detail)
+
+    def _push(self, view: PipelineView, targets: list[NodeInfo]) -> None:
+        message = view_to_proto(view)
+        for stage in targets:
+            try:
+                self._client(stage.address).update_pipeline(message)
+            except grpc.RpcError as exc:
+                logger.warning(
+                    "could not push pipeline epoch %d to %s: %s",
+                    view.epoch,
+                    stage.describe(),
+                    describe_rpc_error(exc),
+                )
+
+    def _client(self, address: str) -> NodeClient:
+        with self._lock:
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = NodeClient(address, self._config)
+            return client

@@ -1,0 +1,391 @@
+"""StageNode: one node of the pipeline (a stage, or the head's own stage 0).
+
+Threads: gRPC server threads receive and decode messages; one compute thread runs the
+StageExecutor (ComputeWorker); one sender thread per peer streams outputs onward. A
+malformed or failing step is reported to its head as a StepResult with ``error`` and the
+node keeps serving.
+
+Starting a stage::
+
+    node = StageNode(executor, info, TransportConfig(), initial_peer="10.0.0.1:50061")
+    node.start()   # binds info.address (or bind_address), joins the head; raises on refusal
+    ...
+    node.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+import grpc
+import torch
+
+from molink.errors import InvalidParameterError, PipelineError, ProtocolError
+from molink.pipeline.identity import NodeInfo
+from molink.pipeline.links import LinkTable
+from molink.pipeline.outbound import OutboundRelease, OutboundStep, SenderFactory
+from molink.pipeline.registry import JoinRefusedError, PipelineView
+from molink.pipeline.servicer import NodeServicer
+from molink.pipeline.wire import node_to_proto, view_from_proto
+from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
+from molink.stage.protocol import StageExecutor
+from molink.step import StepResult
+from molink.transport.channel import (
+    NodeClient,
+    add_node_service,
+    describe_rpc_error,
+    make_server,
+)
+from molink.transport.codec import decode_tensor, wire_dtype_of
+from molink.transport.config import TransportConfig
+from molink.transport.convert import plan_from_proto, result_to_proto
+from molink.transport.generated import molink_pb2 as pb
+from molink.transport.validate import PlanLimits, validate_plan
+
+logger = logging.getLogger(__name__)
+
+_JOIN_RETRY_S = 0.5
+
+
+class HeadRole(Protocol):
+    """What the head adds to its node (implemented by PipelineExecutor)."""
+
+    def handle_join(self, request: pb.JoinRequest) -> pb.JoinResponse: ...
+
+    def pipeline_proto(self) -> pb.Pipeline: ...
+
+    def deliver_result(
+        self, result: StepResult, trace: list[pb.HopTrace], sender_id: str, num_bytes: int
+    ) -> None: ...
+
+
+class StageNode:
+    """A gRPC server around one StageExecutor.
+
+    ``info.address`` is what the node advertises; it binds ``bind_address`` (default: the
+    advertised address). Port 0 binds a free port and advertises it. ``input_dtype``, if
+    set, is the dtype received activations are cast to before ``execute``.
+    """
+
+    def __init__(
+        self,
+        executor: StageExecutor,
+        info: NodeInfo,
+        config: TransportConfig | None = None,
+        *,
+        bind_address: str | None = None,
+        initial_peer: str | None = None,
+        input_dtype: torch.dtype | None = None,
+        head_role: HeadRole | None = None,
+    ) -> None:
+        try:
+            wire_dtype_of(info.wire_dtype)
+        except ProtocolError as exc:
+            raise InvalidParameterError("wire_dtype", str(exc)) from None
+        self.config = config or TransportConfig()
+        self.info = info
+        self._bind_address = bind_address or info.address or "127.0.0.1:0"
+        self._initial_peer = initial_peer
+        self._input_dtype = input_dtype
+        self._head_role = head_role
+        self._limits = PlanLimits.from_config(
+            self.config, info.model.vocab_size, info.num_kv_blocks
+        )
+        self._worker = ComputeWorker(
+            executor,
+            info.node_id,
+            on_output=self._on_output,
+            on_error=lambda job, msg: self.report_step_error(
+                job.head_id, job.plan.step_id, job.plan.micro_batch, msg
+            ),
+            on_release=self._on_release,
+            max_queued=self.config.max_queued_steps,
+            upstream_stall_s=self.config.upstream_stall_s,
+        )
+        senders = SenderFactory(
+            info.node_id,
+            info.wire_dtype,
+            self.config,
+            self.report_step_error,
+            head_role is not None,
+        )
+        self.links = LinkTable(
+            info.node_id,
+            make_forward=senders.forward,
+            make_results=None if head_role is not None else senders.results,
+        )
+        self._server: grpc.Server | None = None
+        self._stopping = threading.Event()
+        self._started_at = time.monotonic()
+        self._counter_lock = threading.Lock()
+        self.bytes_received = 0
+        self.steps_rejected = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self.info.node_id
+
+    @property
+    def address(self) -> str:
+        return self.info.address
+
+    @property
+    def head_role(self) -> HeadRole | None:
+        return self._head_role
+
+    def start(self) -> StageNode:
+        server = make_server(self.config)
+        add_node_service(NodeServicer(self), server)
+        port = server.add_insecure_port(self._bind_address)
+        if port == 0:
+            raise PipelineError(f"node {self.node_id} could not bind {self._bind_address}")
+        server.start()
+        self._server = server
+        self.info = self.info.with_address(_advertised(self.info.address, self._bind_address, port))
+        self._worker.start()
+        logger.info(
+            "node %s serving layers [%d, %d) on %s (advertised %s)",
+            self.node_id,
+            self.info.layers.start,
+            self.info.layers.end,
+            self._bind_address,
+            self.info.address,
+        )
+        if self._initial_peer:
+            self.join(self._initial_peer)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.stop(grace=0.2).wait(2.0)
+        self._worker.stop()
+        self.links.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stop() (e.g. from a signal handler); True if stopped."""
+        return self._stopping.wait(timeout)
+
+    # -- membership ------------------------------------------------------------------------
+
+    def join(self, peer: str) -> PipelineView:
+        """Join the head through ``peer``; retry while unreachable, raise on refusal."""
+        request = pb.JoinRequest(node=node_to_proto(self.info), credentials=pb.Credentials())
+        client = NodeClient(peer, self.config)
+        deadline = time.monotonic() + self.config.join_timeout_s
+        try:
+            while True:
+                try:
+                    response = client.join(request)
+                    break
+                except grpc.RpcError as exc:
+                    if time.monotonic() > deadline or self._stopping.is_set():
+                        raise PipelineError(
+                            f"node {self.node_id} could not reach {peer} to join: "
+                            f"{describe_rpc_error(exc)}"
+                        ) from None
+                    time.sleep(_JOIN_RETRY_S)
+        finally:
+            client.close()
+        if not response.accepted:
+            logger.error("node %s: join refused by %s: %s", self.node_id, peer, response.reason)
+            raise JoinRefusedError(response.reason)
+        view = view_from_proto(response.pipeline)
+        self.links.apply(view)
+        logger.info(
+            "node %s joined head %s (epoch %d): %s",
+            self.node_id,
+            view.head_id,
+            view.epoch,
+            view.readiness() or "every layer is served",
+        )
+        return view
+
+    def refresh_pipeline(self, head_id: str) -> None:
+        """Ask the head for its current pipeline (after a missed update)."""
+        link = self.links.get(head_id)
+        if link is None or not link.view.head_address:
+            return
+        client = NodeClient(link.view.head_address, self.config)
+        try:
+            self.links.apply(view_from_proto(client.get_pipeline()))
+        except grpc.RpcError as exc:
+            logger.warning("node %s: could not refresh the pipeline: %s", self.node_id, exc)
+        finally:
+            client.close()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def handle_forward(self, request: pb.ForwardRequest, num_bytes: int) -> pb.ForwardAck:
+        """Decode, check and queue one Forward message; the ack says if it was rejected."""
+        with self._counter_lock:
+            self.bytes_received += num_bytes
+        step = request.step
+        ack = pb.ForwardAck(step_id=step.plan.step_id, micro_batch=step.plan.micro_batch)
+        try:
+            kind = request.WhichOneof("payload")
+            if kind == "release":
+                self._check_link(request.head_id, request.epoch)
+                self.submit(
+                    ReleaseJob(request.head_id, request.epoch, tuple(request.release.seq_ids), True)
+                )
+                return ack
+            if kind != "step":
+                raise ProtocolError("forward message carries neither a step nor a release")
+            self.submit(self._decode_step(request, num_bytes))
+        except (ProtocolError, PipelineError) as exc:
+            ack.error = self._reject(request, exc)
+        return ack
+
+    def reject_unparsable(self, num_bytes: int, exc: Exception) -> pb.ForwardAck:
+        message = f"stage {self.node_id} got a forward message it cannot parse: {exc}"
+        logger.warning("%s", message)
+        with self._counter_lock:
+            self.bytes_received += num_bytes
+            self.steps_rejected += 1
+        return pb.ForwardAck(error=message)
+
+    def _decode_step(self, request: pb.ForwardRequest, num_bytes: int) -> StepJob:
+        plan = plan_from_proto(request.step.plan)
+        validate_plan(plan, self._limits)
+        hidden = decode_tensor(
+            request.step.hidden,
+            (plan.num_tokens, self.info.model.hidden_size),
+            self.config.max_message_bytes,
+            what=f"hidden states of step {plan.step_id}",
+        )
+        if self._input_dtype is not None:
+            hidden = hidden.to(self._input_dtype)
+        self._check_link(request.head_id, request.epoch)
+        return StepJob(
+            head_id=request.head_id,
+            epoch=request.epoch,
+            plan=plan,
+            hidden=hidden,
+            trace=list(request.step.trace),
+            bytes_received=num_bytes,
+        )
+
+    def _reject(self, request: pb.ForwardRequest, exc: Exception) -> str:
+        plan = request.step.plan
+        message = (
+            f"stage {self.node_id} rejected step {plan.step_id} (micro-batch "
+            f"{plan.micro_batch}) from {request.sender_id or 'an unnamed peer'}: {exc}"
+        )
+        logger.warning("%s", message)
+        with self._counter_lock:
+            self.steps_rejected += 1
+        if request.WhichOneof("payload") == "step" and self.links.get(request.head_id):
+            self.report_step_error(request.head_id, plan.step_id, plan.micro_batch, message)
+        return message
+
+    def _check_link(self, head_id: str, epoch: int) -> None:
+        link = self.links.get(head_id)
+        if link is not None and link.view.epoch != epoch:
+            self.refresh_pipeline(head_id)
+            link = self.links.get(head_id)
+        if link is None:
+            raise PipelineError(f"stage {self.node_id} has not joined head {head_id!r}")
+        if link.view.epoch != epoch:
+            raise PipelineError(
+                f"pipeline epoch mismatch: sent in epoch {epoch}, stage {self.node_id} "
+                f"is in epoch {link.view.epoch}"
+            )
+
+    def submit(self, job: StepJob | ReleaseJob) -> None:
+        """Queue work for the compute thread (raises PipelineError when overloaded)."""
+        self._worker.submit(job, timeout=self.config.step_timeout_s)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _on_output(self, out: StepOutput) -> None:
+        job = out.job
+        if isinstance(out.output, StepResult):
+            self.return_result(job.head_id, out.output, out.trace)
+            return
+        link = self.links.get(job.head_id)
+        if link is None or link.forward is None:
+            epoch = link.view.epoch if link else "?"
+            self.report_step_error(
+                job.head_id,
+                job.plan.step_id,
+                job.plan.micro_batch,
+                f"stage {self.node_id} has no next stage in the pipeline (epoch {epoch})",
+            )
+            return
+        link.forward.put(
+            OutboundStep(job.head_id, link.view.epoch, job.plan, out.output, out.trace)
+        )
+
+    def _on_release(self, job: ReleaseJob) -> None:
+        link = self.links.get(job.head_id)
+        if job.propagate and link is not None and link.forward is not None:
+            link.forward.put(OutboundRelease(job.head_id, link.view.epoch, job.seq_ids))
+
+    def return_result(self, head_id: str, result: StepResult, trace: list[pb.HopTrace]) -> None:
+        """Hand a result (or an error) to its head, locally or over ReturnResults."""
+        if self._head_role is not None and head_id == self.node_id:
+            self._head_role.deliver_result(result, trace, self.node_id, 0)
+            return
+        link = self.links.get(head_id)
+        if link is None or link.results is None:
+            logger.error(
+                "stage %s cannot reach head %r; dropping the result of step %d: %s",
+                self.node_id,
+                head_id,
+                result.step_id,
+                result.error or "ok",
+            )
+            return
+        message = result_to_proto(result)
+        message.trace.extend(trace)
+        link.results.put(
+            pb.ReturnResultsRequest(head_id=head_id, sender_id=self.node_id, result=message)
+        )
+
+    def report_step_error(self, head_id: str, step_id: int, micro_batch: int, message: str) -> None:
+        self.return_result(
+            head_id, StepResult(step_id=step_id, micro_batch=micro_batch, error=message), []
+        )
+
+    # -- status ----------------------------------------------------------------------------
+
+    def current_view(self) -> PipelineView | None:
+        if self._head_role is not None:
+            link = self.links.get(self.node_id)
+            return link.view if link else None
+        return self.links.any_view()
+
+    def health(self) -> pb.HealthResponse:
+        view = self.current_view()
+        message = self._worker.stall_message
+        if view is None:
+            message = message or "not part of any pipeline"
+        with self._counter_lock:
+            received, rejected = self.bytes_received, self.steps_rejected
+        return pb.HealthResponse(
+            status=pb.HEALTH_STATUS_DEGRADED if message else pb.HEALTH_STATUS_SERVING,
+            message=message or "",
+            steps_processed=self._worker.steps_processed,
+            steps_rejected=rejected + self._worker.steps_failed,
+            bytes_sent=self.links.bytes_sent(),
+            bytes_received=received,
+            queued_steps=self._worker.queued,
+            active_sequences=self._worker.active_sequences,
+            pipeline_epoch=view.epoch if view else 0,
+            uptime_s=time.monotonic() - self._started_at,
+        )
+
+
+def _advertised(advertised: str, bind_address: str, port: int) -> str:
+    """Fill in the bound port (and a host) when the node was told to bind port 0."""
+    host, _, configured = (advertised or bind_address).rpartition(":")
+    if host in ("", "0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+        logger.warning("no address to advertise; using %s:%d", host, port)
+    return f"{host}:{configured if configured not in ('', '0') else port}"

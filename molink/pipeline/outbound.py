@@ -1,0 +1,129 @@
+"""What a node streams to its peers: steps and releases onward, results to the head.
+
+Encoding happens here, on the sender threads, so that the compute thread only hands
+tensors over. Every step that cannot be delivered is reported to its head as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from molink.step import StepPlan
+from molink.transport.channel import method_path
+from molink.transport.codec import encode_tensor
+from molink.transport.config import TransportConfig
+from molink.transport.convert import plan_to_proto
+from molink.transport.generated import molink_pb2 as pb
+from molink.transport.sender import StreamSender
+
+logger = logging.getLogger(__name__)
+
+ReportError = Callable[[str, int, int, str], None]  # (head_id, step_id, micro_batch, message)
+
+
+@dataclass
+class OutboundStep:
+    head_id: str
+    epoch: int
+    plan: StepPlan
+    hidden: torch.Tensor
+    trace: list[pb.HopTrace]
+
+
+@dataclass
+class OutboundRelease:
+    head_id: str
+    epoch: int
+    seq_ids: tuple[int, ...]
+
+
+Outbound = OutboundStep | OutboundRelease
+
+
+class SenderFactory:
+    """Builds the StreamSenders of one node (see molink.pipeline.links)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        wire_dtype: str,
+        config: TransportConfig,
+        report_error: ReportError,
+        is_head: bool,
+    ) -> None:
+        self._node_id = node_id
+        self._wire_dtype = wire_dtype
+        self._config = config
+        self._report_error = report_error
+        self._is_head = is_head
+
+    def forward(self, head_id: str, address: str, peer: str) -> StreamSender[Any]:
+        """A Forward stream to the next stage; ``peer`` names it in error messages."""
+        return StreamSender(
+            name=f"{self._node_id}->{address}",
+            address=address,
+            config=self._config,
+            method=method_path("Forward"),
+            ack_type=pb.ForwardAck,
+            build=self._build_forward,
+            on_failure=lambda item, reason: self._forward_failed(item, peer, reason),
+            on_ack=self._forward_acked,
+        )
+
+    def results(self, head_id: str, address: str, peer: str) -> StreamSender[Any]:
+        def failed(message: pb.ReturnResultsRequest, reason: str) -> None:
+            logger.error(
+                "stage %s could not return step %d to head %s: %s",
+                self._node_id,
+                message.result.step_id,
+                head_id,
+                reason,
+            )
+
+        return StreamSender(
+            name=f"{self._node_id}->head {head_id}",
+            address=address,
+            config=self._config,
+            method=method_path("ReturnResults"),
+            ack_type=pb.ReturnResultsAck,
+            build=lambda message: message,
+            on_failure=failed,
+        )
+
+    def _build_forward(self, item: Outbound) -> pb.ForwardRequest:
+        request = pb.ForwardRequest(head_id=item.head_id, epoch=item.epoch, sender_id=self._node_id)
+        if isinstance(item, OutboundRelease):
+            request.release.head_id = item.head_id
+            request.release.seq_ids.extend(item.seq_ids)
+            return request
+        request.step.plan.CopyFrom(plan_to_proto(item.plan, include_token_ids=False))
+        encode_tensor(item.hidden, self._wire_dtype, out=request.step.hidden)
+        request.step.trace.extend(item.trace)
+        return request
+
+    def _forward_failed(self, item: Outbound, peer: str, reason: str) -> None:
+        if isinstance(item, OutboundRelease):
+            logger.warning(
+                "node %s: release of %d sequences not delivered: %s",
+                self._node_id,
+                len(item.seq_ids),
+                reason,
+            )
+            return
+        self._report_error(
+            item.head_id,
+            item.plan.step_id,
+            item.plan.micro_batch,
+            f"stage {self._node_id} could not deliver step {item.plan.step_id} to {peer}: {reason}",
+        )
+
+    def _forward_acked(self, item: Outbound, ack: pb.ForwardAck) -> None:
+        # A receiver that knows the head reports a rejection to it directly; the head
+        # also takes it from the ack, in case the receiver does not know it.
+        if ack.error and self._is_head and isinstance(item, OutboundStep):
+            self._report_error(item.head_id, item.plan.step_id, item.plan.micro_batch, ack.error)

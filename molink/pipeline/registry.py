@@ -1,0 +1,205 @@
+"""The head's registry of stages: join checks, the route, and which layers are missing."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from molink.config import LayerRange
+from molink.errors import PipelineError
+from molink.pipeline.identity import NodeInfo, format_range
+
+
+class JoinRefusedError(PipelineError):
+    """The head refused a node; ``reason`` says why (both sides log it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PipelineView:
+    """A snapshot of the pipeline as the head sees it. ``stages[0]`` is the head."""
+
+    head_id: str
+    head_address: str
+    epoch: int
+    num_layers: int
+    stages: tuple[NodeInfo, ...]
+
+    def missing_ranges(self) -> list[LayerRange]:
+        return missing_ranges([s.layers for s in self.stages], self.num_layers)
+
+    def readiness(self) -> str | None:
+        """None when every layer is served, else a message naming the missing ranges."""
+        return missing_message(self.missing_ranges())
+
+    def stage(self, node_id: str) -> NodeInfo | None:
+        return next((s for s in self.stages if s.node_id == node_id), None)
+
+    def next_hop(self, node_id: str) -> NodeInfo | None:
+        """The stage after ``node_id`` on the route, None for the last one (or a stranger)."""
+        ids = [s.node_id for s in self.stages]
+        if node_id not in ids or ids.index(node_id) + 1 == len(ids):
+            return None
+        return self.stages[ids.index(node_id) + 1]
+
+    def min_kv_blocks(self) -> int:
+        """The head sizes its block pool to the smallest stage (0: unknown everywhere)."""
+        known = [s.num_kv_blocks for s in self.stages if s.num_kv_blocks > 0]
+        return min(known) if known else 0
+
+
+def missing_ranges(ranges: list[LayerRange], num_layers: int) -> list[LayerRange]:
+    """The parts of ``[0, num_layers)`` that no range covers, in order."""
+    missing: list[LayerRange] = []
+    covered_to = 0
+    for rng in sorted(ranges, key=lambda r: r.start):
+        if rng.start > covered_to:
+            missing.append(LayerRange(covered_to, rng.start))
+        covered_to = max(covered_to, rng.end)
+    if covered_to < num_layers:
+        missing.append(LayerRange(covered_to, num_layers))
+    return missing
+
+
+def missing_message(missing: list[LayerRange]) -> str | None:
+    if not missing:
+        return None
+    spans = [format_range(r) for r in missing]
+    listed = spans[0] if len(spans) == 1 else ", ".join(spans[:-1]) + " and " + spans[-1]
+    return f"layers {listed} are not served by any node"
+
+
+class StageRegistry:
+    """Which node serves which layers. Thread-safe; every change bumps the epoch."""
+
+    def __init__(self, head: NodeInfo) -> None:
+        self._head = head
+        self._lock = threading.Lock()
+        self._stages: dict[str, NodeInfo] = {head.node_id: head}
+        self._epoch = 1
+
+    @property
+    def head(self) -> NodeInfo:
+        return self._head
+
+    def view(self) -> PipelineView:
+        with self._lock:
+            return self._view_locked()
+
+    def set_head_address(self, address: str) -> None:
+        """The head learns its own port only once its server is bound."""
+        with self._lock:
+            self._head = self._head.with_address(address)
+            self._stages[self._head.node_id] = self._head
+            self._epoch += 1
+
+    def join(self, node: NodeInfo) -> PipelineView:
+        """Admit ``node`` (replacing an earlier registration of the same id) or raise."""
+        with self._lock:
+            reason = self._refusal_locked(node)
+            if reason is not None:
+                raise JoinRefusedError(reason)
+            self._stages[node.node_id] = node
+            self._epoch += 1
+            return self._view_locked()
+
+    def remove(self, node_id: str) -> NodeInfo | None:
+        with self._lock:
+            if node_id == self._head.node_id:
+                return None
+            removed = self._stages.pop(node_id, None)
+            if removed is not None:
+                self._epoch += 1
+            return removed
+
+    def refusal(self, node: NodeInfo) -> str | None:
+        with self._lock:
+            return self._refusal_locked(node)
+
+    def _view_locked(self) -> PipelineView:
+        stages = tuple(sorted(self._stages.values(), key=lambda s: s.layers.start))
+        return PipelineView(
+            head_id=self._head.node_id,
+            head_address=self._head.address,
+            epoch=self._epoch,
+            num_layers=self._head.model.num_layers,
+            stages=stages,
+        )
+
+    def _refusal_locked(self, node: NodeInfo) -> str | None:
+        head = self._head
+        checks = (
+            _check_protocol(node, head),
+            _check_identity(node, head),
+            _check_range(node, head),
+            _check_blocks(node, head),
+        )
+        first = next((reason for reason in checks if reason is not None), None)
+        if first is not None:
+            return first
+        for other in self._stages.values():
+            if other.node_id == node.node_id:
+                continue
+            if node.layers.start < other.layers.end and other.layers.start < node.layers.end:
+                return (
+                    f"layers {format_range(node.layers)} of node {node.node_id!r} overlap "
+                    f"stage {other.node_id!r} at {other.address}, which serves "
+                    f"{format_range(other.layers)}"
+                )
+        return None
+
+
+def _check_protocol(node: NodeInfo, head: NodeInfo) -> str | None:
+    if node.protocol_version != head.protocol_version:
+        return (
+            f"protocol version mismatch: node {node.node_id!r} speaks "
+            f"v{node.protocol_version}, head {head.node_id!r} speaks v{head.protocol_version}"
+        )
+    return None
+
+
+def _check_identity(node: NodeInfo, head: NodeInfo) -> str | None:
+    if not node.node_id:
+        return "the node has an empty node id"
+    if node.node_id == head.node_id:
+        return f"node id {node.node_id!r} is the head's own id"
+    if not node.address:
+        return f"node {node.node_id!r} advertises no address"
+    if node.model.num_layers != head.model.num_layers:
+        return (
+            f"layer count mismatch: node {node.node_id!r} has a {node.model.num_layers}-layer "
+            f"model, head {head.node_id!r} has {head.model.num_layers} layers"
+        )
+    if (node.model.served_name, node.model.fingerprint) != (
+        head.model.served_name,
+        head.model.fingerprint,
+    ):
+        return (
+            f"model mismatch: node {node.node_id!r} serves {node.model.served_name!r} "
+            f"(fingerprint {node.model.fingerprint}), head {head.node_id!r} serves "
+            f"{head.model.served_name!r} (fingerprint {head.model.fingerprint})"
+        )
+    return None
+
+
+def _check_range(node: NodeInfo, head: NodeInfo) -> str | None:
+    rng, num_layers = node.layers, head.model.num_layers
+    if not 0 <= rng.start < rng.end <= num_layers:
+        return (
+            f"layer range {format_range(rng)} of node {node.node_id!r} is not a non-empty "
+            f"part of [0, {num_layers})"
+        )
+    return None
+
+
+def _check_blocks(node: NodeInfo, head: NodeInfo) -> str | None:
+    # Block ids are allocated by the head and mean the same thing on every stage.
+    if node.block_size and head.block_size and node.block_size != head.block_size:
+        return (
+            f"KV block size mismatch: node {node.node_id!r} uses {node.block_size}, "
+            f"head {head.node_id!r} uses {head.block_size}"
+        )
+    return None

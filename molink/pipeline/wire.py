@@ -1,0 +1,71 @@
+"""Node records and pipeline views <-> their proto messages."""
+
+from __future__ import annotations
+
+from molink.config import LayerRange
+from molink.pipeline.identity import ModelIdentity, NodeInfo
+from molink.pipeline.registry import PipelineView
+from molink.transport.generated import molink_pb2 as pb
+
+
+def node_to_proto(node: NodeInfo) -> pb.NodeInfo:
+    return pb.NodeInfo(
+        node_id=node.node_id,
+        model=pb.ModelIdentity(
+            served_name=node.model.served_name,
+            fingerprint=node.model.fingerprint,
+            num_layers=node.model.num_layers,
+            hidden_size=node.model.hidden_size,
+            vocab_size=node.model.vocab_size,
+        ),
+        layers=pb.LayerSpan(start=node.layers.start, end=node.layers.end),
+        num_kv_blocks=node.num_kv_blocks,
+        block_size=node.block_size,
+        dtype=node.dtype,
+        wire_dtype=node.wire_dtype,
+        protocol_version=node.protocol_version,
+        address=node.address,
+    )
+
+
+def node_from_proto(msg: pb.NodeInfo) -> NodeInfo:
+    return NodeInfo(
+        node_id=msg.node_id,
+        model=ModelIdentity(
+            served_name=msg.model.served_name,
+            fingerprint=msg.model.fingerprint,
+            num_layers=msg.model.num_layers,
+            hidden_size=msg.model.hidden_size,
+            vocab_size=msg.model.vocab_size,
+        ),
+        layers=LayerRange(msg.layers.start, msg.layers.end),
+        address=msg.address,
+        num_kv_blocks=msg.num_kv_blocks,
+        block_size=msg.block_size,
+        dtype=msg.dtype,
+        wire_dtype=msg.wire_dtype,
+        protocol_version=msg.protocol_version,
+    )
+
+
+def view_to_proto(view: PipelineView) -> pb.Pipeline:
+    return pb.Pipeline(
+        head_id=view.head_id,
+        head_address=view.head_address,
+        epoch=view.epoch,
+        stages=[node_to_proto(s) for s in view.stages],
+        num_layers=view.num_layers,
+        missing=[pb.LayerSpan(start=r.start, end=r.end) for r in view.missing_ranges()],
+        readiness=view.readiness() or "",
+    )
+
+
+def view_from_proto(msg: pb.Pipeline) -> PipelineView:
+    """``missing`` and ``readiness`` are derived, so they are recomputed, not trusted."""
+    return PipelineView(
+        head_id=msg.head_id,
+        head_address=msg.head_address,
+        epoch=msg.epoch,
+        num_layers=msg.num_layers,
+        stages=tuple(node_from_proto(s) for s in msg.stages),
+    )

@@ -1,0 +1,203 @@
+"""The compute thread of a node: runs the StageExecutor over jobs in arrival order.
+
+Receiving threads decode and validate messages, then queue jobs here; outputs leave
+through callbacks that only enqueue on senders, so the executor never waits on a socket.
+The worker also keeps which sequences each head has introduced on this stage (to reject
+plans naming unknown ones) and notices when input stops while sequences are active.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from molink.errors import PipelineError, ProtocolError
+from molink.stage.protocol import StageExecutor
+from molink.step import StepPlan, StepResult
+from molink.transport.generated import molink_pb2 as pb
+from molink.transport.validate import check_known_sequences
+
+logger = logging.getLogger(__name__)
+
+_IDLE_TICK_S = 0.2
+
+
+@dataclass
+class StepJob:
+    """One step to compute. ``trusted`` plans come from this node's own scheduler."""
+
+    head_id: str
+    epoch: int
+    plan: StepPlan
+    hidden: torch.Tensor | None
+    trace: list[pb.HopTrace] = field(default_factory=list)  # hops before this one
+    bytes_received: int = 0
+    received_at: float = field(default_factory=time.monotonic)
+    trusted: bool = False
+
+
+@dataclass
+class ReleaseJob:
+    head_id: str
+    epoch: int
+    seq_ids: tuple[int, ...]
+    propagate: bool  # an in-band release travels on to the next stage
+
+
+@dataclass
+class StepOutput:
+    """What the executor made of a job, with this node's hop record appended."""
+
+    job: StepJob
+    output: torch.Tensor | StepResult
+    trace: list[pb.HopTrace]
+
+
+class ComputeWorker:
+    """Owns the executor; every call into it happens on this worker's thread."""
+
+    def __init__(
+        self,
+        executor: StageExecutor,
+        node_id: str,
+        on_output: Callable[[StepOutput], None],
+        on_error: Callable[[StepJob, str], None],
+        on_release: Callable[[ReleaseJob], None],
+        max_queued: int,
+        upstream_stall_s: float,
+    ) -> None:
+        self._executor = executor
+        self._node_id = node_id
+        self._on_output = on_output
+        self._on_error = on_error
+        self._on_release = on_release
+        self._jobs: queue.Queue[StepJob | ReleaseJob] = queue.Queue(maxsize=max_queued)
+        self._stall_after_s = upstream_stall_s
+        self._known: dict[str, set[int]] = {}
+        self._stop = threading.Event()
+        self._last_input = time.monotonic()
+        self._stalled = False
+        self.steps_processed = 0
+        self.steps_failed = 0
+        self._thread = threading.Thread(target=self._run, name=f"compute-{node_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def submit(self, job: StepJob | ReleaseJob, timeout: float) -> None:
+        """Queue a job; raise PipelineError if the queue stays full for ``timeout``."""
+        try:
+            self._jobs.put(job, timeout=timeout)
+        except queue.Full:
+            raise PipelineError(
+                f"stage {self._node_id} is overloaded: {self._jobs.maxsize} steps queued "
+                f"for more than {timeout:.0f}s"
+            ) from None
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    @property
+    def active_sequences(self) -> int:
+        return sum(len(ids) for ids in self._known.values())
+
+    @property
+    def stall_message(self) -> str | None:
+        """Set while input has stopped for too long with sequences active."""
+        if not self._stalled:
+            return None
+        waited = time.monotonic() - self._last_input
+        return f"no input from upstream for {waited:.0f}s while {self.active_sequences} sequence(s) are active"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._jobs.get(timeout=_IDLE_TICK_S)
+            except queue.Empty:
+                self._check_stall()
+                continue
+            self._note_input()
+            try:
+                if isinstance(job, ReleaseJob):
+                    self._release(job)
+                else:
+                    self._step(job)
+            except Exception:  # never let one bad job end the compute thread
+                logger.exception("stage %s: unexpected error in the compute loop", self._node_id)
+
+    def _step(self, job: StepJob) -> None:
+        started = time.monotonic()
+        try:
+            if not job.trusted:
+                self._admit(job)
+            output = self._executor.execute(job.plan, job.hidden, job.head_id)
+        except ProtocolError as exc:
+            self.steps_failed += 1
+            self._on_error(job, f"stage {self._node_id} rejected {_step_name(job)}: {exc}")
+            return
+        except Exception as exc:
+            self.steps_failed += 1
+            logger.exception("stage %s failed on %s", self._node_id, _step_name(job))
+            self._on_error(
+                job,
+                f"stage {self._node_id} failed on {_step_name(job)}: {type(exc).__name__}: {exc}",
+            )
+            return
+        finished = time.monotonic()
+        self.steps_processed += 1
+        hop = pb.HopTrace(
+            node_id=self._node_id,
+            bytes_received=job.bytes_received,
+            queue_s=max(0.0, started - job.received_at),
+            compute_s=finished - started,
+        )
+        self._on_output(StepOutput(job=job, output=output, trace=[*job.trace, hop]))
+
+    def _admit(self, job: StepJob) -> None:
+        """Track the head's sequences as the plan says; reject plans naming strangers."""
+        known = self._known.setdefault(job.head_id, set())
+        plan = job.plan
+        known.difference_update(plan.finished_seq_ids)
+        check_known_sequences(plan, known)
+        known.update(n.seq_id for n in plan.new_sequences)
+
+    def _release(self, job: ReleaseJob) -> None:
+        known = self._known.get(job.head_id)
+        if known is not None:
+            known.difference_update(job.seq_ids)
+        try:
+            self._executor.release(list(job.seq_ids), job.head_id)
+        except Exception:
+            logger.exception(
+                "stage %s: release of %d sequences failed", self._node_id, len(job.seq_ids)
+            )
+        self._on_release(job)
+
+    def _note_input(self) -> None:
+        self._last_input = time.monotonic()
+        if self._stalled:
+            logger.info("stage %s: upstream input resumed", self._node_id)
+            self._stalled = False
+
+    def _check_stall(self) -> None:
+        waited = time.monotonic() - self._last_input
+        active = self.active_sequences
+        if active == 0 or waited < self._stall_after_s or self._stalled:
+            return
+        self._stalled = True
+        logger.warning("stage %s: %s", self._node_id, self.stall_message)
+
+
+def _step_name(job: StepJob) -> str:
+    return f"step {job.plan.step_id} (micro-batch {job.plan.micro_batch})"

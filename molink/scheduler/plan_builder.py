@@ -1,0 +1,64 @@
+"""Accumulates one step's share of each scheduled sequence into a StepPlan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceOf
+
+from molink.scheduler.sequence import Sequence
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan
+
+
+class PlanBuilder:
+    """Tracks the token budget and the diffs the stages need (new data, new blocks)."""
+
+    def __init__(self, step_id: int, micro_batch: int, token_budget: int) -> None:
+        self.step_id = step_id
+        self.micro_batch = micro_batch
+        self.budget_left = token_budget
+        self.sequences: list[Sequence] = []
+        self._scheduled: list[ScheduledSequence] = []
+        self._token_ids: list[int] = []
+        self._new_sequences: list[NewSequenceData] = []
+
+    def add(self, seq: Sequence, num_new_tokens: int, block_table: SequenceOf[int]) -> None:
+        """Schedule ``num_new_tokens`` of ``seq`` starting at its ``num_computed_tokens``."""
+        assert 0 < num_new_tokens <= self.budget_left
+        start = seq.num_computed_tokens
+        end = start + num_new_tokens
+        assert end <= seq.num_tokens
+        if not seq.known_to_stages:
+            self._new_sequences.append(
+                NewSequenceData(
+                    seq_id=seq.seq_id,
+                    token_ids=tuple(seq.token_ids),
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    sampling=seq.params,
+                )
+            )
+            seq.known_to_stages = True
+            seq.num_blocks_sent = 0
+        new_block_ids = tuple(block_table[seq.num_blocks_sent :])
+        seq.num_blocks_sent = len(block_table)
+        self._scheduled.append(
+            ScheduledSequence(
+                seq_id=seq.seq_id,
+                num_computed_tokens=start,
+                num_new_tokens=num_new_tokens,
+                new_block_ids=new_block_ids,
+                sample=end == seq.num_tokens,
+            )
+        )
+        self._token_ids.extend(seq.token_ids[start:end])
+        self.budget_left -= num_new_tokens
+        seq.in_flight_step = self.step_id
+        self.sequences.append(seq)
+
+    def build(self, finished_seq_ids: list[int]) -> StepPlan:
+        return StepPlan(
+            step_id=self.step_id,
+            scheduled=tuple(self._scheduled),
+            token_ids=tuple(self._token_ids),
+            new_sequences=tuple(self._new_sequences),
+            finished_seq_ids=tuple(finished_seq_ids),
+            micro_batch=self.micro_batch,
+        )

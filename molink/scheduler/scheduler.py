@@ -1,0 +1,452 @@
+"""Continuous batching by token catch-up, with chunked prefill, preemption and micro-batches.
+
+Each sequence has ``num_tokens`` (prompt + outputs) and ``num_computed_tokens`` (tokens
+whose KV every stage holds). A step gives sequences new tokens so that the computed count
+catches up; a step whose chunk reaches the end of the known tokens samples one more token.
+
+``schedule`` fills one plan under a token budget, in this order:
+
+1. running sequences that decode (one token each), oldest first;
+2. running sequences part-way through their prefill, one chunk each, oldest first;
+3. waiting sequences, first come first served, while their chunk's blocks fit; admission
+   stops at the first one that does not fit and is skipped in a step that preempted.
+
+Several plans (micro-batches) may be in flight. A sequence in a plan is off limits until
+``update`` for that plan, so plans are disjoint; finishing or aborting an in-flight
+sequence only marks it, and its blocks are freed when its plan comes back.
+
+When a sequence needs a block and none is free, the most recently arrived running
+sequence that is not in flight (and not already in this plan), and arrived after the one
+in need, is preempted: its blocks are freed, it restarts from zero at the front of the
+waiting queue, its id is sent in ``finished_seq_ids`` and it is sent again in
+``new_sequences`` with all its tokens when re-admitted. If there is no such sequence, the
+one in need waits for this step. Older sequences never yield to newer ones.
+
+Cost per call: O(running) plus the work for what is scheduled; no scans of the waiting
+queue beyond its head.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import deque
+
+from molink.config import SchedulerConfig
+from molink.errors import InvalidParameterError
+from molink.kv_cache.manager import KVCacheManager
+from molink.sampling_params import SamplingParams
+from molink.scheduler.integrity import check_scheduler_integrity
+from molink.scheduler.plan_builder import PlanBuilder
+from molink.scheduler.sequence import (
+    RequestRecord,
+    Sequence,
+    SequenceStatus,
+    SequenceUpdate,
+    derive_seed,
+)
+from molink.scheduler.stop import check_stop
+from molink.scheduler.validation import max_output_tokens_for
+from molink.step import SampledToken, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+def _arrival_key(seq: Sequence) -> int:
+    return seq.arrival_order
+
+
+class _VictimCursor:
+    """Walks the running list from its newest end; each entry is passed at most once per
+    ``schedule`` call because whatever it skips stays ineligible for the rest of the call."""
+
+    def __init__(self, running: list[Sequence]) -> None:
+        self._running = running
+        self._position = len(running) - 1
+        self.num_preempted = 0
+
+    def next_victim(self, newer_than_index: int) -> Sequence | None:
+        while self._position > newer_than_index:
+            candidate = self._running[self._position]
+            self._position -= 1
+            if candidate.status is SequenceStatus.RUNNING and not candidate.is_in_flight:
+                self.num_preempted += 1
+                return candidate
+        return None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        kv: KVCacheManager,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        scheduler_config.validate()
+        self.config = scheduler_config
+        self.kv = kv
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._requests: dict[str, RequestRecord] = {}
+        self._sequences: dict[int, Sequence] = {}
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # sorted by arrival order
+        self._in_flight: dict[int, tuple[StepPlan, list[Sequence]]] = {}
+        self._pending_finished: list[int] = []
+        self._num_held_siblings = 0
+        self._running_dirty = False
+        self._next_seq_id = 0
+        self._next_arrival = 0
+        self._next_step_id = 0
+
+    # -- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> list[int]:
+        """Queue a request's n sequences; returns their ids (index i is sequence i).
+
+        Raises InvalidParameterError (empty prompt, duplicate id), ContextLengthExceededError
+        or OutOfCapacityError (it could never fit in the whole KV cache).
+        """
+        if request_id in self._requests:
+            raise InvalidParameterError("request_id", f"{request_id!r} is already queued")
+        max_output = max_output_tokens_for(
+            prompt_token_ids,
+            params,
+            self.config.max_model_len,
+            self.kv.num_total_blocks,
+            self.kv.block_size,
+        )
+        record = RequestRecord(request_id, params, arrival_time)
+        for index in range(params.n):
+            seq_params = params
+            if index > 0 and params.seed is not None:
+                seq_params = params.with_seed(derive_seed(params.seed, index))
+            seq = Sequence(
+                self._next_seq_id,
+                record,
+                index,
+                seq_params,
+                prompt_token_ids,
+                max_output,
+                self._next_arrival,
+            )
+            self._next_seq_id += 1
+            self._next_arrival += 1
+            record.sequences.append(seq)
+            self._sequences[seq.seq_id] = seq
+        self._requests[request_id] = record
+        self._queue_new_request(record)
+        return [seq.seq_id for seq in record.sequences]
+
+    def _queue_new_request(self, record: RequestRecord) -> None:
+        """Siblings share the prompt's blocks through the prefix cache: they wait until the
+        first sequence has computed the prompt, then hit its full blocks."""
+        first, *siblings = record.sequences
+        self._waiting.append(first)
+        if siblings and self.kv.enable_prefix_caching:
+            record.held_siblings = siblings
+            self._num_held_siblings += len(siblings)
+        else:
+            self._waiting.extend(siblings)
+
+    def abort_request(self, request_id: str) -> None:
+        """Finish every unfinished sequence of the request with reason "abort"."""
+        record = self._requests.get(request_id)
+        if record is None:
+            return
+        self._num_held_siblings -= len(record.held_siblings)
+        record.held_siblings = []
+        if any(seq.status is SequenceStatus.WAITING for seq in record.sequences):
+            self._waiting = deque(seq for seq in self._waiting if seq.request is not record)
+        for seq in record.sequences:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+        self._prune_running()
+
+    def finish_sequence(
+        self, seq_id: int, reason: str, stop_reason: int | str | None = None
+    ) -> None:
+        """End one sequence from outside (e.g. a stop string matched); no-op if finished."""
+        seq = self._sequences.get(seq_id)
+        if seq is None or seq.is_finished:
+            return
+        if seq.status is SequenceStatus.WAITING:
+            self._waiting = deque(s for s in self._waiting if s is not seq)
+            if seq in seq.request.held_siblings:
+                seq.request.held_siblings.remove(seq)
+                self._num_held_siblings -= 1
+        self._finish(seq, reason, stop_reason)
+        self._prune_running()
+
+    def fail_all(self, reason: str) -> list[SequenceUpdate]:
+        """The pipeline is gone: fail every sequence, free every block, forget in-flight
+        plans (a late result for one is ignored) and the prefix cache."""
+        updates = []
+        self._in_flight.clear()
+        self._waiting.clear()
+        self._num_held_siblings = 0
+        for seq in list(self._sequences.values()):
+            seq.in_flight_step = None
+            if not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "error"
+                updates.append(self._update_of(seq, None, error=reason))
+            if not seq.is_released:
+                self._release(seq)
+        for record in self._requests.values():
+            record.held_siblings = []
+        self._running = []
+        self._running_dirty = False
+        self.kv.reset_prefix_cache()
+        logger.error("failed %d sequences: %s", len(updates), reason)
+        return updates
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def get_sequence(self, seq_id: int) -> Sequence | None:
+        """A live sequence (read only). Forgotten once every sequence of its request is
+        finished and freed."""
+        return self._sequences.get(seq_id)
+
+    def request_id_of(self, seq_id: int) -> str | None:
+        seq = self._sequences.get(seq_id)
+        return None if seq is None else seq.request_id
+
+    def seq_ids_of(self, request_id: str) -> list[int]:
+        record = self._requests.get(request_id)
+        return [] if record is None else [seq.seq_id for seq in record.sequences]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._running or self._waiting or self._num_held_siblings)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + self._num_held_siblings
+
+    @property
+    def num_in_flight(self) -> int:
+        """Plans handed out by ``schedule`` and not yet passed to ``update``."""
+        return len(self._in_flight)
+
+    @property
+    def num_in_flight_sequences(self) -> int:
+        return sum(len(seqs) for _, seqs in self._in_flight.values())
+
+    def check_integrity(self) -> None:
+        """Raise (KVCacheIntegrityError, SchedulerIntegrityError) if an invariant broke."""
+        self.kv.check_integrity()
+        check_scheduler_integrity(
+            self._running,
+            self._waiting,
+            self._in_flight,
+            self._sequences,
+            self.kv,
+            self.config.max_num_seqs,
+        )
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    def schedule(self, micro_batch: int = 0, token_budget: int | None = None) -> StepPlan:
+        """The next plan for ``micro_batch``; may be empty yet carry ``finished_seq_ids``,
+        which the stages must still receive."""
+        budget = self.config.max_num_batched_tokens if token_budget is None else token_budget
+        if budget < 0:
+            raise InvalidParameterError("token_budget", "must be >= 0")
+        builder = PlanBuilder(self._next_step_id, micro_batch, budget)
+        self._next_step_id += 1
+        victims = _VictimCursor(self._running)
+        self._schedule_running(builder, victims, decodes=True)
+        self._schedule_running(builder, victims, decodes=False)
+        self._prune_running()
+        if victims.num_preempted == 0:
+            self._admit_waiting(builder)
+        plan = builder.build(self._pending_finished)
+        self._pending_finished = []
+        if not plan.is_empty:
+            self._in_flight[plan.step_id] = (plan, builder.sequences)
+        return plan
+
+    def _schedule_running(
+        self, builder: PlanBuilder, victims: _VictimCursor, decodes: bool
+    ) -> None:
+        for index, seq in enumerate(self._running):
+            if builder.budget_left == 0:
+                return
+            if seq.status is not SequenceStatus.RUNNING or seq.is_in_flight:
+                continue
+            num_uncomputed = seq.num_uncomputed_tokens
+            if (num_uncomputed == 1) != decodes:
+                continue
+            num_new = self._chunk_size(num_uncomputed, builder.budget_left)
+            if self._allocate_or_preempt(seq, index, num_new, victims):
+                builder.add(seq, num_new, self.kv.block_table(seq.seq_id))
+
+    def _allocate_or_preempt(
+        self, seq: Sequence, index: int, num_new: int, victims: _VictimCursor
+    ) -> bool:
+        while self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new) is None:
+            victim = victims.next_victim(newer_than_index=index)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.debug("preempting sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
+        self.kv.free(seq.seq_id)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        self._forget_on_stages(seq)
+        self._waiting.appendleft(seq)
+        self._running_dirty = True
+
+    def _admit_waiting(self, builder: PlanBuilder) -> None:
+        while (
+            self._waiting
+            and builder.budget_left > 0
+            and len(self._running) < self.config.max_num_seqs
+        ):
+            seq = self._waiting[0]
+            hit = self.kv.find_cached_prefix(seq.token_ids, max_num_tokens=seq.num_tokens - 1)
+            num_new = self._chunk_size(seq.num_tokens - hit.num_tokens, builder.budget_left)
+            if self.kv.allocate(seq.seq_id, hit.num_tokens + num_new, hit) is None:
+                return
+            self._waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = hit.num_tokens
+            bisect.insort(self._running, seq, key=_arrival_key)
+            builder.add(seq, num_new, self.kv.block_table(seq.seq_id))
+
+    def _chunk_size(self, num_uncomputed: int, budget_left: int) -> int:
+        size = min(num_uncomputed, budget_left)
+        threshold = self.config.long_prefill_token_threshold
+        return min(size, threshold) if threshold > 0 else size
+
+    # -- results -------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[SequenceUpdate]:
+        """Apply a plan's result: advance counters, cache computed blocks, append sampled
+        tokens, finish and free sequences that stop. A result with ``error`` (or for another
+        step) fails every sequence of the plan."""
+        entry = self._in_flight.pop(plan.step_id, None)
+        if entry is None:
+            if not plan.is_empty:
+                logger.warning("update for step %d, which is not in flight; ignored", plan.step_id)
+            return []
+        sent_plan, seqs = entry
+        error = result.error
+        if error is None and result.step_id != sent_plan.step_id:
+            error = f"result of step {result.step_id} given for step {sent_plan.step_id}"
+        if error is not None:
+            updates = self._fail_plan(seqs, error)
+        else:
+            updates = self._apply_result(sent_plan, seqs, result)
+        self._prune_running()
+        return updates
+
+    def _apply_result(
+        self, plan: StepPlan, seqs: list[Sequence], result: StepResult
+    ) -> list[SequenceUpdate]:
+        sampled = {token.seq_id: token for token in result.sampled}
+        updates = []
+        for scheduled, seq in zip(plan.scheduled, seqs, strict=True):
+            seq.in_flight_step = None
+            if seq.is_finished:  # aborted or stopped while in flight
+                self._release(seq)
+                continue
+            seq.num_computed_tokens += scheduled.num_new_tokens
+            self.kv.register_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.seq_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._release_held_siblings(seq.request)
+            if scheduled.sample:
+                updates.append(self._accept_sample(seq, sampled.get(seq.seq_id)))
+        return updates
+
+    def _accept_sample(self, seq: Sequence, token: SampledToken | None) -> SequenceUpdate:
+        if token is None:
+            message = f"the last stage sampled no token for sequence {seq.seq_id}"
+            self._finish(seq, "error")
+            return self._update_of(seq, None, error=message)
+        seq.token_ids.append(token.token_id)
+        decision = check_stop(seq, token.token_id, self.eos_token_ids, self.config.max_model_len)
+        if decision is not None:
+            self._finish(seq, decision.finish_reason, decision.stop_reason)
+        return self._update_of(seq, token)
+
+    def _fail_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
+        logger.error("step failed for %d sequences: %s", len(seqs), error)
+        updates = []
+        for seq in seqs:
+            seq.in_flight_step = None
+            if seq.is_finished:
+                self._release(seq)
+                continue
+            self._finish(seq, "error")
+            updates.append(self._update_of(seq, None, error=error))
+        return updates
+
+    @staticmethod
+    def _update_of(
+        seq: Sequence, token: SampledToken | None, error: str | None = None
+    ) -> SequenceUpdate:
+        return SequenceUpdate(
+            seq_id=seq.seq_id,
+            request_id=seq.request_id,
+            seq_index=seq.seq_index,
+            sampled=token,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            error=error,
+        )
+
+    # -- finishing -----------------------------------------------------------------------
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Mark finished; blocks are freed now, or when its in-flight plan comes back."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self._running_dirty = True
+        if seq.seq_index == 0:
+            self._release_held_siblings(seq.request)
+        if not seq.is_in_flight:
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        assert seq.is_finished and not seq.is_released
+        seq.is_released = True
+        self.kv.free(seq.seq_id)
+        self._forget_on_stages(seq)
+        record = seq.request
+        record.num_released += 1
+        if record.is_done:
+            del self._requests[record.request_id]
+            for done in record.sequences:
+                del self._sequences[done.seq_id]
+
+    def _forget_on_stages(self, seq: Sequence) -> None:
+        if seq.known_to_stages:
+            self._pending_finished.append(seq.seq_id)
+            seq.known_to_stages = False
+        seq.num_blocks_sent = 0
+
+    def _release_held_siblings(self, record: RequestRecord) -> None:
+        if not record.held_siblings:
+            return
+        self._num_held_siblings -= len(record.held_siblings)
+        self._waiting.extendleft(reversed(record.held_siblings))
+        record.held_siblings = []
+
+    def _prune_running(self) -> None:
+        if self._running_dirty:
+            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
+            self._running_dirty = False

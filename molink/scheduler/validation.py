@@ -1,0 +1,50 @@
+"""Checks a request against the context length and the KV cache before it is queued."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from molink.errors import ContextLengthExceededError, InvalidParameterError, OutOfCapacityError
+from molink.sampling_params import SamplingParams
+
+
+def max_output_tokens_for(
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    max_model_len: int,
+    num_kv_blocks: int,
+    block_size: int,
+) -> int:
+    """How many tokens the request's sequences may generate; raises when it can never run.
+
+    A sequence of L tokens needs KV for L - 1 of them (the last sampled token is never fed
+    back). ``max_tokens=None`` means "up to max_model_len", further capped by what the
+    whole KV cache can hold; such a sequence ends with finish reason "length" there.
+    """
+    _check_prompt(prompt_token_ids)
+    num_prompt = len(prompt_token_ids)
+    if num_prompt >= max_model_len:
+        raise ContextLengthExceededError(num_prompt, max_model_len)
+    max_tokens = params.max_tokens
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        raise ContextLengthExceededError(
+            num_prompt + max_tokens, max_model_len, what="prompt plus max_tokens"
+        )
+    capacity_tokens = num_kv_blocks * block_size
+    num_kv_tokens = num_prompt + (1 if max_tokens is None else max_tokens) - 1
+    if num_kv_tokens > capacity_tokens:
+        raise OutOfCapacityError(
+            f"the request needs KV cache for {num_kv_tokens} tokens, but the cache holds "
+            f"{capacity_tokens} ({num_kv_blocks} blocks of {block_size} tokens)"
+        )
+    if max_tokens is not None:
+        return max_tokens
+    return min(max_model_len - num_prompt, capacity_tokens + 1 - num_prompt)
+
+
+def _check_prompt(prompt_token_ids: Sequence[int]) -> None:
+    if len(prompt_token_ids) == 0:
+        raise InvalidParameterError("prompt", "must contain at least one token")
+    for token_id in prompt_token_ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise InvalidParameterError("prompt", "token ids must be non-negative integers")

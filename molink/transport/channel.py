@@ -1,0 +1,158 @@
+"""gRPC channels, servers and a small client for the unary calls of the node service.
+
+Message size limits are set explicitly on both ends (gRPC's default receive limit is
+4 MiB, far below one prefill's activations). Keepalives notice a peer that vanished
+without closing its connection; short reconnect backoffs let a restarted peer be reached
+again within seconds.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+
+from molink.transport.config import TransportConfig
+from molink.transport.generated import molink_pb2 as pb
+from molink.transport.generated import molink_pb2_grpc as pb_grpc
+
+
+def _size_options(config: TransportConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
+
+
+def channel_options(config: TransportConfig) -> list[tuple[str, int]]:
+    return _size_options(config) + [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def server_options(config: TransportConfig) -> list[tuple[str, int]]:
+    return _size_options(config) + [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        # Without this a second server could silently bind the same port.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def make_channel(address: str, config: TransportConfig) -> grpc.Channel:
+    """An insecure channel for now; TLS with a swarm key will plug in here."""
+    return grpc.insecure_channel(address, options=channel_options(config))
+
+
+def make_server(config: TransportConfig) -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=config.server_workers, thread_name_prefix="molink-grpc"
+        ),
+        options=server_options(config),
+        maximum_concurrent_rpcs=config.server_workers,
+    )
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["MolinkNode"]
+
+
+def method_path(name: str) -> str:
+    """The HTTP/2 path of a MolinkNode method, e.g. ``/molink.v1.MolinkNode/Forward``."""
+    return f"/{SERVICE.full_name}/{SERVICE.methods_by_name[name].name}"
+
+
+def add_node_service(servicer: pb_grpc.MolinkNodeServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like the generated code does, except that the methods in
+    ``servicer.RAW_REQUESTS`` get the request as bytes: the servicer parses it once and
+    knows its exact size without serializing it again."""
+    raw = getattr(servicer, "RAW_REQUESTS", frozenset())
+    handlers = {}
+    for method in SERVICE.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=None if method.name in raw else request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def describe_rpc_error(exc: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call, for messages that name what went wrong."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code is not None else 'UNKNOWN'}: {details}"
+
+
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata attached to every call; credentials will go under CREDENTIALS_METADATA_KEY."""
+    return ()
+
+
+class NodeClient:
+    """Unary calls to one node, each bounded by ``config.rpc_timeout_s`` unless told."""
+
+    def __init__(self, address: str, config: TransportConfig) -> None:
+        self.address = address
+        self._config = config
+        self._channel = make_channel(address, config)
+        self.stub = pb_grpc.MolinkNodeStub(self._channel)
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self._config.rpc_timeout_s if timeout is None else timeout
+
+    def describe(self, timeout: float | None = None) -> pb.NodeInfo:
+        return self.stub.Describe(
+            pb.DescribeRequest(), timeout=self._timeout(timeout), metadata=call_metadata()
+        )
+
+    def join(self, request: pb.JoinRequest, timeout: float | None = None) -> pb.JoinResponse:
+        return self.stub.Join(request, timeout=self._timeout(timeout), metadata=call_metadata())
+
+    def get_pipeline(self, timeout: float | None = None) -> pb.Pipeline:
+        return self.stub.GetPipeline(
+            pb.GetPipelineRequest(), timeout=self._timeout(timeout), metadata=call_metadata()
+        )
+
+    def update_pipeline(
+        self, pipeline: pb.Pipeline, timeout: float | None = None
+    ) -> pb.UpdatePipelineResponse:
+        return self.stub.UpdatePipeline(
+            pipeline, timeout=self._timeout(timeout), metadata=call_metadata()
+        )
+
+    def release(self, head_id: str, seq_ids: list[int], timeout: float | None = None) -> int:
+        response = self.stub.Release(
+            pb.ReleaseRequest(head_id=head_id, seq_ids=seq_ids),
+            timeout=self._timeout(timeout),
+            metadata=call_metadata(),
+        )
+        return response.num_released
+
+    def health(self, timeout: float | None = None) -> pb.HealthResponse:
+        return self.stub.Health(
+            pb.HealthRequest(), timeout=self._timeout(timeout), metadata=call_metadata()
+        )
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,169 @@
+"""Tensors on the wire: raw little-endian bytes with an explicit dtype and shape.
+
+Nothing a peer sends is ever unpickled or evaluated: a tensor is rebuilt with
+``torch.frombuffer`` over the received bytes, after its dtype, shape and size have been
+checked against what the step plan says it must be.
+
+Wire dtypes:
+
+* ``float32``, ``float16``, ``bfloat16``: the activations cast to that dtype.
+* ``int8``: symmetric per-row (per-token) absmax quantization. For each row ``x``,
+  ``scale = max(|x|) / 127`` (1.0 for an all-zero row) travels as float32, and
+  ``q = round(x / scale)`` as int8 in [-127, 127]. Decoding gives ``q * scale`` in float32,
+  so every element is off by at most ``scale / 2 = max(|x|) / 254`` (plus float32
+  rounding). It halves the bytes of float16 at the cost of that error.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+
+from molink.errors import ProtocolError
+from molink.transport.generated import molink_pb2 as pb
+
+if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as memory
+    raise ImportError("molink's wire codec supports little-endian hosts only")
+
+# torch warns that a tensor over immutable bytes is not writable; the decoded tensor is
+# handed over as input and never written through, so the warning is noise.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+INT8_LEVELS = 127
+
+_NAME_TO_WIRE = {
+    "float32": pb.WIRE_DTYPE_FLOAT32,
+    "float16": pb.WIRE_DTYPE_FLOAT16,
+    "bfloat16": pb.WIRE_DTYPE_BFLOAT16,
+    "int8": pb.WIRE_DTYPE_INT8,
+}
+_WIRE_TO_TORCH = {
+    pb.WIRE_DTYPE_FLOAT32: torch.float32,
+    pb.WIRE_DTYPE_FLOAT16: torch.float16,
+    pb.WIRE_DTYPE_BFLOAT16: torch.bfloat16,
+    pb.WIRE_DTYPE_INT8: torch.int8,
+}
+_WIRE_TO_NAME = {wire: name for name, wire in _NAME_TO_WIRE.items()}
+_SCALE_ITEMSIZE = 4  # float32
+
+
+def wire_dtype_of(name: str) -> int:
+    """The proto enum value of a wire dtype name (``float16``, ``int8``, ...)."""
+    try:
+        return _NAME_TO_WIRE[name]
+    except KeyError:
+        raise ProtocolError(
+            f"wire dtype {name!r} is not one of {', '.join(_NAME_TO_WIRE)}"
+        ) from None
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric absmax quantization of a 2-D tensor: (int8 values, float32 scales)."""
+    rows = x.to(torch.float32)
+    if rows.numel() == 0:  # amax refuses empty reductions
+        return rows.to(torch.int8), torch.ones(rows.shape[0], dtype=torch.float32)
+    scale = rows.abs().amax(dim=1) / INT8_LEVELS
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(rows / scale[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float32) * scale[:, None]
+
+
+def encode_tensor(tensor: torch.Tensor, wire_dtype: str, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Cast (or quantize) on the tensor's device, then copy its bytes into a message.
+
+    Pass ``out`` (e.g. ``request.step.hidden``) to fill a field of a larger message in
+    place: assigning a finished submessage would copy the payload once more.
+    """
+    wire = wire_dtype_of(wire_dtype)
+    out = out if out is not None else pb.Tensor()
+    out.dtype = wire
+    out.shape[:] = list(tensor.shape)
+    tensor = tensor.detach()
+    if wire == pb.WIRE_DTYPE_INT8:
+        q, scale = quantize_int8(_as_rows(tensor))
+        out.data = _to_bytes(q)
+        out.scale = _to_bytes(scale)
+    else:
+        out.data = _to_bytes(tensor.to(_WIRE_TO_TORCH[wire]))
+        out.scale = b""
+    return out
+
+
+def _to_bytes(tensor: torch.Tensor) -> bytes:
+    cpu = tensor.to("cpu").contiguous()
+    if cpu.dtype == torch.bfloat16:  # numpy has no bfloat16; same bits as int16
+        cpu = cpu.view(torch.int16)
+    return cpu.numpy().tobytes()
+
+
+def decode_tensor(
+    msg: pb.Tensor, expected_shape: tuple[int, ...], max_bytes: int, what: str = "tensor"
+) -> torch.Tensor:
+    """Rebuild a tensor after checking dtype, shape, size and byte length.
+
+    Returns float32 for int8 payloads (dequantized), else the wire dtype. The result may
+    share memory with ``msg``; callers that write to it in place should clone it.
+    Raises ProtocolError naming what is wrong.
+    """
+    if msg.dtype not in _WIRE_TO_TORCH:
+        raise ProtocolError(
+            f"{what} has wire dtype {msg.dtype}, expected one of "
+            f"{', '.join(f'{v} ({n})' for v, n in _WIRE_TO_NAME.items())}"
+        )
+    dtype = _WIRE_TO_TORCH[msg.dtype]
+    shape = tuple(int(d) for d in msg.shape)
+    if shape != tuple(expected_shape):
+        raise ProtocolError(f"{what} has shape {list(shape)}, expected {list(expected_shape)}")
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    num_bytes = numel * itemsize
+    if num_bytes > max_bytes:
+        raise ProtocolError(f"{what} of {num_bytes} bytes exceeds the limit of {max_bytes} bytes")
+    data = msg.data  # each access of a bytes field copies it; read it once
+    if len(data) != num_bytes:
+        raise ProtocolError(
+            f"{what} carries {len(data)} bytes, but shape {list(shape)} of "
+            f"{_WIRE_TO_NAME[msg.dtype]} needs {num_bytes}"
+        )
+    values = _from_bytes(data, dtype, shape)
+    scale = msg.scale
+    if msg.dtype != pb.WIRE_DTYPE_INT8:
+        if scale:
+            raise ProtocolError(f"{what} carries scales but is not int8")
+        return values
+    return _dequantize(scale, values, shape, what)
+
+
+def _dequantize(
+    scale_bytes: bytes, values: torch.Tensor, shape: tuple[int, ...], what: str
+) -> torch.Tensor:
+    rows = shape[0] if shape else 1
+    if len(scale_bytes) != rows * _SCALE_ITEMSIZE:
+        raise ProtocolError(
+            f"{what} carries {len(scale_bytes)} bytes of int8 scales, expected "
+            f"{rows * _SCALE_ITEMSIZE} (one float32 per row)"
+        )
+    scale = _from_bytes(scale_bytes, torch.float32, (rows,))
+    if not bool(torch.isfinite(scale).all()):
+        raise ProtocolError(f"{what} has non-finite int8 scales")
+    return dequantize_int8(_as_rows(values), scale).reshape(shape)
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """View as [rows, columns]; explicit sizes because reshape(0, -1) is ambiguous."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    cols = tensor.numel() // rows if rows else 0
+    return tensor.reshape(rows, cols)
+
+
+def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not data:  # frombuffer refuses empty buffers
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(shape)

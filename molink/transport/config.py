@@ -1,0 +1,65 @@
+"""Limits and timeouts of the wire and the pipeline runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from molink.errors import InvalidParameterError
+
+MIB = 1024 * 1024
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Everything a node needs to know about message limits and deadlines.
+
+    The count limits bound what a peer may make a stage allocate; they are generous for a
+    single deployment and exist to turn a garbage message into a clear ProtocolError.
+    """
+
+    max_message_bytes: int = 256 * MIB  # gRPC send/receive limit, server and channel
+    max_seqs_per_step: int = 4096
+    max_tokens_per_step: int = 1 << 20
+    max_tokens_per_sequence: int = 1 << 20  # token_ids of one NewSequence
+    max_blocks_per_step: int = 1 << 20
+    max_stop_strings: int = 64
+    max_queued_steps: int = 64  # steps received but not yet computed, per node
+    step_timeout_s: float = 120.0  # head: a step whose result has not come back fails
+    upstream_stall_s: float = 30.0  # stage: no input for this long with active sequences
+    health_interval_s: float = 1.0  # head: how often every stage is checked
+    health_timeout_s: float = 2.0
+    health_failures_to_down: int = 2  # consecutive failed checks before a stage is dropped
+    rpc_timeout_s: float = 5.0  # unary calls (Describe, Join, GetPipeline, ...)
+    join_timeout_s: float = 60.0  # a stage keeps retrying an unreachable initial peer
+    server_workers: int = 32  # streams hold a worker each for their whole life
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in (
+            "max_message_bytes",
+            "max_seqs_per_step",
+            "max_tokens_per_step",
+            "max_tokens_per_sequence",
+            "max_blocks_per_step",
+            "max_queued_steps",
+            "health_failures_to_down",
+            "server_workers",
+        ):
+            if getattr(self, name) < 1:
+                raise InvalidParameterError(name, "must be >= 1")
+        if self.max_message_bytes >= 2**31:
+            # gRPC keeps message sizes in a signed 32-bit int.
+            raise InvalidParameterError("max_message_bytes", "must be < 2 GiB")
+        for name in (
+            "step_timeout_s",
+            "upstream_stall_s",
+            "health_interval_s",
+            "health_timeout_s",
+            "rpc_timeout_s",
+            "join_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise InvalidParameterError(name, "must be > 0")

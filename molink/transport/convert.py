@@ -1,0 +1,186 @@
+"""Step plans and results <-> their proto mirrors (molink/step.py <-> molink.proto).
+
+Decoding checks structure only (a well-formed StepPlan comes out or ProtocolError is
+raised); whether the plan makes sense for a stage is validate.py's job.
+"""
+
+from __future__ import annotations
+
+from molink.errors import InvalidParameterError, ProtocolError
+from molink.sampling_params import SamplingParams
+from molink.step import (
+    NewSequenceData,
+    SampledToken,
+    ScheduledSequence,
+    StepPlan,
+    StepResult,
+    TokenLogprob,
+)
+from molink.transport.generated import molink_pb2 as pb
+
+
+def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        min_tokens=params.min_tokens,
+        ignore_eos=params.ignore_eos,
+        skip_special_tokens=params.skip_special_tokens,
+        include_stop_str_in_output=params.include_stop_str_in_output,
+        spaces_between_special_tokens=params.spaces_between_special_tokens,
+    )
+    # Optional fields: presence on the wire means "set", as None means "unset" here.
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.max_tokens is not None:
+        msg.max_tokens = params.max_tokens
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=msg.n,
+            temperature=msg.temperature,
+            top_p=msg.top_p,
+            top_k=msg.top_k,
+            min_p=msg.min_p,
+            repetition_penalty=msg.repetition_penalty,
+            presence_penalty=msg.presence_penalty,
+            frequency_penalty=msg.frequency_penalty,
+            seed=msg.seed if msg.HasField("seed") else None,
+            stop=tuple(msg.stop),
+            stop_token_ids=tuple(msg.stop_token_ids),
+            max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
+            min_tokens=msg.min_tokens,
+            ignore_eos=msg.ignore_eos,
+            logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+            skip_special_tokens=msg.skip_special_tokens,
+            include_stop_str_in_output=msg.include_stop_str_in_output,
+            spaces_between_special_tokens=msg.spaces_between_special_tokens,
+        )
+    except InvalidParameterError as exc:
+        raise ProtocolError(f"invalid sampling parameters: {exc}") from exc
+
+
+def plan_to_proto(plan: StepPlan, include_token_ids: bool = True) -> pb.StepPlan:
+    """``include_token_ids=False`` for Forward messages: only the first stage reads them."""
+    return pb.StepPlan(
+        step_id=plan.step_id,
+        scheduled=[
+            pb.ScheduledSequence(
+                seq_id=s.seq_id,
+                num_computed_tokens=s.num_computed_tokens,
+                num_new_tokens=s.num_new_tokens,
+                new_block_ids=list(s.new_block_ids),
+                sample=s.sample,
+            )
+            for s in plan.scheduled
+        ],
+        token_ids=list(plan.token_ids) if include_token_ids else [],
+        new_sequences=[
+            pb.NewSequence(
+                seq_id=n.seq_id,
+                token_ids=list(n.token_ids),
+                num_prompt_tokens=n.num_prompt_tokens,
+                sampling=sampling_to_proto(n.sampling),
+            )
+            for n in plan.new_sequences
+        ],
+        finished_seq_ids=list(plan.finished_seq_ids),
+        micro_batch=plan.micro_batch,
+    )
+
+
+def plan_from_proto(msg: pb.StepPlan) -> StepPlan:
+    return StepPlan(
+        step_id=msg.step_id,
+        scheduled=tuple(
+            ScheduledSequence(
+                seq_id=s.seq_id,
+                num_computed_tokens=s.num_computed_tokens,
+                num_new_tokens=s.num_new_tokens,
+                new_block_ids=tuple(s.new_block_ids),
+                sample=s.sample,
+            )
+            for s in msg.scheduled
+        ),
+        token_ids=tuple(msg.token_ids),
+        new_sequences=tuple(
+            NewSequenceData(
+                seq_id=n.seq_id,
+                token_ids=tuple(n.token_ids),
+                num_prompt_tokens=n.num_prompt_tokens,
+                sampling=sampling_from_proto(n.sampling),
+            )
+            for n in msg.new_sequences
+        ),
+        finished_seq_ids=tuple(msg.finished_seq_ids),
+        micro_batch=msg.micro_batch,
+    )
+
+
+def result_to_proto(result: StepResult) -> pb.StepResult:
+    msg = pb.StepResult(
+        step_id=result.step_id,
+        micro_batch=result.micro_batch,
+        sampled=[_sampled_to_proto(t) for t in result.sampled],
+    )
+    if result.error is not None:
+        msg.error = result.error
+    return msg
+
+
+def _sampled_to_proto(token: SampledToken) -> pb.SampledToken:
+    msg = pb.SampledToken(
+        seq_id=token.seq_id,
+        token_id=token.token_id,
+        top_logprobs=[
+            pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in token.top_logprobs
+        ],
+    )
+    if token.logprob is not None:
+        msg.logprob = token.logprob
+    return msg
+
+
+def result_from_proto(msg: pb.StepResult) -> StepResult:
+    """The result without timings; see ``trace_to_timings`` for ``stage_timings``."""
+    return StepResult(
+        step_id=msg.step_id,
+        micro_batch=msg.micro_batch,
+        sampled=tuple(
+            SampledToken(
+                seq_id=t.seq_id,
+                token_id=t.token_id,
+                logprob=t.logprob if t.HasField("logprob") else None,
+                top_logprobs=tuple(
+                    TokenLogprob(token_id=lp.token_id, logprob=lp.logprob) for lp in t.top_logprobs
+                ),
+            )
+            for t in msg.sampled
+        ),
+        error=msg.error if msg.HasField("error") else None,
+    )
+
+
+def trace_to_timings(trace: list[pb.HopTrace]) -> dict[str, dict[str, float]]:
+    """``StepResult.stage_timings``: per node, seconds queued and computing, bytes received."""
+    return {
+        hop.node_id: {
+            "queue_s": hop.queue_s,
+            "compute_s": hop.compute_s,
+            "bytes_received": float(hop.bytes_received),
+        }
+        for hop in trace
+    }

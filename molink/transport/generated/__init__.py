@@ -1,0 +1,1 @@
+"""Code generated from molink/transport/molink.proto. Do not edit."""

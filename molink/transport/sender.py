@@ -1,0 +1,212 @@
+"""In-order streaming of messages to one peer, on a thread of its own.
+
+``put`` never blocks, so the compute thread hands over its output and moves on while the
+bytes drain over a slow link. Messages are encoded on the sending side (``build``), not by
+the caller, for the same reason.
+
+The peer acknowledges every message, in order. When the stream breaks, every message not
+yet acknowledged, and every one still queued, is handed to ``on_failure`` with the reason;
+the next ``put`` opens a fresh stream. That bounds how long a message can sit behind a
+dead peer: until gRPC notices the broken connection (at once for a closed port, within
+the keepalive timeout for a vanished host).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from molink.transport.channel import call_metadata, describe_rpc_error, make_channel
+from molink.transport.config import TransportConfig
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_WAIT_SLICE_S = 0.25  # how often a waiting request generator re-checks for shutdown
+
+
+class _Pending(Generic[T]):
+    """An item in flight; compared by identity."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+
+
+class _Stream:
+    __slots__ = ("call", "closed")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.call: Any = None
+
+
+class StreamSender(Generic[T]):
+    """Streams ``build(item)`` for each ``put(item)`` to ``address`` over one bidi RPC.
+
+    ``method`` is the RPC's path (``channel.method_path("Forward")``) and ``ack_type`` the
+    message type of its responses. Messages are serialized here, once, which also gives
+    their exact size for the byte counters;
+    ``on_ack(item, ack)`` sees each acknowledgement, ``on_failure(item, reason)`` each
+    message that will never be acknowledged. Callbacks run on the sender's threads.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        config: TransportConfig,
+        method: str,
+        ack_type: type[Message],
+        build: Callable[[T], Message],
+        on_failure: Callable[[T, str], None],
+        on_ack: Callable[[T, Any], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self._config = config
+        self._build = build
+        self._on_failure = on_failure
+        self._on_ack = on_ack
+        self._cond = threading.Condition()
+        self._queued: deque[_Pending[T]] = deque()
+        self._unacked: deque[_Pending[T]] = deque()
+        self._stopped = False
+        self._stream: _Stream | None = None
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        self.messages_failed = 0
+        self._channel = make_channel(address, config)
+        # No request serializer: the requests are bytes already (see _encode).
+        self._rpc = self._channel.stream_stream(
+            method, request_serializer=None, response_deserializer=ack_type.FromString
+        )
+        self._thread = threading.Thread(target=self._run, name=f"send-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, item: T) -> None:
+        with self._cond:
+            if self._stopped:
+                stopped = True
+            else:
+                stopped = False
+                self._queued.append(_Pending(item))
+                self._cond.notify_all()
+        if stopped:
+            self._fail([_Pending(item)], f"sender to {self.address} is closed")
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queued) + len(self._unacked)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop sending; whatever is still queued or unacknowledged fails."""
+        with self._cond:
+            self._stopped = True
+            stream = self._stream
+            self._cond.notify_all()
+        if stream is not None and stream.call is not None:
+            stream.call.cancel()
+        self._thread.join(timeout)
+        with self._cond:
+            leftover = list(self._unacked) + list(self._queued)
+            self._unacked.clear()
+            self._queued.clear()
+        self._fail(leftover, f"sender to {self.address} was closed")
+        self._channel.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queued or self._stopped, timeout=1.0)
+                if self._stopped:
+                    return
+                if not self._queued:
+                    continue
+                stream = self._stream = _Stream()
+            self._stream_once(stream)
+
+    def _stream_once(self, stream: _Stream) -> None:
+        reason = f"stream to {self.address} was closed by the peer"
+        try:
+            stream.call = self._rpc(self._requests(stream), metadata=call_metadata())
+            for ack in stream.call:
+                self._acknowledge(ack)
+        except grpc.RpcError as exc:
+            reason = f"stream to {self.address} failed: {describe_rpc_error(exc)}"
+        except Exception as exc:  # a callback bug must not kill the sender
+            logger.exception("sender %s: unexpected error", self.name)
+            reason = f"stream to {self.address} failed: {exc}"
+        with self._cond:
+            stream.closed = True
+            self._stream = None
+            if self._stopped:
+                return  # close() fails what is left
+            failed = list(self._unacked) + list(self._queued)
+            self._unacked.clear()
+            self._queued.clear()
+        if failed:
+            logger.warning("%s; %d message(s) not delivered", reason, len(failed))
+        self._fail(failed, reason)
+
+    def _requests(self, stream: _Stream) -> Iterator[bytes]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._queued or self._stopped or stream.closed, timeout=_WAIT_SLICE_S
+                )
+                if self._stopped or stream.closed:
+                    return
+                if not self._queued:
+                    continue
+                pending = self._queued.popleft()
+                self._unacked.append(pending)
+            payload = self._encode(pending)
+            if payload is not None:
+                yield payload
+
+    def _encode(self, pending: _Pending[T]) -> bytes | None:
+        try:
+            payload = self._build(pending.item).SerializeToString()
+            size = len(payload)
+            if size > self._config.max_message_bytes:
+                raise ValueError(
+                    f"message of {size} bytes exceeds max_message_bytes "
+                    f"({self._config.max_message_bytes})"
+                )
+        except Exception as exc:
+            with self._cond:
+                if pending not in self._unacked:
+                    return None  # the stream failed meanwhile and reported it
+                self._unacked.remove(pending)
+            logger.warning("sender %s: could not encode a message: %s", self.name, exc)
+            self._fail([pending], f"could not encode a message for {self.address}: {exc}")
+            return None
+        self.bytes_sent += size
+        self.messages_sent += 1
+        return payload
+
+    def _acknowledge(self, ack: Any) -> None:
+        with self._cond:
+            pending = self._unacked.popleft() if self._unacked else None
+        if pending is None:
+            logger.warning("sender %s: acknowledgement for no message in flight", self.name)
+            return
+        if self._on_ack is not None:
+            self._on_ack(pending.item, ack)
+
+    def _fail(self, failed: list[_Pending[T]], reason: str) -> None:
+        for pending in failed:
+            self.messages_failed += 1
+            try:
+                self._on_failure(pending.item, reason)
+            except Exception:
+                logger.exception("sender %s: failure callback raised", self.name)

@@ -1,0 +1,124 @@
+"""Checks a stage runs on every plan a peer sends, before any of it reaches the executor.
+
+Each violation raises ProtocolError with a message naming the step and what is wrong, so
+that the head can report it and the stage can go on serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from molink.errors import ProtocolError
+from molink.step import StepPlan
+from molink.transport.config import TransportConfig
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """What a plan may ask of this stage."""
+
+    vocab_size: int  # token ids must be in [0, vocab_size)
+    num_kv_blocks: int = 0  # block ids must be below it; 0: not checked
+    max_seqs_per_step: int = 4096
+    max_tokens_per_step: int = 1 << 20
+    max_tokens_per_sequence: int = 1 << 20
+    max_blocks_per_step: int = 1 << 20
+    max_stop_strings: int = 64
+
+    @classmethod
+    def from_config(
+        cls, config: TransportConfig, vocab_size: int, num_kv_blocks: int = 0
+    ) -> PlanLimits:
+        return cls(
+            vocab_size=vocab_size,
+            num_kv_blocks=num_kv_blocks,
+            max_seqs_per_step=config.max_seqs_per_step,
+            max_tokens_per_step=config.max_tokens_per_step,
+            max_tokens_per_sequence=config.max_tokens_per_sequence,
+            max_blocks_per_step=config.max_blocks_per_step,
+            max_stop_strings=config.max_stop_strings,
+        )
+
+
+def validate_plan(plan: StepPlan, limits: PlanLimits) -> None:
+    """Everything that can be checked without the stage's sequence state."""
+    where = f"step {plan.step_id} (micro-batch {plan.micro_batch})"
+    _check_counts(plan, limits, where)
+    _check_scheduled(plan, limits, where)
+    _check_new_sequences(plan, limits, where)
+
+
+def check_known_sequences(plan: StepPlan, known: Collection[int]) -> None:
+    """Every scheduled sequence must be known to the stage or introduced by this plan."""
+    introduced = {n.seq_id for n in plan.new_sequences}
+    unknown = [
+        s.seq_id for s in plan.scheduled if s.seq_id not in known and s.seq_id not in introduced
+    ]
+    if unknown:
+        shown = ", ".join(str(i) for i in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        raise ProtocolError(
+            f"step {plan.step_id} (micro-batch {plan.micro_batch}) schedules sequences this "
+            f"stage never received: {shown}"
+        )
+
+
+def _check_counts(plan: StepPlan, limits: PlanLimits, where: str) -> None:
+    _at_most(len(plan.scheduled), limits.max_seqs_per_step, f"{where}: scheduled sequences")
+    _at_most(len(plan.new_sequences), limits.max_seqs_per_step, f"{where}: new sequences")
+    _at_most(len(plan.finished_seq_ids), limits.max_seqs_per_step, f"{where}: finished ids")
+    _at_most(plan.num_tokens, limits.max_tokens_per_step, f"{where}: tokens")
+    num_blocks = sum(len(s.new_block_ids) for s in plan.scheduled)
+    _at_most(num_blocks, limits.max_blocks_per_step, f"{where}: new block ids")
+    # Stages after the first receive no flat token ids (they do not read them).
+    if plan.token_ids and len(plan.token_ids) != plan.num_tokens:
+        raise ProtocolError(
+            f"{where}: {len(plan.token_ids)} token ids for {plan.num_tokens} scheduled tokens"
+        )
+    _check_vocab(plan.token_ids, limits.vocab_size, where)
+
+
+def _check_scheduled(plan: StepPlan, limits: PlanLimits, where: str) -> None:
+    seen: set[int] = set()
+    for seq in plan.scheduled:
+        if seq.seq_id in seen:
+            raise ProtocolError(f"{where}: sequence {seq.seq_id} is scheduled twice")
+        seen.add(seq.seq_id)
+        if seq.num_new_tokens < 1:
+            raise ProtocolError(f"{where}: sequence {seq.seq_id} is scheduled with no tokens")
+        if limits.num_kv_blocks and any(b >= limits.num_kv_blocks for b in seq.new_block_ids):
+            raise ProtocolError(
+                f"{where}: sequence {seq.seq_id} has a block id beyond this stage's "
+                f"{limits.num_kv_blocks} blocks"
+            )
+
+
+def _check_new_sequences(plan: StepPlan, limits: PlanLimits, where: str) -> None:
+    seen: set[int] = set()
+    for new in plan.new_sequences:
+        if new.seq_id in seen:
+            raise ProtocolError(f"{where}: sequence {new.seq_id} is introduced twice")
+        seen.add(new.seq_id)
+        what = f"{where}: new sequence {new.seq_id}"
+        _at_most(len(new.token_ids), limits.max_tokens_per_sequence, f"{what}: tokens")
+        if not 0 < new.num_prompt_tokens <= len(new.token_ids):
+            raise ProtocolError(
+                f"{what}: num_prompt_tokens {new.num_prompt_tokens} is not in "
+                f"[1, {len(new.token_ids)}]"
+            )
+        _check_vocab(new.token_ids, limits.vocab_size, what)
+        _at_most(len(new.sampling.stop), limits.max_stop_strings, f"{what}: stop strings")
+
+
+def _check_vocab(token_ids: Iterable[int], vocab_size: int, where: str) -> None:
+    ids = tuple(token_ids)
+    if vocab_size <= 0 or not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+        return
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ProtocolError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def _at_most(count: int, limit: int, what: str) -> None:
+    if count > limit:
+        raise ProtocolError(f"{what}: {count} exceeds the limit of {limit}")

@@ -1,0 +1,139 @@
+"""What a model source offers a stage: config, tokenizer, and the weights of one slice."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from molink.config import LayerRange, ModelConfig, normalize_dtype
+from molink.errors import WeightLoadError
+from molink.models.decoder import DecoderSlice, checkpoint_tensor_names
+
+logger = logging.getLogger(__name__)
+
+_CPU_AUTO_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_torch_dtype(
+    dtype: str, checkpoint_dtype: str | None, device: torch.device | str = "cpu"
+) -> torch.dtype:
+    """Turn a user dtype (``auto`` included) into a torch dtype.
+
+    ``auto`` follows the checkpoint; float16 runs as float32 on CPU, where half-precision
+    matmuls are slow, and an unknown checkpoint dtype means float32.
+    """
+    name = normalize_dtype(dtype)
+    if name != "auto":
+        return _DTYPES[name]
+    checkpoint = normalize_dtype(checkpoint_dtype) if checkpoint_dtype in _DTYPES else "float32"
+    if torch.device(device).type == "cpu":
+        return _CPU_AUTO_DTYPES.get(checkpoint, torch.float32)
+    return _DTYPES.get(checkpoint, torch.float32)
+
+
+class TensorStore(Mapping[str, torch.Tensor]):
+    """Checkpoint tensors by Hugging Face name, read from disk only when asked for.
+
+    ``read_names`` lists what was actually read, in order, so that callers (and tests)
+    can see that a stage touched only its own tensors.
+    """
+
+    def __init__(self) -> None:
+        self.read_names: list[str] = []
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """Every tensor name the checkpoint holds (from headers or the index; no data read)."""
+
+    @abc.abstractmethod
+    def _read(self, name: str) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Where the tensors come from, for error messages."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._name_set():
+            raise KeyError(name)
+        tensor = self._read(name)
+        self.read_names.append(name)
+        return tensor
+
+    def _name_set(self) -> set[str]:
+        cached = getattr(self, "_names_cache", None)
+        if cached is None:
+            cached = set(self.names())
+            self._names_cache = cached
+        return cached
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._name_set()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._name_set())
+
+    def close(self) -> None:
+        """Release open files (optional)."""
+
+
+class ModelSource(abc.ABC):
+    """A model that stages can load: ``model_config``, ``tokenizer_dir``, ``name``."""
+
+    model_config: ModelConfig
+    tokenizer_dir: Path
+    name: str
+    checkpoint_dtype: str | None = None
+
+    def __init__(self) -> None:
+        # The store the latest load_slice read from: what it read, which files it opened.
+        self.last_store: TensorStore | None = None
+
+    @abc.abstractmethod
+    def open_tensors(self) -> TensorStore:
+        """A fresh lazy view of the checkpoint's tensors."""
+
+    def load_slice(
+        self, layer_range: LayerRange, dtype: str = "auto", device: torch.device | str = "cpu"
+    ) -> DecoderSlice:
+        """Build the slice ``layer_range`` and read only the tensors it needs.
+
+        The first slice also reads the embedding; the last the final norm and the LM head
+        (the embedding, when tied).
+        """
+        config = self.model_config
+        layer_range.validate(config.num_layers)
+        torch_dtype = resolve_torch_dtype(dtype, self.checkpoint_dtype, device)
+        started = time.perf_counter()
+        store = self.open_tensors()
+        self.last_store = store
+        try:
+            needed = checkpoint_tensor_names(config, layer_range)
+            missing = [name for name in needed if name not in store]
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise WeightLoadError(
+                    f"{store.describe()} lacks {len(missing)} tensor(s) needed for layers "
+                    f"[{layer_range.start}, {layer_range.end}): {shown}"
+                )
+            model = DecoderSlice(config, layer_range, torch_dtype, device)
+            model.load_checkpoint_tensors(store)
+        finally:
+            store.close()
+        logger.info(
+            "loaded %s layers [%d, %d) as %s in %.2fs",
+            self.name,
+            layer_range.start,
+            layer_range.end,
+            str(torch_dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+        )
+        return model.eval()

@@ -1,0 +1,272 @@
+"""Flag parsing and validation of every serving flag, and the subcommands' wiring."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import types
+
+import pytest
+
+import molink.cli.serve as serve_module
+from molink.cli import args as args_module
+from molink.cli.args import EngineArgs, add_engine_args, parse_size
+from molink.cli.main import build_parser, main, parse_engine_args
+from molink.errors import InvalidParameterError, PipelineError
+from molinkv1.entrypoints import api_server
+from molinkv1.entrypoints.openai import api_server as openai_api_server
+from tests.helpers.fake_engine import FakeEngine
+
+README_COMMANDS = [
+    "--model Qwen/Qwen3-14B --molink-enabled --molink-grpc-port 50061 --molink-start-layer 0 "
+    "--molink-end-layer 20 --port 8080 --max-model-len 4096",
+    "--model Qwen/Qwen3-14B --molink-enabled --molink-grpc-port 50062 --molink-start-layer 20 "
+    "--molink-end-layer -1 --port 9095 --max-model-len 4096 --molink-initial-peer 10.130.151.15:50061",
+    "--model meta-llama/Llama-2-70b-chat-hf --port 8080 --dtype half --max-model-len 4096",
+    "--model meta-llama/Llama-2-70b-chat-hf --molink-enabled --tensor-parallel-size 2 "
+    "--molink-start-layer 0 --molink-end-layer 20",
+    "--model Qwen/Qwen3-14B --molink-enabled --molink-grpc-port 50061 --molink-start-layer 0 "
+    "--molink-end-layer -1",
+]
+
+ALL_FLAGS = (
+    "--model /models/qwen --served-model-name qwen --host 127.0.0.1 --port 9000 --dtype bfloat16 "
+    "--max-model-len 2048 --tensor-parallel-size 1 --api-key secret --max-num-seqs 8 "
+    "--max-num-batched-tokens 512 --block-size 32 --kv-cache-memory 512MiB --num-threads 2 "
+    "--seed 42 --log-level debug --molink-enabled --molink-grpc-port 50070 "
+    "--molink-start-layer 4 --molink-end-layer 12 --molink-initial-peer 127.0.0.1:50061 "
+    "--molink-advertise-host 10.0.0.5 --molink-micro-batches 3 --molink-wire-dtype int8"
+)
+
+
+def parse(command: str) -> EngineArgs:
+    parser = add_engine_args(argparse.ArgumentParser(prog="test"))
+    return parse_engine_args(parser, parser.parse_args(shlex.split(command)))
+
+
+@pytest.mark.parametrize("command", README_COMMANDS)
+def test_readme_commands_parse(command: str) -> None:
+    assert parse(command).model
+
+
+def test_readme_second_server() -> None:
+    args = parse(README_COMMANDS[1])
+    assert (args.molink_start_layer, args.molink_end_layer) == (20, -1)
+    assert args.molink_initial_peer == "10.130.151.15:50061"
+    assert (args.port, args.molink_grpc_port, args.max_model_len) == (9095, 50062, 4096)
+
+
+def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(args_module.API_KEY_ENV, raising=False)
+    args = parse(ALL_FLAGS)
+    assert args == EngineArgs(
+        model="/models/qwen",
+        served_model_name="qwen",
+        host="127.0.0.1",
+        port=9000,
+        dtype="bfloat16",
+        max_model_len=2048,
+        tensor_parallel_size=1,
+        api_key="secret",
+        max_num_seqs=8,
+        max_num_batched_tokens=512,
+        block_size=32,
+        kv_cache_memory=512 * 1024**2,
+        num_threads=2,
+        seed=42,
+        log_level="debug",
+        molink_enabled=True,
+        molink_grpc_port=50070,
+        molink_start_layer=4,
+        molink_end_layer=12,
+        molink_initial_peer="127.0.0.1:50061",
+        molink_advertise_host="10.0.0.5",
+        molink_micro_batches=3,
+        molink_wire_dtype="int8",
+    )
+    assert args.model_name == "qwen"
+
+
+def test_parser_defaults_match_the_dataclass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(args_module.API_KEY_ENV, raising=False)
+    assert parse("") == EngineArgs()
+
+
+def test_defaults() -> None:
+    args = EngineArgs()
+    assert (args.host, args.port, args.dtype) == ("0.0.0.0", 8000, "auto")
+    assert (args.molink_grpc_port, args.molink_start_layer, args.molink_end_layer) == (50061, 0, -1)
+    assert (args.molink_micro_batches, args.molink_wire_dtype) == (0, "float16")
+    assert args.model is None and args.model_name == "SmolLM2-135M-Instruct"
+    assert parse("--dtype half").dtype == "float16"
+
+
+def test_help_lists_every_flag_with_its_default() -> None:
+    text = add_engine_args(argparse.ArgumentParser(prog="x")).format_help()
+    for field in dataclasses.fields(EngineArgs):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text, flag
+    assert text.count("(default:") >= len(dataclasses.fields(EngineArgs)) - 1
+    for default in ("0.0.0.0", "8000", "50061", "SmolLM2-135M-Instruct", "float16", "-1"):
+        assert default in text
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["serve", "--help"], ["stage", "--help"], ["status", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    assert "--molink-wire-dtype" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        ("--molink-enabled --molink-start-layer -1", "--molink-start-layer"),
+        ("--molink-enabled --molink-start-layer 5 --molink-end-layer 5", "--molink-end-layer"),
+        ("--molink-enabled --molink-end-layer -2", "--molink-end-layer"),
+        ("--molink-start-layer 4", "--molink-start-layer"),
+        ("--molink-end-layer 4", "--molink-end-layer"),
+        ("--molink-initial-peer 10.0.0.1:50061", "--molink-initial-peer"),
+        ("--molink-enabled --molink-initial-peer nohost", "--molink-initial-peer"),
+        ("--molink-enabled --molink-initial-peer host:99999", "--molink-initial-peer"),
+        ("--molink-enabled --molink-grpc-port 8000", "--molink-grpc-port"),
+        ("--molink-enabled --molink-micro-batches -1", "--molink-micro-batches"),
+        ("--port 70000", "--port"),
+        ("--max-model-len 0", "--max-model-len"),
+        ("--tensor-parallel-size 0", "--tensor-parallel-size"),
+        ("--max-num-seqs 0", "--max-num-seqs"),
+        ("--max-num-seqs 64 --max-num-batched-tokens 32", "--max-num-batched-tokens"),
+        ("--block-size 0", "--block-size"),
+        ("--num-threads 0", "--num-threads"),
+        ("--kv-cache-memory 12parsecs", "--kv-cache-memory"),
+        ("--dtype float8", "--dtype"),
+        ("--molink-wire-dtype int4", "--molink-wire-dtype"),
+    ],
+)
+def test_invalid_flags_exit_2_naming_the_flag(
+    command: str, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *shlex.split(command)])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_engine_args_validate_in_code() -> None:
+    with pytest.raises(InvalidParameterError) as error:
+        EngineArgs(molink_enabled=True, molink_start_layer=3, molink_end_layer=2)
+    assert error.value.field == "molink_end_layer"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512MiB", 512 * 1024**2), ("2GiB", 2 * 1024**3), ("1.5GB", 1_500_000_000), ("4096", 4096),
+     ("64k", 64_000), ("1 gib", 1024**3)],
+)  # fmt: skip
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(args_module.API_KEY_ENV, "from-env")
+    assert parse("").api_key == "from-env"
+    assert parse("--api-key flag").api_key == "flag"
+
+
+def test_embedded_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert EngineArgs(model="/m").resolved_model() == "/m"
+    monkeypatch.setattr(args_module, "embedded_model_path", lambda: None)
+    with pytest.raises(InvalidParameterError) as error:
+        EngineArgs().resolved_model()
+    assert error.value.field == "model"
+    monkeypatch.setattr(args_module, "embedded_model_path", lambda: "/pkg/SmolLM2.gguf")
+    assert EngineArgs().resolved_model() == "/pkg/SmolLM2.gguf"
+
+
+@pytest.fixture
+def captured_runs(monkeypatch: pytest.MonkeyPatch) -> list[EngineArgs]:
+    runs: list[EngineArgs] = []
+
+    def fake_run_server(args: EngineArgs) -> int:
+        runs.append(args)
+        return 0
+
+    monkeypatch.setattr(serve_module, "run_server", fake_run_server)
+    return runs
+
+
+def test_serve_and_stage_build_engine_args(captured_runs: list[EngineArgs]) -> None:
+    assert main(["serve", "--port", "8123"]) == 0
+    assert main(["stage", "--molink-start-layer", "3"]) == 0
+    serve_args, stage_args = captured_runs
+    assert serve_args.port == 8123 and not serve_args.molink_enabled
+    assert stage_args.molink_enabled and stage_args.molink_start_layer == 3
+
+
+@pytest.mark.parametrize("entry", [api_server.main, openai_api_server.main])
+def test_module_entry_points_take_the_same_flags(
+    entry: object, captured_runs: list[EngineArgs]
+) -> None:
+    assert entry(shlex.split(README_COMMANDS[1])) == 0  # type: ignore[operator]
+    assert captured_runs[0].molink_initial_peer == "10.130.151.15:50061"
+
+
+def test_status_prints_the_pipeline(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = types.ModuleType("molink.pipeline.status")
+    status.format_pipeline_status = lambda address: f"pipeline at {address}\n  node a [0, 12)"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "molink.pipeline.status", status)
+    assert main(["status", "--peer", "127.0.0.1:50061"]) == 0
+    assert capsys.readouterr().out == "pipeline at 127.0.0.1:50061\n  node a [0, 12)\n"
+
+
+def test_status_reports_an_unreachable_peer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unreachable(address: str) -> str:
+        raise PipelineError(f"{address} did not answer")
+
+    status = types.ModuleType("molink.pipeline.status")
+    status.format_pipeline_status = unreachable  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "molink.pipeline.status", status)
+    assert main(["status", "--peer", "127.0.0.1:1"]) == 1
+    assert "did not answer" in capsys.readouterr().err
+
+
+def test_status_accepts_the_pipeline_status_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = types.ModuleType("molink.pipeline.status")
+    status.pipeline_status = lambda address: f"node at {address} is unreachable"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "molink.pipeline.status", status)
+    assert main(["status", "--peer", "127.0.0.1:1"]) == 0
+    assert "unreachable" in capsys.readouterr().out
+
+
+def test_status_needs_a_peer() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["status"])
+    assert exit_info.value.code == 2
+
+
+def test_tensor_parallel_on_cpu_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch_stub = types.ModuleType("torch")
+    torch_stub.cuda = types.SimpleNamespace(is_available=lambda: False)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", torch_stub)
+    args = EngineArgs(tensor_parallel_size=2)
+    assert serve_module.run_server(args, engine_factory=lambda _: FakeEngine()) == 1
+    assert "only 1 is supported on CPU" in caplog.text
+
+
+def test_engine_build_failure_exits_1(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(_: EngineArgs) -> FakeEngine:
+        raise PipelineError("no stage answered at 127.0.0.1:1")
+
+    assert serve_module.run_server(EngineArgs(port=0), engine_factory=broken) == 1
+    assert "no stage answered" in caplog.text

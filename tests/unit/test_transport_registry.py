@@ -1,0 +1,139 @@
+"""The head's registry: join refusals, the route, missing layer ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from molink.config import LayerRange
+from molink.pipeline.identity import ModelIdentity, NodeInfo
+from molink.pipeline.registry import (
+    JoinRefusedError,
+    StageRegistry,
+    missing_message,
+    missing_ranges,
+)
+from molink.pipeline.wire import node_from_proto, node_to_proto, view_from_proto, view_to_proto
+
+MODEL = ModelIdentity("org/model", "abc123", num_layers=40, hidden_size=64, vocab_size=1000)
+
+
+def _node(node_id: str, start: int, end: int, **changes: object) -> NodeInfo:
+    info = NodeInfo(node_id, MODEL, LayerRange(start, end), f"10.0.0.{start}:5000", 100, 16)
+    return dataclasses.replace(info, **changes)
+
+
+@pytest.fixture
+def registry() -> StageRegistry:
+    return StageRegistry(_node("head", 0, 10))
+
+
+def test_missing_ranges_are_named(registry: StageRegistry) -> None:
+    assert registry.view().readiness() == "layers [10, 40) are not served by any node"
+    registry.join(_node("b", 20, 30))
+    assert registry.view().readiness() == (
+        "layers [10, 20) and [30, 40) are not served by any node"
+    )
+    registry.join(_node("a", 10, 20))
+    registry.join(_node("c", 30, 40))
+    assert registry.view().readiness() is None
+
+
+def test_missing_ranges_of_three_gaps() -> None:
+    gaps = missing_ranges([LayerRange(2, 4), LayerRange(6, 8)], 10)
+    assert gaps == [LayerRange(0, 2), LayerRange(4, 6), LayerRange(8, 10)]
+    assert missing_message(gaps) == "layers [0, 2), [4, 6) and [8, 10) are not served by any node"
+    assert missing_message([]) is None
+
+
+def test_route_is_ordered_by_start_layer(registry: StageRegistry) -> None:
+    registry.join(_node("c", 30, 40))
+    registry.join(_node("a", 10, 30))
+    view = registry.view()
+    assert [s.node_id for s in view.stages] == ["head", "a", "c"]
+    assert view.next_hop("head").node_id == "a"
+    assert view.next_hop("a").node_id == "c"
+    assert view.next_hop("c") is None
+    assert view.next_hop("stranger") is None
+
+
+def test_every_change_bumps_the_epoch(registry: StageRegistry) -> None:
+    first = registry.view().epoch
+    registry.join(_node("a", 10, 20))
+    assert registry.view().epoch == first + 1
+    registry.remove("a")
+    assert registry.view().epoch == first + 2
+    assert registry.remove("a") is None and registry.view().epoch == first + 2
+    assert registry.remove("head") is None
+
+
+@pytest.mark.parametrize(
+    "node,expected",
+    [
+        (
+            _node("a", 5, 20),
+            r"layers \[5, 20\) of node 'a' overlap stage 'head' at 10.0.0.0:5000, which serves \[0, 10\)",
+        ),
+        (
+            _node("a", 10, 20, model=dataclasses.replace(MODEL, fingerprint="zzz")),
+            "model mismatch: node 'a' serves 'org/model' \\(fingerprint zzz\\)",
+        ),
+        (
+            _node("a", 10, 20, model=dataclasses.replace(MODEL, served_name="other")),
+            "model mismatch: node 'a' serves 'other'",
+        ),
+        (
+            _node("a", 10, 20, model=dataclasses.replace(MODEL, num_layers=32)),
+            "layer count mismatch: node 'a' has a 32-layer model, head 'head' has 40 layers",
+        ),
+        (
+            _node("a", 10, 20, protocol_version=99),
+            "protocol version mismatch: node 'a' speaks v99, head 'head' speaks v1",
+        ),
+        (
+            _node("a", 10, 50),
+            r"layer range \[10, 50\) of node 'a' is not a non-empty part of \[0, 40\)",
+        ),
+        (_node("a", 20, 20), r"layer range \[20, 20\)"),
+        (
+            _node("a", 10, 20, block_size=32),
+            "KV block size mismatch: node 'a' uses 32, head 'head' uses 16",
+        ),
+        (_node("head", 10, 20), "is the head's own id"),
+        (_node("", 10, 20), "empty node id"),
+        (_node("a", 10, 20, address=""), "advertises no address"),
+    ],
+)
+def test_join_refusals_say_why(registry: StageRegistry, node: NodeInfo, expected: str) -> None:
+    with pytest.raises(JoinRefusedError, match=expected):
+        registry.join(node)
+    assert [s.node_id for s in registry.view().stages] == ["head"]
+
+
+def test_overlap_with_another_stage_is_refused(registry: StageRegistry) -> None:
+    registry.join(_node("a", 10, 20))
+    with pytest.raises(
+        JoinRefusedError, match=r"overlap stage 'a' at 10.0.0.10:5000, which serves \[10, 20\)"
+    ):
+        registry.join(_node("b", 15, 25))
+
+
+def test_a_node_may_rejoin_under_its_own_id(registry: StageRegistry) -> None:
+    registry.join(_node("a", 10, 20))
+    registry.join(_node("a", 10, 25, address="10.0.0.99:5000"))
+    stage = registry.view().stage("a")
+    assert stage is not None and stage.address == "10.0.0.99:5000" and stage.layers.end == 25
+
+
+def test_min_kv_blocks_is_the_smallest_stage(registry: StageRegistry) -> None:
+    registry.join(_node("a", 10, 40, num_kv_blocks=40))
+    assert registry.view().min_kv_blocks() == 40
+
+
+def test_node_and_view_round_trip_through_proto(registry: StageRegistry) -> None:
+    registry.join(_node("a", 20, 40))
+    view = registry.view()
+    assert view_from_proto(view_to_proto(view)) == view
+    assert list(view_to_proto(view).missing)[0].start == 10
+    assert node_from_proto(node_to_proto(view.stages[1])) == view.stages[1]
