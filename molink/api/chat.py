@@ -63,10 +63,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     _reject_unsupported(body)
     prompt_ids = render_chat_prompt(ctx.engine.tokenizer, body.messages, body)
     num_top = _num_top_logprobs(body)
-    max_tokens = (
-        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    )
-    params = build_sampling_params(body, max_tokens=max_tokens, logprobs=num_top)
+    params = build_sampling_params(body, max_tokens=_max_tokens(body), logprobs=num_top)
     meta = _Meta(new_request_id("chatcmpl"), model, body.n, num_top)
     run = ctx.new_run([meta.request_id], [prompt_ids], params)
     if body.stream:
@@ -87,6 +84,20 @@ def _reject_unsupported(body: ChatCompletionRequest) -> None:
         raise APIError(
             400, "only response_format type 'text' is supported by this server", "response_format"
         )
+
+
+def _max_tokens(body: ChatCompletionRequest) -> int | None:
+    """OpenAI's newer max_completion_tokens wins over max_tokens (as in vLLM).
+
+    It is checked here so that an invalid value is reported under the name the client sent.
+    """
+    if body.max_completion_tokens is None:
+        return body.max_tokens
+    if body.max_completion_tokens < 1:
+        raise APIError(
+            400, "max_completion_tokens: must be an integer >= 1", "max_completion_tokens"
+        )
+    return body.max_completion_tokens
 
 
 def _num_top_logprobs(body: ChatCompletionRequest) -> int | None:

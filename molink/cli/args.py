@@ -21,7 +21,8 @@ _EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 API_KEY_ENV = "MOLINK_API_KEY"
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half")
-WIRE_DTYPE_CHOICES = ("float16", "bfloat16", "float32", "int8")
+# "auto": activations travel in the model dtype, so a pipeline is exact by default.
+WIRE_DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "int8")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 
 _SIZE_UNITS = {
@@ -100,7 +101,7 @@ class EngineArgs:
     molink_initial_peer: str | None = None
     molink_advertise_host: str | None = None
     molink_micro_batches: int = 0  # 0: number of stages + 1
-    molink_wire_dtype: str = "float16"
+    molink_wire_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype == "half":
@@ -339,8 +340,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     pipeline.add_argument(
         "--molink-wire-dtype",
-        default="float16",
+        default="auto",
         choices=WIRE_DTYPE_CHOICES,
-        help="dtype of activations between stages (default: %(default)s)",
+        help="dtype of activations between stages; auto: the model dtype, exact (default: %(default)s)",
     )
     return parser

@@ -43,12 +43,15 @@ class AsyncLLMEngine:
         model_name: str,
         max_model_len: int,
         readiness: Callable[[], str | None] | None = None,
+        maintenance: Callable[[], list[RequestOutput]] | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.tokenizer: TokenizerLike = engine.tokenizer
         self._readiness = readiness or engine.executor.readiness
+        # Called before every step on the engine thread (e.g. to follow pipeline changes).
+        self._maintenance = maintenance
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
@@ -117,7 +120,10 @@ class AsyncLLMEngine:
             raise InvalidParameterError("prompt", "must not be empty")
         if len(prompt_ids) >= self.max_model_len:
             raise ContextLengthExceededError(len(prompt_ids), self.max_model_len)
-        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+        if (
+            params.max_tokens is not None
+            and len(prompt_ids) + params.max_tokens > self.max_model_len
+        ):
             raise ContextLengthExceededError(
                 len(prompt_ids) + params.max_tokens, self.max_model_len, "prompt plus max_tokens"
             )
@@ -133,6 +139,8 @@ class AsyncLLMEngine:
             if not self._drain_commands():
                 break
             try:
+                if self._maintenance is not None:
+                    self._dispatch(self._maintenance())
                 outputs = self.engine.step(poll_timeout=self._poll_timeout())
             except Exception as exc:  # keep serving: fail what was running, not the process
                 logger.exception("engine step failed")

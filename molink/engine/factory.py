@@ -73,8 +73,7 @@ def num_blocks_for(
 
 
 def build_scheduler(
-    config: ModelConfig, options: EngineOptions, num_blocks: int, max_model_len: int,
-    eos_token_ids: tuple[int, ...],
+    options: EngineOptions, num_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]
 ) -> Scheduler:
     sched_config = SchedulerConfig(
         max_num_batched_tokens=options.max_num_batched_tokens,
@@ -82,8 +81,11 @@ def build_scheduler(
         max_model_len=max_model_len,
     )
     sched_config.validate()
-    cache = CacheConfig(block_size=options.block_size, num_blocks=num_blocks,
-                        enable_prefix_caching=options.enable_prefix_caching)
+    cache = CacheConfig(
+        block_size=options.block_size,
+        num_blocks=num_blocks,
+        enable_prefix_caching=options.enable_prefix_caching,
+    )
     kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
     return Scheduler(sched_config, kv, eos_token_ids)
 
@@ -105,13 +107,19 @@ def build_local_engine(
     ranges = [LayerRange.resolve(a, b, config.num_layers) for a, b in zip(bounds, bounds[1:])]
     num_blocks = min(num_blocks_for(config, r, options, dtype) for r in ranges)
     stages = [
-        StageWorker(source.load_slice(r, dtype_name(dtype)), config, r, num_blocks,
-                    options.block_size, dtype)
+        StageWorker(
+            source.load_slice(r, dtype_name(dtype)),
+            config,
+            r,
+            num_blocks,
+            options.block_size,
+            dtype,
+        )
         for r in ranges
     ]
     tokenizer = Tokenizer.from_dir(source.tokenizer_dir)
     eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
-    scheduler = build_scheduler(config, options, num_blocks, max_model_len, eos)
+    scheduler = build_scheduler(options, num_blocks, max_model_len, eos)
     engine = LLMEngine(scheduler, LocalExecutor(stages), tokenizer)
     return engine, source, max_model_len
 

@@ -71,11 +71,14 @@ class LLMEngine:
         return state.snapshot()
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """Fail every request (the pipeline is broken); frees every block."""
+        """Fail every request (the pipeline is broken); frees every block and forgets the
+        plans in flight (their results, if any still come, are ignored)."""
+        self.scheduler.fail_all(message)
+        self._in_flight.clear()
+        self._free_slots = list(range(self.num_micro_batches))
         outputs = []
         for request_id in list(self._requests):
             state = self._requests.pop(request_id)
-            self.scheduler.abort_request(request_id)
             for out in state.outputs:
                 if out.finish_reason is None:
                     out.finish_reason = "error"
@@ -85,6 +88,14 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._in_flight)
+
+    def set_num_micro_batches(self, num_micro_batches: int) -> None:
+        """Change how many plans may be in flight; slots in use drain naturally."""
+        if num_micro_batches < 1:
+            raise InvalidParameterError("num_micro_batches", "must be >= 1")
+        busy = {plan.micro_batch for plan in self._in_flight.values()}
+        self.num_micro_batches = num_micro_batches
+        self._free_slots = [i for i in range(num_micro_batches) if i not in busy]
 
     @property
     def num_in_flight(self) -> int:
@@ -105,7 +116,8 @@ class LLMEngine:
             if plan is None:
                 logger.warning("result for unknown step %d ignored", result.step_id)
                 continue
-            self._free_slots.append(plan.micro_batch)
+            if plan.micro_batch < self.num_micro_batches:
+                self._free_slots.append(plan.micro_batch)
             if result.error:
                 logger.error("step %d failed: %s", result.step_id, result.error)
             for update in self.scheduler.update(plan, result):

@@ -16,8 +16,9 @@ from molink.sampling_params import SamplingParams
 class LLM:
     """``LLM(model=None).generate(prompts, params)``: runs every prompt to completion."""
 
-    def __init__(self, model: str | None = None, layer_splits: list[int] | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, model: str | None = None, layer_splits: list[int] | None = None, **options: Any
+    ) -> None:
         self.options = replace(EngineOptions(model=model), **options)
         self.engine, self.source, self.max_model_len = build_local_engine(
             self.options, layer_splits

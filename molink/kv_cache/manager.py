@@ -154,22 +154,33 @@ class KVCacheManager:
         not enough free blocks.
         """
         table = self._tables.get(seq_id)
-        if prefix_hit.block_ids and table is not None:
+        if table is None:
+            return self._allocate_first(seq_id, num_tokens, prefix_hit)
+        if prefix_hit.block_ids:
             raise KVCacheError(f"sequence {seq_id} already has blocks; no prefix hit allowed")
-        num_held = len(table) if table is not None else len(prefix_hit.block_ids)
-        num_fresh = max(0, self.num_blocks_for(num_tokens) - num_held)
+        num_fresh = self.num_blocks_for(num_tokens) - len(table)
+        if num_fresh <= 0:
+            return []
+        if num_fresh > self._pool.num_free_blocks:
+            return None
+        appended = self._pool.take_fresh(num_fresh)
+        table.extend(appended)
+        return appended
+
+    def _allocate_first(
+        self, seq_id: int, num_tokens: int, prefix_hit: PrefixHit
+    ) -> list[int] | None:
         self._check_hit_is_current(prefix_hit)
+        num_fresh = max(0, self.num_blocks_for(num_tokens) - len(prefix_hit.block_ids))
         # Hit blocks that nobody holds count as free now and stop being free once shared.
         num_hit_free = sum(1 for b in prefix_hit.block_ids if self._pool.ref_counts[b] == 0)
         if num_fresh > self.num_free_blocks - num_hit_free:
             return None
-        if table is None:
-            table = self._tables[seq_id] = []
-            self._chains[seq_id] = list(prefix_hit.links)
         for block_id in prefix_hit.block_ids:
             self._pool.touch(block_id)
         appended = list(prefix_hit.block_ids) + self._pool.take_fresh(num_fresh)
-        table.extend(appended)
+        self._tables[seq_id] = list(appended)
+        self._chains[seq_id] = list(prefix_hit.links)
         return appended
 
     def free(self, seq_id: int) -> None:

@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+import httpx
+
 from molink.loadgen.arrivals import ArrivalError, parse_rate
 from molink.loadgen.client import ENDPOINT_PATHS
 from molink.loadgen.runner import LoadConfig, RunResult, run_load
@@ -114,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.endpoint == "chat":
         specs = as_text_prompts(specs)
-    run = asyncio.run(run_load(specs, config))
+    try:
+        run = asyncio.run(run_load(specs, config))
+    except (httpx.HTTPError, RuntimeError) as exc:
+        # Only the model lookup raises; failed requests are counted in the results.
+        logger.error("cannot start the run against %s: %s", args.url, exc)
+        return 2
     logger.info("%s", format_summary(run.summary))
     if args.out is not None:
         write_run(run, args.out, args.workload, not args.no_per_request)

@@ -16,16 +16,21 @@ from torch import nn
 from molink.config import LayerRange, ModelConfig
 from molink.errors import InvalidParameterError, WeightLoadError
 from molink.models.attention import AttentionMetadata
+from molink.models.cpu_linear import linear, prepack
 from molink.models.kv_cache import KVCache
 from molink.models.layers import (
     DecoderLayer,
     attention_has_output_bias,
     attention_has_qkv_bias,
+    matrix_param,
     mlp_has_bias,
 )
 from molink.models.rope import RotaryTables
 
 logger = logging.getLogger(__name__)
+
+# Above this much matrix memory a slice does not keep a second, oneDNN-packed copy.
+PREPACK_MAX_BYTES = 4 << 30
 
 EMBED_NAME = "model.embed_tokens.weight"
 FINAL_NORM_NAME = "model.norm.weight"
@@ -59,10 +64,7 @@ class DecoderSlice(nn.Module):
         hidden = config.hidden_size
         self.embed: nn.Parameter | None = None
         if self.is_first:
-            self.embed = nn.Parameter(
-                torch.empty(config.vocab_size, hidden, dtype=dtype, device=device),
-                requires_grad=False,
-            )
+            self.embed = matrix_param(config.vocab_size, hidden, dtype, device)
         self.layers = nn.ModuleList(
             DecoderLayer(config, dtype, device) for _ in range(layer_range.start, layer_range.end)
         )
@@ -75,11 +77,9 @@ class DecoderSlice(nn.Module):
             if config.tie_word_embeddings and self.embed is not None:
                 self.lm_head = self.embed  # one tensor serves both ends
             else:
-                self.lm_head = nn.Parameter(
-                    torch.empty(config.vocab_size, hidden, dtype=dtype, device=device),
-                    requires_grad=False,
-                )
+                self.lm_head = matrix_param(config.vocab_size, hidden, dtype, device)
         self.rotary = RotaryTables(config, dtype, device)
+        self.lm_head_packed: torch.Tensor | None = None
 
     @property
     def num_local_layers(self) -> int:
@@ -129,7 +129,7 @@ class DecoderSlice(nn.Module):
                 "compute_logits", "only the slice that ends at the last layer has the LM head"
             )
         with torch.inference_mode():
-            return F.linear(hidden.to(self.dtype), self.lm_head).float()
+            return linear(hidden.to(self.dtype), self.lm_head, self.lm_head_packed, None).float()
 
     # --- weights -----------------------------------------------------------------------
 
@@ -148,6 +148,20 @@ class DecoderSlice(nn.Module):
                 _copy(self.final_norm, tensors, FINAL_NORM_NAME)
             if self.lm_head is not None and self.lm_head is not self.embed:
                 _copy(self.lm_head, tensors, _head_source(self.config))
+        self.prepack()
+
+    def prepack(self, enable: bool = True) -> None:
+        """Keep oneDNN-packed copies of the matrices, for decode batches of 2-32 rows on CPU.
+
+        Done after loading when the slice runs in float32 on CPU and its matrices take at
+        most ``PREPACK_MAX_BYTES`` (the copies double that memory); ``prepack(False)``
+        drops them.
+        """
+        size = sum(p.numel() * p.element_size() for p in self.parameters() if p.dim() == 2)
+        enable = enable and size <= PREPACK_MAX_BYTES
+        for layer in self.layers:
+            layer.prepack(enable)
+        self.lm_head_packed = prepack(self.lm_head) if enable and self.lm_head is not None else None
 
 
 def _head_source(config: ModelConfig) -> str:
@@ -202,7 +216,11 @@ def _check_shape(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
 def _copy(target: nn.Parameter, tensors: Mapping[str, torch.Tensor], name: str) -> None:
     source = _get(tensors, name)
     _check_shape(target, source, name)
-    if source.dtype == target.dtype and source.device == target.device:
+    if (
+        source.dtype == target.dtype
+        and source.device == target.device
+        and source.stride() == target.stride()
+    ):
         # Adopt the tensor as is: a memory-mapped checkpoint then stays shared with the page
         # cache instead of being copied into fresh memory.
         target.data = source

@@ -215,7 +215,7 @@ class PipelineExecutor:
     def handle_join(self, request: pb.JoinRequest) -> pb.JoinResponse:
         node = node_from_proto(request.node)
         try:
-            view = self._registry.join(node)
+            view = self._join(node)
         except JoinRefusedError as exc:
             logger.warning("head %s refused node %r: %s", self.head_id, node.node_id, exc.reason)
             return pb.JoinResponse(accepted=False, reason=exc.reason)
@@ -233,6 +233,22 @@ class PipelineExecutor:
         )
         self._apply_view(view, skip=node.node_id)
         return pb.JoinResponse(accepted=True, pipeline=view_to_proto(view))
+
+    def _join(self, node: NodeInfo) -> PipelineView:
+        """Admit ``node``; a replacement may take the layers of stages that are gone
+        before the health monitor has noticed."""
+        try:
+            return self._registry.join(node)
+        except JoinRefusedError:
+            in_the_way = self._registry.overlapping(node)
+            if not in_the_way or any(s.node_id == self.head_id for s in in_the_way):
+                raise
+            failures = [self._monitor.probe(stage) for stage in in_the_way]
+            if any(failure is None for failure in failures):
+                raise
+            for stage, failure in zip(in_the_way, failures, strict=True):
+                self._stage_down(stage, f"{failure}; replaced by {node.node_id}")
+            return self._registry.join(node)
 
     def pipeline_proto(self) -> pb.Pipeline:
         message = view_to_proto(self._registry.view())

@@ -72,6 +72,14 @@ class HealthMonitor:
                 target=self._push, args=(view, targets), name="head-push", daemon=True
             ).start()
 
+    def probe(self, stage: NodeInfo) -> str | None:
+        """One health check now: None if ``stage`` answers, else why not."""
+        try:
+            self._client(stage.address).health(timeout=self._config.health_timeout_s)
+        except grpc.RpcError as exc:
+            return describe_rpc_error(exc)
+        return None
+
     def check_once(self) -> None:
         view = self._registry.view()
         calls = []

@@ -139,6 +139,8 @@ class StageNode:
         return self._head_role
 
     def start(self) -> StageNode:
+        """Bind and serve; with an initial peer, join (raises PipelineError, or
+        JoinRefusedError with the head's reason, after stopping the node)."""
         server = make_server(self.config)
         add_node_service(NodeServicer(self), server)
         port = server.add_insecure_port(self._bind_address)
@@ -157,7 +159,11 @@ class StageNode:
             self.info.address,
         )
         if self._initial_peer:
-            self.join(self._initial_peer)
+            try:
+                self.join(self._initial_peer)
+            except Exception:
+                self.stop()  # a node that could not join serves nothing
+                raise
         return self
 
     def stop(self) -> None:

@@ -115,6 +115,17 @@ class StageRegistry:
                 self._epoch += 1
             return removed
 
+    def overlapping(self, node: NodeInfo) -> list[NodeInfo]:
+        """Registered stages (other than ``node``'s own id) whose layers meet ``node``'s."""
+        with self._lock:
+            return [
+                other
+                for other in self._stages.values()
+                if other.node_id != node.node_id
+                and node.layers.start < other.layers.end
+                and other.layers.start < node.layers.end
+            ]
+
     def refusal(self, node: NodeInfo) -> str | None:
         with self._lock:
             return self._refusal_locked(node)

@@ -1,10 +1,10 @@
-"""Accumulates one step's share of each scheduled sequence into a StepPlan."""
+"""Building one StepPlan: the budget, the diffs for the stages, and preemption victims."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf
 
-from molink.scheduler.sequence import Sequence
+from molink.scheduler.sequence import Sequence, SequenceStatus
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan
 
 
@@ -25,7 +25,8 @@ class PlanBuilder:
         assert 0 < num_new_tokens <= self.budget_left
         start = seq.num_computed_tokens
         end = start + num_new_tokens
-        assert end <= seq.num_tokens
+        num_tokens = len(seq.token_ids)
+        assert end <= num_tokens
         if not seq.known_to_stages:
             self._new_sequences.append(
                 NewSequenceData(
@@ -45,7 +46,7 @@ class PlanBuilder:
                 num_computed_tokens=start,
                 num_new_tokens=num_new_tokens,
                 new_block_ids=new_block_ids,
-                sample=end == seq.num_tokens,
+                sample=end == num_tokens,
             )
         )
         self._token_ids.extend(seq.token_ids[start:end])
@@ -62,3 +63,22 @@ class PlanBuilder:
             finished_seq_ids=tuple(finished_seq_ids),
             micro_batch=self.micro_batch,
         )
+
+
+class VictimCursor:
+    """Walks the running list from its newest end; each entry is passed at most once per
+    ``schedule`` call because whatever it skips stays ineligible for the rest of the call."""
+
+    def __init__(self, running: list[Sequence]) -> None:
+        self._running = running
+        self._position = len(running) - 1
+        self.num_preempted = 0
+
+    def next_victim(self, newer_than_index: int) -> Sequence | None:
+        while self._position > newer_than_index:
+            candidate = self._running[self._position]
+            self._position -= 1
+            if candidate.status is SequenceStatus.RUNNING and not candidate.is_in_flight:
+                self.num_preempted += 1
+                return candidate
+        return None

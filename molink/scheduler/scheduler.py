@@ -9,7 +9,8 @@ catches up; a step whose chunk reaches the end of the known tokens samples one m
 1. running sequences that decode (one token each), oldest first;
 2. running sequences part-way through their prefill, one chunk each, oldest first;
 3. waiting sequences, first come first served, while their chunk's blocks fit; admission
-   stops at the first one that does not fit and is skipped in a step that preempted.
+   stops at the first one that does not fit, and is skipped in a step that preempted (so
+   no plan both forgets a sequence and sends it again).
 
 Several plans (micro-batches) may be in flight. A sequence in a plan is off limits until
 ``update`` for that plan, so plans are disjoint; finishing or aborting an in-flight
@@ -37,13 +38,12 @@ from molink.errors import InvalidParameterError
 from molink.kv_cache.manager import KVCacheManager
 from molink.sampling_params import SamplingParams
 from molink.scheduler.integrity import check_scheduler_integrity
-from molink.scheduler.plan_builder import PlanBuilder
+from molink.scheduler.plan_builder import PlanBuilder, VictimCursor
 from molink.scheduler.sequence import (
     RequestRecord,
     Sequence,
     SequenceStatus,
     SequenceUpdate,
-    derive_seed,
 )
 from molink.scheduler.stop import check_stop
 from molink.scheduler.validation import max_output_tokens_for
@@ -54,25 +54,6 @@ logger = logging.getLogger(__name__)
 
 def _arrival_key(seq: Sequence) -> int:
     return seq.arrival_order
-
-
-class _VictimCursor:
-    """Walks the running list from its newest end; each entry is passed at most once per
-    ``schedule`` call because whatever it skips stays ineligible for the rest of the call."""
-
-    def __init__(self, running: list[Sequence]) -> None:
-        self._running = running
-        self._position = len(running) - 1
-        self.num_preempted = 0
-
-    def next_victim(self, newer_than_index: int) -> Sequence | None:
-        while self._position > newer_than_index:
-            candidate = self._running[self._position]
-            self._position -= 1
-            if candidate.status is SequenceStatus.RUNNING and not candidate.is_in_flight:
-                self.num_preempted += 1
-                return candidate
-        return None
 
 
 class Scheduler:
@@ -95,7 +76,6 @@ class Scheduler:
         self._num_held_siblings = 0
         self._running_dirty = False
         self._next_seq_id = 0
-        self._next_arrival = 0
         self._next_step_id = 0
 
     # -- requests ------------------------------------------------------------------------
@@ -109,6 +89,8 @@ class Scheduler:
     ) -> list[int]:
         """Queue a request's n sequences; returns their ids (index i is sequence i).
 
+        Sequences are served in the order of these calls; ``arrival_time`` is only kept.
+
         Raises InvalidParameterError (empty prompt, duplicate id), ContextLengthExceededError
         or OutOfCapacityError (it could never fit in the whole KV cache).
         """
@@ -121,24 +103,11 @@ class Scheduler:
             self.kv.num_total_blocks,
             self.kv.block_size,
         )
-        record = RequestRecord(request_id, params, arrival_time)
-        for index in range(params.n):
-            seq_params = params
-            if index > 0 and params.seed is not None:
-                seq_params = params.with_seed(derive_seed(params.seed, index))
-            seq = Sequence(
-                self._next_seq_id,
-                record,
-                index,
-                seq_params,
-                prompt_token_ids,
-                max_output,
-                self._next_arrival,
-            )
-            self._next_seq_id += 1
-            self._next_arrival += 1
-            record.sequences.append(seq)
-            self._sequences[seq.seq_id] = seq
+        record = RequestRecord.create(
+            request_id, prompt_token_ids, params, arrival_time, max_output, self._next_seq_id
+        )
+        self._next_seq_id += params.n
+        self._sequences.update((seq.seq_id, seq) for seq in record.sequences)
         self._requests[request_id] = record
         self._queue_new_request(record)
         return [seq.seq_id for seq in record.sequences]
@@ -195,7 +164,7 @@ class Scheduler:
             if not seq.is_finished:
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "error"
-                updates.append(self._update_of(seq, None, error=reason))
+                updates.append(SequenceUpdate.of(seq, None, error=reason))
             if not seq.is_released:
                 self._release(seq)
         for record in self._requests.values():
@@ -263,7 +232,7 @@ class Scheduler:
             raise InvalidParameterError("token_budget", "must be >= 0")
         builder = PlanBuilder(self._next_step_id, micro_batch, budget)
         self._next_step_id += 1
-        victims = _VictimCursor(self._running)
+        victims = VictimCursor(self._running)
         self._schedule_running(builder, victims, decodes=True)
         self._schedule_running(builder, victims, decodes=False)
         self._prune_running()
@@ -275,15 +244,14 @@ class Scheduler:
             self._in_flight[plan.step_id] = (plan, builder.sequences)
         return plan
 
-    def _schedule_running(
-        self, builder: PlanBuilder, victims: _VictimCursor, decodes: bool
-    ) -> None:
+    def _schedule_running(self, builder: PlanBuilder, victims: VictimCursor, decodes: bool) -> None:
+        running_status = SequenceStatus.RUNNING
         for index, seq in enumerate(self._running):
             if builder.budget_left == 0:
                 return
-            if seq.status is not SequenceStatus.RUNNING or seq.is_in_flight:
+            if seq.status is not running_status or seq.in_flight_step is not None:
                 continue
-            num_uncomputed = seq.num_uncomputed_tokens
+            num_uncomputed = len(seq.token_ids) - seq.num_computed_tokens
             if (num_uncomputed == 1) != decodes:
                 continue
             num_new = self._chunk_size(num_uncomputed, builder.budget_left)
@@ -291,7 +259,7 @@ class Scheduler:
                 builder.add(seq, num_new, self.kv.block_table(seq.seq_id))
 
     def _allocate_or_preempt(
-        self, seq: Sequence, index: int, num_new: int, victims: _VictimCursor
+        self, seq: Sequence, index: int, num_new: int, victims: VictimCursor
     ) -> bool:
         while self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new) is None:
             victim = victims.next_victim(newer_than_index=index)
@@ -375,12 +343,12 @@ class Scheduler:
         if token is None:
             message = f"the last stage sampled no token for sequence {seq.seq_id}"
             self._finish(seq, "error")
-            return self._update_of(seq, None, error=message)
+            return SequenceUpdate.of(seq, None, error=message)
         seq.token_ids.append(token.token_id)
         decision = check_stop(seq, token.token_id, self.eos_token_ids, self.config.max_model_len)
         if decision is not None:
             self._finish(seq, decision.finish_reason, decision.stop_reason)
-        return self._update_of(seq, token)
+        return SequenceUpdate.of(seq, token)
 
     def _fail_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
         logger.error("step failed for %d sequences: %s", len(seqs), error)
@@ -391,22 +359,8 @@ class Scheduler:
                 self._release(seq)
                 continue
             self._finish(seq, "error")
-            updates.append(self._update_of(seq, None, error=error))
+            updates.append(SequenceUpdate.of(seq, None, error=error))
         return updates
-
-    @staticmethod
-    def _update_of(
-        seq: Sequence, token: SampledToken | None, error: str | None = None
-    ) -> SequenceUpdate:
-        return SequenceUpdate(
-            seq_id=seq.seq_id,
-            request_id=seq.request_id,
-            seq_index=seq.seq_index,
-            sampled=token,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            error=error,
-        )
 
     # -- finishing -----------------------------------------------------------------------
 

@@ -119,6 +119,32 @@ class RequestRecord:
     held_siblings: list[Sequence] = field(default_factory=list)
     num_released: int = 0  # sequences whose blocks are freed for good
 
+    @classmethod
+    def create(
+        cls,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None,
+        max_output_tokens: int,
+        first_seq_id: int,
+    ) -> RequestRecord:
+        """The request with its n sequences, ids ``first_seq_id`` onwards. Ids grow with
+        arrival, so a sequence's id is also its first-come-first-served rank. Siblings of
+        a seeded request get derived seeds."""
+        record = cls(request_id, params, arrival_time)
+        for index in range(params.n):
+            seq_params = params
+            if index > 0 and params.seed is not None:
+                seq_params = params.with_seed(derive_seed(params.seed, index))
+            seq_id = first_seq_id + index
+            record.sequences.append(
+                Sequence(
+                    seq_id, record, index, seq_params, prompt_token_ids, max_output_tokens, seq_id
+                )
+            )
+        return record
+
     @property
     def is_done(self) -> bool:
         return self.num_released == len(self.sequences)
@@ -135,6 +161,20 @@ class SequenceUpdate:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id (or stop string) that matched
     error: str | None = None  # why, when finish_reason == "error"
+
+    @classmethod
+    def of(
+        cls, seq: Sequence, sampled: SampledToken | None, error: str | None = None
+    ) -> SequenceUpdate:
+        return cls(
+            seq_id=seq.seq_id,
+            request_id=seq.request_id,
+            seq_index=seq.seq_index,
+            sampled=sampled,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            error=error,
+        )
 
     @property
     def new_token_id(self) -> int | None:

@@ -30,7 +30,11 @@ GGUF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
 _GLOBAL_NAMES = {
     "token_embd.weight": EMBED_NAME,
     "output_norm.weight": FINAL_NORM_NAME,
@@ -103,7 +107,9 @@ def gguf_config_dict(reader: Any) -> dict[str, Any]:
     tensor_names = {t.name for t in reader.tensors}
     hidden = int(_field(reader, p + "embedding_length"))
     heads = int(_field(reader, p + "attention.head_count"))
-    head_dim = _field(reader, p + "attention.key_length") or _field(reader, p + "rope.dimension_count")
+    head_dim = _field(reader, p + "attention.key_length") or _field(
+        reader, p + "rope.dimension_count"
+    )
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     cfg: dict[str, Any] = {
         "architectures": [hf_arch],
@@ -229,7 +235,9 @@ def export_gguf_tokenizer(gguf_path: Path, out_dir: Path, reader: Any | None = N
     except Exception as exc:
         raise WeightLoadError(f"cannot build a tokenizer from {gguf_path}: {exc}") from exc
     tokenizer.save_pretrained(str(out_dir))
-    template = _field(reader if reader is not None else open_reader(gguf_path), "tokenizer.chat_template")
+    template = _field(
+        reader if reader is not None else open_reader(gguf_path), "tokenizer.chat_template"
+    )
     _put_chat_template_in_config(out_dir, template)
 
 

@@ -54,7 +54,11 @@ def with_mistral_window(cfg: dict[str, Any]) -> dict[str, Any]:
     """Mark Mistral's window as used: transformers applies ``sliding_window`` whenever it is
     set, but ModelConfig only reads it when ``use_sliding_window`` says so (the Qwen flag)."""
     archs = cfg.get("architectures") or []
-    if "MistralForCausalLM" in archs and cfg.get("sliding_window") and "use_sliding_window" not in cfg:
+    if (
+        "MistralForCausalLM" in archs
+        and cfg.get("sliding_window")
+        and "use_sliding_window" not in cfg
+    ):
         cfg = {**cfg, "use_sliding_window": True}
     return cfg
 

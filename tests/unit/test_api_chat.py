@@ -161,7 +161,7 @@ def test_stream_logprobs(client: TestClient) -> None:
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"max_completion_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"stream": "yes"}, "stream"),
         ({"seed": 1.5}, "seed"),
     ],

@@ -98,7 +98,7 @@ def test_defaults() -> None:
     args = EngineArgs()
     assert (args.host, args.port, args.dtype) == ("0.0.0.0", 8000, "auto")
     assert (args.molink_grpc_port, args.molink_start_layer, args.molink_end_layer) == (50061, 0, -1)
-    assert (args.molink_micro_batches, args.molink_wire_dtype) == (0, "float16")
+    assert (args.molink_micro_batches, args.molink_wire_dtype) == (0, "auto")
     assert args.model is None and args.model_name == "SmolLM2-135M-Instruct"
     assert parse("--dtype half").dtype == "float16"
 

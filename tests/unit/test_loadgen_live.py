@@ -293,3 +293,8 @@ def test_cli_writes_results(server: FakeServer, tmp_path: Any) -> None:
     assert document["summary"]["num_completed"] == 4
     assert len(document["requests"]) == 4
     assert document["requests"][0]["output_tokens"] == 3
+
+
+def test_cli_reports_an_unreachable_server() -> None:
+    url = f"http://{LOOPBACK}:{_free_port()}"
+    assert loadgen_main(["--url", url, "--num-requests", "1", "--run-timeout", "10"]) == 2

@@ -9,6 +9,7 @@ from tests.unit.test_scheduler_helpers import (
     FakeStage,
     assert_all_free,
     collect,
+    drive,
     flush,
     make_scheduler,
     params,
@@ -139,8 +140,7 @@ def test_every_plan_respects_the_token_budget():
     for i in range(6):
         sched.add_request(f"r{i}", prompt(7, 100 * i), params(max_tokens=5))
     totals = []
-    while sched.has_unfinished():
-        plan, _ = step(sched, stage)
+    for plan, _ in drive(sched, stage):
         assert 0 < plan.num_tokens <= 10
         totals.append(plan.num_tokens)
     assert max(totals) == 10  # the budget is actually used
@@ -157,7 +157,7 @@ def test_long_prompt_is_chunked_alongside_decodes():
     step(sched, stage)
     (b,) = sched.add_request("b", prompt(20, 500), params(max_tokens=2))
     chunks = []
-    while True:
+    for _ in range(3):
         plan, updates = step(sched, stage)
         assert plan.scheduled[0].seq_id == a and plan.scheduled[0].num_new_tokens == 1
         chunk = plan.scheduled[1]
@@ -165,8 +165,8 @@ def test_long_prompt_is_chunked_alongside_decodes():
         assert plan.token_ids[1:] == tuple(prompt(20, 500))[chunk.num_computed_tokens :][:7]
         if chunk.sample:
             assert any(u.seq_id == b and u.new_token_id is not None for u in updates)
-            break
-        assert all(u.seq_id != b for u in updates)
+        else:
+            assert all(u.seq_id != b for u in updates)
     assert chunks == [(0, 7, False), (7, 7, False), (14, 6, True)]
     assert [n.seq_id for n in plan.new_sequences] == []
     run_to_completion(sched, stage)
@@ -195,8 +195,7 @@ def test_admission_waits_for_free_blocks_and_keeps_fcfs_order():
     assert sched.num_waiting == 2
     seen_b_after_a_finished = False
     outputs: dict[int, list[int]] = {}
-    while sched.has_unfinished():
-        plan, updates = step(sched, stage)
+    for plan, updates in drive(sched, stage):
         collect(outputs, updates)
         ids = [s.seq_id for s in plan.scheduled]
         if b in ids and a not in ids:

@@ -120,17 +120,22 @@ def step(
     return plan, updates
 
 
+def drive(scheduler: Scheduler, stage: FakeStage, max_steps: int = 500):
+    """Yield (plan, updates) for each step until nothing is unfinished; fails if stuck."""
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished():
+            return
+        yield step(scheduler, stage)
+    raise AssertionError(f"still unfinished after {max_steps} steps")
+
+
 def run_to_completion(
     scheduler: Scheduler, stage: FakeStage, max_steps: int = 500
 ) -> dict[int, list[int]]:
     """Drive until nothing is unfinished; returns the tokens each sequence generated."""
     outputs: dict[int, list[int]] = {}
-    for _ in range(max_steps):
-        if not scheduler.has_unfinished():
-            break
-        _, updates = step(scheduler, stage)
+    for _, updates in drive(scheduler, stage, max_steps):
         collect(outputs, updates)
-    assert not scheduler.has_unfinished(), "did not finish"
     flush(scheduler, stage)
     return outputs
 

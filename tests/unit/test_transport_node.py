@@ -322,3 +322,26 @@ def test_a_dead_stage_fails_steps_in_flight_and_shows_in_readiness(head: Pipelin
         assert time.monotonic() < deadline, head.readiness()
         time.sleep(0.1)
     assert head.readiness().startswith("layers [2, 4) are not served by any node; stage s1")
+
+
+def test_a_replacement_takes_the_layers_of_a_dead_stage_at_once() -> None:
+    config = dataclasses.replace(CONFIG, health_interval_s=60.0)  # the monitor stays idle
+    head = PipelineExecutor(ToyStageExecutor(LayerRange(0, 2), MODEL), _info("head", 0, 2), config)
+    head.start()
+    try:
+        _stage(head, "s1", 2, 4, config=config).stop()
+        replacement = _stage(head, "s1b", 2, 4, config=config)
+        try:
+            assert [s.node_id for s in head.pipeline().stages] == ["head", "s1b"]
+            head.submit(_prefill(1, 1, (1,)))
+            assert _one(head).error is None
+        finally:
+            replacement.stop()
+    finally:
+        head.close()
+
+
+def test_a_live_stage_keeps_its_layers(head: PipelineExecutor, stage: StageNode) -> None:
+    with pytest.raises(JoinRefusedError, match="overlap stage 's1'"):
+        _stage(head, "s1x", 3, 4)
+    assert head.readiness() is None

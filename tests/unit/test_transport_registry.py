@@ -137,3 +137,14 @@ def test_node_and_view_round_trip_through_proto(registry: StageRegistry) -> None
     assert view_from_proto(view_to_proto(view)) == view
     assert list(view_to_proto(view).missing)[0].start == 10
     assert node_from_proto(node_to_proto(view.stages[1])) == view.stages[1]
+
+
+def test_fingerprint_tells_shapes_apart() -> None:
+    from molink.config import ModelConfig
+    from molink.pipeline.identity import model_fingerprint
+
+    base = ModelConfig("LlamaForCausalLM", 1000, 64, 128, 4, 4, 2, 16, 1e-6, 1e4, 512)
+    assert model_fingerprint(base) == model_fingerprint(dataclasses.replace(base))
+    assert model_fingerprint(base) != model_fingerprint(dataclasses.replace(base, hidden_size=128))
+    identity = ModelIdentity.from_model_config("m", base)
+    assert (identity.num_layers, identity.hidden_size, identity.vocab_size) == (4, 64, 1000)

@@ -1,0 +1,209 @@
+"""Starting a node of a pipeline from the command line's --molink-* flags.
+
+The node holding layer 0 is the head: it runs the scheduler and the API and computes its
+own layers; every other node is a stage that joins through --molink-initial-peer. The
+head's block pool follows the smallest stage (block ids mean the same on every stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import torch
+
+from molink.cli.args import EngineArgs
+from molink.config import LayerRange
+from molink.engine.async_engine import AsyncLLMEngine
+from molink.engine.factory import (
+    EngineOptions,
+    build_scheduler,
+    dtype_name,
+    num_blocks_for,
+    resolve_max_model_len,
+    torch_dtype_for,
+)
+from molink.engine.llm_engine import LLMEngine
+from molink.engine.protocol import EngineStats
+from molink.outputs import RequestOutput
+from molink.pipeline.head import PipelineExecutor
+from molink.pipeline.identity import ModelIdentity, NodeInfo
+from molink.pipeline.node import StageNode
+from molink.stage.worker import StageWorker
+from molink.tokenizer.tokenizer import Tokenizer
+from molink.transport.config import TransportConfig
+from molink.weights import ModelSource, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+
+def advertise_host(args: EngineArgs) -> str:
+    if args.molink_advertise_host:
+        return args.molink_advertise_host
+    if args.host not in ("0.0.0.0", "::", ""):
+        return args.host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def wire_dtype(args: EngineArgs, dtype: torch.dtype) -> str:
+    return dtype_name(dtype) if args.molink_wire_dtype == "auto" else args.molink_wire_dtype
+
+
+def node_info(
+    args: EngineArgs, source: ModelSource, layers: LayerRange, num_blocks: int, dtype: torch.dtype
+) -> NodeInfo:
+    address = f"{advertise_host(args)}:{args.molink_grpc_port}"
+    return NodeInfo(
+        node_id=address,
+        model=ModelIdentity.from_model_config(args.model_name, source.model_config),
+        layers=layers,
+        address=address,
+        num_kv_blocks=num_blocks,
+        block_size=args.block_size,
+        dtype=dtype_name(dtype),
+        wire_dtype=wire_dtype(args, dtype),
+    )
+
+
+def load_stage(
+    args: EngineArgs, options: EngineOptions
+) -> tuple[ModelSource, StageWorker, NodeInfo, torch.dtype]:
+    source = resolve_model_source(options.model)
+    config = source.model_config
+    layers = LayerRange.resolve(args.molink_start_layer, args.molink_end_layer, config.num_layers)
+    dtype = torch_dtype_for(source, options.dtype)
+    num_blocks = num_blocks_for(config, layers, options, dtype)
+    model = source.load_slice(layers, dtype_name(dtype))
+    worker = StageWorker(model, config, layers, num_blocks, options.block_size, dtype)
+    return source, worker, node_info(args, source, layers, num_blocks, dtype), dtype
+
+
+def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
+    """The head (start layer 0) gets an AsyncLLMEngine; any other node a StageOnlyClient."""
+    source, worker, info, dtype = load_stage(args, options)
+    bind = f"{args.host}:{args.molink_grpc_port}"
+    if info.layers.start != 0:
+        return _start_stage(args, source, worker, info, dtype, bind)
+    head = PipelineExecutor(worker, info, TransportConfig(), bind_address=bind, input_dtype=dtype)
+    head.start()
+    logger.info(
+        "head gRPC address: %s (stages join with --molink-initial-peer %s)",
+        info.address,
+        info.address,
+    )
+    tokenizer = Tokenizer.from_dir(source.tokenizer_dir)
+    config = source.model_config
+    max_model_len = resolve_max_model_len(config, options.max_model_len)
+    eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    scheduler = build_scheduler(options, info.num_kv_blocks, max_model_len, eos)
+    engine = LLMEngine(scheduler, head, tokenizer, num_micro_batches=1)
+    sizer = PipelineSizer(engine, head, options, max_model_len, eos, args.molink_micro_batches)
+    return AsyncLLMEngine(engine, args.model_name, max_model_len, maintenance=sizer)
+
+
+class PipelineSizer:
+    """Keeps the head's block pool and micro-batch count in line with the joined stages.
+
+    Called by the engine thread before each step. The block pool is rebuilt only when no
+    request runs (while layers are missing the API refuses requests, so in practice this
+    happens before the first request); if a smaller stage replaces one while requests run,
+    they fail and the pool shrinks, because block ids beyond a stage's pool would be wrong.
+    """
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        head: PipelineExecutor,
+        options: EngineOptions,
+        max_model_len: int,
+        eos: tuple[int, ...],
+        micro_batches: int,
+    ) -> None:
+        self.engine = engine
+        self.head = head
+        self.options = options
+        self.max_model_len = max_model_len
+        self.eos = eos
+        self.fixed_micro_batches = micro_batches
+        self._epoch = -1
+
+    def __call__(self) -> list[RequestOutput]:
+        view = self.head.pipeline()
+        if view.epoch == self._epoch or self.head.readiness() is not None:
+            return []
+        outputs: list[RequestOutput] = []
+        num_blocks = view.min_kv_blocks()
+        if num_blocks != self.engine.scheduler.kv.num_total_blocks:
+            if self.engine.has_unfinished_requests():
+                outputs = self.engine.fail_all("the pipeline changed; the request was stopped")
+            if self.engine.num_in_flight:
+                return outputs  # wait until in-flight steps drained
+            config = self.engine.scheduler.config
+            self.engine.scheduler = build_scheduler(
+                self.options, num_blocks, config.max_model_len, self.eos
+            )
+        micro_batches = self.fixed_micro_batches or len(view.stages) + 1
+        self.engine.set_num_micro_batches(micro_batches)
+        self._epoch = view.epoch
+        logger.info(
+            "pipeline ready: %d stages, %d KV blocks, %d micro-batches in flight",
+            len(view.stages),
+            num_blocks,
+            micro_batches,
+        )
+        return outputs
+
+
+class StageOnlyClient:
+    """What a non-head node offers its HTTP server: health, and a pointer to the head."""
+
+    def __init__(self, node: StageNode, info: NodeInfo, tokenizer_like, max_model_len: int):
+        self.node = node
+        self.model_name = info.model.served_name
+        self.max_model_len = max_model_len
+        self.tokenizer = tokenizer_like
+        self._info = info
+
+    def readiness(self) -> str | None:
+        return (
+            f"this node is a pipeline stage serving layers [{self._info.layers.start}, "
+            f"{self._info.layers.end}); send requests to the head of the pipeline"
+        )
+
+    async def generate(self, request_id, prompt, params):  # pragma: no cover - never ready
+        raise RuntimeError(self.readiness())
+        yield
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, self._info.num_kv_blocks, self._info.num_kv_blocks)
+
+    def shutdown(self) -> None:
+        self.node.stop()
+
+
+def _start_stage(
+    args: EngineArgs,
+    source: ModelSource,
+    worker: StageWorker,
+    info: NodeInfo,
+    dtype: torch.dtype,
+    bind: str,
+) -> StageOnlyClient:
+    node = StageNode(
+        worker,
+        info,
+        TransportConfig(),
+        bind_address=bind,
+        initial_peer=args.molink_initial_peer,
+        input_dtype=dtype,
+    )
+    node.start()  # joins through the initial peer, retrying while it is unreachable
+    logger.info("stage %s serves layers [%d, %d)", info.address, info.layers.start, info.layers.end)
+    max_model_len = resolve_max_model_len(source.model_config, args.max_model_len)
+    return StageOnlyClient(node, info, Tokenizer.from_dir(source.tokenizer_dir), max_model_len)
