@@ -23,6 +23,8 @@ API_KEY_ENV = "MOLINK_API_KEY"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half")
 # "auto": activations travel in the model dtype, so a pipeline is exact by default.
 WIRE_DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "int8")
+# "off": prefill chunks take the whole token budget (the baseline for benchmarks).
+TRANSMISSION_SCHEDULING_CHOICES = ("on", "off")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 
 _SIZE_UNITS = {
@@ -100,8 +102,9 @@ class EngineArgs:
     molink_end_layer: int = -1  # exclusive; -1: to the last layer
     molink_initial_peer: str | None = None
     molink_advertise_host: str | None = None
-    molink_micro_batches: int = 0  # 0: number of stages + 1
+    molink_micro_batches: int = 0  # 0: adaptive, from the measured compute and links
     molink_wire_dtype: str = "auto"
+    molink_transmission_scheduling: str = "on"
 
     def __post_init__(self) -> None:
         if self.dtype == "half":
@@ -131,6 +134,11 @@ class EngineArgs:
     def validate(self) -> None:
         _check_choice(self.dtype, DTYPE_CHOICES, "dtype")
         _check_choice(self.molink_wire_dtype, WIRE_DTYPE_CHOICES, "molink_wire_dtype")
+        _check_choice(
+            self.molink_transmission_scheduling,
+            TRANSMISSION_SCHEDULING_CHOICES,
+            "molink_transmission_scheduling",
+        )
         _check_choice(self.log_level, LOG_LEVEL_CHOICES, "log_level")
         _check_port(self.port, "port")
         _check_port(self.molink_grpc_port, "molink_grpc_port")
@@ -336,12 +344,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--molink-micro-batches",
         type=int,
         default=0,
-        help="micro-batches in flight; 0 for stages + 1 (default: %(default)s)",
+        help="micro-batches in flight; 0 to follow the measured compute and links "
+        "(default: %(default)s)",
     )
     pipeline.add_argument(
         "--molink-wire-dtype",
         default="auto",
         choices=WIRE_DTYPE_CHOICES,
         help="dtype of activations between stages; auto: the model dtype, exact (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-transmission-scheduling",
+        default="on",
+        choices=TRANSMISSION_SCHEDULING_CHOICES,
+        help="cap the prefill tokens in flight so that decodes are not stuck behind prompts "
+        "on slow links; off sends prefills in whole token-budget chunks (default: %(default)s)",
     )
     return parser

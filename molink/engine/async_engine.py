@@ -7,7 +7,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from molink.engine.llm_engine import LLMEngine
@@ -44,6 +44,7 @@ class AsyncLLMEngine:
         max_model_len: int,
         readiness: Callable[[], str | None] | None = None,
         maintenance: Callable[[], list[RequestOutput]] | None = None,
+        metric_lines: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -52,6 +53,8 @@ class AsyncLLMEngine:
         self._readiness = readiness or engine.executor.readiness
         # Called before every step on the engine thread (e.g. to follow pipeline changes).
         self._maintenance = maintenance
+        # Extra Prometheus lines, e.g. the pipeline's link and stage estimates.
+        self._metric_lines = metric_lines
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
@@ -69,6 +72,10 @@ class AsyncLLMEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def metric_lines(self) -> list[str]:
+        """Lines the server appends to /metrics (none without a source)."""
+        return list(self._metric_lines()) if self._metric_lines is not None else []
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -104,7 +105,7 @@ def build_local_engine(
     dtype = torch_dtype_for(source, options.dtype)
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     bounds = [0, *(layer_splits or []), config.num_layers]
-    ranges = [LayerRange.resolve(a, b, config.num_layers) for a, b in zip(bounds, bounds[1:])]
+    ranges = [LayerRange.resolve(a, b, config.num_layers) for a, b in itertools.pairwise(bounds)]
     num_blocks = min(num_blocks_for(config, r, options, dtype) for r in ranges)
     stages = [
         StageWorker(

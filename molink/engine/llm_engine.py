@@ -2,7 +2,8 @@
 
 With K micro-batches in flight the engine keeps up to K plans outstanding and schedules a
 micro-batch's next step as soon as its tokens come back; a single node runs K = 1 and its
-executor computes synchronously inside ``submit``.
+executor computes synchronously inside ``submit``. A pipeline head also has a pacer
+(molink/engine/pacing.py) that bounds each plan's prefill tokens and decodes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import time
 
 from molink.engine.executor import PlanExecutor
+from molink.engine.pacing import StepPacer
 from molink.engine.request_state import RequestState
 from molink.errors import InvalidParameterError
 from molink.outputs import RequestOutput
@@ -29,6 +31,7 @@ class LLMEngine:
         executor: PlanExecutor,
         tokenizer: TokenizerLike,
         num_micro_batches: int = 1,
+        pacer: StepPacer | None = None,
     ) -> None:
         if num_micro_batches < 1:
             raise InvalidParameterError("num_micro_batches", "must be >= 1")
@@ -36,6 +39,7 @@ class LLMEngine:
         self.executor = executor
         self.tokenizer = tokenizer
         self.num_micro_batches = num_micro_batches
+        self.pacer = pacer  # None: plans take the scheduler's own limits
         self._requests: dict[str, RequestState] = {}
         self._in_flight: dict[int, StepPlan] = {}  # step id -> plan
         self._free_slots: list[int] = list(range(num_micro_batches))
@@ -130,7 +134,7 @@ class LLMEngine:
     def _fill_pipeline(self) -> None:
         while self._free_slots:
             micro_batch = self._free_slots[-1]
-            plan = self.scheduler.schedule(micro_batch=micro_batch)
+            plan = self._schedule(micro_batch)
             if plan.is_empty:
                 if plan.finished_seq_ids:
                     self.executor.release(list(plan.finished_seq_ids))
@@ -140,6 +144,19 @@ class LLMEngine:
             self._mark_scheduled(plan)
             self.num_steps += 1
             self.executor.submit(plan)
+
+    def _schedule(self, micro_batch: int) -> StepPlan:
+        if self.pacer is None:
+            return self.scheduler.schedule(micro_batch=micro_batch)
+        limits = self.pacer.limits(self.scheduler, self._in_flight.values(), self.num_micro_batches)
+        plan = self.scheduler.schedule(
+            micro_batch=micro_batch,
+            prefill_token_budget=limits.prefill_token_budget,
+            max_decodes=limits.max_decodes,
+        )
+        if not plan.is_empty:
+            self.pacer.observe(plan)
+        return plan
 
     def _mark_scheduled(self, plan: StepPlan) -> None:
         now = time.monotonic()

@@ -2,7 +2,8 @@
 
 The node holding layer 0 is the head: it runs the scheduler and the API and computes its
 own layers; every other node is a stage that joins through --molink-initial-peer. The
-head's block pool follows the smallest stage (block ids mean the same on every stage).
+head's block pool follows the smallest stage (block ids mean the same on every stage);
+its prefill budget and micro-batch count follow what its telemetry measures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from molink.engine.factory import (
     torch_dtype_for,
 )
 from molink.engine.llm_engine import LLMEngine
+from molink.engine.microbatch_controller import MicroBatchController
+from molink.engine.pacing import PipelinePacer
 from molink.engine.protocol import EngineStats
+from molink.engine.telemetry import PipelineTelemetry
+from molink.engine.transmission import TransmissionConfig, TransmissionScheduler
 from molink.outputs import RequestOutput
 from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import ModelIdentity, NodeInfo
@@ -99,18 +104,47 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
     scheduler = build_scheduler(options, info.num_kv_blocks, max_model_len, eos)
-    engine = LLMEngine(scheduler, head, tokenizer, num_micro_batches=1)
-    sizer = PipelineSizer(engine, head, options, max_model_len, eos, args.molink_micro_batches)
-    return AsyncLLMEngine(engine, args.model_name, max_model_len, maintenance=sizer)
+    telemetry = head_telemetry(head)
+    transmission = TransmissionScheduler(
+        TransmissionConfig(enabled=args.molink_transmission_scheduling == "on"), telemetry
+    )
+    pacer = PipelinePacer(transmission)
+    engine = LLMEngine(scheduler, head, tokenizer, num_micro_batches=1, pacer=pacer)
+    controller = MicroBatchController(telemetry, pinned=args.molink_micro_batches)
+    sizer = PipelineSizer(engine, head, options, eos, controller, pacer)
+    return AsyncLLMEngine(
+        engine, args.model_name, max_model_len, maintenance=sizer, metric_lines=head.metric_lines
+    )
+
+
+_TELEMETRY_METHODS = ("link_estimates", "stage_timings", "hidden_bytes_per_token")
+
+
+def head_telemetry(head: object) -> PipelineTelemetry | None:
+    """The head executor's measurements (molink/engine/telemetry.py), offered either by
+    the executor itself or by its ``telemetry`` attribute; None if it offers none, in
+    which case prefills are not capped and K stays at stages + 1 unless pinned."""
+    for candidate in (head, getattr(head, "telemetry", None)):
+        if candidate is not None and all(
+            callable(getattr(candidate, name, None)) for name in _TELEMETRY_METHODS
+        ):
+            return candidate  # type: ignore[return-value]
+    logger.warning(
+        "the head offers no pipeline telemetry: prefills are not capped and the "
+        "micro-batch count does not adapt"
+    )
+    return None
 
 
 class PipelineSizer:
-    """Keeps the head's block pool and micro-batch count in line with the joined stages.
+    """Keeps the head's block pool and micro-batch count in line with the pipeline.
 
     Called by the engine thread before each step. The block pool is rebuilt only when no
     request runs (while layers are missing the API refuses requests, so in practice this
     happens before the first request); if a smaller stage replaces one while requests run,
     they fail and the pool shrinks, because block ids beyond a stage's pool would be wrong.
+    Once the pipeline is ready, every call lets the transmission scheduler and the
+    micro-batch controller follow the telemetry (each throttles itself).
     """
 
     def __init__(
@@ -118,21 +152,24 @@ class PipelineSizer:
         engine: LLMEngine,
         head: PipelineExecutor,
         options: EngineOptions,
-        max_model_len: int,
         eos: tuple[int, ...],
-        micro_batches: int,
+        controller: MicroBatchController,
+        pacer: PipelinePacer,
     ) -> None:
         self.engine = engine
         self.head = head
         self.options = options
-        self.max_model_len = max_model_len
         self.eos = eos
-        self.fixed_micro_batches = micro_batches
+        self.controller = controller
+        self.pacer = pacer
         self._epoch = -1
 
     def __call__(self) -> list[RequestOutput]:
         view = self.head.pipeline()
-        if view.epoch == self._epoch or self.head.readiness() is not None:
+        if view.epoch == self._epoch:
+            self._adapt()
+            return []
+        if self.head.readiness() is not None:
             return []
         outputs: list[RequestOutput] = []
         num_blocks = view.min_kv_blocks()
@@ -145,8 +182,9 @@ class PipelineSizer:
             self.engine.scheduler = build_scheduler(
                 self.options, num_blocks, config.max_model_len, self.eos
             )
-        micro_batches = self.fixed_micro_batches or len(view.stages) + 1
+        micro_batches = self.controller.reset(len(view.stages))
         self.engine.set_num_micro_batches(micro_batches)
+        self.pacer.transmission.refresh(force=True)
         self._epoch = view.epoch
         logger.info(
             "pipeline ready: %d stages, %d KV blocks, %d micro-batches in flight",
@@ -155,6 +193,12 @@ class PipelineSizer:
             micro_batches,
         )
         return outputs
+
+    def _adapt(self) -> None:
+        self.pacer.transmission.refresh()
+        micro_batches = self.controller.update(self.pacer.mean_plan_tokens)
+        if micro_batches != self.engine.num_micro_batches:
+            self.engine.set_num_micro_batches(micro_batches)
 
 
 class StageOnlyClient:

@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from molink.config import LayerRange, ModelConfig
-from molink.errors import InvalidParameterError, WeightLoadError
+from molink.errors import ContextLengthExceededError, InvalidParameterError
 from molink.models.attention import AttentionMetadata
 from molink.models.cpu_linear import linear, prepack
 from molink.models.kv_cache import KVCache
-from molink.models.layers import (
-    DecoderLayer,
-    attention_has_output_bias,
-    attention_has_qkv_bias,
-    matrix_param,
-    mlp_has_bias,
+from molink.models.layers import DecoderLayer, matrix_param
+from molink.models.loading import (
+    EMBED_NAME,
+    FINAL_NORM_NAME,
+    LM_HEAD_NAME,
+    checkpoint_tensor_names,
+    load_slice_tensors,
 )
 from molink.models.rope import RotaryTables
 
@@ -32,9 +33,13 @@ logger = logging.getLogger(__name__)
 # Above this much matrix memory a slice does not keep a second, oneDNN-packed copy.
 PREPACK_MAX_BYTES = 4 << 30
 
-EMBED_NAME = "model.embed_tokens.weight"
-FINAL_NORM_NAME = "model.norm.weight"
-LM_HEAD_NAME = "lm_head.weight"
+__all__ = [
+    "EMBED_NAME",
+    "FINAL_NORM_NAME",
+    "LM_HEAD_NAME",
+    "DecoderSlice",
+    "checkpoint_tensor_names",
+]
 
 
 def _check_activation(config: ModelConfig) -> None:
@@ -103,21 +108,34 @@ class DecoderSlice(nn.Module):
     def _forward(
         self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
-        if kv_cache.num_layers != len(self.layers):
+        if kv_cache.num_layers != len(self.layers) or kv_cache.dtype != self.dtype:
             raise InvalidParameterError(
                 "kv_cache",
-                f"holds {kv_cache.num_layers} layers, this slice runs {len(self.layers)}",
+                f"holds {kv_cache.num_layers} layers of {kv_cache.dtype}; this slice runs "
+                f"{len(self.layers)} layers in {self.dtype}",
             )
         if self.embed is not None:
             x = F.embedding(inputs, self.embed)
         else:
             x = inputs.to(self.dtype)
+        if meta.max_context_len > self.config.max_position_embeddings:
+            raise ContextLengthExceededError(
+                meta.max_context_len, self.config.max_position_embeddings, "sequence"
+            )
+        if meta.positions.device != x.device:
+            # Built on another device (the stage runner's default is CPU): rebuild once here
+            # rather than copy index tensors in every layer.
+            meta = AttentionMetadata.build(
+                meta.chunks, meta.block_size, device=x.device, sliding_window=meta.sliding_window
+            )
         if self.sliding_window is not None and meta.max_context_len > self.sliding_window:
             meta = meta.with_sliding_window(self.sliding_window)
         cos, sin_signed = self.rotary.lookup(meta.positions)
         keys, values = kv_cache.keys, kv_cache.values
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin_signed, meta, keys[index], values[index])
+            # forward() directly: nn.Module.__call__'s hook handling costs more than the
+            # small ops of a decode step, and no hooks are registered on these layers.
+            x = layer.forward(x, cos, sin_signed, meta, keys[index], values[index])
         if self.final_norm is not None:
             x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.config.rms_norm_eps)
         return x
@@ -138,130 +156,32 @@ class DecoderSlice(nn.Module):
         return checkpoint_tensor_names(self.config, self.layer_range)
 
     def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Fill this slice from Hugging Face-named tensors, fusing q/k/v and gate/up."""
-        with torch.no_grad():
-            if self.embed is not None:
-                _copy(self.embed, tensors, EMBED_NAME)
-            for index, layer in enumerate(self.layers):
-                _load_layer(layer, tensors, f"model.layers.{self.layer_range.start + index}.")
-            if self.final_norm is not None:
-                _copy(self.final_norm, tensors, FINAL_NORM_NAME)
-            if self.lm_head is not None and self.lm_head is not self.embed:
-                _copy(self.lm_head, tensors, _head_source(self.config))
-        self.prepack()
+        """Fill this slice from Hugging Face-named tensors, fusing q/k/v and gate/up.
+
+        Small float32 slices on CPU also keep oneDNN-packed matrices (see ``prepack``).
+        """
+        load_slice_tensors(self, tensors, pack=self._prepack_allowed())
+
+    def _prepack_allowed(self) -> bool:
+        size = sum(p.numel() * p.element_size() for p in self.parameters() if p.dim() == 2)
+        return size <= PREPACK_MAX_BYTES
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to()/.cuda()/.half() change the weights; the packed copies would be stale (and
+        # are CPU-only), so they go. Build a slice with the right device and dtype instead.
+        for layer in self.layers:
+            layer.prepack(False)
+        self.lm_head_packed = None
+        return super()._apply(fn, recurse)
 
     def prepack(self, enable: bool = True) -> None:
         """Keep oneDNN-packed copies of the matrices, for decode batches of 2-32 rows on CPU.
 
-        Done after loading when the slice runs in float32 on CPU and its matrices take at
-        most ``PREPACK_MAX_BYTES`` (the copies double that memory); ``prepack(False)``
-        drops them.
+        Loading does this already when the slice runs in float32 on CPU and its matrices
+        take at most ``PREPACK_MAX_BYTES`` (the copies double that memory);
+        ``prepack(False)`` drops them.
         """
-        size = sum(p.numel() * p.element_size() for p in self.parameters() if p.dim() == 2)
-        enable = enable and size <= PREPACK_MAX_BYTES
+        enable = enable and self._prepack_allowed()
         for layer in self.layers:
             layer.prepack(enable)
         self.lm_head_packed = prepack(self.lm_head) if enable and self.lm_head is not None else None
-
-
-def _head_source(config: ModelConfig) -> str:
-    return EMBED_NAME if config.tie_word_embeddings else LM_HEAD_NAME
-
-
-def layer_tensor_names(config: ModelConfig, layer: int) -> list[str]:
-    p = f"model.layers.{layer}."
-    names = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-    names += [p + f"self_attn.{x}_proj.weight" for x in ("q", "k", "v", "o")]
-    names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-    if attention_has_qkv_bias(config):
-        names += [p + f"self_attn.{x}_proj.bias" for x in ("q", "k", "v")]
-    if attention_has_output_bias(config):
-        names.append(p + "self_attn.o_proj.bias")
-    if config.qk_norm:
-        names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-    if mlp_has_bias(config):
-        names += [p + f"mlp.{x}_proj.bias" for x in ("gate", "up", "down")]
-    return names
-
-
-def checkpoint_tensor_names(config: ModelConfig, layer_range: LayerRange) -> list[str]:
-    """Tensors a slice needs: its layers, plus the embedding and/or the norm and head."""
-    names: list[str] = []
-    if layer_range.is_first():
-        names.append(EMBED_NAME)
-    for layer in range(layer_range.start, layer_range.end):
-        names += layer_tensor_names(config, layer)
-    if layer_range.is_last(config.num_layers):
-        names.append(FINAL_NORM_NAME)
-        head = _head_source(config)
-        if head not in names:
-            names.append(head)
-    return names
-
-
-def _get(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    tensor = tensors.get(name)
-    if tensor is None:
-        raise WeightLoadError(f"checkpoint lacks tensor {name!r}")
-    return tensor
-
-
-def _check_shape(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
-    if tuple(source.shape) != tuple(target.shape):
-        raise WeightLoadError(
-            f"tensor {what!r} has shape {tuple(source.shape)}, expected {tuple(target.shape)}"
-        )
-
-
-def _copy(target: nn.Parameter, tensors: Mapping[str, torch.Tensor], name: str) -> None:
-    source = _get(tensors, name)
-    _check_shape(target, source, name)
-    if (
-        source.dtype == target.dtype
-        and source.device == target.device
-        and source.stride() == target.stride()
-    ):
-        # Adopt the tensor as is: a memory-mapped checkpoint then stays shared with the page
-        # cache instead of being copied into fresh memory.
-        target.data = source
-    else:
-        target.copy_(source)
-
-
-def _copy_cat(
-    target: torch.Tensor | None, tensors: Mapping[str, torch.Tensor], names: list[str]
-) -> None:
-    """Fill a fused parameter from its parts, one copy (with dtype conversion) per part."""
-    if target is None:
-        return
-    parts = [_get(tensors, name) for name in names]
-    total = sum(part.shape[0] for part in parts)
-    if total != target.shape[0] or any(p.shape[1:] != target.shape[1:] for p in parts):
-        shapes = ", ".join(str(tuple(p.shape)) for p in parts)
-        raise WeightLoadError(
-            f"tensors {' + '.join(names)} have shapes {shapes}, which do not fuse into "
-            f"{tuple(target.shape)}"
-        )
-    offset = 0
-    for part in parts:
-        target.narrow(0, offset, part.shape[0]).copy_(part)
-        offset += part.shape[0]
-
-
-def _load_layer(layer: DecoderLayer, tensors: Mapping[str, torch.Tensor], prefix: str) -> None:
-    attn, mlp = prefix + "self_attn.", prefix + "mlp."
-    _copy(layer.input_norm, tensors, prefix + "input_layernorm.weight")
-    _copy(layer.post_norm, tensors, prefix + "post_attention_layernorm.weight")
-    _copy_cat(layer.qkv_weight, tensors, [attn + f"{x}_proj.weight" for x in "qkv"])
-    _copy_cat(layer.qkv_bias, tensors, [attn + f"{x}_proj.bias" for x in "qkv"])
-    _copy(layer.o_weight, tensors, attn + "o_proj.weight")
-    if layer.o_bias is not None:
-        _copy(layer.o_bias, tensors, attn + "o_proj.bias")
-    if layer.q_norm is not None and layer.k_norm is not None:
-        _copy(layer.q_norm, tensors, attn + "q_norm.weight")
-        _copy(layer.k_norm, tensors, attn + "k_norm.weight")
-    _copy_cat(layer.gate_up_weight, tensors, [mlp + "gate_proj.weight", mlp + "up_proj.weight"])
-    _copy_cat(layer.gate_up_bias, tensors, [mlp + "gate_proj.bias", mlp + "up_proj.bias"])
-    _copy(layer.down_weight, tensors, mlp + "down_proj.weight")
-    if layer.down_bias is not None:
-        _copy(layer.down_bias, tensors, mlp + "down_proj.bias")

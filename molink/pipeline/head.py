@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from molink.config import LayerRange
+from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.errors import PipelineError
+from molink.pipeline.head_telemetry import HeadTelemetry, fill_pipeline_proto, metric_lines
 from molink.pipeline.health import HealthMonitor
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.node import StageNode
@@ -95,9 +97,13 @@ class PipelineExecutor:
             head_role=self,
         )
         self._monitor = HealthMonitor(self.config, self._registry, on_stage_down=self._stage_down)
+        self._telemetry = HeadTelemetry(
+            self._node.node_id, self._registry.view, self._node.links, self._monitor.latest
+        )
         self._results: queue.Queue[StepResult] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight: dict[StepKey, float] = {}  # -> deadline (monotonic)
+        self._step_tokens: dict[StepKey, int] = {}  # of the steps in flight, for timings
         self._lost: dict[str, tuple[NodeInfo, str]] = {}
         self._hops: dict[str, HopCounters] = {}
         self._completed = self._failed = self._sampled = 0
@@ -157,6 +163,7 @@ class PipelineExecutor:
             if key in self._in_flight:
                 logger.warning("step %d (micro-batch %d) submitted twice", *key)
             self._in_flight[key] = time.monotonic() + self.config.step_timeout_s
+            self._step_tokens[key] = plan.num_tokens
         job = StepJob(self.head_id, self.pipeline().epoch, plan, None, trusted=True)
         try:
             self._node.submit(job)
@@ -210,6 +217,23 @@ class PipelineExecutor:
         """The latest health answer of each stage (or why there is none)."""
         return self._monitor.latest()
 
+    # -- PipelineTelemetry (molink.engine.telemetry) -------------------------------------
+
+    def link_estimates(self) -> list[LinkEstimate]:
+        """Every hop in pipeline order, the last stage -> head hop included; hops beyond
+        the head's own are as fresh as the last health check."""
+        return self._telemetry.link_estimates()
+
+    def stage_timings(self) -> list[StageTiming]:
+        return self._telemetry.stage_timings()
+
+    def hidden_bytes_per_token(self) -> int:
+        return self._telemetry.hidden_bytes_per_token()
+
+    def metric_lines(self) -> list[str]:
+        """Prometheus gauges of the links and stages, for the server's /metrics."""
+        return metric_lines(self)
+
     # -- HeadRole (called by the node's servicer) ------------------------------------------
 
     def handle_join(self, request: pb.JoinRequest) -> pb.JoinResponse:
@@ -219,7 +243,7 @@ class PipelineExecutor:
         except JoinRefusedError as exc:
             logger.warning("head %s refused node %r: %s", self.head_id, node.node_id, exc.reason)
             return pb.JoinResponse(accepted=False, reason=exc.reason)
-        self._monitor.forget(node.node_id)
+        self._monitor.forget(node.node_id, node.address)
         with self._lock:  # a replacement makes the old loss notes moot
             for lost_id, (lost, _) in list(self._lost.items()):
                 if lost_id == node.node_id or _overlaps(lost.layers, node.layers):
@@ -253,6 +277,7 @@ class PipelineExecutor:
     def pipeline_proto(self) -> pb.Pipeline:
         message = view_to_proto(self._registry.view())
         message.readiness = self.readiness() or ""
+        fill_pipeline_proto(self, self.head_id, message)
         return message
 
     def deliver_result(
@@ -260,6 +285,9 @@ class PipelineExecutor:
     ) -> None:
         if result.error is None:
             self._count_hops(trace, sender_id, num_bytes, result)
+            with self._lock:
+                num_tokens = self._step_tokens.get((result.step_id, result.micro_batch), 0)
+            self._telemetry.record_step(num_tokens, trace)
         timings = trace_to_timings(trace)
         self._complete(dataclasses.replace(result, stage_timings=timings))
 
@@ -269,6 +297,7 @@ class PipelineExecutor:
         """Hand a step's outcome to poll() once; late or duplicate outcomes are dropped."""
         key = (result.step_id, result.micro_batch)
         with self._lock:
+            self._step_tokens.pop(key, None)
             if self._in_flight.pop(key, None) is None:
                 logger.debug("dropping a late outcome of step %d (micro-batch %d)", *key)
                 return

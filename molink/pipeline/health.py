@@ -56,11 +56,19 @@ class HealthMonitor:
         with self._lock:
             return dict(self._latest)
 
-    def forget(self, node_id: str) -> None:
-        """A node (re)joined: start counting its failures afresh."""
+    def forget(self, node_id: str, address: str | None = None) -> None:
+        """A node (re)joined: start counting its failures afresh, on a fresh channel.
+
+        A channel that failed to connect waits out a reconnect backoff (up to seconds)
+        and fails calls at once meanwhile, so a replacement at the same address would
+        fail its first checks and be dropped again.
+        """
         with self._lock:
             self._failures.pop(node_id, None)
             self._latest.pop(node_id, None)
+            client = self._clients.pop(address, None) if address else None
+        if client is not None:
+            client.close()
 
     def push_view(self, view: PipelineView, skip: str | None = None) -> None:
         """Tell every stage (but the head and ``skip``) about a new pipeline, in the
@@ -138,6 +146,9 @@ class HealthMonitor:
         if count >= self._config.health_failures_to_down:
             with self._lock:
                 self._failures.pop(stage.node_id, None)
+                client = self._clients.pop(stage.address, None)
+            if client is not None:  # a node that rejoins there gets a fresh channel
+                client.close()
             self._on_stage_down(stage, detail)
 
     def _push(self, view: PipelineView, targets: list[NodeInfo]) -> None:

@@ -3,16 +3,20 @@
 For every head a node knows (keyed by head id), the link holds the head's latest pipeline
 view, a Forward stream to the next stage on the route (none on the last stage) and a
 ReturnResults stream to the head (none on the head itself, which delivers locally).
+Each stream measures its own link; ``outgoing`` reports those estimates.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from molink.engine.telemetry import LinkEstimate
+from molink.pipeline.link_estimator import LinkEstimator
 from molink.pipeline.registry import PipelineView
 from molink.transport.sender import StreamSender
 
@@ -27,6 +31,15 @@ class HeadLink:
     view: PipelineView
     forward: StreamSender[Any] | None = None
     results: StreamSender[Any] | None = None
+
+
+@dataclass(frozen=True)
+class OutgoingLink:
+    """What one of this node's streams has measured of its link."""
+
+    head_id: str  # the pipeline the stream belongs to
+    to_node_id: str
+    estimate: LinkEstimate  # hop "<this node>-><to_node_id>"
 
 
 class LinkTable:
@@ -59,6 +72,29 @@ class LinkTable:
                 if s
             )
             return self._retired_bytes + live
+
+    def outgoing(self) -> list[OutgoingLink]:
+        """Estimates of every link this node sends on: to the next stage and to the head,
+        for every head it serves."""
+        with self._lock:
+            links = [(link.view, link.forward, link.results) for link in self._links.values()]
+        reports = []
+        for view, forward, results in links:
+            next_hop = view.next_hop(self._node_id)
+            if forward is not None and next_hop is not None:
+                reports.append(self._outgoing(view.head_id, next_hop.node_id, forward))
+            if results is not None:
+                reports.append(self._outgoing(view.head_id, view.head_id, results))
+        return reports
+
+    def _outgoing(self, head_id: str, to_node_id: str, sender: StreamSender[Any]) -> OutgoingLink:
+        hop = f"{self._node_id}->{to_node_id}"
+        observer = sender.observer
+        if isinstance(observer, LinkEstimator):
+            estimate = replace(observer.estimate(), hop=hop)
+        else:
+            estimate = LinkEstimate(hop, math.inf, 0.0, 0)
+        return OutgoingLink(head_id, to_node_id, estimate)
 
     def get(self, head_id: str) -> HeadLink | None:
         with self._lock:

@@ -29,7 +29,7 @@ from molink.pipeline.links import LinkTable
 from molink.pipeline.outbound import OutboundRelease, OutboundStep, SenderFactory
 from molink.pipeline.registry import JoinRefusedError, PipelineView
 from molink.pipeline.servicer import NodeServicer
-from molink.pipeline.wire import node_to_proto, view_from_proto
+from molink.pipeline.wire import link_to_proto, node_to_proto, view_from_proto
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
 from molink.stage.protocol import StageExecutor
 from molink.step import StepResult
@@ -227,8 +227,12 @@ class StageNode:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def handle_forward(self, request: pb.ForwardRequest, num_bytes: int) -> pb.ForwardAck:
-        """Decode, check and queue one Forward message; the ack says if it was rejected."""
+    def handle_forward(
+        self, request: pb.ForwardRequest, num_bytes: int, hidden_data: memoryview | None = None
+    ) -> pb.ForwardAck:
+        """Decode, check and queue one Forward message; the ack says if it was rejected.
+        ``hidden_data`` holds the activations when they came apart from the message
+        (molink.transport.framing)."""
         with self._counter_lock:
             self.bytes_received += num_bytes
         step = request.step
@@ -243,7 +247,7 @@ class StageNode:
                 return ack
             if kind != "step":
                 raise ProtocolError("forward message carries neither a step nor a release")
-            self.submit(self._decode_step(request, num_bytes))
+            self.submit(self._decode_step(request, num_bytes, hidden_data))
         except (ProtocolError, PipelineError) as exc:
             ack.error = self._reject(request, exc)
         return ack
@@ -256,7 +260,9 @@ class StageNode:
             self.steps_rejected += 1
         return pb.ForwardAck(error=message)
 
-    def _decode_step(self, request: pb.ForwardRequest, num_bytes: int) -> StepJob:
+    def _decode_step(
+        self, request: pb.ForwardRequest, num_bytes: int, hidden_data: memoryview | None
+    ) -> StepJob:
         plan = plan_from_proto(request.step.plan)
         validate_plan(plan, self._limits)
         hidden = decode_tensor(
@@ -264,6 +270,7 @@ class StageNode:
             (plan.num_tokens, self.info.model.hidden_size),
             self.config.max_message_bytes,
             what=f"hidden states of step {plan.step_id}",
+            data=hidden_data,
         )
         if self._input_dtype is not None:
             hidden = hidden.to(self._input_dtype)
@@ -385,6 +392,10 @@ class StageNode:
             active_sequences=self._worker.active_sequences,
             pipeline_epoch=view.epoch if view else 0,
             uptime_s=time.monotonic() - self._started_at,
+            links=[
+                link_to_proto(out.head_id, self.node_id, out.to_node_id, out.estimate)
+                for out in self.links.outgoing()
+            ],
         )
 
 

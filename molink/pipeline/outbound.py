@@ -1,7 +1,9 @@
 """What a node streams to its peers: steps and releases onward, results to the head.
 
 Encoding happens here, on the sender threads, so that the compute thread only hands
-tensors over. Every step that cannot be delivered is reported to its head as an error.
+tensors over and goes on with the next micro-batch. Every step that cannot be delivered
+is reported to its head as an error. Each stream measures its link (LinkEstimator) from
+the acknowledgements of what it sends.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any
 
 import torch
 
+from molink.pipeline.link_estimator import LinkEstimator
 from molink.step import StepPlan
 from molink.transport.channel import method_path
-from molink.transport.codec import encode_tensor
+from molink.transport.codec import encode_tensor_header
 from molink.transport.config import TransportConfig
 from molink.transport.convert import plan_to_proto
+from molink.transport.framing import join_forward
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.sender import StreamSender
 
@@ -65,6 +69,7 @@ class SenderFactory:
     def forward(self, head_id: str, address: str, peer: str) -> StreamSender[Any]:
         """A Forward stream to the next stage; ``peer`` names it in error messages."""
         return StreamSender(
+            observer=LinkEstimator(),
             name=f"{self._node_id}->{address}",
             address=address,
             config=self._config,
@@ -86,6 +91,7 @@ class SenderFactory:
             )
 
         return StreamSender(
+            observer=LinkEstimator(),
             name=f"{self._node_id}->head {head_id}",
             address=address,
             config=self._config,
@@ -95,16 +101,16 @@ class SenderFactory:
             on_failure=failed,
         )
 
-    def _build_forward(self, item: Outbound) -> pb.ForwardRequest:
+    def _build_forward(self, item: Outbound) -> pb.ForwardRequest | bytes:
         request = pb.ForwardRequest(head_id=item.head_id, epoch=item.epoch, sender_id=self._node_id)
         if isinstance(item, OutboundRelease):
             request.release.head_id = item.head_id
             request.release.seq_ids.extend(item.seq_ids)
             return request
         request.step.plan.CopyFrom(plan_to_proto(item.plan, include_token_ids=False))
-        encode_tensor(item.hidden, self._wire_dtype, out=request.step.hidden)
+        data = encode_tensor_header(item.hidden, self._wire_dtype, out=request.step.hidden)
         request.step.trace.extend(item.trace)
-        return request
+        return join_forward(request, data)
 
     def _forward_failed(self, item: Outbound, peer: str, reason: str) -> None:
         if isinstance(item, OutboundRelease):

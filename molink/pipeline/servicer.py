@@ -14,6 +14,7 @@ from molink.pipeline.wire import node_to_proto, view_from_proto, view_to_proto
 from molink.pipeline.worker import ReleaseJob
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.convert import result_from_proto
+from molink.transport.framing import parse_forward
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
 
@@ -91,11 +92,11 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     ) -> Iterator[pb.ForwardAck]:
         for raw in request_iterator:
             try:
-                request = pb.ForwardRequest.FromString(raw)
+                request, hidden_data = parse_forward(raw)
             except DecodeError as exc:
                 yield self._node.reject_unparsable(len(raw), exc)
                 continue
-            yield self._node.handle_forward(request, len(raw))
+            yield self._node.handle_forward(request, len(raw), hidden_data)
 
     def ReturnResults(
         self, request_iterator: Iterator[pb.ReturnResultsRequest], context: grpc.ServicerContext

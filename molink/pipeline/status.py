@@ -1,7 +1,9 @@
-"""``molink status``: ask a node about itself and its pipeline, print a table."""
+"""``molink status``: ask a node about itself and its pipeline, print tables: the stages,
+and what the head has measured of every hop and stage."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -15,6 +17,8 @@ from molink.transport.generated import molink_pb2 as pb
 
 T = TypeVar("T")
 _COLUMNS = ("NODE", "ADDRESS", "LAYERS", "KV TOKENS", "DTYPE/WIRE", "HEALTH", "STEPS", "SENT")
+_LINK_COLUMNS = ("HOP", "BANDWIDTH", "RTT", "MESSAGES")
+_TIMING_COLUMNS = ("NODE", "COMPUTE/STEP", "COMPUTE/TOKEN", "STEPS")
 
 
 def pipeline_status(address: str, config: TransportConfig | None = None) -> str:
@@ -44,7 +48,43 @@ def pipeline_status(address: str, config: TransportConfig | None = None) -> str:
     lines.append(pipeline.readiness or "ready: every layer is served")
     rows = [_stage_row(stage, config) for stage in pipeline.stages]
     lines.append(format_table(_COLUMNS, rows))
+    lines += _measurements(pipeline)
     return "\n".join(lines)
+
+
+def _measurements(pipeline: pb.Pipeline) -> list[str]:
+    """The head's link and compute estimates (absent when the node answering is not the
+    head, or the head does not measure)."""
+    lines: list[str] = []
+    if pipeline.links:
+        rows = [
+            (
+                f"{link.from_node_id}->{link.to_node_id}",
+                _format_rate(link.bandwidth_bytes_per_s) if link.samples else "-",
+                f"{link.rtt_s * 1e3:.1f} ms" if link.samples else "-",
+                str(link.samples),
+            )
+            for link in pipeline.links
+        ]
+        lines += ["links (measured from the traffic):", format_table(_LINK_COLUMNS, rows)]
+    if pipeline.timings:
+        rows = [
+            (
+                t.node_id,
+                f"{t.compute_s_per_step * 1e3:.2f} ms" if t.samples else "-",
+                f"{t.compute_s_per_token * 1e3:.3f} ms" if t.samples else "-",
+                str(t.samples),
+            )
+            for t in pipeline.timings
+        ]
+        lines += ["stage compute:", format_table(_TIMING_COLUMNS, rows)]
+    return lines
+
+
+def _format_rate(bytes_per_s: float) -> str:
+    if math.isinf(bytes_per_s):
+        return "not yet measured"  # no message was large enough to time the link's rate
+    return f"{bytes_per_s * 8 / 1e6:.1f} Mbit/s"
 
 
 def _call(address: str, config: TransportConfig, method: Callable[[NodeClient], T]) -> T:

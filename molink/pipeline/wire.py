@@ -1,8 +1,9 @@
-"""Node records and pipeline views <-> their proto messages."""
+"""Node records, pipeline views and measurements <-> their proto messages."""
 
 from __future__ import annotations
 
 from molink.config import LayerRange
+from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.pipeline.registry import PipelineView
 from molink.transport.generated import molink_pb2 as pb
@@ -68,4 +69,44 @@ def view_from_proto(msg: pb.Pipeline) -> PipelineView:
         epoch=msg.epoch,
         num_layers=msg.num_layers,
         stages=tuple(node_from_proto(s) for s in msg.stages),
+    )
+
+
+def link_to_proto(
+    head_id: str, from_node_id: str, to_node_id: str, estimate: LinkEstimate
+) -> pb.LinkReport:
+    return pb.LinkReport(
+        head_id=head_id,
+        from_node_id=from_node_id,
+        to_node_id=to_node_id,
+        bandwidth_bytes_per_s=estimate.bandwidth_bytes_per_s,
+        rtt_s=estimate.rtt_s,
+        samples=estimate.samples,
+    )
+
+
+def link_from_proto(msg: pb.LinkReport) -> LinkEstimate:
+    return LinkEstimate(
+        hop=f"{msg.from_node_id}->{msg.to_node_id}",
+        bandwidth_bytes_per_s=msg.bandwidth_bytes_per_s,
+        rtt_s=msg.rtt_s,
+        samples=msg.samples,
+    )
+
+
+def timing_to_proto(timing: StageTiming) -> pb.StageTimingReport:
+    return pb.StageTimingReport(
+        node_id=timing.node_id,
+        compute_s_per_step=timing.compute_s_per_step,
+        compute_s_per_token=timing.compute_s_per_token,
+        samples=timing.samples,
+    )
+
+
+def timing_from_proto(msg: pb.StageTimingReport) -> StageTiming:
+    return StageTiming(
+        node_id=msg.node_id,
+        compute_s_per_step=msg.compute_s_per_step,
+        compute_s_per_token=msg.compute_s_per_token,
+        samples=msg.samples,
     )

@@ -139,8 +139,7 @@ class ComputeWorker:
     def _step(self, job: StepJob) -> None:
         started = time.monotonic()
         try:
-            if not job.trusted:
-                self._admit(job)
+            self._admit(job)
             output = self._executor.execute(job.plan, job.hidden, job.head_id)
         except ProtocolError as exc:
             self.steps_failed += 1
@@ -165,11 +164,14 @@ class ComputeWorker:
         self._on_output(StepOutput(job=job, output=output, trace=[*job.trace, hop]))
 
     def _admit(self, job: StepJob) -> None:
-        """Track the head's sequences as the plan says; reject plans naming strangers."""
+        """Track the head's sequences as the plan says; reject untrusted plans naming
+        strangers. Trusted plans are tracked too, so that the head's health reports the
+        sequences its own stage holds."""
         known = self._known.setdefault(job.head_id, set())
         plan = job.plan
         known.difference_update(plan.finished_seq_ids)
-        check_known_sequences(plan, known)
+        if not job.trusted:
+            check_known_sequences(plan, known)
         known.update(n.seq_id for n in plan.new_sequences)
 
     def _release(self, job: ReleaseJob) -> None:

@@ -4,25 +4,68 @@ from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf
 
+from molink.errors import InvalidParameterError
 from molink.scheduler.sequence import Sequence, SequenceStatus
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan
 
 
-class PlanBuilder:
-    """Tracks the token budget and the diffs the stages need (new data, new blocks)."""
+def check_step_limit(value: int | None, name: str) -> None:
+    """A limit passed to ``Scheduler.schedule``: None (no limit) or a count >= 0."""
+    if value is not None and value < 0:
+        raise InvalidParameterError(name, "must be >= 0")
 
-    def __init__(self, step_id: int, micro_batch: int, token_budget: int) -> None:
+
+class PlanBuilder:
+    """Tracks the budgets and the diffs the stages need (new data, new blocks).
+
+    ``budget_left`` bounds every token; ``prefill_budget_left`` (None: unbounded) bounds
+    prefill chunks as well; ``decodes_left`` (None: unbounded) caps decoding sequences.
+    """
+
+    def __init__(
+        self,
+        step_id: int,
+        micro_batch: int,
+        token_budget: int,
+        prefill_token_budget: int | None = None,
+        max_decodes: int | None = None,
+    ) -> None:
         self.step_id = step_id
         self.micro_batch = micro_batch
         self.budget_left = token_budget
+        self.prefill_budget_left = prefill_token_budget
+        self.decodes_left = max_decodes
         self.sequences: list[Sequence] = []
         self._scheduled: list[ScheduledSequence] = []
         self._token_ids: list[int] = []
         self._new_sequences: list[NewSequenceData] = []
 
-    def add(self, seq: Sequence, num_new_tokens: int, block_table: SequenceOf[int]) -> None:
-        """Schedule ``num_new_tokens`` of ``seq`` starting at its ``num_computed_tokens``."""
-        assert 0 < num_new_tokens <= self.budget_left
+    @property
+    def decode_room(self) -> int:
+        """1 while the plan can take one more decoding sequence, else 0."""
+        return 1 if self.budget_left > 0 and self.decodes_left != 0 else 0
+
+    @property
+    def prefill_room(self) -> int:
+        """How many prefill tokens the plan can still take."""
+        if self.prefill_budget_left is None:
+            return self.budget_left
+        return min(self.budget_left, self.prefill_budget_left)
+
+    def add(
+        self,
+        seq: Sequence,
+        num_new_tokens: int,
+        block_table: SequenceOf[int],
+        is_decode: bool = False,
+    ) -> None:
+        """Schedule ``num_new_tokens`` of ``seq`` starting at its ``num_computed_tokens``;
+        a prefill chunk (``is_decode`` False) draws on the prefill budget too."""
+        assert 0 < num_new_tokens <= (self.budget_left if is_decode else self.prefill_room)
+        if is_decode and self.decodes_left is not None:
+            self.decodes_left -= 1
+        elif not is_decode and self.prefill_budget_left is not None:
+            self.prefill_budget_left -= num_new_tokens
         start = seq.num_computed_tokens
         end = start + num_new_tokens
         num_tokens = len(seq.token_ids)

@@ -6,11 +6,15 @@ catches up; a step whose chunk reaches the end of the known tokens samples one m
 
 ``schedule`` fills one plan under a token budget, in this order:
 
-1. running sequences that decode (one token each), oldest first;
+1. running sequences that decode (one token each), oldest first, at most ``max_decodes``;
 2. running sequences part-way through their prefill, one chunk each, oldest first;
 3. waiting sequences, first come first served, while their chunk's blocks fit; admission
    stops at the first one that does not fit, and is skipped in a step that preempted (so
    no plan both forgets a sequence and sends it again).
+
+Prefill chunks (2 and 3) also draw on ``prefill_token_budget`` when one is given, so the
+head can bound how many prompt tokens one plan puts on a slow link while decodes, which
+come first and count against ``token_budget`` only, are never crowded out.
 
 Several plans (micro-batches) may be in flight. A sequence in a plan is off limits until
 ``update`` for that plan, so plans are disjoint; finishing or aborting an in-flight
@@ -38,7 +42,8 @@ from molink.errors import InvalidParameterError
 from molink.kv_cache.manager import KVCacheManager
 from molink.sampling_params import SamplingParams
 from molink.scheduler.integrity import check_scheduler_integrity
-from molink.scheduler.plan_builder import PlanBuilder, VictimCursor
+from molink.scheduler.plan_builder import PlanBuilder, VictimCursor, check_step_limit
+from molink.scheduler.queues import oldest_prefill_arrival
 from molink.scheduler.sequence import (
     RequestRecord,
     Sequence,
@@ -210,6 +215,10 @@ class Scheduler:
     def num_in_flight_sequences(self) -> int:
         return sum(len(seqs) for _, seqs in self._in_flight.values())
 
+    def oldest_prefill_arrival(self) -> float | None:
+        """See ``molink.scheduler.queues.oldest_prefill_arrival``."""
+        return oldest_prefill_arrival(self._running, self._waiting)
+
     def check_integrity(self) -> None:
         """Raise (KVCacheIntegrityError, SchedulerIntegrityError) if an invariant broke."""
         self.kv.check_integrity()
@@ -224,13 +233,28 @@ class Scheduler:
 
     # -- scheduling ----------------------------------------------------------------------
 
-    def schedule(self, micro_batch: int = 0, token_budget: int | None = None) -> StepPlan:
+    def schedule(
+        self,
+        micro_batch: int = 0,
+        token_budget: int | None = None,
+        prefill_token_budget: int | None = None,
+        max_decodes: int | None = None,
+    ) -> StepPlan:
         """The next plan for ``micro_batch``; may be empty yet carry ``finished_seq_ids``,
-        which the stages must still receive."""
+        which the stages must still receive.
+
+        ``token_budget`` (None: max_num_batched_tokens) bounds all tokens of the plan;
+        ``prefill_token_budget`` (None: no further bound) bounds its prefill chunks only;
+        ``max_decodes`` (None: no bound) caps its decoding sequences, so that the engine can
+        spread the running sequences over the micro-batches in flight.
+        """
         budget = self.config.max_num_batched_tokens if token_budget is None else token_budget
-        if budget < 0:
-            raise InvalidParameterError("token_budget", "must be >= 0")
-        builder = PlanBuilder(self._next_step_id, micro_batch, budget)
+        check_step_limit(budget, "token_budget")
+        check_step_limit(prefill_token_budget, "prefill_token_budget")
+        check_step_limit(max_decodes, "max_decodes")
+        builder = PlanBuilder(
+            self._next_step_id, micro_batch, budget, prefill_token_budget, max_decodes
+        )
         self._next_step_id += 1
         victims = VictimCursor(self._running)
         self._schedule_running(builder, victims, decodes=True)
@@ -247,16 +271,17 @@ class Scheduler:
     def _schedule_running(self, builder: PlanBuilder, victims: VictimCursor, decodes: bool) -> None:
         running_status = SequenceStatus.RUNNING
         for index, seq in enumerate(self._running):
-            if builder.budget_left == 0:
+            room = builder.decode_room if decodes else builder.prefill_room
+            if room == 0:
                 return
             if seq.status is not running_status or seq.in_flight_step is not None:
                 continue
             num_uncomputed = len(seq.token_ids) - seq.num_computed_tokens
             if (num_uncomputed == 1) != decodes:
                 continue
-            num_new = self._chunk_size(num_uncomputed, builder.budget_left)
+            num_new = self._chunk_size(num_uncomputed, room)
             if self._allocate_or_preempt(seq, index, num_new, victims):
-                builder.add(seq, num_new, self.kv.block_table(seq.seq_id))
+                builder.add(seq, num_new, self.kv.block_table(seq.seq_id), is_decode=decodes)
 
     def _allocate_or_preempt(
         self, seq: Sequence, index: int, num_new: int, victims: VictimCursor
@@ -280,12 +305,12 @@ class Scheduler:
     def _admit_waiting(self, builder: PlanBuilder) -> None:
         while (
             self._waiting
-            and builder.budget_left > 0
+            and builder.prefill_room > 0
             and len(self._running) < self.config.max_num_seqs
         ):
             seq = self._waiting[0]
             hit = self.kv.find_cached_prefix(seq.token_ids, max_num_tokens=seq.num_tokens - 1)
-            num_new = self._chunk_size(seq.num_tokens - hit.num_tokens, builder.budget_left)
+            num_new = self._chunk_size(seq.num_tokens - hit.num_tokens, builder.prefill_room)
             if self.kv.allocate(seq.seq_id, hit.num_tokens + num_new, hit) is None:
                 return
             self._waiting.popleft()

@@ -47,7 +47,7 @@ _WIRE_TO_TORCH = {
     pb.WIRE_DTYPE_INT8: torch.int8,
 }
 _WIRE_TO_NAME = {wire: name for name, wire in _NAME_TO_WIRE.items()}
-_SCALE_ITEMSIZE = 4  # float32
+INT8_SCALE_BYTES = 4  # one float32 scale per int8 row
 
 
 def wire_dtype_of(name: str) -> int:
@@ -58,6 +58,11 @@ def wire_dtype_of(name: str) -> int:
         raise ProtocolError(
             f"wire dtype {name!r} is not one of {', '.join(_NAME_TO_WIRE)}"
         ) from None
+
+
+def wire_itemsize(name: str) -> int:
+    """Bytes per element of a wire dtype (int8 rows carry INT8_SCALE_BYTES more)."""
+    return torch.empty((), dtype=_WIRE_TO_TORCH[wire_dtype_of(name)]).element_size()
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,35 +86,50 @@ def encode_tensor(tensor: torch.Tensor, wire_dtype: str, out: pb.Tensor | None =
     Pass ``out`` (e.g. ``request.step.hidden``) to fill a field of a larger message in
     place: assigning a finished submessage would copy the payload once more.
     """
-    wire = wire_dtype_of(wire_dtype)
     out = out if out is not None else pb.Tensor()
+    out.data = bytes(encode_tensor_header(tensor, wire_dtype, out))
+    return out
+
+
+def encode_tensor_header(tensor: torch.Tensor, wire_dtype: str, out: pb.Tensor) -> memoryview:
+    """Fill ``out``'s dtype, shape (and int8 scales) and return the data bytes as a view
+    of the cast tensor, not copied: molink.transport.framing sends them as they are."""
+    wire = wire_dtype_of(wire_dtype)
     out.dtype = wire
     out.shape[:] = list(tensor.shape)
     tensor = tensor.detach()
     if wire == pb.WIRE_DTYPE_INT8:
         q, scale = quantize_int8(_as_rows(tensor))
-        out.data = _to_bytes(q)
-        out.scale = _to_bytes(scale)
-    else:
-        out.data = _to_bytes(tensor.to(_WIRE_TO_TORCH[wire]))
-        out.scale = b""
-    return out
+        out.scale = bytes(_byte_view(scale))
+        return _byte_view(q)
+    out.scale = b""
+    return _byte_view(tensor.to(_WIRE_TO_TORCH[wire]))
 
 
-def _to_bytes(tensor: torch.Tensor) -> bytes:
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in memory order; copies only what is not on the CPU or not
+    contiguous. The view keeps its array alive."""
     cpu = tensor.to("cpu").contiguous()
     if cpu.dtype == torch.bfloat16:  # numpy has no bfloat16; same bits as int16
         cpu = cpu.view(torch.int16)
-    return cpu.numpy().tobytes()
+    if cpu.numel() == 0:  # memoryview cannot cast an empty shape
+        return memoryview(b"")
+    return memoryview(cpu.numpy()).cast("B")
 
 
 def decode_tensor(
-    msg: pb.Tensor, expected_shape: tuple[int, ...], max_bytes: int, what: str = "tensor"
+    msg: pb.Tensor,
+    expected_shape: tuple[int, ...],
+    max_bytes: int,
+    what: str = "tensor",
+    data: memoryview | None = None,
 ) -> torch.Tensor:
     """Rebuild a tensor after checking dtype, shape, size and byte length.
 
+    ``data``, when given, holds the payload instead of ``msg.data`` (the activation bytes
+    of a Forward message, viewed in place; see molink.transport.framing).
     Returns float32 for int8 payloads (dequantized), else the wire dtype. The result may
-    share memory with ``msg``; callers that write to it in place should clone it.
+    share memory with the received bytes; it must not be written in place.
     Raises ProtocolError naming what is wrong.
     """
     if msg.dtype not in _WIRE_TO_TORCH:
@@ -126,10 +146,11 @@ def decode_tensor(
     num_bytes = numel * itemsize
     if num_bytes > max_bytes:
         raise ProtocolError(f"{what} of {num_bytes} bytes exceeds the limit of {max_bytes} bytes")
-    data = msg.data  # each access of a bytes field copies it; read it once
-    if len(data) != num_bytes:
+    if data is None:
+        data = memoryview(msg.data)  # each access of a bytes field copies it; read it once
+    if data.nbytes != num_bytes:
         raise ProtocolError(
-            f"{what} carries {len(data)} bytes, but shape {list(shape)} of "
+            f"{what} carries {data.nbytes} bytes, but shape {list(shape)} of "
             f"{_WIRE_TO_NAME[msg.dtype]} needs {num_bytes}"
         )
     values = _from_bytes(data, dtype, shape)
@@ -145,10 +166,10 @@ def _dequantize(
     scale_bytes: bytes, values: torch.Tensor, shape: tuple[int, ...], what: str
 ) -> torch.Tensor:
     rows = shape[0] if shape else 1
-    if len(scale_bytes) != rows * _SCALE_ITEMSIZE:
+    if len(scale_bytes) != rows * INT8_SCALE_BYTES:
         raise ProtocolError(
             f"{what} carries {len(scale_bytes)} bytes of int8 scales, expected "
-            f"{rows * _SCALE_ITEMSIZE} (one float32 per row)"
+            f"{rows * INT8_SCALE_BYTES} (one float32 per row)"
         )
     scale = _from_bytes(scale_bytes, torch.float32, (rows,))
     if not bool(torch.isfinite(scale).all()):
@@ -163,7 +184,9 @@ def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(rows, cols)
 
 
-def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if not data:  # frombuffer refuses empty buffers
+def _from_bytes(
+    data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    if not len(data):  # frombuffer refuses empty buffers
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype).reshape(shape)

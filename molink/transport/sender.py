@@ -9,15 +9,20 @@ yet acknowledged, and every one still queued, is handed to ``on_failure`` with t
 the next ``put`` opens a fresh stream. That bounds how long a message can sit behind a
 dead peer: until gRPC notices the broken connection (at once for a closed port, within
 the keepalive timeout for a vanished host).
+
+An optional ``DeliveryObserver`` sees, per acknowledged message, its size, when it was
+handed to the transport and when its acknowledgement came back: what the pipeline needs
+to estimate the link's round trip and bandwidth without probing it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -32,13 +37,21 @@ T = TypeVar("T")
 _WAIT_SLICE_S = 0.25  # how often a waiting request generator re-checks for shutdown
 
 
+class DeliveryObserver(Protocol):
+    def observe(self, num_bytes: int, sent_at: float, acked_at: float) -> None:
+        """One message acknowledged; times are ``time.monotonic()`` seconds. Called in
+        stream order, on the sender's acknowledgement thread."""
+
+
 class _Pending(Generic[T]):
     """An item in flight; compared by identity."""
 
-    __slots__ = ("item",)
+    __slots__ = ("item", "num_bytes", "sent_at")
 
     def __init__(self, item: T) -> None:
         self.item = item
+        self.num_bytes = 0
+        self.sent_at = 0.0  # when the encoded message was handed to gRPC
 
 
 class _Stream:
@@ -53,10 +66,12 @@ class StreamSender(Generic[T]):
     """Streams ``build(item)`` for each ``put(item)`` to ``address`` over one bidi RPC.
 
     ``method`` is the RPC's path (``channel.method_path("Forward")``) and ``ack_type`` the
-    message type of its responses. Messages are serialized here, once, which also gives
-    their exact size for the byte counters;
-    ``on_ack(item, ack)`` sees each acknowledgement, ``on_failure(item, reason)`` each
-    message that will never be acknowledged. Callbacks run on the sender's threads.
+    message type of its responses. ``build`` returns a message, or its serialized bytes
+    when it assembles them itself; either way the payload is made here, once, which also
+    gives its exact size for the byte counters. ``on_ack(item, ack)`` sees each
+    acknowledgement, ``on_failure(item, reason)`` each message that will never be
+    acknowledged, ``observer`` the timing of each acknowledged message. Callbacks run on
+    the sender's threads.
     """
 
     def __init__(
@@ -66,9 +81,10 @@ class StreamSender(Generic[T]):
         config: TransportConfig,
         method: str,
         ack_type: type[Message],
-        build: Callable[[T], Message],
+        build: Callable[[T], Message | bytes],
         on_failure: Callable[[T, str], None],
         on_ack: Callable[[T, Any], None] | None = None,
+        observer: DeliveryObserver | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -76,6 +92,7 @@ class StreamSender(Generic[T]):
         self._build = build
         self._on_failure = on_failure
         self._on_ack = on_ack
+        self.observer = observer
         self._cond = threading.Condition()
         self._queued: deque[_Pending[T]] = deque()
         self._unacked: deque[_Pending[T]] = deque()
@@ -171,11 +188,15 @@ class StreamSender(Generic[T]):
                 self._unacked.append(pending)
             payload = self._encode(pending)
             if payload is not None:
+                pending.num_bytes = len(payload)
+                # After encoding: only the time the message spends on the link counts.
+                pending.sent_at = time.monotonic()
                 yield payload
 
     def _encode(self, pending: _Pending[T]) -> bytes | None:
         try:
-            payload = self._build(pending.item).SerializeToString()
+            built = self._build(pending.item)
+            payload = built if isinstance(built, bytes) else built.SerializeToString()
             size = len(payload)
             if size > self._config.max_message_bytes:
                 raise ValueError(
@@ -195,11 +216,14 @@ class StreamSender(Generic[T]):
         return payload
 
     def _acknowledge(self, ack: Any) -> None:
+        acked_at = time.monotonic()
         with self._cond:
             pending = self._unacked.popleft() if self._unacked else None
         if pending is None:
             logger.warning("sender %s: acknowledgement for no message in flight", self.name)
             return
+        if self.observer is not None:
+            self.observer.observe(pending.num_bytes, pending.sent_at, acked_at)
         if self._on_ack is not None:
             self._on_ack(pending.item, ack)
 

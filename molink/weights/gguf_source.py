@@ -7,6 +7,7 @@ that the rest of MoLink sees one naming and one layout.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from functools import cached_property
@@ -220,7 +221,10 @@ class GGUFStore(TensorStore):
             data = reverse_permute(data, self._num_heads)
         elif self._permuted and ".self_attn.k_proj." in name:
             data = reverse_permute(data, self._num_kv_heads)
-        return torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
+        data = data.astype(np.float32, copy=False)
+        if not data.flags.writeable or not data.flags.c_contiguous:
+            data = np.array(data, order="C", copy=True)  # F32 tensors are read-only memmaps
+        return torch.from_numpy(data)
 
 
 def export_gguf_tokenizer(gguf_path: Path, out_dir: Path, reader: Any | None = None) -> None:
@@ -243,8 +247,6 @@ def export_gguf_tokenizer(gguf_path: Path, out_dir: Path, reader: Any | None = N
 
 def _put_chat_template_in_config(out_dir: Path, template: str | None) -> None:
     """transformers 5 writes the template to chat_template.jinja; keep a copy in the config."""
-    import json
-
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     jinja = out_dir / "chat_template.jinja"

@@ -46,6 +46,7 @@ class TensorStore(Mapping[str, torch.Tensor]):
 
     def __init__(self) -> None:
         self.read_names: list[str] = []
+        self._names_cache: set[str] | None = None
 
     @abc.abstractmethod
     def names(self) -> list[str]:
@@ -66,11 +67,9 @@ class TensorStore(Mapping[str, torch.Tensor]):
         return tensor
 
     def _name_set(self) -> set[str]:
-        cached = getattr(self, "_names_cache", None)
-        if cached is None:
-            cached = set(self.names())
-            self._names_cache = cached
-        return cached
+        if self._names_cache is None:
+            self._names_cache = set(self.names())
+        return self._names_cache
 
     def __contains__(self, name: object) -> bool:
         return name in self._name_set()

@@ -166,3 +166,16 @@ def test_slice_input_checks() -> None:
             LayerRange(0, 1),
             torch.float32,
         )
+
+
+def test_positions_beyond_the_rotary_table_are_refused() -> None:
+    from molink.errors import ContextLengthExceededError
+
+    config = _config(max_position_embeddings=8)
+    model = build_model(config, LayerRange(1, 2), torch.float32)
+    cache = KVCache.allocate(config, 1, 4, 4, torch.float32)
+    meta = AttentionMetadata.build([SeqChunk(8, 1, [0, 1, 2])], block_size=4)
+    with pytest.raises(ContextLengthExceededError):
+        model(torch.zeros(1, 32), meta, cache)
+    with pytest.raises(InvalidParameterError, match="kv_cache"):
+        model(torch.zeros(1, 32), meta, KVCache.allocate(config, 1, 4, 4, torch.bfloat16))

@@ -91,3 +91,19 @@ def test_yarn_rope_matches_transformers(tiny_model_dir) -> None:
     for seq in _run(path, 1):
         diff = (torch.stack(seq.logits) - _reference_logits(reference, seq)).abs().max().item()
         assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bfloat16_stays_close_to_float32(tiny_model_dir, arch: str) -> None:
+    """bfloat16 runs the same paths (no oneDNN packing); its rounding is the only difference.
+
+    Only the first logits of each sequence are compared: later tokens may differ.
+    """
+    source = resolve_model_source(str(tiny_model_dir(arch)))
+    vocab = source.model_config.vocab_size
+    full = _run_schedule(PagedRunner(load_pipeline(source, 2), NUM_BLOCKS, BLOCK_SIZE), vocab)
+    half = _run_schedule(
+        PagedRunner(load_pipeline(source, 2, "bfloat16"), NUM_BLOCKS, BLOCK_SIZE), vocab
+    )
+    for a, b in zip(full, half, strict=True):
+        assert (a.logits[0] - b.logits[0]).abs().max().item() < 0.15

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -42,11 +45,34 @@ def prompts(tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference_outputs(prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' greedy outputs, cached on disk: loading its GGUF path takes a minute.
+
+    The cache key covers the GGUF file's version, transformers' version and the prompts, so
+    a cached answer is exactly what transformers would compute again.
+    """
+    import transformers
+
+    from molink.weights.cache import default_cache_dir, file_key
+
+    gguf = default_model_gguf()
+    ident = json.dumps([file_key(gguf), transformers.__version__, prompts, NEW_TOKENS])
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+    cached = default_cache_dir() / "test-references" / f"smollm-greedy-{digest}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    outputs = _generate_with_transformers(gguf, prompts)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(outputs))
+    tmp.replace(cached)
+    return outputs
+
+
+def _generate_with_transformers(gguf: Path, prompts: list[list[int]]) -> list[list[int]]:
     """transformers' own GGUF loader and greedy generate, one prompt at a time."""
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
     from transformers import AutoModelForCausalLM
 
-    gguf = default_model_gguf()
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     ).eval()
@@ -66,8 +92,6 @@ def reference_outputs(prompts: list[list[int]]) -> list[list[int]]:
 
 
 def test_chat_template_is_in_tokenizer_config(smollm_dir: Path) -> None:
-    import json
-
     config = json.loads((smollm_dir / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in config["chat_template"]
     assert (smollm_dir / "tokenizer.json").is_file()

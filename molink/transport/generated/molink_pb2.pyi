@@ -94,7 +94,7 @@ class JoinRequest(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., credentials: _Optional[_Union[Credentials, _Mapping]] = ...) -> None: ...
 
 class Pipeline(_message.Message):
-    __slots__ = ("head_id", "head_address", "epoch", "stages", "num_layers", "missing", "readiness")
+    __slots__ = ("head_id", "head_address", "epoch", "stages", "num_layers", "missing", "readiness", "links", "timings", "hidden_bytes_per_token")
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     HEAD_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,9 @@ class Pipeline(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
     READINESS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     head_id: str
     head_address: str
     epoch: int
@@ -109,7 +112,38 @@ class Pipeline(_message.Message):
     num_layers: int
     missing: _containers.RepeatedCompositeFieldContainer[LayerSpan]
     readiness: str
-    def __init__(self, head_id: _Optional[str] = ..., head_address: _Optional[str] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., missing: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., readiness: _Optional[str] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkReport]
+    timings: _containers.RepeatedCompositeFieldContainer[StageTimingReport]
+    hidden_bytes_per_token: int
+    def __init__(self, head_id: _Optional[str] = ..., head_address: _Optional[str] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., missing: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., readiness: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTimingReport, _Mapping]]] = ..., hidden_bytes_per_token: _Optional[int] = ...) -> None: ...
+
+class LinkReport(_message.Message):
+    __slots__ = ("head_id", "from_node_id", "to_node_id", "bandwidth_bytes_per_s", "rtt_s", "samples")
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    head_id: str
+    from_node_id: str
+    to_node_id: str
+    bandwidth_bytes_per_s: float
+    rtt_s: float
+    samples: int
+    def __init__(self, head_id: _Optional[str] = ..., from_node_id: _Optional[str] = ..., to_node_id: _Optional[str] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., rtt_s: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class StageTimingReport(_message.Message):
+    __slots__ = ("node_id", "compute_s_per_step", "compute_s_per_token", "samples")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    compute_s_per_step: float
+    compute_s_per_token: float
+    samples: int
+    def __init__(self, node_id: _Optional[str] = ..., compute_s_per_step: _Optional[float] = ..., compute_s_per_token: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("accepted", "reason", "pipeline")
@@ -344,7 +378,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "message", "steps_processed", "steps_rejected", "bytes_sent", "bytes_received", "queued_steps", "active_sequences", "pipeline_epoch", "uptime_s")
+    __slots__ = ("status", "message", "steps_processed", "steps_rejected", "bytes_sent", "bytes_received", "queued_steps", "active_sequences", "pipeline_epoch", "uptime_s", "links")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEPS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -355,6 +389,7 @@ class HealthResponse(_message.Message):
     ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     status: HealthStatus
     message: str
     steps_processed: int
@@ -365,4 +400,5 @@ class HealthResponse(_message.Message):
     active_sequences: int
     pipeline_epoch: int
     uptime_s: float
-    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., message: _Optional[str] = ..., steps_processed: _Optional[int] = ..., steps_rejected: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., queued_steps: _Optional[int] = ..., active_sequences: _Optional[int] = ..., pipeline_epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkReport]
+    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., message: _Optional[str] = ..., steps_processed: _Optional[int] = ..., steps_rejected: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., queued_steps: _Optional[int] = ..., active_sequences: _Optional[int] = ..., pipeline_epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,195 @@
+"""Transmission scheduling: how many prefill tokens the head lets onto a slow link at once.
+
+A decode step moves one token's activations per sequence; a prefill chunk moves one per
+prompt token, up to a thousand times more. Sent whole, a long prompt holds the slowest link
+for seconds and every decode queued behind it waits. The head therefore caps the prefill
+tokens it puts in flight from what the telemetry measured:
+
+* ``round_trip_s`` (R): how long a decode micro-batch takes to come back when no transfer
+  is queued: the sum of every stage's compute time per step plus half of every hop's
+  round trip time.
+* ``seconds_per_token`` (t): one token's activations on the slowest activation hop,
+  ``hidden_bytes_per_token / bandwidth`` (the last stage -> head hop carries only sampled
+  tokens and is left out).
+* ``allowance = floor(alpha * R / t)``: prefill tokens that the slowest link carries in
+  ``alpha`` decode round trips.
+
+Rule for one plan (``prefill_token_budget``)::
+
+    aged    = allowance * (1 + waited_s / aging_s)
+    budget  = min(token_budget, max(floor_tokens, aged - prefill_tokens_in_flight))
+
+where ``waited_s`` is how long the oldest prefill that the plan could advance has waited
+since its request arrived, ``floor_tokens`` is one KV block and ``prefill_tokens_in_flight``
+counts the prefill tokens of the plans already in flight. So:
+
+* at most ``alpha * R`` worth of prefill activations is queued on the slowest link at any
+  time, and a decode behind them waits at most that long: its inter-token time grows by at
+  most ``(1 + alpha)`` while prompts stream (decodes are scheduled first in every plan and
+  count against the token budget only);
+* a prefill always advances by at least one block per plan (the floor), and a prefill that
+  has waited ``aging_s`` seconds gets twice the share, ``2 * aging_s`` three times, and so
+  on up to the whole token budget, so that a steady decode load cannot starve it (aging);
+* before anything is measured (or on a single node, where there is no telemetry), or with
+  the mode off (the "prefill sent whole" baseline), there is no cap at all.
+
+R is computed from the compute time per step, which prefill-laden steps raise; the
+budget's feedback through it is bounded because on a link slow enough to matter a token
+takes far longer to send than to compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from molink.engine.telemetry import LinkEstimate, PipelineTelemetry, StageTiming
+from molink.errors import InvalidParameterError
+from molink.step import StepPlan
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+# Keeps 0.04 / 0.001 from flooring to 39 tokens.
+_ROUNDING_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class TransmissionConfig:
+    """``enabled`` False is the baseline: prefill chunks take the whole token budget."""
+
+    enabled: bool = True
+    alpha: float = 1.0  # prefill in flight, in decode round trips of the slowest link
+    aging_s: float = 2.0  # a waiting prefill gets one more share per aging_s seconds
+    refresh_s: float = 0.25  # how often the telemetry is read again
+
+    def validate(self) -> None:
+        if not self.alpha > 0:
+            raise InvalidParameterError("transmission.alpha", "must be > 0")
+        if not self.aging_s > 0:
+            raise InvalidParameterError("transmission.aging_s", "must be > 0")
+        if self.refresh_s < 0:
+            raise InvalidParameterError("transmission.refresh_s", "must be >= 0")
+
+
+# -- the arithmetic ----------------------------------------------------------------------
+
+
+def activation_hops(links: list[LinkEstimate]) -> list[LinkEstimate]:
+    """Hops that carry hidden states: all but the last (last stage -> head) one."""
+    return links[:-1]
+
+
+def decode_round_trip_s(links: list[LinkEstimate], timings: list[StageTiming]) -> float:
+    """R: every measured stage's compute per step plus half of every hop's round trip."""
+    compute = sum(t.compute_s_per_step for t in timings if t.samples > 0)
+    return compute + sum(link.rtt_s for link in links) / 2
+
+
+def slowest_seconds_per_token(
+    links: list[LinkEstimate], hidden_bytes_per_token: int
+) -> float | None:
+    """t: seconds one token's activations take on the slowest measured activation hop;
+    None while no activation hop has a measured bandwidth."""
+    rates = [
+        link.bandwidth_bytes_per_s
+        for link in activation_hops(links)
+        if 0 < link.bandwidth_bytes_per_s < math.inf
+    ]
+    if not rates or hidden_bytes_per_token <= 0:
+        return None
+    return hidden_bytes_per_token / min(rates)
+
+
+def prefill_allowance(round_trip_s: float, seconds_per_token: float, alpha: float) -> int:
+    """Prefill tokens the slowest link carries in ``alpha`` decode round trips."""
+    return math.floor(alpha * round_trip_s / seconds_per_token + _ROUNDING_SLACK)
+
+
+def prefill_token_budget(
+    allowance: int,
+    in_flight_prefill_tokens: int,
+    waited_s: float,
+    aging_s: float,
+    floor_tokens: int,
+    token_budget: int,
+) -> int:
+    """The rule of the module docstring: aged allowance less what is in flight, floored."""
+    aged = math.floor(allowance * (1.0 + max(0.0, waited_s) / aging_s) + _ROUNDING_SLACK)
+    return min(token_budget, max(floor_tokens, aged - in_flight_prefill_tokens))
+
+
+def prefill_tokens_of(plan: StepPlan) -> int:
+    """Tokens of a plan's prefill chunks (sequences given more than one token)."""
+    return sum(s.num_new_tokens for s in plan.scheduled if s.num_new_tokens > 1)
+
+
+# -- the stateful part -------------------------------------------------------------------
+
+
+class TransmissionScheduler:
+    """Keeps the allowance up to date from the telemetry and answers per-plan budgets.
+
+    ``allowance`` is None (no cap) when the mode is off, there is no telemetry, or nothing
+    has been measured yet. ``clock`` must be the clock of the requests' arrival times
+    (``time.monotonic`` in the engine).
+    """
+
+    def __init__(
+        self,
+        config: TransmissionConfig,
+        telemetry: PipelineTelemetry | None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.telemetry = telemetry
+        self.clock = clock
+        self.allowance: int | None = None
+        self._next_refresh = -math.inf
+
+    def refresh(self, force: bool = False) -> int | None:
+        """Re-read the telemetry (at most every ``refresh_s`` unless forced)."""
+        now = self.clock()
+        if not self.config.enabled or self.telemetry is None:
+            return None
+        if not force and now < self._next_refresh:
+            return self.allowance
+        self._next_refresh = now + self.config.refresh_s
+        try:
+            self.allowance = self._read_allowance(self.telemetry)
+        except Exception:  # measurements are advisory: keep the last estimate, keep serving
+            logger.warning("reading the pipeline telemetry failed", exc_info=True)
+        return self.allowance
+
+    def _read_allowance(self, telemetry: PipelineTelemetry) -> int | None:
+        links = telemetry.link_estimates()
+        per_token = slowest_seconds_per_token(links, telemetry.hidden_bytes_per_token())
+        if per_token is None:
+            return None
+        round_trip = decode_round_trip_s(links, telemetry.stage_timings())
+        return prefill_allowance(round_trip, per_token, self.config.alpha)
+
+    def budget(
+        self,
+        in_flight_prefill_tokens: int,
+        oldest_arrival: float | None,
+        floor_tokens: int,
+        token_budget: int,
+    ) -> int | None:
+        """The prefill token budget of the next plan; None: no cap."""
+        if self.allowance is None:
+            return None
+        waited = 0.0 if oldest_arrival is None else self.clock() - oldest_arrival
+        return prefill_token_budget(
+            self.allowance,
+            in_flight_prefill_tokens,
+            waited,
+            self.config.aging_s,
+            floor_tokens,
+            token_budget,
+        )

@@ -1,0 +1,218 @@
+"""What the head knows of its pipeline's speed (molink.engine.telemetry.PipelineTelemetry).
+
+* Links: the head's own Forward stream measures the first hop; every other node measures
+  its outgoing streams (to the next stage, and the last stage's results to the head) and
+  reports them in its Health answers, which the head polls anyway.
+* Stages: every result carries each stage's compute time (HopTrace); the head knows how
+  many tokens the step had, and fits time per step and per token from both.
+
+They are published as Prometheus gauges (``metric_lines``) and in the head's GetPipeline
+answer (``fill_pipeline_proto``), which ``molink status`` shows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from molink.engine.telemetry import LinkEstimate, PipelineTelemetry, StageTiming
+from molink.pipeline.links import LinkTable
+from molink.pipeline.registry import PipelineView
+from molink.pipeline.wire import link_from_proto, link_to_proto, timing_to_proto
+from molink.transport.codec import INT8_SCALE_BYTES, wire_itemsize
+from molink.transport.generated import molink_pb2 as pb
+
+STEP_SMOOTHING = 0.2  # EWMA weight of the newest step
+TOKEN_WINDOW = 64  # steps in the per-token fit
+# The per-token slope needs steps of clearly different sizes; without them, time per
+# token is the plain ratio (an upper bound of the marginal cost).
+MIN_TOKEN_SPREAD = 2.0
+
+
+class ComputeEstimator:
+    """One stage's compute time: an EWMA per step, and the marginal cost per token from a
+    least-squares line ``time = fixed + per_token * tokens`` over recent steps."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._per_step: float | None = None
+        self._steps: deque[tuple[int, float]] = deque(maxlen=TOKEN_WINDOW)
+        self._count = 0
+
+    def add(self, num_tokens: int, compute_s: float) -> None:
+        if num_tokens <= 0 or not math.isfinite(compute_s) or compute_s < 0:
+            return
+        self._count += 1
+        previous = self._per_step
+        self._per_step = (
+            compute_s
+            if previous is None
+            else STEP_SMOOTHING * compute_s + (1 - STEP_SMOOTHING) * previous
+        )
+        self._steps.append((num_tokens, compute_s))
+
+    def timing(self) -> StageTiming:
+        return StageTiming(
+            node_id=self.node_id,
+            compute_s_per_step=self._per_step or 0.0,
+            compute_s_per_token=self._per_token(),
+            samples=self._count,
+        )
+
+    def _per_token(self) -> float:
+        if not self._steps:
+            return 0.0
+        tokens = [float(n) for n, _ in self._steps]
+        times = [t for _, t in self._steps]
+        ratio = sum(times) / sum(tokens)
+        if max(tokens) < MIN_TOKEN_SPREAD * min(tokens):
+            return ratio
+        mean_n, mean_t = sum(tokens) / len(tokens), sum(times) / len(times)
+        var = sum((n - mean_n) ** 2 for n in tokens)
+        cov = sum((n - mean_n) * (t - mean_t) for n, t in zip(tokens, times, strict=True))
+        slope = cov / var
+        # Noise can tilt the line below zero; a step never gets cheaper with more tokens.
+        return slope if slope > 0 else ratio
+
+
+class HeadTelemetry:
+    """Implements PipelineTelemetry for a head (see the module docstring)."""
+
+    def __init__(
+        self,
+        head_id: str,
+        view: Callable[[], PipelineView],
+        links: LinkTable,
+        health: Callable[[], dict[str, pb.HealthResponse | str]],
+    ) -> None:
+        self._head_id = head_id
+        self._view = view
+        self._links = links
+        self._health = health
+        self._lock = threading.Lock()
+        self._compute: dict[str, ComputeEstimator] = {}
+
+    def record_step(self, num_tokens: int, trace: list[pb.HopTrace]) -> None:
+        """A step of ``num_tokens`` tokens came back with every stage's trace."""
+        with self._lock:
+            for hop in trace:
+                estimator = self._compute.get(hop.node_id)
+                if estimator is None:
+                    estimator = self._compute[hop.node_id] = ComputeEstimator(hop.node_id)
+                estimator.add(num_tokens, hop.compute_s)
+
+    def link_estimates(self) -> list[LinkEstimate]:
+        stages = self._view().stages
+        if len(stages) < 2:
+            return []  # a single node sends nothing
+        known = self._known_links()
+        hops = itertools.pairwise([*stages, stages[0]])
+        return [
+            known.get(f"{a.node_id}->{b.node_id}")
+            or LinkEstimate(f"{a.node_id}->{b.node_id}", math.inf, 0.0, 0)
+            for a, b in hops
+        ]
+
+    def stage_timings(self) -> list[StageTiming]:
+        with self._lock:
+            return [
+                self._compute[s.node_id].timing()
+                if s.node_id in self._compute
+                else StageTiming(s.node_id, 0.0, 0.0, 0)
+                for s in self._view().stages
+            ]
+
+    def hidden_bytes_per_token(self) -> int:
+        """The widest activation row any hop carries (stages may use other wire dtypes)."""
+        senders = self._view().stages[:-1]
+        return max((_row_bytes(s.model.hidden_size, s.wire_dtype) for s in senders), default=0)
+
+    def _known_links(self) -> dict[str, LinkEstimate]:
+        known = {
+            out.estimate.hop: out.estimate
+            for out in self._links.outgoing()
+            if out.head_id == self._head_id
+        }
+        for node_id, answer in self._health().items():
+            if not isinstance(answer, pb.HealthResponse):
+                continue
+            for report in answer.links:
+                if report.head_id == self._head_id and report.from_node_id == node_id:
+                    estimate = link_from_proto(report)
+                    known[estimate.hop] = estimate
+        return known
+
+
+def _row_bytes(hidden_size: int, wire_dtype: str) -> int:
+    scale = INT8_SCALE_BYTES if wire_dtype == "int8" else 0
+    return hidden_size * wire_itemsize(wire_dtype) + scale
+
+
+def fill_pipeline_proto(telemetry: PipelineTelemetry, head_id: str, message: pb.Pipeline) -> None:
+    """Add the head's measurements to its GetPipeline answer (for ``molink status``)."""
+    for estimate in telemetry.link_estimates():
+        source, _, target = estimate.hop.partition("->")
+        message.links.append(link_to_proto(head_id, source, target, estimate))
+    message.timings.extend(timing_to_proto(t) for t in telemetry.stage_timings())
+    message.hidden_bytes_per_token = telemetry.hidden_bytes_per_token()
+
+
+def metric_lines(telemetry: PipelineTelemetry) -> list[str]:
+    """Prometheus gauges of every hop and stage, for /metrics."""
+    links = telemetry.link_estimates()
+    timings = telemetry.stage_timings()
+    lines: list[str] = []
+    for name, help_text, label, values in (
+        (
+            "molink:link_bandwidth_bytes_per_second",
+            "Estimated bandwidth of each hop (+Inf until a large message was measured).",
+            "hop",
+            [(e.hop, e.bandwidth_bytes_per_s) for e in links],
+        ),
+        (
+            "molink:link_rtt_seconds",
+            "Estimated round trip of each hop.",
+            "hop",
+            [(e.hop, e.rtt_s) for e in links],
+        ),
+        (
+            "molink:link_samples",
+            "Messages each hop's estimate is based on.",
+            "hop",
+            [(e.hop, float(e.samples)) for e in links],
+        ),
+        (
+            "molink:stage_compute_seconds_per_step",
+            "Smoothed compute time of one micro-batch step on each stage.",
+            "node",
+            [(t.node_id, t.compute_s_per_step) for t in timings],
+        ),
+        (
+            "molink:stage_compute_seconds_per_token",
+            "Marginal compute time per scheduled token on each stage.",
+            "node",
+            [(t.node_id, t.compute_s_per_token) for t in timings],
+        ),
+    ):
+        if not values:
+            continue
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += [f'{name}{{{label}="{_escape(key)}"}} {_value(v)}' for key, v in values]
+    name = "molink:hidden_bytes_per_token"
+    lines += [
+        f"# HELP {name} Bytes one token's activations take on the wire.",
+        f"# TYPE {name} gauge",
+        f"{name} {telemetry.hidden_bytes_per_token()}",
+    ]
+    return lines
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _value(value: float) -> str:
+    return "+Inf" if value == math.inf else repr(float(value))
