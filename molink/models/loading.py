@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm import tqdm
 
 from molink.config import LayerRange, ModelConfig
 from molink.errors import WeightLoadError
@@ -74,7 +75,9 @@ def load_slice_tensors(
     with torch.no_grad():
         if model.embed is not None:
             _set_matrix(model.embed, _get(tensors, EMBED_NAME), EMBED_NAME)
-        for index, layer in enumerate(model.layers):
+        # A progress bar on a terminal; silent when the output is a log file or a pipe.
+        layers = tqdm(model.layers, desc="Loading layers", unit="layer", disable=None)
+        for index, layer in enumerate(layers):
             prefix = f"model.layers.{model.layer_range.start + index}."
             _load_layer(layer, tensors, prefix, pack)
         if model.final_norm is not None:
