@@ -92,12 +92,13 @@ def build_scheduler(
 
 
 def build_local_engine(
-    options: EngineOptions, layer_splits: list[int] | None = None
+    options: EngineOptions, layer_splits: list[int] | None = None, wire_dtype: str | None = None
 ) -> tuple[LLMEngine, ModelSource, int]:
     """An engine whose stages all live in this process.
 
     ``layer_splits`` (e.g. ``[7, 19]``) runs the model as several consecutive layer ranges
-    handing hidden states across, exactly as the pipeline's seams do.
+    handing hidden states across, exactly as the pipeline's seams do; with ``wire_dtype``
+    the hand-over also goes through the wire codec (see LocalExecutor).
     Returns the engine, its model source and max_model_len.
     """
     source = resolve_model_source(options.model)
@@ -121,7 +122,7 @@ def build_local_engine(
     tokenizer = Tokenizer.from_dir(source.tokenizer_dir)
     eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
     scheduler = build_scheduler(options, num_blocks, max_model_len, eos)
-    engine = LLMEngine(scheduler, LocalExecutor(stages), tokenizer)
+    engine = LLMEngine(scheduler, LocalExecutor(stages, wire_dtype), tokenizer)
     return engine, source, max_model_len
 
 

@@ -7,7 +7,7 @@ load of L tokens per round trip into plans of ``n = L / K`` tokens, that resourc
 ``fill(K) = K * B(L / K) / R(L / K)`` units of work per round trip; below 1 it idles
 (the bubble), above 1 plans queue in front of it. The rule:
 
-    K = the smallest K in [1, stages + max_extra] with fill(K) >= 1
+    K = the smallest K in [1, min(stages + max_extra, running sequences)] with fill(K) >= 1
 
 i.e. just enough plans to cover the pipeline bubble and no more: beyond it, extra plans
 only add per-step overhead and split the batch finer. A stage's time per step is modelled
@@ -20,7 +20,9 @@ Hysteresis: K rises only when ``fill(K) < 1 - dead_band``, falls only when one p
 still gives ``fill(K - 1) >= 1 + dead_band``, and either move must be proposed by
 ``patience`` consecutive evaluations (at most one per ``interval_s``), so that noise in
 the measurements does not make K flap. A pinned K (``--molink-micro-batches N``) never
-moves; with nothing measured K stays at ``stages + 1``.
+moves; with nothing measured K stays at ``stages + 1``; while nothing runs it is left as
+it is for the next burst. The plans share the running sequences evenly
+(``balanced_decode_cap``, applied by molink/engine/pacing.py).
 """
 
 from __future__ import annotations
@@ -160,14 +162,19 @@ class MicroBatchController:
         self._next_evaluation = -math.inf
         return self.current
 
-    @property
-    def max_micro_batches(self) -> int:
-        return self._num_stages + self.policy.max_extra
+    def max_micro_batches(self, num_running: int | None = None) -> int:
+        """``stages + max_extra``, and no more than there are running sequences to share
+        out (a plan holds at least one)."""
+        limit = self._num_stages + self.policy.max_extra
+        return limit if num_running is None else max(1, min(limit, num_running))
 
-    def update(self, tokens_per_plan: float | None) -> int:
-        """Re-evaluate (at most every ``interval_s``); returns the K to use now."""
+    def update(self, tokens_per_plan: float | None, num_running: int | None = None) -> int:
+        """Re-evaluate (at most every ``interval_s``); returns the K to use now. With no
+        sequence running nothing is learnt, and K stays as it is for the next burst."""
         now = self.clock()
         if self.pinned or self.telemetry is None or now < self._next_evaluation:
+            return self.current
+        if num_running == 0:
             return self.current
         self._next_evaluation = now + self.policy.interval_s
         try:
@@ -182,13 +189,23 @@ class MicroBatchController:
             return self.current
         if model is not None:
             load = (tokens_per_plan or 0.0) * self.current
-            self._follow(self.propose(model, load))
+            proposal = self.propose(model, load, self.max_micro_batches(num_running))
+            logger.debug(
+                "micro-batches: K=%d, fill %.2f, proposed %d (%s, load %.1f tokens)",
+                self.current,
+                model.fill(self.current, load),
+                proposal,
+                model,
+                load,
+            )
+            self._follow(proposal)
         return self.current
 
-    def propose(self, model: PipelineModel, load_tokens: float) -> int:
-        """The K the rule wants now, or the current K when the change is within the band."""
-        current = min(self.current, self.max_micro_batches)
-        target = covering_micro_batches(model, load_tokens, self.max_micro_batches)
+    def propose(self, model: PipelineModel, load_tokens: float, max_k: int) -> int:
+        """The K the rule wants now (at most ``max_k``), or the current K when the change
+        is within the dead band."""
+        current = min(self.current, max_k)
+        target = covering_micro_batches(model, load_tokens, max_k)
         band = self.policy.dead_band
         if target > current and model.fill(current, load_tokens) < 1.0 - band:
             return target

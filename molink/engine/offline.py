@@ -14,14 +14,21 @@ from molink.sampling_params import SamplingParams
 
 
 class LLM:
-    """``LLM(model=None).generate(prompts, params)``: runs every prompt to completion."""
+    """``LLM(model=None).generate(prompts, params)``: runs every prompt to completion.
+
+    ``wire_dtype`` (with ``layer_splits``) passes the hidden states between the layer
+    ranges through the wire codec, as between the nodes of a pipeline."""
 
     def __init__(
-        self, model: str | None = None, layer_splits: list[int] | None = None, **options: Any
+        self,
+        model: str | None = None,
+        layer_splits: list[int] | None = None,
+        wire_dtype: str | None = None,
+        **options: Any,
     ) -> None:
         self.options = replace(EngineOptions(model=model), **options)
         self.engine, self.source, self.max_model_len = build_local_engine(
-            self.options, layer_splits
+            self.options, layer_splits, wire_dtype
         )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -4,7 +4,9 @@ A ``StepPacer`` turns the engine's state (the scheduler, the plans in flight, ho
 micro-batches there are) into ``ScheduleLimits``. The engine without a pacer (a single
 node) schedules exactly as before; the pipeline head uses ``PipelinePacer``:
 
-* ``prefill_token_budget`` from transmission scheduling (molink/engine/transmission.py);
+* ``prefill_token_budget`` from transmission scheduling (molink/engine/transmission.py),
+  only while some sequence decodes: with no decode to protect, a cap would only delay
+  the first tokens;
 * ``max_decodes = ceil(running / K)`` with K micro-batches, so each plan carries its
   share of the decodes instead of the first free micro-batch taking them all and leaving
   the others empty (which would serialise the pipeline behind one plan).
@@ -58,7 +60,7 @@ class PipelinePacer:
         if self.balance_decodes:
             max_decodes = balanced_decode_cap(scheduler.num_running, num_micro_batches)
         prefill_budget = None
-        if self.transmission.allowance is not None:
+        if self.transmission.allowance is not None and scheduler.num_decoding > 0:
             prefill_budget = self.transmission.budget(
                 in_flight_prefill_tokens=sum(prefill_tokens_of(plan) for plan in in_flight),
                 oldest_arrival=scheduler.oldest_prefill_arrival(),

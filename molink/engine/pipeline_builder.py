@@ -196,7 +196,9 @@ class PipelineSizer:
 
     def _adapt(self) -> None:
         self.pacer.transmission.refresh()
-        micro_batches = self.controller.update(self.pacer.mean_plan_tokens)
+        micro_batches = self.controller.update(
+            self.pacer.mean_plan_tokens, self.engine.scheduler.num_running
+        )
         if micro_batches != self.engine.num_micro_batches:
             self.engine.set_num_micro_batches(micro_batches)
 

@@ -30,8 +30,9 @@ counts the prefill tokens of the plans already in flight. So:
 * a prefill always advances by at least one block per plan (the floor), and a prefill that
   has waited ``aging_s`` seconds gets twice the share, ``2 * aging_s`` three times, and so
   on up to the whole token budget, so that a steady decode load cannot starve it (aging);
-* before anything is measured (or on a single node, where there is no telemetry), or with
-  the mode off (the "prefill sent whole" baseline), there is no cap at all.
+* before anything is measured (or on a single node, where there is no telemetry), with
+  the mode off (the "prefill sent whole" baseline), or while no sequence decodes (nothing
+  to protect; see molink/engine/pacing.py), there is no cap at all.
 
 R is computed from the compute time per step, which prefill-laden steps raise; the
 budget's feedback through it is bounded because on a link slow enough to matter a token
@@ -161,10 +162,14 @@ class TransmissionScheduler:
             return self.allowance
         self._next_refresh = now + self.config.refresh_s
         try:
-            self.allowance = self._read_allowance(self.telemetry)
+            allowance = self._read_allowance(self.telemetry)
         except Exception:  # measurements are advisory: keep the last estimate, keep serving
             logger.warning("reading the pipeline telemetry failed", exc_info=True)
-        return self.allowance
+            return self.allowance
+        if allowance != self.allowance:
+            logger.debug("prefill tokens allowed in flight: %s -> %s", self.allowance, allowance)
+        self.allowance = allowance
+        return allowance
 
     def _read_allowance(self, telemetry: PipelineTelemetry) -> int | None:
         links = telemetry.link_estimates()

@@ -71,6 +71,28 @@ class PipelineMetrics:
     def bytes_per_token(self) -> float:
         return self.bytes_on_wire / self.sampled_tokens if self.sampled_tokens else 0.0
 
+    def metric_lines(self) -> list[str]:
+        """Prometheus counters of the traffic, for /metrics (bytes per token = the sum of
+        molink:pipeline_bytes_sent_total over hops / molink:pipeline_sampled_tokens_total)."""
+        lines: list[str] = []
+        for name, help_text, field in (
+            ("molink:pipeline_bytes_sent_total", "Bytes sent on each hop by completed steps.", "bytes"),
+            ("molink:pipeline_messages_total", "Messages sent on each hop by completed steps.", "messages"),
+        ):  # fmt: skip
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            for hop, counters in sorted(self.hops.items()):
+                lines.append(f'{name}{{hop="{_label(hop)}"}} {getattr(counters, field)}')
+        for name, help_text, value in (
+            ("molink:pipeline_head_bytes_sent_total", "Bytes the head streamed, failed steps included.", self.head_bytes_sent),
+            ("molink:pipeline_sampled_tokens_total", "Tokens sampled by completed steps.", self.sampled_tokens),
+        ):  # fmt: skip
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+        name = "molink:pipeline_steps_total"
+        lines += [f"# HELP {name} Steps that came back, by outcome.", f"# TYPE {name} counter"]
+        lines.append(f'{name}{{outcome="completed"}} {self.steps_completed}')
+        lines.append(f'{name}{{outcome="failed"}} {self.steps_failed}')
+        return lines
+
 
 class PipelineExecutor:
     """Carries StepPlans through every stage. See the module docstring for its life."""
@@ -231,8 +253,8 @@ class PipelineExecutor:
         return self._telemetry.hidden_bytes_per_token()
 
     def metric_lines(self) -> list[str]:
-        """Prometheus gauges of the links and stages, for the server's /metrics."""
-        return metric_lines(self)
+        """Prometheus gauges of the links and stages, and traffic counters, for /metrics."""
+        return [*metric_lines(self), *self.metrics().metric_lines()]
 
     # -- HeadRole (called by the node's servicer) ------------------------------------------
 
@@ -363,6 +385,10 @@ class PipelineExecutor:
     def _apply_view(self, view: PipelineView, skip: str | None = None) -> None:
         self._node.links.apply(view)
         self._monitor.push_view(view, skip=skip)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _overlaps(a: LayerRange, b: LayerRange) -> bool:

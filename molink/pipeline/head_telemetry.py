@@ -22,7 +22,7 @@ from molink.engine.telemetry import LinkEstimate, PipelineTelemetry, StageTiming
 from molink.pipeline.links import LinkTable
 from molink.pipeline.registry import PipelineView
 from molink.pipeline.wire import link_from_proto, link_to_proto, timing_to_proto
-from molink.transport.codec import INT8_SCALE_BYTES, wire_itemsize
+from molink.transport.codec import wire_row_bytes
 from molink.transport.generated import molink_pb2 as pb
 
 STEP_SMOOTHING = 0.2  # EWMA weight of the newest step
@@ -128,7 +128,8 @@ class HeadTelemetry:
     def hidden_bytes_per_token(self) -> int:
         """The widest activation row any hop carries (stages may use other wire dtypes)."""
         senders = self._view().stages[:-1]
-        return max((_row_bytes(s.model.hidden_size, s.wire_dtype) for s in senders), default=0)
+        rows = (wire_row_bytes(s.model.hidden_size, s.wire_dtype) for s in senders)
+        return max(rows, default=0)
 
     def _known_links(self) -> dict[str, LinkEstimate]:
         known = {
@@ -144,11 +145,6 @@ class HeadTelemetry:
                     estimate = link_from_proto(report)
                     known[estimate.hop] = estimate
         return known
-
-
-def _row_bytes(hidden_size: int, wire_dtype: str) -> int:
-    scale = INT8_SCALE_BYTES if wire_dtype == "int8" else 0
-    return hidden_size * wire_itemsize(wire_dtype) + scale
 
 
 def fill_pipeline_proto(telemetry: PipelineTelemetry, head_id: str, message: pb.Pipeline) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 
 from molink.engine.telemetry import LinkEstimate
@@ -34,11 +35,18 @@ BANDWIDTH_QUANTILE = 0.7
 # estimate moves the rate by a few percent at most.
 BANDWIDTH_MIN_SERIALIZATION_S = 0.002
 BANDWIDTH_MIN_SHARE = 0.5
+# Smaller messages never time the rate: their time is the round trip plus whatever delayed
+# them (a busy receiver, the GIL), and a few of those would pass for a slow link.
+BANDWIDTH_MIN_BYTES = 16 * 1024
 # The round trip is taken from messages that spend at most this share of it serializing.
 RTT_MAX_SERIALIZATION_SHARE = 0.25
 _MIN_SMALL_SAMPLES = 3
 _FIT_ROUNDS = 3  # alternating rtt <- bandwidth <- rtt converges in two or three rounds
 _REFIT_EVERY = 8
+# Round-trip samples older than this (behind the newest) are dropped, so that a link whose
+# delay changed is followed even when few messages find it idle; the newest few stay.
+RTT_MAX_AGE_S = 60.0
+_RTT_MIN_KEPT = 8
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -57,15 +65,24 @@ class LinkEstimator:
     in-order stream (it corrects for queueing behind the previous message); ``add`` takes
     an already-corrected sample. ``window`` recent samples pin the round trip,
     ``bandwidth_window`` recent large ones the rate, so that a long run of decode steps
-    does not make the link forget its rate. Whether a message is large is judged by its
+    does not make the link forget its rate. Round-trip samples also expire after
+    ``max_age_s`` of newer traffic. Whether a message is large is judged by its
     size against the current rate, not by its time: a small message delayed by a busy
     receiver must not pass for a slow link.
     """
 
-    def __init__(self, hop: str = "", window: int = 64, bandwidth_window: int = 32) -> None:
+    def __init__(
+        self,
+        hop: str = "",
+        window: int = 64,
+        bandwidth_window: int = 32,
+        max_age_s: float = RTT_MAX_AGE_S,
+    ) -> None:
         self.hop = hop
+        self._max_age_s = max_age_s
         self._lock = threading.Lock()
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._sample_times: deque[float] = deque(maxlen=window)
         # (bytes, seconds, whether the seconds include the round trip)
         self._large: deque[tuple[int, float, bool]] = deque(maxlen=bandwidth_window)
         self._count = 0
@@ -80,13 +97,13 @@ class LinkEstimator:
             previous_ack = self._last_ack_at
             self._last_ack_at = acked_at if previous_ack is None else max(previous_ack, acked_at)
             if previous_ack is None or previous_ack <= sent_at:
-                self._add(num_bytes, acked_at - sent_at)
+                self._add(num_bytes, acked_at - sent_at, acked_at)
                 return
             if not self._samples:
                 return  # no round trip yet to tell whether it waited
             bandwidth, rtt = self._recent_fit()
             if previous_ack - rtt <= sent_at:
-                self._add(num_bytes, acked_at - sent_at)  # the link was free by then
+                self._add(num_bytes, acked_at - sent_at, acked_at)  # the link was free by then
                 return
             # It waited behind the previous message and followed it onto the link as soon
             # as that one left, so the gap between their acknowledgements is its time on
@@ -97,10 +114,11 @@ class LinkEstimator:
             if self._is_large(num_bytes, gap + rtt, bandwidth, rtt):
                 self._large.append((num_bytes, gap, False))
 
-    def add(self, num_bytes: int, elapsed_s: float) -> None:
-        """A sample already counted from when the message began to occupy the link."""
+    def add(self, num_bytes: int, elapsed_s: float, at: float | None = None) -> None:
+        """A sample already counted from when the message began to occupy the link,
+        acknowledged at ``at`` (monotonic seconds, default now)."""
         with self._lock:
-            self._add(num_bytes, elapsed_s)
+            self._add(num_bytes, elapsed_s, time.monotonic() if at is None else at)
 
     def estimate(self) -> LinkEstimate:
         """The current fit; with no samples, ``rtt_s`` is 0 and the bandwidth infinite."""
@@ -114,18 +132,24 @@ class LinkEstimator:
 
     # -- internals (hold the lock) ---------------------------------------------------------
 
-    def _add(self, num_bytes: int, elapsed_s: float) -> None:
+    def _add(self, num_bytes: int, elapsed_s: float, at: float) -> None:
         if num_bytes < 0 or not math.isfinite(elapsed_s) or elapsed_s < 0:
             return
         bandwidth, rtt = self._recent_fit() if self._samples else (math.inf, elapsed_s)
         self._count += 1
         self._unfitted += 1
         self._samples.append((num_bytes, elapsed_s))
+        self._sample_times.append(at)
+        while len(self._samples) > _RTT_MIN_KEPT and self._sample_times[0] < at - self._max_age_s:
+            self._samples.popleft()
+            self._sample_times.popleft()
         if self._is_large(num_bytes, elapsed_s, bandwidth, rtt):
             self._large.append((num_bytes, elapsed_s, True))
 
     @staticmethod
     def _is_large(num_bytes: int, elapsed_s: float, bandwidth: float, rtt: float) -> bool:
+        if num_bytes < BANDWIDTH_MIN_BYTES:
+            return False
         threshold = _serialization_threshold(rtt)
         if math.isinf(bandwidth):
             return elapsed_s - rtt >= threshold  # no rate yet: time is all there is

@@ -25,3 +25,8 @@ def oldest_prefill_arrival(
                 break
     times = [seq.request.arrival_time for seq in candidates]
     return min((t for t in times if t is not None), default=None)
+
+
+def num_decoding(running: SequenceOf[Sequence]) -> int:
+    """Running sequences past their prompt (decoding now, or with a decode in flight)."""
+    return sum(1 for seq in running if seq.num_uncomputed_tokens <= 1)

@@ -43,7 +43,7 @@ from molink.kv_cache.manager import KVCacheManager
 from molink.sampling_params import SamplingParams
 from molink.scheduler.integrity import check_scheduler_integrity
 from molink.scheduler.plan_builder import PlanBuilder, VictimCursor, check_step_limit
-from molink.scheduler.queues import oldest_prefill_arrival
+from molink.scheduler.queues import num_decoding, oldest_prefill_arrival
 from molink.scheduler.sequence import (
     RequestRecord,
     Sequence,
@@ -214,6 +214,11 @@ class Scheduler:
     @property
     def num_in_flight_sequences(self) -> int:
         return sum(len(seqs) for _, seqs in self._in_flight.values())
+
+    @property
+    def num_decoding(self) -> int:
+        """Running sequences past their prompt; O(running)."""
+        return num_decoding(self._running)
 
     def oldest_prefill_arrival(self) -> float | None:
         """See ``molink.scheduler.queues.oldest_prefill_arrival``."""

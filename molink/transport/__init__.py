@@ -4,7 +4,7 @@
 ``molink.proto`` changes in a way an older peer could misread.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: int8 tensors carry their outliers apart
 
 # Call metadata key reserved for credentials (swarm key, tokens). Unused for now.
 CREDENTIALS_METADATA_KEY = "molink-credentials"

@@ -7,11 +7,10 @@ checked against what the step plan says it must be.
 Wire dtypes:
 
 * ``float32``, ``float16``, ``bfloat16``: the activations cast to that dtype.
-* ``int8``: symmetric per-row (per-token) absmax quantization. For each row ``x``,
-  ``scale = max(|x|) / 127`` (1.0 for an all-zero row) travels as float32, and
-  ``q = round(x / scale)`` as int8 in [-127, 127]. Decoding gives ``q * scale`` in float32,
-  so every element is off by at most ``scale / 2 = max(|x|) / 254`` (plus float32
-  rounding). It halves the bytes of float16 at the cost of that error.
+* ``int8``: symmetric per-row (per-token) absmax quantization, with each row's few
+  largest elements sent apart and exact (see molink.transport.int8). Every element is
+  exact or off by at most ``max(|rest of its row|) / 254``; it about halves the bytes of
+  float16.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import warnings
 import torch
 
 from molink.errors import ProtocolError
+from molink.transport import int8
 from molink.transport.generated import molink_pb2 as pb
 
 if sys.byteorder != "little":  # the wire is little-endian and tensors are sent as memory
@@ -32,7 +32,9 @@ if sys.byteorder != "little":  # the wire is little-endian and tensors are sent 
 # handed over as input and never written through, so the warning is noise.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-INT8_LEVELS = 127
+INT8_LEVELS = int8.LEVELS
+quantize_int8 = int8.quantize
+dequantize_int8 = int8.dequantize
 
 _NAME_TO_WIRE = {
     "float32": pb.WIRE_DTYPE_FLOAT32,
@@ -47,7 +49,6 @@ _WIRE_TO_TORCH = {
     pb.WIRE_DTYPE_INT8: torch.int8,
 }
 _WIRE_TO_NAME = {wire: name for name, wire in _NAME_TO_WIRE.items()}
-INT8_SCALE_BYTES = 4  # one float32 scale per int8 row
 
 
 def wire_dtype_of(name: str) -> int:
@@ -60,24 +61,11 @@ def wire_dtype_of(name: str) -> int:
         ) from None
 
 
-def wire_itemsize(name: str) -> int:
-    """Bytes per element of a wire dtype (int8 rows carry INT8_SCALE_BYTES more)."""
-    return torch.empty((), dtype=_WIRE_TO_TORCH[wire_dtype_of(name)]).element_size()
-
-
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric absmax quantization of a 2-D tensor: (int8 values, float32 scales)."""
-    rows = x.to(torch.float32)
-    if rows.numel() == 0:  # amax refuses empty reductions
-        return rows.to(torch.int8), torch.ones(rows.shape[0], dtype=torch.float32)
-    scale = rows.abs().amax(dim=1) / INT8_LEVELS
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(rows / scale[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS)
-    return q.to(torch.int8), scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.to(torch.float32) * scale[:, None]
+def wire_row_bytes(columns: int, wire_dtype: str) -> int:
+    """Bytes one row (one token's activations) of ``columns`` values takes on the wire."""
+    if wire_dtype_of(wire_dtype) == pb.WIRE_DTYPE_INT8:
+        return int8.row_bytes(columns)
+    return columns * torch.empty((), dtype=_WIRE_TO_TORCH[wire_dtype_of(wire_dtype)]).element_size()
 
 
 def encode_tensor(tensor: torch.Tensor, wire_dtype: str, out: pb.Tensor | None = None) -> pb.Tensor:
@@ -99,10 +87,9 @@ def encode_tensor_header(tensor: torch.Tensor, wire_dtype: str, out: pb.Tensor) 
     out.shape[:] = list(tensor.shape)
     tensor = tensor.detach()
     if wire == pb.WIRE_DTYPE_INT8:
-        q, scale = quantize_int8(_as_rows(tensor))
-        out.scale = bytes(_byte_view(scale))
-        return _byte_view(q)
-    out.scale = b""
+        return _byte_view(int8.encode(_as_rows(tensor), out))
+    out.scale = out.outlier_columns = out.outlier_values = b""
+    out.outliers_per_row = 0
     return _byte_view(tensor.to(_WIRE_TO_TORCH[wire]))
 
 
@@ -154,27 +141,11 @@ def decode_tensor(
             f"{_WIRE_TO_NAME[msg.dtype]} needs {num_bytes}"
         )
     values = _from_bytes(data, dtype, shape)
-    scale = msg.scale
     if msg.dtype != pb.WIRE_DTYPE_INT8:
-        if scale:
+        if msg.scale or msg.outliers_per_row or msg.outlier_columns or msg.outlier_values:
             raise ProtocolError(f"{what} carries scales but is not int8")
         return values
-    return _dequantize(scale, values, shape, what)
-
-
-def _dequantize(
-    scale_bytes: bytes, values: torch.Tensor, shape: tuple[int, ...], what: str
-) -> torch.Tensor:
-    rows = shape[0] if shape else 1
-    if len(scale_bytes) != rows * INT8_SCALE_BYTES:
-        raise ProtocolError(
-            f"{what} carries {len(scale_bytes)} bytes of int8 scales, expected "
-            f"{rows * INT8_SCALE_BYTES} (one float32 per row)"
-        )
-    scale = _from_bytes(scale_bytes, torch.float32, (rows,))
-    if not bool(torch.isfinite(scale).all()):
-        raise ProtocolError(f"{what} has non-finite int8 scales")
-    return dequantize_int8(_as_rows(values), scale).reshape(shape)
+    return int8.decode(msg, _as_rows(values), what).reshape(shape)
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ copies cost more than everything else the node does to a message.
 Instead, the sender serializes the message with ``step.hidden.data`` left empty and
 appends a *trailer*: one more occurrence of field ``step`` holding only
 ``hidden { data }``. Protobuf merges repeated occurrences of a message field (a scalar's
-last occurrence wins), so any protobuf parser reads the whole as the ordinary message;
-the bytes are the same as the ordinary encoding's but for the order of fields. The
+last occurrence wins), so any protobuf parser reads the whole as the ordinary message,
+which is only a few bytes shorter (the repeated headers of ``step`` and ``hidden``). The
 receiver recognizes the trailer, parses only what precedes it, and views the activation
 bytes in place (``memoryview``), from which the codec builds the tensor without a copy.
 """

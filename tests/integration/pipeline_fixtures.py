@@ -434,3 +434,30 @@ def assert_same_completions(
         assert len(actual.logprobs) == len(reference.logprobs), where
         for position, (a, b) in enumerate(zip(actual.logprobs, reference.logprobs, strict=True)):
             assert abs(a - b) <= LOGPROB_TOLERANCE, f"{where}: token {position}: {a} vs {b}"
+
+
+def metric_series(base_url: str, name: str) -> dict[str, float]:
+    """Every sample of metric ``name`` on the head's /metrics, keyed by its label text."""
+    response = httpx.get(f"{base_url}/metrics", timeout=10.0)
+    response.raise_for_status()
+    series: dict[str, float] = {}
+    for line in response.text.splitlines():
+        key, _, value = line.rpartition(" ")
+        metric, _, labels = key.partition("{")
+        if metric == name and not line.startswith("#"):
+            series[labels.rstrip("}")] = float(value)
+    return series
+
+
+def assert_traffic_counted(pipeline: Pipeline, min_tokens: int) -> None:
+    """/metrics counts bytes on every hop, the return to the head included."""
+    hops = metric_series(pipeline.base_url, "molink:pipeline_bytes_sent_total")
+    assert len(hops) == len(pipeline.nodes), hops
+    assert all(value > 0 for value in hops.values()), hops
+    expected = {
+        f'hop="{a.grpc_address}->{b.grpc_address}"'
+        for a, b in zip(pipeline.nodes, [*pipeline.nodes[1:], pipeline.head], strict=True)
+    }
+    assert set(hops) == expected, hops
+    sampled = metric_series(pipeline.base_url, "molink:pipeline_sampled_tokens_total")
+    assert sampled[""] >= min_tokens, sampled

@@ -93,12 +93,12 @@ class Cluster:
             time.sleep(0.2)
 
     def close(self) -> None:
+        self.head.close()  # first, so that it does not watch its stages go
         for proc in self.stages.values():
             if proc.poll() is None:
                 proc.kill()
         for proc in self.stages.values():
             proc.wait(10)
-        self.head.close()
         for emulator in self.emulators:
             emulator.stop()
 

@@ -44,6 +44,7 @@ NUM_STREAMED = 6
 NUM_UNSTREAMED = 2
 TOKENS_BEFORE_KILL = 3
 FAILURE_BOUND_S = 20.0
+STAYS_READY_S = 6.0  # the head checks every stage's health each second
 REFUSED_EXIT_TIMEOUT_S = 120.0
 PROBE = Case(prompt=[5, 6, 7, 8, 9, 10, 11], max_tokens=12, stream=False)
 
@@ -165,7 +166,17 @@ async def test_killed_stage_fails_requests_then_a_replacement_serves(tiny_model_
         wait_ready(pipeline.base_url)
         after = await complete_all(pipeline.base_url, [PROBE])
         assert_same_completions(after, before, [PROBE])
+        # Several health checks later the replacement is still part of the pipeline.
+        _assert_stays_ready(pipeline, STAYS_READY_S)
         wait_pipeline_idle(pipeline)
+
+
+def _assert_stays_ready(pipeline: Pipeline, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status, message = head_health(pipeline.base_url)
+        assert status == 200, message
+        time.sleep(0.2)
 
 
 # -- refused joins ------------------------------------------------------------------------

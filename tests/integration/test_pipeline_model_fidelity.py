@@ -17,6 +17,7 @@ from molink.engine.offline import LLM
 from tests.integration.pipeline_fixtures import (
     PASSAGE,
     assert_same_completions,
+    assert_traffic_counted,
     complete_all,
     mixed_cases,
     reference_completions,
@@ -43,6 +44,7 @@ async def _check_pipeline(model: str | None, bounds: Sequence[int], max_tokens) 
     with running_pipeline(bounds, model) as pipeline:
         got = await complete_all(pipeline.base_url, cases)
         assert_same_completions(got, expected, cases)
+        assert_traffic_counted(pipeline, sum(len(c.tokens) for c in expected))
         wait_pipeline_idle(pipeline)
 
 

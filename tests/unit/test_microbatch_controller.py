@@ -191,3 +191,12 @@ def test_bad_policy_is_rejected_by_name(policy, field):
     with pytest.raises(InvalidParameterError) as info:
         MicroBatchController(None, policy=policy)
     assert info.value.field == field
+
+
+def test_k_never_exceeds_the_running_sequences_and_idles_unchanged():
+    telemetry = two_stage_telemetry(rtt_s=1.0)  # wants the most
+    ctl, _ = controller(telemetry)
+    assert ctl.update(2.0, num_running=4) == 4
+    assert ctl.update(2.0, num_running=0) == 4  # nothing runs: nothing learnt
+    assert ctl.update(2.0, num_running=50) == 6
+    assert ctl.update(1.0, num_running=1) == 1

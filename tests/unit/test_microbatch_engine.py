@@ -11,7 +11,12 @@ from molink.engine.microbatch_controller import MicroBatchController, MicroBatch
 from molink.engine.offline import LLM
 from molink.engine.pacing import PipelinePacer
 from molink.engine.pipeline_builder import PipelineSizer, head_telemetry
-from molink.engine.transmission import TransmissionConfig, TransmissionScheduler
+from molink.engine.transmission import (
+    TransmissionConfig,
+    TransmissionScheduler,
+    prefill_tokens_of,
+)
+from molink.sampling_params import SamplingParams
 from tests.helpers.fake_engine import FakeTokenizer
 from tests.unit.test_engine_fidelity import (
     GREEDY,
@@ -53,8 +58,9 @@ def test_paced_micro_batches_keep_outputs_exact(tiny_model_dir) -> None:
     outputs = llm.generate(prompts, GREEDY)
 
     _check_against_reference(outputs, _reference(path, prompts))
-    assert {plan.micro_batch for plan in submitted} == {0, 1, 2}
-    assert max(plan.num_tokens for plan in submitted) <= 40 + len(prompts)
+    assert len({plan.micro_batch for plan in submitted}) >= 2
+    with_decodes = [p for p in submitted if any(s.num_new_tokens == 1 for s in p.scheduled)]
+    assert with_decodes and all(prefill_tokens_of(plan) <= 40 for plan in with_decodes)
     kv = llm.engine.scheduler.kv
     assert kv.num_free_blocks == kv.num_total_blocks
 
@@ -112,7 +118,13 @@ def test_sizer_starts_at_stages_plus_one_then_follows_the_measurements() -> None
     assert engine.num_micro_batches == 3
     # (0.04 s of compute + 0.01 s of latency) / 1 ms per token on the slow hop
     assert engine.pacer.transmission.allowance == 50
-    head.links = two_stage_telemetry(rtt_s=0.05).links
+    # (0.04 s of compute + 0.05 s of latency) / 0.02 s: 4.5 plans cover the bubble.
+    head.links = two_stage_telemetry(rtt_s=0.05, bandwidth=float("inf")).links
+    sizer()
+    assert engine.num_micro_batches == 3  # nothing runs: nothing to learn from
+    for i in range(6):
+        engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=20))
+    engine.step()
     sizer()
     assert engine.num_micro_batches == 5
 

@@ -169,3 +169,15 @@ def test_oldest_prefill_arrival_skips_decodes_and_in_flight_prefills():
     assert sched.oldest_prefill_arrival() == 7.0
     sched.add_request("d", prompt(4, 900), params())  # no arrival time: ignored
     assert sched.oldest_prefill_arrival() == 7.0
+
+
+def test_num_decoding_counts_sequences_past_their_prompt_even_in_flight():
+    sched = make_scheduler(max_num_batched_tokens=64)
+    stage = FakeStage(sched)
+    decoding(sched, stage, 3)
+    sched.add_request("long", prompt(40, 300), params())
+    assert sched.num_decoding == 3
+    plan = sched.schedule(prefill_token_budget=8)  # decodes and a prefill chunk in flight
+    assert sched.num_decoding == 3
+    sched.update(plan, stage.execute(plan))
+    assert sched.num_decoding == 3

@@ -135,3 +135,12 @@ def test_without_measurements_plans_are_those_of_the_plain_engine():
         plain, plain_executor, _ = make_engine(None, num_micro_batches=1)
         plain.pacer = None
         assert plans_of(engine, executor, clock) == plans_of(plain, plain_executor, clock)
+
+
+def test_with_no_decode_to_protect_a_prompt_is_not_capped():
+    engine, executor, clock = make_engine(two_stage_telemetry())
+    add(engine, "alone", 600, 4, clock)
+    engine.step()
+    assert prefill_tokens_of(executor.submitted[0]) == TOKEN_BUDGET
+    run(engine)
+    assert engine.scheduler.num_decoding == 0

@@ -250,16 +250,22 @@ class StepPlan(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "scale")
+    __slots__ = ("dtype", "shape", "data", "scale", "outliers_per_row", "outlier_columns", "outlier_values")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
+    OUTLIERS_PER_ROW_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_VALUES_FIELD_NUMBER: _ClassVar[int]
     dtype: WireDtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     scale: bytes
-    def __init__(self, dtype: _Optional[_Union[WireDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[bytes] = ...) -> None: ...
+    outliers_per_row: int
+    outlier_columns: bytes
+    outlier_values: bytes
+    def __init__(self, dtype: _Optional[_Union[WireDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., outlier_columns: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ...) -> None: ...
 
 class HopTrace(_message.Message):
     __slots__ = ("node_id", "bytes_received", "queue_s", "compute_s")
