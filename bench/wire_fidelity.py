@@ -13,6 +13,8 @@ activations uncompressed:
     python bench/wire_fidelity.py [--model NAME] [--split 15] [--new-tokens 64] [--out PATH]
 
 Writes ``bench/results/wire_fidelity.json``; exits 1 if int8 top-1 agreement is below 99%.
+An ablation row, ``int8_without_outliers``, shows why int8 sends each row's largest
+elements apart (molink.transport.int8): plain per-row absmax int8 of the same activations.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ from molink.engine.local_executor import LocalExecutor  # noqa: E402
 from molink.engine.offline import LLM  # noqa: E402
 from molink.models.attention import AttentionMetadata, SeqChunk  # noqa: E402
 from molink.sampling_params import SamplingParams  # noqa: E402
-from molink.transport.codec import wire_row_bytes  # noqa: E402
+from molink.transport import int8  # noqa: E402
+from molink.transport.codec import decode_tensor, wire_row_bytes  # noqa: E402
+from molink.transport.generated import molink_pb2 as pb  # noqa: E402
 
 logger = logging.getLogger("wire_fidelity")
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 INT8_TARGET_TOP1 = 0.99
+ABLATION = "int8_without_outliers"
 
 CHAT_PROMPTS = (
     "What is the capital of France, and why is it famous?",
@@ -114,6 +119,14 @@ def _teacher_forced_logits(llm: LLM, prompt: list[int], continuation: list[int])
     return executor.stages[-1].model.compute_logits(rows).float()
 
 
+def _int8_without_outliers(hidden: torch.Tensor) -> torch.Tensor:
+    """The int8 wire format with no outliers apart: plain per-row absmax quantization."""
+    message = pb.Tensor(dtype=pb.WIRE_DTYPE_INT8, shape=list(hidden.shape))
+    message.data = int8.encode(hidden, message, outliers=0).numpy().tobytes()
+    received = pb.Tensor.FromString(message.SerializeToString())
+    return decode_tensor(received, tuple(hidden.shape), 1 << 30).to(hidden.dtype)
+
+
 def _first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
@@ -121,6 +134,7 @@ def _first_divergence(a: list[int], b: list[int]) -> int:
 def _evaluate(
     llm: LLM,
     wire: str,
+    bytes_per_token: int,
     prompts: list[list[int]],
     reference_tokens: list[list[int]],
     reference_logits: list[torch.Tensor],
@@ -140,10 +154,9 @@ def _evaluate(
         error_sum += float(error.sum())
         error_count += error.numel()
     divergences = [_first_divergence(t, r) for t, r in zip(tokens, reference_tokens, strict=True)]
-    hidden_size = llm.source.model_config.hidden_size
     return WireResult(
         wire_dtype=wire,
-        bytes_per_token=wire_row_bytes(hidden_size, wire),
+        bytes_per_token=bytes_per_token,
         top1_agreement=agree / total,
         max_abs_logit_error=max_error,
         mean_abs_logit_error=error_sum / error_count,
@@ -165,12 +178,19 @@ def run(model: str | None, split: int, new_tokens: int) -> dict:
     ]
     compute_dtype = str(reference.engine.executor.stages[0].kv_cache.dtype).removeprefix("torch.")
     logger.info("reference (float32 activations, no codec) took %.0fs", time.monotonic() - started)
+    hidden_size = reference.source.model_config.hidden_size
     del reference
     results = []
-    for wire in WIRE_DTYPES:
+    for wire in (*WIRE_DTYPES, ABLATION):
         began = time.monotonic()
-        llm = _load(model, split, wire)
-        result = _evaluate(llm, wire, prompts, reference_tokens, reference_logits, began)
+        if wire == ABLATION:
+            llm = _load(model, split, None)
+            llm.engine.executor.handoff = _int8_without_outliers  # type: ignore[method-assign]
+            row_bytes = int8.row_bytes(hidden_size, outliers=0)
+        else:
+            llm = _load(model, split, wire)
+            row_bytes = wire_row_bytes(hidden_size, wire)
+        result = _evaluate(llm, wire, row_bytes, prompts, reference_tokens, reference_logits, began)
         logger.info("%s", result)
         results.append(result)
         del llm
@@ -182,6 +202,7 @@ def run(model: str | None, split: int, new_tokens: int) -> dict:
         "num_chat_prompts": len(CHAT_PROMPTS),
         "new_tokens": new_tokens,
         "reference": "float32 activations handed over without the codec",
+        "int8_outliers_per_row": int8.OUTLIERS_PER_ROW,
         "method": (
             "greedy: each prompt's greedy continuation (ignore_eos) per wire dtype against the "
             "reference's; teacher-forced: the reference continuation fed back, argmax and "

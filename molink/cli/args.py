@@ -102,6 +102,7 @@ class EngineArgs:
     molink_end_layer: int = -1  # exclusive; -1: to the last layer
     molink_initial_peer: str | None = None
     molink_advertise_host: str | None = None
+    molink_advertise_port: int | None = None  # None: the gRPC port it binds
     molink_micro_batches: int = 0  # 0: adaptive, from the measured compute and links
     molink_wire_dtype: str = "auto"
     molink_transmission_scheduling: str = "on"
@@ -142,6 +143,8 @@ class EngineArgs:
         _check_choice(self.log_level, LOG_LEVEL_CHOICES, "log_level")
         _check_port(self.port, "port")
         _check_port(self.molink_grpc_port, "molink_grpc_port")
+        if self.molink_advertise_port is not None:
+            _check_port(self.molink_advertise_port, "molink_advertise_port")
         for name in (
             "max_num_seqs",
             "max_num_batched_tokens",
@@ -339,6 +342,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--molink-advertise-host",
         default=None,
         help="address other stages use to reach this one (default: detected)",
+    )
+    pipeline.add_argument(
+        "--molink-advertise-port",
+        type=int,
+        default=None,
+        help="gRPC port other stages dial, when a proxy or NAT forwards it to "
+        "--molink-grpc-port (default: the --molink-grpc-port)",
     )
     pipeline.add_argument(
         "--molink-micro-batches",

@@ -53,6 +53,14 @@ def advertise_host(args: EngineArgs) -> str:
         return "127.0.0.1"
 
 
+def advertise_port(args: EngineArgs) -> int:
+    """The port peers dial: a forwarder (NAT, proxy, link emulator) may sit in front of the
+    port this node binds, so the two can differ."""
+    if args.molink_advertise_port is not None:
+        return args.molink_advertise_port
+    return args.molink_grpc_port
+
+
 def wire_dtype(args: EngineArgs, dtype: torch.dtype) -> str:
     return dtype_name(dtype) if args.molink_wire_dtype == "auto" else args.molink_wire_dtype
 
@@ -60,7 +68,7 @@ def wire_dtype(args: EngineArgs, dtype: torch.dtype) -> str:
 def node_info(
     args: EngineArgs, source: ModelSource, layers: LayerRange, num_blocks: int, dtype: torch.dtype
 ) -> NodeInfo:
-    address = f"{advertise_host(args)}:{args.molink_grpc_port}"
+    address = f"{advertise_host(args)}:{advertise_port(args)}"
     return NodeInfo(
         node_id=address,
         model=ModelIdentity.from_model_config(args.model_name, source.model_config),

@@ -5,7 +5,9 @@ stage 1 from a sender thread, and receives sampled tokens from the last stage on
 ReturnResults servicer. It keeps the registry of stages (joins arrive on its gRPC
 server), checks every stage's health, and guarantees that every submitted step comes back
 from ``poll`` exactly once: with a result, or with an error naming what failed (a stage
-stopped answering, a deadline passed, a stage rejected the step).
+stopped answering, a deadline passed, a stage rejected the step). It also reports what
+it measures of every hop and stage (molink.engine.telemetry.PipelineTelemetry; see
+molink.pipeline.head_telemetry).
 
 Starting a head::
 

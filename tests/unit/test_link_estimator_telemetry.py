@@ -7,6 +7,8 @@ import math
 import random
 
 from molink.config import LayerRange
+from molink.engine.async_engine import AsyncLLMEngine
+from molink.engine.offline import LLM
 from molink.engine.telemetry import LinkEstimate
 from molink.pipeline.head_telemetry import ComputeEstimator, HeadTelemetry, metric_lines
 from molink.pipeline.identity import NodeInfo
@@ -103,3 +105,14 @@ def test_metric_lines() -> None:
     assert 'molink:stage_compute_seconds_per_step{node="s2"} 0.0' in lines
     assert "molink:hidden_bytes_per_token 128" in lines
     assert "# TYPE molink:link_rtt_seconds gauge" in lines
+
+
+def test_the_async_engine_exposes_the_lines_it_is_given(tiny_model_dir) -> None:
+    llm = LLM(model=str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=16)
+    lines = ['molink:link_rtt_seconds{hop="head->s1"} 0.02']
+    for source, expected in ((lambda: lines, lines), (None, [])):
+        engine = AsyncLLMEngine(llm.engine, "tiny", 64, metric_lines=source)
+        try:
+            assert engine.metric_lines() == expected
+        finally:
+            engine.shutdown()

@@ -15,6 +15,7 @@ from molink.pipeline.registry import (
     missing_ranges,
 )
 from molink.pipeline.wire import node_from_proto, node_to_proto, view_from_proto, view_to_proto
+from molink.transport import PROTOCOL_VERSION
 
 MODEL = ModelIdentity("org/model", "abc123", num_layers=40, hidden_size=64, vocab_size=1000)
 
@@ -89,7 +90,7 @@ def test_every_change_bumps_the_epoch(registry: StageRegistry) -> None:
         ),
         (
             _node("a", 10, 20, protocol_version=99),
-            "protocol version mismatch: node 'a' speaks v99, head 'head' speaks v1",
+            f"protocol version mismatch: node 'a' speaks v99, head 'head' speaks v{PROTOCOL_VERSION}",
         ),
         (
             _node("a", 10, 50),
