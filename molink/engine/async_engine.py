@@ -7,6 +7,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
@@ -21,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05
 _POLL_S = 0.002
+# With a slot free but nothing schedulable, only a result or a new request changes that;
+# polling faster would only take the GIL from the compute thread of this process.
+_BLOCKED_POLL_S = 0.01
+_MAINTENANCE_INTERVAL_S = 0.05
 
 
 @dataclass
@@ -53,6 +58,7 @@ class AsyncLLMEngine:
         self._readiness = readiness or engine.executor.readiness
         # Called before every step on the engine thread (e.g. to follow pipeline changes).
         self._maintenance = maintenance
+        self._next_maintenance = 0.0
         # Extra Prometheus lines, e.g. the pipeline's link and stage estimates.
         self._metric_lines = metric_lines
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
@@ -146,8 +152,7 @@ class AsyncLLMEngine:
             if not self._drain_commands():
                 break
             try:
-                if self._maintenance is not None:
-                    self._dispatch(self._maintenance())
+                self._maybe_maintain()
                 outputs = self.engine.step(poll_timeout=self._poll_timeout())
             except Exception as exc:  # keep serving: fail what was running, not the process
                 logger.exception("engine step failed")
@@ -160,11 +165,20 @@ class AsyncLLMEngine:
         for output in self.engine.fail_all("the server is shutting down"):
             self._dispatch([output])
 
+    def _maybe_maintain(self) -> None:
+        now = time.monotonic()
+        if self._maintenance is None or now < self._next_maintenance:
+            return
+        self._next_maintenance = now + _MAINTENANCE_INTERVAL_S
+        self._dispatch(self._maintenance())
+
     def _poll_timeout(self) -> float:
         # With every micro-batch slot busy nothing can happen until a result returns, so
         # block longer; with a free slot, come back soon to admit new requests.
         if self.engine.num_in_flight >= self.engine.num_micro_batches:
             return _IDLE_WAIT_S
+        if self.engine.nothing_to_schedule and self.engine.num_in_flight:
+            return _BLOCKED_POLL_S
         return _POLL_S
 
     def _drain_commands(self) -> bool:

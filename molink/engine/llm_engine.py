@@ -44,6 +44,8 @@ class LLMEngine:
         self._in_flight: dict[int, StepPlan] = {}  # step id -> plan
         self._free_slots: list[int] = list(range(num_micro_batches))
         self.num_steps = 0
+        # The last fill left a slot free because nothing could be scheduled.
+        self.nothing_to_schedule = False
 
     # -- requests -----------------------------------------------------------------------
 
@@ -132,12 +134,14 @@ class LLMEngine:
         return [self._emit(state) for state in touched.values()]
 
     def _fill_pipeline(self) -> None:
+        self.nothing_to_schedule = False
         while self._free_slots:
             micro_batch = self._free_slots[-1]
             plan = self._schedule(micro_batch)
             if plan.is_empty:
                 if plan.finished_seq_ids:
                     self.executor.release(list(plan.finished_seq_ids))
+                self.nothing_to_schedule = True
                 return
             self._free_slots.pop()
             self._in_flight[plan.step_id] = plan
