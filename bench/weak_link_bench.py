@@ -10,7 +10,9 @@ each node advertises its emulator's port, so peers dial through it. Modes, in on
 * ``vllm-like``: three micro-batches in flight, transmission scheduling off;
 * ``full``: adaptive micro-batches, transmission scheduling on;
 * ``full-int8``: ``full`` with an 8-bit wire on both nodes;
-* ``full-loopback``: ``full`` on plain loopback, no emulator (the link's upper bound).
+* ``full-loopback``: ``full`` on plain loopback, no emulator (the link's upper bound);
+* on request only, ablations: ``adaptive-only`` (adaptive micro-batches, scheduling off)
+  and ``k3-scheduled`` (three micro-batches, scheduling on).
 
 Each mode starts its own servers and runs a Poisson mix of short and long token-id prompts
 (``mixed_workload``, ignore_eos) at each arrival rate. Recorded per run: the load
@@ -97,6 +99,9 @@ MODES = {
         Mode("full", 0, "on"),
         Mode("full-int8", 0, "on", wire_dtype="int8"),
         Mode("full-loopback", 0, "on", shaped=False),
+        # Ablations (not run by default): which of full's two changes moves the figures.
+        Mode("adaptive-only", 0, "off"),
+        Mode("k3-scheduled", 3, "on"),
     )
 }
 # Most telling first, so that a run cut short by its time budget still has the ratios.
@@ -246,9 +251,10 @@ async def warm_up(base_url: str, config: BenchConfig) -> None:
 
 
 async def measure_rate(deployment: Deployment, rate: Rate, config: BenchConfig) -> dict[str, Any]:
-    specs = mixed_workload(
-        rate.num_requests, config.seed, config.prompt_lengths, config.output_lengths
-    )
+    # A seed of its own per rate: the same prompts again would hit the prefix cache and
+    # flatter the later run's TTFT.
+    seed = config.seed + config.rates.index(rate)
+    specs = mixed_workload(rate.num_requests, seed, config.prompt_lengths, config.output_lengths)
     load = LoadConfig(
         deployment.base_url,
         rate=rate.requests_per_s,

@@ -205,7 +205,12 @@ class MicroBatchController:
         """The K the rule wants now (at most ``max_k``), or the current K when the change
         is within the dead band."""
         current = min(self.current, max_k)
-        target = covering_micro_batches(model, load_tokens, max_k)
+        # Never below stages + 1: with fewer plans than stages some stage idles by
+        # construction, and measured per-token costs on a loaded host understate the
+        # bubble (seen on CPUs, where K=2 lost a third of the throughput of K=3). The
+        # measured model only raises K above this floor, for links whose latency dominates.
+        floor = min(self._num_stages + 1, max_k)
+        target = max(covering_micro_batches(model, load_tokens, max_k), floor)
         band = self.policy.dead_band
         if target > current and model.fill(current, load_tokens) < 1.0 - band:
             return target
