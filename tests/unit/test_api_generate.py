@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 
@@ -50,7 +51,11 @@ def test_generate_stream_is_json_lines(client: TestClient, engine: FakeEngine) -
     lines = response.text.split("\n")
     assert lines[-1] == ""
     chunks = [json.loads(line) for line in lines[:-1]]
-    assert [c["text"] for c in chunks] == [["xH"], ["xHe"], ["xHel"]]
+    texts = [c["text"][0] for c in chunks]
+    # Cumulative text per line, ending complete; a loaded host may merge lines.
+    assert texts[-1] == "xHel"
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(texts))
+    assert set(texts) <= {"xH", "xHe", "xHel"}
 
 
 def test_generate_stream_error_line(client: TestClient, engine: FakeEngine) -> None:
