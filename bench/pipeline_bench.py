@@ -191,6 +191,21 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every process on the machine has spent busy so far (Linux /proc/stat)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def hop_bytes(delta: dict[str, float]) -> dict[str, float]:
     prefix = "molink:pipeline_bytes_sent_total{"
     return {key[len(prefix) : -1]: value for key, value in delta.items() if key.startswith(prefix)}
@@ -229,15 +244,27 @@ async def measure(phase: Phase, config: BenchConfig) -> dict[str, Any]:
     )
     before = fetch_metrics(phase.base_url)
     cpu_before = [cpu_seconds(s.process.pid) for s in phase.servers]
-    load_before = os.getloadavg()
+    busy_before, own_before, load_before = (
+        machine_busy_seconds(),
+        own_cpu_seconds(),
+        os.getloadavg(),
+    )
     run = await run_load(specs, load)
-    load_after = os.getloadavg()
+    busy_after, own_after, load_after = machine_busy_seconds(), own_cpu_seconds(), os.getloadavg()
     cpu_after = [cpu_seconds(s.process.pid) for s in phase.servers]
     after = fetch_metrics(phase.base_url)
     logger.info("%s:\n%s", phase.name, format_summary(run.summary))
-    return phase_result(phase, run.summary.to_dict(), before, after, cpu_before, cpu_after) | {
+    result = phase_result(phase, run.summary.to_dict(), before, after, cpu_before, cpu_after)
+    servers = sum(c for c in result["cpu_seconds_per_server"] if c is not None)
+    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
+    return result | {
         "loadavg_before": list(load_before),
         "loadavg_after": list(load_after),
+        "load_generator_cpu_seconds": own_after - own_before,
+        # CPU that processes other than this benchmark's used meanwhile: noise in the numbers.
+        "other_processes_cpu_seconds": None
+        if busy is None
+        else busy - servers - (own_after - own_before),
     }
 
 
