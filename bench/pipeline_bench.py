@@ -7,7 +7,8 @@ each with ``ignore_eos``, all ``--num-requests`` at once, streamed), in one run:
 * ``pipeline``: head ``[0, split)`` + stage ``[split, 30)``, ``--num-threads 1`` each,
   micro-batches in flight as the head chooses by default;
 * ``pipeline-k3``: the same, pinned to stages + 1 = 3 micro-batches;
-* ``pipeline-k1``: the same, one micro-batch in flight (no pipelining).
+* ``pipeline-k1``: the same, one micro-batch in flight (no pipelining);
+* ``pipeline-k2`` (only when asked for with ``--phases``): pinned to 2.
 
 Each phase starts its own servers, warms up, runs the workload once, and records the
 load generator's summary (tokens/s, TTFT and TPOT percentiles), bytes on the wire per
@@ -60,7 +61,7 @@ TARGET_VS_ONE_MICRO_BATCH = 1.6
 TARGET_VS_SINGLE = 1.0
 WARMUP_REQUESTS = 2
 WARMUP_TOKENS = 8
-PHASES = ("single", "pipeline", "pipeline-k3", "pipeline-k1")
+PHASES = ("single", "pipeline", "pipeline-k3", "pipeline-k1", "pipeline-k2")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -141,7 +142,7 @@ def pipeline_commands(
 def phase_commands(name: str, config: BenchConfig) -> list[tuple[list[str], int, int]]:
     if name == "single":
         return single_commands(config)
-    pinned = {"pipeline": None, "pipeline-k3": 3, "pipeline-k1": 1}[name]
+    pinned = {"pipeline": None, "pipeline-k3": 3, "pipeline-k2": 2, "pipeline-k1": 1}[name]
     return pipeline_commands(config, pinned)
 
 
@@ -288,6 +289,7 @@ def phase_result(
         "commands": [" ".join(c) for c in phase.commands],
         "summary": summary,
         "generated_tokens": generated,
+        "pipeline_steps": metric_total(delta, "molink:pipeline_steps_total"),
         "bytes_per_generated_token": sum(hops.values()) / generated if hops and generated else None,
         "bytes_per_hop": hops,
         "cpu_seconds_per_server": cpu,
@@ -353,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--split", type=int, default=BenchConfig.split, help="head's end layer")
-    parser.add_argument("--phases", default=",".join(PHASES), help=f"any of {', '.join(PHASES)}")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES[:4]), help=f"any of {', '.join(PHASES)}"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 requests, 8 tokens")
     parser.add_argument("--name", default="pipeline", help="results file bench/results/NAME.json")
