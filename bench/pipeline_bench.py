@@ -14,8 +14,10 @@ Each phase starts its own servers, warms up, runs the workload once, and records
 load generator's summary (tokens/s, TTFT and TPOT percentiles), bytes on the wire per
 generated token (the head's ``molink:pipeline_bytes_sent_total`` over its
 ``molink:generation_tokens_total``), every server's CPU seconds, and the load average.
+The phases run ``--repeats`` rounds, interleaved; ratios compare median throughputs.
 
-    python bench/pipeline_bench.py [--split 17] [--phases single,pipeline,pipeline-k1] [--quick]
+    python bench/pipeline_bench.py [--split 17] [--phases single,pipeline,pipeline-k1]
+                                   [--repeats 2] [--quick]
 
 Writes ``bench/results/pipeline.json``; exits 1 if a phase failed or requests errored.
 Targets: pipeline >= 1.6x pipeline-k1 and pipeline >= 1.0x single (output tokens/s).
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -308,8 +311,9 @@ def run_phase(name: str, config: BenchConfig) -> dict[str, Any]:
 
 
 def throughput(results: dict[str, dict], name: str) -> float | None:
+    """The median over the rounds of a phase (its only run with one round)."""
     phase = results.get(name)
-    return phase["summary"]["output_throughput"] if phase else None
+    return phase["output_throughput_median"] if phase else None
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -332,15 +336,26 @@ def verdict(results: dict[str, dict]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def run_benchmark(config: BenchConfig, phases: list[str]) -> dict[str, Any]:
+def run_benchmark(config: BenchConfig, phases: list[str], repeats: int = 1) -> dict[str, Any]:
+    """Every phase ``repeats`` times, the rounds interleaved (a, b, c, a, b, c) so that a
+    slow spell of a shared host lands on all phases alike; each phase keeps its last
+    round's details and the throughput of every round."""
     results: dict[str, dict] = {}
+    rounds: dict[str, list[float]] = {name: [] for name in phases}
     errors: list[str] = []
-    for name in phases:
-        try:
-            results[name] = run_phase(name, config)
-        except Exception as exc:  # a failed phase is reported; the others still run
-            logger.exception("phase %s failed", name)
-            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+    for round_index in range(repeats):
+        for name in phases:
+            try:
+                result = run_phase(name, config)
+            except Exception as exc:  # a failed phase is reported; the others still run
+                logger.exception("phase %s failed", name)
+                errors.append(f"{name} (round {round_index + 1}): {type(exc).__name__}: {exc}")
+                continue
+            rounds[name].append(result["summary"]["output_throughput"])
+            results[name] = result | {
+                "output_throughput_rounds": list(rounds[name]),
+                "output_throughput_median": statistics.median(rounds[name]),
+            }
     return {
         "config": asdict(config),
         "phases": results,
@@ -359,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--phases", default=",".join(PHASES[:4]), help=f"any of {', '.join(PHASES)}"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of all phases")
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 requests, 8 tokens")
     parser.add_argument("--name", default="pipeline", help="results file bench/results/NAME.json")
     return parser
@@ -373,15 +389,15 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"unknown phases {unknown}; known: {', '.join(PHASES)}")
     num_requests, output_len = (4, 8) if args.quick else (args.num_requests, args.output_len)
     config = BenchConfig(num_requests, args.prompt_len, output_len, args.split, args.seed)
-    payload = run_benchmark(config, phases)
+    payload = run_benchmark(config, phases, max(1, args.repeats))
     payload["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     write_results(args.name, payload)
     for name, result in payload["phases"].items():
         summary = result["summary"]
         logger.info(
-            "%-12s %7.1f tok/s  TTFT p50 %7.0f ms  TPOT p50 %6.1f ms  %s B/token",
+            "%-12s %7.1f tok/s (median)  TTFT p50 %7.0f ms  TPOT p50 %6.1f ms  %s B/token",
             name,
-            summary["output_throughput"],
+            result["output_throughput_median"],
             summary["ttft_p50_ms"] or 0.0,
             summary["tpot_p50_ms"] or 0.0,
             result["bytes_per_generated_token"],

@@ -33,7 +33,24 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    sink: Callable[[RequestOutput | BaseException], None]
+    sink: _Sink
+
+
+@dataclass(frozen=True)
+class _Sink:
+    """Where a request's outputs go: a queue read on an event loop. The engine thread hands
+    each loop all of a step's outputs in one call, not one wake-up per request."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def __call__(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _put_all(deliveries: list[tuple[_Sink, RequestOutput]]) -> None:
+    for sink, output in deliveries:
+        sink.queue.put_nowait(output)
 
 
 @dataclass
@@ -63,7 +80,7 @@ class AsyncLLMEngine:
         self._metric_lines = metric_lines
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._sinks: dict[str, _Sink] = {}
         self._stats = EngineStats(0, 0, 0, 0)
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="molink-engine", daemon=True)
@@ -91,10 +108,7 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
-        def sink(item: RequestOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(results.put_nowait, item)
-
-        self._send(_Add(request_id, prompt_ids, params, sink))
+        self._send(_Add(request_id, prompt_ids, params, _Sink(loop, results)))
         finished = False
         try:
             while not finished:
@@ -206,13 +220,19 @@ class AsyncLLMEngine:
         self._sinks[command.request_id] = command.sink
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput]]] = {}
         for output in outputs:
             sink = self._sinks.get(output.request_id)
             if sink is None:
                 continue
             if output.finished:
                 del self._sinks[output.request_id]
-            sink(output)
+            by_loop.setdefault(sink.loop, []).append((sink, output))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, deliveries)
+            except RuntimeError:  # the loop closed (server shutting down): nobody listens
+                logger.debug("dropping %d outputs for a closed event loop", len(deliveries))
 
     def _update_stats(self) -> None:
         sched = self.engine.scheduler

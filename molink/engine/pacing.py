@@ -6,7 +6,8 @@ node) schedules exactly as before; the pipeline head uses ``PipelinePacer``:
 
 * ``prefill_token_budget`` from transmission scheduling (molink/engine/transmission.py),
   only while some sequence decodes: with no decode to protect, a cap would only delay
-  the first tokens;
+  the first tokens. The pacer remembers when each prefill got its first chunk, for the
+  budget's aging;
 * ``max_decodes = ceil(running / K)`` with K micro-batches, so each plan carries its
   share of the decodes instead of the first free micro-batch taking them all and leaving
   the others empty (which would serialise the pipeline behind one plan).
@@ -25,6 +26,8 @@ from molink.step import StepPlan
 
 # Weight of the newest plan in the running mean of tokens per plan.
 _MEAN_WEIGHT = 0.1
+# Prefill start times kept at most; beyond it (aborted prompts never finish) the oldest go.
+_MAX_TRACKED_PREFILLS = 4096
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class PipelinePacer:
         self.transmission = transmission
         self.balance_decodes = balance_decodes
         self.mean_plan_tokens: float | None = None
+        self._prefill_started: dict[int, float] = {}  # seq id -> first chunk's time
 
     def limits(
         self, scheduler: Scheduler, in_flight: Collection[StepPlan], num_micro_batches: int
@@ -63,13 +67,30 @@ class PipelinePacer:
         if self.transmission.allowance is not None and scheduler.num_decoding > 0:
             prefill_budget = self.transmission.budget(
                 in_flight_prefill_tokens=sum(prefill_tokens_of(plan) for plan in in_flight),
-                oldest_arrival=scheduler.oldest_prefill_arrival(),
+                prefill_started_at=self._oldest_start(scheduler.prefill_candidate_ids()),
                 floor_tokens=scheduler.kv.block_size,
                 token_budget=scheduler.config.max_num_batched_tokens,
             )
         return ScheduleLimits(prefill_budget, max_decodes)
 
+    def _oldest_start(self, seq_ids: list[int]) -> float | None:
+        starts = [self._prefill_started[i] for i in seq_ids if i in self._prefill_started]
+        return min(starts, default=None)
+
+    def _track_prefills(self, plan: StepPlan) -> None:
+        now = self.transmission.clock()
+        for seq in plan.scheduled:
+            if seq.num_new_tokens <= 1:
+                continue
+            if seq.sample:  # the chunk ends the prompt: the prefill is done
+                self._prefill_started.pop(seq.seq_id, None)
+            else:
+                self._prefill_started.setdefault(seq.seq_id, now)
+        while len(self._prefill_started) > _MAX_TRACKED_PREFILLS:
+            del self._prefill_started[next(iter(self._prefill_started))]
+
     def observe(self, plan: StepPlan) -> None:
+        self._track_prefills(plan)
         tokens = float(plan.num_tokens)
         if self.mean_plan_tokens is None:
             self.mean_plan_tokens = tokens

@@ -25,6 +25,8 @@ class StageTiming:
     compute_s_per_step: float  # smoothed compute time of one micro-batch step
     compute_s_per_token: float  # smoothed marginal compute time per scheduled token
     samples: int
+    # Smoothed compute time of the steps that carried no prefill chunk; 0 until one came.
+    compute_s_per_decode_step: float = 0.0
 
 
 class PipelineTelemetry(Protocol):

@@ -1,42 +1,49 @@
-"""Transmission scheduling: how many prefill tokens the head lets onto a slow link at once.
+"""Transmission scheduling: how many prefill tokens the head lets into the pipeline at once.
 
 A decode step moves one token's activations per sequence; a prefill chunk moves one per
 prompt token, up to a thousand times more. Sent whole, a long prompt holds the slowest link
-for seconds and every decode queued behind it waits. The head therefore caps the prefill
-tokens it puts in flight from what the telemetry measured:
+for seconds and every decode queued behind it waits. The same holds for compute: a stage
+busy with a 512-token chunk makes every decode micro-batch queued behind it wait (on CPUs
+and small GPUs that, not the wire, is often the longer stall). The head therefore caps the
+prefill tokens it puts in flight from what the telemetry measured:
 
-* ``round_trip_s`` (R): how long a decode micro-batch takes to come back when no transfer
-  is queued: the sum of every stage's compute time per step plus half of every hop's
-  round trip time.
-* ``seconds_per_token`` (t): one token's activations on the slowest activation hop,
-  ``hidden_bytes_per_token / bandwidth`` (the last stage -> head hop carries only sampled
-  tokens and is left out).
-* ``allowance = floor(alpha * R / t)``: prefill tokens that the slowest link carries in
-  ``alpha`` decode round trips.
+* ``round_trip_s`` (R): how long a decode micro-batch takes to come back when no prefill
+  is in the way: every stage's compute time per decode-only step (the time per step of
+  any kind until a decode-only step was timed) plus half of every hop's round trip.
+* ``seconds_per_token`` (t): the longest time one prefill token holds a resource: its
+  activations on the slowest activation hop (``hidden_bytes_per_token / bandwidth``; the
+  last stage -> head hop carries only sampled tokens and is left out), or its marginal
+  compute time on the slowest stage, whichever is larger.
+* ``allowance = floor(alpha * R / t)``: prefill tokens that the busiest resource gets
+  through in ``alpha`` decode round trips.
 
 Rule for one plan (``prefill_token_budget``)::
 
     aged    = allowance * (1 + waited_s / aging_s)
     budget  = min(token_budget, max(floor_tokens, aged - prefill_tokens_in_flight))
 
-where ``waited_s`` is how long the oldest prefill that the plan could advance has waited
-since its request arrived, ``floor_tokens`` is one KV block and ``prefill_tokens_in_flight``
-counts the prefill tokens of the plans already in flight. So:
+where ``waited_s`` is how long the oldest prefill that the plan could advance has been in
+progress (since its first chunk was scheduled; 0 for one not started yet), ``floor_tokens``
+is one KV block and ``prefill_tokens_in_flight`` counts the prefill tokens of the plans
+already in flight. So:
 
-* at most ``alpha * R`` worth of prefill activations is queued on the slowest link at any
-  time, and a decode behind them waits at most that long: its inter-token time grows by at
+* at most ``alpha * R`` worth of prefill is queued on the busiest link or stage at any
+  time, and a decode behind it waits at most that long: its inter-token time grows by at
   most ``(1 + alpha)`` while prompts stream (decodes are scheduled first in every plan and
   count against the token budget only);
-* a prefill always advances by at least one block per plan (the floor), and a prefill that
-  has waited ``aging_s`` seconds gets twice the share, ``2 * aging_s`` three times, and so
-  on up to the whole token budget, so that a steady decode load cannot starve it (aging);
+* a prefill always advances by at least one block per plan (the floor), so none is ever
+  starved, and the head of the queue always starts at the next plan (FCFS); a prefill in
+  progress for ``aging_s`` seconds gets twice the share, ``2 * aging_s`` three times, and
+  so on up to the whole token budget, so that a steady decode load only slows a prompt
+  down by a bounded factor (aging). Aging counts from the start of the prefill, not from
+  the request's arrival: under overload every request has waited long in the queue, and
+  ageing from arrival would lift the cap exactly when decodes most need it;
 * before anything is measured (or on a single node, where there is no telemetry), with
   the mode off (the "prefill sent whole" baseline), or while no sequence decodes (nothing
   to protect; see molink/engine/pacing.py), there is no cap at all.
 
-R is computed from the compute time per step, which prefill-laden steps raise; the
-budget's feedback through it is bounded because on a link slow enough to matter a token
-takes far longer to send than to compute.
+R comes from decode-only steps, so the prefill the budget lets in does not feed back into
+the budget itself.
 """
 
 from __future__ import annotations
@@ -64,8 +71,8 @@ class TransmissionConfig:
     """``enabled`` False is the baseline: prefill chunks take the whole token budget."""
 
     enabled: bool = True
-    alpha: float = 1.0  # prefill in flight, in decode round trips of the slowest link
-    aging_s: float = 2.0  # a waiting prefill gets one more share per aging_s seconds
+    alpha: float = 1.0  # prefill in flight, in decode round trips of the busiest resource
+    aging_s: float = 2.0  # a prefill in progress gets one more share per aging_s seconds
     refresh_s: float = 0.25  # how often the telemetry is read again
 
     def validate(self) -> None:
@@ -86,9 +93,35 @@ def activation_hops(links: list[LinkEstimate]) -> list[LinkEstimate]:
 
 
 def decode_round_trip_s(links: list[LinkEstimate], timings: list[StageTiming]) -> float:
-    """R: every measured stage's compute per step plus half of every hop's round trip."""
-    compute = sum(t.compute_s_per_step for t in timings if t.samples > 0)
+    """R: every measured stage's compute per decode-only step (per step of any kind until
+    one was timed) plus half of every hop's round trip."""
+    compute = sum(
+        t.compute_s_per_decode_step or t.compute_s_per_step for t in timings if t.samples > 0
+    )
     return compute + sum(link.rtt_s for link in links) / 2
+
+
+def slowest_compute_per_token(timings: list[StageTiming]) -> float | None:
+    """The largest marginal compute time per token of any measured stage; None while none
+    is measured."""
+    costs = [t.compute_s_per_token for t in timings if t.samples > 0 and t.compute_s_per_token > 0]
+    return max(costs, default=None)
+
+
+def prefill_seconds_per_token(
+    links: list[LinkEstimate], timings: list[StageTiming], hidden_bytes_per_token: int
+) -> float | None:
+    """t: how long one prefill token holds the busiest link or stage; None while neither
+    a link's bandwidth nor a stage's compute per token is measured."""
+    costs = [
+        cost
+        for cost in (
+            slowest_seconds_per_token(links, hidden_bytes_per_token),
+            slowest_compute_per_token(timings),
+        )
+        if cost is not None
+    ]
+    return max(costs, default=None)
 
 
 def slowest_seconds_per_token(
@@ -136,8 +169,7 @@ class TransmissionScheduler:
     """Keeps the allowance up to date from the telemetry and answers per-plan budgets.
 
     ``allowance`` is None (no cap) when the mode is off, there is no telemetry, or nothing
-    has been measured yet. ``clock`` must be the clock of the requests' arrival times
-    (``time.monotonic`` in the engine).
+    has been measured yet. ``clock`` also times the start of prefills (see the pacer).
     """
 
     def __init__(
@@ -172,24 +204,25 @@ class TransmissionScheduler:
         return allowance
 
     def _read_allowance(self, telemetry: PipelineTelemetry) -> int | None:
-        links = telemetry.link_estimates()
-        per_token = slowest_seconds_per_token(links, telemetry.hidden_bytes_per_token())
+        links, timings = telemetry.link_estimates(), telemetry.stage_timings()
+        per_token = prefill_seconds_per_token(links, timings, telemetry.hidden_bytes_per_token())
         if per_token is None:
             return None
-        round_trip = decode_round_trip_s(links, telemetry.stage_timings())
+        round_trip = decode_round_trip_s(links, timings)
         return prefill_allowance(round_trip, per_token, self.config.alpha)
 
     def budget(
         self,
         in_flight_prefill_tokens: int,
-        oldest_arrival: float | None,
+        prefill_started_at: float | None,
         floor_tokens: int,
         token_budget: int,
     ) -> int | None:
-        """The prefill token budget of the next plan; None: no cap."""
+        """The prefill token budget of the next plan; None: no cap. ``prefill_started_at``:
+        when the oldest prefill the plan could advance got its first chunk (None: not yet)."""
         if self.allowance is None:
             return None
-        waited = 0.0 if oldest_arrival is None else self.clock() - oldest_arrival
+        waited = 0.0 if prefill_started_at is None else self.clock() - prefill_started_at
         return prefill_token_budget(
             self.allowance,
             in_flight_prefill_tokens,

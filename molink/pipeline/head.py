@@ -127,7 +127,8 @@ class PipelineExecutor:
         self._results: queue.Queue[StepResult] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight: dict[StepKey, float] = {}  # -> deadline (monotonic)
-        self._step_tokens: dict[StepKey, int] = {}  # of the steps in flight, for timings
+        # (tokens, carries no prefill chunk) of the steps in flight, for timings
+        self._step_tokens: dict[StepKey, tuple[int, bool]] = {}
         self._lost: dict[str, tuple[NodeInfo, str]] = {}
         self._hops: dict[str, HopCounters] = {}
         self._completed = self._failed = self._sampled = 0
@@ -187,7 +188,7 @@ class PipelineExecutor:
             if key in self._in_flight:
                 logger.warning("step %d (micro-batch %d) submitted twice", *key)
             self._in_flight[key] = time.monotonic() + self.config.step_timeout_s
-            self._step_tokens[key] = plan.num_tokens
+            self._step_tokens[key] = (plan.num_tokens, _is_decode_only(plan))
         job = StepJob(self.head_id, self.pipeline().epoch, plan, None, trusted=True)
         try:
             self._node.submit(job)
@@ -310,8 +311,10 @@ class PipelineExecutor:
         if result.error is None:
             self._count_hops(trace, sender_id, num_bytes, result)
             with self._lock:
-                num_tokens = self._step_tokens.get((result.step_id, result.micro_batch), 0)
-            self._telemetry.record_step(num_tokens, trace)
+                num_tokens, decode_only = self._step_tokens.get(
+                    (result.step_id, result.micro_batch), (0, False)
+                )
+            self._telemetry.record_step(num_tokens, trace, decode_only)
         timings = trace_to_timings(trace)
         self._complete(dataclasses.replace(result, stage_timings=timings))
 
@@ -387,6 +390,10 @@ class PipelineExecutor:
     def _apply_view(self, view: PipelineView, skip: str | None = None) -> None:
         self._node.links.apply(view)
         self._monitor.push_view(view, skip=skip)
+
+
+def _is_decode_only(plan: StepPlan) -> bool:
+    return all(s.num_new_tokens <= 1 for s in plan.scheduled)
 
 
 def _label(value: str) -> str:

@@ -32,6 +32,12 @@ TOKEN_WINDOW = 64  # steps in the per-token fit
 MIN_TOKEN_SPREAD = 2.0
 
 
+def _smoothed(previous: float | None, sample: float) -> float:
+    if previous is None:
+        return sample
+    return STEP_SMOOTHING * sample + (1 - STEP_SMOOTHING) * previous
+
+
 class ComputeEstimator:
     """One stage's compute time: an EWMA per step, and the marginal cost per token from a
     least-squares line ``time = fixed + per_token * tokens`` over recent steps."""
@@ -39,19 +45,17 @@ class ComputeEstimator:
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         self._per_step: float | None = None
+        self._per_decode_step: float | None = None
         self._steps: deque[tuple[int, float]] = deque(maxlen=TOKEN_WINDOW)
         self._count = 0
 
-    def add(self, num_tokens: int, compute_s: float) -> None:
+    def add(self, num_tokens: int, compute_s: float, decode_only: bool = False) -> None:
         if num_tokens <= 0 or not math.isfinite(compute_s) or compute_s < 0:
             return
         self._count += 1
-        previous = self._per_step
-        self._per_step = (
-            compute_s
-            if previous is None
-            else STEP_SMOOTHING * compute_s + (1 - STEP_SMOOTHING) * previous
-        )
+        self._per_step = _smoothed(self._per_step, compute_s)
+        if decode_only:
+            self._per_decode_step = _smoothed(self._per_decode_step, compute_s)
         self._steps.append((num_tokens, compute_s))
 
     def timing(self) -> StageTiming:
@@ -60,6 +64,7 @@ class ComputeEstimator:
             compute_s_per_step=self._per_step or 0.0,
             compute_s_per_token=self._per_token(),
             samples=self._count,
+            compute_s_per_decode_step=self._per_decode_step or 0.0,
         )
 
     def _per_token(self) -> float:
@@ -95,14 +100,17 @@ class HeadTelemetry:
         self._lock = threading.Lock()
         self._compute: dict[str, ComputeEstimator] = {}
 
-    def record_step(self, num_tokens: int, trace: list[pb.HopTrace]) -> None:
-        """A step of ``num_tokens`` tokens came back with every stage's trace."""
+    def record_step(
+        self, num_tokens: int, trace: list[pb.HopTrace], decode_only: bool = False
+    ) -> None:
+        """A step of ``num_tokens`` tokens (``decode_only``: no prefill chunk among them)
+        came back with every stage's trace."""
         with self._lock:
             for hop in trace:
                 estimator = self._compute.get(hop.node_id)
                 if estimator is None:
                     estimator = self._compute[hop.node_id] = ComputeEstimator(hop.node_id)
-                estimator.add(num_tokens, hop.compute_s)
+                estimator.add(num_tokens, hop.compute_s, decode_only)
 
     def link_estimates(self) -> list[LinkEstimate]:
         stages = self._view().stages

@@ -7,23 +7,33 @@ from collections.abc import Sequence as SequenceOf
 from molink.scheduler.sequence import Sequence, SequenceStatus
 
 
-def oldest_prefill_arrival(
+def prefill_candidates(
     running: SequenceOf[Sequence], waiting: SequenceOf[Sequence]
-) -> float | None:
-    """The ``arrival_time`` of the oldest request whose prefill the next plan could advance:
-    the oldest idle running sequence with more than one token left to compute, or the head
-    of the waiting queue. None when there is none, or it came without an arrival time.
+) -> list[Sequence]:
+    """The sequences whose prefill the next plan would advance first: the oldest idle
+    running sequence with more than one token left to compute, and the head of the waiting
+    queue (either may be missing).
 
     ``running`` is in arrival order, so the scan stops at the first match: O(running) at
     worst, nothing beyond the head of ``waiting``.
     """
-    candidates = [waiting[0]] if waiting else []
+    candidates = []
     for seq in running:
         if seq.status is SequenceStatus.RUNNING and not seq.is_in_flight:
             if seq.num_uncomputed_tokens > 1:
                 candidates.append(seq)
                 break
-    times = [seq.request.arrival_time for seq in candidates]
+    if waiting:
+        candidates.append(waiting[0])
+    return candidates
+
+
+def oldest_prefill_arrival(
+    running: SequenceOf[Sequence], waiting: SequenceOf[Sequence]
+) -> float | None:
+    """The ``arrival_time`` of the oldest request among ``prefill_candidates``; None when
+    there is none, or it came without an arrival time."""
+    times = [seq.request.arrival_time for seq in prefill_candidates(running, waiting)]
     return min((t for t in times if t is not None), default=None)
 
 

@@ -43,7 +43,7 @@ from molink.kv_cache.manager import KVCacheManager
 from molink.sampling_params import SamplingParams
 from molink.scheduler.integrity import check_scheduler_integrity
 from molink.scheduler.plan_builder import PlanBuilder, VictimCursor, check_step_limit
-from molink.scheduler.queues import num_decoding, oldest_prefill_arrival
+from molink.scheduler.queues import num_decoding, oldest_prefill_arrival, prefill_candidates
 from molink.scheduler.sequence import (
     RequestRecord,
     Sequence,
@@ -223,6 +223,10 @@ class Scheduler:
     def oldest_prefill_arrival(self) -> float | None:
         """See ``molink.scheduler.queues.oldest_prefill_arrival``."""
         return oldest_prefill_arrival(self._running, self._waiting)
+
+    def prefill_candidate_ids(self) -> list[int]:
+        """Sequence ids of ``molink.scheduler.queues.prefill_candidates``."""
+        return [seq.seq_id for seq in prefill_candidates(self._running, self._waiting)]
 
     def check_integrity(self) -> None:
         """Raise (KVCacheIntegrityError, SchedulerIntegrityError) if an invariant broke."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,8 +13,10 @@ from molink.engine.transmission import (
     TransmissionScheduler,
     decode_round_trip_s,
     prefill_allowance,
+    prefill_seconds_per_token,
     prefill_token_budget,
     prefill_tokens_of,
+    slowest_compute_per_token,
     slowest_seconds_per_token,
 )
 from molink.errors import InvalidParameterError
@@ -67,6 +70,33 @@ def test_slowest_activation_hop_decides_and_the_return_hop_is_ignored():
     assert decode_round_trip_s(links, [timing("h", 0.02), timing("s1", 0.0, samples=0)]) == (
         pytest.approx(0.02 + 0.015)
     )
+
+
+def test_a_stage_slower_per_token_than_the_link_sets_the_allowance():
+    # The link moves a token in 1 ms; stage s1 computes one in 4 ms: R / 4 ms = 10 tokens.
+    telemetry = two_stage_telemetry()
+    telemetry.timings[1] = timing("s1", 0.01, per_token=0.004)
+    assert slowest_compute_per_token(telemetry.timings) == pytest.approx(0.004)
+    assert allowance_of(telemetry) == 10
+    # A stage faster per token than the link changes nothing.
+    telemetry.timings[1] = timing("s1", 0.01, per_token=0.0005)
+    assert allowance_of(telemetry) == 40
+
+
+def test_compute_alone_caps_an_unshaped_link():
+    telemetry = two_stage_telemetry(bandwidth=math.inf)
+    telemetry.timings[0] = timing("head", 0.01, per_token=0.002)
+    # R = 0.02 + 0.02 = 0.04 s; a prefill token holds the head for 2 ms.
+    assert prefill_seconds_per_token(telemetry.links, telemetry.timings, 1000) == 0.002
+    assert allowance_of(telemetry) == 20
+
+
+def test_round_trip_uses_decode_only_steps_once_timed():
+    links = [link("head->s1", MB_PER_S, 0.0), link("s1->head", math.inf, 0.0)]
+    mixed = timing("h", 0.5)
+    assert decode_round_trip_s(links, [mixed]) == pytest.approx(0.5)
+    decode_timed = dataclasses.replace(mixed, compute_s_per_decode_step=0.05)
+    assert decode_round_trip_s(links, [decode_timed]) == pytest.approx(0.05)
 
 
 def test_no_measured_bandwidth_means_no_cap():
@@ -127,14 +157,15 @@ def test_off_mode_and_missing_telemetry_mean_no_cap():
     assert alone.refresh() is None and alone.budget(0, None, 16, 512) is None
 
 
-def test_budget_ages_with_the_clock_of_the_arrival_times():
+def test_budget_ages_with_the_time_the_prefill_has_been_in_progress():
     clock = FakeClock(100.0)
     scheduler = TransmissionScheduler(TransmissionConfig(), two_stage_telemetry(), clock)
     scheduler.refresh()
-    assert scheduler.budget(0, oldest_arrival=None, floor_tokens=16, token_budget=512) == 40
-    assert scheduler.budget(0, oldest_arrival=100.0, floor_tokens=16, token_budget=512) == 40
+    assert scheduler.budget(0, prefill_started_at=None, floor_tokens=16, token_budget=512) == 40
+    assert scheduler.budget(0, prefill_started_at=100.0, floor_tokens=16, token_budget=512) == 40
     clock.now = 104.0
-    assert scheduler.budget(0, oldest_arrival=100.0, floor_tokens=16, token_budget=512) == 120
+    assert scheduler.budget(0, prefill_started_at=100.0, floor_tokens=16, token_budget=512) == 120
+    assert scheduler.budget(0, prefill_started_at=None, floor_tokens=16, token_budget=512) == 40
 
 
 def test_refresh_is_throttled_and_follows_new_measurements():

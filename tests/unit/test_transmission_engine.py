@@ -122,6 +122,19 @@ def test_a_prefill_that_waits_gets_a_growing_share():
     run(engine)
 
 
+def test_time_in_the_queue_does_not_lift_the_cap():
+    engine, executor, clock = make_engine(two_stage_telemetry())
+    start_decoders(engine, clock)
+    prompt = [10 + i % 200 for i in range(900)]
+    # Arrived 10 s ago (five aging periods), e.g. behind other prompts under overload.
+    engine.add_request("queued", prompt, SamplingParams(max_tokens=4), clock.now - 10.0)
+    first = len(executor.submitted)
+    for _ in range(6):
+        engine.step()
+    assert 0 < max(prefill_tokens_of(plan) for plan in executor.submitted[first:]) <= ALLOWANCE
+    run(engine)
+
+
 def test_without_measurements_plans_are_those_of_the_plain_engine():
     def plans_of(engine: LLMEngine, executor: QueuedExecutor, clock: FakeClock):
         for i, length in enumerate((5, 90, 3, 200, 17)):
