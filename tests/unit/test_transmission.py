@@ -13,10 +13,8 @@ from molink.engine.transmission import (
     TransmissionScheduler,
     decode_round_trip_s,
     prefill_allowance,
-    prefill_seconds_per_token,
     prefill_token_budget,
     prefill_tokens_of,
-    slowest_compute_per_token,
     slowest_seconds_per_token,
 )
 from molink.errors import InvalidParameterError
@@ -72,23 +70,10 @@ def test_slowest_activation_hop_decides_and_the_return_hop_is_ignored():
     )
 
 
-def test_a_stage_slower_per_token_than_the_link_sets_the_allowance():
-    # The link moves a token in 1 ms; stage s1 computes one in 4 ms: R / 4 ms = 10 tokens.
-    telemetry = two_stage_telemetry()
-    telemetry.timings[1] = timing("s1", 0.01, per_token=0.004)
-    assert slowest_compute_per_token(telemetry.timings) == pytest.approx(0.004)
-    assert allowance_of(telemetry) == 10
-    # A stage faster per token than the link changes nothing.
-    telemetry.timings[1] = timing("s1", 0.01, per_token=0.0005)
-    assert allowance_of(telemetry) == 40
-
-
-def test_compute_alone_caps_an_unshaped_link():
+def test_compute_per_token_does_not_cap_an_unshaped_link():
     telemetry = two_stage_telemetry(bandwidth=math.inf)
     telemetry.timings[0] = timing("head", 0.01, per_token=0.002)
-    # R = 0.02 + 0.02 = 0.04 s; a prefill token holds the head for 2 ms.
-    assert prefill_seconds_per_token(telemetry.links, telemetry.timings, 1000) == 0.002
-    assert allowance_of(telemetry) == 20
+    assert allowance_of(telemetry) is None
 
 
 def test_round_trip_uses_decode_only_steps_once_timed():
