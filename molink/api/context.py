@@ -56,6 +56,7 @@ class ServerContext:
             prompts,
             params,
             on_finished=self.metrics.observe_finished,
+            on_aborted=self.metrics.observe_aborted,
         )
 
 

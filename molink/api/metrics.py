@@ -103,6 +103,10 @@ class ServerMetrics:
             self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
         self._observe_latencies(output, max(num_generated, default=0))
 
+    def observe_aborted(self, num_sequences: int) -> None:
+        """A request ended by its client (disconnect) or a shutdown before it finished."""
+        self.finish_reasons["abort"] = self.finish_reasons.get("abort", 0) + num_sequences
+
     def _observe_latencies(self, output: RequestOutput, num_generated: int) -> None:
         # Durations use only the engine's own timestamps so that they share one clock.
         times = output.metrics

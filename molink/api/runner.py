@@ -83,6 +83,7 @@ class GenerationRun:
         prompts: Sequence[Prompt],
         params: SamplingParams,
         on_finished: Callable[[RequestOutput], None] | None = None,
+        on_aborted: Callable[[int], None] | None = None,
     ) -> None:
         self._engine = engine
         self._registry = registry
@@ -90,6 +91,7 @@ class GenerationRun:
         self._prompts = list(prompts)
         self._params = params
         self._on_finished = on_finished
+        self._on_aborted = on_aborted  # called with the sequences of each request aborted
         self._queue: asyncio.Queue = asyncio.Queue()
         self._latest: dict[int, RequestOutput] = {}
         self._generators: list[AsyncIterator[RequestOutput]] = []
@@ -161,6 +163,8 @@ class GenerationRun:
                     continue
                 await _close_generator(generator)
                 await self._abort(self._request_ids[index])
+                if self._on_aborted is not None:
+                    self._on_aborted(self._params.n)
 
     async def _pump(self, index: int, first: RequestOutput) -> None:
         try:

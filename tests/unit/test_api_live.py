@@ -192,6 +192,10 @@ def test_disconnect_of_non_streamed_request_aborts(
         httpx.post(f"{slow_server.base_url}/v1/completions", json=body, timeout=0.5)
     assert wait_until(lambda: len(slow_engine.abort_calls) == 1)
     assert wait_until(lambda: not slow_engine.active)
+    metrics = httpx.get(f"{slow_server.base_url}/metrics").text
+    assert 'molink:request_success_total{model_name="fake-model",finished_reason="abort"} 1' in (
+        metrics
+    )
 
 
 def test_shutdown_ends_running_streams_with_an_error(slow_engine: FakeEngine) -> None:
