@@ -14,6 +14,11 @@ class StageExecutor(Protocol):
 
     Not thread-safe: one compute thread calls it. Per-sequence state is keyed by
     ``(head_id, seq_id)`` so that several heads may one day share a stage.
+
+    An executor may also offer ``execute_many(steps, head_id)``: several plans of disjoint
+    sequences in one pass, one result (or ProtocolError) per plan, in order (see
+    StageWorker.execute_many). The compute thread then hands it the steps that queued up
+    together (molink/pipeline/worker.py).
     """
 
     is_first: bool

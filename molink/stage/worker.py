@@ -8,6 +8,7 @@ history and samples.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -75,7 +76,49 @@ class StageWorker:
         output = self.model(inputs, meta, self.kv_cache)
         if not self.is_last:
             return output
-        return self._sample(plan, output, head_id)
+        return self._sample([plan], output, head_id)[0]
+
+    @torch.inference_mode()
+    def execute_many(
+        self, steps: Sequence[tuple[StepPlan, torch.Tensor | None]], head_id: str = ""
+    ) -> list[torch.Tensor | StepResult | ProtocolError]:
+        """Several plans of disjoint sequences (micro-batches queued here together) in one
+        forward pass, so that the weights stream from memory once for all of them. Each
+        plan is checked on its own: one that fails comes back as its ProtocolError and the
+        others still run. Results are in the order of ``steps``; hidden states are row
+        slices of one output."""
+        results: list[torch.Tensor | StepResult | ProtocolError | None] = [None] * len(steps)
+        chunks: list[SeqChunk] = []
+        inputs: list[torch.Tensor] = []
+        running: list[int] = []  # indexes of the plans in the forward pass
+        for index, (plan, hidden) in enumerate(steps):
+            try:
+                self.release(list(plan.finished_seq_ids), head_id)
+                self._register_new_sequences(plan, head_id)
+                plan_chunks = self._chunks(plan, head_id)
+                plan_inputs = None if plan.is_empty else self._inputs(plan, hidden)
+            except ProtocolError as exc:
+                results[index] = exc
+                continue
+            if plan_inputs is None:
+                results[index] = StepResult(step_id=plan.step_id, micro_batch=plan.micro_batch)
+                continue
+            chunks += plan_chunks
+            inputs.append(plan_inputs)
+            running.append(index)
+        if running:
+            meta = AttentionMetadata.build(chunks, self.block_size)
+            output = self.model(torch.cat(inputs), meta, self.kv_cache)
+            plans = [steps[i][0] for i in running]
+            if self.is_last:
+                outputs: list[torch.Tensor | StepResult] = list(
+                    self._sample(plans, output, head_id)
+                )
+            else:
+                outputs = list(output.split([p.num_tokens for p in plans]))
+            for index, result in zip(running, outputs, strict=True):
+                results[index] = result
+        return [r for r in results if r is not None]
 
     def _register_new_sequences(self, plan: StepPlan, head_id: str) -> None:
         for new_seq in plan.new_sequences:
@@ -125,22 +168,32 @@ class StageWorker:
             raise ProtocolError(f"step {plan.step_id}: hidden states {got}, expected {expected}")
         return hidden
 
-    def _sample(self, plan: StepPlan, output: torch.Tensor, head_id: str) -> StepResult:
+    def _sample(
+        self, plans: Sequence[StepPlan], output: torch.Tensor, head_id: str
+    ) -> list[StepResult]:
+        """Samples the rows of ``plans`` (laid out one after the other in ``output``) with
+        one LM-head matmul and one sampler call; one StepResult per plan."""
         assert self.sampler is not None
-        rows, states, seq_ids = [], [], []
+        rows, states, seq_ids, owners = [], [], [], []
         offset = 0
-        for sched in plan.scheduled:
-            offset += sched.num_new_tokens
-            if sched.sample:
-                rows.append(offset - 1)
-                states.append(self._sampling_states[(head_id, sched.seq_id)])
-                seq_ids.append(sched.seq_id)
-        if not rows:
-            return StepResult(step_id=plan.step_id, micro_batch=plan.micro_batch)
-        logits = self.model.compute_logits(output[rows])
-        sampled = self.sampler.sample(logits, states)
-        tokens = []
-        for seq_id, state, (token_id, logprob, top) in zip(seq_ids, states, sampled, strict=True):
-            state.token_ids.append(token_id)
-            tokens.append(SampledToken(seq_id, token_id, logprob, top))
-        return StepResult(step_id=plan.step_id, sampled=tuple(tokens), micro_batch=plan.micro_batch)
+        for index, plan in enumerate(plans):
+            for sched in plan.scheduled:
+                offset += sched.num_new_tokens
+                if sched.sample:
+                    rows.append(offset - 1)
+                    states.append(self._sampling_states[(head_id, sched.seq_id)])
+                    seq_ids.append(sched.seq_id)
+                    owners.append(index)
+        tokens: list[list[SampledToken]] = [[] for _ in plans]
+        if rows:
+            logits = self.model.compute_logits(output[rows])
+            sampled = self.sampler.sample(logits, states)
+            for seq_id, state, owner, (token_id, logprob, top) in zip(
+                seq_ids, states, owners, sampled, strict=True
+            ):
+                state.token_ids.append(token_id)
+                tokens[owner].append(SampledToken(seq_id, token_id, logprob, top))
+        return [
+            StepResult(step_id=plan.step_id, sampled=tuple(own), micro_batch=plan.micro_batch)
+            for plan, own in zip(plans, tokens, strict=True)
+        ]
