@@ -163,10 +163,17 @@ class MicroBatchController:
         return self.current
 
     def max_micro_batches(self, num_running: int | None = None) -> int:
-        """``stages + max_extra``, and no more than there are running sequences to share
-        out (a plan holds at least one)."""
+        """``stages + max_extra``, and above the floor (``stages + 1``) no more than there
+        are running sequences to share out (a plan holds at least one). Below the floor
+        the running count does not pull K down: a lull would otherwise leave K at 1 when
+        the next burst comes, and climbing back takes the hysteresis' patience."""
         limit = self._num_stages + self.policy.max_extra
-        return limit if num_running is None else max(1, min(limit, num_running))
+        if num_running is None:
+            return limit
+        return max(self._floor(limit), min(limit, num_running))
+
+    def _floor(self, max_k: int) -> int:
+        return min(self._num_stages + 1, max_k)
 
     def update(self, tokens_per_plan: float | None, num_running: int | None = None) -> int:
         """Re-evaluate (at most every ``interval_s``); returns the K to use now. With no
@@ -209,7 +216,9 @@ class MicroBatchController:
         # construction, and measured per-token costs on a loaded host understate the
         # bubble (seen on CPUs, where K=2 lost a third of the throughput of K=3). The
         # measured model only raises K above this floor, for links whose latency dominates.
-        floor = min(self._num_stages + 1, max_k)
+        floor = self._floor(max_k)
+        if current < floor:  # e.g. pinned lower before, or a smaller pipeline: no band
+            return floor
         target = max(covering_micro_batches(model, load_tokens, max_k), floor)
         band = self.policy.dead_band
         if target > current and model.fill(current, load_tokens) < 1.0 - band:

@@ -161,14 +161,21 @@ def test_hysteresis_needs_patience_and_ignores_flapping():
 
 
 def test_dead_band_keeps_k_when_the_bubble_is_nearly_covered():
-    # fill(2) = 2 * 0.02 / (0.04 + 0.003) = 0.93: inside a 0.15 band, K = 2 stays.
-    telemetry = two_stage_telemetry(rtt_s=0.003, compute_s=(0.02, 0.02))
+    # fill(4) = 4 * 0.02 / (0.04 + 0.046) = 0.93: inside a 0.15 band, K = 4 stays.
+    telemetry = two_stage_telemetry(rtt_s=0.046, compute_s=(0.02, 0.02))
     ctl, _ = controller(telemetry)
-    ctl.current = 2
-    assert ctl.update(None) == 2
+    ctl.current = 4
+    assert ctl.update(None) == 4
     tight, _ = controller(telemetry, MicroBatchPolicy(patience=1, interval_s=0.0, dead_band=0.0))
-    tight.current = 2
-    assert tight.update(None) == 3
+    tight.current = 4
+    assert tight.update(None) == 5
+
+
+def test_k_below_the_floor_goes_straight_back_to_it():
+    telemetry = two_stage_telemetry(rtt_s=0.0, compute_s=(0.02, 0.02))  # K = 2 would do
+    ctl, _ = controller(telemetry)
+    ctl.current = 1
+    assert ctl.update(None, num_running=40) == 3
 
 
 def test_a_failing_telemetry_keeps_k(caplog):
@@ -193,10 +200,10 @@ def test_bad_policy_is_rejected_by_name(policy, field):
     assert info.value.field == field
 
 
-def test_k_never_exceeds_the_running_sequences_and_idles_unchanged():
+def test_k_above_the_floor_never_exceeds_the_running_sequences_and_idles_unchanged():
     telemetry = two_stage_telemetry(rtt_s=1.0)  # wants the most
     ctl, _ = controller(telemetry)
     assert ctl.update(2.0, num_running=4) == 4
     assert ctl.update(2.0, num_running=0) == 4  # nothing runs: nothing learnt
     assert ctl.update(2.0, num_running=50) == 6
-    assert ctl.update(1.0, num_running=1) == 1
+    assert ctl.update(1.0, num_running=1) == 3  # a lull does not go below stages + 1
