@@ -28,15 +28,6 @@ def prefill_candidates(
     return candidates
 
 
-def oldest_prefill_arrival(
-    running: SequenceOf[Sequence], waiting: SequenceOf[Sequence]
-) -> float | None:
-    """The ``arrival_time`` of the oldest request among ``prefill_candidates``; None when
-    there is none, or it came without an arrival time."""
-    times = [seq.request.arrival_time for seq in prefill_candidates(running, waiting)]
-    return min((t for t in times if t is not None), default=None)
-
-
 def num_decoding(running: SequenceOf[Sequence]) -> int:
     """Running sequences past their prompt (decoding now, or with a decode in flight)."""
     return sum(1 for seq in running if seq.num_uncomputed_tokens <= 1)

@@ -43,7 +43,7 @@ from molink.kv_cache.manager import KVCacheManager
 from molink.sampling_params import SamplingParams
 from molink.scheduler.integrity import check_scheduler_integrity
 from molink.scheduler.plan_builder import PlanBuilder, VictimCursor, check_step_limit
-from molink.scheduler.queues import num_decoding, oldest_prefill_arrival, prefill_candidates
+from molink.scheduler.queues import num_decoding, prefill_candidates
 from molink.scheduler.sequence import (
     RequestRecord,
     Sequence,
@@ -219,10 +219,6 @@ class Scheduler:
     def num_decoding(self) -> int:
         """Running sequences past their prompt; O(running)."""
         return num_decoding(self._running)
-
-    def oldest_prefill_arrival(self) -> float | None:
-        """See ``molink.scheduler.queues.oldest_prefill_arrival``."""
-        return oldest_prefill_arrival(self._running, self._waiting)
 
     def prefill_candidate_ids(self) -> list[int]:
         """Sequence ids of ``molink.scheduler.queues.prefill_candidates``."""

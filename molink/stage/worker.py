@@ -62,21 +62,13 @@ class StageWorker:
             self._block_tables.pop((head_id, seq_id), None)
             self._sampling_states.pop((head_id, seq_id), None)
 
-    @torch.inference_mode()
     def execute(
         self, plan: StepPlan, hidden: torch.Tensor | None, head_id: str = ""
     ) -> torch.Tensor | StepResult:
-        self.release(list(plan.finished_seq_ids), head_id)
-        self._register_new_sequences(plan, head_id)
-        chunks = self._chunks(plan, head_id)
-        if plan.is_empty:
-            return StepResult(step_id=plan.step_id, micro_batch=plan.micro_batch)
-        meta = AttentionMetadata.build(chunks, self.block_size)
-        inputs = self._inputs(plan, hidden)
-        output = self.model(inputs, meta, self.kv_cache)
-        if not self.is_last:
-            return output
-        return self._sample([plan], output, head_id)[0]
+        (result,) = self.execute_many([(plan, hidden)], head_id)
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
 
     @torch.inference_mode()
     def execute_many(
@@ -108,7 +100,8 @@ class StageWorker:
             running.append(index)
         if running:
             meta = AttentionMetadata.build(chunks, self.block_size)
-            output = self.model(torch.cat(inputs), meta, self.kv_cache)
+            batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+            output = self.model(batch, meta, self.kv_cache)
             plans = [steps[i][0] for i in running]
             if self.is_last:
                 outputs: list[torch.Tensor | StepResult] = list(

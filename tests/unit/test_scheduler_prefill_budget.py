@@ -152,23 +152,24 @@ def test_pipelined_run_with_limits_gives_the_same_outputs():
     assert stage.tables == {}
 
 
-def test_oldest_prefill_arrival_skips_decodes_and_in_flight_prefills():
+def test_prefill_candidates_skip_decodes_and_in_flight_prefills():
     sched = make_scheduler(max_num_batched_tokens=64)
     stage = FakeStage(sched)
-    assert sched.oldest_prefill_arrival() is None
+    assert sched.prefill_candidate_ids() == []
     sched.add_request("a", prompt(3), params(max_tokens=20), arrival_time=5.0)
     plan = sched.schedule()
     sched.update(plan, stage.execute(plan))  # a decodes from now on
-    assert sched.oldest_prefill_arrival() is None
+    assert sched.prefill_candidate_ids() == []
     sched.add_request("b", prompt(40, 300), params(), arrival_time=7.0)
     sched.add_request("c", prompt(40, 600), params(), arrival_time=9.0)
-    assert sched.oldest_prefill_arrival() == 7.0
+    b, c = sched.seq_ids_of("b")[0], sched.seq_ids_of("c")[0]
+    assert sched.prefill_candidate_ids() == [b]  # b heads the queue
     plan_b = sched.schedule(prefill_token_budget=8)  # b part-way, in flight
-    assert sched.oldest_prefill_arrival() == 9.0  # c heads the queue
+    assert sched.prefill_candidate_ids() == [c]  # c heads the queue
     sched.update(plan_b, stage.execute(plan_b))
-    assert sched.oldest_prefill_arrival() == 7.0
-    sched.add_request("d", prompt(4, 900), params())  # no arrival time: ignored
-    assert sched.oldest_prefill_arrival() == 7.0
+    assert sched.prefill_candidate_ids() == [b, c]  # b idle with prompt left, c waiting
+    sched.add_request("d", prompt(4, 900), params())
+    assert sched.prefill_candidate_ids() == [b, c]  # only the head of the queue counts
 
 
 def test_num_decoding_counts_sequences_past_their_prompt_even_in_flight():
