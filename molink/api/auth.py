@@ -1,4 +1,8 @@
-"""API-key check for every route but the probes (health, metrics, version)."""
+"""API-key check for every route but the probes (health, version).
+
+Metrics and the dashboard need the key when one is set: they show the swarm's nodes,
+addresses and load, which is not for anyone who can reach the port.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from molink.api.errors import APIError, error_response
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+OPEN_PATHS = frozenset({"/health", "/version"})
 
 
 def _digest(value: str) -> bytes:

@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 from collections.abc import Generator
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
@@ -58,6 +59,7 @@ def make_server(
     port: int,
     log_level: str = "info",
     graceful_seconds: float = GRACEFUL_SHUTDOWN_SECONDS,
+    tls: HttpsFiles | None = None,
 ) -> GracefulServer:
     config = uvicorn.Config(
         app,
@@ -66,12 +68,25 @@ def make_server(
         log_level=log_level.lower(),
         timeout_graceful_shutdown=int(max(1, graceful_seconds)),
         timeout_keep_alive=5,
+        # uvicorn's own TLS (Python's ssl module), as vLLM's server does.
+        ssl_keyfile=tls.keyfile if tls else None,
+        ssl_certfile=tls.certfile if tls else None,
     )
     return GracefulServer(config, server_context(app).streams)
 
 
-async def serve_app(app: FastAPI, host: str, port: int, log_level: str = "info") -> GracefulServer:
-    """Serves until stopped by a signal (or ``server.should_exit``)."""
-    server = make_server(app, host, port, log_level)
+@dataclass(frozen=True)
+class HttpsFiles:
+    """A PEM private key and its certificate chain, for serving HTTPS."""
+
+    keyfile: str
+    certfile: str
+
+
+async def serve_app(
+    app: FastAPI, host: str, port: int, log_level: str = "info", tls: HttpsFiles | None = None
+) -> GracefulServer:
+    """Serves until stopped by a signal (or ``server.should_exit``); HTTPS with ``tls``."""
+    server = make_server(app, host, port, log_level, tls=tls)
     await server.serve()
     return server

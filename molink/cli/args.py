@@ -10,9 +10,10 @@ import argparse
 import importlib.util
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from molink.cli.security_args import add_security_args, validate_security_args
 from molink.errors import InvalidParameterError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -106,6 +107,10 @@ class EngineArgs:
     molink_micro_batches: int = 0  # 0: adaptive, from the measured compute and links
     molink_wire_dtype: str = "auto"
     molink_transmission_scheduling: str = "on"
+    molink_swarm_key: str | None = field(default=None, repr=False)
+    molink_swarm_key_file: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype == "half":
@@ -164,6 +169,7 @@ class EngineArgs:
         if self.molink_micro_batches < 0:
             raise InvalidParameterError("molink_micro_batches", "must be >= 0 (0: automatic)")
         self._validate_pipeline()
+        validate_security_args(self)
 
     def _validate_pipeline(self) -> None:
         start, end = self.molink_start_layer, self.molink_end_layer
@@ -370,4 +376,5 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="cap the prefill tokens in flight so that decodes are not stuck behind prompts "
         "on slow links; off sends prefills in whole token-budget chunks (default: %(default)s)",
     )
+    add_security_args(parser)
     return parser

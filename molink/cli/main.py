@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from molink.cli.args import EngineArgs, add_engine_args
+from molink.cli.security_args import add_swarm_key_args
 from molink.errors import InvalidParameterError, MolinkError
+from molink.security.swarm_key import SwarmKey, generate_swarm_key, load_swarm_key
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--peer", required=True, metavar="HOST:PORT", help="gRPC address of any stage"
     )
+    add_swarm_key_args(status)
+    keygen = commands.add_parser(
+        "keygen",
+        help="print a new swarm key for --molink-swarm-key",
+        description="Print a new random swarm key. Give the same key to every node of a "
+        "swarm (--molink-swarm-key, --molink-swarm-key-file or $MOLINK_SWARM_KEY); keep it "
+        "secret: whoever holds it is a member.",
+    )
+    keygen.add_argument(
+        "--output", default=None, metavar="PATH", help="write it to a new file (mode 0600)"
+    )
     return parser
 
 
-def _status_formatter() -> Callable[[str], str]:
+def _status_formatter() -> Callable[..., str]:
     # Imported on use: the status client pulls in gRPC, which serving flags never need.
     module = importlib.import_module("molink.pipeline.status")
     for name in ("format_pipeline_status", "pipeline_status"):
@@ -63,14 +77,22 @@ def _status_formatter() -> Callable[[str], str]:
     raise ImportError("molink.pipeline.status has no pipeline status formatter")
 
 
-def run_status(peer: str) -> int:
+def run_status(peer: str, key: str | None = None, key_file: str | None = None) -> int:
     try:
         format_status = _status_formatter()
     except ImportError as exc:
         sys.stderr.write(f"molink status is unavailable in this installation: {exc}\n")
         return 1
     try:
-        report = format_status(peer)
+        swarm_key = load_swarm_key(key, key_file)
+    except InvalidParameterError as exc:
+        sys.stderr.write(f"--{exc.field.replace('_', '-')}: {exc.message}\n")
+        return 2
+    try:
+        if swarm_key is None:
+            report = format_status(peer)
+        else:
+            report = format_status(peer, status_transport_config(swarm_key))
     except (MolinkError, OSError) as exc:
         sys.stderr.write(f"could not read the pipeline status from {peer}: {exc}\n")
         return 1
@@ -78,11 +100,40 @@ def run_status(peer: str) -> int:
     return 0
 
 
+def status_transport_config(key: SwarmKey):
+    # Imported on use, as the status formatter: gRPC is not needed by the other commands.
+    from molink.security.credentials import SwarmCredentials
+    from molink.transport.config import TransportConfig
+
+    return TransportConfig(security=SwarmCredentials.from_key(key))
+
+
+def run_keygen(output: str | None) -> int:
+    text = generate_swarm_key().text() + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        # O_EXCL: never overwrite a key a swarm may already use.
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        sys.stderr.write(f"--output: cannot create {output}: {exc.strerror}\n")
+        return 1
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    sys.stderr.write(f"wrote a new swarm key to {output}\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     if namespace.command == "status":
-        return run_status(namespace.peer)
+        return run_status(
+            namespace.peer, namespace.molink_swarm_key, namespace.molink_swarm_key_file
+        )
+    if namespace.command == "keygen":
+        return run_keygen(namespace.output)
     args = parse_engine_args(namespace.flag_parser, namespace)
     from molink.cli.serve import run_server
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from molink.api import ApiConfig, create_app
 from molink.api.metrics import MetricSource
-from molink.api.server import serve_app
+from molink.api.server import HttpsFiles, serve_app
 from molink.cli.args import EngineArgs
 from molink.engine.protocol import EngineClient
 from molink.errors import MolinkError
@@ -86,9 +86,11 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
         metric_sources=_metric_sources(engine),
     )
     app = create_app(engine, config)
-    logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    tls = HttpsFiles(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
+    scheme = "https" if tls else "http"
+    logger.info("serving %s on %s://%s:%d", names[0], scheme, args.host, args.port)
     try:
-        server = await serve_app(app, args.host, args.port, args.log_level)
+        server = await serve_app(app, args.host, args.port, args.log_level, tls=tls)
     finally:
         await _close_engine(engine)
     return 0 if server.started else 1

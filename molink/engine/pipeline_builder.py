@@ -14,6 +14,7 @@ import socket
 import torch
 
 from molink.cli.args import EngineArgs
+from molink.cli.security_args import swarm_key_of
 from molink.config import LayerRange
 from molink.engine.async_engine import AsyncLLMEngine
 from molink.engine.factory import (
@@ -34,6 +35,7 @@ from molink.outputs import RequestOutput
 from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.pipeline.node import StageNode
+from molink.security.node_setup import grpc_bind_host, node_credentials
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
 from molink.transport.config import TransportConfig
@@ -66,11 +68,17 @@ def wire_dtype(args: EngineArgs, dtype: torch.dtype) -> str:
 
 
 def node_info(
-    args: EngineArgs, source: ModelSource, layers: LayerRange, num_blocks: int, dtype: torch.dtype
+    args: EngineArgs,
+    source: ModelSource,
+    layers: LayerRange,
+    num_blocks: int,
+    dtype: torch.dtype,
+    node_id: str | None = None,
 ) -> NodeInfo:
+    """``node_id``: the key-derived id of a swarm member; an open node is named by its address."""
     address = f"{advertise_host(args)}:{advertise_port(args)}"
     return NodeInfo(
-        node_id=address,
+        node_id=node_id or address,
         model=ModelIdentity.from_model_config(args.model_name, source.model_config),
         layers=layers,
         address=address,
@@ -82,7 +90,7 @@ def node_info(
 
 
 def load_stage(
-    args: EngineArgs, options: EngineOptions
+    args: EngineArgs, options: EngineOptions, node_id: str | None = None
 ) -> tuple[ModelSource, StageWorker, NodeInfo, torch.dtype]:
     source = resolve_model_source(options.model)
     config = source.model_config
@@ -91,16 +99,21 @@ def load_stage(
     num_blocks = num_blocks_for(config, layers, options, dtype)
     model = source.load_slice(layers, dtype_name(dtype))
     worker = StageWorker(model, config, layers, num_blocks, options.block_size, dtype)
-    return source, worker, node_info(args, source, layers, num_blocks, dtype), dtype
+    return source, worker, node_info(args, source, layers, num_blocks, dtype, node_id), dtype
 
 
 def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     """The head (start layer 0) gets an AsyncLLMEngine; any other node a StageOnlyClient."""
-    source, worker, info, dtype = load_stage(args, options)
-    bind = f"{args.host}:{args.molink_grpc_port}"
+    credentials = node_credentials(swarm_key_of(args))
+    transport = TransportConfig(security=credentials)
+    source, worker, info, dtype = load_stage(
+        args, options, credentials.node_id if credentials else None
+    )
+    host = grpc_bind_host(args.host, advertise_host(args), credentials is not None)
+    bind = f"{host}:{args.molink_grpc_port}"
     if info.layers.start != 0:
-        return _start_stage(args, source, worker, info, dtype, bind)
-    head = PipelineExecutor(worker, info, TransportConfig(), bind_address=bind, input_dtype=dtype)
+        return _start_stage(args, source, worker, info, dtype, bind, transport)
+    head = PipelineExecutor(worker, info, transport, bind_address=bind, input_dtype=dtype)
     head.start()
     logger.info(
         "head gRPC address: %s (stages join with --molink-initial-peer %s)",
@@ -248,11 +261,12 @@ def _start_stage(
     info: NodeInfo,
     dtype: torch.dtype,
     bind: str,
+    transport: TransportConfig,
 ) -> StageOnlyClient:
     node = StageNode(
         worker,
         info,
-        TransportConfig(),
+        transport,
         bind_address=bind,
         initial_peer=args.molink_initial_peer,
         input_dtype=dtype,

@@ -36,6 +36,7 @@ from molink.step import StepResult
 from molink.transport.channel import (
     NodeClient,
     add_node_service,
+    add_server_port,
     describe_rpc_error,
     make_server,
 )
@@ -143,7 +144,7 @@ class StageNode:
         JoinRefusedError with the head's reason, after stopping the node)."""
         server = make_server(self.config)
         add_node_service(NodeServicer(self), server)
-        port = server.add_insecure_port(self._bind_address)
+        port = add_server_port(server, self._bind_address, self.config)
         if port == 0:
             raise PipelineError(f"node {self.node_id} could not bind {self._bind_address}")
         server.start()

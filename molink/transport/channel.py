@@ -46,8 +46,21 @@ def server_options(config: TransportConfig) -> list[tuple[str, int]]:
 
 
 def make_channel(address: str, config: TransportConfig) -> grpc.Channel:
-    """An insecure channel for now; TLS with a swarm key will plug in here."""
-    return grpc.insecure_channel(address, options=channel_options(config))
+    """Mutual TLS with the swarm's authority when the config has credentials, else plaintext."""
+    if config.security is None:
+        return grpc.insecure_channel(address, options=channel_options(config))
+    return grpc.secure_channel(
+        address,
+        config.security.channel_credentials(),
+        options=channel_options(config) + config.security.channel_options(),
+    )
+
+
+def add_server_port(server: grpc.Server, address: str, config: TransportConfig) -> int:
+    """Bind ``address`` (mutual TLS when the config has credentials); 0 when it failed."""
+    if config.security is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, config.security.server_credentials())
 
 
 def make_server(config: TransportConfig) -> grpc.Server:

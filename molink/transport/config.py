@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from molink.errors import InvalidParameterError
+from molink.security.credentials import SwarmCredentials
 
 MIB = 1024 * 1024
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -33,6 +34,9 @@ class TransportConfig:
     rpc_timeout_s: float = 5.0  # unary calls (Describe, Join, GetPipeline, ...)
     join_timeout_s: float = 60.0  # a stage keeps retrying an unreachable initial peer
     server_workers: int = 32  # streams hold a worker each for their whole life
+    # Mutual TLS with the swarm's authority on every server and channel; None: open mode
+    # (plaintext, any caller), for trusted networks and development only.
+    security: SwarmCredentials | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -236,9 +236,14 @@ def test_sdk_with_a_wrong_key_gets_401_and_the_right_key_works(keyed_server: Liv
     assert [m.id for m in right.models.list().data] == [MODEL]
     response = right.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
     assert response.usage is not None and response.usage.completion_tokens == 2
-    # Probes stay open for load balancers and monitoring.
+    # Health stays open for load balancers; metrics show the swarm, so they need the key.
     assert httpx.get(f"{keyed_server.base_url}/health", timeout=10).status_code == 200
-    assert httpx.get(f"{keyed_server.base_url}/metrics", timeout=10).status_code == 200
+    assert httpx.get(f"{keyed_server.base_url}/metrics", timeout=10).status_code == 401
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    assert (
+        httpx.get(f"{keyed_server.base_url}/metrics", headers=headers, timeout=10).status_code
+        == 200
+    )
 
 
 # -- not ready (fake engine, see the module docstring) ------------------------------------------

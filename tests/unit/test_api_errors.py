@@ -220,7 +220,7 @@ def test_api_key_required(keyed_client: TestClient, headers: dict) -> None:
         assert error["type"] == "authentication_error"
 
 
-def test_api_key_accepted_and_probes_open(keyed_client: TestClient) -> None:
+def test_api_key_accepted_health_open_metrics_keyed(keyed_client: TestClient) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     assert keyed_client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
     assert (
@@ -228,4 +228,5 @@ def test_api_key_accepted_and_probes_open(keyed_client: TestClient) -> None:
         == 200
     )
     assert keyed_client.get("/health").status_code == 200
-    assert keyed_client.get("/metrics").status_code == 200
+    assert keyed_client.get("/metrics").status_code == 401
+    assert keyed_client.get("/metrics", headers=headers).status_code == 200

@@ -1,0 +1,76 @@
+"""Flags for swarm membership (--molink-swarm-key) and HTTPS (--ssl-keyfile/--ssl-certfile).
+
+The HTTPS flags are vLLM's; the swarm key comes from the flag, a file, or $MOLINK_SWARM_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Protocol
+
+from molink.errors import InvalidParameterError
+from molink.security.swarm_key import SWARM_KEY_ENV, SwarmKey, load_swarm_key
+
+
+class SecurityArgs(Protocol):
+    molink_enabled: bool
+    molink_swarm_key: str | None
+    molink_swarm_key_file: str | None
+    ssl_keyfile: str | None
+    ssl_certfile: str | None
+
+
+def swarm_key_of(args: SecurityArgs) -> SwarmKey | None:
+    """The swarm key of a pipeline node (None: open mode); the environment counts only for
+    pipeline nodes, so a key exported for them does not disturb a single-node server."""
+    if not args.molink_enabled:
+        return None
+    return load_swarm_key(args.molink_swarm_key, args.molink_swarm_key_file)
+
+
+def validate_security_args(args: SecurityArgs) -> None:
+    if not args.molink_enabled:
+        for name in ("molink_swarm_key", "molink_swarm_key_file"):
+            if getattr(args, name) is not None:
+                raise InvalidParameterError(name, "a swarm key needs --molink-enabled")
+    swarm_key_of(args)  # raises, naming the flag, on a malformed key or an unreadable file
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        missing = "ssl_certfile" if args.ssl_certfile is None else "ssl_keyfile"
+        raise InvalidParameterError(missing, "HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    for name in ("ssl_keyfile", "ssl_certfile"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).is_file():
+            raise InvalidParameterError(name, f"{path} is not a readable file")
+
+
+def add_swarm_key_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--molink-swarm-key",
+        default=None,
+        metavar="KEY",
+        help="the swarm's shared key (from `molink keygen`): only nodes holding it can join, "
+        "and all traffic between them is mutual TLS (default: the file, else "
+        f"${SWARM_KEY_ENV}, else open mode: plaintext, loopback only unless told otherwise)",
+    )
+    parser.add_argument(
+        "--molink-swarm-key-file",
+        default=None,
+        metavar="PATH",
+        help="read the swarm key from this file (default: none)",
+    )
+
+
+def add_security_args(parser: argparse.ArgumentParser) -> None:
+    https = parser.add_argument_group("HTTPS")
+    https.add_argument(
+        "--ssl-keyfile",
+        default=None,
+        help="serve the API over HTTPS with this private key (default: plain HTTP)",
+    )
+    https.add_argument(
+        "--ssl-certfile",
+        default=None,
+        help="the certificate (chain) for --ssl-keyfile (default: none)",
+    )
+    add_swarm_key_args(parser.add_argument_group("MoLink swarm membership"))
