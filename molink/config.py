@@ -29,12 +29,11 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the epsilon of the decoder's norms (RMSNorm or LayerNorm)
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2: bias on q, k, v projections
-    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
+    attention_bias: bool = False  # the config's flag; each architecture decides what it means
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None
     bos_token_id: int | None = None
@@ -61,17 +60,24 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(
+                cfg.get("rms_norm_eps")
+                or cfg.get("layer_norm_eps")
+                or cfg.get("norm_epsilon")
+                or 1e-6
+            ),
             rope_theta=float(
                 cfg.get("rope_theta")
                 or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
             ),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=bool(cfg.get("attention_bias", False)),
             rope_scaling=cfg.get("rope_scaling") or _rope_params_scaling(cfg),
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
+            # Qwen configs carry a window they do not use unless use_sliding_window says so.
+            sliding_window=(cfg.get("sliding_window") or None)
+            if cfg.get("use_sliding_window", True)
+            else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),

@@ -1,4 +1,4 @@
-"""Plain-PyTorch decoders (Llama, Mistral, Qwen2, Qwen3), run as layer slices.
+"""Plain-PyTorch decoders, one file per architecture (molink/models/archs), run as layer slices.
 
 ``build_model`` returns a :class:`DecoderSlice` with uninitialised weights; fill it with
 ``load_checkpoint_tensors`` (molink.weights does this from safetensors or GGUF files).
@@ -19,14 +19,15 @@ if TYPE_CHECKING:
 
     from molink.config import LayerRange, ModelConfig
     from molink.models.attention import AttentionMetadata, SeqChunk
-    from molink.models.decoder import DecoderSlice, checkpoint_tensor_names
+    from molink.models.decoder import DecoderSlice
     from molink.models.kv_cache import KVCache
+    from molink.models.loading import checkpoint_tensor_names
 
 _LAZY = {
     "AttentionMetadata": "molink.models.attention",
     "SeqChunk": "molink.models.attention",
     "DecoderSlice": "molink.models.decoder",
-    "checkpoint_tensor_names": "molink.models.decoder",
+    "checkpoint_tensor_names": "molink.models.loading",
     "KVCache": "molink.models.kv_cache",
 }
 

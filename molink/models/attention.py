@@ -221,6 +221,40 @@ def _prefill_group(
     return PrefillGroup(rows, table, context_len, mask)
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What differs between architectures' attention, past the shapes of q/k/v.
+
+    ``scale``: the softmax scale (None: 1/sqrt(head_dim)); ``softcap``: logits pass through
+    ``softcap * tanh(logits / softcap)`` (Gemma 2); ``sinks``: one learned logit per query
+    head that joins the softmax and takes no value (GPT-OSS).
+    """
+
+    scale: float | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    @property
+    def eager(self) -> bool:
+        return self.softcap is not None or self.sinks is not None
+
+
+DEFAULT_OPTIONS = AttentionOptions()
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> None:
+    """Write ``k`` [T, kv_heads, Dk] and ``v`` [T, kv_heads, Dv] into their cache slots."""
+    key_cache.view(-1, k.shape[1], k.shape[2]).index_copy_(0, meta.slot_mapping, k)
+    if value_cache.shape[-1]:
+        value_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, meta.slot_mapping, v)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -228,34 +262,55 @@ def paged_attention(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     meta: AttentionMetadata,
+    options: AttentionOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Store ``k``/``v`` [T, kv_heads, D] in the cache, attend ``q`` [T, heads, D].
 
-    Returns [T, heads * D] in row order.
+    Returns [T, heads * Dv] in row order. A value cache with a last dimension of 0 means
+    values are the first Dv channels of the keys (multi-head latent attention caches one
+    latent vector per token; see molink.models.blocks.mla).
     """
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    store_kv(k, v, key_cache, value_cache, meta)
+    head_dim_v = v.shape[-1]
     decode, prefills = meta.decode, meta.prefills
     if not prefills:
         assert decode is not None
-        return _decode(q, key_cache, value_cache, decode)
+        return _decode(q, key_cache, value_cache, decode, head_dim_v, options)
     if decode is None and len(prefills) == 1:
-        return _prefill(q, k, v, key_cache, value_cache, prefills[0])
-    out = q.new_empty(q.shape[0], q.shape[1] * head_dim)
+        return _prefill(q, k, v, key_cache, value_cache, prefills[0], options)
+    out = q.new_empty(q.shape[0], q.shape[1] * head_dim_v)
     if decode is not None:
-        result = _decode(q, key_cache, value_cache, decode)
+        result = _decode(q, key_cache, value_cache, decode, head_dim_v, options)
         if isinstance(decode.rows, slice):
             out[decode.rows] = result
         else:
             out.index_copy_(0, decode.rows, result)
     for group in prefills:
-        out[group.rows] = _prefill(q, k, v, key_cache, value_cache, group)
+        out[group.rows] = _prefill(q, k, v, key_cache, value_cache, group, options)
     return out
 
 
+def _gathered_values(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    keys: torch.Tensor,
+    table: torch.Tensor,
+    batch: int,
+    length: int,
+    head_dim_v: int,
+) -> torch.Tensor:
+    if value_cache.shape[-1]:
+        return _gather(value_cache, table, batch, length)
+    return keys[..., :head_dim_v]
+
+
 def _decode(
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, group: DecodeGroup
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    group: DecodeGroup,
+    head_dim_v: int,
+    options: AttentionOptions,
 ) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
@@ -263,9 +318,17 @@ def _decode(
     # Query heads sharing a kv head become that head's "query rows": [B, kv, group, D].
     query = q[group.rows].view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     keys = _gather(key_cache, group.block_table, batch, group.context_len)
-    values = _gather(value_cache, group.block_table, batch, group.context_len)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=group.mask)
-    return out.reshape(batch, num_heads * head_dim)
+    values = _gathered_values(
+        key_cache, value_cache, keys, group.block_table, batch, group.context_len, head_dim_v
+    )
+    if options.eager:
+        mask = None if group.mask is None else group.mask.unsqueeze(1)
+        out = _eager(query.unsqueeze(3), keys, values, mask, options)
+    else:
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=group.mask, scale=options.scale
+        )
+    return out.reshape(batch, num_heads * head_dim_v)
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -282,19 +345,64 @@ def _prefill(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     group: PrefillGroup,
+    options: AttentionOptions,
 ) -> torch.Tensor:
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_heads, head_dim_v = q.shape[1], v.shape[2]
     num_kv_heads = k.shape[1]
     gqa = num_heads != num_kv_heads
     query = q[group.rows].transpose(0, 1).unsqueeze(0)
+    mask = group.mask
     if group.block_table is None:
         keys = k[group.rows].transpose(0, 1).unsqueeze(0)
         values = v[group.rows].transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=gqa)
     else:
         keys = _gather(key_cache, group.block_table, 1, group.context_len)
-        values = _gather(value_cache, group.block_table, 1, group.context_len)
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=group.mask, enable_gqa=gqa
+        values = _gathered_values(
+            key_cache, value_cache, keys, group.block_table, 1, group.context_len, head_dim_v
         )
-    return out.squeeze(0).transpose(0, 1).reshape(-1, num_heads * head_dim)
+    if options.eager:
+        if mask is None:
+            n = query.shape[2]
+            mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        groups = num_heads // num_kv_heads
+        query = query.view(1, num_kv_heads, groups, -1, query.shape[-1])
+        out = _eager(query, keys, values, mask, options).view(1, num_heads, -1, head_dim_v)
+    elif mask is None:
+        out = F.scaled_dot_product_attention(
+            query, keys, values, is_causal=True, enable_gqa=gqa, scale=options.scale
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, enable_gqa=gqa, scale=options.scale
+        )
+    return out.squeeze(0).transpose(0, 1).reshape(-1, num_heads * head_dim_v)
+
+
+def _eager(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    options: AttentionOptions,
+) -> torch.Tensor:
+    """Attention with soft-capped logits and/or sinks, which SDPA cannot express.
+
+    query [B, kv, group, Tq, D], keys/values [B, kv, L, D]; ``mask`` broadcasts to
+    [B, 1, 1, Tq, L]. Returns [B, kv, group, Tq, Dv].
+    """
+    scale = options.scale if options.scale is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, keys.unsqueeze(2).transpose(-1, -2)) * scale
+    if options.softcap is not None:
+        scores = torch.tanh(scores / options.softcap) * options.softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if options.sinks is None:
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    else:
+        sinks = options.sinks.view(1, scores.shape[1], scores.shape[2], 1, 1)
+        sinks = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+        combined = torch.cat((scores, sinks), dim=-1)
+        # Subtracting the row maximum keeps exp() finite, as transformers does.
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined.float(), dim=-1)[..., :-1].to(values.dtype)
+    return torch.matmul(probs, values.unsqueeze(2))

@@ -1,7 +1,8 @@
-"""A contiguous slice ``[start, end)`` of a Llama-family decoder.
+"""A contiguous slice ``[start, end)`` of a decoder, for any registered architecture.
 
 The first slice embeds token ids; the last applies the final norm and holds the LM head.
-Hidden states cross the seams between slices as [T, hidden] tensors.
+Hidden states cross the seams between slices as [T, hidden] tensors. What happens inside
+a layer is the architecture's (molink/models/archs); this file owns only the slicing.
 """
 
 from __future__ import annotations
@@ -16,16 +17,12 @@ from torch import nn
 from molink.config import LayerRange, ModelConfig
 from molink.errors import ContextLengthExceededError, InvalidParameterError
 from molink.models.attention import AttentionMetadata
+from molink.models.blocks.linear import LinearFactory, LinearLike, matrix_param
 from molink.models.cpu_linear import linear, prepack
+from molink.models.forward_context import ForwardContext
 from molink.models.kv_cache import KVCache
-from molink.models.layers import DecoderLayer, matrix_param
-from molink.models.loading import (
-    EMBED_NAME,
-    FINAL_NORM_NAME,
-    LM_HEAD_NAME,
-    checkpoint_tensor_names,
-    load_slice_tensors,
-)
+from molink.models.loading import checkpoint_tensor_names, load_slice_tensors
+from molink.models.registry import architecture_for
 from molink.models.rope import RotaryTables
 
 logger = logging.getLogger(__name__)
@@ -33,19 +30,7 @@ logger = logging.getLogger(__name__)
 # Above this much matrix memory a slice does not keep a second, oneDNN-packed copy.
 PREPACK_MAX_BYTES = 4 << 30
 
-__all__ = [
-    "EMBED_NAME",
-    "FINAL_NORM_NAME",
-    "LM_HEAD_NAME",
-    "DecoderSlice",
-    "checkpoint_tensor_names",
-]
-
-
-def _check_activation(config: ModelConfig) -> None:
-    act = config.raw.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise InvalidParameterError("hidden_act", f"{act!r} is not supported; supported: silu")
+__all__ = ["DecoderSlice", "checkpoint_tensor_names"]
 
 
 class DecoderSlice(nn.Module):
@@ -55,35 +40,43 @@ class DecoderSlice(nn.Module):
         layer_range: LayerRange,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        linear_factory: LinearFactory | None = None,
     ) -> None:
         super().__init__()
         layer_range.validate(config.num_layers)
-        _check_activation(config)
+        arch = architecture_for(config)
+        arch.check_config(config)
         device = torch.device(device)
+        factory = linear_factory or LinearFactory(dtype, device)
+        self.architecture = arch
         self.config = config
         self.layer_range = layer_range
         self.dtype = dtype
+        self._device = device
         self.is_first = layer_range.is_first()
         self.is_last = layer_range.is_last(config.num_layers)
-        self.sliding_window = config.sliding_window
         hidden = config.hidden_size
         self.embed: nn.Parameter | None = None
         if self.is_first:
             self.embed = matrix_param(config.vocab_size, hidden, dtype, device)
+        self.embed_scale = arch.embedding_scale(config)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, dtype, device) for _ in range(layer_range.start, layer_range.end)
+            arch.build_layer(config, index, factory)
+            for index in range(layer_range.start, layer_range.end)
         )
-        self.final_norm: nn.Parameter | None = None
+        self.final_norm: nn.Module | None = None
         self.lm_head: nn.Parameter | None = None
         if self.is_last:
-            self.final_norm = nn.Parameter(
-                torch.empty(hidden, dtype=dtype, device=device), requires_grad=False
-            )
+            self.final_norm = arch.build_final_norm(config, factory)
             if config.tie_word_embeddings and self.embed is not None:
                 self.lm_head = self.embed  # one tensor serves both ends
             else:
                 self.lm_head = matrix_param(config.vocab_size, hidden, dtype, device)
-        self.rotary = RotaryTables(config, dtype, device)
+        self.logits_scale = arch.logits_scale(config)
+        self.logits_softcap = arch.logits_softcap(config)
+        self.rotaries = {
+            key: RotaryTables(spec, dtype, device) for key, spec in arch.rope_specs(config).items()
+        }
         self.lm_head_packed: torch.Tensor | None = None
 
     @property
@@ -92,7 +85,7 @@ class DecoderSlice(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.layers[0].input_norm.device
+        return self._device
 
     def forward(
         self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
@@ -116,6 +109,9 @@ class DecoderSlice(nn.Module):
             )
         if self.embed is not None:
             x = F.embedding(inputs, self.embed)
+            if self.embed_scale is not None:
+                # In the model's dtype, as transformers rounds the scale (Gemma).
+                x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         else:
             x = inputs.to(self.dtype)
         if meta.max_context_len > self.config.max_position_embeddings:
@@ -128,16 +124,14 @@ class DecoderSlice(nn.Module):
             meta = AttentionMetadata.build(
                 meta.chunks, meta.block_size, device=x.device, sliding_window=meta.sliding_window
             )
-        if self.sliding_window is not None and meta.max_context_len > self.sliding_window:
-            meta = meta.with_sliding_window(self.sliding_window)
-        cos, sin_signed = self.rotary.lookup(meta.positions)
+        ctx = ForwardContext(meta, self.rotaries)
         keys, values = kv_cache.keys, kv_cache.values
         for index, layer in enumerate(self.layers):
             # forward() directly: nn.Module.__call__'s hook handling costs more than the
             # small ops of a decode step, and no hooks are registered on these layers.
-            x = layer.forward(x, cos, sin_signed, meta, keys[index], values[index])
+            x = layer.forward(x, ctx, keys[index], values[index])
         if self.final_norm is not None:
-            x = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.config.rms_norm_eps)
+            x = self.final_norm(x)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -147,7 +141,13 @@ class DecoderSlice(nn.Module):
                 "compute_logits", "only the slice that ends at the last layer has the LM head"
             )
         with torch.inference_mode():
-            return linear(hidden.to(self.dtype), self.lm_head, self.lm_head_packed, None).float()
+            logits = linear(hidden.to(self.dtype), self.lm_head, self.lm_head_packed, None)
+            logits = logits.float()
+            if self.logits_scale is not None:
+                logits = logits * self.logits_scale
+            if self.logits_softcap is not None:
+                logits = torch.tanh(logits / self.logits_softcap) * self.logits_softcap
+            return logits
 
     # --- weights -----------------------------------------------------------------------
 
@@ -156,21 +156,22 @@ class DecoderSlice(nn.Module):
         return checkpoint_tensor_names(self.config, self.layer_range)
 
     def load_checkpoint_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Fill this slice from Hugging Face-named tensors, fusing q/k/v and gate/up.
+        """Fill this slice from Hugging Face-named tensors (fusing q/k/v, gate/up, experts).
 
         Small float32 slices on CPU also keep oneDNN-packed matrices (see ``prepack``).
         """
         load_slice_tensors(self, tensors, pack=self._prepack_allowed())
 
+    def _linears(self) -> list[LinearLike]:
+        return [m for m in self.modules() if isinstance(m, LinearLike)]
+
     def _prepack_allowed(self) -> bool:
-        size = sum(p.numel() * p.element_size() for p in self.parameters() if p.dim() == 2)
+        size = sum(p.numel() * p.element_size() for p in self.parameters() if p.dim() >= 2)
         return size <= PREPACK_MAX_BYTES
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .to()/.cuda()/.half() change the weights; the packed copies would be stale (and
         # are CPU-only), so they go. Build a slice with the right device and dtype instead.
-        for layer in self.layers:
-            layer.prepack(False)
         self.lm_head_packed = None
         return super()._apply(fn, recurse)
 
@@ -182,6 +183,6 @@ class DecoderSlice(nn.Module):
         ``prepack(False)`` drops them.
         """
         enable = enable and self._prepack_allowed()
-        for layer in self.layers:
-            layer.prepack(enable)
+        for module in self._linears():
+            module.prepack(enable)
         self.lm_head_packed = prepack(self.lm_head) if enable and self.lm_head is not None else None

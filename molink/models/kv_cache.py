@@ -1,9 +1,11 @@
 """Paged key/value storage for the decoder layers one stage holds.
 
 Block ids come from the head (see molink.step); this class only stores the tensors. Every
-local layer has a key and a value tensor of shape
-``[num_blocks, block_size, num_kv_heads, head_dim]``; token ``p`` of a sequence lives in
-block ``block_ids[p // block_size]`` at offset ``p % block_size``.
+local layer has a key tensor ``[num_blocks, block_size, heads, key_dim]`` and a value tensor
+``[num_blocks, block_size, heads, value_dim]``, with heads and dims from the architecture's
+``KVLayout`` (multi-head latent attention caches one latent "head" and no separate values);
+token ``p`` of a sequence lives in block ``block_ids[p // block_size]`` at offset
+``p % block_size``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,25 @@ import torch
 
 from molink.config import ModelConfig
 from molink.errors import InvalidParameterError
+from molink.models.registry import architecture_for
 
 
 class KVCache:
-    def __init__(self, storage: torch.Tensor, block_size: int) -> None:
-        # storage: [num_local_layers, 2, num_blocks, block_size, num_kv_heads, head_dim];
-        # one allocation keeps a layer's keys and values next to each other.
+    def __init__(
+        self, storage: torch.Tensor, block_size: int, value_storage: torch.Tensor | None = None
+    ) -> None:
+        # With equal key and value dims, storage is [layers, 2, blocks, block_size, heads, dim]:
+        # one allocation keeps a layer's keys and values next to each other. Otherwise
+        # storage holds the keys [layers, blocks, ...] and value_storage the values.
         self.storage = storage
+        self.value_storage = value_storage
         self.block_size = block_size
-        self.keys: list[torch.Tensor] = [storage[i, 0] for i in range(storage.shape[0])]
-        self.values: list[torch.Tensor] = [storage[i, 1] for i in range(storage.shape[0])]
+        if value_storage is None:
+            self.keys = [storage[i, 0] for i in range(storage.shape[0])]
+            self.values = [storage[i, 1] for i in range(storage.shape[0])]
+        else:
+            self.keys = [storage[i] for i in range(storage.shape[0])]
+            self.values = [value_storage[i] for i in range(value_storage.shape[0])]
 
     @classmethod
     def allocate(
@@ -40,23 +51,25 @@ class KVCache:
             raise InvalidParameterError("num_blocks", "must be >= 1")
         if block_size < 1:
             raise InvalidParameterError("block_size", "must be >= 1")
-        shape = (
-            num_local_layers,
-            2,
-            num_blocks,
-            block_size,
-            config.num_kv_heads,
-            config.head_dim,
+        layout = architecture_for(config).kv_layout(config)
+        head = (num_blocks, block_size, layout.num_heads)
+        if layout.key_dim == layout.value_dim:
+            shape = (num_local_layers, 2, *head, layout.key_dim)
+            return cls(torch.zeros(shape, dtype=dtype, device=device), block_size)
+        keys = torch.zeros((num_local_layers, *head, layout.key_dim), dtype=dtype, device=device)
+        values = torch.zeros(
+            (num_local_layers, *head, layout.value_dim), dtype=dtype, device=device
         )
-        return cls(torch.zeros(shape, dtype=dtype, device=device), block_size)
+        return cls(keys, block_size, values)
 
     @staticmethod
     def bytes_per_block(
         config: ModelConfig, num_local_layers: int, block_size: int, dtype: torch.dtype
     ) -> int:
+        layout = architecture_for(config).kv_layout(config)
         element_size = torch.empty((), dtype=dtype).element_size()
-        per_layer = 2 * block_size * config.num_kv_heads * config.head_dim * element_size
-        return num_local_layers * per_layer
+        per_token = layout.num_heads * (layout.key_dim + layout.value_dim) * element_size
+        return num_local_layers * block_size * per_token
 
     @property
     def num_layers(self) -> int:
@@ -64,7 +77,7 @@ class KVCache:
 
     @property
     def num_blocks(self) -> int:
-        return self.storage.shape[2]
+        return self.keys[0].shape[0]
 
     @property
     def dtype(self) -> torch.dtype:

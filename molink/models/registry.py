@@ -1,19 +1,41 @@
-"""Which Hugging Face architectures MoLink implements, and how a config.json names them."""
+"""Which Hugging Face architectures MoLink implements, and where each one lives.
+
+Every architecture is one module under ``molink/models/archs`` exposing ``ARCHITECTURE``;
+adding one is that file plus one line here. Names are resolved without importing the
+modules (no torch), so parsing a config stays cheap.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from molink.errors import UnsupportedArchitectureError
 
-# Every entry runs on the same decoder (molink.models.decoder); they differ only in flags
-# that ModelConfig carries (q/k/v bias, per-head q/k norm, sliding window).
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+if TYPE_CHECKING:
+    from molink.config import ModelConfig
+    from molink.models.architecture import DecoderArchitecture
+
+
+@dataclass(frozen=True)
+class Entry:
+    module: str  # molink.models.archs.<module>
+    gguf: str | None = None  # llama.cpp's general.architecture for this family
+
+
+_REGISTRY: dict[str, Entry] = {
+    "LlamaForCausalLM": Entry("llama", gguf="llama"),
+    "MistralForCausalLM": Entry("mistral"),
+    "Qwen2ForCausalLM": Entry("qwen2", gguf="qwen2"),
+    "Qwen3ForCausalLM": Entry("qwen3", gguf="qwen3"),
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)
+GGUF_ARCHITECTURES: dict[str, str] = {
+    entry.gguf: name for name, entry in _REGISTRY.items() if entry.gguf is not None
+}
 
 
 def resolve_architecture(archs: Sequence[str] | None) -> str:
@@ -22,8 +44,15 @@ def resolve_architecture(archs: Sequence[str] | None) -> str:
     config.json lists ``architectures``; a checkpoint usually names exactly one.
     """
     for arch in archs or ():
-        if arch in SUPPORTED_ARCHITECTURES:
+        if arch in _REGISTRY:
             return arch
     raise UnsupportedArchitectureError(
         list(archs) if archs is not None else None, list(SUPPORTED_ARCHITECTURES)
     )
+
+
+def architecture_for(config: ModelConfig) -> DecoderArchitecture:
+    """The architecture object that builds and loads ``config``'s decoder."""
+    name = resolve_architecture([config.architecture])
+    module = importlib.import_module(f"molink.models.archs.{_REGISTRY[name].module}")
+    return module.ARCHITECTURE

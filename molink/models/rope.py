@@ -1,20 +1,23 @@
 """Rotary position embeddings: inverse frequencies (with scaling) and cached cos/sin tables.
 
 The tables are computed once per model in float32, exactly as transformers computes them
-(``position * inv_freq`` then cos/sin), so positions embed identically.
+(``position * inv_freq`` then cos/sin), so positions embed identically. Variants: scaling
+types default, linear, llama3, yarn, dynamic (NTK) and longrope; rotation of the two halves
+of a head (GPT-NeoX style) or of adjacent pairs (GPT-J style, ``interleaved``); and partial
+rotation of the first ``rotary_dim`` dimensions of a head.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from molink.config import ModelConfig
 from molink.errors import InvalidParameterError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
 def rope_type_of(scaling: dict[str, Any] | None) -> str:
@@ -22,6 +25,32 @@ def rope_type_of(scaling: dict[str, Any] | None) -> str:
     if not scaling:
         return "default"
     return str(scaling.get("rope_type") or scaling.get("type") or "default")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Everything that decides the rotation of one kind of layer."""
+
+    theta: float
+    head_dim: int
+    max_positions: int
+    rotary_dim: int = 0  # 0: the whole head
+    scaling: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    interleaved: bool = False  # rotate pairs (2i, 2i + 1) instead of halves
+    original_max_positions: int | None = None  # longrope/dynamic: the pre-training context
+
+    @property
+    def dim(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+    def check(self) -> None:
+        rope_type = rope_type_of(self.scaling)
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise InvalidParameterError(
+                "rope_scaling",
+                f"rope type {rope_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}",
+            )
 
 
 def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -45,25 +74,23 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Te
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _yarn_inv_freq(
-    theta: float, dim: int, scaling: dict[str, Any], max_positions: int
-) -> tuple[torch.Tensor, float]:
-    original = int(scaling.get("original_max_position_embeddings") or max_positions)
-    factor = scaling.get("factor") or max_positions / original
-    factor = float(factor)
+def _yarn_inv_freq(spec: RopeSpec, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    theta, dim = spec.theta, spec.dim
+    original = int(scaling.get("original_max_position_embeddings") or spec.max_positions)
+    factor = float(scaling.get("factor") or spec.max_positions / original)
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if mscale and mscale_all_dim:
-            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
         else:
-            attention_factor = _yarn_mscale(factor)
+            attention_factor = yarn_mscale(factor)
     beta_fast = float(scaling.get("beta_fast") or 32)
     beta_slow = float(scaling.get("beta_slow") or 1)
 
@@ -85,54 +112,109 @@ def _yarn_inv_freq(
     return inv_freq, float(attention_factor)
 
 
-def compute_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim // 2] (float32) and the factor cos/sin are scaled by."""
-    scaling = config.rope_scaling
+def _dynamic_table(spec: RopeSpec, scaling: dict[str, Any]) -> torch.Tensor:
+    """Per-position inverse frequencies [P, dim // 2] of dynamic NTK scaling.
+
+    transformers recomputes the base for the current sequence length once it exceeds the
+    pre-training context; here position ``p`` uses the base for length ``p + 1``, which is
+    what a sequence growing one token at a time sees, and keeps cached keys valid.
+    """
+    original = spec.original_max_positions or spec.max_positions
+    factor = float(scaling["factor"])
+    dim = spec.dim
+    lengths = torch.arange(1, spec.max_positions + 1, dtype=torch.float32).clamp(min=original)
+    bases = spec.theta * ((factor * lengths / original) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    return 1.0 / (bases[:, None] ** exponents[None, :])
+
+
+def _longrope_table(spec: RopeSpec, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Per-position inverse frequencies of Phi-3's longrope, and its attention factor.
+
+    Positions inside the pre-training context use the short factors, later ones the long
+    factors (transformers switches the whole sequence once it is longer; per position keeps
+    the cache valid as a sequence grows).
+    """
+    original = spec.original_max_positions or int(
+        scaling.get("original_max_position_embeddings") or spec.max_positions
+    )
+    factor = spec.max_positions / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        )
+    dim = spec.dim
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * spec.theta**shape)
+    long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * spec.theta**shape)
+    is_long = (torch.arange(spec.max_positions) >= original)[:, None]
+    return torch.where(is_long, long[None, :], short[None, :]), float(attention_factor)
+
+
+def inv_freq_table(spec: RopeSpec) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies, [dim // 2] or per position [P, dim // 2], and the cos/sin factor."""
+    spec.check()
+    scaling = spec.scaling
     rope_type = rope_type_of(scaling)
-    dim = config.head_dim
+    dim = spec.dim
     if rope_type == "default":
-        return base_inv_freq(config.rope_theta, dim), 1.0
+        return base_inv_freq(spec.theta, dim), 1.0
     assert scaling is not None
     if rope_type == "linear":
-        return base_inv_freq(config.rope_theta, dim) / float(scaling["factor"]), 1.0
+        return base_inv_freq(spec.theta, dim) / float(scaling["factor"]), 1.0
     if rope_type == "llama3":
-        return llama3_inv_freq(base_inv_freq(config.rope_theta, dim), scaling), 1.0
+        return llama3_inv_freq(base_inv_freq(spec.theta, dim), scaling), 1.0
     if rope_type == "yarn":
-        return _yarn_inv_freq(config.rope_theta, dim, scaling, config.max_position_embeddings)
-    raise InvalidParameterError(
-        "rope_scaling",
-        f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}",
-    )
+        return _yarn_inv_freq(spec, scaling)
+    if rope_type == "dynamic":
+        return _dynamic_table(spec, scaling), 1.0
+    return _longrope_table(spec, scaling)
 
 
 class RotaryTables:
-    """cos and sign-folded sin for every position up to ``max_position_embeddings``.
+    """cos and sign-folded sin for every position up to ``spec.max_positions``.
 
-    ``sin_signed`` is ``[-sin, sin]`` over the two halves of a head, so that
-    ``rotate_half(x) * sin == roll(x, head_dim // 2) * sin_signed``: one ``roll`` replaces
-    transformers' slice/neg/cat while giving bit-identical results.
+    ``sin_signed`` folds the sign of the rotation into the table so that one ``roll``
+    (halves) or one pair swap (interleaved) replaces transformers' slice/neg/cat while
+    giving bit-identical results.
     """
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
-        inv_freq, attention_scaling = compute_inv_freq(config)
-        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * attention_scaling
-        sin = emb.sin() * attention_scaling
-        half = config.head_dim // 2
-        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    def __init__(self, spec: RopeSpec, dtype: torch.dtype, device: torch.device) -> None:
+        inv_freq, attention_scaling = inv_freq_table(spec)
+        positions = torch.arange(spec.max_positions, dtype=torch.float32)
+        if inv_freq.dim() == 1:
+            freqs = positions[:, None] * inv_freq[None, :]
+        else:
+            freqs = positions[:, None] * inv_freq
+        cos = freqs.cos() * attention_scaling
+        sin = freqs.sin() * attention_scaling
+        if spec.interleaved:
+            cos = cos.repeat_interleave(2, dim=-1)
+            sin_signed = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:
+            cos = torch.cat((cos, cos), dim=-1)
+            sin_signed = torch.cat((-sin, sin), dim=-1)
         self.cos = cos.to(device=device, dtype=dtype)
         self.sin_signed = sin_signed.to(device=device, dtype=dtype)
-        self.half = half
+        self.dim = spec.dim
+        self.partial = spec.dim != spec.head_dim
+        self.interleaved = spec.interleaved
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for ``positions`` [T], shaped [T, 1, head_dim] to span heads."""
+        """cos and signed sin for ``positions`` [T], shaped [T, 1, dim] to span heads."""
         return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
 
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` [T, heads, head_dim] by the per-token angles."""
+        if not self.partial:
+            return self._rotate(x, cos, sin_signed)
+        rotated = self._rotate(x[..., : self.dim], cos, sin_signed)
+        return torch.cat((rotated, x[..., self.dim :]), dim=-1)
 
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, half: int
-) -> torch.Tensor:
-    """Rotate ``x`` [T, heads, head_dim] by the per-token angles."""
-    return torch.addcmul(x * cos, torch.roll(x, shifts=half, dims=-1), sin_signed)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            partner = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        else:
+            partner = torch.roll(x, shifts=self.dim // 2, dims=-1)
+        return torch.addcmul(x * cos, partner, sin_signed)

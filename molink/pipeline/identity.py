@@ -27,7 +27,6 @@ _FINGERPRINT_FIELDS = (
     "max_position_embeddings",
     "tie_word_embeddings",
     "attention_bias",
-    "qk_norm",
     "rope_scaling",
     "sliding_window",
 )

@@ -19,18 +19,16 @@ import torch
 
 from molink.config import ModelConfig
 from molink.errors import UnsupportedArchitectureError, WeightLoadError
-from molink.models.decoder import EMBED_NAME, FINAL_NORM_NAME, LM_HEAD_NAME
+from molink.models.registry import GGUF_ARCHITECTURES
 from molink.models.rope import base_inv_freq, llama3_inv_freq
 from molink.weights.cache import build_entry, default_cache_dir, file_key
 from molink.weights.source import ModelSource, TensorStore
 
 logger = logging.getLogger(__name__)
 
-GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+EMBED_NAME = "model.embed_tokens.weight"
+FINAL_NORM_NAME = "model.norm.weight"
+LM_HEAD_NAME = "lm_head.weight"
 _MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -126,7 +124,8 @@ def gguf_config_dict(reader: Any) -> dict[str, Any]:
         "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)),
         "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": hf_arch == "Qwen2ForCausalLM" or "blk.0.attn_q.bias" in tensor_names,
+        # Qwen2 always has q/k/v biases (its file says so); the flag is for all four.
+        "attention_bias": "blk.0.attn_output.bias" in tensor_names,
         "hidden_act": "silu",
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": [int(e) for i, e in enumerate(eos) if e is not None and e not in eos[:i]],

@@ -47,20 +47,7 @@ def load_hf_config(config_path: Path, generation_config_path: Path | None) -> Mo
     if generation_config_path is not None and generation_config_path.is_file():
         generation = read_json(generation_config_path)
         cfg["eos_token_id"] = merge_eos_ids(cfg.get("eos_token_id"), generation.get("eos_token_id"))
-    return ModelConfig.from_hf_dict(with_mistral_window(cfg))
-
-
-def with_mistral_window(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Mark Mistral's window as used: transformers applies ``sliding_window`` whenever it is
-    set, but ModelConfig only reads it when ``use_sliding_window`` says so (the Qwen flag)."""
-    archs = cfg.get("architectures") or []
-    if (
-        "MistralForCausalLM" in archs
-        and cfg.get("sliding_window")
-        and "use_sliding_window" not in cfg
-    ):
-        cfg = {**cfg, "use_sliding_window": True}
-    return cfg
+    return ModelConfig.from_hf_dict(cfg)
 
 
 def merge_eos_ids(*values: int | list[int] | None) -> list[int]:

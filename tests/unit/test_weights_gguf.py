@@ -59,7 +59,6 @@ def test_gguf_model_matches_the_original_checkpoint(tiny_model_dir, gguf_files, 
         "vocab_size",
         "tie_word_embeddings",
         "attention_bias",
-        "qk_norm",
         "rope_theta",
     ):
         assert getattr(config, field) == getattr(original, field), field
@@ -94,9 +93,9 @@ def test_quantized_tensors_are_dequantized(tiny_model_dir, gguf_files) -> None:
     model = source.load_slice(LayerRange(0, 1), "float32")
     original = resolve_model_source(str(tiny_model_dir("qwen2"))).load_slice(LayerRange(0, 1))
     qtype = gguf.GGMLQuantizationType.Q8_0
-    up = original.layers[0].gate_up_weight[128:].numpy()
+    up = original.layers[0].mlp.gate_up.weight[128:].numpy()
     expected = gguf.quants.dequantize(gguf.quants.quantize(up, qtype), qtype)
-    assert np.array_equal(model.layers[0].gate_up_weight[128:].numpy(), expected)
+    assert np.array_equal(model.layers[0].mlp.gate_up.weight[128:].numpy(), expected)
     assert not np.array_equal(expected, up)  # really quantized
 
 

@@ -1,0 +1,229 @@
+"""What an architecture file provides, and the defaults most decoders share.
+
+An architecture is a ``DecoderArchitecture`` subclass in its own file under
+``molink/models/archs``: how to build one of its decoder layers from the shared blocks,
+which checkpoint tensors fill that layer (``Binding``s), its rotary variants, its KV-cache
+layout, and its config quirks. The embedding, the final norm and the LM head, and the
+half-open layer-range slicing, belong to the shared decoder (molink.models.decoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from molink.config import ModelConfig
+from molink.errors import InvalidParameterError
+from molink.models.blocks.linear import LinearFactory
+from molink.models.blocks.mlp import activation
+from molink.models.blocks.norms import RMSNorm
+from molink.models.forward_context import ForwardContext
+from molink.models.rope import RopeSpec
+
+Assemble = Callable[[list[torch.Tensor]], torch.Tensor]
+# Quantization methods whose checkpoints hold plain float tensors MoLink can run as is.
+_RUNNABLE_QUANTIZATION: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Checkpoint tensors ``names`` fill the parameter or linear layer at ``target``.
+
+    ``target`` is a dotted attribute path inside the layer (or the final norm). Several
+    names are concatenated along rows (fused q/k/v, gate/up) unless ``assemble`` says how
+    to combine them (experts stacked, a transform such as Gemma's ``1 + w``).
+    """
+
+    target: str
+    names: tuple[str, ...]
+    assemble: Assemble | None = None
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Per token and layer, the cache holds ``num_heads`` keys of ``key_dim`` and values of
+    ``value_dim`` (0: values are read from the first channels of the keys)."""
+
+    num_heads: int
+    key_dim: int
+    value_dim: int
+
+
+class DecoderLayerModule(Protocol):
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: ForwardContext,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """The residual stream [T, hidden] in, the residual stream out."""
+        ...
+
+
+def raw_rope_parameters(config: ModelConfig) -> dict[str, Any]:
+    """transformers 5 writes ``rope_parameters``; older configs ``rope_theta``/``rope_scaling``."""
+    params = config.raw.get("rope_parameters")
+    return dict(params) if isinstance(params, dict) else {}
+
+
+def partial_rotary_factor(config: ModelConfig) -> float:
+    params = raw_rope_parameters(config)
+    return float(
+        params.get("partial_rotary_factor") or config.raw.get("partial_rotary_factor") or 1
+    )
+
+
+def default_rope_spec(config: ModelConfig, interleaved: bool = False) -> RopeSpec:
+    rotary_dim = int(config.head_dim * partial_rotary_factor(config))
+    original = config.raw.get("original_max_position_embeddings")
+    return RopeSpec(
+        theta=config.rope_theta,
+        head_dim=config.head_dim,
+        max_positions=config.max_position_embeddings,
+        rotary_dim=rotary_dim if rotary_dim != config.head_dim else 0,
+        scaling=config.rope_scaling,
+        interleaved=interleaved,
+        original_max_positions=int(original) if original else None,
+    )
+
+
+def layer_types(config: ModelConfig) -> list[str] | None:
+    types = config.raw.get("layer_types")
+    return list(types) if isinstance(types, list) else None
+
+
+def layer_window(config: ModelConfig, index: int) -> int | None:
+    """The sliding window of layer ``index``: ``layer_types`` says which layers slide;
+    without it every layer uses the config's window (None: full attention)."""
+    if config.sliding_window is None:
+        return None
+    types = layer_types(config)
+    if types is None:
+        return config.sliding_window
+    return config.sliding_window if types[index] == "sliding_attention" else None
+
+
+def check_quantization(config: ModelConfig) -> None:
+    quant = config.raw.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    if method not in _RUNNABLE_QUANTIZATION:
+        raise InvalidParameterError(
+            "quantization_config",
+            f"quant_method {method!r} is not supported; serve an unquantized checkpoint "
+            "or a GGUF file",
+        )
+
+
+class DecoderArchitecture:
+    """Defaults are Llama's; subclasses override what differs."""
+
+    embed_name = "model.embed_tokens.weight"
+    final_norm_prefix = "model.norm"
+    lm_head_name = "lm_head.weight"
+    activation_field = "hidden_act"
+    default_activation = "silu"
+
+    def layer_prefix(self, index: int) -> str:
+        return f"model.layers.{index}."
+
+    # --- config ------------------------------------------------------------------------
+
+    def check_config(self, config: ModelConfig) -> None:
+        """Refuse, naming the field, whatever this architecture cannot run."""
+        check_quantization(config)
+        self.activation(config)
+        for spec in self.rope_specs(config).values():
+            spec.check()
+
+    def activation(self, config: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+        name = config.raw.get(self.activation_field) or self.default_activation
+        return activation(str(name), self.activation_field)
+
+    def rope_specs(self, config: ModelConfig) -> dict[str, RopeSpec]:
+        return {"default": default_rope_spec(config)}
+
+    def kv_layout(self, config: ModelConfig) -> KVLayout:
+        return KVLayout(config.num_kv_heads, config.head_dim, config.head_dim)
+
+    # --- the shared ends of the decoder ------------------------------------------------
+
+    def embedding_scale(self, config: ModelConfig) -> float | None:
+        return None
+
+    def logits_scale(self, config: ModelConfig) -> float | None:
+        return None
+
+    def logits_softcap(self, config: ModelConfig) -> float | None:
+        return None
+
+    def build_final_norm(self, config: ModelConfig, factory: LinearFactory) -> nn.Module:
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, factory.dtype, factory.device)
+
+    def final_norm_bindings(self, config: ModelConfig) -> list[Binding]:
+        return [Binding("weight", (self.final_norm_prefix + ".weight",))]
+
+    # --- layers ------------------------------------------------------------------------
+
+    def build_layer(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
+        raise NotImplementedError
+
+    def layer_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        raise NotImplementedError
+
+
+def plus_one(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Gemma's norms scale by ``1 + w``; adding 1 once at load keeps one RMSNorm kernel."""
+    (weight,) = parts
+    return weight.float() + 1.0
+
+
+def attention_bindings(
+    prefix: str,
+    *,
+    qkv_bias: bool = False,
+    o_bias: bool = False,
+    qk_norm: bool = False,
+    target: str = "attn",
+    module: str = "self_attn",
+) -> list[Binding]:
+    """Separate q/k/v/o projections (the usual Hugging Face layout), fused on load."""
+    p = f"{prefix}{module}."
+    bindings = [
+        Binding(f"{target}.qkv", tuple(f"{p}{x}_proj.weight" for x in "qkv")),
+        Binding(f"{target}.o", (f"{p}o_proj.weight",)),
+    ]
+    if qkv_bias:
+        bindings.append(Binding(f"{target}.qkv.bias", tuple(f"{p}{x}_proj.bias" for x in "qkv")))
+    if o_bias:
+        bindings.append(Binding(f"{target}.o.bias", (f"{p}o_proj.bias",)))
+    if qk_norm:
+        bindings.append(Binding(f"{target}.q_norm.weight", (f"{p}q_norm.weight",)))
+        bindings.append(Binding(f"{target}.k_norm.weight", (f"{p}k_norm.weight",)))
+    return bindings
+
+
+def gated_mlp_bindings(
+    prefix: str, *, bias: bool = False, target: str = "mlp", module: str = "mlp"
+) -> list[Binding]:
+    p = f"{prefix}{module}."
+    bindings = [
+        Binding(f"{target}.gate_up", (f"{p}gate_proj.weight", f"{p}up_proj.weight")),
+        Binding(f"{target}.down", (f"{p}down_proj.weight",)),
+    ]
+    if bias:
+        bindings.append(
+            Binding(f"{target}.gate_up.bias", (f"{p}gate_proj.bias", f"{p}up_proj.bias"))
+        )
+        bindings.append(Binding(f"{target}.down.bias", (f"{p}down_proj.bias",)))
+    return bindings
+
+
+def norm_binding(target: str, name: str, assemble: Assemble | None = None) -> Binding:
+    return Binding(f"{target}.weight", (name,), assemble)

@@ -1,0 +1,1 @@
+"""One module per architecture; each exposes ``ARCHITECTURE`` (see molink.models.registry)."""

@@ -1,0 +1,89 @@
+"""Llama (1, 2, 3.x with its rope scaling): the pre-norm SwiGLU decoder the others extend."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from molink.config import ModelConfig
+from molink.models.architecture import (
+    Binding,
+    DecoderArchitecture,
+    attention_bindings,
+    gated_mlp_bindings,
+    layer_window,
+    norm_binding,
+)
+from molink.models.blocks.attention import AttentionSpec, SelfAttention
+from molink.models.blocks.linear import LinearFactory
+from molink.models.blocks.mlp import GatedMLP
+from molink.models.blocks.norms import RMSNorm
+from molink.models.blocks.prenorm import PreNormLayer
+
+
+class Llama(DecoderArchitecture):
+    def qkv_bias(self, config: ModelConfig) -> bool:
+        return config.attention_bias
+
+    def o_bias(self, config: ModelConfig) -> bool:
+        return config.attention_bias
+
+    def qk_norm(self, config: ModelConfig) -> str | None:
+        return None
+
+    def mlp_bias(self, config: ModelConfig) -> bool:
+        return bool(config.raw.get("mlp_bias", False))
+
+    def attention_spec(self, config: ModelConfig, index: int) -> AttentionSpec:
+        return AttentionSpec(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            norm_eps=config.rms_norm_eps,
+            qkv_bias=self.qkv_bias(config),
+            o_bias=self.o_bias(config),
+            qk_norm=self.qk_norm(config),
+            window=layer_window(config, index),
+        )
+
+    def build_mlp(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
+        return GatedMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            self.activation(config),
+            factory,
+            self.mlp_bias(config),
+        )
+
+    def residual_multiplier(self, config: ModelConfig) -> float | None:
+        return None
+
+    def build_layer(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
+        dtype, device = factory.dtype, factory.device
+        return PreNormLayer(
+            SelfAttention(self.attention_spec(config, index), factory),
+            self.build_mlp(config, index, factory),
+            RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device),
+            RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device),
+            self.residual_multiplier(config),
+        )
+
+    def mlp_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        return gated_mlp_bindings(self.layer_prefix(index), bias=self.mlp_bias(config))
+
+    def layer_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        p = self.layer_prefix(index)
+        return [
+            norm_binding("input_norm", p + "input_layernorm.weight"),
+            norm_binding("post_norm", p + "post_attention_layernorm.weight"),
+            *attention_bindings(
+                p,
+                qkv_bias=self.qkv_bias(config),
+                o_bias=self.o_bias(config),
+                qk_norm=self.qk_norm(config) is not None,
+            ),
+            *self.mlp_bindings(config, index),
+        ]
+
+
+ARCHITECTURE = Llama()

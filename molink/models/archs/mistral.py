@@ -1,0 +1,20 @@
+"""Mistral: Llama without projection biases, with a sliding window on every layer."""
+
+from __future__ import annotations
+
+from molink.config import ModelConfig
+from molink.models.archs.llama import Llama
+
+
+class Mistral(Llama):
+    def qkv_bias(self, config: ModelConfig) -> bool:
+        return False  # whatever the config says, Mistral's projections have no bias
+
+    def o_bias(self, config: ModelConfig) -> bool:
+        return False
+
+    def mlp_bias(self, config: ModelConfig) -> bool:
+        return False
+
+
+ARCHITECTURE = Mistral()

@@ -1,0 +1,17 @@
+"""Qwen3: Llama with an RMSNorm over each head of q and k, before the rotation."""
+
+from __future__ import annotations
+
+from molink.config import ModelConfig
+from molink.models.archs.llama import Llama
+
+
+class Qwen3(Llama):
+    def qk_norm(self, config: ModelConfig) -> str | None:
+        return "head"
+
+    def mlp_bias(self, config: ModelConfig) -> bool:
+        return False
+
+
+ARCHITECTURE = Qwen3()

@@ -1,0 +1,1 @@
+"""Building blocks every architecture file composes: linear layers, norms, attention, MLPs."""

@@ -1,0 +1,108 @@
+"""Self-attention over the paged cache: fused q/k/v, optional q/k norms, rotary, output.
+
+``AttentionSpec`` says what an architecture's attention looks like; ``SelfAttention``
+returns the heads' output *before* the output projection ``o`` so that each layer decides
+how that projection joins the residual stream (plain add, post-norm, a multiplier).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from molink.models.attention import AttentionOptions, paged_attention
+from molink.models.blocks.linear import LinearFactory
+from molink.models.blocks.norms import LayerNorm, RMSNorm
+from molink.models.forward_context import ForwardContext
+
+QK_NORMS = (None, "head", "full", "head_layernorm")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    o_bias: bool = False
+    # None; "head": RMSNorm over each head (Qwen3, Gemma 3); "full": RMSNorm over all heads
+    # of q and of k (OLMo 2); "head_layernorm": LayerNorm per head, own weights (Cohere).
+    qk_norm: str | None = None
+    rope: str | None = "default"  # which of the slice's rotary tables; None: no rotation
+    window: int | None = None  # sliding window of this layer
+    scale: float | None = None
+    softcap: float | None = None
+    sinks: bool = False
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, spec: AttentionSpec, factory: LinearFactory) -> None:
+        super().__init__()
+        assert spec.qk_norm in QK_NORMS, spec.qk_norm
+        self.spec = spec
+        qkv_out = spec.q_size + 2 * spec.kv_size
+        self.qkv = factory.linear(spec.hidden_size, qkv_out, spec.qkv_bias)
+        self.o = factory.linear(spec.q_size, spec.hidden_size, spec.o_bias)
+        self.q_norm, self.k_norm = _qk_norms(spec, factory)
+        self.sinks = factory.vector(spec.num_heads) if spec.sinks else None
+
+    def options(self) -> AttentionOptions:
+        spec = self.spec
+        return AttentionOptions(scale=spec.scale, softcap=spec.softcap, sinks=self.sinks)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        ctx: ForwardContext,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """[T, hidden] -> the heads' output [T, heads * head_dim] (before ``o``)."""
+        spec = self.spec
+        num_tokens = h.shape[0]
+        qkv = self.qkv(h)
+        q = qkv[:, : spec.q_size]
+        k = qkv[:, spec.q_size : spec.q_size + spec.kv_size]
+        v = qkv[:, spec.q_size + spec.kv_size :].view(num_tokens, spec.num_kv_heads, -1)
+        if spec.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(num_tokens, spec.num_heads, spec.head_dim)
+        k = k.view(num_tokens, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm in ("head", "head_layernorm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.rope is not None:
+            q, k = ctx.rotate(spec.rope, q), ctx.rotate(spec.rope, k)
+        meta = ctx.attention_meta(spec.window)
+        return paged_attention(q, k, v, key_cache, value_cache, meta, self.options())
+
+
+def _qk_norms(spec: AttentionSpec, factory: LinearFactory) -> tuple[nn.Module | None, ...]:
+    dtype, device = factory.dtype, factory.device
+    if spec.qk_norm == "head":
+        return (
+            RMSNorm(spec.head_dim, spec.norm_eps, dtype, device),
+            RMSNorm(spec.head_dim, spec.norm_eps, dtype, device),
+        )
+    if spec.qk_norm == "full":
+        return (
+            RMSNorm(spec.q_size, spec.norm_eps, dtype, device),
+            RMSNorm(spec.kv_size, spec.norm_eps, dtype, device),
+        )
+    if spec.qk_norm == "head_layernorm":
+        return (
+            LayerNorm((spec.num_heads, spec.head_dim), spec.norm_eps, False, dtype, device),
+            LayerNorm((spec.num_kv_heads, spec.head_dim), spec.norm_eps, False, dtype, device),
+        )
+    return None, None

@@ -1,0 +1,183 @@
+"""The one seam through which every matrix of a decoder layer is built and loaded.
+
+Architecture files never create weight matrices themselves: they ask a ``LinearFactory``
+for a ``LinearLike`` (one matrix, possibly the fusion of several checkpoint tensors) or a
+``GroupedLinearLike`` (one matrix per expert of a mixture-of-experts layer). The default
+factory builds dense float layers; another factory (quantized kernels, another device)
+plugs in by implementing the same two protocols, without touching any architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from molink.errors import WeightLoadError
+from molink.models.cpu_linear import add_linear, linear, prepack
+
+_ROW_BLOCK = 64  # rows per step of a transposing copy: keeps both sides in cache
+
+
+@runtime_checkable
+class LinearLike(Protocol):
+    """``y = x @ W.T (+ b)`` for x [T, in_features]."""
+
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``, fused where the kernel allows."""
+        ...
+
+    def load_weight(self, weight: torch.Tensor, pack: bool) -> None:
+        """Take a row-major [out_features, in_features] checkpoint matrix."""
+        ...
+
+    def prepack(self, enable: bool) -> None: ...
+
+
+@runtime_checkable
+class GroupedLinearLike(Protocol):
+    """One [out, in] matrix per expert; ``forward_expert`` runs the rows routed to one."""
+
+    num_experts: int
+    in_features: int
+    out_features: int
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def load_weight(self, weight: torch.Tensor, pack: bool) -> None:
+        """Take [num_experts, out_features, in_features]."""
+        ...
+
+
+@dataclass(frozen=True)
+class LinearFactory:
+    """Builds the matrices of a slice with one dtype and device."""
+
+    dtype: torch.dtype
+    device: torch.device
+
+    def linear(self, in_features: int, out_features: int, bias: bool = False) -> LinearLike:
+        return DenseLinear(in_features, out_features, bias, self.dtype, self.device)
+
+    def grouped(
+        self, num_experts: int, in_features: int, out_features: int, bias: bool = False
+    ) -> GroupedLinearLike:
+        return DenseGroupedLinear(
+            num_experts, in_features, out_features, bias, self.dtype, self.device
+        )
+
+    def vector(self, size: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(size, dtype=self.dtype, device=self.device), False)
+
+
+def matrix_param(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """A [rows, cols] weight stored column-major (a transposed view of [cols, rows]).
+
+    ``F.linear(x, w)`` computes ``x @ w.T``; with this layout ``w.T`` is contiguous, which
+    MKL runs faster for few rows: about 15% for batch-1 decode and twice as fast for the
+    LM head at 8 rows. (2-32 rows use oneDNN-packed copies where available; see cpu_linear.)
+    """
+    storage = torch.empty((cols, rows), dtype=dtype, device=device)
+    return nn.Parameter(storage.t(), requires_grad=False)
+
+
+def copy_matrix(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
+    """Copy a row-major [out, in] tensor into ``target``, whatever its layout."""
+    if tuple(source.shape) != tuple(target.shape):
+        raise WeightLoadError(
+            f"tensor {what!r} has shape {tuple(source.shape)}, expected {tuple(target.shape)}"
+        )
+    source = source.to(device=target.device, dtype=target.dtype)
+    if target.device.type != "cpu" or target.stride() == source.stride():
+        target.copy_(source)
+        return
+    # A plain copy_ into a transposed view walks memory with a large stride on one side;
+    # copying a band of rows at a time is several times faster.
+    for row in range(0, source.shape[0], _ROW_BLOCK):
+        target[row : row + _ROW_BLOCK].copy_(source[row : row + _ROW_BLOCK])
+
+
+class DenseLinear(nn.Module):
+    """A float matrix (column-major) with an optional oneDNN-packed copy for small batches."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = matrix_param(out_features, in_features, dtype, device)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False)
+            if bias
+            else None
+        )
+        self.packed: torch.Tensor | None = None  # not in state_dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.packed, self.bias)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return add_linear(residual, x, self.weight, self.packed, self.bias)
+
+    def load_weight(self, weight: torch.Tensor, pack: bool) -> None:
+        copy_matrix(self.weight, weight, f"[{self.out_features}, {self.in_features}] matrix")
+        # Packing from the row-major source avoids re-reading the transposed copy.
+        self.packed = prepack(weight.to(self.weight.dtype)) if pack else None
+
+    def prepack(self, enable: bool) -> None:
+        self.packed = prepack(self.weight) if enable else None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self.packed = None  # a packed copy would be stale after .to()/.half()
+        return super()._apply(fn, recurse)
+
+
+class DenseGroupedLinear(nn.Module):
+    """Experts' matrices as one [E, out, in] tensor (row-major: each expert contiguous)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        shape = (num_experts, out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), False)
+        self.bias = (
+            nn.Parameter(torch.empty(num_experts, out_features, dtype=dtype, device=device), False)
+            if bias
+            else None
+        )
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias[expert]
+        return F.linear(x, self.weight[expert], bias)
+
+    def load_weight(self, weight: torch.Tensor, pack: bool) -> None:
+        if tuple(weight.shape) != tuple(self.weight.shape):
+            raise WeightLoadError(
+                f"experts' tensor has shape {tuple(weight.shape)}, "
+                f"expected {tuple(self.weight.shape)}"
+            )
+        self.weight.copy_(weight)

@@ -1,0 +1,43 @@
+"""What every layer of one forward shares: attention metadata per window, rotary angles."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from molink.models.attention import AttentionMetadata
+from molink.models.rope import RotaryTables
+
+
+class ForwardContext:
+    """Built once per forward by the decoder slice; layers ask it for what they need.
+
+    Metadata for a sliding window and cos/sin for a rotary variant are computed on first
+    request and then reused by every later layer of the same kind.
+    """
+
+    def __init__(self, meta: AttentionMetadata, rotaries: Mapping[str, RotaryTables]) -> None:
+        self.meta = meta
+        self._rotaries = rotaries
+        self._windowed: dict[int, AttentionMetadata] = {}
+        self._angles: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attention_meta(self, window: int | None) -> AttentionMetadata:
+        """The batch's metadata with every token limited to the last ``window`` positions."""
+        if window is None or self.meta.max_context_len <= window:
+            return self.meta
+        meta = self._windowed.get(window)
+        if meta is None:
+            meta = self.meta.with_sliding_window(window)
+            self._windowed[window] = meta
+        return meta
+
+    def rotate(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [T, heads, head_dim] rotated by the positions of the batch (variant ``key``)."""
+        tables = self._rotaries[key]
+        angles = self._angles.get(key)
+        if angles is None:
+            angles = tables.lookup(self.meta.positions)
+            self._angles[key] = angles
+        return tables.apply(x, *angles)
