@@ -28,7 +28,7 @@ from molink.pipeline.identity import NodeInfo
 from molink.pipeline.links import LinkTable
 from molink.pipeline.outbound import OutboundRelease, OutboundStep, SenderFactory
 from molink.pipeline.registry import JoinRefusedError, PipelineView
-from molink.pipeline.servicer import NodeServicer
+from molink.pipeline.servicer import NodeServicer, join_redirect
 from molink.pipeline.wire import link_to_proto, node_to_proto, view_from_proto
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
 from molink.stage.protocol import StageExecutor
@@ -105,6 +105,7 @@ class StageNode:
             on_release=self._on_release,
             max_queued=self.config.max_queued_steps,
             upstream_stall_s=self.config.upstream_stall_s,
+            max_sequences_per_head=self.config.max_sequences_per_head,
         )
         senders = SenderFactory(
             info.node_id,
@@ -181,8 +182,32 @@ class StageNode:
     # -- membership ------------------------------------------------------------------------
 
     def join(self, peer: str) -> PipelineView:
-        """Join the head through ``peer``; retry while unreachable, raise on refusal."""
+        """Join the head through ``peer``; retry while unreachable, raise on refusal. A
+        swarm member answers with its head's address (it cannot vouch for this node's
+        identity), which is followed once."""
         request = pb.JoinRequest(node=node_to_proto(self.info), credentials=pb.Credentials())
+        response = self._request_join(peer, request)
+        redirect = join_redirect(response)
+        if redirect is not None and redirect != peer:
+            logger.info(
+                "node %s: %s sends the join to the head at %s", self.node_id, peer, redirect
+            )
+            peer, response = redirect, self._request_join(redirect, request)
+        if not response.accepted:
+            logger.error("node %s: join refused by %s: %s", self.node_id, peer, response.reason)
+            raise JoinRefusedError(response.reason)
+        view = view_from_proto(response.pipeline)
+        self.links.apply(view)
+        logger.info(
+            "node %s joined head %s (epoch %d): %s",
+            self.node_id,
+            view.head_id,
+            view.epoch,
+            view.readiness() or "every layer is served",
+        )
+        return view
+
+    def _request_join(self, peer: str, request: pb.JoinRequest) -> pb.JoinResponse:
         client = NodeClient(peer, self.config)
         deadline = time.monotonic() + self.config.join_timeout_s
         try:
@@ -199,19 +224,7 @@ class StageNode:
                     time.sleep(_JOIN_RETRY_S)
         finally:
             client.close()
-        if not response.accepted:
-            logger.error("node %s: join refused by %s: %s", self.node_id, peer, response.reason)
-            raise JoinRefusedError(response.reason)
-        view = view_from_proto(response.pipeline)
-        self.links.apply(view)
-        logger.info(
-            "node %s joined head %s (epoch %d): %s",
-            self.node_id,
-            view.head_id,
-            view.epoch,
-            view.readiness() or "every layer is served",
-        )
-        return view
+        return response
 
     def refresh_pipeline(self, head_id: str) -> None:
         """Ask the head for its current pipeline (after a missed update)."""
@@ -252,6 +265,19 @@ class StageNode:
         except (ProtocolError, PipelineError) as exc:
             ack.error = self._reject(request, exc)
         return ack
+
+    def reject_unauthorized(
+        self, request: pb.ForwardRequest, num_bytes: int, reason: str
+    ) -> pb.ForwardAck:
+        """A message from a peer not entitled to it: refused, counted, not reported to the
+        head it names (the sender could otherwise flood that head)."""
+        plan = request.step.plan
+        message = f"stage {self.node_id} refused a forward message: {reason}"
+        logger.warning("%s", message)
+        with self._counter_lock:
+            self.bytes_received += num_bytes
+            self.steps_rejected += 1
+        return pb.ForwardAck(step_id=plan.step_id, micro_batch=plan.micro_batch, error=message)
 
     def reject_unparsable(self, num_bytes: int, exc: Exception) -> pb.ForwardAck:
         message = f"stage {self.node_id} got a forward message it cannot parse: {exc}"

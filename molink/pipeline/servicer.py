@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -10,8 +11,17 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from molink.errors import PipelineError
+from molink.pipeline.authorization import (
+    check_forward,
+    check_join,
+    check_release,
+    check_result,
+    check_update,
+)
 from molink.pipeline.wire import node_to_proto, view_from_proto, view_to_proto
 from molink.pipeline.worker import ReleaseJob
+from molink.security.credentials import peer_node_id
+from molink.security.limits import LimitExceededError, RateLimiter, StreamLimiter
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.convert import result_from_proto
 from molink.transport.framing import parse_forward
@@ -19,9 +29,19 @@ from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from molink.pipeline.node import StageNode
+    from molink.pipeline.node import HeadRole, StageNode
+
+# A swarm member's answer to a join meant for its head: "join the head at ADDRESS".
+JOIN_REDIRECT = "join the head directly at"
 
 logger = logging.getLogger(__name__)
+
+
+def join_redirect(response: pb.JoinResponse) -> str | None:
+    """The head's address when ``response`` sends the join there, else None."""
+    if response.accepted or not response.reason.startswith(JOIN_REDIRECT):
+        return None
+    return response.pipeline.head_address or None
 
 
 class NodeServicer(pb_grpc.MolinkNodeServicer):
@@ -31,15 +51,47 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
 
     def __init__(self, node: StageNode) -> None:
         self._node = node
+        config = node.config
+        self._streams = StreamLimiter(config.max_streams_per_peer)
+        self._joins = RateLimiter(
+            "joins", config.join_burst, config.join_interval_s, config.node_join_burst
+        )
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
         return node_to_proto(self._node.info)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        caller = peer_node_id(context)
+        refusal = check_join(caller, request)
+        if refusal is None:
+            try:
+                self._joins.check(caller)
+            except LimitExceededError as exc:
+                refusal = str(exc)
+        if refusal is not None:
+            logger.warning("node %s refused a join: %s", self._node.node_id, refusal)
+            return pb.JoinResponse(accepted=False, reason=refusal)
         head_role = self._node.head_role
         if head_role is not None:
             return head_role.handle_join(request)
+        if caller is not None:
+            return self._redirect_join()
         return self._forward_join(request)
+
+    def _redirect_join(self) -> pb.JoinResponse:
+        """A member cannot vouch for another node's identity, so in a swarm it sends the
+        joining node to its head instead of passing the join on."""
+        view = self._node.links.any_view()
+        if view is None or not view.head_address:
+            return pb.JoinResponse(
+                accepted=False,
+                reason=f"node {self._node.node_id} is not part of a pipeline; join the head",
+            )
+        return pb.JoinResponse(
+            accepted=False,
+            reason=f"{JOIN_REDIRECT} {view.head_address}",
+            pipeline=view_to_proto(view),
+        )
 
     def _forward_join(self, request: pb.JoinRequest) -> pb.JoinResponse:
         """A member passes a join on to its head, so any member can be an initial peer."""
@@ -75,6 +127,10 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     def UpdatePipeline(
         self, request: pb.Pipeline, context: grpc.ServicerContext
     ) -> pb.UpdatePipelineResponse:
+        refusal = check_update(peer_node_id(context), request)
+        if refusal is not None:
+            logger.warning("node %s: %s", self._node.node_id, refusal)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         if self._node.head_role is not None:
             return pb.UpdatePipelineResponse(applied=False, reason="a head keeps its own pipeline")
         if self._node.links.get(request.head_id) is None:
@@ -90,23 +146,69 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     def Forward(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[pb.ForwardAck]:
-        for raw in request_iterator:
-            try:
-                request, hidden_data = parse_forward(raw)
-            except DecodeError as exc:
-                yield self._node.reject_unparsable(len(raw), exc)
-                continue
-            yield self._node.handle_forward(request, len(raw), hidden_data)
+        caller = peer_node_id(context)
+        with self._hold_stream(caller, context):
+            for raw in request_iterator:
+                try:
+                    request, hidden_data = parse_forward(raw)
+                except DecodeError as exc:
+                    yield self._node.reject_unparsable(len(raw), exc)
+                    continue
+                refusal = self._forward_refusal(caller, request)
+                if refusal is not None:
+                    yield self._node.reject_unauthorized(request, len(raw), refusal)
+                    continue
+                yield self._node.handle_forward(request, len(raw), hidden_data)
+
+    def _forward_refusal(self, caller: str | None, request: pb.ForwardRequest) -> str | None:
+        refusal = self._check_forward(caller, request.head_id)
+        link = self._node.links.get(request.head_id)
+        if refusal is not None and link is not None and link.view.epoch != request.epoch:
+            self._node.refresh_pipeline(request.head_id)  # the route may have changed
+            refusal = self._check_forward(caller, request.head_id)
+        return refusal
+
+    def _check_forward(self, caller: str | None, head_id: str) -> str | None:
+        link = self._node.links.get(head_id)
+        return check_forward(caller, head_id, self._node.node_id, link.view if link else None)
+
+    @contextlib.contextmanager
+    def _hold_stream(self, caller: str | None, context: grpc.ServicerContext) -> Iterator[None]:
+        """Bounds the streams one member holds at once (each ties up a server thread)."""
+        try:
+            self._streams.acquire(caller)
+        except LimitExceededError as exc:
+            logger.warning("node %s: %s", self._node.node_id, exc)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            yield
+        finally:
+            self._streams.release(caller)
 
     def ReturnResults(
         self, request_iterator: Iterator[pb.ReturnResultsRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ReturnResultsAck]:
         head_role = self._node.head_role
+        caller = peer_node_id(context)
+        with self._hold_stream(caller, context):
+            yield from self._results(head_role, caller, request_iterator)
+
+    def _results(
+        self,
+        head_role: HeadRole | None,
+        caller: str | None,
+        request_iterator: Iterator[pb.ReturnResultsRequest],
+    ) -> Iterator[pb.ReturnResultsAck]:
         for request in request_iterator:
             ack = pb.ReturnResultsAck(
                 step_id=request.result.step_id, micro_batch=request.result.micro_batch
             )
-            if head_role is None or request.head_id != self._node.node_id:
+            refusal = None
+            if head_role is not None:
+                refusal = check_result(caller, request, self._node.current_view())
+            if refusal is not None:
+                logger.warning("head %s ignored a result: %s", self._node.node_id, refusal)
+            elif head_role is None or request.head_id != self._node.node_id:
                 logger.warning(
                     "node %s got a result for head %r from %s; it is not that head",
                     self._node.node_id,
@@ -117,7 +219,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
                 head_role.deliver_result(
                     result_from_proto(request.result),
                     list(request.result.trace),
-                    request.sender_id,
+                    caller or request.sender_id,  # the certificate, when there is one
                     request.ByteSize(),
                 )
             yield ack
@@ -125,6 +227,10 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     def Release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseResponse:
+        refusal = check_release(peer_node_id(context), request.head_id)
+        if refusal is not None:
+            logger.warning("node %s: %s", self._node.node_id, refusal)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         link = self._node.links.get(request.head_id)
         job = ReleaseJob(
             request.head_id, link.view.epoch if link else 0, tuple(request.seq_ids), False

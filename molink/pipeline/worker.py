@@ -78,8 +78,10 @@ class ComputeWorker:
         on_release: Callable[[ReleaseJob], None],
         max_queued: int,
         upstream_stall_s: float,
+        max_sequences_per_head: int = 4096,
     ) -> None:
         self._executor = executor
+        self._max_sequences_per_head = max_sequences_per_head
         self._node_id = node_id
         self._on_output = on_output
         self._on_error = on_error
@@ -243,7 +245,17 @@ class ComputeWorker:
         known.difference_update(plan.finished_seq_ids)
         if not job.trusted:
             check_known_sequences(plan, known)
+            self._check_sequence_cap(job, known)
         known.update(n.seq_id for n in plan.new_sequences)
+
+    def _check_sequence_cap(self, job: StepJob, known: set[int]) -> None:
+        """One head may not fill a stage with sequences that other heads then lack."""
+        held = len(known | {n.seq_id for n in job.plan.new_sequences})
+        if held > self._max_sequences_per_head:
+            raise ProtocolError(
+                f"head {job.head_id} would hold {held} sequences on stage {self._node_id}; "
+                f"one head may hold at most {self._max_sequences_per_head}"
+            )
 
     def _release(self, job: ReleaseJob) -> None:
         known = self._known.get(job.head_id)

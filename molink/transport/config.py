@@ -34,6 +34,14 @@ class TransportConfig:
     rpc_timeout_s: float = 5.0  # unary calls (Describe, Join, GetPipeline, ...)
     join_timeout_s: float = 60.0  # a stage keeps retrying an unreachable initial peer
     server_workers: int = 32  # streams hold a worker each for their whole life
+    # Per-peer bounds (molink.security.limits): streams one member holds on a node at once,
+    # joins (a burst, then one per interval, per member and for the node), and sequences
+    # one head may hold on a stage.
+    max_streams_per_peer: int = 8
+    join_burst: int = 5
+    join_interval_s: float = 2.0
+    node_join_burst: int = 30
+    max_sequences_per_head: int = 4096
     # Mutual TLS with the swarm's authority on every server and channel; None: open mode
     # (plaintext, any caller), for trusted networks and development only.
     security: SwarmCredentials | None = field(default=None, compare=False)
@@ -51,6 +59,10 @@ class TransportConfig:
             "max_queued_steps",
             "health_failures_to_down",
             "server_workers",
+            "max_streams_per_peer",
+            "join_burst",
+            "node_join_burst",
+            "max_sequences_per_head",
         ):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, "must be >= 1")
@@ -64,6 +76,7 @@ class TransportConfig:
             "health_timeout_s",
             "rpc_timeout_s",
             "join_timeout_s",
+            "join_interval_s",
         ):
             if not getattr(self, name) > 0:
                 raise InvalidParameterError(name, "must be > 0")
