@@ -35,6 +35,7 @@ from molink.outputs import RequestOutput
 from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.pipeline.node import StageNode
+from molink.progress.waiting import Coverage, PipelineWaitStatus
 from molink.security.node_setup import grpc_bind_host, node_credentials
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
@@ -115,6 +116,7 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
         return _start_stage(args, source, worker, info, dtype, bind, transport)
     head = PipelineExecutor(worker, info, transport, bind_address=bind, input_dtype=dtype)
     head.start()
+    PipelineWaitStatus(lambda: pipeline_coverage(head)).start()
     logger.info(
         "head gRPC address: %s (stages join with --molink-initial-peer %s)",
         info.address,
@@ -136,6 +138,13 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     return AsyncLLMEngine(
         engine, args.model_name, max_model_len, maintenance=sizer, metric_lines=head.metric_lines
     )
+
+
+def pipeline_coverage(head: PipelineExecutor) -> Coverage:
+    """How many layers the head's pipeline covers, and which are missing (for the status line)."""
+    view = head.pipeline()
+    uncovered = sum(r.end - r.start for r in view.missing_ranges())
+    return Coverage(view.num_layers - uncovered, view.num_layers, view.readiness())
 
 
 _TELEMETRY_METHODS = ("link_estimates", "stage_timings", "hidden_bytes_per_token")

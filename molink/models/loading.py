@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from molink.config import LayerRange, ModelConfig
 from molink.errors import WeightLoadError
@@ -19,6 +18,7 @@ from molink.models.architecture import Binding, DecoderArchitecture
 from molink.models.blocks.linear import GroupedLinearLike, LinearLike, copy_matrix
 from molink.models.cpu_linear import prepack
 from molink.models.registry import architecture_for
+from molink.progress import track
 
 if TYPE_CHECKING:
     from molink.models.decoder import DecoderSlice
@@ -55,7 +55,7 @@ def load_slice_tensors(
         if model.embed is not None:
             copy_matrix(model.embed, _get(tensors, arch.embed_name), arch.embed_name)
         # A progress bar on a terminal; silent when the output is a log file or a pipe.
-        layers = tqdm(model.layers, desc="Loading layers", unit="layer", disable=None)
+        layers = track(model.layers, "loading layers", unit="layer")
         for offset, layer in enumerate(layers):
             index = model.layer_range.start + offset
             bind(layer, arch.layer_bindings(config, index), tensors, pack)

@@ -29,6 +29,7 @@ def convert_gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
     from molink.config import ModelConfig
+    from molink.progress import track
     from molink.weights.gguf_source import (
         GGUFStore,
         export_gguf_tokenizer,
@@ -41,7 +42,11 @@ def convert_gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     config_dict = gguf_config_dict(reader)
     config = ModelConfig.from_hf_dict(config_dict)
     store = GGUFStore(reader, config, str(gguf_path))
-    tensors = {name: store[name].contiguous() for name in store.names()}
+    names = store.names()
+    tensors = {
+        name: store[name].contiguous()
+        for name in track(names, f"converting {gguf_path.name}", unit="tensor")
+    }
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
