@@ -15,6 +15,7 @@ from molink.api.auth import BearerAuthMiddleware
 from molink.api.context import ServerContext
 from molink.api.errors import install_error_handlers
 from molink.api.metrics import MetricSource, ServerMetrics
+from molink.dashboard import SwarmProvider, install_dashboard, is_public, provider_for
 from molink.engine.protocol import EngineClient
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class ApiConfig:
     served_model_names: tuple[str, ...] = ()  # empty: the engine's model_name
     api_key: str | None = None  # None: no authentication
     metric_sources: tuple[MetricSource, ...] = ()  # extra Prometheus lines, e.g. link bandwidth
+    swarm: SwarmProvider | None = None  # what /dashboard shows; None: derived from the engine
 
 
 def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI:
@@ -52,8 +54,14 @@ def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI
     install_error_handlers(app)
     for module in (info, completions, chat, generate):
         app.include_router(module.router)
+    swarm = config.swarm or provider_for(engine)
+
+    def closing() -> str | None:
+        return context.streams.closing_reason
+
+    context.finished_observers.append(install_dashboard(app, swarm, engine.stats, closing))
     if config.api_key:
-        app.add_middleware(BearerAuthMiddleware, api_key=config.api_key)
+        app.add_middleware(BearerAuthMiddleware, api_key=config.api_key, public=is_public)
     return app
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -39,12 +40,21 @@ class BearerAuthMiddleware:
     through untouched and the check runs before the body is read.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str, public: Callable[[str], bool] | None = None
+    ) -> None:
         self._app = app
         self._key_digest = _digest(api_key)
+        # Paths that carry no data (e.g. the dashboard's page shells), open like the probes.
+        self._public = public or (lambda path: False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+        if (
+            scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or self._public(scope["path"])
+            or self._authorized(scope)
+        ):
             await self._app(scope, receive, send)
             return
         response = error_response(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -13,6 +13,7 @@ from molink.api.errors import APIError
 from molink.api.metrics import ServerMetrics
 from molink.api.runner import GenerationRun, Prompt, StreamRegistry
 from molink.engine.protocol import EngineClient
+from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 
 
@@ -24,6 +25,8 @@ class ServerContext:
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    # Told of every finished request besides the metrics (e.g. the dashboard's charts).
+    finished_observers: list[Callable[[RequestOutput], None]] = field(default_factory=list)
 
     @property
     def default_model_name(self) -> str:
@@ -55,9 +58,14 @@ class ServerContext:
             request_ids,
             prompts,
             params,
-            on_finished=self.metrics.observe_finished,
+            on_finished=self._finished,
             on_aborted=self.metrics.observe_aborted,
         )
+
+    def _finished(self, output: RequestOutput) -> None:
+        self.metrics.observe_finished(output)
+        for observe in self.finished_observers:
+            observe(output)
 
 
 def get_context(request: Request) -> ServerContext:

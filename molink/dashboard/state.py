@@ -1,0 +1,22 @@
+"""What the dashboard's routes share: the swarm provider and the chart history."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from molink.dashboard.history import MetricsHistory
+from molink.dashboard.snapshot import SwarmProvider
+
+
+@dataclass(frozen=True)
+class DashboardState:
+    provider: SwarmProvider
+    history: MetricsHistory
+    closing: Callable[[], str | None]  # why the server is stopping; None while it serves
+
+
+def get_state(request: Request) -> DashboardState:
+    return request.app.state.dashboard
