@@ -62,11 +62,12 @@ def _node_ids(pipeline: Pipeline) -> list[str]:
     return [node.grpc_address for node in pipeline.nodes]
 
 
-def _greedy_answer(pipeline: Pipeline) -> str:
+def _greedy_answer(pipeline: Pipeline, stop: list[str] | None = None) -> str:
     body = {
         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
         "temperature": 0,
         "max_tokens": MAX_TOKENS,
+        **({"stop": stop} if stop else {}),
     }
     response = httpx.post(f"{pipeline.base_url}/v1/chat/completions", json=body, timeout=120)
     response.raise_for_status()
@@ -92,12 +93,33 @@ def test_dashboard_lists_every_node_and_covers_every_layer(pipeline, browser, da
     assert dashboard.locator("#coverage .missing-span").count() == 0
     assert "every layer is served" in dashboard.locator("#summary").inner_text()
     assert dashboard.locator("#links li").count() == 3  # head -> s1 -> s2 -> head
+    # It keeps updating by itself (one event a second).
+    first = float(dashboard.locator("#status").get_attribute("data-updated-at"))
+    wait_true(
+        dashboard,
+        "(first) => Number(document.getElementById('status').dataset.updatedAt) > first",
+        10.0,
+        arg=first,
+    )
     browser.screenshot(dashboard, "dashboard-complete")
+
+
+def _ask(page) -> object:
+    """Sends QUESTION from the playground; returns the answer's element once it is done."""
+    page.fill("#prompt", QUESTION)
+    page.click("#send")
+    wait_true(
+        page,
+        "() => document.querySelector('article.message[data-role=assistant]')"
+        "?.dataset.state === 'done'",
+        timeout_s=120,
+    )
+    return page.locator('article.message[data-role="assistant"]').last
 
 
 def test_playground_streams_the_greedy_answer(pipeline, browser) -> None:
     expected = _greedy_answer(pipeline)
-    assert expected.strip()
+    assert len(expected.split()) > 3
     page = browser.new_page()
     try:
         page.goto(f"{pipeline.base_url}/playground")
@@ -105,15 +127,7 @@ def test_playground_streams_the_greedy_answer(pipeline, browser) -> None:
         page.fill("#system", SYSTEM)
         page.fill("#temperature", "0")
         page.fill("#max-tokens", str(MAX_TOKENS))
-        page.fill("#prompt", QUESTION)
-        page.click("#send")
-        answer = page.locator('article.message[data-role="assistant"]').last
-        wait_true(
-            page,
-            "() => document.querySelector('article.message[data-role=assistant]')"
-            ".dataset.state === 'done'",
-            timeout_s=120,
-        )
+        answer = _ask(page)
         assert answer.get_attribute("data-raw") == expected
         assert answer.get_attribute("data-route") == ",".join(_node_ids(pipeline))
         assert float(answer.get_attribute("data-ttft")) > 0
@@ -123,6 +137,14 @@ def test_playground_streams_the_greedy_answer(pipeline, browser) -> None:
         )
         assert "TTFT" in answer.locator(".stats").inner_text()
         browser.screenshot(page, "playground-answer")
+        # The stop field reaches the server: the same question, cut at its third word.
+        stop = expected.split()[2]
+        page.click("#clear")
+        page.fill("#stop", stop)
+        stopped = _ask(page)
+        assert stopped.get_attribute("data-raw") == _greedy_answer(pipeline, [stop])
+        assert stop not in stopped.get_attribute("data-raw")
+        assert "finished: stop" in stopped.locator(".stats").inner_text()
     finally:
         page.close()
 
