@@ -93,6 +93,8 @@ def test_dashboard_lists_every_node_and_covers_every_layer(pipeline, browser, da
     assert dashboard.locator("#coverage .missing-span").count() == 0
     assert "every layer is served" in dashboard.locator("#summary").inner_text()
     assert dashboard.locator("#links li").count() == 3  # head -> s1 -> s2 -> head
+    labels = dashboard.locator("#coverage .link-label")
+    assert labels.count() == 3 and "RTT" in labels.first.text_content()
     # It keeps updating by itself (one event a second).
     first = float(dashboard.locator("#status").get_attribute("data-updated-at"))
     wait_true(

@@ -35,11 +35,12 @@ export class LineChart {
     ctx.clearRect(0, 0, width, height);
     const values = this.points.flatMap((p) => this.series.map((s) => p[s.key]));
     const present = values.filter((v) => v !== null && Number.isFinite(v));
-    const top = Math.max(...present, 0) * 1.15 || 1;
+    const peak = Math.max(...present, 0) || 1;
+    const top = peak * 1.15;
     const newest = this.points.length ? this.points[this.points.length - 1].t : Date.now() / 1000;
     const x = (t) => PAD.left + ((t - (newest - WINDOW_S)) / WINDOW_S) * (width - PAD.left - PAD.right);
     const y = (v) => height - PAD.bottom - (v / top) * (height - PAD.top - PAD.bottom);
-    this.drawAxes(ctx, width, height, top, y);
+    this.drawAxes(ctx, width, height, peak, y);
     for (const s of this.series) {
       ctx.strokeStyle = s.color;
       ctx.lineWidth = 1.5;
@@ -55,13 +56,13 @@ export class LineChart {
     }
   }
 
-  drawAxes(ctx, width, height, top, y) {
+  drawAxes(ctx, width, height, peak, y) {
     ctx.strokeStyle = "#d0d4da";
     ctx.fillStyle = "#5b6470";
     ctx.font = "11px system-ui, sans-serif";
     ctx.lineWidth = 1;
     for (const fraction of [0, 0.5, 1]) {
-      const value = (top / 1.15) * fraction;
+      const value = peak * fraction;
       ctx.beginPath();
       ctx.moveTo(PAD.left, y(value));
       ctx.lineTo(width - PAD.right, y(value));

@@ -1,11 +1,15 @@
 // The coverage bar: layers 0..L, how many serving nodes hold each, every node's span below
-// (overlapping spans, i.e. replicas, stacked in lanes), uncovered spans marked.
+// (overlapping spans, i.e. replicas, stacked in lanes), uncovered spans marked, and each
+// link's measured bandwidth and round trip at the boundary it crosses.
+
+import { formatRate, formatSeconds } from "./api.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 1000;
 const STRIP = 26;
 const LANE = 30;
 const AXIS = 20;
+const LINK_ROW = 18;
 
 function svg(tag, attrs = {}, text = null) {
   const node = document.createElementNS(SVG, tag);
@@ -27,10 +31,32 @@ function lanes(nodes) {
   return { placed, count: Math.max(ends.length, 1) };
 }
 
+// Where each link's label goes: at the layer boundary it crosses (the last stage's link
+// back to the head at the right end); links crossing the same boundary get rows of their own.
+function linkLabels(snapshot) {
+  const byId = new Map(snapshot.nodes.map((node) => [node.node_id, node]));
+  const rowsAt = new Map();
+  const labels = [];
+  for (const link of snapshot.links) {
+    const source = byId.get(link.source);
+    const target = byId.get(link.target);
+    if (!source || !target) continue;
+    const back = target.start < source.end;
+    const at = back ? snapshot.num_layers : source.end;
+    const row = rowsAt.get(at) ?? 0;
+    rowsAt.set(at, row + 1);
+    const text = `${back ? "↩ head" : "→"} ${formatRate(link.bandwidth_bytes_per_s)}, RTT ${formatSeconds(link.rtt_s)}`;
+    labels.push({ link, at, row, text, back });
+  }
+  return { labels, rows: Math.max(0, ...rowsAt.values()) };
+}
+
 export function renderCoverage(container, snapshot) {
   const L = Math.max(snapshot.num_layers, 1);
   const { placed, count } = lanes(snapshot.nodes);
-  const height = STRIP + AXIS + count * LANE + 6;
+  const links = linkLabels(snapshot);
+  const linksTop = STRIP + AXIS + count * LANE + 4;
+  const height = linksTop + links.rows * LINK_ROW + 6;
   const x = (layer) => (layer / L) * WIDTH;
   const root = svg("svg", { viewBox: `0 0 ${WIDTH} ${height}`, role: "img", id: "coverage-svg" });
   root.append(svg("title", {}, `coverage of layers 0 to ${snapshot.num_layers}`));
@@ -64,6 +90,11 @@ export function renderCoverage(container, snapshot) {
     group.append(svg("text", { x: (x(node.start) + x(node.end)) / 2, y: y + LANE / 2 + 1,
       "text-anchor": "middle" }, `${node.node_id} [${node.start}, ${node.end})`));
     root.append(group);
+  }
+  for (const { link, at, row, text, back } of links.labels) {
+    const anchor = back || at >= L ? "end" : at <= 0 ? "start" : "middle";
+    root.append(svg("text", { x: x(at), y: linksTop + (row + 1) * LINK_ROW - 5, "text-anchor": anchor,
+      class: "link-label", "data-source": link.source, "data-target": link.target }, text));
   }
   container.replaceChildren(root);
   const covered = snapshot.coverage.filter((holders) => holders > 0).length;
