@@ -163,7 +163,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     def _forward_refusal(self, caller: str | None, request: pb.ForwardRequest) -> str | None:
         refusal = self._check_forward(caller, request.head_id)
         link = self._node.links.get(request.head_id)
-        if refusal is not None and link is not None and link.view.epoch != request.epoch:
+        if refusal is not None and link is not None and request.epoch > link.view.epoch:
             self._node.refresh_pipeline(request.head_id)  # the route may have changed
             refusal = self._check_forward(caller, request.head_id)
         return refusal

@@ -47,7 +47,10 @@ def grpc_bind_host(requested: str, advertised: str, secure: bool) -> str:
     if secure:
         return requested
     if is_loopback(advertised):
-        return advertised.strip("[]") if advertised != "localhost" else LOOPBACK
+        if advertised == "localhost":
+            return LOOPBACK
+        host = advertised.strip("[]")
+        return f"[{host}]" if ":" in host else host
     if not is_loopback(requested):
         logger.warning(
             "open mode: the gRPC port listens on %s (advertised as %s) without a swarm key. "

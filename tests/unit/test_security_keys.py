@@ -102,6 +102,7 @@ def test_credentials_refuse_a_certificate_of_another_swarm() -> None:
         ("0.0.0.0", "127.0.0.1", False, "127.0.0.1", False),
         ("0.0.0.0", "localhost", False, "127.0.0.1", False),
         ("0.0.0.0", "127.0.1.1", False, "127.0.1.1", False),
+        ("::", "::1", False, "[::1]", False),
         ("0.0.0.0", "10.130.151.15", False, "0.0.0.0", True),
         ("0.0.0.0", "10.130.151.15", True, "0.0.0.0", False),
         ("0.0.0.0", "127.0.0.1", True, "0.0.0.0", False),
