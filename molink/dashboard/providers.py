@@ -241,13 +241,60 @@ class StaticSwarmProvider:
         )
 
 
-def provider_for(engine: EngineClient) -> PipelineSwarmProvider | StaticSwarmProvider:
-    """The head's pipeline when ``engine`` drives one, else the single process (layers
-    counted from its stages), else an empty swarm."""
+class StageSwarmProvider:
+    """On a stage (not the head): the pipeline as the head last told this node. The head
+    checks health, so the stages it lists are those it considers up."""
+
+    def __init__(self, node_id: str, num_layers: int, view: Callable[[], PipelineView | None]):
+        self._node_id = node_id
+        self._num_layers = num_layers
+        self._view = view
+
+    def route(self) -> tuple[str, ...]:
+        view = self._view()
+        return tuple(s.node_id for s in view.stages) if view and not view.readiness() else ()
+
+    def snapshot(self) -> SwarmSnapshot:
+        view = self._view()
+        stages = view.stages if view else ()
+        nodes = tuple(
+            NodeView(
+                node_id=s.node_id,
+                address=s.address,
+                start=s.layers.start,
+                end=s.layers.end,
+                health="alive",
+                detail="" if s.node_id == self._node_id else "as last reported by the head",
+                dtype=s.dtype,
+                kv_total_tokens=s.kv_capacity_tokens,
+                is_head=view is not None and s.node_id == view.head_id,
+            )
+            for s in stages
+        )
+        route = self.route()
+        return SwarmSnapshot(
+            stages[0].model.served_name if stages else "",
+            self._num_layers,
+            nodes,
+            routes=(route,) if route else (),
+            taken_at=time.time(),
+        )
+
+
+SwarmProviders = PipelineSwarmProvider | StaticSwarmProvider | StageSwarmProvider
+
+
+def provider_for(engine: EngineClient) -> SwarmProviders:
+    """The head's pipeline when ``engine`` drives one; on a stage, the pipeline as the head
+    last told it; else the single process (layers counted from its stages)."""
     from molink.engine.async_engine import AsyncLLMEngine
     from molink.engine.local_executor import LocalExecutor
+    from molink.engine.pipeline_builder import StageOnlyClient
     from molink.stage.worker import StageWorker
 
+    if isinstance(engine, StageOnlyClient):
+        info = engine.info
+        return StageSwarmProvider(info.node_id, info.model.num_layers, engine.node.current_view)
     if not isinstance(engine, AsyncLLMEngine):
         return StaticSwarmProvider(engine.model_name, 0)
     executor = engine.engine.executor

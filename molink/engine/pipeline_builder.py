@@ -243,6 +243,10 @@ class StageOnlyClient:
         self.tokenizer = tokenizer_like
         self._info = info
 
+    @property
+    def info(self) -> NodeInfo:
+        return self._info
+
     def readiness(self) -> str | None:
         return (
             f"this node is a pipeline stage serving layers [{self._info.layers.start}, "

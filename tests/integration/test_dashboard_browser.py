@@ -119,6 +119,18 @@ def _ask(page) -> object:
     return page.locator('article.message[data-role="assistant"]').last
 
 
+def test_a_stage_shows_the_pipeline_as_the_head_reported_it(pipeline, browser) -> None:
+    page = browser.new_page()
+    try:
+        page.goto(f"{pipeline.nodes[1].base_url}/dashboard")
+        wait_true(page, "() => document.querySelectorAll('#nodes-body tr').length === 3")
+        assert page.locator("#coverage").get_attribute("data-covered") == str(NUM_LAYERS)
+        head_row = page.locator(f'#nodes-body tr[data-node-id="{_node_ids(pipeline)[0]}"]')
+        assert "as last reported by the head" in head_row.inner_text()
+    finally:
+        page.close()
+
+
 def test_playground_streams_the_greedy_answer(pipeline, browser) -> None:
     expected = _greedy_answer(pipeline)
     assert len(expected.split()) > 3
@@ -225,5 +237,6 @@ def test_a_killed_stage_shows_missing_and_its_span_uncovered(pipeline, dashboard
 
 def test_no_page_loaded_anything_from_elsewhere(pipeline, browser) -> None:
     assert browser.requests, "the pages made no requests at all"
-    outside = [url for url in browser.requests if not url.startswith(pipeline.base_url + "/")]
+    servers = tuple(f"{node.base_url}/" for node in pipeline.nodes)
+    outside = [url for url in browser.requests if not url.startswith(servers)]
     assert outside == []

@@ -6,7 +6,11 @@ import math
 
 from molink.config import LayerRange
 from molink.dashboard.history import MetricsHistory, percentile
-from molink.dashboard.providers import PipelineSwarmProvider, StaticSwarmProvider
+from molink.dashboard.providers import (
+    PipelineSwarmProvider,
+    StageSwarmProvider,
+    StaticSwarmProvider,
+)
 from molink.dashboard.snapshot import NodeView, SwarmSnapshot
 from molink.engine.protocol import EngineStats
 from molink.engine.telemetry import LinkEstimate, StageTiming
@@ -159,6 +163,19 @@ def test_static_provider() -> None:
     snapshot = StaticSwarmProvider("m", 30).snapshot()
     assert snapshot.coverage() == [1] * 30 and snapshot.routes == (("local",),)
     assert StaticSwarmProvider("m", 0).snapshot().nodes == ()
+
+
+def test_stage_provider_shows_the_heads_latest_view() -> None:
+    head = FakeHead()
+    view: list[PipelineView | None] = [None]
+    provider = StageSwarmProvider("s1", 30, lambda: view[0])
+    assert provider.snapshot().nodes == () and provider.route() == ()
+    assert [(s.start, s.end) for s in provider.snapshot().missing_spans()] == [(0, 30)]
+    view[0] = head.pipeline()
+    snapshot = provider.snapshot()
+    assert [(n.node_id, n.is_head) for n in snapshot.nodes] == [("head", True), ("s1", False)]
+    assert snapshot.nodes[0].detail == "as last reported by the head"
+    assert snapshot.routes == (("head", "s1"),) and snapshot.missing_spans() == []
 
 
 def _finished(arrival: float, first: float, done: float, tokens: int) -> RequestOutput:

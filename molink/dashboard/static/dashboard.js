@@ -79,9 +79,11 @@ function renderSummary(snapshot) {
   const summary = document.getElementById("summary");
   summary.dataset.missing = missing.join(" ");
   summary.className = missing.length ? "summary bad" : "summary good";
-  summary.textContent = `${snapshot.model} · ${snapshot.num_layers} layers · ` +
-    (missing.length ? `layers ${missing.join(", ")} are not served by any node`
-      : `every layer is served; route ${snapshot.routes.map((r) => r.join(" → ")).join("; ")}`);
+  const routes = snapshot.routes.map((r) => r.join(" → ")).join("; ");
+  let state = `every layer is served${routes ? `; route ${routes}` : ""}`;
+  if (!snapshot.num_layers) state = "this node knows of no layers yet";
+  else if (missing.length) state = `layers ${missing.join(", ")} are not served by any node`;
+  summary.textContent = `${snapshot.model} · ${snapshot.num_layers} layers · ${state}`;
 }
 
 function render(event) {
