@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from molink.step import TokenLogprob
+from molink.step import PromptTokenLogprob, TokenLogprob
 
 
 @dataclass
@@ -43,3 +43,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     prompt_text: str | None = None
+    # With prompt_logprobs: one entry per prompt token after the first, once known.
+    prompt_logprobs: list[PromptTokenLogprob] | None = None

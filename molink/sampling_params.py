@@ -6,9 +6,21 @@ import math
 from dataclasses import dataclass, field, replace
 
 from molink.errors import InvalidParameterError
+from molink.limits import LIMITS
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = LIMITS.max_logprobs
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
 _GREEDY_EPSILON = 1e-5
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """A grammar the last stage enforces: ``kind`` is one of STRUCTURED_KINDS; ``spec`` is a
+    JSON schema (json), a regular expression (regex), a JSON list of strings (choice), or a
+    Lark/GBNF grammar (grammar)."""
+
+    kind: str
+    spec: str
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
+    structured: StructuredOutputSpec | None = None
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token + k alternatives
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -39,6 +54,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", tuple(tuple(kv) for kv in self.logit_bias or ()))
         self.validate()
 
     @property
@@ -50,14 +66,20 @@ class SamplingParams:
 
     def validate(self) -> None:
         _check(
-            isinstance(self.n, int) and 1 <= self.n <= 128, "n", "must be an integer in [1, 128]"
+            _is_int(self.n) and 1 <= self.n <= LIMITS.max_n,
+            "n",
+            f"must be an integer in [1, {LIMITS.max_n}]",
         )
-        _check(_finite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
+        _check(
+            _finite(self.temperature) and 0 <= self.temperature <= LIMITS.max_temperature,
+            "temperature",
+            f"must be in [0, {LIMITS.max_temperature:g}]",
+        )
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(
-            isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
+            _is_int(self.top_k) and (self.top_k == -1 or 0 <= self.top_k <= LIMITS.max_top_k),
             "top_k",
-            "must be -1 (disabled), 0 (disabled) or a positive integer",
+            f"must be -1 (disabled), 0 (disabled) or an integer in [1, {LIMITS.max_top_k}]",
         )
         _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         _check(
@@ -65,45 +87,126 @@ class SamplingParams:
             "repetition_penalty",
             "must be in (0, 10]",
         )
-        _check(
-            _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-            "presence_penalty",
-            "must be in [-2, 2]",
-        )
-        _check(
-            _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-            "frequency_penalty",
-            "must be in [-2, 2]",
-        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_finite(value) and -2 <= value <= 2, name, "must be in [-2, 2]")
+        self._validate_lengths()
+        self._validate_logprobs()
+        if self.seed is not None:
+            _check(
+                _is_int(self.seed) and LIMITS.min_seed <= self.seed <= LIMITS.max_seed,
+                "seed",
+                f"must be an integer in [{LIMITS.min_seed}, {LIMITS.max_seed}]",
+            )
+        self._validate_stops()
+        self._validate_logit_bias()
+        self._validate_structured()
+
+    def _validate_lengths(self) -> None:
         if self.max_tokens is not None:
             _check(
-                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                _is_int(self.max_tokens) and 1 <= self.max_tokens <= LIMITS.max_tokens,
                 "max_tokens",
-                "must be an integer >= 1",
+                f"must be an integer in [1, {LIMITS.max_tokens}]",
             )
         _check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            _is_int(self.min_tokens) and 0 <= self.min_tokens <= LIMITS.max_tokens,
             "min_tokens",
-            "must be an integer >= 0",
+            f"must be an integer in [0, {LIMITS.max_tokens}]",
         )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParameterError("min_tokens", "must be <= max_tokens")
+
+    def _validate_logprobs(self) -> None:
         if self.logprobs is not None:
             _check(
-                isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS,
+                _is_int(self.logprobs) and 0 <= self.logprobs <= LIMITS.max_logprobs,
                 "logprobs",
-                f"must be an integer in [0, {MAX_LOGPROBS}]",
+                f"must be an integer in [0, {LIMITS.max_logprobs}]",
             )
-        if self.seed is not None:
-            _check(isinstance(self.seed, int), "seed", "must be an integer")
+        if self.prompt_logprobs is not None:
+            _check(
+                _is_int(self.prompt_logprobs)
+                and 0 <= self.prompt_logprobs <= LIMITS.max_prompt_logprobs,
+                "prompt_logprobs",
+                f"must be an integer in [0, {LIMITS.max_prompt_logprobs}]",
+            )
+
+    def _validate_stops(self) -> None:
         _check(
-            all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"
+            len(self.stop) <= LIMITS.max_stop_strings,
+            "stop",
+            f"at most {LIMITS.max_stop_strings} stop strings are allowed",
         )
         _check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            all(
+                isinstance(s, str) and 0 < len(s) <= LIMITS.max_stop_string_chars and _utf8(s)
+                for s in self.stop
+            ),
+            "stop",
+            f"must be non-empty valid Unicode strings of at most "
+            f"{LIMITS.max_stop_string_chars} characters",
+        )
+        _check(
+            len(self.stop_token_ids) <= LIMITS.max_stop_token_ids,
             "stop_token_ids",
-            "must be non-negative integers",
+            f"at most {LIMITS.max_stop_token_ids} ids are allowed",
         )
+        _check(
+            all(_is_int(t) and 0 <= t <= LIMITS.max_token_id for t in self.stop_token_ids),
+            "stop_token_ids",
+            f"must be integers in [0, {LIMITS.max_token_id}]",
+        )
+
+    def _validate_logit_bias(self) -> None:
+        _check(
+            len(self.logit_bias) <= LIMITS.max_logit_bias_entries,
+            "logit_bias",
+            f"at most {LIMITS.max_logit_bias_entries} entries are allowed",
+        )
+        bound = LIMITS.max_logit_bias
+        for entry in self.logit_bias:
+            _check(
+                len(entry) == 2 and _is_int(entry[0]) and 0 <= entry[0] <= LIMITS.max_token_id,
+                "logit_bias",
+                f"keys must be token ids in [0, {LIMITS.max_token_id}]",
+            )
+            _check(
+                _finite(entry[1]) and -bound <= entry[1] <= bound,
+                "logit_bias",
+                f"values must be in [{-bound:g}, {bound:g}]",
+            )
+
+    def _validate_structured(self) -> None:
+        spec = self.structured
+        if spec is None:
+            return
+        _check(
+            spec.kind in STRUCTURED_KINDS,
+            "structured_outputs",
+            f"kind must be one of {', '.join(STRUCTURED_KINDS)}",
+        )
+        _check(
+            isinstance(spec.spec, str)
+            and 0 < len(spec.spec) <= LIMITS.max_structured_spec_chars
+            and _utf8(spec.spec),
+            "structured_outputs",
+            f"must be non-empty valid Unicode text of at most "
+            f"{LIMITS.max_structured_spec_chars} characters",
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _utf8(text: str) -> bool:
+    """False for text with lone surrogates, which neither the wire nor tokenizers carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _finite(value: float) -> bool:

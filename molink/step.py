@@ -71,11 +71,22 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class PromptTokenLogprob:
+    """A prompt token's logprob given the tokens before it, and the k most likely there."""
+
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class SampledToken:
     seq_id: int
     token_id: int
     logprob: float | None = None  # of the sampled token, when requested
     top_logprobs: tuple[TokenLogprob, ...] = ()  # the k most likely alternatives
+    error: str | None = None  # this sequence alone failed on the last stage (no token)
+    # With a sequence's first token, when it asked for prompt_logprobs: prompt tokens 1..P-1.
+    prompt_logprobs: tuple[PromptTokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
 import molink
 from molink.api import chat, completions, generate, info
 from molink.api.auth import BearerAuthMiddleware
-from molink.api.context import ServerContext
+from molink.api.context import ChatOptions, ServerContext
 from molink.api.errors import install_error_handlers
 from molink.api.metrics import MetricSource, ServerMetrics
+from molink.api.middleware import CatchAllMiddleware, LoadCounterMiddleware
 from molink.dashboard import SwarmProvider, install_dashboard, is_public, provider_for
 from molink.engine.protocol import EngineClient
 
@@ -29,6 +30,7 @@ class ApiConfig:
     api_key: str | None = None  # None: no authentication
     metric_sources: tuple[MetricSource, ...] = ()  # extra Prometheus lines, e.g. link bandwidth
     swarm: SwarmProvider | None = None  # what /dashboard shows; None: derived from the engine
+    chat: ChatOptions = field(default_factory=ChatOptions)
 
 
 def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI:
@@ -39,7 +41,11 @@ def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI
     for source in config.metric_sources:
         metrics.add_source(source)
     context = ServerContext(
-        engine=engine, served_model_names=tuple(names), metrics=metrics, api_key=config.api_key
+        engine=engine,
+        served_model_names=tuple(names),
+        metrics=metrics,
+        api_key=config.api_key,
+        chat=config.chat,
     )
 
     @asynccontextmanager
@@ -62,6 +68,10 @@ def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI
     context.finished_observers.append(install_dashboard(app, swarm, engine.stats, closing))
     if config.api_key:
         app.add_middleware(BearerAuthMiddleware, api_key=config.api_key, public=is_public)
+    app.add_middleware(LoadCounterMiddleware, context=context)
+    # Outermost of the app's own middleware: an unexpected error becomes a 500 here, so
+    # Starlette's last-resort handler never re-raises it and the connection stays usable.
+    app.add_middleware(CatchAllMiddleware)
     return app
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from molink.api.chat_render import check_unicode_field
 from molink.api.context import (
     ServerContext,
     get_context,
@@ -17,8 +18,9 @@ from molink.api.context import (
 )
 from molink.api.errors import APIError
 from molink.api.logprobs import completion_logprobs
+from molink.api.prompt_logprobs import echo_logprobs, join_logprobs, vllm_prompt_logprobs
 from molink.api.runner import GenerationRun, Prompt
-from molink.api.sampling import build_sampling_params, include_usage
+from molink.api.sampling import build_sampling_params, continuous_usage, include_usage
 from molink.api.schemas import CompletionRequest
 from molink.api.streaming import (
     SSE,
@@ -27,6 +29,7 @@ from molink.api.streaming import (
     collect_final,
     stream_body,
 )
+from molink.api.structured import structured_spec
 from molink.outputs import RequestOutput
 from molink.tokenizer.protocol import TokenizerLike
 
@@ -43,6 +46,8 @@ class _Meta:
     echo: bool
     want_logprobs: bool
     prompts: list[Prompt]
+    score_only: bool = False  # max_tokens 0: the prompt is scored, nothing is generated
+    want_prompt_logprobs: bool = False  # vLLM's prompt_logprobs field in each choice
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, choices: list[dict]) -> dict:
@@ -62,15 +67,47 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     ctx.ensure_ready()
     _reject_unsupported(body)
     prompts = normalize_prompts(body.prompt, ctx.engine.tokenizer.vocab_size)
-    params = build_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ctx.check_prompt_size(len(prompt), "prompt")
+            check_unicode_field(prompt, "prompt")
+    score_only = body.max_tokens == 0
+    echo = bool(body.echo)
+    if score_only and body.stream:
+        raise APIError(400, "max_tokens 0 cannot be streamed", "max_tokens")
+    prompt_logprobs = body.prompt_logprobs
+    if echo and body.logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
+    if score_only and prompt_logprobs is None and not echo:
+        raise APIError(400, "max_tokens must be >= 1 without echo or prompt_logprobs", "max_tokens")
+    body = body.model_copy(update={"prompt_logprobs": prompt_logprobs})
+    params = build_sampling_params(
+        body,
+        max_tokens=1 if score_only else body.max_tokens,
+        logprobs=body.logprobs,
+        vocab_size=ctx.engine.tokenizer.vocab_size,
+        structured=structured_spec(body),
+        defaults=ctx.chat.generation_defaults,
+    )
     request_id = new_request_id("cmpl")
     run = ctx.new_run(sub_request_ids(request_id, len(prompts)), prompts, params)
-    meta = _Meta(request_id, model, body.n, body.echo, body.logprobs is not None, prompts)
+    meta = _Meta(
+        request_id,
+        model,
+        params.n,
+        echo,
+        body.logprobs is not None,
+        prompts,
+        score_only=score_only,
+        want_prompt_logprobs=body.prompt_logprobs is not None,
+    )
     if body.stream:
         firsts = await cancel_on_disconnect(request, run.start)
         if isinstance(firsts, Response):
             return firsts
-        formatter = _StreamFormatter(ctx.engine.tokenizer, meta, include_usage(body))
+        formatter = _StreamFormatter(
+            ctx.engine.tokenizer, meta, include_usage(body), continuous_usage(body)
+        )
         return StreamingResponse(
             stream_body(run, firsts, formatter, SSE), media_type=SSE.media_type
         )
@@ -80,16 +117,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 def _reject_unsupported(body: CompletionRequest) -> None:
     if body.suffix is not None:
         raise APIError(400, "suffix is not supported by this server", "suffix")
-    if body.best_of is not None and body.best_of != body.n:
+    n = 1 if body.n is None else body.n
+    if body.best_of is not None and body.best_of != n:
         raise APIError(
             400, "best_of must equal n: this server does not rank extra candidates", "best_of"
         )
-    if body.echo and body.logprobs is not None:
-        raise APIError(
-            400,
-            "echo cannot be combined with logprobs: prompt logprobs are not computed",
-            "echo",
-        )
+    if body.max_tokens is not None and body.max_tokens < 0:
+        raise APIError(400, "max_tokens: must be an integer >= 0", "max_tokens")
 
 
 def normalize_prompts(prompt: str | list, vocab_size: int) -> list[Prompt]:
@@ -137,33 +171,59 @@ async def _complete(ctx: ServerContext, run: GenerationRun, meta: _Meta) -> JSON
     for prompt_index, output in enumerate(finals):
         prefix = _prompt_text(tokenizer, meta.prompts[prompt_index], output) if meta.echo else ""
         for choice in sorted(output.outputs, key=lambda c: c.index):
-            logprobs = None
-            if meta.want_logprobs:
-                logprobs, _ = completion_logprobs(tokenizer, choice, 0, len(choice.token_ids), 0)
-            choices.append(
-                {
-                    "index": prompt_index * meta.n + choice.index,
-                    "text": prefix + choice.text,
-                    "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason,
-                    "stop_reason": choice.stop_reason,
-                }
-            )
+            choices.append(_choice(tokenizer, meta, prompt_index, prefix, output, choice))
     body = meta.envelope(choices)
-    body["usage"] = usage_body(
-        sum(len(o.prompt_token_ids) for o in finals),
-        sum(len(c.token_ids) for o in finals for c in o.outputs),
+    num_generated = (
+        0 if meta.score_only else sum(len(c.token_ids) for o in finals for c in o.outputs)
     )
+    body["usage"] = usage_body(sum(len(o.prompt_token_ids) for o in finals), num_generated)
     return JSONResponse(body)
+
+
+def _choice(
+    tokenizer: TokenizerLike,
+    meta: _Meta,
+    prompt_index: int,
+    prefix: str,
+    output: RequestOutput,
+    choice,
+) -> dict:
+    text = "" if meta.score_only else choice.text
+    logprobs = None
+    if meta.want_logprobs:
+        generated = None
+        offset = 0
+        if meta.echo:
+            logprobs, offset = echo_logprobs(
+                tokenizer, output.prompt_token_ids, output.prompt_logprobs
+            )
+        if not meta.score_only:
+            generated, _ = completion_logprobs(tokenizer, choice, 0, len(choice.token_ids), offset)
+        logprobs = generated if logprobs is None else join_logprobs(logprobs, generated)
+    item = {
+        "index": prompt_index * meta.n + choice.index,
+        "text": prefix + text,
+        "logprobs": logprobs,
+        "finish_reason": "length" if meta.score_only else choice.finish_reason,
+        "stop_reason": None if meta.score_only else choice.stop_reason,
+    }
+    if meta.want_prompt_logprobs:
+        item["prompt_logprobs"] = vllm_prompt_logprobs(
+            tokenizer, output.prompt_token_ids, output.prompt_logprobs
+        )
+    return item
 
 
 class _StreamFormatter:
     """Turns cumulative outputs into completion chunks, one choice per chunk."""
 
-    def __init__(self, tokenizer: TokenizerLike, meta: _Meta, include_usage: bool) -> None:
+    def __init__(
+        self, tokenizer: TokenizerLike, meta: _Meta, include_usage: bool, continuous: bool
+    ) -> None:
         self._tokenizer = tokenizer
         self._meta = meta
         self._include_usage = include_usage
+        self._continuous = continuous and include_usage
         self._cursors: dict[int, ChoiceCursor] = {}
         self._offsets: dict[int, int] = {}
         self._prompt_tokens: dict[int, int] = {}
@@ -176,10 +236,15 @@ class _StreamFormatter:
             if not self._meta.echo:
                 continue
             text = _prompt_text(self._tokenizer, self._meta.prompts[prompt_index], first)
+            logprobs = None
+            if self._meta.want_logprobs:
+                logprobs, _ = echo_logprobs(
+                    self._tokenizer, first.prompt_token_ids, first.prompt_logprobs
+                )
             for choice_index in range(self._meta.n):
                 index = prompt_index * self._meta.n + choice_index
                 self._offsets[index] = len(text)
-                chunks.append(self._meta.envelope([_stream_choice(index, text, None, None)]))
+                chunks.append(self._chunk(_stream_choice(index, text, logprobs, None)))
         return chunks
 
     def on_output(self, prompt_index: int, output: RequestOutput) -> list[dict]:
@@ -202,17 +267,24 @@ class _StreamFormatter:
             item = _stream_choice(index, delta.text, logprobs, delta.finish_reason)
             if delta.finish_reason is not None:
                 item["stop_reason"] = choice.stop_reason
-            chunks.append(self._meta.envelope([item]))
+            chunks.append(self._chunk(item))
         return chunks
 
     def on_end(self) -> list[dict]:
         if not self._include_usage:
             return []
         chunk = self._meta.envelope([])
-        chunk["usage"] = usage_body(
-            sum(self._prompt_tokens.values()), sum(self._completion_tokens.values())
-        )
+        chunk["usage"] = self._usage()
         return [chunk]
+
+    def _usage(self) -> dict:
+        return usage_body(sum(self._prompt_tokens.values()), sum(self._completion_tokens.values()))
+
+    def _chunk(self, choice: dict) -> dict:
+        chunk = self._meta.envelope([choice])
+        if self._continuous:
+            chunk["usage"] = self._usage()
+        return chunk
 
 
 def _stream_choice(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:

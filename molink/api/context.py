@@ -17,6 +17,17 @@ from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """How chat requests are rendered and read (vLLM's serving flags of the same names)."""
+
+    chat_template: str | None = None  # replaces the model's template
+    trust_request_chat_template: bool = False
+    tool_call_parser: str | None = None  # molink.api.tool_parsers name
+    enable_auto_tool_choice: bool = False
+    generation_defaults: dict = field(default_factory=dict)  # from generation_config.json
+
+
 @dataclass
 class ServerContext:
     engine: EngineClient
@@ -24,9 +35,11 @@ class ServerContext:
     metrics: ServerMetrics
     streams: StreamRegistry = field(default_factory=StreamRegistry)
     api_key: str | None = None
+    chat: ChatOptions = field(default_factory=ChatOptions)
     created: int = field(default_factory=lambda: int(time.time()))
     # Told of every finished request besides the metrics (e.g. the dashboard's charts).
     finished_observers: list[Callable[[RequestOutput], None]] = field(default_factory=list)
+    num_active_requests: int = 0  # HTTP requests being served, for /load
 
     @property
     def default_model_name(self) -> str:
@@ -49,6 +62,19 @@ class ServerContext:
         if reason is not None:
             raise APIError(503, f"the model is not ready to serve requests: {reason}")
 
+    def check_prompt_size(self, num_chars: int, field_name: str) -> None:
+        """Refuses text that cannot fit the context before it is tokenized: no token covers
+        more than ``max_token_chars`` characters, so such a prompt is too long for sure."""
+        limit = self.engine.max_model_len * self.engine.tokenizer.max_token_chars
+        if num_chars > limit:
+            raise APIError(
+                400,
+                f"the prompt has {num_chars} characters, more than the {limit} that the "
+                f"context of {self.engine.max_model_len} tokens can ever hold",
+                field_name,
+                "context_length_exceeded",
+            )
+
     def new_run(
         self, request_ids: Sequence[str], prompts: Sequence[Prompt], params: SamplingParams
     ) -> GenerationRun:
@@ -60,6 +86,7 @@ class ServerContext:
             params,
             on_finished=self._finished,
             on_aborted=self.metrics.observe_aborted,
+            on_tokens=self.metrics.observe_tokens,
         )
 
     def _finished(self, output: RequestOutput) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 import molink
-from molink.api.chat import render_chat_prompt
+from molink.api.chat_render import render_chat_prompt
 from molink.api.context import ServerContext, get_context
 from molink.api.errors import APIError, error_response
 from molink.api.schemas import DetokenizeRequest, TokenizeRequest
@@ -53,6 +55,18 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
+@router.api_route("/ping", methods=["GET", "POST"])
+async def ping(request: Request) -> Response:
+    """vLLM's (and SageMaker's) liveness probe: the same answer as /health."""
+    return await health(request)
+
+
+@router.get("/load")
+async def load(request: Request) -> JSONResponse:
+    """vLLM's load report: HTTP requests being served now."""
+    return JSONResponse({"server_load": get_context(request).num_active_requests})
+
+
 @router.get("/version")
 async def version() -> JSONResponse:
     return JSONResponse({"version": molink.__version__})
@@ -72,12 +86,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     if body.messages is not None:
         if body.prompt is not None:
             raise APIError(400, "give either prompt or messages, not both", "messages")
-        token_ids = render_chat_prompt(tokenizer, body.messages, body)
+        token_ids = await asyncio.to_thread(render_chat_prompt, ctx, body.messages, body)
         if body.add_special_tokens:
             token_ids = _with_bos(token_ids, tokenizer.bos_token_id)
     elif body.prompt is not None:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        token_ids = tokenizer.encode(body.prompt, add_special_tokens=add_special)
+        ctx.check_prompt_size(len(body.prompt), "prompt")
+        token_ids = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special)
     else:
         raise APIError(400, "prompt or messages is required", "prompt")
     token_strs = tokenizer.convert_ids_to_tokens(token_ids) if body.return_token_strs else None

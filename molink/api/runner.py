@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ class GenerationRun:
         params: SamplingParams,
         on_finished: Callable[[RequestOutput], None] | None = None,
         on_aborted: Callable[[int], None] | None = None,
+        on_tokens: Callable[[float, int], None] | None = None,
     ) -> None:
         self._engine = engine
         self._registry = registry
@@ -92,6 +94,11 @@ class GenerationRun:
         self._params = params
         self._on_finished = on_finished
         self._on_aborted = on_aborted  # called with the sequences of each request aborted
+        # Called with (seconds per token, tokens) for the tokens each output adds after the
+        # first: the inter-token latency clients see.
+        self._on_tokens = on_tokens
+        self._num_tokens: dict[int, int] = {}
+        self._last_output_time: dict[int, float] = {}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._latest: dict[int, RequestOutput] = {}
         self._generators: list[AsyncIterator[RequestOutput]] = []
@@ -192,6 +199,8 @@ class GenerationRun:
         self._latest[index] = output
 
     def _note_output(self, index: int, output: RequestOutput) -> None:
+        if self._on_tokens is not None:
+            self._note_tokens(index, output)
         failed = [c for c in output.outputs if c.finish_reason in ("error", "abort")]
         if output.finished or failed:
             if self._on_finished is not None:
@@ -201,6 +210,19 @@ class GenerationRun:
             if first.finish_reason == "abort":
                 raise RequestFailedError(first.error or "the request was aborted by the engine")
             raise RequestFailedError(first.error or "the engine failed while generating")
+
+    def _note_tokens(self, index: int, output: RequestOutput) -> None:
+        assert self._on_tokens is not None
+        now = time.monotonic()
+        total = max((len(c.token_ids) for c in output.outputs), default=0)
+        new = total - self._num_tokens.get(index, 0)
+        if new <= 0:
+            return
+        previous = self._last_output_time.get(index)
+        self._num_tokens[index] = total
+        self._last_output_time[index] = now
+        if previous is not None:
+            self._on_tokens((now - previous) / new, new)
 
     async def _abort(self, request_id: str) -> None:
         try:

@@ -2,50 +2,99 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from molink.api.errors import APIError
 from molink.api.schemas import SamplingFields
-from molink.sampling_params import SamplingParams
+from molink.sampling_params import SamplingParams, StructuredOutputSpec
+
+# Sampling fields a model's generation_config.json may set defaults for (as vLLM reads it).
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 def build_sampling_params(
-    body: SamplingFields, *, max_tokens: int | None, logprobs: int | None
+    body: SamplingFields,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    vocab_size: int,
+    structured: StructuredOutputSpec | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> SamplingParams:
-    """Raises InvalidParameterError (field named) for out-of-range values."""
+    """Raises InvalidParameterError (field named) for out-of-range values. A field left out
+    or sent as null takes the model's generation default, else OpenAI's."""
     reject_unsupported(body)
+    chosen = {
+        name: _pick(getattr(body, name), (defaults or {}).get(name), _NEUTRAL[name])
+        for name in GENERATION_DEFAULT_FIELDS
+    }
     return SamplingParams(
-        n=body.n,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=-1 if body.top_k is None else body.top_k,
-        min_p=0.0 if body.min_p is None else body.min_p,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
+        n=_or(body.n, 1),
+        **chosen,
+        presence_penalty=_or(body.presence_penalty, 0.0),
+        frequency_penalty=_or(body.frequency_penalty, 0.0),
         seed=body.seed,
         stop=_stop_strings(body.stop),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         max_tokens=max_tokens,
-        min_tokens=body.min_tokens,
-        ignore_eos=body.ignore_eos,
+        min_tokens=_or(body.min_tokens, 0),
+        ignore_eos=_or(body.ignore_eos, False),
         logprobs=logprobs,
-        skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output,
-        spaces_between_special_tokens=body.spaces_between_special_tokens,
+        skip_special_tokens=_or(body.skip_special_tokens, True),
+        include_stop_str_in_output=_or(body.include_stop_str_in_output, False),
+        spaces_between_special_tokens=_or(body.spaces_between_special_tokens, True),
+        logit_bias=logit_bias(body.logit_bias, vocab_size),
+        structured=structured,
+        prompt_logprobs=body.prompt_logprobs,
     )
+
+
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    if not bias:
+        return ()
+    entries = []
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise APIError(
+                400, f"logit_bias: key {key!r} is not a token id", "logit_bias"
+            ) from None
+        if not 0 <= token_id < vocab_size:
+            raise APIError(
+                400,
+                f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                "logit_bias",
+            )
+        entries.append((token_id, value))
+    return tuple(sorted(entries))
 
 
 def reject_unsupported(body: SamplingFields) -> None:
     """Fields a client may rely on that this server cannot honour: say so rather than ignore."""
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
-    if body.prompt_logprobs is not None:
-        raise APIError(400, "prompt_logprobs is not supported by this server", "prompt_logprobs")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
 
 
 def include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def continuous_usage(body: SamplingFields) -> bool:
+    return bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _pick(value: Any, model_default: Any, neutral: Any) -> Any:
+    if value is not None:
+        return value
+    return neutral if model_default is None else model_default
 
 
 def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

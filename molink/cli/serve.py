@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from molink.api import ApiConfig, create_app
+from molink.api.context import ChatOptions
 from molink.api.metrics import MetricSource
+from molink.api.sampling import GENERATION_DEFAULT_FIELDS
 from molink.api.server import HttpsFiles, serve_app
 from molink.cli.args import EngineArgs
 from molink.engine.protocol import EngineClient
@@ -80,10 +84,13 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
     names = [args.model_name]
     if engine.model_name not in names:
         names.append(engine.model_name)
+    for note in args.ignored_flags():
+        logger.info("%s", note)
     config = ApiConfig(
         served_model_names=tuple(names),
         api_key=args.api_key,
         metric_sources=_metric_sources(engine),
+        chat=chat_options(args, engine),
     )
     app = create_app(engine, config)
     tls = HttpsFiles(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
@@ -94,6 +101,52 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
     finally:
         await _close_engine(engine)
     return 0 if server.started else 1
+
+
+def chat_options(args: EngineArgs, engine: EngineClient) -> ChatOptions:
+    return ChatOptions(
+        chat_template=read_chat_template(args.chat_template),
+        trust_request_chat_template=args.trust_request_chat_template,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        generation_defaults=generation_defaults(args.generation_config, engine),
+    )
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template takes a file or the template itself, as vLLM's does."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        if "{" not in value:
+            raise MolinkError(f"--chat-template: {value} is neither a file nor a template")
+        return value
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MolinkError(f"--chat-template: cannot read {value}: {exc}") from exc
+
+
+def generation_defaults(setting: str, engine: EngineClient) -> dict:
+    """Sampling defaults of generation_config.json: the model's ('auto'), a folder's, or none
+    ('vllm'). Only the fields vLLM takes from it."""
+    if setting == "vllm":
+        return {}
+    folder = Path(engine.tokenizer.name_or_path) if setting == "auto" else Path(setting)
+    path = folder / "generation_config.json"
+    if not path.exists():
+        if setting != "auto":
+            raise MolinkError(f"--generation-config: {path} does not exist")
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MolinkError(f"--generation-config: cannot read {path}: {exc}") from exc
+    defaults = {k: config[k] for k in GENERATION_DEFAULT_FIELDS if k in config}
+    if defaults:
+        logger.info("sampling defaults from %s: %s", path, defaults)
+    return defaults
 
 
 def _metric_sources(engine: EngineClient) -> tuple[MetricSource, ...]:

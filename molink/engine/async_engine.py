@@ -103,7 +103,8 @@ class AsyncLLMEngine:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        prompt_ids = self._prompt_ids(prompt)
+        # Tokenizing a long prompt takes a while: never on the event loop.
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, prompt)
         self._check_length(prompt_ids, params)
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -241,4 +242,7 @@ class AsyncLLMEngine:
             num_waiting=sched.num_waiting,
             kv_total_blocks=sched.kv.num_total_blocks,
             kv_free_blocks=sched.kv.num_free_blocks,
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=sched.prefix_cache_queries,
+            prefix_cache_hits=sched.prefix_cache_hits,
         )

@@ -25,6 +25,7 @@ def engine_options(args: EngineArgs) -> EngineOptions:
         kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_KV_CACHE_BYTES,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

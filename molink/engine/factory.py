@@ -14,6 +14,7 @@ from molink.engine.local_executor import LocalExecutor
 from molink.errors import InvalidParameterError
 from molink.kv_cache.manager import KVCacheManager
 from molink.models.kv_cache import KVCache
+from molink.sampling.structured import GrammarCompiler, grammar_compiler_for
 from molink.scheduler.scheduler import Scheduler
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
@@ -116,6 +117,7 @@ def build_local_engine(
             num_blocks,
             options.block_size,
             dtype,
+            grammars=last_stage_grammars(source, r),
         )
         for r in ranges
     ]
@@ -124,6 +126,14 @@ def build_local_engine(
     scheduler = build_scheduler(options, num_blocks, max_model_len, eos)
     engine = LLMEngine(scheduler, LocalExecutor(stages, wire_dtype), tokenizer)
     return engine, source, max_model_len
+
+
+def last_stage_grammars(source: ModelSource, layers: LayerRange) -> GrammarCompiler | None:
+    """Structured output is enforced where tokens are sampled: on the last stage only."""
+    config = source.model_config
+    if not layers.is_last(config.num_layers):
+        return None
+    return grammar_compiler_for(str(source.tokenizer_dir), config.vocab_size)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -129,7 +129,7 @@ class LLMEngine:
             for update in self.scheduler.update(plan, result):
                 state = self._requests.get(update.request_id)
                 if state is not None:
-                    self._apply_update(state, update, now, result.error)
+                    self._apply_update_isolated(state, update, now, result.error)
                     touched[state.request_id] = state
         return [self._emit(state) for state in touched.values()]
 
@@ -170,6 +170,23 @@ class LLMEngine:
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = now
 
+    def _apply_update_isolated(
+        self, state: RequestState, update, now: float, error: str | None
+    ) -> None:
+        """Applies one sequence's update; if that fails (detokenizing, stop strings), the
+        sequence ends with an error and the other sequences of the step go on."""
+        try:
+            self._apply_update(state, update, now, error)
+        except Exception as exc:
+            logger.exception("sequence %d failed on the head", update.seq_id)
+            self.scheduler.finish_sequence(update.seq_id, "error")
+            out = state.outputs[update.seq_index]
+            if not out.finished:
+                out.finish_reason = "error"
+                out.error = f"the server failed on this sequence: {exc}"
+            if state.finished:
+                state.metrics.finished_time = now
+
     def _apply_update(self, state: RequestState, update, now: float, error: str | None) -> None:
         out = state.outputs[update.seq_index]
         if out.finished:
@@ -180,7 +197,7 @@ class LLMEngine:
             out.finish_reason = update.finish_reason
             out.stop_reason = update.stop_reason
             if update.finish_reason == "error":
-                out.error = error or "the pipeline failed"
+                out.error = update.error or error or "the pipeline failed"
             else:
                 detokenizer = state.detokenizers[update.seq_index]
                 out.delta_text += detokenizer.flush().delta_text
@@ -193,6 +210,8 @@ class LLMEngine:
         sampled = update.sampled
         out.token_ids.append(sampled.token_id)
         out.delta_token_ids.append(sampled.token_id)
+        if sampled.prompt_logprobs and state.prompt_logprobs is None:
+            state.prompt_logprobs = list(sampled.prompt_logprobs)
         if out.logprobs is not None and sampled.logprob is not None:
             out.logprobs.append(sampled.logprob)
             out.top_logprobs.append(list(sampled.top_logprobs))

@@ -21,6 +21,7 @@ from molink.engine.factory import (
     EngineOptions,
     build_scheduler,
     dtype_name,
+    last_stage_grammars,
     num_blocks_for,
     resolve_max_model_len,
     torch_dtype_for,
@@ -99,7 +100,8 @@ def load_stage(
     dtype = torch_dtype_for(source, options.dtype)
     num_blocks = num_blocks_for(config, layers, options, dtype)
     model = source.load_slice(layers, dtype_name(dtype))
-    worker = StageWorker(model, config, layers, num_blocks, options.block_size, dtype)
+    grammars = last_stage_grammars(source, layers)
+    worker = StageWorker(model, config, layers, num_blocks, options.block_size, dtype, grammars)
     return source, worker, node_info(args, source, layers, num_blocks, dtype, node_id), dtype
 
 

@@ -17,6 +17,9 @@ class EngineStats:
     num_waiting: int
     kv_total_blocks: int
     kv_free_blocks: int
+    num_preemptions: int = 0  # since start
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens found
 
     @property
     def kv_usage(self) -> float:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from molink.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from molink.sampling_params import SamplingParams
+from molink.step import PromptTokenLogprob
 from molink.tokenizer.detokenizer import IncrementalDetokenizer
 from molink.tokenizer.protocol import TokenizerLike
 
@@ -20,6 +21,7 @@ class RequestState:
     detokenizers: list[IncrementalDetokenizer]
     metrics: RequestMetrics
     seq_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[PromptTokenLogprob] | None = None
 
     @classmethod
     def create(
@@ -74,4 +76,5 @@ class RequestState:
             outputs=copies,
             finished=self.finished,
             metrics=replace(self.metrics),
+            prompt_logprobs=self.prompt_logprobs,
         )

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from molink.errors import MolinkError
+from molink.sampling.bias import apply_logit_bias
 from molink.sampling.filters import apply_min_p, apply_top_k_top_p
 from molink.sampling.penalties import (
     apply_min_tokens,
@@ -27,6 +28,7 @@ from molink.sampling.penalties import (
 )
 from molink.sampling.seeding import seeded_uniform
 from molink.sampling.state import SequenceSamplingState
+from molink.sampling.structured import GrammarCompiler, apply_bitmask
 from molink.step import TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -42,12 +44,17 @@ class Sampler:
     """Samples one token per sequence from ``[N, V]`` logits; appends nothing to the states."""
 
     def __init__(
-        self, eos_token_ids: tuple[int, ...], vocab_size: int, seed: int | None = None
+        self,
+        eos_token_ids: tuple[int, ...],
+        vocab_size: int,
+        seed: int | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         if vocab_size <= 0:
             raise SamplerInputError(f"vocab_size must be positive, got {vocab_size}")
         self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = vocab_size
+        self.grammars = grammars  # None: requests with structured output are refused
         # Unseeded rows share this generator; it lives on the CPU so that draws do not depend
         # on the accelerator.
         self._generator = torch.Generator()
@@ -69,18 +76,86 @@ class Sampler:
         blocked = [(row, ids) for row, ids in blocked if ids]
         penalty_rows = [row for row, s in enumerate(states) if needs_penalties(s.params)]
         logprob_rows = [row for row, s in enumerate(states) if s.params.logprobs is not None]
-        if not blocked and not penalty_rows and not logprob_rows:
+        bias_rows = [row for row, s in enumerate(states) if s.params.logit_bias]
+        grammar_rows = [row for row, s in enumerate(states) if s.params.structured is not None]
+        adjusted = blocked or penalty_rows or bias_rows or grammar_rows
+        if not adjusted and not logprob_rows:
             if all(s.params.is_greedy for s in states):
                 return [(token_id, None, ()) for token_id in logits.argmax(dim=-1).tolist()]
         raw_logprobs = None
         if logprob_rows:
             raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1)
-        if blocked or penalty_rows:
+        if adjusted:
             logits = logits.clone()
+            apply_logit_bias(logits, bias_rows, states)
             apply_min_tokens(logits, blocked)
             apply_penalties(logits, penalty_rows, states)
+            self._apply_grammars(logits, grammar_rows, states)
         token_ids = self._choose_tokens(logits, states)
         return self._with_logprobs(token_ids, raw_logprobs, logprob_rows, states)
+
+    def attach(self, state: SequenceSamplingState) -> None:
+        """Gives a new (or re-sent) sequence its grammar matcher, advanced over the outputs it
+        already has. A failure is kept in ``state.error`` and ends that sequence alone."""
+        spec = state.params.structured
+        if spec is None:
+            return
+        try:
+            if self.grammars is None:
+                raise SamplerInputError("structured output is not available on this stage")
+            state.grammar = self.grammars.matcher(spec)
+            for token_id in state.token_ids[state.num_prompt_tokens :]:
+                state.grammar.accept(token_id)
+        except MolinkError as exc:
+            state.error = str(exc)
+
+    def accept(self, state: SequenceSamplingState, token_id: int) -> None:
+        """Appends a sampled token to the sequence (and advances its grammar)."""
+        state.token_ids.append(token_id)
+        if state.grammar is not None:
+            state.grammar.accept(token_id)
+
+    def sample_isolated(
+        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+    ) -> list[SampleOutput | MolinkError]:
+        """Like ``sample``, but a row that fails (its own error, a grammar in an error
+        state, bad parameters) comes back as its error while the other rows are sampled.
+        The batch runs as one; only when it fails are the rows retried one by one."""
+        if not any(s.error for s in states):
+            try:
+                return list(self.sample(logits, states))
+            except Exception:
+                if len(states) <= 1:
+                    logger.exception("sampling failed")
+                else:
+                    logger.warning("sampling a batch failed; retrying row by row", exc_info=True)
+        results: list[SampleOutput | MolinkError] = []
+        for row, state in enumerate(states):
+            if state.error:
+                results.append(SamplerInputError(state.error))
+                continue
+            try:
+                results.append(self.sample(logits[row : row + 1], [state])[0])
+            except Exception as exc:
+                results.append(SamplerInputError(f"sampling failed: {exc}"))
+        return results
+
+    def _apply_grammars(
+        self,
+        logits: torch.Tensor,
+        rows: list[int],
+        states: Sequence[SequenceSamplingState],
+    ) -> None:
+        if not rows:
+            return
+        words = (logits.shape[1] + 31) // 32
+        masks = torch.zeros((len(rows), words), dtype=torch.int32)
+        for i, row in enumerate(rows):
+            grammar = states[row].grammar
+            if grammar is None:
+                raise SamplerInputError(states[row].error or "the sequence has no grammar")
+            grammar.fill_mask(masks[i])
+        apply_bitmask(logits, rows, masks)
 
     def _checked_logits(
         self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]

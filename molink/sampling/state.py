@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from molink.sampling.structured import GrammarMatcher
 from molink.sampling_params import SamplingParams
+from molink.step import PromptTokenLogprob
 
 
 class TokenHistory:
@@ -60,6 +62,14 @@ class SequenceSamplingState:
     num_prompt_tokens: int
     history: TokenHistory = field(
         default_factory=TokenHistory, init=False, repr=False, compare=False
+    )
+    grammar: GrammarMatcher | None = field(default=None, repr=False, compare=False)
+    # Why this sequence cannot be sampled (e.g. its grammar failed to compile); it ends
+    # with an error at its next sample, alone.
+    error: str | None = field(default=None, compare=False)
+    # Prompt logprobs gathered chunk by chunk until the first token is sampled.
+    prompt_logprobs: list[PromptTokenLogprob] = field(
+        default_factory=list, repr=False, compare=False
     )
 
     @property

@@ -82,6 +82,10 @@ class Scheduler:
         self._running_dirty = False
         self._next_seq_id = 0
         self._next_step_id = 0
+        # Counters since start, for metrics.
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up
+        self.prefix_cache_hits = 0  # of those, tokens found in the cache
 
     # -- requests ------------------------------------------------------------------------
 
@@ -299,6 +303,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         logger.debug("preempting sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
         self.kv.free(seq.seq_id)
         seq.status = SequenceStatus.WAITING
@@ -314,11 +319,16 @@ class Scheduler:
             and len(self._running) < self.config.max_num_seqs
         ):
             seq = self._waiting[0]
-            hit = self.kv.find_cached_prefix(seq.token_ids, max_num_tokens=seq.num_tokens - 1)
+            # Prompt logprobs need every prompt position computed, so no prefix is reused.
+            wants_prompt_logprobs = seq.params.prompt_logprobs is not None
+            reusable = 0 if wants_prompt_logprobs else seq.num_tokens - 1
+            hit = self.kv.find_cached_prefix(seq.token_ids, max_num_tokens=reusable)
             num_new = self._chunk_size(seq.num_tokens - hit.num_tokens, builder.prefill_room)
             if self.kv.allocate(seq.seq_id, hit.num_tokens + num_new, hit) is None:
                 return
             self._waiting.popleft()
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += hit.num_tokens
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = hit.num_tokens
             bisect.insort(self._running, seq, key=_arrival_key)
@@ -370,8 +380,10 @@ class Scheduler:
         return updates
 
     def _accept_sample(self, seq: Sequence, token: SampledToken | None) -> SequenceUpdate:
-        if token is None:
+        if token is None or token.error is not None:
             message = f"the last stage sampled no token for sequence {seq.seq_id}"
+            if token is not None:
+                message = f"sequence {seq.seq_id} failed on the last stage: {token.error}"
             self._finish(seq, "error")
             return SequenceUpdate.of(seq, None, error=message)
         seq.token_ids.append(token.token_id)

@@ -13,11 +13,13 @@ from collections.abc import Sequence
 import torch
 
 from molink.config import LayerRange, ModelConfig
-from molink.errors import ProtocolError
+from molink.errors import MolinkError, ProtocolError
 from molink.models.attention import AttentionMetadata, SeqChunk
 from molink.models.kv_cache import KVCache
+from molink.sampling.prompt_logprobs import prompt_token_logprobs
 from molink.sampling.sampler import Sampler, SequenceSamplingState
-from molink.step import SampledToken, StepPlan, StepResult
+from molink.sampling.structured import GrammarCompiler
+from molink.step import SampledToken, ScheduledSequence, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class StageWorker:
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -48,7 +51,9 @@ class StageWorker:
             model_config, num_local_layers, num_blocks, block_size, dtype
         )
         self.sampler = (
-            Sampler(model_config.eos_token_ids, model_config.vocab_size) if self.is_last else None
+            Sampler(model_config.eos_token_ids, model_config.vocab_size, grammars=grammars)
+            if self.is_last
+            else None
         )
         self._block_tables: dict[SeqKey, list[int]] = {}
         self._sampling_states: dict[SeqKey, SequenceSamplingState] = {}
@@ -118,12 +123,14 @@ class StageWorker:
             key = (head_id, new_seq.seq_id)
             # A re-sent sequence (preemption, replay) starts from scratch.
             self._block_tables[key] = []
-            if self.is_last:
-                self._sampling_states[key] = SequenceSamplingState(
+            if self.sampler is not None:
+                state = SequenceSamplingState(
                     params=new_seq.sampling,
                     token_ids=list(new_seq.token_ids),
                     num_prompt_tokens=new_seq.num_prompt_tokens,
                 )
+                self.sampler.attach(state)
+                self._sampling_states[key] = state
 
     def _chunks(self, plan: StepPlan, head_id: str) -> list[SeqChunk]:
         chunks = []
@@ -165,28 +172,59 @@ class StageWorker:
         self, plans: Sequence[StepPlan], output: torch.Tensor, head_id: str
     ) -> list[StepResult]:
         """Samples the rows of ``plans`` (laid out one after the other in ``output``) with
-        one LM-head matmul and one sampler call; one StepResult per plan."""
+        one LM-head matmul and one sampler call; one StepResult per plan. A sequence whose
+        sampling fails gets a token with ``error`` set; the others are unaffected."""
         assert self.sampler is not None
         rows, states, seq_ids, owners = [], [], [], []
         offset = 0
         for index, plan in enumerate(plans):
             for sched in plan.scheduled:
+                state = self._sampling_states[(head_id, sched.seq_id)]
+                if state.params.prompt_logprobs is not None and state.num_output_tokens == 0:
+                    self._gather_prompt_logprobs(state, sched, output[offset:])
                 offset += sched.num_new_tokens
                 if sched.sample:
                     rows.append(offset - 1)
-                    states.append(self._sampling_states[(head_id, sched.seq_id)])
+                    states.append(state)
                     seq_ids.append(sched.seq_id)
                     owners.append(index)
         tokens: list[list[SampledToken]] = [[] for _ in plans]
         if rows:
             logits = self.model.compute_logits(output[rows])
-            sampled = self.sampler.sample(logits, states)
-            for seq_id, state, owner, (token_id, logprob, top) in zip(
-                seq_ids, states, owners, sampled, strict=True
-            ):
-                state.token_ids.append(token_id)
-                tokens[owner].append(SampledToken(seq_id, token_id, logprob, top))
+            sampled = self.sampler.sample_isolated(logits, states)
+            for seq_id, state, owner, result in zip(seq_ids, states, owners, sampled, strict=True):
+                tokens[owner].append(self._sampled_token(seq_id, state, result))
         return [
             StepResult(step_id=plan.step_id, sampled=tuple(own), micro_batch=plan.micro_batch)
             for plan, own in zip(plans, tokens, strict=True)
         ]
+
+    def _sampled_token(self, seq_id: int, state: SequenceSamplingState, result) -> SampledToken:
+        assert self.sampler is not None
+        if isinstance(result, MolinkError):
+            logger.warning("sequence %d failed on this stage: %s", seq_id, result)
+            return SampledToken(seq_id, 0, error=str(result))
+        token_id, logprob, top = result
+        prompt_logprobs = tuple(state.prompt_logprobs)
+        state.prompt_logprobs = []
+        try:
+            self.sampler.accept(state, token_id)
+        except MolinkError as exc:
+            logger.warning("sequence %d failed on this stage: %s", seq_id, exc)
+            return SampledToken(seq_id, token_id, error=str(exc))
+        return SampledToken(seq_id, token_id, logprob, top, prompt_logprobs=prompt_logprobs)
+
+    def _gather_prompt_logprobs(
+        self, state: SequenceSamplingState, sched: ScheduledSequence, hidden: torch.Tensor
+    ) -> None:
+        """Logprobs of the prompt tokens this chunk's rows predict."""
+        first = sched.num_computed_tokens
+        last_target = min(first + sched.num_new_tokens, state.num_prompt_tokens - 1)
+        if last_target <= first:
+            return
+        if first == 0:
+            state.prompt_logprobs = []
+        targets = state.token_ids[first + 1 : last_target + 1]
+        logits = self.model.compute_logits(hidden[: len(targets)])[:, : self.sampler.vocab_size]
+        num_top = state.params.prompt_logprobs or 0
+        state.prompt_logprobs.extend(prompt_token_logprobs(logits, targets, num_top))

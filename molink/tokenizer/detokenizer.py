@@ -104,8 +104,11 @@ class _TokenStream:
         return delta
 
     def flush(self) -> str:
+        """What was held back, except an incomplete character at the very end: a sequence
+        cut inside a character (e.g. by max_tokens) ends before it, as in vLLM, rather than
+        with U+FFFD."""
         text = self._decode(self._window)
-        delta = text[self._emitted :]
+        delta = text[self._emitted : len(text) - _count_trailing_replacements(text)]
         self._slide()
         return delta
 

@@ -9,6 +9,8 @@ class TokenizerLike(Protocol):
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     vocab_size: int
+    max_token_chars: int  # most characters of text one token covers
+    name_or_path: str  # the folder it was loaded from
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 

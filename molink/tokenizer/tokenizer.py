@@ -78,6 +78,7 @@ class Tokenizer:
         model_type = type(backend.model).__name__
         self._clean_up = files.clean_up_tokenization_spaces and model_type != "BPE"
         self._chat = ChatTemplateRenderer(files.chat_template, self.special_tokens)
+        self._max_token_chars: int | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -103,7 +104,23 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InvalidParameterError("prompt", "must be a string")
+        check_unicode(text, "prompt")
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def to_json(self) -> str:
+        """tokenizer.json as loaded (added tokens included), e.g. for a grammar engine."""
+        return self._backend.to_str()
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most text characters one token stands for: a prompt longer than
+        ``max_model_len * max_token_chars`` cannot fit, whatever it says."""
+        if self._max_token_chars is None:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            # Byte-level vocabularies spell each byte as one character, so a token's
+            # spelling is never shorter than the text it decodes to.
+            self._max_token_chars = max((len(t) for t in vocab), default=1)
+        return self._max_token_chars
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -142,6 +159,16 @@ class Tokenizer:
 
     def _optional_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
+
+
+def check_unicode(text: str, field: str) -> None:
+    """Text with lone surrogates (JSON allows "\\ud800") cannot be tokenized: a named 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameterError(
+            field, f"is not valid Unicode text (character {exc.start}: lone surrogate)"
+        ) from None
 
 
 def _register_added_tokens(backend: tokenizers.Tokenizer, files: TokenizerFiles) -> None:

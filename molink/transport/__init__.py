@@ -4,7 +4,8 @@
 ``molink.proto`` changes in a way an older peer could misread.
 """
 
-PROTOCOL_VERSION = 2  # 2: int8 tensors carry their outliers apart
+PROTOCOL_VERSION = 3  # 2: int8 tensors carry their outliers apart; 3: structured output,
+# logit bias, prompt logprobs and per-sequence errors
 
 # Call metadata key reserved for credentials (swarm key, tokens). Unused for now.
 CREDENTIALS_METADATA_KEY = "molink-credentials"

@@ -7,9 +7,10 @@ raised); whether the plan makes sense for a stage is validate.py's job.
 from __future__ import annotations
 
 from molink.errors import InvalidParameterError, ProtocolError
-from molink.sampling_params import SamplingParams
+from molink.sampling_params import SamplingParams, StructuredOutputSpec
 from molink.step import (
     NewSequenceData,
+    PromptTokenLogprob,
     SampledToken,
     ScheduledSequence,
     StepPlan,
@@ -36,7 +37,13 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output,
         spaces_between_special_tokens=params.spaces_between_special_tokens,
+        logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in params.logit_bias],
     )
+    if params.structured is not None:
+        msg.structured.kind = params.structured.kind
+        msg.structured.spec = params.structured.spec
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     # Optional fields: presence on the wire means "set", as None means "unset" here.
     if params.seed is not None:
         msg.seed = params.seed
@@ -68,6 +75,13 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
             skip_special_tokens=msg.skip_special_tokens,
             include_stop_str_in_output=msg.include_stop_str_in_output,
             spaces_between_special_tokens=msg.spaces_between_special_tokens,
+            logit_bias=tuple((b.token_id, b.bias) for b in msg.logit_bias),
+            structured=(
+                StructuredOutputSpec(msg.structured.kind, msg.structured.spec)
+                if msg.HasField("structured")
+                else None
+            ),
+            prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         )
     except InvalidParameterError as exc:
         raise ProtocolError(f"invalid sampling parameters: {exc}") from exc
@@ -151,6 +165,15 @@ def _sampled_to_proto(token: SampledToken) -> pb.SampledToken:
     )
     if token.logprob is not None:
         msg.logprob = token.logprob
+    if token.error is not None:
+        msg.error = token.error
+    for entry in token.prompt_logprobs:
+        msg.prompt_logprobs.append(
+            pb.PromptTokenLogprob(
+                logprob=entry.logprob,
+                top=[pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in entry.top],
+            )
+        )
     return msg
 
 
@@ -164,14 +187,21 @@ def result_from_proto(msg: pb.StepResult) -> StepResult:
                 seq_id=t.seq_id,
                 token_id=t.token_id,
                 logprob=t.logprob if t.HasField("logprob") else None,
-                top_logprobs=tuple(
-                    TokenLogprob(token_id=lp.token_id, logprob=lp.logprob) for lp in t.top_logprobs
+                top_logprobs=_logprobs_from_proto(t.top_logprobs),
+                error=t.error if t.HasField("error") else None,
+                prompt_logprobs=tuple(
+                    PromptTokenLogprob(p.logprob, _logprobs_from_proto(p.top))
+                    for p in t.prompt_logprobs
                 ),
             )
             for t in msg.sampled
         ),
         error=msg.error if msg.HasField("error") else None,
     )
+
+
+def _logprobs_from_proto(entries) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(token_id=e.token_id, logprob=e.logprob) for e in entries)
 
 
 def trace_to_timings(trace: list[pb.HopTrace]) -> dict[str, dict[str, float]]:

@@ -32,6 +32,8 @@ class FakeTokenizer:
     eos_token_ids = (EOS_ID,)
     bos_token_id = BOS_ID
     vocab_size = _NUM_SPECIAL + 256
+    max_token_chars = 5  # "<pad>"
+    name_or_path = "fake-tokenizer"
 
     def token_id(self, char: str) -> int:
         code = ord(char)

@@ -73,7 +73,7 @@ def test_metrics_after_a_request(client: TestClient) -> None:
     assert f"molink:kv_cache_usage_perc{{{labels}}}" in text
     assert f"molink:prompt_tokens_total{{{labels}}} 3.0" in text  # BOS + "Hi"
     assert f"molink:generation_tokens_total{{{labels}}} 8.0" in text
-    assert f'molink:request_success_total{{{labels},finished_reason="length"}} 2.0' in text
+    assert f'molink:request_success_total{{finished_reason="length",{labels}}} 2.0' in text
     assert f"molink:time_to_first_token_seconds_count{{{labels}}} 1" in text
     assert f"molink:e2e_request_latency_seconds_count{{{labels}}} 1" in text
     assert f"molink:time_per_output_token_seconds_count{{{labels}}} 1" in text

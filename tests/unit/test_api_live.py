@@ -193,7 +193,7 @@ def test_disconnect_of_non_streamed_request_aborts(
     assert wait_until(lambda: len(slow_engine.abort_calls) == 1)
     assert wait_until(lambda: not slow_engine.active)
     metrics = httpx.get(f"{slow_server.base_url}/metrics").text
-    assert 'molink:request_success_total{model_name="fake-model",finished_reason="abort"} 1' in (
+    assert 'molink:request_success_total{finished_reason="abort",model_name="fake-model"} 1' in (
         metrics
     )
 

@@ -18,10 +18,11 @@ from molink.sampling_params import SamplingParams
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
-        ("max_tokens", 0, ">= 1"),
+        ("max_tokens", 0, "[1, "),
         ("top_p", 0.0, "(0, 1]"),
         ("top_p", 1.5, "(0, 1]"),
-        ("temperature", -0.5, ">= 0"),
+        ("temperature", -0.5, "[0, 2]"),
+        ("temperature", 2.5, "[0, 2]"),
         ("top_k", -3, "-1"),
         ("min_p", 2.0, "[0, 1]"),
         ("n", 0, "[1, 128]"),

@@ -1,0 +1,155 @@
+"""Chat messages (with tool calls and tool results) through the model's chat template.
+
+Messages reach the template as transformers passes them: ``tool_calls`` with their
+``function.arguments`` as a mapping (OpenAI clients send a JSON string; templates such as
+Qwen's and Llama's read the mapping), ``tool`` messages with ``tool_call_id``, and the
+``tools`` list as OpenAI's function specs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from molink.api.context import ServerContext
+from molink.api.errors import APIError
+from molink.api.schemas import ChatMessage, ToolCall
+from molink.tokenizer.tokenizer import check_unicode
+
+logger = logging.getLogger(__name__)
+
+_ROLE_ALIASES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+
+
+def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    converted = []
+    for index, message in enumerate(messages):
+        role = _ROLE_ALIASES.get(message.role)
+        if role is None:
+            raise APIError(
+                400,
+                f"role {message.role!r} is not supported; use system, user, assistant or tool",
+                f"messages[{index}].role",
+            )
+        item: dict[str, Any] = {"role": role, "content": _message_text(message, index)}
+        if message.tool_calls:
+            item["tool_calls"] = [_tool_call(c, index) for c in message.tool_calls]
+        if role == "tool":
+            if message.tool_call_id is None:
+                raise APIError(400, "tool_call_id is required", f"messages[{index}].tool_call_id")
+            item["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            item["name"] = message.name
+        converted.append(item)
+    return converted
+
+
+def _tool_call(call: ToolCall, index: int) -> dict[str, Any]:
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise APIError(
+                400,
+                f"tool call arguments are not valid JSON: {exc}",
+                f"messages[{index}].tool_calls",
+            ) from None
+    result: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": arguments},
+    }
+    if call.id is not None:
+        result["id"] = call.id
+    return result
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    content = message.content
+    field = f"messages[{index}].content"
+    if content is None:
+        if message.role == "assistant":
+            return ""
+        raise APIError(400, "content is required", field)
+    if isinstance(content, str):
+        check_unicode_field(content, field)
+        return content
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise APIError(
+                400,
+                f"content part type {part.type!r} is not supported; only text parts are",
+                field,
+            )
+        check_unicode_field(part.text, field)
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def check_unicode_field(text: str, field: str) -> None:
+    try:
+        check_unicode(text, field)
+    except Exception as exc:
+        raise APIError(400, str(exc), field) from None
+
+
+def conversation_chars(messages: list[ChatMessage]) -> int:
+    total = 0
+    for message in messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        elif message.content is not None:
+            total += sum(len(part.text or "") for part in message.content)
+    return total
+
+
+def render_chat_text(ctx: ServerContext, messages: list[ChatMessage], body: Any) -> str:
+    """The templated conversation as text (the template writes any BOS token itself)."""
+    template_messages = to_template_messages(messages)
+    kwargs = dict(getattr(body, "chat_template_kwargs", None) or {})
+    template = getattr(body, "chat_template", None)
+    if template is not None and not ctx.chat.trust_request_chat_template:
+        raise APIError(
+            400,
+            "chat_template in a request is refused unless the server runs with "
+            "--trust-request-chat-template",
+            "chat_template",
+        )
+    template = template or ctx.chat.chat_template
+    if template is not None:
+        kwargs["chat_template"] = template
+    tools = getattr(body, "tools", None)
+    if tools:
+        kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in tools]
+    continue_final = bool(getattr(body, "continue_final_message", None))
+    add_generation_prompt = getattr(body, "add_generation_prompt", None)
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final
+    if continue_final:
+        kwargs["continue_final_message"] = True
+        if template_messages[-1]["role"] != "assistant":
+            raise APIError(
+                400, "continue_final_message needs a final assistant message", "messages"
+            )
+    try:
+        return ctx.engine.tokenizer.apply_chat_template(
+            template_messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+    except Exception as exc:
+        logger.info("chat template rejected a conversation: %s", exc)
+        raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
+
+
+def render_chat_prompt(ctx: ServerContext, messages: list[ChatMessage], body: Any) -> list[int]:
+    """Token ids of the templated conversation; refused by size before tokenizing."""
+    ctx.check_prompt_size(conversation_chars(messages), "messages")
+    text = render_chat_text(ctx, messages, body)
+    return ctx.engine.tokenizer.encode(text, add_special_tokens=False)

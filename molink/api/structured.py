@@ -1,0 +1,122 @@
+"""What a request asks its output to follow: OpenAI's ``response_format`` or vLLM's
+``structured_outputs`` (and its older ``guided_*`` fields), as one grammar spec.
+
+Specs are checked here, on the head, so that a malformed schema or regex is a 400 naming
+the field before anything is scheduled; the last stage compiles and caches the grammar.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from molink.api.errors import APIError
+from molink.api.schemas import SamplingFields
+from molink.errors import InvalidParameterError
+from molink.sampling.structured import to_llguidance_grammar
+from molink.sampling_params import StructuredOutputSpec
+
+ANY_JSON_OBJECT = '{"type": "object"}'
+
+
+def structured_spec(body: SamplingFields) -> StructuredOutputSpec | None:
+    """At most one source may be given; None for unconstrained output."""
+    found = [
+        (field, spec)
+        for field, spec in (
+            ("response_format", _from_response_format(body)),
+            ("structured_outputs", _from_structured_outputs(body)),
+            ("guided_json", _json_spec(body.guided_json, "guided_json")),
+            ("guided_regex", _simple("regex", body.guided_regex)),
+            ("guided_choice", _choice(body.guided_choice, "guided_choice")),
+            ("guided_grammar", _simple("grammar", body.guided_grammar)),
+        )
+        if spec is not None
+    ]
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(field for field, _ in found)
+        raise APIError(400, f"only one output constraint may be given, got {names}", found[0][0])
+    field, spec = found[0]
+    check_spec(spec, field)
+    return spec
+
+
+def check_spec(spec: StructuredOutputSpec, field: str) -> None:
+    try:
+        to_llguidance_grammar(spec, field)
+    except InvalidParameterError as exc:
+        raise APIError(400, str(exc), field) from exc
+
+
+def json_schema_spec(schema: dict[str, Any]) -> StructuredOutputSpec:
+    return StructuredOutputSpec("json", json.dumps(schema, ensure_ascii=False))
+
+
+def _from_response_format(body: SamplingFields) -> StructuredOutputSpec | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutputSpec("json", ANY_JSON_OBJECT)
+    if fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(
+                400, "json_schema.schema is required", "response_format.json_schema.schema"
+            )
+        return json_schema_spec(fmt.json_schema.schema_)
+    raise APIError(
+        400,
+        f"response_format type {fmt.type!r} is not one of text, json_object, json_schema",
+        "response_format.type",
+    )
+
+
+def _from_structured_outputs(body: SamplingFields) -> StructuredOutputSpec | None:
+    so = body.structured_outputs
+    if so is None:
+        return None
+    specs = [
+        spec
+        for spec in (
+            _json_spec(so.json_, "structured_outputs.json"),
+            _simple("regex", so.regex),
+            _choice(so.choice, "structured_outputs.choice"),
+            _simple("grammar", so.grammar),
+            StructuredOutputSpec("json", ANY_JSON_OBJECT) if so.json_object else None,
+        )
+        if spec is not None
+    ]
+    if len(specs) != 1:
+        raise APIError(
+            400,
+            "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+            "structured_outputs",
+        )
+    return specs[0]
+
+
+def _json_spec(value: dict[str, Any] | str | None, field: str) -> StructuredOutputSpec | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"{field}: not valid JSON: {exc}", field) from None
+        if not isinstance(value, dict):
+            raise APIError(400, f"{field}: a JSON schema must be an object", field)
+    return json_schema_spec(value)
+
+
+def _simple(kind: str, value: str | None) -> StructuredOutputSpec | None:
+    return None if value is None else StructuredOutputSpec(kind, value)
+
+
+def _choice(value: list[str] | None, field: str) -> StructuredOutputSpec | None:
+    if value is None:
+        return None
+    if not value:
+        raise APIError(400, f"{field}: must list at least one string", field)
+    return StructuredOutputSpec("choice", json.dumps(value, ensure_ascii=False))

@@ -1,0 +1,38 @@
+"""The one table of what a request may ask for, shared by the HTTP layer and the wire.
+
+Every bound here is what the engine and molink.proto can carry: a value that passes the
+HTTP schema always fits its wire field (uint32, int32, int64, ...) and the sampler, so it
+can never fail other requests batched with it. ``SamplingParams.validate`` checks against
+this table, on the head for HTTP requests and on every stage for decoded plans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UINT32_MAX = (1 << 32) - 1
+INT32_MAX = (1 << 31) - 1
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_n: int = 128
+    max_temperature: float = 2.0  # as OpenAI documents
+    max_top_k: int = INT32_MAX  # int32 on the wire
+    min_seed: int = INT64_MIN  # int64 on the wire
+    max_seed: int = INT64_MAX
+    max_tokens: int = UINT32_MAX  # uint32 on the wire (max_tokens and min_tokens)
+    max_token_id: int = UINT32_MAX  # uint32 on the wire (stop_token_ids, logit_bias keys)
+    max_stop_strings: int = 64  # the transport's PlanLimits default
+    max_stop_string_chars: int = 1024
+    max_stop_token_ids: int = 1024
+    max_logprobs: int = 20  # OpenAI's top_logprobs range
+    max_prompt_logprobs: int = 20
+    max_logit_bias_entries: int = 1024
+    max_logit_bias: float = 100.0  # OpenAI's range is [-100, 100]
+    max_structured_spec_chars: int = 1 << 20
+
+
+LIMITS = RequestLimits()

@@ -1,0 +1,37 @@
+"""OpenAI's ``logit_bias``: a per-token value added to the logits before sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from molink.sampling.state import SequenceSamplingState
+
+
+def apply_logit_bias(
+    logits: torch.Tensor, rows: Sequence[int], states: Sequence[SequenceSamplingState]
+) -> None:
+    """Adds each listed row's biases in place; ids beyond the vocabulary are ignored (the
+    API refuses them, but a stage must not fail on a peer's plan)."""
+    vocab_size = logits.shape[1]
+    row_index: list[int] = []
+    col_index: list[int] = []
+    values: list[float] = []
+    for row in rows:
+        for token_id, bias in states[row].params.logit_bias:
+            if token_id < vocab_size:
+                row_index.append(row)
+                col_index.append(token_id)
+                values.append(bias)
+    if not row_index:
+        return
+    device = logits.device
+    logits.index_put_(
+        (
+            torch.tensor(row_index, dtype=torch.long, device=device),
+            torch.tensor(col_index, dtype=torch.long, device=device),
+        ),
+        torch.tensor(values, dtype=logits.dtype, device=device),
+        accumulate=True,
+    )
