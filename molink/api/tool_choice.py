@@ -61,7 +61,8 @@ def plan_tools(ctx: ServerContext, body: ChatCompletionRequest) -> ToolPlan:
     if choice is None or choice == "auto":
         return _auto(ctx, tools)
     if choice == "required":
-        return ToolPlan("required", StructuredOutputSpec("json", json.dumps(_array(tools))))
+        schema = _array(tools, single=body.parallel_tool_calls is False)
+        return ToolPlan("required", StructuredOutputSpec("json", json.dumps(schema)))
     if isinstance(choice, str):
         raise APIError(
             400, "tool_choice must be none, auto, required or a named function", "tool_choice"
@@ -87,7 +88,8 @@ def _auto(ctx: ServerContext, tools: list[Tool]) -> ToolPlan:
     return ToolPlan("auto", StructuredOutputSpec("grammar", parser.auto_grammar(tools)), parser)
 
 
-def _array(tools: list[Tool]) -> dict[str, Any]:
+def _array(tools: list[Tool], single: bool) -> dict[str, Any]:
+    """An array of calls; with parallel_tool_calls false, exactly one."""
     calls = [
         {
             "type": "object",
@@ -100,7 +102,10 @@ def _array(tools: list[Tool]) -> dict[str, Any]:
         }
         for t in tools
     ]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if single:
+        schema["maxItems"] = 1
+    return schema
 
 
 def _required_calls(text: str) -> list[ParsedToolCall]:

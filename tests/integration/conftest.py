@@ -33,6 +33,9 @@ SERVER_ARGS = (
     str(MAX_MODEL_LEN),
     "--log-level",
     "warning",
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "hermes",
 )
 STARTUP_TIMEOUT_S = 300.0
 # One decode step of a batch can take a second on a loaded two-core machine.
