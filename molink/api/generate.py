@@ -13,9 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from molink.api.chat_render import check_unicode_field
 from molink.api.context import ServerContext, get_context, new_request_id
 from molink.api.errors import APIError
 from molink.api.runner import GenerationRun, Prompt
+from molink.api.sampling import logit_bias
 from molink.api.streaming import JSON_LINES, cancel_on_disconnect, collect_final, stream_body
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
@@ -23,7 +25,12 @@ from molink.tokenizer.protocol import TokenizerLike
 
 router = APIRouter()
 
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {"extra"}
+# Fields whose wire form differs from a JSON value are converted here or not offered.
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {
+    "extra",
+    "structured",
+    "prompt_logprobs",
+}
 _BOOL_FIELDS = {
     "ignore_eos",
     "skip_special_tokens",
@@ -41,6 +48,14 @@ async def generate(request: Request) -> Response:
     stream = body.pop("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be a boolean", "stream")
+    if isinstance(prompt, str):
+        ctx.check_prompt_size(len(prompt), "prompt")
+        check_unicode_field(prompt, "prompt")
+    if "logit_bias" in body:
+        bias = body["logit_bias"]
+        if bias is not None and not isinstance(bias, dict):
+            raise APIError(400, "logit_bias must map token ids to numbers", "logit_bias")
+        body["logit_bias"] = logit_bias(bias, ctx.engine.tokenizer.vocab_size)
     params = sampling_params_from_dict(body)
     ctx.ensure_ready()
     run = ctx.new_run([new_request_id("gen")], [prompt], params)

@@ -61,6 +61,8 @@ class FakeTokenizer:
             if message["role"] == "system" and index > 0:
                 raise ValueError("the system message must come first")
         text = "".join(f"[{m['role']}]{m['content']}\n" for m in messages)
+        if kwargs.get("continue_final_message"):
+            return text.removesuffix("\n")  # the final message stays open
         return text + ("[assistant]" if add_generation_prompt else "")
 
     def is_special(self, token_id: int) -> bool:
