@@ -207,3 +207,19 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile([1.0] * 99 + [5.0], 99) == 1.0
     assert percentile([1.0] * 99 + [5.0], 100) == 5.0
+
+
+def test_a_single_process_engine_shows_one_node_with_every_layer(tiny_model_dir) -> None:
+    from molink.dashboard.providers import provider_for
+    from molink.engine.async_engine import AsyncLLMEngine
+    from molink.engine.offline import LLM
+
+    llm = LLM(model=str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=16)
+    engine = AsyncLLMEngine(llm.engine, "tiny", 64)
+    try:
+        snapshot = provider_for(engine).snapshot()
+    finally:
+        engine.shutdown()
+    num_layers = llm.engine.executor.stages[-1].layer_range.end
+    assert num_layers > 0 and snapshot.num_layers == num_layers
+    assert [(n.start, n.end) for n in snapshot.nodes] == [(0, num_layers)]
