@@ -34,7 +34,7 @@ from molink.engine.telemetry import PipelineTelemetry
 from molink.engine.transmission import TransmissionConfig, TransmissionScheduler
 from molink.outputs import RequestOutput
 from molink.pipeline.head import PipelineExecutor
-from molink.pipeline.identity import ModelIdentity, NodeInfo
+from molink.pipeline.identity import ModelIdentity, NodeInfo, format_range
 from molink.pipeline.node import StageNode
 from molink.progress.waiting import Coverage, PipelineWaitStatus
 from molink.security.node_setup import grpc_bind_host, node_credentials
@@ -145,8 +145,10 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
 def pipeline_coverage(head: PipelineExecutor) -> Coverage:
     """How many layers the head's pipeline covers, and which are missing (for the status line)."""
     view = head.pipeline()
-    uncovered = sum(r.end - r.start for r in view.missing_ranges())
-    return Coverage(view.num_layers - uncovered, view.num_layers, view.readiness())
+    missing = view.missing_ranges()
+    uncovered = sum(r.end - r.start for r in missing)
+    spans = ", ".join(format_range(r) for r in missing) or None
+    return Coverage(view.num_layers - uncovered, view.num_layers, spans)
 
 
 _TELEMETRY_METHODS = ("link_estimates", "stage_timings", "hidden_bytes_per_token")

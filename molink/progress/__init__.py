@@ -10,6 +10,7 @@ stdout is a terminal: a server whose output goes to a log file or a pipe prints 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TextIO, TypeVar
@@ -31,17 +32,28 @@ def progress_enabled(stream: TextIO | None = None) -> bool:
         return False
 
 
-def progress_bar(total: int | None, desc: str, unit: str = "it", leave: bool = True) -> tqdm:
+def progress_bar(
+    total: int | None,
+    desc: str,
+    unit: str = "it",
+    leave: bool = True,
+    bar_format: str | None = None,
+) -> tqdm:
     """A bar on stdout, disabled (every call a no-op) when stdout is not a terminal;
-    ``leave``: keep the finished bar on screen."""
+    ``leave``: keep the finished bar on screen; ``bar_format``: tqdm's, e.g. a status line."""
+    # A terminal that reports a size of 0 x 0 (a bare pty, some CI consoles) would make tqdm
+    # draw an empty bar, or none at all: use 80 x 24 there.
+    size = shutil.get_terminal_size(fallback=(80, 24))
     return tqdm(
         total=total,
         desc=desc,
         unit=unit,
         file=sys.stdout,
         disable=not progress_enabled(sys.stdout),
-        dynamic_ncols=True,
+        ncols=size.columns or 80,
+        nrows=size.lines or 24,
         leave=leave,
+        bar_format=bar_format,
     )
 
 

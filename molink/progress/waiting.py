@@ -18,7 +18,7 @@ from molink.progress import progress_bar, progress_enabled
 class Coverage:
     covered_layers: int
     num_layers: int
-    missing: str | None  # None: every layer is served; else what is missing
+    missing: str | None  # None: every layer is served; else the missing ranges, "[15, 30)"
 
 
 class PipelineWaitStatus:
@@ -50,13 +50,16 @@ class PipelineWaitStatus:
 
     def _show_until_complete(self, state: Coverage) -> None:
         with progress_bar(
-            state.num_layers, "waiting for the pipeline", unit="layer", leave=False
-        ) as bar:
+            state.num_layers, _describe(state), leave=False, bar_format="{desc} [{elapsed}]"
+        ) as line:
             while state.missing is not None and not self._stop.is_set():
-                bar.n = state.covered_layers
-                bar.set_postfix_str(state.missing, refresh=False)
-                bar.refresh()
+                line.set_description_str(_describe(state), refresh=False)
+                line.refresh()
                 self._stop.wait(self._interval_s)
                 state = self._coverage()
-            bar.n = state.covered_layers
-            bar.refresh()
+            line.set_description_str(_describe(state))
+
+
+def _describe(state: Coverage) -> str:
+    text = f"waiting for the pipeline: {state.covered_layers}/{state.num_layers} layers served"
+    return f"{text}, missing {state.missing}" if state.missing else text

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import pty
+import select
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -52,6 +56,53 @@ def test_progress_can_be_turned_off_on_a_terminal(tiny_gguf, tmp_path, monkeypat
     assert _convert(tiny_gguf, tmp_path / "out", monkeypatch, FakeTerminal()) == ""
 
 
+_CONVERT = (
+    "import sys; from pathlib import Path; "
+    "from molink.weights.gguf_convert import convert_gguf_to_hf_dir; "
+    "convert_gguf_to_hf_dir(Path(sys.argv[1]), Path(sys.argv[2]))"
+)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_on_a_pty(argv: list[str]) -> str:
+    """Runs ``argv`` with a pseudo-terminal as stdout and stderr; returns what it wrote."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("MOLINK_NO_PROGRESS", None)
+    process = subprocess.Popen(argv, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    output = b""
+    try:
+        while select.select([leader], [], [], 120)[0]:  # bounded: 120 s of silence ends it
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the process closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(leader)
+        process.wait(timeout=60)
+    assert process.returncode == 0, output.decode(errors="replace")
+    return output.decode(errors="replace")
+
+
+def test_conversion_in_a_real_terminal_and_in_a_pipe(tiny_gguf, tmp_path) -> None:
+    """A bare pty reports a 0 x 0 size, which must not hide the bar."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    argv = [sys.executable, "-c", _CONVERT, str(tiny_gguf)]
+    shown = _run_on_a_pty([*argv, str(tmp_path / "a")])
+    assert "converting tiny-llama.gguf" in shown and "100%" in shown
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    piped = subprocess.run(
+        [*argv, str(tmp_path / "b")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == "" and "converting tiny-llama.gguf:" not in piped.stderr
+
+
 def test_weight_loading_shows_layers_on_a_terminal(tiny_model_dir, monkeypatch) -> None:
     monkeypatch.delenv("MOLINK_NO_PROGRESS", raising=False)
     source = resolve_model_source(str(tiny_model_dir("llama")))
@@ -72,7 +123,7 @@ class _Pipeline:
         if self.joined.is_set():
             self.polled_after_join.set()
             return Coverage(30, 30, None)
-        return Coverage(15, 30, "layers [15, 30) are not served by any node")
+        return Coverage(15, 30, "[15, 30)")
 
 
 def test_waiting_for_the_pipeline_names_the_missing_layers(monkeypatch) -> None:
@@ -83,7 +134,7 @@ def test_waiting_for_the_pipeline_names_the_missing_layers(monkeypatch) -> None:
     status = PipelineWaitStatus(pipeline, interval_s=0.01).start()
     try:
         for _ in range(500):  # bounded: until the line was drawn once
-            if "layers [15, 30)" in terminal.getvalue():
+            if "missing [15, 30)" in terminal.getvalue():
                 break
             threading.Event().wait(0.01)
         pipeline.joined.set()
@@ -91,8 +142,7 @@ def test_waiting_for_the_pipeline_names_the_missing_layers(monkeypatch) -> None:
     finally:
         status.stop()
     shown = terminal.getvalue()
-    assert "waiting for the pipeline" in shown and "15/30" in shown
-    assert "layers [15, 30) are not served by any node" in shown
+    assert "waiting for the pipeline: 15/30 layers served, missing [15, 30)" in shown
 
 
 def test_waiting_is_silent_without_a_terminal(monkeypatch) -> None:
@@ -102,3 +152,21 @@ def test_waiting_is_silent_without_a_terminal(monkeypatch) -> None:
     status = PipelineWaitStatus(pipeline, interval_s=0.01).start()
     status.stop()
     assert stream.getvalue() == ""
+
+
+def test_pipeline_coverage_counts_layers_and_names_the_gaps() -> None:
+    from molink.engine.pipeline_builder import pipeline_coverage
+    from molink.pipeline.identity import ModelIdentity, NodeInfo
+    from molink.pipeline.registry import PipelineView
+
+    model = ModelIdentity("m", "f", 30, 64, 100)
+    stages = [NodeInfo("h", model, LayerRange(0, 10)), NodeInfo("s", model, LayerRange(20, 25))]
+
+    class Head:
+        def pipeline(self) -> PipelineView:
+            return PipelineView("h", "h:1", 1, 30, tuple(stages))
+
+    assert pipeline_coverage(Head()) == Coverage(15, 30, "[10, 20), [25, 30)")  # type: ignore[arg-type]
+    stages.append(NodeInfo("t", model, LayerRange(10, 20)))
+    stages.append(NodeInfo("u", model, LayerRange(25, 30)))
+    assert pipeline_coverage(Head()) == Coverage(30, 30, None)  # type: ignore[arg-type]
