@@ -176,3 +176,13 @@ def test_a_watching_dashboard_does_not_hold_up_a_server_stop() -> None:
         server.__exit__(None, None, None)
     assert ended.wait(10)
     assert time.monotonic() - started < 5.0
+
+
+def test_charts_are_sampled_while_nobody_watches(client: TestClient) -> None:
+    import time
+
+    history = client.app.state.dashboard.history
+    deadline = time.monotonic() + 20
+    while len(history.points()) < 2:  # one point a second, from the app's own task
+        assert time.monotonic() < deadline, "the sampler took no points"
+        time.sleep(0.1)
