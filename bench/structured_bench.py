@@ -1,5 +1,6 @@
 """What structured output costs: 8 concurrent json_schema requests against the same 8
-requests unconstrained, side by side in one run (two interleaved rounds each), on the
+requests unconstrained, side by side in one run (three interleaved rounds each), and the
+sampler alone on 8 rows with and without masks, on the
 default model with one torch thread; and how long a schema takes to compile the first time
 and from the cache. Writes bench/results/structured.json.
 
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 
 from bench.common import machine_info, write_results  # noqa: E402
 from molink.engine.offline import LLM  # noqa: E402
+from molink.sampling.sampler import Sampler, SequenceSamplingState  # noqa: E402
 from molink.sampling.structured import GrammarCompiler  # noqa: E402
 from molink.sampling_params import SamplingParams, StructuredOutputSpec  # noqa: E402
 
@@ -30,7 +32,8 @@ logger = logging.getLogger("structured_bench")
 
 CONCURRENCY = 8
 MAX_TOKENS = 64
-ROUNDS = 2
+ROUNDS = 3
+SAMPLER_STEPS = 200
 # Long enough that no request finishes before MAX_TOKENS: every run generates the same count.
 SCHEMA = {
     "type": "object",
@@ -56,6 +59,37 @@ def throughput(llm: LLM, prompts: list[str], structured: bool) -> tuple[float, i
     if structured:
         assert all(o.outputs[0].finish_reason == "length" for o in outputs)
     return tokens / elapsed, tokens
+
+
+def sampler_cost(llm: LLM) -> dict[str, float]:
+    """The sampler alone on 8 rows of real-vocabulary logits: constrained rows pay for the
+    mask (computed by llguidance, applied to the logits); unconstrained rows pay nothing."""
+    tokenizer = llm.tokenizer
+    compiler = GrammarCompiler(tokenizer.to_json(), tokenizer.vocab_size, tokenizer.eos_token_ids)
+    sampler = Sampler(tokenizer.eos_token_ids, tokenizer.vocab_size, seed=0, grammars=compiler)
+    spec = StructuredOutputSpec("json", json.dumps(SCHEMA))
+    timings = {}
+    for name, structured in (("unconstrained", None), ("json_schema", spec)):
+        states = []
+        for _ in range(CONCURRENCY):
+            state = SequenceSamplingState(SamplingParams(structured=structured), [1], 1)
+            sampler.attach(state)
+            states.append(state)
+        generator = torch.Generator().manual_seed(0)
+        total = 0.0
+        for _ in range(SAMPLER_STEPS):
+            logits = torch.randn(CONCURRENCY, tokenizer.vocab_size, generator=generator)
+            started = time.perf_counter()
+            outputs = sampler.sample(logits, states)
+            for state, (token, _, _) in zip(states, outputs, strict=True):
+                if token in tokenizer.eos_token_ids:  # the object closed: start a new one
+                    state.token_ids = [1]
+                    sampler.attach(state)
+                else:
+                    sampler.accept(state, token)
+            total += time.perf_counter() - started
+        timings[f"{name}_ms_per_step"] = round(total / SAMPLER_STEPS * 1e3, 3)
+    return timings
 
 
 def compile_times(llm: LLM) -> dict[str, float]:
@@ -104,6 +138,7 @@ def main() -> None:
         "unconstrained_tok_s": round(free, 2),
         "json_schema_tok_s": round(constrained, 2),
         "json_schema_relative": round(constrained / free, 3),
+        "sampler_8_rows": sampler_cost(llm),
         "compile": compile_times(llm),
         "machine": machine_info(),
     }  # fmt: skip

@@ -153,12 +153,18 @@ class GrammarCompiler:
 
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], masks: torch.Tensor) -> None:
-    """Sets every token a row's mask forbids to -inf (``masks``: int32 [len(rows), words])."""
+    """Sets every token a row's mask forbids to -inf (``masks``: int32 [len(rows), words];
+    bit i of word w allows token 32w + i). When every row is constrained the logits are
+    masked in place, without gathering the rows first."""
     vocab_size = logits.shape[1]
-    allowed = ((masks.unsqueeze(-1) >> _BITS) & 1).flatten(1)[:, :vocab_size].bool()
+    bits = (masks.unsqueeze(-1) >> _BITS) & 1
+    allowed = bits.flatten(1)[:, :vocab_size].bool().to(logits.device)
+    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
     sub = logits.index_select(0, index)
-    sub.masked_fill_(~allowed.to(logits.device), float("-inf"))
+    sub.masked_fill_(~allowed, float("-inf"))
     logits.index_copy_(0, index, sub)
 
 

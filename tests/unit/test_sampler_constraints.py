@@ -63,3 +63,15 @@ def test_grammar_masks_force_the_schema(compiler) -> None:
     assert grammars.num_compiled == 1
     sampler.attach(SequenceSamplingState(SamplingParams(structured=spec), [1], 1))
     assert grammars.num_compiled == 1  # the second sequence reuses the compiled grammar
+
+
+def test_bitmask_layout_and_row_subsets() -> None:
+    from molink.sampling.structured import apply_bitmask
+
+    masks = torch.tensor([[0b101, -(2**31)], [-1, 0]], dtype=torch.int32)  # -(2**31): bit 31
+    logits = torch.zeros(3, 60)
+    apply_bitmask(logits, [0, 2], masks)
+    # Row 0 allows tokens 0 and 2 (word 0) and 63 (word 1, bit 31), which is past the vocab.
+    assert (logits[0] == 0).nonzero().flatten().tolist() == [0, 2]
+    assert bool((logits[1] == 0).all())  # an unconstrained row is left alone
+    assert (logits[2] == 0).nonzero().flatten().tolist() == list(range(32))
