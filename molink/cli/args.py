@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from molink.cli.security_args import add_security_args, validate_security_args
+from molink.cli.vllm_args import add_vllm_args, ignored_vllm_flags, validate_vllm_flags
 from molink.errors import InvalidParameterError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -45,9 +46,6 @@ _SIZE_UNITS = {
     "tib": 1024**4,
 }
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 
 
 def embedded_model_path() -> str | None:
@@ -192,38 +190,11 @@ class EngineArgs:
         validate_security_args(self)
 
     def _validate_vllm_flags(self) -> None:
-        if self.tool_call_parser is not None:
-            _check_choice(self.tool_call_parser, TOOL_CALL_PARSERS, "tool_call_parser")
-        if self.enable_auto_tool_choice and self.tool_call_parser is None:
-            raise InvalidParameterError(
-                "enable_auto_tool_choice", "needs --tool-call-parser to read the model's calls"
-            )
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise InvalidParameterError("gpu_memory_utilization", "must be in (0, 1]")
+        validate_vllm_flags(self)
 
     def ignored_flags(self) -> list[str]:
         """What each vLLM flag given here that means nothing on this server is, one line each."""
-        notes = []
-        if self.enforce_eager:
-            notes.append("--enforce-eager: there are no CUDA graphs to disable; execution is eager")
-        if self.trust_remote_code:
-            notes.append("--trust-remote-code: no model code is ever loaded from a model repo")
-        if self.gpu_memory_utilization != 0.9:
-            notes.append(
-                "--gpu-memory-utilization: ignored without a GPU; --kv-cache-memory sizes the "
-                "KV cache on a CPU"
-            )
-        if self.disable_log_requests or self.disable_log_stats:
-            notes.append("--disable-log-requests/--disable-log-stats: requests are not logged")
-        if self.disable_frontend_multiprocessing:
-            notes.append("--disable-frontend-multiprocessing: the frontend is one process")
-        if self.enable_chunked_prefill is not None:
-            notes.append("--enable-chunked-prefill: long prompts are always prefilled in chunks")
-        if self.swap_space is not None:
-            notes.append("--swap-space: preempted sequences are recomputed, never swapped")
-        if self.uvicorn_log_level is not None:
-            notes.append("--uvicorn-log-level: --log-level sets every logger")
-        return notes
+        return ignored_vllm_flags(self)
 
     def _validate_pipeline(self) -> None:
         start, end = self.molink_start_layer, self.molink_end_layer
@@ -288,72 +259,6 @@ def _size(text: str) -> int:
         return parse_size(text)
     except InvalidParameterError as exc:
         raise argparse.ArgumentTypeError(exc.message) from exc
-
-
-def _add_vllm_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("vLLM compatibility")
-    group.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV cache of shared prompt prefixes (default: on)",
-    )
-    group.add_argument(
-        "--chat-template",
-        default=None,
-        help="chat template file (or template text) replacing the model's (default: model's)",
-    )
-    group.add_argument(
-        "--trust-request-chat-template",
-        action="store_true",
-        help="let requests send their own chat_template (default: refused)",
-    )
-    group.add_argument(
-        "--generation-config",
-        default="auto",
-        help="'auto': sampling defaults from the model's generation_config.json; 'vllm': "
-        "none; or a folder holding one (default: %(default)s)",
-    )
-    group.add_argument(
-        "--tool-call-parser",
-        default=None,
-        choices=TOOL_CALL_PARSERS,
-        help="how the model writes tool calls: hermes (Qwen, Hermes) or llama3_json "
-        "(default: none)",
-    )
-    group.add_argument(
-        "--enable-auto-tool-choice",
-        action="store_true",
-        help="let the model decide to call tools (tool_choice 'auto'); needs "
-        "--tool-call-parser (default: off)",
-    )
-    group.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="share of GPU memory for weights and KV cache; no effect on a CPU "
-        "(default: %(default)s)",
-    )
-    for flag, help_text in (
-        ("--enforce-eager", "accepted; execution is always eager"),
-        ("--trust-remote-code", "accepted; no model code is ever loaded"),
-        ("--disable-log-requests", "accepted; requests are not logged"),
-        ("--disable-log-stats", "accepted"),
-        ("--disable-frontend-multiprocessing", "accepted; the frontend is one process"),
-    ):
-        group.add_argument(flag, action="store_true", help=f"{help_text} (default: off)")
-    group.add_argument(
-        "--enable-chunked-prefill",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="accepted; long prompts are always prefilled in chunks (default: on)",
-    )
-    group.add_argument(
-        "--swap-space", type=float, default=None, help="accepted; no effect (default: none)"
-    )
-    group.add_argument(
-        "--uvicorn-log-level", default=None, help="accepted; see --log-level (default: none)"
-    )
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -434,7 +339,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
 
-    _add_vllm_args(parser)
+    add_vllm_args(parser)
     pipeline = parser.add_argument_group("MoLink pipeline")
     pipeline.add_argument(
         "--molink-enabled",

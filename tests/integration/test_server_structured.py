@@ -189,3 +189,12 @@ def test_echo_logprobs_max_tokens_0_match_transformers(live_server: LiveServer, 
     expected = [logprobs[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
     assert max(abs(a - b) for a, b in zip(got[1:], expected, strict=True)) < 1e-4
     assert response.json()["usage"]["completion_tokens"] == 0
+    scored = live_server.http.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": ids, "prompt_logprobs": 2, "max_tokens": 1},
+    ).json()["choices"][0]["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(ids)
+    for position, entry in enumerate(scored[1:], start=1):
+        chosen = entry[str(ids[position])]
+        assert abs(chosen["logprob"] - expected[position - 1]) < 1e-4
+        assert len(entry) in (2, 3)  # the prompt token and the 2 most likely (maybe the same)

@@ -129,3 +129,38 @@ def test_vllm_flags_are_accepted_and_unknown_ones_fail() -> None:
     assert any("--gpu-memory-utilization" in n for n in notes)
     with pytest.raises(SystemExit):
         parse(["--no-such-flag"])
+
+
+def test_chat_template_file_and_generation_defaults(tmp_path) -> None:
+    from molink.cli.serve import generation_defaults, read_chat_template
+
+    path = tmp_path / "template.jinja"
+    path.write_text("{{ messages[0].content }}", encoding="utf-8")
+    assert read_chat_template(str(path)) == "{{ messages[0].content }}"
+    assert read_chat_template("{{ x }}") == "{{ x }}"
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.6, "top_p": 0.9, "max_length": 10}), encoding="utf-8"
+    )
+    engine = FakeEngine()
+    assert generation_defaults(str(tmp_path), engine) == {"temperature": 0.6, "top_p": 0.9}
+    assert generation_defaults("vllm", engine) == {}
+
+
+def test_generation_defaults_fill_only_what_the_request_leaves_out(engine: FakeEngine) -> None:
+    with make_client(engine, generation_defaults={"temperature": 0.6, "top_k": 5}) as client:
+        chat(client)
+        assert (engine.submitted[-1][2].temperature, engine.submitted[-1][2].top_k) == (0.6, 5)
+        chat(client, temperature=0.0)
+        assert engine.submitted[-1][2].temperature == 0.0
+
+
+def test_guided_fields_become_the_same_constraint(client: TestClient, engine: FakeEngine) -> None:
+    chat(client, guided_choice=["a", "b"])
+    assert engine.submitted[-1][2].structured.kind == "choice"
+    chat(client, structured_outputs={"grammar": 'root ::= "a" [0-9]'})
+    assert engine.submitted[-1][2].structured.kind == "grammar"
+    response = client.post(
+        "/v1/chat/completions",
+        json={"messages": USER, "guided_regex": "a+", "structured_outputs": {"regex": "b"}},
+    )
+    assert response.status_code == 400

@@ -75,3 +75,19 @@ def test_bitmask_layout_and_row_subsets() -> None:
     assert (logits[0] == 0).nonzero().flatten().tolist() == [0, 2]
     assert bool((logits[1] == 0).all())  # an unconstrained row is left alone
     assert (logits[2] == 0).nonzero().flatten().tolist() == list(range(32))
+
+
+def test_a_gbnf_grammar_is_enforced(compiler) -> None:
+    grammars, tokenizer = compiler
+    sampler = Sampler(tokenizer.eos_token_ids, tokenizer.vocab_size, seed=1, grammars=grammars)
+    spec = StructuredOutputSpec("grammar", 'root ::= ("yes" | "no") "!"')
+    for seed in range(3):
+        seq = SequenceSamplingState(SamplingParams(structured=spec, seed=seed), [1], 1)
+        sampler.attach(seq)
+        for _ in range(10):
+            logits = torch.randn(1, tokenizer.vocab_size) * 5
+            ((token, _, _),) = sampler.sample(logits, [seq])
+            if token in tokenizer.eos_token_ids:
+                break
+            sampler.accept(seq, token)
+        assert tokenizer.decode(seq.token_ids[1:]) in ("yes!", "no!")

@@ -1,0 +1,120 @@
+"""vLLM's serving flags, so that a vLLM command line starts this server unchanged: those
+that mean something here are honoured, the others are accepted and logged once as having
+no effect. Unknown flags still fail, as argparse makes them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from molink.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from molink.cli.args import EngineArgs
+
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+
+
+def validate_vllm_flags(args: EngineArgs) -> None:
+    if args.tool_call_parser is not None:
+        if args.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise InvalidParameterError(
+                "tool_call_parser", f"must be one of {', '.join(TOOL_CALL_PARSERS)}"
+            )
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise InvalidParameterError(
+            "enable_auto_tool_choice", "needs --tool-call-parser to read the model's calls"
+        )
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise InvalidParameterError("gpu_memory_utilization", "must be in (0, 1]")
+
+
+def ignored_vllm_flags(args: EngineArgs) -> list[str]:
+    """What each vLLM flag given here that means nothing on this server is, one line each."""
+    notes = []
+    if args.enforce_eager:
+        notes.append("--enforce-eager: there are no CUDA graphs to disable; execution is eager")
+    if args.trust_remote_code:
+        notes.append("--trust-remote-code: no model code is ever loaded from a model repo")
+    if args.gpu_memory_utilization != 0.9:
+        notes.append(
+            "--gpu-memory-utilization: ignored without a GPU; --kv-cache-memory sizes the "
+            "KV cache on a CPU"
+        )
+    if args.disable_log_requests or args.disable_log_stats:
+        notes.append("--disable-log-requests/--disable-log-stats: requests are not logged")
+    if args.disable_frontend_multiprocessing:
+        notes.append("--disable-frontend-multiprocessing: the frontend is one process")
+    if args.enable_chunked_prefill is not None:
+        notes.append("--enable-chunked-prefill: long prompts are always prefilled in chunks")
+    if args.swap_space is not None:
+        notes.append("--swap-space: preempted sequences are recomputed, never swapped")
+    if args.uvicorn_log_level is not None:
+        notes.append("--uvicorn-log-level: --log-level sets every logger")
+    return notes
+
+
+def add_vllm_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("vLLM compatibility")
+    group.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of shared prompt prefixes (default: on)",
+    )
+    group.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template file (or template text) replacing the model's (default: model's)",
+    )
+    group.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests send their own chat_template (default: refused)",
+    )
+    group.add_argument(
+        "--generation-config",
+        default="auto",
+        help="'auto': sampling defaults from the model's generation_config.json; 'vllm': "
+        "none; or a folder holding one (default: %(default)s)",
+    )
+    group.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=TOOL_CALL_PARSERS,
+        help="how the model writes tool calls: hermes (Qwen, Hermes) or llama3_json "
+        "(default: none)",
+    )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let the model decide to call tools (tool_choice 'auto'); needs "
+        "--tool-call-parser (default: off)",
+    )
+    group.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="share of GPU memory for weights and KV cache; no effect on a CPU "
+        "(default: %(default)s)",
+    )
+    for flag, help_text in (
+        ("--enforce-eager", "accepted; execution is always eager"),
+        ("--trust-remote-code", "accepted; no model code is ever loaded"),
+        ("--disable-log-requests", "accepted; requests are not logged"),
+        ("--disable-log-stats", "accepted"),
+        ("--disable-frontend-multiprocessing", "accepted; the frontend is one process"),
+    ):
+        group.add_argument(flag, action="store_true", help=f"{help_text} (default: off)")
+    group.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="accepted; long prompts are always prefilled in chunks (default: on)",
+    )
+    group.add_argument(
+        "--swap-space", type=float, default=None, help="accepted; no effect (default: none)"
+    )
+    group.add_argument(
+        "--uvicorn-log-level", default=None, help="accepted; see --log-level (default: none)"
+    )
