@@ -269,11 +269,10 @@ class StageNode:
     def reject_unauthorized(
         self, request: pb.ForwardRequest, num_bytes: int, reason: str
     ) -> pb.ForwardAck:
-        """A message from a peer not entitled to it: refused, counted, not reported to the
-        head it names (the sender could otherwise flood that head)."""
+        """A message from a peer not entitled to it: refused and counted (the servicer logs
+        it), not reported to the head it names (the sender could otherwise flood that head)."""
         plan = request.step.plan
         message = f"stage {self.node_id} refused a forward message: {reason}"
-        logger.warning("%s", message)
         with self._counter_lock:
             self.bytes_received += num_bytes
             self.steps_rejected += 1

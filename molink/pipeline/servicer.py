@@ -21,7 +21,7 @@ from molink.pipeline.authorization import (
 from molink.pipeline.wire import node_to_proto, view_from_proto, view_to_proto
 from molink.pipeline.worker import ReleaseJob
 from molink.security.credentials import peer_node_id
-from molink.security.limits import LimitExceededError, RateLimiter, StreamLimiter
+from molink.security.limits import LimitExceededError, RateLimiter, RefusalLog, StreamLimiter
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.convert import result_from_proto
 from molink.transport.framing import parse_forward
@@ -56,6 +56,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
         self._joins = RateLimiter(
             "joins", config.join_burst, config.join_interval_s, config.node_join_burst
         )
+        self._refusals = RefusalLog(logger)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
         return node_to_proto(self._node.info)
@@ -69,7 +70,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
             except LimitExceededError as exc:
                 refusal = str(exc)
         if refusal is not None:
-            logger.warning("node %s refused a join: %s", self._node.node_id, refusal)
+            self._refusals.refused(caller, f"node {self._node.node_id} refused a join: {refusal}")
             return pb.JoinResponse(accepted=False, reason=refusal)
         head_role = self._node.head_role
         if head_role is not None:
@@ -127,9 +128,10 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     def UpdatePipeline(
         self, request: pb.Pipeline, context: grpc.ServicerContext
     ) -> pb.UpdatePipelineResponse:
-        refusal = check_update(peer_node_id(context), request)
+        caller = peer_node_id(context)
+        refusal = check_update(caller, request)
         if refusal is not None:
-            logger.warning("node %s: %s", self._node.node_id, refusal)
+            self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         if self._node.head_role is not None:
             return pb.UpdatePipelineResponse(applied=False, reason="a head keeps its own pipeline")
@@ -156,7 +158,9 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
                     continue
                 refusal = self._forward_refusal(caller, request)
                 if refusal is not None:
-                    yield self._node.reject_unauthorized(request, len(raw), refusal)
+                    ack = self._node.reject_unauthorized(request, len(raw), refusal)
+                    self._refusals.refused(caller, ack.error)
+                    yield ack
                     continue
                 yield self._node.handle_forward(request, len(raw), hidden_data)
 
@@ -178,7 +182,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
         try:
             self._streams.acquire(caller)
         except LimitExceededError as exc:
-            logger.warning("node %s: %s", self._node.node_id, exc)
+            self._refusals.refused(caller, f"node {self._node.node_id}: {exc}")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
             yield
@@ -207,13 +211,14 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
             if head_role is not None:
                 refusal = check_result(caller, request, self._node.current_view())
             if refusal is not None:
-                logger.warning("head %s ignored a result: %s", self._node.node_id, refusal)
+                self._refusals.refused(
+                    caller, f"head {self._node.node_id} ignored a result: {refusal}"
+                )
             elif head_role is None or request.head_id != self._node.node_id:
-                logger.warning(
-                    "node %s got a result for head %r from %s; it is not that head",
-                    self._node.node_id,
-                    request.head_id,
-                    request.sender_id,
+                self._refusals.refused(
+                    caller,
+                    f"node {self._node.node_id} got a result for head {request.head_id!r} "
+                    f"from {caller or request.sender_id}; it is not that head",
                 )
             else:
                 head_role.deliver_result(
@@ -227,9 +232,10 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     def Release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseResponse:
-        refusal = check_release(peer_node_id(context), request.head_id)
+        caller = peer_node_id(context)
+        refusal = check_release(caller, request.head_id)
         if refusal is not None:
-            logger.warning("node %s: %s", self._node.node_id, refusal)
+            self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         link = self._node.links.get(request.head_id)
         job = ReleaseJob(

@@ -8,8 +8,11 @@ derives from the shared key), so every per-identity bound comes with a node-wide
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -125,3 +128,36 @@ class RateLimiter:
     def _refill(self, bucket: _Bucket, now: float, burst: int) -> None:
         bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.updated) / self._interval_s)
         bucket.updated = now
+
+
+class RefusalLog:
+    """Logs refused calls without letting a peer flood the log: the first refusal of each
+    peer at once, then at most one line per ``interval_s`` per peer, with how many were
+    refused in between."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._peers: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def refused(self, peer: str | None, message: str) -> None:
+        key = peer or "-"
+        now = self._clock()
+        with self._lock:
+            last, suppressed = self._peers.get(key, (-math.inf, 0))
+            if now - last < self._interval_s:
+                self._peers[key] = (last, suppressed + 1)
+                return
+            self._peers[key] = (now, 0)
+            self._peers.move_to_end(key)
+            while len(self._peers) > RateLimiter._MAX_PEERS:
+                self._peers.popitem(last=False)
+        more = f" ({suppressed} more refused since the last line)" if suppressed else ""
+        self._logger.warning("%s%s", message, more)

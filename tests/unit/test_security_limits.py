@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from molink.security.limits import LimitExceededError, RateLimiter, StreamLimiter
+from molink.security.limits import LimitExceededError, RateLimiter, RefusalLog, StreamLimiter
 
 
 class Clock:
@@ -56,3 +58,20 @@ def test_stream_limiter_counts_streams_per_peer() -> None:
     assert limiter.held("a") == 0
     limiter.acquire("a")
     limiter.release("a")
+
+
+def test_refusals_are_logged_without_flooding(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    log = RefusalLog(logging.getLogger("refusals"), interval_s=10.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="refusals"):
+        for _ in range(50):
+            log.refused("a", "refused a")
+        log.refused("b", "refused b")
+        clock.now += 10.0
+        log.refused("a", "refused a again")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "refused a",
+        "refused b",
+        "refused a again (49 more refused since the last line)",
+    ]
