@@ -6,11 +6,8 @@ import math
 
 from molink.config import LayerRange
 from molink.dashboard.history import MetricsHistory, percentile
-from molink.dashboard.providers import (
-    PipelineSwarmProvider,
-    StageSwarmProvider,
-    StaticSwarmProvider,
-)
+from molink.dashboard.pipeline_provider import PipelineSwarmProvider
+from molink.dashboard.providers import StageSwarmProvider, StaticSwarmProvider
 from molink.dashboard.snapshot import NodeView, SwarmSnapshot
 from molink.engine.protocol import EngineStats
 from molink.engine.telemetry import LinkEstimate, StageTiming

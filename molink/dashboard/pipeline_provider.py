@@ -1,0 +1,218 @@
+"""The swarm as a pipeline head sees it: its registry, health checks, stage timings and
+link estimates.
+
+The provider remembers nodes it has seen, so that a node the head dropped still shows, as
+dead, with the layers it took along, until ``retention_s`` passes or it rejoins.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from molink.dashboard.snapshot import Health, LinkView, NodeView, SwarmSnapshot
+from molink.engine.protocol import EngineStats
+from molink.engine.telemetry import LinkEstimate, StageTiming
+from molink.pipeline.identity import NodeInfo
+from molink.pipeline.registry import PipelineView
+from molink.transport.generated import molink_pb2 as pb
+
+DEAD_RETENTION_S = 300.0
+# A stage whose compute per layer is this many times the median of its peers' is "slow".
+SLOW_FACTOR = 3.0
+
+
+@runtime_checkable
+class HeadView(Protocol):
+    """What a pipeline head offers (molink.pipeline.head.PipelineExecutor has all of it)."""
+
+    def pipeline(self) -> PipelineView: ...
+
+    def stage_health(self) -> dict[str, pb.HealthResponse | str]: ...
+
+    def stage_timings(self) -> list[StageTiming]: ...
+
+    def link_estimates(self) -> list[LinkEstimate]: ...
+
+
+@runtime_checkable
+class RecoveryCounters(Protocol):
+    """Offered by a head that moves requests between routes when a node fails."""
+
+    def failovers_total(self) -> int: ...
+
+    def replays_total(self) -> int: ...
+
+
+@dataclass
+class _Seen:
+    info: NodeInfo
+    renewed_at: float  # wall time of its latest answer (or of the join)
+    answer: object = None  # the latest health answer object seen, to spot a new one
+    gone_at: float | None = None
+
+
+class PipelineSwarmProvider:
+    def __init__(
+        self,
+        head: HeadView,
+        stats: Callable[[], EngineStats],
+        clock: Callable[[], float] = time.time,
+        retention_s: float = DEAD_RETENTION_S,
+    ) -> None:
+        self._head = head
+        self._stats = stats
+        self._clock = clock
+        self._retention_s = retention_s
+        self._seen: dict[str, _Seen] = {}
+
+    def route(self) -> tuple[str, ...]:
+        view = self._head.pipeline()
+        return tuple(s.node_id for s in view.stages) if view.readiness() is None else ()
+
+    def snapshot(self) -> SwarmSnapshot:
+        now = self._clock()
+        view = self._head.pipeline()
+        health = self._head.stage_health()
+        self._remember(view, health, now)
+        timings = {t.node_id: t for t in self._head.stage_timings() if t.samples}
+        slow = _slow_nodes(view.stages, timings)
+        stats = self._stats()
+        free_tokens = stats.kv_free_blocks * view.stages[0].block_size if view.stages else 0
+        nodes = [
+            self._node(stage, view, health.get(stage.node_id), timings, slow, free_tokens, now)
+            for stage in view.stages
+        ]
+        nodes += [self._dead(seen, health.get(node_id), now) for node_id, seen in self._gone()]
+        counters = self._head if isinstance(self._head, RecoveryCounters) else None
+        return SwarmSnapshot(
+            model=view.stages[0].model.served_name if view.stages else "",
+            num_layers=view.num_layers,
+            nodes=tuple(nodes),
+            links=tuple(_link(e) for e in self._head.link_estimates()),
+            routes=(self.route(),) if view.readiness() is None else (),
+            failovers_total=counters.failovers_total() if counters else 0,
+            replays_total=counters.replays_total() if counters else 0,
+            taken_at=now,
+        )
+
+    def _remember(self, view: PipelineView, health: dict, now: float) -> None:
+        current = {s.node_id for s in view.stages}
+        for stage in view.stages:
+            seen = self._seen.get(stage.node_id)
+            if seen is None or seen.gone_at is not None or seen.info != stage:
+                seen = self._seen[stage.node_id] = _Seen(stage, now)
+            answer = health.get(stage.node_id)
+            if isinstance(answer, pb.HealthResponse) and answer is not seen.answer:
+                seen.answer, seen.renewed_at = answer, now
+            if stage.node_id == view.head_id:
+                seen.renewed_at = now  # the head is this process
+        for node_id, seen in list(self._seen.items()):
+            if node_id in current:
+                continue
+            if seen.gone_at is None:
+                seen.gone_at = now
+            elif now - seen.gone_at > self._retention_s:
+                del self._seen[node_id]
+
+    def _gone(self) -> list[tuple[str, _Seen]]:
+        return sorted(
+            ((i, s) for i, s in self._seen.items() if s.gone_at is not None),
+            key=lambda item: item[1].info.layers.start,
+        )
+
+    def _node(
+        self,
+        stage: NodeInfo,
+        view: PipelineView,
+        answer: pb.HealthResponse | str | None,
+        timings: dict[str, StageTiming],
+        slow: dict[str, str],
+        free_tokens: int,
+        now: float,
+    ) -> NodeView:
+        is_head = stage.node_id == view.head_id
+        health, detail = _health_of(answer, is_head)
+        if health == "alive" and stage.node_id in slow:
+            health, detail = "slow", slow[stage.node_id]
+        timing = timings.get(stage.node_id)
+        report = answer if isinstance(answer, pb.HealthResponse) else None
+        stats = self._stats() if is_head else None
+        return NodeView(
+            node_id=stage.node_id,
+            address=stage.address,
+            start=stage.layers.start,
+            end=stage.layers.end,
+            health=health,
+            detail=detail,
+            dtype=stage.dtype,
+            step_time_s=timing.compute_s_per_step if timing else None,
+            queued_steps=report.queued_steps if report else (stats.num_waiting if stats else None),
+            active_sequences=(
+                report.active_sequences if report else (stats.num_running if stats else None)
+            ),
+            # Block ids mean the same on every stage: the head's free count is everyone's.
+            kv_free_tokens=min(free_tokens, stage.kv_capacity_tokens),
+            kv_total_tokens=stage.kv_capacity_tokens,
+            record_age_s=max(0.0, now - self._seen[stage.node_id].renewed_at),
+            is_head=is_head,
+        )
+
+    def _dead(self, seen: _Seen, answer: pb.HealthResponse | str | None, now: float) -> NodeView:
+        info = seen.info
+        return NodeView(
+            node_id=info.node_id,
+            address=info.address,
+            start=info.layers.start,
+            end=info.layers.end,
+            health="dead",
+            detail=answer if isinstance(answer, str) else "left the pipeline",
+            dtype=info.dtype,
+            kv_total_tokens=info.kv_capacity_tokens,
+            record_age_s=max(0.0, now - seen.renewed_at),
+        )
+
+
+def _health_of(answer: pb.HealthResponse | str | None, is_head: bool) -> tuple[Health, str]:
+    if is_head:
+        return "alive", ""
+    if answer is None:
+        return "alive", "joined; not checked yet"
+    if isinstance(answer, str):
+        return "missing", answer
+    if answer.status == pb.HEALTH_STATUS_DEGRADED:
+        return "slow", answer.message
+    return "alive", answer.message
+
+
+def _slow_nodes(stages: tuple[NodeInfo, ...], timings: dict[str, StageTiming]) -> dict[str, str]:
+    per_layer = {
+        s.node_id: timings[s.node_id].compute_s_per_step / max(1, s.layers.end - s.layers.start)
+        for s in stages
+        if s.node_id in timings and timings[s.node_id].compute_s_per_step > 0
+    }
+    if len(per_layer) < 2:
+        return {}
+    median = statistics.median(per_layer.values())
+    return {
+        node_id: f"computes a layer {value / median:.1f}x slower than the median node"
+        for node_id, value in per_layer.items()
+        if value > SLOW_FACTOR * median
+    }
+
+
+def _link(estimate: LinkEstimate) -> LinkView:
+    source, _, target = estimate.hop.partition("->")
+    measured = estimate.samples > 0
+    bandwidth = estimate.bandwidth_bytes_per_s
+    return LinkView(
+        source=source,
+        target=target,
+        bandwidth_bytes_per_s=bandwidth if measured and math.isfinite(bandwidth) else None,
+        rtt_s=estimate.rtt_s if measured else None,
+        samples=estimate.samples,
+    )
