@@ -55,7 +55,7 @@ def test_rtt_option_splits_the_round_trip(server: ProbeServer) -> None:
     with _emulator(server, LinkSpec.parse("100mbit/30ms-rtt")) as emu:
         rtts = measure_rtt(HOST, emu.port, count=8)
     # The fastest round trip is the emulated one: host load only ever adds to it, so the
-    # minimum tells 5+25 ms (30) from a link that delays both ways by 25 ms (50).
+    # minimum tells a 30 ms round trip from one that delays each way by 30 ms (60).
     assert 30.0 <= min(rtts) < 45.0
 
 
