@@ -126,6 +126,10 @@ class ServerMetrics:
             reg, labels, buckets=E2E_BUCKETS,
         )  # fmt: skip
         self._model = model_name
+        # Every series exists from the start (at zero), so dashboards find them at once.
+        for twin in (self._prompt_tokens, self._generation_tokens, self._ttft, self._itl,
+                     self._tpot, self._e2e, self._queue):  # fmt: skip
+            twin.labels(model_name)
         reg.register(_EngineGauges(model_name, stats))
         self._reasons = {r: self._success.labels(model_name, r) for r in FINISH_REASONS}
 
