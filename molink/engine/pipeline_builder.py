@@ -37,6 +37,7 @@ from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import ModelIdentity, NodeInfo, format_range
 from molink.pipeline.node import StageNode
 from molink.progress.waiting import Coverage, PipelineWaitStatus
+from molink.quant.config import resolve_kv_cache_dtype
 from molink.security.node_setup import grpc_bind_host, node_credentials
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
@@ -94,14 +95,15 @@ def node_info(
 def load_stage(
     args: EngineArgs, options: EngineOptions, node_id: str | None = None
 ) -> tuple[ModelSource, StageWorker, NodeInfo, torch.dtype]:
-    source = resolve_model_source(options.model)
+    source = resolve_model_source(options.model, quantization=options.quantization)
     config = source.model_config
     layers = LayerRange.resolve(args.molink_start_layer, args.molink_end_layer, config.num_layers)
     dtype = torch_dtype_for(source, options.dtype)
-    num_blocks = num_blocks_for(config, layers, options, dtype)
-    model = source.load_slice(layers, dtype_name(dtype))
+    kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype)
+    num_blocks = num_blocks_for(config, layers, options, kv_dtype)
+    model = source.load_slice(layers, dtype_name(dtype), quantization=options.quantization)
     grammars = last_stage_grammars(source, layers)
-    worker = StageWorker(model, config, layers, num_blocks, options.block_size, dtype, grammars)
+    worker = StageWorker(model, config, layers, num_blocks, options.block_size, kv_dtype, grammars)
     return source, worker, node_info(args, source, layers, num_blocks, dtype, node_id), dtype
 
 

@@ -25,8 +25,9 @@ from molink.models.forward_context import ForwardContext
 from molink.models.rope import RopeSpec
 
 Assemble = Callable[[list[torch.Tensor]], torch.Tensor]
-# Quantization methods whose checkpoints hold plain float tensors MoLink can run as is.
-_RUNNABLE_QUANTIZATION: tuple[str, ...] = ()
+# Quantized checkpoints MoLink runs: their integer tensors are read by molink.quant
+# (ModelSource.load_slice gives such a slice a quantized linear factory).
+_RUNNABLE_QUANTIZATION: tuple[str, ...] = ("awq", "gptq")
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,8 @@ def store_kv(
     meta: AttentionMetadata,
 ) -> None:
     """Write ``k`` [T, kv_heads, Dk] and ``v`` [T, kv_heads, Dv] into their cache slots."""
+    # A cache in another dtype (--kv-cache-dtype bfloat16) is written with a cast.
+    k, v = k.to(key_cache.dtype), v.to(value_cache.dtype)
     key_cache.view(-1, k.shape[1], k.shape[2]).index_copy_(0, meta.slot_mapping, k)
     if value_cache.shape[-1]:
         value_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, meta.slot_mapping, v)
@@ -317,10 +319,10 @@ def _decode(
     batch = group.batch_size
     # Query heads sharing a kv head become that head's "query rows": [B, kv, group, D].
     query = q[group.rows].view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    keys = _gather(key_cache, group.block_table, batch, group.context_len)
+    keys = _gather(key_cache, group.block_table, batch, group.context_len).to(q.dtype)
     values = _gathered_values(
         key_cache, value_cache, keys, group.block_table, batch, group.context_len, head_dim_v
-    )
+    ).to(q.dtype)
     if options.eager:
         mask = None if group.mask is None else group.mask.unsqueeze(1)
         out = _eager(query.unsqueeze(3), keys, values, mask, options)
@@ -356,10 +358,10 @@ def _prefill(
         keys = k[group.rows].transpose(0, 1).unsqueeze(0)
         values = v[group.rows].transpose(0, 1).unsqueeze(0)
     else:
-        keys = _gather(key_cache, group.block_table, 1, group.context_len)
+        keys = _gather(key_cache, group.block_table, 1, group.context_len).to(q.dtype)
         values = _gathered_values(
             key_cache, value_cache, keys, group.block_table, 1, group.context_len, head_dim_v
-        )
+        ).to(q.dtype)
     if options.eager:
         if mask is None:
             n = query.shape[2]

@@ -17,7 +17,7 @@ from torch import nn
 from molink.config import LayerRange, ModelConfig
 from molink.errors import ContextLengthExceededError, InvalidParameterError
 from molink.models.attention import AttentionMetadata
-from molink.models.blocks.linear import LinearFactory, LinearLike, matrix_param
+from molink.models.blocks.linear import LinearFactory, LinearLike, TableLike, matrix_param
 from molink.models.cpu_linear import linear, prepack
 from molink.models.forward_context import ForwardContext
 from molink.models.kv_cache import KVCache
@@ -27,6 +27,9 @@ from molink.models.rope import RotaryTables
 
 logger = logging.getLogger(__name__)
 
+# A KV cache may be stored in these whatever the activations' dtype (--kv-cache-dtype):
+# attention writes into it and reads from it with a cast.
+KV_STORAGE_DTYPES = (torch.float32, torch.bfloat16)
 # Above this much matrix memory a slice does not keep a second, oneDNN-packed copy.
 PREPACK_MAX_BYTES = 4 << 30
 
@@ -56,22 +59,27 @@ class DecoderSlice(nn.Module):
         self.is_first = layer_range.is_first()
         self.is_last = layer_range.is_last(config.num_layers)
         hidden = config.hidden_size
-        self.embed: nn.Parameter | None = None
+        # A float matrix, or the factory's table (a quantized one keeps its packed form).
+        self.embed: nn.Parameter | TableLike | None = None
         if self.is_first:
-            self.embed = matrix_param(config.vocab_size, hidden, dtype, device)
+            self.embed = factory.table(config.vocab_size, hidden) or matrix_param(
+                config.vocab_size, hidden, dtype, device
+            )
         self.embed_scale = arch.embedding_scale(config)
         self.layers = nn.ModuleList(
             arch.build_layer(config, index, factory)
             for index in range(layer_range.start, layer_range.end)
         )
         self.final_norm: nn.Module | None = None
-        self.lm_head: nn.Parameter | None = None
+        self.lm_head: nn.Parameter | TableLike | None = None
         if self.is_last:
             self.final_norm = arch.build_final_norm(config, factory)
             if config.tie_word_embeddings and self.embed is not None:
                 self.lm_head = self.embed  # one tensor serves both ends
             else:
-                self.lm_head = matrix_param(config.vocab_size, hidden, dtype, device)
+                self.lm_head = factory.table(config.vocab_size, hidden) or matrix_param(
+                    config.vocab_size, hidden, dtype, device
+                )
         self.logits_scale = arch.logits_scale(config)
         self.logits_softcap = arch.logits_softcap(config)
         self.rotaries = {
@@ -101,13 +109,16 @@ class DecoderSlice(nn.Module):
     def _forward(
         self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache
     ) -> torch.Tensor:
-        if kv_cache.num_layers != len(self.layers) or kv_cache.dtype != self.dtype:
+        kv_ok = kv_cache.dtype == self.dtype or kv_cache.dtype in KV_STORAGE_DTYPES
+        if kv_cache.num_layers != len(self.layers) or not kv_ok:
             raise InvalidParameterError(
                 "kv_cache",
                 f"holds {kv_cache.num_layers} layers of {kv_cache.dtype}; this slice runs "
                 f"{len(self.layers)} layers in {self.dtype}",
             )
-        if self.embed is not None:
+        if isinstance(self.embed, TableLike):
+            x = self.embed.embedding(inputs).to(self.dtype)
+        elif self.embed is not None:
             x = F.embedding(inputs, self.embed)
             if self.embed_scale is not None:
                 # In the model's dtype, as transformers rounds the scale (Gemma).
@@ -141,7 +152,10 @@ class DecoderSlice(nn.Module):
                 "compute_logits", "only the slice that ends at the last layer has the LM head"
             )
         with torch.inference_mode():
-            logits = linear(hidden.to(self.dtype), self.lm_head, self.lm_head_packed, None)
+            if isinstance(self.lm_head, TableLike):
+                logits = self.lm_head(hidden.to(self.dtype))
+            else:
+                logits = linear(hidden.to(self.dtype), self.lm_head, self.lm_head_packed, None)
             logits = logits.float()
             if self.logits_scale is not None:
                 logits = logits * self.logits_scale
@@ -185,4 +199,5 @@ class DecoderSlice(nn.Module):
         enable = enable and self._prepack_allowed()
         for module in self._linears():
             module.prepack(enable)
-        self.lm_head_packed = prepack(self.lm_head) if enable and self.lm_head is not None else None
+        head = self.lm_head if isinstance(self.lm_head, torch.Tensor) else None
+        self.lm_head_packed = prepack(head) if enable and head is not None else None

@@ -15,10 +15,12 @@ from torch import nn
 from molink.config import LayerRange, ModelConfig
 from molink.errors import WeightLoadError
 from molink.models.architecture import Binding, DecoderArchitecture
-from molink.models.blocks.linear import GroupedLinearLike, LinearLike, copy_matrix
+from molink.models.blocks.linear import GroupedLinearLike, LinearLike, TableLike, copy_matrix
 from molink.models.cpu_linear import prepack
 from molink.models.registry import architecture_for
 from molink.progress import track
+from molink.quant.groups import GroupInts
+from molink.quant.groups import cat_rows as group_cat_rows
 
 if TYPE_CHECKING:
     from molink.models.decoder import DecoderSlice
@@ -53,7 +55,7 @@ def load_slice_tensors(
     arch, config = model.architecture, model.config
     with torch.no_grad():
         if model.embed is not None:
-            copy_matrix(model.embed, _get(tensors, arch.embed_name), arch.embed_name)
+            _load_table(model.embed, _get(tensors, arch.embed_name), arch.embed_name, pack)
         # A progress bar on a terminal; silent when the output is a log file or a pipe.
         layers = track(model.layers, "loading layers", unit="layer")
         for offset, layer in enumerate(layers):
@@ -66,8 +68,8 @@ def load_slice_tensors(
             name = head_source(arch, config)
             head = _get(tensors, name)
             if model.lm_head is not model.embed:
-                copy_matrix(model.lm_head, head, name)
-            if pack:
+                _load_table(model.lm_head, head, name, pack)
+            if pack and isinstance(model.lm_head, torch.Tensor):
                 model.lm_head_packed = prepack(head.to(model.lm_head.dtype))
 
 
@@ -83,7 +85,7 @@ def bind(
             elif len(parts) == 1:
                 value = parts[0]
             else:
-                value = torch.cat(parts, dim=0)
+                value = cat_rows(parts)
         except RuntimeError as exc:
             raise WeightLoadError(f"tensors {what} do not combine: {exc}") from exc
         target = _resolve(module, binding.target)
@@ -96,6 +98,30 @@ def bind(
                 raise WeightLoadError(f"{what}: {exc}") from exc
         else:
             raise TypeError(f"binding target {binding.target!r} is {type(target).__name__}")
+
+
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Checkpoint matrices stacked along output rows (fused q/k/v, gate/up); quantized
+    parts (``GroupInts``) stack as integers and scales, without a float copy."""
+    quantized = [isinstance(part, GroupInts) for part in parts]
+    if all(quantized):
+        return group_cat_rows(parts)  # type: ignore[arg-type,return-value]
+    if any(quantized):
+        # A file mixing float and quantized parts of one fused matrix: that matrix is float.
+        parts = [p.dequantize() if isinstance(p, GroupInts) else p.float() for p in parts]
+    return torch.cat(parts, dim=0)
+
+
+def _load_table(
+    target: nn.Parameter | TableLike, source: torch.Tensor, what: str, pack: bool
+) -> None:
+    if isinstance(target, TableLike):
+        try:
+            target.load_weight(source, pack)
+        except WeightLoadError as exc:
+            raise WeightLoadError(f"{what}: {exc}") from exc
+    else:
+        copy_matrix(target, source, what)
 
 
 def _resolve(module: nn.Module, path: str) -> object:

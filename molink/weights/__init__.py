@@ -53,8 +53,18 @@ def default_model_gguf() -> Path:
     )
 
 
-def resolve_model_source(model: str | None, revision: str | None = None) -> ModelSource:
-    """Find ``model`` and read its config; weights are read later, per slice."""
+def resolve_model_source(
+    model: str | None, revision: str | None = None, quantization: str | None = None
+) -> ModelSource:
+    """Find ``model`` and read its config; weights are read later, per slice.
+
+    The default model runs from its float32 conversion unless ``quantization`` is
+    ``gguf``: then its GGUF file is read directly and stays quantized (no float copy).
+    """
+    if model is None and quantization == "gguf":
+        from molink.weights.gguf_source import GGUFSource
+
+        return GGUFSource(default_model_gguf(), name=DEFAULT_MODEL_NAME)
     if model is None:
         from molink.weights.gguf_convert import cached_gguf_source
 

@@ -21,6 +21,8 @@ from molink.config import ModelConfig
 from molink.errors import UnsupportedArchitectureError, WeightLoadError
 from molink.models.registry import GGUF_ARCHITECTURES
 from molink.models.rope import base_inv_freq, llama3_inv_freq
+from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
+from molink.quant.groups import GroupInts
 from molink.weights.cache import build_entry, default_cache_dir, file_key
 from molink.weights.source import ModelSource, TensorStore
 
@@ -181,11 +183,18 @@ def _llama3_from_freq_factors(factors: np.ndarray, cfg: dict[str, Any]) -> dict[
 
 
 class GGUFStore(TensorStore):
-    """Lazy, Hugging Face-named tensors of a GGUF file, dequantized to float32 when read."""
+    """Lazy, Hugging Face-named tensors of a GGUF file, dequantized to float32 when read.
 
-    def __init__(self, reader: Any, config: ModelConfig, where: str) -> None:
+    With ``quantized``, tensors of the block types molink.quant.gguf_blocks decodes come
+    back as ``GroupInts`` (integers and scales, no float copy); the rest as float32.
+    """
+
+    def __init__(
+        self, reader: Any, config: ModelConfig, where: str, quantized: bool = False
+    ) -> None:
         super().__init__()
         self._where = where
+        self._quantized = quantized
         self._tensors = {}
         for tensor in reader.tensors:
             name = hf_tensor_name(tensor.name)
@@ -207,6 +216,8 @@ class GGUFStore(TensorStore):
         from gguf.quants import dequantize
 
         tensor = self._tensors[name]
+        if self._quantized and tensor.tensor_type.name in BLOCK_TYPES:
+            return self._read_quantized(name, tensor)  # type: ignore[return-value]
         try:
             # A plain ndarray view dequantizes faster than numpy's memmap subclass.
             data = dequantize(np.asarray(tensor.data), tensor.tensor_type)
@@ -224,6 +235,22 @@ class GGUFStore(TensorStore):
         if not data.flags.writeable or not data.flags.c_contiguous:
             data = np.array(data, order="C", copy=True)  # F32 tensors are read-only memmaps
         return torch.from_numpy(data)
+
+    def _read_quantized(self, name: str, tensor: Any) -> GroupInts:
+        cols, rows = (int(d) for d in tensor.shape.tolist())
+        ints = decode_blocks(np.asarray(tensor.data), tensor.tensor_type.name, rows, cols)
+        heads = self._permuted_heads(name)
+        if heads is not None:
+            order = reverse_permute(np.arange(rows), heads)
+            ints = ints.rows(torch.from_numpy(np.ascontiguousarray(order)))
+        return ints
+
+    def _permuted_heads(self, name: str) -> int | None:
+        if self._permuted and ".self_attn.q_proj." in name:
+            return self._num_heads
+        if self._permuted and ".self_attn.k_proj." in name:
+            return self._num_kv_heads
+        return None
 
 
 def export_gguf_tokenizer(gguf_path: Path, out_dir: Path, reader: Any | None = None) -> None:
@@ -277,6 +304,11 @@ class GGUFSource(ModelSource):
         self.name = name or self.path.stem
         self.checkpoint_dtype = None  # dequantized weights: float32 unless asked otherwise
 
+    def detected_quantization(self) -> str:
+        """``gguf`` when the file holds block-quantized tensors MoLink keeps quantized."""
+        types = {tensor.tensor_type.name for tensor in self._reader.tensors}
+        return "gguf" if types & set(BLOCK_TYPES) else "none"
+
     @cached_property
     def tokenizer_dir(self) -> Path:  # type: ignore[override]
         """Converted on first use only: stages that never tokenize skip the cost."""
@@ -284,3 +316,6 @@ class GGUFSource(ModelSource):
 
     def open_tensors(self) -> GGUFStore:
         return GGUFStore(self._reader, self.model_config, str(self.path))
+
+    def open_tensors_for(self, method: str) -> GGUFStore:
+        return GGUFStore(self._reader, self.model_config, str(self.path), method == "gguf")

@@ -13,6 +13,9 @@ import torch
 from molink.config import LayerRange, ModelConfig, normalize_dtype
 from molink.errors import WeightLoadError
 from molink.models.decoder import DecoderSlice, checkpoint_tensor_names
+from molink.quant.awq_gptq import quant_settings
+from molink.quant.config import checkpoint_method, resolve_quantization
+from molink.quant.memory import quant_factory, resident_weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -100,19 +103,42 @@ class ModelSource(abc.ABC):
     def open_tensors(self) -> TensorStore:
         """A fresh lazy view of the checkpoint's tensors."""
 
+    def detected_quantization(self) -> str:
+        """How the checkpoint is quantized: its ``quantization_config`` method, or none."""
+        return checkpoint_method(self.model_config.raw) or "none"
+
+    def open_tensors_for(self, method: str) -> TensorStore:
+        """The tensors as quantization ``method`` reads them (AWQ/GPTQ: decoded integers)."""
+        store = self.open_tensors()
+        if method in ("awq", "gptq"):
+            from molink.weights.packed_int4 import PackedInt4Store  # it subclasses TensorStore
+
+            _, group = quant_settings(self.model_config.raw, method)
+            return PackedInt4Store(store, method, group)
+        return store
+
     def load_slice(
-        self, layer_range: LayerRange, dtype: str = "auto", device: torch.device | str = "cpu"
+        self,
+        layer_range: LayerRange,
+        dtype: str = "auto",
+        device: torch.device | str = "cpu",
+        quantization: str | None = None,
     ) -> DecoderSlice:
         """Build the slice ``layer_range`` and read only the tensors it needs.
 
         The first slice also reads the embedding; the last the final norm and the LM head
-        (the embedding, when tied).
+        (the embedding, when tied). ``quantization`` (None: as the checkpoint is) picks how
+        the matrices are held: see molink.quant.config.
         """
         config = self.model_config
         layer_range.validate(config.num_layers)
+        method = resolve_quantization(quantization, self.detected_quantization(), device)
         torch_dtype = resolve_torch_dtype(dtype, self.checkpoint_dtype, device)
+        if method != "none" and torch_dtype == torch.float16:
+            torch_dtype = torch.float32  # the int4 kernels' activations go through bf16/f32
+        factory = quant_factory(method, torch_dtype, torch.device(device))
         started = time.perf_counter()
-        store = self.open_tensors()
+        store = self.open_tensors_for(method)
         self.last_store = store
         try:
             needed = checkpoint_tensor_names(config, layer_range)
@@ -123,16 +149,18 @@ class ModelSource(abc.ABC):
                     f"{store.describe()} lacks {len(missing)} tensor(s) needed for layers "
                     f"[{layer_range.start}, {layer_range.end}): {shown}"
                 )
-            model = DecoderSlice(config, layer_range, torch_dtype, device)
+            model = DecoderSlice(config, layer_range, torch_dtype, device, factory)
             model.load_checkpoint_tensors(store)
         finally:
             store.close()
         logger.info(
-            "loaded %s layers [%d, %d) as %s in %.2fs",
+            "loaded %s layers [%d, %d) as %s%s in %.2fs: %.1f MiB of weights",
             self.name,
             layer_range.start,
             layer_range.end,
             str(torch_dtype).removeprefix("torch."),
+            "" if method == "none" else f" with {method} weights",
             time.perf_counter() - started,
+            resident_weight_bytes(model) / 2**20,
         )
         return model.eval()

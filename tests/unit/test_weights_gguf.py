@@ -90,7 +90,7 @@ def test_quantized_tensors_are_dequantized(tiny_model_dir, gguf_files) -> None:
     name = "blk.0.ffn_up.weight"
     path = gguf_files("qwen2", quantize=(name,))
     source = resolve_model_source(str(path))
-    model = source.load_slice(LayerRange(0, 1), "float32")
+    model = source.load_slice(LayerRange(0, 1), "float32", quantization="none")
     original = resolve_model_source(str(tiny_model_dir("qwen2"))).load_slice(LayerRange(0, 1))
     qtype = gguf.GGMLQuantizationType.Q8_0
     up = original.layers[0].mlp.gate_up.weight[128:].numpy()

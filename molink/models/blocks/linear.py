@@ -43,6 +43,15 @@ class LinearLike(Protocol):
 
 
 @runtime_checkable
+class TableLike(LinearLike, Protocol):
+    """A vocabulary-sized matrix that is both the input embedding and (tied) the LM head."""
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the matrix, [len(ids), in_features]."""
+        ...
+
+
+@runtime_checkable
 class GroupedLinearLike(Protocol):
     """One [out, in] matrix per expert; ``forward_expert`` runs the rows routed to one."""
 
@@ -73,6 +82,10 @@ class LinearFactory:
         return DenseGroupedLinear(
             num_experts, in_features, out_features, bias, self.dtype, self.device
         )
+
+    def table(self, rows: int, cols: int) -> TableLike | None:
+        """The embedding / LM head matrix; None: a plain float matrix of the slice."""
+        return None
 
     def vector(self, size: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(size, dtype=self.dtype, device=self.device), False)

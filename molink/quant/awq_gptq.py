@@ -1,0 +1,108 @@
+"""AWQ and GPTQ checkpoints: 4-bit integers packed in int32, read into ``GroupInts``.
+
+Both keep, per linear layer ``X``, ``X.qweight`` (eight 4-bit integers per int32),
+``X.qzeros`` (the same for each group's zero point) and ``X.scales`` (float16,
+[in / group, out]); the weight is ``W[o, i] = (q[i, o] - zero[i / group, o]) * scale``.
+
+* AWQ (AutoAWQ's GEMM layout): qweight [in, out / 8] and qzeros [in / group, out / 8],
+  packed along outputs in the order 0, 2, 4, 6, 1, 3, 5, 7 within each int32.
+* GPTQ (AutoGPTQ / GPTQModel, format v1): qweight [in / 8, out] packed along inputs,
+  qzeros [in / group, out / 8] packed along outputs in order, each zero stored minus one.
+  Act-order checkpoints (``desc_act``, a ``g_idx`` that is not ``i // group``) are
+  refused.
+
+The integers and float16 scales are taken exactly (``offset = -zero * scale``); the int4
+kernel's bfloat16 scales are the only rounding (molink.quant.int4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from molink.errors import WeightLoadError
+from molink.quant.groups import GroupInts
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., n] -> int16 [..., n, 8]: nibble j of each int32 (least significant first)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    return ((packed.to(torch.int32)[..., None] >> shifts) & 0x0F).to(torch.int16)
+
+
+def _unpack_outputs(packed: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """[rows, out / 8] int32 packed along outputs -> [rows, out] int16."""
+    nib = _nibbles(packed)  # [rows, out / 8, 8]: nibble j
+    inverse = torch.empty(8, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(8)
+    return nib[..., inverse].reshape(packed.shape[0], -1)
+
+
+def quant_settings(raw_config: dict[str, Any], method: str) -> tuple[int, int]:
+    """(bits, group size) from ``quantization_config``; only 4-bit with groups is run."""
+    quant = raw_config.get("quantization_config") or {}
+    bits = int(quant.get("bits", quant.get("w_bit", 4)))
+    group = int(quant.get("group_size", quant.get("q_group_size", 128)))
+    if bits != 4:
+        raise WeightLoadError(f"quantization_config.bits = {bits}: {method} runs 4-bit only")
+    if group <= 0:
+        raise WeightLoadError(
+            f"quantization_config.group_size = {group}: per-channel {method} is not supported"
+        )
+    if method == "awq" and str(quant.get("version", "gemm")).lower() != "gemm":
+        raise WeightLoadError(
+            f"quantization_config.version = {quant.get('version')!r}: AWQ runs the GEMM layout"
+        )
+    if method == "gptq" and quant.get("desc_act"):
+        raise WeightLoadError("quantization_config.desc_act = true: act-order GPTQ is not run")
+    return bits, group
+
+
+def awq_group_ints(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int
+) -> GroupInts:
+    q = _unpack_outputs(qweight, AWQ_ORDER)  # [in, out]
+    zeros = _unpack_outputs(qzeros, AWQ_ORDER)  # [in / group, out]
+    return _group_ints(q, zeros, scales, group, "awq", qweight, qzeros)
+
+
+def gptq_group_ints(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group: int,
+    g_idx: torch.Tensor | None = None,
+) -> GroupInts:
+    q = _nibbles(qweight).permute(0, 2, 1).reshape(-1, qweight.shape[1])  # [in, out]
+    if g_idx is not None:
+        expected = torch.arange(q.shape[0]) // group
+        if not torch.equal(g_idx.to(torch.long), expected):
+            raise WeightLoadError("GPTQ g_idx is not in order (act-order): not supported")
+    zeros = _unpack_outputs(qzeros, tuple(range(8))) + 1  # format v1 stores zero - 1
+    return _group_ints(q, zeros, scales, group, "gptq", qweight, qzeros)
+
+
+def _group_ints(
+    q: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    group: int,
+    method: str,
+    *packed: torch.Tensor,
+) -> GroupInts:
+    inputs, outputs = q.shape
+    if tuple(scales.shape) != (inputs // group, outputs) or tuple(zeros.shape) != tuple(
+        scales.shape
+    ):
+        raise WeightLoadError(
+            f"{method} scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} do not fit a "
+            f"[{outputs}, {inputs}] matrix in groups of {group}"
+        )
+    scale = scales.float().t().contiguous()  # [out, in / group]
+    offset = -zeros.float().t() * scale
+    file_bytes = sum(t.numel() * t.element_size() for t in packed) + scales.numel() * 2
+    return GroupInts(q.t().contiguous(), scale, offset.contiguous(), group, method, file_bytes)

@@ -1,0 +1,181 @@
+"""Weights as one or two planes of 4-bit integers for torch's CPU int4 kernel.
+
+``torch.ops.aten._weight_int4pack_mm_for_cpu`` computes ``x @ W.T`` with W stored as
+4-bit integers q in 0..15 and, per group of 32..256 inputs and output row, a scale and a
+zero point: ``W = (q - 8) * scale + zero``. A ``GroupInts`` matrix whose integers span
+at most 16 values is one such plane; wider integers (Q5, Q6_K, Q8_0, int8: -128..127)
+split exactly into a high plane ``q >> 4`` (scale 16 s, zero 0) and a low plane
+``q & 15`` (scale s, zero 8 s + offset), whose products add up to the product with W.
+
+The kernel takes its scales and zero points in the activations' dtype and is only fast in
+bfloat16 (float32 takes a generic path 10-100x slower; bench/results/quant_kernels.json).
+Rounding a float16 GGUF scale to bfloat16 keeps 8 of its 11 significant bits: a relative
+error of at most 2**-9 per group, the only rounding of the lossless types; where a zero
+point absorbs an offset (Q4_1, Q4_K, Q5_1, Q5_K, AWQ, GPTQ) its bfloat16 rounding is
+relative to the zero point itself. ``rounding_report`` measures both on a real matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from molink.errors import WeightLoadError
+from molink.quant.groups import GroupInts
+
+KERNEL_GROUPS = (32, 64, 128, 256)
+SCALE_DTYPE = torch.bfloat16
+
+
+@functools.cache
+def packed_block() -> int:
+    """Rows per block in the kernel's packed layout, found by packing a probe.
+
+    On AVX2 builds the layout is [N / 32, K, 16] bytes, byte (b, k, j) holding row
+    32 b + j in its low nibble and row 32 b + 16 + j in its high one; other CPU builds may
+    block by 64. Unpacking (for the embedding and for large batches) needs the block size.
+    """
+    probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0))
+    packed = pack_plane(probe.to(torch.int32))
+    for block in (32, 64, 16, 128):
+        if torch.equal(unpack_plane(packed, 128, 64, block), probe.to(torch.uint8)):
+            return block
+    raise WeightLoadError("this torch build packs int4 weights in an unknown layout")
+
+
+def pack_plane(q: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
+def unpack_plane(packed: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """uint8 [rows, cols] integers 0..15 back from the packed layout."""
+    p = packed.view(rows // block, cols, block // 2)
+    both = torch.cat([p & 0x0F, p >> 4], dim=2)  # [rows / block, cols, block]
+    return both.transpose(1, 2).reshape(rows, cols)
+
+
+def padded_rows(rows: int) -> int:
+    """The kernel packs rows in blocks; matrices are padded with zero rows to 64."""
+    return -(-rows // 64) * 64
+
+
+@dataclass
+class Int4Planes:
+    """``packed``: one or two packed planes; ``scale_zero`` [planes, K / group, N, 2] bf16."""
+
+    packed: list[torch.Tensor]
+    scale_zero: torch.Tensor
+    rows: int
+    cols: int
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        data = sum(p.numel() * p.element_size() for p in self.packed)
+        return data + self.scale_zero.numel() * self.scale_zero.element_size()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` in bfloat16 through the int4 kernel; x is [T, cols] bfloat16."""
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed[0], self.group, self.scale_zero[0]
+        )
+        for plane in range(1, len(self.packed)):
+            out += torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, self.packed[plane], self.group, self.scale_zero[plane]
+            )
+        return out if out.shape[1] == self.rows else out[:, : self.rows]
+
+    def dequantize_blocks(self, start: int, end: int) -> torch.Tensor:
+        """float32 W.T of rows [start, end) in the kernel's blocking: [blocks, cols, block],
+        entry (b, k, j) = W[start + b * block + j, k]. ``start``/``end`` are multiples of
+        the block. Built in this layout, no transposing copy is needed."""
+        block = packed_block()
+        half, nb = block // 2, (end - start) // block
+        groups = self.cols // self.group
+        out = torch.zeros(nb, self.cols, block)
+        work = torch.empty(nb, self.cols, block)
+        for plane, packed in enumerate(self.packed):
+            p = packed.view(-1, self.cols, half)[start // block : end // block]
+            torch.bitwise_and(p, 0x0F, out=work[..., :half])
+            torch.bitwise_right_shift(p, 4, out=work[..., half:])
+            sz = self.scale_zero[plane, :, start:end].float()  # [groups, rows, 2]
+            scale = sz[..., 0].view(groups, nb, 1, block).transpose(0, 1)
+            zero = (sz[..., 1] - 8 * sz[..., 0]).view(groups, nb, 1, block).transpose(0, 1)
+            out.view(nb, groups, self.group, block).addcmul_(
+                work.view(nb, groups, self.group, block), scale.contiguous()
+            ).add_(zero.contiguous())
+        return out
+
+    def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
+        """float32 [end - start, cols] rows of W (block-aligned), row-major."""
+        blocks = self.dequantize_blocks(start, end)
+        return blocks.permute(0, 2, 1).reshape(end - start, self.cols)
+
+    def gather_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """float32 [len(index), cols]: rows of W (the embedding lookup)."""
+        block = packed_block()
+        half = block // 2
+        within = index % block
+        out: torch.Tensor | None = None
+        for plane, packed in enumerate(self.packed):
+            p = packed.view(-1, self.cols, half)
+            bytes_ = p[index // block, :, within % half]  # [T, cols]
+            shift = ((within >= half).to(torch.uint8) * 4)[:, None]
+            q = ((bytes_ >> shift) & 0x0F).view(len(index), -1, self.group).float()
+            sz = self.scale_zero[plane][:, index].float()  # [K / group, T, 2]
+            scale = sz[..., 0].t().contiguous()[..., None]
+            zero = (sz[..., 1].t() - 8 * sz[..., 0].t()).contiguous()[..., None]
+            w = torch.addcmul(zero, q, scale).view(len(index), self.cols)
+            out = w if out is None else out.add_(w)
+        assert out is not None
+        return out
+
+
+def _plane_split(g: GroupInts) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(q 0..15, scale, zero) per plane with W = sum over planes of (q - 8) * scale + zero."""
+    lo, hi = int(g.q.min()), int(g.q.max())
+    if lo >= -8 and hi <= 7:
+        return [(g.q + 8, g.scale, g.offset)]
+    if lo >= 0 and hi <= 15:
+        return [(g.q, g.scale, g.offset + 8 * g.scale)]
+    if lo < -128 or hi > 127:
+        raise WeightLoadError(f"{g.source_type} integers {lo}..{hi} do not fit 8 bits")
+    high = (g.q >> 4) + 8  # arithmetic shift: -8..7
+    low = g.q & 0x0F
+    return [(high, 16 * g.scale, torch.zeros_like(g.scale)), (low, g.scale, g.offset + 8 * g.scale)]
+
+
+def to_int4_planes(g: GroupInts) -> Int4Planes:
+    if g.group not in KERNEL_GROUPS:
+        raise WeightLoadError(
+            f"{g.source_type} group size {g.group} is not one the int4 kernel takes "
+            f"({', '.join(map(str, KERNEL_GROUPS))})"
+        )
+    rows, cols = g.shape
+    padded = padded_rows(rows)
+    packed, scale_zero = [], []
+    for q, scale, zero in _plane_split(g):
+        if padded != rows:
+            q = torch.cat([q, torch.full((padded - rows, cols), 8, dtype=q.dtype)])
+            scale = torch.cat([scale, torch.zeros(padded - rows, scale.shape[1])])
+            zero = torch.cat([zero, torch.zeros(padded - rows, zero.shape[1])])
+        packed.append(pack_plane(q))
+        scale_zero.append(torch.stack([scale.t(), zero.t()], dim=-1).to(SCALE_DTYPE))
+    return Int4Planes(packed, torch.stack(scale_zero).contiguous(), rows, cols, g.group)
+
+
+def rounding_report(g: GroupInts, planes: Int4Planes) -> dict[str, float]:
+    """How far the packed matrix is from the exact one: max and mean absolute error, and
+    the max error in units of the matrix's smallest nonzero quantization step per group."""
+    exact = g.dequantize()
+    got = planes.dequantize_rows(0, padded_rows(g.shape[0]))[: g.shape[0]]
+    err = (got - exact).abs()
+    step = g.scale.abs().repeat_interleave(g.group, dim=1)
+    rel = (err / step.clamp_min(1e-30))[step > 0]
+    return {
+        "max_abs": float(err.max()),
+        "mean_abs": float(err.mean()),
+        "max_in_steps": float(rel.max()) if rel.numel() else 0.0,
+    }

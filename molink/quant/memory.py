@@ -1,0 +1,49 @@
+"""What a slice's weights hold in memory, and the factory for a quantization method."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from molink.errors import InvalidParameterError
+from molink.models.blocks.linear import DenseLinear, LinearFactory
+from molink.models.decoder import DecoderSlice
+from molink.quant.config import ON_THE_FLY_BITS
+from molink.quant.factory import QuantLinearFactory
+from molink.quant.linear import QuantLinear
+
+
+def quant_factory(method: str, dtype: torch.dtype, device: torch.device) -> LinearFactory | None:
+    """None for float weights (the slice's default factory); else quantized layers."""
+    if method == "none":
+        return None
+    if device.type != "cpu":
+        raise InvalidParameterError(
+            "quantization", f"{method} weights run on cpu here; {device.type} is not supported"
+        )
+    return QuantLinearFactory(dtype, device, ON_THE_FLY_BITS.get(method))
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the slice keeps: parameters, quantized planes and the float
+    matrices' oneDNN-packed copies, each shared tensor once."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        tensors: list[torch.Tensor] = list(module.parameters(recurse=False))
+        if isinstance(module, QuantLinear) and id(module) not in seen:
+            seen.add(id(module))
+            total += module.weight_bytes
+        if isinstance(module, DenseLinear) and module.packed is not None:
+            tensors.append(module.packed)
+        if isinstance(module, DecoderSlice) and module.lm_head_packed is not None:
+            tensors.append(module.lm_head_packed)
+        for tensor in tensors:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += _tensor_bytes(tensor)
+    return total

@@ -1,0 +1,99 @@
+"""Turn a tiny float checkpoint into AWQ or GPTQ form (their tensor layouts), and into the
+float checkpoint those integers stand for, so that a test can load both and compare.
+
+Packing follows the formats' public descriptions: AWQ (GEMM) packs eight 4-bit values
+per int32 along outputs in the order 0, 2, 4, 6, 1, 3, 5, 7; GPTQ (v1) packs qweight along
+inputs in order and stores each zero point minus one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group: q [out, in], zeros [out, in/g] in 0..15, scales fp16."""
+    out, inp = weight.shape
+    groups = weight.float().view(out, inp // group, group)
+    lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    scales = ((hi - lo) / 15).clamp(min=1e-6).half()
+    zeros = (-lo / scales.float()).round().clamp(0, 15)
+    q = (groups / scales.float()[..., None] + zeros[..., None]).round().clamp(0, 15)
+    return q.view(out, inp).to(torch.int32), zeros.to(torch.int32), scales
+
+
+def dequantized(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int):
+    out, inp = q.shape
+    z = zeros.repeat_interleave(group, dim=1).float()
+    s = scales.float().repeat_interleave(group, dim=1)
+    return (q.float() - z) * s
+
+
+def _pack(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """[rows, n] 0..15 -> [rows, n / 8] int32, nibble j holding column 8c + order[j]."""
+    rows, n = values.shape
+    v = values.view(rows, n // 8, 8)[..., list(order)].to(torch.int64)
+    packed = torch.zeros(rows, n // 8, dtype=torch.int64)
+    for j in range(8):
+        packed |= v[..., j] << (4 * j)
+    return (packed - ((packed >> 31) & 1) * (1 << 32)).to(torch.int32)  # as signed int32
+
+
+def awq_tensors(q, zeros, scales) -> dict[str, torch.Tensor]:
+    return {
+        "qweight": _pack(q.t().contiguous(), AWQ_ORDER),  # [in, out / 8]
+        "qzeros": _pack(zeros.t().contiguous(), AWQ_ORDER),  # [in / g, out / 8]
+        "scales": scales.t().contiguous(),  # [in / g, out]
+    }
+
+
+def gptq_tensors(q, zeros, scales, group: int) -> dict[str, torch.Tensor]:
+    inp = q.shape[1]
+    return {
+        "qweight": _pack(q.contiguous(), tuple(range(8))).t().contiguous(),  # [in / 8, out]
+        "qzeros": _pack((zeros - 1).t().contiguous() & 0x0F, tuple(range(8))),
+        "scales": scales.t().contiguous(),
+        "g_idx": (torch.arange(inp) // group).to(torch.int32),
+    }
+
+
+def make_int4_checkpoints(float_dir: Path, out_root: Path, method: str, group: int):
+    """(quantized dir, dequantized float dir) built from ``float_dir``."""
+    tensors = load_file(str(float_dir / "model.safetensors"))
+    quant, deq = dict(tensors), dict(tensors)
+    for name, weight in tensors.items():
+        if not any(f".{linear}.weight" in name for linear in LINEARS):
+            continue
+        q, zeros, scales = quantize(weight, group)
+        base = name.removesuffix(".weight")
+        del quant[name]
+        packed = (
+            awq_tensors(q, zeros, scales)
+            if method == "awq"
+            else gptq_tensors(q, zeros, scales, group)
+        )
+        quant.update({f"{base}.{k}": v for k, v in packed.items()})
+        deq[name] = dequantized(q, zeros, scales, group)
+    config = json.loads((float_dir / "config.json").read_text())
+    quant_config = {"quant_method": method, "bits": 4, "group_size": group}
+    quant_config.update({"version": "gemm", "zero_point": True} if method == "awq" else {
+        "desc_act": False, "sym": False})  # fmt: skip
+    dirs = []
+    for kind, data, cfg in (
+        ("q", quant, {**config, "quantization_config": quant_config}),
+        ("f", deq, config),
+    ):
+        target = out_root / f"{method}-{group}-{kind}"
+        shutil.copytree(float_dir, target)
+        save_file(data, str(target / "model.safetensors"), metadata={"format": "pt"})
+        (target / "config.json").write_text(json.dumps(cfg))
+        dirs.append(target)
+    return dirs[0], dirs[1]

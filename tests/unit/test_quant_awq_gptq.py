@@ -1,0 +1,99 @@
+"""AWQ and GPTQ checkpoints (tiny random models quantized by the test) and the flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from molink.config import LayerRange
+from molink.errors import InvalidParameterError, WeightLoadError
+from molink.quant.awq_gptq import awq_group_ints, gptq_group_ints
+from molink.quant.config import resolve_kv_cache_dtype, resolve_quantization
+from molink.quant.linear import QuantLinear
+from molink.quant.memory import resident_weight_bytes
+from molink.weights import resolve_model_source
+from tests.helpers.int4_checkpoints import (
+    awq_tensors,
+    dequantized,
+    gptq_tensors,
+    make_int4_checkpoints,
+    quantize,
+)
+from tests.helpers.paged_runner import PagedRunner, Seq
+
+SHAPE = {"hidden_size": 256, "intermediate_size": 512}
+PROMPTS = [[5, 17, 99, 3, 250, 7, 8], [40, 41], [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+@pytest.mark.parametrize("group", [128, 32])
+def test_unpacking_is_exact(group: int) -> None:
+    weight = torch.randn(96, 256) * 0.05
+    q, zeros, scales = quantize(weight, group)
+    expected = dequantized(q, zeros, scales, group)
+    awq = awq_group_ints(*awq_tensors(q, zeros, scales).values(), group)
+    assert torch.equal(awq.dequantize(), expected)
+    gptq = gptq_tensors(q, zeros, scales, group)
+    ints = gptq_group_ints(gptq["qweight"], gptq["qzeros"], gptq["scales"], group, gptq["g_idx"])
+    assert torch.equal(ints.dequantize(), expected)
+
+
+def _run(
+    source_dir: Path, quantization: str | None = None
+) -> tuple[list[torch.Tensor], torch.nn.Module]:
+    source = resolve_model_source(str(source_dir))
+    layers = source.model_config.num_layers
+    model = source.load_slice(LayerRange(0, layers), "float32", quantization=quantization)
+    runner = PagedRunner([model], num_blocks=16, block_size=4)
+    seqs = [Seq(list(p), list(range(4 * i, 4 * i + 4))) for i, p in enumerate(PROMPTS)]
+    runner.step([(s, len(s.tokens)) for s in seqs])
+    runner.decode(seqs, 5)
+    return [torch.stack(s.logits) for s in seqs], model
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("group", [128, 32])
+def test_checkpoint_matches_its_dequantized_float_model(
+    tiny_model_dir, tmp_path: Path, method: str, group: int
+) -> None:
+    qdir, fdir = make_int4_checkpoints(tiny_model_dir("llama", **SHAPE), tmp_path, method, group)
+    got, model = _run(qdir)  # detected from quantization_config
+    expected, float_model = _run(fdir)
+    assert all(isinstance(layer.attn.qkv, QuantLinear) for layer in model.layers)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g.argmax(-1), e.argmax(-1))
+        assert (g - e).abs().max() <= 0.03 * e.abs().max()
+    assert resident_weight_bytes(model) < 0.5 * resident_weight_bytes(float_model)
+
+
+def test_quantization_choices_are_checked() -> None:
+    assert resolve_quantization(None, "awq") == "awq"
+    assert resolve_quantization(None, "gguf") == "gguf"
+    assert resolve_quantization("none", "gguf") == "none"
+    assert resolve_quantization("int4", "none") == "int4"
+    with pytest.raises(InvalidParameterError, match="'int4' cannot run .* quantized with awq"):
+        resolve_quantization("int4", "awq")
+    with pytest.raises(InvalidParameterError, match="'gptq' cannot run .* GGUF file"):
+        resolve_quantization("gptq", "gguf")
+    with pytest.raises(InvalidParameterError, match="fp8 weights need a GPU"):
+        resolve_quantization(None, "fp8")
+    with pytest.raises(InvalidParameterError, match="quant_method 'bitsandbytes'"):
+        resolve_quantization(None, "bitsandbytes")
+    with pytest.raises(InvalidParameterError, match="quantization"):
+        resolve_quantization("int3", "none")
+
+
+def test_kv_cache_dtypes() -> None:
+    assert resolve_kv_cache_dtype("auto", torch.float32) == torch.float32
+    assert resolve_kv_cache_dtype("bfloat16", torch.float32) == torch.bfloat16
+    with pytest.raises(InvalidParameterError, match="fp8 KV cache needs a GPU"):
+        resolve_kv_cache_dtype("fp8", torch.float32)
+
+
+def test_eight_bit_awq_is_refused(tiny_model_dir, tmp_path: Path) -> None:
+    qdir, _ = make_int4_checkpoints(tiny_model_dir("llama", **SHAPE), tmp_path, "awq", 128)
+    config = (qdir / "config.json").read_text().replace('"bits": 4', '"bits": 8')
+    (qdir / "config.json").write_text(config)
+    with pytest.raises(WeightLoadError, match="bits = 8"):
+        _run(qdir)

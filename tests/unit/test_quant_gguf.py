@@ -1,0 +1,124 @@
+"""GGUF block types kept quantized: decoding, packing and products against gguf's dequantizers.
+
+Blocks are built by the test with valid scales: gguf's own quantizer where it has one
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else random integers under realistic float16 scales.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from molink.errors import WeightLoadError
+from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
+from molink.quant.int4 import padded_rows, rounding_report, to_int4_planes
+from molink.quant.linear import INT4_MAX_ROWS, QuantLinear
+
+gguf = pytest.importorskip("gguf")
+ROWS, COLS = 200, 512  # 200: not a multiple of the kernel's row blocks
+BATCHES = (1, 2, 3, 5, 8, 13, 21, 34, 64, 150)  # ragged, both sides of INT4_MAX_ROWS
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def make_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid [rows, bytes per row] blocks of ``type_name``."""
+    rng = np.random.default_rng(seed)
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        weights = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        return gguf.quants.quantize(weights, qtype)
+    block_bytes, block_weights, _ = BLOCK_TYPES[type_name]
+    blocks = rng.integers(0, 256, (rows * cols // block_weights, block_bytes), dtype=np.uint8)
+    count = len(blocks)
+    if type_name in ("Q4_K", "Q5_K"):
+        blocks[:, 0:2] = _f16_bytes(rng.uniform(2e-4, 2e-3, count))  # d
+        blocks[:, 2:4] = _f16_bytes(rng.uniform(1e-4, 1e-3, count))  # dmin
+    else:  # Q6_K: int8 sub-block scales as llama.cpp writes them (mostly positive)
+        blocks[:, 192:208] = rng.integers(-20, 128, (count, 16)).astype(np.int8).view(np.uint8)
+        blocks[:, 208:210] = _f16_bytes(rng.uniform(1e-5, 1e-4, count))
+    return blocks.reshape(rows, -1)
+
+
+def reference(blocks: np.ndarray, type_name: str, rows: int, cols: int) -> torch.Tensor:
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    return torch.from_numpy(gguf.quants.dequantize(blocks, qtype).reshape(rows, cols).copy())
+
+
+@pytest.mark.parametrize("type_name", list(BLOCK_TYPES))
+def test_decoding_matches_gguf(type_name: str) -> None:
+    blocks = make_blocks(type_name, ROWS, COLS)
+    ints = decode_blocks(blocks, type_name, ROWS, COLS)
+    expected = reference(blocks, type_name, ROWS, COLS)
+    got = ints.dequantize()
+    if type_name != "Q6_K":
+        assert torch.equal(got, expected)  # exact: integers and float16 scales as stored
+        return
+    # Q6_K: a pair of 16-weight sub-blocks shares the larger scale; the other half is
+    # re-rounded to a quarter of that scale's step: at most 1/8 of a step off, or 1/4
+    # where an opposite-signed half of equal magnitude hits the int8 limit (rare).
+    step = ints.scale.abs().repeat_interleave(32, dim=1) * 4
+    in_steps = (got - expected).abs() / step
+    assert in_steps.max() <= 0.25 + 1e-6
+    assert (in_steps > 0.125 + 1e-6).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("type_name", list(BLOCK_TYPES))
+def test_products_match_dequantized_float32(type_name: str) -> None:
+    blocks = make_blocks(type_name, ROWS, COLS, seed=1)
+    expected_w = reference(blocks, type_name, ROWS, COLS).double()
+    layer = QuantLinear(COLS, ROWS, bias=False)
+    layer.load_weight(decode_blocks(blocks, type_name, ROWS, COLS), pack=False)
+    gen = torch.Generator().manual_seed(2)
+    for batch in BATCHES:
+        x = torch.randn(batch, COLS, generator=gen)
+        out = layer(x)
+        assert out.shape == (batch, ROWS) and out.dtype == torch.float32
+        got = out.double()
+        expected = x.double() @ expected_w.t()
+        # bfloat16 scales and (at <= INT4_MAX_ROWS rows) bfloat16 activations and
+        # outputs: about 2**-8 relative per term; Q6_K adds its sub-block merge.
+        tolerance = 2e-2 if type_name == "Q6_K" else 1e-2
+        err = (got - expected).norm() / expected.norm()
+        assert err < tolerance, (type_name, batch, float(err))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0", "Q4_K"])
+def test_embedding_rows_match(type_name: str) -> None:
+    blocks = make_blocks(type_name, ROWS, COLS, seed=3)
+    ints = decode_blocks(blocks, type_name, ROWS, COLS)
+    layer = QuantLinear(COLS, ROWS, bias=False)
+    layer.load_weight(ints, pack=False)
+    ids = torch.tensor([0, 5, 31, 32, 63, 64, 199, 5])
+    rows = layer.embedding(ids)
+    expected = reference(blocks, type_name, ROWS, COLS)[ids]
+    assert (rows - expected).abs().max() <= ints.scale.abs().max() * 128 * 2**-8
+
+
+def test_lossless_types_round_only_their_scales() -> None:
+    """Q4_0: scales are the only rounding (float16 -> bfloat16, under 2**-8 relative)."""
+    blocks = make_blocks("Q4_0", ROWS, COLS, seed=4)
+    ints = decode_blocks(blocks, "Q4_0", ROWS, COLS)
+    report = rounding_report(ints, to_int4_planes(ints))
+    assert report["max_in_steps"] <= 8 * 2**-8  # |q - 8| <= 8 steps, each off by 2**-8
+
+
+def test_wider_integers_take_two_planes_and_pad_rows() -> None:
+    ints = decode_blocks(make_blocks("Q8_0", 70, 64), "Q8_0", 70, 64)
+    planes = to_int4_planes(ints)
+    assert len(planes.packed) == 2
+    assert planes.scale_zero.shape == (2, 2, padded_rows(70), 2)
+
+
+def test_unsupported_type_and_bad_sizes_are_named() -> None:
+    with pytest.raises(WeightLoadError, match="Q2_K"):
+        decode_blocks(np.zeros(84, np.uint8), "Q2_K", 1, 256)
+    with pytest.raises(WeightLoadError, match="expected"):
+        decode_blocks(np.zeros(17, np.uint8), "Q4_0", 1, 32)
+
+
+def test_kernel_choice_covers_both_paths() -> None:
+    assert 1 <= INT4_MAX_ROWS < max(BATCHES)
