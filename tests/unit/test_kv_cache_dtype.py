@@ -1,0 +1,38 @@
+"""--kv-cache-dtype bfloat16: a float32 slice stores and reads its KV cache in bfloat16."""
+
+from __future__ import annotations
+
+import torch
+
+from molink.config import LayerRange
+from molink.engine.factory import EngineOptions, build_local_engine
+from molink.models import KVCache
+from molink.weights import resolve_model_source
+from tests.helpers.paged_runner import PagedRunner, Seq
+
+
+def _logits(model, kv_dtype: torch.dtype) -> torch.Tensor:
+    runner = PagedRunner([model], num_blocks=8, block_size=4)
+    runner.caches = [KVCache.allocate(model.config, model.num_local_layers, 8, 4, kv_dtype)]
+    seqs = [Seq([5, 9, 33, 70, 2, 11], [0, 1, 2, 3]), Seq([8, 8, 100], [4, 5, 6, 7])]
+    runner.step([(s, len(s.tokens)) for s in seqs])
+    runner.decode(seqs, 6)
+    return torch.stack([torch.stack(s.logits) for s in seqs])
+
+
+def test_bfloat16_cache_tracks_float32(tiny_model_dir) -> None:
+    source = resolve_model_source(str(tiny_model_dir("qwen3")))
+    model = source.load_slice(LayerRange(0, source.model_config.num_layers), "float32")
+    exact, halved = _logits(model, torch.float32), _logits(model, torch.bfloat16)
+    assert (exact - halved).abs().max() <= 0.02 * exact.abs().max()
+    assert torch.equal(exact.argmax(-1), halved.argmax(-1))
+
+
+def test_engine_with_bfloat16_cache_holds_twice_the_blocks(tiny_model_dir) -> None:
+    model = str(tiny_model_dir("llama"))
+    sizes = {}
+    for kv in ("auto", "bfloat16"):
+        options = EngineOptions(model=model, kv_cache_memory_bytes=1 << 20, kv_cache_dtype=kv)
+        engine, _, _ = build_local_engine(options)
+        sizes[kv] = engine.scheduler.kv.num_total_blocks
+    assert sizes["bfloat16"] == 2 * sizes["auto"]
