@@ -18,6 +18,7 @@ from molink.api.server import HttpsFiles, serve_app
 from molink.cli.args import EngineArgs
 from molink.engine.protocol import EngineClient
 from molink.errors import MolinkError
+from molink.quant.memory import RESIDENT
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,9 @@ def generation_defaults(setting: str, engine: EngineClient) -> dict:
 def _metric_sources(engine: EngineClient) -> tuple[MetricSource, ...]:
     """An engine may offer extra Prometheus lines (e.g. per-link bandwidth) as metric_lines()."""
     source = getattr(engine, "metric_lines", None)
-    return (source,) if callable(source) else ()
+    engine_lines = (source,) if callable(source) else ()
+    # Resident weight and KV-cache bytes of the stages in this process.
+    return (*engine_lines, RESIDENT.metric_lines)
 
 
 async def _close_engine(engine: EngineClient) -> None:

@@ -72,6 +72,12 @@ class KVCache:
         return num_local_layers * block_size * per_token
 
     @property
+    def nbytes(self) -> int:
+        values = self.value_storage
+        extra = 0 if values is None else values.numel() * values.element_size()
+        return self.storage.numel() * self.storage.element_size() + extra
+
+    @property
     def num_layers(self) -> int:
         return len(self.keys)
 

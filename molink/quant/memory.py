@@ -47,3 +47,33 @@ def resident_weight_bytes(model: nn.Module) -> int:
                 seen.add(id(tensor))
                 total += _tensor_bytes(tensor)
     return total
+
+
+class ResidentMemory:
+    """Bytes this process holds for serving, by kind ("weights", "kv_cache"), for /metrics.
+
+    Stages record what they load; a process serves one model, so the totals are its own.
+    """
+
+    def __init__(self) -> None:
+        self._bytes: dict[str, int] = {}
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self._bytes[kind] = self._bytes.get(kind, 0) + int(nbytes)
+
+    def get(self, kind: str) -> int:
+        return self._bytes.get(kind, 0)
+
+    def metric_lines(self) -> list[str]:
+        lines: list[str] = []
+        for kind, help_text in (
+            ("weights", "Bytes of model weights this process holds (quantized where they are)."),
+            ("kv_cache", "Bytes of KV cache this process reserved."),
+        ):
+            name = f"molink:resident_{kind}_bytes"
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            lines.append(f"{name} {self.get(kind)}")
+        return lines
+
+
+RESIDENT = ResidentMemory()

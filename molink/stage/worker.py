@@ -16,6 +16,7 @@ from molink.config import LayerRange, ModelConfig
 from molink.errors import MolinkError, ProtocolError
 from molink.models.attention import AttentionMetadata, SeqChunk
 from molink.models.kv_cache import KVCache
+from molink.quant.memory import RESIDENT
 from molink.sampling.prompt_logprobs import prompt_token_logprobs
 from molink.sampling.sampler import Sampler, SequenceSamplingState
 from molink.sampling.structured import GrammarCompiler
@@ -50,6 +51,7 @@ class StageWorker:
         self.kv_cache = KVCache.allocate(
             model_config, num_local_layers, num_blocks, block_size, dtype
         )
+        RESIDENT.add("kv_cache", self.kv_cache.nbytes)
         self.sampler = (
             Sampler(model_config.eos_token_ids, model_config.vocab_size, grammars=grammars)
             if self.is_last

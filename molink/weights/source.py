@@ -15,7 +15,7 @@ from molink.errors import WeightLoadError
 from molink.models.decoder import DecoderSlice, checkpoint_tensor_names
 from molink.quant.awq_gptq import quant_settings
 from molink.quant.config import checkpoint_method, resolve_quantization
-from molink.quant.memory import quant_factory, resident_weight_bytes
+from molink.quant.memory import RESIDENT, quant_factory, resident_weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ class ModelSource(abc.ABC):
             model.load_checkpoint_tensors(store)
         finally:
             store.close()
+        weight_bytes = resident_weight_bytes(model)
+        RESIDENT.add("weights", weight_bytes)
         logger.info(
             "loaded %s layers [%d, %d) as %s%s in %.2fs: %.1f MiB of weights",
             self.name,
@@ -161,6 +163,6 @@ class ModelSource(abc.ABC):
             str(torch_dtype).removeprefix("torch."),
             "" if method == "none" else f" with {method} weights",
             time.perf_counter() - started,
-            resident_weight_bytes(model) / 2**20,
+            weight_bytes / 2**20,
         )
         return model.eval()

@@ -97,3 +97,14 @@ def test_eight_bit_awq_is_refused(tiny_model_dir, tmp_path: Path) -> None:
     (qdir / "config.json").write_text(config)
     with pytest.raises(WeightLoadError, match="bits = 8"):
         _run(qdir)
+
+
+def test_resident_bytes_are_reported(tiny_model_dir, tmp_path: Path) -> None:
+    from molink.quant.memory import RESIDENT
+
+    before = RESIDENT.get("weights")
+    qdir, _ = make_int4_checkpoints(tiny_model_dir("llama", **SHAPE), tmp_path, "gptq", 32)
+    _, model = _run(qdir)
+    assert RESIDENT.get("weights") - before == resident_weight_bytes(model) > 0
+    text = "\n".join(RESIDENT.metric_lines())
+    assert "molink:resident_weights_bytes" in text and "molink:resident_kv_cache_bytes" in text
