@@ -116,10 +116,11 @@ class DecoderSlice(nn.Module):
                 f"holds {kv_cache.num_layers} layers of {kv_cache.dtype}; this slice runs "
                 f"{len(self.layers)} layers in {self.dtype}",
             )
-        if isinstance(self.embed, TableLike):
-            x = self.embed.embedding(inputs).to(self.dtype)
-        elif self.embed is not None:
-            x = F.embedding(inputs, self.embed)
+        if self.embed is not None:
+            if isinstance(self.embed, TableLike):
+                x = self.embed.embedding(inputs).to(self.dtype)
+            else:
+                x = F.embedding(inputs, self.embed)
             if self.embed_scale is not None:
                 # In the model's dtype, as transformers rounds the scale (Gemma).
                 x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
