@@ -147,6 +147,34 @@ def model_pass_ms(
     return results
 
 
+def crossover_ms(rows_list: list[int], rounds: int) -> dict[str, dict[str, float]]:
+    """int4 kernel against dequantize-and-MKL on the same planes, interleaved round by round
+    (a loaded machine drifts; alternating keeps the two comparable)."""
+    weights = _model_weights()
+    planes = [to_int4_planes(quantize_float(w, 4, GROUP)) for w in weights]
+    del weights
+    kernel = [functools.partial(_kernel, p) for p in planes]
+    dequant = [functools.partial(dequant_matmul, p) for p in planes]
+    samples: dict[str, dict[str, list[float]]] = {"int4_g32": {}, "int4_g32_dequant": {}}
+    for rows in rows_list:
+        xs = {k: torch.randn(rows, k) * 0.1 for k in (576, 1536)}
+        for _ in range(rounds):
+            for name, products in (("int4_g32", kernel), ("int4_g32_dequant", dequant)):
+                started = time.perf_counter()
+                _run(products, xs)
+                ms = (time.perf_counter() - started) * 1e3
+                samples[name].setdefault(str(rows), []).append(ms)
+        logger.info("crossover rows=%d: %s", rows, {n: v[str(rows)] for n, v in samples.items()})
+    return {
+        name: {rows: round(statistics.median(v), 1) for rows, v in by_rows.items()}
+        for name, by_rows in samples.items()
+    }
+
+
+def _kernel(planes, x: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return planes.matmul(x.to(torch.bfloat16))
+
+
 def _run(products: list[Product], xs: dict[int, torch.Tensor]) -> None:
     for index, product in enumerate(products):
         product(xs[1536] if index % 4 == 3 and index < 4 * LAYERS else xs[576])
@@ -187,10 +215,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--name", default="quant_kernels", help="results file name")
+    parser.add_argument(
+        "--crossover", default=None, help="rows at which to compare int4 and dequantizing only"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     rows_list = [int(r) for r in args.rows.split(",")]
+    if args.crossover:
+        rows = [int(r) for r in args.crossover.split(",")]
+        write_results(args.name, {"threads": 1, "crossover_ms": crossover_ms(rows, args.rounds)})
+        return
     slow = slow_paths_us()
     logger.info("slow paths (us, qkv, 1 row): %s", slow)
     results = model_pass_ms(rows_list, args.rounds, args.candidates.split(","))

@@ -8,9 +8,10 @@ pass by rows (bench/quant_kernels.py; bench/results/quant_kernels*.json):
     float32 (MKL)               84    358    287    257    399    778   2072   7183
     float32 (oneDNN packed)    143    202    182    300    534    688
     int4 g32 kernel (bf16)      58     96    217    435    700   1846   8367   9980
-    int4 dequantize + MKL     1716   1768   1024   3530   1925   2379   9056   7971
+    int4 dequantize + MKL*    1716   1768   1024   3530   1925   2379   9056   7971
     int8 per-row kernel         43     80     84    188    308    757
     bfloat16 F.linear          110    244    591
+    (* the first dequantizing code, writing floats into strided halves)
 
 torch's ``_weight_int4pack_mm_for_cpu`` is the only kernel that keeps a Q4 file's bytes
 (its float32-activation path is 25x slower: 3.6 ms vs 0.14 ms on q/k/v at 1 row); the
@@ -19,8 +20,11 @@ group-32 scales at 1.6x a Q4 file's bytes; oneDNN's packed bfloat16 GEMM refuses
 (it needs AVX-512 or AVX-NE-CONVERT); torchao 0.18's x86 wheel has CUDA kernels only and
 calls the same int4 kernel on CPU; ``_dyn_quant_matmul_4bit`` is a reference loop on x86.
 The int4 kernel's time grows with the rows (it is compute-bound without AVX-512); the
-dequantizing path is flat in rows but costs as much as 100+ rows of the kernel. So up to
-``INT4_MAX_ROWS`` rows (every decode batch the scheduler forms by default) the kernel
+dequantizing path is flat in rows; with nibbles unpacked in uint8 the two tie between 96
+and 128 rows (interleaved, ms per pass: 16 rows 1542 vs 4656, 32: 1848 vs 4017, 48: 1262
+vs 1785, 64: 2103 vs 3845, 96: 2398 vs 2203, 128: 2881 vs 3022, medians of 3 on a loaded
+machine; bench/results/quant_kernels_crossover.json). So up to
+``INT4_MAX_ROWS`` rows (decode batches of up to 128 sequences) the kernel
 runs; larger batches (prefill chunks) dequantize a band of rows at a time into a small
 float32 buffer and multiply with MKL, keeping nothing but the int4 planes resident. Both
 paths read the same bfloat16 scales.
