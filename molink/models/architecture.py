@@ -227,4 +227,4 @@ def gated_mlp_bindings(
 
 
 def norm_binding(target: str, name: str, assemble: Assemble | None = None) -> Binding:
-    return Binding(f"{target}.weight", (name,), assemble)
+    return Binding(f"{target}.weight" if target else "weight", (name,), assemble)

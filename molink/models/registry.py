@@ -30,6 +30,14 @@ _REGISTRY: dict[str, Entry] = {
     "MistralForCausalLM": Entry("mistral"),
     "Qwen2ForCausalLM": Entry("qwen2", gguf="qwen2"),
     "Qwen3ForCausalLM": Entry("qwen3", gguf="qwen3"),
+    "Gemma2ForCausalLM": Entry("gemma2"),
+    "Gemma3ForCausalLM": Entry("gemma3"),
+    "Phi3ForCausalLM": Entry("phi3"),
+    "Olmo2ForCausalLM": Entry("olmo2"),
+    "GraniteForCausalLM": Entry("granite"),
+    "Starcoder2ForCausalLM": Entry("starcoder2"),
+    "CohereForCausalLM": Entry("cohere"),
+    "Glm4ForCausalLM": Entry("glm4"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)

@@ -119,7 +119,8 @@ def _dynamic_table(spec: RopeSpec, scaling: dict[str, Any]) -> torch.Tensor:
     pre-training context; here position ``p`` uses the base for length ``p + 1``, which is
     what a sequence growing one token at a time sees, and keeps cached keys valid.
     """
-    original = spec.original_max_positions or spec.max_positions
+    # transformers starts rescaling past max_position_embeddings, whatever else is set.
+    original = spec.max_positions
     factor = float(scaling["factor"])
     dim = spec.dim
     lengths = torch.arange(1, spec.max_positions + 1, dtype=torch.float32).clamp(min=original)
@@ -135,10 +136,12 @@ def _longrope_table(spec: RopeSpec, scaling: dict[str, Any]) -> tuple[torch.Tens
     factors (transformers switches the whole sequence once it is longer; per position keeps
     the cache valid as a sequence grows).
     """
-    original = spec.original_max_positions or int(
-        scaling.get("original_max_position_embeddings") or spec.max_positions
+    original = int(
+        scaling.get("original_max_position_embeddings")
+        or spec.original_max_positions
+        or spec.max_positions
     )
-    factor = spec.max_positions / original
+    factor = float(scaling.get("factor") or spec.max_positions / original)
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
         attention_factor = (

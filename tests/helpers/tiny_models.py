@@ -13,7 +13,23 @@ from typing import Any
 
 import torch
 
-TINY_ARCHS = ("llama", "llama3", "llama_tied", "mistral", "qwen2", "qwen3")
+TINY_ARCHS = (
+    "llama",
+    "llama3",
+    "llama_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "granite",
+    "starcoder2",
+    "cohere",
+    "glm4",
+)
+WINDOW = 6  # sliding windows smaller than the test prompts
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -45,36 +61,104 @@ _COMMON: dict[str, Any] = {
 }
 
 
+def _llama_family(arch: str, kwargs: dict[str, Any]) -> str:
+    kwargs["rope_theta"] = 10000.0
+    if arch == "llama_tied":
+        kwargs["tie_word_embeddings"] = True
+    if arch == "llama3":
+        kwargs["rope_theta"] = 500000.0
+        kwargs["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    return "LlamaConfig"
+
+
+def _dense(arch: str, kwargs: dict[str, Any]) -> str:
+    """Config class of each dense family, with the features that set it apart switched on."""
+    if arch == "mistral":
+        kwargs.update(head_dim=16, sliding_window=None)
+        return "MistralConfig"
+    if arch == "qwen2":
+        kwargs["rope_theta"] = 1000000.0
+        return "Qwen2Config"
+    if arch == "qwen3":
+        kwargs.update(head_dim=32, rope_theta=1000000.0)  # head_dim apart from hidden / heads
+        return "Qwen3Config"
+    if arch == "gemma2":
+        kwargs.update(
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+        )
+        return "Gemma2Config"
+    if arch == "gemma3":
+        kwargs.update(
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+        )
+        return "Gemma3TextConfig"
+    if arch == "phi3":
+        half = 4  # rotary dims / 2 with partial_rotary_factor 0.5 of head_dim 16
+        kwargs.update(
+            sliding_window=WINDOW,
+            original_max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.5, 2.0, 3.0][:half],
+                "long_factor": [2.0, 3.0, 4.0, 6.0][:half],
+                "original_max_position_embeddings": 64,
+            },
+        )
+        return "Phi3Config"
+    return _dense_more(arch, kwargs)
+
+
+def _dense_more(arch: str, kwargs: dict[str, Any]) -> str:
+    if arch == "olmo2":
+        return "Olmo2Config"
+    if arch == "granite":
+        kwargs.update(
+            embedding_multiplier=2.0,
+            attention_multiplier=0.3,
+            residual_multiplier=0.5,
+            logits_scaling=2.0,
+        )
+        return "GraniteConfig"
+    if arch == "starcoder2":
+        kwargs.pop("rms_norm_eps")
+        kwargs.update(norm_epsilon=1e-5, use_bias=True, sliding_window=WINDOW)
+        return "Starcoder2Config"
+    if arch == "cohere":
+        kwargs.pop("rms_norm_eps")
+        kwargs.update(layer_norm_eps=1e-5, use_qk_norm=True, logit_scale=0.5)
+        return "CohereConfig"
+    if arch == "glm4":
+        kwargs.update(head_dim=16, attention_bias=True, partial_rotary_factor=0.5)
+        return "Glm4Config"
+    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
+
+
 def tiny_config_kwargs(arch: str, **overrides: Any) -> tuple[str, dict[str, Any]]:
     """The transformers config class name and keyword arguments for a tiny ``arch``."""
     kwargs = dict(_COMMON)
     if arch in ("llama", "llama_tied", "llama3"):
-        cls = "LlamaConfig"
-        kwargs["rope_theta"] = 10000.0
-        if arch == "llama_tied":
-            kwargs["tie_word_embeddings"] = True
-        if arch == "llama3":
-            kwargs["rope_theta"] = 500000.0
-            kwargs["rope_scaling"] = {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            }
-    elif arch == "mistral":
-        cls = "MistralConfig"
-        kwargs["head_dim"] = 16
-        kwargs["sliding_window"] = None
-    elif arch == "qwen2":
-        cls = "Qwen2Config"
-        kwargs["rope_theta"] = 1000000.0
-    elif arch == "qwen3":
-        cls = "Qwen3Config"
-        kwargs["head_dim"] = 32  # Qwen3 decouples head_dim from hidden / heads
-        kwargs["rope_theta"] = 1000000.0
+        cls = _llama_family(arch, kwargs)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
+        cls = _dense(arch, kwargs)
     kwargs.update(overrides)
     return cls, kwargs
 
@@ -99,7 +183,7 @@ def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
             elif name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))

@@ -14,7 +14,7 @@ from torch import nn
 
 from molink.models.attention import AttentionOptions, paged_attention
 from molink.models.blocks.linear import LinearFactory
-from molink.models.blocks.norms import LayerNorm, RMSNorm
+from molink.models.blocks.norms import HeadLayerNorm, RMSNorm
 from molink.models.forward_context import ForwardContext
 
 QK_NORMS = (None, "head", "full", "head_layernorm")
@@ -102,7 +102,7 @@ def _qk_norms(spec: AttentionSpec, factory: LinearFactory) -> tuple[nn.Module | 
         )
     if spec.qk_norm == "head_layernorm":
         return (
-            LayerNorm((spec.num_heads, spec.head_dim), spec.norm_eps, False, dtype, device),
-            LayerNorm((spec.num_kv_heads, spec.head_dim), spec.norm_eps, False, dtype, device),
+            HeadLayerNorm(spec.num_heads, spec.head_dim, spec.norm_eps, dtype, device),
+            HeadLayerNorm(spec.num_kv_heads, spec.head_dim, spec.norm_eps, dtype, device),
         )
     return None, None

@@ -43,3 +43,20 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+
+class HeadLayerNorm(nn.Module):
+    """Bias-free LayerNorm over each head's channels, with a weight per head (Cohere's q/k)."""
+
+    def __init__(
+        self, num_heads: int, head_dim: int, eps: float, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.shape = (head_dim,)
+        self.eps = eps
+        self.weight = nn.Parameter(
+            torch.empty(num_heads, head_dim, dtype=dtype, device=device), False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.shape, None, None, self.eps) * self.weight

@@ -1,0 +1,98 @@
+"""Gemma 2: ``(1 + w)`` RMSNorms around both branches, GeGLU, the embedding scaled by
+sqrt(hidden), soft-capped attention and final logits, sliding and global layers alternating."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from molink.config import ModelConfig
+from molink.models.architecture import (
+    Binding,
+    DecoderArchitecture,
+    attention_bindings,
+    gated_mlp_bindings,
+    layer_window,
+    norm_binding,
+    plus_one,
+)
+from molink.models.blocks.attention import AttentionSpec, SelfAttention
+from molink.models.blocks.linear import LinearFactory
+from molink.models.blocks.mlp import GatedMLP
+from molink.models.blocks.norms import RMSNorm
+from molink.models.blocks.sandwich import SandwichLayer
+
+
+class Gemma2(DecoderArchitecture):
+    activation_field = "hidden_activation"
+    default_activation = "gelu_pytorch_tanh"
+
+    def embedding_scale(self, config: ModelConfig) -> float | None:
+        return config.hidden_size**0.5
+
+    def logits_softcap(self, config: ModelConfig) -> float | None:
+        cap = config.raw.get("final_logit_softcapping")
+        return float(cap) if cap else None
+
+    def final_norm_bindings(self, config: ModelConfig) -> list[Binding]:
+        return [norm_binding("", "model.norm.weight", plus_one)]
+
+    def rope_key(self, config: ModelConfig, index: int) -> str:
+        return "default"
+
+    def attention_spec(self, config: ModelConfig, index: int) -> AttentionSpec:
+        softcap = config.raw.get("attn_logit_softcapping")
+        scalar = config.raw.get("query_pre_attn_scalar") or config.head_dim
+        return AttentionSpec(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            norm_eps=config.rms_norm_eps,
+            qkv_bias=config.attention_bias,
+            o_bias=config.attention_bias,
+            qk_norm=self.qk_norm(),
+            rope=self.rope_key(config, index),
+            window=layer_window(config, index),
+            scale=float(scalar) ** -0.5,
+            softcap=float(softcap) if softcap else None,
+        )
+
+    def qk_norm(self) -> str | None:
+        return None
+
+    def build_layer(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
+        def norm() -> RMSNorm:
+            return RMSNorm(config.hidden_size, config.rms_norm_eps, factory.dtype, factory.device)
+
+        mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, self.activation(config), factory
+        )
+        return SandwichLayer(
+            SelfAttention(self.attention_spec(config, index), factory),
+            mlp,
+            pre_attn_norm=norm(),
+            post_attn_norm=norm(),
+            pre_mlp_norm=norm(),
+            post_mlp_norm=norm(),
+        )
+
+    def layer_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        p = self.layer_prefix(index)
+        norms = [
+            ("pre_attn_norm", "input_layernorm"),
+            ("post_attn_norm", "post_attention_layernorm"),
+            ("pre_mlp_norm", "pre_feedforward_layernorm"),
+            ("post_mlp_norm", "post_feedforward_layernorm"),
+        ]
+        bindings = [norm_binding(t, f"{p}{n}.weight", plus_one) for t, n in norms]
+        bindings += attention_bindings(
+            p, qkv_bias=config.attention_bias, o_bias=config.attention_bias
+        )
+        if self.qk_norm() is not None:
+            a = f"{p}self_attn."
+            bindings.append(norm_binding("attn.q_norm", a + "q_norm.weight", plus_one))
+            bindings.append(norm_binding("attn.k_norm", a + "k_norm.weight", plus_one))
+        return bindings + gated_mlp_bindings(p)
+
+
+ARCHITECTURE = Gemma2()

@@ -1,0 +1,46 @@
+"""Gemma 3 (text): Gemma 2's layer with RMSNorm on each head of q and k, no soft-capping by
+default, and a rotary base per layer type (local layers slide, with their own base)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from molink.config import ModelConfig
+from molink.models.architecture import layer_types
+from molink.models.archs.gemma2 import Gemma2
+from molink.models.rope import RopeSpec, rope_type_of
+
+_LOCAL, _GLOBAL = "sliding_attention", "full_attention"
+
+
+class Gemma3(Gemma2):
+    def qk_norm(self) -> str | None:
+        return "head"
+
+    def rope_key(self, config: ModelConfig, index: int) -> str:
+        types = layer_types(config)
+        return types[index] if types is not None else _GLOBAL
+
+    def rope_specs(self, config: ModelConfig) -> dict[str, RopeSpec]:
+        params = config.raw.get("rope_parameters")
+        if isinstance(params, dict) and _GLOBAL in params:
+            per_type = {key: dict(value) for key, value in params.items()}
+        else:
+            # Older configs: rope_theta + rope_scaling for global layers, a local base.
+            per_type = {
+                _GLOBAL: {"rope_theta": config.rope_theta, **(config.rope_scaling or {})},
+                _LOCAL: {"rope_theta": config.raw.get("rope_local_base_freq", 10000.0)},
+            }
+        return {key: self._spec(config, value) for key, value in per_type.items()}
+
+    def _spec(self, config: ModelConfig, params: dict[str, Any]) -> RopeSpec:
+        scaling = params if rope_type_of(params) != "default" else None
+        return RopeSpec(
+            theta=float(params.get("rope_theta", 10000.0)),
+            head_dim=config.head_dim,
+            max_positions=config.max_position_embeddings,
+            scaling=scaling,
+        )
+
+
+ARCHITECTURE = Gemma3()
