@@ -228,3 +228,24 @@ def gated_mlp_bindings(
 
 def norm_binding(target: str, name: str, assemble: Assemble | None = None) -> Binding:
     return Binding(f"{target}.weight" if target else "weight", (name,), assemble)
+
+
+def _stack_pairs(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[gate_0, up_0, gate_1, up_1, ...] -> [E, 2 * I, H]."""
+    return torch.stack([torch.cat(parts[i : i + 2]) for i in range(0, len(parts), 2)])
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(parts)
+
+
+def expert_bindings(
+    prefix: str, num_experts: int, gate: str, up: str, down: str, target: str = "mlp"
+) -> list[Binding]:
+    """Per-expert checkpoint matrices ``{prefix}{e}.{gate|up|down}.weight``, stacked on load."""
+    gate_up = tuple(f"{prefix}{e}.{name}.weight" for e in range(num_experts) for name in (gate, up))
+    downs = tuple(f"{prefix}{e}.{down}.weight" for e in range(num_experts))
+    return [
+        Binding(f"{target}.gate_up", gate_up, _stack_pairs),
+        Binding(f"{target}.down", downs, _stack),
+    ]

@@ -38,6 +38,10 @@ _REGISTRY: dict[str, Entry] = {
     "Starcoder2ForCausalLM": Entry("starcoder2"),
     "CohereForCausalLM": Entry("cohere"),
     "Glm4ForCausalLM": Entry("glm4"),
+    "MixtralForCausalLM": Entry("mixtral"),
+    "Qwen2MoeForCausalLM": Entry("qwen2_moe"),
+    "Qwen3MoeForCausalLM": Entry("qwen3_moe"),
+    "GptOssForCausalLM": Entry("gpt_oss"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)

@@ -28,6 +28,10 @@ TINY_ARCHS = (
     "starcoder2",
     "cohere",
     "glm4",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gpt_oss",
 )
 WINDOW = 6  # sliding windows smaller than the test prompts
 
@@ -149,6 +153,39 @@ def _dense_more(arch: str, kwargs: dict[str, Any]) -> str:
     if arch == "glm4":
         kwargs.update(head_dim=16, attention_bias=True, partial_rotary_factor=0.5)
         return "Glm4Config"
+    return _moe(arch, kwargs)
+
+
+def _moe(arch: str, kwargs: dict[str, Any]) -> str:
+    """Four experts, two per token; one dense layer where the family allows it."""
+    if arch == "mixtral":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)
+        return "MixtralConfig"
+    qwen_moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if arch == "qwen2_moe":
+        kwargs.update(qwen_moe, shared_expert_intermediate_size=64, mlp_only_layers=[1])
+        return "Qwen2MoeConfig"
+    if arch == "qwen3_moe":
+        kwargs.update(qwen_moe, head_dim=32, norm_topk_prob=True, mlp_only_layers=[2])
+        return "Qwen3MoeConfig"
+    if arch == "gpt_oss":
+        kwargs.update(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            intermediate_size=64,
+            head_dim=16,
+            sliding_window=WINDOW,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 64,
+            },
+        )
+        return "GptOssConfig"
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
 
 
@@ -185,8 +222,11 @@ def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name.endswith("_bias") or name.endswith("sinks"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
 
 
 def make_tiny_tokenizer(path: Path, vocab_size: int = 320) -> Path:

@@ -1,0 +1,88 @@
+"""GPT-OSS: attention with biases and learned sinks, sliding and full layers alternating,
+YaRN rotary, and experts with a clamped GLU whose checkpoint interleaves gate and up."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from molink.config import ModelConfig
+from molink.models.architecture import Binding
+from molink.models.archs.llama import Llama
+from molink.models.blocks.attention import AttentionSpec
+from molink.models.blocks.linear import LinearFactory
+from molink.models.blocks.moe import MoE, MoESpec
+
+
+def _gate_up_matrix(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[E, H, 2I] with gate/up in alternate columns -> [E, 2I, H], gate rows first."""
+    (weight,) = parts
+    rows = weight.transpose(1, 2)
+    return torch.cat((rows[:, 0::2], rows[:, 1::2]), dim=1)
+
+
+def _gate_up_bias(parts: list[torch.Tensor]) -> torch.Tensor:
+    (bias,) = parts
+    return torch.cat((bias[:, 0::2], bias[:, 1::2]), dim=1)
+
+
+def _down_matrix(parts: list[torch.Tensor]) -> torch.Tensor:
+    (weight,) = parts  # [E, I, H] -> [E, H, I]
+    return weight.transpose(1, 2)
+
+
+class ClampedGlu:
+    """``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
+
+    def __init__(self, alpha: float, limit: float) -> None:
+        self.alpha = alpha
+        self.limit = limit
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+class GptOss(Llama):
+    def attention_spec(self, config: ModelConfig, index: int) -> AttentionSpec:
+        spec = super().attention_spec(config, index)
+        return replace(spec, sinks=True)
+
+    def mlp_bias(self, config: ModelConfig) -> bool:
+        return False
+
+    def build_mlp(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
+        raw = config.raw
+        spec = MoESpec(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_experts=int(raw["num_local_experts"]),
+            top_k=int(raw["num_experts_per_tok"]),
+            routing="topk_softmax",
+            normalize=False,
+            router_bias=True,
+            expert_bias=True,
+        )
+        act = ClampedGlu(float(raw.get("swiglu_alpha", 1.702)), float(raw.get("swiglu_limit", 7.0)))
+        return MoE(spec, factory, act=act)
+
+    def mlp_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        p = self.layer_prefix(index) + "mlp."
+        return [
+            Binding("mlp.router", (p + "router.weight",)),
+            Binding("mlp.router_bias", (p + "router.bias",)),
+            Binding("mlp.gate_up", (p + "experts.gate_up_proj",), _gate_up_matrix),
+            Binding("mlp.gate_up.bias", (p + "experts.gate_up_proj_bias",), _gate_up_bias),
+            Binding("mlp.down", (p + "experts.down_proj",), _down_matrix),
+            Binding("mlp.down.bias", (p + "experts.down_proj_bias",)),
+        ]
+
+    def layer_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        sinks = Binding("attn.sinks", (self.layer_prefix(index) + "self_attn.sinks",))
+        return [*super().layer_bindings(config, index), sinks]
+
+
+ARCHITECTURE = GptOss()

@@ -1,0 +1,33 @@
+"""Mixtral: Mistral's attention, a mixture of SwiGLU experts (softmax, top-k, renormalised)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from molink.config import ModelConfig
+from molink.models.architecture import Binding, expert_bindings
+from molink.models.archs.mistral import Mistral
+from molink.models.blocks.linear import LinearFactory
+from molink.models.blocks.moe import MoE, MoESpec
+
+
+class Mixtral(Mistral):
+    def build_mlp(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
+        spec = MoESpec(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_experts=int(config.raw["num_local_experts"]),
+            top_k=int(config.raw["num_experts_per_tok"]),
+        )
+        return MoE(spec, factory)
+
+    def mlp_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        p = self.layer_prefix(index) + "block_sparse_moe."
+        experts = int(config.raw["num_local_experts"])
+        return [
+            Binding("mlp.router", (p + "gate.weight",)),
+            *expert_bindings(p + "experts.", experts, "w1", "w3", "w2"),
+        ]
+
+
+ARCHITECTURE = Mixtral()

@@ -1,0 +1,22 @@
+"""Qwen3-MoE: Qwen3's attention (per-head q/k norms); sparse layers of routed experts only."""
+
+from __future__ import annotations
+
+from molink.config import ModelConfig
+from molink.models.archs.qwen2_moe import Qwen2Moe
+
+
+class Qwen3Moe(Qwen2Moe):
+    shared_expert = False
+
+    def qkv_bias(self, config: ModelConfig) -> bool:
+        return config.attention_bias
+
+    def o_bias(self, config: ModelConfig) -> bool:
+        return config.attention_bias
+
+    def qk_norm(self, config: ModelConfig) -> str | None:
+        return "head"
+
+
+ARCHITECTURE = Qwen3Moe()
