@@ -43,10 +43,9 @@ def checkpoint_tensor_names(config: ModelConfig, layer_range: LayerRange) -> lis
     if layer_range.is_last(config.num_layers):
         for binding in arch.final_norm_bindings(config):
             names += binding.names
-        head = head_source(arch, config)
-        if head not in names:
-            names.append(head)
-    return names
+        names.append(head_source(arch, config))
+    # One tensor may fill two targets (MLA's kv_b_proj) or serve both ends (tied head).
+    return list(dict.fromkeys(names))
 
 
 def load_slice_tensors(

@@ -42,6 +42,8 @@ _REGISTRY: dict[str, Entry] = {
     "Qwen2MoeForCausalLM": Entry("qwen2_moe"),
     "Qwen3MoeForCausalLM": Entry("qwen3_moe"),
     "GptOssForCausalLM": Entry("gpt_oss"),
+    "DeepseekV2ForCausalLM": Entry("deepseek_v2"),
+    "DeepseekV3ForCausalLM": Entry("deepseek_v3"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_REGISTRY)

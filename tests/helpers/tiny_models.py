@@ -32,6 +32,8 @@ TINY_ARCHS = (
     "qwen2_moe",
     "qwen3_moe",
     "gpt_oss",
+    "deepseek_v2",
+    "deepseek_v3",
 )
 WINDOW = 6  # sliding windows smaller than the test prompts
 
@@ -186,6 +188,47 @@ def _moe(arch: str, kwargs: dict[str, Any]) -> str:
             },
         )
         return "GptOssConfig"
+    return _deepseek(arch, kwargs)
+
+
+def _deepseek(arch: str, kwargs: dict[str, Any]) -> str:
+    """Latent attention (V2 without a q latent, V3 with one and YaRN), a dense first layer."""
+    kwargs.update(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        n_shared_experts=1,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        num_key_value_heads=4,
+    )
+    if arch == "deepseek_v2":
+        kwargs.update(
+            q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=1.5
+        )
+        return "DeepseekV2Config"
+    if arch == "deepseek_v3":
+        kwargs.update(
+            q_lora_rank=24,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+            },
+        )
+        return "DeepseekV3Config"
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
 
 

@@ -1,0 +1,168 @@
+"""DeepSeek-V2: multi-head latent attention with a compressed KV cache, and a mixture of
+experts with shared experts, softmax routing (greedy or group-limited) and a routed scale."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from molink.config import ModelConfig
+from molink.models.architecture import (
+    Binding,
+    KVLayout,
+    expert_bindings,
+    gated_mlp_bindings,
+    norm_binding,
+    raw_rope_parameters,
+)
+from molink.models.archs.llama import Llama
+from molink.models.blocks.linear import LinearFactory
+from molink.models.blocks.mla import LatentAttention, MLASpec
+from molink.models.blocks.moe import MoE, MoESpec
+from molink.models.blocks.norms import RMSNorm
+from molink.models.blocks.prenorm import PreNormLayer
+from molink.models.rope import RopeSpec, rope_type_of, yarn_mscale
+
+
+def _kv_b_part(parts: list[torch.Tensor], heads: int, start: int, stop: int) -> torch.Tensor:
+    (weight,) = parts  # [heads * (nope + v), lora]
+    return weight.view(heads, -1, weight.shape[-1])[:, start:stop]
+
+
+class DeepseekV2(Llama):
+    interleaved_rope = True  # V2 rotates adjacent pairs (complex multiplication)
+
+    def mla_spec(self, config: ModelConfig) -> MLASpec:
+        raw = config.raw
+        nope, rope = int(raw["qk_nope_head_dim"]), int(raw["qk_rope_head_dim"])
+        scale = (nope + rope) ** -0.5
+        scaling = config.rope_scaling
+        if rope_type_of(scaling) != "default" and scaling and scaling.get("mscale_all_dim"):
+            mscale = yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"]))
+            scale = scale * mscale * mscale
+        q_lora = raw.get("q_lora_rank")
+        return MLASpec(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            q_lora_rank=int(q_lora) if q_lora else None,
+            kv_lora_rank=int(raw["kv_lora_rank"]),
+            qk_nope_head_dim=nope,
+            qk_rope_head_dim=rope,
+            v_head_dim=int(raw["v_head_dim"]),
+            norm_eps=config.rms_norm_eps,
+            scale=scale,
+            bias=config.attention_bias,
+        )
+
+    def kv_layout(self, config: ModelConfig) -> KVLayout:
+        spec = self.mla_spec(config)
+        return KVLayout(1, spec.kv_lora_rank + spec.qk_rope_head_dim, 0)
+
+    def rope_specs(self, config: ModelConfig) -> dict[str, RopeSpec]:
+        params = raw_rope_parameters(config)
+        theta = float(params.get("rope_theta") or config.rope_theta)
+        return {
+            "default": RopeSpec(
+                theta=theta,
+                head_dim=int(config.raw["qk_rope_head_dim"]),
+                max_positions=config.max_position_embeddings,
+                scaling=config.rope_scaling,
+                interleaved=self.interleaved_rope_for(config),
+            )
+        }
+
+    def interleaved_rope_for(self, config: ModelConfig) -> bool:
+        return self.interleaved_rope
+
+    def num_experts(self, config: ModelConfig) -> int:
+        raw = config.raw
+        return int(raw.get("n_routed_experts") or raw.get("num_local_experts") or 0)
+
+    def is_sparse(self, config: ModelConfig, index: int) -> bool:
+        first_dense = int(config.raw.get("first_k_dense_replace") or 0)
+        return self.num_experts(config) > 0 and index >= first_dense
+
+    def moe_spec(self, config: ModelConfig) -> MoESpec:
+        raw = config.raw
+        group_limited = raw.get("topk_method") == "group_limited_greedy"
+        inter = int(raw["moe_intermediate_size"])
+        return MoESpec(
+            hidden_size=config.hidden_size,
+            intermediate_size=inter,
+            num_experts=self.num_experts(config),
+            top_k=int(raw["num_experts_per_tok"]),
+            routing="softmax_group" if group_limited else "softmax_topk",
+            normalize=False,
+            scale=float(raw.get("routed_scaling_factor") or 1.0),
+            num_groups=int(raw.get("n_group") or 1),
+            topk_groups=int(raw.get("topk_group") or 1),
+            shared_intermediate=inter * int(raw.get("n_shared_experts") or 0),
+        )
+
+    def build_layer(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
+        dtype, device = factory.dtype, factory.device
+        if self.is_sparse(config, index):
+            mlp = MoE(self.moe_spec(config), factory, shared_act=self.activation(config))
+        else:
+            mlp = self.build_mlp(config, index, factory)
+        return PreNormLayer(
+            LatentAttention(self.mla_spec(config), factory),
+            mlp,
+            RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device),
+            RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device),
+        )
+
+    def attention_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        spec = self.mla_spec(config)
+        a = self.layer_prefix(index) + "self_attn."
+        kv_b = (a + "kv_b_proj.weight",)
+        nope, heads = spec.qk_nope_head_dim, spec.num_heads
+        uk = functools.partial(_kv_b_part, heads=heads, start=0, stop=nope)
+        uv = functools.partial(_kv_b_part, heads=heads, start=nope, stop=nope + spec.v_head_dim)
+        bindings = [
+            Binding("attn.kv_a", (a + "kv_a_proj_with_mqa.weight",)),
+            norm_binding("attn.kv_a_norm", a + "kv_a_layernorm.weight"),
+            Binding("attn.w_uk", kv_b, uk),
+            Binding("attn.w_uv", kv_b, uv),
+            Binding("attn.o", (a + "o_proj.weight",)),
+        ]
+        if spec.q_lora_rank is None:
+            bindings.append(Binding("attn.q", (a + "q_proj.weight",)))
+        else:
+            bindings.append(Binding("attn.q_a", (a + "q_a_proj.weight",)))
+            bindings.append(norm_binding("attn.q_a_norm", a + "q_a_layernorm.weight"))
+            bindings.append(Binding("attn.q_b", (a + "q_b_proj.weight",)))
+        if spec.bias:
+            for target, name in (
+                ("q_a", "q_a_proj"),
+                ("kv_a", "kv_a_proj_with_mqa"),
+                ("o", "o_proj"),
+            ):
+                if target != "q_a" or spec.q_lora_rank is not None:
+                    bindings.append(Binding(f"attn.{target}.bias", (f"{a}{name}.bias",)))
+        return bindings
+
+    def router_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        return [Binding("mlp.router", (self.layer_prefix(index) + "mlp.gate.weight",))]
+
+    def layer_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
+        p = self.layer_prefix(index)
+        bindings = [
+            norm_binding("input_norm", p + "input_layernorm.weight"),
+            norm_binding("post_norm", p + "post_attention_layernorm.weight"),
+            *self.attention_bindings(config, index),
+        ]
+        if not self.is_sparse(config, index):
+            return bindings + gated_mlp_bindings(p)
+        bindings += self.router_bindings(config, index)
+        bindings += expert_bindings(
+            p + "mlp.experts.", self.num_experts(config), "gate_proj", "up_proj", "down_proj"
+        )
+        if self.moe_spec(config).shared_intermediate:
+            bindings += gated_mlp_bindings(p, target="mlp.shared", module="mlp.shared_experts")
+        return bindings
+
+
+ARCHITECTURE = DeepseekV2()
