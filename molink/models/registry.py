@@ -30,8 +30,8 @@ _REGISTRY: dict[str, Entry] = {
     "MistralForCausalLM": Entry("mistral"),
     "Qwen2ForCausalLM": Entry("qwen2", gguf="qwen2"),
     "Qwen3ForCausalLM": Entry("qwen3", gguf="qwen3"),
-    "Gemma2ForCausalLM": Entry("gemma2"),
-    "Gemma3ForCausalLM": Entry("gemma3"),
+    "Gemma2ForCausalLM": Entry("gemma2", gguf="gemma2"),
+    "Gemma3ForCausalLM": Entry("gemma3", gguf="gemma3"),
     "Phi3ForCausalLM": Entry("phi3"),
     "Olmo2ForCausalLM": Entry("olmo2"),
     "GraniteForCausalLM": Entry("granite"),
@@ -67,6 +67,10 @@ def resolve_architecture(archs: Sequence[str] | None) -> str:
 
 def architecture_for(config: ModelConfig) -> DecoderArchitecture:
     """The architecture object that builds and loads ``config``'s decoder."""
-    name = resolve_architecture([config.architecture])
+    return architecture_named(config.architecture)
+
+
+def architecture_named(name: str) -> DecoderArchitecture:
+    name = resolve_architecture([name])
     module = importlib.import_module(f"molink.models.archs.{_REGISTRY[name].module}")
     return module.ARCHITECTURE

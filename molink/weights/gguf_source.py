@@ -1,15 +1,15 @@
 """GGUF files (llama.cpp's format): config from metadata, tensors dequantized on demand.
 
-Tensor names are mapped to Hugging Face's, and llama.cpp's row permutation of Q and K in
-llama-architecture files is undone exactly as transformers undoes it when it loads GGUF, so
-that the rest of MoLink sees one naming and one layout.
+Tensor names are mapped to Hugging Face's (molink.weights.gguf_names), and what llama.cpp's
+converter changed (Q/K row order of llama files, Gemma's ``1 + w`` norms) is undone by the
+architecture's file exactly as transformers undoes it when it loads GGUF, so that the rest
+of MoLink sees one naming and one layout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,12 @@ import torch
 
 from molink.config import ModelConfig
 from molink.errors import UnsupportedArchitectureError, WeightLoadError
-from molink.models.registry import GGUF_ARCHITECTURES
+from molink.models.registry import GGUF_ARCHITECTURES, architecture_for, architecture_named
 from molink.models.rope import base_inv_freq, llama3_inv_freq
 from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
 from molink.quant.groups import GroupInts
 from molink.weights.cache import build_entry, default_cache_dir, file_key
+from molink.weights.gguf_names import gguf_locations
 from molink.weights.source import ModelSource, TensorStore
 
 logger = logging.getLogger(__name__)
@@ -31,30 +32,6 @@ logger = logging.getLogger(__name__)
 EMBED_NAME = "model.embed_tokens.weight"
 FINAL_NORM_NAME = "model.norm.weight"
 LM_HEAD_NAME = "lm_head.weight"
-_MODEL_TYPES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": EMBED_NAME,
-    "output_norm.weight": FINAL_NORM_NAME,
-    "output.weight": LM_HEAD_NAME,
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # llama.cpp writes Llama 3.1+ RoPE scaling as a tensor of per-frequency divisors; these are
 # the published parameter sets it is computed from.
 _LLAMA3_CANDIDATES = [
@@ -62,24 +39,6 @@ _LLAMA3_CANDIDATES = [
     for f in (8.0, 32.0, 16.0, 4.0, 2.0)
 ]
 _LLAMA3_ORIGINAL_CONTEXT = 8192
-
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The Hugging Face name for a GGUF tensor name, or None for tensors MoLink ignores."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _LAYER_RE.match(gguf_name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
-        return None
-    layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
-
-
-def reverse_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's interleaving of each head's rotary halves (rows of Q or K)."""
-    dim = weights.shape[0] // num_heads // 2
-    w = weights.reshape(num_heads, dim, 2, *weights.shape[1:])
-    return w.swapaxes(2, 1).reshape(weights.shape)
 
 
 def open_reader(path: Path) -> Any:
@@ -104,6 +63,7 @@ def gguf_config_dict(reader: Any) -> dict[str, Any]:
     hf_arch = GGUF_ARCHITECTURES.get(arch)
     if hf_arch is None:
         raise UnsupportedArchitectureError([f"gguf:{arch}"], list(GGUF_ARCHITECTURES))
+    architecture = architecture_named(hf_arch)
     p = f"{arch}."
     tensor_names = {t.name for t in reader.tensors}
     hidden = int(_field(reader, p + "embedding_length"))
@@ -114,7 +74,7 @@ def gguf_config_dict(reader: Any) -> dict[str, Any]:
     eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     cfg: dict[str, Any] = {
         "architectures": [hf_arch],
-        "model_type": _MODEL_TYPES[hf_arch],
+        "model_type": architecture.model_type,
         "vocab_size": int(_vocab_size(reader, p)),
         "hidden_size": hidden,
         "intermediate_size": int(_field(reader, p + "feed_forward_length")),
@@ -136,7 +96,7 @@ def gguf_config_dict(reader: Any) -> dict[str, Any]:
     scaling = _rope_scaling(reader, p, cfg)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
-    return cfg
+    return architecture.gguf_config(cfg, lambda key, default=None: _field(reader, p + key, default))
 
 
 def _vocab_size(reader: Any, prefix: str) -> int:
@@ -185,6 +145,10 @@ def _llama3_from_freq_factors(factors: np.ndarray, cfg: dict[str, Any]) -> dict[
 class GGUFStore(TensorStore):
     """Lazy, Hugging Face-named tensors of a GGUF file, dequantized to float32 when read.
 
+    Names map through the ``gguf`` package's own table for the file's architecture; an
+    expert of a mixture-of-experts layer is one slice of llama.cpp's stacked tensor, and
+    that stacked tensor is dequantized once for all the experts a stage reads.
+
     With ``quantized``, tensors of the block types molink.quant.gguf_blocks decodes come
     back as ``GroupInts`` (integers and scales, no float copy); the rest as float32.
     """
@@ -195,62 +159,64 @@ class GGUFStore(TensorStore):
         super().__init__()
         self._where = where
         self._quantized = quantized
-        self._tensors = {}
-        for tensor in reader.tensors:
-            name = hf_tensor_name(tensor.name)
-            if name is not None:
-                self._tensors[name] = tensor
-        # Only llama-architecture files carry the Q/K permutation (see transformers' GGUF
-        # loader, LlamaTensorProcessor); Qwen files are stored in Hugging Face order.
-        self._permuted = config.architecture == "LlamaForCausalLM"
-        self._num_heads = config.num_heads
-        self._num_kv_heads = config.num_kv_heads
+        self._config = config
+        self._architecture = architecture_for(config)
+        by_name = {tensor.name: tensor for tensor in reader.tensors}
+        arch = _field(reader, "general.architecture")
+        self._locations = {
+            hf: location
+            for hf, location in gguf_locations(arch, config).items()
+            if location[0] in by_name
+        }
+        self._tensors = by_name
+        self._stacked: tuple[str, np.ndarray] | None = None
 
     def names(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._locations)
 
     def describe(self) -> str:
         return self._where
 
     def _read(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        tensor = self._tensors[name]
-        if self._quantized and tensor.tensor_type.name in BLOCK_TYPES:
+        gguf_name, expert = self._locations[name]
+        tensor = self._tensors[gguf_name]
+        if expert is None and self._quantized and tensor.tensor_type.name in BLOCK_TYPES:
             return self._read_quantized(name, tensor)  # type: ignore[return-value]
-        try:
-            # A plain ndarray view dequantizes faster than numpy's memmap subclass.
-            data = dequantize(np.asarray(tensor.data), tensor.tensor_type)
-            data = data.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
-        except Exception as exc:
-            raise WeightLoadError(
-                f"cannot dequantize {tensor.name} ({tensor.tensor_type.name}) from {self._where}: "
-                f"{exc}"
-            ) from exc
-        if self._permuted and ".self_attn.q_proj." in name:
-            data = reverse_permute(data, self._num_heads)
-        elif self._permuted and ".self_attn.k_proj." in name:
-            data = reverse_permute(data, self._num_kv_heads)
+        if expert is None:
+            data = self._dequantize(gguf_name)
+        else:
+            if self._stacked is None or self._stacked[0] != gguf_name:
+                self._stacked = (gguf_name, self._dequantize(gguf_name))
+            data = self._stacked[1][expert]
+        data = self._architecture.gguf_tensor(name, data, self._config)
         data = data.astype(np.float32, copy=False)
         if not data.flags.writeable or not data.flags.c_contiguous:
             data = np.array(data, order="C", copy=True)  # F32 tensors are read-only memmaps
         return torch.from_numpy(data)
 
+    def _dequantize(self, gguf_name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        tensor = self._tensors[gguf_name]
+        try:
+            # A plain ndarray view dequantizes faster than numpy's memmap subclass.
+            data = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+            return data.reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
+        except Exception as exc:
+            raise WeightLoadError(
+                f"cannot dequantize {tensor.name} ({tensor.tensor_type.name}) from {self._where}: "
+                f"{exc}"
+            ) from exc
+
     def _read_quantized(self, name: str, tensor: Any) -> GroupInts:
         cols, rows = (int(d) for d in tensor.shape.tolist())
         ints = decode_blocks(np.asarray(tensor.data), tensor.tensor_type.name, rows, cols)
-        heads = self._permuted_heads(name)
-        if heads is not None:
-            order = reverse_permute(np.arange(rows), heads)
+        # What the architecture undoes on a quantized matrix can only be a row order (Llama's
+        # Q/K permutation): its undo applied to the row indices gives that order.
+        order = self._architecture.gguf_tensor(name, np.arange(rows), self._config)
+        if not np.array_equal(order, np.arange(rows)):
             ints = ints.rows(torch.from_numpy(np.ascontiguousarray(order)))
         return ints
-
-    def _permuted_heads(self, name: str) -> int | None:
-        if self._permuted and ".self_attn.q_proj." in name:
-            return self._num_heads
-        if self._permuted and ".self_attn.k_proj." in name:
-            return self._num_kv_heads
-        return None
 
 
 def export_gguf_tokenizer(gguf_path: Path, out_dir: Path, reader: Any | None = None) -> None:

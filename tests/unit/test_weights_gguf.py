@@ -12,11 +12,12 @@ import torch
 from molink.config import LayerRange
 from molink.errors import UnsupportedArchitectureError, WeightLoadError
 from molink.models import SeqChunk
+from molink.models.archs.llama import reverse_permute
 from molink.models.rope import base_inv_freq, llama3_inv_freq
 from molink.weights import resolve_model_source
 from molink.weights.cache import MARKER_FILE, build_entry
 from molink.weights.gguf_convert import cached_gguf_as_hf_dir
-from molink.weights.gguf_source import _llama3_from_freq_factors, reverse_permute
+from molink.weights.gguf_source import _llama3_from_freq_factors
 from tests.helpers.paged_runner import PagedRunner
 from tests.helpers.tiny_gguf import permute, write_tiny_gguf
 from tests.helpers.tiny_models import load_reference_model

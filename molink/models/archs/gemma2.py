@@ -3,6 +3,9 @@ sqrt(hidden), soft-capped attention and final logits, sliding and global layers 
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from torch import nn
 
 from molink.config import ModelConfig
@@ -23,6 +26,7 @@ from molink.models.blocks.sandwich import SandwichLayer
 
 
 class Gemma2(DecoderArchitecture):
+    model_type = "gemma2"
     activation_field = "hidden_activation"
     default_activation = "gelu_pytorch_tanh"
 
@@ -32,6 +36,31 @@ class Gemma2(DecoderArchitecture):
     def logits_softcap(self, config: ModelConfig) -> float | None:
         cap = config.raw.get("final_logit_softcapping")
         return float(cap) if cap else None
+
+    def gguf_tensor(self, name: str, data: np.ndarray, config: ModelConfig) -> np.ndarray:
+        # llama.cpp stores Gemma's norm weights as 1 + w; the bindings add the 1 again.
+        return data - 1 if name.endswith("norm.weight") else data
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        cfg = {
+            **cfg,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": cfg["head_dim"],
+        }
+        cfg.pop("hidden_act", None)
+        window = field("attention.sliding_window")
+        if window:
+            cfg["sliding_window"] = int(window)
+        # Sliding and global layers alternate, starting with a sliding one.
+        layers = range(int(cfg["num_hidden_layers"]))
+        cfg["layer_types"] = [
+            "sliding_attention" if i % 2 == 0 else "full_attention" for i in layers
+        ]
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = field(key)
+            if value:
+                cfg[key] = float(value)
+        return cfg
 
     def final_norm_bindings(self, config: ModelConfig) -> list[Binding]:
         return [norm_binding("", "model.norm.weight", plus_one)]

@@ -13,7 +13,30 @@ from molink.models.rope import RopeSpec, rope_type_of
 _LOCAL, _GLOBAL = "sliding_attention", "full_attention"
 
 
+# llama.cpp's Gemma 3: every sixth layer attends globally, local layers rotate with base 1e4.
+_GLOBAL_EVERY = 6
+_LOCAL_THETA = 10000.0
+
+
 class Gemma3(Gemma2):
+    model_type = "gemma3_text"
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        cfg = super().gguf_config(cfg, field)
+        layers = int(cfg["num_hidden_layers"])
+        cfg["layer_types"] = [
+            _GLOBAL if (i + 1) % _GLOBAL_EVERY == 0 else _LOCAL for i in range(layers)
+        ]
+        full = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
+        scaling = cfg.pop("rope_scaling", None)
+        if scaling:
+            full.update(scaling)
+        cfg["rope_parameters"] = {
+            _LOCAL: {"rope_type": "default", "rope_theta": _LOCAL_THETA},
+            _GLOBAL: full,
+        }
+        return cfg
+
     def qk_norm(self) -> str | None:
         return "head"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from torch import nn
 
 from molink.config import ModelConfig
@@ -20,7 +21,25 @@ from molink.models.blocks.norms import RMSNorm
 from molink.models.blocks.prenorm import PreNormLayer
 
 
+def reverse_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of each head's rotary halves (rows of Q or K)."""
+    dim = weights.shape[0] // num_heads // 2
+    w = weights.reshape(num_heads, dim, 2, *weights.shape[1:])
+    return w.swapaxes(2, 1).reshape(weights.shape)
+
+
 class Llama(DecoderArchitecture):
+    # llama.cpp permutes Q/K rows of llama-architecture files only (transformers' GGUF
+    # loader undoes it likewise); other families are stored in Hugging Face order.
+    gguf_permuted_qk = True
+
+    def gguf_tensor(self, name: str, data: np.ndarray, config: ModelConfig) -> np.ndarray:
+        if self.gguf_permuted_qk and ".self_attn.q_proj." in name:
+            return reverse_permute(data, config.num_heads)
+        if self.gguf_permuted_qk and ".self_attn.k_proj." in name:
+            return reverse_permute(data, config.num_kv_heads)
+        return data
+
     def qkv_bias(self, config: ModelConfig) -> bool:
         return config.attention_bias
 

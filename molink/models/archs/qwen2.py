@@ -7,6 +7,9 @@ from molink.models.archs.llama import Llama
 
 
 class Qwen2(Llama):
+    model_type = "qwen2"
+    gguf_permuted_qk = False
+
     def qkv_bias(self, config: ModelConfig) -> bool:
         return True
 

@@ -7,6 +7,9 @@ from molink.models.archs.llama import Llama
 
 
 class Qwen3(Llama):
+    model_type = "qwen3"
+    gguf_permuted_qk = False
+
     def qk_norm(self, config: ModelConfig) -> str | None:
         return "head"
 
