@@ -19,6 +19,7 @@ _ARCH = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
 }
 _LAYER_PARTS = {
     "input_layernorm": "attn_norm",
@@ -79,8 +80,9 @@ def write_tiny_gguf(
     _write_tokenizer(writer, Path(hf_dir))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     drop, quantize = set(drop), set(quantize)
+    names = _names_from_gguf_package(arch, config) if arch.startswith("gemma") else None
     for hf_name, array in tensors.items():
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name) if names is None else names[hf_name]
         if name in drop:
             continue
         array = array.astype(np.float32)
@@ -88,6 +90,8 @@ def write_tiny_gguf(
             array = permute(array, heads)
         elif arch == "llama" and ".attn_k." in name:
             array = permute(array, kv_heads)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            array = array + 1  # llama.cpp stores Gemma's norms as 1 + w
         if name in quantize:
             qtype = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
@@ -98,6 +102,21 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return Path(out_path)
+
+
+def _names_from_gguf_package(arch: str, config: dict) -> dict[str, str]:
+    """Hugging Face -> GGUF names from the gguf package's table (no experts here)."""
+    from molink.config import ModelConfig
+    from molink.weights.gguf_names import gguf_locations
+
+    locations = gguf_locations(arch, ModelConfig.from_hf_dict(config))
+    return {hf: name for hf, (name, _) in locations.items()}
+
+
+def _write_gemma2(writer, config: dict) -> None:
+    writer.add_sliding_window(config["sliding_window"])
+    writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(config["final_logit_softcapping"])
 
 
 def _write_config(writer, config: dict) -> None:
@@ -117,6 +136,8 @@ def _write_config(writer, config: dict) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 1e4))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if config["architectures"][0] == "Gemma2ForCausalLM":
+        _write_gemma2(writer, config)
 
 
 def _write_tokenizer(writer, hf_dir: Path) -> None:

@@ -98,7 +98,7 @@ def _dense(arch: str, kwargs: dict[str, Any]) -> str:
         kwargs.update(
             head_dim=16,
             sliding_window=WINDOW,
-            query_pre_attn_scalar=24,
+            query_pre_attn_scalar=16,  # llama.cpp scales by head_dim (the GGUF test's case)
             attn_logit_softcapping=3.0,
             final_logit_softcapping=4.0,
         )

@@ -65,3 +65,12 @@ def test_a_stage_reads_only_its_layers(gemma3_gguf: Path) -> None:
     layers = {int(n.split(".")[2]) for n in read if n.startswith("model.layers.")}
     assert layers == set(range(9, 18))
     assert "model.embed_tokens.weight" in read  # tied: the last stage's LM head
+
+
+def test_tokenizer_matches_transformers(source) -> None:
+    """The tokenizer converted from the GGUF encodes and decodes as transformers' does."""
+    from transformers import AutoTokenizer
+
+    from tests.unit.test_tokenizer import compare_with_transformers
+
+    compare_with_transformers(source.tokenizer_dir, AutoTokenizer)

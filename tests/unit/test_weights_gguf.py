@@ -45,7 +45,7 @@ def _logits(model, token_ids: list[int]) -> torch.Tensor:
     return model.compute_logits(hidden)
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2"])
 def test_gguf_model_matches_the_original_checkpoint(tiny_model_dir, gguf_files, arch) -> None:
     hf_dir = tiny_model_dir(arch)
     source = resolve_model_source(str(gguf_files(arch)))

@@ -24,9 +24,14 @@ class Gemma3(Gemma2):
     def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
         cfg = super().gguf_config(cfg, field)
         layers = int(cfg["num_hidden_layers"])
-        cfg["layer_types"] = [
-            _GLOBAL if (i + 1) % _GLOBAL_EVERY == 0 else _LOCAL for i in range(layers)
-        ]
+        pattern = field("attention.sliding_window_pattern")
+        if isinstance(pattern, list):  # newer files: one flag per layer, true = sliding
+            cfg["layer_types"] = [_LOCAL if sliding else _GLOBAL for sliding in pattern]
+        else:
+            every = int(pattern or _GLOBAL_EVERY)
+            cfg["layer_types"] = [
+                _GLOBAL if (i + 1) % every == 0 else _LOCAL for i in range(layers)
+            ]
         full = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
         scaling = cfg.pop("rope_scaling", None)
         if scaling:
