@@ -123,13 +123,17 @@ def check_quantization(config: ModelConfig) -> None:
         )
 
 
-GGUFField = Callable[..., Any]  # (key without the arch prefix, default) -> value
+# (key, default) -> value of a GGUF metadata field; keys are relative to the architecture
+# ("attention.sliding_window") unless they start with "general." or "tokenizer.".
+GGUFField = Callable[..., Any]
 
 
 class DecoderArchitecture:
     """Defaults are Llama's; subclasses override what differs."""
 
     model_type = "llama"  # config.json's model_type, written when a GGUF file is converted
+    # The family's chat format, for GGUF files that ship no template of their own.
+    default_chat_template: str | None = None
     embed_name = "model.embed_tokens.weight"
     final_norm_prefix = "model.norm"
     lm_head_name = "lm_head.weight"

@@ -21,7 +21,10 @@ logger = logging.getLogger(__name__)
 def converted_dir_for(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Where the conversion of ``gguf_path`` (this exact version of the file) lives."""
     root = cache_dir if cache_dir is not None else default_cache_dir()
-    return root / "models" / f"{gguf_path.stem}-{file_key(gguf_path)}"
+    from molink.weights.gguf_source import CONVERSION_VERSION
+
+    key = f"{file_key(gguf_path)}-v{CONVERSION_VERSION}"
+    return root / "models" / f"{gguf_path.stem}-{key}"
 
 
 def convert_gguf_to_hf_dir(gguf_path: Path, out_dir: Path) -> None:

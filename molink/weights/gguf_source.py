@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ from molink.weights.gguf_names import gguf_locations
 from molink.weights.source import ModelSource, TensorStore
 
 logger = logging.getLogger(__name__)
+
+# Bumped when conversions change (2: family chat templates for files without one), so that
+# cached conversions of an older MoLink are not reused.
+CONVERSION_VERSION = 2
 
 EMBED_NAME = "model.embed_tokens.weight"
 FINAL_NORM_NAME = "model.norm.weight"
@@ -96,7 +101,15 @@ def gguf_config_dict(reader: Any) -> dict[str, Any]:
     scaling = _rope_scaling(reader, p, cfg)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
-    return architecture.gguf_config(cfg, lambda key, default=None: _field(reader, p + key, default))
+    return architecture.gguf_config(cfg, _field_reader(reader, p))
+
+
+def _field_reader(reader: Any, prefix: str) -> Callable[..., Any]:
+    def field(key: str, default: Any = None) -> Any:
+        absolute = key.startswith(("general.", "tokenizer."))
+        return _field(reader, key if absolute else prefix + key, default)
+
+    return field
 
 
 def _vocab_size(reader: Any, prefix: str) -> int:
@@ -231,9 +244,13 @@ def export_gguf_tokenizer(gguf_path: Path, out_dir: Path, reader: Any | None = N
     except Exception as exc:
         raise WeightLoadError(f"cannot build a tokenizer from {gguf_path}: {exc}") from exc
     tokenizer.save_pretrained(str(out_dir))
-    template = _field(
-        reader if reader is not None else open_reader(gguf_path), "tokenizer.chat_template"
-    )
+    reader = reader if reader is not None else open_reader(gguf_path)
+    template = _field(reader, "tokenizer.chat_template")
+    if template is None:
+        # No template in the file: the family's own format, if its architecture has one.
+        hf_arch = GGUF_ARCHITECTURES.get(_field(reader, "general.architecture"))
+        if hf_arch is not None:
+            template = architecture_named(hf_arch).default_chat_template
     _put_chat_template_in_config(out_dir, template)
 
 
@@ -250,7 +267,8 @@ def _put_chat_template_in_config(out_dir: Path, template: str | None) -> None:
 
 
 def cached_gguf_tokenizer(gguf_path: Path, reader: Any | None = None) -> Path:
-    entry = default_cache_dir() / "tokenizers" / f"{gguf_path.stem}-{file_key(gguf_path)}"
+    key = f"{file_key(gguf_path)}-v{CONVERSION_VERSION}"
+    entry = default_cache_dir() / "tokenizers" / f"{gguf_path.stem}-{key}"
     return build_entry(
         entry,
         lambda tmp: export_gguf_tokenizer(gguf_path, tmp, reader),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from molink.config import LayerRange
+from molink.tokenizer import Tokenizer
 from molink.weights import resolve_model_source
 from molink.weights.gguf_convert import cached_gguf_source
 from tests.helpers.greedy_reference import greedy_reference
@@ -74,3 +75,32 @@ def test_tokenizer_matches_transformers(source) -> None:
     from tests.unit.test_tokenizer import compare_with_transformers
 
     compare_with_transformers(source.tokenizer_dir, AutoTokenizer)
+
+
+def test_gemma_chat_format_for_a_file_without_a_template(source) -> None:
+    """The GGUF ships no chat template: Gemma's format comes from its architecture file,
+    renders through MoLink's tokenizer path as transformers renders it, and a turn's end
+    stops generation."""
+    from transformers import AutoTokenizer
+
+    ours = Tokenizer.from_dir(source.tokenizer_dir)
+    theirs = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
+    chats = [
+        [{"role": "user", "content": "Capital of France?"}],
+        [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": [{"type": "text", "text": "Capital of France?"}]},
+            {"role": "assistant", "content": "Paris"},
+            {"role": "user", "content": "And of Italy?"},
+        ],
+    ]
+    for chat in chats:
+        for add_generation_prompt in (True, False):
+            rendered = ours.apply_chat_template(chat, add_generation_prompt=add_generation_prompt)
+            expected = theirs.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            assert rendered == expected
+    assert rendered.startswith("<bos><start_of_turn>user\nAnswer in one word.\n\nCapital")
+    assert "<start_of_turn>model\nParis<end_of_turn>\n" in rendered
+    assert ours.token_to_id("<end_of_turn>") in source.model_config.eos_token_ids

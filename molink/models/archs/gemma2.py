@@ -24,9 +24,31 @@ from molink.models.blocks.mlp import GatedMLP
 from molink.models.blocks.norms import RMSNorm
 from molink.models.blocks.sandwich import SandwichLayer
 
+# Gemma's turns: roles user/model, a system message folded into the first user turn.
+GEMMA_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set pending = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{%- set pending.system = text -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' + role + '\n' -}}"
+    "{%- if pending.system and role == 'user' -%}"
+    "{{- pending.system + '\n\n' -}}{%- set pending.system = '' -%}{%- endif -%}"
+    "{{- text | trim -}}{{- '<end_of_turn>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+)
+END_OF_TURN = "<end_of_turn>"
+
 
 class Gemma2(DecoderArchitecture):
     model_type = "gemma2"
+    default_chat_template = GEMMA_CHAT_TEMPLATE
     activation_field = "hidden_activation"
     default_activation = "gelu_pytorch_tanh"
 
@@ -56,6 +78,9 @@ class Gemma2(DecoderArchitecture):
         cfg["layer_types"] = [
             "sliding_attention" if i % 2 == 0 else "full_attention" for i in layers
         ]
+        tokens = field("tokenizer.ggml.tokens") or []
+        if END_OF_TURN in tokens:  # a chat turn ends there: stop as at the end of text
+            cfg["eos_token_id"] = [*cfg["eos_token_id"], tokens.index(END_OF_TURN)]
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             value = field(key)
             if value:
