@@ -1,0 +1,177 @@
+"""SmolLM2-135M Q4_1 served quantized against float32, bfloat16 and llama.cpp, in one run.
+
+Each server gets one compute thread (``--num-threads 1``; llama.cpp ``--n_threads 1``) on
+this 2-core machine and serves the same GGUF file. For 1, 8 and 32 concurrent streams
+(all sent at once, a text prompt, 64 new tokens, greedy, ``ignore_eos`` where the server
+honours it) it records output tok/s, TTFT and TPOT from the streamed answers, and each
+server's peak resident memory (VmHWM) after the runs.
+
+llama.cpp runs through llama-cpp-python's server (``python -m llama_cpp.server``), built
+from source by ``pip install 'llama-cpp-python[server]'`` into its own virtualenv (it
+pins its own numpy/fastapi); pass its interpreter with ``--llama-python``. That server
+answers one request at a time (no batching across requests).
+
+    python bench/quant_serving.py [--llama-python /path/to/venv/bin/python]
+        [--servers molink_q4_1,molink_float32] [--streams 1,8,32] [--new-tokens 32]
+        [--name quant_serving]
+
+Writes ``bench/results/<name>.json``. Committed runs (a host loaded by other jobs, so
+absolute figures are low and noisy; each file compares its servers in one run):
+``quant_serving.json``: Q4_1 vs float32 at 1, 8, 32 streams, 32 new tokens;
+``quant_serving_bf16.json``: Q4_1 vs bfloat16 at 1 and 8 streams. llama.cpp's server was
+not measured: llama-cpp-python's source build did not finish on one core of this host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import (  # noqa: E402
+    LOOPBACK,
+    free_port,
+    molink_serve_command,
+    running_server,
+    write_results,
+)
+from molink.loadgen.runner import LoadConfig, run_load  # noqa: E402
+from molink.loadgen.workload import RequestSpec  # noqa: E402
+from molink.weights import default_model_gguf  # noqa: E402
+
+logger = logging.getLogger("quant_serving")
+
+PROMPT = (
+    "Write a long story about a lighthouse keeper who finds a message in a bottle and "
+    "decides to travel across the ocean to find the sender. Chapter"
+)
+NEW_TOKENS = 64  # default; --new-tokens
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def servers(llama_python: str | None) -> dict[str, list[str] | None]:
+    gguf = str(default_model_gguf())
+    common = ["--num-threads", "1", "--max-num-seqs", "64"]
+    found: dict[str, list[str] | None] = {
+        "molink_q4_1": ["--model", gguf, "--quantization", "gguf", *common],
+        "molink_float32": [
+            "--model",
+            gguf,
+            "--quantization",
+            "none",
+            "--dtype",
+            "float32",
+            *common,
+        ],
+        "molink_bfloat16": [
+            "--model",
+            gguf,
+            "--quantization",
+            "none",
+            "--dtype",
+            "bfloat16",
+            *common,
+        ],
+        "llama_cpp": None,
+    }
+    if llama_python:
+        found["llama_cpp"] = [llama_python, "-m", "llama_cpp.server", "--model", gguf,
+                              "--n_threads", "1", "--n_ctx", "4096", "--host", LOOPBACK]  # fmt: skip
+    return found
+
+
+def command_for(name: str, flags: list[str], port: int) -> list[str]:
+    if name == "llama_cpp":
+        return [*flags, "--port", str(port)]
+    return molink_serve_command(port, flags)
+
+
+async def measure(base_url: str, streams: int, new_tokens: int) -> dict[str, Any]:
+    specs = [RequestSpec(f"{PROMPT} {i + 1}:", new_tokens) for i in range(streams)]
+    config = LoadConfig(base_url=base_url, read_timeout_s=600.0, run_timeout_s=1800.0)
+    result = await run_load(specs, config)
+    s = result.summary
+    return {
+        "streams": streams,
+        "output_tok_s": round(s.output_throughput, 2),
+        "ttft_mean_ms": s.ttft_mean_ms,
+        "tpot_mean_ms": s.tpot_mean_ms,
+        "completed": s.num_completed,
+        "output_tokens": s.total_output_tokens,
+        "length_mismatches": s.num_length_mismatches,
+        "errors": s.error_samples,
+    }
+
+
+def run(
+    llama_python: str | None, stream_counts: list[int], new_tokens: int, only: str | None
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, flags in servers(llama_python).items():
+        if only is not None and name not in only.split(","):
+            continue
+        if flags is None:
+            results[name] = {"skipped": "no --llama-python given"}
+            continue
+        port = free_port()
+        with running_server(
+            command_for(name, flags, port), port, env={"OMP_NUM_THREADS": "1"}
+        ) as server:
+            # One short request first: lazy initialisation does not land in the figures.
+            asyncio.run(measure(server.base_url, 1, 4))
+            runs = [asyncio.run(measure(server.base_url, n, new_tokens)) for n in stream_counts]
+            results[name] = {"runs": runs, "peak_rss_mib": _peak_rss_mib(server.process.pid)}
+        logger.info("%s: %s", name, results[name])
+    return results
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """Quantized tok/s over each other server's, per stream count."""
+    base = {r["streams"]: r["output_tok_s"] for r in results["molink_q4_1"]["runs"]}
+    out: dict[str, Any] = {}
+    for name, entry in results.items():
+        if name == "molink_q4_1" or "runs" not in entry:
+            continue
+        out[f"q4_1_over_{name}"] = {
+            str(r["streams"]): round(base[r["streams"]] / r["output_tok_s"], 2)
+            for r in entry["runs"]
+            if r["output_tok_s"]
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-python", default=None, help="python of llama-cpp-python's venv")
+    parser.add_argument("--streams", default="1,8,32")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--servers", default=None, help="comma-separated subset of the servers")
+    parser.add_argument("--name", default="quant_serving", help="results file name")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    streams = [int(n) for n in args.streams.split(",")]
+    results = run(args.llama_python, streams, args.new_tokens, args.servers)
+    write_results(
+        args.name,
+        {"new_tokens": args.new_tokens, "servers": results, "ratios": ratios(results)},
+    )
+
+
+if __name__ == "__main__":
+    main()
