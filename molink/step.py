@@ -5,14 +5,16 @@ its own layers; the last stage samples and answers with a ``StepResult``.
 
 Rules (the wire mirrors them one to one):
 
-* Block ids are allocated by the head and are the same on every stage (the head sizes its
-  block pool to the smallest stage's capacity). A stage only stores the tables.
+* Every node owns its KV cache: a stage allocates blocks itself for the sequences it is
+  sent, keyed by (head id, sequence id), and refuses a step it has no room for
+  (``FailureKind.KV_FULL``). Block ids in a plan (``new_block_ids``) are the head's own,
+  for the stage it computes in its process; they never travel.
 * A sequence's data (tokens, sampling parameters) reaches a stage once, in
   ``new_sequences``. It is sent again only when the stage must (re)start the sequence from
   scratch: first admission, resumption after preemption, or replay on another node.
-* After that only diffs travel: ``ScheduledSequence.new_block_ids`` (blocks appended to the
-  table this step), the flat ``token_ids`` of this step (read by the first stage only), and
-  ``finished_seq_ids`` (forget the sequence; its blocks are already freed by the head).
+* After that only diffs travel: the counters of each ``ScheduledSequence``, the flat
+  ``token_ids`` of this step (read by the first stage only), and ``finished_seq_ids``
+  (forget the sequence and free its blocks).
 * Rows of the flattened token batch follow the order of ``scheduled``.
 * The last stage keeps each sequence's token history for penalties and appends what it
   samples itself, so sampled tokens never travel forward.
@@ -20,6 +22,7 @@ Rules (the wire mirrors them one to one):
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from molink.sampling_params import SamplingParams
@@ -89,6 +92,19 @@ class SampledToken:
     prompt_logprobs: tuple[PromptTokenLogprob, ...] = ()
 
 
+class FailureKind(enum.IntEnum):
+    """Why a step failed (mirrors molink.proto's FailureKind). The head acts on the kind:
+    ``KV_FULL`` means a node kept nothing of the step, so its sequences can be preempted and
+    tried again; every other kind fails them (until replay exists)."""
+
+    NONE = 0
+    KV_FULL = 1
+    REJECTED = 2
+    NODE_ERROR = 3
+    UNREACHABLE = 4
+    DEADLINE = 5
+
+
 @dataclass(frozen=True)
 class StepResult:
     step_id: int
@@ -96,3 +112,5 @@ class StepResult:
     micro_batch: int = 0
     error: str | None = None  # a stage failed; the head fails the affected requests
     stage_timings: dict = field(default_factory=dict, compare=False)
+    failure_kind: FailureKind = FailureKind.NONE  # set with ``error``
+    failed_node_id: str = ""  # the node the failure is about, when known

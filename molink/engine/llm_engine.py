@@ -14,6 +14,7 @@ import time
 from molink.engine.executor import PlanExecutor
 from molink.engine.pacing import StepPacer
 from molink.engine.request_state import RequestState
+from molink.engine.routing import PlanRouter, RouteChoice
 from molink.errors import InvalidParameterError
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
@@ -32,6 +33,7 @@ class LLMEngine:
         tokenizer: TokenizerLike,
         num_micro_batches: int = 1,
         pacer: StepPacer | None = None,
+        router: PlanRouter | None = None,
     ) -> None:
         if num_micro_batches < 1:
             raise InvalidParameterError("num_micro_batches", "must be >= 1")
@@ -40,6 +42,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.num_micro_batches = num_micro_batches
         self.pacer = pacer  # None: plans take the scheduler's own limits
+        self.router = router  # None: one route (or one process) takes every plan
         self._requests: dict[str, RequestState] = {}
         self._in_flight: dict[int, StepPlan] = {}  # step id -> plan
         self._free_slots: list[int] = list(range(num_micro_batches))
@@ -137,10 +140,8 @@ class LLMEngine:
         self.nothing_to_schedule = False
         while self._free_slots:
             micro_batch = self._free_slots[-1]
-            plan = self._schedule(micro_batch)
-            if plan.is_empty:
-                if plan.finished_seq_ids:
-                    self.executor.release(list(plan.finished_seq_ids))
+            plan = self._schedule_routed(micro_batch)
+            if plan is None:
                 self.nothing_to_schedule = True
                 return
             self._free_slots.pop()
@@ -149,14 +150,30 @@ class LLMEngine:
             self.num_steps += 1
             self.executor.submit(plan)
 
-    def _schedule(self, micro_batch: int) -> StepPlan:
+    def _schedule_routed(self, micro_batch: int) -> StepPlan | None:
+        """The next plan (None: nothing to schedule); with a router, on the first route
+        choice that yields one. Empty plans only release what they carry."""
+        choices: list[RouteChoice | None] = [None] if self.router is None else self.router.choices()
+        for choice in choices:
+            plan = self._schedule(micro_batch, choice)
+            if not plan.is_empty:
+                if self.router is not None and choice is not None:
+                    self.router.bind(plan, choice)
+                return plan
+            if plan.finished_seq_ids:
+                self.executor.release(list(plan.finished_seq_ids))
+        return None
+
+    def _schedule(self, micro_batch: int, choice: RouteChoice | None) -> StepPlan:
+        accepts = None if choice is None else choice.accepts
         if self.pacer is None:
-            return self.scheduler.schedule(micro_batch=micro_batch)
+            return self.scheduler.schedule(micro_batch=micro_batch, accepts=accepts)
         limits = self.pacer.limits(self.scheduler, self._in_flight.values(), self.num_micro_batches)
         plan = self.scheduler.schedule(
             micro_batch=micro_batch,
             prefill_token_budget=limits.prefill_token_budget,
             max_decodes=limits.max_decodes,
+            accepts=accepts,
         )
         if not plan.is_empty:
             self.pacer.observe(plan)

@@ -1,13 +1,15 @@
 """Starting a node of a pipeline from the command line's --molink-* flags.
 
 The node holding layer 0 is the head: it runs the scheduler and the API and computes its
-own layers; every other node is a stage that joins through --molink-initial-peer. The
-head's block pool follows the smallest stage (block ids mean the same on every stage);
-its prefill budget and micro-batch count follow what its telemetry measures.
+own layers; every other node is a stage that joins through --molink-initial-peer. Every
+node owns its KV blocks: the head's scheduler allocates only the head's own, and other
+nodes allocate for the sequences they are sent. The head's prefill budget and
+micro-batch count follow what its telemetry measures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 
@@ -103,7 +105,17 @@ def load_stage(
     num_blocks = num_blocks_for(config, layers, options, kv_dtype)
     model = source.load_slice(layers, dtype_name(dtype), quantization=options.quantization)
     grammars = last_stage_grammars(source, layers)
-    worker = StageWorker(model, config, layers, num_blocks, options.block_size, kv_dtype, grammars)
+    # A head's own layers use its scheduler's blocks; any other node allocates its own.
+    worker = StageWorker(
+        model,
+        config,
+        layers,
+        num_blocks,
+        options.block_size,
+        kv_dtype,
+        grammars,
+        owns_blocks=layers.start != 0,
+    )
     return source, worker, node_info(args, source, layers, num_blocks, dtype, node_id), dtype
 
 
@@ -130,15 +142,20 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     config = source.model_config
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
+    # A prefix hit would name KV that only the head holds: other nodes own their blocks
+    # and compute every sequence from its first token.
+    options = dataclasses.replace(options, enable_prefix_caching=False)
     scheduler = build_scheduler(options, info.num_kv_blocks, max_model_len, eos)
-    telemetry = head_telemetry(head)
+    telemetry: PipelineTelemetry = head  # the head measures its own pipeline
     transmission = TransmissionScheduler(
         TransmissionConfig(enabled=args.molink_transmission_scheduling == "on"), telemetry
     )
     pacer = PipelinePacer(transmission)
-    engine = LLMEngine(scheduler, head, tokenizer, num_micro_batches=1, pacer=pacer)
+    engine = LLMEngine(
+        scheduler, head, tokenizer, num_micro_batches=1, pacer=pacer, router=head.routes
+    )
     controller = MicroBatchController(telemetry, pinned=args.molink_micro_batches)
-    sizer = PipelineSizer(engine, head, options, eos, controller, pacer)
+    sizer = PipelineSizer(engine, head, controller, pacer)
     return AsyncLLMEngine(
         engine, args.model_name, max_model_len, maintenance=sizer, metric_lines=head.metric_lines
     )
@@ -153,49 +170,24 @@ def pipeline_coverage(head: PipelineExecutor) -> Coverage:
     return Coverage(view.num_layers - uncovered, view.num_layers, spans)
 
 
-_TELEMETRY_METHODS = ("link_estimates", "stage_timings", "hidden_bytes_per_token")
-
-
-def head_telemetry(head: object) -> PipelineTelemetry | None:
-    """The head executor's measurements (molink/engine/telemetry.py), offered either by
-    the executor itself or by its ``telemetry`` attribute; None if it offers none, in
-    which case prefills are not capped and K stays at stages + 1 unless pinned."""
-    for candidate in (head, getattr(head, "telemetry", None)):
-        if candidate is not None and all(
-            callable(getattr(candidate, name, None)) for name in _TELEMETRY_METHODS
-        ):
-            return candidate  # type: ignore[return-value]
-    logger.warning(
-        "the head offers no pipeline telemetry: prefills are not capped and the "
-        "micro-batch count does not adapt"
-    )
-    return None
-
-
 class PipelineSizer:
-    """Keeps the head's block pool and micro-batch count in line with the pipeline.
+    """Keeps the micro-batch count and prefill pacing in line with the pipeline.
 
-    Called by the engine thread before each step. The block pool is rebuilt only when no
-    request runs (while layers are missing the API refuses requests, so in practice this
-    happens before the first request); if a smaller stage replaces one while requests run,
-    they fail and the pool shrinks, because block ids beyond a stage's pool would be wrong.
-    Once the pipeline is ready, every call lets the transmission scheduler and the
-    micro-batch controller follow the telemetry (each throttles itself).
+    Called by the engine thread before each step. When the set of nodes changes and every
+    layer is served, K restarts from the length of the route new sequences take; then
+    every call lets the transmission scheduler and the micro-batch controller follow the
+    telemetry (each throttles itself). The head's block pool is its own and never changes.
     """
 
     def __init__(
         self,
         engine: LLMEngine,
         head: PipelineExecutor,
-        options: EngineOptions,
-        eos: tuple[int, ...],
         controller: MicroBatchController,
         pacer: PipelinePacer,
     ) -> None:
         self.engine = engine
         self.head = head
-        self.options = options
-        self.eos = eos
         self.controller = controller
         self.pacer = pacer
         self._epoch = -1
@@ -207,28 +199,18 @@ class PipelineSizer:
             return []
         if self.head.readiness() is not None:
             return []
-        outputs: list[RequestOutput] = []
-        num_blocks = view.min_kv_blocks()
-        if num_blocks != self.engine.scheduler.kv.num_total_blocks:
-            if self.engine.has_unfinished_requests():
-                outputs = self.engine.fail_all("the pipeline changed; the request was stopped")
-            if self.engine.num_in_flight:
-                return outputs  # wait until in-flight steps drained
-            config = self.engine.scheduler.config
-            self.engine.scheduler = build_scheduler(
-                self.options, num_blocks, config.max_model_len, self.eos
-            )
-        micro_batches = self.controller.reset(len(view.stages))
+        route_length = len(self.head.route_nodes())
+        micro_batches = self.controller.reset(route_length)
         self.engine.set_num_micro_batches(micro_batches)
         self.pacer.transmission.refresh(force=True)
         self._epoch = view.epoch
         logger.info(
-            "pipeline ready: %d stages, %d KV blocks, %d micro-batches in flight",
+            "pipeline ready: %d nodes, routes of %d, %d micro-batches in flight",
             len(view.stages),
-            num_blocks,
+            route_length,
             micro_batches,
         )
-        return outputs
+        return []
 
     def _adapt(self) -> None:
         self.pacer.transmission.refresh()
@@ -289,6 +271,7 @@ def _start_stage(
         bind_address=bind,
         initial_peer=args.molink_initial_peer,
         input_dtype=dtype,
+        block_pool=worker.block_pool,
     )
     node.start()  # joins through the initial peer, retrying while it is unreachable
     logger.info("stage %s serves layers [%d, %d)", info.address, info.layers.start, info.layers.end)

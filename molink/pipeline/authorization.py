@@ -5,19 +5,19 @@ has no caller identity and trusts every caller, as it trusts its network:
 
 * a join names the caller itself (a node cannot register another node's id);
 * a pipeline update comes only from that pipeline's head;
-* a step or an in-stream release for head H comes from H itself or from the stage just
-  before this node on H's pipeline (the node H's route sends it through); a stage keys
+* a step or an in-stream release for head H comes from H itself or from the node just
+  before this one on the route the message carries (which starts at H); a stage keys
   sequences by (head id, sequence id), so nobody else can touch H's sequences;
 * a unary release for head H comes only from H;
-* a head takes sampled tokens only from the last stage of its pipeline, and error reports
-  only from its stages.
+* a head takes sampled tokens only from the last node of the route it chose for that step,
+  and error reports only from the nodes of that route.
 
 Each check returns None when the call is allowed, else the reason it is not.
 """
 
 from __future__ import annotations
 
-from molink.pipeline.registry import PipelineView
+from molink.placement.route import Route
 from molink.transport.generated import molink_pb2 as pb
 
 
@@ -42,41 +42,32 @@ def check_release(caller: str | None, head_id: str) -> str | None:
     return f"only head {head_id!r} may release its sequences, not node {caller}"
 
 
-def check_forward(
-    caller: str | None, head_id: str, node_id: str, view: PipelineView | None
-) -> str | None:
-    """``view``: head ``head_id``'s pipeline as node ``node_id`` knows it."""
-    if caller is None or caller == head_id:
+def check_forward(caller: str | None, route: Route, node_id: str) -> str | None:
+    """``route``: the route the message carries (its first hop is its head)."""
+    if caller is None or caller == route.head_id:
         return None
-    if view is None:
-        return f"node {node_id} is not part of head {head_id!r}'s pipeline"
-    ids = [stage.node_id for stage in view.stages]
-    if node_id in ids and ids.index(node_id) > 0:
-        previous = ids[ids.index(node_id) - 1]
-        if caller == previous:
-            return None
-        return (
-            f"steps of head {head_id!r} reach node {node_id} from node {previous} "
-            f"(epoch {view.epoch}), not from node {caller}"
-        )
-    return f"node {node_id} is not a stage after the head in head {head_id!r}'s pipeline"
+    index = route.index_of(node_id)
+    if index is None or index == 0:
+        return f"node {node_id} is not a node after the head on route {route.key}"
+    previous = route.hops[index - 1].node_id
+    if caller == previous:
+        return None
+    return f"steps on route {route.key} reach node {node_id} from node {previous}, not from node {caller}"
 
 
 def check_result(
-    caller: str | None, request: pb.ReturnResultsRequest, view: PipelineView | None
+    caller: str | None, request: pb.ReturnResultsRequest, route: Route | None
 ) -> str | None:
+    """``route``: the route the head chose for the step, None if it knows no such step."""
     if caller is None:
         return None
-    if view is None:
-        return "this node is not a head"
-    ids = [stage.node_id for stage in view.stages]
+    if route is None:
+        return f"no step {request.result.step_id} of this head is in flight"
+    ids = [hop.node_id for hop in route.hops]
     if request.result.HasField("error"):
         if caller in ids:
             return None
-        return f"node {caller} is not a stage of head {view.head_id}'s pipeline"
-    if ids and caller == ids[-1] and len(ids) > 1:
+        return f"node {caller} is not on route {route.key}"
+    if len(ids) > 1 and caller == ids[-1]:
         return None
-    return (
-        f"results of head {view.head_id}'s steps come from its last stage "
-        f"({ids[-1] if ids else 'none'}), not from node {caller}"
-    )
+    return f"results of steps on route {route.key} come from node {ids[-1]}, not from node {caller}"

@@ -1,9 +1,11 @@
 """PipelineExecutor: the head's side of the pipeline (molink.engine.executor.PlanExecutor).
 
-The head computes stage 0 itself on its compute thread, streams the hidden states to
-stage 1 from a sender thread, and receives sampled tokens from the last stage on its
-ReturnResults servicer. It keeps the registry of stages (joins arrive on its gRPC
-server), checks every stage's health, and guarantees that every submitted step comes back
+The head computes its own layers on its compute thread, streams the hidden states to the
+next node of each step's route from a sender thread, and receives sampled tokens from the
+route's last node on its ReturnResults servicer. It keeps the registry of nodes (joins
+arrive on its gRPC server; replicas of a span are welcome), checks every node's health,
+routes each sequence (molink.pipeline.route_book, the rule in molink.placement.router),
+and guarantees that every submitted step comes back
 from ``poll`` exactly once: with a result, or with an error naming what failed (a stage
 stopped answering, a deadline passed, a stage rejected the step). It also reports what
 it measures of every hop and stage (molink.engine.telemetry.PipelineTelemetry; see
@@ -24,22 +26,26 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
 from molink.config import LayerRange
 from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.errors import PipelineError
+from molink.pipeline.head_metrics import HopCounters, PipelineMetrics, swarm_metric_lines
 from molink.pipeline.head_telemetry import HeadTelemetry, fill_pipeline_proto, metric_lines
 from molink.pipeline.health import HealthMonitor
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.node import StageNode
 from molink.pipeline.registry import JoinRefusedError, PipelineView, StageRegistry
+from molink.pipeline.route_book import RouteBook
+from molink.pipeline.swarm_view import SwarmView
 from molink.pipeline.wire import node_from_proto, view_to_proto
 from molink.pipeline.worker import ReleaseJob, StepJob
+from molink.placement.route import Route
+from molink.placement.router import best_route
 from molink.stage.protocol import StageExecutor
-from molink.step import StepPlan, StepResult
+from molink.step import FailureKind, StepPlan, StepResult
 from molink.transport.config import TransportConfig
 from molink.transport.convert import trace_to_timings
 from molink.transport.generated import molink_pb2 as pb
@@ -47,53 +53,6 @@ from molink.transport.generated import molink_pb2 as pb
 logger = logging.getLogger(__name__)
 
 StepKey = tuple[int, int]  # (step_id, micro_batch)
-
-
-@dataclass(frozen=True)
-class HopCounters:
-    messages: int = 0
-    bytes: int = 0
-
-
-@dataclass(frozen=True)
-class PipelineMetrics:
-    """Bytes on each hop ("a->b") of the steps that came back, for bytes-per-token."""
-
-    hops: dict[str, HopCounters]
-    head_bytes_sent: int  # everything the head streamed, including failed steps
-    steps_completed: int
-    steps_failed: int
-    sampled_tokens: int
-
-    @property
-    def bytes_on_wire(self) -> int:
-        return sum(hop.bytes for hop in self.hops.values())
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.bytes_on_wire / self.sampled_tokens if self.sampled_tokens else 0.0
-
-    def metric_lines(self) -> list[str]:
-        """Prometheus counters of the traffic, for /metrics (bytes per token = the sum of
-        molink:pipeline_bytes_sent_total over hops / molink:pipeline_sampled_tokens_total)."""
-        lines: list[str] = []
-        for name, help_text, field in (
-            ("molink:pipeline_bytes_sent_total", "Bytes sent on each hop by completed steps.", "bytes"),
-            ("molink:pipeline_messages_total", "Messages sent on each hop by completed steps.", "messages"),
-        ):  # fmt: skip
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
-            for hop, counters in sorted(self.hops.items()):
-                lines.append(f'{name}{{hop="{_label(hop)}"}} {getattr(counters, field)}')
-        for name, help_text, value in (
-            ("molink:pipeline_head_bytes_sent_total", "Bytes the head streamed, failed steps included.", self.head_bytes_sent),
-            ("molink:pipeline_sampled_tokens_total", "Tokens sampled by completed steps.", self.sampled_tokens),
-        ):  # fmt: skip
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
-        name = "molink:pipeline_steps_total"
-        lines += [f"# HELP {name} Steps that came back, by outcome.", f"# TYPE {name} counter"]
-        lines.append(f'{name}{{outcome="completed"}} {self.steps_completed}')
-        lines.append(f'{name}{{outcome="failed"}} {self.steps_failed}')
-        return lines
 
 
 class PipelineExecutor:
@@ -122,8 +81,21 @@ class PipelineExecutor:
         )
         self._monitor = HealthMonitor(self.config, self._registry, on_stage_down=self._stage_down)
         self._telemetry = HeadTelemetry(
-            self._node.node_id, self._registry.view, self._node.links, self._monitor.latest
+            self._node.node_id,
+            self._registry.view,
+            self._node.links,
+            self._monitor.latest,
+            route=self.route_nodes,
         )
+        self.swarm = SwarmView(
+            self._registry,
+            self._monitor.latest,
+            self._monitor.round_trips,
+            self._telemetry.timings_by_node,
+            self._telemetry.known_links,
+        )
+        self.routes = RouteBook(self.swarm.snapshot)
+        self._step_routes: dict[StepKey, Route] = {}
         self._results: queue.Queue[StepResult] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight: dict[StepKey, float] = {}  # -> deadline (monotonic)
@@ -179,17 +151,21 @@ class PipelineExecutor:
             raise PipelineError("PipelineExecutor.start() has not been called")
         key = (plan.step_id, plan.micro_batch)
         not_ready = self.readiness()
-        if not_ready is not None:
+        route = self.routes.route_for_plan(plan) if not_ready is None else None
+        if route is None:
+            not_ready = not_ready or f"no route takes step {plan.step_id}'s sequences together"
             self._results.put(_error_result(key, f"the pipeline is not ready: {not_ready}"))
             with self._lock:
                 self._failed += 1
             return
+        plan = self._release_elsewhere(plan, route)
         with self._lock:
             if key in self._in_flight:
                 logger.warning("step %d (micro-batch %d) submitted twice", *key)
             self._in_flight[key] = time.monotonic() + self.config.step_timeout_s
             self._step_tokens[key] = (plan.num_tokens, _is_decode_only(plan))
-        job = StepJob(self.head_id, self.pipeline().epoch, plan, None, trusted=True)
+            self._step_routes[key] = route
+        job = StepJob(self.head_id, route, plan, None, trusted=True)
         try:
             self._node.submit(job)
         except PipelineError as exc:
@@ -207,15 +183,44 @@ class PipelineExecutor:
                 return results
 
     def release(self, seq_ids: list[int]) -> None:
-        """In band: stages free the sequences after the steps already sent to them."""
-        if seq_ids:
-            epoch = self.pipeline().epoch
-            self._node.submit(ReleaseJob(self.head_id, epoch, tuple(seq_ids), propagate=True))
+        """In band: each route's nodes free its sequences after the steps already sent."""
+        if not seq_ids:
+            return
+        groups = self.routes.forget(seq_ids)
+        routed = {s for _, ids in groups.values() for s in ids}
+        local = tuple(s for s in seq_ids if s not in routed)
+        if local:  # never sent anywhere: only this node's own stage may know them
+            self._node.submit(ReleaseJob(self.head_id, None, local, propagate=False))
+        for route, ids in groups.values():
+            self._node.submit(ReleaseJob(self.head_id, route, tuple(ids), propagate=True))
+
+    def _release_elsewhere(self, plan: StepPlan, route: Route) -> StepPlan:
+        """Finished sequences of other routes are released along their own routes; the
+        plan carries only those of its own."""
+        if not plan.finished_seq_ids:
+            return plan
+        groups = self.routes.forget(list(plan.finished_seq_ids))
+        keep = [s for s in plan.finished_seq_ids if all(s not in ids for _, ids in groups.values())]
+        for other, ids in groups.values():
+            if other.key == route.key:
+                keep += ids
+            else:
+                self._node.submit(ReleaseJob(self.head_id, other, tuple(ids), propagate=True))
+        return dataclasses.replace(plan, finished_seq_ids=tuple(keep))
+
+    def route_nodes(self) -> tuple[NodeInfo, ...]:
+        """The nodes of the route a new sequence would take now (telemetry follows it)."""
+        view = self._registry.view()
+        route = self.routes.route_for_new(0)
+        if route is None:
+            return view.stages
+        by_id = {s.node_id: s for s in view.stages}
+        return tuple(by_id[h.node_id] for h in route.hops if h.node_id in by_id)
 
     def readiness(self) -> str | None:
         view = self._registry.view()
         missing = view.missing_ranges()
-        message = view.readiness()
+        message = view.readiness() or self._route_gap()
         if message is None:
             return None
         with self._lock:
@@ -257,7 +262,11 @@ class PipelineExecutor:
 
     def metric_lines(self) -> list[str]:
         """Prometheus gauges of the links and stages, and traffic counters, for /metrics."""
-        return [*metric_lines(self), *self.metrics().metric_lines()]
+        return [
+            *metric_lines(self),
+            *self.metrics().metric_lines(),
+            *swarm_metric_lines(self._registry.view(), self.routes.route_choices_snapshot()),
+        ]
 
     # -- HeadRole (called by the node's servicer) ------------------------------------------
 
@@ -284,20 +293,30 @@ class PipelineExecutor:
         return pb.JoinResponse(accepted=True, pipeline=view_to_proto(view))
 
     def _join(self, node: NodeInfo) -> PipelineView:
-        """Admit ``node``; a replacement may take the layers of stages that are gone
-        before the health monitor has noticed."""
-        try:
-            return self._registry.join(node)
-        except JoinRefusedError:
-            in_the_way = self._registry.overlapping(node)
-            if not in_the_way or any(s.node_id == self.head_id for s in in_the_way):
-                raise
-            failures = [self._monitor.probe(stage) for stage in in_the_way]
-            if any(failure is None for failure in failures):
-                raise
-            for stage, failure in zip(in_the_way, failures, strict=True):
-                self._stage_down(stage, f"{failure}; replaced by {node.node_id}")
-            return self._registry.join(node)
+        """Admit ``node``. Nodes already serving its layers that no longer answer are
+        dropped now (a replacement often arrives before the health monitor notices)."""
+        view = self._registry.join(node)
+        for other in self._registry.overlapping(node):
+            if other.node_id == self.head_id:
+                continue
+            failure = self._monitor.probe(other)
+            if failure is not None:
+                self._stage_down(other, f"{failure}; {node.node_id} joined for its layers")
+        return self._registry.view() if view.epoch != self._registry.view().epoch else view
+
+    def _route_gap(self) -> str | None:
+        """Every layer is served, yet no chain of spans meets end to end."""
+        snap = self.swarm.snapshot()
+        if best_route(snap.head, snap.nodes, snap.num_layers, snap.head_address) is not None:
+            return None
+        return (
+            f"no chain of nodes covers layers [0, {snap.num_layers}): the spans served "
+            f"({', '.join(f'[{n.start}, {n.end})' for n in snap.nodes)}) do not meet end to end"
+        )
+
+    def route_of_step(self, step_id: int, micro_batch: int) -> Route | None:
+        with self._lock:
+            return self._step_routes.get((step_id, micro_batch))
 
     def pipeline_proto(self) -> pb.Pipeline:
         message = view_to_proto(self._registry.view())
@@ -308,6 +327,8 @@ class PipelineExecutor:
     def deliver_result(
         self, result: StepResult, trace: list[pb.HopTrace], sender_id: str, num_bytes: int
     ) -> None:
+        if result.failure_kind is FailureKind.KV_FULL and result.failed_node_id:
+            self.routes.mark_full(result.failed_node_id)
         if result.error is None:
             self._count_hops(trace, sender_id, num_bytes, result)
             with self._lock:
@@ -325,6 +346,7 @@ class PipelineExecutor:
         key = (result.step_id, result.micro_batch)
         with self._lock:
             self._step_tokens.pop(key, None)
+            self._step_routes.pop(key, None)
             if self._in_flight.pop(key, None) is None:
                 logger.debug("dropping a late outcome of step %d (micro-batch %d)", *key)
                 return
@@ -351,9 +373,15 @@ class PipelineExecutor:
                 old = self._hops.get(name, HopCounters())
                 self._hops[name] = HopCounters(old.messages + 1, old.bytes + size)
 
-    def _fail_in_flight(self, reason: str) -> None:
+    def _fail_in_flight(self, reason: str, through: str | None = None) -> None:
+        """Fail the steps in flight (only those whose route passes ``through``, if given)."""
         with self._lock:
-            keys = list(self._in_flight)
+            keys = [
+                key
+                for key in self._in_flight
+                if through is None
+                or (key in self._step_routes and self._step_routes[key].contains(through))
+            ]
         for key in keys:
             self._complete(_error_result(key, reason))
 
@@ -365,13 +393,18 @@ class PipelineExecutor:
                 expired = [key for key, deadline in self._in_flight.items() if deadline < now]
             if not expired:
                 continue
-            route = " -> ".join(s.node_id for s in self._registry.view().stages)
             for key in expired:
+                with self._lock:
+                    route = self._step_routes.get(key)
                 self._complete(
-                    _error_result(
-                        key,
-                        f"step {key[0]} (micro-batch {key[1]}) got no result within "
-                        f"{self.config.step_timeout_s:g}s on route {route}",
+                    dataclasses.replace(
+                        _error_result(
+                            key,
+                            f"step {key[0]} (micro-batch {key[1]}) got no result within "
+                            f"{self.config.step_timeout_s:g}s on route "
+                            f"{route.key if route else '?'}",
+                        ),
+                        failure_kind=FailureKind.DEADLINE,
                     )
                 )
 
@@ -383,8 +416,9 @@ class PipelineExecutor:
         with self._lock:
             self._lost[stage.node_id] = (stage, reason)
         # Fail the steps first, so that they carry this reason rather than the one of the
-        # sender that the new view closes.
-        self._fail_in_flight(f"{reason}; the step was lost")
+        # sender that closing its stream gives.
+        self._fail_in_flight(f"{reason}; the step was lost", through=stage.node_id)
+        self._node.links.drop_peer(stage.address)
         self._apply_view(self._registry.view())
 
     def _apply_view(self, view: PipelineView, skip: str | None = None) -> None:
@@ -394,10 +428,6 @@ class PipelineExecutor:
 
 def _is_decode_only(plan: StepPlan) -> bool:
     return all(s.num_new_tokens <= 1 for s in plan.scheduled)
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _overlaps(a: LayerRange, b: LayerRange) -> bool:

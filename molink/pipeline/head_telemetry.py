@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 from molink.engine.telemetry import LinkEstimate, PipelineTelemetry, StageTiming
+from molink.pipeline.identity import NodeInfo
 from molink.pipeline.links import LinkTable
 from molink.pipeline.registry import PipelineView
 from molink.pipeline.wire import link_from_proto, link_to_proto, timing_to_proto
@@ -92,9 +93,13 @@ class HeadTelemetry:
         view: Callable[[], PipelineView],
         links: LinkTable,
         health: Callable[[], dict[str, pb.HealthResponse | str]],
+        route: Callable[[], tuple[NodeInfo, ...]] | None = None,
     ) -> None:
         self._head_id = head_id
         self._view = view
+        # The nodes of the route most steps take (default: every registered node, which
+        # is that route while no span has a replica).
+        self._route = route or (lambda: view().stages)
         self._links = links
         self._health = health
         self._lock = threading.Lock()
@@ -113,10 +118,10 @@ class HeadTelemetry:
                 estimator.add(num_tokens, hop.compute_s, decode_only)
 
     def link_estimates(self) -> list[LinkEstimate]:
-        stages = self._view().stages
+        stages = self._route()
         if len(stages) < 2:
             return []  # a single node sends nothing
-        known = self._known_links()
+        known = self.known_links()
         hops = itertools.pairwise([*stages, stages[0]])
         return [
             known.get(f"{a.node_id}->{b.node_id}")
@@ -125,31 +130,39 @@ class HeadTelemetry:
         ]
 
     def stage_timings(self) -> list[StageTiming]:
+        route = self._route()  # outside the lock: the router reads these timings too
         with self._lock:
             return [
                 self._compute[s.node_id].timing()
                 if s.node_id in self._compute
                 else StageTiming(s.node_id, 0.0, 0.0, 0)
-                for s in self._view().stages
+                for s in route
             ]
+
+    def timings_by_node(self) -> dict[str, StageTiming]:
+        """Every node measured so far, replicas included."""
+        with self._lock:
+            return {node_id: est.timing() for node_id, est in self._compute.items()}
 
     def hidden_bytes_per_token(self) -> int:
         """The widest activation row any hop carries (stages may use other wire dtypes)."""
-        senders = self._view().stages[:-1]
+        senders = self._route()[:-1]
         rows = (wire_row_bytes(s.model.hidden_size, s.wire_dtype) for s in senders)
         return max(rows, default=0)
 
-    def _known_links(self) -> dict[str, LinkEstimate]:
+    def known_links(self) -> dict[str, LinkEstimate]:
+        """Every hop measured: the head's own streams, and what nodes report of theirs
+        (Forward streams are shared by every head, so they carry no head id)."""
         known = {
             out.estimate.hop: out.estimate
             for out in self._links.outgoing()
-            if out.head_id == self._head_id
+            if out.head_id in ("", self._head_id)
         }
         for node_id, answer in self._health().items():
             if not isinstance(answer, pb.HealthResponse):
                 continue
             for report in answer.links:
-                if report.head_id == self._head_id and report.from_node_id == node_id:
+                if report.head_id in ("", self._head_id) and report.from_node_id == node_id:
                     estimate = link_from_proto(report)
                     known[estimate.hop] = estimate
         return known

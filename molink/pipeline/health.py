@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -37,6 +38,7 @@ class HealthMonitor:
         self._clients: dict[str, NodeClient] = {}
         self._failures: dict[str, int] = {}
         self._latest: dict[str, pb.HealthResponse | str] = {}
+        self._round_trips: dict[str, float] = {}  # node id -> smoothed health-call time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="head-health", daemon=True)
 
@@ -56,6 +58,12 @@ class HealthMonitor:
         with self._lock:
             return dict(self._latest)
 
+    def round_trips(self) -> dict[str, float]:
+        """The head's round trip to each node, from its health calls (a prior for links
+        not measured yet, and how the router tells a near node from a far one)."""
+        with self._lock:
+            return dict(self._round_trips)
+
     def forget(self, node_id: str, address: str | None = None) -> None:
         """A node (re)joined: start counting its failures afresh, on a fresh channel.
 
@@ -66,6 +74,7 @@ class HealthMonitor:
         with self._lock:
             self._failures.pop(node_id, None)
             self._latest.pop(node_id, None)
+            self._round_trips.pop(node_id, None)
             client = self._clients.pop(address, None) if address else None
         if client is not None:
             client.close()
@@ -91,27 +100,34 @@ class HealthMonitor:
     def check_once(self) -> None:
         view = self._registry.view()
         calls = []
+        done: dict[str, float] = {}
         for stage in view.stages:
             if stage.node_id == view.head_id:
                 continue
             stub = self._client(stage.address).stub
-            calls.append(
-                (
-                    stage,
-                    stub.Health.future(
-                        pb.HealthRequest(),
-                        timeout=self._config.health_timeout_s,
-                        metadata=call_metadata(),
-                    ),
-                )
+            started = time.monotonic()
+            call = stub.Health.future(
+                pb.HealthRequest(), timeout=self._config.health_timeout_s, metadata=call_metadata()
             )
-        for stage, call in calls:
+            call.add_done_callback(
+                lambda _, node_id=stage.node_id: done.setdefault(node_id, time.monotonic())
+            )
+            calls.append((stage, call, started))
+        for stage, call, started in calls:
             try:
                 response = call.result()
             except grpc.RpcError as exc:
                 self._failed(stage, describe_rpc_error(exc))
                 continue
+            self._note_round_trip(
+                stage.node_id, done.get(stage.node_id, time.monotonic()) - started
+            )
             self._answered(stage, response)
+
+    def _note_round_trip(self, node_id: str, seconds: float) -> None:
+        with self._lock:
+            old = self._round_trips.get(node_id)
+            self._round_trips[node_id] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
     def _loop(self) -> None:
         while not self._stop.wait(self._config.health_interval_s):

@@ -75,6 +75,10 @@ class NodeInfo:
     dtype: str = "float32"
     wire_dtype: str = "float16"
     protocol_version: int = PROTOCOL_VERSION
+    public_key: bytes = b""  # Ed25519, raw; the node's identity (molink.discovery.identity)
+    free_kv_blocks: int = 0
+    throughput_tokens_per_s: float = 0.0
+    dht_address: str = ""  # where others may bootstrap the DHT from; "" without one
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -1,9 +1,10 @@
-"""A node's view of each head it serves, and the streams that view implies.
+"""A node's outgoing streams, and the pipelines it has joined.
 
-For every head a node knows (keyed by head id), the link holds the head's latest pipeline
-view, a Forward stream to the next stage on the route (none on the last stage) and a
-ReturnResults stream to the head (none on the head itself, which delivers locally).
-Each stream measures its own link; ``outgoing`` reports those estimates.
+Steps carry their route, so a node keeps no next hop: it keeps one Forward stream per
+peer it sends to (shared by every head whose routes pass that way) and one ReturnResults
+stream per head it answers, opened on first use. Each stream measures its own link;
+``outgoing`` reports those estimates. The pipeline views a node learnt by joining a head
+are kept too, for status answers and for passing joins on.
 """
 
 from __future__ import annotations
@@ -22,31 +23,31 @@ from molink.transport.sender import StreamSender
 
 logger = logging.getLogger(__name__)
 
-# (head_id, address, peer description) -> sender
-SenderFactory = Callable[[str, str, str], StreamSender[Any]]
-
-
-@dataclass
-class HeadLink:
-    view: PipelineView
-    forward: StreamSender[Any] | None = None
-    results: StreamSender[Any] | None = None
+# (address, peer description) -> sender
+SenderFactory = Callable[[str, str], StreamSender[Any]]
 
 
 @dataclass(frozen=True)
 class OutgoingLink:
     """What one of this node's streams has measured of its link."""
 
-    head_id: str  # the pipeline the stream belongs to
+    head_id: str  # "" for a Forward stream, which any head's steps may use
     to_node_id: str
     estimate: LinkEstimate  # hop "<this node>-><to_node_id>"
 
 
+@dataclass
+class _Stream:
+    sender: StreamSender[Any]
+    to_node_id: str
+    head_id: str
+
+
 class LinkTable:
-    """Thread-safe table of HeadLinks; senders are replaced when the route moves.
+    """Thread-safe table of streams by peer address, and of joined pipelines by head id.
 
     Senders are closed outside the lock: closing fails their pending messages, and the
-    failure callbacks look links up again.
+    failure callbacks look streams up again.
     """
 
     def __init__(
@@ -57,110 +58,113 @@ class LinkTable:
     ) -> None:
         self._node_id = node_id
         self._make_forward = make_forward
-        self._make_results = make_results  # None on the head: results stay local
+        self._make_results = make_results  # None on a head: its own results stay local
         self._lock = threading.Lock()
-        self._links: dict[str, HeadLink] = {}
-        self._retired_bytes = 0  # bytes sent by senders replaced since
+        self._forward: dict[str, _Stream] = {}
+        self._results: dict[str, _Stream] = {}
+        self._views: dict[str, PipelineView] = {}
+        self._retired_bytes = 0  # bytes sent by senders closed since
+
+    # -- streams -----------------------------------------------------------------------
+
+    def forward_to(self, address: str, node_id: str) -> StreamSender[Any]:
+        """The Forward stream to ``address`` (opened now if there is none)."""
+        with self._lock:
+            stream = self._forward.get(address)
+            if stream is None or stream.to_node_id != node_id:
+                stale = stream
+                sender = self._make_forward(address, f"node {node_id} at {address}")
+                stream = self._forward[address] = _Stream(sender, node_id, "")
+            else:
+                stale = None
+        self._close([stale.sender] if stale else [])
+        return stream.sender
+
+    def results_to(self, address: str, head_id: str) -> StreamSender[Any] | None:
+        """The ReturnResults stream to a head (None on a head itself)."""
+        if self._make_results is None or not address:
+            return None
+        with self._lock:
+            stream = self._results.get(address)
+            if stream is None or stream.head_id != head_id:
+                stale = stream
+                sender = self._make_results(address, f"head {head_id} at {address}")
+                stream = self._results[address] = _Stream(sender, head_id, head_id)
+            else:
+                stale = None
+        self._close([stale.sender] if stale else [])
+        return stream.sender
+
+    def drop_peer(self, address: str) -> None:
+        """Close the streams to a peer that is gone (its pending messages fail)."""
+        with self._lock:
+            stale = [s.sender for s in (self._forward.pop(address, None),) if s]
+            stale += [s.sender for s in (self._results.pop(address, None),) if s]
+        self._close(stale)
 
     def bytes_sent(self) -> int:
-        """Bytes this node has streamed to any peer, for every head."""
+        """Bytes this node has streamed to any peer."""
         with self._lock:
-            live = sum(
-                s.bytes_sent
-                for link in self._links.values()
-                for s in (link.forward, link.results)
-                if s
-            )
+            live = sum(s.sender.bytes_sent for s in self._all_locked())
             return self._retired_bytes + live
 
     def outgoing(self) -> list[OutgoingLink]:
-        """Estimates of every link this node sends on: to the next stage and to the head,
-        for every head it serves."""
+        """Estimates of every link this node sends on."""
         with self._lock:
-            links = [(link.view, link.forward, link.results) for link in self._links.values()]
-        reports = []
-        for view, forward, results in links:
-            next_hop = view.next_hop(self._node_id)
-            if forward is not None and next_hop is not None:
-                reports.append(self._outgoing(view.head_id, next_hop.node_id, forward))
-            if results is not None:
-                reports.append(self._outgoing(view.head_id, view.head_id, results))
-        return reports
+            streams = self._all_locked()
+        return [self._outgoing(s) for s in streams]
 
-    def _outgoing(self, head_id: str, to_node_id: str, sender: StreamSender[Any]) -> OutgoingLink:
-        hop = f"{self._node_id}->{to_node_id}"
-        observer = sender.observer
+    def estimate_to(self, node_id: str) -> LinkEstimate | None:
+        """This node's measurement of its Forward link to ``node_id``, if it has one."""
+        return next((out.estimate for out in self.outgoing() if out.to_node_id == node_id), None)
+
+    def _outgoing(self, stream: _Stream) -> OutgoingLink:
+        hop = f"{self._node_id}->{stream.to_node_id}"
+        observer = stream.sender.observer
         if isinstance(observer, LinkEstimator):
             estimate = replace(observer.estimate(), hop=hop)
         else:
             estimate = LinkEstimate(hop, math.inf, 0.0, 0)
-        return OutgoingLink(head_id, to_node_id, estimate)
+        return OutgoingLink(stream.head_id, stream.to_node_id, estimate)
 
-    def get(self, head_id: str) -> HeadLink | None:
+    def _all_locked(self) -> list[_Stream]:
+        return [*self._forward.values(), *self._results.values()]
+
+    # -- joined pipelines --------------------------------------------------------------
+
+    def get(self, head_id: str) -> PipelineView | None:
         with self._lock:
-            return self._links.get(head_id)
+            return self._views.get(head_id)
 
     def any_view(self) -> PipelineView | None:
         with self._lock:
-            return next((link.view for link in self._links.values()), None)
+            return next(iter(self._views.values()), None)
 
     def views(self) -> list[PipelineView]:
         with self._lock:
-            return [link.view for link in self._links.values()]
+            return list(self._views.values())
 
     def apply(self, view: PipelineView) -> bool:
         """Adopt ``view`` unless an equal or newer epoch is already known for its head."""
-        stale: list[StreamSender[Any]] = []
         with self._lock:
-            link = self._links.get(view.head_id)
-            if link is not None and link.view.epoch >= view.epoch:
+            known = self._views.get(view.head_id)
+            if known is not None and known.epoch >= view.epoch:
                 return False
-            if link is None:
-                link = self._links[view.head_id] = HeadLink(view=view)
-            link.view = view
-            stale += self._reconcile_forward(link)
-            stale += self._reconcile_results(link)
-            self._retired_bytes += sum(s.bytes_sent for s in stale)
-        for sender in stale:
-            sender.close()
-        if view.stage(self._node_id) is None:
-            logger.warning(
-                "node %s is not on head %s's route (epoch %d)",
-                self._node_id,
-                view.head_id,
-                view.epoch,
-            )
+            self._views[view.head_id] = view
         return True
 
     def close(self) -> None:
         with self._lock:
-            senders = [
-                s for link in self._links.values() for s in (link.forward, link.results) if s
-            ]
-            self._links.clear()
+            senders = [s.sender for s in self._all_locked()]
+            self._forward.clear()
+            self._results.clear()
+            self._views.clear()
+        self._close(senders)
+
+    def _close(self, senders: list[StreamSender[Any]]) -> None:
+        if not senders:
+            return
+        with self._lock:
+            self._retired_bytes += sum(s.bytes_sent for s in senders)
         for sender in senders:
             sender.close()
-
-    def _reconcile_forward(self, link: HeadLink) -> list[StreamSender[Any]]:
-        next_hop = link.view.next_hop(self._node_id)
-        target = next_hop.address if next_hop is not None else None
-        if link.forward is not None and link.forward.address == target:
-            return []
-        stale = [link.forward] if link.forward is not None else []
-        link.forward = (
-            self._make_forward(link.view.head_id, target, f"stage {next_hop.describe()}")
-            if next_hop is not None
-            else None
-        )
-        return stale
-
-    def _reconcile_results(self, link: HeadLink) -> list[StreamSender[Any]]:
-        if self._make_results is None:
-            return []
-        target = link.view.head_address
-        if link.results is not None and link.results.address == target:
-            return []
-        stale = [link.results] if link.results is not None else []
-        label = f"head {link.view.head_id} at {target}"
-        link.results = self._make_results(link.view.head_id, target, label) if target else None
-        return stale

@@ -1,9 +1,11 @@
 """StageNode: one node of the pipeline (a stage, or the head's own stage 0).
 
 Threads: gRPC server threads receive and decode messages; one compute thread runs the
-StageExecutor (ComputeWorker); one sender thread per peer streams outputs onward. A
-malformed or failing step is reported to its head as a StepResult with ``error`` and the
-node keeps serving.
+StageExecutor (ComputeWorker); one sender thread per peer streams outputs onward. Every
+step names its route; the node forwards to the hop after its own, or, as the last hop,
+returns the result to the route's head. Any head may send steps: their sequences are kept
+apart by head id. A malformed, refused or failing step is reported to its head as a
+StepResult with ``error`` and a ``FailureKind``, and the node keeps serving.
 
 Starting a stage::
 
@@ -24,15 +26,17 @@ import grpc
 import torch
 
 from molink.errors import InvalidParameterError, PipelineError, ProtocolError
+from molink.kv_cache.stage_pool import StageBlockPool
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.links import LinkTable
-from molink.pipeline.outbound import OutboundRelease, OutboundStep, SenderFactory
+from molink.pipeline.outbound import OutboundRelease, OutboundStep, SenderFactory, StepError
 from molink.pipeline.registry import JoinRefusedError, PipelineView
 from molink.pipeline.servicer import NodeServicer, join_redirect
-from molink.pipeline.wire import link_to_proto, node_to_proto, view_from_proto
+from molink.pipeline.wire import link_to_proto, node_to_proto, route_from_proto, view_from_proto
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
+from molink.placement.route import Route
 from molink.stage.protocol import StageExecutor
-from molink.step import StepResult
+from molink.step import FailureKind, StepResult
 from molink.transport.channel import (
     NodeClient,
     add_node_service,
@@ -58,6 +62,8 @@ class HeadRole(Protocol):
 
     def pipeline_proto(self) -> pb.Pipeline: ...
 
+    def route_of_step(self, step_id: int, micro_batch: int) -> Route | None: ...
+
     def deliver_result(
         self, result: StepResult, trace: list[pb.HopTrace], sender_id: str, num_bytes: int
     ) -> None: ...
@@ -81,6 +87,7 @@ class StageNode:
         initial_peer: str | None = None,
         input_dtype: torch.dtype | None = None,
         head_role: HeadRole | None = None,
+        block_pool: StageBlockPool | None = None,
     ) -> None:
         try:
             wire_dtype_of(info.wire_dtype)
@@ -92,6 +99,7 @@ class StageNode:
         self._initial_peer = initial_peer
         self._input_dtype = input_dtype
         self._head_role = head_role
+        self._block_pool = block_pool  # the executor's own KV blocks, for health answers
         self._limits = PlanLimits.from_config(
             self.config, info.model.vocab_size, info.num_kv_blocks
         )
@@ -99,8 +107,10 @@ class StageNode:
             executor,
             info.node_id,
             on_output=self._on_output,
-            on_error=lambda job, msg: self.report_step_error(
-                job.head_id, job.plan.step_id, job.plan.micro_batch, msg
+            on_error=lambda job, msg, kind: self.report_step_error(
+                StepError(
+                    job.route, job.plan.step_id, job.plan.micro_batch, msg, kind, self.node_id
+                )
             ),
             on_release=self._on_release,
             max_queued=self.config.max_queued_steps,
@@ -226,19 +236,6 @@ class StageNode:
             client.close()
         return response
 
-    def refresh_pipeline(self, head_id: str) -> None:
-        """Ask the head for its current pipeline (after a missed update)."""
-        link = self.links.get(head_id)
-        if link is None or not link.view.head_address:
-            return
-        client = NodeClient(link.view.head_address, self.config)
-        try:
-            self.links.apply(view_from_proto(client.get_pipeline()))
-        except grpc.RpcError as exc:
-            logger.warning("node %s: could not refresh the pipeline: %s", self.node_id, exc)
-        finally:
-            client.close()
-
     # -- receiving -------------------------------------------------------------------------
 
     def handle_forward(
@@ -251,19 +248,20 @@ class StageNode:
             self.bytes_received += num_bytes
         step = request.step
         ack = pb.ForwardAck(step_id=step.plan.step_id, micro_batch=step.plan.micro_batch)
+        route: Route | None = None
         try:
+            route = self._check_route(request)
             kind = request.WhichOneof("payload")
             if kind == "release":
-                self._check_link(request.head_id, request.epoch)
                 self.submit(
-                    ReleaseJob(request.head_id, request.epoch, tuple(request.release.seq_ids), True)
+                    ReleaseJob(request.head_id, route, tuple(request.release.seq_ids), True)
                 )
                 return ack
             if kind != "step":
                 raise ProtocolError("forward message carries neither a step nor a release")
-            self.submit(self._decode_step(request, num_bytes, hidden_data))
+            self.submit(self._decode_step(request, route, num_bytes, hidden_data))
         except (ProtocolError, PipelineError) as exc:
-            ack.error = self._reject(request, exc)
+            ack.error = self._reject(request, route, exc)
         return ack
 
     def reject_unauthorized(
@@ -286,8 +284,34 @@ class StageNode:
             self.steps_rejected += 1
         return pb.ForwardAck(error=message)
 
+    def _check_route(self, request: pb.ForwardRequest) -> Route:
+        """The route must be well formed, start at the sending head and name this node
+        with exactly its layers, not first (the head computes its own layers)."""
+        route = route_from_proto(request.route)
+        problem = route.problem(self.info.model.num_layers)
+        if problem is not None:
+            raise ProtocolError(problem)
+        if route.head_id != request.head_id:
+            raise ProtocolError(f"route {route.key} does not start at head {request.head_id!r}")
+        index = route.index_of(self.node_id)
+        if index is None or index == 0:
+            raise PipelineError(f"route {route.key} does not pass through stage {self.node_id}")
+        hop = route.hops[index]
+        if (hop.start, hop.end) != (self.info.layers.start, self.info.layers.end):
+            raise ProtocolError(
+                f"route {route.key} asks stage {self.node_id} for layers [{hop.start}, "
+                f"{hop.end}); it serves [{self.info.layers.start}, {self.info.layers.end})"
+            )
+        if self._head_role is not None:
+            raise PipelineError(f"{self.node_id} is a head; it computes only its own steps")
+        return route
+
     def _decode_step(
-        self, request: pb.ForwardRequest, num_bytes: int, hidden_data: memoryview | None
+        self,
+        request: pb.ForwardRequest,
+        route: Route,
+        num_bytes: int,
+        hidden_data: memoryview | None,
     ) -> StepJob:
         plan = plan_from_proto(request.step.plan)
         validate_plan(plan, self._limits)
@@ -300,17 +324,16 @@ class StageNode:
         )
         if self._input_dtype is not None:
             hidden = hidden.to(self._input_dtype)
-        self._check_link(request.head_id, request.epoch)
         return StepJob(
             head_id=request.head_id,
-            epoch=request.epoch,
+            route=route,
             plan=plan,
             hidden=hidden,
             trace=list(request.step.trace),
             bytes_received=num_bytes,
         )
 
-    def _reject(self, request: pb.ForwardRequest, exc: Exception) -> str:
+    def _reject(self, request: pb.ForwardRequest, route: Route | None, exc: Exception) -> str:
         plan = request.step.plan
         message = (
             f"stage {self.node_id} rejected step {plan.step_id} (micro-batch "
@@ -319,22 +342,18 @@ class StageNode:
         logger.warning("%s", message)
         with self._counter_lock:
             self.steps_rejected += 1
-        if request.WhichOneof("payload") == "step" and self.links.get(request.head_id):
-            self.report_step_error(request.head_id, plan.step_id, plan.micro_batch, message)
-        return message
-
-    def _check_link(self, head_id: str, epoch: int) -> None:
-        link = self.links.get(head_id)
-        if link is not None and link.view.epoch != epoch:
-            self.refresh_pipeline(head_id)
-            link = self.links.get(head_id)
-        if link is None:
-            raise PipelineError(f"stage {self.node_id} has not joined head {head_id!r}")
-        if link.view.epoch != epoch:
-            raise PipelineError(
-                f"pipeline epoch mismatch: sent in epoch {epoch}, stage {self.node_id} "
-                f"is in epoch {link.view.epoch}"
+        if request.WhichOneof("payload") == "step" and route is not None:
+            self.report_step_error(
+                StepError(
+                    route,
+                    plan.step_id,
+                    plan.micro_batch,
+                    message,
+                    FailureKind.REJECTED,
+                    self.node_id,
+                )
             )
+        return message
 
     def submit(self, job: StepJob | ReleaseJob) -> None:
         """Queue work for the compute thread (raises PipelineError when overloaded)."""
@@ -345,34 +364,41 @@ class StageNode:
     def _on_output(self, out: StepOutput) -> None:
         job = out.job
         if isinstance(out.output, StepResult):
-            self.return_result(job.head_id, out.output, out.trace)
+            self.return_result(job.route, out.output, out.trace)
             return
-        link = self.links.get(job.head_id)
-        if link is None or link.forward is None:
-            epoch = link.view.epoch if link else "?"
+        next_hop = job.route.next_after(self.node_id)
+        if next_hop is None:
             self.report_step_error(
-                job.head_id,
-                job.plan.step_id,
-                job.plan.micro_batch,
-                f"stage {self.node_id} has no next stage in the pipeline (epoch {epoch})",
+                StepError(
+                    job.route,
+                    job.plan.step_id,
+                    job.plan.micro_batch,
+                    f"stage {self.node_id} is the last hop of route {job.route.key} but "
+                    "does not serve the last layer",
+                    FailureKind.NODE_ERROR,
+                    self.node_id,
+                )
             )
             return
-        link.forward.put(
-            OutboundStep(job.head_id, link.view.epoch, job.plan, out.output, out.trace)
-        )
+        sender = self.links.forward_to(next_hop.address, next_hop.node_id)
+        sender.put(OutboundStep(job.head_id, job.route, job.plan, out.output, out.trace))
 
     def _on_release(self, job: ReleaseJob) -> None:
-        link = self.links.get(job.head_id)
-        if job.propagate and link is not None and link.forward is not None:
-            link.forward.put(OutboundRelease(job.head_id, link.view.epoch, job.seq_ids))
+        if not job.propagate or job.route is None:
+            return
+        next_hop = job.route.next_after(self.node_id)
+        if next_hop is not None:
+            sender = self.links.forward_to(next_hop.address, next_hop.node_id)
+            sender.put(OutboundRelease(job.head_id, job.route, job.seq_ids))
 
-    def return_result(self, head_id: str, result: StepResult, trace: list[pb.HopTrace]) -> None:
-        """Hand a result (or an error) to its head, locally or over ReturnResults."""
+    def return_result(self, route: Route, result: StepResult, trace: list[pb.HopTrace]) -> None:
+        """Hand a result (or an error) to the route's head, locally or over ReturnResults."""
+        head_id = route.head_id
         if self._head_role is not None and head_id == self.node_id:
             self._head_role.deliver_result(result, trace, self.node_id, 0)
             return
-        link = self.links.get(head_id)
-        if link is None or link.results is None:
+        sender = self.links.results_to(route.head_address, head_id)
+        if sender is None:
             logger.error(
                 "stage %s cannot reach head %r; dropping the result of step %d: %s",
                 self.node_id,
@@ -383,21 +409,23 @@ class StageNode:
             return
         message = result_to_proto(result)
         message.trace.extend(trace)
-        link.results.put(
-            pb.ReturnResultsRequest(head_id=head_id, sender_id=self.node_id, result=message)
-        )
+        sender.put(pb.ReturnResultsRequest(head_id=head_id, sender_id=self.node_id, result=message))
 
-    def report_step_error(self, head_id: str, step_id: int, micro_batch: int, message: str) -> None:
-        self.return_result(
-            head_id, StepResult(step_id=step_id, micro_batch=micro_batch, error=message), []
+    def report_step_error(self, error: StepError) -> None:
+        result = StepResult(
+            step_id=error.step_id,
+            micro_batch=error.micro_batch,
+            error=error.message,
+            failure_kind=error.kind,
+            failed_node_id=error.node_id,
         )
+        self.return_result(error.route, result, [])
 
     # -- status ----------------------------------------------------------------------------
 
     def current_view(self) -> PipelineView | None:
         if self._head_role is not None:
-            link = self.links.get(self.node_id)
-            return link.view if link else None
+            return self.links.get(self.node_id)
         return self.links.any_view()
 
     def health(self) -> pb.HealthResponse:
@@ -422,7 +450,21 @@ class StageNode:
                 link_to_proto(out.head_id, self.node_id, out.to_node_id, out.estimate)
                 for out in self.links.outgoing()
             ],
+            **self._kv_health(),
         )
+
+    def _kv_health(self) -> dict:
+        pool = self._block_pool
+        if pool is None:
+            return {}
+        return {
+            "total_kv_blocks": pool.num_blocks,
+            "free_kv_blocks": pool.num_free,
+            "heads": [
+                pb.HeadUsage(head_id=u.head_id, sequences=u.sequences, kv_blocks=u.blocks)
+                for u in pool.usage()
+            ],
+        }
 
 
 def _advertised(advertised: str, bind_address: str, port: int) -> str:

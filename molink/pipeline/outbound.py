@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from molink.pipeline.link_estimator import LinkEstimator
-from molink.step import StepPlan
+from molink.pipeline.wire import route_to_proto
+from molink.placement.route import Route
+from molink.step import FailureKind, StepPlan
 from molink.transport.channel import method_path
 from molink.transport.codec import encode_tensor_header
 from molink.transport.config import TransportConfig
@@ -27,13 +29,26 @@ from molink.transport.sender import StreamSender
 
 logger = logging.getLogger(__name__)
 
-ReportError = Callable[[str, int, int, str], None]  # (head_id, step_id, micro_batch, message)
+
+@dataclass(frozen=True)
+class StepError:
+    """A step that failed, addressed to its head (whose route says where it listens)."""
+
+    route: Route
+    step_id: int
+    micro_batch: int
+    message: str
+    kind: FailureKind
+    node_id: str  # the node the failure is about
+
+
+ReportError = Callable[[StepError], None]
 
 
 @dataclass
 class OutboundStep:
     head_id: str
-    epoch: int
+    route: Route
     plan: StepPlan
     hidden: torch.Tensor
     trace: list[pb.HopTrace]
@@ -42,7 +57,7 @@ class OutboundStep:
 @dataclass
 class OutboundRelease:
     head_id: str
-    epoch: int
+    route: Route
     seq_ids: tuple[int, ...]
 
 
@@ -66,7 +81,7 @@ class SenderFactory:
         self._report_error = report_error
         self._is_head = is_head
 
-    def forward(self, head_id: str, address: str, peer: str) -> StreamSender[Any]:
+    def forward(self, address: str, peer: str) -> StreamSender[Any]:
         """A Forward stream to the next stage; ``peer`` names it in error messages."""
         return StreamSender(
             observer=LinkEstimator(),
@@ -80,19 +95,19 @@ class SenderFactory:
             on_ack=self._forward_acked,
         )
 
-    def results(self, head_id: str, address: str, peer: str) -> StreamSender[Any]:
+    def results(self, address: str, peer: str) -> StreamSender[Any]:
         def failed(message: pb.ReturnResultsRequest, reason: str) -> None:
             logger.error(
-                "stage %s could not return step %d to head %s: %s",
+                "stage %s could not return step %d to %s: %s",
                 self._node_id,
                 message.result.step_id,
-                head_id,
+                peer,
                 reason,
             )
 
         return StreamSender(
             observer=LinkEstimator(),
-            name=f"{self._node_id}->head {head_id}",
+            name=f"{self._node_id}->{peer}",
             address=address,
             config=self._config,
             method=method_path("ReturnResults"),
@@ -102,12 +117,15 @@ class SenderFactory:
         )
 
     def _build_forward(self, item: Outbound) -> pb.ForwardRequest | bytes:
-        request = pb.ForwardRequest(head_id=item.head_id, epoch=item.epoch, sender_id=self._node_id)
+        request = pb.ForwardRequest(head_id=item.head_id, sender_id=self._node_id)
+        request.route.CopyFrom(route_to_proto(item.route))
         if isinstance(item, OutboundRelease):
             request.release.head_id = item.head_id
             request.release.seq_ids.extend(item.seq_ids)
             return request
-        request.step.plan.CopyFrom(plan_to_proto(item.plan, include_token_ids=False))
+        request.step.plan.CopyFrom(
+            plan_to_proto(item.plan, include_token_ids=False, include_block_ids=False)
+        )
         data = encode_tensor_header(item.hidden, self._wire_dtype, out=request.step.hidden)
         request.step.trace.extend(item.trace)
         return join_forward(request, data)
@@ -121,15 +139,31 @@ class SenderFactory:
                 reason,
             )
             return
+        next_hop = item.route.next_after(self._node_id)
         self._report_error(
-            item.head_id,
-            item.plan.step_id,
-            item.plan.micro_batch,
-            f"stage {self._node_id} could not deliver step {item.plan.step_id} to {peer}: {reason}",
+            StepError(
+                item.route,
+                item.plan.step_id,
+                item.plan.micro_batch,
+                f"stage {self._node_id} could not deliver step {item.plan.step_id} to {peer}: "
+                f"{reason}",
+                FailureKind.UNREACHABLE,
+                next_hop.node_id if next_hop else "",
+            )
         )
 
     def _forward_acked(self, item: Outbound, ack: pb.ForwardAck) -> None:
         # A receiver that knows the head reports a rejection to it directly; the head
         # also takes it from the ack, in case the receiver does not know it.
         if ack.error and self._is_head and isinstance(item, OutboundStep):
-            self._report_error(item.head_id, item.plan.step_id, item.plan.micro_batch, ack.error)
+            next_hop = item.route.next_after(self._node_id)
+            self._report_error(
+                StepError(
+                    item.route,
+                    item.plan.step_id,
+                    item.plan.micro_batch,
+                    ack.error,
+                    FailureKind.REJECTED,
+                    next_hop.node_id if next_hop else "",
+                )
+            )

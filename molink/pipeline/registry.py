@@ -1,4 +1,8 @@
-"""The head's registry of stages: join checks, the route, and which layers are missing."""
+"""The head's registry of nodes: join checks, and which layers no node serves.
+
+Any number of nodes may serve overlapping spans (replicas); which of them a step takes is
+the router's business (molink/placement/router.py), not the registry's.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +41,6 @@ class PipelineView:
 
     def stage(self, node_id: str) -> NodeInfo | None:
         return next((s for s in self.stages if s.node_id == node_id), None)
-
-    def next_hop(self, node_id: str) -> NodeInfo | None:
-        """The stage after ``node_id`` on the route, None for the last one (or a stranger)."""
-        ids = [s.node_id for s in self.stages]
-        if node_id not in ids or ids.index(node_id) + 1 == len(ids):
-            return None
-        return self.stages[ids.index(node_id) + 1]
 
     def min_kv_blocks(self) -> int:
         """The head sizes its block pool to the smallest stage (0: unknown everywhere)."""
@@ -148,19 +145,7 @@ class StageRegistry:
             _check_range(node, head),
             _check_blocks(node, head),
         )
-        first = next((reason for reason in checks if reason is not None), None)
-        if first is not None:
-            return first
-        for other in self._stages.values():
-            if other.node_id == node.node_id:
-                continue
-            if node.layers.start < other.layers.end and other.layers.start < node.layers.end:
-                return (
-                    f"layers {format_range(node.layers)} of node {node.node_id!r} overlap "
-                    f"stage {other.node_id!r} at {other.address}, which serves "
-                    f"{format_range(other.layers)}"
-                )
-        return None
+        return next((reason for reason in checks if reason is not None), None)
 
 
 def _check_protocol(node: NodeInfo, head: NodeInfo) -> str | None:

@@ -18,7 +18,7 @@ from molink.pipeline.authorization import (
     check_result,
     check_update,
 )
-from molink.pipeline.wire import node_to_proto, view_from_proto, view_to_proto
+from molink.pipeline.wire import node_to_proto, route_from_proto, view_from_proto, view_to_proto
 from molink.pipeline.worker import ReleaseJob
 from molink.security.credentials import peer_node_id
 from molink.security.limits import LimitExceededError, RateLimiter, RefusalLog, StreamLimiter
@@ -165,16 +165,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
                 yield self._node.handle_forward(request, len(raw), hidden_data)
 
     def _forward_refusal(self, caller: str | None, request: pb.ForwardRequest) -> str | None:
-        refusal = self._check_forward(caller, request.head_id)
-        link = self._node.links.get(request.head_id)
-        if refusal is not None and link is not None and request.epoch > link.view.epoch:
-            self._node.refresh_pipeline(request.head_id)  # the route may have changed
-            refusal = self._check_forward(caller, request.head_id)
-        return refusal
-
-    def _check_forward(self, caller: str | None, head_id: str) -> str | None:
-        link = self._node.links.get(head_id)
-        return check_forward(caller, head_id, self._node.node_id, link.view if link else None)
+        return check_forward(caller, route_from_proto(request.route), self._node.node_id)
 
     @contextlib.contextmanager
     def _hold_stream(self, caller: str | None, context: grpc.ServicerContext) -> Iterator[None]:
@@ -209,7 +200,8 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
             )
             refusal = None
             if head_role is not None:
-                refusal = check_result(caller, request, self._node.current_view())
+                route = head_role.route_of_step(request.result.step_id, request.result.micro_batch)
+                refusal = check_result(caller, request, route)
             if refusal is not None:
                 self._refusals.refused(
                     caller, f"head {self._node.node_id} ignored a result: {refusal}"
@@ -237,10 +229,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
         if refusal is not None:
             self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
-        link = self._node.links.get(request.head_id)
-        job = ReleaseJob(
-            request.head_id, link.view.epoch if link else 0, tuple(request.seq_ids), False
-        )
+        job = ReleaseJob(request.head_id, None, tuple(request.seq_ids), False)
         try:
             self._node.submit(job)
         except PipelineError as exc:

@@ -21,10 +21,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 import torch
 
 from molink.config import LayerRange
+from molink.errors import ProtocolError
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.pipeline.node import StageNode
 from molink.step import SampledToken, StepPlan, StepResult
@@ -82,6 +84,17 @@ class ToyStageExecutor:
         return StepResult(
             step_id=plan.step_id, micro_batch=plan.micro_batch, sampled=self._sample(plan, x)
         )
+
+    def execute_many(
+        self, steps: Sequence[tuple[StepPlan, torch.Tensor | None]], head_id: str = ""
+    ) -> list[torch.Tensor | StepResult | ProtocolError]:
+        results: list[torch.Tensor | StepResult | ProtocolError] = []
+        for plan, hidden in steps:
+            try:
+                results.append(self.execute(plan, hidden, head_id))
+            except ProtocolError as exc:
+                results.append(exc)
+        return results
 
     def _sample(self, plan: StepPlan, x: torch.Tensor) -> tuple[SampledToken, ...]:
         sampled = []

@@ -6,6 +6,7 @@ from molink.config import LayerRange
 from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.pipeline.registry import PipelineView
+from molink.placement.route import Route, RouteHop
 from molink.transport.generated import molink_pb2 as pb
 
 
@@ -26,6 +27,10 @@ def node_to_proto(node: NodeInfo) -> pb.NodeInfo:
         wire_dtype=node.wire_dtype,
         protocol_version=node.protocol_version,
         address=node.address,
+        public_key=node.public_key,
+        free_kv_blocks=node.free_kv_blocks,
+        throughput_tokens_per_s=node.throughput_tokens_per_s,
+        dht_address=node.dht_address,
     )
 
 
@@ -46,6 +51,10 @@ def node_from_proto(msg: pb.NodeInfo) -> NodeInfo:
         dtype=msg.dtype,
         wire_dtype=msg.wire_dtype,
         protocol_version=msg.protocol_version,
+        public_key=msg.public_key,
+        free_kv_blocks=msg.free_kv_blocks,
+        throughput_tokens_per_s=msg.throughput_tokens_per_s,
+        dht_address=msg.dht_address,
     )
 
 
@@ -109,4 +118,28 @@ def timing_from_proto(msg: pb.StageTimingReport) -> StageTiming:
         compute_s_per_step=msg.compute_s_per_step,
         compute_s_per_token=msg.compute_s_per_token,
         samples=msg.samples,
+    )
+
+
+def route_to_proto(route: Route) -> pb.Route:
+    return pb.Route(
+        hops=[
+            pb.RouteHop(
+                node_id=hop.node_id,
+                address=hop.address,
+                layers=pb.LayerSpan(start=hop.start, end=hop.end),
+            )
+            for hop in route.hops
+        ],
+        head_address=route.head_address,
+    )
+
+
+def route_from_proto(msg: pb.Route) -> Route:
+    """Structure only; a node checks with ``Route.problem`` that the route makes sense."""
+    return Route(
+        hops=tuple(
+            RouteHop(hop.node_id, hop.address, hop.layers.start, hop.layers.end) for hop in msg.hops
+        ),
+        head_address=msg.head_address,
     )

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from molink.errors import PipelineError, ProtocolError
+from molink.kv_cache.stage_pool import KVRoomError
+from molink.placement.route import Route
 from molink.stage.protocol import StageExecutor
-from molink.step import StepPlan, StepResult
+from molink.step import FailureKind, StepPlan, StepResult
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.validate import check_known_sequences
 
@@ -40,7 +42,7 @@ class StepJob:
     """One step to compute. ``trusted`` plans come from this node's own scheduler."""
 
     head_id: str
-    epoch: int
+    route: Route
     plan: StepPlan
     hidden: torch.Tensor | None
     trace: list[pb.HopTrace] = field(default_factory=list)  # hops before this one
@@ -52,9 +54,9 @@ class StepJob:
 @dataclass
 class ReleaseJob:
     head_id: str
-    epoch: int
+    route: Route | None  # None: a release for this node only
     seq_ids: tuple[int, ...]
-    propagate: bool  # an in-band release travels on to the next stage
+    propagate: bool  # an in-band release travels on to the next node of its route
 
 
 @dataclass
@@ -74,7 +76,7 @@ class ComputeWorker:
         executor: StageExecutor,
         node_id: str,
         on_output: Callable[[StepOutput], None],
-        on_error: Callable[[StepJob, str], None],
+        on_error: Callable[[StepJob, str, FailureKind], None],
         on_release: Callable[[ReleaseJob], None],
         max_queued: int,
         upstream_stall_s: float,
@@ -88,8 +90,6 @@ class ComputeWorker:
         self._on_release = on_release
         self._jobs: queue.Queue[StepJob | ReleaseJob] = queue.Queue(maxsize=max_queued)
         self._held: StepJob | ReleaseJob | None = None  # taken from the queue, not yet run
-        # Executors that can run several plans in one pass get the queued steps together.
-        self._coalescing = hasattr(executor, "execute_many")
         self._stall_after_s = upstream_stall_s
         self._known: dict[str, set[int]] = {}
         self._stop = threading.Event()
@@ -162,8 +162,6 @@ class ComputeWorker:
         waiting for it in one pass (disjoint sequences, so the result is the same) and
         streams its weights once for all of them. Stops at anything else, keeping order."""
         jobs, tokens = [first], first.plan.num_tokens
-        if not self._coalescing:
-            return jobs
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -171,7 +169,7 @@ class ComputeWorker:
                 return jobs
             if (
                 isinstance(job, StepJob)
-                and (job.head_id, job.epoch) == (first.head_id, first.epoch)
+                and job.head_id == first.head_id
                 and tokens + job.plan.num_tokens <= COALESCE_MAX_TOKENS
             ):
                 jobs.append(job)
@@ -186,7 +184,7 @@ class ComputeWorker:
             try:
                 self._admit(job)
             except ProtocolError as exc:
-                self._reject(job, exc)
+                self._reject(job, exc, FailureKind.REJECTED)
                 continue
             admitted.append(job)
         if not admitted:
@@ -201,8 +199,11 @@ class ComputeWorker:
         elapsed = time.monotonic() - started
         total_tokens = sum(max(1, job.plan.num_tokens) for job in admitted)
         for job, output in zip(admitted, outputs, strict=True):
+            if isinstance(output, KVRoomError):
+                self._reject(job, output, FailureKind.KV_FULL)
+                continue
             if isinstance(output, ProtocolError):
-                self._reject(job, output)
+                self._reject(job, output, FailureKind.REJECTED)
                 continue
             self.steps_processed += 1
             hop = pb.HopTrace(
@@ -214,19 +215,15 @@ class ComputeWorker:
             )
             self._on_output(StepOutput(job=job, output=output, trace=[*job.trace, hop]))
 
-    def _execute(self, jobs: list[StepJob]) -> list[torch.Tensor | StepResult | ProtocolError]:
-        if len(jobs) > 1:
-            steps = [(job.plan, job.hidden) for job in jobs]
-            return self._executor.execute_many(steps, jobs[0].head_id)  # type: ignore[attr-defined]
-        job = jobs[0]
-        try:
-            return [self._executor.execute(job.plan, job.hidden, job.head_id)]
-        except ProtocolError as exc:
-            return [exc]
+    def _execute(
+        self, jobs: list[StepJob]
+    ) -> list[torch.Tensor | StepResult | ProtocolError | KVRoomError]:
+        steps = [(job.plan, job.hidden) for job in jobs]
+        return self._executor.execute_many(steps, jobs[0].head_id)
 
-    def _reject(self, job: StepJob, exc: ProtocolError) -> None:
+    def _reject(self, job: StepJob, exc: Exception, kind: FailureKind) -> None:
         self.steps_failed += 1
-        self._on_error(job, f"stage {self._node_id} rejected {_step_name(job)}: {exc}")
+        self._on_error(job, f"stage {self._node_id} rejected {_step_name(job)}: {exc}", kind)
 
     def _fail(self, job: StepJob, exc: Exception) -> None:
         self.steps_failed += 1
@@ -234,6 +231,7 @@ class ComputeWorker:
         self._on_error(
             job,
             f"stage {self._node_id} failed on {_step_name(job)}: {type(exc).__name__}: {exc}",
+            FailureKind.NODE_ERROR,
         )
 
     def _admit(self, job: StepJob) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from molink.config import SchedulerConfig
 from molink.errors import InvalidParameterError
@@ -52,9 +53,14 @@ from molink.scheduler.sequence import (
 )
 from molink.scheduler.stop import check_stop
 from molink.scheduler.validation import max_output_tokens_for
-from molink.step import SampledToken, StepPlan, StepResult
+from molink.step import FailureKind, SampledToken, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
+
+
+# (sequence id, tokens it will hold after this step) -> may it join this plan? The head's
+# router uses it to keep each plan on one route (molink/engine/routing.py).
+SequenceFilter = Callable[[int, int], bool]
 
 
 def _arrival_key(seq: Sequence) -> int:
@@ -248,6 +254,7 @@ class Scheduler:
         token_budget: int | None = None,
         prefill_token_budget: int | None = None,
         max_decodes: int | None = None,
+        accepts: SequenceFilter | None = None,
     ) -> StepPlan:
         """The next plan for ``micro_batch``; may be empty yet carry ``finished_seq_ids``,
         which the stages must still receive.
@@ -255,7 +262,9 @@ class Scheduler:
         ``token_budget`` (None: max_num_batched_tokens) bounds all tokens of the plan;
         ``prefill_token_budget`` (None: no further bound) bounds its prefill chunks only;
         ``max_decodes`` (None: no bound) caps its decoding sequences, so that the engine can
-        spread the running sequences over the micro-batches in flight.
+        spread the running sequences over the micro-batches in flight. ``accepts`` (None:
+        every sequence) filters which sequences may join the plan; admission of waiting
+        sequences stops at the first it refuses, so they stay first come, first served.
         """
         budget = self.config.max_num_batched_tokens if token_budget is None else token_budget
         check_step_limit(budget, "token_budget")
@@ -266,18 +275,24 @@ class Scheduler:
         )
         self._next_step_id += 1
         victims = VictimCursor(self._running)
-        self._schedule_running(builder, victims, decodes=True)
-        self._schedule_running(builder, victims, decodes=False)
+        self._schedule_running(builder, victims, True, accepts)
+        self._schedule_running(builder, victims, False, accepts)
         self._prune_running()
         if victims.num_preempted == 0:
-            self._admit_waiting(builder)
+            self._admit_waiting(builder, accepts)
         plan = builder.build(self._pending_finished)
         self._pending_finished = []
         if not plan.is_empty:
             self._in_flight[plan.step_id] = (plan, builder.sequences)
         return plan
 
-    def _schedule_running(self, builder: PlanBuilder, victims: VictimCursor, decodes: bool) -> None:
+    def _schedule_running(
+        self,
+        builder: PlanBuilder,
+        victims: VictimCursor,
+        decodes: bool,
+        accepts: SequenceFilter | None,
+    ) -> None:
         running_status = SequenceStatus.RUNNING
         for index, seq in enumerate(self._running):
             room = builder.decode_room if decodes else builder.prefill_room
@@ -289,6 +304,8 @@ class Scheduler:
             if (num_uncomputed == 1) != decodes:
                 continue
             num_new = self._chunk_size(num_uncomputed, room)
+            if accepts is not None and not accepts(seq.seq_id, seq.num_computed_tokens + num_new):
+                continue
             if self._allocate_or_preempt(seq, index, num_new, victims):
                 builder.add(seq, num_new, self.kv.block_table(seq.seq_id), is_decode=decodes)
 
@@ -312,7 +329,7 @@ class Scheduler:
         self._waiting.appendleft(seq)
         self._running_dirty = True
 
-    def _admit_waiting(self, builder: PlanBuilder) -> None:
+    def _admit_waiting(self, builder: PlanBuilder, accepts: SequenceFilter | None) -> None:
         while (
             self._waiting
             and builder.prefill_room > 0
@@ -324,6 +341,8 @@ class Scheduler:
             reusable = 0 if wants_prompt_logprobs else seq.num_tokens - 1
             hit = self.kv.find_cached_prefix(seq.token_ids, max_num_tokens=reusable)
             num_new = self._chunk_size(seq.num_tokens - hit.num_tokens, builder.prefill_room)
+            if accepts is not None and not accepts(seq.seq_id, seq.num_tokens):
+                return
             if self.kv.allocate(seq.seq_id, hit.num_tokens + num_new, hit) is None:
                 return
             self._waiting.popleft()
@@ -354,7 +373,9 @@ class Scheduler:
         error = result.error
         if error is None and result.step_id != sent_plan.step_id:
             error = f"result of step {result.step_id} given for step {sent_plan.step_id}"
-        if error is not None:
+        if error is not None and result.failure_kind is FailureKind.KV_FULL:
+            updates = self._requeue_plan(seqs)
+        elif error is not None:
             updates = self._fail_plan(seqs, error)
         else:
             updates = self._apply_result(sent_plan, seqs, result)
@@ -391,6 +412,17 @@ class Scheduler:
         if decision is not None:
             self._finish(seq, decision.finish_reason, decision.stop_reason)
         return SequenceUpdate.of(seq, token)
+
+    def _requeue_plan(self, seqs: list[Sequence]) -> list[SequenceUpdate]:
+        """A node had no room for the plan and kept nothing of it: its sequences restart
+        from scratch once there is room (preemption by recompute), nothing fails."""
+        for seq in seqs:
+            seq.in_flight_step = None
+            if seq.is_finished:
+                self._release(seq)
+            elif seq.status is SequenceStatus.RUNNING:
+                self._preempt(seq)
+        return []
 
     def _fail_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
         logger.error("step failed for %d sequences: %s", len(seqs), error)

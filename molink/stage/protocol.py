@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
+from molink.errors import ProtocolError
+from molink.kv_cache.stage_pool import KVRoomError
 from molink.step import StepPlan, StepResult
 
 
@@ -13,12 +16,7 @@ class StageExecutor(Protocol):
     """Runs one stage's layer range over micro-batches, in the order they arrive.
 
     Not thread-safe: one compute thread calls it. Per-sequence state is keyed by
-    ``(head_id, seq_id)`` so that several heads may one day share a stage.
-
-    An executor may also offer ``execute_many(steps, head_id)``: several plans of disjoint
-    sequences in one pass, one result (or ProtocolError) per plan, in order (see
-    StageWorker.execute_many). The compute thread then hands it the steps that queued up
-    together (molink/pipeline/worker.py).
+    ``(head_id, seq_id)``: several heads share a stage and never see each other's.
     """
 
     is_first: bool
@@ -33,3 +31,11 @@ class StageExecutor(Protocol):
 
     def release(self, seq_ids: list[int], head_id: str = "") -> None:
         """Forget these sequences (finished, aborted, or the head is gone)."""
+
+    def execute_many(
+        self, steps: Sequence[tuple[StepPlan, torch.Tensor | None]], head_id: str = ""
+    ) -> list[torch.Tensor | StepResult | ProtocolError | KVRoomError]:
+        """Several plans of disjoint sequences of one head in one pass (the steps that
+        queued up together on the compute thread, molink/pipeline/worker.py): one result
+        per plan, in order; a plan that fails comes back as its error (KVRoomError: the
+        node had no room and kept nothing of it) and the others still run."""

@@ -1,8 +1,10 @@
 """Runs one stage's layers over micro-batches with the stage's own paged KV cache.
 
-The head allocates block ids; a stage only mirrors each sequence's block table from the
-diffs in every plan (see molink/step.py). The last stage also keeps each sequence's token
-history and samples.
+A node that serves other heads (``owns_blocks``) allocates its blocks itself, per
+(head id, sequence id), and refuses a plan it has no room for (KVRoomError, nothing
+kept). A head's own stage, and the stages of a single process, use the block ids of the
+plan, which the scheduler of that same process allocated (see molink/step.py). The last
+stage also keeps each sequence's token history and samples.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from molink.config import LayerRange, ModelConfig
 from molink.errors import MolinkError, ProtocolError
+from molink.kv_cache.stage_pool import KVRoomError, StageBlockPool
 from molink.models.attention import AttentionMetadata, SeqChunk
 from molink.models.kv_cache import KVCache
 from molink.quant.memory import RESIDENT
@@ -25,6 +28,7 @@ from molink.step import SampledToken, ScheduledSequence, StepPlan, StepResult
 logger = logging.getLogger(__name__)
 
 SeqKey = tuple[str, int]
+PlanFailure = ProtocolError | KVRoomError
 
 
 class StageWorker:
@@ -39,6 +43,7 @@ class StageWorker:
         block_size: int,
         dtype: torch.dtype,
         grammars: GrammarCompiler | None = None,
+        owns_blocks: bool = False,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -57,6 +62,8 @@ class StageWorker:
             if self.is_last
             else None
         )
+        # None: block ids come with each plan from this process's own scheduler.
+        self.block_pool = StageBlockPool(num_blocks, block_size) if owns_blocks else None
         self._block_tables: dict[SeqKey, list[int]] = {}
         self._sampling_states: dict[SeqKey, SequenceSamplingState] = {}
 
@@ -66,27 +73,30 @@ class StageWorker:
 
     def release(self, seq_ids: list[int], head_id: str = "") -> None:
         for seq_id in seq_ids:
-            self._block_tables.pop((head_id, seq_id), None)
-            self._sampling_states.pop((head_id, seq_id), None)
+            key = (head_id, seq_id)
+            self._block_tables.pop(key, None)
+            self._sampling_states.pop(key, None)
+            if self.block_pool is not None:
+                self.block_pool.free(key)
 
     def execute(
         self, plan: StepPlan, hidden: torch.Tensor | None, head_id: str = ""
     ) -> torch.Tensor | StepResult:
         (result,) = self.execute_many([(plan, hidden)], head_id)
-        if isinstance(result, ProtocolError):
+        if isinstance(result, ProtocolError | KVRoomError):
             raise result
         return result
 
     @torch.inference_mode()
     def execute_many(
         self, steps: Sequence[tuple[StepPlan, torch.Tensor | None]], head_id: str = ""
-    ) -> list[torch.Tensor | StepResult | ProtocolError]:
+    ) -> list[torch.Tensor | StepResult | PlanFailure]:
         """Several plans of disjoint sequences (micro-batches queued here together) in one
         forward pass, so that the weights stream from memory once for all of them. Each
-        plan is checked on its own: one that fails comes back as its ProtocolError and the
-        others still run. Results are in the order of ``steps``; hidden states are row
+        plan is checked on its own: one that fails comes back as its ProtocolError (or
+        KVRoomError, with none of its new sequences kept) and the others still run. Results are in the order of ``steps``; hidden states are row
         slices of one output."""
-        results: list[torch.Tensor | StepResult | ProtocolError | None] = [None] * len(steps)
+        results: list[torch.Tensor | StepResult | PlanFailure | None] = [None] * len(steps)
         chunks: list[SeqChunk] = []
         inputs: list[torch.Tensor] = []
         running: list[int] = []  # indexes of the plans in the forward pass
@@ -96,7 +106,9 @@ class StageWorker:
                 self._register_new_sequences(plan, head_id)
                 plan_chunks = self._chunks(plan, head_id)
                 plan_inputs = None if plan.is_empty else self._inputs(plan, hidden)
-            except ProtocolError as exc:
+            except (ProtocolError, KVRoomError) as exc:
+                if isinstance(exc, KVRoomError):  # keep nothing of a refused plan
+                    self.release([n.seq_id for n in plan.new_sequences], head_id)
                 results[index] = exc
                 continue
             if plan_inputs is None:
@@ -124,7 +136,7 @@ class StageWorker:
         for new_seq in plan.new_sequences:
             key = (head_id, new_seq.seq_id)
             # A re-sent sequence (preemption, replay) starts from scratch.
-            self._block_tables[key] = []
+            self._block_tables[key] = [] if self.block_pool is None else self.block_pool.add(key)
             if self.sampler is not None:
                 state = SequenceSamplingState(
                     params=new_seq.sampling,
@@ -135,12 +147,24 @@ class StageWorker:
                 self._sampling_states[key] = state
 
     def _chunks(self, plan: StepPlan, head_id: str) -> list[SeqChunk]:
-        chunks = []
+        tables = []
         for sched in plan.scheduled:
             table = self._block_tables.get((head_id, sched.seq_id))
             if table is None:
                 raise ProtocolError(f"unknown sequence id {sched.seq_id} in step {plan.step_id}")
+            if self.block_pool is not None and sched.new_block_ids:
+                raise ProtocolError("block ids are this node's own; a plan cannot name them")
             self._check_blocks(sched.new_block_ids)
+            tables.append(table)
+        if self.block_pool is not None:
+            self.block_pool.grow(
+                {
+                    (head_id, sched.seq_id): sched.num_computed_tokens + sched.num_new_tokens
+                    for sched in plan.scheduled
+                }
+            )
+        chunks = []
+        for sched, table in zip(plan.scheduled, tables, strict=True):
             table.extend(sched.new_block_ids)
             end = sched.num_computed_tokens + sched.num_new_tokens
             if sched.num_new_tokens < 1 or end > len(table) * self.block_size:

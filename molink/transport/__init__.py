@@ -4,8 +4,8 @@
 ``molink.proto`` changes in a way an older peer could misread.
 """
 
-PROTOCOL_VERSION = 3  # 2: int8 tensors carry their outliers apart; 3: structured output,
-# logit bias, prompt logprobs and per-sequence errors
+PROTOCOL_VERSION = 4  # 4: routes travel with steps, stages own their KV; 3: structured
+# output, logit bias, prompt logprobs and per-sequence errors; 2: int8 outliers apart
 
 # Call metadata key reserved for credentials (swarm key, tokens). Unused for now.
 CREDENTIALS_METADATA_KEY = "molink-credentials"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from molink.errors import InvalidParameterError, ProtocolError
 from molink.sampling_params import SamplingParams, StructuredOutputSpec
 from molink.step import (
+    FailureKind,
     NewSequenceData,
     PromptTokenLogprob,
     SampledToken,
@@ -87,8 +88,11 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         raise ProtocolError(f"invalid sampling parameters: {exc}") from exc
 
 
-def plan_to_proto(plan: StepPlan, include_token_ids: bool = True) -> pb.StepPlan:
-    """``include_token_ids=False`` for Forward messages: only the first stage reads them."""
+def plan_to_proto(
+    plan: StepPlan, include_token_ids: bool = True, include_block_ids: bool = True
+) -> pb.StepPlan:
+    """Forward messages leave out token ids (only the first stage reads them) and block ids
+    (every node allocates its own)."""
     return pb.StepPlan(
         step_id=plan.step_id,
         scheduled=[
@@ -96,7 +100,7 @@ def plan_to_proto(plan: StepPlan, include_token_ids: bool = True) -> pb.StepPlan
                 seq_id=s.seq_id,
                 num_computed_tokens=s.num_computed_tokens,
                 num_new_tokens=s.num_new_tokens,
-                new_block_ids=list(s.new_block_ids),
+                new_block_ids=list(s.new_block_ids) if include_block_ids else [],
                 sample=s.sample,
             )
             for s in plan.scheduled
@@ -152,6 +156,8 @@ def result_to_proto(result: StepResult) -> pb.StepResult:
     )
     if result.error is not None:
         msg.error = result.error
+        msg.failure_kind = int(result.failure_kind)
+        msg.failed_node_id = result.failed_node_id
     return msg
 
 
@@ -197,11 +203,21 @@ def result_from_proto(msg: pb.StepResult) -> StepResult:
             for t in msg.sampled
         ),
         error=msg.error if msg.HasField("error") else None,
+        failure_kind=_failure_kind(msg) if msg.HasField("error") else FailureKind.NONE,
+        failed_node_id=msg.failed_node_id,
     )
 
 
 def _logprobs_from_proto(entries) -> tuple[TokenLogprob, ...]:
     return tuple(TokenLogprob(token_id=e.token_id, logprob=e.logprob) for e in entries)
+
+
+def _failure_kind(msg: pb.StepResult) -> FailureKind:
+    """An unknown kind (a newer peer) counts as a node error: the step is not retried."""
+    try:
+        return FailureKind(msg.failure_kind)
+    except ValueError:
+        return FailureKind.NODE_ERROR
 
 
 def trace_to_timings(trace: list[pb.HopTrace]) -> dict[str, dict[str, float]]:

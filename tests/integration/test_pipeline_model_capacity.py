@@ -1,9 +1,10 @@
 """The head admits only what the smallest stage can hold, and every stage lets go.
 
-A middle stage with a small ``--kv-cache-memory`` sets the head's block pool (block ids
-mean the same on every stage); more work than fits at once still comes out exact (the
-head queues and preempts within that pool); and once requests finish, or a client leaves
-mid-stream, no node holds a sequence and every block is free again.
+A middle stage with a small ``--kv-cache-memory`` owns few blocks; more work than fits at
+once still comes out exact (the head admits within the room the stage advertises, and a
+step the stage has no room for is refused with a typed reason and preempted, never
+failed); and once requests finish, or a client leaves mid-stream, no node holds a
+sequence and every block is free again.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from tests.integration.pipeline_fixtures import (
     Case,
     assert_same_completions,
     complete_all,
-    head_metrics,
     held_sequences,
     reference_completions,
     running_pipeline,
     served_model_name,
+    stage_health,
     stage_info,
     wait_pipeline_idle,
 )
@@ -105,11 +106,14 @@ async def test_head_admits_within_smallest_stage_and_stages_release(tiny_model_d
     with running_pipeline(BOUNDS, model, stage_args=stage_args) as pipeline:
         blocks = [node_from_proto(stage_info(n)).num_kv_blocks for n in pipeline.nodes]
         assert blocks[1] == small and small < min(blocks[0], blocks[2]), blocks
-        assert head_metrics(pipeline.base_url)["molink:num_total_kv_blocks"] == small
+        assert stage_health(pipeline.nodes[1]).total_kv_blocks == small
 
         got = await complete_all(pipeline.base_url, cases)
         assert_same_completions(got, expected, cases)
         wait_pipeline_idle(pipeline)
+        for node in pipeline.nodes[1:]:
+            health = stage_health(node)
+            assert health.free_kv_blocks == health.total_kv_blocks, health
 
         # A client that hangs up mid-stream: its sequence is released on every stage.
         held: dict[str, int] = {}

@@ -3,8 +3,8 @@
 * A stage killed with SIGKILL mid-generation: every request in flight fails within a bound,
   with an error that names the stage; the head keeps answering /health (503 naming the
   missing layers); a replacement serving the same layers restores service.
-* A node whose layers overlap a stage, or whose model differs, is refused: it exits
-  non-zero with the reason in its log, and the head logs the refusal too.
+* A node whose model differs is refused: it exits non-zero with the reason in its log,
+  and the head logs the refusal too. (Overlapping spans are replicas, and welcome.)
 """
 
 from __future__ import annotations
@@ -193,16 +193,9 @@ def _assert_refused(pipeline: Pipeline, joiner: Node, reason: str) -> None:
     assert head_health(pipeline.base_url)[0] == 200  # the pipeline is untouched
 
 
-def test_overlapping_or_different_model_joins_are_refused(tiny_model_dir) -> None:
+def test_a_different_model_join_is_refused(tiny_model_dir) -> None:
     model = str(tiny_model_dir("qwen3"))
     with running_pipeline((0, 2, 4), model) as pipeline:
-        stage = pipeline.nodes[1]
-        # Overlaps the live stage [2, 4): the head probes it, finds it alive, refuses.
-        overlap_stage = pipeline.start_stage(3, -1)
-        _assert_refused(pipeline, overlap_stage, rf"overlap stage '{stage.grpc_address}'")
-        # Overlaps the head's own layers [0, 2).
-        overlap_head = pipeline.start_stage(1, 3)
-        _assert_refused(pipeline, overlap_head, rf"overlap stage '{pipeline.head.grpc_address}'")
         # Another model, with six layers instead of four.
         other = str(tiny_model_dir("qwen3", num_hidden_layers=6))
         stranger = pipeline.start_stage(4, -1, model=other)

@@ -23,6 +23,7 @@ from molink.config import LayerRange
 from molink.pipeline import NodeInfo, PipelineExecutor
 from molink.pipeline.status import pipeline_status
 from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
+from molink.pipeline.wire import route_to_proto
 from molink.sampling_params import SamplingParams
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
 from molink.transport.codec import encode_tensor
@@ -190,7 +191,10 @@ def test_three_processes_with_micro_batches_in_flight(three: Cluster) -> None:
 def test_malformed_forward_is_rejected_and_the_stage_keeps_serving(three: Cluster) -> None:
     head = three.head
     plan = _prefill(1, 900, (1, 2), mb=0)
-    request = pb.ForwardRequest(head_id="head", epoch=head.pipeline().epoch, sender_id="rogue")
+    request = pb.ForwardRequest(head_id="head", sender_id="rogue")
+    route = head.routes.route_for_new(2)
+    assert route is not None
+    request.route.CopyFrom(route_to_proto(route))
     request.step.plan.CopyFrom(plan_to_proto(plan, include_token_ids=False))
     request.step.hidden.CopyFrom(encode_tensor(torch.zeros(3, 8), "float16"))  # 3 rows, not 2
     with grpc.insecure_channel(three.addresses["s1"]) as channel:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from molink.engine.factory import EngineOptions
 from molink.engine.llm_engine import LLMEngine
 from molink.engine.microbatch_controller import MicroBatchController, MicroBatchPolicy
 from molink.engine.offline import LLM
 from molink.engine.pacing import PipelinePacer
-from molink.engine.pipeline_builder import PipelineSizer, head_telemetry
+from molink.engine.pipeline_builder import PipelineSizer
 from molink.engine.transmission import (
     TransmissionConfig,
     TransmissionScheduler,
@@ -91,18 +90,20 @@ class FakeHead(FakeTelemetry):
     def readiness(self) -> str | None:
         return None
 
+    def route_nodes(self) -> tuple[str, ...]:
+        return self.view.stages
+
 
 def sized_engine(telemetry: FakeTelemetry, pinned: int = 0):
     llm_engine = _tiny_engine()
     head = FakeHead(telemetry, 2, llm_engine.scheduler.kv.num_total_blocks)
     clock = FakeClock()
-    assert head_telemetry(head) is head
     transmission = TransmissionScheduler(TransmissionConfig(), head, clock)
     pacer = PipelinePacer(transmission)
     llm_engine.pacer = pacer
     policy = MicroBatchPolicy(patience=1, interval_s=0.0)
     controller = MicroBatchController(head, pinned=pinned, policy=policy, clock=clock)
-    sizer = PipelineSizer(llm_engine, head, EngineOptions(), (2,), controller, pacer)
+    sizer = PipelineSizer(llm_engine, head, controller, pacer)
     return llm_engine, head, sizer
 
 
@@ -134,13 +135,3 @@ def test_sizer_keeps_a_pinned_count() -> None:
     sizer()
     sizer()
     assert engine.num_micro_batches == 2
-
-
-def test_a_head_without_telemetry_is_reported(caplog) -> None:
-    assert head_telemetry(object()) is None
-    assert "no pipeline telemetry" in caplog.text
-
-    class Wrapper:
-        telemetry = FakeTelemetry()
-
-    assert head_telemetry(Wrapper()) is Wrapper.telemetry

@@ -16,6 +16,8 @@ from molink.errors import PipelineError
 from molink.pipeline import JoinRefusedError, NodeInfo, PipelineExecutor, StageNode
 from molink.pipeline.status import pipeline_status
 from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
+from molink.pipeline.wire import route_to_proto
+from molink.placement.route import Route, RouteHop
 from molink.sampling_params import SamplingParams
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
 from molink.transport.channel import method_path
@@ -166,11 +168,20 @@ def _raw_forward(stage: StageNode, requests: list[pb.ForwardRequest]) -> list[pb
 def _request(
     head: PipelineExecutor, stage: StageNode, plan: StepPlan, hidden: pb.Tensor
 ) -> pb.ForwardRequest:
-    request = pb.ForwardRequest(
-        head_id=head.head_id, epoch=stage.current_view().epoch, sender_id="rogue"
+    request = pb.ForwardRequest(head_id=head.head_id, sender_id="rogue")
+    route = Route(
+        (RouteHop("head", head.address, 0, 2), RouteHop("s1", stage.address, 2, 4)), head.address
     )
+    request.route.CopyFrom(route_to_proto(route))
     request.step.plan.CopyFrom(plan_to_proto(plan, include_token_ids=False))
     request.step.hidden.CopyFrom(hidden)
+    return request
+
+
+def _bare(head: PipelineExecutor, stage: StageNode) -> pb.ForwardRequest:
+    """A request with a route but neither a step nor a release."""
+    request = _request(head, stage, _prefill(1, 1, (1,)), pb.Tensor())
+    request.ClearField("step")
     return request
 
 
@@ -182,22 +193,22 @@ def test_malformed_messages_are_rejected_and_the_stage_keeps_serving(
     bad_dtype = pb.Tensor(dtype=42, shape=good.shape, data=good.data)
     bad_shape = encode_tensor(torch.zeros(3, MODEL.hidden_size), "float16")
     short = pb.Tensor(dtype=good.dtype, shape=good.shape, data=good.data[:-2])
-    stale = _request(head, stage, plan, good)
-    stale.epoch += 7
+    elsewhere = _request(head, stage, plan, good)
+    elsewhere.route.hops[1].node_id = "s7"
     stranger = _request(head, stage, plan, good)
     stranger.head_id = "nobody"
     bad_vocab = _request(head, stage, _prefill(7, 3, (1, 5000)), good)
     acks = _raw_forward(
         stage,
         [_request(head, stage, plan, t) for t in (bad_dtype, bad_shape, short)]
-        + [stale, stranger, bad_vocab, pb.ForwardRequest(head_id=head.head_id)],
+        + [elsewhere, stranger, bad_vocab, _bare(head, stage)],
     )
     errors = [ack.error for ack in acks]
     assert "wire dtype 42" in errors[0]
     assert "shape [3, 8], expected [2, 8]" in errors[1]
     assert "carries 30 bytes" in errors[2]
-    assert "pipeline epoch mismatch" in errors[3]
-    assert "has not joined head 'nobody'" in errors[4]
+    assert "route head->s7 does not pass through stage s1" in errors[3]
+    assert "does not start at head 'nobody'" in errors[4]
     assert "token id 5000 is outside the vocabulary" in errors[5]
     assert "neither a step nor a release" in errors[6]
     assert stage.health().steps_rejected == 7
@@ -301,7 +312,7 @@ def test_a_step_without_result_fails_at_its_deadline() -> None:
         started = time.monotonic()
         head.submit(_prefill(1, 1, (1,)))
         result = _one(head)
-        assert "got no result within 0.5s on route head -> s1" in result.error
+        assert "got no result within 0.5s on route head->s1" in result.error
         assert time.monotonic() - started < 2.5  # well before the 3 s the stage takes
         # The late result is dropped: the step completes once.
         assert head.poll(3.0) == []
@@ -341,7 +352,13 @@ def test_a_replacement_takes_the_layers_of_a_dead_stage_at_once() -> None:
         head.close()
 
 
-def test_a_live_stage_keeps_its_layers(head: PipelineExecutor, stage: StageNode) -> None:
-    with pytest.raises(JoinRefusedError, match="overlap stage 's1'"):
-        _stage(head, "s1x", 3, 4)
-    assert head.readiness() is None
+def test_a_replica_joins_beside_a_live_stage(head: PipelineExecutor, stage: StageNode) -> None:
+    replica = _stage(head, "s1x", 2, 4)
+    try:
+        assert [s.node_id for s in head.pipeline().stages] == ["head", "s1", "s1x"]
+        assert head.readiness() is None
+        # A span that meets no boundary leaves every layer served but no route.
+        odd = _stage(head, "s3", 3, 4)
+        odd.stop()
+    finally:
+        replica.stop()

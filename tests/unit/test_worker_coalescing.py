@@ -53,7 +53,7 @@ def _run(jobs: list[StepJob | ReleaseJob], expected: int):
         if len(outputs) + len(errors) == expected:
             done.set()
 
-    def on_error(job, message) -> None:
+    def on_error(job, message, kind) -> None:
         errors.append((job.plan.step_id, message))
         if len(outputs) + len(errors) == expected:
             done.set()

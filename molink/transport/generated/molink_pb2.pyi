@@ -15,6 +15,15 @@ class WireDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WIRE_DTYPE_BFLOAT16: _ClassVar[WireDtype]
     WIRE_DTYPE_INT8: _ClassVar[WireDtype]
 
+class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_KIND_UNSPECIFIED: _ClassVar[FailureKind]
+    FAILURE_KIND_KV_FULL: _ClassVar[FailureKind]
+    FAILURE_KIND_REJECTED: _ClassVar[FailureKind]
+    FAILURE_KIND_NODE_ERROR: _ClassVar[FailureKind]
+    FAILURE_KIND_UNREACHABLE: _ClassVar[FailureKind]
+    FAILURE_KIND_DEADLINE: _ClassVar[FailureKind]
+
 class HealthStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     HEALTH_STATUS_UNSPECIFIED: _ClassVar[HealthStatus]
@@ -25,6 +34,12 @@ WIRE_DTYPE_FLOAT32: WireDtype
 WIRE_DTYPE_FLOAT16: WireDtype
 WIRE_DTYPE_BFLOAT16: WireDtype
 WIRE_DTYPE_INT8: WireDtype
+FAILURE_KIND_UNSPECIFIED: FailureKind
+FAILURE_KIND_KV_FULL: FailureKind
+FAILURE_KIND_REJECTED: FailureKind
+FAILURE_KIND_NODE_ERROR: FailureKind
+FAILURE_KIND_UNREACHABLE: FailureKind
+FAILURE_KIND_DEADLINE: FailureKind
 HEALTH_STATUS_UNSPECIFIED: HealthStatus
 HEALTH_STATUS_SERVING: HealthStatus
 HEALTH_STATUS_DEGRADED: HealthStatus
@@ -52,7 +67,7 @@ class LayerSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model", "layers", "num_kv_blocks", "block_size", "dtype", "wire_dtype", "protocol_version", "address")
+    __slots__ = ("node_id", "model", "layers", "num_kv_blocks", "block_size", "dtype", "wire_dtype", "protocol_version", "address", "public_key", "free_kv_blocks", "throughput_tokens_per_s", "dht_address")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +77,10 @@ class NodeInfo(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DHT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model: ModelIdentity
     layers: LayerSpan
@@ -71,7 +90,11 @@ class NodeInfo(_message.Message):
     wire_dtype: str
     protocol_version: int
     address: str
-    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., layers: _Optional[_Union[LayerSpan, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    public_key: bytes
+    free_kv_blocks: int
+    throughput_tokens_per_s: float
+    dht_address: str
+    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., layers: _Optional[_Union[LayerSpan, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., free_kv_blocks: _Optional[int] = ..., throughput_tokens_per_s: _Optional[float] = ..., dht_address: _Optional[str] = ...) -> None: ...
 
 class Credentials(_message.Message):
     __slots__ = ("scheme", "token")
@@ -325,19 +348,39 @@ class ReleaseResponse(_message.Message):
     num_released: int
     def __init__(self, num_released: _Optional[int] = ...) -> None: ...
 
+class RouteHop(_message.Message):
+    __slots__ = ("node_id", "address", "layers")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    layers: LayerSpan
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerSpan, _Mapping]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("hops", "head_address")
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    hops: _containers.RepeatedCompositeFieldContainer[RouteHop]
+    head_address: str
+    def __init__(self, hops: _Optional[_Iterable[_Union[RouteHop, _Mapping]]] = ..., head_address: _Optional[str] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("head_id", "epoch", "sender_id", "step", "release")
+    __slots__ = ("head_id", "epoch", "sender_id", "step", "release", "route")
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     head_id: str
     epoch: int
     sender_id: str
     step: StepPayload
     release: ReleaseRequest
-    def __init__(self, head_id: _Optional[str] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ..., step: _Optional[_Union[StepPayload, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ...) -> None: ...
+    route: Route
+    def __init__(self, head_id: _Optional[str] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ..., step: _Optional[_Union[StepPayload, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., route: _Optional[_Union[Route, _Mapping]] = ...) -> None: ...
 
 class ForwardAck(_message.Message):
     __slots__ = ("step_id", "micro_batch", "error")
@@ -382,18 +425,22 @@ class PromptTokenLogprob(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "sampled", "micro_batch", "error", "trace")
+    __slots__ = ("step_id", "sampled", "micro_batch", "error", "trace", "failure_kind", "failed_node_id")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_KIND_FIELD_NUMBER: _ClassVar[int]
+    FAILED_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     sampled: _containers.RepeatedCompositeFieldContainer[SampledToken]
     micro_batch: int
     error: str
     trace: _containers.RepeatedCompositeFieldContainer[HopTrace]
-    def __init__(self, step_id: _Optional[int] = ..., sampled: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., micro_batch: _Optional[int] = ..., error: _Optional[str] = ..., trace: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ...) -> None: ...
+    failure_kind: FailureKind
+    failed_node_id: str
+    def __init__(self, step_id: _Optional[int] = ..., sampled: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., micro_batch: _Optional[int] = ..., error: _Optional[str] = ..., trace: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ..., failure_kind: _Optional[_Union[FailureKind, str]] = ..., failed_node_id: _Optional[str] = ...) -> None: ...
 
 class ReturnResultsRequest(_message.Message):
     __slots__ = ("head_id", "sender_id", "result")
@@ -418,7 +465,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "message", "steps_processed", "steps_rejected", "bytes_sent", "bytes_received", "queued_steps", "active_sequences", "pipeline_epoch", "uptime_s", "links")
+    __slots__ = ("status", "message", "steps_processed", "steps_rejected", "bytes_sent", "bytes_received", "queued_steps", "active_sequences", "pipeline_epoch", "uptime_s", "links", "total_kv_blocks", "free_kv_blocks", "heads")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEPS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +477,9 @@ class HealthResponse(_message.Message):
     PIPELINE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     status: HealthStatus
     message: str
     steps_processed: int
@@ -441,4 +491,17 @@ class HealthResponse(_message.Message):
     pipeline_epoch: int
     uptime_s: float
     links: _containers.RepeatedCompositeFieldContainer[LinkReport]
-    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., message: _Optional[str] = ..., steps_processed: _Optional[int] = ..., steps_rejected: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., queued_steps: _Optional[int] = ..., active_sequences: _Optional[int] = ..., pipeline_epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ...) -> None: ...
+    total_kv_blocks: int
+    free_kv_blocks: int
+    heads: _containers.RepeatedCompositeFieldContainer[HeadUsage]
+    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., message: _Optional[str] = ..., steps_processed: _Optional[int] = ..., steps_rejected: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., queued_steps: _Optional[int] = ..., active_sequences: _Optional[int] = ..., pipeline_epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadUsage, _Mapping]]] = ...) -> None: ...
+
+class HeadUsage(_message.Message):
+    __slots__ = ("head_id", "sequences", "kv_blocks")
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    head_id: str
+    sequences: int
+    kv_blocks: int
+    def __init__(self, head_id: _Optional[str] = ..., sequences: _Optional[int] = ..., kv_blocks: _Optional[int] = ...) -> None: ...

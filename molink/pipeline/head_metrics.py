@@ -1,0 +1,72 @@
+"""Traffic counters of the head's pipeline, for /metrics and bytes per token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from molink.pipeline.registry import PipelineView
+
+
+@dataclass(frozen=True)
+class HopCounters:
+    messages: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineMetrics:
+    """Bytes on each hop ("a->b") of the steps that came back, for bytes-per-token."""
+
+    hops: dict[str, HopCounters]
+    head_bytes_sent: int  # everything the head streamed, including failed steps
+    steps_completed: int
+    steps_failed: int
+    sampled_tokens: int
+
+    @property
+    def bytes_on_wire(self) -> int:
+        return sum(hop.bytes for hop in self.hops.values())
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_on_wire / self.sampled_tokens if self.sampled_tokens else 0.0
+
+    def metric_lines(self) -> list[str]:
+        """Prometheus counters of the traffic, for /metrics (bytes per token = the sum of
+        molink:pipeline_bytes_sent_total over hops / molink:pipeline_sampled_tokens_total)."""
+        lines: list[str] = []
+        for name, help_text, field in (
+            ("molink:pipeline_bytes_sent_total", "Bytes sent on each hop by completed steps.", "bytes"),
+            ("molink:pipeline_messages_total", "Messages sent on each hop by completed steps.", "messages"),
+        ):  # fmt: skip
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            for hop, counters in sorted(self.hops.items()):
+                lines.append(f'{name}{{hop="{_label(hop)}"}} {getattr(counters, field)}')
+        for name, help_text, value in (
+            ("molink:pipeline_head_bytes_sent_total", "Bytes the head streamed, failed steps included.", self.head_bytes_sent),
+            ("molink:pipeline_sampled_tokens_total", "Tokens sampled by completed steps.", self.sampled_tokens),
+        ):  # fmt: skip
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+        name = "molink:pipeline_steps_total"
+        lines += [f"# HELP {name} Steps that came back, by outcome.", f"# TYPE {name} counter"]
+        lines.append(f'{name}{{outcome="completed"}} {self.steps_completed}')
+        lines.append(f'{name}{{outcome="failed"}} {self.steps_failed}')
+        return lines
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def swarm_metric_lines(view: PipelineView, route_choices: dict[str, int]) -> list[str]:
+    """How many nodes serve each layer, and which routes new sequences took."""
+    name = "molink:layer_replicas"
+    lines = [f"# HELP {name} Nodes serving each layer.", f"# TYPE {name} gauge"]
+    for layer in range(view.num_layers):
+        count = sum(1 for s in view.stages if s.layers.start <= layer < s.layers.end)
+        lines.append(f'{name}{{layer="{layer}"}} {count}')
+    name = "molink:route_sequences_total"
+    lines += [f"# HELP {name} Sequences sent along each route.", f"# TYPE {name} counter"]
+    for key, count in sorted(route_choices.items()):
+        lines.append(f'{name}{{route="{_label(key)}"}} {count}')
+    return lines

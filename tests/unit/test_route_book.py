@@ -1,0 +1,68 @@
+"""The head's routes: new sequences spread by the rule, a sequence keeps its route."""
+
+from __future__ import annotations
+
+from molink.pipeline.route_book import RouteBook, SwarmSnapshot
+from molink.placement.router import Candidate
+from molink.sampling_params import SamplingParams
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan
+
+
+def _snapshot(*replicas: Candidate) -> SwarmSnapshot:
+    return SwarmSnapshot(
+        head=Candidate("head", "h:1", 0, 2),
+        nodes=replicas,
+        num_layers=4,
+        head_address="h:1",
+        step_bytes=0.0,
+        links=lambda a, b: None,
+        block_size=4,
+    )
+
+
+def _plan(step_id: int, *seq_ids: int) -> StepPlan:
+    return StepPlan(
+        step_id,
+        tuple(ScheduledSequence(s, 0, 3, (), True) for s in seq_ids),
+        (1, 2, 3) * len(seq_ids),
+        tuple(NewSequenceData(s, (1, 2, 3), 3, SamplingParams()) for s in seq_ids),
+    )
+
+
+def test_equal_replicas_share_new_sequences_and_sequences_stay() -> None:
+    book = RouteBook(lambda: _snapshot(Candidate("a", "a:1", 2, 4), Candidate("b", "b:1", 2, 4)))
+    routes = []
+    for seq_id in range(4):
+        choices = book.choices()
+        takers = [c for c in choices if c.accepts(seq_id, 3)]
+        assert len(takers) == 1
+        book.bind(_plan(seq_id, seq_id), takers[0])
+        routes.append(book.route_of(seq_id).key)
+    assert sorted(routes) == ["head->a", "head->a", "head->b", "head->b"]
+    # A sequence is only accepted on its own route.
+    for choice in book.choices():
+        assert choice.accepts(0, 4) == (choice.route.key == routes[0])
+    groups = book.forget([0, 1])
+    assert sorted(key for key in groups) == sorted(set(routes[:2]))
+    assert book.route_of(0) is None
+
+
+def test_a_full_node_gets_no_new_sequence_for_a_while() -> None:
+    book = RouteBook(
+        lambda: _snapshot(
+            Candidate("a", "a:1", 2, 4, room_blocks=100),
+            Candidate("b", "b:1", 2, 4, rtt_s=0.5, room_blocks=100),
+        )
+    )
+    assert book.route_for_new(3).key == "head->a"
+    book.mark_full("a")
+    assert book.route_for_new(3).key == "head->b"
+
+
+def test_plans_outside_the_engine_take_the_best_route() -> None:
+    book = RouteBook(lambda: _snapshot(Candidate("a", "a:1", 2, 4)))
+    route = book.route_for_plan(_plan(1, 7))
+    assert route is not None and book.route_of(7) == route
+    assert book.load() == {"head": 1, "a": 1}
+    book.drop_node("a")
+    assert book.drop_node("a") == [7]
