@@ -17,7 +17,7 @@ import torch
 from molink.config import LayerRange
 from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
 from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
-from molink.pipeline.wire import node_to_proto
+from molink.pipeline.wire import node_to_proto, route_to_proto
 from molink.sampling_params import SamplingParams
 from molink.security.credentials import SwarmCredentials
 from molink.security.swarm_key import generate_swarm_key
@@ -137,8 +137,8 @@ def test_only_the_head_releases_its_sequences(swarm) -> None:
 
 
 def _forward(swarm: Swarm, seq_id: int, kind: str) -> pb.ForwardRequest:
-    view = swarm.last.current_view()
-    request = pb.ForwardRequest(head_id=swarm.head.head_id, epoch=view.epoch, sender_id="x")
+    request = pb.ForwardRequest(head_id=swarm.head.head_id, sender_id="x")
+    request.route.CopyFrom(route_to_proto(swarm.head.routes.route_for_new(2)))
     if kind == "release":
         request.release.CopyFrom(pb.ReleaseRequest(head_id=swarm.head.head_id, seq_ids=[seq_id]))
         return request
@@ -206,9 +206,9 @@ def test_a_join_names_its_sender_and_joins_are_rate_limited(swarm) -> None:
         impostor = node_to_proto(_info(swarm.last.config, 2, 4).with_address("127.0.0.1:9"))
         response = stub.Join(pb.JoinRequest(node=impostor), timeout=3)
         assert not response.accepted and "joins under its own id" in response.reason
-        itself = node_to_proto(_info(swarm.rogue, 2, 4).with_address("127.0.0.1:9"))
+        itself = node_to_proto(_info(swarm.rogue, 2, 9).with_address("127.0.0.1:9"))
         reasons = [stub.Join(pb.JoinRequest(node=itself), timeout=3).reason for _ in range(6)]
-    assert "overlap" in reasons[0]  # refused on its merits: the layers are served
+    assert "not a non-empty part" in reasons[0]  # refused on its merits: no such layers
     assert any("too many joins from node" in reason for reason in reasons)
     assert swarm.head.pipeline().epoch == epoch
 
