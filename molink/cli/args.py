@@ -33,6 +33,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half")
 WIRE_DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "int8")
 # "off": prefill chunks take the whole token budget (the baseline for benchmarks).
 TRANSMISSION_SCHEDULING_CHOICES = ("on", "off")
+DHT_CHOICES = ("on", "off")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 
 _SIZE_UNITS = {
@@ -116,6 +117,11 @@ class EngineArgs:
     molink_micro_batches: int = 0  # 0: adaptive, from the measured compute and links
     molink_wire_dtype: str = "auto"
     molink_transmission_scheduling: str = "on"
+    molink_max_memory: int | None = None  # bytes; None: what the machine has free, less headroom
+    # Set when neither layer flag was given: the node picks its span from the swarm.
+    molink_auto_place: bool = False
+    molink_dht: str = "off"  # "on": announce and discover nodes through the swarm's DHT
+    molink_dht_ttl: float = 15.0  # seconds a DHT record lives without renewal
     molink_swarm_key: str | None = field(default=None, repr=False)
     molink_swarm_key_file: str | None = None
     ssl_keyfile: str | None = None
@@ -172,6 +178,11 @@ class EngineArgs:
             TRANSMISSION_SCHEDULING_CHOICES,
             "molink_transmission_scheduling",
         )
+        _check_choice(self.molink_dht, DHT_CHOICES, "molink_dht")
+        if not 2.0 <= self.molink_dht_ttl <= 3600.0:
+            raise InvalidParameterError(
+                "molink_dht_ttl", f"{self.molink_dht_ttl} must be in [2, 3600] seconds"
+            )
         _check_choice(self.log_level, LOG_LEVEL_CHOICES, "log_level")
         _check_port(self.port, "port")
         _check_port(self.molink_grpc_port, "molink_grpc_port")
@@ -232,6 +243,10 @@ class EngineArgs:
         }
         if values.get("api_key") is None:
             values["api_key"] = os.environ.get(API_KEY_ENV) or None
+        start, end = values.get("molink_start_layer"), values.get("molink_end_layer")
+        values["molink_auto_place"] = start is None and end is None
+        values["molink_start_layer"] = 0 if start is None else start
+        values["molink_end_layer"] = -1 if end is None else end
         return cls(**values)
 
 
@@ -380,14 +395,22 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     pipeline.add_argument(
         "--molink-start-layer",
         type=int,
-        default=0,
-        help="first decoder layer held here, inclusive (default: %(default)s)",
+        default=None,
+        help="first decoder layer held here, inclusive (default: 0; with neither layer flag "
+        "and --molink-initial-peer, the node picks its layers from the swarm)",
     )
     pipeline.add_argument(
         "--molink-end-layer",
         type=int,
-        default=-1,
-        help="end layer, exclusive; -1 for the last (default: %(default)s)",
+        default=None,
+        help="end layer, exclusive; -1 for the last (default: -1)",
+    )
+    pipeline.add_argument(
+        "--molink-max-memory",
+        type=_size,
+        default=None,
+        help="memory for this node's layers and KV when it picks its own layers, e.g. 4GiB "
+        "(default: what the machine has available, less a quarter)",
     )
     pipeline.add_argument(
         "--molink-initial-peer",
@@ -426,6 +449,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=TRANSMISSION_SCHEDULING_CHOICES,
         help="cap the prefill tokens in flight so that decodes are not stuck behind prompts "
         "on slow links; off sends prefills in whole token-budget chunks (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-dht",
+        default="off",
+        choices=DHT_CHOICES,
+        help="announce this node in the swarm's DHT and find the others there; a node with "
+        "--molink-initial-peer bootstraps from that peer's DHT address (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-dht-ttl",
+        type=float,
+        default=15.0,
+        help="seconds a node's DHT record lives unless renewed; nodes renew every third of "
+        "it (default: %(default)s)",
     )
     add_security_args(parser)
     return parser

@@ -18,6 +18,7 @@ import torch
 from molink.cli.args import EngineArgs
 from molink.cli.security_args import swarm_key_of
 from molink.config import LayerRange
+from molink.discovery.dht import SwarmDirectory
 from molink.engine.async_engine import AsyncLLMEngine
 from molink.engine.factory import (
     EngineOptions,
@@ -35,6 +36,12 @@ from molink.engine.protocol import EngineStats
 from molink.engine.telemetry import PipelineTelemetry
 from molink.engine.transmission import TransmissionConfig, TransmissionScheduler
 from molink.outputs import RequestOutput
+from molink.pipeline.auto_place import place
+from molink.pipeline.discovery_setup import (
+    announce_stage,
+    start_directory,
+    watch_and_announce_head,
+)
 from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import ModelIdentity, NodeInfo, format_range
 from molink.pipeline.node import StageNode
@@ -95,13 +102,29 @@ def node_info(
 
 
 def load_stage(
-    args: EngineArgs, options: EngineOptions, node_id: str | None = None
+    args: EngineArgs,
+    options: EngineOptions,
+    node_id: str | None = None,
+    transport: TransportConfig | None = None,
 ) -> tuple[ModelSource, StageWorker, NodeInfo, torch.dtype]:
     source = resolve_model_source(options.model, quantization=options.quantization)
     config = source.model_config
-    layers = LayerRange.resolve(args.molink_start_layer, args.molink_end_layer, config.num_layers)
     dtype = torch_dtype_for(source, options.dtype)
     kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype)
+    if args.molink_auto_place and args.molink_initial_peer:
+        # No layer flags: take the span the swarm needs most (explicit flags always win).
+        layers = place(
+            args.molink_initial_peer,
+            config,
+            dtype,
+            options.block_size,
+            args.molink_max_memory,
+            transport or TransportConfig(),
+        )
+    else:
+        layers = LayerRange.resolve(
+            args.molink_start_layer, args.molink_end_layer, config.num_layers
+        )
     num_blocks = num_blocks_for(config, layers, options, kv_dtype)
     model = source.load_slice(layers, dtype_name(dtype), quantization=options.quantization)
     grammars = last_stage_grammars(source, layers)
@@ -124,14 +147,19 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     credentials = node_credentials(swarm_key_of(args))
     transport = TransportConfig(security=credentials)
     source, worker, info, dtype = load_stage(
-        args, options, credentials.node_id if credentials else None
+        args, options, credentials.node_id if credentials else None, transport
     )
     host = grpc_bind_host(args.host, advertise_host(args), credentials is not None)
     bind = f"{host}:{args.molink_grpc_port}"
+    directory = None
+    if args.molink_dht == "on":
+        directory, info = start_directory(info, args.molink_initial_peer, host, transport)
     if info.layers.start != 0:
-        return _start_stage(args, source, worker, info, dtype, bind, transport)
+        return _start_stage(args, source, worker, info, dtype, bind, transport, directory)
     head = PipelineExecutor(worker, info, transport, bind_address=bind, input_dtype=dtype)
     head.start()
+    if directory is not None:
+        watch_and_announce_head(head, directory, args.molink_dht_ttl)
     PipelineWaitStatus(lambda: pipeline_coverage(head)).start()
     logger.info(
         "head gRPC address: %s (stages join with --molink-initial-peer %s)",
@@ -263,6 +291,7 @@ def _start_stage(
     dtype: torch.dtype,
     bind: str,
     transport: TransportConfig,
+    directory: SwarmDirectory | None,
 ) -> StageOnlyClient:
     node = StageNode(
         worker,
@@ -274,6 +303,8 @@ def _start_stage(
         block_pool=worker.block_pool,
     )
     node.start()  # joins through the initial peer, retrying while it is unreachable
+    if directory is not None:
+        announce_stage(node, directory, args.molink_dht_ttl, worker.block_pool)
     logger.info("stage %s serves layers [%d, %d)", info.address, info.layers.start, info.layers.end)
     max_model_len = resolve_max_model_len(source.model_config, args.max_model_len)
     return StageOnlyClient(node, info, Tokenizer.from_dir(source.tokenizer_dir), max_model_len)

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -96,6 +97,7 @@ class PipelineExecutor:
         )
         self.routes = RouteBook(self.swarm.snapshot)
         self._step_routes: dict[StepKey, Route] = {}
+        self._closers: list[Callable[[], None]] = []
         self._results: queue.Queue[StepResult] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight: dict[StepKey, float] = {}  # -> deadline (monotonic)
@@ -124,6 +126,8 @@ class PipelineExecutor:
         return self
 
     def close(self) -> None:
+        for close in self._closers:
+            close()
         self._stop.set()
         self._monitor.stop()
         self._node.stop()
@@ -313,6 +317,36 @@ class PipelineExecutor:
             f"no chain of nodes covers layers [0, {snap.num_layers}): the spans served "
             f"({', '.join(f'[{n.start}, {n.end})' for n in snap.nodes)}) do not meet end to end"
         )
+
+    # -- discovery (molink.pipeline.discovery_watch) --------------------------------------
+
+    def known_nodes(self) -> dict[str, NodeInfo]:
+        return {s.node_id: s for s in self._registry.view().stages}
+
+    def admit_discovered(self, info: NodeInfo) -> str | None:
+        """A node found in the DHT joins as if it had called Join; None when admitted."""
+        try:
+            view = self._join(info)
+        except JoinRefusedError as exc:
+            return exc.reason
+        self._monitor.forget(info.node_id, info.address)
+        logger.info(
+            "head %s: node %s found in the DHT (epoch %d)",
+            self.head_id,
+            info.describe(),
+            view.epoch,
+        )
+        self._apply_view(view)
+        return None
+
+    def drop_node(self, node_id: str, reason: str) -> None:
+        stage = self._registry.view().stage(node_id)
+        if stage is not None:
+            self._stage_down(stage, reason)
+
+    def add_closer(self, close: Callable[[], None]) -> None:
+        """Run ``close`` when the head closes (discovery threads, the DHT)."""
+        self._closers.append(close)
 
     def route_of_step(self, step_id: int, micro_batch: int) -> Route | None:
         with self._lock:

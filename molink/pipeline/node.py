@@ -131,6 +131,7 @@ class StageNode:
         )
         self._server: grpc.Server | None = None
         self._stopping = threading.Event()
+        self._closers: list = []
         self._started_at = time.monotonic()
         self._counter_lock = threading.Lock()
         self.bytes_received = 0
@@ -178,7 +179,14 @@ class StageNode:
                 raise
         return self
 
+    def add_closer(self, close) -> None:
+        """Run ``close`` (no arguments) first when the node stops: discovery, the DHT."""
+        self._closers.append(close)
+
     def stop(self) -> None:
+        for close in self._closers:
+            close()
+        self._closers = []
         self._stopping.set()
         if self._server is not None:
             self._server.stop(grace=0.2).wait(2.0)

@@ -42,7 +42,7 @@ class BookChoice:
         self.book = book
         self.route = route
         self.takes_new = takes_new
-        self.admitted: list[int] = []
+        self.admitted: dict[int, int] = {}  # seq id -> the tokens it may come to hold
         self.promised_blocks = 0  # KV blocks the sequences admitted into this plan need
 
     def accepts(self, seq_id: int, num_tokens: int) -> bool:
@@ -54,9 +54,13 @@ class BookChoice:
         best = self.book.route_for_new(
             num_tokens, extra=len(self.admitted), extra_blocks=self.promised_blocks, on=self.route
         )
+        if best is None and not self.admitted and not self.book.load():
+            # Nothing runs that could free room for all it may hold: start it anyway, its
+            # growth is then bounded by the nodes' refusals.
+            best = self.book.route_for_new(0)
         if best is None or best.key != self.route.key:
             return False
-        self.admitted.append(seq_id)
+        self.admitted[seq_id] = num_tokens
         self.promised_blocks += self.book.blocks_for(num_tokens)
         return True
 
@@ -69,6 +73,8 @@ class RouteBook:
         self._lock = threading.Lock()
         self._seq_route: dict[int, Route] = {}
         self._seq_tokens: dict[int, int] = {}
+        # Tokens a sequence was admitted for: its KV on the route's nodes may grow to this.
+        self._seq_reserved: dict[int, int] = {}
         self._plan_route: dict[int, Route] = {}  # step id -> route, until submitted
         self._full_until: dict[str, float] = {}
         self._turn = 0
@@ -95,6 +101,7 @@ class RouteBook:
             self._plan_route[plan.step_id] = choice.route
             for seq in plan.new_sequences:
                 self._seq_route[seq.seq_id] = choice.route
+                self._seq_reserved[seq.seq_id] = choice.admitted.get(seq.seq_id, 0)
                 self.route_choices[choice.route.key] = (
                     self.route_choices.get(choice.route.key, 0) + 1
                 )
@@ -142,6 +149,7 @@ class RouteBook:
             for seq_id in seq_ids:
                 route = self._seq_route.pop(seq_id, None)
                 self._seq_tokens.pop(seq_id, None)
+                self._seq_reserved.pop(seq_id, None)
                 if route is not None:
                     groups.setdefault(route.key, (route, []))[1].append(seq_id)
         return groups
@@ -205,7 +213,10 @@ class RouteBook:
 
     def _usage(self, block_size: int) -> tuple[dict[str, int], dict[str, int]]:
         with self._lock:
-            items = [(self._seq_route[s], self._seq_tokens.get(s, 0)) for s in self._seq_route]
+            items = [
+                (route, max(self._seq_tokens.get(s, 0), self._seq_reserved.get(s, 0)))
+                for s, route in self._seq_route.items()
+            ]
         load: dict[str, int] = {}
         used: dict[str, int] = {}
         for route, tokens in items:

@@ -58,7 +58,8 @@ from molink.step import FailureKind, SampledToken, StepPlan, StepResult
 logger = logging.getLogger(__name__)
 
 
-# (sequence id, tokens it will hold after this step) -> may it join this plan? The head's
+# (sequence id, tokens it will hold after this step, or for a sequence not yet admitted the
+# most it may ever hold) -> may it join this plan? The head's
 # router uses it to keep each plan on one route (molink/engine/routing.py).
 SequenceFilter = Callable[[int, int], bool]
 
@@ -341,7 +342,11 @@ class Scheduler:
             reusable = 0 if wants_prompt_logprobs else seq.num_tokens - 1
             hit = self.kv.find_cached_prefix(seq.token_ids, max_num_tokens=reusable)
             num_new = self._chunk_size(seq.num_tokens - hit.num_tokens, builder.prefill_room)
-            if accepts is not None and not accepts(seq.seq_id, seq.num_tokens):
+            # A new sequence asks for room for everything it may become (its prompt and
+            # output so far plus the output it may still produce), so that nodes that own
+            # their KV are not over-committed and then forced to refuse its growth.
+            may_hold = seq.num_prompt_tokens + seq.max_output_tokens
+            if accepts is not None and not accepts(seq.seq_id, max(may_hold, seq.num_tokens)):
                 return
             if self.kv.allocate(seq.seq_id, hit.num_tokens + num_new, hit) is None:
                 return

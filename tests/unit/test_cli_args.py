@@ -91,7 +91,10 @@ def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_parser_defaults_match_the_dataclass(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(args_module.API_KEY_ENV, raising=False)
-    assert parse("") == EngineArgs()
+    parsed = parse("")
+    # Derived from the command line: no layer flag given, so the node may place itself.
+    assert parsed.molink_auto_place and not parse("--molink-start-layer 0").molink_auto_place
+    assert dataclasses.replace(parsed, molink_auto_place=False) == EngineArgs()
 
 
 def test_defaults() -> None:
@@ -105,10 +108,12 @@ def test_defaults() -> None:
 
 def test_help_lists_every_flag_with_its_default() -> None:
     text = add_engine_args(argparse.ArgumentParser(prog="x")).format_help()
-    for field in dataclasses.fields(EngineArgs):
+    derived = {"molink_auto_place"}  # set from which flags were given, not a flag itself
+    fields = [f for f in dataclasses.fields(EngineArgs) if f.name not in derived]
+    for field in fields:
         flag = "--" + field.name.replace("_", "-")
         assert flag in text, flag
-    assert text.count("(default:") >= len(dataclasses.fields(EngineArgs)) - 1
+    assert text.count("(default:") >= len(fields) - 1
     for default in ("0.0.0.0", "8000", "50061", "SmolLM2-135M-Instruct", "float16", "-1"):
         assert default in text
 

@@ -1,0 +1,115 @@
+"""The swarm's directory in a DHT: announce this node, read everyone else's records.
+
+Built on hivemind's DHT, the one Petals' public swarms run on: a maintained Kademlia over
+libp2p with expiring, sub-keyed records, which is exactly the shape needed here (one key
+per model, one subkey per node, an expiry on each). Its wheel ships its libp2p daemon, so
+nothing is downloaded at install time, and it leaves torch, protobuf and grpcio as they
+are. Values are msgpack-serialized by hivemind, never pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from molink.discovery.records import RecordError, info_of, record_of, swarm_key
+from molink.errors import PipelineError
+from molink.pipeline.identity import ModelIdentity, NodeInfo
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_TIMEOUT_S = 30.0
+
+
+class SwarmDirectory:
+    """One node's handle on the DHT. ``start`` raises PipelineError, naming the peer, when
+    the bootstrap peer cannot be reached (within BOOTSTRAP_TIMEOUT_S)."""
+
+    def __init__(self, model: ModelIdentity, protocol_version: int) -> None:
+        self._model = model
+        self._protocol = protocol_version
+        self._key = swarm_key(model)
+        self._dht: Any = None
+        self._ignored: dict[str, str] = {}  # node id -> why its record is ignored (logged once)
+
+    def start(self, host: str, initial_peers: list[str]) -> SwarmDirectory:
+        import hivemind  # imported here: the daemon it starts is only needed by swarm nodes
+
+        started = time.monotonic()
+        try:
+            self._dht = hivemind.DHT(
+                initial_peers=initial_peers or None,
+                host_maddrs=[f"/ip4/{host}/tcp/0"],
+                start=True,
+                startup_timeout=BOOTSTRAP_TIMEOUT_S,
+            )
+        except Exception as exc:  # hivemind raises its daemon's own errors
+            raise PipelineError(
+                f"could not join the DHT through {', '.join(initial_peers) or 'no peer'} "
+                f"within {time.monotonic() - started:.0f}s: {exc}"
+            ) from None
+        logger.info("DHT node at %s", self.address)
+        return self
+
+    @property
+    def address(self) -> str:
+        """A multiaddress other nodes can bootstrap from."""
+        if self._dht is None:
+            return ""
+        maddrs = [str(m) for m in self._dht.get_visible_maddrs()]
+        return maddrs[0] if maddrs else ""
+
+    def announce(self, info: NodeInfo, ttl_s: float) -> bool:
+        from hivemind.utils import get_dht_time
+
+        return bool(
+            self._dht.store(
+                self._key,
+                record_of(info),
+                expiration_time=get_dht_time() + ttl_s,
+                subkey=info.node_id,
+            )
+        )
+
+    def withdraw(self, info: NodeInfo) -> None:
+        """Best effort: an expired copy replaces the record at once (else it expires)."""
+        from hivemind.utils import get_dht_time
+
+        try:
+            self._dht.store(self._key, record_of(info), get_dht_time() + 0.01, subkey=info.node_id)
+        except Exception:
+            logger.debug("withdrawing the DHT record failed", exc_info=True)
+
+    def nodes(self) -> dict[str, tuple[NodeInfo, float]]:
+        """Every valid, unexpired record: node id -> (its info, seconds until it expires)."""
+        from hivemind.utils import get_dht_time
+
+        found = self._dht.get(self._key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        now = get_dht_time()
+        nodes: dict[str, tuple[NodeInfo, float]] = {}
+        for subkey, entry in found.value.items():
+            if entry.expiration_time <= now:
+                continue
+            try:
+                info = info_of(entry.value, self._model, self._protocol)
+            except RecordError as exc:
+                self._ignore(str(subkey), str(exc))
+                continue
+            if info.node_id != subkey:
+                self._ignore(str(subkey), f"the record names node {info.node_id!r}")
+                continue
+            nodes[info.node_id] = (info, entry.expiration_time - now)
+        return nodes
+
+    def _ignore(self, node_id: str, reason: str) -> None:
+        if self._ignored.get(node_id) != reason:
+            self._ignored[node_id] = reason
+            logger.warning("ignoring the DHT record of node %s: %s", node_id, reason)
+
+    def shutdown(self) -> None:
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht = None

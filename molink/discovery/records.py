@@ -1,0 +1,105 @@
+"""A node's DHT record: what it serves and how to reach it, as plain values.
+
+Records travel as msgpack maps of strings and numbers (hivemind's serializer), never as
+pickles, and are checked field by field on receipt: a record with another model's
+fingerprint, another protocol version or a span outside the model is ignored, and the
+reason is logged once per node.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from molink.config import LayerRange
+from molink.pipeline.identity import ModelIdentity, NodeInfo
+
+RECORD_VERSION = 1
+_STR_FIELDS = ("node_id", "address", "served_name", "fingerprint", "dtype", "wire_dtype", "dht")
+_INT_FIELDS = (
+    "v",
+    "protocol",
+    "num_layers",
+    "hidden_size",
+    "vocab_size",
+    "start",
+    "end",
+    "num_kv_blocks",
+    "free_kv_blocks",
+    "block_size",
+)
+
+
+class RecordError(ValueError):
+    """A record that is malformed or does not belong to this swarm's model."""
+
+
+def record_of(info: NodeInfo) -> dict[str, Any]:
+    return {
+        "v": RECORD_VERSION,
+        "node_id": info.node_id,
+        "address": info.address,
+        "served_name": info.model.served_name,
+        "fingerprint": info.model.fingerprint,
+        "num_layers": info.model.num_layers,
+        "hidden_size": info.model.hidden_size,
+        "vocab_size": info.model.vocab_size,
+        "start": info.layers.start,
+        "end": info.layers.end,
+        "num_kv_blocks": info.num_kv_blocks,
+        "free_kv_blocks": info.free_kv_blocks,
+        "block_size": info.block_size,
+        "dtype": info.dtype,
+        "wire_dtype": info.wire_dtype,
+        "throughput": float(info.throughput_tokens_per_s),
+        "protocol": info.protocol_version,
+        "dht": info.dht_address,
+    }
+
+
+def info_of(record: object, model: ModelIdentity, protocol_version: int) -> NodeInfo:
+    """The NodeInfo a record describes; RecordError says why it is not usable here."""
+    if not isinstance(record, dict):
+        raise RecordError("the record is not a map")
+    for name in _STR_FIELDS:
+        if not isinstance(record.get(name), str):
+            raise RecordError(f"field {name!r} is missing or not a string")
+    for name in _INT_FIELDS:
+        value = record.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise RecordError(f"field {name!r} is missing or not a count")
+    throughput = record.get("throughput")
+    if not isinstance(throughput, float) or not math.isfinite(throughput) or throughput < 0:
+        raise RecordError("field 'throughput' is missing or not a finite rate")
+    if record["protocol"] != protocol_version:
+        raise RecordError(
+            f"protocol version {record['protocol']}, this node speaks {protocol_version}"
+        )
+    if (record["served_name"], record["fingerprint"]) != (model.served_name, model.fingerprint):
+        raise RecordError(
+            f"model {record['served_name']!r} (fingerprint {record['fingerprint']}), this "
+            f"swarm serves {model.served_name!r} (fingerprint {model.fingerprint})"
+        )
+    if not 0 <= record["start"] < record["end"] <= model.num_layers:
+        raise RecordError(
+            f"span [{record['start']}, {record['end']}) is not part of [0, {model.num_layers})"
+        )
+    return NodeInfo(
+        node_id=record["node_id"],
+        model=model,
+        layers=LayerRange(record["start"], record["end"]),
+        address=record["address"],
+        num_kv_blocks=record["num_kv_blocks"],
+        block_size=record["block_size"],
+        dtype=record["dtype"],
+        wire_dtype=record["wire_dtype"],
+        protocol_version=record["protocol"],
+        free_kv_blocks=record["free_kv_blocks"],
+        throughput_tokens_per_s=throughput,
+        dht_address=record["dht"],
+    )
+
+
+def swarm_key(model: ModelIdentity) -> str:
+    """The DHT key under which every node of one model announces (one subkey per node)."""
+    return f"molink/{model.served_name}/{model.fingerprint}/nodes"

@@ -1,0 +1,96 @@
+"""A node started without layer flags picks its span from the swarm it joins.
+
+It asks its initial peer for the swarm as that peer sees it (``GetPipeline``: the head's
+registry, replicas and nodes found in the DHT included), sizes itself to its memory
+(weights of a layer plus a minimum KV reserve per layer, out of ``--molink-max-memory``
+or, by default, the memory the machine has available less a quarter), and applies the
+rule of molink/placement/placement.py. The choice and the reason are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import grpc
+import torch
+
+from molink.config import LayerRange, ModelConfig
+from molink.errors import PipelineError
+from molink.models.kv_cache import KVCache
+from molink.placement.placement import ServedSpan, choose_span, layers_that_fit
+from molink.transport.channel import NodeClient, describe_rpc_error
+from molink.transport.config import TransportConfig
+
+logger = logging.getLogger(__name__)
+
+MIN_KV_BLOCKS = 64  # the least KV a placed node reserves per layer, in blocks
+HEADROOM = 0.25  # of the available memory, left to the rest of the process and the system
+_ASK_TIMEOUT_S = 30.0
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def weight_bytes_per_layer(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Attention (q, k, v, o) and the gated MLP of one decoder layer."""
+    hidden, kv_width = config.hidden_size, config.num_kv_heads * config.head_dim
+    q_width = config.num_heads * config.head_dim
+    params = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * config.intermediate_size
+    return params * torch.finfo(dtype).bits // 8
+
+
+def place(
+    initial_peer: str,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    block_size: int,
+    max_memory: int | None,
+    transport: TransportConfig,
+) -> LayerRange:
+    served = _served_spans(initial_peer, transport)
+    budget = (
+        max_memory if max_memory is not None else int(available_memory_bytes() * (1 - HEADROOM))
+    )
+    kv_reserve = KVCache.bytes_per_block(config, 1, block_size, dtype) * MIN_KV_BLOCKS
+    max_layers = layers_that_fit(budget, weight_bytes_per_layer(config, dtype), kv_reserve)
+    placement = choose_span(config.num_layers, served, max_layers)
+    logger.info(
+        "placement: serving layers [%d, %d): %s (memory budget %.1f GiB)",
+        placement.start,
+        placement.end,
+        placement.reason,
+        budget / 2**30,
+    )
+    return LayerRange(placement.start, placement.end)
+
+
+def _served_spans(initial_peer: str, transport: TransportConfig) -> list[ServedSpan]:
+    client = NodeClient(initial_peer, transport)
+    deadline = time.monotonic() + _ASK_TIMEOUT_S
+    try:
+        while True:
+            try:
+                pipeline = client.get_pipeline(timeout=5.0)
+                break
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"could not ask {initial_peer} which layers the swarm serves: "
+                        f"{describe_rpc_error(exc)}"
+                    ) from None
+                time.sleep(0.5)
+    finally:
+        client.close()
+    return [
+        ServedSpan(s.layers.start, s.layers.end, s.throughput_tokens_per_s) for s in pipeline.stages
+    ]

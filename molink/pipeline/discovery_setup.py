@@ -1,0 +1,91 @@
+"""Starting a node's part in the swarm's DHT (``--molink-dht on``).
+
+``--molink-initial-peer HOST:PORT`` keeps its meaning: the joining node asks that gRPC
+peer for its DHT address (``Describe``) and bootstraps the DHT from it. Every node then
+announces its record and renews it; a head also reads the records (DiscoveryWatch), so that
+nodes joined through another head, and other heads' nodes, serve it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import grpc
+
+from molink.discovery.announcer import Announcer
+from molink.discovery.dht import BOOTSTRAP_TIMEOUT_S, SwarmDirectory
+from molink.errors import PipelineError
+from molink.kv_cache.stage_pool import StageBlockPool
+from molink.pipeline.discovery_watch import DiscoveryWatch
+from molink.pipeline.head import PipelineExecutor
+from molink.pipeline.identity import NodeInfo
+from molink.pipeline.node import StageNode
+from molink.transport.channel import NodeClient, describe_rpc_error
+from molink.transport.config import TransportConfig
+
+logger = logging.getLogger(__name__)
+
+_RETRY_S = 0.5
+# Most of the bootstrap budget goes to reaching the peer; the DHT daemon fails fast.
+_DESCRIBE_BUDGET_S = BOOTSTRAP_TIMEOUT_S - 5.0
+
+
+def dht_bootstrap_peers(initial_peer: str | None, config: TransportConfig) -> list[str]:
+    """The DHT address of the initial peer, asked over gRPC; PipelineError (within
+    BOOTSTRAP_TIMEOUT_S) if it cannot be reached or takes part in no DHT."""
+    if not initial_peer:
+        return []
+    deadline = time.monotonic() + _DESCRIBE_BUDGET_S
+    client = NodeClient(initial_peer, config)
+    try:
+        while True:
+            try:
+                info = client.describe(timeout=min(5.0, _DESCRIBE_BUDGET_S))
+                break
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"could not reach the initial peer {initial_peer} to find the swarm's "
+                        f"DHT within {_DESCRIBE_BUDGET_S:.0f}s: {describe_rpc_error(exc)}"
+                    ) from None
+                time.sleep(_RETRY_S)
+    finally:
+        client.close()
+    if not info.dht_address:
+        raise PipelineError(
+            f"the initial peer {initial_peer} takes part in no DHT (start it with --molink-dht on)"
+        )
+    return [info.dht_address]
+
+
+def start_directory(
+    info: NodeInfo, initial_peer: str | None, host: str, config: TransportConfig
+) -> tuple[SwarmDirectory, NodeInfo]:
+    """Join the DHT; returns it and ``info`` with its DHT address filled in."""
+    peers = dht_bootstrap_peers(initial_peer, config)
+    directory = SwarmDirectory(info.model, info.protocol_version).start(host, peers)
+    return directory, dataclasses.replace(info, dht_address=directory.address)
+
+
+def announce_stage(
+    node: StageNode, directory: SwarmDirectory, ttl_s: float, pool: StageBlockPool | None
+) -> None:
+    def record() -> NodeInfo:
+        free = pool.num_free if pool is not None else node.info.num_kv_blocks
+        return dataclasses.replace(node.info, free_kv_blocks=free)
+
+    announcer = Announcer(directory, record, ttl_s).start()
+    node.add_closer(announcer.stop)
+    node.add_closer(directory.shutdown)
+
+
+def watch_and_announce_head(
+    head: PipelineExecutor, directory: SwarmDirectory, ttl_s: float
+) -> None:
+    announcer = Announcer(directory, lambda: head.node.info, ttl_s).start()
+    watch = DiscoveryWatch(directory, head, interval_s=max(0.5, ttl_s / 6)).start()
+    head.add_closer(watch.stop)
+    head.add_closer(announcer.stop)
+    head.add_closer(directory.shutdown)
