@@ -77,14 +77,18 @@ class Int4Planes:
         return data + self.scale_zero.numel() * self.scale_zero.element_size()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` in bfloat16 through the int4 kernel; x is [T, cols] bfloat16."""
+        """``x @ W.T`` through the int4 kernel; x is [T, cols] bfloat16 (the result is
+        bfloat16 for one plane, float32 for two)."""
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed[0], self.group, self.scale_zero[0]
         )
-        for plane in range(1, len(self.packed)):
-            out += torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, self.packed[plane], self.group, self.scale_zero[plane]
-            )
+        if len(self.packed) > 1:
+            # Planes add up in float32: a bfloat16 sum would round the total once more.
+            out = out.float()
+            for plane in range(1, len(self.packed)):
+                out += torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x, self.packed[plane], self.group, self.scale_zero[plane]
+                )
         return out if out.shape[1] == self.rows else out[:, : self.rows]
 
     def dequantize_blocks(self, start: int, end: int) -> torch.Tensor:
