@@ -299,7 +299,13 @@ class PipelineExecutor:
     def _join(self, node: NodeInfo) -> PipelineView:
         """Admit ``node``. Nodes already serving its layers that no longer answer are
         dropped now (a replacement often arrives before the health monitor notices)."""
+        fresh = self._registry.view().stage(node.node_id) is None
         view = self._registry.join(node)
+        if fresh:
+            # A node joining anew is a new process even at an address seen before: a stream
+            # left to its predecessor there may sit in gRPC's reconnect backoff and fail the
+            # first steps sent to the newcomer.
+            self._node.links.drop_peer(node.address)
         for other in self._registry.overlapping(node):
             if other.node_id == self.head_id:
                 continue
