@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from molink.config import LayerRange
 from molink.weights import default_model_gguf, resolve_model_source
+from tests.helpers.greedy_reference import greedy_reference
 from tests.helpers.paged_runner import PagedRunner, Seq
 
 pytestmark = pytest.mark.slow
@@ -45,50 +43,8 @@ def prompts(tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference_outputs(prompts: list[list[int]]) -> list[list[int]]:
-    """transformers' greedy outputs, cached on disk: loading its GGUF path takes a minute.
-
-    The cache key covers the GGUF file's version, transformers' version and the prompts, so
-    a cached answer is exactly what transformers would compute again.
-    """
-    import transformers
-
-    from molink.weights.cache import default_cache_dir, file_key
-
-    gguf = default_model_gguf()
-    ident = json.dumps([file_key(gguf), transformers.__version__, prompts, NEW_TOKENS])
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    cached = default_cache_dir() / "test-references" / f"smollm-greedy-{digest}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    outputs = _generate_with_transformers(gguf, prompts)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(outputs))
-    tmp.replace(cached)
-    return outputs
-
-
-def _generate_with_transformers(gguf: Path, prompts: list[list[int]]) -> list[list[int]]:
-    """transformers' own GGUF loader and greedy generate, one prompt at a time."""
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    ).eval()
-    outputs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    """transformers' greedy outputs on the GGUF, cached on disk (its loader takes a minute)."""
+    return greedy_reference(default_model_gguf(), prompts, NEW_TOKENS)
 
 
 def test_chat_template_is_in_tokenizer_config(smollm_dir: Path) -> None:
