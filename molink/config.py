@@ -131,18 +131,41 @@ class LayerRange:
 
 
 @dataclass(frozen=True)
-class CacheConfig:
+class EngineDefaults:
+    """The one set of engine defaults.
+
+    EngineOptions (molink.engine.factory), EngineArgs and its --help (molink.cli.args) and
+    SchedulerConfig all read these, so an offline ``LLM()``, ``molink serve`` and a
+    pipeline head behave alike unless told otherwise. Values follow vLLM where it has one.
+    """
+
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
-    num_blocks: int | None = None  # None: derive from kv_cache_memory_bytes
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    # What "automatic" KV sizing gives on a CPU: sizing to free memory would take most of a
+    # shared machine; this holds ~11k tokens of SmolLM2-135M in float32.
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
     enable_prefix_caching: bool = True
+    max_model_len: int = 2048  # only where no model says otherwise (the scheduler alone)
+
+
+ENGINE_DEFAULTS = EngineDefaults()
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = ENGINE_DEFAULTS.block_size
+    num_blocks: int = 0
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 512  # per step (per micro-batch) token budget
-    max_num_seqs: int = 128  # running sequences, all micro-batches together
-    max_model_len: int = 2048
+    max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens  # per micro-batch step
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs  # running sequences, all micro-batches
+    max_model_len: int = ENGINE_DEFAULTS.max_model_len
     long_prefill_token_threshold: int = 0  # 0: a prefill may take the whole remaining budget
 
     def validate(self) -> None:

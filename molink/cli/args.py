@@ -15,6 +15,7 @@ from pathlib import Path
 
 from molink.cli.security_args import add_security_args, validate_security_args
 from molink.cli.vllm_args import add_vllm_args, ignored_vllm_flags, validate_vllm_flags
+from molink.config import ENGINE_DEFAULTS
 from molink.errors import InvalidParameterError
 from molink.quant.config import (
     KV_CACHE_DTYPE_CHOICES,
@@ -94,16 +95,16 @@ class EngineArgs:
     served_model_name: str | None = None
     host: str = "0.0.0.0"
     port: int = 8000
-    dtype: str = "auto"
+    dtype: str = ENGINE_DEFAULTS.dtype
     quantization: str | None = None  # None: as the checkpoint is (molink.quant.config)
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = ENGINE_DEFAULTS.kv_cache_dtype
     max_model_len: int | None = None  # None: the model's own limit
     tensor_parallel_size: int = 1
     api_key: str | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None: sized automatically
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
+    max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
+    block_size: int = ENGINE_DEFAULTS.block_size
+    kv_cache_memory: int | None = None  # bytes; None: automatic (molink.engine.factory)
     num_threads: int | None = None  # torch threads; None: torch's default
     seed: int = 0
     log_level: str = "info"
@@ -127,7 +128,7 @@ class EngineArgs:
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
     # vLLM's serving flags, so that a vLLM command line starts this server unchanged.
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     chat_template: str | None = None  # a file, or the template text itself
     trust_request_chat_template: bool = False
     generation_config: str = "auto"  # "auto": the model's sampling defaults; "vllm": none
@@ -301,7 +302,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--dtype",
-        default="auto",
+        default=ENGINE_DEFAULTS.dtype,
         choices=DTYPE_CHOICES,
         help="weight and activation dtype (default: %(default)s)",
     )
@@ -315,7 +316,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--kv-cache-dtype",
-        default="auto",
+        default=ENGINE_DEFAULTS.kv_cache_dtype,
         choices=KV_CACHE_DTYPE_CHOICES,
         help="KV cache dtype; auto: the model dtype; bfloat16 halves CPU cache memory; "
         "fp8 needs a GPU (default: %(default)s)",
@@ -354,26 +355,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     engine.add_argument(
         "--max-num-seqs",
         type=int,
-        default=256,
+        default=ENGINE_DEFAULTS.max_num_seqs,
         help="most sequences in one batch (default: %(default)s)",
     )
     engine.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=2048,
+        default=ENGINE_DEFAULTS.max_num_batched_tokens,
         help="most tokens in one step (default: %(default)s)",
     )
     engine.add_argument(
         "--block-size",
         type=int,
-        default=16,
+        default=ENGINE_DEFAULTS.block_size,
         help="tokens per KV-cache block (default: %(default)s)",
     )
     engine.add_argument(
         "--kv-cache-memory",
         type=_size,
         default=None,
-        help="KV-cache size, e.g. 512MiB, 2GiB or bytes (default: automatic)",
+        help="KV-cache size, e.g. 512MiB, 2GiB or bytes (default: automatic, "
+        f"{ENGINE_DEFAULTS.kv_cache_memory_bytes // 2**20}MiB on a CPU)",
     )
     engine.add_argument(
         "--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -69,12 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _status_formatter() -> Callable[..., str]:
     # Imported on use: the status client pulls in gRPC, which serving flags never need.
-    module = importlib.import_module("molink.pipeline.status")
-    for name in ("format_pipeline_status", "pipeline_status"):
-        formatter = getattr(module, name, None)
-        if callable(formatter):
-            return formatter
-    raise ImportError("molink.pipeline.status has no pipeline status formatter")
+    from molink.pipeline.status import pipeline_status
+
+    return pipeline_status
 
 
 def run_status(peer: str, key: str | None = None, key_file: str | None = None) -> int:

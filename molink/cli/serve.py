@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import signal
@@ -34,7 +33,7 @@ def configure_logging(level: str) -> None:
 
 def default_engine_factory(args: EngineArgs) -> EngineClient:
     # Imported here: the engine pulls in torch and the model code, which --help never needs.
-    from molink.engine.builder import build_engine_client
+    from molink.cli.engine_builder import build_engine_client
 
     return build_engine_client(args)
 
@@ -151,21 +150,14 @@ def generation_defaults(setting: str, engine: EngineClient) -> dict:
 
 
 def _metric_sources(engine: EngineClient) -> tuple[MetricSource, ...]:
-    """An engine may offer extra Prometheus lines (e.g. per-link bandwidth) as metric_lines()."""
-    source = getattr(engine, "metric_lines", None)
-    engine_lines = (source,) if callable(source) else ()
-    # Resident weight and KV-cache bytes of the stages in this process.
-    return (*engine_lines, RESIDENT.metric_lines)
+    """The engine's own lines (e.g. per-link bandwidth), then the resident weight and
+    KV-cache bytes of the stages in this process."""
+    return (engine.metric_lines, RESIDENT.metric_lines)
 
 
 async def _close_engine(engine: EngineClient) -> None:
-    """Stops the engine's own loop and stages, if it has a shutdown() or close() for that."""
-    close = getattr(engine, "shutdown", None) or getattr(engine, "close", None)
-    if not callable(close):
-        return
+    """Stops the engine's own loop and stages (off the event loop: it joins threads)."""
     try:
-        result = close()
-        if inspect.isawaitable(result):
-            await result
+        await asyncio.to_thread(engine.shutdown)
     except Exception:
         logger.exception("stopping the engine failed")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from molink.config import ENGINE_DEFAULTS
 from molink.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -59,8 +60,9 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV cache of shared prompt prefixes (default: on)",
+        default=ENGINE_DEFAULTS.enable_prefix_caching,
+        help="reuse the KV cache of shared prompt prefixes (default: "
+        f"{'on' if ENGINE_DEFAULTS.enable_prefix_caching else 'off'})",
     )
     group.add_argument(
         "--chat-template",

@@ -86,7 +86,7 @@ def provider_for(engine: EngineClient) -> SwarmProviders:
     last told it; else the single process (layers counted from its stages)."""
     from molink.engine.async_engine import AsyncLLMEngine
     from molink.engine.local_executor import LocalExecutor
-    from molink.engine.pipeline_builder import StageOnlyClient
+    from molink.pipeline.stage_client import StageOnlyClient
     from molink.stage.worker import StageWorker
 
     if isinstance(engine, StageOnlyClient):

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from molink.config import CacheConfig, LayerRange, ModelConfig, SchedulerConfig
+from molink.config import (
+    ENGINE_DEFAULTS,
+    CacheConfig,
+    LayerRange,
+    ModelConfig,
+    SchedulerConfig,
+)
 from molink.engine.llm_engine import LLMEngine
 from molink.engine.local_executor import LocalExecutor
 from molink.errors import InvalidParameterError
@@ -33,17 +39,26 @@ _TORCH_DTYPES = {
 
 @dataclass(frozen=True)
 class EngineOptions:
+    """What an engine is built from; every default is molink.config.ENGINE_DEFAULTS'."""
+
     model: str | None = None
-    dtype: str = "auto"
+    dtype: str = ENGINE_DEFAULTS.dtype
     quantization: str | None = None  # None: as the checkpoint is
-    kv_cache_dtype: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    kv_cache_memory_bytes: int = 512 * 1024 * 1024
-    num_kv_blocks: int | None = None
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 512
-    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = ENGINE_DEFAULTS.kv_cache_dtype
+    max_model_len: int | None = None  # None: the model's own limit
+    block_size: int = ENGINE_DEFAULTS.block_size
+    kv_cache_memory_bytes: int | None = None  # None: automatic (kv_cache_bytes)
+    num_kv_blocks: int | None = None  # set: exactly this many blocks, whatever the memory
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
+    max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The KV-cache memory to size blocks from: the given bytes, else the default."""
+        if self.kv_cache_memory_bytes is None:
+            return ENGINE_DEFAULTS.kv_cache_memory_bytes
+        return self.kv_cache_memory_bytes
 
 
 def torch_dtype_for(source: ModelSource, dtype: str) -> torch.dtype:
@@ -69,10 +84,10 @@ def num_blocks_for(
     per_block = KVCache.bytes_per_block(
         config, layer_range.end - layer_range.start, options.block_size, dtype
     )
-    num_blocks = options.kv_cache_memory_bytes // per_block
+    num_blocks = options.kv_cache_bytes // per_block
     if num_blocks < 2:
         raise InvalidParameterError(
-            "kv_cache_memory", f"{options.kv_cache_memory_bytes} bytes hold fewer than 2 blocks"
+            "kv_cache_memory", f"{options.kv_cache_bytes} bytes hold fewer than 2 blocks"
         )
     return int(num_blocks)
 

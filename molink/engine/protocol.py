@@ -48,3 +48,9 @@ class EngineClient(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    def metric_lines(self) -> list[str]:
+        """Prometheus lines of its own the server appends to /metrics (may be none)."""
+
+    def shutdown(self) -> None:
+        """Stops the engine's loop and its stages; the server calls it once, on exit."""

@@ -324,7 +324,7 @@ class PipelineExecutor:
             f"({', '.join(f'[{n.start}, {n.end})' for n in snap.nodes)}) do not meet end to end"
         )
 
-    # -- discovery (molink.pipeline.discovery_watch) --------------------------------------
+    # -- discovery (molink.discovery.watch) --------------------------------------
 
     def known_nodes(self) -> dict[str, NodeInfo]:
         return {s.node_id: s for s in self._registry.view().stages}

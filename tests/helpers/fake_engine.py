@@ -100,12 +100,19 @@ class FakeEngine:
         self.cancelled: list[str] = []  # generators closed before finishing
         self.abort_calls: list[str] = []  # explicit EngineClient.abort calls
         self.active: set[str] = set()
+        self.shut_down = False
 
     def readiness(self) -> str | None:
         return self.not_ready_reason
 
     async def abort(self, request_id: str) -> None:
         self.abort_calls.append(request_id)
+
+    def metric_lines(self) -> list[str]:
+        return []
+
+    def shutdown(self) -> None:
+        self.shut_down = True
 
     def stats(self) -> EngineStats:
         used = min(len(self.active), self.kv_total_blocks)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from molink.cli.pipeline_builder import PipelineSizer
 from molink.engine.llm_engine import LLMEngine
 from molink.engine.microbatch_controller import MicroBatchController, MicroBatchPolicy
 from molink.engine.offline import LLM
 from molink.engine.pacing import PipelinePacer
-from molink.engine.pipeline_builder import PipelineSizer
 from molink.engine.transmission import (
     TransmissionConfig,
     TransmissionScheduler,

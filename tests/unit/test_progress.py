@@ -155,7 +155,7 @@ def test_waiting_is_silent_without_a_terminal(monkeypatch) -> None:
 
 
 def test_pipeline_coverage_counts_layers_and_names_the_gaps() -> None:
-    from molink.engine.pipeline_builder import pipeline_coverage
+    from molink.cli.pipeline_builder import pipeline_coverage
     from molink.pipeline.identity import ModelIdentity, NodeInfo
     from molink.pipeline.registry import PipelineView
 

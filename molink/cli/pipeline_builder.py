@@ -19,6 +19,11 @@ from molink.cli.args import EngineArgs
 from molink.cli.security_args import swarm_key_of
 from molink.config import LayerRange
 from molink.discovery.dht import SwarmDirectory
+from molink.discovery.setup import (
+    announce_stage,
+    start_directory,
+    watch_and_announce_head,
+)
 from molink.engine.async_engine import AsyncLLMEngine
 from molink.engine.factory import (
     EngineOptions,
@@ -32,19 +37,14 @@ from molink.engine.factory import (
 from molink.engine.llm_engine import LLMEngine
 from molink.engine.microbatch_controller import MicroBatchController
 from molink.engine.pacing import PipelinePacer
-from molink.engine.protocol import EngineStats
 from molink.engine.telemetry import PipelineTelemetry
 from molink.engine.transmission import TransmissionConfig, TransmissionScheduler
 from molink.outputs import RequestOutput
 from molink.pipeline.auto_place import place
-from molink.pipeline.discovery_setup import (
-    announce_stage,
-    start_directory,
-    watch_and_announce_head,
-)
 from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import ModelIdentity, NodeInfo, format_range
 from molink.pipeline.node import StageNode
+from molink.pipeline.stage_client import StageOnlyClient
 from molink.progress.waiting import Coverage, PipelineWaitStatus
 from molink.quant.config import resolve_kv_cache_dtype
 from molink.security.node_setup import grpc_bind_host, node_credentials
@@ -247,40 +247,6 @@ class PipelineSizer:
         )
         if micro_batches != self.engine.num_micro_batches:
             self.engine.set_num_micro_batches(micro_batches)
-
-
-class StageOnlyClient:
-    """What a non-head node offers its HTTP server: health, and a pointer to the head."""
-
-    def __init__(self, node: StageNode, info: NodeInfo, tokenizer_like, max_model_len: int):
-        self.node = node
-        self.model_name = info.model.served_name
-        self.max_model_len = max_model_len
-        self.tokenizer = tokenizer_like
-        self._info = info
-
-    @property
-    def info(self) -> NodeInfo:
-        return self._info
-
-    def readiness(self) -> str | None:
-        return (
-            f"this node is a pipeline stage serving layers [{self._info.layers.start}, "
-            f"{self._info.layers.end}); send requests to the head of the pipeline"
-        )
-
-    async def generate(self, request_id, prompt, params):  # pragma: no cover - never ready
-        raise RuntimeError(self.readiness())
-        yield
-
-    async def abort(self, request_id: str) -> None:
-        return None
-
-    def stats(self) -> EngineStats:
-        return EngineStats(0, 0, self._info.num_kv_blocks, self._info.num_kv_blocks)
-
-    def shutdown(self) -> None:
-        self.node.stop()
 
 
 def _start_stage(

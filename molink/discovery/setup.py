@@ -16,9 +16,9 @@ import grpc
 
 from molink.discovery.announcer import Announcer
 from molink.discovery.dht import BOOTSTRAP_TIMEOUT_S, SwarmDirectory
+from molink.discovery.watch import DiscoveryWatch
 from molink.errors import PipelineError
 from molink.kv_cache.stage_pool import StageBlockPool
-from molink.pipeline.discovery_watch import DiscoveryWatch
 from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.node import StageNode

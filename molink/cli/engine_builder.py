@@ -12,9 +12,6 @@ from molink.engine.factory import EngineOptions, build_local_engine
 
 logger = logging.getLogger(__name__)
 
-# On CPU a KV cache sized to memory is wasteful; this holds ~11k tokens of SmolLM2 in fp32.
-DEFAULT_KV_CACHE_BYTES = 512 * 1024 * 1024
-
 
 def engine_options(args: EngineArgs) -> EngineOptions:
     return EngineOptions(
@@ -24,7 +21,7 @@ def engine_options(args: EngineArgs) -> EngineOptions:
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_KV_CACHE_BYTES,
+        kv_cache_memory_bytes=args.kv_cache_memory,  # None: automatic
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
@@ -37,7 +34,7 @@ def build_engine_client(args: EngineArgs) -> AsyncLLMEngine:
         torch.manual_seed(args.seed)
     options = engine_options(args)
     if args.molink_enabled:
-        from molink.engine.pipeline_builder import build_pipeline_engine
+        from molink.cli.pipeline_builder import build_pipeline_engine
 
         return build_pipeline_engine(args, options)
     engine, source, max_model_len = build_local_engine(options)
