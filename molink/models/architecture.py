@@ -46,6 +46,19 @@ class Binding:
 
 
 @dataclass(frozen=True)
+class GGUFJoin:
+    """A checkpoint tensor llama.cpp's converter split, transposed or renamed.
+
+    ``parts`` are Hugging Face-style names the gguf package's table maps to the GGUF
+    tensors it became (``.weight``/``.bias`` suffixed, experts stacked); ``join`` rebuilds
+    the checkpoint tensor from those arrays, in that order.
+    """
+
+    parts: tuple[str, ...]
+    join: Callable[[list[np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
 class KVLayout:
     """Per token and layer, the cache holds ``num_heads`` keys of ``key_dim`` and values of
     ``value_dim`` (0: values are read from the first channels of the keys)."""
@@ -123,9 +136,19 @@ def check_quantization(config: ModelConfig) -> None:
         )
 
 
-# (key, default) -> value of a GGUF metadata field; keys are relative to the architecture
-# ("attention.sliding_window") unless they start with "general." or "tokenizer.".
-GGUFField = Callable[..., Any]
+class GGUFField(Protocol):
+    """A GGUF file's metadata and small tensors, as an architecture's config reads them."""
+
+    def __call__(self, key: str, default: Any = None) -> Any:
+        """The value of a metadata field; keys are relative to the architecture
+        ("attention.sliding_window") unless they start with "general." or "tokenizer."."""
+        ...
+
+    def tensor(self, name: str) -> np.ndarray | None:
+        """A tensor by its GGUF name (dequantized), None when the file has none."""
+        ...
+
+    def has_tensor(self, name: str) -> bool: ...
 
 
 class DecoderArchitecture:
@@ -188,6 +211,15 @@ class DecoderArchitecture:
     def gguf_tensor(self, name: str, data: np.ndarray, config: ModelConfig) -> np.ndarray:
         """Undo llama.cpp's conversion of tensor ``name`` (a Hugging Face name)."""
         return data
+
+    def gguf_join(self, name: str, config: ModelConfig) -> GGUFJoin | None:
+        """How to rebuild ``name`` when the GGUF file does not hold it under its own name."""
+        return None
+
+    def gguf_variant(self, field: GGUFField) -> str | None:
+        """The Hugging Face architecture a file of this family really holds, when llama.cpp
+        files several under one name (Mixtral as ``llama``); None: this one."""
+        return None
 
     # --- layers ------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 class Entry:
     module: str  # molink.models.archs.<module>
     gguf: str | None = None  # llama.cpp's general.architecture for this family
+    # (Mistral's files are Llama's: the same computation under llama.cpp's "llama")
 
 
 _REGISTRY: dict[str, Entry] = {
@@ -32,17 +33,19 @@ _REGISTRY: dict[str, Entry] = {
     "Qwen3ForCausalLM": Entry("qwen3", gguf="qwen3"),
     "Gemma2ForCausalLM": Entry("gemma2", gguf="gemma2"),
     "Gemma3ForCausalLM": Entry("gemma3", gguf="gemma3"),
-    "Phi3ForCausalLM": Entry("phi3"),
-    "Olmo2ForCausalLM": Entry("olmo2"),
-    "GraniteForCausalLM": Entry("granite"),
-    "Starcoder2ForCausalLM": Entry("starcoder2"),
-    "CohereForCausalLM": Entry("cohere"),
-    "Glm4ForCausalLM": Entry("glm4"),
+    "Phi3ForCausalLM": Entry("phi3", gguf="phi3"),
+    "Olmo2ForCausalLM": Entry("olmo2", gguf="olmo2"),
+    "GraniteForCausalLM": Entry("granite", gguf="granite"),
+    "Starcoder2ForCausalLM": Entry("starcoder2", gguf="starcoder2"),
+    "CohereForCausalLM": Entry("cohere", gguf="command-r"),
+    "Glm4ForCausalLM": Entry("glm4", gguf="glm4"),
+    # llama.cpp writes Mixtral as "llama" and DeepSeek-V3 as "deepseek2": the Llama and
+    # DeepSeek-V2 files tell them apart (gguf_variant).
     "MixtralForCausalLM": Entry("mixtral"),
-    "Qwen2MoeForCausalLM": Entry("qwen2_moe"),
-    "Qwen3MoeForCausalLM": Entry("qwen3_moe"),
-    "GptOssForCausalLM": Entry("gpt_oss"),
-    "DeepseekV2ForCausalLM": Entry("deepseek_v2"),
+    "Qwen2MoeForCausalLM": Entry("qwen2_moe", gguf="qwen2moe"),
+    "Qwen3MoeForCausalLM": Entry("qwen3_moe", gguf="qwen3moe"),
+    "GptOssForCausalLM": Entry("gpt_oss", gguf="gpt-oss"),
+    "DeepseekV2ForCausalLM": Entry("deepseek_v2", gguf="deepseek2"),
     "DeepseekV3ForCausalLM": Entry("deepseek_v3"),
 }
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,14 @@ import numpy as np
 import torch
 
 from molink.config import ModelConfig
-from molink.errors import UnsupportedArchitectureError, WeightLoadError
+from molink.errors import WeightLoadError
 from molink.models.registry import GGUF_ARCHITECTURES, architecture_for, architecture_named
-from molink.models.rope import base_inv_freq, llama3_inv_freq
 from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
 from molink.quant.groups import GroupInts
 from molink.weights.cache import build_entry, default_cache_dir, file_key
-from molink.weights.gguf_names import gguf_locations
+from molink.weights.gguf_config import field_value as _field
+from molink.weights.gguf_config import gguf_config_dict
+from molink.weights.gguf_names import Location, gguf_locations
 from molink.weights.source import ModelSource, TensorStore
 
 logger = logging.getLogger(__name__)
@@ -33,17 +33,6 @@ logger = logging.getLogger(__name__)
 # Bumped when conversions change (2: family chat templates for files without one), so that
 # cached conversions of an older MoLink are not reused.
 CONVERSION_VERSION = 2
-
-EMBED_NAME = "model.embed_tokens.weight"
-FINAL_NORM_NAME = "model.norm.weight"
-LM_HEAD_NAME = "lm_head.weight"
-# llama.cpp writes Llama 3.1+ RoPE scaling as a tensor of per-frequency divisors; these are
-# the published parameter sets it is computed from.
-_LLAMA3_CANDIDATES = [
-    {"factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-    for f in (8.0, 32.0, 16.0, 4.0, 2.0)
-]
-_LLAMA3_ORIGINAL_CONTEXT = 8192
 
 
 def open_reader(path: Path) -> Any:
@@ -55,104 +44,6 @@ def open_reader(path: Path) -> Any:
         return GGUFReader(str(path))
     except Exception as exc:  # gguf raises plain ValueError/IndexError on bad files
         raise WeightLoadError(f"GGUF file {path} is truncated or corrupt: {exc}") from exc
-
-
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def gguf_config_dict(reader: Any) -> dict[str, Any]:
-    """A Hugging Face-style config.json dict from GGUF metadata."""
-    arch = _field(reader, "general.architecture")
-    hf_arch = GGUF_ARCHITECTURES.get(arch)
-    if hf_arch is None:
-        raise UnsupportedArchitectureError([f"gguf:{arch}"], list(GGUF_ARCHITECTURES))
-    architecture = architecture_named(hf_arch)
-    p = f"{arch}."
-    tensor_names = {t.name for t in reader.tensors}
-    hidden = int(_field(reader, p + "embedding_length"))
-    heads = int(_field(reader, p + "attention.head_count"))
-    head_dim = _field(reader, p + "attention.key_length") or _field(
-        reader, p + "rope.dimension_count"
-    )
-    eos = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    cfg: dict[str, Any] = {
-        "architectures": [hf_arch],
-        "model_type": architecture.model_type,
-        "vocab_size": int(_vocab_size(reader, p)),
-        "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, p + "feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, p + "block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, p + "attention.head_count_kv", heads)),
-        "head_dim": int(head_dim or hidden // heads),
-        "rms_norm_eps": float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_field(reader, p + "rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(reader, p + "context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        # Qwen2 always has q/k/v biases (its file says so); the flag is for all four.
-        "attention_bias": "blk.0.attn_output.bias" in tensor_names,
-        "hidden_act": "silu",
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": [int(e) for i, e in enumerate(eos) if e is not None and e not in eos[:i]],
-        "torch_dtype": "float32",
-    }
-    scaling = _rope_scaling(reader, p, cfg)
-    if scaling is not None:
-        cfg["rope_scaling"] = scaling
-    return architecture.gguf_config(cfg, _field_reader(reader, p))
-
-
-def _field_reader(reader: Any, prefix: str) -> Callable[..., Any]:
-    def field(key: str, default: Any = None) -> Any:
-        absolute = key.startswith(("general.", "tokenizer."))
-        return _field(reader, key if absolute else prefix + key, default)
-
-    return field
-
-
-def _vocab_size(reader: Any, prefix: str) -> int:
-    size = _field(reader, prefix + "vocab_size")
-    if size is not None:
-        return int(size)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is not None:
-        return len(tokens.data)
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    return int(embed.shape[-1])
-
-
-def _rope_scaling(reader: Any, prefix: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    kind = _field(reader, prefix + "rope.scaling.type")
-    factor = _field(reader, prefix + "rope.scaling.factor")
-    if kind in ("linear", "yarn") and factor:
-        scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
-        original = _field(reader, prefix + "rope.scaling.original_context_length")
-        if original:
-            scaling["original_max_position_embeddings"] = int(original)
-        return scaling
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is None:
-        return None
-    return _llama3_from_freq_factors(np.asarray(freqs.data, dtype=np.float32), cfg)
-
-
-def _llama3_from_freq_factors(factors: np.ndarray, cfg: dict[str, Any]) -> dict[str, Any]:
-    base = base_inv_freq(cfg["rope_theta"], cfg["head_dim"])
-    for candidate in _LLAMA3_CANDIDATES:
-        scaling = {
-            "rope_type": "llama3",
-            **candidate,
-            "original_max_position_embeddings": _LLAMA3_ORIGINAL_CONTEXT,
-        }
-        expected = (base / llama3_inv_freq(base, scaling)).numpy()
-        if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-4):
-            return scaling
-    raise WeightLoadError(
-        "GGUF rope_freqs.weight does not match any known Llama 3 RoPE scaling; "
-        "MoLink supports factor 2, 4, 8, 16 or 32 with low/high frequency factors 1/4"
-    )
 
 
 class GGUFStore(TensorStore):
@@ -176,11 +67,7 @@ class GGUFStore(TensorStore):
         self._architecture = architecture_for(config)
         by_name = {tensor.name: tensor for tensor in reader.tensors}
         arch = _field(reader, "general.architecture")
-        self._locations = {
-            hf: location
-            for hf, location in gguf_locations(arch, config).items()
-            if location[0] in by_name
-        }
+        self._locations: dict[str, Location] = gguf_locations(arch, config, by_name)
         self._tensors = by_name
         self._stacked: tuple[str, np.ndarray] | None = None
 
@@ -191,21 +78,26 @@ class GGUFStore(TensorStore):
         return self._where
 
     def _read(self, name: str) -> torch.Tensor:
-        gguf_name, expert = self._locations[name]
-        tensor = self._tensors[gguf_name]
-        if expert is None and self._quantized and tensor.tensor_type.name in BLOCK_TYPES:
-            return self._read_quantized(name, tensor)  # type: ignore[return-value]
-        if expert is None:
-            data = self._dequantize(gguf_name)
-        else:
-            if self._stacked is None or self._stacked[0] != gguf_name:
-                self._stacked = (gguf_name, self._dequantize(gguf_name))
-            data = self._stacked[1][expert]
+        location = self._locations[name]
+        single = location.single
+        if single is not None and single[1] is None and self._quantized:
+            tensor = self._tensors[single[0]]
+            if tensor.tensor_type.name in BLOCK_TYPES:
+                return self._read_quantized(name, tensor)  # type: ignore[return-value]
+        parts = [self._part(gguf_name, expert) for gguf_name, expert in location.parts]
+        data = parts[0] if location.join is None else location.join(parts)
         data = self._architecture.gguf_tensor(name, data, self._config)
         data = data.astype(np.float32, copy=False)
         if not data.flags.writeable or not data.flags.c_contiguous:
             data = np.array(data, order="C", copy=True)  # F32 tensors are read-only memmaps
         return torch.from_numpy(data)
+
+    def _part(self, gguf_name: str, expert: int | None) -> np.ndarray:
+        if expert is None:
+            return self._dequantize(gguf_name)
+        if self._stacked is None or self._stacked[0] != gguf_name:
+            self._stacked = (gguf_name, self._dequantize(gguf_name))
+        return self._stacked[1][expert]
 
     def _dequantize(self, gguf_name: str) -> np.ndarray:
         from gguf.quants import dequantize

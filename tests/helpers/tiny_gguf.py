@@ -1,52 +1,30 @@
 """Write a tiny Hugging Face checkpoint as a GGUF file, the way llama.cpp's converter lays it out.
 
-Q and K rows of llama-architecture models are permuted (llama.cpp interleaves each head's
-rotary halves); tensors are F32 unless named in ``quantize``; the tokenizer goes into the
-metadata (gpt2-style BPE) with the chat template.
+Names come from the gguf package's ``TensorNameMap`` (the converter's own table); what the
+converter changes is redone here: Q and K rows of llama-architecture models permuted
+(llama.cpp interleaves each head's rotary halves), Gemma's norms stored as ``1 + w``,
+experts stacked per layer, GPT-OSS's interleaved gate/up split and its expert matrices
+transposed, DeepSeek's ``kv_b_proj`` split into a transposed key part and a value part,
+Phi-3's longrope factors as tensors. Tensors are F32 unless named in ``quantize``; the
+tokenizer goes into the metadata (gpt2-style BPE) with the chat template.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-_ARCH = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma2ForCausalLM": "gemma2",
-}
-_LAYER_PARTS = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_GLOBAL = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+from tests.helpers.tiny_gguf_meta import GGUF_ARCH, gguf_arch_for, write_metadata
 
+__all__ = ["GGUF_ARCH", "permute", "write_tiny_gguf"]
 
-def gguf_name(hf_name: str) -> str:
-    if hf_name in _GLOBAL:
-        return _GLOBAL[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    part, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_LAYER_PARTS[part]}.{kind}"
+_PERMUTED = ("llama", "granite")  # llama.cpp's "normal" rope on Hugging Face's halves
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
 def permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
@@ -54,6 +32,92 @@ def permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     half = weights.shape[0] // num_heads // 2
     w = weights.reshape(num_heads, 2, half, *weights.shape[1:])
     return w.swapaxes(1, 2).reshape(weights.shape)
+
+
+def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-expert matrices -> one [E, out, in] tensor per layer and projection."""
+    stacked: dict[str, list[tuple[int, np.ndarray]]] = {}
+    out: dict[str, np.ndarray] = {}
+    for name, array in tensors.items():
+        match = _EXPERT.match(name)
+        if match is None:
+            out[name] = array
+            continue
+        key = f"{match.group(1)}.{match.group(3)}.weight"
+        stacked.setdefault(key, []).append((int(match.group(2)), array))
+    for key, experts in stacked.items():
+        out[key] = np.stack([array for _, array in sorted(experts, key=lambda e: e[0])])
+    return out
+
+
+def _modify(
+    name: str, array: np.ndarray, arch: str, config: dict
+) -> Iterator[tuple[str, np.ndarray]]:
+    """What llama.cpp's converter yields for one checkpoint tensor (Hugging Face names)."""
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads")
+    if arch in _PERMUTED and name.endswith("self_attn.q_proj.weight"):
+        yield name, permute(array, heads)
+    elif arch in _PERMUTED and name.endswith("self_attn.k_proj.weight"):
+        yield name, permute(array, kv_heads or heads)
+    elif arch.startswith("gemma") and name.endswith("norm.weight"):
+        yield name, array + 1
+    elif arch == "gpt-oss":
+        yield from _gpt_oss(name, array)
+    elif arch == "deepseek2" and name.endswith("kv_b_proj.weight"):
+        nope, v = config["qk_nope_head_dim"], config["v_head_dim"]
+        kv_b = array.reshape(heads, nope + v, array.shape[-1])
+        yield name.replace("kv_b_proj", "k_b_proj"), kv_b[:, :nope].transpose(0, 2, 1)
+        yield name.replace("kv_b_proj", "v_b_proj"), kv_b[:, nope:]
+    elif name.endswith("e_score_correction_bias"):
+        yield name.replace("e_score_correction_bias", "e_score_correction.bias"), array
+    else:
+        yield name, array
+
+
+def _gpt_oss(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    if name.endswith("experts.gate_up_proj"):
+        rows = array.transpose(0, 2, 1)  # [E, H, 2I] -> [E, 2I, H], gate/up alternating
+        yield name.replace("gate_up_proj", "gate_proj.weight"), rows[:, 0::2]
+        yield name.replace("gate_up_proj", "up_proj.weight"), rows[:, 1::2]
+    elif name.endswith("experts.gate_up_proj_bias"):
+        yield name.replace("gate_up_proj_bias", "gate_proj.bias"), array[:, 0::2]
+        yield name.replace("gate_up_proj_bias", "up_proj.bias"), array[:, 1::2]
+    elif name.endswith("experts.down_proj"):
+        yield name + ".weight", array.transpose(0, 2, 1)
+    elif name.endswith("experts.down_proj_bias"):
+        yield name.replace("down_proj_bias", "down_proj.bias"), array
+    elif name.endswith("sinks"):
+        yield name + ".weight", array
+    else:
+        yield name, array
+
+
+def _extra_tensors(arch: str, config: dict) -> dict[str, np.ndarray]:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if arch == "phi3" and rope.get("rope_type") == "longrope":
+        return {
+            "rope_factors_long.weight": np.asarray(rope["long_factor"], dtype=np.float32),
+            "rope_factors_short.weight": np.asarray(rope["short_factor"], dtype=np.float32),
+        }
+    return {}
+
+
+def _gguf_tensors(arch: str, config: dict, hf_dir: Path) -> dict[str, np.ndarray]:
+    import gguf
+
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    table = gguf.get_tensor_name_map(model_arch, config["num_hidden_layers"])
+    out: dict[str, np.ndarray] = {}
+    for hf_name, array in _stack_experts(tensors).items():
+        for name, data in _modify(hf_name, array.astype(np.float32), arch, config):
+            mapped = table.get_name(name, try_suffixes=(".weight", ".bias"))
+            if mapped is None:
+                raise ValueError(f"the gguf table has no name for {name} ({arch})")
+            out[mapped] = data
+    return {**out, **_extra_tensors(arch, config)}
 
 
 def write_tiny_gguf(
@@ -70,28 +134,16 @@ def write_tiny_gguf(
     """
     import gguf
 
-    config = json.loads((Path(hf_dir) / "config.json").read_text())
-    arch = arch_override or _ARCH[config["architectures"][0]]
-    tensors = load_file(str(Path(hf_dir) / "model.safetensors"))
-    if config.get("tie_word_embeddings"):
-        tensors.pop("lm_head.weight", None)
-    writer = gguf.GGUFWriter(str(out_path), arch)
-    _write_config(writer, config)
-    _write_tokenizer(writer, Path(hf_dir))
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    hf_dir = Path(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = gguf_arch_for(config)
+    writer = gguf.GGUFWriter(str(out_path), arch_override or arch)
+    write_metadata(writer, arch, config)
+    _write_tokenizer(writer, hf_dir)
     drop, quantize = set(drop), set(quantize)
-    names = _names_from_gguf_package(arch, config) if arch.startswith("gemma") else None
-    for hf_name, array in tensors.items():
-        name = gguf_name(hf_name) if names is None else names[hf_name]
+    for name, array in _gguf_tensors(arch, config, hf_dir).items():
         if name in drop:
             continue
-        array = array.astype(np.float32)
-        if arch == "llama" and ".attn_q." in name:
-            array = permute(array, heads)
-        elif arch == "llama" and ".attn_k." in name:
-            array = permute(array, kv_heads)
-        if arch.startswith("gemma") and name.endswith("norm.weight"):
-            array = array + 1  # llama.cpp stores Gemma's norms as 1 + w
         if name in quantize:
             qtype = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
@@ -102,42 +154,6 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return Path(out_path)
-
-
-def _names_from_gguf_package(arch: str, config: dict) -> dict[str, str]:
-    """Hugging Face -> GGUF names from the gguf package's table (no experts here)."""
-    from molink.config import ModelConfig
-    from molink.weights.gguf_names import gguf_locations
-
-    locations = gguf_locations(arch, ModelConfig.from_hf_dict(config))
-    return {hf: name for hf, (name, _) in locations.items()}
-
-
-def _write_gemma2(writer, config: dict) -> None:
-    writer.add_sliding_window(config["sliding_window"])
-    writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
-    writer.add_final_logit_softcapping(config["final_logit_softcapping"])
-
-
-def _write_config(writer, config: dict) -> None:
-    heads = config["num_attention_heads"]
-    writer.add_name("tiny")
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    rope = config.get("rope_parameters") or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta") or config.get("rope_theta") or 1e4))
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
-    if config["architectures"][0] == "Gemma2ForCausalLM":
-        _write_gemma2(writer, config)
 
 
 def _write_tokenizer(writer, hf_dir: Path) -> None:

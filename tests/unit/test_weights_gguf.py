@@ -16,8 +16,8 @@ from molink.models.archs.llama import reverse_permute
 from molink.models.rope import base_inv_freq, llama3_inv_freq
 from molink.weights import resolve_model_source
 from molink.weights.cache import MARKER_FILE, build_entry
+from molink.weights.gguf_config import llama3_from_freq_factors
 from molink.weights.gguf_convert import cached_gguf_as_hf_dir
-from molink.weights.gguf_source import _llama3_from_freq_factors
 from tests.helpers.paged_runner import PagedRunner
 from tests.helpers.tiny_gguf import permute, write_tiny_gguf
 from tests.helpers.tiny_models import load_reference_model
@@ -133,9 +133,9 @@ def test_llama3_scaling_is_recognised_from_rope_freqs() -> None:
     }
     base = base_inv_freq(500000.0, 64)
     factors = (base / llama3_inv_freq(base, scaling)).numpy()
-    assert _llama3_from_freq_factors(factors, cfg) == scaling
+    assert llama3_from_freq_factors(factors, cfg) == scaling
     with pytest.raises(WeightLoadError, match="rope_freqs"):
-        _llama3_from_freq_factors(factors * 1.5, cfg)
+        llama3_from_freq_factors(factors * 1.5, cfg)
 
 
 def test_gguf_tokenizer_is_exported_with_chat_template(

@@ -3,6 +3,8 @@ rotary over interleaved pairs, optional per-head q/k LayerNorms, scaled logits."
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -50,6 +52,17 @@ def _norm(config: ModelConfig, factory: LinearFactory) -> LayerNorm:
 
 
 class Cohere(Llama):
+    model_type = "cohere"
+    gguf_permuted_qk = False  # Cohere rotates adjacent pairs, as llama.cpp does
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        return {
+            **cfg,
+            "layer_norm_eps": cfg["rms_norm_eps"],
+            "logit_scale": float(field("logit_scale", 1.0)),
+            "use_qk_norm": field.has_tensor("blk.0.attn_q_norm.weight"),
+        }
+
     def qk_norm(self, config: ModelConfig) -> str | None:
         return "head_layernorm" if config.raw.get("use_qk_norm") else None
 

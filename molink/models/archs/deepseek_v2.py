@@ -4,13 +4,16 @@ experts with shared experts, softmax routing (greedy or group-limited) and a rou
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from molink.config import ModelConfig
 from molink.models.architecture import (
     Binding,
+    GGUFJoin,
     KVLayout,
     expert_bindings,
     gated_mlp_bindings,
@@ -31,8 +34,78 @@ def _kv_b_part(parts: list[torch.Tensor], heads: int, start: int, stop: int) -> 
     return weight.view(heads, -1, weight.shape[-1])[:, start:stop]
 
 
+def _gguf_kv_b(parts: list[np.ndarray]) -> np.ndarray:
+    """llama.cpp's k_b [H, lora, nope] (transposed) and v_b [H, v, lora] -> kv_b_proj."""
+    k_b, v_b = parts
+    joined = np.concatenate((k_b.transpose(0, 2, 1), v_b), axis=1)
+    return joined.reshape(-1, joined.shape[-1])
+
+
+def _same(parts: list[np.ndarray]) -> np.ndarray:
+    (tensor,) = parts
+    return tensor
+
+
+_SIGMOID_GATING = 2  # llama.cpp's expert_gating_func: 1 softmax (V2), 2 sigmoid (V3)
+
+
+def gguf_deepseek_fields(cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+    """Latent attention and experts from a ``deepseek2`` file (V2 and V3 alike)."""
+    rope = int(field("rope.dimension_count"))
+    # Files of latent attention as MQA say key/value_length_mla; older ones key/value_length.
+    key = field("attention.key_length_mla") or field("attention.key_length")
+    value = field("attention.value_length_mla") or field("attention.value_length")
+    q_lora = field("attention.q_lora_rank")
+    groups = int(field("expert_group_count") or 1)
+    cfg = {
+        **cfg,
+        "num_key_value_heads": cfg["num_attention_heads"],  # the file says 1 (MQA form)
+        "head_dim": rope,
+        "q_lora_rank": int(q_lora) if q_lora else None,
+        "kv_lora_rank": int(field("attention.kv_lora_rank")),
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": int(key) - rope,
+        "v_head_dim": int(value),
+        "first_k_dense_replace": int(field("leading_dense_block_count") or 0),
+        "n_routed_experts": int(field("expert_count") or 0),
+        "num_experts_per_tok": int(field("expert_used_count") or 0),
+        "moe_intermediate_size": int(field("expert_feed_forward_length") or 0),
+        "n_shared_experts": int(field("expert_shared_count") or 0),
+        "routed_scaling_factor": float(field("expert_weights_scale") or 1.0),
+        "norm_topk_prob": bool(field("expert_weights_norm", False)),
+        "n_group": groups,
+        "topk_group": int(field("expert_group_used_count") or 1),
+        "topk_method": "group_limited_greedy" if groups > 1 else "greedy",
+    }
+    scaling = cfg.get("rope_scaling")
+    log_multiplier = field("rope.scaling.yarn_log_multiplier")
+    if scaling and scaling.get("rope_type") == "yarn" and log_multiplier:
+        # llama.cpp keeps 0.1 * mscale_all_dim and assumes mscale equal to it.
+        mscale = round(float(log_multiplier) / 0.1, 6)
+        cfg["rope_scaling"] = {**scaling, "mscale": mscale, "mscale_all_dim": mscale}
+    return cfg
+
+
 class DeepseekV2(Llama):
+    model_type = "deepseek_v2"
     interleaved_rope = True  # V2 rotates adjacent pairs (complex multiplication)
+    gguf_permuted_qk = False  # as llama.cpp rotates them
+
+    def gguf_variant(self, field: Any) -> str | None:
+        if int(field("expert_gating_func") or 0) == _SIGMOID_GATING:
+            return "DeepseekV3ForCausalLM"
+        return None
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        return gguf_deepseek_fields(cfg, field)
+
+    def gguf_join(self, name: str, config: ModelConfig) -> GGUFJoin | None:
+        if name.endswith("self_attn.kv_b_proj.weight"):
+            base = name[: -len("kv_b_proj.weight")]
+            return GGUFJoin((base + "k_b_proj.weight", base + "v_b_proj.weight"), _gguf_kv_b)
+        if name.endswith("mlp.gate.e_score_correction_bias"):
+            return GGUFJoin((name.replace("_bias", ".bias"),), _same)
+        return None
 
     def mla_spec(self, config: ModelConfig) -> MLASpec:
         raw = config.raw

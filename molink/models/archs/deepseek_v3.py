@@ -12,6 +12,8 @@ from molink.models.blocks.moe import MoESpec
 
 
 class DeepseekV3(DeepseekV2):
+    model_type = "deepseek_v3"
+
     def interleaved_rope_for(self, config: ModelConfig) -> bool:
         return bool(config.raw.get("rope_interleave", True))
 

@@ -3,6 +3,8 @@ rotary on the first half of each head over interleaved pairs."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from molink.config import ModelConfig
@@ -21,6 +23,20 @@ from molink.models.rope import RopeSpec
 
 
 class Glm4(Llama):
+    model_type = "glm4"
+    gguf_permuted_qk = False  # GLM rotates adjacent pairs, as llama.cpp does
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        head_dim = field("attention.key_length") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        rotary = int(field("rope.dimension_count") or head_dim // 2)
+        return {
+            **cfg,
+            "head_dim": int(head_dim),
+            "partial_rotary_factor": rotary / int(head_dim),
+            # q/k/v have biases, the output projection none
+            "attention_bias": field.has_tensor("blk.0.attn_q.bias"),
+        }
+
     def qkv_bias(self, config: ModelConfig) -> bool:
         return config.attention_bias
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from torch import nn
 
@@ -39,6 +41,13 @@ class Llama(DecoderArchitecture):
         if self.gguf_permuted_qk and ".self_attn.k_proj." in name:
             return reverse_permute(data, config.num_kv_heads)
         return data
+
+    def gguf_variant(self, field: Any) -> str | None:
+        # Mixtral's files say "llama" (the family files of the other subclasses name
+        # themselves); their experts give them away.
+        if self.model_type == "llama" and int(field("expert_count") or 0) > 0:
+            return "MixtralForCausalLM"
+        return None
 
     def qkv_bias(self, config: ModelConfig) -> bool:
         return config.attention_bias

@@ -7,6 +7,8 @@ from molink.models.archs.llama import Llama
 
 
 class Mistral(Llama):
+    model_type = "mistral"
+
     def qkv_bias(self, config: ModelConfig) -> bool:
         return False  # whatever the config says, Mistral's projections have no bias
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from molink.config import ModelConfig
@@ -12,6 +14,15 @@ from molink.models.blocks.moe import MoE, MoESpec
 
 
 class Mixtral(Mistral):
+    model_type = "mixtral"
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        return {
+            **cfg,
+            "num_local_experts": int(field("expert_count")),
+            "num_experts_per_tok": int(field("expert_used_count")),
+        }
+
     def build_mlp(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
         spec = MoESpec(
             hidden_size=config.hidden_size,

@@ -14,6 +14,9 @@ from molink.models.blocks.sandwich import SandwichLayer
 
 
 class Olmo2(Llama):
+    model_type = "olmo2"
+    gguf_permuted_qk = False
+
     def qk_norm(self, config: ModelConfig) -> str | None:
         return "full"
 

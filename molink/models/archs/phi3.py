@@ -3,12 +3,42 @@ partial rotary and longrope scaling."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from molink.config import ModelConfig
 from molink.models.architecture import Binding, norm_binding
 from molink.models.archs.llama import Llama
 
 
 class Phi3(Llama):
+    model_type = "phi3"
+    gguf_permuted_qk = False
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        # Phi-3 files carry no key_length: rope.dimension_count is the rotated part only.
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        cfg = {**cfg, "head_dim": head_dim}
+        rotary = int(field("rope.dimension_count") or head_dim)
+        if rotary != head_dim:
+            cfg["partial_rotary_factor"] = rotary / head_dim
+        window = field("attention.sliding_window")
+        if window:
+            cfg["sliding_window"] = int(window)
+        original = field("rope.scaling.original_context_length")
+        if original:
+            cfg["original_max_position_embeddings"] = int(original)
+        long, short = (
+            field.tensor("rope_factors_long.weight"),
+            field.tensor("rope_factors_short.weight"),
+        )
+        if long is not None and short is not None:
+            cfg["rope_scaling"] = {
+                "rope_type": "longrope",
+                "long_factor": [float(x) for x in long],
+                "short_factor": [float(x) for x in short],
+            }
+        return cfg
+
     def qkv_bias(self, config: ModelConfig) -> bool:
         return False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from molink.config import ModelConfig
@@ -40,7 +42,27 @@ def qwen_moe_spec(config: ModelConfig, shared: bool) -> MoESpec:
 
 
 class Qwen2Moe(Qwen2):
+    model_type = "qwen2_moe"
     shared_expert = True
+    # llama.cpp renormalises the chosen experts' weights of Qwen3-MoE, not of Qwen2-MoE,
+    # unless the file says otherwise.
+    gguf_norm_topk = False
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        # Every layer of a llama.cpp file is sparse (its format has no dense MLP here).
+        cfg = {
+            **cfg,
+            "num_experts": int(field("expert_count")),
+            "num_experts_per_tok": int(field("expert_used_count")),
+            "moe_intermediate_size": int(field("expert_feed_forward_length")),
+            "norm_topk_prob": bool(field("expert_weights_norm", self.gguf_norm_topk)),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+        shared = field("expert_shared_feed_forward_length")
+        if self.shared_expert and shared:
+            cfg["shared_expert_intermediate_size"] = int(shared)
+        return cfg
 
     def build_mlp(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
         if not is_sparse(config, index):

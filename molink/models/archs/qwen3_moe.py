@@ -7,7 +7,9 @@ from molink.models.archs.qwen2_moe import Qwen2Moe
 
 
 class Qwen3Moe(Qwen2Moe):
+    model_type = "qwen3_moe"
     shared_expert = False
+    gguf_norm_topk = True
 
     def qkv_bias(self, config: ModelConfig) -> bool:
         return config.attention_bias

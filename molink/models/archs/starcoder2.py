@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from molink.config import ModelConfig
@@ -32,7 +34,21 @@ def _norm_bindings(target: str, prefix: str) -> list[Binding]:
 
 
 class Starcoder2(Llama):
+    model_type = "starcoder2"
     default_activation = "gelu_pytorch_tanh"
+    gguf_permuted_qk = False
+
+    def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
+        # llama.cpp's converter writes no window for StarCoder 2 (llama.cpp attends to the
+        # whole context); a file that has one is honoured.
+        window = field("attention.sliding_window")
+        return {
+            **cfg,
+            "hidden_act": "gelu_pytorch_tanh",
+            "norm_epsilon": cfg["rms_norm_eps"],
+            "use_bias": field.has_tensor("blk.0.attn_output.bias"),
+            "sliding_window": int(window) if window else None,
+        }
 
     def qkv_bias(self, config: ModelConfig) -> bool:
         return _use_bias(config)
