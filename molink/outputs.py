@@ -45,3 +45,6 @@ class RequestOutput:
     prompt_text: str | None = None
     # With prompt_logprobs: one entry per prompt token after the first, once known.
     prompt_logprobs: list[PromptTokenLogprob] | None = None
+    # Node ids, head first, of the route that computed this request's latest tokens (it
+    # changes when the request moves to another route); empty in a single process.
+    route: tuple[str, ...] = ()

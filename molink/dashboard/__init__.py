@@ -16,6 +16,7 @@ from molink.dashboard.history import SAMPLE_INTERVAL_S, MetricsHistory
 from molink.dashboard.providers import provider_for
 from molink.dashboard.route_header import RouteHeaderMiddleware
 from molink.dashboard.routes import is_public, router
+from molink.dashboard.served import ServedRoutes
 from molink.dashboard.snapshot import SwarmProvider, SwarmSnapshot
 from molink.dashboard.state import DashboardState
 from molink.engine.protocol import EngineStats
@@ -31,18 +32,25 @@ def install_dashboard(
     closing: Callable[[], str | None],
 ) -> Callable[[RequestOutput], None]:
     """Adds the routes, the route header and a sampler that runs while the app does.
-    Returns what the API must call with every finished request (for the latency charts)."""
+    Returns what the API must call with every finished request (for the latency charts
+    and the routes that served them)."""
 
     def recovery() -> tuple[int, int]:
         snapshot = provider.snapshot()
         return snapshot.failovers_total, snapshot.replays_total
 
     history = MetricsHistory(stats, recovery)
-    app.state.dashboard = DashboardState(provider, history, closing)
+    served = ServedRoutes()
+    app.state.dashboard = DashboardState(provider, history, closing, served)
     app.include_router(router)
     app.add_middleware(RouteHeaderMiddleware, provider=provider)
     _sample_while_running(app, history)
-    return history.observe
+
+    def observe(output: RequestOutput) -> None:
+        history.observe(output)
+        served.observe(output)
+
+    return observe
 
 
 def _sample_while_running(app: FastAPI, history: MetricsHistory) -> None:

@@ -1,6 +1,11 @@
 """``X-MoLink-Route``: the nodes (head first, comma-separated ids) that served a request,
 on every generation response, so that clients (the playground among them) can show it.
 
+A response sent after its request finished (any non-streamed one) names the route that
+computed the last tokens; a stream's headers leave before that, so they name the route
+a request started now would take, and ``GET /dashboard/api/served/{id}`` tells the route
+that served it once it is done (a request moves to another route when a node fails).
+
 A plain ASGI middleware: it touches only the response's start message, so streamed bodies
 pass through untouched.
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from molink.dashboard.served import CURRENT_NOTE, RouteNote
 from molink.dashboard.snapshot import SwarmProvider
 
 ROUTE_HEADER = "x-molink-route"
@@ -24,14 +30,19 @@ class RouteHeaderMiddleware:
         if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
             await self._app(scope, receive, send)
             return
-        # The route a request takes is fixed when it starts.
-        route = ",".join(self._provider.route())
+        note = RouteNote()
+        token = CURRENT_NOTE.set(note)
 
         async def send_with_route(message: Message) -> None:
-            if message["type"] == "http.response.start" and route:
-                headers = list(message.get("headers", []))
-                headers.append((ROUTE_HEADER.encode(), route.encode("latin-1", "replace")))
-                message = {**message, "headers": headers}
+            if message["type"] == "http.response.start":
+                route = ",".join(note.route or self._provider.route())
+                if route:
+                    headers = list(message.get("headers", []))
+                    headers.append((ROUTE_HEADER.encode(), route.encode("latin-1", "replace")))
+                    message = {**message, "headers": headers}
             await send(message)
 
-        await self._app(scope, receive, send_with_route)
+        try:
+            await self._app(scope, receive, send_with_route)
+        finally:
+            CURRENT_NOTE.reset(token)

@@ -79,6 +79,16 @@ async def snapshot(request: Request) -> JSONResponse:
     return JSONResponse(_event(state, since=0.0))
 
 
+@router.get("/dashboard/api/served/{request_id}")
+async def served_route(request: Request, request_id: str) -> JSONResponse:
+    """The route (node ids, head first) that computed a finished request's last tokens."""
+    route = get_state(request).served.get(request_id)
+    if route is None:
+        message = f"no finished request {request_id!r} is known here (the latest are kept)"
+        return JSONResponse({"error": {"message": message}}, status_code=404)
+    return JSONResponse({"id": request_id, "route": list(route)})
+
+
 @router.get("/dashboard/api/events")
 async def events(request: Request) -> StreamingResponse:
     state = get_state(request)

@@ -19,7 +19,7 @@ from molink.errors import InvalidParameterError
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 from molink.scheduler.scheduler import Scheduler
-from molink.step import StepPlan
+from molink.step import StepPlan, StepResult
 from molink.tokenizer.protocol import TokenizerLike
 
 logger = logging.getLogger(__name__)
@@ -129,10 +129,13 @@ class LLMEngine:
                 self._free_slots.append(plan.micro_batch)
             if result.error:
                 logger.error("step %d failed: %s", result.step_id, result.error)
+            served = served_route(result)
             for update in self.scheduler.update(plan, result):
                 state = self._requests.get(update.request_id)
                 if state is not None:
                     self._apply_update_isolated(state, update, now, result.error)
+                    if served:
+                        state.route = served
                     touched[state.request_id] = state
         return [self._emit(state) for state in touched.values()]
 
@@ -249,6 +252,14 @@ class LLMEngine:
         if output.finished:
             self._requests.pop(state.request_id, None)
         return output
+
+
+def served_route(result: StepResult) -> tuple[str, ...]:
+    """The nodes that computed a step, in order: its trace's hops (a pipeline's stages
+    each add one); empty for a failed step or a single process."""
+    if result.error:
+        return ()
+    return tuple(result.stage_timings)
 
 
 def _emits_text(state: RequestState, update) -> bool:

@@ -22,6 +22,7 @@ class RequestState:
     metrics: RequestMetrics
     seq_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[PromptTokenLogprob] | None = None
+    route: tuple[str, ...] = ()  # see RequestOutput.route
 
     @classmethod
     def create(
@@ -77,4 +78,5 @@ class RequestState:
             finished=self.finished,
             metrics=replace(self.metrics),
             prompt_logprobs=self.prompt_logprobs,
+            route=self.route,
         )

@@ -76,6 +76,9 @@ class FakeEngineOptions:
     fail_after: int | None = None  # raise PipelineError after this many steps
     error_after: int | None = None  # end with finish_reason "error" after this many steps
     submit_error: MolinkError | None = None  # raised before the first output
+    # The route (node ids) that computes each step, the last one for every later step: a
+    # change mid-request stands for a failover.
+    routes: tuple[tuple[str, ...], ...] = ()
 
 
 class FakeEngine:
@@ -153,7 +156,10 @@ class FakeEngine:
                 finished = all(c.finish_reason is not None for c in choices)
                 if finished:
                     metrics.finished_time = time.monotonic()
-                yield self._snapshot(request_id, prompt, prompt_ids, choices, metrics, finished)
+                output = self._snapshot(request_id, prompt, prompt_ids, choices, metrics, finished)
+                if self.options.routes:
+                    output.route = self.options.routes[min(step, len(self.options.routes)) - 1]
+                yield output
         finally:
             self.active.discard(request_id)
             if not finished:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from molink.api import ApiConfig, create_app
 from molink.dashboard.providers import StaticSwarmProvider
 from molink.dashboard.routes import _event_stream
-from tests.helpers.fake_engine import FakeEngine
+from tests.helpers.fake_engine import FakeEngine, FakeEngineOptions
 
 PAGES = ("/dashboard", "/playground")
 ASSETS = ("api.js", "charts.js", "coverage.js", "dashboard.js", "markdown.js", "playground.js",
@@ -186,3 +186,36 @@ def test_charts_are_sampled_while_nobody_watches(client: TestClient) -> None:
     while len(history.points()) < 2:  # one point a second, from the app's own task
         assert time.monotonic() < deadline, "the sampler took no points"
         time.sleep(0.1)
+
+
+def test_the_route_named_is_the_one_that_served_the_answer() -> None:
+    """A request that moved to another route midway (a failover) names the route of its
+    last tokens: in the header of a response sent once it finished, and, for a stream
+    whose headers left earlier, at /dashboard/api/served/{id}."""
+    first, second = ("head", "a", "b"), ("head", "c", "b")
+    engine = FakeEngine(options=FakeEngineOptions(routes=(first, first, second)))
+    config = ApiConfig(swarm=StaticSwarmProvider("fake-model", 30, node_id="head"))
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+    with TestClient(create_app(engine, config)) as client:
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.headers["x-molink-route"] == "head,c,b"
+        served = client.get(f"/dashboard/api/served/{response.json()['id']}")
+        assert served.status_code == 200 and served.json()["route"] == list(second)
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert streamed.headers["x-molink-route"] == "head"  # a new request's route, then
+        stream_id = json.loads(streamed.text.split("data: ", 2)[1].split("\n")[0])["id"]
+        assert client.get(f"/dashboard/api/served/{stream_id}").json()["route"] == list(second)
+        unknown = client.get("/dashboard/api/served/chatcmpl-unknown")
+        assert unknown.status_code == 404 and "chatcmpl-unknown" in unknown.text
+
+
+def test_served_routes_keep_only_the_latest() -> None:
+    from molink.dashboard.served import ServedRoutes
+    from molink.outputs import RequestMetrics, RequestOutput
+
+    served = ServedRoutes(max_kept=2)
+    for name in ("a", "b", "c"):
+        served.observe(RequestOutput(name, [], [], True, RequestMetrics(0.0), route=(name,)))
+    served.observe(RequestOutput("local", [], [], True, RequestMetrics(0.0)))  # no route
+    assert (served.get("a"), served.get("b"), served.get("c")) == (None, ("b",), ("c",))
+    assert served.get("local") is None

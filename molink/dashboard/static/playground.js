@@ -51,6 +51,14 @@ function showStats(view, s) {
   });
 }
 
+// The route that computed the answer's last tokens, once the request finished.
+async function servedRoute(id) {
+  const response = await authorizedFetch(`/dashboard/api/served/${encodeURIComponent(id)}`);
+  if (!response.ok) return null;
+  const body = await response.json();
+  return body.route.join(",");
+}
+
 async function send(text) {
   const system = $("system").value.trim();
   history.push({ role: "user", content: text });
@@ -64,6 +72,7 @@ async function send(text) {
   const started = performance.now();
   let firstAt = null;
   let answer = "";
+  let responseId = null;
   const s = { tokens: null, ttft: null, rate: null, route: "", finish: "" };
   try {
     const response = await authorizedFetch("/v1/chat/completions", {
@@ -79,6 +88,7 @@ async function send(text) {
       if (data === "[DONE]") return;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.id) responseId = chunk.id;
       const choice = chunk.choices?.[0];
       if (choice?.delta?.content) {
         if (firstAt === null) { firstAt = performance.now(); s.ttft = (firstAt - started) / 1000; }
@@ -93,6 +103,8 @@ async function send(text) {
     const decodeS = (performance.now() - (firstAt ?? started)) / 1000;
     if (s.tokens > 1 && decodeS > 0) s.rate = (s.tokens - 1) / decodeS;
     history.push({ role: "assistant", content: answer });
+    // A stream's header names the route at its start; the request may have moved since.
+    if (responseId) s.route = (await servedRoute(responseId)) ?? s.route;
   } catch (error) {
     view.message.classList.add("failed");
     s.finish = error.name === "AbortError" ? "stopped" : `error: ${error.message}`;
