@@ -1,12 +1,15 @@
 """The swarm as a pipeline head sees it: its registry, health checks, stage timings and
-link estimates.
+link estimates, and the nodes' DHT records when the head reads them.
 
 The provider remembers nodes it has seen, so that a node the head dropped still shows, as
-dead, with the layers it took along, until ``retention_s`` passes or it rejoins.
+dead, with the layers it took along, until ``retention_s`` passes or it rejoins. With the
+DHT, a node's record age is the time since the head saw its record renewed; a node that
+let two renewals pass is "missing" even while its health checks still answer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -18,12 +21,16 @@ from molink.dashboard.snapshot import Health, LinkView, NodeView, SwarmSnapshot
 from molink.engine.protocol import EngineStats
 from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.pipeline.identity import NodeInfo
-from molink.pipeline.registry import PipelineView
+from molink.pipeline.registry import PipelineView, RecordTimes
 from molink.transport.generated import molink_pb2 as pb
 
 DEAD_RETENTION_S = 300.0
 # A stage whose compute per layer is this many times the median of its peers' is "slow".
 SLOW_FACTOR = 3.0
+# Nodes renew their DHT record every third of its lifetime; a record older than two thirds
+# of it missed a renewal (the head reads the DHT every sixth, so a live node's looks up to
+# half its lifetime old).
+MISSED_RENEWAL_FRACTION = 2 / 3
 
 
 @runtime_checkable
@@ -46,6 +53,13 @@ class RecoveryCounters(Protocol):
     def failovers_total(self) -> int: ...
 
     def replays_total(self) -> int: ...
+
+
+@runtime_checkable
+class DhtRecords(Protocol):
+    """Offered by a head that reads the swarm's DHT (empty when it does not)."""
+
+    def record_times(self) -> dict[str, RecordTimes]: ...
 
 
 @dataclass
@@ -83,11 +97,19 @@ class PipelineSwarmProvider:
         slow = _slow_nodes(view.stages, timings)
         stats = self._stats()
         free_tokens = stats.kv_free_blocks * view.stages[0].block_size if view.stages else 0
+        records = self._head.record_times() if isinstance(self._head, DhtRecords) else {}
         nodes = [
-            self._node(stage, view, health.get(stage.node_id), timings, slow, free_tokens, now)
+            _with_record(
+                self._node(stage, view, health.get(stage.node_id), timings, slow, free_tokens, now),
+                records.get(stage.node_id),
+                now,
+            )
             for stage in view.stages
         ]
-        nodes += [self._dead(seen, health.get(node_id), now) for node_id, seen in self._gone()]
+        nodes += [
+            _with_record(self._dead(seen, health.get(node_id), now), records.get(node_id), now)
+            for node_id, seen in self._gone()
+        ]
         counters = self._head if isinstance(self._head, RecoveryCounters) else None
         return SwarmSnapshot(
             model=view.stages[0].model.served_name if view.stages else "",
@@ -175,6 +197,24 @@ class PipelineSwarmProvider:
             kv_total_tokens=info.kv_capacity_tokens,
             record_age_s=max(0.0, now - seen.renewed_at),
         )
+
+
+def _with_record(node: NodeView, record: RecordTimes | None, now: float) -> NodeView:
+    """``node`` with its DHT record's times; "missing" if a live node missed renewals."""
+    if record is None:
+        return node
+    age = max(0.0, now - record.renewed_at)
+    expires = max(0.0, record.expires_at - now)
+    lifetime = max(1e-6, record.expires_at - record.renewed_at)
+    health, detail = node.health, node.detail
+    if node.health == "dead":
+        detail = f"{detail}; its DHT record expires in {expires:.0f}s"
+    elif not node.is_head and age > MISSED_RENEWAL_FRACTION * lifetime:
+        health = "missing"
+        detail = f"its DHT record was not renewed for {age:.0f}s (expires in {expires:.0f}s)"
+    return dataclasses.replace(
+        node, health=health, detail=detail, record_age_s=age, record_expires_s=expires
+    )
 
 
 def _health_of(answer: pb.HealthResponse | str | None, is_head: bool) -> tuple[Health, str]:

@@ -35,6 +35,7 @@ class NodeView:
     kv_free_tokens: int | None = None
     kv_total_tokens: int | None = None
     record_age_s: float | None = None  # time since the node last renewed (answered)
+    record_expires_s: float | None = None  # until its DHT record expires (None: no DHT)
     is_head: bool = False
 
 

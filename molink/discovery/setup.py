@@ -86,6 +86,7 @@ def watch_and_announce_head(
 ) -> None:
     announcer = Announcer(directory, lambda: head.node.info, ttl_s).start()
     watch = DiscoveryWatch(directory, head, interval_s=max(0.5, ttl_s / 6)).start()
+    head.read_records_from(watch.record_times)
     head.add_closer(watch.stop)
     head.add_closer(announcer.stop)
     head.add_closer(directory.shutdown)

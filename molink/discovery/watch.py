@@ -3,17 +3,24 @@ nodes whose records expire leave it.
 
 A record is admitted with the same checks as a join (model, layer count, protocol,
 span); a refusal is logged once per node. A node is dropped when its record, once seen,
-is no longer there (it stopped renewing), the same way a failed health check drops it.
+is no longer there (it stopped renewing), the same way a failed health check drops it. A
+node the head dropped for failing its health checks is admitted again only once it renews
+its record: until then the record is a dead node's leftover, not a sign of life.
+
+The watch also notes when it saw each record renewed and when it expires
+(``record_times``), for the dashboard.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Protocol
 
 from molink.discovery.dht import SwarmDirectory
 from molink.pipeline.identity import NodeInfo
+from molink.pipeline.registry import RecordTimes
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,11 @@ class DiscoveringHead(Protocol):
     def drop_node(self, node_id: str, reason: str) -> None: ...
 
 
+# A record whose expiry moved later by more than this was renewed (DHT peers' clocks and
+# the watch's own timing blur the times a little).
+RENEWAL_SLACK_S = 0.5
+
+
 class DiscoveryWatch:
     def __init__(self, directory: SwarmDirectory, head: DiscoveringHead, interval_s: float) -> None:
         self._directory = directory
@@ -36,6 +48,8 @@ class DiscoveryWatch:
         self._interval_s = interval_s
         self._seen: set[str] = set()
         self._refused: dict[str, str] = {}
+        self._times: dict[str, RecordTimes] = {}
+        self._times_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dht-watch", daemon=True)
 
@@ -48,17 +62,26 @@ class DiscoveryWatch:
         if self._thread.is_alive():
             self._thread.join(5.0)
 
+    def record_times(self) -> dict[str, RecordTimes]:
+        """Every record seen at the last check (this head's and other heads' too)."""
+        with self._times_lock:
+            return dict(self._times)
+
     def check_once(self) -> None:
+        records = self._directory.nodes()
+        renewed = self._note_times(records)
         announced = {
             node_id: info
-            for node_id, (info, _) in self._directory.nodes().items()
+            for node_id, (info, _) in records.items()
             # Another node at layer 0 is another head: routes start at this head.
             if node_id != self._head.head_id and info.layers.start > 0
         }
         known = self._head.known_nodes()
         for node_id, info in announced.items():
-            self._seen.add(node_id)
             current = known.get(node_id)
+            if current is None and node_id in self._seen and node_id not in renewed:
+                continue  # dropped by the head, and silent since
+            self._seen.add(node_id)
             if current is not None and (current.address, current.layers) == (
                 info.address,
                 info.layers,
@@ -72,6 +95,22 @@ class DiscoveryWatch:
             if node_id not in announced and node_id in known:
                 self._seen.discard(node_id)
                 self._head.drop_node(node_id, "its DHT record expired")
+
+    def _note_times(self, records: dict[str, tuple[NodeInfo, float]]) -> set[str]:
+        """Updates ``record_times``; returns the nodes whose record is new or renewed."""
+        now = time.time()
+        renewed: set[str] = set()
+        with self._times_lock:
+            previous, self._times = self._times, {}
+            for node_id, (_, remaining_s) in records.items():
+                expires_at = now + remaining_s
+                before = previous.get(node_id)
+                if before is None or expires_at > before.expires_at + RENEWAL_SLACK_S:
+                    renewed.add(node_id)
+                    self._times[node_id] = RecordTimes(now, expires_at)
+                else:
+                    self._times[node_id] = before
+        return renewed
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):

@@ -38,7 +38,7 @@ from molink.pipeline.head_telemetry import HeadTelemetry, fill_pipeline_proto, m
 from molink.pipeline.health import HealthMonitor
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.node import StageNode
-from molink.pipeline.registry import JoinRefusedError, PipelineView, StageRegistry
+from molink.pipeline.registry import JoinRefusedError, PipelineView, RecordTimes, StageRegistry
 from molink.pipeline.route_book import RouteBook
 from molink.pipeline.swarm_view import SwarmView
 from molink.pipeline.wire import node_from_proto, view_to_proto
@@ -98,6 +98,7 @@ class PipelineExecutor:
         self.routes = RouteBook(self.swarm.snapshot)
         self._step_routes: dict[StepKey, Route] = {}
         self._closers: list[Callable[[], None]] = []
+        self._record_times: Callable[[], dict[str, RecordTimes]] = dict
         self._results: queue.Queue[StepResult] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight: dict[StepKey, float] = {}  # -> deadline (monotonic)
@@ -349,6 +350,15 @@ class PipelineExecutor:
         stage = self._registry.view().stage(node_id)
         if stage is not None:
             self._stage_down(stage, reason)
+
+    def read_records_from(self, record_times: Callable[[], dict[str, RecordTimes]]) -> None:
+        """Where ``record_times`` comes from: the DHT watch, when the head runs one."""
+        self._record_times = record_times
+
+    def record_times(self) -> dict[str, RecordTimes]:
+        """When each node's DHT record was last seen renewed and when it expires (empty
+        without the DHT)."""
+        return self._record_times()
 
     def add_closer(self, close: Callable[[], None]) -> None:
         """Run ``close`` when the head closes (discovery threads, the DHT)."""

@@ -48,6 +48,14 @@ class PipelineView:
         return min(known) if known else 0
 
 
+@dataclass(frozen=True)
+class RecordTimes:
+    """A node's DHT record as the head's discovery watch last saw it."""
+
+    renewed_at: float  # wall time the watch first saw this version of the record
+    expires_at: float  # wall time the record expires unless renewed
+
+
 def missing_ranges(ranges: list[LayerRange], num_layers: int) -> list[LayerRange]:
     """The parts of ``[0, num_layers)`` that no range covers, in order."""
     missing: list[LayerRange] = []

@@ -49,6 +49,12 @@ function kv(node) {
   return `${free} / ${node.kv_total_tokens} tokens free`;
 }
 
+function recordAge(node) {
+  if (node.record_age_s === null) return "–";
+  const age = `${node.record_age_s.toFixed(1)} s`;
+  return node.record_expires_s === null ? age : `${age} (expires in ${node.record_expires_s.toFixed(0)} s)`;
+}
+
 function renderNodes(snapshot) {
   const rows = snapshot.nodes.map((node) => el("tr", { dataset: { nodeId: node.node_id, health: node.health } },
     el("td", {}, node.node_id + (node.is_head ? " (head)" : "")),
@@ -60,7 +66,7 @@ function renderNodes(snapshot) {
     el("td", {}, node.queued_steps === null ? "–" : String(node.queued_steps)),
     el("td", {}, node.active_sequences === null ? "–" : String(node.active_sequences)),
     el("td", {}, kv(node)),
-    el("td", {}, node.record_age_s === null ? "–" : `${node.record_age_s.toFixed(1)} s`),
+    el("td", { className: "record" }, recordAge(node)),
     el("td", { className: "detail" }, node.detail),
   ));
   document.getElementById("nodes-body").replaceChildren(...rows);
