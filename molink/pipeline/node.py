@@ -35,6 +35,7 @@ from molink.pipeline.servicer import NodeServicer, join_redirect
 from molink.pipeline.wire import link_to_proto, node_to_proto, route_from_proto, view_from_proto
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
 from molink.placement.route import Route
+from molink.progress.status import StatusLine
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepResult
 from molink.transport.channel import (
@@ -228,6 +229,7 @@ class StageNode:
     def _request_join(self, peer: str, request: pb.JoinRequest) -> pb.JoinResponse:
         client = NodeClient(peer, self.config)
         deadline = time.monotonic() + self.config.join_timeout_s
+        waiting: StatusLine | None = None  # on a terminal: what the join waits for
         try:
             while True:
                 try:
@@ -239,8 +241,12 @@ class StageNode:
                             f"node {self.node_id} could not reach {peer} to join: "
                             f"{describe_rpc_error(exc)}"
                         ) from None
+                    waiting = waiting or StatusLine(f"waiting for {peer} to join its pipeline")
+                    waiting.update(describe_rpc_error(exc))
                     time.sleep(_JOIN_RETRY_S)
         finally:
+            if waiting is not None:
+                waiting.close()
             client.close()
         return response
 

@@ -1,5 +1,6 @@
 """Progress on long work in the terminal: converting a GGUF file, loading weights, waiting
-for a pipeline to become complete.
+for a pipeline to become complete (``waiting``), work with no count such as profiling the
+KV cache's memory (``status.status_line``).
 
 tqdm is already a dependency (transformers and huggingface_hub draw their bars with it), so
 MoLink's bars look like the rest of the ecosystem's. Bars are drawn on stdout and only when

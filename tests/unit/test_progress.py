@@ -170,3 +170,45 @@ def test_pipeline_coverage_counts_layers_and_names_the_gaps() -> None:
     stages.append(NodeInfo("t", model, LayerRange(10, 20)))
     stages.append(NodeInfo("u", model, LayerRange(25, 30)))
     assert pipeline_coverage(Head()) == Coverage(30, 30, None)  # type: ignore[arg-type]
+
+
+def test_a_status_line_shows_what_long_work_does_now(monkeypatch) -> None:
+    from molink.progress.status import status_line
+
+    monkeypatch.delenv("MOLINK_NO_PROGRESS", raising=False)
+    for stream, shown in ((FakeTerminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stdout", stream)
+        with status_line("profiling KV cache memory") as status:
+            status.update("a forward pass over 8192 tokens")
+            status.update("5120 blocks fit")
+        text = stream.getvalue()
+        assert ("profiling KV cache memory: a forward pass over 8192 tokens" in text) is shown
+        assert ("profiling KV cache memory: 5120 blocks fit" in text) is shown
+        assert shown or text == ""
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_stage_waiting_for_its_head_says_what_it_waits_for(monkeypatch, terminal) -> None:
+    from molink.errors import PipelineError
+    from molink.pipeline.identity import NodeInfo
+    from molink.pipeline.node import StageNode
+    from molink.pipeline.toy import ToyStageExecutor, toy_identity
+    from molink.transport.config import TransportConfig
+
+    monkeypatch.delenv("MOLINK_NO_PROGRESS", raising=False)
+    stream = FakeTerminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    model = toy_identity(4)
+    info = NodeInfo("s1", model, LayerRange(2, 4), "127.0.0.1:0")
+    node = StageNode(
+        ToyStageExecutor(LayerRange(2, 4), model),
+        info,
+        TransportConfig(join_timeout_s=1.0, rpc_timeout_s=0.5),
+        initial_peer="127.0.0.1:9",  # nothing listens on the discard port
+    )
+    with pytest.raises(PipelineError, match="could not reach 127.0.0.1:9 to join"):
+        node.start()
+    node.stop()
+    shown = stream.getvalue()
+    assert ("waiting for 127.0.0.1:9 to join its pipeline: " in shown) is terminal
+    assert terminal or shown == ""
