@@ -2,8 +2,8 @@
 on every generation response, so that clients (the playground among them) can show it.
 
 A response sent after its request finished (any non-streamed one) names the route that
-computed the last tokens; a stream's headers leave before that, so they name the route
-a request started now would take, and ``GET /dashboard/api/served/{id}`` tells the route
+computed the last tokens; a stream's headers leave before that, so they name the
+provider's route (the head's pipeline), and ``GET /dashboard/api/served/{id}`` tells the route
 that served it once it is done (a request moves to another route when a node fails).
 
 A plain ASGI middleware: it touches only the response's start message, so streamed bodies
