@@ -20,6 +20,7 @@ from molink.engine.local_executor import LocalExecutor
 from molink.errors import InvalidParameterError
 from molink.kv_cache.manager import KVCacheManager
 from molink.models.kv_cache import KVCache
+from molink.models.rope_length import model_max_context
 from molink.quant.config import resolve_kv_cache_dtype
 from molink.sampling.structured import GrammarCompiler, grammar_compiler_for
 from molink.scheduler.scheduler import Scheduler
@@ -66,7 +67,7 @@ def torch_dtype_for(source: ModelSource, dtype: str) -> torch.dtype:
 
 
 def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
-    limit = config.max_position_embeddings
+    limit = model_max_context(config)  # dynamic NTK reaches past max_position_embeddings
     if requested is None:
         return limit
     if not 1 <= requested <= limit:

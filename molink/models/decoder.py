@@ -24,6 +24,7 @@ from molink.models.kv_cache import KVCache
 from molink.models.loading import checkpoint_tensor_names, load_slice_tensors
 from molink.models.registry import architecture_for
 from molink.models.rope import RotaryTables
+from molink.models.rope_length import model_max_context
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class DecoderSlice(nn.Module):
             key: RotaryTables(spec, dtype, device) for key, spec in arch.rope_specs(config).items()
         }
         self.lm_head_packed: torch.Tensor | None = None
+        self.max_context = model_max_context(config)
 
     @property
     def num_local_layers(self) -> int:
@@ -126,10 +128,8 @@ class DecoderSlice(nn.Module):
                 x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         else:
             x = inputs.to(self.dtype)
-        if meta.max_context_len > self.config.max_position_embeddings:
-            raise ContextLengthExceededError(
-                meta.max_context_len, self.config.max_position_embeddings, "sequence"
-            )
+        if meta.max_context_len > self.max_context:
+            raise ContextLengthExceededError(meta.max_context_len, self.max_context, "sequence")
         if meta.positions.device != x.device:
             # Built on another device (the stage runner's default is CPU): rebuild once here
             # rather than copy index tensors in every layer.

@@ -38,6 +38,12 @@ class ForwardContext:
         tables = self._rotaries[key]
         angles = self._angles.get(key)
         if angles is None:
-            angles = tables.lookup(self.meta.positions)
+            lengths = self._sequence_lengths() if tables.depends_on_length else None
+            angles = tables.lookup(self.meta.positions, lengths)
             self._angles[key] = angles
         return tables.apply(x, *angles)
+
+    def _sequence_lengths(self) -> torch.Tensor:
+        """Per token, its sequence's length as of this forward (the end of its chunk)."""
+        ends = [c.start_pos + c.num_tokens for c in self.meta.chunks for _ in range(c.num_tokens)]
+        return torch.tensor(ends, dtype=torch.long, device=self.meta.positions.device)

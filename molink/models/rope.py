@@ -112,30 +112,8 @@ def _yarn_inv_freq(spec: RopeSpec, scaling: dict[str, Any]) -> tuple[torch.Tenso
     return inv_freq, float(attention_factor)
 
 
-def _dynamic_table(spec: RopeSpec, scaling: dict[str, Any]) -> torch.Tensor:
-    """Per-position inverse frequencies [P, dim // 2] of dynamic NTK scaling.
-
-    transformers recomputes the base for the current sequence length once it exceeds the
-    pre-training context; here position ``p`` uses the base for length ``p + 1``, which is
-    what a sequence growing one token at a time sees, and keeps cached keys valid.
-    """
-    # transformers starts rescaling past max_position_embeddings, whatever else is set.
-    original = spec.max_positions
-    factor = float(scaling["factor"])
-    dim = spec.dim
-    lengths = torch.arange(1, spec.max_positions + 1, dtype=torch.float32).clamp(min=original)
-    bases = spec.theta * ((factor * lengths / original) - (factor - 1)) ** (dim / (dim - 2))
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-    return 1.0 / (bases[:, None] ** exponents[None, :])
-
-
-def _longrope_table(spec: RopeSpec, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    """Per-position inverse frequencies of Phi-3's longrope, and its attention factor.
-
-    Positions inside the pre-training context use the short factors, later ones the long
-    factors (transformers switches the whole sequence once it is longer; per position keeps
-    the cache valid as a sequence grows).
-    """
+def longrope_settings(spec: RopeSpec, scaling: dict[str, Any]) -> tuple[int, float]:
+    """Phi-3's longrope: the pre-training context, and the cos/sin factor of both sets."""
     original = int(
         scaling.get("original_max_position_embeddings")
         or spec.original_max_positions
@@ -147,16 +125,17 @@ def _longrope_table(spec: RopeSpec, scaling: dict[str, Any]) -> tuple[torch.Tens
         attention_factor = (
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         )
-    dim = spec.dim
-    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * spec.theta**shape)
-    long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * spec.theta**shape)
-    is_long = (torch.arange(spec.max_positions) >= original)[:, None]
-    return torch.where(is_long, long[None, :], short[None, :]), float(attention_factor)
+    return original, float(attention_factor)
+
+
+def longrope_inv_freq(spec: RopeSpec, factors: list[float]) -> torch.Tensor:
+    shape = torch.arange(0, spec.dim, 2, dtype=torch.int64).float() / spec.dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * spec.theta**shape)
 
 
 def inv_freq_table(spec: RopeSpec) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies, [dim // 2] or per position [P, dim // 2], and the cos/sin factor."""
+    """Inverse frequencies [dim // 2] and the cos/sin factor (for dynamic and longrope: of
+    sequences within the pre-training context)."""
     spec.check()
     scaling = spec.scaling
     rope_type = rope_type_of(scaling)
@@ -171,8 +150,23 @@ def inv_freq_table(spec: RopeSpec) -> tuple[torch.Tensor, float]:
     if rope_type == "yarn":
         return _yarn_inv_freq(spec, scaling)
     if rope_type == "dynamic":
-        return _dynamic_table(spec, scaling), 1.0
-    return _longrope_table(spec, scaling)
+        # Within the pre-training context dynamic NTK does not rescale; longer sequences
+        # are rotated by molink.models.rope_length.
+        return base_inv_freq(spec.theta, dim), 1.0
+    # longrope: the short factors; sequences past the pre-training context, the long ones
+    # (molink.models.rope_length).
+    return longrope_inv_freq(spec, scaling["short_factor"]), longrope_settings(spec, scaling)[1]
+
+
+def angle_tables(
+    freqs: torch.Tensor, attention_scaling: float, interleaved: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin over a head's rotated dims, from angles [N, dim // 2]."""
+    cos = freqs.cos() * attention_scaling
+    sin = freqs.sin() * attention_scaling
+    if interleaved:
+        return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 class RotaryTables:
@@ -181,32 +175,52 @@ class RotaryTables:
     ``sin_signed`` folds the sign of the rotation into the table so that one ``roll``
     (halves) or one pair swap (interleaved) replaces transformers' slice/neg/cat while
     giving bit-identical results.
+
+    Dynamic NTK and longrope rotate a sequence longer than the pre-training context
+    differently (molink.models.rope_length): ``lookup`` then needs, per token, the length
+    of its sequence as of the forward that computes it.
     """
 
     def __init__(self, spec: RopeSpec, dtype: torch.dtype, device: torch.device) -> None:
+        from molink.models.rope_length import long_context_angles
+
         inv_freq, attention_scaling = inv_freq_table(spec)
         positions = torch.arange(spec.max_positions, dtype=torch.float32)
-        if inv_freq.dim() == 1:
-            freqs = positions[:, None] * inv_freq[None, :]
-        else:
-            freqs = positions[:, None] * inv_freq
-        cos = freqs.cos() * attention_scaling
-        sin = freqs.sin() * attention_scaling
-        if spec.interleaved:
-            cos = cos.repeat_interleave(2, dim=-1)
-            sin_signed = torch.stack((-sin, sin), dim=-1).flatten(-2)
-        else:
-            cos = torch.cat((cos, cos), dim=-1)
-            sin_signed = torch.cat((-sin, sin), dim=-1)
+        freqs = positions[:, None] * inv_freq[None, :]
+        cos, sin_signed = angle_tables(freqs, attention_scaling, spec.interleaved)
         self.cos = cos.to(device=device, dtype=dtype)
         self.sin_signed = sin_signed.to(device=device, dtype=dtype)
         self.dim = spec.dim
         self.partial = spec.dim != spec.head_dim
         self.interleaved = spec.interleaved
+        self.long_context = long_context_angles(spec, dtype, device)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for ``positions`` [T], shaped [T, 1, dim] to span heads."""
-        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
+    @property
+    def depends_on_length(self) -> bool:
+        """Whether ``lookup`` needs each token's sequence length (dynamic, longrope)."""
+        return self.long_context is not None
+
+    def lookup(
+        self, positions: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for ``positions`` [T], shaped [T, 1, dim] to span heads.
+
+        ``lengths`` [T]: each token's sequence length in this forward (the end of its
+        chunk), needed when ``depends_on_length``.
+        """
+        long_context = self.long_context
+        if long_context is None or lengths is None or positions.shape[0] == 0:
+            return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
+        longer = lengths > long_context.context
+        if not bool(longer.any()):
+            return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
+        cos, sin_signed = long_context.angles(positions, lengths)
+        inside = ~longer[:, None]
+        cos = torch.where(inside, self.cos[positions.clamp(max=self.cos.shape[0] - 1)], cos)
+        sin_signed = torch.where(
+            inside, self.sin_signed[positions.clamp(max=self.cos.shape[0] - 1)], sin_signed
+        )
+        return cos.unsqueeze(1), sin_signed.unsqueeze(1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` [T, heads, head_dim] by the per-token angles."""
