@@ -1,1 +1,1 @@
-"""Finding the nodes of a swarm: signed-later, expiring records in a DHT (hivemind's)."""
+"""Finding the nodes of a swarm: signed, expiring records in a DHT (hivemind's)."""

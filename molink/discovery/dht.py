@@ -5,6 +5,11 @@ libp2p with expiring, sub-keyed records, which is exactly the shape needed here 
 per model, one subkey per node, an expiry on each). Its wheel ships its libp2p daemon, so
 nothing is downloaded at install time, and it leaves torch, protobuf and grpcio as they
 are. Values are msgpack-serialized by hivemind, never pickled.
+
+In a swarm (a swarm key), records are signed by their node and sealed for members
+(``molink.security.sealing``, which says why that, not the transport, is the protection
+here): members' DHT nodes refuse to store or accept anything else, and a record that is
+unsigned, from a non-member, expired or replayed is ignored with a log line.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ import logging
 import time
 from typing import Any
 
+import msgpack
+
 from molink.discovery.records import RecordError, info_of, record_of, swarm_key
 from molink.errors import PipelineError
 from molink.pipeline.identity import ModelIdentity, NodeInfo
+from molink.security.credentials import SwarmCredentials
+from molink.security.sealing import RecordSeal
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +35,23 @@ class SwarmDirectory:
     """One node's handle on the DHT. ``start`` raises PipelineError, naming the peer, when
     the bootstrap peer cannot be reached (within BOOTSTRAP_TIMEOUT_S)."""
 
-    def __init__(self, model: ModelIdentity, protocol_version: int) -> None:
+    def __init__(
+        self,
+        model: ModelIdentity,
+        protocol_version: int,
+        credentials: SwarmCredentials | None = None,
+    ) -> None:
         self._model = model
         self._protocol = protocol_version
-        self._key = swarm_key(model)
+        self._seal = RecordSeal(credentials) if credentials is not None else None
+        self._key = self._seal.scoped(swarm_key(model)) if self._seal else swarm_key(model)
         self._dht: Any = None
         self._ignored: dict[str, str] = {}  # node id -> why its record is ignored (logged once)
 
     def start(self, host: str, initial_peers: list[str]) -> SwarmDirectory:
         import hivemind  # imported here: the daemon it starts is only needed by swarm nodes
+
+        from molink.security.dht_validator import SealedRecordValidator
 
         started = time.monotonic()
         try:
@@ -43,6 +60,7 @@ class SwarmDirectory:
                 host_maddrs=[f"/ip4/{host}/tcp/0"],
                 start=True,
                 startup_timeout=BOOTSTRAP_TIMEOUT_S,
+                record_validators=[SealedRecordValidator(self._seal)] if self._seal else [],
             )
         except Exception as exc:  # hivemind raises its daemon's own errors
             raise PipelineError(
@@ -66,7 +84,7 @@ class SwarmDirectory:
         return bool(
             self._dht.store(
                 self._key,
-                record_of(info),
+                self._value(info, ttl_s),
                 expiration_time=get_dht_time() + ttl_s,
                 subkey=info.node_id,
             )
@@ -77,9 +95,27 @@ class SwarmDirectory:
         from hivemind.utils import get_dht_time
 
         try:
-            self._dht.store(self._key, record_of(info), get_dht_time() + 0.01, subkey=info.node_id)
+            value = self._value(info, 1.0)
+            self._dht.store(self._key, value, get_dht_time() + 0.01, subkey=info.node_id)
         except Exception:
             logger.debug("withdrawing the DHT record failed", exc_info=True)
+
+    def _value(self, info: NodeInfo, ttl_s: float) -> object:
+        if self._seal is None:
+            return record_of(info)
+        return self._seal.seal(msgpack.packb(record_of(info)), ttl_s)
+
+    def _record(self, node_id: str, value: object) -> object:
+        """The plain record in a stored value; RecordError if it is not a valid one."""
+        if self._seal is None:
+            return value
+        signed, reason = self._seal.open(value, node_id)
+        if signed is None:
+            raise RecordError(reason)
+        try:
+            return msgpack.unpackb(signed.payload, raw=False)
+        except (ValueError, msgpack.UnpackException):
+            raise RecordError("the signed payload is not msgpack") from None
 
     def nodes(self) -> dict[str, tuple[NodeInfo, float]]:
         """Every valid, unexpired record: node id -> (its info, seconds until it expires)."""
@@ -94,7 +130,7 @@ class SwarmDirectory:
             if entry.expiration_time <= now:
                 continue
             try:
-                info = info_of(entry.value, self._model, self._protocol)
+                info = info_of(self._record(str(subkey), entry.value), self._model, self._protocol)
             except RecordError as exc:
                 self._ignore(str(subkey), str(exc))
                 continue

@@ -65,7 +65,8 @@ def start_directory(
 ) -> tuple[SwarmDirectory, NodeInfo]:
     """Join the DHT; returns it and ``info`` with its DHT address filled in."""
     peers = dht_bootstrap_peers(initial_peer, config)
-    directory = SwarmDirectory(info.model, info.protocol_version).start(host, peers)
+    directory = SwarmDirectory(info.model, info.protocol_version, config.security)
+    directory.start(host, peers)
     return directory, dataclasses.replace(info, dht_address=directory.address)
 
 

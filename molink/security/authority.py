@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -51,6 +51,10 @@ def _derive_private_key(key: SwarmKey) -> ec.EllipticCurvePrivateKey:
 class SwarmAuthority:
     private_key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
+    # Secrets for what members publish outside gRPC (the DHT, molink.security.sealing):
+    # an AES-256-GCM key and the name under which the swarm's records are kept.
+    sealing_key: bytes = field(default=b"", repr=False)
+    namespace: str = ""
 
     @classmethod
     def from_key(cls, key: SwarmKey) -> SwarmAuthority:
@@ -83,7 +87,9 @@ class SwarmAuthority:
             )
             .sign(private_key, hashes.SHA256(), ecdsa_deterministic=True)
         )
-        return cls(private_key, certificate)
+        sealing_key = _derive(key, b"dht record sealing key", 32)
+        namespace = _derive(key, b"dht namespace", 16).hex()
+        return cls(private_key, certificate, sealing_key, namespace)
 
     def __repr__(self) -> str:
         return f"SwarmAuthority({self.name})"

@@ -230,17 +230,19 @@ def wait_until(
         time.sleep(_POLL_S)
 
 
-def call_node(address: str, method: Callable[[NodeClient], T]) -> T:
+def call_node(
+    address: str, method: Callable[[NodeClient], T], config: TransportConfig | None = None
+) -> T:
     """One unary call to a node's gRPC service (bounded by the transport's rpc timeout)."""
-    client = NodeClient(address, TransportConfig())
+    client = NodeClient(address, config or TransportConfig())
     try:
         return method(client)
     finally:
         client.close()
 
 
-def stage_health(node: Node) -> pb.HealthResponse:
-    return call_node(node.grpc_address, NodeClient.health)
+def stage_health(node: Node, config: TransportConfig | None = None) -> pb.HealthResponse:
+    return call_node(node.grpc_address, NodeClient.health, config)
 
 
 def stage_info(node: Node) -> pb.NodeInfo:

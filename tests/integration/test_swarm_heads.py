@@ -1,9 +1,10 @@
 """Several heads sharing one tail node, found through the DHT (``molink serve`` processes).
 
 Head A and the tail form a pipeline; head B starts with ``--molink-initial-peer`` pointing
-at A, bootstraps the DHT from it and finds the tail's record there. 16 concurrent requests
-on each head at once give exactly what one process gives, and afterwards the tail holds no
-sequence and every one of its KV blocks is free.
+at A, bootstraps the DHT from it and finds the tail's signed, sealed record there (every
+node holds one swarm key). 16 concurrent requests on each head at once give exactly what one
+process gives, and afterwards the tail holds no sequence and every one of its KV blocks is
+free.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import gc
 import pytest
 
 from molink.engine.offline import LLM
+from molink.security.credentials import SwarmCredentials
+from molink.security.swarm_key import generate_swarm_key
+from molink.transport.config import TransportConfig
 from tests.integration.pipeline_fixtures import (
     PASSAGE,
     assert_same_completions,
@@ -29,7 +33,10 @@ from tests.integration.pipeline_fixtures import (
 
 pytestmark = pytest.mark.integration
 
-DHT = ("--molink-dht", "on", "--molink-dht-ttl", "6")
+KEY = generate_swarm_key()
+# With a swarm key: DHT records are signed and sealed, and every channel is mutual TLS.
+DHT = ("--molink-dht", "on", "--molink-dht-ttl", "6", "--molink-swarm-key", KEY.text())
+MEMBER = TransportConfig(security=SwarmCredentials.from_key(KEY))
 NUM_REQUESTS = 16
 MAX_TOKENS = (5, 17, 1, 9)
 
@@ -53,7 +60,9 @@ async def test_two_heads_share_one_tail_found_through_the_dht(tiny_model_dir) ->
         tail = pipeline.nodes[1]
 
         def tail_is_empty() -> bool:
-            health = stage_health(tail)
+            health = stage_health(tail, MEMBER)
             return health.free_kv_blocks == health.total_kv_blocks and not health.heads
 
-        wait_until(tail_is_empty, 60, lambda: f"the tail frees everything: {stage_health(tail)}")
+        wait_until(
+            tail_is_empty, 60, lambda: f"the tail frees everything: {stage_health(tail, MEMBER)}"
+        )
