@@ -129,12 +129,21 @@ def export_gguf_tokenizer(gguf_path: Path, out_dir: Path, reader: Any | None = N
 
     Conversion goes through transformers once; the result is cached by the callers.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    where, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    except Exception as exc:
-        raise WeightLoadError(f"cannot build a tokenizer from {gguf_path}: {exc}") from exc
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    except Exception as first:
+        # AutoTokenizer parses the whole config to pick a class, and knows only some of
+        # llama.cpp's architectures (OLMo 2, Granite, Command-R, GLM-4, DeepSeek-V2/V3 are
+        # refused, GPT-OSS files fail in its rope parser); the generic class builds the
+        # tokenizer from the tokenizer metadata alone, whatever the architecture.
+        logger.info("AutoTokenizer cannot read %s (%s); reading its tokenizer only", name, first)
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(where, gguf_file=name)
+        except Exception as exc:
+            raise WeightLoadError(f"cannot build a tokenizer from {gguf_path}: {exc}") from exc
     tokenizer.save_pretrained(str(out_dir))
     reader = reader if reader is not None else open_reader(gguf_path)
     template = _field(reader, "tokenizer.chat_template")

@@ -10,6 +10,7 @@ import torch
 
 from molink.config import LayerRange
 from molink.models import SeqChunk
+from molink.tokenizer.tokenizer import Tokenizer
 from molink.weights import resolve_model_source
 from tests.helpers.paged_runner import PagedRunner, load_pipeline
 from tests.helpers.tiny_gguf import write_tiny_gguf
@@ -81,3 +82,21 @@ def test_a_gguf_stage_reads_only_its_own_layers_and_experts(converted, arch: str
     read = source.last_store.read_names
     assert {name.split(".")[2] for name in read} == {"2"}
     assert any(".experts" in name for name in read)
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "granite", "cohere", "glm4", "gpt_oss", "deepseek_v3"])
+def test_gguf_tokenizer_of_families_transformers_cannot_configure(
+    converted, arch: str, monkeypatch, tmp_path
+) -> None:
+    """transformers' AutoTokenizer refuses these files (or fails on them); ours reads the
+    tokenizer metadata alone and tokenizes as the original checkpoint does."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("MOLINK_CACHE_DIR", str(tmp_path))
+    hf_dir, path = converted(arch)
+    ours = Tokenizer.from_dir(resolve_model_source(str(path)).tokenizer_dir)
+    original = AutoTokenizer.from_pretrained(str(hf_dir))
+    for text in ("Hello world! What is the capital of France?", "<|im_start|>user\n0123<|im_end|>"):
+        assert ours.encode(text) == original(text).input_ids
+    assert ours.eos_token == original.eos_token
+    assert ours.chat_template == original.chat_template
