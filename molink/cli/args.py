@@ -329,9 +329,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--tensor-parallel-size",
+        "-tp",
         type=int,
         default=1,
-        help="devices per stage; only 1 is supported on CPU (default: %(default)s)",
+        help="ranks that split this stage's layers by heads and rows: GPUs (NCCL) or CPU "
+        "processes (gloo) of this machine; each stage of a pipeline picks its own "
+        "(default: %(default)s)",
     )
     model.add_argument(
         "--seed", type=int, default=0, help="seed of the random generators (default: %(default)s)"

@@ -25,6 +25,7 @@ def engine_options(args: EngineArgs) -> EngineOptions:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -29,6 +29,7 @@ from molink.engine.factory import (
     EngineOptions,
     build_scheduler,
     dtype_name,
+    follower_settings,
     last_stage_grammars,
     num_blocks_for,
     resolve_max_model_len,
@@ -39,7 +40,9 @@ from molink.engine.microbatch_controller import MicroBatchController
 from molink.engine.pacing import PipelinePacer
 from molink.engine.telemetry import PipelineTelemetry
 from molink.engine.transmission import TransmissionConfig, TransmissionScheduler
+from molink.models.parallel.check import rank_kv_config
 from molink.outputs import RequestOutput
+from molink.parallel.stage import load_stage_slice
 from molink.pipeline.auto_place import place
 from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import ModelIdentity, NodeInfo, format_range
@@ -125,8 +128,16 @@ def load_stage(
         layers = LayerRange.resolve(
             args.molink_start_layer, args.molink_end_layer, config.num_layers
         )
-    num_blocks = num_blocks_for(config, layers, options, kv_dtype)
-    model = source.load_slice(layers, dtype_name(dtype), quantization=options.quantization)
+    kv_config = rank_kv_config(config, options.tensor_parallel_size)
+    num_blocks = num_blocks_for(kv_config, layers, options, kv_dtype)
+    model = load_stage_slice(
+        source,
+        layers,
+        dtype_name(dtype),
+        options.quantization,
+        options.tensor_parallel_size,
+        follower_settings(options, layers, dtype, num_blocks),
+    )
     grammars = last_stage_grammars(source, layers)
     # A head's own layers use its scheduler's blocks; any other node allocates its own.
     worker = StageWorker(
@@ -138,6 +149,7 @@ def load_stage(
         kv_dtype,
         grammars,
         owns_blocks=layers.start != 0,
+        kv_config=kv_config,
     )
     return source, worker, node_info(args, source, layers, num_blocks, dtype, node_id), dtype
 

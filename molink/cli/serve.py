@@ -38,18 +38,6 @@ def default_engine_factory(args: EngineArgs) -> EngineClient:
     return build_engine_client(args)
 
 
-def check_device_support(args: EngineArgs) -> None:
-    if args.tensor_parallel_size == 1:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise MolinkError(
-            f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is supported on CPU; "
-            "to spread a model over machines, run one stage per machine with --molink-enabled"
-        )
-
-
 def apply_thread_count(args: EngineArgs) -> None:
     if args.num_threads is None:
         return
@@ -65,7 +53,6 @@ def run_server(args: EngineArgs, engine_factory: EngineFactory | None = None) ->
     # process as Ctrl-C does, so it still exits cleanly.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        check_device_support(args)
         apply_thread_count(args)
         return asyncio.run(_serve(args, engine_factory or default_engine_factory))
     except KeyboardInterrupt:

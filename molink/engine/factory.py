@@ -20,7 +20,10 @@ from molink.engine.local_executor import LocalExecutor
 from molink.errors import InvalidParameterError
 from molink.kv_cache.manager import KVCacheManager
 from molink.models.kv_cache import KVCache
+from molink.models.parallel.check import rank_kv_config
 from molink.models.rope_length import model_max_context
+from molink.parallel.launch import FollowerSettings
+from molink.parallel.stage import load_stage_slice
 from molink.quant.config import resolve_kv_cache_dtype
 from molink.sampling.structured import GrammarCompiler, grammar_compiler_for
 from molink.scheduler.scheduler import Scheduler
@@ -53,6 +56,7 @@ class EngineOptions:
     max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
     max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
     enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
+    tensor_parallel_size: int = 1
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -128,16 +132,30 @@ def build_local_engine(
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     bounds = [0, *(layer_splits or []), config.num_layers]
     ranges = [LayerRange.resolve(a, b, config.num_layers) for a, b in itertools.pairwise(bounds)]
-    num_blocks = min(num_blocks_for(config, r, options, kv_dtype) for r in ranges)
+    tp_size = options.tensor_parallel_size
+    if tp_size > 1 and len(ranges) > 1:
+        raise InvalidParameterError(
+            "tensor_parallel_size", "one process runs one tensor-parallel stage, not several"
+        )
+    kv_config = rank_kv_config(config, tp_size)
+    num_blocks = min(num_blocks_for(kv_config, r, options, kv_dtype) for r in ranges)
     stages = [
         StageWorker(
-            source.load_slice(r, dtype_name(dtype), quantization=options.quantization),
+            load_stage_slice(
+                source,
+                r,
+                dtype_name(dtype),
+                options.quantization,
+                tp_size,
+                follower_settings(options, r, dtype, num_blocks),
+            ),
             config,
             r,
             num_blocks,
             options.block_size,
             kv_dtype,
             grammars=last_stage_grammars(source, r),
+            kv_config=kv_config,
         )
         for r in ranges
     ]
@@ -146,6 +164,23 @@ def build_local_engine(
     scheduler = build_scheduler(options, num_blocks, max_model_len, eos)
     engine = LLMEngine(scheduler, LocalExecutor(stages, wire_dtype), tokenizer)
     return engine, source, max_model_len
+
+
+def follower_settings(
+    options: EngineOptions, layers: LayerRange, dtype: torch.dtype, num_blocks: int
+) -> FollowerSettings:
+    """What the other tensor-parallel ranks of a stage load: what rank 0 does."""
+    return FollowerSettings(
+        model=options.model,
+        start_layer=layers.start,
+        end_layer=layers.end,
+        dtype=dtype_name(dtype),
+        kv_cache_dtype=options.kv_cache_dtype,
+        num_blocks=num_blocks,
+        block_size=options.block_size,
+        num_threads=torch.get_num_threads(),
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+    )
 
 
 def last_stage_grammars(source: ModelSource, layers: LayerRange) -> GrammarCompiler | None:

@@ -168,6 +168,11 @@ class DecoderArchitecture:
 
     # --- config ------------------------------------------------------------------------
 
+    def tensor_parallel_refusal(self, config: ModelConfig) -> str | None:
+        """Why this model's layers cannot split across tensor-parallel ranks; None: they can
+        (attention, MLPs and experts built from the shared blocks split by heads and rows)."""
+        return None
+
     def check_config(self, config: ModelConfig) -> None:
         """Refuse, naming the field, whatever this architecture cannot run."""
         check_quantization(config)
@@ -288,6 +293,11 @@ def _stack_pairs(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(parts)
+
+
+# Assemblies that stack checkpoint matrices without changing them: a tensor-parallel rank
+# may read its rows of each part and stack those (molink.models.loading).
+STACKING_ASSEMBLIES: tuple[Assemble, ...] = (_stack_pairs, _stack)
 
 
 def expert_bindings(

@@ -22,6 +22,7 @@ from molink.models.cpu_linear import linear, prepack
 from molink.models.forward_context import ForwardContext
 from molink.models.kv_cache import KVCache
 from molink.models.loading import checkpoint_tensor_names, load_slice_tensors
+from molink.models.parallel.leader import StepLeader
 from molink.models.registry import architecture_for
 from molink.models.rope import RotaryTables
 from molink.models.rope_length import model_max_context
@@ -63,7 +64,7 @@ class DecoderSlice(nn.Module):
         # A float matrix, or the factory's table (a quantized one keeps its packed form).
         self.embed: nn.Parameter | TableLike | None = None
         if self.is_first:
-            self.embed = factory.table(config.vocab_size, hidden) or matrix_param(
+            self.embed = factory.vocab_table(config.vocab_size, hidden) or matrix_param(
                 config.vocab_size, hidden, dtype, device
             )
         self.embed_scale = arch.embedding_scale(config)
@@ -78,7 +79,7 @@ class DecoderSlice(nn.Module):
             if config.tie_word_embeddings and self.embed is not None:
                 self.lm_head = self.embed  # one tensor serves both ends
             else:
-                self.lm_head = factory.table(config.vocab_size, hidden) or matrix_param(
+                self.lm_head = factory.vocab_table(config.vocab_size, hidden) or matrix_param(
                     config.vocab_size, hidden, dtype, device
                 )
         self.logits_scale = arch.logits_scale(config)
@@ -88,6 +89,9 @@ class DecoderSlice(nn.Module):
         }
         self.lm_head_packed: torch.Tensor | None = None
         self.max_context = model_max_context(config)
+        self.group = factory.group
+        # Rank 0 of a tensor-parallel stage: tells the other ranks each forward it runs.
+        self.leader: StepLeader | None = None
 
     @property
     def num_local_layers(self) -> int:
@@ -106,6 +110,8 @@ class DecoderSlice(nn.Module):
         Returns [T, hidden]; on the last slice already through the final norm.
         """
         with torch.inference_mode():
+            if self.leader is not None:
+                self.leader.send_forward(inputs, meta)
             return self._forward(inputs, meta, kv_cache)
 
     def _forward(
@@ -153,6 +159,8 @@ class DecoderSlice(nn.Module):
                 "compute_logits", "only the slice that ends at the last layer has the LM head"
             )
         with torch.inference_mode():
+            if self.leader is not None:
+                self.leader.send_logits(hidden)
             if isinstance(self.lm_head, TableLike):
                 logits = self.lm_head(hidden.to(self.dtype))
             else:

@@ -14,9 +14,11 @@ from torch import nn
 
 from molink.config import LayerRange, ModelConfig
 from molink.errors import WeightLoadError
-from molink.models.architecture import Binding, DecoderArchitecture
+from molink.models.architecture import STACKING_ASSEMBLIES, Binding, DecoderArchitecture
 from molink.models.blocks.linear import GroupedLinearLike, LinearLike, TableLike, copy_matrix
 from molink.models.cpu_linear import prepack
+from molink.models.parallel.reading import read_shards
+from molink.models.parallel.shard import Sharded, ShardRule
 from molink.models.registry import architecture_for
 from molink.progress import track
 from molink.quant.groups import GroupInts
@@ -54,7 +56,8 @@ def load_slice_tensors(
     arch, config = model.architecture, model.config
     with torch.no_grad():
         if model.embed is not None:
-            _load_table(model.embed, _get(tensors, arch.embed_name), arch.embed_name, pack)
+            embed = _read_table(model.embed, tensors, arch.embed_name)
+            _load_table(model.embed, embed, arch.embed_name, pack)
         # A progress bar on a terminal; silent when the output is a log file or a pipe.
         layers = track(model.layers, "loading layers", unit="layer")
         for offset, layer in enumerate(layers):
@@ -65,7 +68,7 @@ def load_slice_tensors(
         model.lm_head_packed = None
         if model.lm_head is not None:
             name = head_source(arch, config)
-            head = _get(tensors, name)
+            head = _read_table(model.lm_head, tensors, name)
             if model.lm_head is not model.embed:
                 _load_table(model.lm_head, head, name, pack)
             if pack and isinstance(model.lm_head, torch.Tensor):
@@ -76,7 +79,7 @@ def bind(
     module: nn.Module, bindings: list[Binding], tensors: Mapping[str, torch.Tensor], pack: bool
 ) -> None:
     for binding in bindings:
-        parts = [_get(tensors, name) for name in binding.names]
+        parts = _read_parts(module, binding, tensors)
         what = " + ".join(binding.names)
         try:
             if binding.assemble is not None:
@@ -97,6 +100,41 @@ def bind(
                 raise WeightLoadError(f"{what}: {exc}") from exc
         else:
             raise TypeError(f"binding target {binding.target!r} is {type(target).__name__}")
+
+
+def shard_rule_at(module: nn.Module, path: str) -> ShardRule | None:
+    """How the tensor at ``path`` is cut across tensor-parallel ranks; None: whole."""
+    target = _resolve(module, path)
+    if isinstance(target, Sharded) and not isinstance(target, torch.Tensor):
+        return target.shard_rule("weight")
+    parent_path, _, attr = path.rpartition(".")
+    parent = _resolve(module, parent_path) if parent_path else module
+    return parent.shard_rule(attr) if isinstance(parent, Sharded) else None
+
+
+def _read_parts(
+    module: nn.Module, binding: Binding, tensors: Mapping[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    """The binding's checkpoint tensors, or this rank's rows/columns of each."""
+    rule = shard_rule_at(module, binding.target)
+    if rule is None:
+        return [_get(tensors, name) for name in binding.names]
+    if binding.assemble is not None and binding.assemble not in STACKING_ASSEMBLIES:
+        raise WeightLoadError(
+            f"{binding.target}: tensors {', '.join(binding.names)} are transformed on load "
+            "and cannot be split across tensor-parallel ranks"
+        )
+    return read_shards(tensors, binding.names, rule)
+
+
+def _read_table(
+    target: nn.Parameter | TableLike, tensors: Mapping[str, torch.Tensor], name: str
+) -> torch.Tensor:
+    rule = target.shard_rule("weight") if isinstance(target, Sharded) else None
+    if rule is None:
+        return _get(tensors, name)
+    (part,) = read_shards(tensors, (name,), rule)
+    return part
 
 
 def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:

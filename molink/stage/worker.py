@@ -44,7 +44,10 @@ class StageWorker:
         dtype: torch.dtype,
         grammars: GrammarCompiler | None = None,
         owns_blocks: bool = False,
+        kv_config: ModelConfig | None = None,
     ) -> None:
+        """``kv_config``: the layout of this process's KV cache when it differs from the
+        model's (a tensor-parallel rank holds its share of the KV heads)."""
         self.model = model
         self.model_config = model_config
         self.layer_range = layer_range
@@ -54,7 +57,7 @@ class StageWorker:
         self.is_last = layer_range.is_last(model_config.num_layers)
         num_local_layers = layer_range.end - layer_range.start
         self.kv_cache = KVCache.allocate(
-            model_config, num_local_layers, num_blocks, block_size, dtype
+            kv_config or model_config, num_local_layers, num_blocks, block_size, dtype
         )
         RESIDENT.add("kv_cache", self.kv_cache.nbytes)
         self.sampler = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,8 @@ class SafetensorsStore(TensorStore):
         self._where = where
         self._handles: dict[str, Any] = {}
         self.fetched_files: list[str] = []
+        # (name, dim, ranges) of every tensor read in part (tensor parallelism).
+        self.read_ranges_log: list[tuple[str, int, tuple[tuple[int, int], ...]]] = []
         if weight_map is None:
             # A single file: its header lists the names.
             handle = self._handle(SINGLE_FILE)
@@ -126,6 +128,29 @@ class SafetensorsStore(TensorStore):
             raise WeightLoadError(
                 f"cannot read tensor {name!r} from {self._where}/{file_name}: {exc}"
             ) from exc
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._weight_map:
+            raise KeyError(name)
+        return tuple(self._handle(self._weight_map[name]).get_slice(name).get_shape())
+
+    def read_ranges(self, name: str, dim: int, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Only these rows (dim 0) or columns (dim 1) are read from the file (a
+        tensor-parallel rank's share; see molink.models.parallel.reading)."""
+        file_name = self._weight_map[name]
+        ranges = ranges or ((0, 0),)  # a rank with no share still gets a [0, ...] tensor
+        try:
+            view = self._handle(file_name).get_slice(name)
+            pieces = [
+                view[start:stop] if dim == 0 else view[:, start:stop] for start, stop in ranges
+            ]
+        except Exception as exc:
+            raise WeightLoadError(
+                f"cannot read tensor {name!r} from {self._where}/{file_name}: {exc}"
+            ) from exc
+        self.read_names.append(name)
+        self.read_ranges_log.append((name, dim, tuple(ranges)))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
     def close(self) -> None:
         self._handles.clear()

@@ -13,6 +13,9 @@ import torch
 from molink.config import LayerRange, ModelConfig, normalize_dtype
 from molink.errors import WeightLoadError
 from molink.models.decoder import DecoderSlice, checkpoint_tensor_names
+from molink.models.parallel.check import check_tensor_parallel
+from molink.models.parallel.factory import ParallelLinearFactory
+from molink.models.parallel.group import SINGLE, ParallelGroup
 from molink.quant.awq_gptq import quant_settings
 from molink.quant.config import checkpoint_method, resolve_quantization
 from molink.quant.memory import RESIDENT, quant_factory, resident_weight_bytes
@@ -123,12 +126,15 @@ class ModelSource(abc.ABC):
         dtype: str = "auto",
         device: torch.device | str = "cpu",
         quantization: str | None = None,
+        group: ParallelGroup = SINGLE,
     ) -> DecoderSlice:
         """Build the slice ``layer_range`` and read only the tensors it needs.
 
         The first slice also reads the embedding; the last the final norm and the LM head
         (the embedding, when tied). ``quantization`` (None: as the checkpoint is) picks how
-        the matrices are held: see molink.quant.config.
+        the matrices are held: see molink.quant.config. With a tensor-parallel ``group``
+        of several ranks, this rank's shard is built and only its share of each tensor
+        read (molink.models.parallel).
         """
         config = self.model_config
         layer_range.validate(config.num_layers)
@@ -137,6 +143,9 @@ class ModelSource(abc.ABC):
         if method != "none" and torch_dtype == torch.float16:
             torch_dtype = torch.float32  # the int4 kernels' activations go through bf16/f32
         factory = quant_factory(method, torch_dtype, torch.device(device))
+        if group.is_parallel:
+            check_tensor_parallel(config, group.size, method)
+            factory = ParallelLinearFactory(torch_dtype, torch.device(device), group)
         started = time.perf_counter()
         store = self.open_tensors_for(method)
         self.last_store = store
@@ -156,10 +165,11 @@ class ModelSource(abc.ABC):
         weight_bytes = resident_weight_bytes(model)
         RESIDENT.add("weights", weight_bytes)
         logger.info(
-            "loaded %s layers [%d, %d) as %s%s in %.2fs: %.1f MiB of weights",
+            "loaded %s layers [%d, %d)%s as %s%s in %.2fs: %.1f MiB of weights",
             self.name,
             layer_range.start,
             layer_range.end,
+            f", tensor-parallel rank {group.rank} of {group.size}" if group.is_parallel else "",
             str(torch_dtype).removeprefix("torch."),
             "" if method == "none" else f" with {method} weights",
             time.perf_counter() - started,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import sys
-import types
 
 import pytest
 
@@ -251,15 +249,19 @@ def test_status_needs_a_peer() -> None:
     assert exit_info.value.code == 2
 
 
-def test_tensor_parallel_on_cpu_is_a_clear_error(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_tensor_parallel_size_has_vllm_short_flag() -> None:
+    parser = add_engine_args(argparse.ArgumentParser())
+    assert parse_engine_args(parser, parser.parse_args(["-tp", "2"])).tensor_parallel_size == 2
+
+
+def test_tensor_parallel_size_that_does_not_divide_the_heads_fails_at_start(
+    tiny_model_dir, caplog: pytest.LogCaptureFixture
 ) -> None:
-    torch_stub = types.ModuleType("torch")
-    torch_stub.cuda = types.SimpleNamespace(is_available=lambda: False)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torch", torch_stub)
-    args = EngineArgs(tensor_parallel_size=2)
-    assert serve_module.run_server(args, engine_factory=lambda _: FakeEngine()) == 1
-    assert "only 1 is supported on CPU" in caplog.text
+    """Refused before any other rank starts: the message names both numbers."""
+    args = EngineArgs(model=str(tiny_model_dir("llama")), tensor_parallel_size=3, port=0)
+    assert serve_module.run_server(args) == 1
+    assert "tensor_parallel_size: 3 does not divide the model's 4 attention heads" in caplog.text
+    assert "started tensor-parallel ranks" not in caplog.text
 
 
 def test_engine_build_failure_exits_1(caplog: pytest.LogCaptureFixture) -> None:

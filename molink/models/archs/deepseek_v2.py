@@ -129,6 +129,9 @@ class DeepseekV2(Llama):
             bias=config.attention_bias,
         )
 
+    def tensor_parallel_refusal(self, config: ModelConfig) -> str | None:
+        return "multi-head latent attention is not split across tensor-parallel ranks"
+
     def kv_layout(self, config: ModelConfig) -> KVLayout:
         spec = self.mla_spec(config)
         return KVLayout(1, spec.kv_lora_rank + spec.qk_rope_head_dim, 0)

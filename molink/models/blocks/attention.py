@@ -7,15 +7,18 @@ how that projection joins the residual stream (plain add, post-norm, a multiplie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from molink.errors import InvalidParameterError
 from molink.models.attention import AttentionOptions, paged_attention
 from molink.models.blocks.linear import LinearFactory
 from molink.models.blocks.norms import HeadLayerNorm, RMSNorm
 from molink.models.forward_context import ForwardContext
+from molink.models.parallel.group import ParallelGroup
+from molink.models.parallel.shard import Segment, ShardRule, local_units, segment_rule, split_units
 
 QK_NORMS = (None, "head", "full", "head_layernorm")
 
@@ -47,16 +50,51 @@ class AttentionSpec:
         return self.num_kv_heads * self.head_dim
 
 
+def head_segments(spec: AttentionSpec) -> tuple[Segment, Segment, Segment]:
+    """q, k and v of the fused projection, in heads (the units ranks split by)."""
+    return (
+        Segment(spec.num_heads, spec.head_dim, "attention heads"),
+        Segment(spec.num_kv_heads, spec.head_dim, "key/value heads"),
+        Segment(spec.num_kv_heads, spec.head_dim, "key/value heads"),
+    )
+
+
+def rank_spec(spec: AttentionSpec, group: ParallelGroup) -> AttentionSpec:
+    """The heads one tensor-parallel rank computes: an equal share of the query heads and
+    of the KV heads, or (fewer KV heads than ranks) the one KV head its query heads read."""
+    if not group.is_parallel:
+        return spec
+    if spec.qk_norm in ("full", "head_layernorm"):
+        raise InvalidParameterError(
+            "tensor_parallel_size",
+            f"{group.size}: q/k norms of kind {spec.qk_norm!r} are not split across ranks",
+        )
+    heads = split_units(spec.num_heads, group.size, "attention heads")
+    first, last = local_units(spec.num_kv_heads, group.size, group.rank, "key/value heads")
+    return replace(spec, num_heads=heads, num_kv_heads=last - first)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, spec: AttentionSpec, factory: LinearFactory) -> None:
         super().__init__()
         assert spec.qk_norm in QK_NORMS, spec.qk_norm
-        self.spec = spec
-        qkv_out = spec.q_size + 2 * spec.kv_size
-        self.qkv = factory.linear(spec.hidden_size, qkv_out, spec.qkv_bias)
-        self.o = factory.linear(spec.q_size, spec.hidden_size, spec.o_bias)
+        group = factory.group
+        self.group = group
+        self.full_spec = spec
+        self.spec = rank_spec(spec, group)
+        segments = head_segments(spec)
+        self.qkv = factory.column(spec.hidden_size, segments, spec.qkv_bias)
+        self.o = factory.row(segments[:1], spec.hidden_size, spec.o_bias)
+        spec = self.spec
         self.q_norm, self.k_norm = _qk_norms(spec, factory)
         self.sinks = factory.vector(spec.num_heads) if spec.sinks else None
+
+    def shard_rule(self, attr: str) -> ShardRule | None:
+        """Sinks are per query head: each rank keeps its heads' (see molink.models.parallel)."""
+        if attr != "sinks" or not self.group.is_parallel:
+            return None
+        heads = Segment(self.full_spec.num_heads, 1, "attention heads")
+        return segment_rule(0, (heads,), self.group.size, self.group.rank)
 
     def options(self) -> AttentionOptions:
         spec = self.spec

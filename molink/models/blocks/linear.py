@@ -5,10 +5,16 @@ for a ``LinearLike`` (one matrix, possibly the fusion of several checkpoint tens
 ``GroupedLinearLike`` (one matrix per expert of a mixture-of-experts layer). The default
 factory builds dense float layers; another factory (quantized kernels, another device)
 plugs in by implementing the same two protocols, without touching any architecture.
+
+Blocks say which matrices split across tensor-parallel ranks by output rows (``column``:
+q/k/v, gate/up) or input columns (``row``: o, down), naming the segments (heads, rows)
+of the fused matrix; with one rank these are plain ``linear`` matrices
+(molink.models.parallel.factory builds the split ones).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +24,8 @@ from torch import nn
 
 from molink.errors import WeightLoadError
 from molink.models.cpu_linear import add_linear, linear, prepack
+from molink.models.parallel.group import SINGLE, ParallelGroup
+from molink.models.parallel.shard import Segment
 
 _ROW_BLOCK = 64  # rows per step of a transposing copy: keeps both sides in cache
 
@@ -86,6 +94,37 @@ class LinearFactory:
     def table(self, rows: int, cols: int) -> TableLike | None:
         """The embedding / LM head matrix; None: a plain float matrix of the slice."""
         return None
+
+    @property
+    def group(self) -> ParallelGroup:
+        """The tensor-parallel ranks the matrices are split across (one: not split)."""
+        return SINGLE
+
+    def column(
+        self, in_features: int, segments: Sequence[Segment], bias: bool = False
+    ) -> LinearLike:
+        """A matrix whose output rows (``segments``, fused) split across ranks."""
+        return self.linear(in_features, sum(s.size for s in segments), bias)
+
+    def row(self, segments: Sequence[Segment], out_features: int, bias: bool = False) -> LinearLike:
+        """A matrix whose input columns split across ranks; its output is the full sum."""
+        return self.linear(sum(s.size for s in segments), out_features, bias)
+
+    def grouped_column(
+        self, num_experts: int, in_features: int, segments: Sequence[Segment], bias: bool = False
+    ) -> GroupedLinearLike:
+        return self.grouped(num_experts, in_features, sum(s.size for s in segments), bias)
+
+    def grouped_row(
+        self, num_experts: int, segments: Sequence[Segment], out_features: int, bias: bool = False
+    ) -> GroupedLinearLike:
+        """Experts' input columns split across ranks: outputs are partial sums, which the
+        caller adds up across ranks (``group.all_reduce``) once for all experts."""
+        return self.grouped(num_experts, sum(s.size for s in segments), out_features, bias)
+
+    def vocab_table(self, rows: int, cols: int) -> TableLike | None:
+        """The embedding / LM head, whose vocabulary rows split across ranks."""
+        return self.table(rows, cols)
 
     def vector(self, size: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(size, dtype=self.dtype, device=self.device), False)

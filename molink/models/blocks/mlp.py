@@ -10,6 +10,7 @@ from torch import nn
 
 from molink.errors import InvalidParameterError
 from molink.models.blocks.linear import LinearFactory
+from molink.models.parallel.shard import Segment, split_units
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,10 +51,12 @@ class GatedMLP(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        self.intermediate = intermediate
+        rows = Segment(intermediate, 1, "MLP intermediate rows")
+        # Each tensor-parallel rank holds its share of gate's and up's rows.
+        self.intermediate = split_units(intermediate, factory.group.size, rows.what)
         self.act = act
-        self.gate_up = factory.linear(hidden, 2 * intermediate, bias)
-        self.down = factory.linear(intermediate, hidden, bias)
+        self.gate_up = factory.column(hidden, (rows, rows), bias)
+        self.down = factory.row((rows,), hidden, bias)
 
     def inner(self, h: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(h)
@@ -74,8 +77,9 @@ class PlainMLP(nn.Module):
     ) -> None:
         super().__init__()
         self.act = act
-        self.up = factory.linear(hidden, intermediate, bias)
-        self.down = factory.linear(intermediate, hidden, bias)
+        rows = Segment(intermediate, 1, "MLP intermediate rows")
+        self.up = factory.column(hidden, (rows,), bias)
+        self.down = factory.row((rows,), hidden, bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(h)))

@@ -18,6 +18,7 @@ from torch import nn
 
 from molink.models.blocks.linear import LinearFactory
 from molink.models.blocks.mlp import GatedMLP
+from molink.models.parallel.shard import Segment, split_units
 
 ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_group", "softmax_group")
 
@@ -72,8 +73,13 @@ class MoE(nn.Module):
             if spec.selection_bias
             else None
         )
-        self.gate_up = factory.grouped(e, hidden, 2 * inter, spec.expert_bias)
-        self.down = factory.grouped(e, inter, hidden, spec.expert_bias)
+        # Tensor-parallel ranks split every expert's rows as a dense MLP's; the experts'
+        # partial outputs are added up across ranks once per layer (``_experts``).
+        rows = Segment(inter, 1, "expert intermediate rows")
+        self.group = factory.group
+        self.local_intermediate = split_units(inter, self.group.size, rows.what)
+        self.gate_up = factory.grouped_column(e, hidden, (rows, rows), spec.expert_bias)
+        self.down = factory.grouped_row(e, (rows,), hidden, spec.expert_bias)
         self.shared = (
             GatedMLP(hidden, spec.shared_intermediate, shared_act, factory)
             if spec.shared_intermediate
@@ -136,7 +142,7 @@ class MoE(nn.Module):
         token_of = order // top_k  # the token each sorted assignment belongs to
         weight_of = weights.reshape(-1)[order].to(h.dtype).unsqueeze(1)
         out = torch.zeros_like(h)
-        inter = self.spec.intermediate_size
+        inter = self.local_intermediate
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
@@ -147,4 +153,4 @@ class MoE(nn.Module):
             y = self.down.forward_expert(expert, act) * weight_of[start : start + count]
             out.index_add_(0, rows, y)
             start += count
-        return out
+        return self.group.all_reduce(out)

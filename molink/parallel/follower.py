@@ -1,0 +1,104 @@
+"""A tensor-parallel rank other than 0: loads its shard, then repeats rank 0's forwards.
+
+Started by rank 0 (molink.parallel.launch) as ``python -m molink.parallel.follower``; it
+never talks to the pipeline, only to the other ranks of its stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from molink.config import LayerRange
+from molink.errors import MolinkError
+from molink.models.decoder import DecoderSlice
+from molink.models.kv_cache import KVCache
+from molink.models.parallel.check import rank_kv_config
+from molink.models.parallel.group import ParallelGroup
+from molink.parallel.commands import CommandChannel, Kind
+from molink.parallel.launch import exit_with_parent, join_group, open_store
+
+logger = logging.getLogger(__name__)
+
+
+def follow(model: DecoderSlice, kv_cache: KVCache, channel: CommandChannel) -> int:
+    """Run rank 0's commands until STOP; returns how many were run."""
+    count = 0
+    while True:
+        header = channel.receive_header()
+        if header.kind == Kind.STOP:
+            return count
+        count += 1
+        try:
+            if header.kind == Kind.FORWARD:
+                inputs, meta = channel.receive_forward(header)
+                model(inputs, meta, kv_cache)
+            else:
+                model.compute_logits(channel.receive_logits(header))
+        except MolinkError as exc:
+            # Rank 0 runs the same checks on the same inputs and reports the error.
+            logger.debug("command %d failed as on rank 0: %s", count, exc)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="molink.parallel.follower")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--tensor-parallel-size", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--start-layer", type=int, required=True)
+    parser.add_argument("--end-layer", type=int, required=True)
+    parser.add_argument("--dtype", required=True)
+    parser.add_argument("--kv-cache-dtype", required=True)
+    parser.add_argument("--num-blocks", type=int, required=True)
+    parser.add_argument("--block-size", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s tp-rank-{args.rank} %(name)s: %(message)s",
+    )
+    exit_with_parent()
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    # Imported here: resolving a model pulls in the weight formats and tokenizers.
+    from molink.quant.config import resolve_kv_cache_dtype
+    from molink.weights import resolve_model_source
+
+    size, device = args.tensor_parallel_size, torch.device(args.device)
+    store = open_store(args.rank, size, args.port)
+    source = resolve_model_source(args.model, quantization="none")
+    config = source.model_config
+    layers = LayerRange(args.start_layer, args.end_layer)
+    plan = ParallelGroup(args.rank, size, device)
+    model = source.load_slice(layers, args.dtype, device, quantization="none", group=plan)
+    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, model.dtype)
+    kv_cache = KVCache.allocate(
+        rank_kv_config(config, size),
+        layers.end - layers.start,
+        args.num_blocks,
+        args.block_size,
+        kv_dtype,
+        device,
+    )
+    store.set(f"ready/{args.rank}", "1")
+    group = join_group(store, args.rank, size, device)
+    channel = CommandChannel(group, model.dtype, config.hidden_size)
+    count = follow(model, kv_cache, channel)
+    logger.info("stopping after %d commands", count)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

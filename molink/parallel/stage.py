@@ -1,0 +1,42 @@
+"""Loading a stage's layers on rank 0, with its tensor-parallel ranks when it has several."""
+
+from __future__ import annotations
+
+import torch
+
+from molink.config import LayerRange
+from molink.models.decoder import DecoderSlice
+from molink.models.parallel.check import check_tensor_parallel
+from molink.models.parallel.group import ParallelGroup
+from molink.parallel.launch import Followers, FollowerSettings
+from molink.quant.config import resolve_quantization
+from molink.weights.source import ModelSource
+
+
+def load_stage_slice(
+    source: ModelSource,
+    layers: LayerRange,
+    dtype: str,
+    quantization: str | None,
+    tensor_parallel_size: int,
+    settings: FollowerSettings,
+    device: torch.device | str = "cpu",
+) -> DecoderSlice:
+    """The slice ``layers``; with several ranks, rank 0's shard, the others started and
+    joined (they follow every forward of the returned slice; ``slice.leader.close()``
+    stops them, as does this process's exit)."""
+    if tensor_parallel_size == 1:
+        return source.load_slice(layers, dtype, device, quantization=quantization)
+    device = torch.device(device)
+    method = resolve_quantization(quantization, source.detected_quantization(), device)
+    check_tensor_parallel(source.model_config, tensor_parallel_size, method)
+    followers = Followers(tensor_parallel_size, settings)
+    try:
+        plan = ParallelGroup(0, tensor_parallel_size, device)
+        model = source.load_slice(layers, dtype, device, quantization="none", group=plan)
+        followers.connect(device, model.dtype, source.model_config.hidden_size)
+    except BaseException:
+        followers.close()
+        raise
+    model.leader = followers
+    return model
