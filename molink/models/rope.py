@@ -24,7 +24,8 @@ def rope_type_of(scaling: dict[str, Any] | None) -> str:
     """Old configs say ``type``, newer ones ``rope_type``; no scaling means default."""
     if not scaling:
         return "default"
-    return str(scaling.get("rope_type") or scaling.get("type") or "default")
+    name = str(scaling.get("rope_type") or scaling.get("type") or "default")
+    return "longrope" if name == "su" else name  # Phi-3's first configs said "su"
 
 
 @dataclass(frozen=True)

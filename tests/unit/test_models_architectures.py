@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from molink.config import LayerRange, ModelConfig
@@ -74,3 +75,68 @@ def test_rope_variants_are_refused_or_built_per_config() -> None:
     b = build_model(plain, LayerRange(0, 1), torch.float32).rotaries["default"]
     # Inside max_position_embeddings dynamic NTK does not rescale (as in transformers).
     assert torch.equal(a.cos, b.cos)
+
+
+def _with_config(tmp_path, source_dir, **changes) -> str:
+    import json
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(source_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))
+    return str(copy)
+
+
+def test_config_fields_we_cannot_run_are_refused_at_load_by_name(tiny_model_dir, tmp_path) -> None:
+    from molink.errors import InvalidParameterError
+
+    rope = {"rope_type": "mrope", "rope_theta": 10000.0, "mrope_section": [2, 2]}
+    path = _with_config(tmp_path, tiny_model_dir("llama"), rope_parameters=rope)
+    with pytest.raises(InvalidParameterError, match="rope type 'mrope'.*longrope") as info:
+        resolve_model_source(path).load_slice(LayerRange(0, 1), "float32")
+    assert info.value.field == "rope_scaling"
+    path = _with_config(tmp_path / "b", tiny_model_dir("deepseek_v2"), topk_method="noaux_tc")
+    with pytest.raises(InvalidParameterError, match="group_limited_greedy") as info:
+        resolve_model_source(path).load_slice(LayerRange(0, 1), "float32")
+    assert info.value.field == "topk_method"
+    quant = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    path = _with_config(tmp_path / "c", tiny_model_dir("qwen3"), quantization_config=quant)
+    with pytest.raises(InvalidParameterError, match="bitsandbytes") as info:
+        resolve_model_source(path).load_slice(LayerRange(0, 1), "float32")
+    assert info.value.field in ("quantization", "quantization_config")
+
+
+def test_an_architecture_we_do_not_serve_is_named_with_the_supported_ones(
+    tiny_model_dir, tmp_path
+) -> None:
+    from molink.errors import UnsupportedArchitectureError
+    from molink.models.registry import SUPPORTED_ARCHITECTURES
+
+    path = _with_config(tmp_path, tiny_model_dir("llama"), architectures=["MambaForCausalLM"])
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        resolve_model_source(path)
+    message = str(info.value)
+    assert "MambaForCausalLM" in message
+    assert len(SUPPORTED_ARCHITECTURES) >= 18
+    assert all(name in message for name in SUPPORTED_ARCHITECTURES)
+
+
+def test_phi3_su_scaling_is_longrope() -> None:
+    from molink.models.rope import RopeSpec, RotaryTables
+
+    factors = {"short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 4.0, 6.0]}
+    tables = [
+        RotaryTables(
+            RopeSpec(10000.0, 8, 128, scaling={key: kind, **factors}, original_max_positions=32),
+            torch.float32,
+            torch.device("cpu"),
+        )
+        for key, kind in (("type", "su"), ("rope_type", "longrope"))
+    ]
+    assert torch.equal(tables[0].cos, tables[1].cos)
+    positions, lengths = torch.arange(40), torch.full((40,), 40)
+    assert torch.equal(
+        tables[0].lookup(positions, lengths)[0], tables[1].lookup(positions, lengths)[0]
+    )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from molink.config import ModelConfig
+from molink.errors import InvalidParameterError
 from molink.models.architecture import (
     Binding,
     GGUFJoin,
@@ -90,6 +91,17 @@ class DeepseekV2(Llama):
     model_type = "deepseek_v2"
     interleaved_rope = True  # V2 rotates adjacent pairs (complex multiplication)
     gguf_permuted_qk = False  # as llama.cpp rotates them
+    # V2's expert choice (config topk_method); V3 has one of its own whatever it says.
+    routing_methods: tuple[str, ...] = ("greedy", "group_limited_greedy")
+
+    def check_config(self, config: ModelConfig) -> None:
+        super().check_config(config)
+        method = config.raw.get("topk_method") or "greedy"
+        if self.routing_methods and method not in self.routing_methods:
+            raise InvalidParameterError(
+                "topk_method",
+                f"{method!r} is not supported; supported: {', '.join(self.routing_methods)}",
+            )
 
     def gguf_variant(self, field: Any) -> str | None:
         if int(field("expert_gating_func") or 0) == _SIGMOID_GATING:

@@ -13,6 +13,7 @@ from molink.models.blocks.moe import MoESpec
 
 class DeepseekV3(DeepseekV2):
     model_type = "deepseek_v3"
+    routing_methods = ()  # sigmoid scores, a selection bias and group limits, always
 
     def interleaved_rope_for(self, config: ModelConfig) -> bool:
         return bool(config.raw.get("rope_interleave", True))
