@@ -21,6 +21,8 @@ class CompletionOutput:
     delta_text: str = ""  # text appended since the previous output of this request
     delta_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    # With an error: the HTTP status it maps to (503: no node serves some layers; None: 500).
+    error_status: int | None = None
 
     @property
     def finished(self) -> bool:

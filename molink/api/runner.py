@@ -19,7 +19,7 @@ import anyio
 
 from molink.api.errors import APIError
 from molink.engine.protocol import EngineClient
-from molink.errors import MolinkError
+from molink.errors import ModelNotReadyError, MolinkError
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 
@@ -125,6 +125,8 @@ class GenerationRun:
             ]
             waiting = [asyncio.ensure_future(_first_output(g)) for g in self._generators]
             firsts = await asyncio.gather(*waiting)
+            for first in firsts:  # no route for it: a status, before any byte is sent
+                _raise_if_unavailable(first)
         except BaseException:
             # gather leaves the other first-output waits running: stop them before aborting.
             for task in waiting:
@@ -206,6 +208,7 @@ class GenerationRun:
             if self._on_finished is not None:
                 self._on_finished(output)
         if failed:
+            _raise_if_unavailable(output)
             first = failed[0]
             if first.finish_reason == "abort":
                 raise RequestFailedError(first.error or "the request was aborted by the engine")
@@ -229,6 +232,13 @@ class GenerationRun:
             await self._engine.abort(request_id)
         except Exception:
             logger.exception("aborting request %s failed", request_id)
+
+
+def _raise_if_unavailable(output: RequestOutput) -> None:
+    """A request that ended because no node serves some of the layers (503, not 500)."""
+    for choice in output.outputs:
+        if choice.finish_reason == "error" and choice.error_status == 503:
+            raise ModelNotReadyError(choice.error or "some layers are not served by any node")
 
 
 async def _first_output(generator: AsyncIterator[RequestOutput]) -> RequestOutput:

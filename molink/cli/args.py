@@ -123,6 +123,10 @@ class EngineArgs:
     molink_auto_place: bool = False
     molink_dht: str = "off"  # "on": announce and discover nodes through the swarm's DHT
     molink_dht_ttl: float = 15.0  # seconds a DHT record lives without renewal
+    # head: how long requests whose node was lost wait for another to take its layers
+    molink_failover_timeout: float = 30.0
+    # stage: a head's sequences are freed when the head has been silent this long
+    molink_lease_timeout: float = 10.0
     molink_swarm_key: str | None = field(default=None, repr=False)
     molink_swarm_key_file: str | None = None
     ssl_keyfile: str | None = None
@@ -183,6 +187,15 @@ class EngineArgs:
         if not 2.0 <= self.molink_dht_ttl <= 3600.0:
             raise InvalidParameterError(
                 "molink_dht_ttl", f"{self.molink_dht_ttl} must be in [2, 3600] seconds"
+            )
+        if not 0.1 <= self.molink_failover_timeout <= 3600.0:
+            raise InvalidParameterError(
+                "molink_failover_timeout",
+                f"{self.molink_failover_timeout} must be in [0.1, 3600] seconds",
+            )
+        if not 3.0 <= self.molink_lease_timeout <= 3600.0:
+            raise InvalidParameterError(
+                "molink_lease_timeout", f"{self.molink_lease_timeout} must be in [3, 3600] seconds"
             )
         _check_choice(self.log_level, LOG_LEVEL_CHOICES, "log_level")
         _check_port(self.port, "port")
@@ -468,6 +481,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=15.0,
         help="seconds a node's DHT record lives unless renewed; nodes renew every third of "
         "it (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-failover-timeout",
+        type=float,
+        default=30.0,
+        help="seconds requests whose node was lost wait for another node to serve its layers "
+        "before they end with a 503 (default: %(default)s)",
+    )
+    pipeline.add_argument(
+        "--molink-lease-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a stage keeps a head's sequences after the head fell silent; the head "
+        "renews the lease every second (default: %(default)s)",
     )
     add_security_args(parser)
     return parser

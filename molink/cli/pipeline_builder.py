@@ -38,6 +38,7 @@ from molink.engine.factory import (
 from molink.engine.llm_engine import LLMEngine
 from molink.engine.microbatch_controller import MicroBatchController
 from molink.engine.pacing import PipelinePacer
+from molink.engine.recovery import UnservedTimer
 from molink.engine.telemetry import PipelineTelemetry
 from molink.engine.transmission import TransmissionConfig, TransmissionScheduler
 from molink.models.parallel.check import rank_kv_config
@@ -157,7 +158,7 @@ def load_stage(
 def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     """The head (start layer 0) gets an AsyncLLMEngine; any other node a StageOnlyClient."""
     credentials = node_credentials(swarm_key_of(args))
-    transport = TransportConfig(security=credentials)
+    transport = TransportConfig(security=credentials, lease_s=args.molink_lease_timeout)
     source, worker, info, dtype = load_stage(
         args, options, credentials.node_id if credentials else None, transport
     )
@@ -192,10 +193,18 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     )
     pacer = PipelinePacer(transmission)
     engine = LLMEngine(
-        scheduler, head, tokenizer, num_micro_batches=1, pacer=pacer, router=head.routes
+        scheduler,
+        head,
+        tokenizer,
+        num_micro_batches=1,
+        pacer=pacer,
+        router=head.routes,
+        recovery=head,
     )
     controller = MicroBatchController(telemetry, pinned=args.molink_micro_batches)
-    sizer = PipelineSizer(engine, head, controller, pacer)
+    sizer = PipelineSizer(
+        engine, head, controller, pacer, UnservedTimer(args.molink_failover_timeout)
+    )
     return AsyncLLMEngine(
         engine, args.model_name, max_model_len, maintenance=sizer, metric_lines=head.metric_lines
     )
@@ -217,6 +226,8 @@ class PipelineSizer:
     layer is served, K restarts from the length of the route new sequences take; then
     every call lets the transmission scheduler and the micro-batch controller follow the
     telemetry (each throttles itself). The head's block pool is its own and never changes.
+    While some layers have no node, requests wait for one up to the failover timeout, then
+    end with a 503 naming the missing layers.
     """
 
     def __init__(
@@ -225,11 +236,13 @@ class PipelineSizer:
         head: PipelineExecutor,
         controller: MicroBatchController,
         pacer: PipelinePacer,
+        unserved: UnservedTimer | None = None,
     ) -> None:
         self.engine = engine
         self.head = head
         self.controller = controller
         self.pacer = pacer
+        self.unserved = unserved or UnservedTimer(30.0)
         self._epoch = -1
 
     def __call__(self) -> list[RequestOutput]:
@@ -237,7 +250,12 @@ class PipelineSizer:
         if view.epoch == self._epoch:
             self._adapt()
             return []
-        if self.head.readiness() is not None:
+        readiness = self.head.readiness()
+        expired = self.unserved.expired(readiness, self.engine.has_unfinished_requests())
+        if expired is not None:
+            logger.error("failing the requests that wait for a route: %s", expired)
+            return self.engine.fail_all(expired, status=503)
+        if readiness is not None:
             return []
         route_length = len(self.head.route_nodes())
         micro_batches = self.controller.reset(route_length)

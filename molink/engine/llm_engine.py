@@ -13,6 +13,7 @@ import time
 
 from molink.engine.executor import PlanExecutor
 from molink.engine.pacing import StepPacer
+from molink.engine.recovery import RecoverySource
 from molink.engine.request_state import RequestState
 from molink.engine.routing import PlanRouter, RouteChoice
 from molink.errors import InvalidParameterError
@@ -34,6 +35,7 @@ class LLMEngine:
         num_micro_batches: int = 1,
         pacer: StepPacer | None = None,
         router: PlanRouter | None = None,
+        recovery: RecoverySource | None = None,
     ) -> None:
         if num_micro_batches < 1:
             raise InvalidParameterError("num_micro_batches", "must be >= 1")
@@ -43,6 +45,10 @@ class LLMEngine:
         self.num_micro_batches = num_micro_batches
         self.pacer = pacer  # None: plans take the scheduler's own limits
         self.router = router  # None: one route (or one process) takes every plan
+        self.recovery = recovery  # None: nothing can be lost (one process)
+        # Replayed sequence -> when the failure that moved it was noticed, until its next token.
+        self._replayed_at: dict[int, float] = {}
+        self._replays_counted = (0, 0)  # the scheduler's (sequences, tokens) already counted
         self._requests: dict[str, RequestState] = {}
         self._in_flight: dict[int, StepPlan] = {}  # step id -> plan
         self._free_slots: list[int] = list(range(num_micro_batches))
@@ -79,12 +85,19 @@ class LLMEngine:
                 out.finish_reason = "abort"
         return state.snapshot()
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
+    def fail_all(self, message: str, status: int | None = None) -> list[RequestOutput]:
         """Fail every request (the pipeline is broken); frees every block and forgets the
-        plans in flight (their results, if any still come, are ignored)."""
-        self.scheduler.fail_all(message)
+        plans in flight (their results, if any still come, are ignored). ``status``: the
+        HTTP status the error maps to (503 when no node serves some layers)."""
+        updates = self.scheduler.fail_all(message)
+        if updates:  # whatever a node of theirs still holds (the head's own stage at least)
+            try:
+                self.executor.release([u.seq_id for u in updates])
+            except Exception:  # the stages' leases free them anyway
+                logger.warning("releasing %d failed sequences failed", len(updates), exc_info=True)
         self._in_flight.clear()
         self._free_slots = list(range(self.num_micro_batches))
+        self._replayed_at.clear()
         outputs = []
         for request_id in list(self._requests):
             state = self._requests.pop(request_id)
@@ -92,6 +105,7 @@ class LLMEngine:
                 if out.finish_reason is None:
                     out.finish_reason = "error"
                     out.error = message
+                    out.error_status = status
             outputs.append(state.snapshot())
         return outputs
 
@@ -114,6 +128,7 @@ class LLMEngine:
 
     def step(self, poll_timeout: float = 0.0) -> list[RequestOutput]:
         """Fill free micro-batch slots, collect what came back, and emit outputs."""
+        self._recover()
         self._fill_pipeline()
         if not self._in_flight:
             return []
@@ -128,7 +143,12 @@ class LLMEngine:
             if plan.micro_batch < self.num_micro_batches:
                 self._free_slots.append(plan.micro_batch)
             if result.error:
-                logger.error("step %d failed: %s", result.step_id, result.error)
+                logger.warning(
+                    "step %d failed (%s): %s",
+                    result.step_id,
+                    result.failure_kind.name,
+                    result.error,
+                )
             served = served_route(result)
             for update in self.scheduler.update(plan, result):
                 state = self._requests.get(update.request_id)
@@ -137,7 +157,27 @@ class LLMEngine:
                     if served:
                         state.route = served
                     touched[state.request_id] = state
+        self._count_replays()
         return [self._emit(state) for state in touched.values()]
+
+    def _recover(self) -> None:
+        """Sequences whose KV was on a lost node go back to be prefilled on another route."""
+        if self.recovery is None:
+            return
+        for failure in self.recovery.take_failures():
+            self.scheduler.replay(list(failure.seq_ids))
+            for seq_id in failure.seq_ids:
+                self._replayed_at.setdefault(seq_id, failure.detected_at)
+        self._count_replays()
+
+    def _count_replays(self) -> None:
+        if self.recovery is None:
+            return
+        now = (self.scheduler.num_replayed_sequences, self.scheduler.num_replayed_tokens)
+        if now != self._replays_counted:
+            sequences, tokens = (a - b for a, b in zip(now, self._replays_counted, strict=True))
+            self.recovery.recovery_stats().note_replayed(sequences, tokens)
+            self._replays_counted = now
 
     def _fill_pipeline(self) -> None:
         self.nothing_to_schedule = False
@@ -237,6 +277,9 @@ class LLMEngine:
             out.top_logprobs.append(list(sampled.top_logprobs))
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
+        failed_at = self._replayed_at.pop(update.seq_id, None)
+        if failed_at is not None and self.recovery is not None:
+            self.recovery.recovery_stats().observe_recovery(now - failed_at)
         if not emit_text:
             return
         step = state.detokenizers[update.seq_index].add_token(sampled.token_id)

@@ -31,8 +31,11 @@ from collections.abc import Callable
 import torch
 
 from molink.config import LayerRange
+from molink.engine.recovery import NodeFailure, RecoveryStats
 from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.errors import PipelineError
+from molink.pipeline.deadlines import DeadlinePolicy, StepClock, StepDeadlines
+from molink.pipeline.failover import FailoverDesk
 from molink.pipeline.head_metrics import HopCounters, PipelineMetrics, swarm_metric_lines
 from molink.pipeline.head_telemetry import HeadTelemetry, fill_pipeline_proto, metric_lines
 from molink.pipeline.health import HealthMonitor
@@ -101,7 +104,14 @@ class PipelineExecutor:
         self._record_times: Callable[[], dict[str, RecordTimes]] = dict
         self._results: queue.Queue[StepResult] = queue.Queue()
         self._lock = threading.Lock()
-        self._in_flight: dict[StepKey, float] = {}  # -> deadline (monotonic)
+        self._in_flight: dict[StepKey, StepClock] = {}
+        self._failover = FailoverDesk(info.node_id, self.config, self._node.submit)
+        self._deadlines = StepDeadlines(
+            DeadlinePolicy(self.config.deadline_floor_s, self.config.deadline_factor),
+            self.config.step_timeout_s,
+            self._telemetry.timings_by_node,
+            self._monitor.round_trips,
+        )
         # (tokens, carries no prefill chunk) of the steps in flight, for timings
         self._step_tokens: dict[StepKey, tuple[int, bool]] = {}
         self._lost: dict[str, tuple[NodeInfo, str]] = {}
@@ -157,9 +167,15 @@ class PipelineExecutor:
         key = (plan.step_id, plan.micro_batch)
         not_ready = self.readiness()
         route = self.routes.route_for_plan(plan) if not_ready is None else None
-        if route is None:
-            not_ready = not_ready or f"no route takes step {plan.step_id}'s sequences together"
-            self._results.put(_error_result(key, f"the pipeline is not ready: {not_ready}"))
+        gone = self._gone_from(route)
+        if route is None or gone is not None:
+            not_ready = not_ready or gone or f"no route takes step {plan.step_id}'s sequences"
+            # Its sequences wait for a route (replay), up to the failover timeout.
+            self._results.put(
+                _error_result(
+                    key, f"the pipeline is not ready: {not_ready}", FailureKind.UNREACHABLE
+                )
+            )
             with self._lock:
                 self._failed += 1
             return
@@ -167,7 +183,8 @@ class PipelineExecutor:
         with self._lock:
             if key in self._in_flight:
                 logger.warning("step %d (micro-batch %d) submitted twice", *key)
-            self._in_flight[key] = time.monotonic() + self.config.step_timeout_s
+            ahead = sum(1 for r in self._step_routes.values() if r.key == route.key)
+            self._in_flight[key] = self._deadlines.clock_for(route, plan.num_tokens, ahead)
             self._step_tokens[key] = (plan.num_tokens, _is_decode_only(plan))
             self._step_routes[key] = route
         job = StepJob(self.head_id, route, plan, None, trusted=True)
@@ -175,6 +192,16 @@ class PipelineExecutor:
             self._node.submit(job)
         except PipelineError as exc:
             self._complete(_error_result(key, str(exc)))
+
+    def _gone_from(self, route: Route | None) -> str | None:
+        """Why ``route`` cannot be used: a node of it was evicted since it was chosen."""
+        if route is None:
+            return None
+        view = self._registry.view()
+        for hop in route.hops[1:]:
+            if view.stage(hop.node_id) is None:
+                return f"node {hop.node_id} of route {route.key} is gone"
+        return None
 
     def poll(self, timeout: float) -> list[StepResult]:
         try:
@@ -248,6 +275,32 @@ class PipelineExecutor:
                 sampled_tokens=self._sampled,
             )
 
+    # -- RecoverySource (molink.engine.recovery) and the dashboard's RecoveryCounters ------
+
+    def take_failures(self) -> list[NodeFailure]:
+        return self._failover.take()
+
+    def recovery_stats(self) -> RecoveryStats:
+        return self._failover.stats
+
+    def failovers_total(self) -> int:
+        return self._failover.stats.failovers
+
+    def replays_total(self) -> int:
+        return self._failover.stats.replayed_sequences
+
+    def evict_node(
+        self, node_id: str, reason: str, kind: FailureKind = FailureKind.REJECTED
+    ) -> bool:
+        """Drop ``node_id`` from the pipeline now and replay the sequences whose KV it held
+        on other routes (for a node found dead, frozen or untrustworthy). False if it was
+        not part of the pipeline."""
+        stage = self._registry.view().stage(node_id)
+        if stage is None or node_id == self.head_id:
+            return False
+        self._stage_down(stage, reason, kind)
+        return self._registry.view().stage(node_id) is None
+
     def stage_health(self) -> dict[str, pb.HealthResponse | str]:
         """The latest health answer of each stage (or why there is none)."""
         return self._monitor.latest()
@@ -270,6 +323,7 @@ class PipelineExecutor:
         return [
             *metric_lines(self),
             *self.metrics().metric_lines(),
+            *self._failover.stats.metric_lines(),
             *swarm_metric_lines(self._registry.view(), self.routes.route_choices_snapshot()),
         ]
 
@@ -379,6 +433,8 @@ class PipelineExecutor:
     ) -> None:
         if result.failure_kind is FailureKind.KV_FULL and result.failed_node_id:
             self.routes.mark_full(result.failed_node_id)
+        elif result.failure_kind is FailureKind.UNREACHABLE and result.failed_node_id:
+            self._suspect(result.failed_node_id, result.error or "a step could not reach it")
         if result.error is None:
             self._count_hops(trace, sender_id, num_bytes, result)
             with self._lock:
@@ -423,7 +479,9 @@ class PipelineExecutor:
                 old = self._hops.get(name, HopCounters())
                 self._hops[name] = HopCounters(old.messages + 1, old.bytes + size)
 
-    def _fail_in_flight(self, reason: str, through: str | None = None) -> None:
+    def _fail_in_flight(
+        self, reason: str, through: str | None = None, kind: FailureKind = FailureKind.NONE
+    ) -> None:
         """Fail the steps in flight (only those whose route passes ``through``, if given)."""
         with self._lock:
             keys = [
@@ -433,41 +491,84 @@ class PipelineExecutor:
                 or (key in self._step_routes and self._step_routes[key].contains(through))
             ]
         for key in keys:
-            self._complete(_error_result(key, reason))
+            self._complete(_error_result(key, reason, kind, through or ""))
 
     def _deadline_loop(self) -> None:
-        tick = min(0.2, self.config.step_timeout_s / 4)
+        tick = min(0.2, self.config.deadline_floor_s / 4)
         while not self._stop.wait(tick):
             now = time.monotonic()
             with self._lock:
-                expired = [key for key, deadline in self._in_flight.items() if deadline < now]
-            if not expired:
-                continue
-            for key in expired:
+                overdue = [
+                    (key, clock, self._step_routes.get(key))
+                    for key, clock in self._in_flight.items()
+                    if clock.deadline < now
+                ]
+            if overdue:
+                self._handle_overdue(overdue)
+
+    def _handle_overdue(self, overdue: list[tuple[StepKey, StepClock, Route | None]]) -> None:
+        """Probe the nodes of the overdue steps' routes; evict those that do not answer
+        (their steps fail with them); steps whose nodes all answer get another deadline,
+        up to their hard one."""
+        nodes: dict[str, NodeInfo] = {}
+        view = self._registry.view()
+        for _, _, route in overdue:
+            for hop in route.hops[1:] if route else ():
+                stage = view.stage(hop.node_id)
+                if stage is not None:
+                    nodes[stage.node_id] = stage
+        failures = self._monitor.probe_many(list(nodes.values()))
+        for node_id, detail in failures.items():
+            self._stage_down(
+                nodes[node_id],
+                f"missed a step deadline, then a probe: {detail}",
+                FailureKind.DEADLINE,
+            )
+        now = time.monotonic()
+        for key, clock, route in overdue:
+            if now < clock.hard_deadline:
                 with self._lock:
-                    route = self._step_routes.get(key)
-                self._complete(
-                    dataclasses.replace(
-                        _error_result(
-                            key,
-                            f"step {key[0]} (micro-batch {key[1]}) got no result within "
-                            f"{self.config.step_timeout_s:g}s on route "
-                            f"{route.key if route else '?'}",
-                        ),
-                        failure_kind=FailureKind.DEADLINE,
-                    )
+                    if key in self._in_flight:
+                        clock.extend(now)
+                continue
+            message = (
+                f"step {key[0]} (micro-batch {key[1]}) got no result within "
+                f"{now - clock.sent_at:.1f}s on route {route.key if route else '?'}"
+            )
+            self._complete(_error_result(key, message, FailureKind.DEADLINE))
+
+    def _suspect(self, node_id: str, detail: str) -> None:
+        """A step could not reach ``node_id``: no new sequences go there while a probe (in
+        the background) decides whether it is gone."""
+        stage = self._registry.view().stage(node_id)
+        if stage is None or node_id == self.head_id:
+            return
+        self.routes.avoid(node_id, self.config.health_timeout_s + 1.0)
+
+        def probe() -> None:
+            failure = self._monitor.probe(stage)
+            if failure is not None:
+                self._stage_down(
+                    stage, f"{detail}; then a probe failed: {failure}", FailureKind.UNREACHABLE
                 )
 
-    def _stage_down(self, stage: NodeInfo, detail: str) -> None:
+        threading.Thread(target=probe, name="head-probe", daemon=True).start()
+
+    def _stage_down(
+        self, stage: NodeInfo, detail: str, kind: FailureKind = FailureKind.UNREACHABLE
+    ) -> None:
+        """Evict ``stage``: its steps in flight fail (typed, so their sequences are
+        replayed), and every sequence whose route went through it is freed on the other
+        nodes and handed to the engine for replay."""
         if self._registry.remove(stage.node_id) is None:
             return
         reason = f"stage {stage.describe()} stopped answering ({detail})"
-        logger.error("head %s: %s; dropping it from the pipeline", self.head_id, reason)
         with self._lock:
             self._lost[stage.node_id] = (stage, reason)
         # Fail the steps first, so that they carry this reason rather than the one of the
         # sender that closing its stream gives.
-        self._fail_in_flight(f"{reason}; the step was lost", through=stage.node_id)
+        self._fail_in_flight(f"{reason}; the step was lost", through=stage.node_id, kind=kind)
+        self._failover.node_lost(stage, kind, detail, self.routes.evict(stage.node_id))
         self._node.links.drop_peer(stage.address)
         self._apply_view(self._registry.view())
 
@@ -484,5 +585,9 @@ def _overlaps(a: LayerRange, b: LayerRange) -> bool:
     return a.start < b.end and b.start < a.end
 
 
-def _error_result(key: StepKey, message: str) -> StepResult:
-    return StepResult(step_id=key[0], micro_batch=key[1], error=message)
+def _error_result(
+    key: StepKey, message: str, kind: FailureKind = FailureKind.NONE, node_id: str = ""
+) -> StepResult:
+    return StepResult(
+        step_id=key[0], micro_batch=key[1], error=message, failure_kind=kind, failed_node_id=node_id
+    )

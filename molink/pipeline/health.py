@@ -91,11 +91,37 @@ class HealthMonitor:
 
     def probe(self, stage: NodeInfo) -> str | None:
         """One health check now: None if ``stage`` answers, else why not."""
-        try:
-            self._client(stage.address).health(timeout=self._config.health_timeout_s)
-        except grpc.RpcError as exc:
-            return describe_rpc_error(exc)
-        return None
+        failures = self.probe_many([stage])
+        return failures.get(stage.node_id)
+
+    def probe_many(self, stages: list[NodeInfo]) -> dict[str, str]:
+        """One health check of each of ``stages`` at once; the node id and reason of each
+        that does not answer within the health timeout (a frozen process keeps its socket
+        open, so only the timeout notices it)."""
+        calls = []
+        for stage in stages:
+            stub = self._client(stage.address).stub
+            calls.append(
+                (
+                    stage,
+                    stub.Health.future(
+                        self._request(),
+                        timeout=self._config.health_timeout_s,
+                        metadata=call_metadata(),
+                    ),
+                )
+            )
+        failures = {}
+        for stage, call in calls:
+            try:
+                call.result()
+            except grpc.RpcError as exc:
+                failures[stage.node_id] = describe_rpc_error(exc)
+        return failures
+
+    def _request(self) -> pb.HealthRequest:
+        """Every health call renews the head's lease on the stage's sequences."""
+        return pb.HealthRequest(head_id=self._registry.view().head_id)
 
     def check_once(self) -> None:
         view = self._registry.view()
@@ -107,7 +133,7 @@ class HealthMonitor:
             stub = self._client(stage.address).stub
             started = time.monotonic()
             call = stub.Health.future(
-                pb.HealthRequest(), timeout=self._config.health_timeout_s, metadata=call_metadata()
+                self._request(), timeout=self._config.health_timeout_s, metadata=call_metadata()
             )
             call.add_done_callback(
                 lambda _, node_id=stage.node_id: done.setdefault(node_id, time.monotonic())

@@ -63,6 +63,9 @@ class LinkTable:
         self._forward: dict[str, _Stream] = {}
         self._results: dict[str, _Stream] = {}
         self._views: dict[str, PipelineView] = {}
+        # Nodes each head dropped from its pipeline (until a later view has them again):
+        # a step whose route names one is stale, e.g. let go by a node resumed after a freeze.
+        self._dropped: dict[str, set[str]] = {}
         self._retired_bytes = 0  # bytes sent by senders closed since
 
     # -- streams -----------------------------------------------------------------------
@@ -151,7 +154,24 @@ class LinkTable:
             if known is not None and known.epoch >= view.epoch:
                 return False
             self._views[view.head_id] = view
+            members = {s.node_id for s in view.stages}
+            dropped = self._dropped.setdefault(view.head_id, set())
+            if known is not None:
+                dropped |= {s.node_id for s in known.stages} - members
+            dropped -= members
         return True
+
+    def dropped_by(self, head_id: str) -> frozenset[str]:
+        """The nodes ``head_id`` has dropped from its pipeline since this node joined it."""
+        with self._lock:
+            return frozenset(self._dropped.get(head_id, ()))
+
+    def forget_head(self, head_id: str) -> None:
+        """Forget a head's pipeline (before joining it again: a restarted head counts its
+        epochs from the start)."""
+        with self._lock:
+            self._views.pop(head_id, None)
+            self._dropped.pop(head_id, None)
 
     def close(self) -> None:
         with self._lock:
@@ -159,6 +179,7 @@ class LinkTable:
             self._forward.clear()
             self._results.clear()
             self._views.clear()
+            self._dropped.clear()
         self._close(senders)
 
     def _close(self, senders: list[StreamSender[Any]]) -> None:

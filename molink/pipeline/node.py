@@ -28,6 +28,7 @@ import torch
 from molink.errors import InvalidParameterError, PipelineError, ProtocolError
 from molink.kv_cache.stage_pool import StageBlockPool
 from molink.pipeline.identity import NodeInfo
+from molink.pipeline.leases import LeaseTable
 from molink.pipeline.links import LinkTable
 from molink.pipeline.outbound import OutboundRelease, OutboundStep, SenderFactory, StepError
 from molink.pipeline.registry import JoinRefusedError, PipelineView
@@ -117,7 +118,11 @@ class StageNode:
             max_queued=self.config.max_queued_steps,
             upstream_stall_s=self.config.upstream_stall_s,
             max_sequences_per_head=self.config.max_sequences_per_head,
+            leases=None if head_role is not None else LeaseTable(self.config.lease_s),
+            on_lapse=self._lease_lapsed,
         )
+        self._joined_head: str | None = None  # the head joined through the initial peer
+        self._rejoining = threading.Lock()
         senders = SenderFactory(
             info.node_id,
             info.wire_dtype,
@@ -216,7 +221,11 @@ class StageNode:
             logger.error("node %s: join refused by %s: %s", self.node_id, peer, response.reason)
             raise JoinRefusedError(response.reason)
         view = view_from_proto(response.pipeline)
+        self.links.forget_head(view.head_id)  # a restarted head counts epochs anew
         self.links.apply(view)
+        self._joined_head = view.head_id
+        if self._worker.leases is not None:
+            self._worker.leases.renew(view.head_id)
         logger.info(
             "node %s joined head %s (epoch %d): %s",
             self.node_id,
@@ -225,6 +234,37 @@ class StageNode:
             view.readiness() or "every layer is served",
         )
         return view
+
+    def renew_lease(self, head_id: str) -> None:
+        """``head_id`` checked on this node: it still counts on the sequences it keeps here."""
+        if self._worker.leases is not None:
+            self._worker.leases.renew(head_id)
+
+    def _lease_lapsed(self, head_id: str) -> None:
+        """The head this node joined fell silent (it died, restarted, or dropped this
+        node): join again through the initial peer, as a fresh node, in the background."""
+        if head_id != self._joined_head or not self._initial_peer or self._stopping.is_set():
+            return
+        threading.Thread(target=self._rejoin, name=f"rejoin-{self.node_id}", daemon=True).start()
+
+    def _rejoin(self) -> None:
+        if not self._rejoining.acquire(blocking=False):
+            return
+        try:
+            view = self.links.any_view()
+            if view is not None and view.head_address:
+                self.links.drop_peer(view.head_address)
+            while not self._stopping.is_set():
+                try:
+                    self.join(self._initial_peer or "")
+                    return
+                except PipelineError as exc:
+                    logger.warning("node %s: rejoining failed, retrying: %s", self.node_id, exc)
+                except Exception:
+                    logger.exception("node %s: rejoining failed, retrying", self.node_id)
+                self._stopping.wait(self.config.join_interval_s)
+        finally:
+            self._rejoining.release()
 
     def _request_join(self, peer: str, request: pb.JoinRequest) -> pb.JoinResponse:
         client = NodeClient(peer, self.config)
@@ -318,6 +358,13 @@ class StageNode:
             )
         if self._head_role is not None:
             raise PipelineError(f"{self.node_id} is a head; it computes only its own steps")
+        dropped = self.links.dropped_by(route.head_id)
+        stale = [hop.node_id for hop in route.hops if hop.node_id in dropped]
+        if stale:
+            raise PipelineError(
+                f"route {route.key} names {', '.join(stale)}, which head {route.head_id} "
+                "has dropped from its pipeline"
+            )
         return route
 
     def _decode_step(

@@ -77,6 +77,7 @@ class RouteBook:
         self._seq_reserved: dict[int, int] = {}
         self._plan_route: dict[int, Route] = {}  # step id -> route, until submitted
         self._full_until: dict[str, float] = {}
+        self._avoid_until: dict[str, float] = {}  # suspected nodes: no new sequences
         self._turn = 0
         self.route_choices: dict[str, int] = {}  # route key -> sequences sent that way
 
@@ -154,12 +155,23 @@ class RouteBook:
                     groups.setdefault(route.key, (route, []))[1].append(seq_id)
         return groups
 
-    def drop_node(self, node_id: str) -> list[int]:
-        """A node is gone: its routes are no longer offered for new sequences; returns the
-        sequences whose route went through it (their KV there is lost)."""
+    def evict(self, node_id: str) -> dict[str, tuple[Route, list[int]]]:
+        """A node is gone: forget every sequence whose route went through it (its KV there
+        is lost; it will be replayed elsewhere), grouped by route, so that the head can
+        free what they hold on the route's other nodes."""
         with self._lock:
             lost = [s for s, r in self._seq_route.items() if r.contains(node_id)]
-        return lost
+            self._plan_route = {
+                step: r for step, r in self._plan_route.items() if not r.contains(node_id)
+            }
+        return self.forget(lost)
+
+    def avoid(self, node_id: str, seconds: float) -> None:
+        """No new sequence goes through ``node_id`` for ``seconds`` (it failed a step and
+        is being probed)."""
+        with self._lock:
+            until = time.monotonic() + seconds
+            self._avoid_until[node_id] = max(until, self._avoid_until.get(node_id, 0.0))
 
     def mark_full(self, node_id: str) -> None:
         with self._lock:
@@ -197,7 +209,8 @@ class RouteBook:
         now = time.monotonic()
         with self._lock:
             full = {n for n, until in self._full_until.items() if until > now}
-        nodes = [_with_usage(n, load, used, full) for n in snap.nodes]
+            avoided = {n for n, until in self._avoid_until.items() if until > now}
+        nodes = [_with_usage(n, load, used, full) for n in snap.nodes if n.node_id not in avoided]
         head = _with_usage(snap.head, load, used, set())
         needed = -(-num_tokens // snap.block_size) if snap.block_size else 0
         found = best_route(

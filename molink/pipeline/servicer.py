@@ -237,4 +237,8 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
         return pb.ReleaseResponse(num_released=len(request.seq_ids))
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        caller = peer_node_id(context)
+        # Only the head itself renews its lease (any caller, in open mode).
+        if request.head_id and (caller is None or caller == request.head_id):
+            self._node.renew_lease(request.head_id)
         return self._node.health()

@@ -24,6 +24,7 @@ import torch
 
 from molink.errors import PipelineError, ProtocolError
 from molink.kv_cache.stage_pool import KVRoomError
+from molink.pipeline.leases import LeaseTable
 from molink.placement.route import Route
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepPlan, StepResult
@@ -81,6 +82,8 @@ class ComputeWorker:
         max_queued: int,
         upstream_stall_s: float,
         max_sequences_per_head: int = 4096,
+        leases: LeaseTable | None = None,
+        on_lapse: Callable[[str], None] | None = None,
     ) -> None:
         self._executor = executor
         self._max_sequences_per_head = max_sequences_per_head
@@ -91,6 +94,8 @@ class ComputeWorker:
         self._jobs: queue.Queue[StepJob | ReleaseJob] = queue.Queue(maxsize=max_queued)
         self._held: StepJob | ReleaseJob | None = None  # taken from the queue, not yet run
         self._stall_after_s = upstream_stall_s
+        self.leases = leases  # None: a head's own stage, whose steps are its own
+        self._on_lapse = on_lapse
         self._known: dict[str, set[int]] = {}
         self._stop = threading.Event()
         self._last_input = time.monotonic()
@@ -135,10 +140,13 @@ class ComputeWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             job = self._next_job()
+            self._expire_leases()  # before the job renews: a frozen node wakes up fresh
             if job is None:
                 self._check_stall()
                 continue
             self._note_input()
+            if self.leases is not None:
+                self.leases.renew(job.head_id)
             try:
                 if isinstance(job, ReleaseJob):
                     self._release(job)
@@ -178,9 +186,45 @@ class ComputeWorker:
                 self._held = job
                 return jobs
 
+    def _expire_leases(self) -> None:
+        if self.leases is None:
+            return
+        for head_id in self.leases.lapsed():
+            known = self._known.pop(head_id, set())
+            logger.warning(
+                "stage %s: the lease of head %s lapsed; freeing its %d sequence(s)",
+                self._node_id,
+                head_id,
+                len(known),
+            )
+            try:
+                self._executor.release(sorted(known), head_id)
+            except Exception:
+                logger.exception("stage %s: freeing head %s failed", self._node_id, head_id)
+            if self._on_lapse is not None:
+                self._on_lapse(head_id)
+
+    def _is_stale(self, job: StepJob) -> bool:
+        """A step that waited here longer than a lease (this node was frozen): its head has
+        moved its sequences elsewhere, so computing it could only leave stale KV."""
+        if self.leases is None:
+            return False
+        waited = time.monotonic() - job.received_at
+        if waited <= self.leases.lease_s:
+            return False
+        self.steps_failed += 1
+        self._on_error(
+            job,
+            f"stage {self._node_id} dropped {_step_name(job)}: it arrived {waited:.0f}s ago",
+            FailureKind.DEADLINE,
+        )
+        return True
+
     def _steps(self, jobs: list[StepJob]) -> None:
         admitted = []
         for job in jobs:
+            if self._is_stale(job):
+                continue
             try:
                 self._admit(job)
             except ProtocolError as exc:

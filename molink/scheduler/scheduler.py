@@ -27,6 +27,12 @@ waiting queue, its id is sent in ``finished_seq_ids`` and it is sent again in
 ``new_sequences`` with all its tokens when re-admitted. If there is no such sequence, the
 one in need waits for this step. Older sequences never yield to newer ones.
 
+When a node holding a sequence's KV is lost (``replay``, or a plan that failed with a
+node failure), the sequence is replayed: like a preemption it restarts from zero at the
+front of the waiting queue with all its tokens, and the head sends it to another route.
+A sequence in flight at that moment is replayed when its plan comes back. After
+``MAX_REPLAYS`` replays it fails instead (a node that fails it every time).
+
 Cost per call: O(running) plus the work for what is scheduled; no scans of the waiting
 queue beyond its head.
 """
@@ -63,6 +69,12 @@ logger = logging.getLogger(__name__)
 # router uses it to keep each plan on one route (molink/engine/routing.py).
 SequenceFilter = Callable[[int, int], bool]
 
+# Failures after which a plan's sequences are replayed rather than failed.
+REPLAYABLE = frozenset(
+    {FailureKind.UNREACHABLE, FailureKind.DEADLINE, FailureKind.NODE_ERROR, FailureKind.REJECTED}
+)
+MAX_REPLAYS = 8
+
 
 def _arrival_key(seq: Sequence) -> int:
     return seq.arrival_order
@@ -93,6 +105,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens of admitted sequences looked up
         self.prefix_cache_hits = 0  # of those, tokens found in the cache
+        self.num_replayed_sequences = 0
+        self.num_replayed_tokens = 0  # tokens the replays must compute again
 
     # -- requests ------------------------------------------------------------------------
 
@@ -190,6 +204,20 @@ class Scheduler:
         self.kv.reset_prefix_cache()
         logger.error("failed %d sequences: %s", len(updates), reason)
         return updates
+
+    def replay(self, seq_ids: list[int]) -> None:
+        """Their KV was lost with a node: send them again from scratch on another route
+        (those in flight once their plan comes back). Unknown or finished ids are ignored."""
+        seqs = [self._sequences[s] for s in seq_ids if s in self._sequences]
+        # Newest first, each to the front of the queue: the oldest ends up first.
+        for seq in sorted(seqs, key=_arrival_key, reverse=True):
+            if seq.is_finished or seq.status is SequenceStatus.WAITING:
+                continue
+            if seq.is_in_flight:
+                seq.replay_pending = True
+            else:
+                self._replay(seq)
+        self._prune_running()
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -325,6 +353,7 @@ class Scheduler:
         logger.debug("preempting sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
         self.kv.free(seq.seq_id)
         seq.status = SequenceStatus.WAITING
+        seq.replay_pending = False  # it restarts from scratch anyway
         seq.num_computed_tokens = 0
         self._forget_on_stages(seq)
         self._waiting.appendleft(seq)
@@ -337,6 +366,10 @@ class Scheduler:
             and len(self._running) < self.config.max_num_seqs
         ):
             seq = self._waiting[0]
+            if seq.seq_id in self._pending_finished:
+                # Preempted or replayed since the last plan: its release goes out first
+                # (along its old route), then it is sent again.
+                return
             # Prompt logprobs need every prompt position computed, so no prefix is reused.
             wants_prompt_logprobs = seq.params.prompt_logprobs is not None
             reusable = 0 if wants_prompt_logprobs else seq.num_tokens - 1
@@ -380,6 +413,8 @@ class Scheduler:
             error = f"result of step {result.step_id} given for step {sent_plan.step_id}"
         if error is not None and result.failure_kind is FailureKind.KV_FULL:
             updates = self._requeue_plan(seqs)
+        elif error is not None and result.failure_kind in REPLAYABLE:
+            updates = self._replay_plan(seqs, error)
         elif error is not None:
             updates = self._fail_plan(seqs, error)
         else:
@@ -403,6 +438,8 @@ class Scheduler:
                 self._release_held_siblings(seq.request)
             if scheduled.sample:
                 updates.append(self._accept_sample(seq, sampled.get(seq.seq_id)))
+            if seq.replay_pending and not seq.is_finished:
+                self._replay(seq)
         return updates
 
     def _accept_sample(self, seq: Sequence, token: SampledToken | None) -> SequenceUpdate:
@@ -428,6 +465,35 @@ class Scheduler:
             elif seq.status is SequenceStatus.RUNNING:
                 self._preempt(seq)
         return []
+
+    def _replay_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
+        """A node on the plan's route failed (unreachable, late, refused, erred): its
+        sequences start again on another route, unless they were replayed too often."""
+        updates = []
+        for seq in seqs:
+            seq.in_flight_step = None
+            if seq.is_finished:
+                self._release(seq)
+            elif seq.num_replays >= MAX_REPLAYS:
+                message = f"{error} (after {seq.num_replays} replays on other routes)"
+                updates += self._fail_plan([seq], message)
+            else:
+                self._replay(seq)
+        return updates
+
+    def _replay(self, seq: Sequence) -> None:
+        seq.replay_pending = False
+        if seq.status is not SequenceStatus.RUNNING:
+            return
+        seq.num_replays += 1
+        self.num_replayed_sequences += 1
+        self.num_replayed_tokens += seq.num_tokens
+        self.kv.free(seq.seq_id)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        self._forget_on_stages(seq)  # frees what the surviving nodes of its route hold
+        self._waiting.appendleft(seq)
+        self._running_dirty = True
 
     def _fail_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
         logger.error("step failed for %d sequences: %s", len(seqs), error)

@@ -43,6 +43,8 @@ class Sequence:
         "known_to_stages",
         "num_blocks_sent",
         "is_released",
+        "replay_pending",
+        "num_replays",
     )
 
     def __init__(
@@ -71,6 +73,8 @@ class Sequence:
         self.known_to_stages = False  # stages hold its NewSequenceData
         self.num_blocks_sent = 0  # block-table entries the stages already hold
         self.is_released = False  # finished and its blocks freed for good
+        self.replay_pending = False  # its KV was lost while in flight: replay on return
+        self.num_replays = 0  # times it was moved to another route after a failure
 
     @property
     def request_id(self) -> str:

@@ -31,6 +31,13 @@ class TransportConfig:
     health_interval_s: float = 1.0  # head: how often every stage is checked
     health_timeout_s: float = 2.0
     health_failures_to_down: int = 2  # consecutive failed checks before a stage is dropped
+    # head: a step is overdue after max(floor, factor * its measured round trip); then its
+    # route's nodes are probed (molink/pipeline/deadlines.py)
+    deadline_floor_s: float = 2.0
+    deadline_factor: float = 4.0
+    # stage: a head's sequences are freed when the head has sent nothing (steps, releases,
+    # health checks) for this long; keep it well above the head's health_interval_s
+    lease_s: float = 10.0
     rpc_timeout_s: float = 5.0  # unary calls (Describe, Join, GetPipeline, ...)
     join_timeout_s: float = 60.0  # a stage keeps retrying an unreachable initial peer
     server_workers: int = 32  # streams hold a worker each for their whole life
@@ -77,6 +84,9 @@ class TransportConfig:
             "rpc_timeout_s",
             "join_timeout_s",
             "join_interval_s",
+            "deadline_floor_s",
+            "deadline_factor",
+            "lease_s",
         ):
             if not getattr(self, name) > 0:
                 raise InvalidParameterError(name, "must be > 0")

@@ -1,7 +1,7 @@
 """A pipeline of ``molink serve`` processes when a stage dies or a wrong node tries to join.
 
-* A stage killed with SIGKILL mid-generation: every request in flight fails within a bound,
-  with an error that names the stage; the head keeps answering /health (503 naming the
+* A stage killed with SIGKILL mid-generation, with no replica: every request in flight
+  fails within the failover timeout (plus a bound), with an error that names the stage; the head keeps answering /health (503 naming the
   missing layers); a replacement serving the same layers restores service.
 * A node whose model differs is refused: it exits non-zero with the reason in its log,
   and the head logs the refusal too. (Overlapping spans are replicas, and welcome.)
@@ -43,7 +43,8 @@ LONG_MAX_TOKENS = 4000
 NUM_STREAMED = 6
 NUM_UNSTREAMED = 2
 TOKENS_BEFORE_KILL = 3
-FAILURE_BOUND_S = 20.0
+FAILOVER_TIMEOUT_S = 4.0  # how long the requests wait for another node to serve [2, 4)
+FAILURE_BOUND_S = 20.0 + FAILOVER_TIMEOUT_S
 STAYS_READY_S = 6.0  # the head checks every stage's health each second
 REFUSED_EXIT_TIMEOUT_S = 120.0
 PROBE = Case(prompt=[5, 6, 7, 8, 9, 10, 11], max_tokens=12, stream=False)
@@ -140,7 +141,8 @@ def _assert_failed_clearly(outcomes: list[Outcome], killed_at: float, victim: No
 
 async def test_killed_stage_fails_requests_then_a_replacement_serves(tiny_model_dir) -> None:
     model = str(tiny_model_dir("qwen3", max_position_embeddings=LONG_CONTEXT))
-    with running_pipeline((0, 2, 4), model) as pipeline:
+    args = ("--molink-failover-timeout", str(FAILOVER_TIMEOUT_S))
+    with running_pipeline((0, 2, 4), model, extra_args=args) as pipeline:
         victim = pipeline.nodes[1]
         before = await complete_all(pipeline.base_url, [PROBE])
 

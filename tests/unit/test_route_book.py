@@ -64,5 +64,16 @@ def test_plans_outside_the_engine_take_the_best_route() -> None:
     route = book.route_for_plan(_plan(1, 7))
     assert route is not None and book.route_of(7) == route
     assert book.load() == {"head": 1, "a": 1}
-    book.drop_node("a")
-    assert book.drop_node("a") == [7]
+    groups = book.evict("a")
+    assert {key: ids for key, (_, ids) in groups.items()} == {route.key: [7]}
+    assert book.route_of(7) is None and book.evict("a") == {}
+
+
+def test_an_avoided_node_gets_no_new_sequences() -> None:
+    book = RouteBook(
+        lambda: _snapshot(Candidate("a", "a:1", 2, 4), Candidate("b", "b:1", 2, 4, step_s=0.5))
+    )
+    assert book.route_for_new(3).key == "head->a"
+    book.avoid("a", 60.0)
+    assert book.route_for_new(3).key == "head->b"
+    assert [c.route.key for c in book.choices()] == ["head->b"]

@@ -461,8 +461,10 @@ class ReturnResultsAck(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("head_id",)
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    head_id: str
+    def __init__(self, head_id: _Optional[str] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
     __slots__ = ("status", "message", "steps_processed", "steps_rejected", "bytes_sent", "bytes_received", "queued_steps", "active_sequences", "pipeline_epoch", "uptime_s", "links", "total_kv_blocks", "free_kv_blocks", "heads")

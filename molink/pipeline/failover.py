@@ -1,0 +1,108 @@
+"""The head's side of failover: after a node is evicted, free what its sequences hold on
+the surviving nodes and hand the engine a ``NodeFailure`` (molink/engine/recovery.py).
+
+Freeing happens in two parts, because the lost node cuts each route in two:
+
+* the nodes before it on the route get an in-band release from the head, on the same
+  streams as the steps, so it reaches each of them after every step already sent there;
+* the nodes after it get a ``Release`` call of their own (nothing reaches them through
+  the lost node any more). Their lease on this head's sequences frees anything a
+  release misses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from molink.engine.recovery import NodeFailure, RecoveryStats
+from molink.pipeline.identity import NodeInfo
+from molink.pipeline.worker import ReleaseJob
+from molink.placement.route import Route
+from molink.step import FailureKind
+from molink.transport.channel import NodeClient, describe_rpc_error
+from molink.transport.config import TransportConfig
+
+logger = logging.getLogger(__name__)
+
+SubmitJob = Callable[[ReleaseJob], None]
+
+
+class FailoverDesk:
+    """Thread-safe: the head's health, deadline and receiving threads report losses; the
+    engine thread takes them."""
+
+    def __init__(self, head_id: str, config: TransportConfig, submit: SubmitJob) -> None:
+        self.head_id = head_id
+        self.stats = RecoveryStats()
+        self._config = config
+        self._submit = submit
+        self._lock = threading.Lock()
+        self._failures: list[NodeFailure] = []
+
+    def take(self) -> list[NodeFailure]:
+        with self._lock:
+            failures, self._failures = self._failures, []
+        return failures
+
+    def node_lost(
+        self,
+        node: NodeInfo,
+        kind: FailureKind,
+        detail: str,
+        groups: dict[str, tuple[Route, list[int]]],
+    ) -> NodeFailure:
+        """``node`` is out of the registry and its routes are forgotten; ``groups`` are the
+        sequences that were on each of its routes."""
+        seq_ids = tuple(sorted(s for _, ids in groups.values() for s in ids))
+        failure = NodeFailure(node.node_id, kind, detail, seq_ids, time.monotonic())
+        self.stats.note_failover()
+        logger.error(
+            "failover: node %s lost (%s: %s); %d sequence(s) on %d route(s) will be replayed",
+            node.describe(),
+            kind.name.lower(),
+            detail,
+            len(seq_ids),
+            len(groups),
+        )
+        for route, ids in groups.values():
+            self._release_survivors(route, node.node_id, tuple(ids))
+        with self._lock:
+            self._failures.append(failure)
+        return failure
+
+    def _release_survivors(self, route: Route, lost_id: str, seq_ids: tuple[int, ...]) -> None:
+        index = route.index_of(lost_id)
+        if index is None:
+            return
+        try:  # the head's own stage and the nodes before the lost one, in band
+            self._submit(ReleaseJob(self.head_id, route, seq_ids, propagate=True))
+        except Exception:
+            logger.warning("in-band release of %d sequences failed", len(seq_ids), exc_info=True)
+        after = [hop.address for hop in route.hops[index + 1 :]]
+        if after:
+            threading.Thread(
+                target=self._release_directly,
+                args=(after, seq_ids),
+                name="head-release",
+                daemon=True,
+            ).start()
+
+    def _release_directly(self, addresses: list[str], seq_ids: tuple[int, ...]) -> None:
+        for address in addresses:
+            client = NodeClient(address, self._config)
+            try:
+                client.release(self.head_id, list(seq_ids), timeout=self._config.rpc_timeout_s)
+            except grpc.RpcError as exc:
+                logger.warning(
+                    "release of %d sequences on %s failed (its lease frees them): %s",
+                    len(seq_ids),
+                    address,
+                    describe_rpc_error(exc),
+                )
+            finally:
+                client.close()

@@ -1,0 +1,46 @@
+"""A stage holds each head's sequences under a lease that the head renews.
+
+Every message from a head renews it: steps and releases (traffic) and the head's health
+checks, which come every second even while it is idle. A head that falls silent for
+``lease_s`` (it died, was restarted, or dropped this node from its pipeline) loses its
+lease: the stage frees every sequence of that head, so a dead head's KV does not stay
+forever and a node that comes back from a freeze keeps nothing stale.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class LeaseTable:
+    """Thread-safe: gRPC threads renew, the compute thread collects lapsed leases."""
+
+    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if lease_s <= 0:
+            raise ValueError("a lease must last > 0 seconds")
+        self.lease_s = lease_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._renewed: dict[str, float] = {}
+
+    def renew(self, head_id: str) -> None:
+        if not head_id:
+            return
+        with self._lock:
+            self._renewed[head_id] = self._clock()
+
+    def lapsed(self) -> list[str]:
+        """Heads whose lease ran out since they last renewed; each is reported once (a
+        head that speaks again starts a new lease)."""
+        now = self._clock()
+        with self._lock:
+            gone = [h for h, at in self._renewed.items() if now - at > self.lease_s]
+            for head_id in gone:
+                del self._renewed[head_id]
+        return gone
+
+    def holds(self, head_id: str) -> bool:
+        with self._lock:
+            return head_id in self._renewed
