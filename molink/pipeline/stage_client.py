@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from molink.engine.protocol import EngineStats
+from molink.errors import ModelNotReadyError
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.node import StageNode
 
@@ -22,13 +23,17 @@ class StageOnlyClient:
         return self._info
 
     def readiness(self) -> str | None:
-        return (
+        """This node's own health (its /health, a liveness probe's answer): None while it
+        is part of a pipeline, whatever the rest of the pipeline is doing."""
+        if self.node.current_view() is None:
+            return f"stage {self._info.node_id} is not part of a pipeline (it is joining)"
+        return None
+
+    async def generate(self, request_id, prompt, params):
+        raise ModelNotReadyError(
             f"this node is a pipeline stage serving layers [{self._info.layers.start}, "
             f"{self._info.layers.end}); send requests to the head of the pipeline"
         )
-
-    async def generate(self, request_id, prompt, params):  # pragma: no cover - never ready
-        raise RuntimeError(self.readiness())
         yield
 
     async def abort(self, request_id: str) -> None:

@@ -7,6 +7,11 @@
   live node holds a sequence. The frozen one is then resumed (SIGCONT): it rejoins as a
   fresh node, keeps nothing of the moved sequences, and serves new requests, whose outputs
   are still those of one process.
+* The head is killed mid-stream and started again with its command: within the lease
+  time the stage has freed every block of the old head, joins the new one by itself, and
+  the new head serves requests equal to one process; no stage is restarted. The stage's
+  own /health says 200 throughout (it is healthy), and a request sent to it gets a 503
+  that points to the head.
 * No replica: the only tail node is killed mid-stream; the requests end with an error
   within the failover timeout (an error event in the started streams), new requests get
   a 503 naming the missing layers, and the tail restarted with its command serves again
@@ -28,6 +33,7 @@ import pytest
 
 from molink.engine.offline import LLM
 from molink.transport.channel import NodeClient
+from tests.helpers.server_process import start_process
 from tests.integration.conftest import is_idle
 from tests.integration.pipeline_fixtures import (
     PASSAGE,
@@ -39,6 +45,7 @@ from tests.integration.pipeline_fixtures import (
     complete_all,
     head_health,
     head_metrics,
+    node_command,
     reference_completions,
     running_pipeline,
     stage_health,
@@ -209,6 +216,46 @@ async def test_no_route_left_errors_then_a_restarted_tail_serves(model_and_refer
         got = await complete_all(pipeline.base_url, cases)
         assert_same_completions(got, expected, cases)
         assert head_health(pipeline.base_url)[0] == 200
+
+
+async def test_a_restarted_head_is_served_and_the_old_ones_blocks_are_freed(
+    model_and_reference,
+) -> None:
+    model, cases, expected = model_and_reference
+    args = ("--molink-lease-timeout", str(LEASE_S))
+    with running_pipeline((0, 2, 4), model, extra_args=args) as pipeline:
+        head, tail = pipeline.nodes
+        task = asyncio.ensure_future(_stream_outcomes(pipeline.base_url, cases[:6]))
+        wait = time.monotonic() + KILL_WAIT_S
+        while stage_health(tail).active_sequences == 0 or _sampled(pipeline) < 6:
+            assert not task.done() and time.monotonic() < wait
+            await asyncio.sleep(0.05)
+        head.kill()
+        killed_at = time.monotonic()
+        await asyncio.gather(task, return_exceptions=True)
+        assert httpx.get(f"{tail.base_url}/health", timeout=10).status_code == 200
+        wait_until(lambda: _holds_nothing(tail), LEASE_S + 30, lambda: f"{stage_health(tail)}")
+        assert time.monotonic() - killed_at < LEASE_S + 30
+        # The same command again (same ports): the stage joins it when it comes up.
+        command = node_command(head.server.port, head.grpc_port, 0, 2, model, None, args)
+        pipeline.nodes[0] = Node(start_process(command, head.server.port), head.grpc_port, 0, 2)
+        wait_answering(pipeline.nodes[0])
+        wait_ready(pipeline.base_url, RECOVERY_S)
+        got = await complete_all(pipeline.base_url, cases)
+        assert_same_completions(got, expected, cases)
+        assert httpx.get(f"{tail.base_url}/health", timeout=10).status_code == 200
+        response = httpx.post(
+            f"{tail.base_url}/v1/completions",
+            json={"model": _model_name(pipeline), "prompt": "hi", "max_tokens": 2},
+            timeout=30,
+        )
+        assert response.status_code == 503 and "head" in response.json()["error"]["message"]
+        _wait_all_free(pipeline)
+
+
+def _holds_nothing(node: Node) -> bool:
+    health = stage_health(node)
+    return health.active_sequences == 0 and health.free_kv_blocks == health.total_kv_blocks
 
 
 def _members(pipeline: Pipeline) -> list[str]:
