@@ -66,8 +66,12 @@ def greedy(llm: LLM) -> list[tuple[list[int], list[float]]]:
         ("qwen3_moe", {}),
         # One KV head for two ranks (replicated) and a vocabulary that does not split evenly.
         ("llama", {"num_key_value_heads": 1, "vocab_size": 385}),
+        # q/k norms: per-head LayerNorm weights cut by heads (Cohere); an RMSNorm over all
+        # heads added up across ranks, its one KV head on both (OLMo 2).
+        ("cohere", {}),
+        ("olmo2", {"num_key_value_heads": 1}),
     ],
-    ids=["llama", "qwen3_moe", "llama-kv1-vocab385"],
+    ids=["llama", "qwen3_moe", "llama-kv1-vocab385", "cohere", "olmo2-kv1"],
 )
 def test_two_ranks_equal_one(tiny_model_dir, arch: str, overrides: dict) -> None:
     model = str(tiny_model_dir(arch, **overrides))

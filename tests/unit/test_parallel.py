@@ -117,6 +117,8 @@ def test_start_checks_name_what_cannot_split(tiny_model_dir) -> None:
         check_tensor_parallel(config, 2, "int4")
     assert rank_kv_config(config, 2).num_kv_heads == 1
     assert rank_kv_config(config, 4).num_kv_heads == 1
+    olmo2 = hf_dir_source(tiny_model_dir("olmo2")).model_config
+    check_tensor_parallel(olmo2, 2)  # q/k norms over all heads add up across ranks
     deepseek = hf_dir_source(tiny_model_dir("deepseek_v2")).model_config
     with pytest.raises(InvalidParameterError, match="latent attention"):
         check_tensor_parallel(deepseek, 2)

@@ -49,11 +49,6 @@ class Llama(DecoderArchitecture):
             return "MixtralForCausalLM"
         return None
 
-    def tensor_parallel_refusal(self, config: ModelConfig) -> str | None:
-        if self.qk_norm(config) in ("full", "head_layernorm"):
-            return f"its q/k norms ({self.qk_norm(config)}) span all heads, which ranks split"
-        return None
-
     def qkv_bias(self, config: ModelConfig) -> bool:
         return config.attention_bias
 

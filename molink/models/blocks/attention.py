@@ -12,12 +12,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from molink.errors import InvalidParameterError
 from molink.models.attention import AttentionOptions, paged_attention
 from molink.models.blocks.linear import LinearFactory
 from molink.models.blocks.norms import HeadLayerNorm, RMSNorm
 from molink.models.forward_context import ForwardContext
 from molink.models.parallel.group import ParallelGroup
+from molink.models.parallel.norms import parallel_qk_norms
 from molink.models.parallel.shard import Segment, ShardRule, local_units, segment_rule, split_units
 
 QK_NORMS = (None, "head", "full", "head_layernorm")
@@ -64,11 +64,6 @@ def rank_spec(spec: AttentionSpec, group: ParallelGroup) -> AttentionSpec:
     of the KV heads, or (fewer KV heads than ranks) the one KV head its query heads read."""
     if not group.is_parallel:
         return spec
-    if spec.qk_norm in ("full", "head_layernorm"):
-        raise InvalidParameterError(
-            "tensor_parallel_size",
-            f"{group.size}: q/k norms of kind {spec.qk_norm!r} are not split across ranks",
-        )
     heads = split_units(spec.num_heads, group.size, "attention heads")
     first, last = local_units(spec.num_kv_heads, group.size, group.rank, "key/value heads")
     return replace(spec, num_heads=heads, num_kv_heads=last - first)
@@ -85,8 +80,20 @@ class SelfAttention(nn.Module):
         segments = head_segments(spec)
         self.qkv = factory.column(spec.hidden_size, segments, spec.qkv_bias)
         self.o = factory.row(segments[:1], spec.hidden_size, spec.o_bias)
+        if group.is_parallel and spec.qk_norm in ("full", "head_layernorm"):
+            self.q_norm, self.k_norm = parallel_qk_norms(
+                spec.qk_norm,
+                spec.num_heads,
+                spec.num_kv_heads,
+                spec.head_dim,
+                spec.norm_eps,
+                factory.dtype,
+                factory.device,
+                group,
+            )
+        else:
+            self.q_norm, self.k_norm = _qk_norms(self.spec, factory)
         spec = self.spec
-        self.q_norm, self.k_norm = _qk_norms(spec, factory)
         self.sinks = factory.vector(spec.num_heads) if spec.sinks else None
 
     def shard_rule(self, attr: str) -> ShardRule | None:
