@@ -537,6 +537,12 @@ class PipelineExecutor:
             )
             self._complete(_error_result(key, message, FailureKind.DEADLINE))
 
+    def peer_broke(self, address: str, reason: str) -> None:
+        """HeadRole: the stream to a node broke; whether it is gone, a probe decides."""
+        for stage in self._registry.view().stages:
+            if stage.address == address and stage.node_id != self.head_id:
+                self._suspect(stage.node_id, reason)
+
     def _suspect(self, node_id: str, detail: str) -> None:
         """A step could not reach ``node_id``: no new sequences go there while a probe (in
         the background) decides whether it is gone."""

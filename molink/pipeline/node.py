@@ -64,6 +64,9 @@ class HeadRole(Protocol):
 
     def pipeline_proto(self) -> pb.Pipeline: ...
 
+    def peer_broke(self, address: str, reason: str) -> None:
+        """The stream to the node at ``address`` broke (it may be gone)."""
+
     def route_of_step(self, step_id: int, micro_batch: int) -> Route | None: ...
 
     def deliver_result(
@@ -129,6 +132,7 @@ class StageNode:
             self.config,
             self.report_step_error,
             head_role is not None,
+            on_broken=head_role.peer_broke if head_role is not None else None,
         )
         self.links = LinkTable(
             info.node_id,

@@ -74,12 +74,14 @@ class SenderFactory:
         config: TransportConfig,
         report_error: ReportError,
         is_head: bool,
+        on_broken: Callable[[str, str], None] | None = None,
     ) -> None:
         self._node_id = node_id
         self._wire_dtype = wire_dtype
         self._config = config
         self._report_error = report_error
         self._is_head = is_head
+        self._on_broken = on_broken  # (address, reason) of a Forward stream that broke
 
     def forward(self, address: str, peer: str) -> StreamSender[Any]:
         """A Forward stream to the next stage; ``peer`` names it in error messages."""
@@ -93,6 +95,7 @@ class SenderFactory:
             build=self._build_forward,
             on_failure=lambda item, reason: self._forward_failed(item, peer, reason),
             on_ack=self._forward_acked,
+            on_broken=self._on_broken,
         )
 
     def results(self, address: str, peer: str) -> StreamSender[Any]:

@@ -85,6 +85,7 @@ class StreamSender(Generic[T]):
         on_failure: Callable[[T, str], None],
         on_ack: Callable[[T, Any], None] | None = None,
         observer: DeliveryObserver | None = None,
+        on_broken: Callable[[str, str], None] | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -92,6 +93,9 @@ class StreamSender(Generic[T]):
         self._build = build
         self._on_failure = on_failure
         self._on_ack = on_ack
+        # (address, reason) when the stream breaks with an error, even with nothing pending:
+        # a peer that died after acknowledging everything is noticed at once.
+        self._on_broken = on_broken
         self.observer = observer
         self._cond = threading.Condition()
         self._queued: deque[_Pending[T]] = deque()
@@ -153,12 +157,14 @@ class StreamSender(Generic[T]):
 
     def _stream_once(self, stream: _Stream) -> None:
         reason = f"stream to {self.address} was closed by the peer"
+        broken = False
         try:
             stream.call = self._rpc(self._requests(stream), metadata=call_metadata())
             for ack in stream.call:
                 self._acknowledge(ack)
         except grpc.RpcError as exc:
             reason = f"stream to {self.address} failed: {describe_rpc_error(exc)}"
+            broken = True
         except Exception as exc:  # a callback bug must not kill the sender
             logger.exception("sender %s: unexpected error", self.name)
             reason = f"stream to {self.address} failed: {exc}"
@@ -173,6 +179,11 @@ class StreamSender(Generic[T]):
         if failed:
             logger.warning("%s; %d message(s) not delivered", reason, len(failed))
         self._fail(failed, reason)
+        if broken and self._on_broken is not None:
+            try:
+                self._on_broken(self.address, reason)
+            except Exception:
+                logger.exception("sender %s: the broken-stream callback failed", self.name)
 
     def _requests(self, stream: _Stream) -> Iterator[bytes]:
         while True:

@@ -7,6 +7,8 @@
   live node holds a sequence. The frozen one is then resumed (SIGCONT): it rejoins as a
   fresh node, keeps nothing of the moved sequences, and serves new requests, whose outputs
   are still those of one process.
+* A chain of three spans plus a replica of the middle one: the middle node in use is
+  killed; the same checks (the tail, after the lost node, is freed by a direct release).
 * The head is killed mid-stream and started again with its command: within the lease
   time the stage has freed every block of the old head, joins the new one by itself, and
   the new head serves requests equal to one process; no stage is restarted. The stage's
@@ -156,6 +158,18 @@ async def test_a_lost_replica_is_replayed_with_the_same_outputs(model_and_refere
             for node in replicas:
                 if node.process.poll() is None:
                     node.process.send_signal(signal.SIGCONT)
+
+
+async def test_a_lost_middle_node_is_replayed_through_its_replica(model_and_reference) -> None:
+    model, cases, expected = model_and_reference
+    with running_pipeline((0, 1, 3, 4), model) as pipeline:
+        replica = pipeline.start_stage(1, 3)
+        wait_answering(replica)
+        middles = [pipeline.nodes[1], replica]
+        got, victim = await _run_and_stop(pipeline, middles, cases, signal.SIGKILL)
+        assert_same_completions(got, expected, cases)
+        _assert_failover_counted(pipeline)
+        _wait_all_free(pipeline, victim)
 
 
 async def _resumed_node_rejoins_fresh(

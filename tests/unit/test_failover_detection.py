@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from molink.config import LayerRange
+from molink.dashboard.pipeline_provider import RecoveryCounters
 from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
 from molink.pipeline.toy import ToyStageExecutor, toy_identity
 from molink.pipeline.wire import node_to_proto
@@ -92,6 +93,7 @@ def test_a_frozen_node_is_evicted_at_its_deadline(head: PipelineExecutor) -> Non
         (failure,) = _failures(head)
         assert (failure.node_id, failure.kind, failure.seq_ids) == ("z", FailureKind.DEADLINE, (7,))
         assert head.failovers_total() == 1
+        assert isinstance(head, RecoveryCounters)  # what the dashboard reads
         assert "layers [2, 4) are not served" in (head.readiness() or "")
     finally:
         executor.delay_s = 0.0
