@@ -80,6 +80,8 @@ class LLMEngine:
         if state is None:
             return None
         self.scheduler.abort_request(request_id)
+        for seq_id in state.seq_ids:
+            self._replayed_at.pop(seq_id, None)
         for out in state.outputs:
             if out.finish_reason is None:
                 out.finish_reason = "abort"
@@ -173,6 +175,9 @@ class LLMEngine:
     def _count_replays(self) -> None:
         if self.recovery is None:
             return
+        now_s = time.monotonic()
+        for seq_id in self.scheduler.take_replayed():  # e.g. after a plan failed on its route
+            self._replayed_at.setdefault(seq_id, now_s)
         now = (self.scheduler.num_replayed_sequences, self.scheduler.num_replayed_tokens)
         if now != self._replays_counted:
             sequences, tokens = (a - b for a, b in zip(now, self._replays_counted, strict=True))
@@ -294,6 +299,8 @@ class LLMEngine:
         output = state.snapshot()
         if output.finished:
             self._requests.pop(state.request_id, None)
+            for seq_id in state.seq_ids:
+                self._replayed_at.pop(seq_id, None)
         return output
 
 

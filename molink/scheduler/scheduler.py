@@ -107,6 +107,7 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of those, tokens found in the cache
         self.num_replayed_sequences = 0
         self.num_replayed_tokens = 0  # tokens the replays must compute again
+        self._replayed: list[int] = []  # ids replayed since take_replayed()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -218,6 +219,11 @@ class Scheduler:
             else:
                 self._replay(seq)
         self._prune_running()
+
+    def take_replayed(self) -> list[int]:
+        """The sequences replayed since the last call (to time their recovery)."""
+        replayed, self._replayed = self._replayed, []
+        return replayed
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -486,6 +492,7 @@ class Scheduler:
         if seq.status is not SequenceStatus.RUNNING:
             return
         seq.num_replays += 1
+        self._replayed.append(seq.seq_id)
         self.num_replayed_sequences += 1
         self.num_replayed_tokens += seq.num_tokens
         self.kv.free(seq.seq_id)
