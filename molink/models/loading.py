@@ -17,7 +17,7 @@ from molink.errors import WeightLoadError
 from molink.models.architecture import STACKING_ASSEMBLIES, Binding, DecoderArchitecture
 from molink.models.blocks.linear import GroupedLinearLike, LinearLike, TableLike, copy_matrix
 from molink.models.cpu_linear import prepack
-from molink.models.parallel.reading import read_shards
+from molink.models.parallel.reading import narrow_ranges, read_shards
 from molink.models.parallel.shard import Sharded, ShardRule
 from molink.models.registry import architecture_for
 from molink.progress import track
@@ -79,7 +79,11 @@ def bind(
     module: nn.Module, bindings: list[Binding], tensors: Mapping[str, torch.Tensor], pack: bool
 ) -> None:
     for binding in bindings:
-        parts = _read_parts(module, binding, tensors)
+        rule = shard_rule_at(module, binding.target)
+        # An assembly that moves rows around (GPT-OSS's interleaved experts) is cut after
+        # it runs, from the whole tensors; plain or stacked parts are read in part.
+        cut_after = rule is not None and not _keeps_rows(binding)
+        parts = _read_parts(binding, tensors, None if cut_after else rule)
         what = " + ".join(binding.names)
         try:
             if binding.assemble is not None:
@@ -91,6 +95,9 @@ def bind(
         except RuntimeError as exc:
             raise WeightLoadError(f"tensors {what} do not combine: {exc}") from exc
         target = _resolve(module, binding.target)
+        if cut_after:
+            assert rule is not None
+            value = _cut_assembled(value, rule, isinstance(target, nn.Parameter), what)
         if isinstance(target, nn.Parameter):
             _set_param(target, value, what)
         elif isinstance(target, (LinearLike, GroupedLinearLike)):
@@ -112,19 +119,31 @@ def shard_rule_at(module: nn.Module, path: str) -> ShardRule | None:
     return parent.shard_rule(attr) if isinstance(parent, Sharded) else None
 
 
+def _keeps_rows(binding: Binding) -> bool:
+    return binding.assemble is None or binding.assemble in STACKING_ASSEMBLIES
+
+
 def _read_parts(
-    module: nn.Module, binding: Binding, tensors: Mapping[str, torch.Tensor]
+    binding: Binding, tensors: Mapping[str, torch.Tensor], rule: ShardRule | None
 ) -> list[torch.Tensor]:
     """The binding's checkpoint tensors, or this rank's rows/columns of each."""
-    rule = shard_rule_at(module, binding.target)
     if rule is None:
         return [_get(tensors, name) for name in binding.names]
-    if binding.assemble is not None and binding.assemble not in STACKING_ASSEMBLIES:
-        raise WeightLoadError(
-            f"{binding.target}: tensors {', '.join(binding.names)} are transformed on load "
-            "and cannot be split across tensor-parallel ranks"
-        )
     return read_shards(tensors, binding.names, rule)
+
+
+def _cut_assembled(
+    value: torch.Tensor, rule: ShardRule, is_vector: bool, what: str
+) -> torch.Tensor:
+    """This rank's share of an assembled tensor: the rule cuts each matrix (or vector) of
+    it, which may be stacked per expert in front."""
+    dim = rule.dim + value.dim() - (1 if is_vector else 2)
+    if not 0 <= dim < value.dim() or value.shape[dim] != rule.total:
+        raise WeightLoadError(
+            f"{what}: shape {tuple(value.shape)} does not hold the {rule.total} rows or "
+            "columns split across ranks"
+        )
+    return narrow_ranges(value, dim, rule.pieces(0, rule.total))
 
 
 def _read_table(

@@ -70,8 +70,10 @@ def greedy(llm: LLM) -> list[tuple[list[int], list[float]]]:
         # heads added up across ranks, its one KV head on both (OLMo 2).
         ("cohere", {}),
         ("olmo2", {"num_key_value_heads": 1}),
+        # Experts stored interleaved and transposed: cut after they are rebuilt; sinks.
+        ("gpt_oss", {}),
     ],
-    ids=["llama", "qwen3_moe", "llama-kv1-vocab385", "cohere", "olmo2-kv1"],
+    ids=["llama", "qwen3_moe", "llama-kv1-vocab385", "cohere", "olmo2-kv1", "gpt_oss"],
 )
 def test_two_ranks_equal_one(tiny_model_dir, arch: str, overrides: dict) -> None:
     model = str(tiny_model_dir(arch, **overrides))

@@ -120,9 +120,6 @@ class GptOss(Llama):
         spec = super().attention_spec(config, index)
         return replace(spec, sinks=True)
 
-    def tensor_parallel_refusal(self, config: ModelConfig) -> str | None:
-        return "its experts' interleaved gate/up tensors are not split across ranks"
-
     def mlp_bias(self, config: ModelConfig) -> bool:
         return False
 
