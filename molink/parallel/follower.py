@@ -18,7 +18,7 @@ from molink.errors import MolinkError
 from molink.models.decoder import DecoderSlice
 from molink.models.kv_cache import KVCache
 from molink.models.parallel.check import rank_kv_config
-from molink.models.parallel.group import ParallelGroup
+from molink.models.parallel.group import ParallelGroup, rank_device
 from molink.parallel.commands import CommandChannel, Kind
 from molink.parallel.launch import exit_with_parent, join_group, open_store
 
@@ -75,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from molink.quant.config import resolve_kv_cache_dtype
     from molink.weights import resolve_model_source
 
-    size, device = args.tensor_parallel_size, torch.device(args.device)
+    # The stage's device names rank 0's; CUDA ranks take the devices after it.
+    size, device = args.tensor_parallel_size, rank_device(torch.device(args.device), args.rank)
     store = open_store(args.rank, size, args.port)
     source = resolve_model_source(args.model, quantization="none")
     config = source.model_config

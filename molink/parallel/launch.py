@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from molink.errors import MolinkError
 from molink.models.attention import AttentionMetadata
-from molink.models.parallel.group import IDLE_TIMEOUT, ParallelGroup, backend_for, rank_device
+from molink.models.parallel.group import IDLE_TIMEOUT, ParallelGroup, backend_for
 from molink.parallel.commands import CommandChannel
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def open_store(rank: int, size: int, port: int) -> dist.TCPStore:
 
 
 def join_group(store: dist.Store, rank: int, size: int, device: torch.device) -> ParallelGroup:
-    device = rank_device(device, rank)
+    """Join the stage's group; ``device`` is this rank's own (see ``rank_device``)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(

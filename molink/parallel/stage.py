@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from molink.config import LayerRange
@@ -28,6 +30,10 @@ def load_stage_slice(
     if tensor_parallel_size == 1:
         return source.load_slice(layers, dtype, device, quantization=quantization)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+    # The other ranks follow this rank's device (CUDA: the next devices after it).
+    settings = dataclasses.replace(settings, device=str(device))
     method = resolve_quantization(quantization, source.detected_quantization(), device)
     check_tensor_parallel(source.model_config, tensor_parallel_size, method)
     followers = Followers(tensor_parallel_size, settings)

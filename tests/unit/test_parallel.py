@@ -11,7 +11,7 @@ from molink.config import LayerRange
 from molink.errors import InvalidParameterError, ProtocolError
 from molink.models.attention import AttentionMetadata, SeqChunk
 from molink.models.parallel.check import check_tensor_parallel, rank_kv_config
-from molink.models.parallel.group import ParallelGroup
+from molink.models.parallel.group import ParallelGroup, rank_device
 from molink.models.parallel.reading import read_shards
 from molink.models.parallel.shard import Segment, local_units, segment_rule, vocab_rule
 from molink.parallel.commands import (
@@ -22,6 +22,8 @@ from molink.parallel.commands import (
     decode_chunks,
     encode_chunks,
 )
+from molink.parallel.follower import parse_args as parse_follower_args
+from molink.parallel.launch import FollowerSettings
 from molink.weights.hf_dir import hf_dir_source
 
 
@@ -122,3 +124,33 @@ def test_start_checks_name_what_cannot_split(tiny_model_dir) -> None:
     deepseek = hf_dir_source(tiny_model_dir("deepseek_v2")).model_config
     with pytest.raises(InvalidParameterError, match="latent attention"):
         check_tensor_parallel(deepseek, 2)
+
+
+def test_follower_command_line_carries_every_setting() -> None:
+    settings = FollowerSettings(
+        model="/models/m",
+        start_layer=2,
+        end_layer=6,
+        dtype="bfloat16",
+        kv_cache_dtype="auto",
+        num_blocks=77,
+        block_size=16,
+        device="cuda:1",
+        num_threads=3,
+    )
+    argv = settings.argv(rank=1, size=2, port=4321)
+    assert argv[1:3] == ["-m", "molink.parallel.follower"]
+    args = parse_follower_args(argv[3:])
+    assert (args.rank, args.tensor_parallel_size, args.port) == (1, 2, 4321)
+    assert (args.model, args.start_layer, args.end_layer) == ("/models/m", 2, 6)
+    assert (args.dtype, args.num_blocks, args.device, args.num_threads) == (
+        "bfloat16",
+        77,
+        "cuda:1",
+        3,
+    )
+
+
+def test_cuda_ranks_take_the_devices_after_the_stage_device() -> None:
+    assert rank_device(torch.device("cuda", 1), 2) == torch.device("cuda", 3)
+    assert rank_device(torch.device("cpu"), 1) == torch.device("cpu")
