@@ -129,6 +129,9 @@ class EngineArgs:
     molink_lease_timeout: float = 10.0
     molink_swarm_key: str | None = field(default=None, repr=False)
     molink_swarm_key_file: str | None = None
+    molink_verify_fraction: float = (
+        0.0  # spot checks at the head (molink.pipeline.head_spot_checks)
+    )
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
     # vLLM's serving flags, so that a vLLM command line starts this server unchanged.

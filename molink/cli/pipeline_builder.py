@@ -169,7 +169,14 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
         directory, info = start_directory(info, args.molink_initial_peer, host, transport)
     if info.layers.start != 0:
         return _start_stage(args, source, worker, info, dtype, bind, transport, directory)
-    head = PipelineExecutor(worker, info, transport, bind_address=bind, input_dtype=dtype)
+    head = PipelineExecutor(
+        worker,
+        info,
+        transport,
+        bind_address=bind,
+        input_dtype=dtype,
+        verify_fraction=args.molink_verify_fraction,
+    )
     head.start()
     if directory is not None:
         watch_and_announce_head(head, directory, args.molink_dht_ttl)

@@ -19,6 +19,7 @@ class SecurityArgs(Protocol):
     molink_swarm_key_file: str | None
     ssl_keyfile: str | None
     ssl_certfile: str | None
+    molink_verify_fraction: float
 
 
 def swarm_key_of(args: SecurityArgs) -> SwarmKey | None:
@@ -35,6 +36,9 @@ def validate_security_args(args: SecurityArgs) -> None:
             if getattr(args, name) is not None:
                 raise InvalidParameterError(name, "a swarm key needs --molink-enabled")
     swarm_key_of(args)  # raises, naming the flag, on a malformed key or an unreadable file
+    fraction = args.molink_verify_fraction
+    if not (isinstance(fraction, float | int) and 0.0 <= fraction <= 1.0):
+        raise InvalidParameterError("molink_verify_fraction", f"{fraction} must be in [0, 1]")
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         missing = "ssl_certfile" if args.ssl_certfile is None else "ssl_keyfile"
         raise InvalidParameterError(missing, "HTTPS needs both --ssl-keyfile and --ssl-certfile")
@@ -73,4 +77,14 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the certificate (chain) for --ssl-keyfile (default: none)",
     )
-    add_swarm_key_args(parser.add_argument_group("MoLink swarm membership"))
+    group = parser.add_argument_group("MoLink swarm membership")
+    add_swarm_key_args(group)
+    group.add_argument(
+        "--molink-verify-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="spot checks (head): this fraction of sequences, chosen at random, also runs on "
+        "other replicas of a span of its route; a node outvoted by two replicas is banned "
+        "from routes (default: %(default)s, no checks)",
+    )

@@ -37,10 +37,13 @@ from molink.errors import PipelineError
 from molink.pipeline.deadlines import DeadlinePolicy, StepClock, StepDeadlines
 from molink.pipeline.failover import FailoverDesk
 from molink.pipeline.head_metrics import HopCounters, PipelineMetrics, swarm_metric_lines
+from molink.pipeline.head_spot_checks import HeadSpotChecks
 from molink.pipeline.head_telemetry import HeadTelemetry, fill_pipeline_proto, metric_lines
 from molink.pipeline.health import HealthMonitor
 from molink.pipeline.identity import NodeInfo
+from molink.pipeline.mirroring import is_shadow
 from molink.pipeline.node import StageNode
+from molink.pipeline.outbound import OutboundRelease
 from molink.pipeline.registry import JoinRefusedError, PipelineView, RecordTimes, StageRegistry
 from molink.pipeline.route_book import RouteBook
 from molink.pipeline.swarm_view import SwarmView
@@ -48,6 +51,7 @@ from molink.pipeline.wire import node_from_proto, view_to_proto
 from molink.pipeline.worker import ReleaseJob, StepJob
 from molink.placement.route import Route
 from molink.placement.router import best_route
+from molink.security.spot_check import tolerance_for
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepPlan, StepResult
 from molink.transport.config import TransportConfig
@@ -70,6 +74,7 @@ class PipelineExecutor:
         *,
         bind_address: str | None = None,
         input_dtype: torch.dtype | None = None,
+        verify_fraction: float = 0.0,
     ) -> None:
         if info.layers.start != 0:
             raise PipelineError(f"the head must hold layer 0, not {info.layers.start}")
@@ -122,6 +127,9 @@ class PipelineExecutor:
             target=self._deadline_loop, name="head-deadlines", daemon=True
         )
         self._started = False
+        # Spot checks (--molink-verify-fraction): compared within the dtypes' rounding.
+        tolerance = tolerance_for(input_dtype or torch.float32, info.dtype, info.wire_dtype)
+        self._spot = HeadSpotChecks(verify_fraction, tolerance) if verify_fraction > 0 else None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -187,7 +195,8 @@ class PipelineExecutor:
             self._in_flight[key] = self._deadlines.clock_for(route, plan.num_tokens, ahead)
             self._step_tokens[key] = (plan.num_tokens, _is_decode_only(plan))
             self._step_routes[key] = route
-        job = StepJob(self.head_id, route, plan, None, trusted=True)
+        mirror = self._spot.plan(plan, route, self._registry.view().stages) if self._spot else None
+        job = StepJob(self.head_id, route, plan, None, trusted=True, mirror=mirror)
         try:
             self._node.submit(job)
         except PipelineError as exc:
@@ -225,6 +234,10 @@ class PipelineExecutor:
             self._node.submit(ReleaseJob(self.head_id, None, local, propagate=False))
         for route, ids in groups.values():
             self._node.submit(ReleaseJob(self.head_id, route, tuple(ids), propagate=True))
+        for route, shadows in self._spot.release(seq_ids) if self._spot else []:
+            hop = route.hops[1]  # the head holds no shadow: they start at the next node
+            sender = self._node.links.forward_to(hop.address, hop.node_id)
+            sender.put(OutboundRelease(self.head_id, route, shadows))
 
     def _release_elsewhere(self, plan: StepPlan, route: Route) -> StepPlan:
         """Finished sequences of other routes are released along their own routes; the
@@ -325,6 +338,7 @@ class PipelineExecutor:
             *self.metrics().metric_lines(),
             *self._failover.stats.metric_lines(),
             *swarm_metric_lines(self._registry.view(), self.routes.route_choices_snapshot()),
+            *(self._spot.metric_lines() if self._spot else []),
         ]
 
     # -- HeadRole (called by the node's servicer) ------------------------------------------
@@ -354,6 +368,9 @@ class PipelineExecutor:
     def _join(self, node: NodeInfo) -> PipelineView:
         """Admit ``node``. Nodes already serving its layers that no longer answer are
         dropped now (a replacement often arrives before the health monitor notices)."""
+        banned = self._spot.bans.reason(node.node_id) if self._spot else None
+        if banned:
+            raise JoinRefusedError(f"node {node.node_id} is banned: {banned}")
         fresh = self._registry.view().stage(node.node_id) is None
         view = self._registry.join(node)
         if fresh:
@@ -419,16 +436,35 @@ class PipelineExecutor:
         self._closers.append(close)
 
     def route_of_step(self, step_id: int, micro_batch: int) -> Route | None:
+        if self._spot is not None and is_shadow(step_id):
+            return self._spot.route_of(step_id, micro_batch)
         with self._lock:
             return self._step_routes.get((step_id, micro_batch))
 
     def pipeline_proto(self) -> pb.Pipeline:
         message = view_to_proto(self._registry.view())
         message.readiness = self.readiness() or ""
+        for ban in self._spot.bans.snapshot() if self._spot else []:
+            message.banned.add(node_id=ban.node_id, reason=ban.reason, banned_at=ban.at)
         fill_pipeline_proto(self, self.head_id, message)
         return message
 
     def deliver_result(
+        self, result: StepResult, trace: list[pb.HopTrace], sender_id: str, num_bytes: int
+    ) -> None:
+        if self._spot is None:
+            self._deliver(result, trace, sender_id, num_bytes)
+            return
+        # Checked steps wait for their re-runs; bans apply once the step is handed on.
+        ready = self._spot.arrive(result)
+        if ready and not is_shadow(result.step_id):
+            self._deliver(ready[0], trace, sender_id, num_bytes)
+        else:
+            for done in ready:
+                self._complete(done)
+        self._drop_banned()
+
+    def _deliver(
         self, result: StepResult, trace: list[pb.HopTrace], sender_id: str, num_bytes: int
     ) -> None:
         if result.failure_kind is FailureKind.KV_FULL and result.failed_node_id:
@@ -446,6 +482,13 @@ class PipelineExecutor:
         self._complete(dataclasses.replace(result, stage_timings=timings))
 
     # -- internals -------------------------------------------------------------------------
+
+    def _drop_banned(self) -> None:
+        """Nodes the spot checks convicted leave the routes; their steps in flight fail."""
+        for ban in self._spot.bans.snapshot() if self._spot else []:
+            stage = self._registry.view().stage(ban.node_id)
+            if stage is not None:
+                self._stage_down(stage, f"banned: {ban.reason}")
 
     def _complete(self, result: StepResult) -> None:
         """Hand a step's outcome to poll() once; late or duplicate outcomes are dropped."""

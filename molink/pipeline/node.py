@@ -447,6 +447,18 @@ class StageNode:
             return
         sender = self.links.forward_to(next_hop.address, next_hop.node_id)
         sender.put(OutboundStep(job.head_id, job.route, job.plan, out.output, out.trace))
+        if job.mirror is not None:
+            self._send_mirror(job, out.output, out.trace)
+
+    def _send_mirror(self, job: StepJob, output: torch.Tensor, trace: list) -> None:
+        """The head's spot checks: the checked sequences' rows go along the check routes."""
+        for part in job.mirror.parts:
+            hop = part.route.next_after(self.node_id)
+            if hop is None:
+                continue
+            rows = output[torch.tensor(part.rows, dtype=torch.long)]
+            sender = self.links.forward_to(hop.address, hop.node_id)
+            sender.put(OutboundStep(job.head_id, part.route, part.plan, rows, list(trace)))
 
     def _on_release(self, job: ReleaseJob) -> None:
         if not job.propagate or job.route is None:

@@ -49,6 +49,7 @@ def pipeline_status(address: str, config: TransportConfig | None = None) -> str:
     rows = [_stage_row(stage, config) for stage in pipeline.stages]
     lines.append(format_table(_COLUMNS, rows))
     lines += _measurements(pipeline)
+    lines += [f"banned by spot checks: node {b.node_id}: {b.reason}" for b in pipeline.banned]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepPlan, StepResult
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.validate import check_known_sequences
+
+if TYPE_CHECKING:
+    from molink.pipeline.head_spot_checks import Mirror
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ class StepJob:
     bytes_received: int = 0
     received_at: float = field(default_factory=time.monotonic)
     trusted: bool = False
+    # The head's spot checks: rows of the output to send along a check route as well
+    # (molink.pipeline.head_spot_checks.Mirror).
+    mirror: Mirror | None = None
 
 
 @dataclass

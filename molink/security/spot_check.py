@@ -139,6 +139,9 @@ class SpotChecker:
     def should_check(self) -> bool:
         return self.fraction > 0 and self._rng.random() < self.fraction
 
+    def pick_index(self, count: int) -> int:
+        return self._rng.randrange(count)
+
     def second_replica(self, node_id: str, replicas: Sequence[str]) -> str | None:
         """Another replica of ``node_id``'s span to re-run on (None: there is none)."""
         bans = self.verdicts.bans

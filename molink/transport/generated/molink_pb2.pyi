@@ -117,7 +117,7 @@ class JoinRequest(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., credentials: _Optional[_Union[Credentials, _Mapping]] = ...) -> None: ...
 
 class Pipeline(_message.Message):
-    __slots__ = ("head_id", "head_address", "epoch", "stages", "num_layers", "missing", "readiness", "links", "timings", "hidden_bytes_per_token")
+    __slots__ = ("head_id", "head_address", "epoch", "stages", "num_layers", "missing", "readiness", "links", "timings", "hidden_bytes_per_token", "banned")
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     HEAD_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class Pipeline(_message.Message):
     LINKS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BANNED_FIELD_NUMBER: _ClassVar[int]
     head_id: str
     head_address: str
     epoch: int
@@ -138,7 +139,18 @@ class Pipeline(_message.Message):
     links: _containers.RepeatedCompositeFieldContainer[LinkReport]
     timings: _containers.RepeatedCompositeFieldContainer[StageTimingReport]
     hidden_bytes_per_token: int
-    def __init__(self, head_id: _Optional[str] = ..., head_address: _Optional[str] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., missing: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., readiness: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTimingReport, _Mapping]]] = ..., hidden_bytes_per_token: _Optional[int] = ...) -> None: ...
+    banned: _containers.RepeatedCompositeFieldContainer[BannedNode]
+    def __init__(self, head_id: _Optional[str] = ..., head_address: _Optional[str] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., num_layers: _Optional[int] = ..., missing: _Optional[_Iterable[_Union[LayerSpan, _Mapping]]] = ..., readiness: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTimingReport, _Mapping]]] = ..., hidden_bytes_per_token: _Optional[int] = ..., banned: _Optional[_Iterable[_Union[BannedNode, _Mapping]]] = ...) -> None: ...
+
+class BannedNode(_message.Message):
+    __slots__ = ("node_id", "reason", "banned_at")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BANNED_AT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    reason: str
+    banned_at: float
+    def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ..., banned_at: _Optional[float] = ...) -> None: ...
 
 class LinkReport(_message.Message):
     __slots__ = ("head_id", "from_node_id", "to_node_id", "bandwidth_bytes_per_s", "rtt_s", "samples")

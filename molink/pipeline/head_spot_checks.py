@@ -1,0 +1,158 @@
+"""The head's spot checks (``--molink-verify-fraction F``): which sequences it mirrors,
+where, and what their results prove.
+
+A sequence is chosen with probability F when it starts (or restarts) on a route; from then
+on every step of it is also computed on that route's check routes (molink.pipeline.mirroring
+says why whole sequences and not single steps: stages keep KV). A check route swaps one hop
+for another replica of its span; there are two where the span has three replicas, so that
+every checked step gets three answers and a majority can name a liar (with two, a
+disagreement is logged and counted, and nobody can be banned). All checked sequences of
+one route share its check routes, which keeps one mirrored plan per check route and step. Their results are compared as they arrive; a ban proven
+by the comparisons (molink.security.bans) is handed to the head, which drops the node and
+refuses it from then on. A check route that fails (its node left, its KV is full) ends the
+mirroring of its sequences; it never fails a user's step.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from molink.pipeline.identity import NodeInfo
+from molink.pipeline.mirroring import (
+    MAX_CHECK_ROUTES,
+    PendingChecks,
+    check_route,
+    is_shadow,
+    mirror_plan,
+    shadow_id,
+)
+from molink.placement.route import Route
+from molink.security.bans import BanList, Verdicts
+from molink.security.spot_check import SpotChecker, Tolerance
+from molink.step import StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MirrorPart:
+    route: Route
+    plan: StepPlan
+    rows: list[int]
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """What the head sends besides a step: for each check route, its ``plan`` with the
+    hidden-state ``rows`` of the checked sequences."""
+
+    parts: tuple[MirrorPart, ...]
+
+
+@dataclass(frozen=True)
+class _CheckRoute:
+    route: Route
+    primary_node: str  # the hop the check route swaps, and its replica
+    check_node: str
+
+
+class HeadSpotChecks:
+    def __init__(
+        self, fraction: float, tolerance: Tolerance, rng: random.Random | None = None
+    ) -> None:
+        self.bans = BanList()
+        self.checker = SpotChecker(fraction, Verdicts(self.bans), tolerance, rng)
+        self._pending = PendingChecks(self.checker)
+        self._lock = threading.Lock()
+        self._by_route: dict[str, list[_CheckRoute]] = {}  # primary route key -> check routes
+        self._mirrored: dict[int, tuple[str, bool]] = {}  # seq -> (primary key, deterministic)
+        self._shadow_routes: dict[tuple[int, int], Route] = {}
+
+    def plan(self, plan: StepPlan, route: Route, nodes: Sequence[NodeInfo]) -> Mirror | None:
+        """Choose new sequences to check, and the mirror of ``plan`` (None: none checked)."""
+        with self._lock:
+            for new in plan.new_sequences:
+                self._mirrored.pop(new.seq_id, None)
+                if self.checker.should_check() and self._check_routes(route, nodes):
+                    deterministic = new.sampling.is_greedy or new.sampling.seed is not None
+                    self._mirrored[new.seq_id] = (route.key, deterministic)
+            named = [s.seq_id for s in plan.scheduled] + list(plan.finished_seq_ids)
+            ids = frozenset(s for s in named if self._mirrored.get(s, ("", False))[0] == route.key)
+            deterministic = frozenset(s for s in ids if self._mirrored[s][1])
+            for seq_id in plan.finished_seq_ids:
+                self._mirrored.pop(seq_id, None)
+            checks = self._by_route.get(route.key, [])
+            if any(self.bans.reason(c.check_node) for c in checks):
+                checks = []  # a check node was banned: its sequences are checked no more
+            parts = []
+            for group, check in enumerate(checks):
+                mirrored = mirror_plan(plan, ids, group)
+                if mirrored is not None:
+                    parts.append(MirrorPart(check.route, *mirrored))
+                    key = (mirrored[0].step_id, plan.micro_batch)
+                    self._shadow_routes[key] = check.route
+        if not parts:
+            return None
+        if any(p.plan.scheduled for p in parts):
+            check_nodes = {g: c.check_node for g, c in enumerate(checks)}
+            self._pending.expect(plan, checks[0].primary_node, check_nodes, deterministic)
+        return Mirror(tuple(parts))
+
+    def _check_routes(self, route: Route, nodes: Sequence[NodeInfo]) -> list[_CheckRoute]:
+        current = self._by_route.get(route.key, [])
+        if current and not any(self.bans.reason(c.check_node) for c in current):
+            return current
+        checks: list[_CheckRoute] = []
+        for _ in range(MAX_CHECK_ROUTES):
+            exclude = frozenset(c.check_node for c in checks)
+            swap = checks[0].primary_node if checks else None
+            found = check_route(route, nodes, self.checker, exclude, swap)
+            if found is None:
+                break
+            checks.append(_CheckRoute(*found))
+        self._by_route[route.key] = checks
+        return checks
+
+    def route_of(self, step_id: int, micro_batch: int) -> Route | None:
+        with self._lock:
+            return self._shadow_routes.get((step_id, micro_batch))
+
+    def arrive(self, result: StepResult) -> list[StepResult]:
+        """Every result the head receives passes here; returns the (primary) results to
+        hand on now (molink.pipeline.mirroring.PendingChecks.arrive)."""
+        if is_shadow(result.step_id):
+            with self._lock:
+                route = self._shadow_routes.pop((result.step_id, result.micro_batch), None)
+            if result.error and route is not None:
+                self._end_mirrors(route, result.error)
+        return self._pending.arrive(result)
+
+    def _end_mirrors(self, check: Route, error: str) -> None:
+        with self._lock:
+            keys = [k for k, cs in self._by_route.items() if any(c.route == check for c in cs)]
+            for key in keys:
+                del self._by_route[key]
+            for seq_id, (key, _) in list(self._mirrored.items()):
+                if key in keys:
+                    del self._mirrored[seq_id]
+        logger.warning("spot checks stop on check route %s: %s", check.key, error)
+
+    def release(self, seq_ids: Sequence[int]) -> list[tuple[Route, tuple[int, ...]]]:
+        """The shadows to free, by check route, of sequences the head releases."""
+        groups: dict[str, tuple[Route, list[int]]] = {}
+        with self._lock:
+            for seq_id in seq_ids:
+                mirrored = self._mirrored.pop(seq_id, None)
+                checks = self._by_route.get(mirrored[0], []) if mirrored else []
+                for group, check in enumerate(checks):
+                    groups.setdefault(check.route.key, (check.route, []))[1].append(
+                        shadow_id(seq_id, group)
+                    )
+        return [(route, tuple(ids)) for route, ids in groups.values()]
+
+    def metric_lines(self) -> list[str]:
+        return self.bans.metric_lines()

@@ -1,0 +1,170 @@
+"""Spot checks in a running pipeline (head and stages as threads of this process, members
+of one swarm, toy executors): with F = 1 every sequence also runs on the two other replicas
+of its span; a replica that perturbs its hidden states slightly, or one that returns wrong
+tokens, is banned after its first checked step, dropped from the routes, refused when it
+comes back, and shown in the metrics; every token the head hands on is the honest one."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from molink.cli.args import add_engine_args
+from molink.cli.main import parse_engine_args
+from molink.config import LayerRange
+from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
+from molink.pipeline.status import pipeline_status
+from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
+from molink.sampling_params import SamplingParams
+from molink.security.credentials import SwarmCredentials
+from molink.security.swarm_key import generate_swarm_key
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.transport.config import TransportConfig
+
+# A vocabulary that divides the shadow id offsets: the toy's tokens depend on sequence ids.
+MODEL = toy_identity(4, vocab_size=1024)
+KEY = generate_swarm_key()
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class SwitchableExecutor(ToyStageExecutor):
+    """Honest until told to lie: ``lie`` perturbs the hidden states by 0.6 (the least that
+    changes a toy token: the head sees the last stage's tokens, so a perturbation is caught
+    when it changes one) or returns the next token instead of the computed one."""
+
+    lie: str | None = None
+
+    def execute(self, plan, hidden, head_id=""):
+        out = super().execute(plan, hidden, head_id)
+        if self.lie == "perturbed-hidden-states":
+            return out + 0.6
+        if self.lie == "wrong-tokens":
+            sampled = tuple(dataclasses.replace(s, token_id=s.token_id + 1) for s in out.sampled)
+            return dataclasses.replace(out, sampled=sampled)
+        return out
+
+
+def _member() -> TransportConfig:
+    return TransportConfig(
+        step_timeout_s=10.0, rpc_timeout_s=3.0, security=SwarmCredentials.from_key(KEY)
+    )
+
+
+def _info(config: TransportConfig, start: int, end: int) -> NodeInfo:
+    return NodeInfo(config.security.node_id, MODEL, LayerRange(start, end), "127.0.0.1:0")
+
+
+@dataclasses.dataclass
+class Swarm:
+    head: PipelineExecutor
+    liar: StageNode
+    nodes: list[StageNode]
+
+
+@pytest.fixture(
+    params=[
+        ("perturbed-hidden-states", "primary"),
+        ("perturbed-hidden-states", "check"),
+        ("wrong-tokens", "primary"),
+        ("wrong-tokens", "check"),
+    ],
+    ids=lambda p: "-".join(p),
+)
+def swarm(request) -> Iterator[Swarm]:
+    """head [0, 1); three replicas of the lying span ([1, 2) for perturbed hidden states,
+    [2, 4) for wrong tokens), the other span served once. The liar is the replica new
+    sequences are routed to ("primary") or another one (it then answers checks only)."""
+    lie, role = request.param
+    lying_span = (1, 2) if lie == "perturbed-hidden-states" else (2, 4)
+    config = _member()
+    head = PipelineExecutor(
+        ToyStageExecutor(LayerRange(0, 1), MODEL), _info(config, 0, 1), config, verify_fraction=1.0
+    ).start()
+    nodes: list[StageNode] = []
+    executors: dict[str, SwitchableExecutor] = {}
+    try:
+        for start, end in ((1, 2), (2, 4)):
+            for _ in range(3 if (start, end) == lying_span else 1):
+                node_config = _member()
+                executor = SwitchableExecutor(LayerRange(start, end), MODEL)
+                info = _info(node_config, start, end)
+                nodes.append(StageNode(executor, info, node_config, initial_peer=head.address))
+                nodes[-1].start()
+                executors[info.node_id] = executor
+        assert _wait(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
+        routed = {n.node_id for n in head.route_nodes()}
+        replicas = [n for n in nodes if (n.info.layers.start, n.info.layers.end) == lying_span]
+        liar = next(n for n in replicas if (n.node_id in routed) == (role == "primary"))
+        executors[liar.node_id].lie = lie
+        yield Swarm(head, liar, nodes)
+    finally:
+        for node in nodes:
+            node.stop()
+        head.close()
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def _one(head: PipelineExecutor, timeout: float = 10.0) -> StepResult:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results = head.poll(0.1)
+        if results:
+            return results[0]
+    raise AssertionError("no result came back")
+
+
+def test_a_liar_is_banned_and_only_honest_tokens_reach_the_engine(swarm: Swarm) -> None:
+    head, liar = swarm.head, swarm.liar
+    tokens = (5, 6, 7)
+    step = 0
+    for seq_id in range(1, 4):  # a few sequences, each a prompt and two decode steps
+        plan = StepPlan(
+            step,
+            (ScheduledSequence(seq_id, 0, len(tokens), (seq_id,), True),),
+            tokens,
+            (NewSequenceData(seq_id, tokens, len(tokens), GREEDY),),
+        )
+        last, done = tokens[-1], len(tokens)
+        for _ in range(3):
+            head.submit(plan)
+            result = _one(head)
+            step += 1
+            if result.error is not None:  # its route ran through the liar, now banned
+                assert "banned" in result.error
+                break
+            token = result.sampled[0].token_id
+            assert token == expected_token(last, seq_id, 4, 1024)  # never the liar's
+            last, done = token, done + 1
+            plan = StepPlan(step, (ScheduledSequence(seq_id, done - 1, 1, (), True),), (token,))
+        head.release([seq_id])
+    reason = head._spot.bans.reason(liar.node_id)
+    assert reason is not None and "disagreed with replicas" in reason
+    assert [b.node_id for b in head._spot.bans.snapshot()] == [liar.node_id]
+    assert head.pipeline().stage(liar.node_id) is None
+    assert "is banned" in head.admit_discovered(liar.info)  # its record is ignored from now on
+    status = pipeline_status(head.address, _member())
+    assert f"banned by spot checks: node {liar.node_id}: spot check: disagreed" in status
+    metrics = "\n".join(head.metric_lines())
+    assert f'molink_node_banned{{node="{liar.node_id}"' in metrics
+    assert "molink_banned_nodes 1" in metrics
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
+def test_the_verify_fraction_flag_names_its_range(value: str, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    command = f"--model m --molink-enabled --molink-verify-fraction {value}"
+    with pytest.raises(SystemExit):
+        parse_engine_args(parser, parser.parse_args(shlex.split(command)))
+    assert f"--molink-verify-fraction: {value} must be in [0, 1]" in capsys.readouterr().err
