@@ -484,11 +484,11 @@ class PipelineExecutor:
     # -- internals -------------------------------------------------------------------------
 
     def _drop_banned(self) -> None:
-        """Nodes the spot checks convicted leave the routes; their steps in flight fail."""
+        """Nodes the spot checks convicted leave the routes; the sequences whose KV they
+        held are replayed on other routes (evict_node)."""
         for ban in self._spot.bans.snapshot() if self._spot else []:
-            stage = self._registry.view().stage(ban.node_id)
-            if stage is not None:
-                self._stage_down(stage, f"banned: {ban.reason}")
+            if self._registry.view().stage(ban.node_id) is not None:
+                self.evict_node(ban.node_id, f"banned: {ban.reason}")
 
     def _complete(self, result: StepResult) -> None:
         """Hand a step's outcome to poll() once; late or duplicate outcomes are dropped."""
@@ -618,6 +618,8 @@ class PipelineExecutor:
         # sender that closing its stream gives.
         self._fail_in_flight(f"{reason}; the step was lost", through=stage.node_id, kind=kind)
         self._failover.node_lost(stage, kind, detail, self.routes.evict(stage.node_id))
+        for held in self._spot.node_down(stage.node_id) if self._spot else []:
+            self._complete(held)  # its re-runs will not come: hand the step on unverified
         self._node.links.drop_peer(stage.address)
         self._apply_view(self._registry.view())
 

@@ -141,6 +141,17 @@ class HeadSpotChecks:
                     del self._mirrored[seq_id]
         logger.warning("spot checks stop on check route %s: %s", check.key, error)
 
+    def node_down(self, node_id: str) -> list[StepResult]:
+        """``node_id`` left the routes: its check routes end; returns the primary results
+        that were waiting for its answers, to hand on now."""
+        with self._lock:
+            routes = [
+                c.route for cs in self._by_route.values() for c in cs if c.route.contains(node_id)
+            ]
+        for route in routes:
+            self._end_mirrors(route, f"node {node_id} left")
+        return self._pending.drop_node(node_id)
+
     def release(self, seq_ids: Sequence[int]) -> list[tuple[Route, tuple[int, ...]]]:
         """The shadows to free, by check route, of sequences the head releases."""
         groups: dict[str, tuple[Route, list[int]]] = {}

@@ -186,6 +186,18 @@ class PendingChecks:
             return _with_tokens(primary, checks[0])  # two re-runs outvote the primary
         return primary
 
+    def drop_node(self, node_id: str) -> list[StepResult]:
+        """``node_id`` left: its re-runs will not come. Primary results held for them are
+        handed on unverified; steps whose primary is still out are checked no more."""
+        released = []
+        with self._lock:
+            for key, pending in list(self._pending.items()):
+                if node_id in pending.check_nodes.values() or node_id == pending.primary_node:
+                    del self._pending[key]
+                    if -1 in pending.results:
+                        released.append(pending.results[-1])
+        return released
+
     def forget(self, step_id: int, micro_batch: int) -> None:
         with self._lock:
             self._pending.pop(

@@ -22,7 +22,7 @@ from molink.placement.route import Route, RouteHop
 from molink.sampling_params import SamplingParams
 from molink.security.bans import BanList, Verdicts
 from molink.security.spot_check import SpotChecker, tolerance_for
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.step import NewSequenceData, SampledToken, ScheduledSequence, StepPlan, StepResult
 
 # A vocabulary that divides SHADOW_OFFSET: the toy's tokens depend on the sequence id.
 MODEL = toy_identity(3, vocab_size=1024)
@@ -129,3 +129,14 @@ def test_three_answers_per_step_convict_a_liar_in_any_arrival_order() -> None:
             break
     assert step == 0  # three answers to one step are enough
     assert [b.node_id for b in bans.snapshot()] == ["liar"]
+
+
+def test_a_primary_waiting_for_a_check_node_that_left_is_handed_on() -> None:
+    pending = PendingChecks(_checker())
+    plan = StepPlan(3, (ScheduledSequence(4, 0, 1, (), True),), (9,))
+    pending.expect(plan, "a", {0: "b", 1: "c"}, frozenset({4}))
+    primary = StepResult(3, (SampledToken(4, 17),))
+    assert pending.arrive(primary) == []
+    assert pending.drop_node("c") == [primary]
+    assert pending.arrive(StepResult(3 + SHADOW_OFFSET)) == []  # a late re-run is dropped
+    assert pending.arrive(StepResult(4)) == [StepResult(4)]  # unchecked steps pass at once
