@@ -1,8 +1,9 @@
 """Spot checks in a running pipeline (head and stages as threads of this process, members
 of one swarm, toy executors): with F = 1 every sequence also runs on the two other replicas
-of its span; a replica that perturbs its hidden states slightly, or one that returns wrong
-tokens, is banned after its first checked step, dropped from the routes, refused when it
-comes back, and shown in the metrics; every token the head hands on is the honest one."""
+of its span; a replica that perturbs its hidden states, or one that returns wrong tokens,
+whether it is the sequences' primary or a check, is banned after its first checked step,
+evicted (its sequences are replayed), refused when it comes back, and shown in the metrics
+and the status; every user gets what one process gives."""
 
 from __future__ import annotations
 
@@ -124,30 +125,51 @@ def _one(head: PipelineExecutor, timeout: float = 10.0) -> StepResult:
     raise AssertionError("no result came back")
 
 
-def test_a_liar_is_banned_and_only_honest_tokens_reach_the_engine(swarm: Swarm) -> None:
+def _prefill(step: int, seq_id: int, history: tuple[int, ...], prompt_len: int) -> StepPlan:
+    """A sequence's first step, or its replay with every token it has (as the engine does)."""
+    return StepPlan(
+        step,
+        (ScheduledSequence(seq_id, 0, len(history), (seq_id,), True),),
+        history,
+        (NewSequenceData(seq_id, history, prompt_len, GREEDY),),
+    )
+
+
+def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> None:
+    """Like the engine: each sequence generates 3 tokens; a sequence whose route lost a
+    node is replayed from all its tokens (the head's take_failures)."""
     head, liar = swarm.head, swarm.liar
-    tokens = (5, 6, 7)
+    prompt = (5, 6, 7)
     step = 0
-    for seq_id in range(1, 4):  # a few sequences, each a prompt and two decode steps
-        plan = StepPlan(
-            step,
-            (ScheduledSequence(seq_id, 0, len(tokens), (seq_id,), True),),
-            tokens,
-            (NewSequenceData(seq_id, tokens, len(tokens), GREEDY),),
-        )
-        last, done = tokens[-1], len(tokens)
-        for _ in range(3):
+    outputs: dict[int, list[int]] = {}
+    for seq_id in range(1, 4):
+        history = prompt
+        outputs[seq_id] = []
+        plan = _prefill(step, seq_id, history, len(prompt))
+        for _ in range(8):  # 3 tokens, and room for one replay
             head.submit(plan)
             result = _one(head)
             step += 1
-            if result.error is not None:  # its route ran through the liar, now banned
-                assert "banned" in result.error
-                break
+            if result.error is not None:  # its route went through the liar, now banned
+                failures = head.take_failures()
+                assert any(seq_id in f.seq_ids and "banned" in f.detail for f in failures)
+                plan = _prefill(step, seq_id, history, len(prompt))
+                continue
             token = result.sampled[0].token_id
-            assert token == expected_token(last, seq_id, 4, 1024)  # never the liar's
-            last, done = token, done + 1
-            plan = StepPlan(step, (ScheduledSequence(seq_id, done - 1, 1, (), True),), (token,))
+            outputs[seq_id].append(token)
+            history += (token,)
+            if len(outputs[seq_id]) == 3:
+                break
+            plan = StepPlan(
+                step, (ScheduledSequence(seq_id, len(history) - 1, 1, (), True),), (token,)
+            )
         head.release([seq_id])
+    for seq_id, tokens in outputs.items():  # what one process gives, token for token
+        expected, last = [], prompt[-1]
+        for _ in range(3):
+            last = expected_token(last, seq_id, 4, 1024)
+            expected.append(last)
+        assert tokens == expected, seq_id
     reason = head._spot.bans.reason(liar.node_id)
     assert reason is not None and "disagreed with replicas" in reason
     assert [b.node_id for b in head._spot.bans.snapshot()] == [liar.node_id]
