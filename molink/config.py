@@ -141,6 +141,7 @@ class EngineDefaults:
 
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
+    quantized_batch_kernel: str = "int4"  # molink.quant.kernels: weights stay at file size
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048

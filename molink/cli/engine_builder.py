@@ -18,6 +18,7 @@ def engine_options(args: EngineArgs) -> EngineOptions:
         model=args.model,  # None: the default model, converted once and cached
         dtype=args.dtype,
         quantization=args.quantization,
+        quantized_batch_kernel=args.quantized_batch_kernel,
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         block_size=args.block_size,

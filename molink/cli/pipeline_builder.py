@@ -138,6 +138,7 @@ def load_stage(
         options.quantization,
         options.tensor_parallel_size,
         follower_settings(options, layers, dtype, num_blocks),
+        batch_kernel=options.quantized_batch_kernel,
     )
     grammars = last_stage_grammars(source, layers)
     # A head's own layers use its scheduler's blocks; any other node allocates its own.

@@ -48,6 +48,7 @@ class EngineOptions:
     model: str | None = None
     dtype: str = ENGINE_DEFAULTS.dtype
     quantization: str | None = None  # None: as the checkpoint is
+    quantized_batch_kernel: str = ENGINE_DEFAULTS.quantized_batch_kernel
     kv_cache_dtype: str = ENGINE_DEFAULTS.kv_cache_dtype
     max_model_len: int | None = None  # None: the model's own limit
     block_size: int = ENGINE_DEFAULTS.block_size
@@ -148,6 +149,7 @@ def build_local_engine(
                 options.quantization,
                 tp_size,
                 follower_settings(options, r, dtype, num_blocks),
+                batch_kernel=options.quantized_batch_kernel,
             ),
             config,
             r,

@@ -23,12 +23,15 @@ def load_stage_slice(
     tensor_parallel_size: int,
     settings: FollowerSettings,
     device: torch.device | str = "cpu",
+    batch_kernel: str = "int4",
 ) -> DecoderSlice:
     """The slice ``layers``; with several ranks, rank 0's shard, the others started and
     joined (they follow every forward of the returned slice; ``slice.leader.close()``
     stops them, as does this process's exit)."""
     if tensor_parallel_size == 1:
-        return source.load_slice(layers, dtype, device, quantization=quantization)
+        return source.load_slice(
+            layers, dtype, device, quantization=quantization, batch_kernel=batch_kernel
+        )
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)

@@ -14,12 +14,14 @@ class QuantLinearFactory(LinearFactory):
 
     ``bits``: quantize float matrices on the fly (int4/int8); None keeps float matrices of
     a quantized checkpoint as they are (AWQ/GPTQ leave the embedding and head in float).
+    ``batch_kernel``: how batches multiply (molink.quant.kernels).
     """
 
     bits: int | None = None
+    batch_kernel: str = "int4"
 
     def linear(self, in_features: int, out_features: int, bias: bool = False) -> LinearLike:
-        return QuantLinear(in_features, out_features, bias, self.bits)
+        return QuantLinear(in_features, out_features, bias, self.bits, self.batch_kernel)
 
     def table(self, rows: int, cols: int) -> QuantLinear:
-        return QuantLinear(cols, rows, False, self.bits)
+        return QuantLinear(cols, rows, False, self.bits, self.batch_kernel)

@@ -13,15 +13,18 @@ from molink.quant.factory import QuantLinearFactory
 from molink.quant.linear import QuantLinear
 
 
-def quant_factory(method: str, dtype: torch.dtype, device: torch.device) -> LinearFactory | None:
-    """None for float weights (the slice's default factory); else quantized layers."""
+def quant_factory(
+    method: str, dtype: torch.dtype, device: torch.device, batch_kernel: str = "int4"
+) -> LinearFactory | None:
+    """None for float weights (the slice's default factory); else quantized layers whose
+    batches run ``batch_kernel`` (molink.quant.kernels)."""
     if method == "none":
         return None
     if device.type != "cpu":
         raise InvalidParameterError(
             "quantization", f"{method} weights run on cpu here; {device.type} is not supported"
         )
-    return QuantLinearFactory(dtype, device, ON_THE_FLY_BITS.get(method))
+    return QuantLinearFactory(dtype, device, ON_THE_FLY_BITS.get(method), batch_kernel)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

@@ -127,6 +127,7 @@ class ModelSource(abc.ABC):
         device: torch.device | str = "cpu",
         quantization: str | None = None,
         group: ParallelGroup = SINGLE,
+        batch_kernel: str = "int4",
     ) -> DecoderSlice:
         """Build the slice ``layer_range`` and read only the tensors it needs.
 
@@ -134,7 +135,8 @@ class ModelSource(abc.ABC):
         (the embedding, when tied). ``quantization`` (None: as the checkpoint is) picks how
         the matrices are held: see molink.quant.config. With a tensor-parallel ``group``
         of several ranks, this rank's shard is built and only its share of each tensor
-        read (molink.models.parallel).
+        read (molink.models.parallel). ``batch_kernel``: how quantized matrices multiply
+        batches (molink.quant.kernels).
         """
         config = self.model_config
         layer_range.validate(config.num_layers)
@@ -142,7 +144,7 @@ class ModelSource(abc.ABC):
         torch_dtype = resolve_torch_dtype(dtype, self.checkpoint_dtype, device)
         if method != "none" and torch_dtype == torch.float16:
             torch_dtype = torch.float32  # the int4 kernels' activations go through bf16/f32
-        factory = quant_factory(method, torch_dtype, torch.device(device))
+        factory = quant_factory(method, torch_dtype, torch.device(device), batch_kernel)
         if group.is_parallel:
             check_tensor_parallel(config, group.size, method)
             factory = ParallelLinearFactory(torch_dtype, torch.device(device), group)

@@ -147,6 +147,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
         ("--kv-cache-memory 12parsecs", "--kv-cache-memory"),
         ("--dtype float8", "--dtype"),
         ("--molink-wire-dtype int4", "--molink-wire-dtype"),
+        ("--quantized-batch-kernel int2", "--quantized-batch-kernel"),
     ],
 )
 def test_invalid_flags_exit_2_naming_the_flag(

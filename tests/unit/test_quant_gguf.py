@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from molink.errors import WeightLoadError
+from molink.errors import InvalidParameterError, WeightLoadError
+from molink.quant.fp16_gemm import fp16_gemm_available
 from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
 from molink.quant.int4 import padded_rows, rounding_report, to_int4_planes
-from molink.quant.linear import INT4_MAX_ROWS, QuantLinear
+from molink.quant.kernels import INT4_FEW_ROWS, INT4_MAX_ROWS, choose_kernel
+from molink.quant.linear import QuantLinear
 
 gguf = pytest.importorskip("gguf")
 ROWS, COLS = 200, 512  # 200: not a multiple of the kernel's row blocks
@@ -66,11 +68,15 @@ def test_decoding_matches_gguf(type_name: str) -> None:
     assert (in_steps > 0.125 + 1e-6).float().mean() < 1e-3
 
 
+BATCH_KERNELS = ["int4"] + (["fp16"] if fp16_gemm_available() else [])
+
+
+@pytest.mark.parametrize("batch_kernel", BATCH_KERNELS)
 @pytest.mark.parametrize("type_name", list(BLOCK_TYPES))
-def test_products_match_dequantized_float32(type_name: str) -> None:
+def test_products_match_dequantized_float32(type_name: str, batch_kernel: str) -> None:
     blocks = make_blocks(type_name, ROWS, COLS, seed=1)
     expected_w = reference(blocks, type_name, ROWS, COLS).double()
-    layer = QuantLinear(COLS, ROWS, bias=False)
+    layer = QuantLinear(COLS, ROWS, bias=False, batch_kernel=batch_kernel)
     layer.load_weight(decode_blocks(blocks, type_name, ROWS, COLS), pack=False)
     gen = torch.Generator().manual_seed(2)
     for batch in BATCHES:
@@ -79,8 +85,8 @@ def test_products_match_dequantized_float32(type_name: str) -> None:
         assert out.shape == (batch, ROWS) and out.dtype == torch.float32
         got = out.double()
         expected = x.double() @ expected_w.t()
-        # bfloat16 scales and (at <= INT4_MAX_ROWS rows) bfloat16 activations and
-        # outputs: about 2**-8 relative per term; Q6_K adds its sub-block merge.
+        # bfloat16 scales and (int4 kernel) bfloat16 activations and outputs: about
+        # 2**-8 relative per term; float16 weights 2**-11; Q6_K adds its sub-block merge.
         tolerance = 2e-2 if type_name == "Q6_K" else 1e-2
         err = (got - expected).norm() / expected.norm()
         assert err < tolerance, (type_name, batch, float(err))
@@ -120,5 +126,36 @@ def test_unsupported_type_and_bad_sizes_are_named() -> None:
         decode_blocks(np.zeros(17, np.uint8), "Q4_0", 1, 32)
 
 
-def test_kernel_choice_covers_both_paths() -> None:
+def test_kernel_choice_covers_every_path() -> None:
     assert 1 <= INT4_MAX_ROWS < max(BATCHES)
+    assert 1 <= INT4_FEW_ROWS < max(BATCHES)
+    assert [choose_kernel(r, "int4") for r in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1)] == [
+        "int4",
+        "int4",
+        "dequant",
+    ]
+    assert [choose_kernel(r, "fp16") for r in (1, INT4_FEW_ROWS, INT4_FEW_ROWS + 1, 4096)] == [
+        "int4",
+        "int4",
+        "fp16",
+        "fp16",
+    ]
+
+
+@pytest.mark.skipif(not fp16_gemm_available(), reason="fbgemm is x86 only")
+def test_float16_copy_is_counted_and_used_for_batches() -> None:
+    ints = decode_blocks(make_blocks("Q4_1", ROWS, COLS, seed=5), "Q4_1", ROWS, COLS)
+    lean = QuantLinear(COLS, ROWS, bias=False)
+    wide = QuantLinear(COLS, ROWS, bias=False, batch_kernel="fp16")
+    lean.load_weight(ints, pack=False)
+    wide.load_weight(ints, pack=False)
+    assert lean.wide is None and wide.wide is not None
+    assert wide.weight_bytes == lean.weight_bytes + 2 * ROWS * COLS
+    x = torch.randn(INT4_FEW_ROWS + 1, COLS)
+    assert torch.equal(wide(x), wide.wide.matmul(x))  # the float16 copy ran
+    assert torch.equal(wide(x[:1]), lean(x[:1]))  # one row: the same int4 kernel
+
+
+def test_unknown_batch_kernel_is_named() -> None:
+    with pytest.raises(InvalidParameterError, match="quantized_batch_kernel"):
+        QuantLinear(COLS, ROWS, bias=False, batch_kernel="int2")
