@@ -3,7 +3,8 @@
 * ``gguf``: a GGUF file's quantized tensors stay quantized (molink.quant.gguf_blocks);
 * ``awq`` / ``gptq``: a checkpoint whose ``config.json`` has such a ``quantization_config``;
 * ``int4`` / ``int8``: a float checkpoint quantized on the fly at load (group 32);
-* ``fp8``: fp8 weights, which need a GPU with fp8 support: refused on CPU;
+* ``fp8``: a float checkpoint quantized at load to fp8 rows, on a GPU with fp8 support
+  (molink.quant.fp8): refused on CPU; checkpoints stored in fp8 are refused too;
 * ``none``: float weights (a GGUF file dequantized at load, as before).
 
 Without ``--quantization`` the checkpoint decides: its ``quantization_config`` method, or
@@ -61,7 +62,7 @@ def resolve_quantization(
             f"quant_method {detected!r} is not supported; supported: awq, gptq, fp8 "
             "(GPU), or a GGUF file",
         )
-    allowed = {"none": ("none", "int4", "int8"), "gguf": ("gguf", "none")}.get(
+    allowed = {"none": ("none", "int4", "int8", "fp8"), "gguf": ("gguf", "none")}.get(
         detected, (detected,)
     )
     if method not in allowed:
@@ -73,6 +74,13 @@ def resolve_quantization(
     if method == "fp8" and torch.device(device).type == "cpu":
         raise InvalidParameterError(
             "quantization", "fp8 weights need a GPU with fp8 support; this stage runs on cpu"
+        )
+    if detected == "fp8":
+        # Their weight_scale tensors are not read: a stored fp8 matrix is refused, not guessed.
+        raise InvalidParameterError(
+            "quantization_config",
+            "checkpoints stored in fp8 are not supported; run the float checkpoint with "
+            "--quantization fp8",
         )
     return method
 

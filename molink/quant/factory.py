@@ -19,9 +19,14 @@ class QuantLinearFactory(LinearFactory):
 
     bits: int | None = None
     batch_kernel: str = "int4"
+    fp8: bool = False  # fp8 rows on CUDA (molink.quant.fp8)
 
     def linear(self, in_features: int, out_features: int, bias: bool = False) -> LinearLike:
-        return QuantLinear(in_features, out_features, bias, self.bits, self.batch_kernel)
+        return QuantLinear(
+            in_features, out_features, bias, self.bits, self.batch_kernel, self.device, fp8=self.fp8
+        )
 
     def table(self, rows: int, cols: int) -> QuantLinear:
-        return QuantLinear(cols, rows, False, self.bits, self.batch_kernel)
+        return QuantLinear(
+            cols, rows, False, self.bits, self.batch_kernel, self.device, True, self.fp8
+        )

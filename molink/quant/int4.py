@@ -137,7 +137,7 @@ class Int4Planes:
         return out
 
 
-def _plane_split(g: GroupInts) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def plane_split(g: GroupInts) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(q 0..15, scale, zero) per plane with W = sum over planes of (q - 8) * scale + zero."""
     lo, hi = int(g.q.min()), int(g.q.max())
     if lo >= -8 and hi <= 7:
@@ -160,7 +160,7 @@ def to_int4_planes(g: GroupInts) -> Int4Planes:
     rows, cols = g.shape
     padded = padded_rows(rows)
     packed, scale_zero = [], []
-    for q, scale, zero in _plane_split(g):
+    for q, scale, zero in plane_split(g):
         if padded != rows:
             q = torch.cat([q, torch.full((padded - rows, cols), 8, dtype=q.dtype)])
             scale = torch.cat([scale, torch.zeros(padded - rows, scale.shape[1])])

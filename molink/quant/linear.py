@@ -10,11 +10,14 @@ rounding.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from molink.errors import WeightLoadError
+from molink.quant.device import DeviceMatrix, check_device, device_matrix
 from molink.quant.fp16_gemm import Fp16Packed
 from molink.quant.groups import GroupInts, quantize_float
 from molink.quant.int4 import Int4Planes, padded_rows, to_int4_planes
@@ -51,7 +54,9 @@ class QuantLinear(nn.Module):
     ``load_weight`` takes a ``GroupInts`` (a quantized checkpoint) or, with ``bits`` set,
     a float matrix quantized on the fly; a float matrix without ``bits`` stays float (a
     quantized checkpoint may keep small matrices unquantized). ``batch_kernel`` ``fp16``
-    also keeps a float16 copy for batches (molink.quant.kernels).
+    also keeps a float16 copy for batches (molink.quant.kernels). On a CUDA ``device``
+    the matrix is held by molink.quant.device instead (``fp8``: fp8 rows; ``table``: the
+    embedding, whose rows are also gathered).
     """
 
     def __init__(
@@ -61,14 +66,23 @@ class QuantLinear(nn.Module):
         bias: bool,
         bits: int | None = None,
         batch_kernel: str = "int4",
+        device: torch.device | str = "cpu",
+        table: bool = False,
+        fp8: bool = False,
     ) -> None:
         super().__init__()
         check_batch_kernel(batch_kernel)
+        self.device = torch.device(device)
+        check_device(self.device)
         self.batch_kernel = batch_kernel
+        self.table, self.fp8 = table, fp8
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
-        self.bias = nn.Parameter(torch.zeros(out_features), False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=self.device), False) if bias else None
+        )
+        self.on_device: DeviceMatrix | None = None
         self.planes: Int4Planes | None = None
         self.wide: Fp16Packed | None = None
         self.dense: torch.Tensor | None = None
@@ -76,24 +90,66 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
+        if self.on_device is not None:
+            return self.on_device.nbytes
         if self.planes is not None:
             return self.planes.nbytes + (0 if self.wide is None else self.wide.nbytes)
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
 
     def load_weight(self, weight: torch.Tensor | GroupInts, pack: bool) -> None:
+        quantized = isinstance(weight, GroupInts)
+        self._check_shape(weight.shape if quantized else tuple(weight.shape))  # type: ignore[union-attr]
+        self.source_type = weight.source_type if quantized else "float32"  # type: ignore[union-attr]
+        if self.device.type != "cpu":
+            self.on_device = device_matrix(weight, self.device, self.bits, self.fp8, self.table)
+            if self.on_device is None:
+                self.dense = weight.float().to(self.device).contiguous()  # type: ignore[union-attr]
+            return
         if isinstance(weight, GroupInts):
             ints = weight
         elif self.bits is not None:
             ints = quantize_float(weight, self.bits)
         else:
-            self._check_shape(tuple(weight.shape))
             self.dense, self.planes = weight.float().contiguous(), None
-            self.source_type = "float32"
             return
-        self._check_shape(ints.shape)
-        self.planes, self.dense = to_int4_planes(ints), None
-        self.source_type = ints.source_type
-        self.wide = self._float16_copy(self.planes) if self.batch_kernel == "fp16" else None
+        self._set_planes(to_int4_planes(ints), ints.source_type)
+
+    def _set_planes(self, planes: Int4Planes, source_type: str) -> None:
+        self.planes, self.dense, self.source_type = planes, None, source_type
+        self.wide = self._float16_copy(planes) if self.batch_kernel == "fp16" else None
+
+    def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The loaded weight as tensors and a description (molink.weights.packed_cache):
+        the packed planes as the CPU kernel reads them, or the float matrix."""
+        if self.on_device is not None:
+            raise WeightLoadError("quantized matrices on an accelerator are not saved")
+        if self.planes is not None:
+            tensors = {f"plane{i}": p for i, p in enumerate(self.planes.packed)}
+            tensors["scale_zero"] = self.planes.scale_zero
+            group = self.planes.group
+            return tensors, {"kind": "int4", "group": group, "source_type": self.source_type}
+        if self.dense is None:
+            raise WeightLoadError("quantized linear layer saved before its weight was loaded")
+        return {"dense": self.dense}, {"kind": "dense", "source_type": self.source_type}
+
+    def restore_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Take back what ``saved_state`` gave, checking it fits this layer."""
+        if info.get("kind") == "dense":
+            self._check_shape(tuple(tensors["dense"].shape))
+            self.dense, self.planes, self.wide = tensors["dense"], None, None
+            self.source_type = str(info["source_type"])
+            return
+        packed = [tensors[f"plane{i}"] for i in range(len(tensors) - 1)]
+        planes = Int4Planes(
+            packed, tensors["scale_zero"], self.out_features, self.in_features, int(info["group"])
+        )
+        expected = (len(packed), self.in_features // planes.group, padded_rows(planes.rows), 2)
+        if tuple(planes.scale_zero.shape) != expected:
+            raise WeightLoadError(
+                f"saved int4 scales have shape {tuple(planes.scale_zero.shape)}, "
+                f"expected {expected}"
+            )
+        self._set_planes(planes, str(info["source_type"]))
 
     @staticmethod
     def _float16_copy(planes: Int4Planes) -> Fp16Packed:
@@ -114,6 +170,8 @@ class QuantLinear(nn.Module):
             if self.dense is None:
                 raise WeightLoadError("quantized linear layer used before its weight was loaded")
             y = F.linear(x.float(), self.dense)
+        elif self.on_device is not None:
+            y = self.on_device.matmul(x)
         else:
             y = self._quantized(x)
         if self.bias is not None:
@@ -135,6 +193,8 @@ class QuantLinear(nn.Module):
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of W as float32 (the same matrix as an input embedding)."""
+        if self.on_device is not None:
+            return self.on_device.gather_rows(ids)
         if self.planes is None:
             if self.dense is None:
                 raise WeightLoadError("quantized embedding used before its weight was loaded")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from molink.errors import InvalidParameterError
 from molink.models.blocks.linear import DenseLinear, LinearFactory
 from molink.models.decoder import DecoderSlice
 from molink.quant.config import ON_THE_FLY_BITS
+from molink.quant.device import check_device
 from molink.quant.factory import QuantLinearFactory
 from molink.quant.linear import QuantLinear
 
@@ -20,11 +20,9 @@ def quant_factory(
     batches run ``batch_kernel`` (molink.quant.kernels)."""
     if method == "none":
         return None
-    if device.type != "cpu":
-        raise InvalidParameterError(
-            "quantization", f"{method} weights run on cpu here; {device.type} is not supported"
-        )
-    return QuantLinearFactory(dtype, device, ON_THE_FLY_BITS.get(method), batch_kernel)
+    check_device(device)
+    bits = ON_THE_FLY_BITS.get(method)
+    return QuantLinearFactory(dtype, device, bits, batch_kernel, fp8=method == "fp8")
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

@@ -26,6 +26,7 @@ from molink.weights.cache import build_entry, default_cache_dir, file_key
 from molink.weights.gguf_config import field_value as _field
 from molink.weights.gguf_config import gguf_config_dict
 from molink.weights.gguf_names import Location, gguf_locations
+from molink.weights.packed_cache import PackedCache, cached_metadata, packed_entry_for
 from molink.weights.source import ModelSource, TensorStore
 
 logger = logging.getLogger(__name__)
@@ -178,29 +179,49 @@ def cached_gguf_tokenizer(gguf_path: Path, reader: Any | None = None) -> Path:
 
 
 class GGUFSource(ModelSource):
-    """A local .gguf file, read directly (only the slice's tensors are dequantized)."""
+    """A local .gguf file, read directly (only the slice's tensors are dequantized).
+
+    Its metadata (config, tensor types) is kept in the packed cache
+    (molink.weights.packed_cache), so a later start parses the file only if it must read
+    tensors the cache lacks; quantized slices come from that cache as the kernels read them.
+    """
 
     def __init__(self, path: Path, name: str | None = None) -> None:
         super().__init__()
         self.path = Path(path)
-        self._reader = open_reader(self.path)
-        self.config_dict = gguf_config_dict(self._reader)
+        if not self.path.is_file():
+            raise WeightLoadError(f"GGUF file {self.path} is missing")
+        metadata = cached_metadata(self.path, self._read_metadata)
+        self.config_dict = metadata["config"]
+        self._tensor_types = set(metadata["tensor_types"])
         self.model_config = ModelConfig.from_hf_dict(self.config_dict)
         self.name = name or self.path.stem
         self.checkpoint_dtype = None  # dequantized weights: float32 unless asked otherwise
 
+    @cached_property
+    def _reader(self) -> Any:
+        return open_reader(self.path)
+
+    def _read_metadata(self) -> dict[str, Any]:
+        return {
+            "config": gguf_config_dict(self._reader),
+            "tensor_types": sorted({t.tensor_type.name for t in self._reader.tensors}),
+        }
+
     def detected_quantization(self) -> str:
         """``gguf`` when the file holds block-quantized tensors MoLink keeps quantized."""
-        types = {tensor.tensor_type.name for tensor in self._reader.tensors}
-        return "gguf" if types & set(BLOCK_TYPES) else "none"
+        return "gguf" if self._tensor_types & set(BLOCK_TYPES) else "none"
 
     @cached_property
     def tokenizer_dir(self) -> Path:  # type: ignore[override]
         """Converted on first use only: stages that never tokenize skip the cost."""
-        return cached_gguf_tokenizer(self.path, self._reader)
+        return cached_gguf_tokenizer(self.path, self.__dict__.get("_reader"))
 
     def open_tensors(self) -> GGUFStore:
         return GGUFStore(self._reader, self.model_config, str(self.path))
 
     def open_tensors_for(self, method: str) -> GGUFStore:
         return GGUFStore(self._reader, self.model_config, str(self.path), method == "gguf")
+
+    def packed_cache(self, method: str) -> PackedCache | None:
+        return PackedCache(packed_entry_for(self.path)) if method == "gguf" else None

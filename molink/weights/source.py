@@ -19,6 +19,7 @@ from molink.models.parallel.group import SINGLE, ParallelGroup
 from molink.quant.awq_gptq import quant_settings
 from molink.quant.config import checkpoint_method, resolve_quantization
 from molink.quant.memory import RESIDENT, quant_factory, resident_weight_bytes
+from molink.weights.packed_cache import PackedCache, cacheable
 
 logger = logging.getLogger(__name__)
 
@@ -149,21 +150,14 @@ class ModelSource(abc.ABC):
             check_tensor_parallel(config, group.size, method)
             factory = ParallelLinearFactory(torch_dtype, torch.device(device), group)
         started = time.perf_counter()
-        store = self.open_tensors_for(method)
-        self.last_store = store
-        try:
-            needed = checkpoint_tensor_names(config, layer_range)
-            missing = [name for name in needed if name not in store]
-            if missing:
-                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-                raise WeightLoadError(
-                    f"{store.describe()} lacks {len(missing)} tensor(s) needed for layers "
-                    f"[{layer_range.start}, {layer_range.end}): {shown}"
-                )
-            model = DecoderSlice(config, layer_range, torch_dtype, device, factory)
-            model.load_checkpoint_tensors(store)
-        finally:
-            store.close()
+        model = DecoderSlice(config, layer_range, torch_dtype, device, factory)
+        # The cache holds what the CPU kernels read; other devices pack from the checkpoint.
+        on_cpu = torch.device(device).type == "cpu"
+        cache = self.packed_cache(method) if on_cpu and cacheable(model) else None
+        if cache is None or not cache.restore(model):
+            self._read_checkpoint(model, method)
+            if cache is not None:
+                cache.save(model)
         weight_bytes = resident_weight_bytes(model)
         RESIDENT.add("weights", weight_bytes)
         logger.info(
@@ -178,3 +172,24 @@ class ModelSource(abc.ABC):
             weight_bytes / 2**20,
         )
         return model.eval()
+
+    def packed_cache(self, method: str) -> PackedCache | None:
+        """Where this checkpoint's weights are kept as the kernels read them, if anywhere."""
+        return None
+
+    def _read_checkpoint(self, model: DecoderSlice, method: str) -> None:
+        layer_range = model.layer_range
+        store = self.open_tensors_for(method)
+        self.last_store = store
+        try:
+            needed = checkpoint_tensor_names(self.model_config, layer_range)
+            missing = [name for name in needed if name not in store]
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise WeightLoadError(
+                    f"{store.describe()} lacks {len(missing)} tensor(s) needed for layers "
+                    f"[{layer_range.start}, {layer_range.end}): {shown}"
+                )
+            model.load_checkpoint_tensors(store)
+        finally:
+            store.close()

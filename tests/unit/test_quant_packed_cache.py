@@ -1,0 +1,92 @@
+"""A quantized GGUF slice is cached on disk as the int4 kernel reads it and restored from there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from molink.config import LayerRange
+from molink.models import SeqChunk
+from molink.quant.linear import QuantLinear
+from molink.weights.gguf_source import GGUFSource
+from molink.weights.packed_cache import METADATA_FILE, packed_entry_for
+from tests.helpers.paged_runner import PagedRunner
+from tests.helpers.tiny_gguf import write_tiny_gguf
+
+pytest.importorskip("gguf")
+QUANTIZED = ("ffn_up", "ffn_gate", "ffn_down", "attn_q", "attn_k", "attn_v", "attn_output")
+
+
+@pytest.fixture
+def quantized_gguf(tiny_model_dir, tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("MOLINK_CACHE_DIR", str(tmp_path / "cache"))
+    hf_dir = tiny_model_dir("llama")
+    layers = json.loads((hf_dir / "config.json").read_text())["num_hidden_layers"]
+    names = [f"blk.{i}.{part}.weight" for i in range(layers) for part in QUANTIZED]
+    return write_tiny_gguf(hf_dir, tmp_path / "tiny-q8.gguf", quantize=names)
+
+
+def _logits(slices, tokens: list[int]) -> torch.Tensor:
+    runner = PagedRunner(slices, 16, 4)
+    hidden = runner.forward([SeqChunk(0, len(tokens), list(range(8)))], tokens)
+    return slices[-1].compute_logits(hidden)
+
+
+def test_second_start_reads_the_cache_not_the_file(quantized_gguf: Path) -> None:
+    first = GGUFSource(quantized_gguf)
+    layers = LayerRange(0, first.model_config.num_layers)
+    loaded = first.load_slice(layers, "float32", quantization="gguf")
+    entry = packed_entry_for(quantized_gguf)
+    assert (entry / METADATA_FILE).is_file() and (entry / "layer-00000.safetensors").is_file()
+
+    again = GGUFSource(quantized_gguf)
+    restored = again.load_slice(layers, "float32", quantization="gguf")
+    assert "_reader" not in again.__dict__  # neither metadata nor tensors parsed from the file
+    assert again.last_store is None
+    assert again.model_config == first.model_config
+    tokens = [1, 5, 9, 3, 7, 2]
+    assert torch.equal(_logits([restored], tokens), _logits([loaded], tokens))
+    quantized = [m for m in restored.modules() if isinstance(m, QuantLinear) and m.planes]
+    assert quantized and all(m.source_type == "Q8_0" for m in quantized)
+
+
+def test_cache_holds_no_float_copy_of_quantized_matrices(quantized_gguf: Path) -> None:
+    source = GGUFSource(quantized_gguf)
+    source.load_slice(LayerRange(0, source.model_config.num_layers), "float32")
+    with safe_open(str(packed_entry_for(quantized_gguf) / "layer-00000.safetensors"), "pt") as f:
+        dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118
+    matrices = {k: d for k, d in dtypes.items() if "plane" in k or "scale_zero" in k}
+    assert matrices and set(matrices.values()) <= {"U8", "BF16"}
+    floats = [k for k, d in dtypes.items() if d == "F32"]
+    assert all("norm" in k for k in floats), floats  # only the layer norms are float32
+
+
+def test_slices_restore_from_a_whole_model_cache(quantized_gguf: Path) -> None:
+    source = GGUFSource(quantized_gguf)
+    num_layers = source.model_config.num_layers
+    whole = source.load_slice(LayerRange(0, num_layers), "float32")
+    again = GGUFSource(quantized_gguf)
+    parts = [again.load_slice(r, "float32") for r in (LayerRange(0, 1), LayerRange(1, num_layers))]
+    assert again.last_store is None
+    tokens = [4, 8, 15, 16, 23]
+    assert torch.equal(_logits(parts, tokens), _logits([whole], tokens))
+
+
+def test_a_missing_part_is_read_from_the_file_and_added(quantized_gguf: Path) -> None:
+    source = GGUFSource(quantized_gguf)
+    source.load_slice(LayerRange(0, 1), "float32")
+    entry = packed_entry_for(quantized_gguf)
+    assert not (entry / "layer-00001.safetensors").is_file()
+    num_layers = source.model_config.num_layers
+    source.load_slice(LayerRange(1, num_layers), "float32")
+    assert source.last_store is not None and (entry / "layer-00001.safetensors").is_file()
+
+
+def test_float_weights_are_not_cached(quantized_gguf: Path) -> None:
+    source = GGUFSource(quantized_gguf)
+    source.load_slice(LayerRange(0, 1), "float32", quantization="none")
+    assert not (packed_entry_for(quantized_gguf) / "layer-00000.safetensors").exists()
