@@ -19,13 +19,18 @@ CPU's caches and flatters the float32 kernels). Candidates:
 * ``int8_rows``: torch's ``_weight_int8pack_mm`` (one scale per row: lossy for GGUF's
   group-32 scales) in bfloat16, and ``int8_rows_fp32`` in float32;
 * ``dyn_quant_4bit``: ``_dyn_quant_matmul_4bit`` (dynamic int8 activations, 4-bit weights;
-  KleidiAI on Arm, a reference loop on x86).
+  KleidiAI on Arm, a reference loop on x86);
+* ``fbgemm_fp16``: fbgemm's float16-weight GEMM (``quantized::linear_dynamic_fp16``);
+* ``fbgemm_int8``: fbgemm's int8 dynamic linear (per-row int8 weights, per-tensor uint8
+  activations, 7-bit ``reduce_range``; too lossy for LLM activations, timed for reference).
 
 torchao 0.18 installs beside torch 2.13 without replacing it, but its x86 wheel ships only
 CUDA extensions: on CPU its int4 layout calls the same ``_weight_int4pack_mm_for_cpu`` as
 ``int4_g32``, so it is not a separate candidate.
 
     OMP_NUM_THREADS=1 python bench/quant_kernels.py [--rows 1,2,4,8,16,32,64]
+    OMP_NUM_THREADS=1 python bench/quant_kernels.py --interleaved int4_g32,fbgemm_fp16,fp32 \
+        --rows 1,2,4,8,16,32 --rounds 5 --name quant_kernels_fp16
 
 Writes ``bench/results/quant_kernels.json``: milliseconds per model pass (median of
 rounds) per candidate and row count, and the slow float32 paths on one matrix at 1 row.
@@ -106,6 +111,15 @@ def _prepare(name: str, w: torch.Tensor) -> Product:
         if name.endswith("dequant"):
             return lambda x: dequant_matmul(planes, x)
         return lambda x: planes.matmul(x.to(torch.bfloat16))
+    if name == "fbgemm_fp16":
+        packed16 = torch.ops.quantized.linear_prepack_fp16(w, None)
+        return lambda x: torch.ops.quantized.linear_dynamic_fp16(x, packed16)
+    if name == "fbgemm_int8":
+        scale = (w.abs().amax(1) / 127).double()
+        zeros = torch.zeros(w.shape[0], dtype=torch.long)
+        qw = torch.quantize_per_channel(w, scale, zeros, 0, torch.qint8)
+        packed8 = torch.ops.quantized.linear_prepack(qw, None)
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed8, True)
     if name == "int8_rows":
         scale = w.abs().amax(1) / 127
         q8 = (w / scale[:, None]).round().to(torch.int8)
@@ -124,6 +138,8 @@ CANDIDATES = {
     "int8_g32_2plane": None,
     "int8_g32_2plane_dequant": None,
     "int8_rows": None,
+    "fbgemm_fp16": None,
+    "fbgemm_int8": None,
 }
 
 
@@ -165,6 +181,29 @@ def crossover_ms(rows_list: list[int], rounds: int) -> dict[str, dict[str, float
                 ms = (time.perf_counter() - started) * 1e3
                 samples[name].setdefault(str(rows), []).append(ms)
         logger.info("crossover rows=%d: %s", rows, {n: v[str(rows)] for n, v in samples.items()})
+    return {
+        name: {rows: round(statistics.median(v), 1) for rows, v in by_rows.items()}
+        for name, by_rows in samples.items()
+    }
+
+
+def interleaved_ms(
+    rows_list: list[int], rounds: int, candidates: list[str]
+) -> dict[str, dict[str, float]]:
+    """Candidates' model passes alternating round by round (a loaded host drifts)."""
+    weights = _model_weights()
+    products = {name: [_prepare(name, w) for w in weights] for name in candidates}
+    del weights
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in candidates}
+    for rows in rows_list:
+        xs = {k: torch.randn(rows, k) * 0.1 for k in (576, 1536)}
+        for _ in range(rounds):
+            for name in candidates:
+                started = time.perf_counter()
+                _run(products[name], xs)
+                ms = (time.perf_counter() - started) * 1e3
+                samples[name].setdefault(str(rows), []).append(ms)
+        logger.info("rows=%d: %s", rows, {n: v[str(rows)] for n, v in samples.items()})
     return {
         name: {rows: round(statistics.median(v), 1) for rows, v in by_rows.items()}
         for name, by_rows in samples.items()
@@ -218,10 +257,18 @@ def main() -> None:
     parser.add_argument(
         "--crossover", default=None, help="rows at which to compare int4 and dequantizing only"
     )
+    parser.add_argument(
+        "--interleaved", default=None, help="candidates to compare round by round only"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     rows_list = [int(r) for r in args.rows.split(",")]
+    if args.interleaved:
+        chosen = args.interleaved.split(",")
+        ms = interleaved_ms(rows_list, args.rounds, chosen)
+        write_results(args.name, {"threads": 1, "interleaved_ms": ms})
+        return
     if args.crossover:
         rows = [int(r) for r in args.crossover.split(",")]
         write_results(args.name, {"threads": 1, "crossover_ms": crossover_ms(rows, args.rounds)})

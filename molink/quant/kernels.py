@@ -2,31 +2,32 @@
 
 Candidates measured side by side on one thread of this AVX2 CPU (no AVX-512), one
 SmolLM2-135M forward pass (30 layers + LM head, distinct weights streaming from memory),
-ms per pass, interleaved round by round on a loaded host (bench/quant_kernels.py;
-bench/results/quant_kernels*.json):
+ms per pass, medians of 5 rounds interleaved candidate by candidate, on a host loaded
+~6x by other jobs (bench/quant_kernels.py --interleaved;
+bench/results/quant_kernels_fp16.json):
 
-    rows                         1      2      4      8     16     32
-    float32 (MKL)               57     96    192    196    346    551
-    int4 g32 kernel (bf16)      32     35     88     74    344   1008
-    fbgemm float16 packed       39     44     72     60    165    397
+    rows                         1      2      3      4      8     16     32     64
+    float32 (MKL)              670   1039    997   1534   2238   2337   3260   3663
+    int4 g32 kernel (bf16)     513    527    421    644   1299   2234   3732   6819
+    fbgemm float16 packed      498    524    408    465    981   1239   2736   3715
+    fbgemm int8 dynamic        292    254    254    336    492    642   1260   1941
 
-and in one earlier run (ms per pass):
+and on a quieter host (the same passes, one round each, ms):
 
     rows                         1      4      8     16     32     64    256
     float32 (MKL)               35    169    108    238    190    382   2396
     int4 g32 kernel             23    103     58    290    242    654   4566
     int4 dequantize + MKL        -   1313      -   1288   1660      -   5042
     fbgemm float16 packed       28     50     50    131    128    235   2901
-    fbgemm int8 dynamic         14      -     21      -     66    137      -
     int8 per-row kernel         34      -     87      -    316    496      -
 
 torch's ``_weight_int4pack_mm_for_cpu`` (molink.quant.int4) keeps a Q4 file's bytes and
 is the fastest at one or two rows; its time grows with the rows (it dequantizes again for
 every few rows: compute-bound without AVX-512). fbgemm's float16 GEMM
-(molink.quant.fp16_gemm) is 1.4-3x float32 from 4 rows up, but holds a float16 copy (2
-bytes per weight beside the 0.56-0.85 of the int4 planes). fbgemm's int8 dynamic path
-loses accuracy (its module doc); ``_weight_int8pack_mm`` is slower than float32 from 16
-rows; oneDNN's packed bfloat16 GEMM refuses this CPU; torchao's CPU int4 layout calls
+(molink.quant.fp16_gemm) is 1.2-3.3x float32 from 2 to 32 rows and ties it at 64, but
+holds a float16 copy (2 bytes per weight beside the 0.56-0.85 of the int4 planes).
+fbgemm's int8 dynamic path loses accuracy (its module doc); ``_weight_int8pack_mm`` is
+slower than float32 from 16 rows; oneDNN's packed bfloat16 GEMM refuses this CPU; torchao's CPU int4 layout calls
 the same int4 kernel.
 
 So ``--quantized-batch-kernel``:
@@ -47,7 +48,7 @@ from molink.errors import InvalidParameterError
 BATCH_KERNEL_CHOICES = ("int4", "fp16")
 # Up to this many rows the int4 kernel beats dequantize-and-multiply (table above).
 INT4_MAX_ROWS = 128
-# With a float16 copy, up to this many rows the int4 kernel still wins (table above).
+# With a float16 copy, up to this many rows the int4 kernel ties or wins (tables above).
 INT4_FEW_ROWS = 2
 
 Kernel = Literal["int4", "dequant", "fp16"]
