@@ -104,12 +104,12 @@ class PipelineExecutor:
             self._telemetry.known_links,
         )
         self.routes = RouteBook(self.swarm.snapshot)
-        self._step_routes: dict[StepKey, Route] = {}
         self._closers: list[Callable[[], None]] = []
         self._record_times: Callable[[], dict[str, RecordTimes]] = dict
         self._results: queue.Queue[StepResult] = queue.Queue()
         self._lock = threading.Lock()
-        self._in_flight: dict[StepKey, StepClock] = {}
+        # The one record of each step in flight here: its route, deadlines and size.
+        self._in_flight: dict[StepKey, Flight] = {}
         self._failover = FailoverDesk(info.node_id, self.config, self._node.submit)
         self._deadlines = StepDeadlines(
             DeadlinePolicy(self.config.deadline_floor_s, self.config.deadline_factor),
@@ -118,7 +118,6 @@ class PipelineExecutor:
             self._monitor.round_trips,
         )
         # (tokens, carries no prefill chunk) of the steps in flight, for timings
-        self._step_tokens: dict[StepKey, tuple[int, bool]] = {}
         self._lost: dict[str, tuple[NodeInfo, str]] = {}
         self._hops: dict[str, HopCounters] = {}
         self._completed = self._failed = self._sampled = 0
@@ -191,10 +190,13 @@ class PipelineExecutor:
         with self._lock:
             if key in self._in_flight:
                 logger.warning("step %d (micro-batch %d) submitted twice", *key)
-            ahead = sum(1 for r in self._step_routes.values() if r.key == route.key)
-            self._in_flight[key] = self._deadlines.clock_for(route, plan.num_tokens, ahead)
-            self._step_tokens[key] = (plan.num_tokens, _is_decode_only(plan))
-            self._step_routes[key] = route
+            ahead = sum(1 for f in self._in_flight.values() if f.route.key == route.key)
+            self._in_flight[key] = Flight(
+                route,
+                self._deadlines.clock_for(route, plan.num_tokens, ahead),
+                plan.num_tokens,
+                _is_decode_only(plan),
+            )
         mirror = self._spot.plan(plan, route, self._registry.view().stages) if self._spot else None
         job = StepJob(self.head_id, route, plan, None, trusted=True, mirror=mirror)
         try:
@@ -439,7 +441,8 @@ class PipelineExecutor:
         if self._spot is not None and is_shadow(step_id):
             return self._spot.route_of(step_id, micro_batch)
         with self._lock:
-            return self._step_routes.get((step_id, micro_batch))
+            flight = self._in_flight.get((step_id, micro_batch))
+            return flight.route if flight else None
 
     def pipeline_proto(self) -> pb.Pipeline:
         message = view_to_proto(self._registry.view())
@@ -474,10 +477,9 @@ class PipelineExecutor:
         if result.error is None:
             self._count_hops(trace, sender_id, num_bytes, result)
             with self._lock:
-                num_tokens, decode_only = self._step_tokens.get(
-                    (result.step_id, result.micro_batch), (0, False)
-                )
-            self._telemetry.record_step(num_tokens, trace, decode_only)
+                flight = self._in_flight.get((result.step_id, result.micro_batch))
+            if flight is not None:
+                self._telemetry.record_step(flight.num_tokens, trace, flight.decode_only)
         timings = trace_to_timings(trace)
         self._complete(dataclasses.replace(result, stage_timings=timings))
 
@@ -494,8 +496,6 @@ class PipelineExecutor:
         """Hand a step's outcome to poll() once; late or duplicate outcomes are dropped."""
         key = (result.step_id, result.micro_batch)
         with self._lock:
-            self._step_tokens.pop(key, None)
-            self._step_routes.pop(key, None)
             if self._in_flight.pop(key, None) is None:
                 logger.debug("dropping a late outcome of step %d (micro-batch %d)", *key)
                 return
@@ -529,9 +529,8 @@ class PipelineExecutor:
         with self._lock:
             keys = [
                 key
-                for key in self._in_flight
-                if through is None
-                or (key in self._step_routes and self._step_routes[key].contains(through))
+                for key, flight in self._in_flight.items()
+                if through is None or flight.route.contains(through)
             ]
         for key in keys:
             self._complete(_error_result(key, reason, kind, through or ""))
@@ -542,9 +541,9 @@ class PipelineExecutor:
             now = time.monotonic()
             with self._lock:
                 overdue = [
-                    (key, clock, self._step_routes.get(key))
-                    for key, clock in self._in_flight.items()
-                    if clock.deadline < now
+                    (key, flight.clock, flight.route)
+                    for key, flight in self._in_flight.items()
+                    if flight.clock.deadline < now
                 ]
             if overdue:
                 self._handle_overdue(overdue)
@@ -626,6 +625,16 @@ class PipelineExecutor:
     def _apply_view(self, view: PipelineView, skip: str | None = None) -> None:
         self._node.links.apply(view)
         self._monitor.push_view(view, skip=skip)
+
+
+@dataclasses.dataclass
+class Flight:
+    """A step in flight: the route it took, its deadlines, and its size (for timings)."""
+
+    route: Route
+    clock: StepClock
+    num_tokens: int
+    decode_only: bool
 
 
 def _is_decode_only(plan: StepPlan) -> bool:
