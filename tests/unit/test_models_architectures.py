@@ -140,3 +140,16 @@ def test_phi3_su_scaling_is_longrope() -> None:
     assert torch.equal(
         tables[0].lookup(positions, lengths)[0], tables[1].lookup(positions, lengths)[0]
     )
+
+
+def test_phi3_yarn_named_scaling_is_longrope(tiny_model_dir) -> None:
+    from dataclasses import replace
+
+    from molink.models.registry import architecture_named
+
+    config = resolve_model_source(str(tiny_model_dir("phi3"))).model_config
+    assert config.rope_scaling is not None
+    yarn_named = replace(config, rope_scaling={**config.rope_scaling, "rope_type": "yarn"})
+    phi3 = architecture_named("Phi3ForCausalLM")
+    a, b = phi3.rope_specs(config)["default"], phi3.rope_specs(yarn_named)["default"]
+    assert a.scaling == b.scaling and a.scaling["rope_type"] == "longrope"

@@ -3,11 +3,13 @@ partial rotary and longrope scaling."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from molink.config import ModelConfig
-from molink.models.architecture import Binding, norm_binding
+from molink.models.architecture import Binding, default_rope_spec, norm_binding
 from molink.models.archs.llama import Llama
+from molink.models.rope import RopeSpec, rope_type_of
 
 
 class Phi3(Llama):
@@ -38,6 +40,13 @@ class Phi3(Llama):
                 "short_factor": [float(x) for x in short],
             }
         return cfg
+
+    def rope_specs(self, config: ModelConfig) -> dict[str, RopeSpec]:
+        spec = default_rope_spec(config)
+        if spec.scaling is not None and rope_type_of(spec.scaling) == "yarn":
+            # Phi-3's early configs called longrope "yarn" (transformers reads them so too).
+            spec = replace(spec, scaling={**spec.scaling, "rope_type": "longrope"})
+        return {"default": spec}
 
     def qkv_bias(self, config: ModelConfig) -> bool:
         return False
