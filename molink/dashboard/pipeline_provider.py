@@ -62,6 +62,14 @@ class DhtRecords(Protocol):
     def record_times(self) -> dict[str, RecordTimes]: ...
 
 
+@runtime_checkable
+class BannedNodes(Protocol):
+    """Offered by a head that spot-checks its nodes."""
+
+    def banned_nodes(self) -> dict[str, str]:
+        """Node id -> why it was banned."""
+
+
 @dataclass
 class _Seen:
     info: NodeInfo
@@ -110,6 +118,8 @@ class PipelineSwarmProvider:
             _with_record(self._dead(seen, health.get(node_id), now), records.get(node_id), now)
             for node_id, seen in self._gone()
         ]
+        bans = self._head.banned_nodes() if isinstance(self._head, BannedNodes) else {}
+        nodes = [_with_ban(node, bans.get(node.node_id)) for node in nodes]
         counters = self._head if isinstance(self._head, RecoveryCounters) else None
         return SwarmSnapshot(
             model=view.stages[0].model.served_name if view.stages else "",
@@ -197,6 +207,12 @@ class PipelineSwarmProvider:
             kv_total_tokens=info.kv_capacity_tokens,
             record_age_s=max(0.0, now - seen.renewed_at),
         )
+
+
+def _with_ban(node: NodeView, reason: str | None) -> NodeView:
+    if reason is None:
+        return node
+    return dataclasses.replace(node, health="banned", detail=f"banned: {reason}")
 
 
 def _with_record(node: NodeView, record: RecordTimes | None, now: float) -> NodeView:

@@ -320,6 +320,10 @@ class PipelineExecutor:
         """The latest health answer of each stage (or why there is none)."""
         return self._monitor.latest()
 
+    def banned_nodes(self) -> dict[str, str]:
+        """Nodes the spot checks banned: node id -> why (empty without spot checks)."""
+        return {ban.node_id: ban.reason for ban in self._spot.bans.snapshot()} if self._spot else {}
+
     # -- PipelineTelemetry (molink.engine.telemetry) -------------------------------------
 
     def link_estimates(self) -> list[LinkEstimate]:

@@ -220,3 +220,25 @@ def test_a_single_process_engine_shows_one_node_with_every_layer(tiny_model_dir)
     num_layers = llm.engine.executor.stages[-1].layer_range.end
     assert num_layers > 0 and snapshot.num_layers == num_layers
     assert [(n.start, n.end) for n in snapshot.nodes] == [(0, num_layers)]
+
+
+class BanningHead(FakeHead):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bans: dict[str, str] = {}
+
+    def banned_nodes(self) -> dict[str, str]:
+        return dict(self.bans)
+
+
+def test_a_banned_node_shows_banned_with_the_reason_and_its_span_uncovered() -> None:
+    head, clock = BanningHead(), Clock()
+    provider = _provider(head, clock)
+    assert [n.health for n in provider.snapshot().nodes] == ["alive", "alive"]
+    head.bans["s1"] = "its hidden states disagreed with two replicas that agreed"
+    head.stages = head.stages[:1]  # the head evicted it
+    snapshot = provider.snapshot()
+    banned = snapshot.nodes[1]
+    assert (banned.node_id, banned.health) == ("s1", "banned")
+    assert banned.detail == "banned: its hidden states disagreed with two replicas that agreed"
+    assert [(s.start, s.end) for s in snapshot.missing_spans()] == [(15, 30)]

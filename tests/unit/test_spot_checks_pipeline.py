@@ -18,6 +18,8 @@ import pytest
 from molink.cli.args import add_engine_args
 from molink.cli.main import parse_engine_args
 from molink.config import LayerRange
+from molink.dashboard.pipeline_provider import PipelineSwarmProvider
+from molink.engine.protocol import EngineStats
 from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
 from molink.pipeline.status import pipeline_status
 from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
@@ -139,6 +141,8 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
     """Like the engine: each sequence generates 3 tokens; a sequence whose route lost a
     node is replayed from all its tokens (the head's take_failures)."""
     head, liar = swarm.head, swarm.liar
+    dashboard = PipelineSwarmProvider(head, lambda: EngineStats(0, 0, 1, 1))
+    dashboard.snapshot()  # it sees every node, as the server's sampler does each second
     prompt = (5, 6, 7)
     step = 0
     outputs: dict[int, list[int]] = {}
@@ -180,6 +184,8 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
     metrics = "\n".join(head.metric_lines())
     assert f'molink_node_banned{{node="{liar.node_id}"' in metrics
     assert "molink_banned_nodes 1" in metrics
+    shown = {node.node_id: node for node in dashboard.snapshot().nodes}[liar.node_id]
+    assert shown.health == "banned" and shown.detail == f"banned: {reason}"
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
