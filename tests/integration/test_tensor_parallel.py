@@ -89,9 +89,13 @@ def test_two_ranks_equal_one(tiny_model_dir, arch: str, overrides: dict) -> None
             assert abs(a - b) <= LOGPROB_TOLERANCE
 
 
-async def test_pipeline_of_two_ranks_then_one_equals_one_process(tiny_model_dir) -> None:
-    """Stage 1 (the head, layers [0, 2)) runs on two ranks, stage 2 on one: three model
-    processes, and the same completions as one process."""
+@pytest.mark.parametrize("split_stage", [0, 1], ids=["head-tp2", "last-stage-tp2"])
+async def test_pipeline_with_a_two_rank_stage_equals_one_process(
+    tiny_model_dir, split_stage: int
+) -> None:
+    """Two stages (layers [0, 2) and [2, 4)), one of them on two ranks: three model
+    processes, and the same completions as one process. On the head, the ranks follow its
+    scheduler's blocks and embed; on the last stage, its own blocks and the LM head."""
     model = str(tiny_model_dir("qwen3"))
     llm = LLM(model=model)
     max_tokens = (9, 1, 14, 5)
@@ -99,8 +103,9 @@ async def test_pipeline_of_two_ranks_then_one_equals_one_process(tiny_model_dir)
     expected = reference_completions(llm, cases)
     del llm
     gc.collect()
-    with running_pipeline((0, 2, 4), model, stage_args={0: ("-tp", "2")}) as pipeline:
+    tp_args = {split_stage: ("-tp", "2")}
+    with running_pipeline((0, 2, 4), model, stage_args=tp_args) as pipeline:
         got = await complete_all(pipeline.base_url, cases)
-        log = pipeline.head.log_text()
+        log = pipeline.nodes[split_stage].log_text()
     assert "tensor-parallel rank 1 of 2" in log
     assert_same_completions(got, expected, cases)
