@@ -14,6 +14,7 @@ import logging
 import socket
 
 import torch
+from cryptography.hazmat.primitives import serialization
 
 from molink.cli.args import EngineArgs
 from molink.cli.security_args import swarm_key_of
@@ -51,7 +52,9 @@ from molink.pipeline.node import StageNode
 from molink.pipeline.stage_client import StageOnlyClient
 from molink.progress.waiting import Coverage, PipelineWaitStatus
 from molink.quant.config import resolve_kv_cache_dtype
+from molink.security.credentials import SwarmCredentials
 from molink.security.node_setup import grpc_bind_host, node_credentials
+from molink.stage.resources import device_of, memory_of
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
 from molink.transport.config import TransportConfig
@@ -86,29 +89,43 @@ def wire_dtype(args: EngineArgs, dtype: torch.dtype) -> str:
 def node_info(
     args: EngineArgs,
     source: ModelSource,
-    layers: LayerRange,
+    worker: StageWorker,
     num_blocks: int,
     dtype: torch.dtype,
-    node_id: str | None = None,
+    credentials: SwarmCredentials | None = None,
 ) -> NodeInfo:
-    """``node_id``: the key-derived id of a swarm member; an open node is named by its address."""
+    """A swarm member is named by its key (its id, and the key itself travels in its
+    records); an open node is named by its address."""
     address = f"{advertise_host(args)}:{advertise_port(args)}"
+    device = device_of(worker.model)
+    memory = memory_of(device)
     return NodeInfo(
-        node_id=node_id or address,
+        node_id=credentials.node_id if credentials else address,
         model=ModelIdentity.from_model_config(args.model_name, source.model_config),
-        layers=layers,
+        layers=worker.layer_range,
         address=address,
         num_kv_blocks=num_blocks,
         block_size=args.block_size,
         dtype=dtype_name(dtype),
         wire_dtype=wire_dtype(args, dtype),
+        public_key=public_key_of(credentials) if credentials else b"",
+        free_kv_blocks=num_blocks,
+        device=device,
+        memory_total_bytes=memory.total_bytes,
+        memory_free_bytes=memory.free_bytes,
+    )
+
+
+def public_key_of(credentials: SwarmCredentials) -> bytes:
+    return credentials.identity.private_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
 def load_stage(
     args: EngineArgs,
     options: EngineOptions,
-    node_id: str | None = None,
+    credentials: SwarmCredentials | None = None,
     transport: TransportConfig | None = None,
 ) -> tuple[ModelSource, StageWorker, NodeInfo, torch.dtype]:
     source = resolve_model_source(options.model, quantization=options.quantization)
@@ -153,16 +170,14 @@ def load_stage(
         owns_blocks=layers.start != 0,
         kv_config=kv_config,
     )
-    return source, worker, node_info(args, source, layers, num_blocks, dtype, node_id), dtype
+    return source, worker, node_info(args, source, worker, num_blocks, dtype, credentials), dtype
 
 
 def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     """The head (start layer 0) gets an AsyncLLMEngine; any other node a StageOnlyClient."""
     credentials = node_credentials(swarm_key_of(args))
     transport = TransportConfig(security=credentials, lease_s=args.molink_lease_timeout)
-    source, worker, info, dtype = load_stage(
-        args, options, credentials.node_id if credentials else None, transport
-    )
+    source, worker, info, dtype = load_stage(args, options, credentials, transport)
     host = grpc_bind_host(args.host, advertise_host(args), credentials is not None)
     bind = f"{host}:{args.molink_grpc_port}"
     directory = None
@@ -179,8 +194,6 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
         verify_fraction=args.molink_verify_fraction,
     )
     head.start()
-    if directory is not None:
-        watch_and_announce_head(head, directory, args.molink_dht_ttl)
     PipelineWaitStatus(lambda: pipeline_coverage(head)).start()
     logger.info(
         "head gRPC address: %s (stages join with --molink-initial-peer %s)",
@@ -195,6 +208,9 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     # and compute every sequence from its first token.
     options = dataclasses.replace(options, enable_prefix_caching=False)
     scheduler = build_scheduler(options, info.num_kv_blocks, max_model_len, eos)
+    if directory is not None:
+        kv = scheduler.kv
+        watch_and_announce_head(head, directory, args.molink_dht_ttl, lambda: kv.num_free_blocks)
     telemetry: PipelineTelemetry = head  # the head measures its own pipeline
     transmission = TransmissionScheduler(
         TransmissionConfig(enabled=args.molink_transmission_scheduling == "on"), telemetry

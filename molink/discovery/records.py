@@ -1,9 +1,25 @@
 """A node's DHT record: what it serves and how to reach it, as plain values.
 
-Records travel as msgpack maps of strings and numbers (hivemind's serializer), never as
-pickles, and are checked field by field on receipt: a record with another model's
-fingerprint, another protocol version or a span outside the model is ignored, and the
-reason is logged once per node.
+Records travel as msgpack maps of strings, numbers and bytes (hivemind's serializer),
+never as pickles, and are checked field by field on receipt: a record of another record
+version, another model's fingerprint, another protocol version or a span outside the model
+is ignored, and the reason is logged once per node.
+
+Schema, version 2 (every field required):
+
+  v            int    the record version (RECORD_VERSION)
+  node_id      str    the node's id (its key's hash; an open node's address)
+  public_key   bytes  the node's identity key, DER; empty for an open node
+  address      str    advertised gRPC host:port
+  dht          str    a multiaddress others may bootstrap the DHT from
+  protocol     int    the wire protocol version it speaks
+  served_name, fingerprint, num_layers, hidden_size, vocab_size   the model
+  start, end   int    its layer span [start, end)
+  num_kv_blocks, free_kv_blocks, block_size   int   its KV capacity and what is free now
+  dtype, wire_dtype   str   compute dtype, and that of the activations it sends
+  throughput   float  measured tokens per second of compute over its span (0: not yet)
+  device       str    "cpu", "cuda:0", ...
+  memory_total, memory_free   int   that device's memory, bytes (0: not reported)
 """
 
 from __future__ import annotations
@@ -14,8 +30,17 @@ from typing import Any
 from molink.config import LayerRange
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 
-RECORD_VERSION = 1
-_STR_FIELDS = ("node_id", "address", "served_name", "fingerprint", "dtype", "wire_dtype", "dht")
+RECORD_VERSION = 2
+_STR_FIELDS = (
+    "node_id",
+    "address",
+    "served_name",
+    "fingerprint",
+    "dtype",
+    "wire_dtype",
+    "dht",
+    "device",
+)
 _INT_FIELDS = (
     "v",
     "protocol",
@@ -27,7 +52,10 @@ _INT_FIELDS = (
     "num_kv_blocks",
     "free_kv_blocks",
     "block_size",
+    "memory_total",
+    "memory_free",
 )
+_MAX_PUBLIC_KEY_BYTES = 1024  # a P-256 or Ed25519 key in DER is under 100 bytes
 
 
 class RecordError(ValueError):
@@ -54,6 +82,10 @@ def record_of(info: NodeInfo) -> dict[str, Any]:
         "throughput": float(info.throughput_tokens_per_s),
         "protocol": info.protocol_version,
         "dht": info.dht_address,
+        "public_key": info.public_key,
+        "device": info.device,
+        "memory_total": info.memory_total_bytes,
+        "memory_free": info.memory_free_bytes,
     }
 
 
@@ -68,6 +100,13 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
         value = record.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise RecordError(f"field {name!r} is missing or not a count")
+    if record["v"] != RECORD_VERSION:
+        raise RecordError(f"record version {record['v']}, this node reads {RECORD_VERSION}")
+    public_key = record.get("public_key")
+    if not isinstance(public_key, bytes) or len(public_key) > _MAX_PUBLIC_KEY_BYTES:
+        raise RecordError(
+            f"field 'public_key' is missing or not a key of at most {_MAX_PUBLIC_KEY_BYTES} bytes"
+        )
     throughput = record.get("throughput")
     if not isinstance(throughput, float) or not math.isfinite(throughput) or throughput < 0:
         raise RecordError("field 'throughput' is missing or not a finite rate")
@@ -97,6 +136,10 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
         free_kv_blocks=record["free_kv_blocks"],
         throughput_tokens_per_s=throughput,
         dht_address=record["dht"],
+        public_key=public_key,
+        device=record["device"],
+        memory_total_bytes=record["memory_total"],
+        memory_free_bytes=record["memory_free"],
     )
 
 

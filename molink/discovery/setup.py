@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -22,6 +23,7 @@ from molink.kv_cache.stage_pool import StageBlockPool
 from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.node import StageNode
+from molink.stage.resources import memory_of
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.config import TransportConfig
 
@@ -70,12 +72,23 @@ def start_directory(
     return directory, dataclasses.replace(info, dht_address=directory.address)
 
 
+def measured_info(node: StageNode, free_kv_blocks: int) -> NodeInfo:
+    """The node's record as of now: free KV, measured throughput, free device memory."""
+    info = node.info
+    return dataclasses.replace(
+        info,
+        free_kv_blocks=free_kv_blocks,
+        throughput_tokens_per_s=node.throughput_tokens_per_s,
+        memory_free_bytes=memory_of(info.device).free_bytes,
+    )
+
+
 def announce_stage(
     node: StageNode, directory: SwarmDirectory, ttl_s: float, pool: StageBlockPool | None
 ) -> None:
     def record() -> NodeInfo:
         free = pool.num_free if pool is not None else node.info.num_kv_blocks
-        return dataclasses.replace(node.info, free_kv_blocks=free)
+        return measured_info(node, free)
 
     announcer = Announcer(directory, record, ttl_s).start()
     node.add_closer(announcer.stop)
@@ -83,9 +96,17 @@ def announce_stage(
 
 
 def watch_and_announce_head(
-    head: PipelineExecutor, directory: SwarmDirectory, ttl_s: float
+    head: PipelineExecutor,
+    directory: SwarmDirectory,
+    ttl_s: float,
+    free_kv_blocks: Callable[[], int],
 ) -> None:
-    announcer = Announcer(directory, lambda: head.node.info, ttl_s).start()
+    """``free_kv_blocks``: what the head's scheduler has free for its own layers."""
+
+    def record() -> NodeInfo:
+        return measured_info(head.node, free_kv_blocks())
+
+    announcer = Announcer(directory, record, ttl_s).start()
     watch = DiscoveryWatch(directory, head, interval_s=max(0.5, ttl_s / 6)).start()
     head.read_records_from(watch.record_times)
     head.add_closer(watch.stop)

@@ -10,7 +10,6 @@ rule of molink/placement/placement.py. The choice and the reason are logged.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import grpc
@@ -20,6 +19,7 @@ from molink.config import LayerRange, ModelConfig
 from molink.errors import PipelineError
 from molink.models.kv_cache import KVCache
 from molink.placement.placement import ServedSpan, choose_span, layers_that_fit
+from molink.stage.resources import host_memory
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.config import TransportConfig
 
@@ -31,14 +31,7 @@ _ASK_TIMEOUT_S = 30.0
 
 
 def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host_memory().free_bytes
 
 
 def weight_bytes_per_layer(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -75,10 +75,15 @@ class NodeInfo:
     dtype: str = "float32"
     wire_dtype: str = "float16"
     protocol_version: int = PROTOCOL_VERSION
-    public_key: bytes = b""  # Ed25519, raw; the node's identity (molink.discovery.identity)
+    # The node's identity key (DER SubjectPublicKeyInfo; molink.security.identity derives
+    # node_id from it); empty for an open node, which is named by its address.
+    public_key: bytes = b""
     free_kv_blocks: int = 0
-    throughput_tokens_per_s: float = 0.0
+    throughput_tokens_per_s: float = 0.0  # measured: tokens per second of compute, its span
     dht_address: str = ""  # where others may bootstrap the DHT from; "" without one
+    device: str = "cpu"  # where its layers run: "cpu", "cuda:0", ...
+    memory_total_bytes: int = 0  # that device's memory (0: not reported)
+    memory_free_bytes: int = 0
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -189,6 +189,11 @@ class StageNode:
                 raise
         return self
 
+    @property
+    def throughput_tokens_per_s(self) -> float:
+        """Measured tokens per second of this node's compute (0.0 before its first step)."""
+        return self._worker.throughput.tokens_per_s
+
     def add_closer(self, close) -> None:
         """Run ``close`` (no arguments) first when the node stops: discovery, the DHT."""
         self._closers.append(close)

@@ -31,6 +31,9 @@ def node_to_proto(node: NodeInfo) -> pb.NodeInfo:
         free_kv_blocks=node.free_kv_blocks,
         throughput_tokens_per_s=node.throughput_tokens_per_s,
         dht_address=node.dht_address,
+        device=node.device,
+        memory_total_bytes=node.memory_total_bytes,
+        memory_free_bytes=node.memory_free_bytes,
     )
 
 
@@ -55,6 +58,9 @@ def node_from_proto(msg: pb.NodeInfo) -> NodeInfo:
         free_kv_blocks=msg.free_kv_blocks,
         throughput_tokens_per_s=msg.throughput_tokens_per_s,
         dht_address=msg.dht_address,
+        device=msg.device,
+        memory_total_bytes=msg.memory_total_bytes,
+        memory_free_bytes=msg.memory_free_bytes,
     )
 
 

@@ -109,6 +109,7 @@ class ComputeWorker:
         self._stalled = False
         self.steps_processed = 0
         self.steps_failed = 0
+        self.throughput = ThroughputMeter()
         self._thread = threading.Thread(target=self._run, name=f"compute-{node_id}", daemon=True)
 
     def start(self) -> None:
@@ -249,6 +250,7 @@ class ComputeWorker:
             return
         elapsed = time.monotonic() - started
         total_tokens = sum(max(1, job.plan.num_tokens) for job in admitted)
+        self.throughput.add(total_tokens, elapsed)
         for job, output in zip(admitted, outputs, strict=True):
             if isinstance(output, KVRoomError):
                 self._reject(job, output, FailureKind.KV_FULL)
@@ -331,6 +333,27 @@ class ComputeWorker:
             return
         self._stalled = True
         logger.warning("stage %s: %s", self._node_id, self.stall_message)
+
+
+class ThroughputMeter:
+    """Tokens per second of compute, as announced in the node's record: token and second
+    totals both decay by the same factor per pass, so the rate follows the recent mix of
+    prefills and decodes rather than the node's whole history."""
+
+    DECAY = 0.9
+
+    def __init__(self) -> None:
+        self._tokens = 0.0
+        self._seconds = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self._tokens = self._tokens * self.DECAY + tokens
+        self._seconds = self._seconds * self.DECAY + max(0.0, seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """0.0 until a pass has been timed."""
+        return self._tokens / self._seconds if self._seconds > 0 else 0.0
 
 
 def _step_name(job: StepJob) -> str:

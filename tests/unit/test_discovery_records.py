@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 
 from molink.config import LayerRange
-from molink.discovery.records import RecordError, info_of, record_of, swarm_key
+from molink.discovery.dht import SwarmDirectory
+from molink.discovery.records import RECORD_VERSION, RecordError, info_of, record_of, swarm_key
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.toy import toy_identity
 
 MODEL = toy_identity(4)
-INFO = NodeInfo("s1", MODEL, LayerRange(2, 4), "127.0.0.1:5", 10, 16, free_kv_blocks=7)
+INFO = NodeInfo(
+    "s1",
+    MODEL,
+    LayerRange(2, 4),
+    "127.0.0.1:5",
+    10,
+    16,
+    free_kv_blocks=7,
+    public_key=b"0Y0\x13\x06\x07*\x86H\xce=\x02\x01",
+    throughput_tokens_per_s=812.5,
+    device="cuda:1",
+    memory_total_bytes=80 * 2**30,
+    memory_free_bytes=61 * 2**30,
+)
 
 
 def test_a_record_round_trips() -> None:
@@ -29,6 +44,11 @@ def test_a_record_round_trips() -> None:
         ({"start": -1}, "field 'start' is missing or not a count"),
         ({"address": 5}, "field 'address' is missing or not a string"),
         ({"throughput": float("nan")}, "not a finite rate"),
+        ({"v": 1}, "record version 1, this node reads 2"),
+        ({"public_key": "abc"}, "field 'public_key' is missing or not a key"),
+        ({"public_key": b"k" * 2000}, "field 'public_key' is missing or not a key"),
+        ({"device": None}, "field 'device' is missing or not a string"),
+        ({"memory_free": -1}, "field 'memory_free' is missing or not a count"),
     ],
 )
 def test_foreign_or_malformed_records_are_refused(change: dict, reason: str) -> None:
@@ -43,3 +63,59 @@ def test_another_models_record_names_both_models() -> None:
     other = dataclasses.replace(INFO, model=toy_identity(4, served_name="other"))
     with pytest.raises(RecordError, match="model 'other'.*this swarm serves 'toy'"):
         info_of(record_of(other), MODEL, INFO.protocol_version)
+
+
+def test_the_record_carries_identity_speed_and_device() -> None:
+    record = record_of(INFO)
+    assert record["v"] == RECORD_VERSION == 2
+    assert record["public_key"] == INFO.public_key
+    assert (record["device"], record["memory_total"], record["memory_free"]) == (
+        "cuda:1",
+        80 * 2**30,
+        61 * 2**30,
+    )
+    assert (record["free_kv_blocks"], record["throughput"]) == (7, 812.5)
+
+
+class _Entry:
+    def __init__(self, value: object, expiration_time: float) -> None:
+        self.value = value
+        self.expiration_time = expiration_time
+
+
+class _FakeDHT:
+    """hivemind.DHT.get's answer shape: a value whose .value maps subkeys to entries."""
+
+    def __init__(self, entries: dict[str, _Entry]) -> None:
+        self._found = _Entry(entries, 0.0)
+
+    def get(self, key: str, latest: bool) -> _Entry:
+        return self._found
+
+
+def test_the_directory_ignores_foreign_records_and_logs_why_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from hivemind.utils import get_dht_time
+
+    later = get_dht_time() + 60
+    other_model = dataclasses.replace(INFO, node_id="s2", model=toy_identity(4, served_name="x"))
+    old_protocol = {**record_of(dataclasses.replace(INFO, node_id="s3")), "protocol": 1}
+    outside = {**record_of(dataclasses.replace(INFO, node_id="s4")), "end": 9}
+    directory = SwarmDirectory(MODEL, INFO.protocol_version)
+    directory._dht = _FakeDHT(
+        {
+            "s1": _Entry(record_of(INFO), later),
+            "s2": _Entry(record_of(other_model), later),
+            "s3": _Entry(old_protocol, later),
+            "s4": _Entry(outside, later),
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="molink.discovery.dht"):
+        assert list(directory.nodes()) == ["s1"]
+        assert list(directory.nodes()) == ["s1"]
+    reasons = [r.getMessage() for r in caplog.records]
+    assert len(reasons) == 3  # once per node, not once per reading
+    assert any("node s2" in r and "model 'x'" in r for r in reasons)
+    assert any("node s3" in r and "protocol version 1" in r for r in reasons)
+    assert any("node s4" in r and "span [2, 9) is not part of [0, 4)" in r for r in reasons)

@@ -67,7 +67,7 @@ class LayerSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model", "layers", "num_kv_blocks", "block_size", "dtype", "wire_dtype", "protocol_version", "address", "public_key", "free_kv_blocks", "throughput_tokens_per_s", "dht_address")
+    __slots__ = ("node_id", "model", "layers", "num_kv_blocks", "block_size", "dtype", "wire_dtype", "protocol_version", "address", "public_key", "free_kv_blocks", "throughput_tokens_per_s", "dht_address", "device", "memory_total_bytes", "memory_free_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,9 @@ class NodeInfo(_message.Message):
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     DHT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model: ModelIdentity
     layers: LayerSpan
@@ -94,7 +97,10 @@ class NodeInfo(_message.Message):
     free_kv_blocks: int
     throughput_tokens_per_s: float
     dht_address: str
-    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., layers: _Optional[_Union[LayerSpan, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., free_kv_blocks: _Optional[int] = ..., throughput_tokens_per_s: _Optional[float] = ..., dht_address: _Optional[str] = ...) -> None: ...
+    device: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., layers: _Optional[_Union[LayerSpan, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., free_kv_blocks: _Optional[int] = ..., throughput_tokens_per_s: _Optional[float] = ..., dht_address: _Optional[str] = ..., device: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ...) -> None: ...
 
 class Credentials(_message.Message):
     __slots__ = ("scheme", "token")
