@@ -1,4 +1,4 @@
-"""The compute thread of a node: runs the StageExecutor over jobs in arrival order.
+"""The compute thread of a node: runs the StageExecutor over jobs, heads taking turns.
 
 Receiving threads decode and validate messages, then queue jobs here; outputs leave
 through callbacks that only enqueue on senders, so the executor never waits on a socket.
@@ -14,7 +14,6 @@ the slowest stage gains exactly when it needs to. Outputs still leave one per st
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 
 from molink.errors import PipelineError, ProtocolError
 from molink.kv_cache.stage_pool import KVRoomError
+from molink.pipeline.fair_queue import HeadFairQueue, QueueFullError
 from molink.pipeline.leases import LeaseTable
 from molink.placement.route import Route
 from molink.stage.protocol import StageExecutor
@@ -98,8 +98,8 @@ class ComputeWorker:
         self._on_output = on_output
         self._on_error = on_error
         self._on_release = on_release
-        self._jobs: queue.Queue[StepJob | ReleaseJob] = queue.Queue(maxsize=max_queued)
-        self._held: StepJob | ReleaseJob | None = None  # taken from the queue, not yet run
+        # Heads take turns; each keeps its own order (molink.pipeline.fair_queue).
+        self._jobs: HeadFairQueue[StepJob | ReleaseJob] = HeadFairQueue(max_per_head=max_queued)
         self._stall_after_s = upstream_stall_s
         self.leases = leases  # None: a head's own stage, whose steps are its own
         self._on_lapse = on_lapse
@@ -123,15 +123,15 @@ class ComputeWorker:
         """Queue a job; raise PipelineError if the queue stays full for ``timeout``."""
         try:
             self._jobs.put(job, timeout=timeout)
-        except queue.Full:
+        except QueueFullError:
             raise PipelineError(
-                f"stage {self._node_id} is overloaded: {self._jobs.maxsize} steps queued "
-                f"for more than {timeout:.0f}s"
+                f"stage {self._node_id} is overloaded: {self._jobs.max_per_head} steps of "
+                f"head {job.head_id} queued for more than {timeout:.0f}s"
             ) from None
 
     @property
     def queued(self) -> int:
-        return self._jobs.qsize() + (self._held is not None)
+        return self._jobs.qsize()
 
     @property
     def active_sequences(self) -> int:
@@ -164,35 +164,24 @@ class ComputeWorker:
                 logger.exception("stage %s: unexpected error in the compute loop", self._node_id)
 
     def _next_job(self) -> StepJob | ReleaseJob | None:
-        if self._held is not None:
-            job, self._held = self._held, None
-            return job
-        try:
-            return self._jobs.get(timeout=_IDLE_TICK_S)
-        except queue.Empty:
-            return None
+        return self._jobs.get(timeout=_IDLE_TICK_S)
 
     def _coalesce(self, first: StepJob) -> list[StepJob]:
         """``first`` and the steps queued right behind it for the same head, while they
         fit ``COALESCE_MAX_TOKENS``: a stage that falls behind computes the micro-batches
         waiting for it in one pass (disjoint sequences, so the result is the same) and
-        streams its weights once for all of them. Stops at anything else, keeping order."""
+        streams its weights once for all of them. Stops at anything else, keeping order;
+        this pass is the head's turn, the next goes to another head."""
         jobs, tokens = [first], first.plan.num_tokens
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return jobs
-            if (
-                isinstance(job, StepJob)
-                and job.head_id == first.head_id
-                and tokens + job.plan.num_tokens <= COALESCE_MAX_TOKENS
-            ):
-                jobs.append(job)
-                tokens += job.plan.num_tokens
-            else:
-                self._held = job
-                return jobs
+
+        def fits(job: StepJob | ReleaseJob) -> bool:
+            return isinstance(job, StepJob) and tokens + job.plan.num_tokens <= COALESCE_MAX_TOKENS
+
+        while (job := self._jobs.take_next_if(first.head_id, fits)) is not None:
+            assert isinstance(job, StepJob)
+            jobs.append(job)
+            tokens += job.plan.num_tokens
+        return jobs
 
     def _expire_leases(self) -> None:
         if self.leases is None:

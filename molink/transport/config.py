@@ -25,7 +25,7 @@ class TransportConfig:
     max_tokens_per_sequence: int = 1 << 20  # token_ids of one NewSequence
     max_blocks_per_step: int = 1 << 20
     max_stop_strings: int = 64
-    max_queued_steps: int = 64  # steps received but not yet computed, per node
+    max_queued_steps: int = 64  # steps received but not yet computed, per head per node
     step_timeout_s: float = 120.0  # head: a step whose result has not come back fails
     upstream_stall_s: float = 30.0  # stage: no input for this long with active sequences
     health_interval_s: float = 1.0  # head: how often every stage is checked
