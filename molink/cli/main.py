@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.set_defaults(molink_enabled=True, flag_parser=stage)
     status = commands.add_parser(
         "status",
-        help="show a pipeline's stages: nodes, layer ranges, capacity, health",
-        description="Show a pipeline's stages: nodes, layer ranges, capacity, health.",
+        help="show a pipeline's stages and the swarm's DHT records: nodes, spans, replicas, "
+        "coverage per layer, free KV, throughput, links, age of each record",
+        description="Show the pipeline of the peer's head (nodes, layer ranges, capacity, "
+        "health, measured links) and the swarm as its DHT holds it (every node's span, "
+        "device, memory, free KV, throughput and record age; the coverage of every layer).",
     )
     status.add_argument(
         "--peer", required=True, metavar="HOST:PORT", help="gRPC address of any stage"
@@ -68,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _status_formatter() -> Callable[..., str]:
     # Imported on use: the status client pulls in gRPC, which serving flags never need.
-    from molink.pipeline.status import pipeline_status
+    from molink.discovery.status import swarm_status
 
-    return pipeline_status
+    return swarm_status
 
 
 def run_status(peer: str, key: str | None = None, key_file: str | None = None) -> int:

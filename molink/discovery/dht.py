@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from molink.discovery.records import RecordError, info_of, record_of, swarm_key
+from molink.discovery.records import RecordError, info_of, record_of, record_ttl, swarm_key
 from molink.errors import PipelineError
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.security.credentials import SwarmCredentials
@@ -29,6 +30,13 @@ from molink.security.sealing import RecordSeal
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class SwarmRecord:
+    info: NodeInfo
+    expires_in_s: float  # until the record expires unless renewed
+    age_s: float  # since the node last announced it
 
 
 class SwarmDirectory:
@@ -48,7 +56,11 @@ class SwarmDirectory:
         self._dht: Any = None
         self._ignored: dict[str, str] = {}  # node id -> why its record is ignored (logged once)
 
-    def start(self, host: str, initial_peers: list[str]) -> SwarmDirectory:
+    def start(
+        self, host: str, initial_peers: list[str], client_mode: bool = False
+    ) -> SwarmDirectory:
+        """``client_mode``: only read and write through the peers (e.g. ``molink status``);
+        such a node listens on no port and stores no one's records."""
         import hivemind  # imported here: the daemon it starts is only needed by swarm nodes
 
         from molink.security.dht_validator import SealedRecordValidator
@@ -61,6 +73,7 @@ class SwarmDirectory:
                 start=True,
                 startup_timeout=BOOTSTRAP_TIMEOUT_S,
                 record_validators=[SealedRecordValidator(self._seal)] if self._seal else [],
+                client_mode=client_mode,
             )
         except Exception as exc:  # hivemind raises its daemon's own errors
             raise PipelineError(
@@ -102,8 +115,8 @@ class SwarmDirectory:
 
     def _value(self, info: NodeInfo, ttl_s: float) -> object:
         if self._seal is None:
-            return record_of(info)
-        return self._seal.seal(msgpack.packb(record_of(info)), ttl_s)
+            return record_of(info, ttl_s)
+        return self._seal.seal(msgpack.packb(record_of(info, ttl_s)), ttl_s)
 
     def _record(self, node_id: str, value: object) -> object:
         """The plain record in a stored value; RecordError if it is not a valid one."""
@@ -119,26 +132,33 @@ class SwarmDirectory:
 
     def nodes(self) -> dict[str, tuple[NodeInfo, float]]:
         """Every valid, unexpired record: node id -> (its info, seconds until it expires)."""
+        return {r.info.node_id: (r.info, r.expires_in_s) for r in self.records()}
+
+    def records(self) -> list[SwarmRecord]:
+        """Every valid, unexpired record, with its age; invalid ones are logged and left out."""
         from hivemind.utils import get_dht_time
 
         found = self._dht.get(self._key, latest=True)
         if found is None or not isinstance(found.value, dict):
-            return {}
+            return []
         now = get_dht_time()
-        nodes: dict[str, tuple[NodeInfo, float]] = {}
+        records: list[SwarmRecord] = []
         for subkey, entry in found.value.items():
             if entry.expiration_time <= now:
                 continue
             try:
-                info = info_of(self._record(str(subkey), entry.value), self._model, self._protocol)
+                record = self._record(str(subkey), entry.value)
+                info = info_of(record, self._model, self._protocol)
             except RecordError as exc:
                 self._ignore(str(subkey), str(exc))
                 continue
             if info.node_id != subkey:
                 self._ignore(str(subkey), f"the record names node {info.node_id!r}")
                 continue
-            nodes[info.node_id] = (info, entry.expiration_time - now)
-        return nodes
+            expires_in = entry.expiration_time - now
+            age = max(0.0, record_ttl(record) - expires_in)  # type: ignore[arg-type]
+            records.append(SwarmRecord(info, expires_in, age))
+        return sorted(records, key=lambda r: (r.info.layers.start, r.info.node_id))
 
     def _ignore(self, node_id: str, reason: str) -> None:
         if self._ignored.get(node_id) != reason:

@@ -18,6 +18,7 @@ Schema, version 2 (every field required):
   num_kv_blocks, free_kv_blocks, block_size   int   its KV capacity and what is free now
   dtype, wire_dtype   str   compute dtype, and that of the activations it sends
   throughput   float  measured tokens per second of compute over its span (0: not yet)
+  ttl          float  seconds the record lives from its announcement (so its age is known)
   device       str    "cpu", "cuda:0", ...
   memory_total, memory_free   int   that device's memory, bytes (0: not reported)
 """
@@ -62,8 +63,9 @@ class RecordError(ValueError):
     """A record that is malformed or does not belong to this swarm's model."""
 
 
-def record_of(info: NodeInfo) -> dict[str, Any]:
+def record_of(info: NodeInfo, ttl_s: float) -> dict[str, Any]:
     return {
+        "ttl": float(ttl_s),
         "v": RECORD_VERSION,
         "node_id": info.node_id,
         "address": info.address,
@@ -107,9 +109,8 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
         raise RecordError(
             f"field 'public_key' is missing or not a key of at most {_MAX_PUBLIC_KEY_BYTES} bytes"
         )
-    throughput = record.get("throughput")
-    if not isinstance(throughput, float) or not math.isfinite(throughput) or throughput < 0:
-        raise RecordError("field 'throughput' is missing or not a finite rate")
+    throughput = _finite(record, "throughput")
+    _finite(record, "ttl")
     if record["protocol"] != protocol_version:
         raise RecordError(
             f"protocol version {record['protocol']}, this node speaks {protocol_version}"
@@ -141,6 +142,18 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
         memory_total_bytes=record["memory_total"],
         memory_free_bytes=record["memory_free"],
     )
+
+
+def record_ttl(record: dict[str, Any]) -> float:
+    """The lifetime a record checked by ``info_of`` was announced with."""
+    return record["ttl"]
+
+
+def _finite(record: dict[str, Any], name: str) -> float:
+    value = record.get(name)
+    if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+        raise RecordError(f"field {name!r} is missing or not a finite number >= 0")
+    return value
 
 
 def swarm_key(model: ModelIdentity) -> str:

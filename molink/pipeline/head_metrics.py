@@ -59,12 +59,25 @@ def _label(value: str) -> str:
 
 
 def swarm_metric_lines(view: PipelineView, route_choices: dict[str, int]) -> list[str]:
-    """How many nodes serve each layer, and which routes new sequences took."""
+    """How many nodes serve each layer, how many layers are covered, and which routes new
+    sequences took."""
     name = "molink:layer_replicas"
     lines = [f"# HELP {name} Nodes serving each layer.", f"# TYPE {name} gauge"]
-    for layer in range(view.num_layers):
-        count = sum(1 for s in view.stages if s.layers.start <= layer < s.layers.end)
+    counts = [
+        sum(1 for s in view.stages if s.layers.start <= layer < s.layers.end)
+        for layer in range(view.num_layers)
+    ]
+    for layer, count in enumerate(counts):
         lines.append(f'{name}{{layer="{layer}"}} {count}')
+    name = "molink:layers_covered"
+    lines += [
+        f"# HELP {name} Layers served by at least one node (of molink:layers_total).",
+        f"# TYPE {name} gauge",
+        f"{name} {sum(1 for c in counts if c)}",
+    ]
+    name = "molink:layers_total"
+    lines += [f"# HELP {name} Layers of the model.", f"# TYPE {name} gauge"]
+    lines.append(f"{name} {view.num_layers}")
     name = "molink:route_sequences_total"
     lines += [f"# HELP {name} Sequences sent along each route.", f"# TYPE {name} counter"]
     for key, count in sorted(route_choices.items()):

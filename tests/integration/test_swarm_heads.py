@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +21,7 @@ from molink.engine.offline import LLM
 from molink.security.credentials import SwarmCredentials
 from molink.security.swarm_key import generate_swarm_key
 from molink.transport.config import TransportConfig
+from tests.helpers.server_process import REPO_ROOT
 from tests.integration.pipeline_fixtures import (
     PASSAGE,
     assert_same_completions,
@@ -66,3 +70,23 @@ async def test_two_heads_share_one_tail_found_through_the_dht(tiny_model_dir) ->
         wait_until(
             tail_is_empty, 60, lambda: f"the tail frees everything: {stage_health(tail, MEMBER)}"
         )
+        _check_status_reads_the_dht(tail.grpc_address, pipeline.head.grpc_address)
+
+
+def _check_status_reads_the_dht(tail: str, head_a: str) -> None:
+    """``molink status`` (a member: it has the key) lists the three records, with both heads
+    as replicas of [0, 2)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "molink.cli.main", "status", "--peer", tail],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "MOLINK_SWARM_KEY": KEY.text()},
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "swarm (from the DHT): 3 node(s)" in out, out
+    assert "[0, 2): 2 replicas:" in out and "[2, 4): 1 node:" in out, out
+    dht_rows = out.split("swarm (from the DHT)")[1]
+    assert head_a in dht_rows and tail in dht_rows
+    assert "/" in dht_rows and "blocks" in dht_rows and " cpu " in dht_rows, dht_rows

@@ -221,12 +221,12 @@ def test_module_entry_points_take_the_same_flags(
 def test_status_prints_the_pipeline(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import molink.pipeline.status as status
+    import molink.discovery.status as status
 
     def report(address: str) -> str:
         return f"pipeline at {address}\n  node a [0, 12)"
 
-    monkeypatch.setattr(status, "pipeline_status", report)
+    monkeypatch.setattr(status, "swarm_status", report)
     assert main(["status", "--peer", "127.0.0.1:50061"]) == 0
     assert capsys.readouterr().out == "pipeline at 127.0.0.1:50061\n  node a [0, 12)\n"
 
@@ -234,12 +234,12 @@ def test_status_prints_the_pipeline(
 def test_status_reports_an_unreachable_peer(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import molink.pipeline.status as status
+    import molink.discovery.status as status
 
     def unreachable(address: str) -> str:
         raise PipelineError(f"{address} did not answer")
 
-    monkeypatch.setattr(status, "pipeline_status", unreachable)
+    monkeypatch.setattr(status, "swarm_status", unreachable)
     assert main(["status", "--peer", "127.0.0.1:1"]) == 1
     assert "did not answer" in capsys.readouterr().err
 

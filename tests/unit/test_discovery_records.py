@@ -14,6 +14,7 @@ from molink.pipeline.identity import NodeInfo
 from molink.pipeline.toy import toy_identity
 
 MODEL = toy_identity(4)
+TTL = 15.0
 INFO = NodeInfo(
     "s1",
     MODEL,
@@ -31,7 +32,7 @@ INFO = NodeInfo(
 
 
 def test_a_record_round_trips() -> None:
-    assert info_of(record_of(INFO), MODEL, INFO.protocol_version) == INFO
+    assert info_of(record_of(INFO, TTL), MODEL, INFO.protocol_version) == INFO
     assert swarm_key(MODEL) == f"molink/toy/{MODEL.fingerprint}/nodes"
 
 
@@ -43,16 +44,17 @@ def test_a_record_round_trips() -> None:
         ({"end": 9}, r"span \[2, 9\) is not part of \[0, 4\)"),
         ({"start": -1}, "field 'start' is missing or not a count"),
         ({"address": 5}, "field 'address' is missing or not a string"),
-        ({"throughput": float("nan")}, "not a finite rate"),
+        ({"throughput": float("nan")}, "field 'throughput' is missing or not a finite number"),
         ({"v": 1}, "record version 1, this node reads 2"),
         ({"public_key": "abc"}, "field 'public_key' is missing or not a key"),
         ({"public_key": b"k" * 2000}, "field 'public_key' is missing or not a key"),
         ({"device": None}, "field 'device' is missing or not a string"),
         ({"memory_free": -1}, "field 'memory_free' is missing or not a count"),
+        ({"ttl": "15"}, "field 'ttl' is missing or not a finite number"),
     ],
 )
 def test_foreign_or_malformed_records_are_refused(change: dict, reason: str) -> None:
-    record = {**record_of(INFO), **change}
+    record = {**record_of(INFO, TTL), **change}
     with pytest.raises(RecordError, match=reason):
         info_of(record, MODEL, INFO.protocol_version)
     with pytest.raises(RecordError, match="not a map"):
@@ -62,11 +64,11 @@ def test_foreign_or_malformed_records_are_refused(change: dict, reason: str) -> 
 def test_another_models_record_names_both_models() -> None:
     other = dataclasses.replace(INFO, model=toy_identity(4, served_name="other"))
     with pytest.raises(RecordError, match="model 'other'.*this swarm serves 'toy'"):
-        info_of(record_of(other), MODEL, INFO.protocol_version)
+        info_of(record_of(other, TTL), MODEL, INFO.protocol_version)
 
 
 def test_the_record_carries_identity_speed_and_device() -> None:
-    record = record_of(INFO)
+    record = record_of(INFO, TTL)
     assert record["v"] == RECORD_VERSION == 2
     assert record["public_key"] == INFO.public_key
     assert (record["device"], record["memory_total"], record["memory_free"]) == (
@@ -98,15 +100,15 @@ def test_the_directory_ignores_foreign_records_and_logs_why_once(
 ) -> None:
     from hivemind.utils import get_dht_time
 
-    later = get_dht_time() + 60
+    later = get_dht_time() + 10  # announced about TTL - 10 = 5 s ago
     other_model = dataclasses.replace(INFO, node_id="s2", model=toy_identity(4, served_name="x"))
-    old_protocol = {**record_of(dataclasses.replace(INFO, node_id="s3")), "protocol": 1}
-    outside = {**record_of(dataclasses.replace(INFO, node_id="s4")), "end": 9}
+    old_protocol = {**record_of(dataclasses.replace(INFO, node_id="s3"), TTL), "protocol": 1}
+    outside = {**record_of(dataclasses.replace(INFO, node_id="s4"), TTL), "end": 9}
     directory = SwarmDirectory(MODEL, INFO.protocol_version)
     directory._dht = _FakeDHT(
         {
-            "s1": _Entry(record_of(INFO), later),
-            "s2": _Entry(record_of(other_model), later),
+            "s1": _Entry(record_of(INFO, TTL), later),
+            "s2": _Entry(record_of(other_model, TTL), later),
             "s3": _Entry(old_protocol, later),
             "s4": _Entry(outside, later),
         }
@@ -114,6 +116,9 @@ def test_the_directory_ignores_foreign_records_and_logs_why_once(
     with caplog.at_level(logging.WARNING, logger="molink.discovery.dht"):
         assert list(directory.nodes()) == ["s1"]
         assert list(directory.nodes()) == ["s1"]
+    (record,) = directory.records()
+    assert record.info == INFO and 0 < record.expires_in_s <= 10
+    assert record.age_s + record.expires_in_s == pytest.approx(TTL)  # age: TTL less what is left
     reasons = [r.getMessage() for r in caplog.records]
     assert len(reasons) == 3  # once per node, not once per reading
     assert any("node s2" in r and "model 'x'" in r for r in reasons)
