@@ -22,7 +22,8 @@ from molink.config import LayerRange
 from molink.discovery.dht import SwarmDirectory
 from molink.discovery.setup import (
     announce_stage,
-    start_directory,
+    announced_spans,
+    join_directory,
     watch_and_announce_head,
 )
 from molink.engine.async_engine import AsyncLLMEngine
@@ -125,10 +126,11 @@ def public_key_of(credentials: SwarmCredentials) -> bytes:
 def load_stage(
     args: EngineArgs,
     options: EngineOptions,
+    source: ModelSource,
     credentials: SwarmCredentials | None = None,
     transport: TransportConfig | None = None,
-) -> tuple[ModelSource, StageWorker, NodeInfo, torch.dtype]:
-    source = resolve_model_source(options.model, quantization=options.quantization)
+    directory: SwarmDirectory | None = None,
+) -> tuple[StageWorker, NodeInfo, torch.dtype]:
     config = source.model_config
     dtype = torch_dtype_for(source, options.dtype)
     kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype)
@@ -141,6 +143,7 @@ def load_stage(
             options.block_size,
             args.molink_max_memory,
             transport or TransportConfig(),
+            announced_spans(directory) if directory is not None else None,
         )
     else:
         layers = LayerRange.resolve(
@@ -170,19 +173,29 @@ def load_stage(
         owns_blocks=layers.start != 0,
         kv_config=kv_config,
     )
-    return source, worker, node_info(args, source, worker, num_blocks, dtype, credentials), dtype
+    return worker, node_info(args, source, worker, num_blocks, dtype, credentials), dtype
 
 
 def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     """The head (start layer 0) gets an AsyncLLMEngine; any other node a StageOnlyClient."""
     credentials = node_credentials(swarm_key_of(args))
     transport = TransportConfig(security=credentials, lease_s=args.molink_lease_timeout)
-    source, worker, info, dtype = load_stage(args, options, credentials, transport)
     host = grpc_bind_host(args.host, advertise_host(args), credentials is not None)
     bind = f"{host}:{args.molink_grpc_port}"
+    # The DHT first: a node that picks its own layers reads the swarm from it.
+    source = resolve_model_source(options.model, quantization=options.quantization)
     directory = None
     if args.molink_dht == "on":
-        directory, info = start_directory(info, args.molink_initial_peer, host, transport)
+        model = ModelIdentity.from_model_config(args.model_name, source.model_config)
+        directory = join_directory(model, args.molink_initial_peer, host, transport)
+    try:
+        worker, info, dtype = load_stage(args, options, source, credentials, transport, directory)
+    except BaseException:
+        if directory is not None:
+            directory.shutdown()
+        raise
+    if directory is not None:
+        info = dataclasses.replace(info, dht_address=directory.address)
     if info.layers.start != 0:
         return _start_stage(args, source, worker, info, dtype, bind, transport, directory)
     head = PipelineExecutor(

@@ -21,9 +21,11 @@ from molink.discovery.watch import DiscoveryWatch
 from molink.errors import PipelineError
 from molink.kv_cache.stage_pool import StageBlockPool
 from molink.pipeline.head import PipelineExecutor
-from molink.pipeline.identity import NodeInfo
+from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.pipeline.node import StageNode
+from molink.placement.placement import ServedSpan
 from molink.stage.resources import memory_of
+from molink.transport import PROTOCOL_VERSION
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.config import TransportConfig
 
@@ -62,14 +64,22 @@ def dht_bootstrap_peers(initial_peer: str | None, config: TransportConfig) -> li
     return [info.dht_address]
 
 
-def start_directory(
-    info: NodeInfo, initial_peer: str | None, host: str, config: TransportConfig
-) -> tuple[SwarmDirectory, NodeInfo]:
-    """Join the DHT; returns it and ``info`` with its DHT address filled in."""
+def join_directory(
+    model: ModelIdentity, initial_peer: str | None, host: str, config: TransportConfig
+) -> SwarmDirectory:
+    """Join the swarm's DHT, bootstrapped from the initial peer's DHT address."""
     peers = dht_bootstrap_peers(initial_peer, config)
-    directory = SwarmDirectory(info.model, info.protocol_version, config.security)
-    directory.start(host, peers)
-    return directory, dataclasses.replace(info, dht_address=directory.address)
+    return SwarmDirectory(model, PROTOCOL_VERSION, config.security).start(host, peers)
+
+
+def announced_spans(directory: SwarmDirectory) -> dict[str, ServedSpan]:
+    """What the DHT's records say each node serves, with its measured throughput."""
+    return {
+        r.info.node_id: ServedSpan(
+            r.info.layers.start, r.info.layers.end, r.info.throughput_tokens_per_s
+        )
+        for r in directory.records()
+    }
 
 
 def measured_info(node: StageNode, free_kv_blocks: int) -> NodeInfo:

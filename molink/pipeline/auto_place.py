@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import grpc
 import torch
@@ -49,8 +50,14 @@ def place(
     block_size: int,
     max_memory: int | None,
     transport: TransportConfig,
+    announced: Mapping[str, ServedSpan] | None = None,
 ) -> LayerRange:
-    served = _served_spans(initial_peer, transport)
+    """``announced``: node id -> span of the records in the swarm's DHT, when this node
+    reads one; they cover nodes the peer's head has not admitted (other heads' nodes, nodes
+    that joined elsewhere), and their throughput is the nodes' own latest measurement."""
+    from_peer = _served_spans(initial_peer, transport)
+    swarm = {**from_peer, **(announced or {})}
+    served = list(swarm.values())
     budget = (
         max_memory if max_memory is not None else int(available_memory_bytes() * (1 - HEADROOM))
     )
@@ -58,16 +65,21 @@ def place(
     max_layers = layers_that_fit(budget, weight_bytes_per_layer(config, dtype), kv_reserve)
     placement = choose_span(config.num_layers, served, max_layers)
     logger.info(
-        "placement: serving layers [%d, %d): %s (memory budget %.1f GiB)",
+        "placement: serving layers [%d, %d): %s (memory budget %.1f GiB; swarm view: %d "
+        "node(s) from %s's pipeline, %d record(s) in the DHT, %d node(s) in all)",
         placement.start,
         placement.end,
         placement.reason,
         budget / 2**30,
+        len(from_peer),
+        initial_peer,
+        len(announced or {}),
+        len(swarm),
     )
     return LayerRange(placement.start, placement.end)
 
 
-def _served_spans(initial_peer: str, transport: TransportConfig) -> list[ServedSpan]:
+def _served_spans(initial_peer: str, transport: TransportConfig) -> dict[str, ServedSpan]:
     client = NodeClient(initial_peer, transport)
     deadline = time.monotonic() + _ASK_TIMEOUT_S
     try:
@@ -84,6 +96,7 @@ def _served_spans(initial_peer: str, transport: TransportConfig) -> list[ServedS
                 time.sleep(0.5)
     finally:
         client.close()
-    return [
-        ServedSpan(s.layers.start, s.layers.end, s.throughput_tokens_per_s) for s in pipeline.stages
-    ]
+    return {
+        s.node_id: ServedSpan(s.layers.start, s.layers.end, s.throughput_tokens_per_s)
+        for s in pipeline.stages
+    }
