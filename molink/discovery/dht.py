@@ -36,7 +36,7 @@ BOOTSTRAP_TIMEOUT_S = 30.0
 class SwarmRecord:
     info: NodeInfo
     expires_in_s: float  # until the record expires unless renewed
-    age_s: float  # since the node last announced it
+    age_s: float | None  # since the node last announced it; None: its lifetime is not said
 
 
 class SwarmDirectory:
@@ -156,7 +156,8 @@ class SwarmDirectory:
                 self._ignore(str(subkey), f"the record names node {info.node_id!r}")
                 continue
             expires_in = entry.expiration_time - now
-            age = max(0.0, record_ttl(record) - expires_in)  # type: ignore[arg-type]
+            ttl = record_ttl(record)  # type: ignore[arg-type]
+            age = max(0.0, ttl - expires_in) if ttl > 0 else None
             records.append(SwarmRecord(info, expires_in, age))
         return sorted(records, key=lambda r: (r.info.layers.start, r.info.node_id))
 

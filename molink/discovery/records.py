@@ -18,7 +18,7 @@ Schema, version 2 (every field required):
   num_kv_blocks, free_kv_blocks, block_size   int   its KV capacity and what is free now
   dtype, wire_dtype   str   compute dtype, and that of the activations it sends
   throughput   float  measured tokens per second of compute over its span (0: not yet)
-  ttl          float  seconds the record lives from its announcement (so its age is known)
+  ttl          float  seconds the record lives from its announcement (0: not said)
   device       str    "cpu", "cuda:0", ...
   memory_total, memory_free   int   that device's memory, bytes (0: not reported)
 """
@@ -63,7 +63,8 @@ class RecordError(ValueError):
     """A record that is malformed or does not belong to this swarm's model."""
 
 
-def record_of(info: NodeInfo, ttl_s: float) -> dict[str, Any]:
+def record_of(info: NodeInfo, ttl_s: float = 0.0) -> dict[str, Any]:
+    """``ttl_s``: the lifetime it is announced with (0: not said; then its age is unknown)."""
     return {
         "ttl": float(ttl_s),
         "v": RECORD_VERSION,

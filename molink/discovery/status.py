@@ -114,7 +114,7 @@ def _row(record: SwarmRecord) -> tuple[str, ...]:
         memory,
         f"{info.free_kv_blocks}/{info.num_kv_blocks} blocks",
         rate,
-        f"{record.age_s:.1f} s",
+        f"{record.age_s:.1f} s" if record.age_s is not None else "-",
         f"{record.expires_in_s:.1f} s",
     )
 
