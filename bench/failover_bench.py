@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.exception("%s failed", link)
             results[link] = {"error": str(exc)}
             failed = True
-    write_results(args.name, results)
+        write_results(args.name, results)  # after each link: a long run keeps what it measured
     return 1 if failed else 0
 
 

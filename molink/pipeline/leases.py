@@ -24,6 +24,7 @@ class LeaseTable:
         self._clock = clock
         self._lock = threading.Lock()
         self._renewed: dict[str, float] = {}
+        self._lapsed_at: dict[str, float] = {}  # head -> when its last lease lapsed
 
     def renew(self, head_id: str) -> None:
         if not head_id:
@@ -39,7 +40,13 @@ class LeaseTable:
             gone = [h for h, at in self._renewed.items() if now - at > self.lease_s]
             for head_id in gone:
                 del self._renewed[head_id]
+                self._lapsed_at[head_id] = now
         return gone
+
+    def lapsed_since(self, head_id: str, since: float) -> bool:
+        """Did ``head_id``'s lease lapse after ``since`` (a step received then is stale)?"""
+        with self._lock:
+            return self._lapsed_at.get(head_id, -1.0) >= since
 
     def holds(self, head_id: str) -> bool:
         with self._lock:

@@ -202,17 +202,18 @@ class ComputeWorker:
                 self._on_lapse(head_id)
 
     def _is_stale(self, job: StepJob) -> bool:
-        """A step that waited here longer than a lease (this node was frozen): its head has
-        moved its sequences elsewhere, so computing it could only leave stale KV."""
-        if self.leases is None:
-            return False
-        waited = time.monotonic() - job.received_at
-        if waited <= self.leases.lease_s:
+        """A step received before its head's lease lapsed (this node was frozen, or the
+        head died): the head has moved its sequences, so computing it could only leave
+        stale KV. A step that merely queued long on a busy node is not stale: the head's
+        health checks keep renewing the lease meanwhile."""
+        if self.leases is None or not self.leases.lapsed_since(job.head_id, job.received_at):
             return False
         self.steps_failed += 1
+        waited = time.monotonic() - job.received_at
         self._on_error(
             job,
-            f"stage {self._node_id} dropped {_step_name(job)}: it arrived {waited:.0f}s ago",
+            f"stage {self._node_id} dropped {_step_name(job)}: it arrived {waited:.0f}s ago, "
+            "before its head's lease lapsed",
             FailureKind.DEADLINE,
         )
         return True

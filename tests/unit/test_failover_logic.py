@@ -63,6 +63,10 @@ def test_a_lease_lapses_once_after_silence_and_restarts_with_traffic() -> None:
     clock.now += 5
     assert leases.lapsed() == ["h1"]
     assert leases.lapsed() == []  # reported once
+    # A step received before the lapse is stale; one received after it is not, and a
+    # head that never lapsed makes no step stale however long it queued.
+    assert leases.lapsed_since("h1", clock.now - 1) and not leases.lapsed_since("h1", clock.now + 1)
+    assert not leases.lapsed_since("h2", 0.0)
     assert not leases.holds("h1") and leases.holds("h2")
     leases.renew("h1")  # a head that speaks again (e.g. restarted) starts a new lease
     assert leases.holds("h1")
