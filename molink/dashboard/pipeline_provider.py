@@ -182,6 +182,7 @@ class PipelineSwarmProvider:
             health=health,
             detail=detail,
             dtype=stage.dtype,
+            **_device_of(stage),
             step_time_s=timing.compute_s_per_step if timing else None,
             queued_steps=report.queued_steps if report else (stats.num_waiting if stats else None),
             active_sequences=(
@@ -204,6 +205,7 @@ class PipelineSwarmProvider:
             health="dead",
             detail=answer if isinstance(answer, str) else "left the pipeline",
             dtype=info.dtype,
+            **_device_of(info),
             kv_total_tokens=info.kv_capacity_tokens,
             record_age_s=max(0.0, now - seen.renewed_at),
         )
@@ -213,6 +215,16 @@ def _with_ban(node: NodeView, reason: str | None) -> NodeView:
     if reason is None:
         return node
     return dataclasses.replace(node, health="banned", detail=f"banned: {reason}")
+
+
+def _device_of(info: NodeInfo) -> dict[str, str | int | None]:
+    """The NodeView fields of where a node computes, as its Join or DHT record says."""
+    reported = info.memory_total_bytes > 0
+    return {
+        "device": info.device,
+        "memory_total_bytes": info.memory_total_bytes if reported else None,
+        "memory_free_bytes": info.memory_free_bytes if reported else None,
+    }
 
 
 def _with_record(node: NodeView, record: RecordTimes | None, now: float) -> NodeView:

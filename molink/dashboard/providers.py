@@ -63,6 +63,7 @@ class StageSwarmProvider:
                 health="alive",
                 detail="" if s.node_id == self._node_id else "as last reported by the head",
                 dtype=s.dtype,
+                device=s.device,
                 kv_total_tokens=s.kv_capacity_tokens,
                 is_head=view is not None and s.node_id == view.head_id,
             )

@@ -27,7 +27,9 @@ class NodeView:
     end: int
     health: Health
     detail: str = ""  # why it is not alive, or what it reports
-    device: str = ""  # "" when the node does not say
+    device: str = ""  # "cpu", "cuda:0", ...; "" when the node does not say
+    memory_total_bytes: int | None = None  # that device's memory (None: not reported)
+    memory_free_bytes: int | None = None
     dtype: str = ""
     step_time_s: float | None = None  # smoothed compute time of one step
     queued_steps: int | None = None

@@ -80,6 +80,7 @@ def test_dashboard_lists_every_node_and_covers_every_layer(pipeline, browser, da
         row = dashboard.locator(f'#nodes-body tr[data-node-id="{node_id}"]')
         row.wait_for()
         assert row.locator("td.layers").inner_text() == f"[{start}, {end})"
+        assert row.locator("td.device").inner_text().startswith("cpu")  # as each node says
         span = dashboard.locator(f'#coverage g.span[data-node-id="{node_id}"]')
         assert span.get_attribute("data-start") == str(start)
         assert span.get_attribute("data-end") == str(end)

@@ -1,7 +1,9 @@
 """The dashboard's view of DHT records, and the head's watch of them: record age, expiry,
-missed renewals, and a dropped node's leftover record not bringing it back."""
+missed renewals, a dropped node's leftover record not bringing it back; each node's device."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from molink.config import LayerRange
 from molink.dashboard.pipeline_provider import PipelineSwarmProvider
@@ -89,3 +91,21 @@ def test_a_node_dropped_by_the_head_comes_back_only_when_it_renews_its_record() 
     directory.records.clear()  # expired: dropped
     watch.check_once()
     assert "s1" not in head.known and watch.record_times() == {}
+
+
+def test_each_node_shows_its_device_and_memory_as_it_reported_them() -> None:
+    head, clock = FakeHead(), Clock()
+    gib = 1 << 30
+    head.stages[1] = dataclasses.replace(
+        head.stages[1], device="cuda:0", memory_total_bytes=80 * gib, memory_free_bytes=12 * gib
+    )
+    provider = PipelineSwarmProvider(head, lambda: EngineStats(0, 0, 10, 10), clock=clock)
+    local, gpu = provider.snapshot().nodes
+    assert (local.device, local.memory_total_bytes, local.memory_free_bytes) == ("cpu", None, None)
+    assert (gpu.device, gpu.memory_total_bytes, gpu.memory_free_bytes) == (
+        "cuda:0",
+        80 * gib,
+        12 * gib,
+    )
+    head.stages = head.stages[:1]
+    assert provider.snapshot().nodes[1].device == "cuda:0"  # a dead node keeps its device

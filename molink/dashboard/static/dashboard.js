@@ -49,6 +49,15 @@ function kv(node) {
   return `${free} / ${node.kv_total_tokens} tokens free`;
 }
 
+function gib(bytes) {
+  return (bytes / 2 ** 30).toFixed(1);
+}
+
+function device(node) {
+  if (!node.device || node.memory_total_bytes === null) return node.device;
+  return `${node.device} (${gib(node.memory_free_bytes)} of ${gib(node.memory_total_bytes)} GiB free)`;
+}
+
 function recordAge(node) {
   if (node.record_age_s === null) return "–";
   const age = `${node.record_age_s.toFixed(1)} s`;
@@ -61,7 +70,7 @@ function renderNodes(snapshot) {
     el("td", {}, node.address || "–"),
     el("td", { className: "layers" }, `[${node.start}, ${node.end})`),
     el("td", {}, el("span", { className: `badge health-${node.health}` }, node.health)),
-    el("td", {}, [node.device, node.dtype].filter(Boolean).join(" / ") || "–"),
+    el("td", { className: "device" }, [device(node), node.dtype].filter(Boolean).join(" / ") || "–"),
     el("td", {}, ms(node.step_time_s)),
     el("td", {}, node.queued_steps === null ? "–" : String(node.queued_steps)),
     el("td", {}, node.active_sequences === null ? "–" : String(node.active_sequences)),
