@@ -3,8 +3,9 @@ link estimates, and the nodes' DHT records when the head reads them.
 
 The provider remembers nodes it has seen, so that a node the head dropped still shows, as
 dead, with the layers it took along, until ``retention_s`` passes or it rejoins. With the
-DHT, a node's record age is the time since the head saw its record renewed; a node that
-let two renewals pass is "missing" even while its health checks still answer.
+DHT, a node's record age is the time since it last renewed its record (records say their
+lifetime); a node that let two renewals pass is "missing" even while its health checks
+still answer.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Protocol
 
-from molink.discovery.dht import SwarmDirectory
+from molink.discovery.dht import SwarmDirectory, SwarmRecord
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.registry import RecordTimes
 
@@ -68,13 +68,13 @@ class DiscoveryWatch:
             return dict(self._times)
 
     def check_once(self) -> None:
-        records = self._directory.nodes()
+        records = {r.info.node_id: r for r in self._directory.records()}
         renewed = self._note_times(records)
         announced = {
-            node_id: info
-            for node_id, (info, _) in records.items()
+            node_id: record.info
+            for node_id, record in records.items()
             # Another node at layer 0 is another head: routes start at this head.
-            if node_id != self._head.head_id and info.layers.start > 0
+            if node_id != self._head.head_id and record.info.layers.start > 0
         }
         known = self._head.known_nodes()
         for node_id, info in announced.items():
@@ -96,18 +96,20 @@ class DiscoveryWatch:
                 self._seen.discard(node_id)
                 self._head.drop_node(node_id, "its DHT record expired")
 
-    def _note_times(self, records: dict[str, tuple[NodeInfo, float]]) -> set[str]:
-        """Updates ``record_times``; returns the nodes whose record is new or renewed."""
+    def _note_times(self, records: dict[str, SwarmRecord]) -> set[str]:
+        """Updates ``record_times``; returns the nodes whose record is new or renewed. A
+        record that says its lifetime tells its age; else it counts from when it was seen."""
         now = time.time()
         renewed: set[str] = set()
         with self._times_lock:
             previous, self._times = self._times, {}
-            for node_id, (_, remaining_s) in records.items():
-                expires_at = now + remaining_s
+            for node_id, record in records.items():
+                expires_at = now + record.expires_in_s
                 before = previous.get(node_id)
                 if before is None or expires_at > before.expires_at + RENEWAL_SLACK_S:
                     renewed.add(node_id)
-                    self._times[node_id] = RecordTimes(now, expires_at)
+                    age = record.age_s if record.age_s is not None else 0.0
+                    self._times[node_id] = RecordTimes(now - age, expires_at)
                 else:
                     self._times[node_id] = before
         return renewed

@@ -7,6 +7,7 @@ import dataclasses
 
 from molink.config import LayerRange
 from molink.dashboard.pipeline_provider import PipelineSwarmProvider
+from molink.discovery.dht import SwarmRecord
 from molink.discovery.watch import DiscoveryWatch
 from molink.engine.protocol import EngineStats
 from molink.pipeline.identity import NodeInfo
@@ -44,11 +45,13 @@ def test_record_age_and_expiry_come_from_the_dht_and_missed_renewals_show_missin
 
 
 class FakeDirectory:
-    def __init__(self) -> None:
-        self.records: dict[str, tuple[NodeInfo, float]] = {}
+    """Records by node id: (info, seconds until it expires); each says its lifetime TTL_S."""
 
-    def nodes(self) -> dict[str, tuple[NodeInfo, float]]:
-        return dict(self.records)
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[NodeInfo, float]] = {}
+
+    def records(self) -> list[SwarmRecord]:
+        return [SwarmRecord(i, left, max(0.0, TTL_S - left)) for i, left in self.entries.values()]
 
 
 class FakeDiscoveringHead:
@@ -74,21 +77,29 @@ def test_a_node_dropped_by_the_head_comes_back_only_when_it_renews_its_record() 
     directory, head = FakeDirectory(), FakeDiscoveringHead()
     watch = DiscoveryWatch(directory, head, interval_s=1.0)  # type: ignore[arg-type]
     stage = NodeInfo("s1", MODEL, LayerRange(15, 30), "s1:1")
-    directory.records["s1"] = (stage, TTL_S)
+    directory.entries["s1"] = (stage, TTL_S)
     watch.check_once()
     assert head.admitted == ["s1"]
     first = watch.record_times()["s1"]
     assert first.expires_at - first.renewed_at == TTL_S
+    late = NodeInfo("s2", MODEL, LayerRange(15, 30), "s2:1")
+    directory.entries["s2"] = (late, TTL_S - 5.0)  # first seen 5 s after it was announced
+    watch.check_once()
+    seen = watch.record_times()["s2"]
+    assert abs(seen.expires_at - seen.renewed_at - TTL_S) < 1e-6  # its age is the record's
+    del directory.entries["s2"]
+    watch.check_once()
+    head.admitted.remove("s2")
     head.known.clear()  # its health checks failed: the head dropped it
-    directory.records["s1"] = (stage, TTL_S - 2.0)  # the same record, older
+    directory.entries["s1"] = (stage, TTL_S - 2.0)  # the same record, older
     watch.check_once()
     assert head.admitted == ["s1"]  # a dead node's leftover record does not bring it back
     assert watch.record_times()["s1"] == first
-    directory.records["s1"] = (stage, TTL_S + 5.0)  # it renewed (5 s later): alive after all
+    directory.entries["s1"] = (stage, TTL_S + 5.0)  # it renewed (5 s later): alive after all
     watch.check_once()
     assert head.admitted == ["s1", "s1"]
     assert watch.record_times()["s1"].renewed_at >= first.renewed_at
-    directory.records.clear()  # expired: dropped
+    directory.entries.clear()  # expired: dropped
     watch.check_once()
     assert "s1" not in head.known and watch.record_times() == {}
 
