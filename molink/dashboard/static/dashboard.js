@@ -7,7 +7,8 @@ import { renderCoverage } from "./coverage.js";
 const RETRY_MS = 2000;
 const ms = (v) => formatSeconds(v);
 const count = (v) => (Number.isInteger(v) ? String(v) : v.toFixed(1));
-const percent = (v) => (v === 0 ? "0%" : `${(v * 100).toPrecision(2)}%`);
+// Whole percents from 10% up (toPrecision would write 100% as "1.0e+2%"), two digits below.
+const percent = (v) => (v === 0 ? "0%" : `${v >= 0.1 ? (v * 100).toFixed(0) : (v * 100).toPrecision(2)}%`);
 
 const charts = {
   tokens: new LineChart(document.getElementById("chart-tokens"),
