@@ -151,11 +151,12 @@ def running_server(
     port: int,
     startup_timeout_s: float = 600.0,
     env: Mapping[str, str] | None = None,
+    health_path: str = "/health",
 ) -> Iterator[ServerProcess]:
-    """A healthy server for the block, stopped at its end."""
+    """A healthy server for the block (``health_path`` answers 200), stopped at its end."""
     server = start_server(command, port, env)
     try:
-        took = wait_for_health(server, startup_timeout_s)
+        took = wait_for_health(server, startup_timeout_s, health_path)
         logger.info("server healthy after %.1fs", took)
         yield server
     finally:

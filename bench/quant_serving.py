@@ -15,11 +15,21 @@ answers one request at a time (no batching across requests).
         [--servers molink_q4_1,molink_float32] [--streams 1,8,32] [--new-tokens 32]
         [--name quant_serving]
 
-Writes ``bench/results/<name>.json``. Committed runs (a host loaded by other jobs, so
-absolute figures are low and noisy; each file compares its servers in one run):
-``quant_serving.json``: Q4_1 vs float32 at 1, 8, 32 streams, 32 new tokens;
-``quant_serving_bf16.json``: Q4_1 vs bfloat16 at 1 and 8 streams. llama.cpp's server was
-not measured: llama-cpp-python's source build did not finish on one core of this host.
+Writes ``bench/results/<name>.json`` (after each server, so a long run keeps what it
+measured). ``--prompt-tokens N`` sends prompts of N token ids instead (long contexts; the
+molink servers get a 2 GiB KV cache) and ``decode_tok_s`` is the streams' steady decode
+rate (streams x 1000 / TPOT). Committed runs (a host loaded by other jobs, so absolute
+figures are low and noisy; each file compares its servers in one run):
+``quant_serving.json``: Q4_1 vs float32 at 1, 8, 32 streams, 32 new tokens (2.95x, 1.68x,
+0.89x); ``quant_serving_bf16.json``: Q4_1 vs bfloat16 at 1 and 8 streams;
+``quant_serving_kernels.json``: Q4_1 (int4), Q4_1 with ``--quantized-batch-kernel fp16``
+and float32 at 1, 8, 32 streams on a host loaded ~7x (load average 13-16 on 2 cores):
+int4 0.84x, 0.72x, 0.45x float32; fp16 0.81x, 1.15x, 0.78x (bfloat16 was stopped: its
+warm-up request alone outlasted the time left); ``quant_serving_llama_cpp.json``:
+llama-cpp-python 0.3.36's server built here, run right after: 59.8 tok/s at 1 stream
+(TPOT 16 ms), peak RSS 326 MiB vs 974 (int4), 1404 (fp16), 2160 MiB (float32); at 8 and
+32 streams it ended 7 of 8 and 31 of 32 answers early (it does not honour ``ignore_eos``),
+so those figures do not compare.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -70,6 +82,15 @@ def servers(llama_python: str | None) -> dict[str, list[str] | None]:
     common = ["--num-threads", "1", "--max-num-seqs", "64"]
     found: dict[str, list[str] | None] = {
         "molink_q4_1": ["--model", gguf, "--quantization", "gguf", *common],
+        "molink_q4_1_fp16": [
+            "--model",
+            gguf,
+            "--quantization",
+            "gguf",
+            "--quantized-batch-kernel",
+            "fp16",
+            *common,
+        ],
         "molink_float32": [
             "--model",
             gguf,
@@ -102,8 +123,14 @@ def command_for(name: str, flags: list[str], port: int) -> list[str]:
     return molink_serve_command(port, flags)
 
 
-async def measure(base_url: str, streams: int, new_tokens: int) -> dict[str, Any]:
-    specs = [RequestSpec(f"{PROMPT} {i + 1}:", new_tokens) for i in range(streams)]
+async def measure(
+    base_url: str, streams: int, new_tokens: int, prompt_tokens: int = 0
+) -> dict[str, Any]:
+    """``prompt_tokens`` > 0: prompts of that many token ids (long contexts), else text."""
+    if prompt_tokens:
+        specs = [RequestSpec(long_prompt(prompt_tokens, i), new_tokens) for i in range(streams)]
+    else:
+        specs = [RequestSpec(f"{PROMPT} {i + 1}:", new_tokens) for i in range(streams)]
     config = LoadConfig(base_url=base_url, read_timeout_s=600.0, run_timeout_s=1800.0)
     result = await run_load(specs, config)
     s = result.summary
@@ -116,11 +143,23 @@ async def measure(base_url: str, streams: int, new_tokens: int) -> dict[str, Any
         "output_tokens": s.total_output_tokens,
         "length_mismatches": s.num_length_mismatches,
         "errors": s.error_samples,
+        # Steady decode rate of all streams together (TPOT excludes the prefill).
+        "decode_tok_s": round(streams * 1000 / s.tpot_mean_ms, 2) if s.tpot_mean_ms else None,
     }
 
 
+def long_prompt(tokens: int, index: int) -> list[int]:
+    """Distinct token ids (no shared prefix to cache) of SmolLM2's ordinary vocabulary."""
+    gen = torch.Generator().manual_seed(index)
+    return torch.randint(1000, 40000, (tokens,), generator=gen).tolist()
+
+
 def run(
-    llama_python: str | None, stream_counts: list[int], new_tokens: int, only: str | None
+    llama_python: str | None,
+    stream_counts: list[int],
+    new_tokens: int,
+    only: str | None,
+    prompt_tokens: int = 0,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, flags in servers(llama_python).items():
@@ -129,30 +168,40 @@ def run(
         if flags is None:
             results[name] = {"skipped": "no --llama-python given"}
             continue
+        if prompt_tokens and name != "llama_cpp":
+            flags = [*flags, "--kv-cache-memory", "2GiB"]
         port = free_port()
+        # llama-cpp-python's server has no /health; its model list answers once loaded.
+        health = "/v1/models" if name == "llama_cpp" else "/health"
         with running_server(
-            command_for(name, flags, port), port, env={"OMP_NUM_THREADS": "1"}
+            command_for(name, flags, port), port, env={"OMP_NUM_THREADS": "1"}, health_path=health
         ) as server:
             # One short request first: lazy initialisation does not land in the figures.
             asyncio.run(measure(server.base_url, 1, 4))
-            runs = [asyncio.run(measure(server.base_url, n, new_tokens)) for n in stream_counts]
+            runs = [
+                asyncio.run(measure(server.base_url, n, new_tokens, prompt_tokens))
+                for n in stream_counts
+            ]
             results[name] = {"runs": runs, "peak_rss_mib": _peak_rss_mib(server.process.pid)}
         logger.info("%s: %s", name, results[name])
     return results
 
 
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
-    """Quantized tok/s over each other server's, per stream count."""
-    base = {r["streams"]: r["output_tok_s"] for r in results["molink_q4_1"]["runs"]}
+    """Each quantized server's tok/s over each other server's, per stream count."""
     out: dict[str, Any] = {}
-    for name, entry in results.items():
-        if name == "molink_q4_1" or "runs" not in entry:
+    for quantized in ("molink_q4_1", "molink_q4_1_fp16"):
+        if "runs" not in results.get(quantized, {}):
             continue
-        out[f"q4_1_over_{name}"] = {
-            str(r["streams"]): round(base[r["streams"]] / r["output_tok_s"], 2)
-            for r in entry["runs"]
-            if r["output_tok_s"]
-        }
+        base = {r["streams"]: r["output_tok_s"] for r in results[quantized]["runs"]}
+        for name, entry in results.items():
+            if name.startswith("molink_q4_1") or "runs" not in entry:
+                continue
+            out[f"{quantized.removeprefix('molink_')}_over_{name}"] = {
+                str(r["streams"]): round(base[r["streams"]] / r["output_tok_s"], 2)
+                for r in entry["runs"]
+                if r["output_tok_s"] and r["streams"] in base
+            }
     return out
 
 
@@ -163,14 +212,25 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--servers", default=None, help="comma-separated subset of the servers")
     parser.add_argument("--name", default="quant_serving", help="results file name")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=0, help="long contexts: prompts of this many tokens"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     streams = [int(n) for n in args.streams.split(",")]
-    results = run(args.llama_python, streams, args.new_tokens, args.servers)
-    write_results(
-        args.name,
-        {"new_tokens": args.new_tokens, "servers": results, "ratios": ratios(results)},
-    )
+    names = args.servers.split(",") if args.servers else list(servers(args.llama_python))
+    results: dict[str, Any] = {}
+    for name in names:  # written after each server: a long run keeps what it measured
+        results.update(run(args.llama_python, streams, args.new_tokens, name, args.prompt_tokens))
+        write_results(
+            args.name,
+            {
+                "new_tokens": args.new_tokens,
+                "prompt_tokens": args.prompt_tokens or "text",
+                "servers": results,
+                "ratios": ratios(results),
+            },
+        )
 
 
 if __name__ == "__main__":
