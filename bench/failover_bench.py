@@ -11,7 +11,8 @@ every hop: head -> each replica and back):
 
 * kill -> next token: for each stream, the time from the kill to its first token after it
   (streams on the survivor barely pause; those moved wait for detection and replay);
-  max, median and p90 over the streams, and the head's own measure (failure noticed ->
+  max, median and p90 over the streams; the longest pause between two tokens of a stream
+  from its last token before the kill on; and the head's own measure (failure noticed ->
   first replayed token, ``molink:failover_recovery_seconds``);
 * the throughput dip: generated tokens per second in 1 s bins over the 10 s around the
   kill, and the lowest bin against the mean of the bins before it;
@@ -202,6 +203,13 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _longest_pause(times: list[float], kill: float) -> float:
+    before = [t for t in times if t <= kill]
+    after = [t for t in times if t > kill]
+    points = before[-1:] + after
+    return max((b - a for a, b in zip(points, points[1:], strict=False)), default=float("nan"))
+
+
 def _bins(all_times: list[float], kill: float) -> list[int]:
     start = kill - WINDOW_S / 2
     counts = [0] * int(WINDOW_S)
@@ -246,6 +254,7 @@ async def measure(deployment: Deployment, config: Config, count: int) -> dict[st
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     gaps = [min((x for x in t if x > kill), default=float("nan")) - kill for t in times]
+    pauses = [_longest_pause(t, kill) for t in times]
     after = fetch_metrics(base)
     bins = _bins([x for t in times for x in t], kill)
     steady = statistics.mean(bins[: int(WINDOW_S / 2)]) if bins else 0.0
@@ -258,6 +267,9 @@ async def measure(deployment: Deployment, config: Config, count: int) -> dict[st
             "median": statistics.median(gaps),
             "p90": _percentile(gaps, 0.9),
         },
+        # The longest gap between two tokens of a stream from the last one before the kill
+        # on (a token already on its way when the victim died arrives after the kill).
+        "longest_pause_s": {"max": max(pauses), "median": statistics.median(pauses)},
         "head_recovery_s_max": after.get("molink:failover_recovery_seconds_max"),
         "tokens_per_s_bins": bins,
         "dip": {
