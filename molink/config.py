@@ -140,6 +140,7 @@ class EngineDefaults:
     """
 
     dtype: str = "auto"
+    device: str = "auto"  # the first CUDA device when torch sees one, else the CPU
     kv_cache_dtype: str = "auto"
     quantized_batch_kernel: str = "int4"  # molink.quant.kernels: weights stay at file size
     block_size: int = 16

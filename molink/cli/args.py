@@ -16,6 +16,7 @@ from pathlib import Path
 from molink.cli.security_args import add_security_args, validate_security_args
 from molink.cli.vllm_args import add_vllm_args, ignored_vllm_flags, validate_vllm_flags
 from molink.config import ENGINE_DEFAULTS
+from molink.device import DEVICE_CHOICES, check_device_text
 from molink.errors import InvalidParameterError
 from molink.quant.config import (
     KV_CACHE_DTYPE_CHOICES,
@@ -97,6 +98,7 @@ class EngineArgs:
     host: str = "0.0.0.0"
     port: int = 8000
     dtype: str = ENGINE_DEFAULTS.dtype
+    device: str = ENGINE_DEFAULTS.device
     quantization: str | None = None  # None: as the checkpoint is (molink.quant.config)
     quantized_batch_kernel: str = ENGINE_DEFAULTS.quantized_batch_kernel
     kv_cache_dtype: str = ENGINE_DEFAULTS.kv_cache_dtype
@@ -180,6 +182,7 @@ class EngineArgs:
 
     def validate(self) -> None:
         _check_choice(self.dtype, DTYPE_CHOICES, "dtype")
+        check_device_text(self.device)
         check_quantization_choice(self.quantization)
         check_batch_kernel(self.quantized_batch_kernel)
         check_kv_cache_dtype(self.kv_cache_dtype)
@@ -323,7 +326,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--dtype",
         default=ENGINE_DEFAULTS.dtype,
         choices=DTYPE_CHOICES,
-        help="weight and activation dtype (default: %(default)s)",
+        help="weight and activation dtype; auto: the checkpoint's on a GPU, float32 or "
+        "bfloat16 on a CPU (default: %(default)s)",
+    )
+    model.add_argument(
+        "--device",
+        default=ENGINE_DEFAULTS.device,
+        metavar="{" + ",".join(DEVICE_CHOICES) + "}",
+        help="where this node computes; auto: the first CUDA device if torch sees one, "
+        "else the CPU (default: %(default)s)",
     )
     model.add_argument(
         "--quantization",

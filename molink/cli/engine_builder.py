@@ -17,6 +17,7 @@ def engine_options(args: EngineArgs) -> EngineOptions:
     return EngineOptions(
         model=args.model,  # None: the default model, converted once and cached
         dtype=args.dtype,
+        device=args.device,
         quantization=args.quantization,
         quantized_batch_kernel=args.quantized_batch_kernel,
         kv_cache_dtype=args.kv_cache_dtype,

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from molink.cli.args import EngineArgs
 from molink.cli.security_args import swarm_key_of
 from molink.config import LayerRange
+from molink.device import resolve_device
 from molink.discovery.dht import SwarmDirectory
 from molink.discovery.setup import (
     announce_stage,
@@ -131,9 +132,10 @@ def load_stage(
     transport: TransportConfig | None = None,
     directory: SwarmDirectory | None = None,
 ) -> tuple[StageWorker, NodeInfo, torch.dtype]:
+    device = resolve_device(options.device)
     config = source.model_config
-    dtype = torch_dtype_for(source, options.dtype)
-    kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype)
+    dtype = torch_dtype_for(source, options.dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
     if args.molink_auto_place and args.molink_initial_peer:
         # No layer flags: take the span the swarm needs most (explicit flags always win).
         layers = place(
@@ -158,6 +160,7 @@ def load_stage(
         options.quantization,
         options.tensor_parallel_size,
         follower_settings(options, layers, dtype, num_blocks),
+        device,
         batch_kernel=options.quantized_batch_kernel,
     )
     grammars = last_stage_grammars(source, layers)
@@ -182,6 +185,7 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     transport = TransportConfig(security=credentials, lease_s=args.molink_lease_timeout)
     host = grpc_bind_host(args.host, advertise_host(args), credentials is not None)
     bind = f"{host}:{args.molink_grpc_port}"
+    resolve_device(options.device)  # a device this machine lacks fails before any loading
     # The DHT first: a node that picks its own layers reads the swarm from it.
     source = resolve_model_source(options.model, quantization=options.quantization)
     directory = None

@@ -15,6 +15,7 @@ from molink.config import (
     ModelConfig,
     SchedulerConfig,
 )
+from molink.device import resolve_device
 from molink.engine.llm_engine import LLMEngine
 from molink.engine.local_executor import LocalExecutor
 from molink.errors import InvalidParameterError
@@ -47,6 +48,7 @@ class EngineOptions:
 
     model: str | None = None
     dtype: str = ENGINE_DEFAULTS.dtype
+    device: str = ENGINE_DEFAULTS.device  # auto, cpu, cuda, cuda:N
     quantization: str | None = None  # None: as the checkpoint is
     quantized_batch_kernel: str = ENGINE_DEFAULTS.quantized_batch_kernel
     kv_cache_dtype: str = ENGINE_DEFAULTS.kv_cache_dtype
@@ -67,8 +69,11 @@ class EngineOptions:
         return self.kv_cache_memory_bytes
 
 
-def torch_dtype_for(source: ModelSource, dtype: str) -> torch.dtype:
-    return resolve_torch_dtype(dtype, source.checkpoint_dtype)
+def torch_dtype_for(
+    source: ModelSource, dtype: str, device: torch.device | str = "cpu"
+) -> torch.dtype:
+    """``auto``: the checkpoint's dtype on a GPU; float32 or bfloat16 on a CPU."""
+    return resolve_torch_dtype(dtype, source.checkpoint_dtype, device)
 
 
 def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
@@ -126,10 +131,11 @@ def build_local_engine(
     the hand-over also goes through the wire codec (see LocalExecutor).
     Returns the engine, its model source and max_model_len.
     """
+    device = resolve_device(options.device)  # before any loading: a bad device fails at once
     source = resolve_model_source(options.model, quantization=options.quantization)
     config = source.model_config
-    dtype = torch_dtype_for(source, options.dtype)
-    kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype)
+    dtype = torch_dtype_for(source, options.dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     bounds = [0, *(layer_splits or []), config.num_layers]
     ranges = [LayerRange.resolve(a, b, config.num_layers) for a, b in itertools.pairwise(bounds)]
@@ -149,6 +155,7 @@ def build_local_engine(
                 options.quantization,
                 tp_size,
                 follower_settings(options, r, dtype, num_blocks),
+                device,
                 batch_kernel=options.quantized_batch_kernel,
             ),
             config,

@@ -131,7 +131,7 @@ class DecoderSlice(nn.Module):
                 x = F.embedding(inputs, self.embed)
             if self.embed_scale is not None:
                 # In the model's dtype, as transformers rounds the scale (Gemma).
-                x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+                x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
         else:
             x = inputs.to(self.dtype)
         if meta.max_context_len > self.max_context:
@@ -189,6 +189,8 @@ class DecoderSlice(nn.Module):
         return [m for m in self.modules() if isinstance(m, LinearLike)]
 
     def _prepack_allowed(self) -> bool:
+        if self._device.type != "cpu":
+            return False  # oneDNN's packed layout exists only for CPU matrices
         size = sum(p.numel() * p.element_size() for p in self.parameters() if p.dim() >= 2)
         return size <= PREPACK_MAX_BYTES
 

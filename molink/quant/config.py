@@ -56,6 +56,8 @@ def resolve_quantization(
     """The method to run: ``requested`` if the checkpoint (``detected``) allows it."""
     check_quantization_choice(requested)
     method = detected if requested is None else requested
+    if requested is None and detected == "gguf" and torch.device(device).type != "cpu":
+        method = "none"  # GGUF's packed kernels here are CPU ones; a GPU runs it dequantized
     if detected not in ("none", "gguf", *CHECKPOINT_METHODS):
         raise InvalidParameterError(
             "quantization_config",

@@ -56,8 +56,10 @@ class StageWorker:
         self.is_first = layer_range.is_first()
         self.is_last = layer_range.is_last(model_config.num_layers)
         num_local_layers = layer_range.end - layer_range.start
+        # Every tensor of a step lives where the model's weights do (--device).
+        self.device = _device_of(model)
         self.kv_cache = KVCache.allocate(
-            kv_config or model_config, num_local_layers, num_blocks, block_size, dtype
+            kv_config or model_config, num_local_layers, num_blocks, block_size, dtype, self.device
         )
         RESIDENT.add("kv_cache", self.kv_cache.nbytes)
         self.sampler = (
@@ -121,7 +123,7 @@ class StageWorker:
             inputs.append(plan_inputs)
             running.append(index)
         if running:
-            meta = AttentionMetadata.build(chunks, self.block_size)
+            meta = AttentionMetadata.build(chunks, self.block_size, device=self.device)
             batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
             output = self.model(batch, meta, self.kv_cache)
             plans = [steps[i][0] for i in running]
@@ -190,12 +192,13 @@ class StageWorker:
                     f"step {plan.step_id} has {len(plan.token_ids)} token ids for "
                     f"{plan.num_tokens} scheduled tokens"
                 )
-            return torch.tensor(plan.token_ids, dtype=torch.long)
+            return torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
         expected = (plan.num_tokens, self.model_config.hidden_size)
         if hidden is None or tuple(hidden.shape) != expected:
             got = None if hidden is None else tuple(hidden.shape)
             raise ProtocolError(f"step {plan.step_id}: hidden states {got}, expected {expected}")
-        return hidden
+        # Hidden states arrive as host bytes (or from a stage on another device).
+        return hidden.to(self.device, non_blocking=True)
 
     def _sample(
         self, plans: Sequence[StepPlan], output: torch.Tensor, head_id: str
@@ -219,7 +222,8 @@ class StageWorker:
                     owners.append(index)
         tokens: list[list[SampledToken]] = [[] for _ in plans]
         if rows:
-            logits = self.model.compute_logits(output[rows])
+            # The sampler works on host tensors: only the sampled rows' logits cross over.
+            logits = self.model.compute_logits(output[rows]).cpu()
             sampled = self.sampler.sample_isolated(logits, states)
             for seq_id, state, owner, result in zip(seq_ids, states, owners, sampled, strict=True):
                 tokens[owner].append(self._sampled_token(seq_id, state, result))
@@ -255,5 +259,13 @@ class StageWorker:
             state.prompt_logprobs = []
         targets = state.token_ids[first + 1 : last_target + 1]
         logits = self.model.compute_logits(hidden[: len(targets)])[:, : self.sampler.vocab_size]
+        logits = logits.cpu()
         num_top = state.params.prompt_logprobs or 0
         state.prompt_logprobs.extend(prompt_token_logprobs(logits, targets, num_top))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's weights (a slice without any is on the CPU)."""
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")

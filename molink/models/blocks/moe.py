@@ -64,12 +64,15 @@ class MoE(nn.Module):
         self.act = act
         e, hidden, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
         # The router stays in float32 (as transformers keeps it): expert choice is discrete.
-        self.router = nn.Parameter(torch.empty(e, hidden, dtype=torch.float32), False)
+        on = factory.device
+        self.router = nn.Parameter(torch.empty(e, hidden, dtype=torch.float32, device=on), False)
         self.router_bias = (
-            nn.Parameter(torch.empty(e, dtype=torch.float32), False) if spec.router_bias else None
+            nn.Parameter(torch.empty(e, dtype=torch.float32, device=on), False)
+            if spec.router_bias
+            else None
         )
         self.selection_bias = (
-            nn.Parameter(torch.empty(e, dtype=torch.float32), False)
+            nn.Parameter(torch.empty(e, dtype=torch.float32, device=on), False)
             if spec.selection_bias
             else None
         )
