@@ -4,10 +4,12 @@ A forward step carries, for every scheduled sequence, a chunk of new tokens. Row
 flattened batch follow the order of the chunks. ``AttentionMetadata.build`` turns the chunks
 into the index tensors every layer needs, once per forward:
 
-* decode chunks (one new token) of all sequences are attended in ONE batched call: their
-  blocks are gathered into a padded ``[B, L, kv_heads, head_dim]`` tensor with a padding
-  mask; query heads are grouped by the key/value head they share, so grouped-query
-  attention needs no repeated keys;
+* decode chunks (one new token) read the cache in place where they can: on CUDA through
+  the Triton kernel for the whole batch; on a CPU, sequences of at least
+  ``IN_PLACE_MIN_TOKENS`` one by one over views of their runs of slots (decode_plan.py).
+  Shorter ones are attended in ONE batched call: their blocks are gathered into a padded
+  ``[B, L, kv_heads, head_dim]`` tensor with a padding mask; query heads are grouped by
+  the key/value head they share, so grouped-query attention needs no repeated keys;
 * prefill chunks (several new tokens) are attended one sequence at a time, causally, to
   the cached prefix and themselves. A chunk that starts at position 0 attends only to its
   own new keys, which skips reading the cache.
@@ -22,6 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from molink.errors import InvalidParameterError
+from molink.models import decode_plan
+from molink.models.decode_paths import (
+    decode_in_place,
+    decode_params,
+    decode_triton,
+    use_triton,
+)
+from molink.models.decode_plan import InPlaceDecode, plan_in_place
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,9 @@ class DecodeGroup:
     block_table: torch.Tensor  # [batch_size * blocks_per_seq], padded with block 0
     context_len: int  # longest context; gathered keys are cut to it
     mask: torch.Tensor | None  # [batch_size, 1, 1, context_len] bool; None: no padding
+    lengths: torch.Tensor  # [batch_size] int32 context lengths, for kernels reading in place
+    window: int | None = None
+    in_kernel: bool = False  # True: a kernel reads the blocks in place (no gather, no mask)
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class AttentionMetadata:
         decode: DecodeGroup | None,
         prefills: tuple[PrefillGroup, ...],
         sliding_window: int | None,
+        in_place: tuple[InPlaceDecode, ...] = (),
     ) -> None:
         self.chunks = chunks
         self.block_size = block_size
@@ -95,6 +109,7 @@ class AttentionMetadata:
         self.slot_mapping = slot_mapping
         self.decode = decode
         self.prefills = prefills
+        self.in_place = in_place
         self.sliding_window = sliding_window
         self.num_tokens = int(positions.shape[0])
         self.max_context_len = max(c.start_pos + c.num_tokens for c in chunks)
@@ -123,6 +138,8 @@ class AttentionMetadata:
         decode_rows: list[int] = []
         decode_chunks: list[SeqChunk] = []
         prefills: list[PrefillGroup] = []
+        in_place: list[InPlaceDecode] = []
+        kernel = use_triton(torch.device(device))
         for index, chunk in enumerate(chunks):
             _check_chunk(index, chunk, block_size)
             row = len(positions)
@@ -133,13 +150,17 @@ class AttentionMetadata:
                 block_ids[p // block_size] * block_size + p % block_size
                 for p in range(chunk.start_pos, end)
             )
-            if chunk.num_tokens == 1:
+            if chunk.num_tokens == 1 and not kernel and end >= decode_plan.IN_PLACE_MIN_TOKENS:
+                in_place.append(
+                    plan_in_place(row, block_ids, end, block_size, sliding_window, device)
+                )
+            elif chunk.num_tokens == 1:
                 decode_rows.append(row)
                 decode_chunks.append(chunk)
             else:
                 prefills.append(_prefill_group(row, chunk, block_size, device, sliding_window))
         decode = (
-            _decode_group(decode_rows, decode_chunks, block_size, device, sliding_window)
+            _decode_group(decode_rows, decode_chunks, block_size, device, sliding_window, kernel)
             if decode_chunks
             else None
         )
@@ -151,6 +172,7 @@ class AttentionMetadata:
             decode,
             tuple(prefills),
             sliding_window,
+            tuple(in_place),
         )
 
     def with_sliding_window(self, window: int) -> AttentionMetadata:
@@ -166,6 +188,7 @@ def _decode_group(
     block_size: int,
     device: torch.device | str,
     window: int | None,
+    kernel: bool = False,
 ) -> DecodeGroup:
     lengths = [c.start_pos + 1 for c in chunks]
     context_len = max(lengths)
@@ -177,7 +200,7 @@ def _decode_group(
         table.extend([0] * (blocks_per_seq - used))
     mask = None
     needs_window = window is not None and context_len > window
-    if needs_window or min(lengths) != context_len:
+    if not kernel and (needs_window or min(lengths) != context_len):
         lens = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]
         key_pos = torch.arange(context_len, device=device)[None, :]
         mask = key_pos < lens
@@ -196,6 +219,9 @@ def _decode_group(
         block_table=torch.tensor(table, dtype=torch.long, device=device),
         context_len=context_len,
         mask=mask,
+        lengths=torch.tensor(lengths, dtype=torch.int32, device=device),
+        window=window,
+        in_kernel=kernel,
     )
 
 
@@ -275,12 +301,16 @@ def paged_attention(
     store_kv(k, v, key_cache, value_cache, meta)
     head_dim_v = v.shape[-1]
     decode, prefills = meta.decode, meta.prefills
-    if not prefills:
+    if not prefills and not meta.in_place:
         assert decode is not None
         return _decode(q, key_cache, value_cache, decode, head_dim_v, options)
-    if decode is None and len(prefills) == 1:
+    if decode is None and len(prefills) == 1 and not meta.in_place:
         return _prefill(q, k, v, key_cache, value_cache, prefills[0], options)
     out = q.new_empty(q.shape[0], q.shape[1] * head_dim_v)
+    if meta.in_place:
+        params = decode_params(q, head_dim_v, meta.sliding_window, options)
+        for plan in meta.in_place:
+            out[plan.row] = decode_in_place(q, key_cache, value_cache, plan, params)
     if decode is not None:
         result = _decode(q, key_cache, value_cache, decode, head_dim_v, options)
         if isinstance(decode.rows, slice):
@@ -317,6 +347,10 @@ def _decode(
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     batch = group.batch_size
+    if group.in_kernel:
+        params = decode_params(q, head_dim_v, group.window, options)
+        table = group.block_table.view(batch, -1)
+        return decode_triton(q[group.rows], key_cache, value_cache, table, group.lengths, params)
     # Query heads sharing a kv head become that head's "query rows": [B, kv, group, D].
     query = q[group.rows].view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     keys = _gather(key_cache, group.block_table, batch, group.context_len).to(q.dtype)

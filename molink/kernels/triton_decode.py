@@ -1,0 +1,193 @@
+"""Decode attention that reads the paged KV cache in place, as a Triton kernel.
+
+Why Triton: it is the kernel language vLLM and SGLang use for their portable attention
+backends, it ships as a wheel next to torch, and its interpreter (``TRITON_INTERPRET=1``)
+runs the same kernel on a CPU, so CI checks it against molink/kernels/paged_reference.py
+without a GPU. (flashinfer-python needs a CUDA toolkit at import; torch's flex_attention
+needs a block mask rebuilt per step.)
+
+One program per (sequence, key/value head): it walks the sequence's row of the block
+table, loads each block's keys and values where they lie, and keeps an online softmax
+(running maximum, running sum, rescaled accumulator) for all query heads that share that
+key/value head, so grouped-query attention reads each key once. Sliding windows skip the
+blocks before the window; soft-capping and attention sinks are applied inside the loop
+and at its end. With an empty value cache, values are the keys' first channels (latent
+attention).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from molink.kernels.paged_reference import DecodeParams
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp: the same in every Triton version and in the interpreter.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    lens_ptr,
+    sinks_ptr,
+    out_ptr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    scale,
+    softcap,
+    window,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    DV_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_PAD: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    length = tl.load(lens_ptr + seq)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D_PAD)
+    dv = tl.arange(0, DV_PAD)
+    s = tl.arange(0, BLOCK_PAD)
+    heads = kv_head * GROUP + g
+    head_ok = g < GROUP
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=head_ok[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    ).to(tl.float32)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, DV_PAD], tl.float32)
+    start = 0
+    if USE_WINDOW:
+        start = tl.maximum(length - window, 0)
+    for j in range(start // BLOCK_SIZE, tl.cdiv(length, BLOCK_SIZE)):
+        block = tl.load(table_ptr + seq * stride_tb + j).to(tl.int64)
+        pos = j * BLOCK_SIZE + s
+        valid = (s < BLOCK_SIZE) & (pos < length) & (pos >= start)
+        k = tl.load(
+            k_ptr + block * stride_kb + s[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
+            mask=valid[:, None] & (d[None, :] < HEAD_DIM),
+            other=0.0,
+        ).to(tl.float32)
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        else:
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+        if USE_SOFTCAP:
+            scores = softcap * _tanh(scores / softcap)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_ptr + block * stride_vb + s[:, None] * stride_vs + kv_head * stride_vh + dv[None, :],
+            mask=valid[:, None] & (dv[None, :] < HEAD_DIM_V),
+            other=0.0,
+        ).to(tl.float32)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, sink)
+        alpha = tl.exp(m - m_new)
+        total = total * alpha + tl.exp(sink - m_new)
+        acc = acc * alpha[:, None]
+    out = acc / total[:, None]
+    tl.store(
+        out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dv[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=head_ok[:, None] & (dv[None, :] < HEAD_DIM_V),
+    )
+
+
+def _pad(n: int) -> int:
+    return max(triton.next_power_of_2(n), 1)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    params: DecodeParams,
+) -> torch.Tensor:
+    """The same contract as ``paged_decode_reference``: ``q`` [B, H, D], caches
+    [blocks, block_size, kv_heads, D(v)] (last dims contiguous), ``block_table``
+    [B, max_blocks], ``context_lens`` [B]; returns [B, H, Dv] in ``q``'s dtype."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    values = value_cache if value_cache.shape[-1] else key_cache
+    out = q.new_empty(batch, num_heads, params.head_dim_v)
+    if batch == 0:
+        return out
+    group_pad, block_pad, d_pad = _pad(group), _pad(block_size), _pad(head_dim)
+    sinks = params.sinks if params.sinks is not None else context_lens  # unread placeholder
+    _paged_decode_kernel[(batch, num_kv_heads)](
+        q,
+        key_cache,
+        values,
+        block_table,
+        context_lens,
+        sinks,
+        out,
+        q.stride(0),
+        q.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        block_table.stride(0),
+        out.stride(0),
+        out.stride(1),
+        params.scale,
+        params.softcap or 1.0,
+        params.window or 0,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        HEAD_DIM_V=params.head_dim_v,
+        DV_PAD=_pad(params.head_dim_v),
+        BLOCK_SIZE=block_size,
+        BLOCK_PAD=block_pad,
+        USE_SOFTCAP=params.softcap is not None,
+        USE_WINDOW=params.window is not None,
+        USE_SINKS=params.sinks is not None,
+        # Tensor-core products need every side >= 16; smaller groups use a reduction.
+        USE_DOT=group_pad >= 16 and block_pad >= 16 and d_pad >= 16,
+    )
+    return out

@@ -1,0 +1,92 @@
+"""The Triton paged-decode kernel equals the PyTorch reference (run by Triton's interpreter
+on the CPU): ragged batches, block boundaries, sliding windows, grouped-query ratios,
+soft-capping, sinks, latent attention's shared key/value cache, half-precision caches."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from molink.kernels.paged_reference import DecodeParams, paged_decode_reference
+
+# The interpreter is chosen when a kernel is decorated, so before the module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install triton)", allow_module_level=True)
+from molink.kernels.triton_decode import paged_decode  # noqa: E402
+
+
+def _case(
+    lengths: list[int],
+    heads: int,
+    kv_heads: int,
+    head_dim: int = 16,
+    block_size: int = 4,
+    head_dim_v: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """Random caches with each sequence's blocks scattered in a shuffled pool."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(need) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    table = torch.zeros(len(lengths), max(need), dtype=torch.int32)
+    cursor = 0
+    for row, n in enumerate(need):
+        table[row, :n] = torch.tensor(order[cursor : cursor + n])
+        cursor += n
+    keys = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    dv = head_dim if head_dim_v is None else 0
+    values = torch.randn(num_blocks, block_size, kv_heads, dv, generator=gen).to(dtype)
+    q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    return q, keys, values, table, lens
+
+
+def _check(case, params: DecodeParams, atol: float = 1e-5) -> None:
+    expected = paged_decode_reference(*case, params)
+    got = paged_decode(*case, params)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (8, 1), (16, 1), (32, 2)])
+def test_ragged_batches_across_block_boundaries(heads: int, kv_heads: int) -> None:
+    lengths = [1, 4, 5, 8, 13, 31]  # one token, exactly one block, one past, ...
+    case = _case(lengths, heads, kv_heads)
+    _check(case, DecodeParams(scale=16**-0.5, head_dim_v=16))
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_block_sizes_that_are_not_the_padding(block_size: int) -> None:
+    case = _case([2, 17, 40], 4, 2, head_dim=24, block_size=block_size)
+    _check(case, DecodeParams(scale=0.2, head_dim_v=24))
+
+
+@pytest.mark.parametrize("window", [1, 3, 4, 9, 100])
+def test_sliding_windows(window: int) -> None:
+    case = _case([1, 3, 6, 12, 23], 8, 2)
+    _check(case, DecodeParams(scale=0.25, head_dim_v=16, window=window))
+
+
+def test_soft_capped_logits_and_sinks() -> None:
+    case = _case([5, 11, 16], 4, 2, seed=3)
+    q = case[0] * 8  # large logits, where the cap bites
+    case = (q, *case[1:])
+    _check(case, DecodeParams(scale=0.25, head_dim_v=16, softcap=5.0))
+    sinks = torch.tensor([0.5, -1.0, 3.0, 0.0])
+    _check(case, DecodeParams(scale=0.25, head_dim_v=16, sinks=sinks, window=6))
+
+
+def test_latent_attention_reads_values_from_the_keys() -> None:
+    case = _case([3, 9, 20], 16, 1, head_dim=40, head_dim_v=32)
+    _check(case, DecodeParams(scale=0.1, head_dim_v=32))
+
+
+def test_half_precision_caches() -> None:
+    case = _case([7, 19], 8, 2, dtype=torch.bfloat16)
+    _check(case, DecodeParams(scale=0.25, head_dim_v=16), atol=2e-2)
