@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Measured on SmolLM2 shapes (bench/decode_in_place.py): below a few hundred tokens the
-# padded batch's single call is cheaper than per-sequence calls.
+# Measured on SmolLM2's shapes (3 kv heads of 64, groups of 3), 8 sequences, one thread,
+# ms per layer, padded gather + one call vs one call per sequence over views: 64 tokens
+# 1.29 vs 1.76, 128: 1.74 vs 2.49, 256: 4.43 vs 4.19, 512: 13.0 vs 9.4.
 IN_PLACE_MIN_TOKENS = 256
 # A run shorter than this is cheaper to copy with the other short runs than to read as
 # its own view (each view costs two small matmuls per layer).
