@@ -141,6 +141,7 @@ class EngineDefaults:
 
     dtype: str = "auto"
     device: str = "auto"  # the first CUDA device when torch sees one, else the CPU
+    gpu_memory_utilization: float = 0.9  # share of a GPU's memory a stage may use (vLLM's)
     kv_cache_dtype: str = "auto"
     quantized_batch_kernel: str = "int4"  # molink.quant.kernels: weights stay at file size
     block_size: int = 16

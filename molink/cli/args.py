@@ -145,7 +145,7 @@ class EngineArgs:
     generation_config: str = "auto"  # "auto": the model's sampling defaults; "vllm": none
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization
     enforce_eager: bool = False
     trust_remote_code: bool = False
     disable_log_requests: bool = False

@@ -35,6 +35,8 @@ from molink.engine.factory import (
     follower_settings,
     last_stage_grammars,
     num_blocks_for,
+    profiled_num_blocks,
+    profiles_kv_memory,
     resolve_max_model_len,
     torch_dtype_for,
 )
@@ -152,7 +154,10 @@ def load_stage(
             args.molink_start_layer, args.molink_end_layer, config.num_layers
         )
     kv_config = rank_kv_config(config, options.tensor_parallel_size)
-    num_blocks = num_blocks_for(kv_config, layers, options, kv_dtype)
+    max_model_len = resolve_max_model_len(config, options.max_model_len)
+    profile = profiles_kv_memory(options, device)
+    # Profiled: sized after loading; otherwise before (tensor-parallel ranks load with it).
+    num_blocks = 0 if profile else num_blocks_for(kv_config, layers, options, kv_dtype)
     model = load_stage_slice(
         source,
         layers,
@@ -163,6 +168,8 @@ def load_stage(
         device,
         batch_kernel=options.quantized_batch_kernel,
     )
+    if profile:
+        num_blocks = profiled_num_blocks([model], options, kv_dtype, max_model_len, device)
     grammars = last_stage_grammars(source, layers)
     # A head's own layers use its scheduler's blocks; any other node allocates its own.
     worker = StageWorker(

@@ -37,10 +37,12 @@ def ignored_vllm_flags(args: EngineArgs) -> list[str]:
         notes.append("--enforce-eager: there are no CUDA graphs to disable; execution is eager")
     if args.trust_remote_code:
         notes.append("--trust-remote-code: no model code is ever loaded from a model repo")
-    if args.gpu_memory_utilization != 0.9:
+    if args.gpu_memory_utilization != ENGINE_DEFAULTS.gpu_memory_utilization and not _on_gpu(
+        args.device
+    ):
         notes.append(
-            "--gpu-memory-utilization: ignored without a GPU; --kv-cache-memory sizes the "
-            "KV cache on a CPU"
+            "--gpu-memory-utilization: no effect on a CPU stage; --kv-cache-memory sizes the "
+            "KV cache there"
         )
     if args.disable_log_requests or args.disable_log_stats:
         notes.append("--disable-log-requests/--disable-log-stats: requests are not logged")
@@ -53,6 +55,12 @@ def ignored_vllm_flags(args: EngineArgs) -> list[str]:
     if args.uvicorn_log_level is not None:
         notes.append("--uvicorn-log-level: --log-level sets every logger")
     return notes
+
+
+def _on_gpu(device: str) -> bool:
+    import torch  # imported on use: flag parsing alone does not need it
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def add_vllm_args(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +104,9 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        default=0.9,
-        help="share of GPU memory for weights and KV cache; no effect on a CPU "
+        default=ENGINE_DEFAULTS.gpu_memory_utilization,
+        help="share of the GPU's memory this stage may use: the KV cache gets what the "
+        "weights and a profiled forward at the largest batch leave; no effect on a CPU "
         "(default: %(default)s)",
     )
     for flag, help_text in (

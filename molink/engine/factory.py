@@ -16,10 +16,13 @@ from molink.config import (
     SchedulerConfig,
 )
 from molink.device import resolve_device
+from molink.engine import device_memory
+from molink.engine.device_memory import ProfileLimits
 from molink.engine.llm_engine import LLMEngine
 from molink.engine.local_executor import LocalExecutor
 from molink.errors import InvalidParameterError
 from molink.kv_cache.manager import KVCacheManager
+from molink.models.decoder import DecoderSlice
 from molink.models.kv_cache import KVCache
 from molink.models.parallel.check import rank_kv_config
 from molink.models.rope_length import model_max_context
@@ -55,6 +58,8 @@ class EngineOptions:
     max_model_len: int | None = None  # None: the model's own limit
     block_size: int = ENGINE_DEFAULTS.block_size
     kv_cache_memory_bytes: int | None = None  # None: automatic (kv_cache_bytes)
+    # On a GPU, automatic means: what --gpu-memory-utilization leaves (device_memory.py).
+    gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization
     num_kv_blocks: int | None = None  # set: exactly this many blocks, whatever the memory
     max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
     max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
@@ -103,6 +108,44 @@ def num_blocks_for(
     return int(num_blocks)
 
 
+def profiles_kv_memory(options: EngineOptions, device: torch.device) -> bool:
+    """On a device whose allocator can be read (CUDA), without an explicit cache size, the
+    cache takes what ``--gpu-memory-utilization`` leaves after the weights and a profiled
+    forward at the largest batch; elsewhere ``--kv-cache-memory`` sizes it (and so do
+    tensor-parallel stages, whose ranks need the size before they load)."""
+    given = options.num_kv_blocks is not None or options.kv_cache_memory_bytes is not None
+    return (
+        device_memory.memory_probe(device) is not None
+        and not given
+        and options.tensor_parallel_size == 1
+    )
+
+
+def profiled_num_blocks(
+    models: list[DecoderSlice],
+    options: EngineOptions,
+    kv_dtype: torch.dtype,
+    max_model_len: int,
+    device: torch.device,
+) -> int:
+    """KV blocks per stage for slices loaded on ``device`` (all in this process)."""
+    memory = device_memory.memory_probe(device)
+    assert memory is not None
+    limits = ProfileLimits(
+        options.gpu_memory_utilization,
+        options.max_num_batched_tokens,
+        options.max_num_seqs,
+        max_model_len,
+        options.block_size,
+    )
+    profile = device_memory.profile_memory(models, limits, kv_dtype, memory)
+    per_block = sum(
+        KVCache.bytes_per_block(m.config, m.num_local_layers, options.block_size, kv_dtype)
+        for m in models
+    )
+    return device_memory.kv_blocks_that_fit(profile, limits, per_block)
+
+
 def build_scheduler(
     options: EngineOptions, num_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]
 ) -> Scheduler:
@@ -145,19 +188,29 @@ def build_local_engine(
             "tensor_parallel_size", "one process runs one tensor-parallel stage, not several"
         )
     kv_config = rank_kv_config(config, tp_size)
-    num_blocks = min(num_blocks_for(kv_config, r, options, kv_dtype) for r in ranges)
+    profile = profiles_kv_memory(options, device)
+    # Profiled: sized after loading; otherwise before (tensor-parallel ranks load with it).
+    num_blocks = (
+        0 if profile else min(num_blocks_for(kv_config, r, options, kv_dtype) for r in ranges)
+    )
+    models = [
+        load_stage_slice(
+            source,
+            r,
+            dtype_name(dtype),
+            options.quantization,
+            tp_size,
+            follower_settings(options, r, dtype, num_blocks),
+            device,
+            batch_kernel=options.quantized_batch_kernel,
+        )
+        for r in ranges
+    ]
+    if profile:
+        num_blocks = profiled_num_blocks(models, options, kv_dtype, max_model_len, device)
     stages = [
         StageWorker(
-            load_stage_slice(
-                source,
-                r,
-                dtype_name(dtype),
-                options.quantization,
-                tp_size,
-                follower_settings(options, r, dtype, num_blocks),
-                device,
-                batch_kernel=options.quantized_batch_kernel,
-            ),
+            model,
             config,
             r,
             num_blocks,
@@ -166,7 +219,7 @@ def build_local_engine(
             grammars=last_stage_grammars(source, r),
             kv_config=kv_config,
         )
-        for r in ranges
+        for model, r in zip(models, ranges, strict=True)
     ]
     tokenizer = Tokenizer.from_dir(source.tokenizer_dir)
     eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
