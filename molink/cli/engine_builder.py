@@ -25,6 +25,7 @@ def engine_options(args: EngineArgs) -> EngineOptions:
         block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory,  # None: automatic
         gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,

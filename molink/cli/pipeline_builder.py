@@ -33,6 +33,7 @@ from molink.engine.factory import (
     build_scheduler,
     dtype_name,
     follower_settings,
+    graph_settings,
     last_stage_grammars,
     num_blocks_for,
     profiled_num_blocks,
@@ -182,6 +183,7 @@ def load_stage(
         grammars,
         owns_blocks=layers.start != 0,
         kv_config=kv_config,
+        graphs=graph_settings(options, max_model_len, device),
     )
     return worker, node_info(args, source, worker, num_blocks, dtype, credentials), dtype
 

@@ -33,8 +33,8 @@ def validate_vllm_flags(args: EngineArgs) -> None:
 def ignored_vllm_flags(args: EngineArgs) -> list[str]:
     """What each vLLM flag given here that means nothing on this server is, one line each."""
     notes = []
-    if args.enforce_eager:
-        notes.append("--enforce-eager: there are no CUDA graphs to disable; execution is eager")
+    if args.enforce_eager and not _on_gpu(args.device):
+        notes.append("--enforce-eager: a CPU stage has no CUDA graphs; it always runs eagerly")
     if args.trust_remote_code:
         notes.append("--trust-remote-code: no model code is ever loaded from a model repo")
     if args.gpu_memory_utilization != ENGINE_DEFAULTS.gpu_memory_utilization and not _on_gpu(
@@ -109,8 +109,13 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
         "weights and a profiled forward at the largest batch leave; no effect on a CPU "
         "(default: %(default)s)",
     )
+    group.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode steps eagerly on a GPU instead of replaying CUDA graphs captured "
+        "per batch size at start (default: off)",
+    )
     for flag, help_text in (
-        ("--enforce-eager", "accepted; execution is always eager"),
         ("--trust-remote-code", "accepted; no model code is ever loaded"),
         ("--disable-log-requests", "accepted; requests are not logged"),
         ("--disable-log-stats", "accepted"),

@@ -31,6 +31,7 @@ from molink.parallel.stage import load_stage_slice
 from molink.quant.config import resolve_kv_cache_dtype
 from molink.sampling.structured import GrammarCompiler, grammar_compiler_for
 from molink.scheduler.scheduler import Scheduler
+from molink.stage.decode_graphs import CudaGraphFactory, GraphSettings
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
 from molink.weights import ModelSource, resolve_model_source
@@ -60,6 +61,7 @@ class EngineOptions:
     kv_cache_memory_bytes: int | None = None  # None: automatic (kv_cache_bytes)
     # On a GPU, automatic means: what --gpu-memory-utilization leaves (device_memory.py).
     gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     num_kv_blocks: int | None = None  # set: exactly this many blocks, whatever the memory
     max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
     max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
@@ -146,6 +148,16 @@ def profiled_num_blocks(
     return device_memory.kv_blocks_that_fit(profile, limits, per_block)
 
 
+def graph_settings(
+    options: EngineOptions, max_model_len: int, device: torch.device
+) -> GraphSettings | None:
+    """CUDA graphs for decode steps on a GPU, unless --enforce-eager (or tensor-parallel:
+    its ranks follow each forward through messages a graph cannot replay)."""
+    if device.type != "cuda" or options.enforce_eager or options.tensor_parallel_size > 1:
+        return None
+    return GraphSettings(options.max_num_seqs, max_model_len, CudaGraphFactory(device))
+
+
 def build_scheduler(
     options: EngineOptions, num_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]
 ) -> Scheduler:
@@ -218,6 +230,7 @@ def build_local_engine(
             kv_dtype,
             grammars=last_stage_grammars(source, r),
             kv_config=kv_config,
+            graphs=graph_settings(options, max_model_len, device),
         )
         for model, r in zip(models, ranges, strict=True)
     ]

@@ -17,6 +17,7 @@ into the index tensors every layer needs, once per forward:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,11 +123,14 @@ class AttentionMetadata:
         *,
         device: torch.device | str = "cpu",
         sliding_window: int | None = None,
+        kernel: bool | None = None,
     ) -> AttentionMetadata:
         """Precompute everything attention needs for ``chunks`` (rows in chunk order).
 
         ``sliding_window``: each token attends only to the last ``sliding_window`` positions
         (itself included), as Mistral does. Models apply their own window; callers leave it.
+        ``kernel``: decodes read the cache through the paged-decode kernel (None: where
+        Triton runs, i.e. on CUDA).
         """
         chunks = tuple(chunks)
         if not chunks:
@@ -139,7 +143,7 @@ class AttentionMetadata:
         decode_chunks: list[SeqChunk] = []
         prefills: list[PrefillGroup] = []
         in_place: list[InPlaceDecode] = []
-        kernel = use_triton(torch.device(device))
+        kernel = use_triton(torch.device(device)) if kernel is None else kernel
         for index, chunk in enumerate(chunks):
             _check_chunk(index, chunk, block_size)
             row = len(positions)
@@ -177,8 +181,25 @@ class AttentionMetadata:
 
     def with_sliding_window(self, window: int) -> AttentionMetadata:
         """The same batch with every token's attention limited to the last ``window`` positions."""
+        decode = self.decode
+        if decode is not None and decode.in_kernel and not self.prefills and not self.in_place:
+            # The kernel applies the window itself: same tensors, so a captured CUDA graph
+            # (molink/stage/decode_graphs.py) keeps reading the buffers it was captured on.
+            return AttentionMetadata(
+                self.chunks,
+                self.block_size,
+                self.positions,
+                self.slot_mapping,
+                dataclasses.replace(decode, window=window),
+                (),
+                window,
+            )
         return AttentionMetadata.build(
-            self.chunks, self.block_size, device=self.positions.device, sliding_window=window
+            self.chunks,
+            self.block_size,
+            device=self.positions.device,
+            sliding_window=window,
+            kernel=decode.in_kernel if decode is not None else None,
         )
 
 

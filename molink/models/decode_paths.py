@@ -15,7 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from molink.kernels.paged_reference import DecodeParams
+from molink.kernels.paged_reference import DecodeParams, paged_decode_reference
 from molink.models.decode_plan import InPlaceDecode
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,14 @@ def decode_triton(
     lengths: torch.Tensor,
     params: DecodeParams,
 ) -> torch.Tensor:
-    """``q`` [B, H, D] -> [B, H * Dv]."""
-    from molink.kernels.triton_decode import paged_decode  # imports triton: CUDA only
+    """``q`` [B, H, D] -> [B, H * Dv]. Off CUDA (tests of the paths around the kernel),
+    the PyTorch reference stands in for it."""
+    if q.device.type == "cuda":
+        from molink.kernels.triton_decode import paged_decode  # imports triton: CUDA only
 
-    out = paged_decode(q, key_cache, value_cache, block_table, lengths, params)
+        out = paged_decode(q, key_cache, value_cache, block_table, lengths, params)
+    else:
+        out = paged_decode_reference(q, key_cache, value_cache, block_table, lengths, params)
     return out.reshape(q.shape[0], -1)
 
 

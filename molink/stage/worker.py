@@ -23,6 +23,7 @@ from molink.quant.memory import RESIDENT
 from molink.sampling.prompt_logprobs import prompt_token_logprobs
 from molink.sampling.sampler import Sampler, SequenceSamplingState
 from molink.sampling.structured import GrammarCompiler
+from molink.stage.decode_graphs import GraphSettings, capture_decode_graphs
 from molink.step import SampledToken, ScheduledSequence, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class StageWorker:
         grammars: GrammarCompiler | None = None,
         owns_blocks: bool = False,
         kv_config: ModelConfig | None = None,
+        graphs: GraphSettings | None = None,
     ) -> None:
         """``kv_config``: the layout of this process's KV cache when it differs from the
         model's (a tensor-parallel rank holds its share of the KV heads)."""
@@ -62,6 +64,7 @@ class StageWorker:
             kv_config or model_config, num_local_layers, num_blocks, block_size, dtype, self.device
         )
         RESIDENT.add("kv_cache", self.kv_cache.nbytes)
+        self.graphs = capture_decode_graphs(model, self.kv_cache, graphs)
         self.sampler = (
             Sampler(model_config.eos_token_ids, model_config.vocab_size, grammars=grammars)
             if self.is_last
@@ -125,7 +128,10 @@ class StageWorker:
         if running:
             meta = AttentionMetadata.build(chunks, self.block_size, device=self.device)
             batch = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
-            output = self.model(batch, meta, self.kv_cache)
+            if self.graphs is not None and self.graphs.can_run(meta):
+                output = self.graphs.run(batch, meta)
+            else:
+                output = self.model(batch, meta, self.kv_cache)
             plans = [steps[i][0] for i in running]
             if self.is_last:
                 outputs: list[torch.Tensor | StepResult] = list(

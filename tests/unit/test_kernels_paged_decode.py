@@ -4,6 +4,7 @@ soft-capping, sinks, latent attention's shared key/value cache, half-precision c
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -12,8 +13,11 @@ import torch
 
 from molink.kernels.paged_reference import DecodeParams, paged_decode_reference
 
-# The interpreter is chosen when a kernel is decorated, so before the module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# MOLINK_TEST_DEVICE=cuda (bench/gpu_check.py) runs the compiled kernel on a GPU; elsewhere
+# the interpreter runs it. It is chosen when a kernel is decorated: before the import.
+DEVICE = torch.device(os.environ.get("MOLINK_TEST_DEVICE", "cpu"))
+if DEVICE.type != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton)", allow_module_level=True)
 from molink.kernels.triton_decode import paged_decode  # noqa: E402
@@ -48,6 +52,9 @@ def _case(
 
 
 def _check(case, params: DecodeParams, atol: float = 1e-5) -> None:
+    case = tuple(t.to(DEVICE) for t in case)
+    if params.sinks is not None:
+        params = dataclasses.replace(params, sinks=params.sinks.to(DEVICE))
     expected = paged_decode_reference(*case, params)
     got = paged_decode(*case, params)
     assert got.shape == expected.shape and got.dtype == expected.dtype
