@@ -149,6 +149,8 @@ def load_stage(
             args.molink_max_memory,
             transport or TransportConfig(),
             announced_spans(directory) if directory is not None else None,
+            device,
+            options.gpu_memory_utilization,
         )
     else:
         layers = LayerRange.resolve(

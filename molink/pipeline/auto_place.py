@@ -3,7 +3,8 @@
 It asks its initial peer for the swarm as that peer sees it (``GetPipeline``: the head's
 registry, replicas and nodes found in the DHT included), sizes itself to its memory
 (weights of a layer plus a minimum KV reserve per layer, out of ``--molink-max-memory``
-or, by default, the memory the machine has available less a quarter), and applies the
+or, by default, the memory the machine has available less a quarter; on a GPU, the
+device's memory times ``--gpu-memory-utilization``), and applies the
 rule of molink/placement/placement.py. The choice and the reason are logged.
 """
 
@@ -35,6 +36,17 @@ def available_memory_bytes() -> int:
     return host_memory().free_bytes
 
 
+def memory_budget(
+    max_memory: int | None, device: torch.device, gpu_memory_utilization: float
+) -> int:
+    """What a node may fill with layers: the given bytes, else its device's memory."""
+    if max_memory is not None:
+        return max_memory
+    if device.type == "cuda":  # weights and KV live on the GPU, not in host memory
+        return int(torch.cuda.mem_get_info(device)[1] * gpu_memory_utilization)
+    return int(available_memory_bytes() * (1 - HEADROOM))
+
+
 def weight_bytes_per_layer(config: ModelConfig, dtype: torch.dtype) -> int:
     """Attention (q, k, v, o) and the gated MLP of one decoder layer."""
     hidden, kv_width = config.hidden_size, config.num_kv_heads * config.head_dim
@@ -51,6 +63,8 @@ def place(
     max_memory: int | None,
     transport: TransportConfig,
     announced: Mapping[str, ServedSpan] | None = None,
+    device: torch.device = torch.device("cpu"),
+    gpu_memory_utilization: float = 0.9,
 ) -> LayerRange:
     """``announced``: node id -> span of the records in the swarm's DHT, when this node
     reads one; they cover nodes the peer's head has not admitted (other heads' nodes, nodes
@@ -58,9 +72,7 @@ def place(
     from_peer = _served_spans(initial_peer, transport)
     swarm = {**from_peer, **(announced or {})}
     served = list(swarm.values())
-    budget = (
-        max_memory if max_memory is not None else int(available_memory_bytes() * (1 - HEADROOM))
-    )
+    budget = memory_budget(max_memory, device, gpu_memory_utilization)
     kv_reserve = KVCache.bytes_per_block(config, 1, block_size, dtype) * MIN_KV_BLOCKS
     max_layers = layers_that_fit(budget, weight_bytes_per_layer(config, dtype), kv_reserve)
     placement = choose_span(config.num_layers, served, max_layers)

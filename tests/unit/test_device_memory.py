@@ -109,3 +109,14 @@ def test_what_does_not_fit_is_named(tiny_model_dir, fake_memory) -> None:
 def test_an_explicit_cache_size_skips_profiling(tiny_model_dir, fake_memory) -> None:
     engine, _, _ = build_local_engine(_options(str(tiny_model_dir("qwen3")), num_kv_blocks=32))
     assert fake_memory.forwards == 0 and engine.executor.stages[0].num_blocks == 32
+
+
+def test_a_gpu_node_places_layers_by_its_device_memory(monkeypatch) -> None:
+    from molink.pipeline import auto_place
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * GIB, 10 * GIB))
+    cuda = torch.device("cuda", 0)
+    assert auto_place.memory_budget(None, cuda, 0.8) == 8 * GIB
+    assert auto_place.memory_budget(3 * GIB, cuda, 0.8) == 3 * GIB  # --molink-max-memory wins
+    monkeypatch.setattr(auto_place, "available_memory_bytes", lambda: 4 * GIB)
+    assert auto_place.memory_budget(None, torch.device("cpu"), 0.8) == 3 * GIB
