@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 
 from molink.models.attention import AttentionMetadata, DecodeGroup, SeqChunk
+from molink.models.blocks.moe import MoE
 from molink.models.decoder import DecoderSlice
 from molink.models.kv_cache import KVCache
 
@@ -97,6 +98,10 @@ def capture_decode_graphs(
     """The slice's decode graphs, or None (eager) when none are asked for or capture fails
     (a layer that reads values back to the host, e.g. experts counting their tokens)."""
     if settings is None or not isinstance(model, DecoderSlice):
+        return None
+    if any(isinstance(module, MoE) for module in model.modules()):
+        # Experts split their tokens by counts read back to the host: not capturable.
+        logger.info("decode steps run eagerly: mixture-of-experts layers")
         return None
     try:
         graphs = DecodeGraphs(
