@@ -68,6 +68,13 @@ class DecoderSlice(nn.Module):
                 config.vocab_size, hidden, dtype, device
             )
         self.embed_scale = arch.embedding_scale(config)
+        # A tensor made once: a captured CUDA graph cannot copy a new one from the host.
+        scale = self.embed_scale
+        self.register_buffer(
+            "_embed_scale",
+            None if scale is None else torch.tensor(scale, dtype=dtype, device=device),
+            persistent=False,
+        )
         self.layers = nn.ModuleList(
             arch.build_layer(config, index, factory)
             for index in range(layer_range.start, layer_range.end)
@@ -131,7 +138,7 @@ class DecoderSlice(nn.Module):
                 x = F.embedding(inputs, self.embed)
             if self.embed_scale is not None:
                 # In the model's dtype, as transformers rounds the scale (Gemma).
-                x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
+                x = x * self._embed_scale
         else:
             x = inputs.to(self.dtype)
         if meta.max_context_len > self.max_context:

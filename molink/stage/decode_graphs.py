@@ -103,6 +103,10 @@ def capture_decode_graphs(
         # Experts split their tokens by counts read back to the host: not capturable.
         logger.info("decode steps run eagerly: mixture-of-experts layers")
         return None
+    if any(tables.depends_on_length for tables in model.rotaries.values()):
+        # Rotations that follow each sequence's length are computed from the step's chunks.
+        logger.info("decode steps run eagerly: rotary angles depend on sequence lengths")
+        return None
     try:
         graphs = DecodeGraphs(
             model,
