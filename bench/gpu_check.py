@@ -85,7 +85,9 @@ def fidelity_fp32(device: torch.device, archs: tuple[str, ...], work: Path, new:
     prompts = [[5, 17, 42, 9, 101, 7, 33, 250], [3, 14, 15, 92, 65, 35]]
     for arch in archs:
         path = make_tiny_model(arch, work / f"tiny-{arch}")
-        llm = LLM(model=str(path), device=str(device), dtype="float32", max_model_len=128)
+        llm = LLM(
+            model=str(path), device=str(device), dtype="float32", max_model_len=128, max_num_seqs=8
+        )
         params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
         ours = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
         reference = load_reference_model(path).to(device)
