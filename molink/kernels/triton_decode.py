@@ -95,8 +95,9 @@ def _paged_decode_kernel(
             mask=valid[:, None] & (d[None, :] < HEAD_DIM),
             other=0.0,
         ).to(tl.float32)
+        # "ieee": full float32 products (the default would round inputs to TF32 on CUDA).
         if USE_DOT:
-            scores = tl.dot(q, tl.trans(k)) * scale
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
         if USE_SOFTCAP:
@@ -112,7 +113,7 @@ def _paged_decode_kernel(
             other=0.0,
         ).to(tl.float32)
         if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
