@@ -60,6 +60,12 @@ async def test_after_a_failover_the_dashboard_and_routes_show_it(tiny_model_dir)
         wait_answering(replica)
         replicas = [pipeline.nodes[1], replica]
         base = pipeline.base_url
+
+        def listed() -> bool:  # the dashboard keeps showing a node only once it saw it
+            shown = {node["node_id"] for node in _snapshot(base)["snapshot"]["nodes"]}
+            return {node.grpc_address for node in replicas} <= shown
+
+        wait_until(listed, 30, "the dashboard lists both replicas")
         async with httpx.AsyncClient(timeout=WAIT_S) as client:
             streams = asyncio.gather(*(_stream(client, base, i) for i in range(NUM_STREAMS)))
             task = asyncio.ensure_future(streams)
