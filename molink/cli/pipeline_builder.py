@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from molink.cli.args import EngineArgs
 from molink.cli.security_args import swarm_key_of
-from molink.config import LayerRange
+from molink.config import LayerRange, ModelConfig
 from molink.device import resolve_device
 from molink.discovery.dht import SwarmDirectory
 from molink.discovery.setup import (
@@ -60,6 +60,7 @@ from molink.quant.config import resolve_kv_cache_dtype
 from molink.security.credentials import SwarmCredentials
 from molink.security.node_setup import grpc_bind_host, node_credentials
 from molink.stage.resources import device_of, memory_of
+from molink.stage.speed import PROBE_TOKENS, layer_step_seconds
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
 from molink.transport.config import TransportConfig
@@ -139,23 +140,15 @@ def load_stage(
     config = source.model_config
     dtype = torch_dtype_for(source, options.dtype, device)
     kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
-    if args.molink_auto_place and args.molink_initial_peer:
-        # No layer flags: take the span the swarm needs most (explicit flags always win).
-        layers = place(
-            args.molink_initial_peer,
-            config,
-            dtype,
-            options.block_size,
-            args.molink_max_memory,
-            transport or TransportConfig(),
-            announced_spans(directory) if directory is not None else None,
-            device,
-            options.gpu_memory_utilization,
-        )
-    else:
-        layers = LayerRange.resolve(
-            args.molink_start_layer, args.molink_end_layer, config.num_layers
-        )
+    # Measured before placement (which sizes a replica by it) and announced in the record.
+    step_s = layer_step_seconds(config, dtype, device)
+    logger.info(
+        "speed: one decoder layer takes %.3g ms for a %d-token step on %s",
+        step_s * 1e3,
+        PROBE_TOKENS,
+        device,
+    )
+    layers = stage_layers(args, options, config, dtype, device, transport, directory, step_s)
     kv_config = rank_kv_config(config, options.tensor_parallel_size)
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     profile = profiles_kv_memory(options, device)
@@ -187,7 +180,37 @@ def load_stage(
         kv_config=kv_config,
         graphs=graph_settings(options, max_model_len, device),
     )
-    return worker, node_info(args, source, worker, num_blocks, dtype, credentials), dtype
+    info = node_info(args, source, worker, num_blocks, dtype, credentials)
+    return worker, dataclasses.replace(info, layer_step_s=step_s), dtype
+
+
+def stage_layers(
+    args: EngineArgs,
+    options: EngineOptions,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    transport: TransportConfig | None,
+    directory: SwarmDirectory | None,
+    step_s: float,
+) -> LayerRange:
+    """The node's span: its layer flags when given, else what the swarm needs most, sized by
+    its memory and speed (``step_s``: its measured seconds per layer)."""
+    if args.molink_auto_place and args.molink_initial_peer:
+        # No layer flags: take the span the swarm needs most (explicit flags always win).
+        return place(
+            args.molink_initial_peer,
+            config,
+            dtype,
+            options.block_size,
+            args.molink_max_memory,
+            transport or TransportConfig(),
+            announced_spans(directory) if directory is not None else None,
+            device,
+            options.gpu_memory_utilization,
+            step_s,
+        )
+    return LayerRange.resolve(args.molink_start_layer, args.molink_end_layer, config.num_layers)
 
 
 def build_pipeline_engine(args: EngineArgs, options: EngineOptions):

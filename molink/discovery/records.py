@@ -21,6 +21,12 @@ Schema, version 2 (every field required):
   ttl          float  seconds the record lives from its announcement (0: not said)
   device       str    "cpu", "cuda:0", ...
   memory_total, memory_free   int   that device's memory, bytes (0: not reported)
+
+Optional in version 2 (a record without it is read as 0: not measured; records of nodes
+that predate it stay readable, so the version is unchanged):
+
+  layer_step_s float  seconds one decoder layer takes for a probe step on its device,
+                      measured at start (molink.stage.speed); placement balances by it
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ def record_of(info: NodeInfo, ttl_s: float = 0.0) -> dict[str, Any]:
         "device": info.device,
         "memory_total": info.memory_total_bytes,
         "memory_free": info.memory_free_bytes,
+        "layer_step_s": float(info.layer_step_s),
     }
 
 
@@ -112,6 +119,7 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
         )
     throughput = _finite(record, "throughput")
     _finite(record, "ttl")
+    layer_step_s = _finite(record, "layer_step_s") if "layer_step_s" in record else 0.0
     if record["protocol"] != protocol_version:
         raise RecordError(
             f"protocol version {record['protocol']}, this node speaks {protocol_version}"
@@ -142,6 +150,7 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
         device=record["device"],
         memory_total_bytes=record["memory_total"],
         memory_free_bytes=record["memory_free"],
+        layer_step_s=layer_step_s,
     )
 
 

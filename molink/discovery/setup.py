@@ -73,10 +73,13 @@ def join_directory(
 
 
 def announced_spans(directory: SwarmDirectory) -> dict[str, ServedSpan]:
-    """What the DHT's records say each node serves, with its measured throughput."""
+    """What the DHT's records say each node serves, with its measured throughput and speed."""
     return {
         r.info.node_id: ServedSpan(
-            r.info.layers.start, r.info.layers.end, r.info.throughput_tokens_per_s
+            r.info.layers.start,
+            r.info.layers.end,
+            r.info.throughput_tokens_per_s,
+            r.info.layer_step_s,
         )
         for r in directory.records()
     }

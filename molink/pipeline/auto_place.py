@@ -5,7 +5,9 @@ registry, replicas and nodes found in the DHT included), sizes itself to its mem
 (weights of a layer plus a minimum KV reserve per layer, out of ``--molink-max-memory``
 or, by default, the memory the machine has available less a quarter; on a GPU, the
 device's memory times ``--gpu-memory-utilization``), and applies the
-rule of molink/placement/placement.py. The choice and the reason are logged.
+rule of molink/placement/placement.py, which sizes a replica by this node's measured speed
+against that of the nodes it joins (molink/stage/speed.py). The choice and the reason are
+logged.
 """
 
 from __future__ import annotations
@@ -65,24 +67,27 @@ def place(
     announced: Mapping[str, ServedSpan] | None = None,
     device: torch.device = torch.device("cpu"),
     gpu_memory_utilization: float = 0.9,
+    layer_step_s: float = 0.0,
 ) -> LayerRange:
     """``announced``: node id -> span of the records in the swarm's DHT, when this node
     reads one; they cover nodes the peer's head has not admitted (other heads' nodes, nodes
-    that joined elsewhere), and their throughput is the nodes' own latest measurement."""
+    that joined elsewhere), and their throughput is the nodes' own latest measurement, their
+    speed their probe's. ``layer_step_s``: this node's probe (0: not measured)."""
     from_peer = _served_spans(initial_peer, transport)
     swarm = {**from_peer, **(announced or {})}
     served = list(swarm.values())
     budget = memory_budget(max_memory, device, gpu_memory_utilization)
     kv_reserve = KVCache.bytes_per_block(config, 1, block_size, dtype) * MIN_KV_BLOCKS
     max_layers = layers_that_fit(budget, weight_bytes_per_layer(config, dtype), kv_reserve)
-    placement = choose_span(config.num_layers, served, max_layers)
+    placement = choose_span(config.num_layers, served, max_layers, layer_step_s)
     logger.info(
-        "placement: serving layers [%d, %d): %s (memory budget %.1f GiB; swarm view: %d "
-        "node(s) from %s's pipeline, %d record(s) in the DHT, %d node(s) in all)",
+        "placement: serving layers [%d, %d): %s (memory budget %.1f GiB, %.3g ms per layer; "
+        "swarm view: %d node(s) from %s's pipeline, %d record(s) in the DHT, %d node(s) in all)",
         placement.start,
         placement.end,
         placement.reason,
         budget / 2**30,
+        layer_step_s * 1e3,
         len(from_peer),
         initial_peer,
         len(announced or {}),

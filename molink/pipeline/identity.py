@@ -84,6 +84,9 @@ class NodeInfo:
     device: str = "cpu"  # where its layers run: "cpu", "cuda:0", ...
     memory_total_bytes: int = 0  # that device's memory (0: not reported)
     memory_free_bytes: int = 0
+    # Seconds one decoder layer takes for a probe step on its device, measured at start
+    # (molink.stage.speed; 0: not measured): what placement compares nodes' speeds by.
+    layer_step_s: float = 0.0
 
     @property
     def kv_capacity_tokens(self) -> int:

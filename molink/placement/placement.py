@@ -9,6 +9,16 @@ The rule, in order:
    1 token/s), and the node takes the span of an existing node (so that routes can use it
    in place of that node) whose weakest layer is the weakest, as far as its memory allows.
    Ties go to the span that starts first.
+3. A replica is sized by speed, not by layer count: when this node and the node(s) already
+   serving that span have measured their speed (seconds per layer for one probe step, see
+   molink/stage/speed.py), it takes layers in proportion, ``span length * their seconds
+   per layer / its own``, against the slowest of them (the weakest coverage): a node twice
+   as fast takes twice the layers, one half as fast half of them, so that a step takes
+   each node about as long and no stage is the pipeline's bottleneck. Memory still caps
+   it, and it never runs past the model's last layer. Speed ratios within SPEED_DEADBAND
+   count as equal: a probe of a few milliseconds varies that much between runs on a busy
+   machine, and resizing for less would make spans differ for noise. Without both
+   measurements it takes the span as it is.
 
 Layers below the end of the heads' own spans are left out: a head computes its own layers,
 so a replica of them would never be on a route. The size comes from ``max_layers``, what
@@ -22,12 +32,15 @@ from dataclasses import dataclass
 
 from molink.errors import PipelineError
 
+SPEED_DEADBAND = 1.5  # speed ratios closer to 1 than this factor count as equal
+
 
 @dataclass(frozen=True)
 class ServedSpan:
     start: int
     end: int
     throughput: float = 0.0  # tokens per second measured by the node; 0: unknown
+    layer_step_s: float = 0.0  # seconds per layer of its probe step; 0: not measured
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,10 @@ def layers_that_fit(
     return max(0, budget_bytes // per_layer) if per_layer > 0 else 0
 
 
-def choose_span(num_layers: int, served: Sequence[ServedSpan], max_layers: int) -> Placement:
+def choose_span(
+    num_layers: int, served: Sequence[ServedSpan], max_layers: int, layer_step_s: float = 0.0
+) -> Placement:
+    """``layer_step_s``: this node's own measured seconds per layer (0: not measured)."""
     if max_layers < 1:
         raise PipelineError(
             "this node's memory holds no layer of the model (see --molink-max-memory)"
@@ -69,11 +85,35 @@ def choose_span(num_layers: int, served: Sequence[ServedSpan], max_layers: int) 
     if not candidates:
         raise PipelineError("every layer is served and no span beyond the heads' own to replicate")
     start, end = min(candidates, key=lambda c: (min(strength[c[0] : c[1]]), c[0]))
-    end = min(end, start + max_layers)
     weakest = min(strength[start:end])
+    size, why = speed_sized(end - start, _slowest(served, start, end), layer_step_s)
+    end = min(start + size, num_layers, start + max_layers)
     return Placement(
         start,
         end,
-        f"layers [{start}, {end}) are the weakest served (strength {weakest:g} tokens/s): "
-        "this node becomes a replica there",
+        f"layers from {start} are the weakest served (strength {weakest:g} tokens/s): "
+        f"this node becomes a replica there; {why} (memory holds {max_layers})",
+    )
+
+
+def _slowest(served: Sequence[ServedSpan], start: int, end: int) -> float:
+    """The largest measured seconds per layer among the nodes serving [start, end); 0: none."""
+    return max(
+        (s.layer_step_s for s in served if (s.start, s.end) == (start, end)),
+        default=0.0,
+    )
+
+
+def speed_sized(span_layers: int, theirs_s: float, mine_s: float) -> tuple[int, str]:
+    """How many layers a replica of a ``span_layers`` span takes, given the slowest current
+    server's and this node's seconds per layer (rule 3), and why."""
+    if theirs_s <= 0 or mine_s <= 0:
+        return span_layers, f"{span_layers} layer(s) as served (speeds not measured on both)"
+    ratio = theirs_s / mine_s  # > 1: this node is faster
+    if 1 / SPEED_DEADBAND < ratio < SPEED_DEADBAND:
+        return span_layers, f"{span_layers} layer(s) as served (speed x{ratio:.2f}: about equal)"
+    size = max(1, round(span_layers * ratio))
+    return size, (
+        f"{size} layer(s) for its speed x{ratio:.2f} of the slowest node serving them "
+        f"({mine_s * 1e3:.3g} vs {theirs_s * 1e3:.3g} ms per layer)"
     )
