@@ -15,12 +15,14 @@ unsigned, from a non-member, expired or replayed is ignored with a log line.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from molink.discovery.parent_death import die_with_parent
 from molink.discovery.records import RecordError, info_of, record_of, record_ttl, swarm_key
 from molink.errors import PipelineError
 from molink.pipeline.identity import ModelIdentity, NodeInfo
@@ -37,6 +39,20 @@ class SwarmRecord:
     info: NodeInfo
     expires_in_s: float  # until the record expires unless renewed
     age_s: float | None  # since the node last announced it; None: its lifetime is not said
+
+
+def _node_bound_dht_class(base: type) -> type:
+    """hivemind's DHT process, ended by the kernel when this node's process dies (see
+    ``parent_death``); hivemind itself is imported only by nodes that use the DHT."""
+
+    node_pid = os.getpid()
+
+    class NodeBoundDHT(base):  # type: ignore[misc, valid-type]
+        def run(self) -> None:
+            die_with_parent(node_pid)
+            super().run()
+
+    return NodeBoundDHT
 
 
 class SwarmDirectory:
@@ -67,7 +83,7 @@ class SwarmDirectory:
 
         started = time.monotonic()
         try:
-            self._dht = hivemind.DHT(
+            self._dht = _node_bound_dht_class(hivemind.DHT)(
                 initial_peers=initial_peers or None,
                 host_maddrs=[f"/ip4/{host}/tcp/0"],
                 start=True,
