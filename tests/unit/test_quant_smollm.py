@@ -17,60 +17,23 @@ import pytest
 import torch
 
 from molink.config import LayerRange
-from molink.models import SeqChunk
 from molink.quant.fp16_gemm import fp16_gemm_available
 from molink.quant.linear import QuantLinear
 from molink.quant.memory import resident_weight_bytes
 from molink.weights import default_model_gguf, resolve_model_source
 from tests.helpers.paged_runner import PagedRunner, Seq, split_ranges
+from tests.helpers.quant_fidelity import BLOCK, NEW_TOKENS
+from tests.helpers.quant_fidelity import blocks as _blocks
+from tests.helpers.quant_fidelity import continuations as _continuations
+from tests.helpers.quant_fidelity import prompts as _prompts
+from tests.helpers.quant_fidelity import teacher_forced as _teacher_forced
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
-NUM_PROMPTS, NEW_TOKENS, PROMPT_TOKENS = 20, 64, 12
-BLOCK = 16
 # Today's bfloat16 mode agrees with float32 on 98.2% of these predictions (measured).
 BF16_AGREEMENT = 0.982
 BATCH_KERNELS = ["int4"] + (["fp16"] if fp16_gemm_available() else [])
-
-
-def _prompts(vocab: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(7)
-    return [torch.randint(100, vocab - 100, (PROMPT_TOKENS,), generator=gen).tolist()
-            for _ in range(NUM_PROMPTS)]  # fmt: skip
-
-
-def _blocks(index: int, length: int) -> list[int]:
-    per_seq = -(-length // BLOCK)
-    return list(range(index * per_seq, (index + 1) * per_seq))
-
-
-def _continuations(model, prompts: list[list[int]]) -> list[list[int]]:
-    total = PROMPT_TOKENS + NEW_TOKENS
-    runner = PagedRunner([model], NUM_PROMPTS * -(-total // BLOCK), BLOCK)
-    seqs = [Seq(list(p), _blocks(i, total)) for i, p in enumerate(prompts)]
-    runner.step([(s, len(s.tokens)) for s in seqs])
-    runner.decode(seqs, NEW_TOKENS)
-    return [s.tokens[:total] for s in seqs]
-
-
-def _teacher_forced(slices, sequences: list[list[int]]) -> torch.Tensor:
-    """Top-1 predictions [sequences, NEW_TOKENS] for the last NEW_TOKENS positions.
-
-    As a server runs them: the prompts in one prefill, then one decode step per position
-    for all sequences together (20 rows: the int4 kernel's path), fed the given tokens."""
-    length = len(sequences[0])
-    runner = PagedRunner(slices, len(sequences) * -(-length // BLOCK), BLOCK)
-    blocks = [_blocks(i, length) for i in range(len(sequences))]
-    chunks = [SeqChunk(0, PROMPT_TOKENS, b) for b in blocks]
-    hidden = runner.forward(chunks, [t for seq in sequences for t in seq[:PROMPT_TOKENS]])
-    last = hidden[PROMPT_TOKENS - 1 :: PROMPT_TOKENS]
-    predictions = [slices[-1].compute_logits(last).argmax(-1)]
-    for pos in range(PROMPT_TOKENS, length - 1):
-        chunks = [SeqChunk(pos, 1, b) for b in blocks]
-        hidden = runner.forward(chunks, [seq[pos] for seq in sequences])
-        predictions.append(slices[-1].compute_logits(hidden).argmax(-1))
-    return torch.stack(predictions, dim=1)
 
 
 @pytest.fixture(scope="module")
