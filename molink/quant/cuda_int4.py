@@ -22,7 +22,7 @@ import torch
 
 from molink.errors import WeightLoadError
 from molink.quant.groups import GroupInts
-from molink.quant.int4 import KERNEL_GROUPS, SCALE_DTYPE, padded_rows, plane_split
+from molink.quant.int4 import padded_plane_parts
 
 INNER_K_TILES = (8, 4, 2)
 
@@ -87,22 +87,9 @@ class CudaInt4Planes:
 def byte_planes(g: GroupInts) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Nibble bytes [N padded, K / 2] per plane and scales/zero points [planes, K / group,
     N padded, 2] bfloat16: everything but the tiling, on the CPU."""
-    if g.group not in KERNEL_GROUPS:
-        raise WeightLoadError(
-            f"{g.source_type} group size {g.group} is not one the CUDA int4 kernel takes "
-            f"({', '.join(map(str, KERNEL_GROUPS))})"
-        )
-    rows, cols = g.shape
-    padded = padded_rows(rows)
-    raw, scale_zero = [], []
-    for q, scale, zero in plane_split(g):
-        if padded != rows:
-            q = torch.cat([q, torch.full((padded - rows, cols), 8, dtype=q.dtype)])
-            scale = torch.cat([scale, torch.zeros(padded - rows, scale.shape[1])])
-            zero = torch.cat([zero, torch.zeros(padded - rows, zero.shape[1])])
-        raw.append(nibble_bytes(q))
-        scale_zero.append(torch.stack([scale.t(), zero.t()], dim=-1).to(SCALE_DTYPE))
-    return raw, torch.stack(scale_zero).contiguous()
+    parts = padded_plane_parts(g, "CUDA int4 kernel")
+    raw = [nibble_bytes(q) for q, _ in parts]
+    return raw, torch.stack([sz for _, sz in parts]).contiguous()
 
 
 def to_cuda_int4(g: GroupInts, device: torch.device, table: bool) -> CudaInt4Planes:

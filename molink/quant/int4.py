@@ -151,23 +151,31 @@ def plane_split(g: GroupInts) -> list[tuple[torch.Tensor, torch.Tensor, torch.Te
     return [(high, 16 * g.scale, torch.zeros_like(g.scale)), (low, g.scale, g.offset + 8 * g.scale)]
 
 
-def to_int4_planes(g: GroupInts) -> Int4Planes:
+def padded_plane_parts(g: GroupInts, kernel: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each plane's integers [N padded, K] and its scales/zero points [K / group, N padded,
+    2] in SCALE_DTYPE, rows padded to what the int4 kernels tile (padding rows are zeros)."""
     if g.group not in KERNEL_GROUPS:
         raise WeightLoadError(
-            f"{g.source_type} group size {g.group} is not one the int4 kernel takes "
+            f"{g.source_type} group size {g.group} is not one the {kernel} takes "
             f"({', '.join(map(str, KERNEL_GROUPS))})"
         )
     rows, cols = g.shape
     padded = padded_rows(rows)
-    packed, scale_zero = [], []
+    parts = []
     for q, scale, zero in plane_split(g):
         if padded != rows:
             q = torch.cat([q, torch.full((padded - rows, cols), 8, dtype=q.dtype)])
             scale = torch.cat([scale, torch.zeros(padded - rows, scale.shape[1])])
             zero = torch.cat([zero, torch.zeros(padded - rows, zero.shape[1])])
-        packed.append(pack_plane(q))
-        scale_zero.append(torch.stack([scale.t(), zero.t()], dim=-1).to(SCALE_DTYPE))
-    return Int4Planes(packed, torch.stack(scale_zero).contiguous(), rows, cols, g.group)
+        parts.append((q, torch.stack([scale.t(), zero.t()], dim=-1).to(SCALE_DTYPE)))
+    return parts
+
+
+def to_int4_planes(g: GroupInts) -> Int4Planes:
+    parts = padded_plane_parts(g, "int4 kernel")
+    packed = [pack_plane(q) for q, _ in parts]
+    scale_zero = torch.stack([sz for _, sz in parts]).contiguous()
+    return Int4Planes(packed, scale_zero, g.shape[0], g.shape[1], g.group)
 
 
 def rounding_report(g: GroupInts, planes: Int4Planes) -> dict[str, float]:
