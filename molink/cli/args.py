@@ -123,6 +123,8 @@ class EngineArgs:
     molink_wire_dtype: str = "auto"
     molink_transmission_scheduling: str = "on"
     molink_max_memory: int | None = None  # bytes; None: what the machine has free, less headroom
+    # ms one decoder layer takes for a probe step; None: measured at start (molink.stage.speed)
+    molink_layer_step_ms: float | None = None
     # Set when neither layer flag was given: the node picks its span from the swarm.
     molink_auto_place: bool = False
     molink_dht: str = "off"  # "on": announce and discover nodes through the swarm's DHT
@@ -196,6 +198,13 @@ class EngineArgs:
         if not 2.0 <= self.molink_dht_ttl <= 3600.0:
             raise InvalidParameterError(
                 "molink_dht_ttl", f"{self.molink_dht_ttl} must be in [2, 3600] seconds"
+            )
+        if self.molink_layer_step_ms is not None and not (
+            0.001 <= self.molink_layer_step_ms <= 60000.0
+        ):
+            raise InvalidParameterError(
+                "molink_layer_step_ms",
+                f"{self.molink_layer_step_ms} must be in [0.001, 60000] milliseconds",
             )
         if not 0.1 <= self.molink_failover_timeout <= 3600.0:
             raise InvalidParameterError(
@@ -454,6 +463,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="memory for this node's layers and KV when it picks its own layers, e.g. 4GiB "
         "(default: what the machine has available, less a quarter)",
+    )
+    pipeline.add_argument(
+        "--molink-layer-step-ms",
+        type=float,
+        default=None,
+        help="this node's speed as placement compares it: milliseconds one decoder layer "
+        "takes for a 16-token step; set it to skip the probe or to pin the figure on a "
+        "machine whose load varies (default: measured at start)",
     )
     pipeline.add_argument(
         "--molink-initial-peer",

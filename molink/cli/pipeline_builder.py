@@ -140,14 +140,8 @@ def load_stage(
     config = source.model_config
     dtype = torch_dtype_for(source, options.dtype, device)
     kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
-    # Measured before placement (which sizes a replica by it) and announced in the record.
-    step_s = layer_step_seconds(config, dtype, device)
-    logger.info(
-        "speed: one decoder layer takes %.3g ms for a %d-token step on %s",
-        step_s * 1e3,
-        PROBE_TOKENS,
-        device,
-    )
+    # Known before placement (which sizes a replica by it) and announced in the record.
+    step_s = node_layer_step_seconds(args, config, dtype, device)
     layers = stage_layers(args, options, config, dtype, device, transport, directory, step_s)
     kv_config = rank_kv_config(config, options.tensor_parallel_size)
     max_model_len = resolve_max_model_len(config, options.max_model_len)
@@ -182,6 +176,24 @@ def load_stage(
     )
     info = node_info(args, source, worker, num_blocks, dtype, credentials)
     return worker, dataclasses.replace(info, layer_step_s=step_s), dtype
+
+
+def node_layer_step_seconds(
+    args: EngineArgs, config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> float:
+    """The operator's figure (--molink-layer-step-ms) or the probe's, logged either way."""
+    if args.molink_layer_step_ms is not None:
+        step_s, origin = args.molink_layer_step_ms / 1e3, "as configured"
+    else:
+        step_s, origin = layer_step_seconds(config, dtype, device), "measured"
+    logger.info(
+        "speed: one decoder layer takes %.3g ms for a %d-token step on %s (%s)",
+        step_s * 1e3,
+        PROBE_TOKENS,
+        device,
+        origin,
+    )
+    return step_s
 
 
 def stage_layers(

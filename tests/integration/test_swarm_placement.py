@@ -25,6 +25,9 @@ pytestmark = pytest.mark.integration
 
 
 DHT_ON = ("--molink-dht", "on", "--molink-dht-ttl", "6")
+# Every node states the same speed, so the replica's size does not depend on how loaded the
+# machine was when each node would have probed itself (the speed rule has its unit tests).
+SAME_SPEED = ("--molink-layer-step-ms", "1")
 
 
 def _unplaced_node(model: str, initial_peer: str, extra_args: tuple[str, ...]) -> Node:
@@ -40,17 +43,19 @@ def test_unplaced_nodes_take_the_missing_span_then_a_replica(
     tiny_model_dir, extra_args: tuple[str, ...]
 ) -> None:
     model = str(tiny_model_dir("qwen3"))
-    nodes = [start_node(0, 2, model, extra_args=extra_args)]
+    node_args = extra_args + SAME_SPEED
+    nodes = [start_node(0, 2, model, extra_args=node_args)]
     try:
         wait_answering(nodes[0])
         for _ in range(2):
-            nodes.append(_unplaced_node(model, nodes[0].grpc_address, extra_args))
+            nodes.append(_unplaced_node(model, nodes[0].grpc_address, node_args))
             wait_answering(nodes[-1])
             info = stage_info(nodes[-1])
             assert (info.layers.start, info.layers.end) == (2, 4)
         wait_ready(nodes[0].base_url)
         assert "served by no node" in nodes[1].log_text()
         assert "becomes a replica" in nodes[2].log_text()
+        assert "(as configured)" in nodes[2].log_text()
         if extra_args:
             assert "record(s) in the DHT" in nodes[2].log_text()
             assert "0 record(s) in the DHT" not in nodes[2].log_text()

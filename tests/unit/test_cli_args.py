@@ -148,6 +148,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
         ("--dtype float8", "--dtype"),
         ("--molink-wire-dtype int4", "--molink-wire-dtype"),
         ("--quantized-batch-kernel int2", "--quantized-batch-kernel"),
+        ("--molink-layer-step-ms 0", "--molink-layer-step-ms"),
     ],
 )
 def test_invalid_flags_exit_2_naming_the_flag(

@@ -106,3 +106,16 @@ def test_the_record_carries_the_speed_and_older_records_still_read() -> None:
 def test_the_probe_measures_a_positive_time() -> None:
     step_s = layer_step_seconds(CONFIG, torch.float32, torch.device("cpu"))
     assert 0 < step_s < 1.0
+
+
+def test_a_configured_speed_replaces_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_probe(*args: object) -> float:
+        raise AssertionError("the probe ran although the speed was configured")
+
+    monkeypatch.setattr(builder, "layer_step_seconds", no_probe)
+    pinned = _args("--molink-enabled --molink-layer-step-ms 2.5")
+    cpu = torch.device("cpu")
+    assert builder.node_layer_step_seconds(pinned, CONFIG, torch.float32, cpu) == 0.0025
+    monkeypatch.setattr(builder, "layer_step_seconds", lambda *args: FAST_S)
+    probed = _args("--molink-enabled")
+    assert builder.node_layer_step_seconds(probed, CONFIG, torch.float32, cpu) == FAST_S
