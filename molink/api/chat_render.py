@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from molink.api.context import ServerContext
 from molink.api.errors import APIError
-from molink.api.schemas import ChatMessage, ToolCall
+from molink.api.schemas import ChatMessage, Tool, ToolCall
 from molink.tokenizer.tokenizer import check_unicode
 
 logger = logging.getLogger(__name__)
@@ -111,11 +111,28 @@ def conversation_chars(messages: list[ChatMessage]) -> int:
     return total
 
 
-def render_chat_text(ctx: ServerContext, messages: list[ChatMessage], body: Any) -> str:
+class ChatRenderOptions(Protocol):
+    """What a request says about rendering its conversation (chat completions, tokenize)."""
+
+    @property
+    def add_generation_prompt(self) -> bool | None: ...
+    @property
+    def continue_final_message(self) -> bool | None: ...
+    @property
+    def chat_template(self) -> str | None: ...
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any] | None: ...
+    @property
+    def tools(self) -> list[Tool] | None: ...
+
+
+def render_chat_text(
+    ctx: ServerContext, messages: list[ChatMessage], body: ChatRenderOptions
+) -> str:
     """The templated conversation as text (the template writes any BOS token itself)."""
     template_messages = to_template_messages(messages)
-    kwargs = dict(getattr(body, "chat_template_kwargs", None) or {})
-    template = getattr(body, "chat_template", None)
+    kwargs = dict(body.chat_template_kwargs or {})
+    template = body.chat_template
     if template is not None and not ctx.chat.trust_request_chat_template:
         raise APIError(
             400,
@@ -126,11 +143,10 @@ def render_chat_text(ctx: ServerContext, messages: list[ChatMessage], body: Any)
     template = template or ctx.chat.chat_template
     if template is not None:
         kwargs["chat_template"] = template
-    tools = getattr(body, "tools", None)
-    if tools:
-        kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in tools]
-    continue_final = bool(getattr(body, "continue_final_message", None))
-    add_generation_prompt = getattr(body, "add_generation_prompt", None)
+    if body.tools:
+        kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    continue_final = bool(body.continue_final_message)
+    add_generation_prompt = body.add_generation_prompt
     if add_generation_prompt is None:
         add_generation_prompt = not continue_final
     if continue_final:
@@ -148,7 +164,9 @@ def render_chat_text(ctx: ServerContext, messages: list[ChatMessage], body: Any)
         raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
 
 
-def render_chat_prompt(ctx: ServerContext, messages: list[ChatMessage], body: Any) -> list[int]:
+def render_chat_prompt(
+    ctx: ServerContext, messages: list[ChatMessage], body: ChatRenderOptions
+) -> list[int]:
     """Token ids of the templated conversation; refused by size before tokenizing."""
     ctx.check_prompt_size(conversation_chars(messages), "messages")
     text = render_chat_text(ctx, messages, body)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -101,7 +101,7 @@ class GenerationRun:
         self._last_output_time: dict[int, float] = {}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._latest: dict[int, RequestOutput] = {}
-        self._generators: list[AsyncIterator[RequestOutput]] = []
+        self._generators: list[AsyncGenerator[RequestOutput, None]] = []
         self._pumps: list[asyncio.Task] = []
         self._finished: set[int] = set()
         self._closed = False
@@ -241,16 +241,13 @@ def _raise_if_unavailable(output: RequestOutput) -> None:
             raise ModelNotReadyError(choice.error or "some layers are not served by any node")
 
 
-async def _first_output(generator: AsyncIterator[RequestOutput]) -> RequestOutput:
+async def _first_output(generator: AsyncGenerator[RequestOutput, None]) -> RequestOutput:
     try:
         return await generator.__anext__()
     except StopAsyncIteration:
         raise RequestFailedError("the engine ended the request without any output") from None
 
 
-async def _close_generator(generator: AsyncIterator[RequestOutput]) -> None:
-    aclose = getattr(generator, "aclose", None)
-    if aclose is None:
-        return
+async def _close_generator(generator: AsyncGenerator[RequestOutput, None]) -> None:
     with contextlib.suppress(Exception):
-        await aclose()
+        await generator.aclose()

@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 
 from molink.engine.llm_engine import LLMEngine
@@ -102,7 +102,7 @@ class AsyncLLMEngine:
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         # Tokenizing a long prompt takes a while: never on the event loop.
         prompt_ids = await asyncio.to_thread(self._prompt_ids, prompt)
         self._check_length(prompt_ids, params)

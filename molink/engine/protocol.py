@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,7 +38,7 @@ class EngineClient(Protocol):
 
     def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream cumulative outputs; the last one has ``finished=True``.
 
         Raises a MolinkError (e.g. ContextLengthExceededError) before the first output when

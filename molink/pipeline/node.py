@@ -165,7 +165,7 @@ class StageNode:
         """Bind and serve; with an initial peer, join (raises PipelineError, or
         JoinRefusedError with the head's reason, after stopping the node)."""
         server = make_server(self.config)
-        add_node_service(NodeServicer(self), server)
+        add_node_service(NodeServicer(self), server, NodeServicer.RAW_REQUESTS)
         port = add_server_port(server, self._bind_address, self.config)
         if port == 0:
             raise PipelineError(f"node {self.node_id} could not bind {self._bind_address}")

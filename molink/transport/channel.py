@@ -81,11 +81,14 @@ def method_path(name: str) -> str:
     return f"/{SERVICE.full_name}/{SERVICE.methods_by_name[name].name}"
 
 
-def add_node_service(servicer: pb_grpc.MolinkNodeServicer, server: grpc.Server) -> None:
-    """Register ``servicer`` like the generated code does, except that the methods in
-    ``servicer.RAW_REQUESTS`` get the request as bytes: the servicer parses it once and
-    knows its exact size without serializing it again."""
-    raw = getattr(servicer, "RAW_REQUESTS", frozenset())
+def add_node_service(
+    servicer: pb_grpc.MolinkNodeServicer,
+    server: grpc.Server,
+    raw_requests: frozenset[str] = frozenset(),
+) -> None:
+    """Register ``servicer`` like the generated code does, except that the methods named in
+    ``raw_requests`` get the request as bytes: the servicer parses it once and knows its
+    exact size without serializing it again."""
     handlers = {}
     for method in SERVICE.methods:
         request_type = getattr(pb, method.input_type.name)
@@ -93,7 +96,7 @@ def add_node_service(servicer: pb_grpc.MolinkNodeServicer, server: grpc.Server) 
         make = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=None if method.name in raw else request_type.FromString,
+            request_deserializer=None if method.name in raw_requests else request_type.FromString,
             response_serializer=response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers(
@@ -112,8 +115,9 @@ _HANDLER_FACTORIES = {
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:
     """``CODE: details`` of a failed call, for messages that name what went wrong."""
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
+    # A failed call is also a grpc.Call (code and details); other RpcErrors carry a message.
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     return f"{code.name if code is not None else 'UNKNOWN'}: {details}"
 
 

@@ -125,6 +125,22 @@ def test_tokenize_messages_uses_the_chat_template(client: TestClient) -> None:
     assert body["count"] == len(expected)
 
 
+def test_tokenize_messages_takes_the_chat_rendering_options(client: TestClient) -> None:
+    """The same rendering options as chat completions (vLLM's tokenize takes them too)."""
+    tokenizer = FakeEngine().tokenizer
+    user = {"role": "user", "content": "Hi"}
+    body = {"messages": [user], "add_generation_prompt": False}
+    expected = tokenizer.encode("[user]Hi\n", add_special_tokens=False)
+    assert client.post("/tokenize", json=body).json()["tokens"] == expected
+    opened = [user, {"role": "assistant", "content": "Yo"}]
+    body = {"messages": opened, "continue_final_message": True}
+    expected = tokenizer.encode("[user]Hi\n[assistant]Yo", add_special_tokens=False)
+    assert client.post("/tokenize", json=body).json()["tokens"] == expected
+    refused = client.post("/tokenize", json={"messages": [user], "chat_template": "{{ 1 }}"})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "chat_template"
+
+
 def test_tokenize_needs_prompt_or_messages(client: TestClient) -> None:
     response = client.post("/tokenize", json={})
     assert response.status_code == 400
