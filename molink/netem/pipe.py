@@ -10,6 +10,7 @@ from collections import deque
 
 from molink.netem.shaper import DelayLine, RateClock
 from molink.netem.spec import LinkSpec
+from molink.netem.together import run_together
 
 logger = logging.getLogger(__name__)
 
@@ -110,19 +111,9 @@ class DirectionPipe:
 
     async def run(self) -> None:
         """Pump until the sender's end of stream has been delivered; raise on socket errors."""
-        tasks = [
-            asyncio.ensure_future(self._read_side()),
-            asyncio.ensure_future(self._write_side()),
-        ]
         try:
-            # Returns once both sides are done, or as soon as either raises.
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
+            await run_together(self._read_side(), self._write_side())
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             # Whatever is still on the line dies with the connection.
             self._link.bytes_buffered -= self._line.buffered_bytes
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from molink.netem.pipe import DirectionPipe, LinkDirection, set_nodelay
 from molink.netem.spec import LinkSpec
+from molink.netem.together import run_together
 
 logger = logging.getLogger(__name__)
 
@@ -170,16 +171,7 @@ class LinkProxy:
 
 async def _run_both(pipes: tuple[DirectionPipe, DirectionPipe]) -> None:
     """Run both directions; the first error stops the other one."""
-    tasks = [asyncio.ensure_future(p.run()) for p in pipes]
-    try:
-        # Returns once both directions are done, or as soon as either raises.
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await run_together(*(p.run() for p in pipes))
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
