@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from molink.step import PromptTokenLogprob, TokenLogprob
@@ -40,7 +41,7 @@ class RequestMetrics:
 @dataclass
 class RequestOutput:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: Sequence[int]  # the scheduler's own tuple: read, never change
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics

@@ -50,8 +50,6 @@ class LLMEngine:
         self._replayed_at: dict[int, float] = {}
         self._replays_counted = (0, 0)  # the scheduler's (sequences, tokens) already counted
         self._requests: dict[str, RequestState] = {}
-        self._in_flight: dict[int, StepPlan] = {}  # step id -> plan
-        self._free_slots: list[int] = list(range(num_micro_batches))
         self.num_steps = 0
         # The last fill left a slot free because nothing could be scheduled.
         self.nothing_to_schedule = False
@@ -67,12 +65,14 @@ class LLMEngine:
     ) -> None:
         if request_id in self._requests:
             raise InvalidParameterError("request_id", f"{request_id!r} is already running")
-        state = RequestState.create(
-            request_id, prompt_token_ids, params, self.tokenizer, arrival_time
-        )
-        state.seq_ids = self.scheduler.add_request(
-            request_id, prompt_token_ids, params, state.metrics.arrival_time
-        )
+        arrival_time = arrival_time or time.monotonic()
+        self.scheduler.add_request(request_id, prompt_token_ids, params, arrival_time)
+        try:
+            sequences = self.scheduler.request_tokens(request_id)
+            state = RequestState.create(request_id, sequences, params, self.tokenizer, arrival_time)
+        except Exception:
+            self.scheduler.abort_request(request_id)  # nothing of it may stay behind
+            raise
         self._requests[request_id] = state
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -97,8 +97,6 @@ class LLMEngine:
                 self.executor.release([u.seq_id for u in updates])
             except Exception:  # the stages' leases free them anyway
                 logger.warning("releasing %d failed sequences failed", len(updates), exc_info=True)
-        self._in_flight.clear()
-        self._free_slots = list(range(self.num_micro_batches))
         self._replayed_at.clear()
         outputs = []
         for request_id in list(self._requests):
@@ -112,19 +110,17 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._in_flight)
+        return bool(self._requests) or len(self.scheduler.in_flight) > 0
 
     def set_num_micro_batches(self, num_micro_batches: int) -> None:
         """Change how many plans may be in flight; slots in use drain naturally."""
         if num_micro_batches < 1:
             raise InvalidParameterError("num_micro_batches", "must be >= 1")
-        busy = {plan.micro_batch for plan in self._in_flight.values()}
         self.num_micro_batches = num_micro_batches
-        self._free_slots = [i for i in range(num_micro_batches) if i not in busy]
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self.scheduler.in_flight)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -132,18 +128,17 @@ class LLMEngine:
         """Fill free micro-batch slots, collect what came back, and emit outputs."""
         self._recover()
         self._fill_pipeline()
-        if not self._in_flight:
+        in_flight = self.scheduler.in_flight
+        if not len(in_flight):
             return []
         results = self.executor.poll(poll_timeout)
         touched: dict[str, RequestState] = {}
         now = time.monotonic()
         for result in results:
-            plan = self._in_flight.pop(result.step_id, None)
+            plan = in_flight.plan(result.step_id)
             if plan is None:
                 logger.warning("result for unknown step %d ignored", result.step_id)
                 continue
-            if plan.micro_batch < self.num_micro_batches:
-                self._free_slots.append(plan.micro_batch)
             if result.error:
                 logger.warning(
                     "step %d failed (%s): %s",
@@ -186,17 +181,22 @@ class LLMEngine:
 
     def _fill_pipeline(self) -> None:
         self.nothing_to_schedule = False
-        while self._free_slots:
-            micro_batch = self._free_slots[-1]
+        while (micro_batch := self._free_slot()) is not None:
             plan = self._schedule_routed(micro_batch)
             if plan is None:
                 self.nothing_to_schedule = True
                 return
-            self._free_slots.pop()
-            self._in_flight[plan.step_id] = plan
             self._mark_scheduled(plan)
             self.num_steps += 1
             self.executor.submit(plan)
+
+    def _free_slot(self) -> int | None:
+        """The highest micro-batch slot no plan in flight holds (None: all are busy)."""
+        busy = self.scheduler.in_flight.busy_micro_batches()
+        for slot in range(self.num_micro_batches - 1, -1, -1):
+            if slot not in busy:
+                return slot
+        return None
 
     def _schedule_routed(self, micro_batch: int) -> StepPlan | None:
         """The next plan (None: nothing to schedule); with a router, on the first route
@@ -216,7 +216,8 @@ class LLMEngine:
         accepts = None if choice is None else choice.accepts
         if self.pacer is None:
             return self.scheduler.schedule(micro_batch=micro_batch, accepts=accepts)
-        limits = self.pacer.limits(self.scheduler, self._in_flight.values(), self.num_micro_batches)
+        in_flight = self.scheduler.in_flight.plans()
+        limits = self.pacer.limits(self.scheduler, in_flight, self.num_micro_batches)
         plan = self.scheduler.schedule(
             micro_batch=micro_batch,
             prefill_token_budget=limits.prefill_token_budget,
@@ -272,9 +273,7 @@ class LLMEngine:
 
     def _append_token(self, state: RequestState, update, now: float, emit_text: bool) -> None:
         out = state.outputs[update.seq_index]
-        sampled = update.sampled
-        out.token_ids.append(sampled.token_id)
-        out.delta_token_ids.append(sampled.token_id)
+        sampled = update.sampled  # its token is already in the sequence's tokens
         if sampled.prompt_logprobs and state.prompt_logprobs is None:
             state.prompt_logprobs = list(sampled.prompt_logprobs)
         if out.logprobs is not None and sampled.logprob is not None:

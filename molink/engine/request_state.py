@@ -1,12 +1,30 @@
-"""The head's view of one request: its n outputs, detokenizers and timing."""
+"""The head's view of one request: its n outputs, detokenizers and timing.
+
+Who owns which piece of a sequence's state on the head (each piece has one owner; the
+others read it):
+
+* tokens (prompt + outputs): the scheduler's ``Sequence`` (molink/scheduler/sequence.py).
+  The scheduler appends every sampled token there; plans, preemption and failover replay
+  send them from there; a ``RequestState`` reads them through ``SequenceTokens`` and copies
+  them only into the outputs it hands to the API (``snapshot``), so what a client streamed
+  is what a replay sends again.
+* plans in flight: the scheduler's ``InFlightPlans`` (molink/scheduler/in_flight.py), read
+  by the engine loop for results, free micro-batch slots and pacing. The pipeline head
+  keeps, per step id, only how the step travels (route, deadlines) in its ``Flight``.
+* KV blocks: each node's own ``KVCacheManager`` (the head's for its own layers, keyed by
+  sequence id; a stage's keyed by head id and sequence id). The head never sends block ids.
+* route: the head's ``RouteBook`` (molink/pipeline/route_book.py), from a sequence's first
+  plan until it is released, preempted or replayed.
+* text, logprobs, finish reason, timings: this ``RequestState`` (engine thread only).
+"""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 
 from molink.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from molink.sampling_params import SamplingParams
+from molink.scheduler.sequence import SequenceTokens
 from molink.step import PromptTokenLogprob
 from molink.tokenizer.detokenizer import IncrementalDetokenizer
 from molink.tokenizer.protocol import TokenizerLike
@@ -14,43 +32,55 @@ from molink.tokenizer.protocol import TokenizerLike
 
 @dataclass
 class RequestState:
+    """``outputs[i]`` holds sequence i's text, logprobs and finish; its token ids are read
+    from ``sequences[i]`` when a snapshot is taken (``token_ids`` and ``delta_token_ids``
+    of ``outputs`` stay empty here)."""
+
     request_id: str
-    prompt_token_ids: list[int]
     params: SamplingParams
+    sequences: list[SequenceTokens]
     outputs: list[CompletionOutput]
     detokenizers: list[IncrementalDetokenizer]
     metrics: RequestMetrics
-    seq_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[PromptTokenLogprob] | None = None
     route: tuple[str, ...] = ()  # see RequestOutput.route
+    # Output tokens of each sequence already handed out; the next deltas start there.
+    num_tokens_sent: list[int] = field(default_factory=list)
 
     @classmethod
     def create(
         cls,
         request_id: str,
-        prompt_token_ids: list[int],
+        sequences: list[SequenceTokens],
         params: SamplingParams,
         tokenizer: TokenizerLike,
-        arrival_time: float | None = None,
+        arrival_time: float,
     ) -> RequestState:
-        n = params.n
+        prompt = sequences[0].prompt_token_ids
         return cls(
             request_id=request_id,
-            prompt_token_ids=list(prompt_token_ids),
             params=params,
+            sequences=sequences,
             outputs=[
                 CompletionOutput(
                     index=i,
                     logprobs=[] if params.logprobs is not None else None,
                     top_logprobs=[] if params.logprobs is not None else None,
                 )
-                for i in range(n)
+                for i in range(len(sequences))
             ],
-            detokenizers=[
-                IncrementalDetokenizer(tokenizer, prompt_token_ids, params) for _ in range(n)
-            ],
-            metrics=RequestMetrics(arrival_time=arrival_time or time.monotonic()),
+            detokenizers=[IncrementalDetokenizer(tokenizer, prompt, params) for _ in sequences],
+            metrics=RequestMetrics(arrival_time=arrival_time),
+            num_tokens_sent=[0] * len(sequences),
         )
+
+    @property
+    def prompt_token_ids(self) -> tuple[int, ...]:
+        return self.sequences[0].prompt_token_ids
+
+    @property
+    def seq_ids(self) -> list[int]:
+        return [seq.seq_id for seq in self.sequences]
 
     @property
     def finished(self) -> bool:
@@ -59,18 +89,19 @@ class RequestState:
     def snapshot(self) -> RequestOutput:
         """An immutable-enough copy for another thread; deltas reset afterwards."""
         copies = []
-        for out in self.outputs:
+        for index, (out, seq) in enumerate(zip(self.outputs, self.sequences, strict=True)):
+            token_ids = seq.output_tokens_from(0)
             copies.append(
                 replace(
                     out,
-                    token_ids=list(out.token_ids),
+                    token_ids=token_ids,
                     logprobs=None if out.logprobs is None else list(out.logprobs),
                     top_logprobs=None if out.top_logprobs is None else list(out.top_logprobs),
-                    delta_token_ids=list(out.delta_token_ids),
+                    delta_token_ids=token_ids[self.num_tokens_sent[index] :],
                 )
             )
+            self.num_tokens_sent[index] = len(token_ids)
             out.delta_text = ""
-            out.delta_token_ids = []
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,

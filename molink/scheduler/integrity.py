@@ -6,14 +6,14 @@ from collections.abc import Iterable
 
 from molink.kv_cache.manager import KVCacheManager
 from molink.scheduler.errors import SchedulerIntegrityError
+from molink.scheduler.in_flight import InFlightPlans
 from molink.scheduler.sequence import Sequence, SequenceStatus
-from molink.step import StepPlan
 
 
 def check_scheduler_integrity(
     running: list[Sequence],
     waiting: Iterable[Sequence],
-    in_flight: dict[int, tuple[StepPlan, list[Sequence]]],
+    in_flight: InFlightPlans,
     sequences: dict[int, Sequence],
     kv: KVCacheManager,
     max_num_seqs: int,
@@ -68,12 +68,10 @@ def _check_waiting(waiting: Iterable[Sequence], kv: KVCacheManager) -> None:
             _fail(f"waiting {seq!r} is still known to the stages")
 
 
-def _check_in_flight(
-    in_flight: dict[int, tuple[StepPlan, list[Sequence]]], kv: KVCacheManager
-) -> set[int]:
+def _check_in_flight(in_flight: InFlightPlans, kv: KVCacheManager) -> set[int]:
     ids: set[int] = set()
-    for step_id, (plan, seqs) in in_flight.items():
-        for scheduled, seq in zip(plan.scheduled, seqs, strict=True):
+    for step_id, step in in_flight.items():
+        for scheduled, seq in zip(step.plan.scheduled, step.sequences, strict=True):
             if seq.seq_id in ids:
                 _fail(f"sequence {seq.seq_id} is in two plans in flight")
             ids.add(seq.seq_id)

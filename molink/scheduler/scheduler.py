@@ -48,6 +48,7 @@ from molink.config import SchedulerConfig
 from molink.errors import InvalidParameterError
 from molink.kv_cache.manager import KVCacheManager
 from molink.sampling_params import SamplingParams
+from molink.scheduler.in_flight import InFlightPlans, InFlightView
 from molink.scheduler.integrity import check_scheduler_integrity
 from molink.scheduler.plan_builder import PlanBuilder, VictimCursor, check_step_limit
 from molink.scheduler.queues import num_decoding, prefill_candidates
@@ -55,6 +56,7 @@ from molink.scheduler.sequence import (
     RequestRecord,
     Sequence,
     SequenceStatus,
+    SequenceTokens,
     SequenceUpdate,
 )
 from molink.scheduler.stop import check_stop
@@ -95,7 +97,8 @@ class Scheduler:
         self._sequences: dict[int, Sequence] = {}
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # sorted by arrival order
-        self._in_flight: dict[int, tuple[StepPlan, list[Sequence]]] = {}
+        # The one registry of plans in flight; the engine reads it, only this class writes.
+        self._in_flight = InFlightPlans()
         self._pending_finished: list[int] = []
         self._num_held_siblings = 0
         self._running_dirty = False
@@ -232,6 +235,13 @@ class Scheduler:
         finished and freed."""
         return self._sequences.get(seq_id)
 
+    def request_tokens(self, request_id: str) -> list[SequenceTokens]:
+        """Read access to the tokens of a queued request's sequences (index i is sequence
+        i; empty for an unknown request). The references stay valid, and keep following
+        each sequence, after the scheduler forgets the request."""
+        record = self._requests.get(request_id)
+        return [] if record is None else list(record.sequences)
+
     def request_id_of(self, seq_id: int) -> str | None:
         seq = self._sequences.get(seq_id)
         return None if seq is None else seq.request_id
@@ -252,13 +262,18 @@ class Scheduler:
         return len(self._waiting) + self._num_held_siblings
 
     @property
+    def in_flight(self) -> InFlightView:
+        """The plans handed out by ``schedule`` and not yet passed to ``update``."""
+        return self._in_flight
+
+    @property
     def num_in_flight(self) -> int:
         """Plans handed out by ``schedule`` and not yet passed to ``update``."""
         return len(self._in_flight)
 
     @property
     def num_in_flight_sequences(self) -> int:
-        return sum(len(seqs) for _, seqs in self._in_flight.values())
+        return self._in_flight.num_sequences
 
     @property
     def num_decoding(self) -> int:
@@ -318,7 +333,7 @@ class Scheduler:
         plan = builder.build(self._pending_finished)
         self._pending_finished = []
         if not plan.is_empty:
-            self._in_flight[plan.step_id] = (plan, builder.sequences)
+            self._in_flight.add(plan, builder.sequences)
         return plan
 
     def _schedule_running(
@@ -408,12 +423,12 @@ class Scheduler:
         """Apply a plan's result: advance counters, cache computed blocks, append sampled
         tokens, finish and free sequences that stop. A result with ``error`` (or for another
         step) fails every sequence of the plan."""
-        entry = self._in_flight.pop(plan.step_id, None)
+        entry = self._in_flight.pop(plan.step_id)
         if entry is None:
             if not plan.is_empty:
                 logger.warning("update for step %d, which is not in flight; ignored", plan.step_id)
             return []
-        sent_plan, seqs = entry
+        sent_plan, seqs = entry.plan, entry.sequences
         error = result.error
         if error is None and result.step_id != sent_plan.step_id:
             error = f"result of step {result.step_id} given for step {sent_plan.step_id}"

@@ -1,9 +1,15 @@
-"""The head's record of each sequence and request, and what ``update`` reports back."""
+"""The head's record of each sequence and request, and what ``update`` reports back.
+
+A ``Sequence`` is the one home of a sequence's tokens (prompt + outputs): the scheduler
+appends each sampled token there, plans and replays are built from it, and the engine's
+request state reads it through ``SequenceTokens`` when it streams outputs.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from molink.sampling_params import SamplingParams
 from molink.step import SampledToken, TokenLogprob
@@ -16,6 +22,22 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+class SequenceTokens(Protocol):
+    """Read access to one sequence's tokens, for code outside the scheduler (no copies
+    are kept elsewhere; the lists returned are fresh slices)."""
+
+    @property
+    def seq_id(self) -> int: ...
+
+    @property
+    def prompt_token_ids(self) -> tuple[int, ...]: ...
+
+    @property
+    def num_output_tokens(self) -> int: ...
+
+    def output_tokens_from(self, start: int) -> list[int]: ...
 
 
 class Sequence:
@@ -81,6 +103,10 @@ class Sequence:
         return self.request.request_id
 
     @property
+    def prompt_token_ids(self) -> tuple[int, ...]:
+        return self.request.prompt_token_ids
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
@@ -91,6 +117,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def output_tokens_from(self, start: int) -> list[int]:
+        """Output tokens ``start`` onwards (0: all of them)."""
+        return self.token_ids[self.num_prompt_tokens + start :]
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -119,6 +149,7 @@ class RequestRecord:
     request_id: str
     params: SamplingParams
     arrival_time: float | None
+    prompt_token_ids: tuple[int, ...]
     sequences: list[Sequence] = field(default_factory=list)
     held_siblings: list[Sequence] = field(default_factory=list)
     num_released: int = 0  # sequences whose blocks are freed for good
@@ -136,7 +167,7 @@ class RequestRecord:
         """The request with its n sequences, ids ``first_seq_id`` onwards. Ids grow with
         arrival, so a sequence's id is also its first-come-first-served rank. Siblings of
         a seeded request get derived seeds."""
-        record = cls(request_id, params, arrival_time)
+        record = cls(request_id, params, arrival_time, tuple(prompt_token_ids))
         for index in range(params.n):
             seq_params = params
             if index > 0 and params.seed is not None:
