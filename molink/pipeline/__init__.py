@@ -6,7 +6,8 @@
 * ``pipeline_status`` renders a node's view of its pipeline as a table.
 """
 
-from molink.pipeline.head import HopCounters, PipelineExecutor, PipelineMetrics
+from molink.pipeline.head import PipelineExecutor
+from molink.pipeline.head_metrics import HopCounters, PipelineMetrics
 from molink.pipeline.identity import ModelIdentity, NodeInfo, model_fingerprint
 from molink.pipeline.node import StageNode
 from molink.pipeline.registry import JoinRefusedError, PipelineView, StageRegistry

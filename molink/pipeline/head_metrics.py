@@ -2,15 +2,44 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from molink.pipeline.registry import PipelineView
+from molink.transport.generated import molink_pb2 as pb
 
 
 @dataclass(frozen=True)
 class HopCounters:
     messages: int = 0
     bytes: int = 0
+
+
+class HopTally:
+    """Messages and bytes on each hop of the steps that came back (thread-safe)."""
+
+    def __init__(self, head_id: str) -> None:
+        self._head_id = head_id
+        self._lock = threading.Lock()
+        self._hops: dict[str, HopCounters] = {}
+
+    def count(self, trace: list[pb.HopTrace], sender_id: str, num_bytes: int) -> None:
+        """A step's trace names each hop it took; the last node's reply to the head is
+        ``num_bytes`` from ``sender_id``."""
+        hops = [
+            (a.node_id, b.node_id, b.bytes_received) for a, b in zip(trace, trace[1:], strict=False)
+        ]
+        if sender_id != self._head_id:
+            hops.append((sender_id, self._head_id, num_bytes))
+        with self._lock:
+            for src, dst, size in hops:
+                name = f"{src}->{dst}"
+                old = self._hops.get(name, HopCounters())
+                self._hops[name] = HopCounters(old.messages + 1, old.bytes + size)
+
+    def snapshot(self) -> dict[str, HopCounters]:
+        with self._lock:
+            return dict(self._hops)
 
 
 @dataclass(frozen=True)
