@@ -223,6 +223,7 @@ class LLMEngine:
             prefill_token_budget=limits.prefill_token_budget,
             max_decodes=limits.max_decodes,
             accepts=accepts,
+            replay_token_budget=limits.replay_token_budget,
         )
         if not plan.is_empty:
             self.pacer.observe(plan)

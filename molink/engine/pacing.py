@@ -8,6 +8,9 @@ node) schedules exactly as before; the pipeline head uses ``PipelinePacer``:
   only while some sequence decodes: with no decode to protect, a cap would only delay
   the first tokens. The pacer remembers when each prefill got its first chunk, for the
   budget's aging;
+* ``replay_token_budget`` from transmission scheduling too, while some sequence decodes:
+  sequences moved off a lost node rebuild their KV a compute-bounded chunk per plan, so
+  the streams still decoding keep getting tokens;
 * ``max_decodes = ceil(running / K)`` with K micro-batches, so each plan carries its
   share of the decodes instead of the first free micro-batch taking them all and leaving
   the others empty (which would serialise the pipeline behind one plan).
@@ -36,6 +39,7 @@ class ScheduleLimits:
 
     prefill_token_budget: int | None = None
     max_decodes: int | None = None
+    replay_token_budget: int | None = None
 
 
 class StepPacer(Protocol):
@@ -63,7 +67,12 @@ class PipelinePacer:
         max_decodes = None
         if self.balance_decodes:
             max_decodes = balanced_decode_cap(scheduler.num_running, num_micro_batches)
-        prefill_budget = None
+        prefill_budget = replay_budget = None
+        if scheduler.num_decoding > 0:
+            replay_budget = self.transmission.replay_budget(
+                floor_tokens=scheduler.kv.block_size,
+                token_budget=scheduler.config.max_num_batched_tokens,
+            )
         if self.transmission.allowance is not None and scheduler.num_decoding > 0:
             prefill_budget = self.transmission.budget(
                 in_flight_prefill_tokens=sum(prefill_tokens_of(plan) for plan in in_flight),
@@ -71,7 +80,7 @@ class PipelinePacer:
                 floor_tokens=scheduler.kv.block_size,
                 token_budget=scheduler.config.max_num_batched_tokens,
             )
-        return ScheduleLimits(prefill_budget, max_decodes)
+        return ScheduleLimits(prefill_budget, max_decodes, replay_budget)
 
     def _oldest_start(self, seq_ids: list[int]) -> float | None:
         starts = [self._prefill_started[i] for i in seq_ids if i in self._prefill_started]

@@ -42,6 +42,19 @@ already in flight. So:
 R comes from decode-only steps, so the prefill the budget lets in does not feed back into
 the budget itself.
 
+Replays are the exception to leaving compute out. After a node is lost, the sequences it
+held are prefilled again, all at once and ahead of any new prompt; sent whole on a CPU that
+is a step of seconds during which every other stream on the route waits. So each plan's
+replay chunks are also capped by compute (``replay_token_budget``)::
+
+    replay  = max(floor_tokens, floor(replay_share * R / c))
+
+where ``c`` is the route's measured marginal compute per token (the sum over its stages).
+A plan carrying replay chunks then takes at most about ``(1 + replay_share)`` decode round
+trips, and its decodes, scheduled first, are always in it: the surviving streams slow down
+by that factor while replays run instead of stopping. Before the compute per token is
+measured the cap is ``_UNMEASURED_REPLAY_BLOCKS`` blocks; it is off with the mode off.
+
 Compute is deliberately not part of t: a stage busy with a prefill chunk stalls decodes
 too, but capping prefill by compute trades throughput for inter-token latency under any
 burst (measured on a 2-core CPU, 32 simultaneous requests on loopback: 70 instead of 113
@@ -67,6 +80,8 @@ Clock = Callable[[], float]
 
 # Keeps 0.04 / 0.001 from flooring to 39 tokens.
 _ROUNDING_SLACK = 1e-9
+# Replay tokens per plan, in KV blocks, until compute per token is measured.
+_UNMEASURED_REPLAY_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -77,10 +92,13 @@ class TransmissionConfig:
     alpha: float = 1.0  # prefill in flight, in decode round trips of the slowest link
     aging_s: float = 2.0  # a prefill in progress gets one more share per aging_s seconds
     refresh_s: float = 0.25  # how often the telemetry is read again
+    replay_share: float = 1.0  # replay compute per plan, in decode round trips
 
     def validate(self) -> None:
         if not self.alpha > 0:
             raise InvalidParameterError("transmission.alpha", "must be > 0")
+        if not self.replay_share > 0:
+            raise InvalidParameterError("transmission.replay_share", "must be > 0")
         if not self.aging_s > 0:
             raise InvalidParameterError("transmission.aging_s", "must be > 0")
         if self.refresh_s < 0:
@@ -137,6 +155,26 @@ def prefill_token_budget(
     return min(token_budget, max(floor_tokens, aged - in_flight_prefill_tokens))
 
 
+def route_seconds_per_token(timings: list[StageTiming]) -> float | None:
+    """c: the measured marginal compute of one token over every stage; None until measured."""
+    total = sum(t.compute_s_per_token for t in timings if t.samples > 0)
+    return total if total > 0 else None
+
+
+def replay_token_budget(
+    round_trip_s: float,
+    seconds_per_token: float | None,
+    share: float,
+    floor_tokens: int,
+    token_budget: int,
+) -> int:
+    """Replay tokens one plan may carry: ``share`` decode round trips of compute."""
+    if seconds_per_token is None:
+        return min(token_budget, _UNMEASURED_REPLAY_BLOCKS * floor_tokens)
+    tokens = math.floor(share * round_trip_s / seconds_per_token + _ROUNDING_SLACK)
+    return min(token_budget, max(floor_tokens, tokens))
+
+
 def prefill_tokens_of(plan: StepPlan) -> int:
     """Tokens of a plan's prefill chunks (sequences given more than one token)."""
     return sum(s.num_new_tokens for s in plan.scheduled if s.num_new_tokens > 1)
@@ -163,6 +201,8 @@ class TransmissionScheduler:
         self.telemetry = telemetry
         self.clock = clock
         self.allowance: int | None = None
+        # (R, c) of the replay cap; None until the telemetry was read.
+        self._replay_measure: tuple[float, float | None] | None = None
         self._next_refresh = -math.inf
 
     def refresh(self, force: bool = False) -> int | None:
@@ -174,7 +214,7 @@ class TransmissionScheduler:
             return self.allowance
         self._next_refresh = now + self.config.refresh_s
         try:
-            allowance = self._read_allowance(self.telemetry)
+            allowance = self._read(self.telemetry)
         except Exception:  # measurements are advisory: keep the last estimate, keep serving
             logger.warning("reading the pipeline telemetry failed", exc_info=True)
             return self.allowance
@@ -183,12 +223,14 @@ class TransmissionScheduler:
         self.allowance = allowance
         return allowance
 
-    def _read_allowance(self, telemetry: PipelineTelemetry) -> int | None:
+    def _read(self, telemetry: PipelineTelemetry) -> int | None:
+        """The prefill allowance; keeps what the replay cap needs on the way."""
         links, timings = telemetry.link_estimates(), telemetry.stage_timings()
+        round_trip = decode_round_trip_s(links, timings)
+        self._replay_measure = (round_trip, route_seconds_per_token(timings))
         per_token = slowest_seconds_per_token(links, telemetry.hidden_bytes_per_token())
         if per_token is None:
             return None
-        round_trip = decode_round_trip_s(links, timings)
         return prefill_allowance(round_trip, per_token, self.config.alpha)
 
     def budget(
@@ -210,4 +252,14 @@ class TransmissionScheduler:
             self.config.aging_s,
             floor_tokens,
             token_budget,
+        )
+
+    def replay_budget(self, floor_tokens: int, token_budget: int) -> int | None:
+        """The replay token budget of the next plan (module docstring); None: no cap (the
+        mode is off or there is no telemetry)."""
+        if not self.config.enabled or self.telemetry is None:
+            return None
+        round_trip, per_token = self._replay_measure or (0.0, None)
+        return replay_token_budget(
+            round_trip, per_token, self.config.replay_share, floor_tokens, token_budget
         )

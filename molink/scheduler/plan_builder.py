@@ -19,7 +19,9 @@ class PlanBuilder:
     """Tracks the budgets and the diffs the stages need (new data, new blocks).
 
     ``budget_left`` bounds every token; ``prefill_budget_left`` (None: unbounded) bounds
-    prefill chunks as well; ``decodes_left`` (None: unbounded) caps decoding sequences.
+    prefill chunks as well; ``replay_budget_left`` (None: unbounded) bounds the chunks of
+    sequences being replayed after a lost node as well; ``decodes_left`` (None: unbounded)
+    caps decoding sequences.
     """
 
     def __init__(
@@ -29,12 +31,14 @@ class PlanBuilder:
         token_budget: int,
         prefill_token_budget: int | None = None,
         max_decodes: int | None = None,
+        replay_token_budget: int | None = None,
     ) -> None:
         self.step_id = step_id
         self.micro_batch = micro_batch
         self.budget_left = token_budget
         self.prefill_budget_left = prefill_token_budget
         self.decodes_left = max_decodes
+        self.replay_budget_left = replay_token_budget
         self.sequences: list[Sequence] = []
         self._scheduled: list[ScheduledSequence] = []
         self._token_ids: list[int] = []
@@ -52,6 +56,13 @@ class PlanBuilder:
             return self.budget_left
         return min(self.budget_left, self.prefill_budget_left)
 
+    def prefill_room_for(self, seq: Sequence) -> int:
+        """How many prefill tokens of ``seq`` the plan can still take: a replayed
+        sequence's chunk also draws on the replay budget."""
+        if seq.num_replays == 0 or self.replay_budget_left is None:
+            return self.prefill_room
+        return min(self.prefill_room, self.replay_budget_left)
+
     def add(
         self,
         seq: Sequence,
@@ -61,11 +72,13 @@ class PlanBuilder:
     ) -> None:
         """Schedule ``num_new_tokens`` of ``seq`` starting at its ``num_computed_tokens``;
         a prefill chunk (``is_decode`` False) draws on the prefill budget too."""
-        assert 0 < num_new_tokens <= (self.budget_left if is_decode else self.prefill_room)
+        assert 0 < num_new_tokens <= (self.budget_left if is_decode else self.prefill_room_for(seq))
         if is_decode and self.decodes_left is not None:
             self.decodes_left -= 1
         elif not is_decode and self.prefill_budget_left is not None:
             self.prefill_budget_left -= num_new_tokens
+        if not is_decode and seq.num_replays and self.replay_budget_left is not None:
+            self.replay_budget_left -= num_new_tokens
         start = seq.num_computed_tokens
         end = start + num_new_tokens
         num_tokens = len(seq.token_ids)

@@ -14,7 +14,9 @@ catches up; a step whose chunk reaches the end of the known tokens samples one m
 
 Prefill chunks (2 and 3) also draw on ``prefill_token_budget`` when one is given, so the
 head can bound how many prompt tokens one plan puts on a slow link while decodes, which
-come first and count against ``token_budget`` only, are never crowded out.
+come first and count against ``token_budget`` only, are never crowded out. The chunks of
+replayed sequences draw on ``replay_token_budget`` as well, so that rebuilding the KV of
+sequences moved off a lost node shares each step with the decodes instead of taking it.
 
 Several plans (micro-batches) may be in flight. A sequence in a plan is off limits until
 ``update`` for that plan, so plans are disjoint; finishing or aborting an in-flight
@@ -305,6 +307,7 @@ class Scheduler:
         prefill_token_budget: int | None = None,
         max_decodes: int | None = None,
         accepts: SequenceFilter | None = None,
+        replay_token_budget: int | None = None,
     ) -> StepPlan:
         """The next plan for ``micro_batch``; may be empty yet carry ``finished_seq_ids``,
         which the stages must still receive.
@@ -315,13 +318,21 @@ class Scheduler:
         spread the running sequences over the micro-batches in flight. ``accepts`` (None:
         every sequence) filters which sequences may join the plan; admission of waiting
         sequences stops at the first it refuses, so they stay first come, first served.
+        ``replay_token_budget`` (None: no further bound) bounds the prefill chunks of
+        replayed sequences (those moved off a lost node) in the plan.
         """
         budget = self.config.max_num_batched_tokens if token_budget is None else token_budget
         check_step_limit(budget, "token_budget")
         check_step_limit(prefill_token_budget, "prefill_token_budget")
         check_step_limit(max_decodes, "max_decodes")
+        check_step_limit(replay_token_budget, "replay_token_budget")
         builder = PlanBuilder(
-            self._next_step_id, micro_batch, budget, prefill_token_budget, max_decodes
+            self._next_step_id,
+            micro_batch,
+            budget,
+            prefill_token_budget,
+            max_decodes,
+            replay_token_budget,
         )
         self._next_step_id += 1
         victims = VictimCursor(self._running)
@@ -352,6 +363,9 @@ class Scheduler:
                 continue
             num_uncomputed = len(seq.token_ids) - seq.num_computed_tokens
             if (num_uncomputed == 1) != decodes:
+                continue
+            room = room if decodes else builder.prefill_room_for(seq)
+            if room == 0:  # a replay over its budget: other prefills may still fit
                 continue
             num_new = self._chunk_size(num_uncomputed, room)
             if accepts is not None and not accepts(seq.seq_id, seq.num_computed_tokens + num_new):
@@ -395,7 +409,10 @@ class Scheduler:
             wants_prompt_logprobs = seq.params.prompt_logprobs is not None
             reusable = 0 if wants_prompt_logprobs else seq.num_tokens - 1
             hit = self.kv.find_cached_prefix(seq.token_ids, max_num_tokens=reusable)
-            num_new = self._chunk_size(seq.num_tokens - hit.num_tokens, builder.prefill_room)
+            room = builder.prefill_room_for(seq)
+            if room == 0:  # a replay over its budget waits, and those behind it too (FCFS)
+                return
+            num_new = self._chunk_size(seq.num_tokens - hit.num_tokens, room)
             # A new sequence asks for room for everything it may become (its prompt and
             # output so far plus the output it may still produce), so that nodes that own
             # their KV are not over-committed and then forced to refuse its growth.
