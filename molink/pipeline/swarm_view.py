@@ -14,12 +14,12 @@ from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.registry import StageRegistry
 from molink.pipeline.route_book import SwarmSnapshot
-from molink.placement.router import Candidate, LinkCost
+from molink.placement.router import ROWS_PER_STEP, Candidate, LinkCost
 from molink.transport.codec import wire_row_bytes
 from molink.transport.generated import molink_pb2 as pb
 
 # Expected rows of a step, for the transfer term of the rule (decode steps dominate).
-EXPECTED_ROWS_PER_STEP = 8
+EXPECTED_ROWS_PER_STEP = ROWS_PER_STEP
 
 
 class SwarmView:

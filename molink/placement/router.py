@@ -6,14 +6,20 @@ the time one step takes on a route is, in this model::
     T(route) = sum over its nodes n   of  node_s(n)
              + sum over its hops a->b of  link_s(a, b)        (the last hop is back to the head)
 
-    node_s(n)    = step_s(n) * (1 + queued(n)) + per_seq_s(n) * (load(n) + 1)
+    node_s(n)    = step_s(n) * (1 + queued(n) + load(n) / ROWS_PER_STEP)
+                 + per_seq_s(n) * (load(n) + 1)
     link_s(a, b) = rtt(a, b) / 2 + step_bytes * (load(b) + 1) / bandwidth(a, b)
 
 ``step_s`` is the node's measured compute time per step, ``queued`` the steps waiting in
 its queue (as it last reported), ``per_seq_s`` its measured marginal time per token, and
 ``load`` the sequences this head already keeps on it, so that each new sequence raises
 the cost of the nodes it would join: equal replicas share the work and a faster or closer
-one takes more of it. Unknown measurements fall back to priors (``PRIOR_*``), and a hop
+one takes more of it. ``load`` counts the sequences admitted a moment ago too, which the
+node's reported queue cannot show yet: a step carries about ``ROWS_PER_STEP`` sequences,
+so each sequence kept on a node adds that share of a step to the work queued there. The
+per-token term alone is too small to spread a burst: on a CPU a decode step's time hardly
+depends on its rows, so two replicas whose measured step times differ by noise would see
+a whole burst of new sequences go to the one measured faster. Unknown measurements fall back to priors (``PRIOR_*``), and a hop
 nobody has measured yet takes the head's own round trip to its receiving node.
 
 Nodes whose spans meet exactly (``a.end == b.start``) are joined by an edge; the head is the
@@ -34,6 +40,7 @@ from molink.placement.route import Route, RouteHop
 PRIOR_STEP_S = 0.01  # compute per step of a node never measured
 PRIOR_PER_SEQ_S = 0.001  # marginal compute per sequence of a node never measured
 PRIOR_RTT_S = 0.001  # round trip of a hop with no measurement and no probe
+ROWS_PER_STEP = 8  # sequences one step of a node is expected to carry
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class Candidate:
     def node_s(self) -> float:
         step = self.step_s if self.step_s > 0 else PRIOR_STEP_S
         per_seq = self.per_seq_s if self.per_seq_s > 0 else PRIOR_PER_SEQ_S
-        return step * (1 + self.queued) + per_seq * (self.load + 1)
+        return step * (1 + self.queued + self.load / ROWS_PER_STEP) + per_seq * (self.load + 1)
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,51 @@ def test_an_avoided_node_gets_no_new_sequences() -> None:
     book.avoid("a", 60.0)
     assert book.route_for_new(3).key == "head->b"
     assert [c.route.key for c in book.choices()] == ["head->b"]
+
+
+def _admit_burst(book: RouteBook, num: int) -> dict[str, int]:
+    """``num`` new sequences arrive at once: plans are scheduled as the engine does (each
+    route's choice admits waiting sequences in order until it refuses one) until every
+    sequence has a route; how many each route took."""
+    waiting = list(range(num))
+    step = 0
+    while waiting:
+        progressed = False
+        for choice in book.choices():
+            admitted = []
+            while waiting and choice.accepts(waiting[0], 3):
+                admitted.append(waiting.pop(0))
+            if admitted:
+                book.bind(_plan(step, *admitted), choice)
+                step += 1
+                progressed = True
+        assert progressed, "no route took the waiting sequences"
+    counts: dict[str, int] = {}
+    for seq_id in range(num):
+        key = book.route_of(seq_id).key
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_a_burst_of_new_sequences_spreads_over_replicas_measured_a_little_apart() -> None:
+    """Step times 10% apart (noise on a loaded machine) and per-token costs far below a
+    step: the sequences admitted a moment ago count as load, so the burst is shared."""
+    book = RouteBook(
+        lambda: _snapshot(
+            Candidate("a", "a:1", 2, 4, step_s=0.10, per_seq_s=0.0005),
+            Candidate("b", "b:1", 2, 4, step_s=0.11, per_seq_s=0.0005),
+        )
+    )
+    counts = _admit_burst(book, 8)
+    assert counts["head->a"] >= 4 and counts["head->b"] >= 3, counts
+
+
+def test_a_much_faster_replica_still_takes_more_of_a_burst() -> None:
+    book = RouteBook(
+        lambda: _snapshot(
+            Candidate("a", "a:1", 2, 4, step_s=0.05, per_seq_s=0.0005),
+            Candidate("b", "b:1", 2, 4, step_s=0.15, per_seq_s=0.0005),
+        )
+    )
+    counts = _admit_burst(book, 16)
+    assert counts["head->a"] > 2 * counts.get("head->b", 0), counts
