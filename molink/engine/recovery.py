@@ -5,7 +5,8 @@ A node that dies, freezes (misses its deadline and a probe), or reports an error
 evicted by the head's executor, which then hands the engine a ``NodeFailure`` naming the
 sequences whose KV lived there. The engine moves them back to the waiting queue with all
 their tokens (prompt + generated), so that the scheduler prefills them again on another
-route, chunked and paced like any prefill, and generation continues from the next token.
+route, chunked and paced so that the streams still decoding keep their pace (the replay
+budget, molink/engine/transmission.py), and generation continues from the next token.
 Sampling is keyed by each sequence's position (molink/sampling/seeding.py) and the last
 stage rebuilds penalties from the full token history it is sent, so the continuation is
 token for token the one a failure-free run would produce.
