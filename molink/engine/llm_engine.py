@@ -50,6 +50,8 @@ class LLMEngine:
         self._replayed_at: dict[int, float] = {}
         self._replays_counted = (0, 0)  # the scheduler's (sequences, tokens) already counted
         self._requests: dict[str, RequestState] = {}
+        # The scheduler's registry of plans in flight (read here, never written).
+        self._plans = scheduler.in_flight
         self.num_steps = 0
         # The last fill left a slot free because nothing could be scheduled.
         self.nothing_to_schedule = False
@@ -110,7 +112,7 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or len(self.scheduler.in_flight) > 0
+        return bool(self._requests) or len(self._plans) > 0
 
     def set_num_micro_batches(self, num_micro_batches: int) -> None:
         """Change how many plans may be in flight; slots in use drain naturally."""
@@ -120,7 +122,7 @@ class LLMEngine:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self.scheduler.in_flight)
+        return len(self._plans)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -128,7 +130,7 @@ class LLMEngine:
         """Fill free micro-batch slots, collect what came back, and emit outputs."""
         self._recover()
         self._fill_pipeline()
-        in_flight = self.scheduler.in_flight
+        in_flight = self._plans
         if not len(in_flight):
             return []
         results = self.executor.poll(poll_timeout)
@@ -181,7 +183,7 @@ class LLMEngine:
 
     def _fill_pipeline(self) -> None:
         self.nothing_to_schedule = False
-        while (micro_batch := self._free_slot()) is not None:
+        while (micro_batch := self._plans.free_micro_batch(self.num_micro_batches)) is not None:
             plan = self._schedule_routed(micro_batch)
             if plan is None:
                 self.nothing_to_schedule = True
@@ -189,14 +191,6 @@ class LLMEngine:
             self._mark_scheduled(plan)
             self.num_steps += 1
             self.executor.submit(plan)
-
-    def _free_slot(self) -> int | None:
-        """The highest micro-batch slot no plan in flight holds (None: all are busy)."""
-        busy = self.scheduler.in_flight.busy_micro_batches()
-        for slot in range(self.num_micro_batches - 1, -1, -1):
-            if slot not in busy:
-                return slot
-        return None
 
     def _schedule_routed(self, micro_batch: int) -> StepPlan | None:
         """The next plan (None: nothing to schedule); with a router, on the first route
@@ -216,7 +210,7 @@ class LLMEngine:
         accepts = None if choice is None else choice.accepts
         if self.pacer is None:
             return self.scheduler.schedule(micro_batch=micro_batch, accepts=accepts)
-        in_flight = self.scheduler.in_flight.plans()
+        in_flight = self._plans.plans()
         limits = self.pacer.limits(self.scheduler, in_flight, self.num_micro_batches)
         plan = self.scheduler.schedule(
             micro_batch=micro_batch,

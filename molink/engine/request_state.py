@@ -1,21 +1,8 @@
 """The head's view of one request: its n outputs, detokenizers and timing.
 
-Who owns which piece of a sequence's state on the head (each piece has one owner; the
-others read it):
-
-* tokens (prompt + outputs): the scheduler's ``Sequence`` (molink/scheduler/sequence.py).
-  The scheduler appends every sampled token there; plans, preemption and failover replay
-  send them from there; a ``RequestState`` reads them through ``SequenceTokens`` and copies
-  them only into the outputs it hands to the API (``snapshot``), so what a client streamed
-  is what a replay sends again.
-* plans in flight: the scheduler's ``InFlightPlans`` (molink/scheduler/in_flight.py), read
-  by the engine loop for results, free micro-batch slots and pacing. The pipeline head
-  keeps, per step id, only how the step travels (route, deadlines) in its ``Flight``.
-* KV blocks: each node's own ``KVCacheManager`` (the head's for its own layers, keyed by
-  sequence id; a stage's keyed by head id and sequence id). The head never sends block ids.
-* route: the head's ``RouteBook`` (molink/pipeline/route_book.py), from a sequence's first
-  plan until it is released, preempted or replayed.
-* text, logprobs, finish reason, timings: this ``RequestState`` (engine thread only).
+It owns the text, logprobs, finish reasons and timings of a request; the tokens are the
+scheduler's (each ``Sequence``, read through ``SequenceTokens``): see
+molink/scheduler/sequence.py for who owns which piece of a sequence's state.
 """
 
 from __future__ import annotations
@@ -39,6 +26,7 @@ class RequestState:
     request_id: str
     params: SamplingParams
     sequences: list[SequenceTokens]
+    prompt_token_ids: tuple[int, ...]  # the scheduler's own (immutable) prompt, not a copy
     outputs: list[CompletionOutput]
     detokenizers: list[IncrementalDetokenizer]
     metrics: RequestMetrics
@@ -61,6 +49,7 @@ class RequestState:
             request_id=request_id,
             params=params,
             sequences=sequences,
+            prompt_token_ids=prompt,
             outputs=[
                 CompletionOutput(
                     index=i,
@@ -73,10 +62,6 @@ class RequestState:
             metrics=RequestMetrics(arrival_time=arrival_time),
             num_tokens_sent=[0] * len(sequences),
         )
-
-    @property
-    def prompt_token_ids(self) -> tuple[int, ...]:
-        return self.sequences[0].prompt_token_ids
 
     @property
     def seq_ids(self) -> list[int]:

@@ -18,7 +18,7 @@ from molink.scheduler.sequence import Sequence
 from molink.step import StepPlan
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InFlightStep:
     """A plan and its sequences, in the order of ``plan.scheduled``."""
 
@@ -35,6 +35,8 @@ class InFlightView(Protocol):
 
     def busy_micro_batches(self) -> set[int]: ...
 
+    def free_micro_batch(self, num_micro_batches: int) -> int | None: ...
+
     def __len__(self) -> int: ...
 
 
@@ -43,6 +45,9 @@ class InFlightPlans:
 
     def __init__(self) -> None:
         self._steps: dict[int, InFlightStep] = {}
+        # micro-batch -> its steps in flight (one, unless a caller reuses a busy slot);
+        # kept with the steps so that finding a free slot costs no scan of them.
+        self._busy: dict[int, int] = {}
 
     # -- the scheduler's side --------------------------------------------------------
 
@@ -50,12 +55,21 @@ class InFlightPlans:
         if plan.step_id in self._steps:
             raise ValueError(f"step {plan.step_id} is already in flight")
         self._steps[plan.step_id] = InFlightStep(plan, sequences)
+        self._busy[plan.micro_batch] = self._busy.get(plan.micro_batch, 0) + 1
 
     def pop(self, step_id: int) -> InFlightStep | None:
-        return self._steps.pop(step_id, None)
+        step = self._steps.pop(step_id, None)
+        if step is not None:
+            slot = step.plan.micro_batch
+            if self._busy[slot] == 1:
+                del self._busy[slot]
+            else:
+                self._busy[slot] -= 1
+        return step
 
     def clear(self) -> None:
         self._steps.clear()
+        self._busy.clear()
 
     # -- readers ---------------------------------------------------------------------
 
@@ -68,7 +82,15 @@ class InFlightPlans:
         return [step.plan for step in self._steps.values()]
 
     def busy_micro_batches(self) -> set[int]:
-        return {step.plan.micro_batch for step in self._steps.values()}
+        return set(self._busy)
+
+    def free_micro_batch(self, num_micro_batches: int) -> int | None:
+        """The highest slot below ``num_micro_batches`` that no plan in flight holds."""
+        busy = self._busy
+        for slot in range(num_micro_batches - 1, -1, -1):
+            if slot not in busy:
+                return slot
+        return None
 
     @property
     def num_sequences(self) -> int:

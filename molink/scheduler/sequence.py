@@ -1,8 +1,25 @@
 """The head's record of each sequence and request, and what ``update`` reports back.
 
-A ``Sequence`` is the one home of a sequence's tokens (prompt + outputs): the scheduler
-appends each sampled token there, plans and replays are built from it, and the engine's
-request state reads it through ``SequenceTokens`` when it streams outputs.
+Who owns which piece of a sequence's state on the head (one owner each; the others read):
+
+* tokens (prompt + outputs): its ``Sequence`` here, the one list of them. The scheduler
+  appends each sampled token; plans, preemption and failover replay send the tokens from
+  it; the engine's ``RequestState`` reads them through ``SequenceTokens`` and copies them
+  only into the outputs it hands to the API, so what a client streamed is exactly what a
+  replay sends again. The prompt is kept once per request (``RequestRecord``).
+* plans in flight: the scheduler's ``InFlightPlans`` (molink/scheduler/in_flight.py); the
+  engine loop reads it. The pipeline head keeps per step id only how the step travels
+  (route, deadlines: ``Flight`` in molink/pipeline/head.py); spot checks get each plan as it
+  is submitted and keep only their mirrored copies until the comparison.
+* KV blocks: each node's own ``KVCacheManager``: the head's for its own layers (keyed by
+  sequence id, allocated and freed by the scheduler), a stage's keyed by (head id, sequence
+  id). No block id travels between nodes.
+* route: the head's ``RouteBook`` (molink/pipeline/route_book.py), from a sequence's first
+  plan until it is released, preempted or replayed.
+* text, logprobs, finish reason, timings: the engine's ``RequestState``.
+* sampling history (penalties): the last stage's own state, rebuilt from the tokens it is
+  sent (``NewSequenceData``) and extended by what it samples; it is the stage's, not the
+  head's, even when both run in one process.
 """
 
 from __future__ import annotations

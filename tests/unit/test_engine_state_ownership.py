@@ -123,7 +123,7 @@ def test_the_engine_reads_the_schedulers_registry_of_plans_in_flight() -> None:
     first, second = executor.submitted
     assert in_flight.plans() == [first, second]
     assert engine.num_in_flight == engine.scheduler.num_in_flight == 2
-    assert in_flight.busy_micro_batches() == {0, 1} and engine._free_slot() is None
+    assert in_flight.busy_micro_batches() == {0, 1} and in_flight.free_micro_batch(2) is None
 
     executor.deliver(first.step_id)
     engine.step()  # takes the result back: its slot is free
