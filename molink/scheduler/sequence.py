@@ -9,8 +9,8 @@ Who owns which piece of a sequence's state on the head (one owner each; the othe
   replay sends again. The prompt is kept once per request (``RequestRecord``).
 * plans in flight: the scheduler's ``InFlightPlans`` (molink/scheduler/in_flight.py); the
   engine loop reads it. The pipeline head keeps per step id only how the step travels
-  (route, deadlines: ``Flight`` in molink/pipeline/head.py); spot checks get each plan as it
-  is submitted and keep only their mirrored copies until the comparison.
+  (route, deadlines: ``Flight`` in molink/pipeline/head_flights.py); spot checks get each
+  plan as it is submitted and keep only their mirrored copies until the comparison.
 * KV blocks: each node's own ``KVCacheManager``: the head's for its own layers (keyed by
   sequence id, allocated and freed by the scheduler), a stage's keyed by (head id, sequence
   id). No block id travels between nodes.
