@@ -36,7 +36,9 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half")
 WIRE_DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32", "int8")
 # "off": prefill chunks take the whole token budget (the baseline for benchmarks).
 TRANSMISSION_SCHEDULING_CHOICES = ("on", "off")
-DHT_CHOICES = ("on", "off")
+# "auto": a pipeline node takes part in the swarm's DHT when it can (its initial peer has
+# one, the DHT starts), else it joins through its peer alone; "on" makes either an error.
+DHT_CHOICES = ("auto", "on", "off")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 
 _SIZE_UNITS = {
@@ -127,7 +129,7 @@ class EngineArgs:
     molink_layer_step_ms: float | None = None
     # Set when neither layer flag was given: the node picks its span from the swarm.
     molink_auto_place: bool = False
-    molink_dht: str = "off"  # "on": announce and discover nodes through the swarm's DHT
+    molink_dht: str = "auto"  # announce and discover nodes through the swarm's DHT (above)
     molink_dht_ttl: float = 15.0  # seconds a DHT record lives without renewal
     # head: how long requests whose node was lost wait for another to take its layers
     molink_failover_timeout: float = 30.0
@@ -512,10 +514,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     pipeline.add_argument(
         "--molink-dht",
-        default="off",
+        default="auto",
         choices=DHT_CHOICES,
         help="announce this node in the swarm's DHT and find the others there; a node with "
-        "--molink-initial-peer bootstraps from that peer's DHT address (default: %(default)s)",
+        "--molink-initial-peer bootstraps from that peer's DHT address. auto: so, unless the "
+        "initial peer takes part in no DHT or the DHT cannot start (then the node joins "
+        "through its peer alone); on: either is an error; off: no DHT, nodes join through "
+        "their initial peer's registry only (default: %(default)s)",
     )
     pipeline.add_argument(
         "--molink-dht-ttl",

@@ -58,6 +58,7 @@ from molink.pipeline.stage_client import StageOnlyClient
 from molink.progress.waiting import Coverage, PipelineWaitStatus
 from molink.quant.config import resolve_kv_cache_dtype
 from molink.security.credentials import SwarmCredentials
+from molink.security.identity import NodeIdentity
 from molink.security.node_setup import grpc_bind_host, node_credentials
 from molink.stage.resources import device_of, memory_of
 from molink.stage.speed import PROBE_TOKENS, layer_step_seconds
@@ -100,8 +101,9 @@ def node_info(
     dtype: torch.dtype,
     credentials: SwarmCredentials | None = None,
 ) -> NodeInfo:
-    """A swarm member is named by its key (its id, and the key itself travels in its
-    records); an open node is named by its address."""
+    """Every node has a key pair, and its public key travels in its records. A swarm
+    member is named by its key; an open node keeps its address as its id (its key is made
+    at start and vouched for by no authority, and peers reach and name it by address)."""
     address = f"{advertise_host(args)}:{advertise_port(args)}"
     device = device_of(worker.model)
     memory = memory_of(device)
@@ -114,7 +116,7 @@ def node_info(
         block_size=args.block_size,
         dtype=dtype_name(dtype),
         wire_dtype=wire_dtype(args, dtype),
-        public_key=public_key_of(credentials) if credentials else b"",
+        public_key=public_key_of(credentials.identity if credentials else NodeIdentity.generate()),
         free_kv_blocks=num_blocks,
         device=device,
         memory_total_bytes=memory.total_bytes,
@@ -122,8 +124,8 @@ def node_info(
     )
 
 
-def public_key_of(credentials: SwarmCredentials) -> bytes:
-    return credentials.identity.private_key.public_key().public_bytes(
+def public_key_of(identity: NodeIdentity) -> bytes:
+    return identity.private_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
@@ -232,14 +234,22 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     host = grpc_bind_host(args.host, advertise_host(args), credentials is not None)
     bind = f"{host}:{args.molink_grpc_port}"
     resolve_device(options.device)  # a device this machine lacks fails before any loading
-    # The DHT first: a node that picks its own layers reads the swarm from it.
     source = resolve_model_source(options.model, quantization=options.quantization)
-    directory = None
-    if args.molink_dht == "on":
-        model = ModelIdentity.from_model_config(args.model_name, source.model_config)
-        directory = join_directory(model, args.molink_initial_peer, host, transport)
+    model = ModelIdentity.from_model_config(args.model_name, source.model_config)
+
+    def join_dht() -> SwarmDirectory | None:
+        return join_directory(
+            args.molink_dht, model, args.molink_initial_peer, host, advertise_host(args), transport
+        )
+
+    # A node that picks its own layers reads the swarm from the DHT before loading; any
+    # other joins it once loaded, so that it waits for a peer still loading its own
+    # weights as long as the join itself would.
+    directory = join_dht() if args.molink_auto_place else None
     try:
         worker, info, dtype = load_stage(args, options, source, credentials, transport, directory)
+        if not args.molink_auto_place:
+            directory = join_dht()
     except BaseException:
         if directory is not None:
             directory.shutdown()

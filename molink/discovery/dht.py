@@ -14,6 +14,7 @@ unsigned, from a non-member, expired or replayed is ignored with a log line.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -55,6 +56,30 @@ def _node_bound_dht_class(base: type) -> type:
     return NodeBoundDHT
 
 
+def advertised_maddr(maddrs: list[str], advertise_host: str | None) -> str:
+    """The one of a DHT node's listening multiaddresses that other machines should dial.
+
+    A DHT bound to every interface lists loopback first; a peer on another machine needs
+    the advertised host instead, on the same port and peer id (``/dns/`` for a name, e.g.
+    a container's service name)."""
+    if not maddrs:
+        return ""
+    if not advertise_host:
+        return maddrs[0]
+    host = advertise_host.strip("[]")
+    try:
+        protocol = "ip6" if ipaddress.ip_address(host).version == 6 else "ip4"
+    except ValueError:
+        protocol = "dns"
+    wanted = f"/{protocol}/{host}/"
+    for maddr in maddrs:
+        if maddr.startswith(wanted):
+            return maddr
+    # "/ip4/127.0.0.1/tcp/PORT/p2p/ID": keep everything after the host.
+    rest = maddrs[0].split("/", 3)[3]
+    return f"{wanted}{rest}"
+
+
 class SwarmDirectory:
     """One node's handle on the DHT. ``start`` raises PipelineError, naming the peer, when
     the bootstrap peer cannot be reached (within BOOTSTRAP_TIMEOUT_S)."""
@@ -70,13 +95,20 @@ class SwarmDirectory:
         self._seal = RecordSeal(credentials) if credentials is not None else None
         self._key = self._seal.scoped(swarm_key(model)) if self._seal else swarm_key(model)
         self._dht: Any = None
+        self._advertise_host: str | None = None
         self._ignored: dict[str, str] = {}  # node id -> why its record is ignored (logged once)
 
     def start(
-        self, host: str, initial_peers: list[str], client_mode: bool = False
+        self,
+        host: str,
+        initial_peers: list[str],
+        client_mode: bool = False,
+        advertise_host: str | None = None,
     ) -> SwarmDirectory:
         """``client_mode``: only read and write through the peers (e.g. ``molink status``);
-        such a node listens on no port and stores no one's records."""
+        such a node listens on no port and stores no one's records. ``advertise_host``: the
+        host other machines reach this node at (its ``address`` names it)."""
+        self._advertise_host = advertise_host
         import hivemind  # imported here: the daemon it starts is only needed by swarm nodes
 
         from molink.security.dht_validator import SealedRecordValidator
@@ -105,7 +137,7 @@ class SwarmDirectory:
         if self._dht is None:
             return ""
         maddrs = [str(m) for m in self._dht.get_visible_maddrs()]
-        return maddrs[0] if maddrs else ""
+        return advertised_maddr(maddrs, self._advertise_host)
 
     def announce(self, info: NodeInfo, ttl_s: float) -> bool:
         from hivemind.utils import get_dht_time

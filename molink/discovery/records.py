@@ -9,7 +9,8 @@ Schema, version 2 (every field required):
 
   v            int    the record version (RECORD_VERSION)
   node_id      str    the node's id (its key's hash; an open node's address)
-  public_key   bytes  the node's identity key, DER; empty for an open node
+  public_key   bytes  the node's identity key, DER (an open node's too: made at start, it is
+                      vouched for by no authority and its records are not signed)
   address      str    advertised gRPC host:port
   dht          str    a multiaddress others may bootstrap the DHT from
   protocol     int    the wire protocol version it speaks

@@ -1,4 +1,4 @@
-"""Starting a node's part in the swarm's DHT (``--molink-dht on``).
+"""Starting a node's part in the swarm's DHT (``--molink-dht auto``, the default, or ``on``).
 
 ``--molink-initial-peer HOST:PORT`` keeps its meaning: the joining node asks that gRPC
 peer for its DHT address (``Describe``) and bootstraps the DHT from it. Every node then
@@ -36,40 +36,72 @@ _RETRY_S = 0.5
 _DESCRIBE_BUDGET_S = BOOTSTRAP_TIMEOUT_S - 5.0
 
 
-def dht_bootstrap_peers(initial_peer: str | None, config: TransportConfig) -> list[str]:
-    """The DHT address of the initial peer, asked over gRPC; PipelineError (within
-    BOOTSTRAP_TIMEOUT_S) if it cannot be reached or takes part in no DHT."""
-    if not initial_peer:
-        return []
-    deadline = time.monotonic() + _DESCRIBE_BUDGET_S
+def peer_dht_address(initial_peer: str, config: TransportConfig, budget_s: float) -> str:
+    """The DHT address of the initial peer, asked over gRPC ("" when it takes part in no
+    DHT); PipelineError if it cannot be reached within ``budget_s``."""
+    deadline = time.monotonic() + budget_s
     client = NodeClient(initial_peer, config)
     try:
         while True:
             try:
-                info = client.describe(timeout=min(5.0, _DESCRIBE_BUDGET_S))
-                break
+                return client.describe(timeout=min(5.0, budget_s)).dht_address
             except grpc.RpcError as exc:
                 if time.monotonic() > deadline:
                     raise PipelineError(
                         f"could not reach the initial peer {initial_peer} to find the swarm's "
-                        f"DHT within {_DESCRIBE_BUDGET_S:.0f}s: {describe_rpc_error(exc)}"
+                        f"DHT within {budget_s:.0f}s: {describe_rpc_error(exc)}"
                     ) from None
                 time.sleep(_RETRY_S)
     finally:
         client.close()
-    if not info.dht_address:
-        raise PipelineError(
-            f"the initial peer {initial_peer} takes part in no DHT (start it with --molink-dht on)"
-        )
-    return [info.dht_address]
 
 
 def join_directory(
-    model: ModelIdentity, initial_peer: str | None, host: str, config: TransportConfig
-) -> SwarmDirectory:
-    """Join the swarm's DHT, bootstrapped from the initial peer's DHT address."""
-    peers = dht_bootstrap_peers(initial_peer, config)
-    return SwarmDirectory(model, PROTOCOL_VERSION, config.security).start(host, peers)
+    mode: str,
+    model: ModelIdentity,
+    initial_peer: str | None,
+    host: str,
+    advertise_host: str,
+    config: TransportConfig,
+) -> SwarmDirectory | None:
+    """This node's part in the swarm's DHT as ``--molink-dht`` says, bootstrapped from the
+    initial peer's DHT address (a node without one starts a DHT of its own).
+
+    ``on``: a peer without a DHT, or a DHT that does not start, is an error (PipelineError,
+    within BOOTSTRAP_TIMEOUT_S). ``auto``: then the node goes without (None) and joins
+    through its peer's registry alone, as a node started with ``off`` does; it waits for an
+    unreachable peer as long as a join would. ``off``: None.
+    """
+    if mode == "off":
+        return None
+    peers: list[str] = []
+    if initial_peer:
+        budget_s = _DESCRIBE_BUDGET_S if mode == "on" else config.join_timeout_s
+        peer_dht = peer_dht_address(initial_peer, config, budget_s)
+        if not peer_dht:
+            if mode == "on":
+                raise PipelineError(
+                    f"the initial peer {initial_peer} takes part in no DHT (it was started "
+                    "with --molink-dht off)"
+                )
+            logger.info(
+                "the initial peer %s takes part in no DHT: this node joins through it alone",
+                initial_peer,
+            )
+            return None
+        peers = [peer_dht]
+    directory = SwarmDirectory(model, PROTOCOL_VERSION, config.security)
+    try:
+        return directory.start(host, peers, advertise_host=advertise_host)
+    except PipelineError as exc:
+        if mode == "on":
+            raise
+        logger.warning(
+            "taking part in no DHT: %s. This node joins through its initial peer alone "
+            "(--molink-dht on makes this an error, --molink-dht off skips the DHT)",
+            exc,
+        )
+        return None
 
 
 def announced_spans(directory: SwarmDirectory) -> dict[str, ServedSpan]:

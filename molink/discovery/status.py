@@ -17,7 +17,7 @@ import grpc
 from molink.discovery.dht import SwarmDirectory, SwarmRecord
 from molink.errors import PipelineError
 from molink.pipeline.identity import NodeInfo
-from molink.pipeline.status import format_table, pipeline_status
+from molink.pipeline.status import format_layer_step, format_table, pipeline_status
 from molink.pipeline.wire import node_from_proto
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.config import TransportConfig
@@ -29,6 +29,7 @@ _COLUMNS = (
     "DEVICE",
     "MEMORY FREE/TOTAL",
     "KV FREE/TOTAL",
+    "LAYER STEP",
     "TOKENS/S",
     "AGE",
     "EXPIRES IN",
@@ -46,7 +47,9 @@ def swarm_status(address: str, config: TransportConfig | None = None) -> str:
     finally:
         client.close()
     if not node.dht_address:
-        return f"{report}\nswarm: {address} takes part in no DHT (started with --molink-dht off)"
+        return (
+            f"{report}\nswarm: {address} takes part in no DHT (--molink-dht off, or none started)"
+        )
     try:
         records = read_swarm(node, config)
     except PipelineError as exc:
@@ -113,6 +116,7 @@ def _row(record: SwarmRecord) -> tuple[str, ...]:
         info.device,
         memory,
         f"{info.free_kv_blocks}/{info.num_kv_blocks} blocks",
+        format_layer_step(info.layer_step_s),
         rate,
         f"{record.age_s:.1f} s" if record.age_s is not None else "-",
         f"{record.expires_in_s:.1f} s",

@@ -42,8 +42,10 @@ T = TypeVar("T")
 NODE_START_TIMEOUT_S = 180.0
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
-# One torch thread per process: several processes share two cores.
-NODE_ARGS = ("--num-threads", "1", "--log-level", "info")
+# One torch thread per process: several processes share two cores. The DHT (on by
+# default) adds its daemons to every node's start; the tests that are about discovery,
+# and the seed commands' tests, run with it (a test's own flags come after these).
+NODE_ARGS = ("--num-threads", "1", "--log-level", "info", "--molink-dht", "off")
 _POLL_S = 0.1
 
 
@@ -106,6 +108,22 @@ def node_command(
     if initial_peer is not None:
         argv += ["--molink-initial-peer", initial_peer]
     return [*argv, *NODE_ARGS, *extra_args]
+
+
+def seed_command(grpc_port: int, start: int, end: int, http_port: int, model: Path) -> list[str]:
+    """The seed README's server command, as written there (every other flag at its
+    default), for a tiny model with one torch thread."""
+    return [
+        sys.executable, "-m", "molinkv1.entrypoints.api_server",
+        "--model", str(model),
+        "--molink-enabled",
+        "--molink-grpc-port", str(grpc_port),
+        "--molink-start-layer", str(start),
+        "--molink-end-layer", str(end),
+        "--port", str(http_port),
+        "--max-model-len", "256",
+        "--num-threads", "1",
+    ]  # fmt: skip
 
 
 def start_node(

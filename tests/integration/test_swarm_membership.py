@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -37,27 +36,13 @@ from tests.integration.pipeline_fixtures import (
     complete_all,
     mixed_cases,
     reference_completions,
+    seed_command,
     wait_ready,
 )
 
 pytestmark = pytest.mark.integration
 
 KEY = generate_swarm_key()
-
-
-def _seed_command(grpc_port: int, start: int, end: int, http_port: int, model: Path) -> list[str]:
-    """The README's server command, for a tiny model, with one torch thread."""
-    return [
-        sys.executable, "-m", "molinkv1.entrypoints.api_server",
-        "--model", str(model),
-        "--molink-enabled",
-        "--molink-grpc-port", str(grpc_port),
-        "--molink-start-layer", str(start),
-        "--molink-end-layer", str(end),
-        "--port", str(http_port),
-        "--max-model-len", "256",
-        "--num-threads", "1",
-    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +52,12 @@ def swarm(tiny_model_dir, tmp_path_factory) -> Iterator[tuple[ServerProcess, int
     key_file = tmp_path_factory.mktemp("swarm") / "swarm.key"
     key_file.write_text(KEY.text() + "\n")
     grpc1, grpc2, http1, http2 = (free_port() for _ in range(4))
-    head_command = _seed_command(grpc1, 0, 1, http1, model) + ["--molink-swarm-key", KEY.text()]
+    head_command = seed_command(grpc1, 0, 1, http1, model) + ["--molink-swarm-key", KEY.text()]
     head = start_process(head_command, http1)
     processes = [head]
     try:
         wait_for_health(head, NODE_START_TIMEOUT_S, require_ready=False)
-        stage_command = _seed_command(grpc2, 1, -1, http2, model)
+        stage_command = seed_command(grpc2, 1, -1, http2, model)
         stage_command += ["--molink-initial-peer", f"{LOOPBACK}:{grpc1}"]
         stage = start_process(stage_command + ["--molink-swarm-key-file", str(key_file)], http2)
         processes.append(stage)
