@@ -42,7 +42,12 @@ from molink.pipeline.head_membership import Membership
 from molink.pipeline.head_metrics import HopTally, PipelineMetrics, swarm_metric_lines
 from molink.pipeline.head_release import SequenceReleases
 from molink.pipeline.head_spot_checks import HeadSpotChecks
-from molink.pipeline.head_telemetry import HeadTelemetry, fill_pipeline_proto, metric_lines
+from molink.pipeline.head_telemetry import (
+    HeadTelemetry,
+    fill_measured_speed,
+    fill_pipeline_proto,
+    metric_lines,
+)
 from molink.pipeline.health import HealthMonitor
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.mirroring import is_shadow
@@ -314,6 +319,7 @@ class PipelineExecutor:
 
     def pipeline_proto(self) -> pb.Pipeline:
         message = view_to_proto(self._registry.view())
+        fill_measured_speed(message, self.node.throughput_tokens_per_s, self.stage_health())
         message.readiness = self.readiness() or ""
         for ban in self._spot.bans.snapshot() if self._spot else []:
             message.banned.add(node_id=ban.node_id, reason=ban.reason, banned_at=ban.at)

@@ -16,7 +16,7 @@ import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from molink.engine.telemetry import LinkEstimate, PipelineTelemetry, StageTiming
 from molink.pipeline.identity import NodeInfo
@@ -175,6 +175,21 @@ def fill_pipeline_proto(telemetry: PipelineTelemetry, head_id: str, message: pb.
         message.links.append(link_to_proto(head_id, source, target, estimate))
     message.timings.extend(timing_to_proto(t) for t in telemetry.stage_timings())
     message.hidden_bytes_per_token = telemetry.hidden_bytes_per_token()
+
+
+def fill_measured_speed(
+    message: pb.Pipeline, head_tokens_per_s: float, health: Mapping[str, pb.HealthResponse | str]
+) -> None:
+    """Each node's own measured tokens/s in the view: the head's from its worker, every
+    other node's from its latest health answer (a node's record from its join still has
+    the 0 of a node that has computed nothing yet). ``layer_step_s`` comes with the join."""
+    for index, stage in enumerate(message.stages):
+        if index == 0 and stage.node_id == message.head_id:
+            stage.throughput_tokens_per_s = head_tokens_per_s
+            continue
+        answer = health.get(stage.node_id)
+        if isinstance(answer, pb.HealthResponse):
+            stage.throughput_tokens_per_s = answer.throughput_tokens_per_s
 
 
 def metric_lines(telemetry: PipelineTelemetry) -> list[str]:

@@ -528,6 +528,7 @@ class StageNode:
             active_sequences=self._worker.active_sequences,
             pipeline_epoch=view.epoch if view else 0,
             uptime_s=time.monotonic() - self._started_at,
+            throughput_tokens_per_s=self.throughput_tokens_per_s,
             links=[
                 link_to_proto(out.head_id, self.node_id, out.to_node_id, out.estimate)
                 for out in self.links.outgoing()

@@ -16,7 +16,18 @@ from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
 
 T = TypeVar("T")
-_COLUMNS = ("NODE", "ADDRESS", "LAYERS", "KV TOKENS", "DTYPE/WIRE", "HEALTH", "STEPS", "SENT")
+_COLUMNS = (
+    "NODE",
+    "ADDRESS",
+    "LAYERS",
+    "KV TOKENS",
+    "DTYPE/WIRE",
+    "LAYER STEP",
+    "TOKENS/S",
+    "HEALTH",
+    "STEPS",
+    "SENT",
+)
 _LINK_COLUMNS = ("HOP", "BANDWIDTH", "RTT", "MESSAGES")
 _TIMING_COLUMNS = ("NODE", "COMPUTE/STEP", "COMPUTE/TOKEN", "STEPS")
 
@@ -116,10 +127,17 @@ def _stage_row(stage: pb.NodeInfo, config: TransportConfig) -> tuple[str, ...]:
         format_range(info.layers),
         capacity,
         f"{info.dtype}/{info.wire_dtype}",
+        format_layer_step(info.layer_step_s),
+        f"{info.throughput_tokens_per_s:.0f}" if info.throughput_tokens_per_s else "-",
         state,
         steps,
         sent,
     )
+
+
+def format_layer_step(seconds: float) -> str:
+    """A node's probe time for one decoder layer (measured at start; 0: not measured)."""
+    return f"{seconds * 1e3:.3g} ms" if seconds > 0 else "-"
 
 
 def format_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

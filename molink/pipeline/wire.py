@@ -34,6 +34,7 @@ def node_to_proto(node: NodeInfo) -> pb.NodeInfo:
         device=node.device,
         memory_total_bytes=node.memory_total_bytes,
         memory_free_bytes=node.memory_free_bytes,
+        layer_step_s=node.layer_step_s,
     )
 
 
@@ -61,6 +62,7 @@ def node_from_proto(msg: pb.NodeInfo) -> NodeInfo:
         device=msg.device,
         memory_total_bytes=msg.memory_total_bytes,
         memory_free_bytes=msg.memory_free_bytes,
+        layer_step_s=msg.layer_step_s,
     )
 
 

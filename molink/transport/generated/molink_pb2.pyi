@@ -67,7 +67,7 @@ class LayerSpan(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "model", "layers", "num_kv_blocks", "block_size", "dtype", "wire_dtype", "protocol_version", "address", "public_key", "free_kv_blocks", "throughput_tokens_per_s", "dht_address", "device", "memory_total_bytes", "memory_free_bytes")
+    __slots__ = ("node_id", "model", "layers", "num_kv_blocks", "block_size", "dtype", "wire_dtype", "protocol_version", "address", "public_key", "free_kv_blocks", "throughput_tokens_per_s", "dht_address", "device", "memory_total_bytes", "memory_free_bytes", "layer_step_s")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class NodeInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STEP_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model: ModelIdentity
     layers: LayerSpan
@@ -100,7 +101,8 @@ class NodeInfo(_message.Message):
     device: str
     memory_total_bytes: int
     memory_free_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., layers: _Optional[_Union[LayerSpan, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., free_kv_blocks: _Optional[int] = ..., throughput_tokens_per_s: _Optional[float] = ..., dht_address: _Optional[str] = ..., device: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ...) -> None: ...
+    layer_step_s: float
+    def __init__(self, node_id: _Optional[str] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., layers: _Optional[_Union[LayerSpan, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., wire_dtype: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., free_kv_blocks: _Optional[int] = ..., throughput_tokens_per_s: _Optional[float] = ..., dht_address: _Optional[str] = ..., device: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., layer_step_s: _Optional[float] = ...) -> None: ...
 
 class Credentials(_message.Message):
     __slots__ = ("scheme", "token")
@@ -485,7 +487,7 @@ class HealthRequest(_message.Message):
     def __init__(self, head_id: _Optional[str] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "message", "steps_processed", "steps_rejected", "bytes_sent", "bytes_received", "queued_steps", "active_sequences", "pipeline_epoch", "uptime_s", "links", "total_kv_blocks", "free_kv_blocks", "heads")
+    __slots__ = ("status", "message", "steps_processed", "steps_rejected", "bytes_sent", "bytes_received", "queued_steps", "active_sequences", "pipeline_epoch", "uptime_s", "links", "total_kv_blocks", "free_kv_blocks", "heads", "throughput_tokens_per_s")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STEPS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -500,6 +502,7 @@ class HealthResponse(_message.Message):
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     status: HealthStatus
     message: str
     steps_processed: int
@@ -514,7 +517,8 @@ class HealthResponse(_message.Message):
     total_kv_blocks: int
     free_kv_blocks: int
     heads: _containers.RepeatedCompositeFieldContainer[HeadUsage]
-    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., message: _Optional[str] = ..., steps_processed: _Optional[int] = ..., steps_rejected: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., queued_steps: _Optional[int] = ..., active_sequences: _Optional[int] = ..., pipeline_epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadUsage, _Mapping]]] = ...) -> None: ...
+    throughput_tokens_per_s: float
+    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., message: _Optional[str] = ..., steps_processed: _Optional[int] = ..., steps_rejected: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., queued_steps: _Optional[int] = ..., active_sequences: _Optional[int] = ..., pipeline_epoch: _Optional[int] = ..., uptime_s: _Optional[float] = ..., links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadUsage, _Mapping]]] = ..., throughput_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class HeadUsage(_message.Message):
     __slots__ = ("head_id", "sequences", "kv_blocks")
