@@ -6,10 +6,16 @@ of the commit that brought stage-owned KV and routes) into a temporary folder; e
 starts a head ``[0, split)`` and a stage ``[split, 30)`` of SmolLM2 (the default model), one
 torch thread each, from one tree or the other (the server runs with that folder as its
 working directory and first on its path), warms up and runs the same fixed workload as
-``bench/pipeline_bench.py``. Phases alternate ABBA (``--rounds`` groups of four), since the
-machine's load drifts; the ratio compares median output tokens per second.
+``bench/pipeline_bench.py``. ``now`` runs with every default (the swarm's DHT included);
+``--dht-off`` adds a phase ``now-dht-off`` of this tree with ``--molink-dht off``.
 
-    python bench/swarm_overhead_bench.py [--base cc0d939^] [--rounds 1] [--quick]
+The machine's load drifts, so phases interleave: each round runs them forward then
+backward (A B B A, or A B C C B A), and the summary gives each phase's median with its
+spread (min, max), the median of the per-round ratios against ``before`` with their
+range, and two figures that other processes' load disturbs less than wall-clock
+throughput: the servers' own CPU seconds per output token, and the time to start.
+
+    python bench/swarm_overhead_bench.py [--base cc0d939^] [--rounds 2] [--dht-off] [--quick]
 
 Writes ``bench/results/swarm_overhead.json``. Target: ``now`` within 3% of ``before``.
 """
@@ -26,7 +32,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -83,10 +90,13 @@ def start_in(tree: Path, command: list[str], port: int, threads: int) -> ServerP
 
 
 @contextlib.contextmanager
-def running_pipeline(name: str, tree: Path, config: BenchConfig) -> Iterator[Phase]:
+def running_pipeline(
+    name: str, tree: Path, config: BenchConfig, extra_args: Sequence[str] = ()
+) -> Iterator[Phase]:
     phase = Phase(name, [], [])
     try:
         for command, port, threads in pipeline_commands(config, None):
+            command = [*command, *extra_args]
             phase.commands.append(command)
             phase.servers.append(start_in(tree, command, port, threads))
             wait_answering(phase.servers[-1], config.startup_timeout_s)
@@ -97,37 +107,90 @@ def running_pipeline(name: str, tree: Path, config: BenchConfig) -> Iterator[Pha
             stop_server(server)
 
 
-def run_phase(name: str, tree: Path, config: BenchConfig) -> dict[str, Any]:
-    with running_pipeline(name, tree, config) as phase:
+# phase -> (which tree, extra flags for both nodes)
+PHASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "now": ("now", ()),
+    "before": ("before", ()),
+    "now-dht-off": ("now", ("--molink-dht", "off")),
+}
+
+
+def run_phase(name: str, trees: dict[str, Path], config: BenchConfig) -> dict[str, Any]:
+    tree, extra_args = PHASES[name]
+    started = time.monotonic()
+    with running_pipeline(name, trees[tree], config, extra_args) as phase:
+        startup_s = time.monotonic() - started
         result = asyncio.run(measure(phase, config))
-    logger.info("%s: %.2f output tokens/s", name, _tokens_per_s(result))
-    return {"phase": name, **result}
+    logger.info(
+        "%s: %.2f output tokens/s, started in %.1f s", name, _tokens_per_s(result), startup_s
+    )
+    return {"phase": name, "startup_s": startup_s, **result}
 
 
 def _tokens_per_s(result: dict[str, Any]) -> float:
     return float(result["summary"]["output_throughput"])
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    medians = {
-        name: statistics.median(_tokens_per_s(r) for r in runs if r["phase"] == name)
-        for name in ("now", "before")
-    }
-    ratio = medians["now"] / medians["before"]
+def _cpu_s_per_token(result: dict[str, Any]) -> float | None:
+    """The servers' own CPU seconds per output token (None if not readable here)."""
+    cpu = result.get("cpu_seconds_per_server") or []
+    tokens = result.get("generated_tokens") or 0
+    if not cpu or any(c is None for c in cpu) or not tokens:
+        return None
+    return sum(cpu) / tokens
+
+
+def _spread(values: list[float]) -> dict[str, float | int]:
     return {
-        "median_output_tokens_per_s": medians,
+        "n": len(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    phases = sorted({r["phase"] for r in runs}, key=list(PHASES).index)
+    per_phase: dict[str, Any] = {}
+    for name in phases:
+        mine = [r for r in runs if r["phase"] == name]
+        cpu = [c for c in map(_cpu_s_per_token, mine) if c is not None]
+        per_phase[name] = {
+            "output_tokens_per_s": _spread([_tokens_per_s(r) for r in mine]),
+            "server_cpu_s_per_output_token": _spread(cpu) if cpu else None,
+            "startup_s": _spread([r["startup_s"] for r in mine]),
+        }
+    ratios = {name: _round_ratios(runs, name) for name in phases if name != "before"}
+    median = {n: per_phase[n]["output_tokens_per_s"]["median"] for n in phases}
+    ratio = median["now"] / median["before"]
+    return {
+        "phases": per_phase,
         "now_vs_before": round(ratio, 4),
+        "round_ratios_vs_before": ratios,
         "target": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
     }
 
 
+def _round_ratios(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """Within each round, the phase's mean tokens/s over ``before``'s (both ran in the
+    same stretch of time, so the drift of the machine's load largely cancels)."""
+    values = []
+    for index in sorted({r["round"] for r in runs}):
+        mine = [_tokens_per_s(r) for r in runs if r["round"] == index and r["phase"] == name]
+        base = [_tokens_per_s(r) for r in runs if r["round"] == index and r["phase"] == "before"]
+        if mine and base:
+            values.append(statistics.fmean(mine) / statistics.fmean(base))
+    return {"per_round": [round(v, 4) for v in values], **_spread(values)} if values else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default=DEFAULT_BASE, help="git revision of 'before'")
-    parser.add_argument("--rounds", type=int, default=1, help="ABBA groups of four runs")
+    parser.add_argument("--rounds", type=int, default=2, help="forward-backward groups")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--dht-off", action="store_true", help="also this tree without a DHT")
     parser.add_argument("--quick", action="store_true", help="8 requests of 16 tokens")
     parser.add_argument("--name", default="swarm_overhead")
     args = parser.parse_args(argv)
@@ -136,14 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 1
         config = replace(config, num_requests=8, output_len=16)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    phases = ["now", "before", *(["now-dht-off"] if args.dht_off else [])]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         base_commit = export_tree(args.base, Path(tmp))
         trees = {"now": REPO_ROOT, "before": Path(tmp) / "tree"}
         for round_index in range(args.rounds):
-            order = ("now", "before") if round_index % 2 == 0 else ("before", "now")
+            # Rounds start from alternate ends, so no phase always runs first.
+            order = phases if round_index % 2 == 0 else phases[::-1]
             for name in (*order, *reversed(order)):
-                runs.append({"round": round_index, **run_phase(name, trees[name], config)})
+                runs.append({"round": round_index, **run_phase(name, trees, config)})
     write_results(
         args.name,
         {
