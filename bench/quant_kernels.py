@@ -22,7 +22,10 @@ CPU's caches and flatters the float32 kernels). Candidates:
   KleidiAI on Arm, a reference loop on x86);
 * ``fbgemm_fp16``: fbgemm's float16-weight GEMM (``quantized::linear_dynamic_fp16``);
 * ``fbgemm_int8``: fbgemm's int8 dynamic linear (per-row int8 weights, per-tensor uint8
-  activations, 7-bit ``reduce_range``; too lossy for LLM activations, timed for reference).
+  activations, 7-bit ``reduce_range``; too lossy for LLM activations, timed for reference);
+* ``nbits_int4`` / ``nbits_int8``: onnxruntime's ``MatMulNBits`` on the same int4 planes
+  (int8 activations per block of 32, molink.quant.nbits); ``torch._int_mm`` (int8 x int8)
+  is a reference loop on CPU (~20x slower than float32 at 1 row), not a candidate.
 
 torchao 0.18 installs beside torch 2.13 without replacing it, but its x86 wheel ships only
 CUDA extensions: on CPU its int4 layout calls the same ``_weight_int4pack_mm_for_cpu`` as
@@ -60,6 +63,7 @@ from bench.common import write_results  # noqa: E402
 from molink.quant.groups import quantize_float  # noqa: E402
 from molink.quant.int4 import to_int4_planes  # noqa: E402
 from molink.quant.linear import dequant_matmul  # noqa: E402
+from molink.quant.nbits import NBitsProduct  # noqa: E402
 
 logger = logging.getLogger("quant_kernels")
 
@@ -111,6 +115,10 @@ def _prepare(name: str, w: torch.Tensor) -> Product:
         if name.endswith("dequant"):
             return lambda x: dequant_matmul(planes, x)
         return lambda x: planes.matmul(x.to(torch.bfloat16))
+    if name in ("nbits_int4", "nbits_int8"):
+        bits = 4 if name == "nbits_int4" else 8
+        product = NBitsProduct(to_int4_planes(quantize_float(w, bits, GROUP)))
+        return product.matmul
     if name == "fbgemm_fp16":
         packed16 = torch.ops.quantized.linear_prepack_fp16(w, None)
         return lambda x: torch.ops.quantized.linear_dynamic_fp16(x, packed16)
@@ -140,6 +148,8 @@ CANDIDATES = {
     "int8_rows": None,
     "fbgemm_fp16": None,
     "fbgemm_int8": None,
+    "nbits_int4": None,
+    "nbits_int8": None,
 }
 
 

@@ -361,7 +361,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=BATCH_KERNEL_CHOICES,
         help="how quantized weights multiply batches of more than 2 rows: int4 keeps only "
         "the quantized weights; fp16 adds a float16 copy (2 bytes per weight) that is "
-        "1.4-3x faster than float32 from 4 rows up (default: %(default)s)",
+        "1.4-3x faster than float32 from 4 rows up; int8act is fp16 with attention's "
+        "output and the MLP's down projection in int8 activations x int4/int8 weights "
+        "(onnxruntime) (default: %(default)s)",
     )
     model.add_argument(
         "--kv-cache-dtype",

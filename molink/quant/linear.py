@@ -22,6 +22,7 @@ from molink.quant.fp16_gemm import Fp16Packed
 from molink.quant.groups import GroupInts, quantize_float
 from molink.quant.int4 import Int4Planes, padded_rows, to_int4_planes
 from molink.quant.kernels import check_batch_kernel, choose_kernel
+from molink.quant.nbits import NBitsProduct
 
 # Elements per band of dequantized rows: 2**17 float32 (512 KiB) stays in a core's L2.
 BAND_ELEMENTS = 1 << 17
@@ -85,6 +86,7 @@ class QuantLinear(nn.Module):
         self.on_device: DeviceMatrix | None = None
         self.planes: Int4Planes | None = None
         self.wide: Fp16Packed | None = None
+        self.nbits: NBitsProduct | None = None
         self.dense: torch.Tensor | None = None
         self.source_type = "unloaded"
 
@@ -93,7 +95,8 @@ class QuantLinear(nn.Module):
         if self.on_device is not None:
             return self.on_device.nbytes
         if self.planes is not None:
-            return self.planes.nbytes + (0 if self.wide is None else self.wide.nbytes)
+            extra = sum(k.nbytes for k in (self.wide, self.nbits) if k is not None)
+            return self.planes.nbytes + extra
         return 0 if self.dense is None else self.dense.numel() * self.dense.element_size()
 
     def load_weight(self, weight: torch.Tensor | GroupInts, pack: bool) -> None:
@@ -117,6 +120,7 @@ class QuantLinear(nn.Module):
     def _set_planes(self, planes: Int4Planes, source_type: str) -> None:
         self.planes, self.dense, self.source_type = planes, None, source_type
         self.wide = self._float16_copy(planes) if self.batch_kernel == "fp16" else None
+        self.nbits = NBitsProduct(planes) if self.batch_kernel == "int8act" else None
 
     def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The loaded weight as tensors and a description (molink.weights.packed_cache):
@@ -136,7 +140,7 @@ class QuantLinear(nn.Module):
         """Take back what ``saved_state`` gave, checking it fits this layer."""
         if info.get("kind") == "dense":
             self._check_shape(tuple(tensors["dense"].shape))
-            self.dense, self.planes, self.wide = tensors["dense"], None, None
+            self.dense, self.planes, self.wide, self.nbits = tensors["dense"], None, None, None
             self.source_type = str(info["source_type"])
             return
         packed = [tensors[f"plane{i}"] for i in range(len(tensors) - 1)]
@@ -180,10 +184,13 @@ class QuantLinear(nn.Module):
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         assert self.planes is not None
-        kernel = choose_kernel(x.shape[0], self.batch_kernel)
+        kernel = choose_kernel(x.shape[0], self.batch_kernel, len(self.planes.packed))
         if kernel == "fp16":
             assert self.wide is not None  # made with the planes when the choice is fp16
             return self.wide.matmul(x)
+        if kernel == "nbits":
+            assert self.nbits is not None  # made with the planes when the choice is int8act
+            return self.nbits.matmul(x)
         if kernel == "dequant":
             return dequant_matmul(self.planes, x.float())
         return self.planes.matmul(x.to(torch.bfloat16)).float()

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from molink.errors import InvalidParameterError, WeightLoadError
+from molink.models.parallel.shard import Segment
+from molink.quant.factory import QuantLinearFactory
 from molink.quant.fp16_gemm import fp16_gemm_available
 from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
 from molink.quant.int4 import padded_rows, rounding_report, to_int4_planes
@@ -68,7 +70,7 @@ def test_decoding_matches_gguf(type_name: str) -> None:
     assert (in_steps > 0.125 + 1e-6).float().mean() < 1e-3
 
 
-BATCH_KERNELS = ["int4"] + (["fp16"] if fp16_gemm_available() else [])
+BATCH_KERNELS = ["int4", "int8act"] + (["fp16"] if fp16_gemm_available() else [])
 
 
 @pytest.mark.parametrize("batch_kernel", BATCH_KERNELS)
@@ -86,7 +88,8 @@ def test_products_match_dequantized_float32(type_name: str, batch_kernel: str) -
         got = out.double()
         expected = x.double() @ expected_w.t()
         # bfloat16 scales and (int4 kernel) bfloat16 activations and outputs: about
-        # 2**-8 relative per term; float16 weights 2**-11; Q6_K adds its sub-block merge.
+        # 2**-8 relative per term; float16 weights 2**-11; int8 activations per block of
+        # 32 (int8act) about 2**-8; Q6_K adds its sub-block merge.
         tolerance = 2e-2 if type_name == "Q6_K" else 1e-2
         err = (got - expected).norm() / expected.norm()
         assert err < tolerance, (type_name, batch, float(err))
@@ -140,6 +143,37 @@ def test_kernel_choice_covers_every_path() -> None:
         "fp16",
         "fp16",
     ]
+    # Two planes (Q5, Q6_K, Q8_0) run the int4 kernel twice: the float16 copy wins.
+    assert choose_kernel(1, "fp16", planes=2) == "fp16"
+    assert {choose_kernel(r, "int8act") for r in (1, INT4_MAX_ROWS + 1, 4096)} == {"nbits"}
+
+
+def test_int8_activations_only_where_the_model_keeps_them() -> None:
+    """Row matrices (attention output, MLP down) take int8 activations; those reading
+    normalised hidden states (q/k/v, gate/up, the LM head) keep float activations."""
+    factory = QuantLinearFactory(torch.float32, torch.device("cpu"), batch_kernel="int8act")
+    float_kernel = "fp16" if fp16_gemm_available() else "int4"
+    assert factory.row([Segment(COLS)], ROWS).batch_kernel == "int8act"
+    assert factory.column(COLS, [Segment(ROWS)]).batch_kernel == float_kernel
+    assert factory.table(ROWS, COLS).batch_kernel == float_kernel
+    plain = QuantLinearFactory(torch.float32, torch.device("cpu"))
+    assert plain.column(COLS, [Segment(ROWS)]).batch_kernel == "int4"
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_int8_activation_kernel_runs_the_planes_integers(type_name: str) -> None:
+    """One plane (4 bits, float zero points added apart) or two joined into 8 bits."""
+    ints = decode_blocks(make_blocks(type_name, ROWS, COLS, seed=6), type_name, ROWS, COLS)
+    lean = QuantLinear(COLS, ROWS, bias=False)
+    fast = QuantLinear(COLS, ROWS, bias=False, batch_kernel="int8act")
+    lean.load_weight(ints, pack=False)
+    fast.load_weight(ints, pack=False)
+    assert fast.nbits is not None and lean.nbits is None
+    assert (fast.nbits._zero is None) == (type_name != "Q4_1")
+    x = torch.randn(5, COLS, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(fast(x), fast.nbits.matmul(x))
+    # Same matrix as the int4 kernel's: only the activations' rounding differs.
+    assert (fast(x) - lean(x)).norm() / lean(x).norm() < 1e-2
 
 
 @pytest.mark.skipif(not fp16_gemm_available(), reason="fbgemm is x86 only")

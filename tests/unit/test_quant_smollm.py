@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Today's bfloat16 mode agrees with float32 on 98.2% of these predictions (measured).
 BF16_AGREEMENT = 0.982
-BATCH_KERNELS = ["int4"] + (["fp16"] if fp16_gemm_available() else [])
+BATCH_KERNELS = ["int4", "int8act"] + (["fp16"] if fp16_gemm_available() else [])
 
 
 @pytest.fixture(scope="module")
