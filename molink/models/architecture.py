@@ -24,11 +24,12 @@ from molink.models.blocks.mlp import activation
 from molink.models.blocks.norms import RMSNorm
 from molink.models.forward_context import ForwardContext
 from molink.models.rope import RopeSpec
+from molink.quant.config import checkpoint_method
 
 Assemble = Callable[[list[torch.Tensor]], torch.Tensor]
 # Quantized checkpoints MoLink runs: their integer tensors are read by molink.quant
 # (ModelSource.load_slice gives such a slice a quantized linear factory).
-_RUNNABLE_QUANTIZATION: tuple[str, ...] = ("awq", "gptq")
+_RUNNABLE_QUANTIZATION: tuple[str, ...] = ("awq", "gptq", "fp8")
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,9 @@ def layer_window(config: ModelConfig, index: int) -> int | None:
 
 
 def check_quantization(config: ModelConfig) -> None:
-    quant = config.raw.get("quantization_config")
-    if not quant:
+    method = checkpoint_method(config.raw)  # compressed-tensors FP8 reads as fp8
+    if method is None:
         return
-    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
     if method not in _RUNNABLE_QUANTIZATION:
         raise InvalidParameterError(
             "quantization_config",

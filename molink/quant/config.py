@@ -4,7 +4,10 @@
 * ``awq`` / ``gptq``: a checkpoint whose ``config.json`` has such a ``quantization_config``;
 * ``int4`` / ``int8``: a float checkpoint quantized on the fly at load (group 32);
 * ``fp8``: a float checkpoint quantized at load to fp8 rows, on a GPU with fp8 support
-  (molink.quant.fp8): refused on CPU; checkpoints stored in fp8 are refused too;
+  (molink.quant.fp8): refused on CPU. A checkpoint stored in fp8 (vLLM's ``fp8`` or
+  ``compressed-tensors`` with 8-bit float weights) is read as float matrices, each
+  ``fp8 x weight_scale`` (molink.weights.fp8_store): held in the compute dtype
+  (``none``, the default), or re-quantized (``fp8`` rows on a GPU, ``int4``/``int8``);
 * ``none``: float weights (a GGUF file dequantized at load, as before).
 
 Without ``--quantization`` the checkpoint decides: its ``quantization_config`` method, or
@@ -47,7 +50,35 @@ def checkpoint_method(raw_config: dict[str, Any]) -> str | None:
     if not quant:
         return None
     method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method == "compressed-tensors" and _float8_weights(quant):
+        return "fp8"
     return str(method).lower() if method else "unknown"
+
+
+def _float8_weights(quant: dict[str, Any]) -> bool:
+    """compressed-tensors with every group's weights 8-bit floats (llm-compressor's FP8)."""
+    groups = quant.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        return False
+    weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
+    return bool(weights) and all(
+        w.get("type") == "float" and int(w.get("num_bits", 0)) == 8 for w in weights
+    )
+
+
+def fp8_block(raw_config: dict[str, Any]) -> tuple[int, int] | None:
+    """The [rows, cols] block one fp8 scale covers, where the checkpoint scales by block."""
+    quant = raw_config.get("quantization_config") or {}
+    block = quant.get("weight_block_size")
+    for group in (quant.get("config_groups") or {}).values():
+        block = block or ((group or {}).get("weights") or {}).get("block_structure")
+    if block is None:
+        return None
+    if len(block) != 2 or min(int(b) for b in block) < 1:
+        raise InvalidParameterError(
+            "quantization_config.weight_block_size", f"{block!r} is not [rows, cols] >= 1"
+        )
+    return int(block[0]), int(block[1])
 
 
 def resolve_quantization(
@@ -58,15 +89,16 @@ def resolve_quantization(
     method = detected if requested is None else requested
     if requested is None and detected == "gguf" and torch.device(device).type != "cpu":
         method = "none"  # GGUF's packed kernels here are CPU ones; a GPU runs it dequantized
+    if requested is None and detected == "fp8" and torch.device(device).type == "cpu":
+        method = "none"  # no fp8 matrix product on a CPU: stored fp8 runs dequantized
     if detected not in ("none", "gguf", *CHECKPOINT_METHODS):
         raise InvalidParameterError(
             "quantization_config",
             f"quant_method {detected!r} is not supported; supported: awq, gptq, fp8 "
-            "(GPU), or a GGUF file",
+            "(8-bit float weights, vLLM's or compressed-tensors'), or a GGUF file",
         )
-    allowed = {"none": ("none", "int4", "int8", "fp8"), "gguf": ("gguf", "none")}.get(
-        detected, (detected,)
-    )
+    floats = ("none", "int4", "int8", "fp8")
+    allowed = {"none": floats, "fp8": floats, "gguf": ("gguf", "none")}.get(detected, (detected,))
     if method not in allowed:
         raise InvalidParameterError(
             "quantization",
@@ -77,19 +109,14 @@ def resolve_quantization(
         raise InvalidParameterError(
             "quantization", "fp8 weights need a GPU with fp8 support; this stage runs on cpu"
         )
-    if detected == "fp8":
-        # Their weight_scale tensors are not read: a stored fp8 matrix is refused, not guessed.
-        raise InvalidParameterError(
-            "quantization_config",
-            "checkpoints stored in fp8 are not supported; run the float checkpoint with "
-            "--quantization fp8",
-        )
     return method
 
 
 def _describe(detected: str) -> str:
     if detected == "none":
         return "a float checkpoint"
+    if detected == "fp8":
+        return "stored in fp8"
     if detected == "gguf":
         return "a GGUF file"
     return f"quantized with {detected}"

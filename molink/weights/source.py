@@ -17,7 +17,7 @@ from molink.models.parallel.check import check_tensor_parallel
 from molink.models.parallel.factory import ParallelLinearFactory
 from molink.models.parallel.group import SINGLE, ParallelGroup
 from molink.quant.awq_gptq import quant_settings
-from molink.quant.config import checkpoint_method, resolve_quantization
+from molink.quant.config import checkpoint_method, fp8_block, resolve_quantization
 from molink.quant.memory import RESIDENT, quant_factory, resident_weight_bytes
 from molink.weights.packed_cache import PackedCache, cacheable
 
@@ -114,6 +114,10 @@ class ModelSource(abc.ABC):
     def open_tensors_for(self, method: str) -> TensorStore:
         """The tensors as quantization ``method`` reads them (AWQ/GPTQ: decoded integers)."""
         store = self.open_tensors()
+        if self.detected_quantization() == "fp8":
+            from molink.weights.fp8_store import Fp8Store  # it subclasses TensorStore
+
+            return Fp8Store(store, fp8_block(self.model_config.raw))
         if method in ("awq", "gptq"):
             from molink.weights.packed_int4 import PackedInt4Store  # it subclasses TensorStore
 

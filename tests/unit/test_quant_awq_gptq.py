@@ -82,7 +82,7 @@ def test_quantization_choices_are_checked() -> None:
     with pytest.raises(InvalidParameterError, match="'gptq' cannot run .* GGUF file"):
         resolve_quantization("gptq", "gguf")
     with pytest.raises(InvalidParameterError, match="fp8 weights need a GPU"):
-        resolve_quantization(None, "fp8")
+        resolve_quantization("fp8", "none")
     with pytest.raises(InvalidParameterError, match="quant_method 'bitsandbytes'"):
         resolve_quantization(None, "bitsandbytes")
     with pytest.raises(InvalidParameterError, match="quantization"):
