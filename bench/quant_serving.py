@@ -4,7 +4,8 @@ Each server gets one compute thread (``--num-threads 1``; llama.cpp ``--n_thread
 this 2-core machine and serves the same GGUF file. For 1, 8 and 32 concurrent streams
 (all sent at once, a text prompt, 64 new tokens, greedy, ``ignore_eos`` where the server
 honours it) it records output tok/s, TTFT and TPOT from the streamed answers, and each
-server's peak resident memory (VmHWM) after the runs.
+server's peak resident memory (VmHWM) after the runs. ``--rounds N`` repeats the servers
+in ABBA order and keeps, per stream count, the round with the median tok/s.
 
 llama.cpp runs through llama-cpp-python's server (``python -m llama_cpp.server``), built
 from source by ``pip install 'llama-cpp-python[server]'`` into its own virtualenv (it
@@ -25,11 +26,15 @@ figures are low and noisy; each file compares its servers in one run):
 ``quant_serving_kernels.json``: Q4_1 (int4), Q4_1 with ``--quantized-batch-kernel fp16``
 and float32 at 1, 8, 32 streams on a host loaded ~7x (load average 13-16 on 2 cores):
 int4 0.84x, 0.72x, 0.45x float32; fp16 0.81x, 1.15x, 0.78x (bfloat16 was stopped: its
-warm-up request alone outlasted the time left); ``quant_serving_llama_cpp.json``:
-llama-cpp-python 0.3.36's server built here, run right after: 59.8 tok/s at 1 stream
-(TPOT 16 ms), peak RSS 326 MiB vs 974 (int4), 1404 (fp16), 2160 MiB (float32); at 8 and
-32 streams it ended 7 of 8 and 31 of 32 answers early (it does not honour ``ignore_eos``),
-so those figures do not compare.
+warm-up request alone outlasted the time left); ``quant_serving_int8act.json`` (load
+13-14, 32 new tokens): tok/s at 1, 8, 32 streams: float32 2.66, 7.2, 13.77 (peak RSS
+2152 MiB); Q4_1 int4 2.61, 7.86, 8.22 (0.98x, 1.09x, 0.60x; 985 MiB); fp16 3.36, 13.35,
+13.69 (1.26x, 1.85x, 0.99x; 1397 MiB); int8act 3.0, 8.9, 16.02 (1.13x, 1.24x, 1.16x;
+1501 MiB). ``quant_serving_llama_cpp.json``: llama-cpp-python 0.3.36's server built here,
+run right after on the same loaded host (end tokens forbidden by ``logit_bias``, requests
+queued instead of interrupted): 7.81, 4.9, 4.69 tok/s (TPOT 129, 116, 114 ms: one request
+at a time, the others wait: TTFT 24 s at 8, 107 s at 32), peak RSS 327 MiB. Against it:
+int4 0.33x, 1.6x, 1.75x; fp16 0.43x, 2.7x, 2.9x; int8act 0.38x, 1.8x, 3.4x.
 """
 
 from __future__ import annotations
@@ -91,6 +96,15 @@ def servers(llama_python: str | None) -> dict[str, list[str] | None]:
             "fp16",
             *common,
         ],
+        "molink_q4_1_int8act": [
+            "--model",
+            gguf,
+            "--quantization",
+            "gguf",
+            "--quantized-batch-kernel",
+            "int8act",
+            *common,
+        ],
         "molink_float32": [
             "--model",
             gguf,
@@ -113,7 +127,9 @@ def servers(llama_python: str | None) -> dict[str, list[str] | None]:
     }
     if llama_python:
         found["llama_cpp"] = [llama_python, "-m", "llama_cpp.server", "--model", gguf,
-                              "--n_threads", "1", "--n_ctx", "4096", "--host", LOOPBACK]  # fmt: skip
+                              "--n_threads", "1", "--n_ctx", "4096", "--host", LOOPBACK,
+                              # else each new request cuts the running one short
+                              "--interrupt_requests", "False"]  # fmt: skip
     return found
 
 
@@ -123,15 +139,30 @@ def command_for(name: str, flags: list[str], port: int) -> list[str]:
     return molink_serve_command(port, flags)
 
 
+# llama.cpp's server ends a stream at SmolLM2's end tokens whatever ``ignore_eos`` says: an
+# OpenAI ``logit_bias`` forbids them (<|endoftext|>, <|im_start|>, <|im_end|>), so every
+# stream generates the tokens asked for, as molink's do.
+LLAMA_CPP_BODY = {"logit_bias": {"0": -100, "1": -100, "2": -100}}
+
+
 async def measure(
-    base_url: str, streams: int, new_tokens: int, prompt_tokens: int = 0
+    base_url: str,
+    streams: int,
+    new_tokens: int,
+    prompt_tokens: int = 0,
+    extra_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``prompt_tokens`` > 0: prompts of that many token ids (long contexts), else text."""
     if prompt_tokens:
         specs = [RequestSpec(long_prompt(prompt_tokens, i), new_tokens) for i in range(streams)]
     else:
         specs = [RequestSpec(f"{PROMPT} {i + 1}:", new_tokens) for i in range(streams)]
-    config = LoadConfig(base_url=base_url, read_timeout_s=600.0, run_timeout_s=1800.0)
+    config = LoadConfig(
+        base_url=base_url,
+        read_timeout_s=600.0,
+        run_timeout_s=1800.0,
+        extra_body=dict(extra_body or {}),
+    )
     result = await run_load(specs, config)
     s = result.summary
     return {
@@ -176,10 +207,11 @@ def run(
         with running_server(
             command_for(name, flags, port), port, env={"OMP_NUM_THREADS": "1"}, health_path=health
         ) as server:
+            body = LLAMA_CPP_BODY if name == "llama_cpp" else None
             # One short request first: lazy initialisation does not land in the figures.
-            asyncio.run(measure(server.base_url, 1, 4))
+            asyncio.run(measure(server.base_url, 1, 4, extra_body=body))
             runs = [
-                asyncio.run(measure(server.base_url, n, new_tokens, prompt_tokens))
+                asyncio.run(measure(server.base_url, n, new_tokens, prompt_tokens, body))
                 for n in stream_counts
             ]
             results[name] = {"runs": runs, "peak_rss_mib": _peak_rss_mib(server.process.pid)}
@@ -190,7 +222,7 @@ def run(
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
     """Each quantized server's tok/s over each other server's, per stream count."""
     out: dict[str, Any] = {}
-    for quantized in ("molink_q4_1", "molink_q4_1_fp16"):
+    for quantized in ("molink_q4_1", "molink_q4_1_fp16", "molink_q4_1_int8act"):
         if "runs" not in results.get(quantized, {}):
             continue
         base = {r["streams"]: r["output_tok_s"] for r in results[quantized]["runs"]}
@@ -205,6 +237,21 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def combine(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's rounds: per stream count the round with the median tok/s (its TTFT and
+    TPOT with it), every round's tok/s, and the highest peak memory."""
+    if any("runs" not in e for e in entries):
+        return entries[-1]
+    runs = []
+    for index in range(len(entries[0]["runs"])):
+        same = sorted((e["runs"][index] for e in entries), key=lambda r: r["output_tok_s"])
+        median = dict(same[(len(same) - 1) // 2])
+        median["rounds_tok_s"] = [e["runs"][index]["output_tok_s"] for e in entries]
+        runs.append(median)
+    rss = [e["peak_rss_mib"] for e in entries if e.get("peak_rss_mib") is not None]
+    return {"runs": runs, "peak_rss_mib": max(rss) if rss else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-python", default=None, help="python of llama-cpp-python's venv")
@@ -215,13 +262,19 @@ def main() -> None:
     parser.add_argument(
         "--prompt-tokens", type=int, default=0, help="long contexts: prompts of this many tokens"
     )
+    parser.add_argument("--rounds", type=int, default=1, help="ABBA rounds of all servers")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     streams = [int(n) for n in args.streams.split(",")]
     names = args.servers.split(",") if args.servers else list(servers(args.llama_python))
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     results: dict[str, Any] = {}
-    for name in names:  # written after each server: a long run keeps what it measured
-        results.update(run(args.llama_python, streams, args.new_tokens, name, args.prompt_tokens))
+    # Rounds alternate the servers' order (ABBA): a loaded host's drift reaches all alike.
+    order = [n for r in range(args.rounds) for n in (names if r % 2 == 0 else names[::-1])]
+    for name in order:  # written after each server: a long run keeps what it measured
+        got = run(args.llama_python, streams, args.new_tokens, name, args.prompt_tokens)
+        rounds[name].append(got[name])
+        results[name] = combine(rounds[name])
         write_results(
             args.name,
             {

@@ -30,13 +30,34 @@ fbgemm's int8 dynamic path loses accuracy (its module doc); ``_weight_int8pack_m
 slower than float32 from 16 rows; oneDNN's packed bfloat16 GEMM refuses this CPU; torchao's CPU int4 layout calls
 the same int4 kernel.
 
+onnxruntime's ``MatMulNBits`` (molink.quant.nbits: the same int4 planes, activations
+rounded to int8 per block of 32 and multiplied in integers, as llama.cpp's Q4 x Q8 dot
+products) on the same model pass, ms, medians of 3 interleaved rounds, on a host loaded
+~3x (first) and ~5x (bench/results/quant_kernels_nbits.json):
+
+    rows                         1      8     32        1      8     32
+    float32 (oneDNN packed)     60    122    323      289    481   1030
+    int4 g32 kernel             30     97    378      162    469   1521
+    fbgemm float16 packed       20     56    233      141    220    798
+    MatMulNBits int4 x int8     18     43    206      135    280    844
+
+It is the fastest at one row and ties fbgemm's float16 from 8 rows (the order there
+changes with the host's load), and int8 activations lose the outlier channels of
+normalised hidden states: SmolLM2 Q4_1's teacher-forced top-1 agreement with float32 is
+96.3% with every matrix in int8, 98.8% with only attention's output and the MLP's down
+projection in int8 (tests/unit/test_quant_smollm.py), under the issue's 98.2% otherwise.
+
 So ``--quantized-batch-kernel``:
 
 * ``int4`` (default: weights stay at the file's size): the int4 kernel up to
   ``INT4_MAX_ROWS`` rows, dequantizing a band at a time into MKL above (they tie between
   96 and 128 rows; bench/results/quant_kernels_crossover.json);
 * ``fp16``: the int4 kernel up to ``INT4_FEW_ROWS`` rows, fbgemm's float16 copy above
-  (decode batches and prefill chunks), for nodes that trade memory for batch speed.
+  (decode batches and prefill chunks), for nodes that trade memory for batch speed; a
+  matrix of two planes (Q5, Q6_K, Q8_0: SmolLM2's LM head) takes the float16 copy at
+  every row count (the int4 kernel runs twice for it);
+* ``int8act``: ``fp16``, except attention's output and the MLP's down projection
+  (molink.quant.factory's row matrices), which run ``MatMulNBits`` at every row count.
 """
 
 from __future__ import annotations
