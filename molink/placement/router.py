@@ -14,7 +14,9 @@ the time one step takes on a route is, in this model::
 its queue (as it last reported), ``per_seq_s`` its measured marginal time per token, and
 ``load`` the sequences this head already keeps on it, so that each new sequence raises
 the cost of the nodes it would join: equal replicas share the work and a faster or closer
-one takes more of it. ``load`` counts the sequences admitted a moment ago too, which the
+one takes more of it. A node not measured yet (just joined or restarted) is taken to be
+as fast per layer as the measured nodes (their median), not as fast as the priors, which
+would send it every new sequence until its first steps are timed. ``load`` counts the sequences admitted a moment ago too, which the
 node's reported queue cannot show yet: a step carries about ``ROWS_PER_STEP`` sequences,
 so each sequence kept on a node adds that share of a step to the work queued there. The
 per-token term alone is too small to spread a burst: on a CPU a decode step's time hardly
@@ -32,8 +34,9 @@ from __future__ import annotations
 
 import heapq
 import math
+import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from molink.placement.route import Route, RouteHop
 
@@ -97,13 +100,15 @@ def best_route(
 ) -> tuple[Route, float] | None:
     """The cheapest route from ``head`` (which serves ``[0, head.end)``) to the last layer,
     with its expected step time; None when no chain of nodes covers every layer."""
-    usable = [
-        n
-        for n in nodes
-        if n.node_id != head.node_id
-        and n.start < n.end
-        and (n.room_blocks is None or n.room_blocks >= blocks_needed)
-    ]
+    usable = with_peer_speeds(
+        [
+            n
+            for n in nodes
+            if n.node_id != head.node_id
+            and n.start < n.end
+            and (n.room_blocks is None or n.room_blocks >= blocks_needed)
+        ]
+    )
     by_start: dict[int, list[Candidate]] = {}
     for node in usable:
         by_start.setdefault(node.start, []).append(node)
@@ -133,6 +138,22 @@ def best_route(
         chain.append(previous[chain[-1].node_id])
     hops = tuple(RouteHop(n.node_id, n.address, n.start, n.end) for n in reversed(chain))
     return Route(hops, head_address), finish[0]
+
+
+def with_peer_speeds(nodes: list[Candidate]) -> list[Candidate]:
+    """Nodes with no measured compute get the measured nodes' median compute per layer,
+    times their own layers (unchanged while none is measured)."""
+    measured = [n for n in nodes if n.step_s > 0]
+    if not measured or len(measured) == len(nodes):
+        return nodes
+    step = statistics.median(n.step_s / (n.end - n.start) for n in measured)
+    per_seq = statistics.median(n.per_seq_s / (n.end - n.start) for n in measured)
+    return [
+        n
+        if n.step_s > 0
+        else replace(n, step_s=step * (n.end - n.start), per_seq_s=per_seq * (n.end - n.start))
+        for n in nodes
+    ]
 
 
 def unreachable_layers(head: Candidate, nodes: Sequence[Candidate], num_layers: int) -> int | None:

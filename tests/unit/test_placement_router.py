@@ -43,8 +43,8 @@ def test_measured_links_and_compute_count() -> None:
         HEAD, [a, b], 20, "h:1", step_bytes=1e4, links=lambda x, y: slow_link.get((x, y))
     )
     assert _ids(found) == ["head", "b"]  # 0.1 s to send a step to a
-    slow = _node("a", 10, 20, step_s=0.5)
-    assert _ids(best_route(HEAD, [slow, b], 20, "h:1")) == ["head", "b"]
+    slow, fast = _node("a", 10, 20, step_s=0.5), _node("b", 10, 20, step_s=0.1)
+    assert _ids(best_route(HEAD, [slow, fast], 20, "h:1")) == ["head", "b"]
     queued = _node("a", 10, 20, queued=50)
     assert _ids(best_route(HEAD, [queued, b], 20, "h:1")) == ["head", "b"]
 
@@ -69,3 +69,20 @@ def test_route_problems_are_named() -> None:
     twice = Route((RouteHop("h", "h:1", 0, 10), RouteHop("h", "a:1", 10, 20)), "h:1")
     assert "names a node twice" in twice.problem(20)
     assert "empty" in Route((), "").problem(1)
+
+
+def test_a_node_not_measured_yet_is_taken_as_fast_as_its_measured_peers() -> None:
+    """A restarted replica has no timings: it does not look faster than a measured one (the
+    priors would), so load decides between them."""
+    measured = _node("a", 10, 20, step_s=0.1, per_seq_s=0.001)
+    assert _ids(best_route(HEAD, [measured, _node("b", 10, 20, load=3)], 20, "h:1")) == [
+        "head",
+        "a",
+    ]
+    busy = _node("a", 10, 20, step_s=0.1, per_seq_s=0.001, load=3)
+    assert _ids(best_route(HEAD, [busy, _node("b", 10, 20)], 20, "h:1")) == ["head", "b"]
+    # Per layer: a node of half the layers is assumed to take half the time.
+    short = _node("c", 10, 15)
+    long = _node("d", 10, 20, step_s=0.2, per_seq_s=0.002)
+    tail = _node("e", 15, 20, step_s=0.2, per_seq_s=0.002)
+    assert _ids(best_route(HEAD, [short, long, tail], 20, "h:1")) == ["head", "d"]

@@ -125,3 +125,14 @@ def test_a_much_faster_replica_still_takes_more_of_a_burst() -> None:
     )
     counts = _admit_burst(book, 16)
     assert counts["head->a"] > 2 * counts.get("head->b", 0), counts
+
+
+def test_a_burst_spreads_onto_a_restarted_replica_with_no_timings() -> None:
+    book = RouteBook(
+        lambda: _snapshot(
+            Candidate("a", "a:1", 2, 4, step_s=0.10, per_seq_s=0.0005),
+            Candidate("b", "b:1", 2, 4),  # restarted: nothing measured yet
+        )
+    )
+    counts = _admit_burst(book, 8)
+    assert counts["head->a"] >= 3 and counts["head->b"] >= 3, counts
