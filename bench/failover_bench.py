@@ -14,6 +14,10 @@ every hop: head -> each replica and back):
   max, median and p90 over the streams; the longest pause between two tokens of a stream
   from its last token before the kill on; and the head's own measure (failure noticed ->
   first replayed token, ``molink:failover_recovery_seconds``);
+* the survivors: the streams on the replica that lived (as many as it held before the
+  kill, taken as the streams whose next token came first: a moved stream waits for the
+  loss to be noticed and its KV to be rebuilt, a survivor only for its next step), and
+  their longest pause between two tokens while the moved ones were being replayed;
 * the throughput dip: generated tokens per second in 1 s bins over the 10 s around the
   kill, and the lowest bin against the mean of the bins before it;
 * failovers, replayed sequences and tokens from the head's /metrics.
@@ -21,6 +25,10 @@ every hop: head -> each replica and back):
 The victim is started again with its command before the next N.
 
     python bench/failover_bench.py [--model DIR] [--sequences 1,8,32] [--links loopback,shaped]
+        [--prompt-tokens 448] [--transmission-scheduling on|off]
+
+``--transmission-scheduling off`` runs the same with prefills and replays unpaced, the
+baseline for the survivors' pauses.
 
 Writes ``bench/results/failover.json`` (``--name`` to change); exits 1 if a run failed.
 """
@@ -78,6 +86,7 @@ class Config:
     links: tuple[str, ...]
     rate_mbit: float
     rtt_ms: float
+    transmission_scheduling: str
 
     def flags(self) -> list[str]:
         model = ["--model", self.model] if self.model else []
@@ -89,6 +98,7 @@ class Config:
             "--log-level", "info",
             "--molink-enabled",
             "--molink-advertise-host", LOOPBACK,
+            "--molink-transmission-scheduling", self.transmission_scheduling,
         ]  # fmt: skip
 
 
@@ -255,6 +265,7 @@ async def measure(deployment: Deployment, config: Config, count: int) -> dict[st
         await asyncio.gather(*tasks, return_exceptions=True)
     gaps = [min((x for x in t if x > kill), default=float("nan")) - kill for t in times]
     pauses = [_longest_pause(t, kill) for t in times]
+    survivors = sorted(range(count), key=lambda i: gaps[i])[: max(0, min(held.values()))]
     after = fetch_metrics(base)
     bins = _bins([x for t in times for x in t], kill)
     steady = statistics.mean(bins[: int(WINDOW_S / 2)]) if bins else 0.0
@@ -270,6 +281,11 @@ async def measure(deployment: Deployment, config: Config, count: int) -> dict[st
         # The longest gap between two tokens of a stream from the last one before the kill
         # on (a token already on its way when the victim died arrives after the kill).
         "longest_pause_s": {"max": max(pauses), "median": statistics.median(pauses)},
+        "survivors": {
+            "streams": len(survivors),
+            "kill_to_next_token_s_max": max((gaps[i] for i in survivors), default=None),
+            "longest_pause_s_max": max((pauses[i] for i in survivors), default=None),
+        },
         "head_recovery_s_max": after.get("molink:failover_recovery_seconds_max"),
         "tokens_per_s_bins": bins,
         "dip": {
@@ -326,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--links", default="loopback,shaped")
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--rtt-ms", type=float, default=30.0)
+    parser.add_argument(
+        "--transmission-scheduling",
+        choices=("on", "off"),
+        default="on",
+        help="off: prefills and replays are not paced (the baseline)",
+    )
     parser.add_argument("--name", default="failover")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -338,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         links=tuple(args.links.split(",")),
         rate_mbit=args.rate_mbit,
         rtt_ms=args.rtt_ms,
+        transmission_scheduling=args.transmission_scheduling,
     )
     results: dict[str, Any] = {"config": config.__dict__ | {"sequences": list(config.sequences)}}
     failed = False
