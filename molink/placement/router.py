@@ -15,8 +15,8 @@ its queue (as it last reported), ``per_seq_s`` its measured marginal time per to
 ``load`` the sequences this head already keeps on it, so that each new sequence raises
 the cost of the nodes it would join: equal replicas share the work and a faster or closer
 one takes more of it. A node not measured yet (just joined or restarted) is taken to be
-as fast per layer as the measured nodes (their median), not as fast as the priors, which
-would send it every new sequence until its first steps are timed. ``load`` counts the sequences admitted a moment ago too, which the
+as fast per layer and as near as the measured nodes (their medians), not as fast and near
+as the priors, which would send it every new sequence until it is measured. ``load`` counts the sequences admitted a moment ago too, which the
 node's reported queue cannot show yet: a step carries about ``ROWS_PER_STEP`` sequences,
 so each sequence kept on a node adds that share of a step to the work queued there. The
 per-token term alone is too small to spread a burst: on a CPU a decode step's time hardly
@@ -142,18 +142,23 @@ def best_route(
 
 def with_peer_speeds(nodes: list[Candidate]) -> list[Candidate]:
     """Nodes with no measured compute get the measured nodes' median compute per layer,
-    times their own layers (unchanged while none is measured)."""
-    measured = [n for n in nodes if n.step_s > 0]
-    if not measured or len(measured) == len(nodes):
-        return nodes
-    step = statistics.median(n.step_s / (n.end - n.start) for n in measured)
-    per_seq = statistics.median(n.per_seq_s / (n.end - n.start) for n in measured)
-    return [
-        n
-        if n.step_s > 0
-        else replace(n, step_s=step * (n.end - n.start), per_seq_s=per_seq * (n.end - n.start))
-        for n in nodes
-    ]
+    times their own layers; nodes with no measured round trip get the measured nodes'
+    median round trip (nothing changes while no node is measured)."""
+    timed = [n for n in nodes if n.step_s > 0]
+    probed = [n.rtt_s for n in nodes if n.rtt_s > 0]
+    step = statistics.median(n.step_s / (n.end - n.start) for n in timed) if timed else 0.0
+    per_seq = statistics.median(n.per_seq_s / (n.end - n.start) for n in timed) if timed else 0.0
+    rtt = statistics.median(probed) if probed else 0.0
+    return [_with_priors(n, step, per_seq, rtt) for n in nodes]
+
+
+def _with_priors(node: Candidate, step: float, per_seq: float, rtt: float) -> Candidate:
+    if node.step_s <= 0 and step > 0:
+        layers = node.end - node.start
+        node = replace(node, step_s=step * layers, per_seq_s=per_seq * layers)
+    if node.rtt_s <= 0 and rtt > 0:
+        node = replace(node, rtt_s=rtt)
+    return node
 
 
 def unreachable_layers(head: Candidate, nodes: Sequence[Candidate], num_layers: int) -> int | None:

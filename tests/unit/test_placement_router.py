@@ -86,3 +86,15 @@ def test_a_node_not_measured_yet_is_taken_as_fast_as_its_measured_peers() -> Non
     long = _node("d", 10, 20, step_s=0.2, per_seq_s=0.002)
     tail = _node("e", 15, 20, step_s=0.2, per_seq_s=0.002)
     assert _ids(best_route(HEAD, [short, long, tail], 20, "h:1")) == ["head", "d"]
+
+
+def test_a_node_not_probed_yet_is_taken_as_near_as_its_probed_peers() -> None:
+    """The priors' 1 ms round trip would make a just-joined replica look nearer than any
+    probed one on a loaded machine; load decides instead."""
+    probed = _node("a", 10, 20, rtt_s=0.05)
+    assert _ids(best_route(HEAD, [probed, _node("b", 10, 20, load=1)], 20, "h:1")) == [
+        "head",
+        "a",
+    ]
+    busy = _node("a", 10, 20, rtt_s=0.05, load=1)
+    assert _ids(best_route(HEAD, [busy, _node("b", 10, 20)], 20, "h:1")) == ["head", "b"]

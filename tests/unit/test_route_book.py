@@ -136,3 +136,15 @@ def test_a_burst_spreads_onto_a_restarted_replica_with_no_timings() -> None:
     )
     counts = _admit_burst(book, 8)
     assert counts["head->a"] >= 3 and counts["head->b"] >= 3, counts
+
+
+def test_a_burst_spreads_onto_a_replica_that_just_joined() -> None:
+    """Measured compute and round trip on one replica, nothing yet on the other."""
+    book = RouteBook(
+        lambda: _snapshot(
+            Candidate("a", "a:1", 2, 4, step_s=0.10, per_seq_s=0.01, rtt_s=0.04),
+            Candidate("b", "b:1", 2, 4),
+        )
+    )
+    counts = _admit_burst(book, 32)
+    assert counts["head->a"] >= 12 and counts["head->b"] >= 12, counts
