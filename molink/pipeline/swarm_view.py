@@ -93,4 +93,5 @@ def _candidate(
         queued=queued,
         room_blocks=room,
         rtt_s=rtt_s,
+        announced_step_s=node.layer_step_s * (node.layers.end - node.layers.start),
     )

@@ -16,7 +16,9 @@ its queue (as it last reported), ``per_seq_s`` its measured marginal time per to
 the cost of the nodes it would join: equal replicas share the work and a faster or closer
 one takes more of it. A node not measured yet (just joined or restarted) is taken to be
 as fast per layer and as near as the measured nodes (their medians), not as fast and near
-as the priors, which would send it every new sequence until it is measured. ``load`` counts the sequences admitted a moment ago too, which the
+as the priors, which would send it every new sequence until it is measured; while no node
+is measured (a burst at start), each is taken at the step time it announced (its probe at
+start), so that the load term weighs what a step really costs. ``load`` counts the sequences admitted a moment ago too, which the
 node's reported queue cannot show yet: a step carries about ``ROWS_PER_STEP`` sequences,
 so each sequence kept on a node adds that share of a step to the work queued there. The
 per-token term alone is too small to spread a burst: on a CPU a decode step's time hardly
@@ -60,6 +62,8 @@ class Candidate:
     load: int = 0  # sequences this head has on it
     room_blocks: int | None = None  # KV blocks it may still give this head; None: unknown
     rtt_s: float = 0.0  # the head's measured round trip to it; 0: unknown
+    # Its own probe of one step at start (layer_step_s times its layers); 0: none.
+    announced_step_s: float = 0.0
 
     def node_s(self) -> float:
         step = self.step_s if self.step_s > 0 else PRIOR_STEP_S
@@ -142,7 +146,7 @@ def best_route(
 
 def with_peer_speeds(nodes: list[Candidate]) -> list[Candidate]:
     """Nodes with no measured compute get the measured nodes' median compute per layer,
-    times their own layers; nodes with no measured round trip get the measured nodes'
+    times their own layers (their own announced step while none is measured); nodes with no measured round trip get the measured nodes'
     median round trip (nothing changes while no node is measured)."""
     timed = [n for n in nodes if n.step_s > 0]
     probed = [n.rtt_s for n in nodes if n.rtt_s > 0]
@@ -156,6 +160,8 @@ def _with_priors(node: Candidate, step: float, per_seq: float, rtt: float) -> Ca
     if node.step_s <= 0 and step > 0:
         layers = node.end - node.start
         node = replace(node, step_s=step * layers, per_seq_s=per_seq * layers)
+    elif node.step_s <= 0 and node.announced_step_s > 0:
+        node = replace(node, step_s=node.announced_step_s)
     if node.rtt_s <= 0 and rtt > 0:
         node = replace(node, rtt_s=rtt)
     return node

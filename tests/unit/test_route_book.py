@@ -148,3 +148,17 @@ def test_a_burst_spreads_onto_a_replica_that_just_joined() -> None:
     )
     counts = _admit_burst(book, 32)
     assert counts["head->a"] >= 12 and counts["head->b"] >= 12, counts
+
+
+def test_a_burst_at_start_weighs_load_by_the_steps_the_nodes_announced() -> None:
+    """Nothing measured yet and round trips 20 ms apart: with the priors' 10 ms step the
+    nearer replica would take most of the burst; the 0.1 s steps the replicas announced
+    make each sequence they hold weigh enough to share it."""
+    book = RouteBook(
+        lambda: _snapshot(
+            Candidate("a", "a:1", 2, 4, rtt_s=0.003, announced_step_s=0.1),
+            Candidate("b", "b:1", 2, 4, rtt_s=0.023, announced_step_s=0.1),
+        )
+    )
+    counts = _admit_burst(book, 8)
+    assert counts["head->a"] >= 4 and counts["head->b"] >= 3, counts
