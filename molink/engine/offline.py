@@ -52,7 +52,9 @@ class LLM:
             for output in self.engine.step():
                 if output.finished:
                     finished[output.request_id] = output
-        return [finished[request_id] for request_id in order]
+        # The streamed outputs share the scheduler's prompt tuple; the caller gets a list of
+        # its own, as vLLM's LLM.generate returns.
+        return [_own_prompt_list(finished[request_id]) for request_id in order]
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -62,3 +64,7 @@ def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> lis
     if isinstance(params, SamplingParams):
         return [params] * n
     return list(params)
+
+
+def _own_prompt_list(output: RequestOutput) -> RequestOutput:
+    return replace(output, prompt_token_ids=list(output.prompt_token_ids))
