@@ -7,7 +7,10 @@ Freeing happens in two parts, because the lost node cuts each route in two:
   streams as the steps, so it reaches each of them after every step already sent there;
 * the nodes after it get a ``Release`` call of their own (nothing reaches them through
   the lost node any more). Their lease on this head's sequences frees anything a
-  release misses.
+  release misses. That call travels apart from the steps, so a replay of one of its
+  sequences through the same node may arrive first: it names the first step not yet
+  submitted when the node was lost, and a node keeps a copy that a plan of that step
+  or a later one started.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ class FailoverDesk:
         self._submit = submit
         self._lock = threading.Lock()
         self._failures: list[NodeFailure] = []
+        self._next_step = 0  # the first step id not yet submitted
+
+    def note_submitted(self, step_id: int) -> None:
+        """The head submitted ``step_id`` (step ids grow; replays get new ones)."""
+        with self._lock:
+            self._next_step = max(self._next_step, step_id + 1)
 
     def take(self) -> list[NodeFailure]:
         with self._lock:
@@ -69,13 +78,17 @@ class FailoverDesk:
             len(seq_ids),
             len(groups),
         )
+        with self._lock:
+            before = self._next_step
         for route, ids in groups.values():
-            self._release_survivors(route, node.node_id, tuple(ids))
+            self._release_survivors(route, node.node_id, tuple(ids), before)
         with self._lock:
             self._failures.append(failure)
         return failure
 
-    def _release_survivors(self, route: Route, lost_id: str, seq_ids: tuple[int, ...]) -> None:
+    def _release_survivors(
+        self, route: Route, lost_id: str, seq_ids: tuple[int, ...], before: int
+    ) -> None:
         index = route.index_of(lost_id)
         if index is None:
             return
@@ -87,16 +100,23 @@ class FailoverDesk:
         if after:
             threading.Thread(
                 target=self._release_directly,
-                args=(after, seq_ids),
+                args=(after, seq_ids, before),
                 name="head-release",
                 daemon=True,
             ).start()
 
-    def _release_directly(self, addresses: list[str], seq_ids: tuple[int, ...]) -> None:
+    def _release_directly(
+        self, addresses: list[str], seq_ids: tuple[int, ...], before: int
+    ) -> None:
         for address in addresses:
             client = NodeClient(address, self._config)
             try:
-                client.release(self.head_id, list(seq_ids), timeout=self._config.rpc_timeout_s)
+                client.release(
+                    self.head_id,
+                    list(seq_ids),
+                    timeout=self._config.rpc_timeout_s,
+                    started_before_step=before,
+                )
             except grpc.RpcError as exc:
                 logger.warning(
                     "release of %d sequences on %s failed (its lease frees them): %s",

@@ -200,6 +200,7 @@ class PipelineExecutor:
             )
             return
         plan = self._releases.release_elsewhere(plan, route)
+        self._failover.note_submitted(plan.step_id)
         self._flights.start(plan, route)
         mirror = self._spot.plan(plan, route, self._registry.view().stages) if self._spot else None
         job = StepJob(self.head_id, route, plan, None, trusted=True, mirror=mirror)

@@ -229,7 +229,8 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
         if refusal is not None:
             self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
-        job = ReleaseJob(request.head_id, None, tuple(request.seq_ids), False)
+        before = request.started_before_step if request.HasField("started_before_step") else None
+        job = ReleaseJob(request.head_id, None, tuple(request.seq_ids), False, before)
         try:
             self._node.submit(job)
         except PipelineError as exc:

@@ -65,6 +65,10 @@ class ReleaseJob:
     route: Route | None  # None: a release for this node only
     seq_ids: tuple[int, ...]
     propagate: bool  # an in-band release travels on to the next node of its route
+    # Set: free only copies started by a plan of a step below this one. A release sent
+    # out of band (after a node was lost) may arrive after a replay restarted the
+    # sequence here; the replay's copy must stay.
+    started_before_step: int | None = None
 
 
 @dataclass
@@ -104,6 +108,8 @@ class ComputeWorker:
         self.leases = leases  # None: a head's own stage, whose steps are its own
         self._on_lapse = on_lapse
         self._known: dict[str, set[int]] = {}
+        # head -> sequence -> the step whose plan last (re)started it here
+        self._started: dict[str, dict[int, int]] = {}
         self._stop = threading.Event()
         self._last_input = time.monotonic()
         self._stalled = False
@@ -188,6 +194,7 @@ class ComputeWorker:
             return
         for head_id in self.leases.lapsed():
             known = self._known.pop(head_id, set())
+            self._started.pop(head_id, None)
             logger.warning(
                 "stage %s: the lease of head %s lapsed; freeing its %d sequence(s)",
                 self._node_id,
@@ -282,12 +289,16 @@ class ComputeWorker:
         strangers. Trusted plans are tracked too, so that the head's health reports the
         sequences its own stage holds."""
         known = self._known.setdefault(job.head_id, set())
+        started = self._started.setdefault(job.head_id, {})
         plan = job.plan
         known.difference_update(plan.finished_seq_ids)
+        for seq_id in plan.finished_seq_ids:
+            started.pop(seq_id, None)
         if not job.trusted:
             check_known_sequences(plan, known)
             self._check_sequence_cap(job, known)
         known.update(n.seq_id for n in plan.new_sequences)
+        started.update((n.seq_id, plan.step_id) for n in plan.new_sequences)
 
     def _check_sequence_cap(self, job: StepJob, known: set[int]) -> None:
         """One head may not fill a stage with sequences that other heads then lack."""
@@ -299,16 +310,36 @@ class ComputeWorker:
             )
 
     def _release(self, job: ReleaseJob) -> None:
+        seq_ids = self._releasable(job)
         known = self._known.get(job.head_id)
         if known is not None:
-            known.difference_update(job.seq_ids)
+            known.difference_update(seq_ids)
+        started = self._started.get(job.head_id, {})
+        for seq_id in seq_ids:
+            started.pop(seq_id, None)
         try:
-            self._executor.release(list(job.seq_ids), job.head_id)
+            self._executor.release(list(seq_ids), job.head_id)
         except Exception:
             logger.exception(
                 "stage %s: release of %d sequences failed", self._node_id, len(job.seq_ids)
             )
         self._on_release(job)
+
+    def _releasable(self, job: ReleaseJob) -> tuple[int, ...]:
+        """The sequences ``job`` frees: all it names, or with ``started_before_step`` only
+        those whose copy here is older than that step."""
+        if job.started_before_step is None:
+            return job.seq_ids
+        started = self._started.get(job.head_id, {})
+        kept = [s for s in job.seq_ids if started.get(s, -1) >= job.started_before_step]
+        if kept:
+            logger.info(
+                "stage %s: keeping %d sequence(s) of head %s that a later plan restarted",
+                self._node_id,
+                len(kept),
+                job.head_id,
+            )
+        return tuple(s for s in job.seq_ids if s not in kept)
 
     def _note_input(self) -> None:
         self._last_input = time.monotonic()

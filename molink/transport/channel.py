@@ -159,9 +159,20 @@ class NodeClient:
             pipeline, timeout=self._timeout(timeout), metadata=call_metadata()
         )
 
-    def release(self, head_id: str, seq_ids: list[int], timeout: float | None = None) -> int:
+    def release(
+        self,
+        head_id: str,
+        seq_ids: list[int],
+        timeout: float | None = None,
+        started_before_step: int | None = None,
+    ) -> int:
+        """Free ``seq_ids`` of ``head_id`` (with ``started_before_step``: only copies a
+        plan of an earlier step started)."""
+        request = pb.ReleaseRequest(head_id=head_id, seq_ids=seq_ids)
+        if started_before_step is not None:
+            request.started_before_step = started_before_step
         response = self.stub.Release(
-            pb.ReleaseRequest(head_id=head_id, seq_ids=seq_ids),
+            request,
             timeout=self._timeout(timeout),
             metadata=call_metadata(),
         )

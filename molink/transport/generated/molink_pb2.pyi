@@ -355,12 +355,14 @@ class StepPayload(_message.Message):
     def __init__(self, plan: _Optional[_Union[StepPlan, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., trace: _Optional[_Iterable[_Union[HopTrace, _Mapping]]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("head_id", "seq_ids")
+    __slots__ = ("head_id", "seq_ids", "started_before_step")
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_BEFORE_STEP_FIELD_NUMBER: _ClassVar[int]
     head_id: str
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, head_id: _Optional[str] = ..., seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    started_before_step: int
+    def __init__(self, head_id: _Optional[str] = ..., seq_ids: _Optional[_Iterable[int]] = ..., started_before_step: _Optional[int] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("num_released",)
