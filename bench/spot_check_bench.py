@@ -11,10 +11,17 @@ the fractions alternate (ABCD ABCD ...), each with a fresh swarm.
 
     python bench/spot_check_bench.py [--rounds 3] [--sequences 64] [--decode-steps 24]
 
-Writes ``bench/results/spot_checks.json`` (``vs_off`` compares means over rounds: at
-F = 0.01 most rounds check no sequence at all). What it shows: a checked step is handed on when
-its slowest replica answers, and every checked sequence adds two steps' work on other nodes
-(the extra messages and compute are counted); it does not show a real model's compute.
+``--cost`` says what a stage's compute costs: ``per-pass`` (default) sleeps once per pass
+of the compute thread, however many queued steps it computes together (a decode pass on
+memory-bound hardware streams the weights once, so a node computing a step and its
+re-runs together pays about one step), ``per-step`` once per step (the re-runs cost as
+much as the step itself: an upper bound).
+
+Writes ``bench/results/spot_checks.json`` (per-pass) or ``spot_checks_per_step.json``
+(``vs_off`` compares means over rounds: at F = 0.01 most rounds check no sequence at all).
+What it shows: users' steps are handed on as they arrive while their re-runs are judged
+apart; every checked sequence adds two steps' work on other nodes and two re-runs on the
+nodes the check routes share (counted); it does not show a real model's compute.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 class CountingExecutor(ToyStageExecutor):
-    """Counts the steps it computes (shadow ones included)."""
+    """Counts the steps it computes (shadow ones included); sleeps per step."""
 
     steps = 0
 
@@ -58,11 +65,23 @@ class CountingExecutor(ToyStageExecutor):
         return super().execute(plan, hidden, head_id)
 
 
+class PassCostExecutor(CountingExecutor):
+    """Sleeps once per pass of the compute thread, whatever the steps it holds."""
+
+    def execute_many(self, steps, head_id=""):
+        time.sleep(self.delay_s)
+        delay, self.delay_s = self.delay_s, 0.0
+        try:
+            return super().execute_many(steps, head_id)
+        finally:
+            self.delay_s = delay
+
+
 def _member(key) -> TransportConfig:
     return TransportConfig(step_timeout_s=60.0, security=SwarmCredentials.from_key(key))
 
 
-def _swarm(fraction: float, stage_s: float):
+def _swarm(fraction: float, stage_s: float, cost: str):
     key = generate_swarm_key()
     config = _member(key)
     info = NodeInfo(config.security.node_id, MODEL, LayerRange(0, 1), "127.0.0.1:0")
@@ -72,7 +91,8 @@ def _swarm(fraction: float, stage_s: float):
     nodes, executors = [], []
     for start, end in ((1, 2), (1, 2), (1, 2), (2, 4)):
         node_config = _member(key)
-        executor = CountingExecutor(LayerRange(start, end), MODEL, delay_s=stage_s)
+        kind = PassCostExecutor if cost == "per-pass" else CountingExecutor
+        executor = kind(LayerRange(start, end), MODEL, delay_s=stage_s)
         node_info = NodeInfo(
             node_config.security.node_id, MODEL, LayerRange(start, end), "127.0.0.1:0"
         )
@@ -101,7 +121,7 @@ def _run_step(head: PipelineExecutor, plan: StepPlan) -> tuple[float, dict[int, 
 
 
 def one_round(fraction: float, args: argparse.Namespace) -> dict[str, Any]:
-    head, nodes, executors = _swarm(fraction, args.stage_ms / 1000)
+    head, nodes, executors = _swarm(fraction, args.stage_ms / 1000, args.cost)
     try:
         seqs = list(range(1, args.sequences + 1))
         prompt = (5, 6, 7, 8)
@@ -162,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--decode-steps", type=int, default=24)
     parser.add_argument("--stage-ms", type=float, default=20.0)
+    parser.add_argument("--cost", choices=("per-pass", "per-step"), default="per-pass")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     rounds: dict[str, list[dict[str, Any]]] = {str(f): [] for f in FRACTIONS}
@@ -187,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         for f, m in mean.items()
     }
     write_results(
-        "spot_checks",
+        "spot_checks" if args.cost == "per-pass" else "spot_checks_per_step",
         {
             "command": "python bench/spot_check_bench.py " + " ".join(argv or sys.argv[1:]),
             "setup": {
                 "nodes": "head [0,1); 3 replicas of [1,2); one node [2,4); toy stages",
                 "stage_ms": args.stage_ms,
+                "cost": args.cost,
                 "sequences": args.sequences,
                 "decode_steps": args.decode_steps,
             },

@@ -9,6 +9,7 @@ has no caller identity and trusts every caller, as it trusts its network:
   before this one on the route the message carries (which starts at H); a stage keys
   sequences by (head id, sequence id), so nobody else can touch H's sequences;
 * a unary release for head H comes only from H;
+* what a node received of head H's steps (molink.pipeline.witness) is told only to H;
 * a head takes sampled tokens only from the last node of the route it chose for that step,
   and error reports only from the nodes of that route.
 
@@ -40,6 +41,12 @@ def check_release(caller: str | None, head_id: str) -> str | None:
     if caller is None or caller == head_id:
         return None
     return f"only head {head_id!r} may release its sequences, not node {caller}"
+
+
+def check_witness(caller: str | None, head_id: str) -> str | None:
+    if caller is None or caller == head_id:
+        return None
+    return f"only head {head_id!r} may ask what its steps carried, not node {caller}"
 
 
 def check_forward(caller: str | None, route: Route, node_id: str) -> str | None:

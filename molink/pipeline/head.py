@@ -58,7 +58,6 @@ from molink.pipeline.swarm_view import SwarmView
 from molink.pipeline.wire import view_to_proto
 from molink.pipeline.worker import StepJob
 from molink.placement.route import Route
-from molink.security.spot_check import tolerance_for
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepPlan, StepResult
 from molink.transport.config import TransportConfig
@@ -123,9 +122,19 @@ class PipelineExecutor:
         self._failover = FailoverDesk(info.node_id, self.config, self._node.submit)
         self._hops = HopTally(self._node.node_id)
         self._started = False
-        # Spot checks (--molink-verify-fraction): compared within the dtypes' rounding.
-        tolerance = tolerance_for(input_dtype or torch.float32, info.dtype, info.wire_dtype)
-        self._spot = HeadSpotChecks(verify_fraction, tolerance) if verify_fraction > 0 else None
+        # Spot checks (--molink-verify-fraction): compared within the dtypes' rounding,
+        # judged apart from the users' steps; a proven ban evicts the node.
+        self._spot: HeadSpotChecks | None = None
+        if verify_fraction > 0:
+            dtypes = (str(input_dtype or torch.float32).removeprefix("torch."), info.dtype)
+            self._spot = HeadSpotChecks(
+                verify_fraction,
+                (*dtypes, info.wire_dtype),
+                info.node_id,
+                self.config,
+                on_verdict=lambda: self._members.drop_banned(),
+            )
+            self._closers.append(self._spot.close)
         self._members = Membership(
             self._node,
             self._registry,

@@ -180,8 +180,8 @@ class Membership:
         # sender that closing its stream gives.
         self._flights.fail(f"{reason}; the step was lost", through=stage.node_id, kind=kind)
         self._failover.node_lost(stage, kind, detail, self._routes.evict(stage.node_id))
-        for held in self._spot.node_down(stage.node_id) if self._spot else []:
-            self._flights.complete(held)  # its re-runs will not come: hand it on unverified
+        if self._spot is not None:
+            self._spot.node_down(stage.node_id)  # its check routes end
         self._node.links.drop_peer(stage.address)
         self.apply_view(self._registry.view())
 

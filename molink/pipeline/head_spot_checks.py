@@ -3,14 +3,19 @@ where, and what their results prove.
 
 A sequence is chosen with probability F when it starts (or restarts) on a route; from then
 on every step of it is also computed on that route's check routes (molink.pipeline.mirroring
-says why whole sequences and not single steps: stages keep KV). A check route swaps one hop
-for another replica of its span; there are two where the span has three replicas, so that
+says why whole sequences and not single steps: stages keep KV, and re-running one step
+elsewhere would first need a prefill of the sequence's whole history there). F is thus the
+expected fraction of the sequence-steps computed again. A check route swaps one hop for
+another replica of its span; there are two where the span has three replicas, so that
 every checked step gets three answers and a majority can name a liar (with two, a
 disagreement is logged and counted, and nobody can be banned). All checked sequences of
-one route share its check routes, which keeps one mirrored plan per check route and step. Their results are compared as they arrive; a ban proven
-by the comparisons (molink.security.bans) is handed to the head, which drops the node and
-refuses it from then on. A check route that fails (its node left, its KV is full) ends the
-mirroring of its sequences; it never fails a user's step.
+one route share its check routes, which keeps one mirrored plan per check route and step.
+Users' steps are never held for their re-runs: the answers are judged apart
+(molink.pipeline.spot_judge: hidden states as the next node received them, and tokens);
+a ban proven by the comparisons (molink.security.bans) is handed to the head, which drops
+the node, replays its sequences elsewhere and refuses it from then on. A check route that
+fails (its node left, its KV is full) ends the mirroring of its sequences; it never fails
+a user's step.
 """
 
 from __future__ import annotations
@@ -18,22 +23,25 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.mirroring import (
     MAX_CHECK_ROUTES,
-    PendingChecks,
     check_route,
     is_shadow,
     mirror_plan,
     shadow_id,
 )
+from molink.pipeline.spot_judge import CheckedStep, PendingChecks, SpotJudge
 from molink.placement.route import Route
 from molink.security.bans import BanList, Verdicts
-from molink.security.spot_check import SpotChecker, Tolerance
+from molink.security.spot_check import SpotChecker, tolerance_for
 from molink.step import StepPlan, StepResult
+from molink.transport.config import TransportConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +70,22 @@ class _CheckRoute:
 
 class HeadSpotChecks:
     def __init__(
-        self, fraction: float, tolerance: Tolerance, rng: random.Random | None = None
+        self,
+        fraction: float,
+        dtypes: Sequence[str],
+        head_id: str,
+        config: TransportConfig,
+        on_verdict: Callable[[], None] = lambda: None,
+        rng: random.Random | None = None,
     ) -> None:
+        """``dtypes``: the head's own (compute, input, wire); every comparison also counts
+        those of the two nodes compared."""
         self.bans = BanList()
+        self._dtypes = tuple(dtypes)
+        tolerance = tolerance_for(*_known_dtypes(self._dtypes))
         self.checker = SpotChecker(fraction, Verdicts(self.bans), tolerance, rng)
-        self._pending = PendingChecks(self.checker)
+        self._judge = SpotJudge(self.checker, head_id, config, on_verdict)
+        self._pending = PendingChecks(self._judge.submit)
         self._lock = threading.Lock()
         self._by_route: dict[str, list[_CheckRoute]] = {}  # primary route key -> check routes
         self._mirrored: dict[int, tuple[str, bool]] = {}  # seq -> (primary key, deterministic)
@@ -98,9 +117,36 @@ class HeadSpotChecks:
         if not parts:
             return None
         if any(p.plan.scheduled for p in parts):
-            check_nodes = {g: c.check_node for g, c in enumerate(checks)}
-            self._pending.expect(plan, checks[0].primary_node, check_nodes, deterministic)
+            step = self._checked_step(plan, route, checks, (ids, deterministic), nodes)
+            self._pending.expect(step)
         return Mirror(tuple(parts))
+
+    def _checked_step(
+        self,
+        plan: StepPlan,
+        route: Route,
+        checks: list[_CheckRoute],
+        checked: tuple[frozenset[int], frozenset[int]],
+        nodes: Sequence[NodeInfo],
+    ) -> CheckedStep:
+        """``checked``: the plan's checked sequences, and those sampled deterministically."""
+        ids, deterministic = checked
+        primary = checks[0].primary_node
+        check_nodes = {g: c.check_node for g, c in enumerate(checks)}
+        by_id = {n.node_id: n for n in nodes}
+        compared = [by_id[n] for n in (primary, *check_nodes.values()) if n in by_id]
+        dtypes = [*self._dtypes, *(d for n in compared for d in (n.dtype, n.wire_dtype))]
+        return CheckedStep(
+            step_id=plan.step_id,
+            micro_batch=plan.micro_batch,
+            primary_node=primary,
+            check_nodes=check_nodes,
+            deterministic=deterministic,
+            seq_ids=tuple(s.seq_id for s in plan.scheduled if s.seq_id in ids and s.num_new_tokens),
+            witness=route.next_after(primary),
+            hidden_size=compared[0].model.hidden_size if compared else 0,
+            tolerance=tolerance_for(*_known_dtypes(dtypes)),
+        )
 
     def _check_routes(self, route: Route, nodes: Sequence[NodeInfo]) -> list[_CheckRoute]:
         current = self._by_route.get(route.key, [])
@@ -123,7 +169,7 @@ class HeadSpotChecks:
 
     def arrive(self, result: StepResult) -> list[StepResult]:
         """Every result the head receives passes here; returns the (primary) results to
-        hand on now (molink.pipeline.mirroring.PendingChecks.arrive)."""
+        hand on now (molink.pipeline.spot_judge.PendingChecks.arrive)."""
         if is_shadow(result.step_id):
             with self._lock:
                 route = self._shadow_routes.pop((result.step_id, result.micro_batch), None)
@@ -141,16 +187,19 @@ class HeadSpotChecks:
                     del self._mirrored[seq_id]
         logger.warning("spot checks stop on check route %s: %s", check.key, error)
 
-    def node_down(self, node_id: str) -> list[StepResult]:
-        """``node_id`` left the routes: its check routes end; returns the primary results
-        that were waiting for its answers, to hand on now."""
+    def node_down(self, node_id: str) -> None:
+        """``node_id`` left the routes: its check routes end, and the checked steps it
+        was part of are judged no more (their primary results were handed on already)."""
         with self._lock:
             routes = [
                 c.route for cs in self._by_route.values() for c in cs if c.route.contains(node_id)
             ]
         for route in routes:
             self._end_mirrors(route, f"node {node_id} left")
-        return self._pending.drop_node(node_id)
+        self._pending.drop_node(node_id)
+
+    def close(self) -> None:
+        self._judge.close()
 
     def release(self, seq_ids: Sequence[int]) -> list[tuple[Route, tuple[int, ...]]]:
         """The shadows to free, by check route, of sequences the head releases."""
@@ -166,4 +215,14 @@ class HeadSpotChecks:
         return [(route, tuple(ids)) for route, ids in groups.values()]
 
     def metric_lines(self) -> list[str]:
-        return self.bans.metric_lines()
+        return [*self.bans.metric_lines(), *self._judge.metric_lines()]
+
+
+def _known_dtypes(names: Sequence[str]) -> list[str]:
+    """The floating-point dtypes among ``names`` (a node may say "auto")."""
+    known = []
+    for name in names:
+        dtype = getattr(torch, name, None) if name != "int8" else torch.int8
+        if isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype == torch.int8):
+            known.append(name)
+    return known or ["float32"]

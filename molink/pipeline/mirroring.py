@@ -6,16 +6,17 @@ head sends the part of every plan that concerns it, with the hidden states its o
 computed, along a check route as well, under shadow ids (``SHADOW_OFFSET`` added to the
 step and sequence ids) so that nodes both routes share keep the two apart. The check route
 is the sequence's route with exactly one hop swapped for another replica of the same span,
-so a disagreement names exactly two nodes (``molink.security.bans`` decides which lied).
+so a disagreement names exactly two nodes (``molink.security.bans`` decides which lied);
+the node after that hop is the same on both routes, and tells the head what each sent it
+(molink.pipeline.witness, molink.pipeline.spot_judge).
 Shadow ids change nothing a model computes: a sequence's sampling seed travels in its
 sampling parameters.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from molink.pipeline.identity import NodeInfo
 from molink.placement.route import Route, RouteHop
@@ -25,7 +26,6 @@ from molink.step import StepPlan, StepResult
 SHADOW_OFFSET = 1 << 62  # far above any id a scheduler hands out; below uint64's limit
 GROUP_STRIDE = 1 << 56  # check route g of a step uses ids + SHADOW_OFFSET + g * GROUP_STRIDE
 MAX_CHECK_ROUTES = 2  # with the primary, three answers: a majority can name a liar
-_MAX_PENDING = 10_000
 
 
 def is_shadow(step_id: int) -> bool:
@@ -115,97 +115,3 @@ def unshadow(result: StepResult) -> StepResult:
         step_id=original_id(result.step_id)[0],
         sampled=tuple(replace(s, seq_id=original_id(s.seq_id)[0]) for s in result.sampled),
     )
-
-
-@dataclass
-class _Pending:
-    primary_node: str
-    check_nodes: dict[int, str]  # group -> the node its check route swapped in
-    deterministic: frozenset[int]
-    results: dict[int, StepResult]  # -1: the primary's; g: check route g's
-
-
-class PendingChecks:
-    """Gathers a step's result and its re-runs', in any order, and judges every pair."""
-
-    def __init__(self, checker: SpotChecker) -> None:
-        self.checker = checker
-        self._lock = threading.Lock()
-        self._pending: dict[tuple[int, int], _Pending] = {}
-
-    def expect(
-        self,
-        plan: StepPlan,
-        primary_node: str,
-        check_nodes: dict[int, str],
-        deterministic: frozenset[int],
-    ) -> None:
-        with self._lock:
-            while len(self._pending) >= _MAX_PENDING:  # steps whose re-run was lost
-                self._pending.pop(next(iter(self._pending)))
-            self._pending[(plan.step_id, plan.micro_batch)] = _Pending(
-                primary_node, dict(check_nodes), deterministic, {}
-            )
-
-    def arrive(self, result: StepResult) -> list[StepResult]:
-        """Takes any result the head receives; returns the primary results to hand on now:
-        an unchecked one at once, a checked one once every re-run is in (the majority's
-        tokens, when two re-runs agree against it), nothing for a shadow or while waiting."""
-        group = -1
-        if is_shadow(result.step_id):
-            group = original_id(result.step_id)[1]
-            result = unshadow(result)
-        key = (result.step_id, result.micro_batch)
-        with self._lock:
-            pending = self._pending.get(key)
-            if pending is None:
-                return [] if group >= 0 else [result]
-            pending.results[group] = result
-            if len(pending.results) < len(pending.check_nodes) + 1:
-                return []
-            del self._pending[key]
-        primary = pending.results[-1]
-        if any(r.error for r in pending.results.values()):
-            return [primary]  # a failed step proves nothing about anyone's honesty
-        return [self._judge(pending)]
-
-    def _judge(self, pending: _Pending) -> StepResult:
-        primary = pending.results[-1]
-        checks = [pending.results[g] for g in sorted(pending.check_nodes)]
-        mirrored = {s.seq_id for r in checks for s in r.sampled}
-        mine = replace(primary, sampled=tuple(s for s in primary.sampled if s.seq_id in mirrored))
-        answers = [(pending.primary_node, mine)]
-        answers += [
-            (pending.check_nodes[g], pending.results[g]) for g in sorted(pending.check_nodes)
-        ]
-        verdicts = {}
-        for i, first in enumerate(answers):
-            for j in range(i + 1, len(answers)):
-                verdicts[(i, j)] = self.checker.judge(first, answers[j], pending.deterministic)
-        if len(answers) == 3 and verdicts[(0, 1)] and verdicts[(0, 2)] and not verdicts[(1, 2)]:
-            return _with_tokens(primary, checks[0])  # two re-runs outvote the primary
-        return primary
-
-    def drop_node(self, node_id: str) -> list[StepResult]:
-        """``node_id`` left: its re-runs will not come. Primary results held for them are
-        handed on unverified; steps whose primary is still out are checked no more."""
-        released = []
-        with self._lock:
-            for key, pending in list(self._pending.items()):
-                if node_id in pending.check_nodes.values() or node_id == pending.primary_node:
-                    del self._pending[key]
-                    if -1 in pending.results:
-                        released.append(pending.results[-1])
-        return released
-
-    def forget(self, step_id: int, micro_batch: int) -> None:
-        with self._lock:
-            self._pending.pop(
-                (original_id(step_id)[0] if is_shadow(step_id) else step_id, micro_batch), None
-            )
-
-
-def _with_tokens(primary: StepResult, majority: StepResult) -> StepResult:
-    """``primary`` with the majority's answer for every sequence the majority sampled."""
-    theirs = {s.seq_id: s for s in majority.sampled}
-    return replace(primary, sampled=tuple(theirs.get(s.seq_id, s) for s in primary.sampled))

@@ -34,6 +34,7 @@ from molink.pipeline.outbound import OutboundRelease, OutboundStep, SenderFactor
 from molink.pipeline.registry import JoinRefusedError, PipelineView
 from molink.pipeline.servicer import NodeServicer, join_redirect
 from molink.pipeline.wire import link_to_proto, node_to_proto, route_from_proto, view_from_proto
+from molink.pipeline.witness import InputWitness
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
 from molink.placement.route import Route
 from molink.progress.status import StatusLine
@@ -46,7 +47,7 @@ from molink.transport.channel import (
     describe_rpc_error,
     make_server,
 )
-from molink.transport.codec import decode_tensor, wire_dtype_of
+from molink.transport.codec import decode_tensor, encode_tensor, wire_dtype_of
 from molink.transport.config import TransportConfig
 from molink.transport.convert import plan_from_proto, result_to_proto
 from molink.transport.generated import molink_pb2 as pb
@@ -55,6 +56,7 @@ from molink.transport.validate import PlanLimits, validate_plan
 logger = logging.getLogger(__name__)
 
 _JOIN_RETRY_S = 0.5
+MAX_WITNESS_QUERIES = 16  # a checked step asks for its primary and each check route
 
 
 class HeadRole(Protocol):
@@ -144,6 +146,7 @@ class StageNode:
         self._closers: list = []
         self._started_at = time.monotonic()
         self._counter_lock = threading.Lock()
+        self.witness_store = InputWitness()  # inputs kept for the heads' spot checks
         self.bytes_received = 0
         self.steps_rejected = 0
 
@@ -392,6 +395,7 @@ class StageNode:
             what=f"hidden states of step {plan.step_id}",
             data=hidden_data,
         )
+        self.witness_store.record(request.head_id, plan, hidden)
         if self._input_dtype is not None:
             hidden = hidden.to(self._input_dtype)
         return StepJob(
@@ -428,6 +432,33 @@ class StageNode:
     def submit(self, job: StepJob | ReleaseJob) -> None:
         """Queue work for the compute thread (raises PipelineError when overloaded)."""
         self._worker.submit(job, timeout=self.config.step_timeout_s)
+
+    def witness(self, request: pb.WitnessRequest) -> pb.WitnessResponse:
+        """What this node received of the head's steps (molink.pipeline.witness); raises
+        ProtocolError for a request over the limits."""
+        if len(request.queries) > MAX_WITNESS_QUERIES:
+            raise ProtocolError(
+                f"queries: {len(request.queries)} in one witness request, at most "
+                f"{MAX_WITNESS_QUERIES}"
+            )
+        rows = sum(len(q.seq_ids) for q in request.queries)
+        size = rows * self.info.model.hidden_size * 4
+        if size > self.config.max_message_bytes:
+            raise ProtocolError(
+                f"seq_ids: {rows} rows would take {size} bytes, over the message limit of "
+                f"{self.config.max_message_bytes}"
+            )
+        response = pb.WitnessResponse()
+        for query in request.queries:
+            kept = self.witness_store.rows(
+                request.head_id, query.step_id, query.micro_batch, list(query.seq_ids)
+            )
+            answer = response.answers.add()
+            if isinstance(kept, str):
+                answer.missing = kept
+            else:
+                encode_tensor(kept, "float32", answer.rows)
+        return response
 
     # -- sending ---------------------------------------------------------------------------
 

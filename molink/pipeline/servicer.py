@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.message import DecodeError
 
-from molink.errors import PipelineError
+from molink.errors import PipelineError, ProtocolError
 from molink.pipeline.authorization import (
     check_forward,
     check_join,
     check_release,
     check_result,
     check_update,
+    check_witness,
 )
 from molink.pipeline.wire import node_to_proto, route_from_proto, view_from_proto, view_to_proto
 from molink.pipeline.worker import ReleaseJob
@@ -236,6 +237,19 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
         except PipelineError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return pb.ReleaseResponse(num_released=len(request.seq_ids))
+
+    def Witness(
+        self, request: pb.WitnessRequest, context: grpc.ServicerContext
+    ) -> pb.WitnessResponse:
+        caller = peer_node_id(context)
+        refusal = check_witness(caller, request.head_id)
+        if refusal is not None:
+            self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        try:
+            return self._node.witness(request)
+        except ProtocolError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         caller = peer_node_id(context)

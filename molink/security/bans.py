@@ -67,6 +67,11 @@ class BanList:
             else:
                 self._disagreements += 1
 
+    def counts(self) -> tuple[int, int]:
+        """(agreements, disagreements) between pairs of answers so far."""
+        with self._lock:
+            return self._agreements, self._disagreements
+
     def metric_lines(self) -> list[str]:
         with self._lock:
             bans = list(self._bans.values())

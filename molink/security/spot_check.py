@@ -35,6 +35,17 @@ _INT8_STEP = 2.0 / 255.0  # int8 wire: one quantization step of a row scaled to 
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One replica's answer to a checked step: its ``result`` (sampled tokens, for a
+    route's last node) and, when the next node could tell, the ``hidden`` rows of the
+    checked sequences it sent on."""
+
+    node_id: str
+    result: StepResult
+    hidden: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Tolerance:
     relative: float
 
@@ -148,29 +159,31 @@ class SpotChecker:
         others = [r for r in replicas if r != node_id and bans.reason(r) is None]
         return self._rng.choice(sorted(others)) if others else None
 
-    def judge(
+    def judge_answers(
         self,
-        first: tuple[str, torch.Tensor | StepResult],
-        second: tuple[str, torch.Tensor | StepResult],
-        deterministic: frozenset[int] = frozenset(),
+        first: Answer,
+        second: Answer,
+        deterministic: frozenset[int],
+        tolerance: Tolerance | None = None,
     ) -> str:
-        """Compare two replicas' answers to one step; "" when they agree, else why not."""
-        (a, answer_a), (b, answer_b) = first, second
-        for node, answer in ((a, answer_a), (b, answer_b)):
-            malformed = _malformed(answer)
+        """One verdict on two replicas' answers to one step: their hidden rows (when both
+        are known), then their sampled tokens; "" when they agree, else why not."""
+        tolerance = tolerance or self.tolerance
+        for answer in (first, second):
+            malformed = _malformed(answer.hidden) if answer.hidden is not None else ""
+            malformed = malformed or _malformed(answer.result)
             if malformed:
-                self.verdicts.malformed(node, malformed)
+                self.verdicts.malformed(answer.node_id, malformed)
                 return malformed
-        if isinstance(answer_a, torch.Tensor) and isinstance(answer_b, torch.Tensor):
-            reason = compare_hidden(answer_a, answer_b, self.tolerance)
-        elif isinstance(answer_a, StepResult) and isinstance(answer_b, StepResult):
-            reason = compare_sampled(answer_a, answer_b, deterministic, self.tolerance)
-        else:
-            reason = "one replica returned hidden states, the other sampled tokens"
+        reason = ""
+        if first.hidden is not None and second.hidden is not None:
+            reason = compare_hidden(first.hidden, second.hidden, tolerance)
+        if not reason:
+            reason = compare_sampled(first.result, second.result, deterministic, tolerance)
         if reason:
-            self.verdicts.disagreed(a, b, reason)
+            self.verdicts.disagreed(first.node_id, second.node_id, reason)
         else:
-            self.verdicts.agreed(a, b)
+            self.verdicts.agreed(first.node_id, second.node_id)
         return reason
 
 

@@ -178,6 +178,11 @@ class NodeClient:
         )
         return response.num_released
 
+    def witness(
+        self, request: pb.WitnessRequest, timeout: float | None = None
+    ) -> pb.WitnessResponse:
+        return self.stub.Witness(request, timeout=self._timeout(timeout), metadata=call_metadata())
+
     def health(self, timeout: float | None = None) -> pb.HealthResponse:
         return self.stub.Health(
             pb.HealthRequest(), timeout=self._timeout(timeout), metadata=call_metadata()

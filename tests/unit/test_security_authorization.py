@@ -136,6 +136,33 @@ def test_only_the_head_releases_its_sequences(swarm) -> None:
     assert _wait(lambda: swarm.last.health().active_sequences == 0)
 
 
+def test_only_the_head_learns_what_its_steps_carried(swarm) -> None:
+    """Spot checks ask the node after a checked one what it received (the last row of
+    each sequence); nobody else may ask."""
+    swarm.head.submit(_prefill(1, 5, (10, 11)))
+    assert _one(swarm.head).error is None
+    request = pb.WitnessRequest(head_id=swarm.head.head_id)
+    request.queries.add(step_id=1, micro_batch=0, seq_ids=[5])
+    for config in (swarm.rogue, swarm.middle.config):
+        channel, stub = swarm.stub(swarm.last.address, config)
+        with channel, pytest.raises(grpc.RpcError) as caught:
+            stub.Witness(request, timeout=3)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "only head" in caught.value.details()
+    channel, stub = swarm.stub(swarm.last.address, swarm.head.config)
+    with channel:
+        (answer,) = stub.Witness(request, timeout=3).answers
+    assert not answer.missing and list(answer.rows.shape) == [1, MODEL.hidden_size]
+    many = pb.WitnessRequest(head_id=swarm.head.head_id)
+    for _ in range(17):
+        many.queries.add(step_id=1, seq_ids=[5])
+    channel, stub = swarm.stub(swarm.last.address, swarm.head.config)
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        stub.Witness(many, timeout=3)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "queries: 17" in caught.value.details()
+
+
 def _forward(swarm: Swarm, seq_id: int, kind: str) -> pb.ForwardRequest:
     request = pb.ForwardRequest(head_id=swarm.head.head_id, sender_id="x")
     request.route.CopyFrom(route_to_proto(swarm.head.routes.route_for_new(2)))

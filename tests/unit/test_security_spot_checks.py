@@ -18,6 +18,7 @@ from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
 from molink.sampling_params import SamplingParams
 from molink.security.bans import BanList, Verdicts
 from molink.security.spot_check import (
+    Answer,
     SpotChecker,
     compare_hidden,
     compare_sampled,
@@ -64,6 +65,12 @@ def _steps(num_steps: int) -> list[StepPlan]:
     return plans
 
 
+def _answer(node: str, out: torch.Tensor | StepResult) -> Answer:
+    if isinstance(out, StepResult):
+        return Answer(node, out)
+    return Answer(node, StepResult(0), out)
+
+
 def _run(replicas: dict[str, ToyStageExecutor], layers: LayerRange, num_steps: int):
     """Every step goes to a random replica and, with F = 1, again to a second one."""
     head = ToyStageExecutor(LayerRange(0, layers.start), MODEL)
@@ -79,8 +86,8 @@ def _run(replicas: dict[str, ToyStageExecutor], layers: LayerRange, num_steps: i
         second = checker.second_replica(primary, list(replicas))
         if second is None:
             continue
-        answers = [(n, replicas[n].execute(plan, hidden, "h")) for n in (primary, second)]
-        checker.judge(answers[0], answers[1], frozenset({1}))
+        answers = [_answer(n, replicas[n].execute(plan, hidden, "h")) for n in (primary, second)]
+        checker.judge_answers(answers[0], answers[1], frozenset({1}))
         for ban in bans.snapshot():
             banned_after.setdefault(ban.node_id, plan.step_id + 1)
     return bans, banned_after
@@ -129,7 +136,7 @@ def test_malformed_answers_are_banned_at_once() -> None:
     good = torch.ones(4, 8)
     bad = good.clone()
     bad[2, 3] = float("nan")
-    assert "not finite" in checker.judge(("a", good), ("b", bad))
+    assert "not finite" in checker.judge_answers(_answer("a", good), _answer("b", bad), frozenset())
     assert "malformed" in bans.reason("b") and bans.reason("a") is None
 
 

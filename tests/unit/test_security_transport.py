@@ -107,6 +107,7 @@ def _every_call(
             pb.ReleaseRequest(head_id=head.head_id, seq_ids=[1]), **options
         ),
         "Health": lambda s: s.Health(pb.HealthRequest(), **options),
+        "Witness": lambda s: s.Witness(pb.WitnessRequest(head_id=head.head_id), **options),
     }
 
 

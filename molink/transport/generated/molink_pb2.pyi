@@ -482,6 +482,38 @@ class ReturnResultsAck(_message.Message):
     micro_batch: int
     def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
+class WitnessQuery(_message.Message):
+    __slots__ = ("step_id", "micro_batch", "seq_ids")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    micro_batch: int
+    seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., micro_batch: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WitnessRequest(_message.Message):
+    __slots__ = ("head_id", "queries")
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    head_id: str
+    queries: _containers.RepeatedCompositeFieldContainer[WitnessQuery]
+    def __init__(self, head_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[WitnessQuery, _Mapping]]] = ...) -> None: ...
+
+class WitnessAnswer(_message.Message):
+    __slots__ = ("rows", "missing")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    rows: Tensor
+    missing: str
+    def __init__(self, rows: _Optional[_Union[Tensor, _Mapping]] = ..., missing: _Optional[str] = ...) -> None: ...
+
+class WitnessResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[WitnessAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[WitnessAnswer, _Mapping]]] = ...) -> None: ...
+
 class HealthRequest(_message.Message):
     __slots__ = ("head_id",)
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]

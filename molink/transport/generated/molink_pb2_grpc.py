@@ -74,6 +74,11 @@ class MolinkNodeStub:
                 request_serializer=molink__pb2.HealthRequest.SerializeToString,
                 response_deserializer=molink__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Witness = channel.unary_unary(
+                '/molink.v1.MolinkNode/Witness',
+                request_serializer=molink__pb2.WitnessRequest.SerializeToString,
+                response_deserializer=molink__pb2.WitnessResponse.FromString,
+                _registered_method=True)
 
 
 class MolinkNodeServicer:
@@ -130,6 +135,13 @@ class MolinkNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Witness(self, request, context):
+        """Only the head the step belongs to may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MolinkNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +184,11 @@ def add_MolinkNodeServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=molink__pb2.HealthRequest.FromString,
                     response_serializer=molink__pb2.HealthResponse.SerializeToString,
+            ),
+            'Witness': grpc.unary_unary_rpc_method_handler(
+                    servicer.Witness,
+                    request_deserializer=molink__pb2.WitnessRequest.FromString,
+                    response_serializer=molink__pb2.WitnessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +407,33 @@ class MolinkNode:
             '/molink.v1.MolinkNode/Health',
             molink__pb2.HealthRequest.SerializeToString,
             molink__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Witness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/molink.v1.MolinkNode/Witness',
+            molink__pb2.WitnessRequest.SerializeToString,
+            molink__pb2.WitnessResponse.FromString,
             options,
             channel_credentials,
             insecure,
