@@ -84,7 +84,8 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="F",
-        help="spot checks (head): this fraction of sequences, chosen at random, also runs on "
-        "other replicas of a span of its route; a node outvoted by two replicas is banned "
-        "from routes (default: %(default)s, no checks)",
+        help="spot checks (head): this fraction of sequences, chosen at random (so this "
+        "fraction of sequence-steps), also runs on other replicas of a span of its route; "
+        "their hidden states and tokens are compared without holding users' steps, and a "
+        "node outvoted by two replicas is banned from routes (default: %(default)s, no checks)",
     )
