@@ -145,7 +145,7 @@ class HeadSpotChecks:
             seq_ids=tuple(s.seq_id for s in plan.scheduled if s.seq_id in ids and s.num_new_tokens),
             witness=route.next_after(primary),
             hidden_size=compared[0].model.hidden_size if compared else 0,
-            tolerance=tolerance_for(*_known_dtypes(dtypes)),
+            tolerance=tolerance_for(*_known_dtypes(dtypes), layers=_span_layers(route, primary)),
         )
 
     def _check_routes(self, route: Route, nodes: Sequence[NodeInfo]) -> list[_CheckRoute]:
@@ -216,6 +216,12 @@ class HeadSpotChecks:
 
     def metric_lines(self) -> list[str]:
         return [*self.bans.metric_lines(), *self._judge.metric_lines()]
+
+
+def _span_layers(route: Route, node_id: str) -> int:
+    index = route.index_of(node_id)
+    hop = route.hops[index] if index is not None else None
+    return hop.end - hop.start if hop is not None else 1
 
 
 def _known_dtypes(names: Sequence[str]) -> list[str]:

@@ -150,6 +150,9 @@ def test_rounding_within_the_dtypes_is_agreement_and_beyond_it_is_not() -> None:
     assert compare_hidden(x, x * 1.05, half) != ""
     assert "shape" in compare_hidden(x, x[:3], half)
     assert compare_hidden(x, (x * 127).round() / 127, tolerance_for("int8")) == ""
+    deep = tolerance_for(torch.float32, layers=32)  # rounding grows with the layers
+    assert deep.relative == 2 * tolerance_for(torch.float32, layers=16).relative
+    assert tolerance_for(torch.float32, layers=1) == tolerance_for(torch.float32)
 
 
 def test_tokens_are_compared_only_where_sampling_is_deterministic() -> None:
