@@ -1,0 +1,144 @@
+"""Spot checks on a real (tiny, random) model in float32 with float32 on the wire, where
+the tolerance is tightest: the head's stage [0, 1), three honest replicas of [1, 2) and a
+last stage, threads of this process. With F = 1 four greedy sequences, started in two
+prefills of different sizes (the router may send them along different replicas), decode
+for 10 steps with both micro-batches in flight, so that a replica computes a re-run
+together with other work than the primary did; every checked step's hidden rows and tokens are
+compared, none disagree and nobody is banned."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from molink.config import LayerRange
+from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
+from molink.pipeline.identity import ModelIdentity
+from molink.sampling_params import SamplingParams
+from molink.stage.worker import StageWorker
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.transport.config import TransportConfig
+from molink.weights import resolve_model_source
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 256
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+PROMPTS = {1: [5, 9, 13, 2, 7], 2: [3, 3, 8], 3: [11, 4, 6, 1, 1, 9, 30], 4: [21, 22]}
+
+
+def _blocks(seq_id: int, start: int, count: int) -> tuple[int, ...]:
+    """The head's own blocks: sequence ``s`` owns ``16 s`` .. ``16 s + 15``."""
+    first, last = start // BLOCK_SIZE, (start + count - 1) // BLOCK_SIZE
+    have = -(-start // BLOCK_SIZE)
+    return tuple(16 * seq_id + b for b in range(max(first, have), last + 1))
+
+
+def _prefill(step_id: int, seq_ids: list[int]) -> StepPlan:
+    scheduled, tokens, new = [], [], []
+    for seq_id in seq_ids:
+        prompt = PROMPTS[seq_id]
+        blocks = _blocks(seq_id, 0, len(prompt))
+        scheduled.append(ScheduledSequence(seq_id, 0, len(prompt), blocks, sample=True))
+        tokens += prompt
+        new.append(NewSequenceData(seq_id, tuple(prompt), len(prompt), GREEDY))
+    return StepPlan(step_id, tuple(scheduled), tuple(tokens), tuple(new))
+
+
+def _one(head: PipelineExecutor, timeout: float = 60.0) -> StepResult:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results = head.poll(0.1)
+        if results:
+            return results[0]
+    raise AssertionError("no result came back")
+
+
+def _wait(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir: Callable[..., Path]) -> Path:
+    return tiny_model_dir("llama")
+
+
+def test_honest_replicas_of_a_real_model_are_never_banned(model_dir: Path) -> None:
+    source = resolve_model_source(str(model_dir))
+    config = source.model_config
+    identity = ModelIdentity.from_model_config("tiny", config)
+    transport = TransportConfig(step_timeout_s=60.0, health_interval_s=30.0)
+
+    def worker(layers: LayerRange) -> StageWorker:
+        """The head's stage uses the plans' blocks; the others allocate their own."""
+        model = source.load_slice(layers, "float32")
+        owns = layers.start > 0
+        return StageWorker(
+            model, config, layers, NUM_BLOCKS, BLOCK_SIZE, torch.float32, owns_blocks=owns
+        )
+
+    def info(node_id: str, layers: LayerRange) -> NodeInfo:
+        return NodeInfo(node_id, identity, layers, "127.0.0.1:0", wire_dtype="float32")
+
+    head = PipelineExecutor(
+        worker(LayerRange(0, 1)),
+        info("head", LayerRange(0, 1)),
+        transport,
+        input_dtype=torch.float32,
+        verify_fraction=1.0,
+    ).start()
+    nodes: list[StageNode] = []
+    try:
+        last = LayerRange(2, config.num_layers)
+        for node_id, layers in (("a", LayerRange(1, 2)), ("b", LayerRange(1, 2))) + (
+            ("c", LayerRange(1, 2)),
+            ("z", last),
+        ):
+            node = StageNode(
+                worker(layers),
+                info(node_id, layers),
+                transport,
+                initial_peer=head.address,
+                input_dtype=torch.float32,
+            )
+            nodes.append(node.start())
+        assert _wait(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
+        step, tokens = 0, {}
+        groups = ([1, 2, 3], [4])  # each may take its own route: one micro-batch each
+        for group in groups:
+            head.submit(_prefill(step, group))
+            result = _one(head)
+            assert result.error is None, result.error
+            tokens.update({t.seq_id: t.token_id for t in result.sampled})
+            step += 1
+        done = {s: len(p) for s, p in PROMPTS.items()}
+        for _ in range(10):  # both groups in flight at once: replicas mix their work
+            for micro_batch, group in enumerate(groups):
+                scheduled = tuple(
+                    ScheduledSequence(s, done[s], 1, _blocks(s, done[s], 1), True) for s in group
+                )
+                plan = StepPlan(step, scheduled, tuple(tokens[s] for s in group))
+                head.submit(dataclasses.replace(plan, micro_batch=micro_batch))
+                step += 1
+            for _ in groups:
+                result = _one(head)
+                assert result.error is None, result.error
+                tokens.update({t.seq_id: t.token_id for t in result.sampled})
+            done = {s: n + 1 for s, n in done.items()}
+        pairs = 3 * step
+        assert _wait(lambda: sum(head._spot.bans.counts()) >= pairs)
+        assert head._spot.bans.counts() == (pairs, 0)
+        assert head.banned_nodes() == {}
+        metrics = "\n".join(head.metric_lines())
+        assert f'molink_spot_check_hidden_total{{outcome="compared"}} {step}' in metrics
+    finally:
+        for node in nodes:
+            node.stop()
+        head.close()
