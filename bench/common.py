@@ -61,10 +61,20 @@ _HEALTH_POLL_S = 0.5
 _LOG_TAIL_CHARS = 4000
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    """A port free now and not handed out before by this process: the kernel may give the
+    same free port to two binds in a row, and a node whose HTTP and gRPC ports are the same
+    one refuses to start."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
 from molink.sampling_params import SamplingParams
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan
 from molink.transport.config import TransportConfig
+from tests.helpers.server_process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -33,12 +33,6 @@ HIDDEN = 1024  # 2 KiB per token in float16: a prompt's activations take a while
 VOCAB = 1000
 START_TIMEOUT_S = 120.0
 CONFIG = TransportConfig(step_timeout_s=60.0, health_interval_s=0.5, health_timeout_s=3.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class ReplicaSwarm:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from molink.pipeline.toy import ToyStageExecutor, toy_identity
 from molink.sampling_params import SamplingParams
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
 from molink.transport.config import TransportConfig
+from tests.helpers.server_process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +48,6 @@ START_TIMEOUT_S = 120.0
 CONFIG = TransportConfig(step_timeout_s=60.0, health_interval_s=0.5, health_timeout_s=3.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 class Cluster:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -66,7 +60,7 @@ class Cluster:
 
     def spawn_behind(self, node_id: str, layers: str, link: LinkSpec) -> None:
         """A toy stage that peers reach through an emulated ``link``."""
-        port = _free_port()
+        port = free_port()
         emulator = LinkEmulator(HOST, 0, HOST, port, up=link).start()
         self.emulators.append(emulator)
         log = open(self.log_dir / f"{node_id}.log", "w")  # noqa: SIM115 - closed with the child

@@ -7,7 +7,6 @@ Every wait is bounded and every child is killed in ``finally``.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from molink.transport.config import TransportConfig
 from molink.transport.convert import plan_to_proto
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
+from tests.helpers.server_process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 NUM_LAYERS = 6
 START_TIMEOUT_S = 120.0  # children import torch; slow on a loaded machine
 CONFIG = TransportConfig(step_timeout_s=20.0, health_interval_s=0.5, health_timeout_s=2.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -55,7 +49,7 @@ class Cluster:
     addresses: dict[str, str] = field(default_factory=dict)
 
     def spawn(self, node_id: str, layers: str, wire: str, delay: float = 0.0) -> None:
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         log = open(self.log_dir / f"{node_id}.log", "w")  # noqa: SIM115 - closed with the child
         cmd = [
             sys.executable, "-m", "molink.pipeline.toy", "--node-id", node_id,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from molink.loadgen import LoadConfig, RequestSpec, fixed_workload, run_load
 from molink.loadgen.cli import main as loadgen_main
+from tests.helpers.server_process import free_port
 
 LOOPBACK = "127.0.0.1"
 MODEL = "fake-model"
@@ -120,16 +120,10 @@ def make_app(state: FakeState) -> FastAPI:
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 class FakeServer:
     def __init__(self) -> None:
         self.state = FakeState()
-        self.port = _free_port()
+        self.port = free_port()
         config = uvicorn.Config(
             make_app(self.state),
             host=LOOPBACK,
@@ -240,7 +234,7 @@ async def test_broken_streams_are_errors(server: FakeServer, mode: str, message:
 
 
 async def test_connection_refused_is_an_error() -> None:
-    config = LoadConfig(f"http://{LOOPBACK}:{_free_port()}", model="m", run_timeout_s=10.0)
+    config = LoadConfig(f"http://{LOOPBACK}:{free_port()}", model="m", run_timeout_s=10.0)
     run = await _run(fixed_workload(3, 4, 4), config)
     assert run.summary.num_errors == 3 and "ConnectError" in run.results[0].error
 
@@ -298,5 +292,5 @@ def test_cli_writes_results(server: FakeServer, tmp_path: Any) -> None:
 
 
 def test_cli_reports_an_unreachable_server() -> None:
-    url = f"http://{LOOPBACK}:{_free_port()}"
+    url = f"http://{LOOPBACK}:{free_port()}"
     assert loadgen_main(["--url", url, "--num-requests", "1", "--run-timeout", "10"]) == 2
