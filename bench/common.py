@@ -13,7 +13,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere, without ins
     sys.path.insert(0, str(REPO_ROOT))
 
 from molink.loadgen.stats import mean, percentile  # noqa: E402  (re-exported for benchmarks)
+from tests.helpers.server_process import free_port  # noqa: E402  (re-exported for benchmarks)
 
 __all__ = [
     "LOOPBACK",
@@ -59,22 +59,6 @@ LOOPBACK = "127.0.0.1"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 _HEALTH_POLL_S = 0.5
 _LOG_TAIL_CHARS = 4000
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free now and not handed out before by this process: the kernel may give the
-    same free port to two binds in a row, and a node whose HTTP and gRPC ports are the same
-    one refuses to start."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((LOOPBACK, 0))
-            port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 @dataclass

@@ -7,7 +7,6 @@ later plans started)."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,8 +18,9 @@ from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob
 from molink.placement.route import Route, RouteHop
 from molink.sampling_params import SamplingParams
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan
 from molink.transport.config import TransportConfig
+from tests.helpers.polling import first_result, wait_until
 
 MODEL = toy_identity(4)
 CONFIG = TransportConfig(step_timeout_s=30.0, health_interval_s=60.0, lease_s=200.0)
@@ -40,22 +40,6 @@ def _prefill(step_id: int, seq_id: int) -> StepPlan:
     )
 
 
-def _one(head: PipelineExecutor, timeout: float = 30.0) -> StepResult:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        results = head.poll(0.1)
-        if results:
-            return results[0]
-    raise AssertionError("no result came back")
-
-
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.fixture
 def swarm() -> Iterator[tuple[PipelineExecutor, list[StageNode]]]:
     """head [0, 1); replicas a and b of [1, 2); n serves [2, 4) behind either."""
@@ -67,7 +51,7 @@ def swarm() -> Iterator[tuple[PipelineExecutor, list[StageNode]]]:
             executor = ToyStageExecutor(LayerRange(start, end), MODEL)
             info = _info(node_id, start, end)
             nodes.append(StageNode(executor, info, CONFIG, initial_peer=head.address).start())
-        assert _wait(lambda: len(head.pipeline().stages) == 4 and head.readiness() is None)
+        assert wait_until(lambda: len(head.pipeline().stages) == 4 and head.readiness() is None)
         yield head, nodes
     finally:
         for node in nodes:
@@ -89,17 +73,17 @@ def test_a_replay_that_overtakes_the_release_of_its_old_copy_keeps_its_kv(
 
     monkeypatch.setattr(FailoverDesk, "_release_directly", held_release)
     head.submit(_prefill(0, 7))
-    assert _one(head).error is None
+    assert first_result(head).error is None
     (lost,) = [node for node, count in head.routes.load().items() if count and node in ("a", "b")]
     assert head.evict_node(lost, "taken out by the test")
     head.submit(_prefill(1, 7))  # the replay, through the other replica and n
-    first = _one(head)
+    first = first_result(head)
     assert first.error is None
     gate.set()
     assert released.wait(30.0)
     token = first.sampled[0].token_id
     head.submit(StepPlan(2, (ScheduledSequence(7, len(PROMPT), 1, (), True),), (token,)))
-    second = _one(head)
+    second = first_result(head)
     assert second.error is None, second.error
     assert second.sampled[0].token_id == expected_token(token, 7, 4)
 

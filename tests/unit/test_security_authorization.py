@@ -21,13 +21,14 @@ from molink.pipeline.wire import node_to_proto, route_to_proto
 from molink.sampling_params import SamplingParams
 from molink.security.credentials import SwarmCredentials
 from molink.security.swarm_key import generate_swarm_key
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan
 from molink.transport.channel import make_channel
 from molink.transport.codec import encode_tensor
 from molink.transport.config import TransportConfig
 from molink.transport.convert import plan_to_proto
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
+from tests.helpers.polling import first_result, wait_until
 
 MODEL = toy_identity(4)
 KEY = generate_swarm_key()
@@ -92,22 +93,6 @@ def _prefill(step_id: int, seq_id: int, tokens: tuple[int, ...]) -> StepPlan:
     )
 
 
-def _one(head: PipelineExecutor, timeout: float = 10.0) -> StepResult:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        results = head.poll(0.1)
-        if results:
-            return results[0]
-    raise AssertionError("no result came back")
-
-
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_a_swarm_pipeline_runs_and_a_join_through_a_member_reaches_the_head(swarm) -> None:
     assert swarm.head.readiness() is None
     assert [s.node_id for s in swarm.head.pipeline().stages] == [
@@ -116,13 +101,13 @@ def test_a_swarm_pipeline_runs_and_a_join_through_a_member_reaches_the_head(swar
         swarm.last.node_id,
     ]
     swarm.head.submit(_prefill(1, 5, (10, 11)))
-    result = _one(swarm.head)
+    result = first_result(swarm.head)
     assert result.error is None and result.sampled[0].token_id == expected_token(11, 5, 4)
 
 
 def test_only_the_head_releases_its_sequences(swarm) -> None:
     swarm.head.submit(_prefill(1, 5, (10,)))
-    assert _one(swarm.head).error is None
+    assert first_result(swarm.head).error is None
     assert swarm.last.health().active_sequences == 1
     for config in (swarm.rogue, swarm.middle.config):
         channel, stub = swarm.stub(swarm.last.address, config)
@@ -133,14 +118,14 @@ def test_only_the_head_releases_its_sequences(swarm) -> None:
     time.sleep(0.3)
     assert swarm.last.health().active_sequences == 1
     swarm.head.release([5])  # the head itself may
-    assert _wait(lambda: swarm.last.health().active_sequences == 0)
+    assert wait_until(lambda: swarm.last.health().active_sequences == 0)
 
 
 def test_only_the_head_learns_what_its_steps_carried(swarm) -> None:
     """Spot checks ask the node after a checked one what it received (the last row of
     each sequence); nobody else may ask."""
     swarm.head.submit(_prefill(1, 5, (10, 11)))
-    assert _one(swarm.head).error is None
+    assert first_result(swarm.head).error is None
     request = pb.WitnessRequest(head_id=swarm.head.head_id)
     request.queries.add(step_id=1, micro_batch=0, seq_ids=[5])
     for config in (swarm.rogue, swarm.middle.config):
@@ -177,7 +162,7 @@ def _forward(swarm: Swarm, seq_id: int, kind: str) -> pb.ForwardRequest:
 
 def test_a_member_off_the_route_cannot_step_or_release_another_heads_sequences(swarm) -> None:
     swarm.head.submit(_prefill(1, 5, (10,)))
-    assert _one(swarm.head).error is None
+    assert first_result(swarm.head).error is None
     before = swarm.last.health()
     channel, stub = swarm.stub(swarm.last.address)
     with channel:
@@ -194,7 +179,7 @@ def test_a_member_off_the_route_cannot_step_or_release_another_heads_sequences(s
     assert after.steps_processed == before.steps_processed
     assert after.steps_rejected == before.steps_rejected + 2
     swarm.head.submit(_prefill(2, 7, (3,)))  # the head's own traffic still flows
-    assert _one(swarm.head).sampled[0].token_id == expected_token(3, 7, 4)
+    assert first_result(swarm.head).sampled[0].token_id == expected_token(3, 7, 4)
 
 
 def test_the_head_takes_results_only_from_its_last_stage(swarm) -> None:
@@ -210,7 +195,7 @@ def test_the_head_takes_results_only_from_its_last_stage(swarm) -> None:
         messages = [forged] if config is swarm.middle.config else [forged, failure]
         with channel:
             assert len(list(stub.ReturnResults(iter(messages), timeout=5))) == len(messages)
-    result = _one(swarm.head)
+    result = first_result(swarm.head)
     assert result.error is None
     assert result.sampled[0].token_id == expected_token(10, 5, 4) != 999
 
@@ -280,16 +265,16 @@ def test_streams_per_member_are_bounded(swarm) -> None:
             list(call)
         channel.close()
     swarm.head.submit(_prefill(1, 5, (10,)))  # the route's own streams were never refused
-    assert _one(swarm.head).error is None
+    assert first_result(swarm.head).error is None
 
 
 def test_sequences_one_head_holds_on_a_stage_are_bounded(swarm) -> None:
     for seq_id in range(BASE.max_sequences_per_head):
         swarm.head.submit(_prefill(seq_id + 1, seq_id, (4,)))
-        assert _one(swarm.head).error is None
+        assert first_result(swarm.head).error is None
     swarm.head.submit(_prefill(10, 10, (4,)))
-    assert "one head may hold at most 3" in _one(swarm.head).error
+    assert "one head may hold at most 3" in first_result(swarm.head).error
     swarm.head.release([0])
-    assert _wait(lambda: swarm.middle.health().active_sequences == 2)
+    assert wait_until(lambda: swarm.middle.health().active_sequences == 2)
     swarm.head.submit(_prefill(11, 10, (4,)))
-    assert _one(swarm.head).error is None
+    assert first_result(swarm.head).error is None

@@ -4,7 +4,6 @@ at the handshake and changes nothing."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -16,11 +15,12 @@ from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
 from molink.sampling_params import SamplingParams
 from molink.security.credentials import SwarmCredentials
 from molink.security.swarm_key import SwarmKey, generate_swarm_key
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan
 from molink.transport.channel import make_channel
 from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
+from tests.helpers.polling import first_result
 
 MODEL = toy_identity(4)
 KEY = generate_swarm_key()
@@ -66,20 +66,11 @@ def _prefill(step_id: int, seq_id: int, tokens: tuple[int, ...]) -> StepPlan:
     )
 
 
-def _one(head: PipelineExecutor, timeout: float = 10.0) -> StepResult:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        results = head.poll(0.1)
-        if results:
-            return results[0]
-    raise AssertionError("no result came back")
-
-
 def test_members_run_a_pipeline_over_mutual_tls(pipeline) -> None:
     head, stage = pipeline
     assert head.readiness() is None
     head.submit(_prefill(1, 5, (10, 11, 12)))
-    result = _one(head)
+    result = first_result(head)
     assert result.error is None
     assert result.sampled[0].token_id == expected_token(12, 5, 4)
     assert [s.node_id for s in head.pipeline().stages] == [head.head_id, stage.node_id]
@@ -142,4 +133,4 @@ def test_outsiders_fail_every_call_and_change_nothing(pipeline, outsider: str) -
             channel.close()
     assert _state(head, stage) == before
     head.submit(_prefill(2, 6, (3,)))  # the members still serve
-    assert _one(head).error is None
+    assert first_result(head).error is None

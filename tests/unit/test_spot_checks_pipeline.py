@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -30,8 +29,9 @@ from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
 from molink.sampling_params import SamplingParams
 from molink.security.credentials import SwarmCredentials
 from molink.security.swarm_key import generate_swarm_key
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan
 from molink.transport.config import TransportConfig
+from tests.helpers.polling import first_result, wait_until
 
 # A vocabulary that divides the shadow id offsets: the toy's tokens depend on sequence ids.
 MODEL = toy_identity(4, vocab_size=1024)
@@ -119,7 +119,7 @@ def swarm(request) -> Iterator[Swarm]:
                 nodes.append(StageNode(executor, info, node_config, initial_peer=head.address))
                 nodes[-1].start()
                 executors[info.node_id] = executor
-        assert _wait(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
+        assert wait_until(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
         routed = {n.node_id for n in head.route_nodes()}
         replicas = [n for n in nodes if (n.info.layers.start, n.info.layers.end) == lying_span]
         liar = next(n for n in replicas if (n.node_id in routed) == (role == "primary"))
@@ -129,22 +129,6 @@ def swarm(request) -> Iterator[Swarm]:
         for node in nodes:
             node.stop()
         head.close()
-
-
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return predicate()
-
-
-def _one(head: PipelineExecutor, timeout: float = 10.0) -> StepResult:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        results = head.poll(0.1)
-        if results:
-            return results[0]
-    raise AssertionError("no result came back")
 
 
 def _prefill(step: int, seq_id: int, history: tuple[int, ...], prompt_len: int) -> StepPlan:
@@ -181,7 +165,7 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
         plan = _prefill(step, seq_id, history, len(prompt))
         for _ in range(8):  # 3 tokens, and room for one replay
             head.submit(plan)
-            result = _one(head)
+            result = first_result(head)
             step += 1
             if result.error is not None:  # its route lost a node (the liar, once banned)
                 head.take_failures()
@@ -193,7 +177,7 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
             if len(outputs[seq_id]) == 3:
                 break
             if seq_id == 1 and len(outputs[1]) == 1:  # the verdict, judged apart
-                _wait(lambda: head.pipeline().stage(liar.node_id) is None, 30.0)
+                wait_until(lambda: head.pipeline().stage(liar.node_id) is None, 30.0)
             plan = StepPlan(
                 step, (ScheduledSequence(seq_id, len(history) - 1, 1, (), True),), (token,)
             )
@@ -204,7 +188,7 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
             assert tokens[0] == expected_token(prompt[-1], seq_id, 4, 1024), seq_id
         # else: the liar's token for seq 1's checked step may have reached the user before
         # the verdict, as an unchecked step's would
-    assert _wait(lambda: head.pipeline().stage(liar.node_id) is None, 30.0)
+    assert wait_until(lambda: head.pipeline().stage(liar.node_id) is None, 30.0)
     reason = head._spot.bans.reason(liar.node_id)
     assert reason is not None and "disagreed with replicas" in reason
     assert [b.node_id for b in head._spot.bans.snapshot()] == [liar.node_id]
@@ -223,7 +207,7 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
 
 
 def _counts_settle(head: PipelineExecutor, pairs: int, timeout: float = 60.0) -> bool:
-    return _wait(lambda: sum(head._spot.bans.counts()) >= pairs, timeout)
+    return wait_until(lambda: sum(head._spot.bans.counts()) >= pairs, timeout)
 
 
 def test_honest_replicas_differing_by_rounding_are_never_banned() -> None:
@@ -242,7 +226,7 @@ def test_honest_replicas_differing_by_rounding_are_never_banned() -> None:
             executor.noise = 4 * torch.finfo(torch.float32).eps
             info = _info(node_config, start, end)
             nodes.append(StageNode(executor, info, node_config, initial_peer=head.address).start())
-        assert _wait(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
+        assert wait_until(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
         seqs, prompt = (1, 2, 3, 4), (5, 6, 7)
         plan = StepPlan(
             0,
@@ -253,7 +237,7 @@ def test_honest_replicas_differing_by_rounding_are_never_banned() -> None:
         steps = 16
         for step in range(steps):
             head.submit(plan)
-            result = _one(head)
+            result = first_result(head)
             assert result.error is None, result.error
             tokens = {t.seq_id: t.token_id for t in result.sampled}
             plan = StepPlan(

@@ -7,7 +7,6 @@ compared, none disagree and nobody is banned."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +18,12 @@ from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
 from molink.pipeline.identity import ModelIdentity
 from molink.sampling_params import SamplingParams
 from molink.stage.worker import StageWorker
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan
 from molink.transport.config import TransportConfig
 from molink.weights import resolve_model_source
+from tests.helpers.polling import first_result, wait_until
+
+REAL_MODEL_WAIT_S = 60.0  # real forward passes on a loaded 2-core machine
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 256
@@ -45,22 +47,6 @@ def _prefill(step_id: int, seq_ids: list[int]) -> StepPlan:
         tokens += prompt
         new.append(NewSequenceData(seq_id, tuple(prompt), len(prompt), GREEDY))
     return StepPlan(step_id, tuple(scheduled), tuple(tokens), tuple(new))
-
-
-def _one(head: PipelineExecutor, timeout: float = 60.0) -> StepResult:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        results = head.poll(0.1)
-        if results:
-            return results[0]
-    raise AssertionError("no result came back")
-
-
-def _wait(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +94,14 @@ def test_honest_replicas_of_a_real_model_are_never_banned(model_dir: Path) -> No
                 input_dtype=torch.float32,
             )
             nodes.append(node.start())
-        assert _wait(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
+        assert wait_until(
+            lambda: len(head.pipeline().stages) == 5 and head.readiness() is None, REAL_MODEL_WAIT_S
+        )
         step, tokens = 0, {}
         groups = ([1, 2, 3], [4])  # each may take its own route: one micro-batch each
         for group in groups:
             head.submit(_prefill(step, group))
-            result = _one(head)
+            result = first_result(head, REAL_MODEL_WAIT_S)
             assert result.error is None, result.error
             tokens.update({t.seq_id: t.token_id for t in result.sampled})
             step += 1
@@ -124,13 +112,13 @@ def test_honest_replicas_of_a_real_model_are_never_banned(model_dir: Path) -> No
                     ScheduledSequence(s, done[s], 1, _blocks(s, done[s], 1), True) for s in group
                 )
                 head.submit(StepPlan(step, scheduled, tuple(tokens[s] for s in group)))
-                result = _one(head)
+                result = first_result(head, REAL_MODEL_WAIT_S)
                 assert result.error is None, result.error
                 tokens.update({t.seq_id: t.token_id for t in result.sampled})
                 step += 1
             done = {s: n + 1 for s, n in done.items()}
         pairs = 3 * step
-        assert _wait(lambda: sum(head._spot.bans.counts()) >= pairs)
+        assert wait_until(lambda: sum(head._spot.bans.counts()) >= pairs, REAL_MODEL_WAIT_S)
         assert head._spot.bans.counts() == (pairs, 0)
         assert head.banned_nodes() == {}
         metrics = "\n".join(head.metric_lines())
