@@ -57,6 +57,9 @@ class StepPlan:
     new_sequences: tuple[NewSequenceData, ...] = ()
     finished_seq_ids: tuple[int, ...] = ()
     micro_batch: int = 0  # which in-flight slot this plan belongs to
+    # Spot checks: the sequences whose input rows stages keep for the head to ask about
+    # (molink.pipeline.witness); None: every sequence's (a plan from an older head).
+    witness_seq_ids: tuple[int, ...] | None = ()
 
     @property
     def num_tokens(self) -> int:

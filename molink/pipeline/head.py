@@ -212,7 +212,8 @@ class PipelineExecutor:
         self._failover.note_submitted(plan.step_id)
         self._flights.start(plan, route)
         mirror = self._spot.plan(plan, route, self._registry.view().stages) if self._spot else None
-        job = StepJob(self.head_id, route, plan, None, trusted=True, mirror=mirror)
+        sent = mirror.declare(plan) if mirror is not None else plan
+        job = StepJob(self.head_id, route, sent, None, trusted=True, mirror=mirror)
         try:
             self._node.submit(job)
         except PipelineError as exc:

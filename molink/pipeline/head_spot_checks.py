@@ -24,7 +24,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,9 +56,16 @@ class MirrorPart:
 @dataclass(frozen=True)
 class Mirror:
     """What the head sends besides a step: for each check route, its ``plan`` with the
-    hidden-state ``rows`` of the checked sequences."""
+    hidden-state ``rows`` of the checked sequences; and the sequences of the step itself
+    whose input rows the node after the checked hop must keep (``witnessed``, declared
+    on the plan: molink.pipeline.witness)."""
 
     parts: tuple[MirrorPart, ...]
+    witnessed: tuple[int, ...] = ()
+
+    def declare(self, plan: StepPlan) -> StepPlan:
+        """``plan`` as the head sends it: declaring its checked sequences."""
+        return replace(plan, witness_seq_ids=self.witnessed)
 
 
 @dataclass(frozen=True)
@@ -116,10 +123,13 @@ class HeadSpotChecks:
                     self._shadow_routes[key] = check.route
         if not parts:
             return None
-        if any(p.plan.scheduled for p in parts):
-            step = self._checked_step(plan, route, checks, (ids, deterministic), nodes)
-            self._pending.expect(step)
-        return Mirror(tuple(parts))
+        if not any(p.plan.scheduled for p in parts):
+            return Mirror(tuple(parts))
+        step = self._checked_step(plan, route, checks, (ids, deterministic), nodes)
+        self._pending.expect(step)
+        if step.witness is None:  # the checked hop is the last: its tokens are compared
+            return Mirror(tuple(parts))
+        return Mirror(tuple(_witnessed(p) for p in parts), step.seq_ids)
 
     def _checked_step(
         self,
@@ -216,6 +226,13 @@ class HeadSpotChecks:
 
     def metric_lines(self) -> list[str]:
         return [*self.bans.metric_lines(), *self._judge.metric_lines()]
+
+
+def _witnessed(part: MirrorPart) -> MirrorPart:
+    """``part`` whose plan asks the nodes to keep every sequence's row: it schedules
+    only checked sequences."""
+    ids = tuple(s.seq_id for s in part.plan.scheduled if s.num_new_tokens)
+    return replace(part, plan=replace(part.plan, witness_seq_ids=ids))
 
 
 def _span_layers(route: Route, node_id: str) -> int:

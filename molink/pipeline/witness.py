@@ -8,7 +8,9 @@ unaware of which of its steps are checked, and a node cannot report one value wh
 sends another. This store keeps, per (head, step, micro-batch), the last row of each
 sequence of the step's input (the row that a decode step carries and a prefill chunk
 ends with), as float32 copies of the received values, for the most recent steps within
-a byte budget; older steps are forgotten first.
+a byte budget; older steps are forgotten first. Only the sequences the head declares
+checked (``StepPlan.witness_seq_ids``) are kept: with no checks (the default) a step costs
+this store nothing; a plan that declares nothing (an older head) keeps every sequence.
 """
 
 from __future__ import annotations
@@ -40,14 +42,18 @@ class InputWitness:
         self._bytes = 0
 
     def record(self, head_id: str, plan: StepPlan, hidden: torch.Tensor) -> None:
-        """Keep the last row of each sequence ``plan`` schedules from ``hidden`` (its
-        input, one row per token in ``scheduled`` order)."""
+        """Keep the last row of each checked sequence ``plan`` schedules from ``hidden``
+        (its input, one row per token in ``scheduled`` order)."""
+        declared = plan.witness_seq_ids
+        if declared is not None and not declared:
+            return  # nobody will ask about this step
+        checked = frozenset(declared) if declared is not None else None
         index: dict[int, int] = {}
         last_rows: list[int] = []
         row = 0
         for seq in plan.scheduled:
             row += seq.num_new_tokens
-            if seq.num_new_tokens:
+            if seq.num_new_tokens and (checked is None or seq.seq_id in checked):
                 index[seq.seq_id] = len(last_rows)
                 last_rows.append(row - 1)
         if not last_rows or hidden.dim() != 2 or hidden.shape[0] < row:
@@ -66,6 +72,11 @@ class InputWitness:
             ):
                 _, (_, dropped) = self._steps.popitem(last=False)
                 self._bytes -= dropped.numel() * dropped.element_size()
+
+    def __len__(self) -> int:
+        """How many steps' rows are kept."""
+        with self._lock:
+            return len(self._steps)
 
     def rows(
         self, head_id: str, step_id: int, micro_batch: int, seq_ids: Sequence[int]

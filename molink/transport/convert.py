@@ -93,7 +93,7 @@ def plan_to_proto(
 ) -> pb.StepPlan:
     """Forward messages leave out token ids (only the first stage reads them) and block ids
     (every node allocates its own)."""
-    return pb.StepPlan(
+    msg = pb.StepPlan(
         step_id=plan.step_id,
         scheduled=[
             pb.ScheduledSequence(
@@ -118,6 +118,10 @@ def plan_to_proto(
         finished_seq_ids=list(plan.finished_seq_ids),
         micro_batch=plan.micro_batch,
     )
+    if plan.witness_seq_ids is not None:  # absent means "every sequence's" (molink.proto)
+        msg.witness.SetInParent()
+        msg.witness.seq_ids.extend(plan.witness_seq_ids)
+    return msg
 
 
 def plan_from_proto(msg: pb.StepPlan) -> StepPlan:
@@ -145,6 +149,7 @@ def plan_from_proto(msg: pb.StepPlan) -> StepPlan:
         ),
         finished_seq_ids=tuple(msg.finished_seq_ids),
         micro_batch=msg.micro_batch,
+        witness_seq_ids=tuple(msg.witness.seq_ids) if msg.HasField("witness") else None,
     )
 
 

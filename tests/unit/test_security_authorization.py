@@ -123,8 +123,8 @@ def test_only_the_head_releases_its_sequences(swarm) -> None:
 
 def test_only_the_head_learns_what_its_steps_carried(swarm) -> None:
     """Spot checks ask the node after a checked one what it received (the last row of
-    each sequence); nobody else may ask."""
-    swarm.head.submit(_prefill(1, 5, (10, 11)))
+    each sequence it declared checked); nobody else may ask."""
+    swarm.head.submit(dataclasses.replace(_prefill(1, 5, (10, 11)), witness_seq_ids=(5,)))
     assert first_result(swarm.head).error is None
     request = pb.WitnessRequest(head_id=swarm.head.head_id)
     request.queries.add(step_id=1, micro_batch=0, seq_ids=[5])

@@ -132,8 +132,9 @@ def test_hidden_rows_that_differ_beyond_rounding_disagree_though_tokens_agree() 
 
 
 def _plan(step_id: int, lengths: dict[int, int]) -> StepPlan:
+    """A plan whose every sequence is declared checked."""
     scheduled = tuple(ScheduledSequence(s, 0, n, (), True) for s, n in lengths.items())
-    return StepPlan(step_id, scheduled, (1,) * sum(lengths.values()))
+    return StepPlan(step_id, scheduled, (1,) * sum(lengths.values()), witness_seq_ids=(*lengths,))
 
 
 def test_the_witness_keeps_each_sequences_last_received_row() -> None:

@@ -299,20 +299,28 @@ class ScheduledSequence(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., num_new_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("step_id", "scheduled", "token_ids", "new_sequences", "finished_seq_ids", "micro_batch")
+    __slots__ = ("step_id", "scheduled", "token_ids", "new_sequences", "finished_seq_ids", "micro_batch", "witness")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     FINISHED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    WITNESS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     scheduled: _containers.RepeatedCompositeFieldContainer[ScheduledSequence]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     new_sequences: _containers.RepeatedCompositeFieldContainer[NewSequence]
     finished_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     micro_batch: int
-    def __init__(self, step_id: _Optional[int] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., micro_batch: _Optional[int] = ...) -> None: ...
+    witness: WitnessDeclaration
+    def __init__(self, step_id: _Optional[int] = ..., scheduled: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., new_sequences: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., micro_batch: _Optional[int] = ..., witness: _Optional[_Union[WitnessDeclaration, _Mapping]] = ...) -> None: ...
+
+class WitnessDeclaration(_message.Message):
+    __slots__ = ("seq_ids",)
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "scale", "outliers_per_row", "outlier_columns", "outlier_values")
