@@ -36,7 +36,7 @@ from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.errors import PipelineError
 from molink.pipeline.deadlines import DeadlinePolicy, StepDeadlines
 from molink.pipeline.failover import FailoverDesk
-from molink.pipeline.head_detection import LossDetection
+from molink.pipeline.head_detection import LossDetection, gone_node
 from molink.pipeline.head_flights import StepFlights, error_result
 from molink.pipeline.head_membership import Membership
 from molink.pipeline.head_metrics import HopTally, PipelineMetrics, swarm_metric_lines
@@ -200,9 +200,8 @@ class PipelineExecutor:
         key = (plan.step_id, plan.micro_batch)
         not_ready = self.readiness()
         route = self.routes.route_for_plan(plan) if not_ready is None else None
-        gone = self._gone_from(route)
-        if route is None or gone is not None:
-            not_ready = not_ready or gone or f"no route takes step {plan.step_id}'s sequences"
+        if route is None:
+            not_ready = not_ready or f"no route takes step {plan.step_id}'s sequences"
             # Its sequences wait for a route (replay), up to the failover timeout.
             self._flights.refuse(
                 key, f"the pipeline is not ready: {not_ready}", FailureKind.UNREACHABLE
@@ -211,6 +210,18 @@ class PipelineExecutor:
         plan = self._releases.release_elsewhere(plan, route)
         self._failover.note_submitted(plan.step_id)
         self._flights.start(plan, route)
+        # Checked once the step is on record: an eviction either comes before this check
+        # (its node is gone now) or fails the recorded step itself. Checked before the
+        # record, an eviction in between would miss the step, which would then travel to
+        # the evicted node and wait for its hard deadline.
+        gone = self._gone_from(route)
+        if gone is not None:
+            self._flights.complete(
+                error_result(
+                    key, f"the pipeline is not ready: {gone[0]}", FailureKind.UNREACHABLE, gone[1]
+                )
+            )
+            return
         mirror = self._spot.plan(plan, route, self._registry.view().stages) if self._spot else None
         sent = mirror.declare(plan) if mirror is not None else plan
         job = StepJob(self.head_id, route, sent, None, trusted=True, mirror=mirror)
@@ -219,15 +230,13 @@ class PipelineExecutor:
         except PipelineError as exc:
             self._flights.complete(error_result(key, str(exc)))
 
-    def _gone_from(self, route: Route | None) -> str | None:
-        """Why ``route`` cannot be used: a node of it was evicted since it was chosen."""
-        if route is None:
+    def _gone_from(self, route: Route) -> tuple[str, str] | None:
+        """Why ``route`` cannot be used, and the node: one of its nodes was evicted since
+        the route was chosen."""
+        node_id = gone_node(self._registry.view(), route)
+        if node_id is None:
             return None
-        view = self._registry.view()
-        for hop in route.hops[1:]:
-            if view.stage(hop.node_id) is None:
-                return f"node {hop.node_id} of route {route.key} is gone"
-        return None
+        return f"node {node_id} of route {route.key} is gone", node_id
 
     def poll(self, timeout: float) -> list[StepResult]:
         return self._flights.poll(timeout)

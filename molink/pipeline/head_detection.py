@@ -14,7 +14,7 @@ from molink.pipeline.deadlines import StepClock
 from molink.pipeline.head_flights import StepFlights, StepKey, error_result
 from molink.pipeline.health import HealthMonitor
 from molink.pipeline.identity import NodeInfo
-from molink.pipeline.registry import StageRegistry
+from molink.pipeline.registry import PipelineView, StageRegistry
 from molink.pipeline.route_book import RouteBook
 from molink.placement.route import Route
 from molink.step import FailureKind
@@ -78,7 +78,20 @@ class LossDetection:
                 FailureKind.DEADLINE,
             )
         now = time.monotonic()
+        view = self._registry.view()
         for key, clock, route in overdue:
+            gone = gone_node(view, route)
+            if gone is not None:
+                # Nothing more can come back along a route without one of its nodes (a
+                # step that left after the eviction went out may be dropped silently by
+                # the nodes after it, who know the node was dropped); its sequences are
+                # replayed now rather than at the hard deadline.
+                message = (
+                    f"step {key[0]} (micro-batch {key[1]}) is overdue on route {route.key}, "
+                    f"whose node {gone} was evicted"
+                )
+                self._flights.complete(error_result(key, message, FailureKind.UNREACHABLE, gone))
+                continue
             if now < clock.hard_deadline:
                 self._flights.extend(key, clock, now)
                 continue
@@ -110,3 +123,11 @@ class LossDetection:
                 )
 
         threading.Thread(target=probe, name="head-probe", daemon=True).start()
+
+
+def gone_node(view: PipelineView, route: Route) -> str | None:
+    """A node of ``route`` (after the head) that is no longer in the pipeline, if any."""
+    for hop in route.hops[1:]:
+        if view.stage(hop.node_id) is None:
+            return hop.node_id
+    return None
