@@ -84,18 +84,25 @@ class RouteBook:
     # -- PlanRouter --------------------------------------------------------------------
 
     def choices(self) -> list[BookChoice]:
+        """The routes a plan may take, in the order the engine tries them (it takes the
+        first that yields a plan): every route with sequences, and the route the rule
+        picks for new ones. Each goes first in turn, the new sequences' route too even
+        while it holds none: a route whose running sequences always fill a plan would
+        otherwise be tried first every time, and sequences waiting for another route
+        would wait until those finished (32 prompts at once: 15 started on one replica,
+        17 waited while they generated)."""
         with self._lock:
             routes = {r.key: r for r in self._seq_route.values()}
             self._turn += 1
-        ordered = sorted(routes.values(), key=lambda r: r.key)
-        if ordered:  # every route with sequences gets its turn to go first
-            shift = self._turn % len(ordered)
-            ordered = ordered[shift:] + ordered[:shift]
+            turn = self._turn
         new = self.route_for_new(0)
-        result = [BookChoice(self, r, new is not None and r.key == new.key) for r in ordered]
+        ordered = sorted(routes.values(), key=lambda r: r.key)
         if new is not None and new.key not in routes:
-            result.append(BookChoice(self, new, True))
-        return result
+            ordered.append(new)
+        if ordered:
+            shift = turn % len(ordered)
+            ordered = ordered[shift:] + ordered[:shift]
+        return [BookChoice(self, r, new is not None and r.key == new.key) for r in ordered]
 
     def bind(self, plan: StepPlan, choice: BookChoice) -> None:  # type: ignore[override]
         with self._lock:

@@ -162,3 +162,24 @@ def test_a_burst_at_start_weighs_load_by_the_steps_the_nodes_announced() -> None
     )
     counts = _admit_burst(book, 8)
     assert counts["head->a"] >= 4 and counts["head->b"] >= 3, counts
+
+
+def test_new_sequences_get_their_route_while_another_route_always_has_decodes() -> None:
+    """Sequences run on a, whose decodes fill every plan; the rule now sends new ones to
+    b. The engine takes the first route choice that yields a plan, so b must come first
+    now and then, or the waiting sequences would wait until a's had finished."""
+    book = RouteBook(lambda: _snapshot(Candidate("a", "a:1", 2, 4), Candidate("b", "b:1", 2, 4)))
+    book.route_for_plan(_plan(0, 0, 1, 2))  # three sequences on the best route
+    (loaded,) = {book.route_of(s).key for s in (0, 1, 2)}
+    waiting = 3
+    for fill in range(2):
+        for choice in book.choices():
+            if choice.route.key == loaded:  # its decodes make a plan: the slot is taken
+                break
+            if choice.accepts(waiting, 3):
+                book.bind(_plan(fill + 1, waiting), choice)
+                break
+        if book.route_of(waiting) is not None:
+            break
+    assert book.route_of(waiting) is not None, "the new sequence never got a plan"
+    assert book.route_of(waiting).key != loaded
