@@ -49,6 +49,11 @@ class ComputeEstimator:
         self._per_decode_step: float | None = None
         self._steps: deque[tuple[int, float]] = deque(maxlen=TOKEN_WINDOW)
         self._count = 0
+        # The last slope fitted over steps of clearly different sizes. Once the prompts'
+        # prefills have left the window, decodes alone have no spread, and their ratio
+        # counts each step's fixed cost as cost per token (several times the marginal
+        # cost on a CPU): a replay budget sized by it rebuilt KV a block per plan.
+        self._slope: float | None = None
 
     def add(self, num_tokens: int, compute_s: float, decode_only: bool = False) -> None:
         if num_tokens <= 0 or not math.isfinite(compute_s) or compute_s < 0:
@@ -75,13 +80,16 @@ class ComputeEstimator:
         times = [t for _, t in self._steps]
         ratio = sum(times) / sum(tokens)
         if max(tokens) < MIN_TOKEN_SPREAD * min(tokens):
-            return ratio
+            return ratio if self._slope is None else min(self._slope, ratio)
         mean_n, mean_t = sum(tokens) / len(tokens), sum(times) / len(times)
         var = sum((n - mean_n) ** 2 for n in tokens)
         cov = sum((n - mean_n) * (t - mean_t) for n, t in zip(tokens, times, strict=True))
         slope = cov / var
         # Noise can tilt the line below zero; a step never gets cheaper with more tokens.
-        return slope if slope > 0 else ratio
+        if slope <= 0:
+            return ratio
+        self._slope = slope
+        return slope
 
 
 class HeadTelemetry:

@@ -116,3 +116,20 @@ def test_the_async_engine_exposes_the_lines_it_is_given(tiny_model_dir) -> None:
             assert engine.metric_lines() == expected
         finally:
             engine.shutdown()
+
+
+def test_decodes_alone_keep_the_cost_per_token_fitted_over_prefills() -> None:
+    """Prompts prefilled at first (spread in sizes), then a window of decodes only: the
+    marginal cost stays the one fitted, not the decodes' ratio, which counts each step's
+    fixed cost per token (the replay budget is sized by it)."""
+    estimator = ComputeEstimator("s1")
+    for tokens in (512, 8, 256, 8, 448, 8):
+        estimator.add(tokens, 0.040 + 0.001 * tokens)
+    assert math.isclose(estimator.timing().compute_s_per_token, 0.001)
+    for _ in range(200):  # the prefills leave the window
+        estimator.add(8, 0.040 + 0.001 * 8)
+    assert math.isclose(estimator.timing().compute_s_per_token, 0.001)
+    # A ratio below the remembered slope (the node got faster) wins: it bounds the cost.
+    for _ in range(200):
+        estimator.add(8, 0.004)
+    assert math.isclose(estimator.timing().compute_s_per_token, 0.0005)
