@@ -54,24 +54,29 @@ class ComputeEstimator:
         # counts each step's fixed cost as cost per token (several times the marginal
         # cost on a CPU): a replay budget sized by it rebuilt KV a block per plan.
         self._slope: float | None = None
+        # timing() until the next step: the router reads it several times per step.
+        self._timing: StageTiming | None = None
 
     def add(self, num_tokens: int, compute_s: float, decode_only: bool = False) -> None:
         if num_tokens <= 0 or not math.isfinite(compute_s) or compute_s < 0:
             return
         self._count += 1
+        self._timing = None
         self._per_step = _smoothed(self._per_step, compute_s)
         if decode_only:
             self._per_decode_step = _smoothed(self._per_decode_step, compute_s)
         self._steps.append((num_tokens, compute_s))
 
     def timing(self) -> StageTiming:
-        return StageTiming(
-            node_id=self.node_id,
-            compute_s_per_step=self._per_step or 0.0,
-            compute_s_per_token=self._per_token(),
-            samples=self._count,
-            compute_s_per_decode_step=self._per_decode_step or 0.0,
-        )
+        if self._timing is None:
+            self._timing = StageTiming(
+                node_id=self.node_id,
+                compute_s_per_step=self._per_step or 0.0,
+                compute_s_per_token=self._per_token(),
+                samples=self._count,
+                compute_s_per_decode_step=self._per_decode_step or 0.0,
+            )
+        return self._timing
 
     def _per_token(self) -> float:
         if not self._steps:
@@ -112,6 +117,9 @@ class HeadTelemetry:
         self._health = health
         self._lock = threading.Lock()
         self._compute: dict[str, ComputeEstimator] = {}
+        # node id -> (its latest health answer, the links it reports): an answer is read
+        # on every step by the router, and converted once.
+        self._reported: dict[str, tuple[pb.HealthResponse, list[LinkEstimate]]] = {}
 
     def record_step(
         self, num_tokens: int, trace: list[pb.HopTrace], decode_only: bool = False
@@ -166,14 +174,24 @@ class HeadTelemetry:
             for out in self._links.outgoing()
             if out.head_id in ("", self._head_id)
         }
+        reported: dict[str, tuple[pb.HealthResponse, list[LinkEstimate]]] = {}
         for node_id, answer in self._health().items():
             if not isinstance(answer, pb.HealthResponse):
                 continue
-            for report in answer.links:
-                if report.head_id in ("", self._head_id) and report.from_node_id == node_id:
-                    estimate = link_from_proto(report)
-                    known[estimate.hop] = estimate
+            seen = self._reported.get(node_id)
+            if seen is None or seen[0] is not answer:
+                seen = (answer, self._links_reported(node_id, answer))
+            reported[node_id] = seen
+            known.update((estimate.hop, estimate) for estimate in seen[1])
+        self._reported = reported  # answers no longer current are let go
         return known
+
+    def _links_reported(self, node_id: str, answer: pb.HealthResponse) -> list[LinkEstimate]:
+        return [
+            link_from_proto(report)
+            for report in answer.links
+            if report.head_id in ("", self._head_id) and report.from_node_id == node_id
+        ]
 
 
 def fill_pipeline_proto(telemetry: PipelineTelemetry, head_id: str, message: pb.Pipeline) -> None:

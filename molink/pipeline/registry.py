@@ -85,6 +85,9 @@ class StageRegistry:
         self._lock = threading.Lock()
         self._stages: dict[str, NodeInfo] = {head.node_id: head}
         self._epoch = 1
+        # The view of the current epoch: read on every step (routing, submits), changed
+        # only by joins and removals, each of which bumps the epoch.
+        self._view: PipelineView | None = None
 
     @property
     def head(self) -> NodeInfo:
@@ -136,14 +139,17 @@ class StageRegistry:
             return self._refusal_locked(node)
 
     def _view_locked(self) -> PipelineView:
+        if self._view is not None and self._view.epoch == self._epoch:
+            return self._view
         stages = tuple(sorted(self._stages.values(), key=lambda s: s.layers.start))
-        return PipelineView(
+        self._view = PipelineView(
             head_id=self._head.node_id,
             head_address=self._head.address,
             epoch=self._epoch,
             num_layers=self._head.model.num_layers,
             stages=stages,
         )
+        return self._view
 
     def _refusal_locked(self, node: NodeInfo) -> str | None:
         head = self._head
