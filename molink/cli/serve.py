@@ -17,7 +17,7 @@ from molink.api.server import HttpsFiles, serve_app
 from molink.cli.args import EngineArgs
 from molink.engine.protocol import EngineClient
 from molink.errors import MolinkError
-from molink.quant.memory import RESIDENT
+from molink.quant.memory import RESIDENT, return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def run_server(args: EngineArgs, engine_factory: EngineFactory | None = None) ->
 async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
     # The engine is built inside the running loop, so it may start tasks of its own.
     engine = engine_factory(args)
+    return_freed_memory()  # what building the engine freed (molink.quant.memory)
     names = [args.model_name]
     if engine.model_name not in names:
         names.append(engine.model_name)
