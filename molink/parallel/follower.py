@@ -59,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--quantization", default="none")
+    parser.add_argument("--quantized-batch-kernel", default="int4")
     return parser.parse_args(argv)
 
 
@@ -73,16 +75,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.num_threads)
     # Imported here: resolving a model pulls in the weight formats and tokenizers.
     from molink.quant.config import resolve_kv_cache_dtype
+    from molink.quant.memory import return_freed_memory
     from molink.weights import resolve_model_source
 
     # The stage's device names rank 0's; CUDA ranks take the devices after it.
     size, device = args.tensor_parallel_size, rank_device(torch.device(args.device), args.rank)
     store = open_store(args.rank, size, args.port)
-    source = resolve_model_source(args.model, quantization="none")
+    source = resolve_model_source(args.model, quantization=args.quantization)
     config = source.model_config
     layers = LayerRange(args.start_layer, args.end_layer)
     plan = ParallelGroup(args.rank, size, device)
-    model = source.load_slice(layers, args.dtype, device, quantization="none", group=plan)
+    model = source.load_slice(
+        layers, args.dtype, device, args.quantization, plan, args.quantized_batch_kernel
+    )
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, model.dtype)
     kv_cache = KVCache.allocate(
         rank_kv_config(config, size),
@@ -92,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_dtype,
         device,
     )
+    return_freed_memory()  # what loading freed (molink.quant.memory)
     store.set(f"ready/{args.rank}", "1")
     group = join_group(store, args.rank, size, device)
     channel = CommandChannel(group, model.dtype, config.hidden_size)

@@ -50,6 +50,8 @@ class FollowerSettings:
     device: str = "cpu"
     num_threads: int | None = None
     log_level: str = "info"
+    quantization: str = "none"  # resolved: what rank 0 loads (molink.quant.config)
+    quantized_batch_kernel: str = "int4"
 
     def argv(self, rank: int, size: int, port: int) -> list[str]:
         args = [sys.executable, "-m", "molink.parallel.follower"]
@@ -60,6 +62,8 @@ class FollowerSettings:
         args += ["--dtype", self.dtype, "--kv-cache-dtype", self.kv_cache_dtype]
         args += ["--num-blocks", str(self.num_blocks), "--block-size", str(self.block_size)]
         args += ["--device", self.device, "--log-level", self.log_level]
+        args += ["--quantization", self.quantization]
+        args += ["--quantized-batch-kernel", self.quantized_batch_kernel]
         if self.num_threads is not None:
             args += ["--num-threads", str(self.num_threads)]
         return args

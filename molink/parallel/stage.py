@@ -35,14 +35,17 @@ def load_stage_slice(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
-    # The other ranks follow this rank's device (CUDA: the next devices after it).
-    settings = dataclasses.replace(settings, device=str(device))
     method = resolve_quantization(quantization, source.detected_quantization(), device)
     check_tensor_parallel(source.model_config, tensor_parallel_size, method)
+    # The other ranks follow this rank's device (CUDA: the next devices after it) and load
+    # their shares of the same weights, quantized as this rank's are.
+    settings = dataclasses.replace(
+        settings, device=str(device), quantization=method, quantized_batch_kernel=batch_kernel
+    )
     followers = Followers(tensor_parallel_size, settings)
     try:
         plan = ParallelGroup(0, tensor_parallel_size, device)
-        model = source.load_slice(layers, dtype, device, quantization="none", group=plan)
+        model = source.load_slice(layers, dtype, device, method, plan, batch_kernel)
         followers.connect(device, model.dtype, source.model_config.hidden_size)
     except BaseException:
         followers.close()

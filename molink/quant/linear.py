@@ -170,17 +170,20 @@ class QuantLinear(nn.Module):
         """Nothing to do: the int4 planes are the kernel's packed form already."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.planes is None:
-            if self.dense is None:
-                raise WeightLoadError("quantized linear layer used before its weight was loaded")
-            y = F.linear(x.float(), self.dense)
-        elif self.on_device is not None:
-            y = self.on_device.matmul(x)
-        else:
-            y = self._quantized(x)
+        y = self.product(x)
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias (a tensor-parallel rank's partial sum)."""
+        if self.planes is None:
+            if self.dense is None:
+                raise WeightLoadError("quantized linear layer used before its weight was loaded")
+            return F.linear(x.float(), self.dense)
+        if self.on_device is not None:
+            return self.on_device.matmul(x)
+        return self._quantized(x)
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         assert self.planes is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from molink.config import ModelConfig
 from molink.errors import WeightLoadError
+from molink.models.parallel.reading import narrow_ranges
 from molink.models.registry import GGUF_ARCHITECTURES, architecture_for, architecture_named
 from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
 from molink.quant.groups import GroupInts
@@ -26,6 +28,7 @@ from molink.weights.cache import build_entry, default_cache_dir, file_key
 from molink.weights.gguf_config import field_value as _field
 from molink.weights.gguf_config import gguf_config_dict
 from molink.weights.gguf_names import Location, gguf_locations
+from molink.weights.gguf_slices import read_block_ranges
 from molink.weights.packed_cache import PackedCache, cached_metadata, packed_entry_for
 from molink.weights.source import ModelSource, TensorStore
 
@@ -71,6 +74,9 @@ class GGUFStore(TensorStore):
         self._locations: dict[str, Location] = gguf_locations(arch, config, by_name)
         self._tensors = by_name
         self._stacked: tuple[str, np.ndarray] | None = None
+        self._last_whole: tuple[str, torch.Tensor] | None = None
+        # (name, dim, ranges) of every tensor read in part (tensor parallelism).
+        self.read_ranges_log: list[tuple[str, int, tuple[tuple[int, int], ...]]] = []
 
     def names(self) -> list[str]:
         return list(self._locations)
@@ -78,13 +84,56 @@ class GGUFStore(TensorStore):
     def describe(self) -> str:
         return self._where
 
+    def _quantized_tensor(self, name: str) -> Any | None:
+        """The file's tensor behind ``name`` when it stays quantized, else None."""
+        single = self._locations[name].single
+        if single is None or single[1] is not None or not self._quantized:
+            return None
+        tensor = self._tensors[single[0]]
+        return tensor if tensor.tensor_type.name in BLOCK_TYPES else None
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._locations:
+            raise KeyError(name)
+        tensor = self._quantized_tensor(name)
+        if tensor is not None:
+            return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        return tuple(self._whole(name).shape)
+
+    def read_ranges(self, name: str, dim: int, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """A tensor-parallel rank's rows or columns: of a quantized matrix, only their
+        blocks are read and decoded (molink.weights.gguf_slices); a float tensor is
+        dequantized whole (as a single rank would) and cut."""
+        self.read_ranges_log.append((name, dim, tuple(ranges)))
+        tensor = self._quantized_tensor(name)
+        if tensor is None:
+            whole, self._last_whole = self._whole(name), None
+            return narrow_ranges(whole, dim, ranges)
+        self.read_names.append(name)
+        cols, rows = (int(d) for d in tensor.shape.tolist())
+        ints = read_block_ranges(
+            tensor.data, tensor.tensor_type.name, (rows, cols), self._row_order(name, rows),
+            dim, ranges, name,
+        )  # fmt: skip
+        return ints  # type: ignore[return-value]
+
+    def _whole(self, name: str) -> torch.Tensor:
+        """``self[name]``, kept for the ``read_ranges`` that follows ``tensor_shape``."""
+        if self._last_whole is None or self._last_whole[0] != name:
+            self._last_whole = (name, self[name])
+        return self._last_whole[1]
+
+    def _row_order(self, name: str, rows: int) -> np.ndarray | None:
+        """What the architecture undoes on a quantized matrix can only be a row order (Llama's
+        Q/K permutation): its undo applied to the row indices gives that order."""
+        order = self._architecture.gguf_tensor(name, np.arange(rows), self._config)
+        return None if np.array_equal(order, np.arange(rows)) else np.ascontiguousarray(order)
+
     def _read(self, name: str) -> torch.Tensor:
         location = self._locations[name]
-        single = location.single
-        if single is not None and single[1] is None and self._quantized:
-            tensor = self._tensors[single[0]]
-            if tensor.tensor_type.name in BLOCK_TYPES:
-                return self._read_quantized(name, tensor)  # type: ignore[return-value]
+        tensor = self._quantized_tensor(name)
+        if tensor is not None:
+            return self._read_quantized(name, tensor)  # type: ignore[return-value]
         parts = [self._part(gguf_name, expert) for gguf_name, expert in location.parts]
         data = parts[0] if location.join is None else location.join(parts)
         data = self._architecture.gguf_tensor(name, data, self._config)
@@ -117,12 +166,8 @@ class GGUFStore(TensorStore):
     def _read_quantized(self, name: str, tensor: Any) -> GroupInts:
         cols, rows = (int(d) for d in tensor.shape.tolist())
         ints = decode_blocks(np.asarray(tensor.data), tensor.tensor_type.name, rows, cols)
-        # What the architecture undoes on a quantized matrix can only be a row order (Llama's
-        # Q/K permutation): its undo applied to the row indices gives that order.
-        order = self._architecture.gguf_tensor(name, np.arange(rows), self._config)
-        if not np.array_equal(order, np.arange(rows)):
-            ints = ints.rows(torch.from_numpy(np.ascontiguousarray(order)))
-        return ints
+        order = self._row_order(name, rows)
+        return ints if order is None else ints.rows(torch.from_numpy(order))
 
 
 def export_gguf_tokenizer(gguf_path: Path, out_dir: Path, reader: Any | None = None) -> None:

@@ -19,6 +19,7 @@ from molink.models.parallel.group import SINGLE, ParallelGroup
 from molink.quant.awq_gptq import quant_settings
 from molink.quant.config import checkpoint_method, fp8_block, resolve_quantization
 from molink.quant.memory import RESIDENT, quant_factory, resident_weight_bytes
+from molink.quant.parallel import parallel_quant_factory
 from molink.weights.packed_cache import PackedCache, cacheable
 
 logger = logging.getLogger(__name__)
@@ -152,11 +153,16 @@ class ModelSource(abc.ABC):
         factory = quant_factory(method, torch_dtype, torch.device(device), batch_kernel)
         if group.is_parallel:
             check_tensor_parallel(config, group.size, method)
-            factory = ParallelLinearFactory(torch_dtype, torch.device(device), group)
+            factory = (
+                ParallelLinearFactory(torch_dtype, torch.device(device), group)
+                if factory is None
+                else parallel_quant_factory(factory, group)  # type: ignore[arg-type]
+            )
         started = time.perf_counter()
         model = DecoderSlice(config, layer_range, torch_dtype, device, factory)
-        # The cache holds what the CPU kernels read; other devices pack from the checkpoint.
-        on_cpu = torch.device(device).type == "cpu"
+        # The cache holds what the CPU kernels read (a whole slice: not a rank's share);
+        # other devices pack from the checkpoint.
+        on_cpu = torch.device(device).type == "cpu" and not group.is_parallel
         cache = self.packed_cache(method) if on_cpu and cacheable(model) else None
         if cache is None or not cache.restore(model):
             self._read_checkpoint(model, method)

@@ -115,8 +115,8 @@ def test_start_checks_name_what_cannot_split(tiny_model_dir) -> None:
     check_tensor_parallel(config, 2)
     with pytest.raises(InvalidParameterError, match="3 does not divide the model's 4 attention"):
         check_tensor_parallel(config, 3)
-    with pytest.raises(InvalidParameterError, match="int4 weights are not split"):
-        check_tensor_parallel(config, 2, "int4")
+    with pytest.raises(InvalidParameterError, match="gptq weights are not split"):
+        check_tensor_parallel(config, 2, "gptq")
     assert rank_kv_config(config, 2).num_kv_heads == 1
     assert rank_kv_config(config, 4).num_kv_heads == 1
     olmo2 = hf_dir_source(tiny_model_dir("olmo2")).model_config

@@ -9,6 +9,11 @@ from molink.errors import InvalidParameterError
 from molink.models.parallel.shard import local_units, split_units
 from molink.models.registry import architecture_for
 
+# Methods whose matrices a rank can hold in part (molink.quant.parallel): float, GGUF
+# blocks and on-the-fly int4/int8; AWQ/GPTQ's packed int32 columns and fp8 blocks are not
+# cut.
+SPLITTABLE_METHODS = ("none", "gguf", "int4", "int8")
+
 
 def check_tensor_parallel(config: ModelConfig, size: int, quantization: str = "none") -> None:
     """Refuse, naming both numbers, a size that does not split this model's heads."""
@@ -21,11 +26,11 @@ def check_tensor_parallel(config: ModelConfig, size: int, quantization: str = "n
         raise InvalidParameterError(
             "tensor_parallel_size", f"{size}: {config.architecture or 'this model'}: {reason}"
         )
-    if quantization != "none":
+    if quantization not in SPLITTABLE_METHODS:
         raise InvalidParameterError(
             "tensor_parallel_size",
-            f"{size}: {quantization} weights are not split across ranks; serve float weights "
-            "(--quantization none) or --tensor-parallel-size 1",
+            f"{size}: {quantization} weights are not split across ranks (these are: "
+            f"{', '.join(SPLITTABLE_METHODS)}); serve them with --tensor-parallel-size 1",
         )
     check_heads(config, size)
 
