@@ -3,6 +3,7 @@ exactly the single rank's rows and columns, and a split that would cut a group i
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,12 +11,15 @@ from molink.config import LayerRange
 from molink.errors import InvalidParameterError
 from molink.models.parallel.check import check_tensor_parallel
 from molink.models.parallel.group import ParallelGroup
+from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
 from molink.quant.int4 import padded_rows
 from molink.quant.linear import QuantLinear
 from molink.quant.parallel import QuantColumnParallel, QuantRowParallel, QuantVocabTable
+from molink.weights.gguf_slices import read_block_ranges
 from molink.weights.gguf_source import GGUFSource
 from molink.weights.hf_dir import hf_dir_source
 from tests.helpers.tiny_quant_gguf import write_quantized_llama_gguf
+from tests.unit.test_quant_gguf import make_blocks
 
 pytest.importorskip("gguf")
 LAYERS = LayerRange(0, 4)
@@ -98,3 +102,18 @@ def _module(model, path: str) -> QuantLinear:
     for part in path.split("."):
         target = getattr(target, part)
     return target
+
+
+@pytest.mark.parametrize("type_name", list(BLOCK_TYPES))
+def test_block_ranges_equal_the_decoded_matrix_cut(type_name: str) -> None:
+    """Rows, and columns on 32-weight boundaries inside a K type's 256-weight blocks."""
+    rows, cols = 12, 512
+    blocks = make_blocks(type_name, rows, cols)
+    whole = decode_blocks(blocks, type_name, rows, cols).dequantize()
+    order = np.arange(rows)[::-1].copy()  # a row permutation, as llama's Q/K have
+    got = read_block_ranges(blocks, type_name, (rows, cols), order, 0, ((2, 5), (9, 12)), "w")
+    assert torch.equal(got.dequantize(), whole.flip(0)[[2, 3, 4, 9, 10, 11]])
+    got = read_block_ranges(blocks, type_name, (rows, cols), None, 1, ((32, 96), (288, 512)), "w")
+    assert torch.equal(got.dequantize(), torch.cat([whole[:, 32:96], whole[:, 288:]], dim=1))
+    with pytest.raises(InvalidParameterError, match=rf"\[16, 64\).*{type_name}.*groups of 32"):
+        read_block_ranges(blocks, type_name, (rows, cols), None, 1, ((16, 64),), "w")
