@@ -7,6 +7,9 @@ returns the result to the route's head. Any head may send steps: their sequences
 apart by head id. A malformed, refused or failing step is reported to its head as a
 StepResult with ``error`` and a ``FailureKind``, and the node keeps serving.
 
+Its parts, one file each: the Join call (node_join), the checks of what arrives
+(node_inbound), where outputs go (node_outbox) and the Health answer (node_health).
+
 Starting a stage::
 
     node = StageNode(executor, info, TransportConfig(), initial_peer="10.0.0.1:50061")
@@ -20,60 +23,41 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
 
 import grpc
 import torch
 
 from molink.errors import InvalidParameterError, PipelineError, ProtocolError
 from molink.kv_cache.stage_pool import StageBlockPool
+from molink.pipeline.head_role import HeadRole
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.leases import LeaseTable
 from molink.pipeline.links import LinkTable
-from molink.pipeline.outbound import OutboundRelease, OutboundStep, SenderFactory, StepError
+from molink.pipeline.node_health import health_response
+from molink.pipeline.node_inbound import answer_witness, check_route
+from molink.pipeline.node_join import request_join
+from molink.pipeline.node_outbox import NodeOutbox
+from molink.pipeline.outbound import SenderFactory, StepError
 from molink.pipeline.registry import JoinRefusedError, PipelineView
 from molink.pipeline.servicer import NodeServicer, join_redirect
-from molink.pipeline.wire import link_to_proto, node_to_proto, route_from_proto, view_from_proto
+from molink.pipeline.wire import node_to_proto, view_from_proto
 from molink.pipeline.witness import InputWitness
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
 from molink.placement.route import Route
-from molink.progress.status import StatusLine
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepResult
 from molink.transport.channel import (
-    NodeClient,
     add_node_service,
     add_server_port,
-    describe_rpc_error,
     make_server,
 )
-from molink.transport.codec import decode_tensor, encode_tensor, wire_dtype_of
+from molink.transport.codec import decode_tensor, wire_dtype_of
 from molink.transport.config import TransportConfig
-from molink.transport.convert import plan_from_proto, result_to_proto
+from molink.transport.convert import plan_from_proto
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.validate import PlanLimits, validate_plan
 
 logger = logging.getLogger(__name__)
-
-_JOIN_RETRY_S = 0.5
-MAX_WITNESS_QUERIES = 16  # a checked step asks for its primary and each check route
-
-
-class HeadRole(Protocol):
-    """What the head adds to its node (implemented by PipelineExecutor)."""
-
-    def handle_join(self, request: pb.JoinRequest) -> pb.JoinResponse: ...
-
-    def pipeline_proto(self) -> pb.Pipeline: ...
-
-    def peer_broke(self, address: str, reason: str) -> None:
-        """The stream to the node at ``address`` broke (it may be gone)."""
-
-    def route_of_step(self, step_id: int, micro_batch: int) -> Route | None: ...
-
-    def deliver_result(
-        self, result: StepResult, trace: list[pb.HopTrace], sender_id: str, num_bytes: int
-    ) -> None: ...
 
 
 class StageNode:
@@ -141,6 +125,7 @@ class StageNode:
             make_forward=senders.forward,
             make_results=None if head_role is not None else senders.results,
         )
+        self._outbox = NodeOutbox(info.node_id, self.links, head_role)
         self._server: grpc.Server | None = None
         self._stopping = threading.Event()
         self._closers: list = []
@@ -279,28 +264,7 @@ class StageNode:
             self._rejoining.release()
 
     def _request_join(self, peer: str, request: pb.JoinRequest) -> pb.JoinResponse:
-        client = NodeClient(peer, self.config)
-        deadline = time.monotonic() + self.config.join_timeout_s
-        waiting: StatusLine | None = None  # on a terminal: what the join waits for
-        try:
-            while True:
-                try:
-                    response = client.join(request)
-                    break
-                except grpc.RpcError as exc:
-                    if time.monotonic() > deadline or self._stopping.is_set():
-                        raise PipelineError(
-                            f"node {self.node_id} could not reach {peer} to join: "
-                            f"{describe_rpc_error(exc)}"
-                        ) from None
-                    waiting = waiting or StatusLine(f"waiting for {peer} to join its pipeline")
-                    waiting.update(describe_rpc_error(exc))
-                    time.sleep(_JOIN_RETRY_S)
-        finally:
-            if waiting is not None:
-                waiting.close()
-            client.close()
-        return response
+        return request_join(self.node_id, peer, request, self.config, self._stopping)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -351,33 +315,7 @@ class StageNode:
         return pb.ForwardAck(error=message)
 
     def _check_route(self, request: pb.ForwardRequest) -> Route:
-        """The route must be well formed, start at the sending head and name this node
-        with exactly its layers, not first (the head computes its own layers)."""
-        route = route_from_proto(request.route)
-        problem = route.problem(self.info.model.num_layers)
-        if problem is not None:
-            raise ProtocolError(problem)
-        if route.head_id != request.head_id:
-            raise ProtocolError(f"route {route.key} does not start at head {request.head_id!r}")
-        index = route.index_of(self.node_id)
-        if index is None or index == 0:
-            raise PipelineError(f"route {route.key} does not pass through stage {self.node_id}")
-        hop = route.hops[index]
-        if (hop.start, hop.end) != (self.info.layers.start, self.info.layers.end):
-            raise ProtocolError(
-                f"route {route.key} asks stage {self.node_id} for layers [{hop.start}, "
-                f"{hop.end}); it serves [{self.info.layers.start}, {self.info.layers.end})"
-            )
-        if self._head_role is not None:
-            raise PipelineError(f"{self.node_id} is a head; it computes only its own steps")
-        dropped = self.links.dropped_by(route.head_id)
-        stale = [hop.node_id for hop in route.hops if hop.node_id in dropped]
-        if stale:
-            raise PipelineError(
-                f"route {route.key} names {', '.join(stale)}, which head {route.head_id} "
-                "has dropped from its pipeline"
-            )
-        return route
+        return check_route(request, self.info, self._head_role is not None, self.links.dropped_by)
 
     def _decode_step(
         self,
@@ -436,103 +374,27 @@ class StageNode:
     def witness(self, request: pb.WitnessRequest) -> pb.WitnessResponse:
         """What this node received of the head's steps (molink.pipeline.witness); raises
         ProtocolError for a request over the limits."""
-        if len(request.queries) > MAX_WITNESS_QUERIES:
-            raise ProtocolError(
-                f"queries: {len(request.queries)} in one witness request, at most "
-                f"{MAX_WITNESS_QUERIES}"
-            )
-        rows = sum(len(q.seq_ids) for q in request.queries)
-        size = rows * self.info.model.hidden_size * 4
-        if size > self.config.max_message_bytes:
-            raise ProtocolError(
-                f"seq_ids: {rows} rows would take {size} bytes, over the message limit of "
-                f"{self.config.max_message_bytes}"
-            )
-        response = pb.WitnessResponse()
-        for query in request.queries:
-            kept = self.witness_store.rows(
-                request.head_id, query.step_id, query.micro_batch, list(query.seq_ids)
-            )
-            answer = response.answers.add()
-            if isinstance(kept, str):
-                answer.missing = kept
-            else:
-                encode_tensor(kept, "float32", answer.rows)
-        return response
+        return answer_witness(
+            request,
+            self.witness_store,
+            self.info.model.hidden_size,
+            self.config.max_message_bytes,
+        )
 
-    # -- sending ---------------------------------------------------------------------------
+    # -- sending (molink.pipeline.node_outbox) ---------------------------------------------
 
     def _on_output(self, out: StepOutput) -> None:
-        job = out.job
-        if isinstance(out.output, StepResult):
-            self.return_result(job.route, out.output, out.trace)
-            return
-        next_hop = job.route.next_after(self.node_id)
-        if next_hop is None:
-            self.report_step_error(
-                StepError(
-                    job.route,
-                    job.plan.step_id,
-                    job.plan.micro_batch,
-                    f"stage {self.node_id} is the last hop of route {job.route.key} but "
-                    "does not serve the last layer",
-                    FailureKind.NODE_ERROR,
-                    self.node_id,
-                )
-            )
-            return
-        sender = self.links.forward_to(next_hop.address, next_hop.node_id)
-        sender.put(OutboundStep(job.head_id, job.route, job.plan, out.output, out.trace))
-        if job.mirror is not None:
-            self._send_mirror(job, out.output, out.trace)
-
-    def _send_mirror(self, job: StepJob, output: torch.Tensor, trace: list) -> None:
-        """The head's spot checks: the checked sequences' rows go along the check routes."""
-        for part in job.mirror.parts:
-            hop = part.route.next_after(self.node_id)
-            if hop is None:
-                continue
-            rows = output[torch.tensor(part.rows, dtype=torch.long)]
-            sender = self.links.forward_to(hop.address, hop.node_id)
-            sender.put(OutboundStep(job.head_id, part.route, part.plan, rows, list(trace)))
+        self._outbox.on_output(out)
 
     def _on_release(self, job: ReleaseJob) -> None:
-        if not job.propagate or job.route is None:
-            return
-        next_hop = job.route.next_after(self.node_id)
-        if next_hop is not None:
-            sender = self.links.forward_to(next_hop.address, next_hop.node_id)
-            sender.put(OutboundRelease(job.head_id, job.route, job.seq_ids))
+        self._outbox.on_release(job)
 
     def return_result(self, route: Route, result: StepResult, trace: list[pb.HopTrace]) -> None:
         """Hand a result (or an error) to the route's head, locally or over ReturnResults."""
-        head_id = route.head_id
-        if self._head_role is not None and head_id == self.node_id:
-            self._head_role.deliver_result(result, trace, self.node_id, 0)
-            return
-        sender = self.links.results_to(route.head_address, head_id)
-        if sender is None:
-            logger.error(
-                "stage %s cannot reach head %r; dropping the result of step %d: %s",
-                self.node_id,
-                head_id,
-                result.step_id,
-                result.error or "ok",
-            )
-            return
-        message = result_to_proto(result)
-        message.trace.extend(trace)
-        sender.put(pb.ReturnResultsRequest(head_id=head_id, sender_id=self.node_id, result=message))
+        self._outbox.return_result(route, result, trace)
 
     def report_step_error(self, error: StepError) -> None:
-        result = StepResult(
-            step_id=error.step_id,
-            micro_batch=error.micro_batch,
-            error=error.message,
-            failure_kind=error.kind,
-            failed_node_id=error.node_id,
-        )
-        self.return_result(error.route, result, [])
+        self._outbox.report_step_error(error)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -543,42 +405,17 @@ class StageNode:
 
     def health(self) -> pb.HealthResponse:
         view = self.current_view()
-        message = self._worker.stall_message
-        if view is None:
-            message = message or "not part of any pipeline"
         with self._counter_lock:
-            received, rejected = self.bytes_received, self.steps_rejected
-        return pb.HealthResponse(
-            status=pb.HEALTH_STATUS_DEGRADED if message else pb.HEALTH_STATUS_SERVING,
-            message=message or "",
-            steps_processed=self._worker.steps_processed,
-            steps_rejected=rejected + self._worker.steps_failed,
-            bytes_sent=self.links.bytes_sent(),
-            bytes_received=received,
-            queued_steps=self._worker.queued,
-            active_sequences=self._worker.active_sequences,
-            pipeline_epoch=view.epoch if view else 0,
-            uptime_s=time.monotonic() - self._started_at,
-            throughput_tokens_per_s=self.throughput_tokens_per_s,
-            links=[
-                link_to_proto(out.head_id, self.node_id, out.to_node_id, out.estimate)
-                for out in self.links.outgoing()
-            ],
-            **self._kv_health(),
+            counters = (self.bytes_received, self.steps_rejected)
+        return health_response(
+            self.node_id,
+            view,
+            self._worker,
+            self.links,
+            counters,
+            self._started_at,
+            self._block_pool,
         )
-
-    def _kv_health(self) -> dict:
-        pool = self._block_pool
-        if pool is None:
-            return {}
-        return {
-            "total_kv_blocks": pool.num_blocks,
-            "free_kv_blocks": pool.num_free,
-            "heads": [
-                pb.HeadUsage(head_id=u.head_id, sequences=u.sequences, kv_blocks=u.blocks)
-                for u in pool.usage()
-            ],
-        }
 
 
 def _advertised(advertised: str, bind_address: str, port: int) -> str:
