@@ -54,6 +54,7 @@ class Membership:
         self._failover = failover
         self._spot = spot
         self._lock = threading.Lock()
+        self._coverage_of: tuple[int, str | None] | None = None  # (registry epoch, why not)
         self._lost: dict[str, tuple[NodeInfo, str]] = {}
 
     @property
@@ -125,10 +126,10 @@ class Membership:
 
     def readiness(self) -> str | None:
         view = self._registry.view()
-        missing = view.missing_ranges()
-        message = view.readiness() or self._route_gap()
+        message = self._coverage(view)
         if message is None:
             return None
+        missing = view.missing_ranges()
         with self._lock:
             notes = [
                 reason
@@ -136,6 +137,16 @@ class Membership:
                 if any(_overlaps(lost.layers, m) for m in missing)
             ]
         return "; ".join([message, *notes])
+
+    def _coverage(self, view: PipelineView) -> str | None:
+        """Why no route covers every layer (None: one does). It depends on the nodes' spans
+        alone, so it is worked out once per registry epoch, not on every submitted step."""
+        known = self._coverage_of
+        if known is not None and known[0] == view.epoch:
+            return known[1]
+        message = view.readiness() or self._route_gap()
+        self._coverage_of = (view.epoch, message)
+        return message
 
     def _route_gap(self) -> str | None:
         """Every layer is served, yet no chain of spans meets end to end."""
