@@ -10,10 +10,13 @@ behind link emulators (``--rate-mbit`` / ``--rtt-ms``, default 100 Mbit/s and 30
 every hop: head -> each replica and back):
 
 * kill -> next token: for each stream, the time from the kill to its first token after it
-  (streams on the survivor barely pause; those moved wait for detection and replay);
-  max, median and p90 over the streams; the longest pause between two tokens of a stream
-  from its last token before the kill on; and the head's own measure (failure noticed ->
-  first replayed token, ``molink:failover_recovery_seconds``);
+  (streams on the survivor barely pause; a moved stream's first one may have been on its
+  way when the replica died), and to the token that ends its longest pause after the kill
+  (``kill_to_resumed_s``: for a moved stream, its first token after the replay); max,
+  median and p90 over the streams; the longest pause between two tokens of a stream from
+  its last token before the kill on; and the head's own measure (failure noticed -> first
+  replayed token, ``molink:failover_recovery_seconds``). The run waits for two tokens
+  after the kill from every stream;
 * the survivors: the streams on the replica that lived, and their longest pause between
   two tokens while the moved ones were being replayed. Which stream was where is not
   visible through the API, so they are taken to be the streams that paused least, as many
@@ -23,7 +26,15 @@ every hop: head -> each replica and back):
   fooled by a moved stream's token already on its way when the replica died.)
 * the throughput dip: generated tokens per second in 1 s bins over the 10 s around the
   kill, and the lowest bin against the mean of the bins before it;
-* failovers, replayed sequences and tokens from the head's /metrics.
+* failovers, replayed sequences and tokens from the head's /metrics;
+* the context each stream had at the kill, the seconds from sending the prompts to the
+  first tokens, the 1-minute load average, and each node process's CPU seconds before
+  and after the kill (the machine is shared: figures from a loaded one are noisy).
+
+Each replica gets ``--replica-kv-memory`` of KV cache (1 GiB: with 512 MiB, one replica
+of [15, 30) in float32 holds 25 sequences of 448 + 464 tokens, and after the kill the
+moved sequences beyond that waited for running ones to finish). The nodes run without
+the DHT and join through the head.
 
 The victim is started again with its command before the next N.
 
@@ -43,6 +54,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import statistics
 import sys
@@ -90,6 +102,8 @@ class Config:
     rate_mbit: float
     rtt_ms: float
     transmission_scheduling: str
+    read_timeout_s: float = 900.0
+    replica_kv_memory: str = "1GiB"
 
     def flags(self) -> list[str]:
         model = ["--model", self.model] if self.model else []
@@ -102,6 +116,9 @@ class Config:
             "--molink-enabled",
             "--molink-advertise-host", LOOPBACK,
             "--molink-transmission-scheduling", self.transmission_scheduling,
+            # Nodes join through the initial peer. With the DHT, a killed replica's record,
+            # renewed just before the kill, brought it back into the routes for a moment.
+            "--molink-dht", "off",
         ]  # fmt: skip
 
 
@@ -167,6 +184,8 @@ def deployed(config: Config, shaped: bool) -> Iterator[Deployment]:
             ]  # fmt: skip
             if name != "head":
                 args += ["--molink-initial-peer", f"{LOOPBACK}:{grpc['head']}"]
+                # One replica must be able to hold every sequence once the other is killed.
+                args += ["--kv-cache-memory", config.replica_kv_memory]
             node = Node(name, molink_serve_command(http, args), http, grpc[name])
             deployment.nodes[name] = node
             _start(node)
@@ -181,6 +200,28 @@ def deployed(config: Config, shaped: bool) -> Iterator[Deployment]:
                 stop_server(node.server)
         for emulator in deployment.emulators:
             emulator.stop()
+
+
+def _cpu_seconds(deployment: Deployment) -> dict[str, float]:
+    """User + system CPU seconds of each live node process so far (its threads included),
+    read from /proc (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for name, node in deployment.nodes.items():
+        if node.server is None or node.server.process.poll() is not None:
+            continue
+        try:
+            stat = Path(f"/proc/{node.server.process.pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds[name] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return seconds
+
+
+def _cpu_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each node spent between two readings (of the nodes in both)."""
+    return {name: round(after[name] - before[name], 2) for name in after if name in before}
 
 
 def _active(node: Node) -> int:
@@ -223,6 +264,17 @@ def _longest_pause(times: list[float], kill: float) -> float:
     return max((b - a for a, b in zip(points, points[1:], strict=False)), default=float("nan"))
 
 
+def _resumed_after(times: list[float], kill: float) -> float:
+    """Seconds from the kill to the token that ends the stream's longest pause after it."""
+    before = [t for t in times if t <= kill]
+    after = [t for t in times if t > kill]
+    points = before[-1:] + after
+    if len(points) < 2:
+        return float("nan")
+    _, end = max(zip(points, points[1:], strict=False), key=lambda pair: pair[1] - pair[0])
+    return end - kill
+
+
 def _bins(all_times: list[float], kill: float) -> list[int]:
     start = kill - WINDOW_S / 2
     counts = [0] * int(WINDOW_S)
@@ -238,7 +290,10 @@ async def measure(deployment: Deployment, config: Config, count: int) -> dict[st
     model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
     before = fetch_metrics(base)
     times: list[list[float]] = [[] for _ in range(count)]
-    timeout = httpx.Timeout(30.0, read=300.0)
+    # Under load the last of 32 prompts waits for the others' prefills before its first
+    # token: the read timeout must cover that.
+    timeout = httpx.Timeout(30.0, read=config.read_timeout_s)
+    load_before, cpu_before, started = os.getloadavg(), _cpu_seconds(deployment), time.monotonic()
     async with httpx.AsyncClient(base_url=base, timeout=timeout) as http:
         prompts = [[(7 * i + j) % 1000 + 10 for j in range(config.prompt_tokens)]
                    for i in range(count)]  # fmt: skip
@@ -246,27 +301,38 @@ async def measure(deployment: Deployment, config: Config, count: int) -> dict[st
             asyncio.ensure_future(_stream(http, model, p, config.max_tokens, t))
             for p, t in zip(prompts, times, strict=True)
         ]
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + config.read_timeout_s
         while min(len(t) for t in times) < 8:  # every stream is generating
             if time.monotonic() > deadline or any(task.done() for task in tasks):
                 raise RuntimeError("the streams did not get going (or ended early)")
             await asyncio.sleep(0.05)
         await asyncio.sleep(WINDOW_S / 2)  # the steady state before the kill
         replicas = [deployment.nodes["a"], deployment.nodes["b"]]
+        for node in replicas:  # killed from outside (out of memory, ...): no valid run
+            if node.server is None or node.server.process.poll() is not None:
+                raise RuntimeError(f"replica {node.name} exited before the kill")
         held = {node.name: _active(node) for node in replicas}
         victim = max(replicas, key=lambda node: held[node.name])
         assert victim.server is not None
+        cpu_at_kill = _cpu_seconds(deployment)
         victim.server.process.send_signal(signal.SIGKILL)
         kill = time.monotonic()
-        deadline = kill + 300
-        while any(not [x for x in t if x > kill] for t in times) or time.monotonic() < kill + 5:
+        # A moved stream's first token after the kill may have been on its way already:
+        # wait for a second one (after its replay) from every stream.
+        deadline = kill + config.read_timeout_s
+        while any(len([x for x in t if x > kill]) < 2 for t in times) or (
+            time.monotonic() < kill + WINDOW_S / 2
+        ):
             if time.monotonic() > deadline or any(task.done() for task in tasks):
                 break
             await asyncio.sleep(0.05)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    cpu_after = _cpu_seconds(deployment)  # the head's and the survivor's
+    contexts = [config.prompt_tokens + len([x for x in t if x <= kill]) for t in times]
     gaps = [min((x for x in t if x > kill), default=float("nan")) - kill for t in times]
+    resumed = [_resumed_after(t, kill) for t in times]
     pauses = [_longest_pause(t, kill) for t in times]
     survivors = sorted(range(count), key=lambda i: pauses[i])[: max(0, min(held.values()))]
     after = fetch_metrics(base)
@@ -280,6 +346,14 @@ async def measure(deployment: Deployment, config: Config, count: int) -> dict[st
             "max": max(gaps),
             "median": statistics.median(gaps),
             "p90": _percentile(gaps, 0.9),
+        },
+        # Per stream, the token that ends its longest pause after the kill: for a moved
+        # stream its first token after the replay (the one right after the kill may have
+        # been on its way), for a stream on the survivor its slowest step.
+        "kill_to_resumed_s": {
+            "max": max(resumed),
+            "median": statistics.median(resumed),
+            "p90": _percentile(resumed, 0.9),
         },
         # The longest gap between two tokens of a stream from the last one before the kill
         # on (a token already on its way when the victim died arrives after the kill).
@@ -304,7 +378,25 @@ async def measure(deployment: Deployment, config: Config, count: int) -> dict[st
         "replayed_tokens": after.get("molink:replayed_tokens_total", 0)
         - before.get("molink:replayed_tokens_total", 0),
         "victim": victim.name,
+        "context_tokens_at_kill": {"min": min(contexts), "max": max(contexts)},
+        "first_tokens_s": started_to_first(times, started),
+        "load_average_1m": {"start": load_before[0], "end": os.getloadavg()[0]},
+        # Node processes' CPU seconds from the start of the requests to the kill (all
+        # three), and from the kill to the end (head and survivor).
+        "cpu_s": {
+            "to_kill": _cpu_between(cpu_before, cpu_at_kill),
+            "after_kill": _cpu_between(cpu_at_kill, cpu_after),
+            "seconds_to_kill": round(kill - started, 1),
+            "seconds_after_kill": round(time.monotonic() - kill, 1),
+        },
     }
+
+
+def started_to_first(times: list[list[float]], started: float) -> dict[str, float]:
+    """Seconds from sending the requests to the streams' first tokens (the last one: the
+    prefill of every prompt before it)."""
+    firsts = [t[0] - started for t in times if t]
+    return {"median": statistics.median(firsts), "max": max(firsts)} if firsts else {}
 
 
 def _restart(deployment: Deployment, name: str) -> None:
@@ -324,16 +416,17 @@ def _restart(deployment: Deployment, name: str) -> None:
     httpx.get(f"{head_url}/health", timeout=10).raise_for_status()
 
 
-def run_link(config: Config, link: str) -> list[dict[str, Any]]:
-    runs = []
+def run_link(config: Config, link: str, runs: list[dict[str, Any]], save) -> None:
+    """Appends each N's result to ``runs`` and saves after each (a long run keeps what it
+    measured when it is stopped)."""
     with deployed(config, shaped=link == "shaped") as deployment:
         for count in config.sequences:
             logger.info("%s: %d sequences", link, count)
             result = asyncio.run(measure(deployment, config, count))
             logger.info("%s", json.dumps(result))
             runs.append(result)
+            save()
             _restart(deployment, result["victim"])
-    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,6 +446,16 @@ def main(argv: list[str] | None = None) -> int:
         help="off: prefills and replays are not paced (the baseline)",
     )
     parser.add_argument("--name", default="failover")
+    parser.add_argument(
+        "--replica-kv-memory",
+        default="1GiB",
+        help="each replica's KV cache: room for every sequence's prompt and max tokens on "
+        "one replica (at 32 x (448 + 464) tokens, 512MiB holds 25 on [15, 30) in float32; "
+        "the rest of the moved ones would wait for running ones to finish)",
+    )
+    parser.add_argument(
+        "--read-timeout", type=float, default=900.0, help="seconds a stream may wait for a token"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = Config(
@@ -365,17 +468,21 @@ def main(argv: list[str] | None = None) -> int:
         rate_mbit=args.rate_mbit,
         rtt_ms=args.rtt_ms,
         transmission_scheduling=args.transmission_scheduling,
+        read_timeout_s=args.read_timeout,
+        replica_kv_memory=args.replica_kv_memory,
     )
     results: dict[str, Any] = {"config": config.__dict__ | {"sequences": list(config.sequences)}}
     failed = False
     for link in config.links:
+        runs: list[dict[str, Any]] = []
+        results[link] = runs
         try:
-            results[link] = run_link(config, link)
+            run_link(config, link, runs, lambda: write_results(args.name, results))
         except Exception as exc:
             logger.exception("%s failed", link)
-            results[link] = {"error": str(exc)}
+            runs.append({"error": str(exc)})
             failed = True
-        write_results(args.name, results)  # after each link: a long run keeps what it measured
+        write_results(args.name, results)
     return 1 if failed else 0
 
 
