@@ -33,7 +33,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -161,24 +161,39 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "startup_s": _spread([r["startup_s"] for r in mine]),
         }
     ratios = {name: _round_ratios(runs, name) for name in phases if name != "before"}
+    cpu_ratios = {
+        name: _round_ratios(runs, name, _cpu_s_per_token) for name in phases if name != "before"
+    }
     median = {n: per_phase[n]["output_tokens_per_s"]["median"] for n in phases}
     ratio = median["now"] / median["before"]
     return {
         "phases": per_phase,
         "now_vs_before": round(ratio, 4),
         "round_ratios_vs_before": ratios,
+        # Server CPU seconds per output token over ``before``'s, per round (1.03: 3% more
+        # CPU per token): other processes' load disturbs it far less than tokens/s.
+        "cpu_per_token_round_ratios_vs_before": cpu_ratios,
+        "load_average_1m": _spread([r["loadavg_before"][0] for r in runs if "loadavg_before" in r])
+        if any("loadavg_before" in r for r in runs)
+        else None,
         "target": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
     }
 
 
-def _round_ratios(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    """Within each round, the phase's mean tokens/s over ``before``'s (both ran in the
-    same stretch of time, so the drift of the machine's load largely cancels)."""
+def _round_ratios(
+    runs: list[dict[str, Any]],
+    name: str,
+    figure: Callable[[dict[str, Any]], float | None] = _tokens_per_s,
+) -> dict[str, Any]:
+    """Within each round, the phase's mean ``figure`` (tokens/s by default) over
+    ``before``'s (both ran in the same stretch of time, so the drift of the machine's load
+    largely cancels)."""
     values = []
     for index in sorted({r["round"] for r in runs}):
-        mine = [_tokens_per_s(r) for r in runs if r["round"] == index and r["phase"] == name]
-        base = [_tokens_per_s(r) for r in runs if r["round"] == index and r["phase"] == "before"]
+        in_round = [r for r in runs if r["round"] == index]
+        mine = [v for r in in_round if r["phase"] == name and (v := figure(r)) is not None]
+        base = [v for r in in_round if r["phase"] == "before" and (v := figure(r)) is not None]
         if mine and base:
             values.append(statistics.fmean(mine) / statistics.fmean(base))
     return {"per_round": [round(v, 4) for v in values], **_spread(values)} if values else {}

@@ -35,3 +35,5 @@ def test_rounds_are_compared_within_themselves() -> None:
     cpu = summary["phases"]["now"]["server_cpu_s_per_output_token"]
     assert cpu["min"] == 0.05 and cpu["max"] == 0.051
     assert summary["phases"]["before"]["startup_s"]["median"] == 10.0
+    assert summary["cpu_per_token_round_ratios_vs_before"]["now"]["per_round"] == [1.0, 1.02]
+    assert summary["load_average_1m"] is None  # these runs recorded none
