@@ -47,6 +47,9 @@ class DiscoveryWatch:
         self._head = head
         self._interval_s = interval_s
         self._seen: set[str] = set()
+        # Seen announced, then found gone from the head: only a renewal seen after that
+        # brings one back (one renewed just before it was killed must not).
+        self._gone: set[str] = set()
         self._refused: dict[str, str] = {}
         self._times: dict[str, RecordTimes] = {}
         self._times_lock = threading.Lock()
@@ -79,9 +82,14 @@ class DiscoveryWatch:
         known = self._head.known_nodes()
         for node_id, info in announced.items():
             current = known.get(node_id)
-            if current is None and node_id in self._seen and node_id not in renewed:
-                continue  # dropped by the head, and silent since
+            if current is None and node_id in self._seen:
+                if node_id not in self._gone:  # a renewal seen now may predate the drop
+                    self._gone.add(node_id)
+                    continue
+                if node_id not in renewed:
+                    continue  # dropped by the head, and silent since
             self._seen.add(node_id)
+            self._gone.discard(node_id)
             if current is not None and (current.address, current.layers) == (
                 info.address,
                 info.layers,
@@ -92,6 +100,8 @@ class DiscoveryWatch:
                 self._refused[node_id] = reason
                 logger.warning("not using node %s found in the DHT: %s", node_id, reason)
         for node_id in list(self._seen):
+            if node_id not in announced:
+                self._gone.discard(node_id)
             if node_id not in announced and node_id in known:
                 self._seen.discard(node_id)
                 self._head.drop_node(node_id, "its DHT record expired")

@@ -104,6 +104,24 @@ def test_a_node_dropped_by_the_head_comes_back_only_when_it_renews_its_record() 
     assert "s1" not in head.known and watch.record_times() == {}
 
 
+def test_a_node_killed_right_after_renewing_its_record_does_not_come_back() -> None:
+    """The record was renewed between two checks, and the node was then killed and
+    evicted before the second: that renewal predates the eviction."""
+    directory, head = FakeDirectory(), FakeDiscoveringHead()
+    watch = DiscoveryWatch(directory, head, interval_s=1.0)  # type: ignore[arg-type]
+    stage = NodeInfo("s1", MODEL, LayerRange(15, 30), "s1:1")
+    directory.entries["s1"] = (stage, TTL_S - 10.0)
+    watch.check_once()
+    directory.entries["s1"] = (stage, TTL_S)  # renewed, then killed
+    head.known.clear()  # evicted by the head
+    for _ in range(3):
+        watch.check_once()
+    assert head.admitted == ["s1"]
+    directory.entries["s1"] = (stage, TTL_S + 5.0)  # a renewal after the eviction: alive
+    watch.check_once()
+    assert head.admitted == ["s1", "s1"]
+
+
 def test_each_node_shows_its_device_and_memory_as_it_reported_them() -> None:
     head, clock = FakeHead(), Clock()
     gib = 1 << 30
