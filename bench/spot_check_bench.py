@@ -1,15 +1,16 @@
-"""What spot checks cost: step latency and throughput at --molink-verify-fraction 0, 0.01,
-0.1 (and 1 for scale), side by side in one run.
+"""What spot checks cost: throughput and time per output token at --molink-verify-fraction
+0, 0.01, 0.1 (and 1 for scale), side by side in one run.
 
 A swarm of threads in this process, every node a member (mutual TLS on loopback): the head
 holds layer 0, three replicas serve layers [1, 2) and one node serves [2, 4). Stages are
 the arithmetic toy executors with a fixed compute time per step (``--stage-ms``, sleeping,
-so replicas compute in parallel as separate machines would). Each round starts
-``--sequences`` greedy sequences in one prefill step, then runs ``--decode-steps`` decode
-steps over all of them; one step in flight at a time, as a single micro-batch. Rounds of
-the fractions alternate (ABCD ABCD ...), each with a fresh swarm.
+so replicas compute in parallel as separate machines would). Each round puts
+``--sequences`` greedy requests of ``--output-len`` tokens into the head's engine loop (the
+scheduler and engine the server runs, three micro-batches in flight) and runs them to the end;
+every token is checked against what one process gives. Rounds of the fractions alternate
+(ABCD ABCD ...), each with a fresh swarm.
 
-    python bench/spot_check_bench.py [--rounds 3] [--sequences 64] [--decode-steps 24]
+    python bench/spot_check_bench.py [--rounds 3] [--sequences 64] [--output-len 25]
 
 ``--cost`` says what a stage's compute costs: ``per-pass`` (default) sleeps once per pass
 of the compute thread, however many queued steps it computes together (a decode pass on
@@ -19,9 +20,10 @@ much as the step itself: an upper bound).
 
 Writes ``bench/results/spot_checks.json`` (per-pass) or ``spot_checks_per_step.json``
 (``vs_off`` compares means over rounds: at F = 0.01 most rounds check no sequence at all).
-What it shows: users' steps are handed on as they arrive while their re-runs are judged
-apart; every checked sequence adds two steps' work on other nodes and two re-runs on the
-nodes the check routes share (counted); it does not show a real model's compute.
+What it shows: a checked sequence's tokens wait for their verdict (its re-runs and the
+next node's witness answer) while the other sequences go on; every checked sequence adds
+two steps' work on other nodes and two re-runs on the nodes the check routes share
+(counted); it does not show a real model's compute.
 """
 
 from __future__ import annotations
@@ -39,20 +41,28 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere, without ins
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import write_results  # noqa: E402
-from molink.config import LayerRange  # noqa: E402
+from molink.config import LayerRange, SchedulerConfig  # noqa: E402
+from molink.engine.llm_engine import LLMEngine  # noqa: E402
+from molink.kv_cache.manager import KVCacheManager  # noqa: E402
 from molink.pipeline import NodeInfo, PipelineExecutor, StageNode  # noqa: E402
 from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity  # noqa: E402
 from molink.sampling_params import SamplingParams  # noqa: E402
+from molink.scheduler.scheduler import Scheduler  # noqa: E402
 from molink.security.credentials import SwarmCredentials  # noqa: E402
 from molink.security.swarm_key import generate_swarm_key  # noqa: E402
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan  # noqa: E402
 from molink.transport.config import TransportConfig  # noqa: E402
+from tests.helpers.fake_engine import FakeTokenizer  # noqa: E402
 
 logger = logging.getLogger("spot_check_bench")
 
 MODEL = toy_identity(4, vocab_size=1024)
 FRACTIONS = (0.0, 0.01, 0.1, 1.0)
-GREEDY = SamplingParams(temperature=0.0)
+PROMPT = [5, 6, 7, 8]
+BLOCK_SIZE = 16
+KV = (4096, BLOCK_SIZE)  # every node's KV blocks: room for all sequences on any route
+# The head spreads new sequences over the three routes (one per replica of [1, 2)); one
+# micro-batch per route keeps each busy, as the server's micro-batch controller would.
+MICRO_BATCHES = 3
 
 
 class CountingExecutor(ToyStageExecutor):
@@ -84,7 +94,7 @@ def _member(key) -> TransportConfig:
 def _swarm(fraction: float, stage_s: float, cost: str):
     key = generate_swarm_key()
     config = _member(key)
-    info = NodeInfo(config.security.node_id, MODEL, LayerRange(0, 1), "127.0.0.1:0")
+    info = NodeInfo(config.security.node_id, MODEL, LayerRange(0, 1), "127.0.0.1:0", *KV)
     head = PipelineExecutor(
         ToyStageExecutor(LayerRange(0, 1), MODEL), info, config, verify_fraction=fraction
     ).start()
@@ -94,7 +104,7 @@ def _swarm(fraction: float, stage_s: float, cost: str):
         kind = PassCostExecutor if cost == "per-pass" else CountingExecutor
         executor = kind(LayerRange(start, end), MODEL, delay_s=stage_s)
         node_info = NodeInfo(
-            node_config.security.node_id, MODEL, LayerRange(start, end), "127.0.0.1:0"
+            node_config.security.node_id, MODEL, LayerRange(start, end), "127.0.0.1:0", *KV
         )
         nodes.append(StageNode(executor, node_info, node_config, initial_peer=head.address).start())
         executors.append(executor)
@@ -106,64 +116,83 @@ def _swarm(fraction: float, stage_s: float, cost: str):
     return head, nodes, executors
 
 
-def _run_step(head: PipelineExecutor, plan: StepPlan) -> tuple[float, dict[int, int]]:
-    started = time.perf_counter()
-    head.submit(plan)
-    while True:
-        results = head.poll(1.0)
-        if results:
-            break
-    elapsed = time.perf_counter() - started
-    (result,) = results
-    if result.error:
-        raise RuntimeError(f"step {plan.step_id} failed: {result.error}")
-    return elapsed, {s.seq_id: s.token_id for s in result.sampled}
+def _engine(head: PipelineExecutor, sequences: int, output_len: int) -> LLMEngine:
+    max_len = len(PROMPT) + output_len
+    config = SchedulerConfig(
+        max_num_batched_tokens=max(256, sequences * len(PROMPT)),
+        max_num_seqs=sequences,
+        max_model_len=max_len,
+    )
+    blocks = sequences * (-(-max_len // BLOCK_SIZE)) + 8
+    scheduler = Scheduler(config, KVCacheManager(blocks, BLOCK_SIZE, False), ())
+    return LLMEngine(
+        scheduler,
+        head,
+        FakeTokenizer(),
+        num_micro_batches=MICRO_BATCHES,
+        router=head.routes,
+        recovery=head,
+    )
+
+
+def _drive(engine: LLMEngine, sequences: int, output_len: int) -> dict[str, Any]:
+    """Run ``sequences`` requests to their end as the server's loop does; returns what
+    each request's metrics say."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for index in range(sequences):
+        engine.add_request(f"r{index}", PROMPT, greedy)  # sequence id = index
+    finished = {}
+    deadline = time.monotonic() + 600
+    while engine.has_unfinished_requests():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the requests did not finish in 600 s")
+        busy = engine.num_in_flight >= engine.num_micro_batches
+        for output in engine.step(poll_timeout=0.05 if busy else 0.002):
+            if output.outputs[0].error:
+                raise RuntimeError(f"{output.request_id} failed: {output.outputs[0].error}")
+            if output.finished:
+                finished[output.request_id] = output
+    tpots = []
+    for index in range(sequences):
+        output = finished[f"r{index}"]
+        tokens = [PROMPT[-1]]
+        for _ in range(output_len):
+            tokens.append(expected_token(tokens[-1], index, 4, 1024))
+        if output.outputs[0].token_ids != tokens[1:]:
+            raise RuntimeError(f"sequence {index} got wrong tokens")
+        metrics = output.metrics
+        tpots.append((metrics.finished_time - metrics.first_token_time) / (output_len - 1))
+    return {"tpots": sorted(tpots)}
 
 
 def one_round(fraction: float, args: argparse.Namespace) -> dict[str, Any]:
     head, nodes, executors = _swarm(fraction, args.stage_ms / 1000, args.cost)
     try:
-        seqs = list(range(1, args.sequences + 1))
-        prompt = (5, 6, 7, 8)
-        n = len(prompt)
-        plan = StepPlan(
-            0,
-            tuple(ScheduledSequence(s, 0, n, (), True) for s in seqs),
-            prompt * len(seqs),
-            tuple(NewSequenceData(s, prompt, n, GREEDY) for s in seqs),
-        )
-        latencies = []
+        engine = _engine(head, args.sequences, args.output_len)
         started = time.perf_counter()
-        last = {s: prompt[-1] for s in seqs}
-        for step in range(args.decode_steps + 1):
-            elapsed, tokens = _run_step(head, plan)
-            latencies.append(elapsed)
-            for s in seqs:
-                if tokens[s] != expected_token(last[s], s, 4, 1024):
-                    raise RuntimeError(f"sequence {s} got a wrong token at step {step}")
-            last = tokens
-            plan = StepPlan(
-                step + 1,
-                tuple(ScheduledSequence(s, n + step, 1, (), True) for s in seqs),
-                tuple(tokens[s] for s in seqs),
-            )
+        drive = _drive(engine, args.sequences, args.output_len)
         wall = time.perf_counter() - started
-        head.release(seqs)
-        decode = sorted(latencies[1:])
+        tpots = drive["tpots"]
+        lines = head.metric_lines()
         return {
             "fraction": fraction,
-            "tokens_per_s": len(seqs) * len(latencies) / wall,
-            "decode_step_p50_ms": 1000 * statistics.median(decode),
-            "decode_step_p99_ms": 1000 * decode[min(len(decode) - 1, int(0.99 * len(decode)))],
+            "tokens_per_s": args.sequences * args.output_len / wall,
+            "tpot_p50_ms": 1000 * statistics.median(tpots),
+            "tpot_max_ms": 1000 * tpots[-1],
+            "engine_steps": engine.num_steps,
             "replica_steps": [e.steps for e in executors[:3]],
-            "steps_on_routes": len(latencies),
-            "checked_steps": _checked_steps(head.metric_lines()),
-            "bans": sum(1 for m in head.metric_lines() if m.startswith("molink_node_banned{")),
+            "checked_steps": _checked_steps(lines),
+            "held_tokens": _counter(lines, "molink_spot_check_held_tokens_total"),
+            "bans": sum(1 for m in lines if m.startswith("molink_node_banned{")),
         }
     finally:
         for node in nodes:
             node.stop()
         head.close()
+
+
+def _counter(lines: list[str], name: str) -> int:
+    return round(sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name)))
 
 
 def _checked_steps(lines: list[str]) -> int:
@@ -180,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sequences", type=int, default=64)
-    parser.add_argument("--decode-steps", type=int, default=24)
+    parser.add_argument("--output-len", type=int, default=25)
     parser.add_argument("--stage-ms", type=float, default=20.0)
     parser.add_argument("--cost", choices=("per-pass", "per-step"), default="per-pass")
     args = parser.parse_args(argv)
@@ -191,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             row = one_round(fraction, args)
             rounds[str(fraction)].append(row)
             print(f"round {index} F={fraction}: {row}", flush=True)
-    keys = ("tokens_per_s", "decode_step_p50_ms", "decode_step_p99_ms", "checked_steps")
+    keys = ("tokens_per_s", "tpot_p50_ms", "tpot_max_ms", "checked_steps", "held_tokens")
     median = {
         f: {k: statistics.median(r[k] for r in rows) for k in keys} for f, rows in rounds.items()
     }
@@ -203,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     relative = {
         f: {
             "throughput_vs_off": m["tokens_per_s"] / base["tokens_per_s"],
-            "decode_p50_extra_ms": m["decode_step_p50_ms"] - base["decode_step_p50_ms"],
+            "tpot_p50_extra_ms": m["tpot_p50_ms"] - base["tpot_p50_ms"],
+            "tpot_max_extra_ms": m["tpot_max_ms"] - base["tpot_max_ms"],
         }
         for f, m in mean.items()
     }
@@ -216,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                 "stage_ms": args.stage_ms,
                 "cost": args.cost,
                 "sequences": args.sequences,
-                "decode_steps": args.decode_steps,
+                "output_len": args.output_len,
+                "micro_batches": MICRO_BATCHES,
             },
             "rounds": rounds,
             "median": median,

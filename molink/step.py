@@ -117,3 +117,7 @@ class StepResult:
     stage_timings: dict = field(default_factory=dict, compare=False)
     failure_kind: FailureKind = FailureKind.NONE  # set with ``error``
     failed_node_id: str = ""  # the node the failure is about, when known
+    # Head only, never on the wire: sequences whose sampled token waits for a spot check's
+    # verdict (molink.pipeline.spot_holds); the scheduler keeps it from their users until
+    # the head says whether it stands.
+    held_seq_ids: tuple[int, ...] = ()

@@ -86,6 +86,7 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="spot checks (head): this fraction of sequences, chosen at random (so this "
         "fraction of sequence-steps), also runs on other replicas of a span of its route; "
-        "their hidden states and tokens are compared without holding users' steps, and a "
-        "node outvoted by two replicas is banned from routes (default: %(default)s, no checks)",
+        "their hidden states and tokens are compared, and a checked sequence's tokens reach "
+        "its user once verified (other steps are not held); a node outvoted by two replicas "
+        "is banned from routes (default: %(default)s, no checks)",
     )

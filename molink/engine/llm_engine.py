@@ -13,7 +13,7 @@ import time
 
 from molink.engine.executor import PlanExecutor
 from molink.engine.pacing import StepPacer
-from molink.engine.recovery import RecoverySource
+from molink.engine.recovery import RecoverySource, VerdictSource
 from molink.engine.request_state import RequestState
 from molink.engine.routing import PlanRouter, RouteChoice
 from molink.errors import InvalidParameterError
@@ -46,6 +46,8 @@ class LLMEngine:
         self.pacer = pacer  # None: plans take the scheduler's own limits
         self.router = router  # None: one route (or one process) takes every plan
         self.recovery = recovery  # None: nothing can be lost (one process)
+        # A head with spot checks holds checked sequences' tokens until their verdicts.
+        self._verdicts = recovery if isinstance(recovery, VerdictSource) else None
         # Replayed sequence -> when the failure that moved it was noticed, until its next token.
         self._replayed_at: dict[int, float] = {}
         self._replays_counted = (0, 0)  # the scheduler's (sequences, tokens) already counted
@@ -129,12 +131,13 @@ class LLMEngine:
     def step(self, poll_timeout: float = 0.0) -> list[RequestOutput]:
         """Fill free micro-batch slots, collect what came back, and emit outputs."""
         self._recover()
+        now = time.monotonic()
+        touched = self._take_verdicts(now)
         self._fill_pipeline()
         in_flight = self._plans
-        if not len(in_flight):
-            return []
-        results = self.executor.poll(poll_timeout)
-        touched: dict[str, RequestState] = {}
+        if not len(in_flight) and not self.scheduler.num_unverified:
+            return [self._emit(state) for state in touched.values()]
+        results = self.executor.poll(poll_timeout)  # with nothing in flight: a short wait
         now = time.monotonic()
         for result in results:
             plan = in_flight.plan(result.step_id)
@@ -158,6 +161,20 @@ class LLMEngine:
                     touched[state.request_id] = state
         self._count_replays()
         return [self._emit(state) for state in touched.values()]
+
+    def _take_verdicts(self, now: float) -> dict[str, RequestState]:
+        """Held tokens that stand reach their requests now; the others are dropped."""
+        touched: dict[str, RequestState] = {}
+        for verdict in self._verdicts.take_verdicts() if self._verdicts is not None else []:
+            updates = self.scheduler.resolve_unverified(
+                verdict.seq_id, verdict.step_id, verdict.keep
+            )
+            for update in updates:
+                state = self._requests.get(update.request_id)
+                if state is not None:
+                    self._apply_update_isolated(state, update, now, None)
+                    touched[state.request_id] = state
+        return touched
 
     def _recover(self) -> None:
         """Sequences whose KV was on a lost node go back to be prefilled on another route."""

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from molink.step import FailureKind
 
@@ -47,6 +47,25 @@ class RecoverySource(Protocol):
         """The failures noticed since the last call, oldest first."""
 
     def recovery_stats(self) -> RecoveryStats: ...
+
+
+@dataclass(frozen=True)
+class TokenVerdict:
+    """Whether the token ``step_id`` sampled for ``seq_id``, held for a spot check
+    (StepResult.held_seq_ids), stands (``keep``) or is dropped, its sequence replaying
+    from its last verified token."""
+
+    seq_id: int
+    step_id: int
+    keep: bool
+
+
+@runtime_checkable
+class VerdictSource(Protocol):
+    """Offered by a head that holds checked sequences' tokens (molink.pipeline.spot_holds)."""
+
+    def take_verdicts(self) -> list[TokenVerdict]:
+        """The verdicts reached since the last call."""
 
 
 class RecoveryStats:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from molink.engine.recovery import NodeFailure, RecoveryStats
+from molink.engine.recovery import NodeFailure, RecoveryStats, TokenVerdict
 from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.errors import PipelineError
 from molink.pipeline.deadlines import DeadlinePolicy, StepDeadlines
@@ -276,6 +276,10 @@ class PipelineExecutor:
 
     def recovery_stats(self) -> RecoveryStats:
         return self._failover.stats
+
+    def take_verdicts(self) -> list[TokenVerdict]:
+        """Spot checks: whether each token held for a verdict stands (a VerdictSource)."""
+        return self._spot.take_verdicts() if self._spot else []
 
     def failovers_total(self) -> int:
         return self._failover.stats.failovers

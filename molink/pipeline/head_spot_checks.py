@@ -10,12 +10,13 @@ another replica of its span; there are two where the span has three replicas, so
 every checked step gets three answers and a majority can name a liar (with two, a
 disagreement is logged and counted, and nobody can be banned). All checked sequences of
 one route share its check routes, which keeps one mirrored plan per check route and step.
-Users' steps are never held for their re-runs: the answers are judged apart
-(molink.pipeline.spot_judge: hidden states as the next node received them, and tokens);
-a ban proven by the comparisons (molink.security.bans) is handed to the head, which drops
-the node, replays its sequences elsewhere and refuses it from then on. A check route that
-fails (its node left, its KV is full) ends the mirroring of its sequences; it never fails
-a user's step.
+Users' steps are never held for their re-runs, only the checked sequences' tokens
+(molink.pipeline.spot_holds); the answers are judged apart (molink.pipeline.spot_judge:
+hidden states as the next node received them, and tokens); a ban proven by the comparisons
+(molink.security.bans) is handed to the head, which drops the node, replays its sequences
+elsewhere and refuses it from then on, and the convicted node's held tokens are dropped.
+A check route that fails (its node left, its KV is full) ends the mirroring of its
+sequences and releases what it held; it never fails a user's step.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from molink.engine.recovery import TokenVerdict
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.mirroring import (
     MAX_CHECK_ROUTES,
@@ -36,6 +38,7 @@ from molink.pipeline.mirroring import (
     mirror_plan,
     shadow_id,
 )
+from molink.pipeline.spot_holds import HeldTokens
 from molink.pipeline.spot_judge import CheckedStep, PendingChecks, SpotJudge
 from molink.placement.route import Route
 from molink.security.bans import BanList, Verdicts
@@ -91,8 +94,10 @@ class HeadSpotChecks:
         self._dtypes = tuple(dtypes)
         tolerance = tolerance_for(*_known_dtypes(self._dtypes))
         self.checker = SpotChecker(fraction, Verdicts(self.bans), tolerance, rng)
-        self._judge = SpotJudge(self.checker, head_id, config, on_verdict)
-        self._pending = PendingChecks(self._judge.submit)
+        # A held token waits at most for a re-run's step deadline and a witness question.
+        self.holds = HeldTokens(config.step_timeout_s + config.rpc_timeout_s)
+        self._judge = SpotJudge(self.checker, head_id, config, on_verdict, self._judged)
+        self._pending = PendingChecks(self._judge.submit, self.holds)
         self._lock = threading.Lock()
         self._by_route: dict[str, list[_CheckRoute]] = {}  # primary route key -> check routes
         self._mirrored: dict[int, tuple[str, bool]] = {}  # seq -> (primary key, deterministic)
@@ -187,6 +192,14 @@ class HeadSpotChecks:
                 self._end_mirrors(route, result.error)
         return self._pending.arrive(result)
 
+    def _judged(self, step: CheckedStep) -> None:
+        convicted = self.bans.reason(step.primary_node) is not None
+        self.holds.judged((step.step_id, step.micro_batch), convicted)
+
+    def take_verdicts(self) -> list[TokenVerdict]:
+        """Whether each held token stands (molink.pipeline.spot_holds)."""
+        return self.holds.take()
+
     def _end_mirrors(self, check: Route, error: str) -> None:
         with self._lock:
             keys = [k for k, cs in self._by_route.items() if any(c.route == check for c in cs)]
@@ -206,7 +219,7 @@ class HeadSpotChecks:
             ]
         for route in routes:
             self._end_mirrors(route, f"node {node_id} left")
-        self._pending.drop_node(node_id)
+        self.holds.node_left(node_id, self._pending.drop_node(node_id))
 
     def close(self) -> None:
         self._judge.close()
@@ -225,7 +238,11 @@ class HeadSpotChecks:
         return [(route, tuple(ids)) for route, ids in groups.values()]
 
     def metric_lines(self) -> list[str]:
-        return [*self.bans.metric_lines(), *self._judge.metric_lines()]
+        return [
+            *self.bans.metric_lines(),
+            *self._judge.metric_lines(),
+            *self.holds.metric_lines(),
+        ]
 
 
 def _witnessed(part: MirrorPart) -> MirrorPart:

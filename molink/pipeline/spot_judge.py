@@ -1,8 +1,9 @@
 """Judging checked steps apart from the users' steps.
 
-A checked step's result goes to the engine as soon as it arrives: the head never holds a
-user's step for its re-runs. ``PendingChecks`` gathers the primary's result and each check
-route's, in any order; once all are in, ``SpotJudge`` (one thread) compares them:
+A checked step's result goes to the engine as soon as it arrives, the tokens of its checked
+sequences marked held (molink.pipeline.spot_holds): the other sequences of the step go on.
+``PendingChecks`` gathers the primary's result and each check route's, in any order; once
+all are in, ``SpotJudge`` (one thread) compares them:
 
 * hidden states: the node after the checked hop received the primary's output and each
   check's (molink.pipeline.witness); it is asked for the last row of each checked
@@ -13,9 +14,9 @@ route's, in any order; once all are in, ``SpotJudge`` (one thread) compares them
 
 Each pair of answers gives one verdict (molink.security.bans.Verdicts); a ban it proves is
 applied afterwards (``on_verdict``: the head evicts the node and replays its sequences on
-other routes). Tokens a liar returned for a checked step have reached their users by then,
-as any unchecked step's would: checks bound how long a liar lasts, they do not vet each
-token.
+other routes), and only then are the step's held tokens let go (``on_judged``): a
+convicted primary's are dropped, so no token of a checked step reaches a user before its
+verdict. Unchecked steps' tokens are not vetted: checks bound how long a liar lasts there.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from molink.errors import ProtocolError
 from molink.pipeline.mirroring import is_shadow, original_id, shadow_id, unshadow
+from molink.pipeline.spot_holds import HeldTokens
 from molink.placement.route import RouteHop
 from molink.security.spot_check import Answer, SpotChecker, Tolerance
 from molink.step import StepResult
@@ -62,44 +64,67 @@ class CheckedStep:
 
 
 class PendingChecks:
-    """Gathers a checked step's results; hands every primary result on at once."""
+    """Gathers a checked step's results; hands every primary result on at once, its
+    checked sequences' tokens held (``holds``) until the step is judged."""
 
-    def __init__(self, on_complete: Callable[[CheckedStep], None]) -> None:
-        self._on_complete = on_complete
+    def __init__(self, on_complete: Callable[[CheckedStep], bool], holds: HeldTokens) -> None:
+        self._on_complete = on_complete  # False: it will not be judged
+        self._holds = holds
         self._lock = threading.Lock()
         self._pending: dict[tuple[int, int], CheckedStep] = {}
 
     def expect(self, step: CheckedStep) -> None:
         with self._lock:
             while len(self._pending) >= _MAX_PENDING:  # steps whose re-run was lost
-                self._pending.pop(next(iter(self._pending)))
+                lost = self._pending.pop(next(iter(self._pending)))
+                self._holds.unchecked((lost.step_id, lost.micro_batch), "its re-run was lost")
             self._pending[(step.step_id, step.micro_batch)] = step
 
     def arrive(self, result: StepResult) -> list[StepResult]:
         """Takes any result the head receives; returns what to hand on now: a primary
-        result at once, nothing for a check route's."""
+        result at once (its checked sequences' tokens marked held), nothing for a check
+        route's."""
         group = -1
         if is_shadow(result.step_id):
             group = original_id(result.step_id)[1]
             result = unshadow(result)
         key = (result.step_id, result.micro_batch)
         done = None
+        held: tuple[int, ...] = ()
         with self._lock:
             step = self._pending.get(key)
             if step is not None:
                 step.results[group] = result
+                if group < 0 and result.error is None:
+                    checked = set(step.seq_ids)
+                    held = tuple(
+                        t.seq_id for t in result.sampled if t.seq_id in checked and not t.error
+                    )
+                    self._holds.hold(key, held, step.primary_node)  # before it can be judged
                 if len(step.results) == len(step.check_nodes) + 1:
                     done = self._pending.pop(key)
-        if done is not None and not any(r.error for r in done.results.values()):
-            self._on_complete(done)  # a failed step proves nothing about anyone's honesty
-        return [result] if group < 0 else []
+        if done is not None:
+            failed = next((r.error for r in done.results.values() if r.error), None)
+            if failed is not None:  # a failed step proves nothing about anyone's honesty
+                self._holds.unchecked(key, f"a run of it failed: {failed}")
+            elif not self._on_complete(done):
+                self._holds.unchecked(key, "judging falls behind")
+        if group >= 0:
+            return []
+        return [replace(result, held_seq_ids=held)] if held else [result]
 
-    def drop_node(self, node_id: str) -> None:
-        """``node_id`` left: the re-runs it was part of will not come."""
+    def drop_node(self, node_id: str) -> list[tuple[int, int]]:
+        """``node_id`` left: the re-runs it was part of will not come; returns the steps
+        dropped."""
         with self._lock:
-            for key, step in list(self._pending.items()):
-                if node_id in step.check_nodes.values() or node_id == step.primary_node:
-                    del self._pending[key]
+            dropped = [
+                key
+                for key, step in self._pending.items()
+                if node_id in step.check_nodes.values() or node_id == step.primary_node
+            ]
+            for key in dropped:
+                del self._pending[key]
+        return dropped
 
 
 class SpotJudge:
@@ -111,11 +136,15 @@ class SpotJudge:
         head_id: str,
         config: TransportConfig,
         on_verdict: Callable[[], None] = lambda: None,
+        on_judged: Callable[[CheckedStep], None] = lambda step: None,
     ) -> None:
+        """``on_verdict`` applies the bans a step proved; ``on_judged`` follows it, even
+        when judging failed."""
         self.checker = checker
         self._head_id = head_id
         self._config = config
         self._on_verdict = on_verdict
+        self._on_judged = on_judged
         self._queue: queue.Queue[CheckedStep | None] = queue.Queue(maxsize=_MAX_QUEUED)
         self._clients: dict[str, NodeClient] = {}
         self._lock = threading.Lock()
@@ -123,11 +152,14 @@ class SpotJudge:
         self._thread = threading.Thread(target=self._run, name="spot-judge", daemon=True)
         self._thread.start()
 
-    def submit(self, step: CheckedStep) -> None:
+    def submit(self, step: CheckedStep) -> bool:
+        """Queue ``step`` for judging; False when judging falls behind (it is skipped)."""
         try:
             self._queue.put_nowait(step)
         except queue.Full:
             logger.warning("spot checks: judging falls behind; step %d skipped", step.step_id)
+            return False
+        return True
 
     def close(self) -> None:
         try:
@@ -146,6 +178,8 @@ class SpotJudge:
                 self._on_verdict()
             except Exception:  # never let one step end the judging
                 logger.exception("spot checks: judging step %d failed", step.step_id)
+            finally:
+                self._on_judged(step)
 
     def judge(self, step: CheckedStep) -> None:
         """Compare every pair of the step's answers (primary first)."""

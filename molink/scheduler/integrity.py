@@ -17,8 +17,11 @@ def check_scheduler_integrity(
     sequences: dict[int, Sequence],
     kv: KVCacheManager,
     max_num_seqs: int,
+    unverified: frozenset[int] = frozenset(),
 ) -> None:
-    _check_running(running, kv, max_num_seqs)
+    """``unverified``: sequences whose last token awaits a spot check's verdict (they have
+    nothing to compute until it comes)."""
+    _check_running(running, kv, max_num_seqs, unverified)
     _check_waiting(waiting, kv)
     in_flight_ids = _check_in_flight(in_flight, kv)
     for seq in sequences.values():
@@ -35,7 +38,9 @@ def _fail(message: str) -> None:
     raise SchedulerIntegrityError(message)
 
 
-def _check_running(running: list[Sequence], kv: KVCacheManager, max_num_seqs: int) -> None:
+def _check_running(
+    running: list[Sequence], kv: KVCacheManager, max_num_seqs: int, unverified: frozenset[int]
+) -> None:
     if len(running) > max_num_seqs:
         _fail(f"{len(running)} sequences running, the limit is {max_num_seqs}")
     previous = -1
@@ -48,7 +53,7 @@ def _check_running(running: list[Sequence], kv: KVCacheManager, max_num_seqs: in
         num_slots = len(kv.block_table(seq.seq_id)) * kv.block_size
         if num_slots < seq.num_computed_tokens:
             _fail(f"{seq!r} has blocks for only {num_slots} tokens")
-        if not seq.is_in_flight and seq.num_uncomputed_tokens < 1:
+        if not seq.is_in_flight and seq.num_uncomputed_tokens < 1 and seq.seq_id not in unverified:
             _fail(f"{seq!r} has nothing left to compute")
         if not seq.known_to_stages or seq.num_blocks_sent > len(kv.block_table(seq.seq_id)):
             _fail(f"{seq!r}: the stages' view of it is inconsistent")

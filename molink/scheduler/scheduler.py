@@ -35,6 +35,11 @@ front of the waiting queue with all its tokens, and the head sends it to another
 A sequence in flight at that moment is replayed when its plan comes back. After
 ``MAX_REPLAYS`` replays it fails instead (a node that fails it every time).
 
+A result may name sequences whose token awaits a spot check's verdict (``held_seq_ids``):
+their KV counts as computed, but the token is kept apart and the sequence is not scheduled
+until ``resolve_unverified`` says whether the token stands (it is appended and reported
+then) or not (it is dropped and the sequence replays from its last verified token).
+
 Cost per call: O(running) plus the work for what is scheduled; no scans of the waiting
 queue beyond its head.
 """
@@ -113,6 +118,8 @@ class Scheduler:
         self.num_replayed_sequences = 0
         self.num_replayed_tokens = 0  # tokens the replays must compute again
         self._replayed: list[int] = []  # ids replayed since take_replayed()
+        # Tokens awaiting a spot check's verdict: seq id -> (the step that sampled it, it).
+        self._unverified: dict[int, tuple[int, SampledToken]] = {}
 
     # -- requests ------------------------------------------------------------------------
 
@@ -194,6 +201,7 @@ class Scheduler:
         updates = []
         self._in_flight.clear()
         self._waiting.clear()
+        self._unverified.clear()
         self._num_held_siblings = 0
         for seq in list(self._sequences.values()):
             seq.in_flight_step = None
@@ -296,6 +304,7 @@ class Scheduler:
             self._sequences,
             self.kv,
             self.config.max_num_seqs,
+            frozenset(self._unverified),
         )
 
     # -- scheduling ----------------------------------------------------------------------
@@ -361,6 +370,8 @@ class Scheduler:
                 return
             if seq.status is not running_status or seq.in_flight_step is not None:
                 continue
+            if seq.seq_id in self._unverified:  # its next input is its unverified token
+                continue
             num_uncomputed = len(seq.token_ids) - seq.num_computed_tokens
             if (num_uncomputed == 1) != decodes:
                 continue
@@ -385,6 +396,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
+        self._unverified.pop(seq.seq_id, None)
         logger.debug("preempting sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
         self.kv.free(seq.seq_id)
         seq.status = SequenceStatus.WAITING
@@ -474,11 +486,40 @@ class Scheduler:
             self.kv.register_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if seq.seq_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 self._release_held_siblings(seq.request)
-            if scheduled.sample:
-                updates.append(self._accept_sample(seq, sampled.get(seq.seq_id)))
+            token = sampled.get(seq.seq_id)
+            if scheduled.sample and seq.seq_id in result.held_seq_ids and token is not None:
+                if not seq.replay_pending:  # else its route lost a node: it replays without
+                    self._unverified[seq.seq_id] = (plan.step_id, token)
+            elif scheduled.sample:
+                updates.append(self._accept_sample(seq, token))
             if seq.replay_pending and not seq.is_finished:
                 self._replay(seq)
         return updates
+
+    @property
+    def num_unverified(self) -> int:
+        """Sequences whose last token awaits a spot check's verdict."""
+        return len(self._unverified)
+
+    def resolve_unverified(self, seq_id: int, step_id: int, keep: bool) -> list[SequenceUpdate]:
+        """The verdict on the token ``step_id`` sampled for ``seq_id``: kept (appended and
+        reported, as ``update`` would have) or dropped (the sequence replays from the
+        tokens it has). Unknown, stale (the sequence restarted since) and finished ones
+        are ignored."""
+        held = self._unverified.get(seq_id)
+        if held is None or held[0] != step_id:
+            return []
+        del self._unverified[seq_id]
+        seq = self._sequences.get(seq_id)
+        if seq is None or seq.status is not SequenceStatus.RUNNING:
+            return []
+        if not keep:
+            self._replay(seq)
+            self._prune_running()
+            return []
+        update = self._accept_sample(seq, held[1])
+        self._prune_running()
+        return [update]
 
     def _accept_sample(self, seq: Sequence, token: SampledToken | None) -> SequenceUpdate:
         if token is None or token.error is not None:
@@ -521,6 +562,7 @@ class Scheduler:
 
     def _replay(self, seq: Sequence) -> None:
         seq.replay_pending = False
+        self._unverified.pop(seq.seq_id, None)
         if seq.status is not SequenceStatus.RUNNING:
             return
         seq.num_replays += 1
@@ -553,6 +595,7 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        self._unverified.pop(seq.seq_id, None)
         self._running_dirty = True
         if seq.seq_index == 0:
             self._release_held_siblings(seq.request)

@@ -4,9 +4,11 @@ the two other replicas of its span; a replica that perturbs its hidden states (e
 change a token, or so little that no token changes), or one that returns wrong tokens,
 whether it is the sequences' primary or a check, is banned after its first checked step,
 evicted (its sequences are replayed), refused when it comes back, and shown in the metrics
-and the status. Users' steps are not held for the checks: tokens a lying primary returned
-before its ban stand, and everything after it is what one process gives. Honest replicas
-whose answers differ by float rounding are never banned."""
+and the status. Users' steps are not held for the checks; the tokens of checked sequences
+are marked held, for the engine to keep from their users until the verdict (what users get:
+test_spot_check_user_outputs.py). Driving the head directly, this test sees a lying
+primary's token before its ban, and everything after it is what one process gives. Honest
+replicas whose answers differ by float rounding are never banned."""
 
 from __future__ import annotations
 
@@ -172,6 +174,8 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
                 plan = _prefill(step, seq_id, history, len(prompt))
                 continue
             token = result.sampled[0].token_id
+            if seq_id == 1 and not outputs[1]:  # checked: its token waits for the verdict
+                assert result.held_seq_ids == (1,)
             outputs[seq_id].append(token)
             history += (token,)
             if len(outputs[seq_id]) == 3:
@@ -186,8 +190,8 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
         assert tokens == _one_process(tokens[0], seq_id), seq_id
         if seq_id > 1 or swarm.role == "check" or swarm.lie not in CHANGES_TOKENS:
             assert tokens[0] == expected_token(prompt[-1], seq_id, 4, 1024), seq_id
-        # else: the liar's token for seq 1's checked step may have reached the user before
-        # the verdict, as an unchecked step's would
+        # else: the liar's token for seq 1's checked step, which the head marked held (the
+        # engine drops it once the liar is convicted)
     assert wait_until(lambda: head.pipeline().stage(liar.node_id) is None, 30.0)
     reason = head._spot.bans.reason(liar.node_id)
     assert reason is not None and "disagreed with replicas" in reason

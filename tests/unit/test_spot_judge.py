@@ -1,7 +1,8 @@
 """Judging checked steps apart from users' steps: every primary result is handed on as it
-arrives; once a step's three answers are in (any order) they are judged, hidden rows first
-(a perturbation that changes no token is still a disagreement), then tokens; and what the
-next node received is kept for the head to ask."""
+arrives, its checked sequences' tokens marked held until the verdict (a check that fails
+releases them); once a step's three answers are in (any order) they are judged, hidden
+rows first (a perturbation that changes no token is still a disagreement), then tokens;
+and what the next node received is kept for the head to ask."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 from molink.config import LayerRange
+from molink.engine.recovery import TokenVerdict
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.mirroring import SHADOW_OFFSET, check_route, mirror_plan, shadow_id
+from molink.pipeline.spot_holds import HeldTokens
 from molink.pipeline.spot_judge import CheckedStep, PendingChecks, SpotJudge
 from molink.pipeline.toy import ToyStageExecutor, toy_identity
 from molink.pipeline.witness import InputWitness
@@ -35,6 +38,11 @@ def _checker(bans: BanList, seed: int = 0) -> SpotChecker:
 
 def _step(step_id: int, checks: dict[int, str], primary: str = "a") -> CheckedStep:
     return CheckedStep(step_id, 0, primary, checks, frozenset({4}), (4,), None, 8, TOLERANCE)
+
+
+def _pending(completed: list[CheckedStep]) -> tuple[PendingChecks, HeldTokens]:
+    holds = HeldTokens(wait_s=60.0)
+    return PendingChecks(lambda step: completed.append(step) is None, holds), holds
 
 
 class WrongTokens(ToyStageExecutor):
@@ -59,7 +67,9 @@ def judge_for():
         judge.close()
 
 
-def test_three_answers_convict_a_liar_in_any_arrival_order_and_none_is_held(judge_for) -> None:
+def test_three_answers_convict_a_liar_in_any_arrival_order_and_only_tokens_wait(
+    judge_for,
+) -> None:
     head = ToyStageExecutor(LayerRange(0, 1), MODEL)
     replicas = {
         "a": ToyStageExecutor(LayerRange(1, 3), MODEL),
@@ -70,7 +80,7 @@ def test_three_answers_convict_a_liar_in_any_arrival_order_and_none_is_held(judg
     bans = BanList()
     judge = judge_for(bans, seed=5)
     completed: list[CheckedStep] = []
-    pending = PendingChecks(completed.append)
+    pending, holds = _pending(completed)
     route = Route((RouteHop("h", "h:1", 0, 1), RouteHop("a", "a:1", 1, 3)), "h:1")
     first = check_route(route, nodes, judge.checker)
     second = check_route(route, nodes, judge.checker, frozenset({first[2]}), "a")
@@ -87,32 +97,56 @@ def test_three_answers_convict_a_liar_in_any_arrival_order_and_none_is_held(judg
             answers.append(replicas[node].execute(mirrored, hidden[rows], "h"))
         arrival = answers[order:] + answers[:order]
         handed = [r for a in arrival for r in pending.arrive(a)]
-        assert handed == [answers[0]]  # the primary's result, as soon as it came
+        # The primary's result, as soon as it came, its checked token held for the verdict.
+        assert handed == [dataclasses.replace(answers[0], held_seq_ids=(4,))]
+        assert len(holds) == 1
         (step,) = completed
         judge.judge(completed.pop())
         assert step.results[-1] == answers[0]
+        holds.judged((order, 0), primary_convicted=False)
+        assert holds.take() == [TokenVerdict(4, order, keep=True)] and len(holds) == 0
     assert [b.node_id for b in bans.snapshot()] == ["liar"]
 
 
 def test_a_check_node_that_left_drops_the_step_and_late_reruns_are_ignored() -> None:
     completed: list[CheckedStep] = []
-    pending = PendingChecks(completed.append)
+    pending, holds = _pending(completed)
     pending.expect(_step(3, {0: "b", 1: "c"}))
-    primary = StepResult(3, (SampledToken(4, 17),))
-    assert pending.arrive(primary) == [primary]
-    pending.drop_node("c")
+    primary = StepResult(3, (SampledToken(4, 17), SampledToken(5, 18)))  # 5 is unchecked
+    assert pending.arrive(primary) == [dataclasses.replace(primary, held_seq_ids=(4,))]
+    holds.node_left("c", pending.drop_node("c"))
+    assert holds.take() == [TokenVerdict(4, 3, keep=True)]  # released, unverified
     assert pending.arrive(StepResult(3 + SHADOW_OFFSET)) == []
     assert pending.arrive(StepResult(4)) == [StepResult(4)]  # unchecked steps pass too
     assert completed == []
+    pending.expect(_step(6, {0: "b"}, primary="a"))
+    pending.arrive(StepResult(6, (SampledToken(4, 17),)))
+    holds.node_left("a", pending.drop_node("a"))  # the primary left: its token is dropped
+    assert holds.take() == [TokenVerdict(4, 6, keep=False)]
 
 
 def test_a_failed_step_is_not_judged() -> None:
     completed: list[CheckedStep] = []
-    pending = PendingChecks(completed.append)
+    pending, holds = _pending(completed)
     pending.expect(_step(3, {0: "b"}))
     pending.arrive(StepResult(3, (SampledToken(4, 17),)))
     pending.arrive(StepResult(shadow_id(3, 0), error="kv full"))
     assert completed == []
+    assert holds.take() == [TokenVerdict(4, 3, keep=True)]  # not held for a verdict to come
+
+
+def test_a_hold_without_a_verdict_is_released_after_its_wait() -> None:
+    now = [0.0]
+    holds = HeldTokens(wait_s=5.0, clock=lambda: now[0])
+    holds.hold((1, 0), (7, 8), "a")
+    assert holds.take() == []
+    now[0] = 5.0
+    assert holds.take() == [TokenVerdict(7, 1, True), TokenVerdict(8, 1, True)]
+    holds.judged((1, 0), primary_convicted=True)  # a late verdict changes nothing
+    assert holds.take() == []
+    assert 'molink_spot_check_held_tokens_total{outcome="released_unchecked"} 2' in "\n".join(
+        holds.metric_lines()
+    )
 
 
 def test_hidden_rows_that_differ_beyond_rounding_disagree_though_tokens_agree() -> None:
