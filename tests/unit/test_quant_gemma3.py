@@ -25,7 +25,9 @@ from tests.helpers.quant_fidelity import (
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
-# bfloat16 mode's own agreement with float32 on SmolLM2's predictions (98.2%).
+# Gemma 3's quantized file agrees with its float32 dequantization on 99.45% of these
+# predictions (measured); the bar is the one the SmolLM2 test set before it measured the
+# bfloat16 mode itself (98.2%), kept since Gemma clears it on every CPU measured.
 FLOAT32_AGREEMENT = 0.982
 
 

@@ -2,7 +2,7 @@
 
 Teacher-forced next-token top-1 agreement over 20 prompts x 64 tokens (the float32
 model's own greedy continuations) of the quantized model against the same model
-dequantized to float32, which must be at least today's bfloat16 mode's (98.2%). The
+dequantized to float32, which must be at least the bfloat16 mode's (see BF16_AGREEMENT). The
 float32 predictions are cached on disk (keyed by the GGUF file, torch's version and the
 prompts), so a warm run loads only the quantized model.
 """
@@ -31,8 +31,14 @@ from tests.helpers.quant_fidelity import teacher_forced as _teacher_forced
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
-# Today's bfloat16 mode agrees with float32 on 98.2% of these predictions (measured).
-BF16_AGREEMENT = 0.982
+# The bfloat16 mode (the model loaded and run in bfloat16, `--dtype bfloat16`) agrees with
+# float32 on 97.66% of these predictions on an AVX2 machine and on 97.58% on an AVX-512 one
+# with bf16 dot products (bench/results/quant_bf16_agreement*.json, measured side by side
+# with the quantized kernels). The int4 kernel's own agreement also depends on the CPU: it
+# rounds activations to bf16 everywhere, and where the CPU has bf16 dot products it also
+# multiplies the dequantized weights in bf16 (98.20% on the AVX2 machine, 97.73% on the
+# AVX-512 one). The bar is the lower of the two bf16 figures, 1249 of 1280 predictions.
+BF16_AGREEMENT = 1249 / 1280
 BATCH_KERNELS = ["int4", "int8act"] + (["fp16"] if fp16_gemm_available() else [])
 
 
