@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -135,9 +136,9 @@ def _engine(head: PipelineExecutor, sequences: int, output_len: int) -> LLMEngin
     )
 
 
-def _drive(engine: LLMEngine, sequences: int, output_len: int) -> dict[str, Any]:
-    """Run ``sequences`` requests to their end as the server's loop does; returns what
-    each request's metrics say."""
+def _drive(engine: LLMEngine, sequences: int, output_len: int) -> dict[int, float]:
+    """Run ``sequences`` requests to their end as the server's loop does; returns each
+    sequence's time per output token (s)."""
     greedy = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     for index in range(sequences):
         engine.add_request(f"r{index}", PROMPT, greedy)  # sequence id = index
@@ -152,7 +153,7 @@ def _drive(engine: LLMEngine, sequences: int, output_len: int) -> dict[str, Any]
                 raise RuntimeError(f"{output.request_id} failed: {output.outputs[0].error}")
             if output.finished:
                 finished[output.request_id] = output
-    tpots = []
+    tpots = {}
     for index in range(sequences):
         output = finished[f"r{index}"]
         tokens = [PROMPT[-1]]
@@ -161,24 +162,37 @@ def _drive(engine: LLMEngine, sequences: int, output_len: int) -> dict[str, Any]
         if output.outputs[0].token_ids != tokens[1:]:
             raise RuntimeError(f"sequence {index} got wrong tokens")
         metrics = output.metrics
-        tpots.append((metrics.finished_time - metrics.first_token_time) / (output_len - 1))
-    return {"tpots": sorted(tpots)}
+        tpots[index] = (metrics.finished_time - metrics.first_token_time) / (output_len - 1)
+    return tpots
 
 
 def one_round(fraction: float, args: argparse.Namespace) -> dict[str, Any]:
     head, nodes, executors = _swarm(fraction, args.stage_ms / 1000, args.cost)
     try:
         engine = _engine(head, args.sequences, args.output_len)
+        checked: set[int] = set()  # sequences whose tokens were held for a verdict
+        take_verdicts = head.take_verdicts
+
+        def noting_verdicts():
+            verdicts = take_verdicts()
+            checked.update(v.seq_id for v in verdicts)
+            return verdicts
+
+        head.take_verdicts = noting_verdicts  # the engine reads verdicts through it
         started = time.perf_counter()
-        drive = _drive(engine, args.sequences, args.output_len)
+        tpots = _drive(engine, args.sequences, args.output_len)
         wall = time.perf_counter() - started
-        tpots = drive["tpots"]
+        unchecked = [t for s, t in tpots.items() if s not in checked]
         lines = head.metric_lines()
         return {
             "fraction": fraction,
             "tokens_per_s": args.sequences * args.output_len / wall,
-            "tpot_p50_ms": 1000 * statistics.median(tpots),
-            "tpot_max_ms": 1000 * tpots[-1],
+            "tpot_p50_ms": 1000 * statistics.median(tpots.values()),
+            "tpot_unchecked_p50_ms": 1000 * statistics.median(unchecked) if unchecked else None,
+            "tpot_checked_mean_ms": (
+                1000 * statistics.fmean(tpots[s] for s in checked) if checked else None
+            ),
+            "checked_sequences": len(checked),
             "engine_steps": engine.num_steps,
             "replica_steps": [e.steps for e in executors[:3]],
             "checked_steps": _checked_steps(lines),
@@ -205,6 +219,16 @@ def _checked_steps(lines: list[str]) -> int:
     return round(pairs / 3)
 
 
+def _summary(rows: list[dict[str, Any]], keys: tuple[str, ...], how) -> dict[str, Any]:
+    """``how`` (median, mean) of each key over the rounds that have it (a round with no
+    checked sequence has no checked time per token)."""
+    summary = {}
+    for key in keys:
+        values = [r[key] for r in rows if r[key] is not None]
+        summary[key] = how(values) if values else None
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -214,26 +238,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost", choices=("per-pass", "per-step"), default="per-pass")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    load_before = os.getloadavg()
     rounds: dict[str, list[dict[str, Any]]] = {str(f): [] for f in FRACTIONS}
     for index in range(args.rounds):
         for fraction in FRACTIONS:
             row = one_round(fraction, args)
             rounds[str(fraction)].append(row)
             print(f"round {index} F={fraction}: {row}", flush=True)
-    keys = ("tokens_per_s", "tpot_p50_ms", "tpot_max_ms", "checked_steps", "held_tokens")
-    median = {
-        f: {k: statistics.median(r[k] for r in rows) for k in keys} for f, rows in rounds.items()
-    }
+    keys = (
+        "tokens_per_s",
+        "tpot_p50_ms",
+        "tpot_unchecked_p50_ms",
+        "tpot_checked_mean_ms",
+        "checked_sequences",
+        "checked_steps",
+        "held_tokens",
+    )
     # At F = 0.01 most rounds check nothing: the mean over rounds is the expected cost.
-    mean = {
-        f: {k: statistics.fmean(r[k] for r in rows) for k in keys} for f, rows in rounds.items()
-    }
+    median = {f: _summary(rows, keys, statistics.median) for f, rows in rounds.items()}
+    mean = {f: _summary(rows, keys, statistics.fmean) for f, rows in rounds.items()}
     base = mean["0.0"]
     relative = {
         f: {
             "throughput_vs_off": m["tokens_per_s"] / base["tokens_per_s"],
-            "tpot_p50_extra_ms": m["tpot_p50_ms"] - base["tpot_p50_ms"],
-            "tpot_max_extra_ms": m["tpot_max_ms"] - base["tpot_max_ms"],
+            "tpot_unchecked_p50_vs_off": (
+                m["tpot_unchecked_p50_ms"] / base["tpot_unchecked_p50_ms"]
+                if m["tpot_unchecked_p50_ms"] is not None
+                else None  # every sequence was checked
+            ),
         }
         for f, m in mean.items()
     }
@@ -249,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 "output_len": args.output_len,
                 "micro_batches": MICRO_BATCHES,
             },
+            "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
             "rounds": rounds,
             "median": median,
             "mean": mean,
