@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,17 @@ PROMPT = (
     "decides to travel across the ocean to find the sender. Chapter"
 )
 NEW_TOKENS = 64  # default; --new-tokens
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector extensions: torch's int4 and bf16 CPU kernels take different paths
+    on AVX2 and on AVX-512 with bf16 dot products, so figures only compare within one."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx", "amx", "fma", "f16c")
+                return sorted({f for f in line.split()[2:] if f.startswith(wanted)})
+    return []
 
 
 def _peak_rss_mib(pid: int) -> float | None:
@@ -163,6 +176,7 @@ async def measure(
         run_timeout_s=1800.0,
         extra_body=dict(extra_body or {}),
     )
+    load_before = os.getloadavg()[0]
     result = await run_load(specs, config)
     s = result.summary
     return {
@@ -176,6 +190,8 @@ async def measure(
         "errors": s.error_samples,
         # Steady decode rate of all streams together (TPOT excludes the prefill).
         "decode_tok_s": round(streams * 1000 / s.tpot_mean_ms, 2) if s.tpot_mean_ms else None,
+        # 1-minute load average of the shared host before and after this measurement.
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -279,6 +295,9 @@ def main() -> None:
             args.name,
             {
                 "new_tokens": args.new_tokens,
+                "rounds": args.rounds,
+                "cpu_flags": cpu_flags(),
+                "load_average_at_write": [round(x, 2) for x in os.getloadavg()],
                 "prompt_tokens": args.prompt_tokens or "text",
                 "servers": results,
                 "ratios": ratios(results),

@@ -13,8 +13,9 @@ engine would reach if its products took no time at all. Where it is below 2, no 
 make that step twice as fast as float32's.
 
     OMP_NUM_THREADS=1 python bench/quant_step_breakdown.py [--streams 1,8,32] [--rounds 4]
+        [--modes float32,bfloat16,int4,fp16,int8act] [--name quant_step_breakdown]
 
-Writes ``bench/results/quant_step_breakdown.json``. The committed run (4 rounds, a host
+Writes ``bench/results/<name>.json``. The committed run (4 rounds, a host
 loaded ~10x by other jobs, so absolute times are 3-7x a quiet host's and each engine's
 ``other_ms`` varies by tens of percent between rounds): float32's steps at 1, 8 and 32
 streams are 140, 438 and 1379 ms, of which 69, 161 and 581 ms are not products, so even
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -42,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import write_results  # noqa: E402
+from bench.quant_serving import cpu_flags  # noqa: E402
 from molink.engine.offline import LLM  # noqa: E402
 from molink.models.blocks.linear import LinearLike  # noqa: E402
 from molink.sampling_params import SamplingParams  # noqa: E402
@@ -53,7 +56,7 @@ PROMPT = (
     "Write a long story about a lighthouse keeper who finds a message in a bottle and "
     "decides to travel across the ocean to find the sender. Chapter"
 )
-MODES = ("float32", "int4", "fp16", "int8act")
+MODES = ("float32", "int4", "fp16", "int8act")  # --modes may add bfloat16
 TIMED_STEPS = 6
 
 
@@ -81,8 +84,8 @@ class LinearClock:
 
 def build(mode: str, clock: LinearClock) -> LLM:
     options: dict[str, Any] = {"max_num_seqs": 64, "kv_cache_memory_bytes": 1 << 29}
-    if mode == "float32":
-        options.update(quantization="none", dtype="float32")
+    if mode in ("float32", "bfloat16"):
+        options.update(quantization="none", dtype=mode)
     else:
         options.update(quantization="gguf", quantized_batch_kernel=mode)
     llm = LLM(model=str(default_model_gguf()), **options)
@@ -119,7 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), help="also: bfloat16")
+    parser.add_argument("--name", default="quant_step_breakdown", help="results file name")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
@@ -129,6 +133,7 @@ def main() -> None:
     for mode in modes:
         decode_steps(llms[mode], clocks[mode], 2, f"warm-{mode}")
     results: dict[str, Any] = {}
+    load_start = os.getloadavg()[0]
     for streams in (int(n) for n in args.streams.split(",")):
         samples: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
         for r in range(args.rounds):
@@ -137,7 +142,15 @@ def main() -> None:
                 samples[mode].append(decode_steps(llms[mode], clocks[mode], streams, tag))
         results[str(streams)] = summarize(samples)
         logger.info("streams=%d: %s", streams, results[str(streams)])
-    write_results("quant_step_breakdown", {"rounds": args.rounds, "streams": results})
+    write_results(
+        args.name,
+        {
+            "rounds": args.rounds,
+            "cpu_flags": cpu_flags(),
+            "load_average_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+            "streams": results,
+        },
+    )
 
 
 def summarize(samples: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
