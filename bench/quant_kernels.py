@@ -37,6 +37,9 @@ CUDA extensions: on CPU its int4 layout calls the same ``_weight_int4pack_mm_for
 
 Writes ``bench/results/quant_kernels.json``: milliseconds per model pass (median of
 rounds) per candidate and row count, and the slow float32 paths on one matrix at 1 row.
+The committed files are from an AVX2 CPU, except ``quant_kernels_avx512bf16.json`` (AVX-512
+with ``avx512_bf16``, where ``bf16`` and ``int4_g32`` run faster paths; the figures are in
+molink/quant/kernels.py).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import statistics
 import sys
 import time
@@ -60,6 +64,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import write_results  # noqa: E402
+from bench.quant_serving import cpu_flags  # noqa: E402
 from molink.quant.groups import quantize_float  # noqa: E402
 from molink.quant.int4 import to_int4_planes  # noqa: E402
 from molink.quant.linear import dequant_matmul  # noqa: E402
@@ -276,8 +281,13 @@ def main() -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.interleaved:
         chosen = args.interleaved.split(",")
+        load = [round(os.getloadavg()[0], 2)]
         ms = interleaved_ms(rows_list, args.rounds, chosen)
-        write_results(args.name, {"threads": 1, "interleaved_ms": ms})
+        load.append(round(os.getloadavg()[0], 2))  # 1-minute load average, start and end
+        write_results(
+            args.name,
+            {"threads": 1, "cpu_flags": cpu_flags(), "load_average": load, "interleaved_ms": ms},
+        )
         return
     if args.crossover:
         rows = [int(r) for r in args.crossover.split(",")]

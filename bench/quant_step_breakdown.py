@@ -23,6 +23,11 @@ free products would make them only 2.0x, 2.7x and 2.4x faster; to reach 2x, the 
 would have to be 2.3-7x faster than float32's, while the fastest kernels on this CPU are
 1.2-3x at these row counts (molink/quant/kernels.py). Measured speed-ups over float32:
 int4 1.03, 1.06, 0.55; fp16 0.83, 1.66, 0.93; int8act 0.81, 1.32, 0.89.
+That run was on an AVX2 CPU. ``quant_step_breakdown_avx512bf16.json`` (AVX-512 with
+``avx512_bf16``, bfloat16 added, 4 rounds, load 1.1): float32's steps at 1, 8, 32 streams
+35.1, 37.3, 78.4 ms (11.5, 13.4, 30.7 not products: bounds 3.0x, 2.8x, 2.6x); speed-ups
+over float32: bfloat16 0.91, 0.82, 1.0; int4 2.54, 1.24, 0.75; fp16 2.62, 1.57, 0.99;
+int8act 2.02, 1.42, 1.06.
 """
 
 from __future__ import annotations

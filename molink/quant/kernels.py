@@ -1,6 +1,6 @@
 """Which CPU kernel a quantized matrix product runs, chosen per step by its rows.
 
-Candidates measured side by side on one thread of this AVX2 CPU (no AVX-512), one
+Candidates measured side by side on one thread of an AVX2 CPU (no AVX-512), one
 SmolLM2-135M forward pass (30 layers + LM head, distinct weights streaming from memory),
 ms per pass, medians of 5 rounds interleaved candidate by candidate, on a host loaded
 ~6x by other jobs (bench/quant_kernels.py --interleaved;
@@ -46,6 +46,33 @@ changes with the host's load), and int8 activations lose the outlier channels of
 normalised hidden states: SmolLM2 Q4_1's teacher-forced top-1 agreement with float32 is
 96.3% with every matrix in int8, 98.8% with only attention's output and the MLP's down
 projection in int8 (tests/unit/test_quant_smollm.py), under the issue's 98.2% otherwise.
+
+On a CPU with AVX-512 and ``avx512_bf16`` (AMD EPYC, 2 cores) the int4 kernel and
+bfloat16 products take faster paths, and the order changes. The same model pass, ms, one
+thread, medians of 3 interleaved rounds, load average 0.8
+(bench/results/quant_kernels_avx512bf16.json):
+
+    rows                         1      2      4      8     16     32     64
+    float32 (oneDNN packed)     20     20     21     29     39     57     99
+    bfloat16 (F.linear)         21     21     22     26     31     40     62
+    int4 g32 kernel            6.7    7.0    9.3     18     32     60    131
+    fbgemm float16 packed       11     12     13     17     29     51    102
+    MatMulNBits int4 x int8    7.8    8.8     13     20     33     55    108
+
+There the int4 kernel is 2.9x float32 at one row and still the fastest up to 4 rows (so
+``INT4_FEW_ROWS`` = 2, chosen on AVX2, hands rows 3-8 to float16 where int4 ties or wins),
+ties float16 at 8, and is slower than float32 from 32 rows (0.95x; 0.76x at 64);
+bfloat16 weights are the fastest from 32 rows (1.4x float32 at 32, 1.6x at 64), and no
+``--quantized-batch-kernel`` uses them. Decode steps of the offline engine split the same way
+(bench/results/quant_step_breakdown_avx512bf16.json, load 1.1): products at 1, 8 and 32
+rows take 23.6, 23.9, 47.7 ms in float32, 23.6, 26.7, 40.5 in bfloat16, 8.6, 21.8, 84.2
+with ``int4``, 8.2, 15.8, 56.0 with ``fp16``, 10.8, 18.0, 55.2 with ``int8act``; whole
+steps are 2.5x, 1.2x, 0.75x float32's with ``int4`` and 2.6x, 1.6x, 0.99x with ``fp16``.
+Served (bench/results/quant_serving_avx512bf16.json, 4 ABBA rounds, load 3.6-6.5, rounds
+varying up to 2x) ``int4`` makes 1.87x, 1.20x, 0.78x float32's tok/s at 1, 8, 32 streams
+and ``fp16`` 2.64x, 1.50x, 1.74x: the issue's 2x holds at one stream only, there as on
+AVX2. ``int4`` stays the default for its memory (peak 1054 MiB served against 1498 with
+``fp16``), though on the AVX-512 CPU ``fp16`` is faster at every stream count.
 
 So ``--quantized-batch-kernel``:
 
