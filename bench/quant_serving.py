@@ -40,6 +40,10 @@ with AVX-512 and ``avx512_bf16`` (faster int4 and bfloat16 paths), 4 ABBA rounds
 tokens, load 3.6-6.5: tok/s at 1, 8, 32 streams float32 20.2, 98.7, 149.7; bfloat16 15.7,
 82.7, 249.7; int4 37.8, 118.9, 116.5 (1.87x, 1.20x, 0.78x float32); fp16 53.4, 147.8,
 260.6 (2.64x, 1.50x, 1.74x); int8act 42.2, 134.7, 183.5 (2.08x, 1.36x, 1.23x).
+``quant_serving_avx512bf16_run2.json``: the same right after on the quieter host (load
+0.6-1.3): float32 29.2, 174.7, 289.5; bfloat16 26.2, 157.1, 360.5; int4 68.6, 213.6,
+225.2 (2.35x, 1.22x, 0.78x); fp16 72.6, 254.6, 364.0 (2.49x, 1.46x, 1.26x); int8act 63.4,
+257.1, 329.1 (2.17x, 1.47x, 1.14x).
 """
 
 from __future__ import annotations

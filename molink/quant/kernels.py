@@ -68,11 +68,13 @@ bfloat16 weights are the fastest from 32 rows (1.4x float32 at 32, 1.6x at 64), 
 rows take 23.6, 23.9, 47.7 ms in float32, 23.6, 26.7, 40.5 in bfloat16, 8.6, 21.8, 84.2
 with ``int4``, 8.2, 15.8, 56.0 with ``fp16``, 10.8, 18.0, 55.2 with ``int8act``; whole
 steps are 2.5x, 1.2x, 0.75x float32's with ``int4`` and 2.6x, 1.6x, 0.99x with ``fp16``.
-Served (bench/results/quant_serving_avx512bf16.json, 4 ABBA rounds, load 3.6-6.5, rounds
-varying up to 2x) ``int4`` makes 1.87x, 1.20x, 0.78x float32's tok/s at 1, 8, 32 streams
-and ``fp16`` 2.64x, 1.50x, 1.74x: the issue's 2x holds at one stream only, there as on
-AVX2. ``int4`` stays the default for its memory (peak 1054 MiB served against 1498 with
-``fp16``), though on the AVX-512 CPU ``fp16`` is faster at every stream count.
+Served (bench/results/quant_serving_avx512bf16_run2.json, 4 ABBA rounds, load 0.6-1.3)
+``int4`` makes 2.35x, 1.22x, 0.78x float32's tok/s at 1, 8, 32 streams (2.62x, 1.36x,
+0.62x bfloat16's), ``fp16`` 2.49x, 1.46x, 1.26x (2.77x, 1.62x, 1.01x), ``int8act`` 2.17x,
+1.47x, 1.14x; on a host loaded 3.6-6.5 (quant_serving_avx512bf16.json) ``int4`` 1.87x,
+1.20x, 0.78x and ``fp16`` 2.64x, 1.50x, 1.74x. The issue's 2x holds at one stream only,
+there as on AVX2. ``int4`` stays the default for its memory (peak 1055 MiB served against
+1479 with ``fp16``), though on the AVX-512 CPU ``fp16`` is faster at every stream count.
 
 So ``--quantized-batch-kernel``:
 
