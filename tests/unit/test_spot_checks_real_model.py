@@ -2,11 +2,13 @@
 the tolerance is tightest: the head's stage [0, 1), three honest replicas of [1, 2) and a
 last stage, threads of this process. With F = 1 four greedy sequences, started in two
 prefills of different sizes (the router may send them along different replicas, so that
-a replica computes re-runs in other batches than the primary did), decode for 10 steps; every checked step's hidden rows and tokens are
-compared, none disagree and nobody is banned."""
+a replica computes re-runs in other batches than the primary did) and run as two
+micro-batches in flight, decode for 10 steps; every checked step's hidden rows and tokens
+are compared, none disagree and nobody is banned."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,10 +20,10 @@ from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
 from molink.pipeline.identity import ModelIdentity
 from molink.sampling_params import SamplingParams
 from molink.stage.worker import StageWorker
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan, StepResult
 from molink.transport.config import TransportConfig
 from molink.weights import resolve_model_source
-from tests.helpers.polling import first_result, wait_until
+from tests.helpers.polling import results_of, wait_until
 
 REAL_MODEL_WAIT_S = 60.0  # real forward passes on a loaded 2-core machine
 
@@ -36,6 +38,13 @@ def _blocks(seq_id: int, start: int, count: int) -> tuple[int, ...]:
     first, last = start // BLOCK_SIZE, (start + count - 1) // BLOCK_SIZE
     have = -(-start // BLOCK_SIZE)
     return tuple(16 * seq_id + b for b in range(max(first, have), last + 1))
+
+
+def _tokens_of(results: list[StepResult]) -> dict[int, int]:
+    """Each sequence's sampled token from the results of steps in flight together."""
+    for result in results:
+        assert result.error is None, result.error
+    return {t.seq_id: t.token_id for result in results for t in result.sampled}
 
 
 def _prefill(step_id: int, seq_ids: list[int]) -> StepPlan:
@@ -97,25 +106,21 @@ def test_honest_replicas_of_a_real_model_are_never_banned(model_dir: Path) -> No
         assert wait_until(
             lambda: len(head.pipeline().stages) == 5 and head.readiness() is None, REAL_MODEL_WAIT_S
         )
-        step, tokens = 0, {}
-        groups = ([1, 2, 3], [4])  # each may take its own route: one micro-batch each
-        for group in groups:
-            head.submit(_prefill(step, group))
-            result = first_result(head, REAL_MODEL_WAIT_S)
-            assert result.error is None, result.error
-            tokens.update({t.seq_id: t.token_id for t in result.sampled})
-            step += 1
+        groups = ([1, 2, 3], [4])  # each may take its own route: two micro-batches in flight
+        for slot, group in enumerate(groups):  # step ids 0 and 1, one micro-batch slot each
+            head.submit(dataclasses.replace(_prefill(slot, group), micro_batch=slot))
+        tokens = _tokens_of(results_of(head, len(groups), REAL_MODEL_WAIT_S))
+        step = len(groups)
         done = {s: len(p) for s, p in PROMPTS.items()}
         for _ in range(10):
-            for group in groups:  # one micro-batch in flight at a time
+            for slot, group in enumerate(groups):
                 scheduled = tuple(
                     ScheduledSequence(s, done[s], 1, _blocks(s, done[s], 1), True) for s in group
                 )
-                head.submit(StepPlan(step, scheduled, tuple(tokens[s] for s in group)))
-                result = first_result(head, REAL_MODEL_WAIT_S)
-                assert result.error is None, result.error
-                tokens.update({t.seq_id: t.token_id for t in result.sampled})
+                inputs = tuple(tokens[s] for s in group)
+                head.submit(StepPlan(step, scheduled, inputs, micro_batch=slot))
                 step += 1
+            tokens.update(_tokens_of(results_of(head, len(groups), REAL_MODEL_WAIT_S)))
             done = {s: n + 1 for s, n in done.items()}
         pairs = 3 * step
         assert wait_until(lambda: sum(head._spot.bans.counts()) >= pairs, REAL_MODEL_WAIT_S)
