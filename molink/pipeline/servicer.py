@@ -131,9 +131,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     ) -> pb.UpdatePipelineResponse:
         caller = peer_node_id(context)
         refusal = check_update(caller, request)
-        if refusal is not None:
-            self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        self._deny_if_refused(caller, refusal, context)
         if self._node.head_role is not None:
             return pb.UpdatePipelineResponse(applied=False, reason="a head keeps its own pipeline")
         if self._node.links.get(request.head_id) is None:
@@ -227,9 +225,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     ) -> pb.ReleaseResponse:
         caller = peer_node_id(context)
         refusal = check_release(caller, request.head_id)
-        if refusal is not None:
-            self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        self._deny_if_refused(caller, refusal, context)
         before = request.started_before_step if request.HasField("started_before_step") else None
         job = ReleaseJob(request.head_id, None, tuple(request.seq_ids), False, before)
         try:
@@ -243,9 +239,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     ) -> pb.WitnessResponse:
         caller = peer_node_id(context)
         refusal = check_witness(caller, request.head_id)
-        if refusal is not None:
-            self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        self._deny_if_refused(caller, refusal, context)
         try:
             return self._node.witness(request)
         except ProtocolError as exc:
@@ -257,3 +251,11 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
         if request.head_id and (caller is None or caller == request.head_id):
             self._node.renew_lease(request.head_id)
         return self._node.health()
+
+    def _deny_if_refused(
+        self, caller: str | None, refusal: str | None, context: grpc.ServicerContext
+    ) -> None:
+        """Log a refused call and end it with PERMISSION_DENIED (``abort`` raises)."""
+        if refusal is not None:
+            self._refusals.refused(caller, f"node {self._node.node_id}: {refusal}")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)

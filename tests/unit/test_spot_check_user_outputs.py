@@ -11,15 +11,13 @@ import time
 
 import pytest
 
-from molink.config import LayerRange
 from molink.engine.llm_engine import LLMEngine
-from molink.pipeline import PipelineExecutor, StageNode
-from molink.pipeline.toy import ToyStageExecutor, expected_token
+from molink.pipeline.toy import expected_token
 from molink.sampling_params import SamplingParams
 from tests.helpers.fake_engine import FakeTokenizer
 from tests.helpers.polling import wait_until
+from tests.helpers.spot_swarm import MODEL, lying_swarm
 from tests.unit.test_scheduler_helpers import make_scheduler
-from tests.unit.test_spot_checks_pipeline import MODEL, SwitchableExecutor, _info, _member
 
 PROMPTS = ([5, 6, 7], [8, 9], [10, 11, 12, 13])
 MAX_TOKENS = 6
@@ -39,27 +37,8 @@ def _one_process(prompt: list[int], seq_id: int) -> list[int]:
 def test_users_get_what_one_process_gives_though_the_primary_lies(
     lie: str, span: tuple[int, int]
 ) -> None:
-    config = _member()
-    head = PipelineExecutor(
-        ToyStageExecutor(LayerRange(0, 1), MODEL), _info(config, 0, 1), config, verify_fraction=1.0
-    ).start()
-    nodes: list[StageNode] = []
-    executors: dict[str, SwitchableExecutor] = {}
-    try:
-        for start, end in ((1, 2), (2, 4)):
-            for _ in range(3 if (start, end) == span else 1):
-                node_config = _member()
-                info = _info(node_config, start, end)
-                executors[info.node_id] = SwitchableExecutor(LayerRange(start, end), MODEL)
-                node = StageNode(
-                    executors[info.node_id], info, node_config, initial_peer=head.address
-                )
-                nodes.append(node.start())
-        assert wait_until(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
-        routed = {n.node_id for n in head.route_nodes()}
-        liar = next(n for n in nodes if n.node_id in routed and n.info.layers.start == span[0])
-        executors[liar.node_id].lie = lie  # the replica new sequences go to
-
+    with lying_swarm(lie, span, "primary") as swarm:
+        head, liar = swarm.head, swarm.liar
         scheduler = make_scheduler(enable_prefix_caching=False)
         engine = LLMEngine(
             scheduler, head, FakeTokenizer(), num_micro_batches=2, router=head.routes, recovery=head
@@ -86,7 +65,3 @@ def test_users_get_what_one_process_gives_though_the_primary_lies(
         # Every sequence started on the liar's route: each of its checked tokens was held.
         assert 'molink_spot_check_held_tokens_total{outcome="dropped"} 0' not in metrics
         assert scheduler.num_replayed_sequences >= 1
-    finally:
-        for node in nodes:
-            node.stop()
-        head.close()

@@ -13,7 +13,6 @@ replicas whose answers differ by float rounding are never banned."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 from collections.abc import Iterator
 
@@ -25,68 +24,27 @@ from molink.cli.main import parse_engine_args
 from molink.config import LayerRange
 from molink.dashboard.pipeline_provider import PipelineSwarmProvider
 from molink.engine.protocol import EngineStats
-from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
+from molink.pipeline import PipelineExecutor, StageNode
 from molink.pipeline.status import pipeline_status
-from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
+from molink.pipeline.toy import expected_token
 from molink.sampling_params import SamplingParams
-from molink.security.credentials import SwarmCredentials
-from molink.security.swarm_key import generate_swarm_key
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan
-from molink.transport.config import TransportConfig
 from tests.helpers.polling import first_result, wait_until
+from tests.helpers.spot_swarm import (
+    MODEL,
+    PERTURBATIONS,
+    Swarm,
+    SwitchableExecutor,
+    lying_swarm,
+    member,
+    node_info,
+    start_head,
+    wait_for_five_nodes,
+)
 
-# A vocabulary that divides the shadow id offsets: the toy's tokens depend on sequence ids.
-MODEL = toy_identity(4, vocab_size=1024)
-KEY = generate_swarm_key()
 GREEDY = SamplingParams(temperature=0.0)
-
-
-# How much each lie adds to the hidden states: 0.6 changes a toy token (values are rounded
-# to pick one), 0.05 none, yet it is far beyond float32 rounding.
-PERTURBATIONS = {"perturbed-hidden-states": 0.6, "slightly-perturbed-hidden-states": 0.05}
 # The lies that change what a user would get from a lying primary.
 CHANGES_TOKENS = ("perturbed-hidden-states", "wrong-tokens")
-
-
-class SwitchableExecutor(ToyStageExecutor):
-    """Honest until told to lie: ``lie`` perturbs the hidden states (PERTURBATIONS) or
-    returns the next token instead of the computed one. ``noise`` multiplies every hidden
-    value by 1 + u * noise (u uniform in [-1, 1]): what another device's or batch's
-    rounding does to an honest answer."""
-
-    lie: str | None = None
-    noise: float = 0.0
-
-    def execute(self, plan, hidden, head_id=""):
-        out = super().execute(plan, hidden, head_id)
-        if isinstance(out, torch.Tensor) and self.noise:
-            out = out * (1 + (torch.rand_like(out) * 2 - 1) * self.noise)
-        if self.lie in PERTURBATIONS:
-            return out + PERTURBATIONS[self.lie]
-        if self.lie == "wrong-tokens":
-            sampled = tuple(dataclasses.replace(s, token_id=s.token_id + 1) for s in out.sampled)
-            return dataclasses.replace(out, sampled=sampled)
-        return out
-
-
-def _member() -> TransportConfig:
-    return TransportConfig(
-        step_timeout_s=10.0, rpc_timeout_s=3.0, security=SwarmCredentials.from_key(KEY)
-    )
-
-
-def _info(config: TransportConfig, start: int, end: int) -> NodeInfo:
-    node_id = config.security.node_id
-    return NodeInfo(node_id, MODEL, LayerRange(start, end), "127.0.0.1:0", wire_dtype="float32")
-
-
-@dataclasses.dataclass
-class Swarm:
-    head: PipelineExecutor
-    liar: StageNode
-    nodes: list[StageNode]
-    lie: str
-    role: str
 
 
 @pytest.fixture(
@@ -101,36 +59,12 @@ class Swarm:
     ids=lambda p: "-".join(p),
 )
 def swarm(request) -> Iterator[Swarm]:
-    """head [0, 1); three replicas of the lying span ([1, 2) for perturbed hidden states,
-    [2, 4) for wrong tokens), the other span served once. The liar is the replica new
-    sequences are routed to ("primary") or another one (it then answers checks only)."""
+    """Three replicas of the lying span ([1, 2) for perturbed hidden states, [2, 4) for
+    wrong tokens); the liar is the primary or answers checks only."""
     lie, role = request.param
     lying_span = (1, 2) if lie in PERTURBATIONS else (2, 4)
-    config = _member()
-    head = PipelineExecutor(
-        ToyStageExecutor(LayerRange(0, 1), MODEL), _info(config, 0, 1), config, verify_fraction=1.0
-    ).start()
-    nodes: list[StageNode] = []
-    executors: dict[str, SwitchableExecutor] = {}
-    try:
-        for start, end in ((1, 2), (2, 4)):
-            for _ in range(3 if (start, end) == lying_span else 1):
-                node_config = _member()
-                executor = SwitchableExecutor(LayerRange(start, end), MODEL)
-                info = _info(node_config, start, end)
-                nodes.append(StageNode(executor, info, node_config, initial_peer=head.address))
-                nodes[-1].start()
-                executors[info.node_id] = executor
-        assert wait_until(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
-        routed = {n.node_id for n in head.route_nodes()}
-        replicas = [n for n in nodes if (n.info.layers.start, n.info.layers.end) == lying_span]
-        liar = next(n for n in replicas if (n.node_id in routed) == (role == "primary"))
-        executors[liar.node_id].lie = lie
-        yield Swarm(head, liar, nodes, lie, role)
-    finally:
-        for node in nodes:
-            node.stop()
-        head.close()
+    with lying_swarm(lie, lying_span, role) as built:
+        yield built
 
 
 def _prefill(step: int, seq_id: int, history: tuple[int, ...], prompt_len: int) -> StepPlan:
@@ -198,7 +132,7 @@ def test_a_liar_is_banned_and_users_get_what_one_process_gives(swarm: Swarm) -> 
     assert [b.node_id for b in head._spot.bans.snapshot()] == [liar.node_id]
     assert head.pipeline().stage(liar.node_id) is None
     assert "is banned" in head.admit_discovered(liar.info)  # its record is ignored from now on
-    status = pipeline_status(head.address, _member())
+    status = pipeline_status(head.address, member())
     assert f"banned by spot checks: node {liar.node_id}: spot check: disagreed" in status
     metrics = "\n".join(head.metric_lines())
     assert f'molink_node_banned{{node="{liar.node_id}"' in metrics
@@ -218,19 +152,16 @@ def test_honest_replicas_differing_by_rounding_are_never_banned() -> None:
     """Three honest replicas of [1, 2), each rounding differently (a few float32 units in
     the last place), serve four greedy sequences in one batch for 16 steps at F = 1:
     every step's hidden rows and tokens are compared (three pairs), and all agree."""
-    config = _member()
-    head = PipelineExecutor(
-        ToyStageExecutor(LayerRange(0, 1), MODEL), _info(config, 0, 1), config, verify_fraction=1.0
-    ).start()
+    head = start_head(member())
     nodes: list[StageNode] = []
     try:
         for start, end in ((1, 2), (1, 2), (1, 2), (2, 4)):
-            node_config = _member()
+            config = member()
             executor = SwitchableExecutor(LayerRange(start, end), MODEL)
             executor.noise = 4 * torch.finfo(torch.float32).eps
-            info = _info(node_config, start, end)
-            nodes.append(StageNode(executor, info, node_config, initial_peer=head.address).start())
-        assert wait_until(lambda: len(head.pipeline().stages) == 5 and head.readiness() is None)
+            info = node_info(config, start, end)
+            nodes.append(StageNode(executor, info, config, initial_peer=head.address).start())
+        wait_for_five_nodes(head)
         seqs, prompt = (1, 2, 3, 4), (5, 6, 7)
         plan = StepPlan(
             0,
