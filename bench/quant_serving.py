@@ -7,12 +7,18 @@ honours it) it records output tok/s, TTFT and TPOT from the streamed answers, an
 server's peak resident memory (VmHWM) after the runs. ``--rounds N`` repeats the servers
 in ABBA order and keeps, per stream count, the round with the median tok/s.
 
-llama.cpp runs through llama-cpp-python's server (``python -m llama_cpp.server``), built
-from source by ``pip install 'llama-cpp-python[server]'`` into its own virtualenv (it
-pins its own numpy/fastapi); pass its interpreter with ``--llama-python``. That server
-answers one request at a time (no batching across requests).
+llama.cpp runs two ways. ``llama_server``: its own C++ server (``--llama-server
+/path/to/llama-server``), built from the llama.cpp source that llama-cpp-python's sdist
+vendors (``pip download --no-binary :all: llama-cpp-python``, then in
+``vendor/llama.cpp``: ``cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF`` and ``cmake
+--build build --target llama-server``; ~10 minutes on 2 cores), with 32 slots and
+continuous batching, one thread. ``llama_cpp``: llama-cpp-python's server (``python -m
+llama_cpp.server``), built by ``pip install 'llama-cpp-python[server]'`` into its own
+virtualenv (it pins its own numpy/fastapi; ``--llama-python``), which answers one request
+at a time (no batching across requests).
 
-    python bench/quant_serving.py [--llama-python /path/to/venv/bin/python]
+    python bench/quant_serving.py [--llama-server /path/to/llama-server]
+        [--llama-python /path/to/venv/bin/python]
         [--servers molink_q4_1,molink_float32] [--streams 1,8,32] [--new-tokens 32]
         [--name quant_serving]
 
@@ -44,6 +50,15 @@ tokens, load 3.6-6.5: tok/s at 1, 8, 32 streams float32 20.2, 98.7, 149.7; bfloa
 0.6-1.3): float32 29.2, 174.7, 289.5; bfloat16 26.2, 157.1, 360.5; int4 68.6, 213.6,
 225.2 (2.35x, 1.22x, 0.78x); fp16 72.6, 254.6, 364.0 (2.49x, 1.46x, 1.26x); int8act 63.4,
 257.1, 329.1 (2.17x, 1.47x, 1.14x).
+``quant_serving_llama_server.json``: the same CPU with llama.cpp's batching server built
+here, 4 ABBA rounds, load 1.0-2.4 (a test run niced beside it): tok/s at 1, 8, 32 streams
+llama-server 125.5, 113.0, 144.4 (TPOT 7.9, 59.5, 186.6 ms: its one thread multiplies each
+row's Q8 activations against the Q4_1 weights again, so 8 streams are no faster than one;
+8 slots instead of 32 gave the same 113.8 at 8 streams, 1 slot 147.4 at 1 stream); int4
+67.4, 216.0, 238.5 = **0.54x, 1.91x, 1.65x llama-server**; fp16 0.51x, 2.07x, 2.25x;
+int8act 0.39x, 1.89x, 2.10x. Against float32 (28.3, 173.3, 286.3): int4 2.38x, 1.25x,
+0.83x; fp16 2.25x, 1.35x, 1.13x. Peak RSS: llama-server 348, int4 983, fp16 1428, float32
+2178 MiB.
 """
 
 from __future__ import annotations
@@ -104,7 +119,21 @@ def _peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-def servers(llama_python: str | None) -> dict[str, list[str] | None]:
+# llama.cpp's own server: one slot per stream of the largest run, continuous batching across
+# slots (as molink batches its sequences), one thread for decode and for batches; 256 tokens
+# of 16-bit KV per slot (prompt + 64 new tokens fit).
+LLAMA_SERVER_SLOTS = 32
+
+
+def llama_server_flags(binary: str, gguf: str) -> list[str]:
+    return [binary, "--model", gguf, "--threads", "1", "--threads-batch", "1",
+            "--parallel", str(LLAMA_SERVER_SLOTS), "--cont-batching",
+            "--ctx-size", str(256 * LLAMA_SERVER_SLOTS), "--host", LOOPBACK]  # fmt: skip
+
+
+def servers(
+    llama_python: str | None, llama_server: str | None = None
+) -> dict[str, list[str] | None]:
     gguf = str(default_model_gguf())
     common = ["--num-threads", "1", "--max-num-seqs", "64"]
     found: dict[str, list[str] | None] = {
@@ -146,6 +175,7 @@ def servers(llama_python: str | None) -> dict[str, list[str] | None]:
             *common,
         ],
         "llama_cpp": None,
+        "llama_server": llama_server_flags(llama_server, gguf) if llama_server else None,
     }
     if llama_python:
         found["llama_cpp"] = [llama_python, "-m", "llama_cpp.server", "--model", gguf,
@@ -156,7 +186,7 @@ def servers(llama_python: str | None) -> dict[str, list[str] | None]:
 
 
 def command_for(name: str, flags: list[str], port: int) -> list[str]:
-    if name == "llama_cpp":
+    if name in LLAMA_CPP_SERVERS:
         return [*flags, "--port", str(port)]
     return molink_serve_command(port, flags)
 
@@ -165,6 +195,7 @@ def command_for(name: str, flags: list[str], port: int) -> list[str]:
 # OpenAI ``logit_bias`` forbids them (<|endoftext|>, <|im_start|>, <|im_end|>), so every
 # stream generates the tokens asked for, as molink's do.
 LLAMA_CPP_BODY = {"logit_bias": {"0": -100, "1": -100, "2": -100}}
+LLAMA_CPP_SERVERS = ("llama_cpp", "llama_server")
 
 
 async def measure(
@@ -211,20 +242,21 @@ def long_prompt(tokens: int, index: int) -> list[int]:
 
 
 def run(
-    llama_python: str | None,
+    llama: tuple[str | None, str | None],
     stream_counts: list[int],
     new_tokens: int,
     only: str | None,
     prompt_tokens: int = 0,
 ) -> dict[str, Any]:
+    """``llama``: llama-cpp-python's interpreter and llama.cpp's server binary (or None)."""
     results: dict[str, Any] = {}
-    for name, flags in servers(llama_python).items():
+    for name, flags in servers(*llama).items():
         if only is not None and name not in only.split(","):
             continue
         if flags is None:
-            results[name] = {"skipped": "no --llama-python given"}
+            results[name] = {"skipped": "no --llama-python / --llama-server given"}
             continue
-        if prompt_tokens and name != "llama_cpp":
+        if prompt_tokens and name not in LLAMA_CPP_SERVERS:
             flags = [*flags, "--kv-cache-memory", "2GiB"]
         port = free_port()
         # llama-cpp-python's server has no /health; its model list answers once loaded.
@@ -232,7 +264,7 @@ def run(
         with running_server(
             command_for(name, flags, port), port, env={"OMP_NUM_THREADS": "1"}, health_path=health
         ) as server:
-            body = LLAMA_CPP_BODY if name == "llama_cpp" else None
+            body = LLAMA_CPP_BODY if name in LLAMA_CPP_SERVERS else None
             # One short request first: lazy initialisation does not land in the figures.
             asyncio.run(measure(server.base_url, 1, 4, extra_body=body))
             runs = [
@@ -280,6 +312,9 @@ def combine(entries: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-python", default=None, help="python of llama-cpp-python's venv")
+    parser.add_argument(
+        "--llama-server", default=None, help="llama.cpp's llama-server binary (batching server)"
+    )
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     parser.add_argument("--servers", default=None, help="comma-separated subset of the servers")
@@ -291,13 +326,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     streams = [int(n) for n in args.streams.split(",")]
-    names = args.servers.split(",") if args.servers else list(servers(args.llama_python))
+    llama = (args.llama_python, args.llama_server)
+    names = args.servers.split(",") if args.servers else list(servers(*llama))
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     results: dict[str, Any] = {}
     # Rounds alternate the servers' order (ABBA): a loaded host's drift reaches all alike.
     order = [n for r in range(args.rounds) for n in (names if r % 2 == 0 else names[::-1])]
     for name in order:  # written after each server: a long run keeps what it measured
-        got = run(args.llama_python, streams, args.new_tokens, name, args.prompt_tokens)
+        got = run(llama, streams, args.new_tokens, name, args.prompt_tokens)
         rounds[name].append(got[name])
         results[name] = combine(rounds[name])
         write_results(
