@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from collections.abc import Sequence as SequenceOf
 
 from molink.kv_cache.manager import KVCacheManager
 from molink.scheduler.errors import SchedulerIntegrityError
@@ -11,10 +12,10 @@ from molink.scheduler.sequence import Sequence, SequenceStatus
 
 
 def check_scheduler_integrity(
-    running: list[Sequence],
+    running: SequenceOf[Sequence],
     waiting: Iterable[Sequence],
     in_flight: InFlightPlans,
-    sequences: dict[int, Sequence],
+    sequences: Mapping[int, Sequence],
     kv: KVCacheManager,
     max_num_seqs: int,
     unverified: frozenset[int] = frozenset(),
@@ -39,7 +40,7 @@ def _fail(message: str) -> None:
 
 
 def _check_running(
-    running: list[Sequence], kv: KVCacheManager, max_num_seqs: int, unverified: frozenset[int]
+    running: SequenceOf[Sequence], kv: KVCacheManager, max_num_seqs: int, unverified: frozenset[int]
 ) -> None:
     if len(running) > max_num_seqs:
         _fail(f"{len(running)} sequences running, the limit is {max_num_seqs}")

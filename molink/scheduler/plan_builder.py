@@ -125,7 +125,7 @@ class VictimCursor:
     """Walks the running list from its newest end; each entry is passed at most once per
     ``schedule`` call because whatever it skips stays ineligible for the rest of the call."""
 
-    def __init__(self, running: list[Sequence]) -> None:
+    def __init__(self, running: SequenceOf[Sequence]) -> None:
         self._running = running
         self._position = len(running) - 1
         self.num_preempted = 0

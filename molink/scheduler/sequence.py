@@ -12,8 +12,11 @@ Who owns which piece of a sequence's state on the head (one owner each; the othe
   (route, deadlines: ``Flight`` in molink/pipeline/head_flights.py); spot checks get each
   plan as it is submitted and keep only their mirrored copies until the comparison.
 * KV blocks: each node's own ``KVCacheManager``: the head's for its own layers (keyed by
-  sequence id, allocated and freed by the scheduler), a stage's keyed by (head id, sequence
-  id). No block id travels between nodes.
+  sequence id; the scheduler's scheduling pass allocates, its ``SequenceLifecycle`` frees),
+  a stage's keyed by (head id, sequence id). No block id travels between nodes.
+* queues (waiting, running, held siblings), request records, the replay queue and tokens
+  awaiting a spot check's verdict: the scheduler's ``SequenceLifecycle``
+  (molink/scheduler/lifecycle.py); the rest of the scheduler reads them.
 * route: the head's ``RouteBook`` (molink/pipeline/route_book.py), from a sequence's first
   plan until it is released, preempted or replayed.
 * text, logprobs, finish reason, timings: the engine's ``RequestState``.

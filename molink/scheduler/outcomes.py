@@ -1,0 +1,169 @@
+"""Plan outcomes: what a plan's result, or its failure, does to the plan's sequences.
+
+A result advances each sequence's computed count, registers its computed blocks in the
+prefix cache and appends its sampled token (stopping the sequence when a stop condition
+holds). A failed plan's sequences are requeued (the node had no room: ``KV_FULL``),
+replayed on another route (the node was lost, late, refused or erred; after
+``MAX_REPLAYS`` replays they fail instead, so a node that fails a sequence every time
+cannot hold it forever), or failed (any other error).
+
+A result may name sequences whose token awaits a spot check's verdict (``held_seq_ids``):
+their KV counts as computed, but the token is held apart (by the lifecycle) and the
+sequence is not scheduled until ``resolve_unverified`` says whether the token stands (it is
+appended and reported then) or not (it is dropped and the sequence replays from its last
+verified token).
+
+``PlanOutcomes`` owns no state of its own: the plan comes from the scheduler's in-flight
+registry, which the scheduler pops before handing it here, and every move of a sequence
+between queues goes through its ``SequenceLifecycle`` (molink/scheduler/lifecycle.py).
+It changes only the per-step fields of the sequences in the plan (``in_flight_step``,
+``num_computed_tokens``, the appended token) and registers computed blocks with the KV
+cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from molink.kv_cache.manager import KVCacheManager
+from molink.scheduler.in_flight import InFlightStep
+from molink.scheduler.lifecycle import SequenceLifecycle
+from molink.scheduler.sequence import Sequence, SequenceStatus, SequenceUpdate
+from molink.scheduler.stop import check_stop
+from molink.step import FailureKind, SampledToken, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+# Failures after which a plan's sequences are replayed rather than failed.
+REPLAYABLE = frozenset(
+    {FailureKind.UNREACHABLE, FailureKind.DEADLINE, FailureKind.NODE_ERROR, FailureKind.REJECTED}
+)
+MAX_REPLAYS = 8
+
+
+class PlanOutcomes:
+    def __init__(
+        self,
+        lifecycle: SequenceLifecycle,
+        kv: KVCacheManager,
+        eos_token_ids: frozenset[int],
+        max_model_len: int,
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._kv = kv
+        self._eos_token_ids = eos_token_ids
+        self._max_model_len = max_model_len
+
+    def apply(self, step: InFlightStep, result: StepResult) -> list[SequenceUpdate]:
+        """Apply the result of ``step``, just taken out of the in-flight registry. A result
+        with ``error`` (or for another step) fails, requeues or replays its sequences."""
+        sent_plan, seqs = step.plan, step.sequences
+        error = result.error
+        if error is None and result.step_id != sent_plan.step_id:
+            error = f"result of step {result.step_id} given for step {sent_plan.step_id}"
+        if error is not None and result.failure_kind is FailureKind.KV_FULL:
+            updates = self._requeue_plan(seqs)
+        elif error is not None and result.failure_kind in REPLAYABLE:
+            updates = self._replay_plan(seqs, error)
+        elif error is not None:
+            updates = self._fail_plan(seqs, error)
+        else:
+            updates = self._apply_result(sent_plan, seqs, result)
+        self._lifecycle.prune_running()
+        return updates
+
+    def _apply_result(
+        self, plan: StepPlan, seqs: list[Sequence], result: StepResult
+    ) -> list[SequenceUpdate]:
+        lifecycle = self._lifecycle
+        sampled = {token.seq_id: token for token in result.sampled}
+        updates = []
+        for scheduled, seq in zip(plan.scheduled, seqs, strict=True):
+            seq.in_flight_step = None
+            if seq.is_finished:  # aborted or stopped while in flight
+                lifecycle.release(seq)
+                continue
+            seq.num_computed_tokens += scheduled.num_new_tokens
+            self._kv.register_computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.seq_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                lifecycle.release_held_siblings(seq.request)
+            token = sampled.get(seq.seq_id)
+            if scheduled.sample and seq.seq_id in result.held_seq_ids and token is not None:
+                if not seq.replay_pending:  # else its route lost a node: it replays without
+                    lifecycle.hold_unverified(seq.seq_id, plan.step_id, token)
+            elif scheduled.sample:
+                updates.append(self._accept_sample(seq, token))
+            if seq.replay_pending and not seq.is_finished:
+                lifecycle.replay_sequence(seq)
+        return updates
+
+    def resolve_unverified(self, seq_id: int, step_id: int, keep: bool) -> list[SequenceUpdate]:
+        """The verdict on the token ``step_id`` sampled for ``seq_id``: kept (appended and
+        reported, as a result would have) or dropped (the sequence replays from the tokens
+        it has). Unknown, stale (the sequence restarted since) and finished ones are
+        ignored."""
+        lifecycle = self._lifecycle
+        token = lifecycle.take_unverified(seq_id, step_id)
+        if token is None:
+            return []
+        seq = lifecycle.get(seq_id)
+        if seq is None or seq.status is not SequenceStatus.RUNNING:
+            return []
+        if not keep:
+            lifecycle.replay_sequence(seq)
+            lifecycle.prune_running()
+            return []
+        update = self._accept_sample(seq, token)
+        lifecycle.prune_running()
+        return [update]
+
+    def _accept_sample(self, seq: Sequence, token: SampledToken | None) -> SequenceUpdate:
+        if token is None or token.error is not None:
+            message = f"the last stage sampled no token for sequence {seq.seq_id}"
+            if token is not None:
+                message = f"sequence {seq.seq_id} failed on the last stage: {token.error}"
+            self._lifecycle.finish(seq, "error")
+            return SequenceUpdate.of(seq, None, error=message)
+        seq.token_ids.append(token.token_id)
+        decision = check_stop(seq, token.token_id, self._eos_token_ids, self._max_model_len)
+        if decision is not None:
+            self._lifecycle.finish(seq, decision.finish_reason, decision.stop_reason)
+        return SequenceUpdate.of(seq, token)
+
+    def _requeue_plan(self, seqs: list[Sequence]) -> list[SequenceUpdate]:
+        """A node had no room for the plan and kept nothing of it: its sequences restart
+        from scratch once there is room (preemption by recompute), nothing fails."""
+        for seq in seqs:
+            seq.in_flight_step = None
+            if seq.is_finished:
+                self._lifecycle.release(seq)
+            elif seq.status is SequenceStatus.RUNNING:
+                self._lifecycle.preempt(seq)
+        return []
+
+    def _replay_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
+        """A node on the plan's route failed (unreachable, late, refused, erred): its
+        sequences start again on another route, unless they were replayed too often."""
+        updates = []
+        for seq in seqs:
+            seq.in_flight_step = None
+            if seq.is_finished:
+                self._lifecycle.release(seq)
+            elif seq.num_replays >= MAX_REPLAYS:
+                message = f"{error} (after {seq.num_replays} replays on other routes)"
+                updates += self._fail_plan([seq], message)
+            else:
+                self._lifecycle.replay_sequence(seq)
+        return updates
+
+    def _fail_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
+        logger.error("step failed for %d sequences: %s", len(seqs), error)
+        updates = []
+        for seq in seqs:
+            seq.in_flight_step = None
+            if seq.is_finished:
+                self._lifecycle.release(seq)
+                continue
+            self._lifecycle.finish(seq, "error")
+            updates.append(SequenceUpdate.of(seq, None, error=error))
+        return updates
