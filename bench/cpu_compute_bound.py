@@ -57,7 +57,7 @@ HIDDEN, MLP, KV_DIM, LAYERS, VOCAB = 576, 1536, 192, 30, 49152
 LAYER_MACS = HIDDEN * (HIDDEN + 2 * KV_DIM + HIDDEN) + 3 * HIDDEN * MLP
 MACS_PER_TOKEN = LAYERS * LAYER_MACS + HIDDEN * VOCAB
 ROWS = (1, 8, 32)
-QUANTIZED_MODES = ("int4", "fp16", "int8act")
+QUANTIZED_MODES = ("int4", "fp16", "bf16", "int8act")
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:

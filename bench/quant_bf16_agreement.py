@@ -43,7 +43,7 @@ from tests.helpers.quant_fidelity import (  # noqa: E402
 
 logger = logging.getLogger("quant_bf16_agreement")
 RESULTS = REPO_ROOT / "bench" / "results" / "quant_bf16_agreement.json"
-KERNELS = ("int4", "fp16", "int8act")
+KERNELS = ("int4", "fp16", "bf16", "int8act")
 
 
 def main() -> None:

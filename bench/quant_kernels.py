@@ -10,6 +10,8 @@ CPU's caches and flatters the float32 kernels). Candidates:
   float32 engine runs today);
 * ``bf16``: bfloat16 weights through ``F.linear`` (oneDNN's packed bfloat16 GEMM,
   ``mkldnn._reorder_linear_weight``, refuses this CPU: it needs AVX-512 or AVX-NE-CONVERT);
+* ``bf16_onednn``: the same bfloat16 weights packed by oneDNN (molink.quant.bf16_gemm:
+  the ``bf16`` batch kernel; packing needs AVX-512 or AMX), activations converted;
 * ``int4_g32``: torch's ``_weight_int4pack_mm_for_cpu`` (4-bit, group 32, bfloat16 scales
   and zero points, bfloat16 activations); ``int4_g32_fp32``: the same in float32;
 * ``int4_g32_dequant``: the same planes dequantized a band of rows at a time into float32
@@ -65,6 +67,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.common import write_results  # noqa: E402
 from bench.quant_serving import cpu_flags  # noqa: E402
+from molink.quant.bf16_gemm import Bf16Packed  # noqa: E402
 from molink.quant.groups import quantize_float  # noqa: E402
 from molink.quant.int4 import to_int4_planes  # noqa: E402
 from molink.quant.linear import dequant_matmul  # noqa: E402
@@ -115,6 +118,8 @@ def _prepare(name: str, w: torch.Tensor) -> Product:
     if name == "bf16":
         w16 = w.to(torch.bfloat16)
         return lambda x: F.linear(x.to(torch.bfloat16), w16)
+    if name == "bf16_onednn":
+        return Bf16Packed(w).matmul
     if name in ("int4_g32", "int4_g32_dequant", "int8_g32_2plane", "int8_g32_2plane_dequant"):
         planes = to_int4_planes(quantize_float(w, 4 if name.startswith("int4") else 8, GROUP))
         if name.endswith("dequant"):
@@ -146,6 +151,7 @@ CANDIDATES = {
     "fp32": None,
     "fp32_onednn": None,
     "bf16": (1, 4, 8),
+    "bf16_onednn": None,
     "int4_g32": None,
     "int4_g32_dequant": None,
     "int8_g32_2plane": None,

@@ -147,6 +147,15 @@ def servers(
             "fp16",
             *common,
         ],
+        "molink_q4_1_bf16": [
+            "--model",
+            gguf,
+            "--quantization",
+            "gguf",
+            "--quantized-batch-kernel",
+            "bf16",
+            *common,
+        ],
         "molink_q4_1_int8act": [
             "--model",
             gguf,
@@ -279,7 +288,7 @@ def run(
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
     """Each quantized server's tok/s over each other server's, per stream count."""
     out: dict[str, Any] = {}
-    for quantized in ("molink_q4_1", "molink_q4_1_fp16", "molink_q4_1_int8act"):
+    for quantized in ("molink_q4_1", "molink_q4_1_fp16", "molink_q4_1_bf16", "molink_q4_1_int8act"):
         if "runs" not in results.get(quantized, {}):
             continue
         base = {r["streams"]: r["output_tok_s"] for r in results[quantized]["runs"]}

@@ -1,7 +1,7 @@
 """Where a decode step of SmolLM2 Q4_1 spends its time: matrix products vs the rest.
 
 One process holds the model four ways (float32, and the Q4_1 file with each
-``--quantized-batch-kernel``: int4, fp16, int8act) as offline engines, one torch thread.
+``--quantized-batch-kernel``: int4, fp16, bf16, int8act) as offline engines, one torch thread.
 For 1, 8 and 32 streams each engine prefills that many text prompts, then times decode
 steps; every linear layer (LM head included) is wrapped with a timer, so a step splits
 into ``linear_ms`` (the products, with their conversions) and ``other_ms`` (attention,
@@ -13,7 +13,7 @@ engine would reach if its products took no time at all. Where it is below 2, no 
 make that step twice as fast as float32's.
 
     OMP_NUM_THREADS=1 python bench/quant_step_breakdown.py [--streams 1,8,32] [--rounds 4]
-        [--modes float32,bfloat16,int4,fp16,int8act] [--name quant_step_breakdown]
+        [--modes float32,bfloat16,int4,fp16,bf16,int8act] [--name quant_step_breakdown]
 
 Writes ``bench/results/<name>.json``. The committed run (4 rounds, a host
 loaded ~10x by other jobs, so absolute times are 3-7x a quiet host's and each engine's
@@ -61,7 +61,7 @@ PROMPT = (
     "Write a long story about a lighthouse keeper who finds a message in a bottle and "
     "decides to travel across the ocean to find the sender. Chapter"
 )
-MODES = ("float32", "int4", "fp16", "int8act")  # --modes may add bfloat16
+MODES = ("float32", "int4", "fp16", "bf16", "int8act")  # --modes may add bfloat16
 TIMED_STEPS = 6
 
 

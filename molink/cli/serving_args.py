@@ -60,7 +60,9 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
         choices=BATCH_KERNEL_CHOICES,
         help="how quantized weights multiply batches of more than 2 rows: int4 keeps only "
         "the quantized weights; fp16 adds a float16 copy (2 bytes per weight) that is "
-        "1.4-3x faster than float32 from 4 rows up; int8act is fp16 with attention's "
+        "1.4-3x faster than float32 from 4 rows up; bf16 adds a bfloat16 copy instead, "
+        "faster still on CPUs with bfloat16 dot products (AVX-512 BF16, AMX); int8act is "
+        "fp16 with attention's "
         "output and the MLP's down projection in int8 activations x int4/int8 weights "
         "(onnxruntime) (default: %(default)s)",
     )

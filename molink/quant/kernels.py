@@ -95,13 +95,16 @@ from typing import Literal
 
 from molink.errors import InvalidParameterError
 
-BATCH_KERNEL_CHOICES = ("int4", "fp16", "int8act")
+BATCH_KERNEL_CHOICES = ("int4", "fp16", "bf16", "int8act")
 # Up to this many rows the int4 kernel beats dequantize-and-multiply (table above).
 INT4_MAX_ROWS = 128
 # With a float16 copy, up to this many rows the int4 kernel ties or wins (tables above).
 INT4_FEW_ROWS = 2
+# With a bfloat16 copy (a CPU with bfloat16 dot products), up to this many rows the int4
+# kernel wins (table above).
+INT4_FEW_ROWS_BF16 = 4
 
-Kernel = Literal["int4", "dequant", "fp16", "nbits"]
+Kernel = Literal["int4", "dequant", "fp16", "bf16", "nbits"]
 
 
 def check_batch_kernel(value: str) -> None:
@@ -116,6 +119,8 @@ def choose_kernel(rows: int, batch_kernel: str, planes: int = 1) -> Kernel:
     (two run the int4 kernel twice: with a float16 copy at hand, that copy is faster)."""
     if batch_kernel == "fp16":
         return "int4" if rows <= INT4_FEW_ROWS and planes == 1 else "fp16"
+    if batch_kernel == "bf16":
+        return "int4" if rows <= INT4_FEW_ROWS_BF16 and planes == 1 else "bf16"
     if batch_kernel == "int8act":
         return "nbits"
     return "int4" if rows <= INT4_MAX_ROWS else "dequant"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molink.errors import WeightLoadError
+from molink.quant.bf16_gemm import Bf16Packed
 from molink.quant.device import DeviceMatrix, check_device, device_matrix
 from molink.quant.fp16_gemm import Fp16Packed
 from molink.quant.groups import GroupInts, quantize_float
@@ -55,7 +56,7 @@ class QuantLinear(nn.Module):
     ``load_weight`` takes a ``GroupInts`` (a quantized checkpoint) or, with ``bits`` set,
     a float matrix quantized on the fly; a float matrix without ``bits`` stays float (a
     quantized checkpoint may keep small matrices unquantized). ``batch_kernel`` ``fp16``
-    also keeps a float16 copy for batches (molink.quant.kernels). On a CUDA ``device``
+    (``bf16``) also keeps a float16 (bfloat16) copy for batches (molink.quant.kernels). On a CUDA ``device``
     the matrix is held by molink.quant.device instead (``fp8``: fp8 rows; ``table``: the
     embedding, whose rows are also gathered).
     """
@@ -85,7 +86,7 @@ class QuantLinear(nn.Module):
         )
         self.on_device: DeviceMatrix | None = None
         self.planes: Int4Planes | None = None
-        self.wide: Fp16Packed | None = None
+        self.wide: Fp16Packed | Bf16Packed | None = None
         self.nbits: NBitsProduct | None = None
         self.dense: torch.Tensor | None = None
         self.source_type = "unloaded"
@@ -119,7 +120,7 @@ class QuantLinear(nn.Module):
 
     def _set_planes(self, planes: Int4Planes, source_type: str) -> None:
         self.planes, self.dense, self.source_type = planes, None, source_type
-        self.wide = self._float16_copy(planes) if self.batch_kernel == "fp16" else None
+        self.wide = self._wide_copy(planes, self.batch_kernel)
         self.nbits = NBitsProduct(planes) if self.batch_kernel == "int8act" else None
 
     def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -156,9 +157,12 @@ class QuantLinear(nn.Module):
         self._set_planes(planes, str(info["source_type"]))
 
     @staticmethod
-    def _float16_copy(planes: Int4Planes) -> Fp16Packed:
+    def _wide_copy(planes: Int4Planes, batch_kernel: str) -> Fp16Packed | Bf16Packed | None:
+        """The float16 or bfloat16 copy a batch kernel multiplies (None for the others)."""
+        if batch_kernel not in ("fp16", "bf16"):
+            return None
         rows = planes.dequantize_rows(0, padded_rows(planes.rows))[: planes.rows]
-        return Fp16Packed(rows)
+        return Fp16Packed(rows) if batch_kernel == "fp16" else Bf16Packed(rows)
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         if shape != (self.out_features, self.in_features):
@@ -188,8 +192,8 @@ class QuantLinear(nn.Module):
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:
         assert self.planes is not None
         kernel = choose_kernel(x.shape[0], self.batch_kernel, len(self.planes.packed))
-        if kernel == "fp16":
-            assert self.wide is not None  # made with the planes when the choice is fp16
+        if kernel in ("fp16", "bf16"):
+            assert self.wide is not None  # made with the planes when the choice is fp16/bf16
             return self.wide.matmul(x)
         if kernel == "nbits":
             assert self.nbits is not None  # made with the planes when the choice is int8act

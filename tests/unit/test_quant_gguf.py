@@ -12,11 +12,13 @@ import torch
 
 from molink.errors import InvalidParameterError, WeightLoadError
 from molink.models.parallel.shard import Segment
+from molink.quant import bf16_gemm
+from molink.quant.bf16_gemm import Bf16Packed, bf16_gemm_available
 from molink.quant.factory import QuantLinearFactory
 from molink.quant.fp16_gemm import fp16_gemm_available
 from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
 from molink.quant.int4 import padded_rows, rounding_report, to_int4_planes
-from molink.quant.kernels import INT4_FEW_ROWS, INT4_MAX_ROWS, choose_kernel
+from molink.quant.kernels import INT4_FEW_ROWS, INT4_FEW_ROWS_BF16, INT4_MAX_ROWS, choose_kernel
 from molink.quant.linear import QuantLinear
 
 gguf = pytest.importorskip("gguf")
@@ -70,7 +72,11 @@ def test_decoding_matches_gguf(type_name: str) -> None:
     assert (in_steps > 0.125 + 1e-6).float().mean() < 1e-3
 
 
-BATCH_KERNELS = ["int4", "int8act"] + (["fp16"] if fp16_gemm_available() else [])
+BATCH_KERNELS = (
+    ["int4", "int8act"]
+    + (["fp16"] if fp16_gemm_available() else [])
+    + (["bf16"] if bf16_gemm_available() else [])
+)
 
 
 @pytest.mark.parametrize("batch_kernel", BATCH_KERNELS)
@@ -89,7 +95,8 @@ def test_products_match_dequantized_float32(type_name: str, batch_kernel: str) -
         expected = x.double() @ expected_w.t()
         # bfloat16 scales and (int4 kernel) bfloat16 activations and outputs: about
         # 2**-8 relative per term; float16 weights 2**-11; int8 activations per block of
-        # 32 (int8act) about 2**-8; Q6_K adds its sub-block merge.
+        # 32 (int8act) about 2**-8; bfloat16 weights (bf16) 2**-9 relative each; Q6_K adds
+        # its sub-block merge.
         tolerance = 2e-2 if type_name == "Q6_K" else 1e-2
         err = (got - expected).norm() / expected.norm()
         assert err < tolerance, (type_name, batch, float(err))
@@ -145,6 +152,14 @@ def test_kernel_choice_covers_every_path() -> None:
     ]
     # Two planes (Q5, Q6_K, Q8_0) run the int4 kernel twice: the float16 copy wins.
     assert choose_kernel(1, "fp16", planes=2) == "fp16"
+    few = INT4_FEW_ROWS_BF16
+    assert [choose_kernel(r, "bf16") for r in (1, few, few + 1, 4096)] == [
+        "int4",
+        "int4",
+        "bf16",
+        "bf16",
+    ]
+    assert choose_kernel(1, "bf16", planes=2) == "bf16"
     assert {choose_kernel(r, "int8act") for r in (1, INT4_MAX_ROWS + 1, 4096)} == {"nbits"}
 
 
@@ -188,6 +203,31 @@ def test_float16_copy_is_counted_and_used_for_batches() -> None:
     x = torch.randn(INT4_FEW_ROWS + 1, COLS)
     assert torch.equal(wide(x), wide.wide.matmul(x))  # the float16 copy ran
     assert torch.equal(wide(x[:1]), lean(x[:1]))  # one row: the same int4 kernel
+
+
+@pytest.mark.skipif(not bf16_gemm_available(), reason="oneDNN bfloat16 needs AVX-512 or AMX")
+def test_bfloat16_copy_is_counted_and_used_for_batches() -> None:
+    ints = decode_blocks(make_blocks("Q4_1", ROWS, COLS, seed=5), "Q4_1", ROWS, COLS)
+    lean = QuantLinear(COLS, ROWS, bias=False)
+    wide = QuantLinear(COLS, ROWS, bias=False, batch_kernel="bf16")
+    lean.load_weight(ints, pack=False)
+    wide.load_weight(ints, pack=False)
+    assert isinstance(wide.wide, Bf16Packed)
+    assert wide.weight_bytes == lean.weight_bytes + 2 * ROWS * COLS
+    x = torch.randn(INT4_FEW_ROWS_BF16 + 1, COLS)
+    assert torch.equal(wide(x), wide.wide.matmul(x))  # the bfloat16 copy ran
+    assert torch.equal(wide(x[:1]), lean(x[:1]))  # one row: the same int4 kernel
+    # The copy holds the planes' matrix rounded to bfloat16: the same product as the int4
+    # kernel's up to bfloat16 rounding.
+    assert (wide(x) - lean(x)).norm() / lean(x).norm() < 1e-2
+
+
+def test_bfloat16_copy_refused_without_onednn_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bf16_gemm, "bf16_gemm_available", lambda: False)
+    ints = decode_blocks(make_blocks("Q4_0", ROWS, COLS, seed=5), "Q4_0", ROWS, COLS)
+    layer = QuantLinear(COLS, ROWS, bias=False, batch_kernel="bf16")
+    with pytest.raises(InvalidParameterError, match="quantized_batch_kernel.*bf16"):
+        layer.load_weight(ints, pack=False)
 
 
 def test_unknown_batch_kernel_is_named() -> None:

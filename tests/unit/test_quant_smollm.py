@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from molink.config import LayerRange
+from molink.quant.bf16_gemm import bf16_gemm_available
 from molink.quant.fp16_gemm import fp16_gemm_available
 from molink.quant.linear import QuantLinear
 from molink.quant.memory import resident_weight_bytes
@@ -39,7 +40,16 @@ logger = logging.getLogger(__name__)
 # multiplies the dequantized weights in bf16 (98.20% on the AVX2 machine, 97.73% on the
 # AVX-512 one). The bar is the lower of the two bf16 figures, 1249 of 1280 predictions.
 BF16_AGREEMENT = 1249 / 1280
-BATCH_KERNELS = ["int4", "int8act"] + (["fp16"] if fp16_gemm_available() else [])
+# The ``bf16`` batch kernel multiplies as the bfloat16 mode does (weights, activations and
+# outputs in bfloat16; 1250 of 1280 on the AVX-512 machine), so which near-tied predictions
+# flip depends on the CPU's accumulation order as the bfloat16 mode's own do: its bar is
+# that mode's figure less 4 predictions (0.3%).
+BF16_COPY_AGREEMENT = 1245 / 1280
+BATCH_KERNELS = (
+    ["int4", "int8act"]
+    + (["fp16"] if fp16_gemm_available() else [])
+    + (["bf16"] if bf16_gemm_available() else [])
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +82,7 @@ def quantized_source():
 
 @pytest.mark.parametrize("batch_kernel", BATCH_KERNELS)
 def test_quantized_agrees_with_float32(float_reference, quantized_source, batch_kernel) -> None:
-    """20 rows per decode step: the int4 kernel, or with ``fp16`` the float16 copy."""
+    """20 rows per decode step: the int4 kernel, or the float16 / bfloat16 copy."""
     layers = LayerRange(0, quantized_source.model_config.num_layers)
     model = quantized_source.load_slice(layers, "float32", batch_kernel=batch_kernel)
     assert isinstance(model.embed, QuantLinear) and model.lm_head is model.embed
@@ -80,7 +90,7 @@ def test_quantized_agrees_with_float32(float_reference, quantized_source, batch_
     float32 = torch.tensor(float_reference["float32"])
     vs_float32 = float((got == float32).float().mean())
     logger.info("top-1 agreement: quantized (%s)/float32 %.4f", batch_kernel, vs_float32)
-    assert vs_float32 >= BF16_AGREEMENT
+    assert vs_float32 >= (BF16_COPY_AGREEMENT if batch_kernel == "bf16" else BF16_AGREEMENT)
 
 
 def test_quantized_memory_stays_near_the_file(quantized_source) -> None:
