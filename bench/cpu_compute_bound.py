@@ -14,16 +14,17 @@ over float32's measured step that any kernel of each arithmetic could give.
     OMP_NUM_THREADS=1 python bench/cpu_compute_bound.py [--breakdown NAME] [--name NAME]
 
 Writes ``bench/results/<name>.json`` (default ``cpu_compute_bound``). The committed run
-(AMD EPYC with AVX-512 and avx512_bf16, one thread, load 1.4): peaks 106.8 GMAC/s in
-float32 (oneDNN packed), 211.1 in bfloat16, 349 in int8; reads at 37.1 GB/s, so the Q4_1
-file's 98 MB take 2.65 ms. With the step breakdown's least non-product time (5.2, 7.9,
-18.9 ms at 1, 8, 32 rows) the largest speed-ups over float32's step (35.1, 37.3, 78.4 ms)
-any kernel could give are 4.5x at 1 row (bytes decide), 2.9x at 8 rows in bfloat16
-arithmetic (1.3x if it multiplied in float32), and 2.0x at 32 rows in bfloat16, 2.5x in
-int8: at 32 streams twice float32 needs a kernel at bfloat16's peak or int8 arithmetic,
-and int8 activations cost the fidelity bar (molink/quant/kernels.py). The kernels torch
-can call are far from these: the int4 kernel's 1-row pass takes 7-8 ms (12-14 GB/s of
-the 37), and 21.8 ms at 8 rows against the 5.1 ms bfloat16 bound.
+(``--breakdown quant_step_breakdown_bf16_kernel``; AMD EPYC with AVX-512 and avx512_bf16,
+one thread, load 1.4): peaks 108 GMAC/s in float32 (oneDNN packed), 228 in bfloat16, 466
+in int8; reads at 39 GB/s, so the Q4_1 file's 98 MB take 2.5 ms. With the least
+non-product time a quantized step measured (4.6, 7.8, 17.6 ms at 1, 8, 32 rows) the largest
+speed-ups over float32's step (31.8, 36.6, 73.7 ms) any kernel could give are 4.5x at 1 row
+(bytes decide), 2.9x at 8 rows in bfloat16 arithmetic (2.1x if it multiplied in float32),
+and 2.0x at 32 rows in bfloat16, 2.75x in int8: at 32 streams twice float32 needs a
+kernel at bfloat16's peak or int8 arithmetic, and int8 activations cost the fidelity bar
+(molink/quant/kernels.py). The kernels torch can call are far from these at few rows: the
+int4 kernel's 1-row pass takes 7-8 ms (12-14 GB/s of the 39) and 16-21 ms at 8 rows;
+oneDNN's bfloat16 copy comes closest at 32 rows (33.9 ms of products against 18.9).
 """
 
 from __future__ import annotations

@@ -59,6 +59,10 @@ row's Q8 activations against the Q4_1 weights again, so 8 streams are no faster 
 int8act 0.39x, 1.89x, 2.10x. Against float32 (28.3, 173.3, 286.3): int4 2.38x, 1.25x,
 0.83x; fp16 2.25x, 1.35x, 1.13x. Peak RSS: llama-server 348, int4 983, fp16 1428, float32
 2178 MiB.
+``quant_serving_bf16_kernel.json``: the same CPU, the ``bf16`` kernel added, 4 ABBA rounds,
+load ~1.5: tok/s at 1, 8, 32 streams float32 29.5, 166.7, 292.7; bfloat16 24.4, 156.0,
+359.1; int4 61.9, 210.2, 227.0 (2.10x, 1.26x, 0.78x); fp16 60.7, 232.7, 328.8 (2.06x,
+1.40x, 1.12x); bf16 66.2, 266.4, 464.4 (**2.24x, 1.60x, 1.59x**; peak RSS 1259 MiB).
 """
 
 from __future__ import annotations

@@ -27,7 +27,11 @@ That run was on an AVX2 CPU. ``quant_step_breakdown_avx512bf16.json`` (AVX-512 w
 ``avx512_bf16``, bfloat16 added, 4 rounds, load 1.1): float32's steps at 1, 8, 32 streams
 35.1, 37.3, 78.4 ms (11.5, 13.4, 30.7 not products: bounds 3.0x, 2.8x, 2.6x); speed-ups
 over float32: bfloat16 0.91, 0.82, 1.0; int4 2.54, 1.24, 0.75; fp16 2.62, 1.57, 0.99;
-int8act 2.02, 1.42, 1.06.
+int8act 2.02, 1.42, 1.06. ``quant_step_breakdown_bf16_kernel.json`` (the same CPU, with the
+``bf16`` kernel, 4 rounds, load 1.9): float32's steps 31.8, 36.6, 73.7 ms; speed-ups int4
+2.34, 1.28, 0.78; fp16 2.05, 1.51, 1.05; bf16 2.48, 1.48, 1.43 (its products 8.1, 16.6,
+33.9 ms against float32's 21.3, 22.0, 45.0; float32's LM head is not a wrapped layer, so
+its "other" holds that product too).
 """
 
 from __future__ import annotations

@@ -76,6 +76,23 @@ Served (bench/results/quant_serving_avx512bf16_run2.json, 4 ABBA rounds, load 0.
 there as on AVX2. ``int4`` stays the default for its memory (peak 1055 MiB served against
 1479 with ``fp16``), though on the AVX-512 CPU ``fp16`` is faster at every stream count.
 
+oneDNN's packed bfloat16 GEMM, which refused the AVX2 CPU, runs on this one with its
+bfloat16 dot products (molink.quant.bf16_gemm). Side by side, ms per model pass, one thread,
+medians of 3 interleaved rounds, load ~1.7 (bench/results/quant_kernels_bf16.json):
+
+    rows                         1      2      4      6      8     16     32     64
+    int4 g32 kernel            6.7    7.1    8.7   14.3   16.0   30.4   57.5  112.7
+    bfloat16 packed (oneDNN)  11.6   12.6   12.4   14.5   16.4   22.9   32.4   52.9
+    fbgemm float16 packed     10.5   11.3   12.4   15.0   16.5   27.2   49.8   93.8
+    float32 (oneDNN packed)   17.9   18.7   19.0   21.4   25.5   36.5   54.5   89.9
+
+The int4 kernel leads up to 4 rows, the three tie from 6 to 8 (bytes decide), and the
+bfloat16 copy leads from 16 rows (1.7x float32 at 32 and 64, 1.5-1.8x float16).
+Served (bench/results/quant_serving_bf16_kernel.json, 4 ABBA rounds, load ~1.5) ``bf16``
+makes 2.24x, 1.60x, 1.59x float32's tok/s at 1, 8, 32 streams (66.2, 266.4, 464.4 against
+29.5, 166.7, 292.7), ahead of ``fp16`` (2.06x, 1.40x, 1.12x) and ``int4`` (2.10x, 1.26x,
+0.78x), with a smaller peak (1259 MiB against fp16's 1431; int4 982, float32 2178).
+
 So ``--quantized-batch-kernel``:
 
 * ``int4`` (default: weights stay at the file's size): the int4 kernel up to
@@ -85,6 +102,9 @@ So ``--quantized-batch-kernel``:
   (decode batches and prefill chunks), for nodes that trade memory for batch speed; a
   matrix of two planes (Q5, Q6_K, Q8_0: SmolLM2's LM head) takes the float16 copy at
   every row count (the int4 kernel runs twice for it);
+* ``bf16``: the int4 kernel up to ``INT4_FEW_ROWS_BF16`` rows, a oneDNN-packed bfloat16
+  copy above (2 bytes per weight, as ``fp16``): the fastest on CPUs that multiply
+  bfloat16 natively (avx512_bf16, AMX); elsewhere oneDNN emulates it (use ``fp16``);
 * ``int8act``: ``fp16``, except attention's output and the MLP's down projection
   (molink.quant.factory's row matrices), which run ``MatMulNBits`` at every row count.
 """
