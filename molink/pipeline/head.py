@@ -248,7 +248,7 @@ class PipelineExecutor:
     def route_nodes(self) -> tuple[NodeInfo, ...]:
         """The nodes of the route a new sequence would take now (telemetry follows it)."""
         view = self._registry.view()
-        route = self.routes.route_for_new(0)
+        route = self.routes.new_route()  # the answer of this step's choices, not worked again
         if route is None:
             return view.stages
         by_id = {s.node_id: s for s in view.stages}

@@ -6,6 +6,13 @@ it is released or preempted). It implements the engine's PlanRouter
 route the routing rule (molink/placement/router.py) picks for one more sequence takes new
 ones. The rule is asked again for every new sequence, with the sequences this head keeps
 on each node as load, so that replicas share the work by their measured speed.
+
+The route for new sequences is worked out afresh by every ``choices`` (the start of a
+step). Readers that only follow it (the head's telemetry and status: ``new_route``) get
+that step's answer instead of working it out again, until a node is evicted, avoided or
+found full, a cooldown runs out, or it is ``NEW_ROUTE_MAX_AGE_S`` old. Sequences bound,
+sent or released during the step do not renew it: they move the load by one step's worth,
+which the next ``choices`` counts.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ from molink.placement.router import Candidate, LinkLookup, best_route
 from molink.step import StepPlan
 
 FULL_COOLDOWN_S = 1.0  # a node that refused for lack of KV gets no new sequence this long
+# How long a reader may be given the route for new sequences that ``choices`` worked out:
+# the swarm's measurements (health, step timings) move on between steps, and an idle
+# engine calls no ``choices``.
+NEW_ROUTE_MAX_AGE_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,16 @@ class SwarmSnapshot:
     step_bytes: float
     links: LinkLookup
     block_size: int
+
+
+@dataclass(frozen=True)
+class _NewRoute:
+    """``route_for_new(0)`` as worked out with the book at ``version``, good until
+    ``valid_until`` (clock time)."""
+
+    route: Route | None
+    version: int
+    valid_until: float
 
 
 class BookChoice:
@@ -68,9 +89,18 @@ class BookChoice:
 class RouteBook:
     """Thread-safe: the engine thread schedules, the head's threads report failures."""
 
-    def __init__(self, snapshot: Callable[[], SwarmSnapshot]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], SwarmSnapshot],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._snapshot = snapshot
+        self._clock = clock
         self._lock = threading.Lock()
+        # Bumped when a node is evicted, avoided or found full: the route for new sequences
+        # cached before it is not handed out again.
+        self._version = 0
+        self._new_route: _NewRoute | None = None
         self._seq_route: dict[int, Route] = {}
         self._seq_tokens: dict[int, int] = {}
         # Tokens a sequence was admitted for: its KV on the route's nodes may grow to this.
@@ -95,7 +125,7 @@ class RouteBook:
             routes = {r.key: r for r in self._seq_route.values()}
             self._turn += 1
             turn = self._turn
-        new = self.route_for_new(0)
+        new = self._fresh_new_route()
         ordered = sorted(routes.values(), key=lambda r: r.key)
         if new is not None and new.key not in routes:
             ordered.append(new)
@@ -167,6 +197,7 @@ class RouteBook:
         is lost; it will be replayed elsewhere), grouped by route, so that the head can
         free what they hold on the route's other nodes."""
         with self._lock:
+            self._version += 1
             lost = [s for s, r in self._seq_route.items() if r.contains(node_id)]
             self._plan_route = {
                 step: r for step, r in self._plan_route.items() if not r.contains(node_id)
@@ -177,12 +208,14 @@ class RouteBook:
         """No new sequence goes through ``node_id`` for ``seconds`` (it failed a step and
         is being probed)."""
         with self._lock:
-            until = time.monotonic() + seconds
+            self._version += 1
+            until = self._clock() + seconds
             self._avoid_until[node_id] = max(until, self._avoid_until.get(node_id, 0.0))
 
     def mark_full(self, node_id: str) -> None:
         with self._lock:
-            self._full_until[node_id] = time.monotonic() + FULL_COOLDOWN_S
+            self._version += 1
+            self._full_until[node_id] = self._clock() + FULL_COOLDOWN_S
 
     def load(self) -> dict[str, int]:
         """Sequences this head keeps on each node."""
@@ -213,7 +246,7 @@ class RouteBook:
             for hop in on.hops:
                 load[hop.node_id] = load.get(hop.node_id, 0) + extra
                 used[hop.node_id] = used.get(hop.node_id, 0) + extra_blocks
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             full = {n for n, until in self._full_until.items() if until > now}
             avoided = {n for n, until in self._avoid_until.items() if until > now}
@@ -230,6 +263,34 @@ class RouteBook:
             blocks_needed=needed,
         )
         return found[0] if found else None
+
+    def new_route(self) -> Route | None:
+        """``route_for_new(0)``, for readers that follow the route new sequences take: the
+        answer ``choices`` worked out this step while it still holds (see the module
+        docstring), else worked out again."""
+        with self._lock:
+            cached = self._new_route
+            if (
+                cached is not None
+                and cached.version == self._version
+                and self._clock() < cached.valid_until
+            ):
+                return cached.route
+        return self._fresh_new_route()
+
+    def _fresh_new_route(self) -> Route | None:
+        """``route_for_new(0)`` worked out now, and kept for ``new_route``."""
+        now = self._clock()
+        with self._lock:
+            version = self._version  # a change while it is worked out makes it stale at once
+        route = self.route_for_new(0)
+        with self._lock:
+            # A cooldown that runs out frees its node for new sequences: the answer holds
+            # until the first one does.
+            cooldowns = (*self._full_until.values(), *self._avoid_until.values())
+            valid_until = min([now + NEW_ROUTE_MAX_AGE_S, *(u for u in cooldowns if u > now)])
+            self._new_route = _NewRoute(route, version, valid_until)
+        return route
 
     def _usage(self, block_size: int) -> tuple[dict[str, int], dict[str, int]]:
         with self._lock:

@@ -183,3 +183,53 @@ def test_new_sequences_get_their_route_while_another_route_always_has_decodes() 
             break
     assert book.route_of(waiting) is not None, "the new sequence never got a plan"
     assert book.route_of(waiting).key != loaded
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_route_for_new_sequences_is_worked_out_once_per_step() -> None:
+    """Telemetry's lookup (``new_route``) reuses what the step's ``choices`` worked out; a
+    node found full or avoided, a cooldown running out, or age make it work it out again.
+    Each working out reads the swarm once, so the reads count them."""
+    reads = []
+    candidates = (Candidate("a", "a:1", 2, 4), Candidate("b", "b:1", 2, 4, step_s=0.5))
+
+    def snapshot() -> SwarmSnapshot:
+        reads.append(1)
+        return _snapshot(*candidates)
+
+    clock = _Clock()
+    book = RouteBook(snapshot, clock=clock)
+    (choice,) = book.choices()
+    assert len(reads) == 1 and choice.route.key == "head->a"
+    assert [book.new_route().key for _ in range(3)] == ["head->a"] * 3
+    assert len(reads) == 1  # the step's answer, not worked out again
+    book.bind(_plan(1, 7), choice)  # sequences bound during the step do not renew it
+    assert book.new_route().key == "head->a" and len(reads) == 1
+    book.forget([7])
+    assert book.new_route().key == "head->a" and len(reads) == 1
+    book.choices()  # the next step works it out afresh
+    assert len(reads) == 2
+
+    book.avoid("a", 0.1)
+    assert book.new_route().key == "head->b" and len(reads) == 3
+    assert book.new_route().key == "head->b" and len(reads) == 3
+    clock.now += 0.1  # the cooldown ran out before the answer's age did
+    assert book.new_route().key == "head->a" and len(reads) == 4
+    book.mark_full("a")
+    book.new_route()  # (a full node may still take a sequence that needs no block)
+    assert len(reads) == 5
+    clock.now += 1.0  # past FULL_COOLDOWN_S and NEW_ROUTE_MAX_AGE_S
+    assert book.new_route().key == "head->a" and len(reads) == 6
+    clock.now += 0.1
+    assert book.new_route().key == "head->a" and len(reads) == 6
+    clock.now += 0.2  # older than NEW_ROUTE_MAX_AGE_S: the swarm's measurements moved on
+    assert book.new_route().key == "head->a" and len(reads) == 7
+    book.evict("b")
+    assert book.new_route().key == "head->a" and len(reads) == 8
