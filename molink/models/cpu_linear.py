@@ -5,10 +5,16 @@ repacking dominates, and the weights stream from memory twice. oneDNN can keep a
 in its preferred blocked layout, which makes these calls 1.5-2x faster. Single rows
 (batch-1 decode) and large batches (prefill) stay on MKL, which is faster there, so the
 packed copy is kept alongside the plain weight: it costs one more copy of the matrices.
+
+bfloat16 weights are packed too where the CPU has bfloat16 dot products: unpacked,
+``F.linear`` in bfloat16 is slower than float32 at one row (SmolLM2's products 19.6 ms
+against 17.3 on an AMD EPYC with avx512_bf16); packed they take 10.2 ms at one row and
+29.2 at 32 (float32 packed: 55.2), and packed wins at every row count measured (1-512).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -20,13 +26,42 @@ PACKED_MIN_ROWS = 2
 PACKED_MAX_ROWS = 32
 
 
-def prepack_supported(weight: torch.Tensor) -> bool:
+@functools.cache
+def bf16_packing_available() -> bool:
+    """oneDNN can pack and multiply bfloat16 on this CPU (natively or emulated)."""
     return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """The CPU multiplies bfloat16 in hardware (avx512_bf16 or AMX tiles)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def prepack_supported(weight: torch.Tensor) -> bool:
+    """float32 anywhere oneDNN is; bfloat16 where the CPU multiplies it natively (packed,
+    1.9-2.4x ``F.linear``'s bfloat16 at one row and never slower up to 512 rows on an AMD
+    EPYC with avx512_bf16; emulated bfloat16 is not worth a second copy)."""
+    if weight.device.type != "cpu":
+        return False
+    if weight.dtype == torch.bfloat16:
+        return native_bf16() and bf16_packing_available()
+    return (
+        weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
+
+
+def _use_packed(packed: torch.Tensor | None, rows: int) -> bool:
+    """float32: 2-32 rows (MKL is faster for one row and for prefill); bfloat16: always."""
+    if packed is None:
+        return False
+    return packed.dtype == torch.bfloat16 or PACKED_MIN_ROWS <= rows <= PACKED_MAX_ROWS
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -44,7 +79,7 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x @ weight.T + bias``, through the packed weight when the batch suits it."""
-    if packed is not None and PACKED_MIN_ROWS <= x.shape[0] <= PACKED_MAX_ROWS:
+    if _use_packed(packed, x.shape[0]):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -57,7 +92,7 @@ def add_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``residual + x @ weight.T (+ bias)``; without bias on MKL one addmm does both."""
-    if packed is not None and PACKED_MIN_ROWS <= x.shape[0] <= PACKED_MAX_ROWS:
+    if _use_packed(packed, x.shape[0]):
         return residual + torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if bias is None:
         return torch.addmm(residual, x, weight.t())

@@ -20,27 +20,14 @@ step's rows choose; the weights are the dequantized quantized values rounded to 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from molink.errors import InvalidParameterError
 
+# One check of oneDNN's bfloat16 for the float and the quantized paths (molink.models).
+from molink.models.cpu_linear import bf16_packing_available as bf16_gemm_available
 
-@functools.cache
-def bf16_gemm_available() -> bool:
-    """oneDNN can pack and multiply bfloat16 on this CPU (natively or emulated)."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """The CPU multiplies bfloat16 in hardware (where this copy beats float16's)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+__all__ = ["Bf16Packed", "bf16_gemm_available"]
 
 
 class Bf16Packed:
