@@ -12,9 +12,9 @@ A stand-in that rounds weights and each module's output to bf16 and computes in 
 was tried first: it agreed with float32 on 99.8% but with the real bf16 model on only 95%
 (real bf16 also rounds every residual sum, norm and softmax), so it is not used.
 
-    OMP_NUM_THREADS=1 python bench/quant_bf16_agreement.py [--bf16-prompts 20]
+    OMP_NUM_THREADS=1 python bench/quant_bf16_agreement.py [--bf16-prompts 20] [--name NAME]
 
-Writes ``bench/results/quant_bf16_agreement.json``.
+Writes ``bench/results/<name>.json`` (default ``quant_bf16_agreement``).
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ from tests.helpers.quant_fidelity import (  # noqa: E402
 )
 
 logger = logging.getLogger("quant_bf16_agreement")
-RESULTS = REPO_ROOT / "bench" / "results" / "quant_bf16_agreement.json"
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 KERNELS = ("int4", "fp16", "bf16", "int8act")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bf16-prompts", type=int, default=20)
+    parser.add_argument("--name", default="quant_bf16_agreement", help="results file name")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
@@ -80,9 +81,10 @@ def main() -> None:
             "vs_bf16_real": agreement(got[: len(few)], real_bf16.tolist()),
         }
         logger.info("%s: %s", kernel, results["kernels"][kernel])  # type: ignore[index]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    logger.info("wrote %s", RESULTS)
+    out = RESULTS_DIR / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    logger.info("wrote %s", out)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ int8act 0.39x, 1.89x, 2.10x. Against float32 (28.3, 173.3, 286.3): int4 2.38x, 1
 load ~1.5: tok/s at 1, 8, 32 streams float32 29.5, 166.7, 292.7; bfloat16 24.4, 156.0,
 359.1; int4 61.9, 210.2, 227.0 (2.10x, 1.26x, 0.78x); fp16 60.7, 232.7, 328.8 (2.06x,
 1.40x, 1.12x); bf16 66.2, 266.4, 464.4 (**2.24x, 1.60x, 1.59x**; peak RSS 1259 MiB).
+``quant_serving_bf16_packed.json``: after bfloat16 float matrices are packed by oneDNN
+(molink.models.cpu_linear), 4 ABBA rounds, load ~1: float32 30.5, 191.0, 313.8; bfloat16
+56.6, 282.6, 502.7 (1.86x, 1.48x, 1.60x float32; peak 1650 MiB); int4 70.5, 233.0, 267.9
+(2.32x, 1.22x, 0.85x); bf16 72.3, 284.6, 507.9 (2.38x, 1.49x, 1.62x).
 """
 
 from __future__ import annotations
