@@ -125,7 +125,7 @@ class BlockPool:
             if info.token_ids == token_ids and info.parent_serial == parent.serial:
                 return ChainLink(block_hash, info.serial)
             if self.ref_counts[existing] > 0:
-                logger.warning("prefix-cache hash collision on %x; block left uncached", block_hash)
+                self._log_in_use_clash(info, parent, token_ids)
                 return ChainLink(block_hash, UNCACHED_SERIAL)
             self.uncache(existing)
         if self.cache_info[block_id] is not None:
@@ -137,6 +137,21 @@ class BlockPool:
         )
         self.hash_to_block[block_hash] = block_id
         return ChainLink(block_hash, serial)
+
+    @staticmethod
+    def _log_in_use_clash(
+        info: CachedBlockInfo, parent: ChainLink, token_ids: tuple[int, ...]
+    ) -> None:
+        """Equal tokens after an equal parent hash are the same content cached after
+        another copy of its parent (serials tell copies apart): expected, not a collision."""
+        if info.token_ids == token_ids and info.parent_hash == parent.block_hash:
+            logger.debug(
+                "prefix-cache block %x is cached after another copy of its parent; "
+                "this copy stays uncached",
+                info.block_hash,
+            )
+            return
+        logger.warning("prefix-cache hash collision on %x; block left uncached", info.block_hash)
 
     def uncache(self, block_id: int) -> None:
         """Forget a block's cached content; a free cached block becomes free uncached."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from molink.kv_cache import hashing
+from molink.kv_cache.block_pool import UNCACHED_SERIAL, BlockPool, ChainLink
 from molink.kv_cache.errors import KVCacheError, KVCacheIntegrityError
 from molink.kv_cache.manager import KVCacheManager
 
@@ -276,3 +279,25 @@ def test_bad_construction_is_a_named_error():
         KVCacheManager(num_blocks=0, block_size=BS)
     with pytest.raises(KVCacheError):
         KVCacheManager(num_blocks=4, block_size=0)
+
+
+def test_same_content_after_another_copy_of_its_parent_is_not_called_a_collision(
+    monkeypatch, caplog
+):
+    """The parent was cached again (new serial) while the child cached after its first
+    copy is in use: the new child stays uncached, quietly. Other tokens under the same hash
+    are a real collision and are reported."""
+    monkeypatch.setattr(hashing, "hash_block_tokens", lambda parent, toks: 42)
+    pool = BlockPool(num_blocks=4)
+    first, second, third = pool.take_fresh(3)
+    cached = pool.register(first, ChainLink(1234, 10), (5, 6, 7, 8))
+    with caplog.at_level(logging.DEBUG, logger="molink.kv_cache.block_pool"):
+        again = pool.register(second, ChainLink(1234, 11), (5, 6, 7, 8))
+    assert again == ChainLink(cached.block_hash, UNCACHED_SERIAL)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "another copy of its parent" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="molink.kv_cache.block_pool"):
+        other = pool.register(third, ChainLink(1234, 10), (9, 9, 9, 9))
+    assert other.serial == UNCACHED_SERIAL
+    assert "hash collision" in caplog.text
