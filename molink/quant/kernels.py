@@ -98,7 +98,8 @@ So ``--quantized-batch-kernel``:
 * ``int4`` (default: weights stay at the file's size): the int4 kernel up to
   ``INT4_MAX_ROWS`` rows, dequantizing a band at a time into MKL above (they tie between
   96 and 128 rows; bench/results/quant_kernels_crossover.json);
-* ``fp16``: the int4 kernel up to ``INT4_FEW_ROWS`` rows, fbgemm's float16 copy above
+* ``fp16``: the int4 kernel up to ``INT4_FEW_ROWS`` rows (``INT4_FEW_ROWS_BF16`` on a CPU
+  with bfloat16 dot products), fbgemm's float16 copy above
   (decode batches and prefill chunks), for nodes that trade memory for batch speed; a
   matrix of two planes (Q5, Q6_K, Q8_0: SmolLM2's LM head) takes the float16 copy at
   every row count (the int4 kernel runs twice for it);
@@ -114,14 +115,15 @@ from __future__ import annotations
 from typing import Literal
 
 from molink.errors import InvalidParameterError
+from molink.models.cpu_linear import native_bf16
 
 BATCH_KERNEL_CHOICES = ("int4", "fp16", "bf16", "int8act")
 # Up to this many rows the int4 kernel beats dequantize-and-multiply (table above).
 INT4_MAX_ROWS = 128
 # With a float16 copy, up to this many rows the int4 kernel ties or wins (tables above).
 INT4_FEW_ROWS = 2
-# With a bfloat16 copy (a CPU with bfloat16 dot products), up to this many rows the int4
-# kernel wins (table above).
+# On a CPU with bfloat16 dot products the int4 kernel is faster and wins up to this many
+# rows against either copy (8.7 ms at 4 rows against 12.4 for both; table above).
 INT4_FEW_ROWS_BF16 = 4
 
 Kernel = Literal["int4", "dequant", "fp16", "bf16", "nbits"]
@@ -138,7 +140,8 @@ def choose_kernel(rows: int, batch_kernel: str, planes: int = 1) -> Kernel:
     """The kernel for a product with ``rows`` activation rows, W in ``planes`` int4 planes
     (two run the int4 kernel twice: with a float16 copy at hand, that copy is faster)."""
     if batch_kernel == "fp16":
-        return "int4" if rows <= INT4_FEW_ROWS and planes == 1 else "fp16"
+        few = INT4_FEW_ROWS_BF16 if native_bf16() else INT4_FEW_ROWS
+        return "int4" if rows <= few and planes == 1 else "fp16"
     if batch_kernel == "bf16":
         return "int4" if rows <= INT4_FEW_ROWS_BF16 and planes == 1 else "bf16"
     if batch_kernel == "int8act":

@@ -12,7 +12,7 @@ import torch
 
 from molink.errors import InvalidParameterError, WeightLoadError
 from molink.models.parallel.shard import Segment
-from molink.quant import bf16_gemm
+from molink.quant import bf16_gemm, kernels
 from molink.quant.bf16_gemm import Bf16Packed, bf16_gemm_available
 from molink.quant.factory import QuantLinearFactory
 from molink.quant.fp16_gemm import fp16_gemm_available
@@ -136,7 +136,7 @@ def test_unsupported_type_and_bad_sizes_are_named() -> None:
         decode_blocks(np.zeros(17, np.uint8), "Q4_0", 1, 32)
 
 
-def test_kernel_choice_covers_every_path() -> None:
+def test_kernel_choice_covers_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 1 <= INT4_MAX_ROWS < max(BATCHES)
     assert 1 <= INT4_FEW_ROWS < max(BATCHES)
     assert [choose_kernel(r, "int4") for r in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1)] == [
@@ -144,12 +144,14 @@ def test_kernel_choice_covers_every_path() -> None:
         "int4",
         "dequant",
     ]
-    assert [choose_kernel(r, "fp16") for r in (1, INT4_FEW_ROWS, INT4_FEW_ROWS + 1, 4096)] == [
-        "int4",
-        "int4",
-        "fp16",
-        "fp16",
-    ]
+    for native, few in ((False, INT4_FEW_ROWS), (True, INT4_FEW_ROWS_BF16)):
+        monkeypatch.setattr(kernels, "native_bf16", lambda native=native: native)
+        assert [choose_kernel(r, "fp16") for r in (1, few, few + 1, 4096)] == [
+            "int4",
+            "int4",
+            "fp16",
+            "fp16",
+        ]
     # Two planes (Q5, Q6_K, Q8_0) run the int4 kernel twice: the float16 copy wins.
     assert choose_kernel(1, "fp16", planes=2) == "fp16"
     few = INT4_FEW_ROWS_BF16
@@ -200,7 +202,7 @@ def test_float16_copy_is_counted_and_used_for_batches() -> None:
     wide.load_weight(ints, pack=False)
     assert lean.wide is None and wide.wide is not None
     assert wide.weight_bytes == lean.weight_bytes + 2 * ROWS * COLS
-    x = torch.randn(INT4_FEW_ROWS + 1, COLS)
+    x = torch.randn(INT4_FEW_ROWS_BF16 + 1, COLS)
     assert torch.equal(wide(x), wide.wide.matmul(x))  # the float16 copy ran
     assert torch.equal(wide(x[:1]), lean(x[:1]))  # one row: the same int4 kernel
 
