@@ -67,6 +67,12 @@ load ~1.5: tok/s at 1, 8, 32 streams float32 29.5, 166.7, 292.7; bfloat16 24.4, 
 (molink.models.cpu_linear), 4 ABBA rounds, load ~1: float32 30.5, 191.0, 313.8; bfloat16
 56.6, 282.6, 502.7 (1.86x, 1.48x, 1.60x float32; peak 1650 MiB); int4 70.5, 233.0, 267.9
 (2.32x, 1.22x, 0.85x); bf16 72.3, 284.6, 507.9 (2.38x, 1.49x, 1.62x).
+``quant_serving_final.json``: llama-server and the molink servers of the final tree in one
+run, 4 ABBA rounds, load 0.3-1.6, one round slow for every molink server (bf16's 1-stream
+rounds 41-74 tok/s, so its medians are noisy): llama-server 124.9, 114.1, 145.3; int4 63.0,
+212.0, 246.2 (0.50x, 1.86x, 1.69x llama-server; 2.20x, 1.15x, 0.87x float32); bf16 50.2,
+213.0, 430.1 (0.40x, 1.87x, 2.96x; 1.75x, 1.15x, 1.52x); float32 28.7, 184.5, 283.8;
+bfloat16 54.6, 247.7, 483.4.
 """
 
 from __future__ import annotations
