@@ -57,6 +57,18 @@ def prepack_supported(weight: torch.Tensor) -> bool:
     )
 
 
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked layout of ``weight`` [out, in] (float32 or bfloat16), unchecked."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+
+
+def packed_matmul(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` through ``onednn_pack``'s layout; x in the packed dtype."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _use_packed(packed: torch.Tensor | None, rows: int) -> bool:
     """float32: 2-32 rows (MKL is faster for one row and for prefill); bfloat16: always."""
     if packed is None:
@@ -69,7 +81,7 @@ def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     if not prepack_supported(weight):
         return None
     try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        return onednn_pack(weight)
     except RuntimeError as exc:  # a torch build without the kernel for this shape
         logger.debug("no oneDNN prepacking: %s", exc)
         return None
@@ -80,7 +92,7 @@ def linear(
 ) -> torch.Tensor:
     """``x @ weight.T + bias``, through the packed weight when the batch suits it."""
     if _use_packed(packed, x.shape[0]):
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return packed_matmul(x, packed, bias)
     return F.linear(x, weight, bias)
 
 
@@ -93,7 +105,7 @@ def add_linear(
 ) -> torch.Tensor:
     """``residual + x @ weight.T (+ bias)``; without bias on MKL one addmm does both."""
     if _use_packed(packed, x.shape[0]):
-        return residual + torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return residual + packed_matmul(x, packed, bias)
     if bias is None:
         return torch.addmm(residual, x, weight.t())
     return residual + F.linear(x, weight, bias)

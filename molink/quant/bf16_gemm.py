@@ -26,6 +26,7 @@ from molink.errors import InvalidParameterError
 
 # One check of oneDNN's bfloat16 for the float and the quantized paths (molink.models).
 from molink.models.cpu_linear import bf16_packing_available as bf16_gemm_available
+from molink.models.cpu_linear import onednn_pack, packed_matmul
 
 __all__ = ["Bf16Packed", "bf16_gemm_available"]
 
@@ -41,8 +42,7 @@ class Bf16Packed:
                 "use fp16 or int4 on this CPU",
             )
         self.rows, self.cols = (int(d) for d in weight.shape)
-        dense = weight.to(torch.bfloat16).contiguous()
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(dense, None)
+        self._packed = onednn_pack(weight.to(torch.bfloat16))
 
     @property
     def nbytes(self) -> int:
@@ -50,7 +50,4 @@ class Bf16Packed:
         return 2 * self.rows * self.cols
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x_bf16 = x.to(torch.bfloat16).contiguous()
-        return torch.ops.mkldnn._linear_pointwise(
-            x_bf16, self._packed, None, "none", [], ""
-        ).float()
+        return packed_matmul(x.to(torch.bfloat16).contiguous(), self._packed).float()

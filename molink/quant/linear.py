@@ -56,9 +56,9 @@ class QuantLinear(nn.Module):
     ``load_weight`` takes a ``GroupInts`` (a quantized checkpoint) or, with ``bits`` set,
     a float matrix quantized on the fly; a float matrix without ``bits`` stays float (a
     quantized checkpoint may keep small matrices unquantized). ``batch_kernel`` ``fp16``
-    (``bf16``) also keeps a float16 (bfloat16) copy for batches (molink.quant.kernels). On a CUDA ``device``
-    the matrix is held by molink.quant.device instead (``fp8``: fp8 rows; ``table``: the
-    embedding, whose rows are also gathered).
+    (``bf16``) also keeps a float16 (bfloat16) copy for batches (molink.quant.kernels).
+    On a CUDA ``device`` the matrix is held by molink.quant.device instead (``fp8``: fp8
+    rows; ``table``: the embedding, whose rows are also gathered).
     """
 
     def __init__(

@@ -144,23 +144,13 @@ def test_kernel_choice_covers_every_path(monkeypatch: pytest.MonkeyPatch) -> Non
         "int4",
         "dequant",
     ]
-    for native, few in ((False, INT4_FEW_ROWS), (True, INT4_FEW_ROWS_BF16)):
+    fp16_few = ((False, "fp16", INT4_FEW_ROWS), (True, "fp16", INT4_FEW_ROWS_BF16))
+    for native, kernel, few in (*fp16_few, (True, "bf16", INT4_FEW_ROWS_BF16)):
         monkeypatch.setattr(kernels, "native_bf16", lambda native=native: native)
-        assert [choose_kernel(r, "fp16") for r in (1, few, few + 1, 4096)] == [
-            "int4",
-            "int4",
-            "fp16",
-            "fp16",
-        ]
+        choices = [choose_kernel(r, kernel) for r in (1, few, few + 1, 4096)]
+        assert choices == ["int4", "int4", kernel, kernel], (native, kernel)
     # Two planes (Q5, Q6_K, Q8_0) run the int4 kernel twice: the float16 copy wins.
     assert choose_kernel(1, "fp16", planes=2) == "fp16"
-    few = INT4_FEW_ROWS_BF16
-    assert [choose_kernel(r, "bf16") for r in (1, few, few + 1, 4096)] == [
-        "int4",
-        "int4",
-        "bf16",
-        "bf16",
-    ]
     assert choose_kernel(1, "bf16", planes=2) == "bf16"
     assert {choose_kernel(r, "int8act") for r in (1, INT4_MAX_ROWS + 1, 4096)} == {"nbits"}
 
