@@ -48,7 +48,7 @@ class SwarmSnapshot:
 
 @dataclass(frozen=True)
 class _NewRoute:
-    """``route_for_new(0)`` as worked out with the book at ``version``, good until
+    """The route for new sequences as worked out with the book at ``version``, good until
     ``valid_until`` (clock time)."""
 
     route: Route | None
@@ -265,7 +265,7 @@ class RouteBook:
         return found[0] if found else None
 
     def new_route(self) -> Route | None:
-        """``route_for_new(0)``, for readers that follow the route new sequences take: the
+        """The route a new sequence takes, for readers that follow the route new sequences take: the
         answer ``choices`` worked out this step while it still holds (see the module
         docstring), else worked out again."""
         with self._lock:
@@ -279,11 +279,14 @@ class RouteBook:
         return self._fresh_new_route()
 
     def _fresh_new_route(self) -> Route | None:
-        """``route_for_new(0)`` worked out now, and kept for ``new_route``."""
+        """The route for new sequences worked out now, and kept for ``new_route``."""
         now = self._clock()
         with self._lock:
             version = self._version  # a change while it is worked out makes it stale at once
-        route = self.route_for_new(0)
+        # A new sequence needs at least one block: a full node is offered only when no
+        # route has room (else every choice would refuse new sequences until its cooldown
+        # ran out, while a replica with room sat idle).
+        route = self.route_for_new(1) or self.route_for_new(0)
         with self._lock:
             # A cooldown that runs out frees its node for new sequences: the answer holds
             # until the first one does.

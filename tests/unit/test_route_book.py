@@ -59,6 +59,37 @@ def test_a_full_node_gets_no_new_sequence_for_a_while() -> None:
     assert book.route_for_new(3).key == "head->b"
 
 
+def test_a_new_sequence_goes_to_the_replica_with_room_when_the_cheaper_one_is_full() -> None:
+    """The route offered to new sequences must be one that can hold them: offering the
+    full replica made every choice refuse them until its cooldown ran out."""
+    book = RouteBook(
+        lambda: _snapshot(
+            Candidate("a", "a:1", 2, 4, room_blocks=100),
+            Candidate("b", "b:1", 2, 4, rtt_s=0.5, room_blocks=100),
+        )
+    )
+    book.mark_full("a")
+    choices = book.choices()
+    assert [c.route.key for c in choices if c.takes_new] == ["head->b"]
+    assert [c.route.key for c in choices if c.accepts(1, 3)] == ["head->b"]
+    assert book.new_route().key == "head->b"
+
+
+def test_with_every_replica_full_new_sequences_are_still_offered_a_route() -> None:
+    """Nothing can free room on a swarm that runs nothing: the rule's route is offered
+    anyway, and a sequence starts there when no other runs (its nodes refuse what does
+    not fit)."""
+    book = RouteBook(
+        lambda: _snapshot(
+            Candidate("a", "a:1", 2, 4, room_blocks=0),
+            Candidate("b", "b:1", 2, 4, rtt_s=0.5, room_blocks=0),
+        )
+    )
+    (choice,) = book.choices()
+    assert choice.takes_new and choice.route.key == "head->a"
+    assert choice.accepts(1, 3)
+
+
 def test_plans_outside_the_engine_take_the_best_route() -> None:
     book = RouteBook(lambda: _snapshot(Candidate("a", "a:1", 2, 4)))
     route = book.route_for_plan(_plan(1, 7))
@@ -223,8 +254,7 @@ def test_the_route_for_new_sequences_is_worked_out_once_per_step() -> None:
     clock.now += 0.1  # the cooldown ran out before the answer's age did
     assert book.new_route().key == "head->a" and len(reads) == 4
     book.mark_full("a")
-    book.new_route()  # (a full node may still take a sequence that needs no block)
-    assert len(reads) == 5
+    assert book.new_route().key == "head->b" and len(reads) == 5
     clock.now += 1.0  # past FULL_COOLDOWN_S and NEW_ROUTE_MAX_AGE_S
     assert book.new_route().key == "head->a" and len(reads) == 6
     clock.now += 0.1
