@@ -107,6 +107,8 @@ def sampling_params_from_dict(fields: dict[str, Any]) -> SamplingParams:
             raise APIError(400, f"{name} must be a boolean", name)
     if "stop" in fields and not isinstance(fields["stop"], (str, list, type(None))):
         raise APIError(400, "stop must be a string or a list of strings", "stop")
+    if "stop_token_ids" in fields and not isinstance(fields["stop_token_ids"], (list, type(None))):
+        raise APIError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
     return SamplingParams(**fields)
 
 

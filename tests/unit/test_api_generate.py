@@ -78,6 +78,9 @@ def test_generate_stream_error_line(client: TestClient, engine: FakeEngine) -> N
         ({"prompt": "x", "temperature": "hot"}, "temperature"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "stop": 3}, "stop"),
+        ({"prompt": "x", "stop_token_ids": 5}, "stop_token_ids"),
+        ({"prompt": "x", "stop_token_ids": 0}, "stop_token_ids"),
+        ({"prompt": "x", "stop_token_ids": True}, "stop_token_ids"),
     ],
 )
 def test_generate_invalid_fields_are_400(client: TestClient, body: dict, param: str) -> None:
