@@ -104,6 +104,9 @@ class GenerationRun:
         self._generators: list[AsyncGenerator[RequestOutput, None]] = []
         self._pumps: list[asyncio.Task] = []
         self._finished: set[int] = set()
+        # Requests whose sequences the metrics already counted (finished or failed): an
+        # abort at close must not count them again.
+        self._reported: set[int] = set()
         self._closed = False
 
     @property
@@ -172,7 +175,7 @@ class GenerationRun:
                     continue
                 await _close_generator(generator)
                 await self._abort(self._request_ids[index])
-                if self._on_aborted is not None:
+                if self._on_aborted is not None and index not in self._reported:
                     self._on_aborted(self._params.n)
 
     async def _pump(self, index: int, first: RequestOutput) -> None:
@@ -205,6 +208,7 @@ class GenerationRun:
             self._note_tokens(index, output)
         failed = [c for c in output.outputs if c.finish_reason in ("error", "abort")]
         if output.finished or failed:
+            self._reported.add(index)
             if self._on_finished is not None:
                 self._on_finished(output)
         if failed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -155,3 +156,30 @@ def test_detokenize_rejects_ids_outside_the_vocabulary(client: TestClient) -> No
     response = client.post("/detokenize", json={"tokens": [75, 100000]})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "tokens"
+
+
+class _OneChoiceFails(FakeEngine):
+    """Choice 0 ends with an error at the second step while choice 1 would go on (until
+    the request is aborted), as when one sequence of a request fails on the head."""
+
+    def _maybe_fail(self, step: int, choices: list) -> None:
+        if step > 1 and choices[0].finish_reason is None:
+            choices[0].finish_reason, choices[0].error = "error", "sequence 0 failed"
+
+    async def _generate(self, request_id, prompt, params):
+        async for output in super()._generate(request_id, prompt, params):
+            yield output
+            if not output.finished and output.outputs[0].finish_reason == "error":
+                await asyncio.Event().wait()
+
+
+def test_metrics_count_each_sequence_of_a_failed_request_once() -> None:
+    engine = _OneChoiceFails()
+    with TestClient(create_app(engine)) as test_client:
+        body = {"prompt": "Hi", "max_tokens": 50, "n": 2}
+        assert test_client.post("/v1/completions", json=body).status_code == 500
+        text = test_client.get("/metrics").text
+    assert engine.abort_calls and not engine.active
+    labels = 'model_name="fake-model"'
+    assert f'molink:request_success_total{{finished_reason="error",{labels}}} 1.0' in text
+    assert f'molink:request_success_total{{finished_reason="abort",{labels}}} 1.0' in text
