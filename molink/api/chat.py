@@ -14,8 +14,14 @@ from molink.api.chat_stream import ChatStreamFormatter
 from molink.api.context import ServerContext, get_context, new_request_id, usage_body
 from molink.api.errors import APIError
 from molink.api.logprobs import chat_logprobs
+from molink.api.prompt_logprobs import vllm_prompt_logprobs
 from molink.api.runner import GenerationRun
-from molink.api.sampling import build_sampling_params, continuous_usage, include_usage
+from molink.api.sampling import (
+    build_sampling_params,
+    continuous_usage,
+    include_usage,
+    reject_streamed_prompt_logprobs,
+)
 from molink.api.schemas import ChatCompletionRequest
 from molink.api.streaming import SSE, cancel_on_disconnect, collect_final, stream_body
 from molink.api.structured import structured_spec
@@ -33,6 +39,7 @@ class ChatMeta:
     n: int
     num_top_logprobs: int | None  # None: no logprobs
     tools: ToolPlan
+    want_prompt_logprobs: bool = False  # vLLM's prompt_logprobs, beside the choices
     echo_text: str = ""  # the final assistant message, sent back first with echo
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -67,6 +74,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             )
         constraint = tools.constraint
     num_top = _num_top_logprobs(body)
+    reject_streamed_prompt_logprobs(body)
     params = build_sampling_params(
         body,
         max_tokens=_max_tokens(body),
@@ -77,7 +85,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     # Rendering and tokenizing a long conversation takes a while: never on the event loop.
     prompt_ids = await asyncio.to_thread(render_chat_prompt, ctx, body.messages, body)
-    meta = ChatMeta(new_request_id("chatcmpl"), model, params.n, num_top, tools, _echo_text(body))
+    meta = ChatMeta(
+        new_request_id("chatcmpl"),
+        model,
+        params.n,
+        num_top,
+        tools,
+        want_prompt_logprobs=body.prompt_logprobs is not None,
+        echo_text=_echo_text(body),
+    )
     run = ctx.new_run([meta.request_id], [prompt_ids], params)
     if body.stream:
         firsts = await cancel_on_disconnect(request, run.start)
@@ -144,6 +160,10 @@ async def _complete(ctx: ServerContext, run: GenerationRun, meta: ChatMeta) -> J
         for choice in sorted(final.outputs, key=lambda c: c.index)
     ]
     body = meta.envelope("chat.completion", choices)
+    if meta.want_prompt_logprobs:
+        body["prompt_logprobs"] = vllm_prompt_logprobs(
+            tokenizer, final.prompt_token_ids, final.prompt_logprobs
+        )
     body["usage"] = usage_body(
         len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs)
     )

@@ -20,7 +20,12 @@ from molink.api.errors import APIError
 from molink.api.logprobs import completion_logprobs
 from molink.api.prompt_logprobs import echo_logprobs, join_logprobs, vllm_prompt_logprobs
 from molink.api.runner import GenerationRun, Prompt
-from molink.api.sampling import build_sampling_params, continuous_usage, include_usage
+from molink.api.sampling import (
+    build_sampling_params,
+    continuous_usage,
+    include_usage,
+    reject_streamed_prompt_logprobs,
+)
 from molink.api.schemas import CompletionRequest
 from molink.api.streaming import (
     SSE,
@@ -66,6 +71,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     model = ctx.resolve_model(body.model)
     ctx.ensure_ready()
     _reject_unsupported(body)
+    reject_streamed_prompt_logprobs(body)  # before echo asks for them itself
     prompts = normalize_prompts(body.prompt, ctx.engine.tokenizer.vocab_size)
     for prompt in prompts:
         if isinstance(prompt, str):

@@ -79,6 +79,14 @@ def reject_unsupported(body: SamplingFields) -> None:
         raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
 
 
+def reject_streamed_prompt_logprobs(body: SamplingFields) -> None:
+    """A streamed response has no place for them (vLLM refuses them too): say so."""
+    if body.stream and body.prompt_logprobs is not None:
+        raise APIError(
+            400, "prompt_logprobs are not available when stream is true", "prompt_logprobs"
+        )
+
+
 def include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 

@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from molink.api import create_app
-from tests.helpers.fake_engine import DEFAULT_SCRIPT, FakeEngine, sse_payloads
+from molink.step import PromptTokenLogprob, TokenLogprob
+from tests.helpers.fake_engine import DEFAULT_SCRIPT, EOS_ID, FakeEngine, sse_payloads
 
 USER_HI = [{"role": "user", "content": "Hi"}]
 
@@ -170,6 +171,7 @@ def test_stream_logprobs(client: TestClient) -> None:
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"stream": "yes"}, "stream"),
         ({"seed": 1.5}, "seed"),
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ],
 )
 def test_invalid_fields_are_400(client: TestClient, body: dict, param: str) -> None:
@@ -185,3 +187,29 @@ def test_template_error_is_400(client: TestClient) -> None:
     error = response.json()["error"]
     assert error["param"] == "messages"
     assert "system message must come first" in error["message"]
+
+
+class _ScoringEngine(FakeEngine):
+    """Reports a logprob of -1.5 for every prompt token after the first when asked."""
+
+    async def _generate(self, request_id, prompt, params):
+        async for output in super()._generate(request_id, prompt, params):
+            if params.prompt_logprobs is not None:
+                top = (TokenLogprob(EOS_ID, -0.5),)
+                output.prompt_logprobs = [
+                    PromptTokenLogprob(-1.5, top) for _ in output.prompt_token_ids[1:]
+                ]
+            yield output
+
+
+def test_prompt_logprobs_are_returned_as_vllm_does() -> None:
+    engine = _ScoringEngine()
+    with TestClient(create_app(engine)) as test_client:
+        body = chat(test_client, max_tokens=2, prompt_logprobs=1)
+        assert "prompt_logprobs" not in chat(test_client, max_tokens=2)
+    prompt_ids = engine.tokenizer.encode("[user]Hi\n[assistant]", add_special_tokens=False)
+    scored = body["prompt_logprobs"]
+    assert len(scored) == len(prompt_ids) and scored[0] is None
+    for token_id, entry in zip(prompt_ids[1:], scored[1:], strict=True):
+        assert entry[str(token_id)]["logprob"] == -1.5
+        assert entry[str(EOS_ID)] == {"logprob": -0.5, "rank": 1, "decoded_token": "</s>"}

@@ -218,6 +218,8 @@ def test_stream_echo_and_logprobs(client: TestClient) -> None:
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"stop": ["ok", ""]}, "stop"),
+        # A stream has no place for them (vLLM refuses them too); they were dropped silently.
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ],
 )
 def test_unsupported_or_invalid_fields_are_400(client: TestClient, body: dict, param: str) -> None:
