@@ -234,6 +234,10 @@ class ComputeWorker:
                 self._admit(job)
             except ProtocolError as exc:
                 self._reject(job, exc, FailureKind.REJECTED)
+                if job.plan.finished_seq_ids:  # the executor never saw them: free them here
+                    self._release(
+                        ReleaseJob(job.head_id, job.route, job.plan.finished_seq_ids, True)
+                    )
                 continue
             admitted.append(job)
         if not admitted:
@@ -244,6 +248,7 @@ class ComputeWorker:
         except Exception as exc:
             for job in admitted:
                 self._fail(job, exc)
+                self._pass_on_releases(job)
             return
         elapsed = time.monotonic() - started
         total_tokens = sum(max(1, job.plan.num_tokens) for job in admitted)
@@ -251,9 +256,11 @@ class ComputeWorker:
         for job, output in zip(admitted, outputs, strict=True):
             if isinstance(output, KVRoomError):
                 self._reject(job, output, FailureKind.KV_FULL)
+                self._pass_on_releases(job)
                 continue
             if isinstance(output, ProtocolError):
                 self._reject(job, output, FailureKind.REJECTED)
+                self._pass_on_releases(job)
                 continue
             self.steps_processed += 1
             hop = pb.HopTrace(
@@ -270,6 +277,13 @@ class ComputeWorker:
     ) -> list[torch.Tensor | StepResult | ProtocolError | KVRoomError]:
         steps = [(job.plan, job.hidden) for job in jobs]
         return self._executor.execute_many(steps, jobs[0].head_id)
+
+    def _pass_on_releases(self, job: StepJob) -> None:
+        """A step that fails here never reaches the nodes after this one, yet the head has
+        forgotten the finished sequences it carries: their release goes on in band (after
+        the steps already sent there, before any later one restarting them)."""
+        if job.plan.finished_seq_ids:
+            self._on_release(ReleaseJob(job.head_id, job.route, job.plan.finished_seq_ids, True))
 
     def _reject(self, job: StepJob, exc: Exception, kind: FailureKind) -> None:
         self.steps_failed += 1
