@@ -280,8 +280,8 @@ class StageNode:
         ack = pb.ForwardAck(step_id=step.plan.step_id, micro_batch=step.plan.micro_batch)
         route: Route | None = None
         try:
-            route = self._check_route(request)
             kind = request.WhichOneof("payload")
+            route = self._check_route(request, releasing=kind == "release")
             if kind == "release":
                 self.submit(
                     ReleaseJob(request.head_id, route, tuple(request.release.seq_ids), True)
@@ -314,8 +314,9 @@ class StageNode:
             self.steps_rejected += 1
         return pb.ForwardAck(error=message)
 
-    def _check_route(self, request: pb.ForwardRequest) -> Route:
-        return check_route(request, self.info, self._head_role is not None, self.links.dropped_by)
+    def _check_route(self, request: pb.ForwardRequest, releasing: bool = False) -> Route:
+        is_head = self._head_role is not None
+        return check_route(request, self.info, is_head, self.links.dropped_by, releasing)
 
     def _decode_step(
         self,

@@ -21,10 +21,13 @@ def check_route(
     info: NodeInfo,
     is_head: bool,
     dropped_by: Callable[[str], frozenset[str]],
+    releasing: bool = False,
 ) -> Route:
     """The route must be well formed, start at the sending head and name this node
     with exactly its layers, not first (the head computes its own layers), and name no
-    node its head has dropped (``dropped_by(head_id)``)."""
+    node its head has dropped (``dropped_by(head_id)``). A release may name dropped nodes
+    after this one: it is how the head frees the nodes before a lost one
+    (molink.pipeline.failover), and news of the loss may reach this node first."""
     route = route_from_proto(request.route)
     problem = route.problem(info.model.num_layers)
     if problem is not None:
@@ -43,7 +46,8 @@ def check_route(
     if is_head:
         raise PipelineError(f"{info.node_id} is a head; it computes only its own steps")
     dropped = dropped_by(route.head_id)
-    stale = [hop.node_id for hop in route.hops if hop.node_id in dropped]
+    checked = route.hops[: index + 1] if releasing else route.hops
+    stale = [hop.node_id for hop in checked if hop.node_id in dropped]
     if stale:
         raise PipelineError(
             f"route {route.key} names {', '.join(stale)}, which head {route.head_id} "
