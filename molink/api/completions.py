@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -96,7 +97,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         defaults=ctx.chat.generation_defaults,
     )
     request_id = new_request_id("cmpl")
-    run = ctx.new_run(sub_request_ids(request_id, len(prompts)), prompts, params)
+    engine_prompts = await _engine_prompts(ctx.engine.tokenizer, prompts, body.add_special_tokens)
+    run = ctx.new_run(sub_request_ids(request_id, len(prompts)), engine_prompts, params)
     meta = _Meta(
         request_id,
         model,
@@ -156,6 +158,21 @@ def _check_token_ids(token_ids: list[int], vocab_size: int) -> None:
         raise APIError(
             400, f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt"
         )
+
+
+async def _engine_prompts(
+    tokenizer: TokenizerLike, prompts: list[Prompt], add_special_tokens: bool | None
+) -> list[Prompt]:
+    """Without special tokens, text prompts are tokenized here (the engine would add them);
+    echo still answers with the text as it was sent."""
+    if add_special_tokens is not False:
+        return prompts
+    return [
+        await asyncio.to_thread(tokenizer.encode, prompt, False)
+        if isinstance(prompt, str)
+        else prompt
+        for prompt in prompts
+    ]
 
 
 def _prompt_text(tokenizer: TokenizerLike, prompt: Prompt, output: RequestOutput) -> str:

@@ -87,6 +87,8 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # vLLM's: false tokenizes text prompts without the special tokens (BOS) added by default.
+    add_special_tokens: bool | None = None
 
 
 class ContentPart(_Body):

@@ -76,6 +76,17 @@ def test_several_token_prompts(client: TestClient) -> None:
     assert body["usage"]["prompt_tokens"] == 3
 
 
+def test_add_special_tokens_false_leaves_out_the_bos(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    """vLLM's field; it was accepted and ignored, so the prompt still began with BOS."""
+    body = complete(client, prompt=["Hi", "K"], max_tokens=1, echo=True, add_special_tokens=False)
+    assert body["usage"]["prompt_tokens"] == 3  # "Hi" and "K", no BOS
+    assert [submitted[1] for submitted in engine.submitted[-2:]] == [[75, 108], [78]]
+    assert [choice["text"] for choice in body["choices"]] == ["HiH", "KH"]
+    assert complete(client, prompt="Hi", max_tokens=1)["usage"]["prompt_tokens"] == 3
+
+
 def test_echo(client: TestClient) -> None:
     body = complete(client, prompt="Hi", max_tokens=2, echo=True)
     assert body["choices"][0]["text"] == "Hi" + DEFAULT_SCRIPT[:2]
