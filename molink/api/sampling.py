@@ -73,10 +73,32 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
     return tuple(sorted(entries))
 
 
+# Fields vLLM (or OpenAI's older function calling) implements and this server does not, with
+# the values that ask for nothing; any other value is refused rather than ignored.
+_UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (None, False),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "truncate_prompt_tokens": (None,),
+    "logits_processors": (None, []),
+    "return_tokens_as_token_ids": (None, False),
+    "functions": (None,),
+    "function_call": (None,),
+}
+
+
 def reject_unsupported(body: SamplingFields) -> None:
     """Fields a client may rely on that this server cannot honour: say so rather than ignore."""
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
+    for name, value in (body.model_extra or {}).items():
+        if name in _UNIMPLEMENTED_FIELDS and not _is_one_of(value, _UNIMPLEMENTED_FIELDS[name]):
+            raise APIError(400, f"{name} is not supported by this server", name)
+
+
+def _is_one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
+    # By type too: 0 is not False here.
+    return any(type(value) is type(choice) and value == choice for choice in allowed)
 
 
 def reject_streamed_prompt_logprobs(body: SamplingFields) -> None:

@@ -172,6 +172,9 @@ def test_stream_logprobs(client: TestClient) -> None:
         ({"stream": "yes"}, "stream"),
         ({"seed": 1.5}, "seed"),
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"bad_words": ["Hello"]}, "bad_words"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
     ],
 )
 def test_invalid_fields_are_400(client: TestClient, body: dict, param: str) -> None:

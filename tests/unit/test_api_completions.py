@@ -87,6 +87,11 @@ def test_add_special_tokens_false_leaves_out_the_bos(
     assert complete(client, prompt="Hi", max_tokens=1)["usage"]["prompt_tokens"] == 3
 
 
+def test_unimplemented_vllm_fields_asking_for_nothing_are_accepted(client: TestClient) -> None:
+    off = {"bad_words": [], "allowed_token_ids": None, "use_beam_search": False}
+    assert complete(client, prompt="Hi", max_tokens=1, **off)["choices"][0]["text"] == "H"
+
+
 def test_echo(client: TestClient) -> None:
     body = complete(client, prompt="Hi", max_tokens=2, echo=True)
     assert body["choices"][0]["text"] == "Hi" + DEFAULT_SCRIPT[:2]
@@ -231,6 +236,13 @@ def test_stream_echo_and_logprobs(client: TestClient) -> None:
         ({"stop": ["ok", ""]}, "stop"),
         # A stream has no place for them (vLLM refuses them too); they were dropped silently.
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        # vLLM's fields this server does not implement: they were accepted and ignored.
+        ({"bad_words": ["Hello"]}, "bad_words"),
+        ({"allowed_token_ids": [75]}, "allowed_token_ids"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"truncate_prompt_tokens": 1}, "truncate_prompt_tokens"),
+        ({"logits_processors": ["x"]}, "logits_processors"),
+        ({"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ],
 )
 def test_unsupported_or_invalid_fields_are_400(client: TestClient, body: dict, param: str) -> None:
