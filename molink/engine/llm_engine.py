@@ -301,7 +301,9 @@ class LLMEngine:
         step = state.detokenizers[update.seq_index].add_token(sampled.token_id)
         out.text = state.detokenizers[update.seq_index].text
         out.delta_text += step.delta_text
-        if step.stop_string is not None and update.finish_reason is None:
+        # A stop string wins over the length limit reached by the same token (as in vLLM);
+        # finishing an already finished sequence is a no-op.
+        if step.stop_string is not None and update.finish_reason in (None, "length"):
             self.scheduler.finish_sequence(update.seq_id, "stop", step.stop_string)
             out.finish_reason = "stop"
             out.stop_reason = step.stop_string

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from molink.engine.offline import LLM
 from molink.sampling_params import SamplingParams
 
@@ -15,3 +17,18 @@ def test_generate_returns_the_prompt_as_a_list_of_its_own(tiny_model_dir) -> Non
     (again,) = llm.generate([[5, 6, 7]], params)
     assert again.prompt_token_ids == [5, 6, 7]
     assert again.outputs[0].token_ids == output.outputs[0].token_ids
+
+
+def test_a_stop_string_ending_on_the_last_allowed_token_is_a_stop(tiny_model_dir) -> None:
+    """As in vLLM: the stop string wins over max_tokens reached by the same token (the text
+    was cut at the stop string but reported as finish_reason "length")."""
+    llm = LLM(model=str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=32)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    text = llm.generate([[5, 6, 7]], greedy)[0].outputs[0].text
+    shorter = llm.generate([[5, 6, 7]], replace(greedy, max_tokens=15))[0].outputs[0].text
+    stop = text[len(shorter) :]  # what the last token adds
+    assert stop and text == shorter + stop and stop not in shorter
+    (output,) = llm.generate([[5, 6, 7]], replace(greedy, stop=[stop]))
+    choice = output.outputs[0]
+    assert (choice.text, choice.finish_reason, choice.stop_reason) == (shorter, "stop", stop)
+    assert len(choice.token_ids) == 16
