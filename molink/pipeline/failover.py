@@ -53,6 +53,11 @@ class FailoverDesk:
         with self._lock:
             self._next_step = max(self._next_step, step_id + 1)
 
+    def next_step(self) -> int:
+        """The first step id not yet submitted."""
+        with self._lock:
+            return self._next_step
+
     def take(self) -> list[NodeFailure]:
         with self._lock:
             failures, self._failures = self._failures, []

@@ -154,7 +154,9 @@ class PipelineExecutor:
             self.routes,
             self._stage_down,
         )
-        self._releases = SequenceReleases(self._node, self.routes, self._spot)
+        self._releases = SequenceReleases(
+            self._node, self.routes, self._spot, self._failover.next_step
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -1,10 +1,16 @@
 """Freeing finished sequences: each route's nodes free its sequences in band, after the
 steps already sent along it, so a release never overtakes a step that still needs the KV.
+
+A sequence released along its old route may be sent again along another that shares a
+later node; the two reach that node by different streams, so the release may come
+second. It names the first step not yet submitted when it left, and the node keeps a
+copy that a plan of that step or a later one started.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from molink.pipeline.head_spot_checks import HeadSpotChecks
 from molink.pipeline.node import StageNode
@@ -16,10 +22,17 @@ from molink.step import StepPlan
 
 
 class SequenceReleases:
-    def __init__(self, node: StageNode, routes: RouteBook, spot: HeadSpotChecks | None) -> None:
+    def __init__(
+        self,
+        node: StageNode,
+        routes: RouteBook,
+        spot: HeadSpotChecks | None,
+        next_step: Callable[[], int],
+    ) -> None:
         self._node = node
         self._routes = routes
         self._spot = spot
+        self._next_step = next_step  # the first step id not yet submitted
 
     @property
     def head_id(self) -> str:
@@ -34,8 +47,9 @@ class SequenceReleases:
         local = tuple(s for s in seq_ids if s not in routed)
         if local:  # never sent anywhere: only this node's own stage may know them
             self._node.submit(ReleaseJob(self.head_id, None, local, propagate=False))
+        before = self._next_step()
         for route, ids in groups.values():
-            self._node.submit(ReleaseJob(self.head_id, route, tuple(ids), propagate=True))
+            self._node.submit(ReleaseJob(self.head_id, route, tuple(ids), True, before))
         for route, shadows in self._spot.release(seq_ids) if self._spot else []:
             hop = route.hops[1]  # the head holds no shadow: they start at the next node
             sender = self._node.links.forward_to(hop.address, hop.node_id)
@@ -48,9 +62,10 @@ class SequenceReleases:
             return plan
         groups = self._routes.forget(list(plan.finished_seq_ids))
         keep = [s for s in plan.finished_seq_ids if all(s not in ids for _, ids in groups.values())]
+        before = self._next_step()
         for other, ids in groups.values():
             if other.key == route.key:
                 keep += ids
             else:
-                self._node.submit(ReleaseJob(self.head_id, other, tuple(ids), propagate=True))
+                self._node.submit(ReleaseJob(self.head_id, other, tuple(ids), True, before))
         return dataclasses.replace(plan, finished_seq_ids=tuple(keep))

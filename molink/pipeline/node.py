@@ -283,8 +283,12 @@ class StageNode:
             kind = request.WhichOneof("payload")
             route = self._check_route(request, releasing=kind == "release")
             if kind == "release":
+                release = request.release
+                before = (
+                    release.started_before_step if release.HasField("started_before_step") else None
+                )
                 self.submit(
-                    ReleaseJob(request.head_id, route, tuple(request.release.seq_ids), True)
+                    ReleaseJob(request.head_id, route, tuple(release.seq_ids), True, before)
                 )
                 return ack
             if kind != "step":

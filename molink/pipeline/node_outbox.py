@@ -68,7 +68,9 @@ class NodeOutbox:
         next_hop = job.route.next_after(self._node_id)
         if next_hop is not None:
             sender = self._links.forward_to(next_hop.address, next_hop.node_id)
-            sender.put(OutboundRelease(job.head_id, job.route, job.seq_ids))
+            sender.put(
+                OutboundRelease(job.head_id, job.route, job.seq_ids, job.started_before_step)
+            )
 
     def return_result(self, route: Route, result: StepResult, trace: list[pb.HopTrace]) -> None:
         """Hand a result (or an error) to the route's head, locally or over ReturnResults."""

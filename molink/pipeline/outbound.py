@@ -59,6 +59,7 @@ class OutboundRelease:
     head_id: str
     route: Route
     seq_ids: tuple[int, ...]
+    started_before_step: int | None = None  # as in ReleaseJob
 
 
 Outbound = OutboundStep | OutboundRelease
@@ -125,6 +126,8 @@ class SenderFactory:
         if isinstance(item, OutboundRelease):
             request.release.head_id = item.head_id
             request.release.seq_ids.extend(item.seq_ids)
+            if item.started_before_step is not None:
+                request.release.started_before_step = item.started_before_step
             return request
         request.step.plan.CopyFrom(
             plan_to_proto(item.plan, include_token_ids=False, include_block_ids=False)

@@ -1,0 +1,99 @@
+"""A sequence released along its old route (preempted, replayed, aborted) may be sent again
+along another route that shares a later node with the old one (replicas a and b of
+[1, 2), n of [2, 4) behind either). The release and the new copy then reach that node by
+different streams, and the release may come second: it must leave the new copy alone (it
+names the first step not yet submitted when it left, and a node keeps copies that plans
+of that step or later started)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from molink.config import LayerRange
+from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
+from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
+from molink.sampling_params import SamplingParams
+from molink.step import NewSequenceData, ScheduledSequence, StepPlan
+from molink.transport.config import TransportConfig
+from tests.helpers.polling import first_result, wait_until
+
+MODEL = toy_identity(4)
+CONFIG = TransportConfig(step_timeout_s=30.0, health_interval_s=60.0, lease_s=200.0)
+PROMPT = (1, 2, 3)
+
+Swarm = tuple[PipelineExecutor, dict[str, ToyStageExecutor]]
+
+
+def _info(node_id: str, start: int, end: int) -> NodeInfo:
+    return NodeInfo(node_id, MODEL, LayerRange(start, end), "127.0.0.1:0")
+
+
+def _prefill(step_id: int, seq_id: int) -> StepPlan:
+    return StepPlan(
+        step_id,
+        (ScheduledSequence(seq_id, 0, len(PROMPT), (), True),),
+        PROMPT,
+        (NewSequenceData(seq_id, PROMPT, len(PROMPT), SamplingParams(temperature=0.0)),),
+    )
+
+
+@pytest.fixture
+def swarm() -> Iterator[Swarm]:
+    head = PipelineExecutor(ToyStageExecutor(LayerRange(0, 1), MODEL), _info("h", 0, 1), CONFIG)
+    head.start()
+    executors: dict[str, ToyStageExecutor] = {}
+    nodes: list[StageNode] = []
+    try:
+        for node_id, start, end in (("a", 1, 2), ("b", 1, 2), ("n", 2, 4)):
+            executors[node_id] = ToyStageExecutor(LayerRange(start, end), MODEL)
+            info = _info(node_id, start, end)
+            nodes.append(StageNode(executors[node_id], info, CONFIG, initial_peer=head.address))
+            nodes[-1].start()
+        assert wait_until(lambda: len(head.pipeline().stages) == 4 and head.readiness() is None)
+        yield head, executors
+    finally:
+        for node in nodes:
+            node.stop()
+        head.close()
+
+
+def test_a_release_that_arrives_after_a_copy_sent_by_another_route_keeps_it(
+    swarm: Swarm, monkeypatch
+) -> None:
+    head, executors = swarm
+    head.submit(_prefill(0, 7))
+    assert first_result(head).error is None
+    (old,) = [n for n, count in head.routes.load().items() if count and n in ("a", "b")]
+    other = "b" if old == "a" else "a"
+    gate, at_n = threading.Event(), threading.Event()
+    slow, last = executors[old], executors["n"]
+    slow_release, last_release = slow.release, last.release
+
+    def held_release(seq_ids, head_id=""):
+        gate.wait(30.0)  # the old route's replica is busy: the release waits there
+        slow_release(seq_ids, head_id)
+
+    def noted_release(seq_ids, head_id=""):
+        last_release(seq_ids, head_id)
+        at_n.set()
+
+    monkeypatch.setattr(slow, "release", held_release)
+    monkeypatch.setattr(last, "release", noted_release)
+    head.release([7])  # e.g. preempted: freed along its old route
+    head.routes.avoid(old, 60.0)  # sent again, it takes the other replica
+    head.submit(_prefill(1, 7))
+    first = first_result(head)
+    assert first.error is None
+    route = head.routes.route_of(7)
+    assert route is not None and route.contains(other)
+    gate.set()  # the release goes on from the old replica to n, after the new copy
+    assert at_n.wait(30.0)
+    assert ("h", 7) in last.sequences
+    token = first.sampled[0].token_id
+    head.submit(StepPlan(2, (ScheduledSequence(7, len(PROMPT), 1, (), True),), (token,)))
+    second = first_result(head)
+    assert second.error is None, second.error
+    assert second.sampled[0].token_id == expected_token(token, 7, 4)
