@@ -124,6 +124,8 @@ class ChatRenderOptions(Protocol):
     def chat_template_kwargs(self) -> dict[str, Any] | None: ...
     @property
     def tools(self) -> list[Tool] | None: ...
+    @property
+    def add_special_tokens(self) -> bool | None: ...
 
 
 def render_chat_text(
@@ -170,4 +172,16 @@ def render_chat_prompt(
     """Token ids of the templated conversation; refused by size before tokenizing."""
     ctx.check_prompt_size(conversation_chars(messages), "messages")
     text = render_chat_text(ctx, messages, body)
-    return ctx.engine.tokenizer.encode(text, add_special_tokens=False)
+    tokenizer = ctx.engine.tokenizer
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    if body.add_special_tokens:
+        token_ids = _with_bos(token_ids, tokenizer.bos_token_id)
+    return token_ids
+
+
+def _with_bos(token_ids: list[int], bos_token_id: int | None) -> list[int]:
+    """vLLM's add_special_tokens for a conversation; a template that writes the BOS itself
+    does not get a second one."""
+    if bos_token_id is None or (token_ids and token_ids[0] == bos_token_id):
+        return token_ids
+    return [bos_token_id, *token_ids]

@@ -87,8 +87,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
         if body.prompt is not None:
             raise APIError(400, "give either prompt or messages, not both", "messages")
         token_ids = await asyncio.to_thread(render_chat_prompt, ctx, body.messages, body)
-        if body.add_special_tokens:
-            token_ids = _with_bos(token_ids, tokenizer.bos_token_id)
     elif body.prompt is not None:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         ctx.check_prompt_size(len(body.prompt), "prompt")
@@ -104,12 +102,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
             "token_strs": token_strs,
         }
     )
-
-
-def _with_bos(token_ids: list[int], bos_token_id: int | None) -> list[int]:
-    if bos_token_id is None or (token_ids and token_ids[0] == bos_token_id):
-        return token_ids
-    return [bos_token_id, *token_ids]
 
 
 @router.post("/detokenize")

@@ -146,6 +146,8 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's: true puts the BOS token before the rendered conversation (unless it has one).
+    add_special_tokens: bool | None = None
 
 
 class TokenizeRequest(_Body):

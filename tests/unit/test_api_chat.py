@@ -216,3 +216,14 @@ def test_prompt_logprobs_are_returned_as_vllm_does() -> None:
     for token_id, entry in zip(prompt_ids[1:], scored[1:], strict=True):
         assert entry[str(token_id)]["logprob"] == -1.5
         assert entry[str(EOS_ID)] == {"logprob": -0.5, "rank": 1, "decoded_token": "</s>"}
+
+
+def test_add_special_tokens_adds_the_bos_as_tokenize_does(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    """vLLM's chat field; it was accepted and ignored, so /tokenize and the prompt differed."""
+    body = chat(client, max_tokens=1, add_special_tokens=True)
+    counted = client.post("/tokenize", json={"messages": USER_HI, "add_special_tokens": True})
+    assert engine.submitted[-1][1] == counted.json()["tokens"]
+    assert engine.submitted[-1][1][0] == engine.tokenizer.bos_token_id
+    assert body["usage"]["prompt_tokens"] == counted.json()["count"]
