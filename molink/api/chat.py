@@ -24,7 +24,7 @@ from molink.api.sampling import (
 )
 from molink.api.schemas import ChatCompletionRequest
 from molink.api.streaming import SSE, cancel_on_disconnect, collect_final, stream_body
-from molink.api.structured import structured_spec
+from molink.api.structured import check_spec, structured_spec
 from molink.api.tool_choice import ToolPlan, plan_tools
 from molink.outputs import CompletionOutput
 from molink.tokenizer.protocol import TokenizerLike
@@ -72,6 +72,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             raise APIError(
                 400, "tool_choice cannot be combined with another output constraint", "tools"
             )
+        check_spec(tools.constraint, "tools")  # else the last stage fails the request
         constraint = tools.constraint
     num_top = _num_top_logprobs(body)
     reject_streamed_prompt_logprobs(body)

@@ -97,6 +97,22 @@ def test_auto_tool_choice_needs_the_flags(engine: FakeEngine) -> None:
     assert engine.submitted[-1][2].structured.kind == "grammar"
 
 
+@pytest.mark.parametrize(
+    "tool_choice", ["required", "auto", {"type": "function", "function": {"name": "f"}}]
+)
+def test_a_tool_schema_the_grammar_cannot_take_is_400(
+    engine: FakeEngine, tool_choice: object
+) -> None:
+    """It went to the engine unchecked, whose last stage then failed the request (500)."""
+    broken = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    body = {"messages": USER, "tools": [broken], "tool_choice": tool_choice}
+    with make_client(engine, enable_auto_tool_choice=True, tool_call_parser="hermes") as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "tools"
+    assert not engine.submitted
+
+
 def test_continuous_usage_stats(client: TestClient) -> None:
     response = client.post(
         "/v1/chat/completions",
