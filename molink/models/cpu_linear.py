@@ -10,6 +10,8 @@ bfloat16 weights are packed too where the CPU has bfloat16 dot products: unpacke
 ``F.linear`` in bfloat16 is slower than float32 at one row (SmolLM2's products 19.6 ms
 against 17.3 on an AMD EPYC with avx512_bf16); packed they take 10.2 ms at one row and
 29.2 at 32 (float32 packed: 55.2), and packed wins at every row count measured (1-512).
+So a bfloat16 layer keeps only its packed copy (``serves_every_batch``): the plain matrix
+would double its memory and never be read.
 """
 
 from __future__ import annotations
@@ -69,11 +71,24 @@ def packed_matmul(
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def serves_every_batch(packed: torch.Tensor | None) -> bool:
+    """Whether the packed copy multiplies batches of every size: bfloat16 (faster at every
+    row count measured), so the plain matrix beside it is never read and need not be kept."""
+    return packed is not None and packed.dtype == torch.bfloat16
+
+
+def unpack(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The plain matrix's transpose [in, out] back from ``onednn_pack``'s layout, exactly:
+    the identity times the matrix adds one product by 1 to zeros in each sum."""
+    eye = torch.eye(in_features, dtype=packed.dtype, device=packed.device)
+    return packed_matmul(eye, packed)
+
+
 def _use_packed(packed: torch.Tensor | None, rows: int) -> bool:
     """float32: 2-32 rows (MKL is faster for one row and for prefill); bfloat16: always."""
     if packed is None:
         return False
-    return packed.dtype == torch.bfloat16 or PACKED_MIN_ROWS <= rows <= PACKED_MAX_ROWS
+    return serves_every_batch(packed) or PACKED_MIN_ROWS <= rows <= PACKED_MAX_ROWS
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:

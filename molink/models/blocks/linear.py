@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molink.errors import WeightLoadError
-from molink.models.cpu_linear import add_linear, linear, prepack
+from molink.models.cpu_linear import add_linear, linear, prepack, serves_every_batch, unpack
 from molink.models.parallel.group import SINGLE, ParallelGroup
 from molink.models.parallel.shard import Segment
 
@@ -141,12 +141,14 @@ def matrix_param(rows: int, cols: int, dtype: torch.dtype, device: torch.device)
     return nn.Parameter(storage.t(), requires_grad=False)
 
 
+def check_matrix_shape(source: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tuple(source.shape) != shape:
+        raise WeightLoadError(f"tensor {what!r} has shape {tuple(source.shape)}, expected {shape}")
+
+
 def copy_matrix(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
     """Copy a row-major [out, in] tensor into ``target``, whatever its layout."""
-    if tuple(source.shape) != tuple(target.shape):
-        raise WeightLoadError(
-            f"tensor {what!r} has shape {tuple(source.shape)}, expected {tuple(target.shape)}"
-        )
+    check_matrix_shape(source, tuple(target.shape), what)
     source = source.to(device=target.device, dtype=target.dtype)
     if target.device.type != "cpu" or target.stride() == source.stride():
         target.copy_(source)
@@ -158,7 +160,12 @@ def copy_matrix(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
 
 
 class DenseLinear(nn.Module):
-    """A float matrix (column-major) with an optional oneDNN-packed copy for small batches."""
+    """A float matrix (column-major) with an optional oneDNN-packed copy for small batches.
+
+    A bfloat16 packed copy serves every batch (molink.models.cpu_linear), so the layer then
+    keeps only that copy: ``weight`` is empty until something needs the plain matrix again
+    (``.to()``, ``prepack(False)``), which gets it back exactly from the packed copy.
+    """
 
     def __init__(
         self,
@@ -186,16 +193,41 @@ class DenseLinear(nn.Module):
         return add_linear(residual, x, self.weight, self.packed, self.bias)
 
     def load_weight(self, weight: torch.Tensor, pack: bool) -> None:
-        copy_matrix(self.weight, weight, f"[{self.out_features}, {self.in_features}] matrix")
+        shape = (self.out_features, self.in_features)
+        what = f"[{self.out_features}, {self.in_features}] matrix"
+        check_matrix_shape(weight, shape, what)
         # Packing from the row-major source avoids re-reading the transposed copy.
-        self.packed = prepack(weight.to(self.weight.dtype)) if pack else None
+        packed = prepack(weight.to(self.weight.dtype)) if pack else None
+        if serves_every_batch(packed):
+            self._drop_plain()  # never written: its pages are never touched
+        else:
+            if self._plain_dropped():
+                self.weight = matrix_param(*shape, self.weight.dtype, self.weight.device)
+            copy_matrix(self.weight, weight, what)
+        self.packed = packed
 
     def prepack(self, enable: bool) -> None:
+        self._restore_plain()
         self.packed = prepack(self.weight) if enable else None
+        if serves_every_batch(self.packed):
+            self._drop_plain()
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._restore_plain()  # what .to()/.half() convert is the plain matrix
         self.packed = None  # a packed copy would be stale after .to()/.half()
         return super()._apply(fn, recurse)
+
+    def _plain_dropped(self) -> bool:
+        return self.weight.numel() == 0 < self.in_features * self.out_features
+
+    def _drop_plain(self) -> None:
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+
+    def _restore_plain(self) -> None:
+        if self._plain_dropped():
+            assert self.packed is not None  # the plain matrix is dropped only beside it
+            plain_t = unpack(self.packed, self.in_features)  # [in, out]: column-major W
+            self.weight = nn.Parameter(plain_t.t(), requires_grad=False)
 
 
 class DenseGroupedLinear(nn.Module):
