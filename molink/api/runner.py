@@ -127,7 +127,7 @@ class GenerationRun:
                 for rid, prompt in zip(self._request_ids, self._prompts, strict=True)
             ]
             waiting = [asyncio.ensure_future(_first_output(g)) for g in self._generators]
-            firsts = await asyncio.gather(*waiting)
+            firsts = await self._first_outputs(waiting)
             for first in firsts:  # no route for it: a status, before any byte is sent
                 _raise_if_unavailable(first)
         except BaseException:
@@ -140,6 +140,24 @@ class GenerationRun:
         for index, first in enumerate(firsts):
             self._pumps.append(asyncio.ensure_future(self._pump(index, first)))
         return firsts
+
+    async def _first_outputs(self, waiting: list[asyncio.Task]) -> list[RequestOutput]:
+        """Every first output; a shutdown meanwhile ends the wait (ServerShuttingDown), as it
+        ends a running request, instead of leaving it to the graceful timeout."""
+        firsts = asyncio.gather(*waiting)
+        shutdown = asyncio.ensure_future(self._queue.get())  # nothing else is queued yet
+        try:
+            await asyncio.wait({firsts, shutdown}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            firsts.cancel()  # e.g. the client left: the caller aborts the requests
+            raise
+        finally:
+            shutdown.cancel()
+        if shutdown.done() and not shutdown.cancelled():
+            firsts.cancel()
+            await asyncio.gather(firsts, return_exceptions=True)
+            raise ServerShuttingDown(shutdown.result().reason)
+        return await firsts
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, cumulative output) in arrival order, until every request finished."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -218,3 +220,44 @@ def test_shutdown_ends_running_streams_with_an_error(slow_engine: FakeEngine) ->
     assert wait_until(lambda: not slow_engine.active)
     assert slow_engine.abort_calls
     assert wait_until(lambda: port_is_free(running.port))
+
+
+class _NeverStarts(FakeEngine):
+    """Takes requests but never gives their first output (as if queued behind others)."""
+
+    async def _generate(self, request_id, prompt, params):
+        self.submitted.append((request_id, prompt, params))
+        self.active.add(request_id)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.active.discard(request_id)
+        yield  # an async generator that never gets here
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_shutdown_answers_requests_still_waiting_for_their_first_output(stream: bool) -> None:
+    """They waited out uvicorn's graceful timeout and lost their connection, no answer."""
+    engine = _NeverStarts()
+    running = ThreadedServer(create_app(engine))
+    answers: list[httpx.Response | Exception] = []
+
+    def post() -> None:
+        body = {"prompt": "Hi", "max_tokens": 5, "stream": stream}
+        try:
+            answers.append(httpx.post(f"{running.base_url}/v1/completions", json=body, timeout=20))
+        except Exception as exc:
+            answers.append(exc)
+
+    with running:
+        waiting = threading.Thread(target=post)
+        waiting.start()
+        assert wait_until(lambda: engine.submitted)
+        running.server.should_exit = True
+        waiting.join(timeout=20)
+    (answer,) = answers
+    assert isinstance(answer, httpx.Response), answer
+    assert answer.status_code == 503
+    assert "shutting down" in answer.json()["error"]["message"]
+    assert wait_until(lambda: not engine.active)
+    assert engine.abort_calls
