@@ -135,13 +135,16 @@ def render_chat_text(
     template_messages = to_template_messages(messages)
     kwargs = dict(body.chat_template_kwargs or {})
     template = body.chat_template
-    if template is not None and not ctx.chat.trust_request_chat_template:
-        raise APIError(
-            400,
-            "chat_template in a request is refused unless the server runs with "
-            "--trust-request-chat-template",
-            "chat_template",
-        )
+    # A template sent as a template keyword would be used too: the flag covers both ways.
+    sent = (("chat_template", template), ("chat_template_kwargs", kwargs.get("chat_template")))
+    for field, value in sent:
+        if value is not None and not ctx.chat.trust_request_chat_template:
+            raise APIError(
+                400,
+                f"a chat template in {field} is refused unless the server runs with "
+                "--trust-request-chat-template",
+                field,
+            )
     template = template or ctx.chat.chat_template
     if template is not None:
         kwargs["chat_template"] = template

@@ -70,6 +70,19 @@ def test_request_chat_template_needs_the_flag(engine: FakeEngine) -> None:
     assert engine.submitted[-1] is not None
 
 
+def test_a_template_inside_chat_template_kwargs_needs_the_flag_too(engine: FakeEngine) -> None:
+    """It reached the template renderer, which used it: the flag was bypassed."""
+    template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    body = {"messages": USER, "chat_template_kwargs": {"chat_template": template}}
+    for path in ("/v1/chat/completions", "/tokenize"):
+        with make_client(engine) as client:
+            response = client.post(path, json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "chat_template_kwargs"
+    with make_client(engine, trust_request_chat_template=True) as client:
+        chat(client, chat_template_kwargs={"chat_template": template})
+
+
 def test_named_tool_choice_streams_the_call(client: TestClient, engine: FakeEngine) -> None:
     named = {"type": "function", "function": {"name": "f"}}
     response = client.post(
