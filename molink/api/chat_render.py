@@ -150,8 +150,9 @@ def render_chat_text(
         kwargs["chat_template"] = template
     if body.tools:
         kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    continue_final = bool(body.continue_final_message)
-    add_generation_prompt = body.add_generation_prompt
+    # As in vLLM, chat_template_kwargs may set these too, and win over the fields.
+    continue_final = bool(_flag(kwargs, "continue_final_message", body.continue_final_message))
+    add_generation_prompt = _flag(kwargs, "add_generation_prompt", body.add_generation_prompt)
     if add_generation_prompt is None:
         add_generation_prompt = not continue_final
     if continue_final:
@@ -167,6 +168,18 @@ def render_chat_text(
     except Exception as exc:
         logger.info("chat template rejected a conversation: %s", exc)
         raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
+
+
+def _flag(kwargs: dict[str, Any], name: str, default: bool | None) -> bool | None:
+    """Takes ``name`` out of the template keywords (the renderer gets it on its own)."""
+    if name not in kwargs:
+        return default
+    value = kwargs.pop(name)
+    if not isinstance(value, bool):
+        raise APIError(
+            400, f"chat_template_kwargs: {name} must be a boolean", "chat_template_kwargs"
+        )
+    return value
 
 
 def render_chat_prompt(

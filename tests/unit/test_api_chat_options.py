@@ -57,6 +57,25 @@ def test_continue_final_message_and_echo(client: TestClient, engine: FakeEngine)
     assert body["choices"][0]["message"]["content"].startswith("Sure:Hel")
 
 
+def test_chat_template_kwargs_set_the_rendering_flags_as_in_vllm(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    """vLLM lets them override the fields; here they collided with them (a 400 naming
+    messages: the keyword was passed twice)."""
+    chat(client, chat_template_kwargs={"add_generation_prompt": False})
+    assert prompt_of(engine) == "[user]Hi\n"
+    messages = [*USER, {"role": "assistant", "content": "Sure:"}]
+    kwargs = {"continue_final_message": True, "add_generation_prompt": False}
+    chat(client, messages=messages, chat_template_kwargs=kwargs)
+    assert prompt_of(engine).endswith("[assistant]Sure:")
+    response = client.post(
+        "/v1/chat/completions",
+        json={"messages": USER, "chat_template_kwargs": {"add_generation_prompt": "no"}},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "chat_template_kwargs"
+
+
 def test_request_chat_template_needs_the_flag(engine: FakeEngine) -> None:
     template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
     with make_client(engine) as client:
