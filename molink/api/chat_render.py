@@ -126,6 +126,8 @@ class ChatRenderOptions(Protocol):
     def tools(self) -> list[Tool] | None: ...
     @property
     def add_special_tokens(self) -> bool | None: ...
+    @property
+    def documents(self) -> list[dict[str, str]] | None: ...
 
 
 def render_chat_text(
@@ -150,6 +152,8 @@ def render_chat_text(
         kwargs["chat_template"] = template
     if body.tools:
         kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    if body.documents is not None:
+        kwargs.setdefault("documents", body.documents)  # chat_template_kwargs win, as in vLLM
     # As in vLLM, chat_template_kwargs may set these too, and win over the fields.
     continue_final = bool(_flag(kwargs, "continue_final_message", body.continue_final_message))
     add_generation_prompt = _flag(kwargs, "add_generation_prompt", body.add_generation_prompt)

@@ -148,6 +148,8 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     # vLLM's: true puts the BOS token before the rendered conversation (unless it has one).
     add_special_tokens: bool | None = None
+    # vLLM's: documents a retrieval-augmented chat template shows the model.
+    documents: list[dict[str, str]] | None = None
 
 
 class TokenizeRequest(_Body):
@@ -162,6 +164,7 @@ class TokenizeRequest(_Body):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Tool] | None = None
+    documents: list[dict[str, str]] | None = None
 
 
 class DetokenizeRequest(_Body):

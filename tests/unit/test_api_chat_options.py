@@ -76,6 +76,23 @@ def test_chat_template_kwargs_set_the_rendering_flags_as_in_vllm(
     assert response.json()["error"]["param"] == "chat_template_kwargs"
 
 
+def test_documents_reach_the_chat_template(client: TestClient, engine: FakeEngine) -> None:
+    """vLLM's field for retrieval templates; it was accepted and never reached the template."""
+    seen: list[dict] = []
+    render = engine.tokenizer.apply_chat_template
+
+    def recording(messages, add_generation_prompt=True, **kwargs):
+        seen.append(kwargs)
+        return render(messages, add_generation_prompt, **kwargs)
+
+    engine.tokenizer.apply_chat_template = recording  # type: ignore[method-assign]
+    documents = [{"title": "A", "text": "B"}]
+    chat(client, documents=documents)
+    assert seen[-1]["documents"] == documents
+    chat(client)
+    assert "documents" not in seen[-1]
+
+
 def test_request_chat_template_needs_the_flag(engine: FakeEngine) -> None:
     template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
     with make_client(engine) as client:
