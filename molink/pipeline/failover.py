@@ -4,7 +4,9 @@ the surviving nodes and hand the engine a ``NodeFailure`` (molink/engine/recover
 Freeing happens in two parts, because the lost node cuts each route in two:
 
 * the nodes before it on the route get an in-band release from the head, on the same
-  streams as the steps, so it reaches each of them after every step already sent there;
+  streams as the steps, so it reaches each of them after every step already sent there
+  (a replay may still reach one of them first along another route: like the call below,
+  the release names the first step not yet submitted when the node was lost);
 * the nodes after it get a ``Release`` call of their own (nothing reaches them through
   the lost node any more). Their lease on this head's sequences frees anything a
   release misses. That call travels apart from the steps, so a replay of one of its
@@ -97,8 +99,9 @@ class FailoverDesk:
         index = route.index_of(lost_id)
         if index is None:
             return
-        try:  # the head's own stage and the nodes before the lost one, in band
-            self._submit(ReleaseJob(self.head_id, route, seq_ids, propagate=True))
+        try:  # the head's own stage and the nodes before the lost one, in band (a replay
+            # on another route may reach one of them first: it keeps the replay's copy)
+            self._submit(ReleaseJob(self.head_id, route, seq_ids, True, before))
         except Exception:
             logger.warning("in-band release of %d sequences failed", len(seq_ids), exc_info=True)
         after = [hop.address for hop in route.hops[index + 1 :]]

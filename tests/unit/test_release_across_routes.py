@@ -97,3 +97,65 @@ def test_a_release_that_arrives_after_a_copy_sent_by_another_route_keeps_it(
     second = first_result(head)
     assert second.error is None, second.error
     assert second.sampled[0].token_id == expected_token(token, 7, 4)
+
+
+@pytest.fixture
+def two_spans() -> Iterator[Swarm]:
+    """head [0, 1); replicas a and b of [1, 2); n of [2, 3); replicas x and y of [3, 4)."""
+    head = PipelineExecutor(ToyStageExecutor(LayerRange(0, 1), MODEL), _info("h", 0, 1), CONFIG)
+    head.start()
+    executors: dict[str, ToyStageExecutor] = {}
+    nodes: list[StageNode] = []
+    spans = (("a", 1, 2), ("b", 1, 2), ("n", 2, 3), ("x", 3, 4), ("y", 3, 4))
+    try:
+        for node_id, start, end in spans:
+            executors[node_id] = ToyStageExecutor(LayerRange(start, end), MODEL)
+            info = _info(node_id, start, end)
+            nodes.append(StageNode(executors[node_id], info, CONFIG, initial_peer=head.address))
+            nodes[-1].start()
+        assert wait_until(lambda: len(head.pipeline().stages) == 6 and head.readiness() is None)
+        yield head, executors
+    finally:
+        for node in nodes:
+            node.stop()
+        head.close()
+
+
+def test_a_failover_release_that_arrives_after_the_replay_keeps_the_new_copy(
+    two_spans: Swarm, monkeypatch
+) -> None:
+    head, executors = two_spans
+    head.submit(_prefill(0, 7))
+    first = first_result(head)
+    assert first.error is None
+    route = head.routes.route_of(7)
+    assert route is not None
+    old = "a" if route.contains("a") else "b"
+    lost = "x" if route.contains("x") else "y"
+    gate, at_n = threading.Event(), threading.Event()
+    slow, middle = executors[old], executors["n"]
+    slow_release, middle_release = slow.release, middle.release
+
+    def held_release(seq_ids, head_id=""):
+        gate.wait(30.0)  # the old route's replica is busy: the release waits there
+        slow_release(seq_ids, head_id)
+
+    def noted_release(seq_ids, head_id=""):
+        middle_release(seq_ids, head_id)
+        at_n.set()
+
+    monkeypatch.setattr(slow, "release", held_release)
+    monkeypatch.setattr(middle, "release", noted_release)
+    assert head.evict_node(lost, "taken out by the test")  # n, before it, is freed in band
+    head.routes.avoid(old, 60.0)  # the replay takes the other replica of [1, 2)
+    head.submit(_prefill(1, 7))
+    replayed = first_result(head)
+    assert replayed.error is None, replayed.error
+    gate.set()  # the release goes on from the old replica to n, after the replay's copy
+    assert at_n.wait(30.0)
+    assert ("h", 7) in middle.sequences
+    token = replayed.sampled[0].token_id
+    head.submit(StepPlan(2, (ScheduledSequence(7, len(PROMPT), 1, (), True),), (token,)))
+    second = first_result(head)
+    assert second.error is None, second.error
+    assert second.sampled[0].token_id == expected_token(token, 7, 4)
