@@ -167,12 +167,15 @@ async def _engine_prompts(
     echo still answers with the text as it was sent."""
     if add_special_tokens is not False:
         return prompts
-    return [
+    encoded = [
         await asyncio.to_thread(tokenizer.encode, prompt, False)
         if isinstance(prompt, str)
         else prompt
         for prompt in prompts
     ]
+    if not all(encoded):
+        raise APIError(400, "prompt: must not be empty", "prompt")
+    return encoded
 
 
 def _prompt_text(tokenizer: TokenizerLike, prompt: Prompt, output: RequestOutput) -> str:

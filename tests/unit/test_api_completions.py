@@ -85,6 +85,10 @@ def test_add_special_tokens_false_leaves_out_the_bos(
     assert [submitted[1] for submitted in engine.submitted[-2:]] == [[75, 108], [78]]
     assert [choice["text"] for choice in body["choices"]] == ["HiH", "KH"]
     assert complete(client, prompt="Hi", max_tokens=1)["usage"]["prompt_tokens"] == 3
+    body = {"prompt": "", "max_tokens": 1, "add_special_tokens": False}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "prompt: must not be empty"
 
 
 def test_unimplemented_vllm_fields_asking_for_nothing_are_accepted(client: TestClient) -> None:
