@@ -13,6 +13,7 @@ the slowest stage gains exactly when it needs to. Outputs still leave one per st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -234,9 +235,12 @@ class ComputeWorker:
                 self._admit(job)
             except ProtocolError as exc:
                 self._reject(job, exc, FailureKind.REJECTED)
-                if job.plan.finished_seq_ids:  # the executor never saw them: free them here
+                plan = job.plan
+                if plan.finished_seq_ids:  # the executor never saw them: free them here
                     self._release(
-                        ReleaseJob(job.head_id, job.route, job.plan.finished_seq_ids, True)
+                        ReleaseJob(
+                            job.head_id, job.route, plan.finished_seq_ids, True, plan.step_id
+                        )
                     )
                 continue
             admitted.append(job)
@@ -282,8 +286,11 @@ class ComputeWorker:
         """A step that fails here never reaches the nodes after this one, yet the head has
         forgotten the finished sequences it carries: their release goes on in band (after
         the steps already sent there, before any later one restarting them)."""
-        if job.plan.finished_seq_ids:
-            self._on_release(ReleaseJob(job.head_id, job.route, job.plan.finished_seq_ids, True))
+        plan = job.plan
+        if plan.finished_seq_ids:
+            self._on_release(
+                ReleaseJob(job.head_id, job.route, plan.finished_seq_ids, True, plan.step_id)
+            )
 
     def _reject(self, job: StepJob, exc: Exception, kind: FailureKind) -> None:
         self.steps_failed += 1
@@ -304,7 +311,7 @@ class ComputeWorker:
         sequences its own stage holds."""
         known = self._known.setdefault(job.head_id, set())
         started = self._started.setdefault(job.head_id, {})
-        plan = job.plan
+        plan = job.plan = _keeping_later_copies(job.plan, started)
         known.difference_update(plan.finished_seq_ids)
         for seq_id in plan.finished_seq_ids:
             started.pop(seq_id, None)
@@ -389,6 +396,17 @@ class ThroughputMeter:
     def tokens_per_s(self) -> float:
         """0.0 until a pass has been timed."""
         return self._tokens / self._seconds if self._seconds > 0 else 0.0
+
+
+def _keeping_later_copies(plan: StepPlan, started: dict[int, int]) -> StepPlan:
+    """``plan`` without the finished sequences whose copy here a later plan started: a
+    sequence released on one route and sent again on another reaches a node they share
+    by two streams, and the plan carrying the release may come second."""
+    later = {s for s in plan.finished_seq_ids if started.get(s, -1) > plan.step_id}
+    if not later:
+        return plan
+    kept = tuple(s for s in plan.finished_seq_ids if s not in later)
+    return dataclasses.replace(plan, finished_seq_ids=kept)
 
 
 def _step_name(job: StepJob) -> str:

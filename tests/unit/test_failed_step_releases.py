@@ -83,6 +83,7 @@ def test_a_rejected_plan_still_frees_its_finished_sequences_here_and_after() -> 
     assert errors == [FailureKind.REJECTED]
     assert ("h", 7) not in executor.sequences
     assert [(r.seq_ids, r.propagate, r.route) for r in releases] == [((7,), True, ROUTE)]
+    assert [r.started_before_step for r in releases] == [2]  # a later copy stays
 
 
 def test_a_plan_refused_for_room_passes_its_releases_on() -> None:
@@ -97,6 +98,7 @@ def test_a_plan_refused_for_room_passes_its_releases_on() -> None:
     assert errors == [FailureKind.KV_FULL]
     assert ("h", 7) not in executor.sequences
     assert [(r.seq_ids, r.propagate, r.route) for r in releases] == [((7,), True, ROUTE)]
+    assert [r.started_before_step for r in releases] == [2]  # a later copy stays
 
 
 def test_a_plan_that_fails_without_finished_sequences_sends_no_release() -> None:

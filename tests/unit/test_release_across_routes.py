@@ -159,3 +159,52 @@ def test_a_failover_release_that_arrives_after_the_replay_keeps_the_new_copy(
     second = first_result(head)
     assert second.error is None, second.error
     assert second.sampled[0].token_id == expected_token(token, 7, 4)
+
+
+def test_a_step_that_frees_a_sequence_after_its_new_copy_came_by_another_route_keeps_it(
+    swarm: Swarm, monkeypatch
+) -> None:
+    """The release a plan carries (``finished_seq_ids``) may also come second: a plan on
+    the old route, held up at its busy replica, frees a sequence that a later plan has
+    already sent again through the other replica to their shared node."""
+    head, executors = swarm
+    both = StepPlan(
+        0,
+        tuple(ScheduledSequence(s, 0, len(PROMPT), (), True) for s in (7, 8)),
+        PROMPT + PROMPT,
+        tuple(
+            NewSequenceData(s, PROMPT, len(PROMPT), SamplingParams(temperature=0.0)) for s in (7, 8)
+        ),
+    )
+    head.submit(both)
+    tokens = {t.seq_id: t.token_id for t in first_result(head).sampled}
+    (old,) = [n for n, count in head.routes.load().items() if count and n in ("a", "b")]
+    gate = threading.Event()
+    slow, last = executors[old], executors["n"]
+    slow_execute = slow.execute
+
+    def held_execute(plan, hidden, head_id=""):
+        if plan.step_id == 1:
+            gate.wait(30.0)  # the old route's replica is busy with this step
+        return slow_execute(plan, hidden, head_id)
+
+    monkeypatch.setattr(slow, "execute", held_execute)
+    # Sequence 7 was preempted: the next plan on its route (8's decode) frees it there...
+    decode_8 = StepPlan(
+        1, (ScheduledSequence(8, len(PROMPT), 1, (), True),), (tokens[8],), finished_seq_ids=(7,)
+    )
+    head.submit(decode_8)
+    # ... and it is sent again through the other replica, which gets to n first.
+    head.routes.avoid(old, 60.0)
+    head.submit(_prefill(2, 7))
+    again = first_result(head)
+    assert again.step_id == 2 and again.error is None, again.error
+    gate.set()
+    late = first_result(head)
+    assert late.step_id == 1 and late.error is None, late.error
+    assert ("h", 7) in last.sequences
+    token = again.sampled[0].token_id
+    head.submit(StepPlan(3, (ScheduledSequence(7, len(PROMPT), 1, (), True),), (token,)))
+    second = first_result(head)
+    assert second.error is None, second.error
+    assert second.sampled[0].token_id == expected_token(token, 7, 4)
