@@ -65,14 +65,22 @@ class SwarmCredentials:
 
 def peer_node_id(context: grpc.ServicerContext) -> str | None:
     """The id of the member on the other end of this call, from the certificate it proved
-    in the TLS handshake; None on an unauthenticated (open mode) connection."""
+    in the TLS handshake; None on an unauthenticated (open mode) connection.
+
+    A TLS caller whose certificate names no node id (any member can issue one over a key
+    of another type) is not an open-mode caller: the call ends here with UNAUTHENTICATED
+    (``abort`` raises), since None would let it act for any head."""
     auth = context.auth_context()
     if auth.get("transport_security_type") != [b"ssl"]:
         return None
     certificates = auth.get("x509_pem_cert") or []
-    if len(certificates) != 1:
-        return None
-    return _node_id_of_pem(certificates[0])
+    node_id = _node_id_of_pem(certificates[0]) if len(certificates) == 1 else None
+    if node_id is None:
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "the caller's certificate names no node id (members use P-256 keys)",
+        )
+    return node_id
 
 
 @functools.lru_cache(maxsize=1024)

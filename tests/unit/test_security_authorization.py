@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from molink.config import LayerRange
 from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
@@ -278,3 +280,47 @@ def test_sequences_one_head_holds_on_a_stage_are_bounded(swarm) -> None:
     assert wait_until(lambda: swarm.middle.health().active_sequences == 2)
     swarm.head.submit(_prefill(11, 10, (4,)))
     assert first_result(swarm.head).error is None
+
+
+def _keyless_identity_channel(address: str) -> grpc.Channel:
+    """A channel with a certificate of the swarm's authority over an RSA key: any member
+    can issue one (the authority derives from the shared key), and it names no node id,
+    which is only ever an EC key's hash."""
+    authority = SwarmCredentials.from_key(KEY).authority
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    certificate = authority.issue(key.public_key(), "no-node-id")  # type: ignore[arg-type]
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=authority.certificate_pem(),
+        private_key=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        certificate_chain=certificate.public_bytes(serialization.Encoding.PEM),
+    )
+    return grpc.secure_channel(address, credentials, options=SwarmCredentials.channel_options())
+
+
+def test_a_certificate_that_names_no_node_is_refused_not_trusted_as_open_mode(swarm) -> None:
+    swarm.head.submit(_prefill(1, 5, (10,)))
+    assert first_result(swarm.head).error is None
+    view = swarm.last.current_view()
+    channel = _keyless_identity_channel(swarm.last.address)
+    stub = pb_grpc.MolinkNodeStub(channel)
+    calls = {
+        "Release": lambda: stub.Release(
+            pb.ReleaseRequest(head_id=swarm.head.head_id, seq_ids=[5]), timeout=3
+        ),
+        "UpdatePipeline": lambda: stub.UpdatePipeline(
+            pb.Pipeline(head_id=swarm.head.head_id, epoch=view.epoch + 100), timeout=3
+        ),
+        "Forward": lambda: list(stub.Forward(iter([_forward(swarm, 5, "release")]), timeout=3)),
+    }
+    with channel:
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            assert "no node id" in caught.value.details(), name
+    assert swarm.last.current_view() == view
+    assert swarm.last.health().active_sequences == 1
