@@ -297,6 +297,7 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
         pacer=pacer,
         router=head.routes,
         recovery=head,
+        vocab_size=config.vocab_size,
     )
     controller = MicroBatchController(telemetry, pinned=args.molink_micro_batches)
     sizer = PipelineSizer(

@@ -16,6 +16,7 @@ from molink.engine.protocol import EngineStats
 from molink.errors import ContextLengthExceededError, InvalidParameterError, MolinkError
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
+from molink.scheduler.validation import check_prompt_token_ids
 from molink.tokenizer.protocol import TokenizerLike
 
 logger = logging.getLogger(__name__)
@@ -136,11 +137,7 @@ class AsyncLLMEngine:
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        vocab = self.tokenizer.vocab_size
-        if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise InvalidParameterError(
-                "prompt", f"token ids must be a non-empty list of integers in [0, {vocab})"
-            )
+        check_prompt_token_ids(prompt, self.tokenizer.vocab_size)
         return list(prompt)
 
     def _check_length(self, prompt_ids: list[int], params: SamplingParams) -> None:

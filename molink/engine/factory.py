@@ -237,7 +237,8 @@ def build_local_engine(
     tokenizer = Tokenizer.from_dir(source.tokenizer_dir)
     eos = tuple(sorted(set(config.eos_token_ids) | set(tokenizer.eos_token_ids)))
     scheduler = build_scheduler(options, num_blocks, max_model_len, eos)
-    engine = LLMEngine(scheduler, LocalExecutor(stages, wire_dtype), tokenizer)
+    executor = LocalExecutor(stages, wire_dtype)
+    engine = LLMEngine(scheduler, executor, tokenizer, vocab_size=config.vocab_size)
     return engine, source, max_model_len
 
 

@@ -20,6 +20,7 @@ from molink.errors import InvalidParameterError
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 from molink.scheduler.scheduler import Scheduler
+from molink.scheduler.validation import check_prompt_token_ids
 from molink.step import StepPlan, StepResult
 from molink.tokenizer.protocol import TokenizerLike
 
@@ -36,12 +37,16 @@ class LLMEngine:
         pacer: StepPacer | None = None,
         router: PlanRouter | None = None,
         recovery: RecoverySource | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         if num_micro_batches < 1:
             raise InvalidParameterError("num_micro_batches", "must be >= 1")
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
+        # The rows of the model's embedding (None: the ids the tokenizer has): a prompt's
+        # token ids must each have one.
+        self.vocab_size = vocab_size or tokenizer.vocab_size
         self.num_micro_batches = num_micro_batches
         self.pacer = pacer  # None: plans take the scheduler's own limits
         self.router = router  # None: one route (or one process) takes every plan
@@ -69,6 +74,7 @@ class LLMEngine:
     ) -> None:
         if request_id in self._requests:
             raise InvalidParameterError("request_id", f"{request_id!r} is already running")
+        check_prompt_token_ids(prompt_token_ids, self.vocab_size)
         arrival_time = arrival_time or time.monotonic()
         self.scheduler.add_request(request_id, prompt_token_ids, params, arrival_time)
         try:

@@ -42,6 +42,18 @@ def max_output_tokens_for(
     return min(max_model_len - num_prompt, capacity_tokens + 1 - num_prompt)
 
 
+def check_prompt_token_ids(prompt_token_ids: Sequence[int], vocab_size: int) -> None:
+    """Every id must have a row in the embedding: one that has none would fail the step
+    that carries it, and with it every other request in that batch."""
+    if not prompt_token_ids or any(
+        isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size
+        for t in prompt_token_ids
+    ):
+        raise InvalidParameterError(
+            "prompt", f"token ids must be a non-empty list of integers in [0, {vocab_size})"
+        )
+
+
 def _check_prompt(prompt_token_ids: Sequence[int]) -> None:
     if len(prompt_token_ids) == 0:
         raise InvalidParameterError("prompt", "must contain at least one token")

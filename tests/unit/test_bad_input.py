@@ -84,6 +84,27 @@ def test_empty_prompt_is_rejected(small_llm) -> None:
     assert info.value.field == "prompt"
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_and_others_are_served(small_llm) -> None:
+    """A token id the embedding has no row for used to fail the step (an IndexError),
+    and with it every request in the batch."""
+    engine = small_llm.engine
+    vocab = small_llm.engine.executor.stages[0].model.config.vocab_size  # the embedding's rows
+    assert engine.vocab_size == vocab
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request("good", [5, 6, 7], params)
+    for bad in ([5, vocab], [5, -1], [5, 2.0]):
+        with pytest.raises(InvalidParameterError) as info:
+            engine.add_request("bad", bad, params)
+        assert info.value.field == "prompt" and f"[0, {vocab})" in str(info.value)
+    with pytest.raises(InvalidParameterError):
+        small_llm.generate([[1, vocab + 10]], params)
+    (output,) = small_llm.generate([[8, 9]], params)
+    assert len(output.outputs[0].token_ids) == 3
+    assert not engine.has_unfinished_requests()
+    kv = engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_total_blocks
+
+
 def test_bad_dtype_names_the_choices(tiny_model_dir) -> None:
     with pytest.raises(InvalidParameterError) as info:
         LLM(model=str(tiny_model_dir("llama")), dtype="float8")
