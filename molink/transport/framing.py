@@ -25,6 +25,10 @@ _HIDDEN_FIELD = pb.StepPayload.DESCRIPTOR.fields_by_name["hidden"].number
 _DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 _FIXED_SIZES = {1: 8, 5: 4}  # wire types 1 (64-bit) and 5 (32-bit)
 _MAX_VARINT_BYTES = 10
+# A Forward message has a handful of top-level fields (head, epoch, sender, payload, route,
+# trailer). Walking them is Python code, so one of millions of tiny fields would hold a
+# server thread for a minute: past this many, the ordinary parser reads the message.
+_MAX_TOP_LEVEL_FIELDS = 64
 
 
 def _varint(value: int) -> bytes:
@@ -131,13 +135,15 @@ def _read_field(view: memoryview, pos: int, end: int) -> tuple[int, int, int, in
 
 def _last_top_level_field(view: memoryview) -> tuple[int, int, int, int, int] | None:
     pos, end, last = 0, len(view), None
-    while pos < end:
+    for _ in range(_MAX_TOP_LEVEL_FIELDS):
+        if pos >= end:
+            return last
         parsed = _read_field(view, pos, end)
         if parsed is None:
             return None
         last = (pos, *parsed)
         pos = parsed[3]
-    return last
+    return last if pos >= end else None
 
 
 def _single_len_field(view: memoryview, start: int, end: int, field: int) -> tuple[int, int] | None:
