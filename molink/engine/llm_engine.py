@@ -189,7 +189,11 @@ class LLMEngine:
         for failure in self.recovery.take_failures():
             self.scheduler.replay(list(failure.seq_ids))
             for seq_id in failure.seq_ids:
-                self._replayed_at.setdefault(seq_id, failure.detected_at)
+                # A finished (or forgotten) sequence replays nothing and gets no next
+                # token that would drop its record: it gets none.
+                seq = self.scheduler.get_sequence(seq_id)
+                if seq is not None and not seq.is_finished:
+                    self._replayed_at.setdefault(seq_id, failure.detected_at)
         self._count_replays()
 
     def _count_replays(self) -> None:

@@ -1,0 +1,45 @@
+"""The engine's per-sequence replay records (when the failure that moved a sequence was
+noticed) last only while the sequence is live: a long-running head must not keep one for
+every sequence a lost node ever named."""
+
+from __future__ import annotations
+
+import time
+
+from molink.engine.recovery import NodeFailure
+from molink.sampling_params import SamplingParams
+from molink.step import FailureKind
+from tests.unit.test_engine_state_ownership import _engine
+
+
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _lost(seq_ids: tuple[int, ...]) -> NodeFailure:
+    return NodeFailure("x", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic())
+
+
+def test_a_failure_naming_a_finished_sequence_leaves_no_record() -> None:
+    engine, executor = _engine(num_micro_batches=1)
+    engine.add_request("a", [5, 6, 7], _params(max_tokens=1))
+    engine.step()
+    executor.deliver_all()
+    (output,) = engine.step()
+    assert output.finished and not engine.has_unfinished_requests()
+    # The node is noticed lost after the sequence finished (its release had not reached it).
+    executor.failures.append(_lost((0,)))
+    engine.step()
+    assert engine._replayed_at == {}
+
+
+def test_a_failure_naming_an_aborted_sequence_in_flight_leaves_no_record() -> None:
+    engine, executor = _engine(num_micro_batches=1)
+    engine.add_request("a", [5, 6, 7], _params(max_tokens=4))
+    engine.step()
+    engine.abort_request("a")
+    executor.lose(executor.submitted[-1].step_id)  # its plan and its node are lost
+    for _ in range(5):
+        engine.step()
+    assert not engine.has_unfinished_requests()
+    assert engine._replayed_at == {}
