@@ -27,7 +27,7 @@ import logging
 
 from molink.kv_cache.manager import KVCacheManager
 from molink.scheduler.in_flight import InFlightStep
-from molink.scheduler.lifecycle import SequenceLifecycle
+from molink.scheduler.lifecycle import SequenceLifecycle, arrival_key
 from molink.scheduler.sequence import Sequence, SequenceStatus, SequenceUpdate
 from molink.scheduler.stop import check_stop
 from molink.step import FailureKind, SampledToken, StepPlan, StepResult
@@ -78,6 +78,7 @@ class PlanOutcomes:
         lifecycle = self._lifecycle
         sampled = {token.seq_id: token for token in result.sampled}
         updates = []
+        replays = []
         for scheduled, seq in zip(plan.scheduled, seqs, strict=True):
             seq.in_flight_step = None
             if seq.is_finished:  # aborted or stopped while in flight
@@ -94,7 +95,10 @@ class PlanOutcomes:
             elif scheduled.sample:
                 updates.append(self._accept_sample(seq, token))
             if seq.replay_pending and not seq.is_finished:
-                lifecycle.replay_sequence(seq)
+                replays.append(seq)
+        # Newest first, each to the front of the queue: the oldest is admitted first again.
+        for seq in sorted(replays, key=arrival_key, reverse=True):
+            lifecycle.replay_sequence(seq)
         return updates
 
     def resolve_unverified(self, seq_id: int, step_id: int, keep: bool) -> list[SequenceUpdate]:
@@ -133,7 +137,8 @@ class PlanOutcomes:
     def _requeue_plan(self, seqs: list[Sequence]) -> list[SequenceUpdate]:
         """A node had no room for the plan and kept nothing of it: its sequences restart
         from scratch once there is room (preemption by recompute), nothing fails."""
-        for seq in seqs:
+        # Newest first, each to the front of the queue: the oldest is admitted first again.
+        for seq in sorted(seqs, key=arrival_key, reverse=True):
             seq.in_flight_step = None
             if seq.is_finished:
                 self._lifecycle.release(seq)
@@ -145,7 +150,8 @@ class PlanOutcomes:
         """A node on the plan's route failed (unreachable, late, refused, erred): its
         sequences start again on another route, unless they were replayed too often."""
         updates = []
-        for seq in seqs:
+        # Newest first, each to the front of the queue: the oldest is admitted first again.
+        for seq in sorted(seqs, key=arrival_key, reverse=True):
             seq.in_flight_step = None
             if seq.is_finished:
                 self._lifecycle.release(seq)
