@@ -39,14 +39,20 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         params_list = _broadcast(params or SamplingParams(), len(prompts))
-        order = []
-        for prompt, p in zip(prompts, params_list, strict=True):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            if len(ids) >= self.max_model_len:
-                raise ContextLengthExceededError(len(ids), self.max_model_len)
-            request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, ids, p)
-            order.append(request_id)
+        order: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params_list, strict=True):
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                if len(ids) >= self.max_model_len:
+                    raise ContextLengthExceededError(len(ids), self.max_model_len)
+                request_id = f"offline-{next(self._ids)}"
+                self.engine.add_request(request_id, ids, p)
+                order.append(request_id)
+        except Exception:
+            # A refused prompt fails the whole call: none of its requests may stay queued.
+            for request_id in order:
+                self.engine.abort_request(request_id)
+            raise
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
