@@ -140,7 +140,7 @@ def load_stage(
 ) -> tuple[StageWorker, NodeInfo, torch.dtype]:
     device = resolve_device(options.device)
     config = source.model_config
-    dtype = torch_dtype_for(source, options.dtype, device)
+    dtype = torch_dtype_for(source, options.dtype, device, options.quantization)
     kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
     # Known before placement (which sizes a replica by it) and announced in the record.
     step_s = node_layer_step_seconds(args, config, dtype, device)

@@ -28,7 +28,7 @@ from molink.models.parallel.check import rank_kv_config
 from molink.models.rope_length import model_max_context
 from molink.parallel.launch import FollowerSettings
 from molink.parallel.stage import load_stage_slice
-from molink.quant.config import resolve_kv_cache_dtype
+from molink.quant.config import resolve_kv_cache_dtype, resolve_quantization
 from molink.sampling.structured import GrammarCompiler, grammar_compiler_for
 from molink.scheduler.scheduler import Scheduler
 from molink.stage.decode_graphs import CudaGraphFactory, GraphSettings
@@ -77,10 +77,21 @@ class EngineOptions:
 
 
 def torch_dtype_for(
-    source: ModelSource, dtype: str, device: torch.device | str = "cpu"
+    source: ModelSource,
+    dtype: str,
+    device: torch.device | str = "cpu",
+    quantization: str | None = None,
 ) -> torch.dtype:
-    """``auto``: the checkpoint's dtype on a GPU; float32 or bfloat16 on a CPU."""
-    return resolve_torch_dtype(dtype, source.checkpoint_dtype, device)
+    """``auto``: the checkpoint's dtype on a GPU; float32 or bfloat16 on a CPU.
+
+    The dtype the slice will run in, as ModelSource.load_slice picks it: quantized
+    matrices turn float16 into float32, and the KV cache must be sized and typed for that.
+    """
+    resolved = resolve_torch_dtype(dtype, source.checkpoint_dtype, device)
+    method = resolve_quantization(quantization, source.detected_quantization(), device)
+    if method != "none" and resolved == torch.float16:
+        return torch.float32
+    return resolved
 
 
 def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
@@ -189,7 +200,7 @@ def build_local_engine(
     device = resolve_device(options.device)  # before any loading: a bad device fails at once
     source = resolve_model_source(options.model, quantization=options.quantization)
     config = source.model_config
-    dtype = torch_dtype_for(source, options.dtype, device)
+    dtype = torch_dtype_for(source, options.dtype, device, options.quantization)
     kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     bounds = [0, *(layer_splits or []), config.num_layers]
