@@ -11,7 +11,8 @@ has no caller identity and trusts every caller, as it trusts its network:
 * a unary release for head H comes only from H;
 * what a node received of head H's steps (molink.pipeline.witness) is told only to H;
 * a head takes sampled tokens only from the last node of the route it chose for that step,
-  and error reports only from the nodes of that route.
+  and error reports only from the nodes of that route; a report that no room was left
+  names its sender, one that a step could not be delivered names the hop after it.
 
 Each check returns None when the call is allowed, else the reason it is not.
 """
@@ -73,8 +74,29 @@ def check_result(
     ids = [hop.node_id for hop in route.hops]
     if request.result.HasField("error"):
         if caller in ids:
-            return None
+            return _blame_refusal(caller, request.result, route)
         return f"node {caller} is not on route {route.key}"
     if len(ids) > 1 and caller == ids[-1]:
         return None
     return f"results of steps on route {route.key} come from node {ids[-1]}, not from node {caller}"
+
+
+def _blame_refusal(caller: str, result: pb.StepResult, route: Route) -> str | None:
+    """The head avoids the node a KV_FULL or UNREACHABLE report names: a node reports no
+    room of its own, and a failed delivery to the hop after it, never another member."""
+    blamed = result.failed_node_id
+    if not blamed:
+        return None
+    if result.failure_kind == pb.FAILURE_KIND_KV_FULL:
+        allowed = caller
+    elif result.failure_kind == pb.FAILURE_KIND_UNREACHABLE:
+        after = route.next_after(caller)
+        allowed = after.node_id if after is not None else ""
+    else:
+        return None
+    if blamed == allowed:
+        return None
+    return (
+        f"node {caller} blames node {blamed}; it can report this failure only of "
+        f"{allowed or 'no node'}"
+    )

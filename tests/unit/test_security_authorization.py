@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from molink.config import LayerRange
 from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
+from molink.pipeline.authorization import check_result
 from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
 from molink.pipeline.wire import node_to_proto, route_to_proto
+from molink.placement.route import Route, RouteHop
 from molink.sampling_params import SamplingParams
 from molink.security.credentials import SwarmCredentials
 from molink.security.swarm_key import generate_swarm_key
@@ -324,3 +326,28 @@ def test_a_certificate_that_names_no_node_is_refused_not_trusted_as_open_mode(sw
             assert "no node id" in caught.value.details(), name
     assert swarm.last.current_view() == view
     assert swarm.last.health().active_sequences == 1
+
+
+def test_an_error_report_blames_only_its_sender_or_the_hop_after_it() -> None:
+    """The head steers new sequences away from the node a KV_FULL or UNREACHABLE report
+    names: a node of the route may name itself (no room) or the hop after it (could not
+    deliver), not any other member."""
+    route = Route(
+        (RouteHop("h", "a0", 0, 1), RouteHop("m", "a1", 1, 2), RouteHop("l", "a2", 2, 4)), "a0"
+    )
+
+    def report(kind: int, blamed: str) -> pb.ReturnResultsRequest:
+        request = pb.ReturnResultsRequest(head_id="h")
+        request.result.step_id = 1
+        request.result.error = "failed"
+        request.result.failure_kind = kind
+        request.result.failed_node_id = blamed
+        return request
+
+    assert check_result("m", report(pb.FAILURE_KIND_KV_FULL, "m"), route) is None
+    assert check_result("m", report(pb.FAILURE_KIND_UNREACHABLE, "l"), route) is None
+    assert check_result("l", report(pb.FAILURE_KIND_UNREACHABLE, ""), route) is None
+    assert check_result("l", report(pb.FAILURE_KIND_NODE_ERROR, "l"), route) is None
+    assert "blames node l" in check_result("m", report(pb.FAILURE_KIND_KV_FULL, "l"), route)
+    assert "blames node m" in check_result("l", report(pb.FAILURE_KIND_UNREACHABLE, "m"), route)
+    assert check_result("m", report(pb.FAILURE_KIND_UNREACHABLE, "x"), route) is not None
