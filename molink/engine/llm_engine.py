@@ -20,6 +20,7 @@ from molink.errors import InvalidParameterError
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 from molink.scheduler.scheduler import Scheduler
+from molink.scheduler.sequence import SequenceStatus
 from molink.scheduler.validation import check_prompt_token_ids
 from molink.step import StepPlan, StepResult
 from molink.tokenizer.protocol import TokenizerLike
@@ -303,9 +304,10 @@ class LLMEngine:
             out.top_logprobs.append(list(sampled.top_logprobs))
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
-        failed_at = self._replayed_at.pop(update.seq_id, None)
-        if failed_at is not None and self.recovery is not None:
-            self.recovery.recovery_stats().observe_recovery(now - failed_at)
+        if not self._replays_after(update.seq_id):
+            failed_at = self._replayed_at.pop(update.seq_id, None)
+            if failed_at is not None and self.recovery is not None:
+                self.recovery.recovery_stats().observe_recovery(now - failed_at)
         if not emit_text:
             return
         step = state.detokenizers[update.seq_index].add_token(sampled.token_id)
@@ -317,6 +319,13 @@ class LLMEngine:
             self.scheduler.finish_sequence(update.seq_id, "stop", step.stop_string)
             out.finish_reason = "stop"
             out.stop_reason = step.stop_string
+
+    def _replays_after(self, seq_id: int) -> bool:
+        """Whether the sequence went back to wait right after this token (its node was
+        lost while the step was out): the token predates the replay, so the recovery is
+        still to come."""
+        seq = self.scheduler.get_sequence(seq_id)
+        return seq is not None and seq.status is SequenceStatus.WAITING
 
     def _emit(self, state: RequestState) -> RequestOutput:
         output = state.snapshot()

@@ -43,3 +43,32 @@ def test_a_failure_naming_an_aborted_sequence_in_flight_leaves_no_record() -> No
         engine.step()
     assert not engine.has_unfinished_requests()
     assert engine._replayed_at == {}
+
+
+def test_a_token_from_before_the_replay_does_not_end_the_recovery() -> None:
+    """A node is lost while a plan is out and the plan still comes back with a token: that
+    token was computed before the failure, so the recovery is timed to the first token
+    after the replay, once per replayed sequence."""
+    engine, executor = _engine(num_micro_batches=1)
+    engine.add_request("a", [5, 6, 7], _params(max_tokens=4))
+    engine.step()
+    executor.deliver_all()
+    engine.step()  # the first token
+    engine.step()  # the next plan is out
+    assert len(executor.held) == 1
+    executor.failures.append(_lost((0,)))  # its node is lost while it is out
+    engine.step()
+    executor.deliver_all()  # ... and it still comes back with a token
+    (output,) = engine.step()
+    assert len(output.outputs[0].token_ids) == 2
+    assert 0 in engine._replayed_at  # the replay has produced nothing yet
+    for _ in range(20):
+        executor.deliver_all()
+        engine.step()
+        if not engine.has_unfinished_requests():
+            break
+    stats = executor.stats
+    assert stats.replayed_sequences == 1
+    lines = "\n".join(stats.metric_lines())
+    assert "molink:failover_recovery_seconds_count 1" in lines
+    assert engine._replayed_at == {}
