@@ -126,7 +126,10 @@ class StageBlockPool:
             ]
 
     def _room_locked(self, head_id: str, now: float) -> int:
-        active = set(self._used) | {h for h, t in self._refused_at.items() if now - t < ACTIVE_S}
+        # A refusal older than ACTIVE_S no longer counts: forget it, so that a node serving
+        # many heads over its life keeps no record per head it ever refused.
+        self._refused_at = {h: t for h, t in self._refused_at.items() if now - t < ACTIVE_S}
+        active = set(self._used) | set(self._refused_at)
         active.add(head_id)
         share = self.num_blocks // len(active)
         reserved = sum(max(0, share - self._used.get(g, 0)) for g in active if g != head_id)

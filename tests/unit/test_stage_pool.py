@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from molink.kv_cache.stage_pool import KVRoomError, StageBlockPool
+from molink.kv_cache.stage_pool import ACTIVE_S, KVRoomError, StageBlockPool
 
 
 def test_growth_is_all_or_nothing_and_frees_return_blocks() -> None:
@@ -47,3 +47,19 @@ def test_a_busy_head_cannot_starve_another() -> None:
         pool.grow({("busy", 7): 1}, now=2.0)
     pool.grow({("quiet", 0): 4}, now=2.0)
     assert [(u.head_id, u.blocks) for u in pool.usage()] == [("busy", 4), ("quiet", 4)]
+
+
+def test_a_refusal_is_forgotten_once_it_no_longer_counts() -> None:
+    """A node serving many heads over its life keeps no record of refusals older than
+    ACTIVE_S: they no longer make their head active."""
+    pool = StageBlockPool(num_blocks=2, block_size=1)
+    pool.add(("big", 0))
+    pool.grow({("big", 0): 2}, now=0.0)
+    for head in range(50):
+        pool.add((f"h{head}", 0))
+        with pytest.raises(KVRoomError):
+            pool.grow({(f"h{head}", 0): 1}, now=0.0)
+    pool.free(("big", 0))
+    pool.add(("late", 0))
+    pool.grow({("late", 0): 2}, now=ACTIVE_S + 1.0)  # alone again: may take every block
+    assert pool._refused_at == {}
