@@ -20,7 +20,6 @@ from molink.errors import InvalidParameterError
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 from molink.scheduler.scheduler import Scheduler
-from molink.scheduler.sequence import SequenceStatus
 from molink.scheduler.validation import check_prompt_token_ids
 from molink.step import StepPlan, StepResult
 from molink.tokenizer.protocol import TokenizerLike
@@ -56,6 +55,9 @@ class LLMEngine:
         self._verdicts = recovery if isinstance(recovery, VerdictSource) else None
         # Replayed sequence -> when the failure that moved it was noticed, until its next token.
         self._replayed_at: dict[int, float] = {}
+        # Sequence in flight when its node was lost -> when that was noticed, until its plan
+        # comes back and it replays (then it moves to _replayed_at) or ends.
+        self._failed_at: dict[int, float] = {}
         self._replays_counted = (0, 0)  # the scheduler's (sequences, tokens) already counted
         self._requests: dict[str, RequestState] = {}
         # The scheduler's registry of plans in flight (read here, never written).
@@ -93,6 +95,7 @@ class LLMEngine:
         self.scheduler.abort_request(request_id)
         for seq_id in state.seq_ids:
             self._replayed_at.pop(seq_id, None)
+            self._failed_at.pop(seq_id, None)
         for out in state.outputs:
             if out.finish_reason is None:
                 out.finish_reason = "abort"
@@ -109,6 +112,7 @@ class LLMEngine:
             except Exception:  # the stages' leases free them anyway
                 logger.warning("releasing %d failed sequences failed", len(updates), exc_info=True)
         self._replayed_at.clear()
+        self._failed_at.clear()
         outputs = []
         for request_id in list(self._requests):
             state = self._requests.pop(request_id)
@@ -187,14 +191,18 @@ class LLMEngine:
         """Sequences whose KV was on a lost node go back to be prefilled on another route."""
         if self.recovery is None:
             return
+        self._count_replays()  # replays before these failures are timed from now
         for failure in self.recovery.take_failures():
             self.scheduler.replay(list(failure.seq_ids))
+            # Only the sequences that replay have a recovery to time: those moved now, and
+            # those in flight once their plan comes back (finished, waiting or unknown
+            # ones replay nothing).
+            for seq_id in self.scheduler.take_replayed():
+                self._replayed_at.setdefault(seq_id, failure.detected_at)
             for seq_id in failure.seq_ids:
-                # A finished (or forgotten) sequence replays nothing and gets no next
-                # token that would drop its record: it gets none.
                 seq = self.scheduler.get_sequence(seq_id)
-                if seq is not None and not seq.is_finished:
-                    self._replayed_at.setdefault(seq_id, failure.detected_at)
+                if seq is not None and seq.replay_pending:
+                    self._failed_at.setdefault(seq_id, failure.detected_at)
         self._count_replays()
 
     def _count_replays(self) -> None:
@@ -202,7 +210,7 @@ class LLMEngine:
             return
         now_s = time.monotonic()
         for seq_id in self.scheduler.take_replayed():  # e.g. after a plan failed on its route
-            self._replayed_at.setdefault(seq_id, now_s)
+            self._replayed_at.setdefault(seq_id, self._failed_at.pop(seq_id, now_s))
         now = (self.scheduler.num_replayed_sequences, self.scheduler.num_replayed_tokens)
         if now != self._replays_counted:
             sequences, tokens = (a - b for a, b in zip(now, self._replays_counted, strict=True))
@@ -304,10 +312,9 @@ class LLMEngine:
             out.top_logprobs.append(list(sampled.top_logprobs))
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
-        if not self._replays_after(update.seq_id):
-            failed_at = self._replayed_at.pop(update.seq_id, None)
-            if failed_at is not None and self.recovery is not None:
-                self.recovery.recovery_stats().observe_recovery(now - failed_at)
+        failed_at = self._replayed_at.pop(update.seq_id, None)
+        if failed_at is not None and self.recovery is not None:
+            self.recovery.recovery_stats().observe_recovery(now - failed_at)
         if not emit_text:
             return
         step = state.detokenizers[update.seq_index].add_token(sampled.token_id)
@@ -320,19 +327,13 @@ class LLMEngine:
             out.finish_reason = "stop"
             out.stop_reason = step.stop_string
 
-    def _replays_after(self, seq_id: int) -> bool:
-        """Whether the sequence went back to wait right after this token (its node was
-        lost while the step was out): the token predates the replay, so the recovery is
-        still to come."""
-        seq = self.scheduler.get_sequence(seq_id)
-        return seq is not None and seq.status is SequenceStatus.WAITING
-
     def _emit(self, state: RequestState) -> RequestOutput:
         output = state.snapshot()
         if output.finished:
             self._requests.pop(state.request_id, None)
             for seq_id in state.seq_ids:
                 self._replayed_at.pop(seq_id, None)
+                self._failed_at.pop(seq_id, None)
         return output
 
 

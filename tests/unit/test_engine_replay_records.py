@@ -72,3 +72,23 @@ def test_a_token_from_before_the_replay_does_not_end_the_recovery() -> None:
     lines = "\n".join(stats.metric_lines())
     assert "molink:failover_recovery_seconds_count 1" in lines
     assert engine._replayed_at == {}
+
+
+def test_a_sequence_that_ends_before_its_replay_is_no_recovery() -> None:
+    """A node is lost while a plan is out, and the plan still brings the token that ends
+    the sequence: it never replays, so no recovery is observed."""
+    engine, executor = _engine(num_micro_batches=1)
+    engine.add_request("a", [5, 6, 7], _params(max_tokens=2))
+    engine.step()
+    executor.deliver_all()
+    engine.step()  # the first token
+    engine.step()  # the plan of the last one is out
+    executor.failures.append(_lost((0,)))
+    engine.step()
+    executor.deliver_all()
+    (output,) = engine.step()
+    assert output.finished and len(output.outputs[0].token_ids) == 2
+    stats = executor.stats
+    assert stats.replayed_sequences == 0
+    assert "molink:failover_recovery_seconds_count 0" in "\n".join(stats.metric_lines())
+    assert engine._replayed_at == {}
