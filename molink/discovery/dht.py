@@ -33,6 +33,8 @@ from molink.security.sealing import RecordSeal
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_TIMEOUT_S = 30.0
+# A stopping node waits this long for its record's withdrawal; the record expires anyway.
+WITHDRAW_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,15 @@ class SwarmDirectory:
         """Best effort: an expired copy replaces the record at once (else it expires)."""
         from hivemind.utils import get_dht_time
 
+        if not self._dht.is_alive():
+            return  # its process is gone (a signal to the whole group): nothing would answer
         try:
             value = self._value(info, 1.0)
-            self._dht.store(self._key, value, get_dht_time() + 0.01, subkey=info.node_id)
+            expires = get_dht_time() + 0.01
+            stored = self._dht.store(
+                self._key, value, expires, subkey=info.node_id, return_future=True
+            )
+            stored.result(timeout=WITHDRAW_TIMEOUT_S)
         except Exception:
             logger.debug("withdrawing the DHT record failed", exc_info=True)
 
