@@ -177,6 +177,7 @@ class SequenceLifecycle:
         updates = []
         self._waiting.clear()
         self._unverified.clear()
+        self._replayed.clear()  # failed now: nothing of theirs is still to recover
         self._num_held_siblings = 0
         for seq in list(self._sequences.values()):
             seq.in_flight_step = None

@@ -4,12 +4,16 @@ every sequence a lost node ever named."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-from molink.engine.recovery import NodeFailure
+from molink.engine.llm_engine import LLMEngine
+from molink.engine.recovery import NodeFailure, TokenVerdict
 from molink.sampling_params import SamplingParams
 from molink.step import FailureKind
-from tests.unit.test_engine_state_ownership import _engine
+from tests.helpers.fake_engine import FakeTokenizer
+from tests.unit.test_engine_state_ownership import HeldExecutor, _engine
+from tests.unit.test_scheduler_helpers import FakeStage, make_scheduler
 
 
 def _params(max_tokens: int) -> SamplingParams:
@@ -91,4 +95,38 @@ def test_a_sequence_that_ends_before_its_replay_is_no_recovery() -> None:
     stats = executor.stats
     assert stats.replayed_sequences == 0
     assert "molink:failover_recovery_seconds_count 0" in "\n".join(stats.metric_lines())
+    assert engine._replayed_at == {}
+
+
+class VerdictExecutor(HeldExecutor):
+    """Also a VerdictSource: the test hands out verdicts on held tokens."""
+
+    def __init__(self, stage: FakeStage) -> None:
+        super().__init__(stage)
+        self.verdicts: list[TokenVerdict] = []
+
+    def take_verdicts(self) -> list[TokenVerdict]:
+        verdicts, self.verdicts = self.verdicts, []
+        return verdicts
+
+
+def test_failing_everything_forgets_the_replays_not_yet_counted() -> None:
+    """A refused token replays its sequence in a step that then has nothing in flight; the
+    pipeline fails before the next step: the failed sequence leaves no record behind."""
+    scheduler = make_scheduler()
+    executor = VerdictExecutor(FakeStage(scheduler))
+    engine = LLMEngine(scheduler, executor, FakeTokenizer(), 1, recovery=executor)
+    engine.add_request("a", [5, 6, 7], _params(max_tokens=4))
+    engine.step()
+    (plan,) = executor.submitted
+    held = executor.held[plan.step_id]
+    executor.held[plan.step_id] = dataclasses.replace(held, held_seq_ids=(0,))
+    executor.deliver_all()
+    assert engine.step() == [] and scheduler.num_unverified == 1
+    executor.verdicts.append(TokenVerdict(0, plan.step_id, keep=False))
+    engine.step()  # replays it; nothing is in flight after
+    assert scheduler.num_replayed_sequences == 1 and engine.num_in_flight == 0
+    (failed,) = engine.fail_all("the pipeline is gone")
+    assert failed.outputs[0].finish_reason == "error"
+    engine.step()
     assert engine._replayed_at == {}
