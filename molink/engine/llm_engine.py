@@ -201,7 +201,7 @@ class LLMEngine:
                 self._replayed_at.setdefault(seq_id, failure.detected_at)
             for seq_id in failure.seq_ids:
                 seq = self.scheduler.get_sequence(seq_id)
-                if seq is not None and seq.replay_pending:
+                if seq is not None and seq.replay_pending and not seq.is_finished:
                     self._failed_at.setdefault(seq_id, failure.detected_at)
         self._count_replays()
 

@@ -130,3 +130,21 @@ def test_failing_everything_forgets_the_replays_not_yet_counted() -> None:
     assert failed.outputs[0].finish_reason == "error"
     engine.step()
     assert engine._replayed_at == {}
+
+
+def test_a_second_failure_naming_an_aborted_sequence_in_flight_leaves_no_record() -> None:
+    """Two nodes of a plan's route are lost while it is out, and its request is aborted
+    between the two reports."""
+    engine, executor = _engine(num_micro_batches=1)
+    engine.add_request("a", [5, 6, 7], _params(max_tokens=4))
+    engine.step()
+    executor.failures.append(_lost((0,)))
+    engine.step()
+    engine.abort_request("a")
+    executor.failures.append(_lost((0,)))
+    engine.step()
+    executor.lose(executor.submitted[-1].step_id)
+    for _ in range(5):
+        engine.step()
+    assert not engine.has_unfinished_requests()
+    assert engine._replayed_at == {} and engine._failed_at == {}
