@@ -1,7 +1,7 @@
 """Random runs of the engine with aborts, plans in flight delivered out of order, lost
-plans and late node failures (seeded, so each run is the same every time): at the end
-every request, record and block is gone, and no more recoveries were observed than
-sequences replayed."""
+plans and node failures reported while a plan is out or after it came back (seeded, so
+each run is the same every time): at the end every request, record and block is gone,
+and no more recoveries were observed than sequences replayed."""
 
 from __future__ import annotations
 
@@ -48,7 +48,17 @@ def _late_failure(executor: HeldExecutor, rng: random.Random) -> None:
     )
 
 
-@pytest.mark.parametrize("seed", range(12))
+def _failure_while_out(executor: HeldExecutor, rng: random.Random) -> None:
+    """A node of a plan's route is reported lost while the plan is still out."""
+    step_id = rng.choice(list(executor.held))
+    plan = next(p for p in executor.submitted if p.step_id == step_id)
+    seq_ids = tuple(s.seq_id for s in plan.scheduled)
+    executor.failures.append(
+        NodeFailure("z", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic())
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
 def test_a_random_run_leaves_nothing_behind(seed: int) -> None:
     rng = random.Random(seed)
     scheduler = make_scheduler(num_blocks=rng.choice([16, 64]), max_num_batched_tokens=16)
@@ -70,6 +80,8 @@ def test_a_random_run_leaves_nothing_behind(seed: int) -> None:
             executor.lose(rng.choice(list(executor.held)))
         elif roll < 0.22 and executor.held:
             _late_failure(executor, rng)
+        elif roll < 0.26 and executor.held:
+            _failure_while_out(executor, rng)
         elif roll < 0.6 and executor.held:
             executor.deliver(rng.choice(list(executor.held)))
         engine.step()
