@@ -13,12 +13,17 @@ from collections.abc import Sequence
 from molink.cli.args import add_engine_args
 from molink.cli.main import parse_engine_args
 
+# The MoLink README starts its OpenAI server with no --port and calls it on 8080.
+SEED_DEFAULT_PORT = 8080
+
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="MoLink API server (vLLM- and OpenAI-compatible)."
     )
-    return add_engine_args(parser)
+    add_engine_args(parser)
+    parser.set_defaults(port=SEED_DEFAULT_PORT)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "molinkv1.entrypoints.api_server") -> int:
