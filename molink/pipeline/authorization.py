@@ -5,8 +5,10 @@ has no caller identity and trusts every caller, as it trusts its network:
 
 * a join names the caller itself (a node cannot register another node's id);
 * a pipeline update comes only from that pipeline's head;
-* a step or an in-stream release for head H comes from H itself or from the node just
-  before this one on the route the message carries (which starts at H); a stage keys
+* a step or an in-stream release for head H comes from H itself, or from the node just
+  before this one on the route the message carries (which starts at H) when that route
+  bears H's signature (molink.security.route_seal): the sender writes the route, so
+  without it any member could name itself the node before this one. A stage keys
   sequences by (head id, sequence id), so nobody else can touch H's sequences;
 * a unary release for head H comes only from H;
 * what a node received of head H's steps (molink.pipeline.witness) is told only to H;
@@ -18,6 +20,8 @@ Each check returns None when the call is allowed, else the reason it is not.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from molink.placement.route import Route
 from molink.transport.generated import molink_pb2 as pb
@@ -50,17 +54,29 @@ def check_witness(caller: str | None, head_id: str) -> str | None:
     return f"only head {head_id!r} may ask what its steps carried, not node {caller}"
 
 
-def check_forward(caller: str | None, route: Route, node_id: str) -> str | None:
-    """``route``: the route the message carries (its first hop is its head)."""
+def check_forward(
+    caller: str | None,
+    route: Route,
+    node_id: str,
+    seal_problem: Callable[[Route], str | None],
+) -> str | None:
+    """``route``: the route the message carries (its first hop is its head);
+    ``seal_problem``: why the route does not bear its head's valid signature, or None."""
     if caller is None or caller == route.head_id:
         return None
     index = route.index_of(node_id)
     if index is None or index == 0:
         return f"node {node_id} is not a node after the head on route {route.key}"
     previous = route.hops[index - 1].node_id
-    if caller == previous:
+    if caller != previous:
+        return (
+            f"steps on route {route.key} reach node {node_id} from node {previous}, "
+            f"not from node {caller}"
+        )
+    problem = seal_problem(route)
+    if problem is None:
         return None
-    return f"steps on route {route.key} reach node {node_id} from node {previous}, not from node {caller}"
+    return f"node {caller} passed on a route its head did not sign: {problem}"
 
 
 def check_result(

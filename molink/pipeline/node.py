@@ -44,6 +44,7 @@ from molink.pipeline.wire import node_to_proto, view_from_proto
 from molink.pipeline.witness import InputWitness
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
 from molink.placement.route import Route
+from molink.security.route_seal import RouteSigner, RouteVerifier
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepResult
 from molink.transport.channel import (
@@ -112,6 +113,7 @@ class StageNode:
         )
         self._joined_head: str | None = None  # the head joined through the initial peer
         self._rejoining = threading.Lock()
+        self.route_signer = _route_signer(self.config, head_role is not None)
         senders = SenderFactory(
             info.node_id,
             info.wire_dtype,
@@ -119,7 +121,9 @@ class StageNode:
             self.report_step_error,
             head_role is not None,
             on_broken=head_role.peer_broke if head_role is not None else None,
+            signer=self.route_signer,
         )
+        self.route_verifier = RouteVerifier()  # seals of the routes other nodes pass on
         self.links = LinkTable(
             info.node_id,
             make_forward=senders.forward,
@@ -430,3 +434,10 @@ def _advertised(advertised: str, bind_address: str, port: int) -> str:
         host = "127.0.0.1"
         logger.warning("no address to advertise; using %s:%d", host, port)
     return f"{host}:{configured if configured not in ('', '0') else port}"
+
+
+def _route_signer(config: TransportConfig, is_head: bool) -> RouteSigner | None:
+    """A head in a swarm signs its routes; in open mode nothing is signed or checked."""
+    if not is_head or config.security is None:
+        return None
+    return RouteSigner(config.security.identity)

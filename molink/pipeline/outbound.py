@@ -17,7 +17,8 @@ import torch
 
 from molink.pipeline.link_estimator import LinkEstimator
 from molink.pipeline.wire import route_to_proto
-from molink.placement.route import Route
+from molink.placement.route import Route, RouteSeal
+from molink.security.route_seal import RouteSigner
 from molink.step import FailureKind, StepPlan
 from molink.transport.channel import method_path
 from molink.transport.codec import encode_tensor_header
@@ -76,8 +77,12 @@ class SenderFactory:
         report_error: ReportError,
         is_head: bool,
         on_broken: Callable[[str, str], None] | None = None,
+        signer: RouteSigner | None = None,
     ) -> None:
         self._node_id = node_id
+        # A head in a swarm signs the routes it sends; a stage passes on the seal its
+        # route came with (molink.security.route_seal).
+        self._signer = signer
         self._wire_dtype = wire_dtype
         self._config = config
         self._report_error = report_error
@@ -122,7 +127,7 @@ class SenderFactory:
 
     def _build_forward(self, item: Outbound) -> pb.ForwardRequest | bytes:
         request = pb.ForwardRequest(head_id=item.head_id, sender_id=self._node_id)
-        request.route.CopyFrom(route_to_proto(item.route))
+        request.route.CopyFrom(route_to_proto(item.route, self._seal_of(item.route)))
         if isinstance(item, OutboundRelease):
             request.release.head_id = item.head_id
             request.release.seq_ids.extend(item.seq_ids)
@@ -135,6 +140,11 @@ class SenderFactory:
         data = encode_tensor_header(item.hidden, self._wire_dtype, out=request.step.hidden)
         request.step.trace.extend(item.trace)
         return join_forward(request, data)
+
+    def _seal_of(self, route: Route) -> RouteSeal | None:
+        if self._signer is None or route.head_id != self._node_id:
+            return None
+        return self._signer.seal(route)
 
     def _forward_failed(self, item: Outbound, peer: str, reason: str) -> None:
         if isinstance(item, OutboundRelease):

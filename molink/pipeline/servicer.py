@@ -164,7 +164,8 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
                 yield self._node.handle_forward(request, len(raw), hidden_data)
 
     def _forward_refusal(self, caller: str | None, request: pb.ForwardRequest) -> str | None:
-        return check_forward(caller, route_from_proto(request.route), self._node.node_id)
+        route = route_from_proto(request.route)
+        return check_forward(caller, route, self._node.node_id, self._node.route_verifier.problem)
 
     @contextlib.contextmanager
     def _hold_stream(self, caller: str | None, context: grpc.ServicerContext) -> Iterator[None]:

@@ -6,7 +6,7 @@ from molink.config import LayerRange
 from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.pipeline.registry import PipelineView
-from molink.placement.route import Route, RouteHop
+from molink.placement.route import Route, RouteHop, RouteSeal
 from molink.transport.generated import molink_pb2 as pb
 
 
@@ -129,8 +129,9 @@ def timing_from_proto(msg: pb.StageTimingReport) -> StageTiming:
     )
 
 
-def route_to_proto(route: Route) -> pb.Route:
-    return pb.Route(
+def route_to_proto(route: Route, seal: RouteSeal | None = None) -> pb.Route:
+    """``seal``: the head's signature to send; by default the one ``route`` came with."""
+    msg = pb.Route(
         hops=[
             pb.RouteHop(
                 node_id=hop.node_id,
@@ -141,13 +142,24 @@ def route_to_proto(route: Route) -> pb.Route:
         ],
         head_address=route.head_address,
     )
+    seal = seal or route.seal
+    if seal is not None:
+        msg.seal.CopyFrom(
+            pb.RouteSeal(version=seal.version, public_key=seal.public_key, signature=seal.signature)
+        )
+    return msg
 
 
 def route_from_proto(msg: pb.Route) -> Route:
-    """Structure only; a node checks with ``Route.problem`` that the route makes sense."""
+    """Structure only; a node checks with ``Route.problem`` that the route makes sense, and
+    with molink.security.route_seal that its head signed it."""
+    seal = None
+    if msg.HasField("seal"):
+        seal = RouteSeal(msg.seal.version, msg.seal.public_key, msg.seal.signature)
     return Route(
         hops=tuple(
             RouteHop(hop.node_id, hop.address, hop.layers.start, hop.layers.end) for hop in msg.hops
         ),
         head_address=msg.head_address,
+        seal=seal,
     )

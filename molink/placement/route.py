@@ -6,7 +6,7 @@ travels with every step, so nodes keep no next hop of their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,22 @@ class RouteHop:
 
 
 @dataclass(frozen=True)
+class RouteSeal:
+    """The head's signature of a route (molink.security.route_seal): its public key (DER
+    SubjectPublicKeyInfo), whose hash is the head's node id, and the signature."""
+
+    version: int
+    public_key: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
 class Route:
     hops: tuple[RouteHop, ...]
     head_address: str
+    # The seal a received route came with, passed on unchanged to the next hop. It is no
+    # part of the route's identity: equal routes compare and hash equal with or without it.
+    seal: RouteSeal | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:

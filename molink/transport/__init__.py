@@ -4,7 +4,9 @@
 ``molink.proto`` changes in a way an older peer could misread.
 """
 
-PROTOCOL_VERSION = 4  # 4: routes travel with steps, stages own their KV; 3: structured
+PROTOCOL_VERSION = (
+    5  # 5: heads sign their routes; 4: routes travel with steps, stages own their KV; 3: structured
+)
 # output, logit bias, prompt logprobs and per-sequence errors; 2: int8 outliers apart
 
 # Call metadata key reserved for credentials (swarm key, tokens). Unused for now.

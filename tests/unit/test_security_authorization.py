@@ -5,6 +5,7 @@ names its sender; streams, joins and sequences per peer are bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -73,6 +74,13 @@ class Swarm:
 
 @pytest.fixture
 def swarm() -> Iterator[Swarm]:
+    with running_swarm() as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_swarm() -> Iterator[Swarm]:
+    """A head and two stages, all members of one swarm, and a member in no pipeline."""
     head_config = member()
     head = PipelineExecutor(
         ToyStageExecutor(LayerRange(0, 1), MODEL), _info(head_config, 0, 1), head_config

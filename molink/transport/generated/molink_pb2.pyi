@@ -389,12 +389,24 @@ class RouteHop(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., layers: _Optional[_Union[LayerSpan, _Mapping]] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("hops", "head_address")
+    __slots__ = ("hops", "head_address", "seal")
     HOPS_FIELD_NUMBER: _ClassVar[int]
     HEAD_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SEAL_FIELD_NUMBER: _ClassVar[int]
     hops: _containers.RepeatedCompositeFieldContainer[RouteHop]
     head_address: str
-    def __init__(self, hops: _Optional[_Iterable[_Union[RouteHop, _Mapping]]] = ..., head_address: _Optional[str] = ...) -> None: ...
+    seal: RouteSeal
+    def __init__(self, hops: _Optional[_Iterable[_Union[RouteHop, _Mapping]]] = ..., head_address: _Optional[str] = ..., seal: _Optional[_Union[RouteSeal, _Mapping]] = ...) -> None: ...
+
+class RouteSeal(_message.Message):
+    __slots__ = ("version", "public_key", "signature")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    public_key: bytes
+    signature: bytes
+    def __init__(self, version: _Optional[int] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("head_id", "epoch", "sender_id", "step", "release", "route")
