@@ -18,6 +18,7 @@ from molink.pipeline.toy import toy_identity
 from molink.security.credentials import SwarmCredentials
 from molink.security.sealing import RecordSeal
 from molink.security.swarm_key import generate_swarm_key
+from molink.transport import PROTOCOL_VERSION
 
 MODEL = toy_identity(4)
 KEY = generate_swarm_key()
@@ -43,7 +44,7 @@ class FakeDht:
 
 
 def _directory() -> tuple[SwarmDirectory, FakeDht]:
-    directory = SwarmDirectory(MODEL, 4, SwarmCredentials.from_key(KEY))
+    directory = SwarmDirectory(MODEL, PROTOCOL_VERSION, SwarmCredentials.from_key(KEY))
     fake = FakeDht()
     directory._dht = fake
     return directory, fake
