@@ -29,15 +29,19 @@ class ToolPlan:
     constraint: StructuredOutputSpec | None = None
     parser: ToolParser | None = None  # auto only
     function_name: str | None = None  # named only
+    # parallel_tool_calls false: at most one call. The auto grammar lets the model open
+    # several, so only the first is kept (as vLLM does); required's schema allows just one.
+    single: bool = False
 
     def read(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
         """(content, tool calls) of a finished reply."""
         if self.mode == "named":
             return None, [ParsedToolCall(self.function_name or "", text)]
         if self.mode == "required":
-            return None, _required_calls(text)
+            return None, _required_calls(text)[: 1 if self.single else None]
         if self.mode == "auto" and self.parser is not None:
-            return self.parser.parse(text)
+            content, calls = self.parser.parse(text)
+            return content, calls[: 1 if self.single else None]
         return text, []
 
 
@@ -58,11 +62,12 @@ def plan_tools(ctx: ServerContext, body: ChatCompletionRequest) -> ToolPlan:
         raise APIError(400, "only tools of type 'function' are supported", "tools")
     if choice == "none":
         return NO_TOOLS
+    single = body.parallel_tool_calls is False
     if choice is None or choice == "auto":
-        return _auto(ctx, tools)
+        return _auto(ctx, tools, single)
     if choice == "required":
-        schema = _array(tools, single=body.parallel_tool_calls is False)
-        return ToolPlan("required", StructuredOutputSpec("json", json.dumps(schema)))
+        schema = _array(tools, single)
+        return ToolPlan("required", StructuredOutputSpec("json", json.dumps(schema)), single=single)
     if isinstance(choice, str):
         raise APIError(
             400, "tool_choice must be none, auto, required or a named function", "tool_choice"
@@ -75,7 +80,7 @@ def plan_tools(ctx: ServerContext, body: ChatCompletionRequest) -> ToolPlan:
     return ToolPlan("named", StructuredOutputSpec("json", schema), function_name=name)
 
 
-def _auto(ctx: ServerContext, tools: list[Tool]) -> ToolPlan:
+def _auto(ctx: ServerContext, tools: list[Tool], single: bool) -> ToolPlan:
     options = ctx.chat
     if not options.enable_auto_tool_choice or options.tool_call_parser is None:
         raise APIError(
@@ -85,7 +90,8 @@ def _auto(ctx: ServerContext, tools: list[Tool]) -> ToolPlan:
             "tool_choice",
         )
     parser = tool_parser(options.tool_call_parser)
-    return ToolPlan("auto", StructuredOutputSpec("grammar", parser.auto_grammar(tools)), parser)
+    grammar = StructuredOutputSpec("grammar", parser.auto_grammar(tools))
+    return ToolPlan("auto", grammar, parser, single=single)
 
 
 def _array(tools: list[Tool], single: bool) -> dict[str, Any]:
