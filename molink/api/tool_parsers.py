@@ -84,8 +84,9 @@ class HermesToolParser:
             if call is None:
                 return text, []  # not a well-formed call: leave the text as it is
             calls.append(call)
-        content = text[:start].strip()
-        return (content or None), calls
+        # The text before the first call as written, unstripped, as vLLM's hermes parser
+        # gives it: a stream sends that text as it comes, so the two replies agree.
+        return (text[:start] or None), calls
 
     def call_start(self, text: str) -> int | None:
         start = text.find(self._START)

@@ -82,3 +82,26 @@ def test_parallel_tool_calls_false_with_a_named_function_is_one_call(reply) -> N
     with client_for('{"a": 1}') as client:
         body = reply(client, tools=[TOOL], tool_choice=named, parallel_tool_calls=False)
     assert body["calls"] == [{"name": "f", "arguments": '{"a": 1}'}]
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "Let me look.\n\n" + CALL_1,
+        "  Two calls:\n" + CALL_1 + "\n" + CALL_2 + "\n",
+        "\n" + CALL_1,
+        CALL_1 + " trailing words",
+        "No call at all.\n",
+        "Almost <tool_ a call\n",
+        "<tool_call>{not json}</tool_call>",
+    ],
+)
+def test_hermes_streamed_reply_equals_the_non_streamed_one(script: str) -> None:
+    """The non-streamed content was stripped of whitespace, the streamed one was not. vLLM's
+    hermes parser strips neither: the content is the text before the first call as written."""
+    with client_for(script) as client:
+        whole = complete(client, tools=[TOOL])
+        streamed = stream(client, tools=[TOOL])
+    assert streamed == whole
+    if whole["calls"]:
+        assert whole["content"] == (script[: script.find("<tool_call>")] or None)
