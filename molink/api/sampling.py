@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,25 +53,31 @@ def build_sampling_params(
 
 
 def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
-    """OpenAI sends token ids as JSON object keys (strings)."""
+    """OpenAI sends token ids as JSON object keys (strings).
+
+    vLLM reads each key with int(), so "5", "05", "+5" and " 5" all name token 5, and the
+    last of them wins. Here a key must be the id in canonical decimal (ASCII digits, no
+    sign, no leading zero): every token then has one spelling, so one entry, and the bias
+    a request asks for is never decided by the order of its keys.
+    """
     if not bias:
         return ()
     entries = []
     for key, value in bias.items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise APIError(
-                400, f"logit_bias: key {key!r} is not a token id", "logit_bias"
-            ) from None
-        if not 0 <= token_id < vocab_size:
+        # The length first: int() refuses (ValueError) strings of over 4300 digits.
+        too_long = len(key) > len(str(vocab_size))
+        if too_long or _CANONICAL_ID.fullmatch(key) is None or int(key) >= vocab_size:
             raise APIError(
                 400,
-                f"logit_bias: token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                f"logit_bias: key {key!r} is not a token id: keys must be token ids in "
+                f"[0, {vocab_size - 1}], written in decimal without sign or leading zeros",
                 "logit_bias",
             )
-        entries.append((token_id, value))
+        entries.append((int(key), value))
     return tuple(sorted(entries))
+
+
+_CANONICAL_ID = re.compile(r"0|[1-9][0-9]*")
 
 
 # Fields vLLM (or OpenAI's older function calling) implements and this server does not, with
