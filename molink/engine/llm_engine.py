@@ -193,7 +193,7 @@ class LLMEngine:
             return
         self._count_replays()  # replays before these failures are timed from now
         for failure in self.recovery.take_failures():
-            self.scheduler.replay(list(failure.seq_ids))
+            self.scheduler.replay(list(failure.seq_ids), failure.before_step)
             # Only the sequences that replay have a recovery to time: those moved now, and
             # those in flight once their plan comes back (finished, waiting or unknown
             # ones replay nothing).

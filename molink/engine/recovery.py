@@ -38,6 +38,12 @@ class NodeFailure:
     detail: str
     seq_ids: tuple[int, ...]
     detected_at: float  # time.monotonic() when the head noticed
+    # The first step not yet submitted once the node was out of the routes (None: every
+    # copy named is lost). A copy of a sequence first sent in this step or a later one was
+    # placed after the loss: on a route without the node, or failed by its own step's
+    # result. ``seq_ids`` is worked out when the node is evicted and the engine takes the
+    # report later, by when a named sequence may already run again elsewhere.
+    before_step: int | None = None
 
 
 class RecoverySource(Protocol):

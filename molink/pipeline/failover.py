@@ -75,7 +75,9 @@ class FailoverDesk:
         """``node`` is out of the registry and its routes are forgotten; ``groups`` are the
         sequences that were on each of its routes."""
         seq_ids = tuple(sorted(s for _, ids in groups.values() for s in ids))
-        failure = NodeFailure(node.node_id, kind, detail, seq_ids, time.monotonic())
+        with self._lock:
+            before = self._next_step
+        failure = NodeFailure(node.node_id, kind, detail, seq_ids, time.monotonic(), before)
         self.stats.note_failover()
         logger.error(
             "failover: node %s lost (%s: %s); %d sequence(s) on %d route(s) will be replayed",
@@ -85,8 +87,6 @@ class FailoverDesk:
             len(seq_ids),
             len(groups),
         )
-        with self._lock:
-            before = self._next_step
         for route, ids in groups.values():
             self._release_survivors(route, node.node_id, tuple(ids), before)
         with self._lock:

@@ -225,13 +225,18 @@ class SequenceLifecycle:
         self._waiting.appendleft(seq)
         self._running_dirty = True
 
-    def replay(self, seq_ids: list[int]) -> None:
+    def replay(self, seq_ids: list[int], before_step: int | None = None) -> None:
         """Their KV was lost with a node: send them again from scratch on another route
-        (those in flight once their plan comes back). Unknown or finished ids are ignored."""
+        (those in flight once their plan comes back). Unknown or finished ids are ignored,
+        and so are copies first sent in step ``before_step`` or later: the failed step's
+        result may replay a sequence, and the sequence be sent again, before the report of
+        the loss arrives; that copy is not on the lost node."""
         seqs = [self._sequences[s] for s in seq_ids if s in self._sequences]
         # Newest first, each to the front of the queue: the oldest ends up first.
         for seq in sorted(seqs, key=arrival_key, reverse=True):
             if seq.is_finished or seq.status is SequenceStatus.WAITING:
+                continue
+            if before_step is not None and (seq.sent_in_step or 0) >= before_step:
                 continue
             if seq.is_in_flight:
                 seq.replay_pending = True

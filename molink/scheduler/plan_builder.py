@@ -94,6 +94,7 @@ class PlanBuilder:
             )
             seq.known_to_stages = True
             seq.num_blocks_sent = 0
+            seq.sent_in_step = self.step_id
         new_block_ids = tuple(block_table[seq.num_blocks_sent :])
         seq.num_blocks_sent = len(block_table)
         self._scheduled.append(

@@ -150,10 +150,12 @@ class Scheduler:
         logger.error("failed %d sequences: %s", len(updates), reason)
         return updates
 
-    def replay(self, seq_ids: list[int]) -> None:
+    def replay(self, seq_ids: list[int], before_step: int | None = None) -> None:
         """Their KV was lost with a node: send them again from scratch on another route
-        (those in flight once their plan comes back). Unknown or finished ids are ignored."""
-        self._lifecycle.replay(seq_ids)
+        (those in flight once their plan comes back). Unknown or finished ids are ignored,
+        and so are sequences whose copy was first sent in step ``before_step`` or later
+        (placed after the loss; None: no such bound)."""
+        self._lifecycle.replay(seq_ids, before_step)
 
     def take_replayed(self) -> list[int]:
         """The sequences replayed since the last call (to time their recovery)."""

@@ -87,6 +87,7 @@ class Sequence:
         "is_released",
         "replay_pending",
         "num_replays",
+        "sent_in_step",
     )
 
     def __init__(
@@ -117,6 +118,7 @@ class Sequence:
         self.is_released = False  # finished and its blocks freed for good
         self.replay_pending = False  # its KV was lost while in flight: replay on return
         self.num_replays = 0  # times it was moved to another route after a failure
+        self.sent_in_step: int | None = None  # the step that sent the stages' current copy
 
     @property
     def request_id(self) -> str:

@@ -1,7 +1,8 @@
 """Random runs of the engine with aborts, plans in flight delivered out of order, lost
-plans and node failures reported while a plan is out or after it came back (seeded, so
-each run is the same every time): at the end every request, record and block is gone,
-and no more recoveries were observed than sequences replayed."""
+plans (their failure reported at once or some steps later) and node failures reported
+while a plan is out or after it came back (seeded, so each run is the same every time): at
+the end every request, record and block is gone, and no more recoveries were observed
+than sequences replayed."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ def _random_params(rng: random.Random) -> SamplingParams:
     )
 
 
+def _noticed_now(executor: HeldExecutor) -> int:
+    """The first step not yet submitted (a failure noticed now names it)."""
+    return max(p.step_id for p in executor.submitted) + 1
+
+
 def _late_failure(executor: HeldExecutor, rng: random.Random) -> None:
     """A plan comes back, and then its node is reported lost (with one more sequence)."""
     step_id = rng.choice(list(executor.held))
@@ -44,7 +50,9 @@ def _late_failure(executor: HeldExecutor, rng: random.Random) -> None:
     executor.deliver(step_id)
     seq_ids = tuple(s.seq_id for s in plan.scheduled) + (rng.randint(0, 60),)
     executor.failures.append(
-        NodeFailure("y", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic())
+        NodeFailure(
+            "y", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic(), _noticed_now(executor)
+        )
     )
 
 
@@ -54,8 +62,24 @@ def _failure_while_out(executor: HeldExecutor, rng: random.Random) -> None:
     plan = next(p for p in executor.submitted if p.step_id == step_id)
     seq_ids = tuple(s.seq_id for s in plan.scheduled)
     executor.failures.append(
-        NodeFailure("z", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic())
+        NodeFailure(
+            "z", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic(), _noticed_now(executor)
+        )
     )
+
+
+def _lost_reported_later(executor: HeldExecutor, rng: random.Random, later: list) -> None:
+    """A plan is lost with its node; the report of the loss comes a few steps later."""
+    executor.lose(rng.choice(list(executor.held)))
+    later.append([rng.randint(1, 4), executor.failures.pop()])
+
+
+def _report_due(executor: HeldExecutor, later: list) -> None:
+    for entry in later:
+        entry[0] -= 1
+        if entry[0] == 0:
+            executor.failures.append(entry[1])
+    later[:] = [entry for entry in later if entry[0] > 0]
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -68,6 +92,7 @@ def test_a_random_run_leaves_nothing_behind(seed: int) -> None:
         scheduler, executor, FakeTokenizer(), rng.choice([1, 2, 3]), recovery=executor
     )
     num_requests = 0
+    later: list = []  # [steps until reported, failure]
     for _ in range(200):
         roll = rng.random()
         if roll < 0.12:
@@ -76,20 +101,24 @@ def test_a_random_run_leaves_nothing_behind(seed: int) -> None:
             num_requests += 1
         elif roll < 0.16 and num_requests:
             engine.abort_request(f"r{rng.randrange(num_requests)}")
-        elif roll < 0.19 and executor.held:
+        elif roll < 0.175 and executor.held:
             executor.lose(rng.choice(list(executor.held)))
+        elif roll < 0.19 and executor.held:
+            _lost_reported_later(executor, rng, later)
         elif roll < 0.22 and executor.held:
             _late_failure(executor, rng)
         elif roll < 0.26 and executor.held:
             _failure_while_out(executor, rng)
         elif roll < 0.6 and executor.held:
             executor.deliver(rng.choice(list(executor.held)))
+        _report_due(executor, later)
         engine.step()
         scheduler.check_integrity()
     for _ in range(1000):
-        if not engine.has_unfinished_requests():
+        if not engine.has_unfinished_requests() and not later:
             break
         executor.deliver_all()
+        _report_due(executor, later)
         engine.step()
     assert not engine.has_unfinished_requests()
     engine.step()  # the last releases

@@ -58,8 +58,10 @@ class HeldExecutor:
                 failed_node_id="x",
             )
         )
+        # Noticed now: every step submitted so far went before the loss.
+        before = max(p.step_id for p in self.submitted) + 1
         self.failures.append(
-            NodeFailure("x", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic())
+            NodeFailure("x", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic(), before)
         )
 
     def poll(self, timeout: float) -> list[StepResult]:
