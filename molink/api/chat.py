@@ -21,6 +21,7 @@ from molink.api.sampling import (
     continuous_usage,
     include_usage,
     reject_streamed_prompt_logprobs,
+    with_default_max_tokens,
 )
 from molink.api.schemas import ChatCompletionRequest
 from molink.api.streaming import SSE, cancel_on_disconnect, collect_final, stream_body
@@ -86,6 +87,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     # Rendering and tokenizing a long conversation takes a while: never on the event loop.
     prompt_ids = await asyncio.to_thread(render_chat_prompt, ctx, body.messages, body)
+    params = with_default_max_tokens(
+        params, ctx.chat.generation_defaults, len(prompt_ids), ctx.engine.max_model_len
+    )
     meta = ChatMeta(
         new_request_id("chatcmpl"),
         model,

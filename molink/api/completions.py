@@ -26,6 +26,7 @@ from molink.api.sampling import (
     continuous_usage,
     include_usage,
     reject_streamed_prompt_logprobs,
+    with_default_max_tokens,
 )
 from molink.api.schemas import CompletionRequest
 from molink.api.streaming import (
@@ -37,6 +38,7 @@ from molink.api.streaming import (
 )
 from molink.api.structured import structured_spec
 from molink.outputs import RequestOutput
+from molink.sampling_params import SamplingParams
 from molink.tokenizer.protocol import TokenizerLike
 
 router = APIRouter()
@@ -98,7 +100,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )
     request_id = new_request_id("cmpl")
     engine_prompts = await _engine_prompts(ctx.engine.tokenizer, prompts, body.add_special_tokens)
-    run = ctx.new_run(sub_request_ids(request_id, len(prompts)), engine_prompts, params)
+    per_prompt: SamplingParams | list[SamplingParams] = params
+    if params.max_tokens is None and "max_tokens" in ctx.chat.generation_defaults:
+        engine_prompts = await _tokenized(ctx.engine.tokenizer, engine_prompts)
+        per_prompt = [
+            with_default_max_tokens(
+                params, ctx.chat.generation_defaults, len(ids), ctx.engine.max_model_len
+            )
+            for ids in engine_prompts
+        ]
+    run = ctx.new_run(sub_request_ids(request_id, len(prompts)), engine_prompts, per_prompt)
     meta = _Meta(
         request_id,
         model,
@@ -176,6 +187,15 @@ async def _engine_prompts(
     if not all(encoded):
         raise APIError(400, "prompt: must not be empty", "prompt")
     return encoded
+
+
+async def _tokenized(tokenizer: TokenizerLike, prompts: list[Prompt]) -> list[list[int]]:
+    """Text prompts tokenized as the engine would (special tokens added), to know their
+    lengths here."""
+    return [
+        await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+        for prompt in prompts
+    ]
 
 
 def _prompt_text(tokenizer: TokenizerLike, prompt: Prompt, output: RequestOutput) -> str:

@@ -76,7 +76,10 @@ class ServerContext:
             )
 
     def new_run(
-        self, request_ids: Sequence[str], prompts: Sequence[Prompt], params: SamplingParams
+        self,
+        request_ids: Sequence[str],
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams],
     ) -> GenerationRun:
         return GenerationRun(
             self.engine,

@@ -82,7 +82,7 @@ class GenerationRun:
         registry: StreamRegistry,
         request_ids: Sequence[str],
         prompts: Sequence[Prompt],
-        params: SamplingParams,
+        params: SamplingParams | Sequence[SamplingParams],
         on_finished: Callable[[RequestOutput], None] | None = None,
         on_aborted: Callable[[int], None] | None = None,
         on_tokens: Callable[[float, int], None] | None = None,
@@ -91,7 +91,11 @@ class GenerationRun:
         self._registry = registry
         self._request_ids = list(request_ids)
         self._prompts = list(prompts)
-        self._params = params
+        # One for every prompt, or one for all (they differ only in a default max_tokens cut
+        # to each prompt's room; n is the same).
+        self._params = (
+            [params] * len(self._prompts) if isinstance(params, SamplingParams) else list(params)
+        )
         self._on_finished = on_finished
         self._on_aborted = on_aborted  # called with the sequences of each request aborted
         # Called with (seconds per token, tokens) for the tokens each output adds after the
@@ -123,8 +127,10 @@ class GenerationRun:
         waiting: list[asyncio.Task] = []
         try:
             self._generators = [
-                self._engine.generate(rid, prompt, self._params)
-                for rid, prompt in zip(self._request_ids, self._prompts, strict=True)
+                self._engine.generate(rid, prompt, params)
+                for rid, prompt, params in zip(
+                    self._request_ids, self._prompts, self._params, strict=True
+                )
             ]
             waiting = [asyncio.ensure_future(_first_output(g)) for g in self._generators]
             firsts = await self._first_outputs(waiting)
@@ -194,7 +200,7 @@ class GenerationRun:
                 await _close_generator(generator)
                 await self._abort(self._request_ids[index])
                 if self._on_aborted is not None and index not in self._reported:
-                    self._on_aborted(self._params.n)
+                    self._on_aborted(self._params[index].n)
 
     async def _pump(self, index: int, first: RequestOutput) -> None:
         try:

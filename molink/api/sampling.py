@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -50,6 +51,22 @@ def build_sampling_params(
         structured=structured,
         prompt_logprobs=body.prompt_logprobs,
     )
+
+
+def with_default_max_tokens(
+    params: SamplingParams, defaults: Mapping[str, Any], prompt_len: int, max_model_len: int
+) -> SamplingParams:
+    """A request that left max_tokens out gets generation_config.json's max_new_tokens, cut
+    to the room its prompt leaves in the context (vLLM's min of the two), not a refusal.
+
+    ``params`` must carry the request's own max_tokens (None: left out). With no room at
+    all it stays None, so that the engine reports the prompt as too long.
+    """
+    default = defaults.get("max_tokens")
+    room = max_model_len - prompt_len
+    if params.max_tokens is not None or default is None or room < 1:
+        return params
+    return dataclasses.replace(params, max_tokens=min(default, room))
 
 
 def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:

@@ -118,7 +118,7 @@ def read_chat_template(value: str | None) -> str | None:
 
 def generation_defaults(setting: str, engine: EngineClient) -> dict:
     """Sampling defaults of generation_config.json: the model's ('auto'), a folder's, or none
-    ('vllm'). Only the fields vLLM takes from it."""
+    ('vllm'). Only the fields vLLM takes from it, max_new_tokens as max_tokens."""
     if setting == "vllm":
         return {}
     folder = Path(engine.tokenizer.name_or_path) if setting == "auto" else Path(setting)
@@ -132,6 +132,16 @@ def generation_defaults(setting: str, engine: EngineClient) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise MolinkError(f"--generation-config: cannot read {path}: {exc}") from exc
     defaults = {k: config[k] for k in GENERATION_DEFAULT_FIELDS if k in config}
+    max_new_tokens = config.get("max_new_tokens")
+    if max_new_tokens is not None:
+        # transformers' max_new_tokens is vLLM's max_tokens; other values would fail every
+        # request that left max_tokens out, so they are left out (and said so).
+        if type(max_new_tokens) is int and max_new_tokens >= 1:
+            defaults["max_tokens"] = max_new_tokens
+        else:
+            logger.warning(
+                "%s: max_new_tokens %r is not a token count; ignored", path, max_new_tokens
+            )
     if defaults:
         logger.info("sampling defaults from %s: %s", path, defaults)
     return defaults
