@@ -181,12 +181,12 @@ class QuantLinear(nn.Module):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without the bias (a tensor-parallel rank's partial sum)."""
+        if self.on_device is not None:  # a CUDA layer holds neither planes nor a float matrix
+            return self.on_device.matmul(x)
         if self.planes is None:
             if self.dense is None:
                 raise WeightLoadError("quantized linear layer used before its weight was loaded")
             return F.linear(x.float(), self.dense)
-        if self.on_device is not None:
-            return self.on_device.matmul(x)
         return self._quantized(x)
 
     def _quantized(self, x: torch.Tensor) -> torch.Tensor:

@@ -112,3 +112,33 @@ def test_checkpoints_stored_in_fp8_run_as_fp8_rows_on_a_gpu() -> None:
     multiplies fp8; dequantized on a CPU (tests/unit/test_quant_fp8_checkpoint.py)."""
     assert resolve_quantization(None, "fp8", "cuda") == "fp8"
     assert resolve_quantization(None, "fp8", "cpu") == "none"
+
+
+class _HeldRows:
+    """A ``DeviceMatrix`` stand-in that multiplies on the CPU: what a layer does with the
+    matrix it holds on a device is checked here, the device's kernel in the GPU check."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.nbytes = weight.numel() * 4
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.weight.t()
+
+    def gather_rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.weight[index]
+
+
+def test_a_matrix_held_on_a_device_multiplies_there() -> None:
+    """A CUDA layer holds no int4 planes nor float matrix, only its device matrix: its
+    products (and a row-parallel rank's partial sums) go to that matrix's kernel."""
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    layer = QuantLinear(64, 32, bias=True)
+    layer.on_device = _HeldRows(weight)
+    assert layer.bias is not None
+    layer.bias.copy_(torch.arange(32.0))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(layer.product(x), x @ weight.t())
+    assert torch.equal(layer(x), x @ weight.t() + torch.arange(32.0))
+    assert torch.equal(layer.add_to(x[:, :32], x), x[:, :32] + layer(x))
+    assert torch.equal(layer.embedding(torch.tensor([5, 1])), weight[[5, 1]])
