@@ -170,10 +170,13 @@ class EngineArgs:
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
         if self.max_num_batched_tokens < self.max_num_seqs:
+            # vLLM refuses this at startup too: a step could not fit a token of every
+            # running sequence.
             raise InvalidParameterError(
                 "max_num_batched_tokens",
-                f"must be >= max_num_seqs ({self.max_num_seqs}) so that every running "
-                "sequence can take a step",
+                f"--max-num-batched-tokens {self.max_num_batched_tokens} is smaller than "
+                f"--max-num-seqs {self.max_num_seqs}; it must be at least as large, so that "
+                "every running sequence can take a step (raise the first or lower the second)",
             )
         self._validate_vllm_flags()
         validate_pipeline_layout(self)

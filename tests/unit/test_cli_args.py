@@ -160,6 +160,25 @@ def test_invalid_flags_exit_2_naming_the_flag(
     assert flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        "serve --max-num-seqs 64 --max-num-batched-tokens 32",
+        "stage --max-num-batched-tokens 32 --max-num-seqs 64",
+        "serve --max-num-batched-tokens 32 --max-num-seqs 64 --molink-enabled",
+    ],
+)
+def test_a_token_budget_below_max_num_seqs_names_both_flags_and_values(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As vLLM refuses it at startup; the message named one flag and one value."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(shlex.split(command))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-num-batched-tokens 32" in err and "--max-num-seqs 64" in err, err
+
+
 def test_engine_args_validate_in_code() -> None:
     with pytest.raises(InvalidParameterError) as error:
         EngineArgs(molink_enabled=True, molink_start_layer=3, molink_end_layer=2)
