@@ -13,17 +13,15 @@ import torch
 from molink.config import LayerRange
 from molink.errors import ProtocolError
 from molink.kv_cache.stage_pool import KVRoomError
-from molink.pipeline.toy import ToyStageExecutor, toy_identity
+from molink.pipeline.toy import ToyStageExecutor
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob
 from molink.placement.route import Route, RouteHop
-from molink.sampling_params import SamplingParams
-from molink.step import FailureKind, NewSequenceData, ScheduledSequence, StepPlan, StepResult
+from molink.step import FailureKind, ScheduledSequence, StepPlan, StepResult
+from tests.helpers.toy_swarm import MODEL, PROMPT, hidden, prefill, toy_worker
 
-MODEL = toy_identity(4)
 ROUTE = Route(
     (RouteHop("h", "x:1", 0, 1), RouteHop("s", "x:2", 1, 2), RouteHop("t", "x:3", 2, 4)), "x:1"
 )
-PROMPT = (1, 2, 3)
 
 
 class _RoomlessExecutor(ToyStageExecutor):
@@ -37,35 +35,17 @@ class _RoomlessExecutor(ToyStageExecutor):
         return [KVRoomError("no room") for _ in steps]
 
 
-def _prefill(step_id: int, seq_id: int, finished: tuple[int, ...] = ()) -> StepPlan:
-    return StepPlan(
-        step_id,
-        (ScheduledSequence(seq_id, 0, len(PROMPT), (), True),),
-        PROMPT,
-        (NewSequenceData(seq_id, PROMPT, len(PROMPT), SamplingParams(temperature=0.0)),),
-        finished_seq_ids=finished,
-    )
-
-
 def _worker(executor: ToyStageExecutor, errors: list, releases: list) -> ComputeWorker:
-    return ComputeWorker(
+    return toy_worker(
         executor,
-        "s",
-        on_output=lambda out: None,
         on_error=lambda job, message, kind: errors.append(kind),
         on_release=releases.append,
-        max_queued=8,
-        upstream_stall_s=60.0,
     )
-
-
-def _hidden(plan: StepPlan) -> torch.Tensor:
-    return torch.zeros(plan.num_tokens, MODEL.hidden_size)
 
 
 def _started_with(worker: ComputeWorker, seq_id: int) -> None:
-    plan = _prefill(1, seq_id)
-    worker._steps([StepJob("h", ROUTE, plan, _hidden(plan))])
+    plan = prefill(1, seq_id)
+    worker._steps([StepJob("h", ROUTE, plan, hidden(plan))])
 
 
 def test_a_rejected_plan_still_frees_its_finished_sequences_here_and_after() -> None:
@@ -79,7 +59,7 @@ def test_a_rejected_plan_still_frees_its_finished_sequences_here_and_after() -> 
     plan = StepPlan(
         2, (ScheduledSequence(9, len(PROMPT), 1, (), True),), (5,), finished_seq_ids=(7,)
     )
-    worker._steps([StepJob("h", ROUTE, plan, _hidden(plan))])
+    worker._steps([StepJob("h", ROUTE, plan, hidden(plan))])
     assert errors == [FailureKind.REJECTED]
     assert ("h", 7) not in executor.sequences
     assert [(r.seq_ids, r.propagate, r.route) for r in releases] == [((7,), True, ROUTE)]
@@ -93,8 +73,8 @@ def test_a_plan_refused_for_room_passes_its_releases_on() -> None:
     worker = _worker(executor, errors, releases)
     executor.sequences[("h", 7)] = len(PROMPT)
     worker._known["h"] = {7}
-    plan = _prefill(2, 8, finished=(7,))
-    worker._steps([StepJob("h", ROUTE, plan, _hidden(plan))])
+    plan = prefill(2, 8, finished=(7,))
+    worker._steps([StepJob("h", ROUTE, plan, hidden(plan))])
     assert errors == [FailureKind.KV_FULL]
     assert ("h", 7) not in executor.sequences
     assert [(r.seq_ids, r.propagate, r.route) for r in releases] == [((7,), True, ROUTE)]
@@ -106,7 +86,7 @@ def test_a_plan_that_fails_without_finished_sequences_sends_no_release() -> None
     errors: list[FailureKind] = []
     releases: list[ReleaseJob] = []
     worker = _worker(executor, errors, releases)
-    plan = _prefill(2, 8)
-    worker._steps([StepJob("h", ROUTE, plan, _hidden(plan))])
+    plan = prefill(2, 8)
+    worker._steps([StepJob("h", ROUTE, plan, hidden(plan))])
     assert errors == [FailureKind.KV_FULL]
     assert releases == []

@@ -10,61 +10,30 @@ from collections.abc import Iterator
 
 import pytest
 
-from molink.config import LayerRange
 from molink.errors import PipelineError
-from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
+from molink.pipeline import PipelineExecutor, StageNode
 from molink.pipeline.node_inbound import check_route
-from molink.pipeline.toy import ToyStageExecutor, toy_identity
+from molink.pipeline.toy import ToyStageExecutor
 from molink.pipeline.wire import route_to_proto
 from molink.pipeline.worker import ReleaseJob
 from molink.placement.route import Route, RouteHop
-from molink.sampling_params import SamplingParams
-from molink.step import NewSequenceData, ScheduledSequence, StepPlan
-from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
 from tests.helpers.polling import first_result, wait_until
-
-MODEL = toy_identity(4)
-CONFIG = TransportConfig(step_timeout_s=30.0, health_interval_s=60.0, lease_s=200.0)
-PROMPT = (1, 2, 3)
-
-
-def _info(node_id: str, start: int, end: int) -> NodeInfo:
-    return NodeInfo(node_id, MODEL, LayerRange(start, end), "127.0.0.1:0")
+from tests.helpers.toy_swarm import node_info, prefill, toy_swarm
 
 
 @pytest.fixture
 def chain() -> Iterator[tuple[PipelineExecutor, dict[str, ToyStageExecutor], dict[str, StageNode]]]:
     """head [0, 1) -> a [1, 2) -> x [2, 3) -> b [3, 4)."""
-    head = PipelineExecutor(ToyStageExecutor(LayerRange(0, 1), MODEL), _info("h", 0, 1), CONFIG)
-    head.start()
-    executors: dict[str, ToyStageExecutor] = {}
-    nodes: dict[str, StageNode] = {}
-    try:
-        for node_id, start, end in (("a", 1, 2), ("x", 2, 3), ("b", 3, 4)):
-            executors[node_id] = ToyStageExecutor(LayerRange(start, end), MODEL)
-            info = _info(node_id, start, end)
-            node = StageNode(executors[node_id], info, CONFIG, initial_peer=head.address)
-            nodes[node_id] = node.start()
-        assert wait_until(lambda: len(head.pipeline().stages) == 4 and head.readiness() is None)
-        yield head, executors, nodes
-    finally:
-        for node in nodes.values():
-            node.stop()
-        head.close()
+    with toy_swarm((("a", 1, 2), ("x", 2, 3), ("b", 3, 4))) as swarm:
+        yield swarm.head, swarm.executors, swarm.nodes
 
 
 def test_a_node_before_the_lost_one_frees_its_sequences_after_learning_of_the_loss(
     chain, monkeypatch
 ) -> None:
     head, executors, nodes = chain
-    plan = StepPlan(
-        0,
-        (ScheduledSequence(7, 0, len(PROMPT), (), True),),
-        PROMPT,
-        (NewSequenceData(7, PROMPT, len(PROMPT), SamplingParams(temperature=0.0)),),
-    )
-    head.submit(plan)
+    head.submit(prefill(0, 7))
     assert first_result(head).error is None
     assert ("h", 7) in executors["a"].sequences
     held: list[ReleaseJob] = []
@@ -102,7 +71,7 @@ def test_a_release_may_name_dropped_nodes_only_after_this_one(
 ) -> None:
     hops = ("h", 0, 1), ("a", 1, 2), ("s", 2, 3), ("x", 3, 4)
     route = Route(tuple(RouteHop(n, f"{n}:1", a, b) for n, a, b in hops), "h:1")
-    info = _info("s", 2, 3)
+    info = node_info("s", 2, 3)
     request = _forward(route)
 
     def check() -> Route:

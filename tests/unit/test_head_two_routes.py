@@ -22,36 +22,19 @@ from dataclasses import dataclass
 
 import pytest
 
-from molink.config import LayerRange
-from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
+from molink.pipeline import PipelineExecutor, StageNode
 from molink.pipeline.route_book import BookChoice
-from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
+from molink.pipeline.toy import expected_token
 from molink.placement.route import Route, RouteHop
-from molink.sampling_params import SamplingParams
-from molink.step import FailureKind, NewSequenceData, ScheduledSequence, StepPlan
+from molink.step import FailureKind, ScheduledSequence, StepPlan
 from molink.transport.config import TransportConfig
 from tests.helpers.polling import first_result, results_of, wait_until
+from tests.helpers.toy_swarm import PROMPT, REPLICAS_BEFORE_N, prefill, toy_swarm
 
-MODEL = toy_identity(4)
 # Hard deadlines far beyond every wait here: a step that is not failed on purpose would
 # show as a missing result, not as a late DEADLINE error.
 CONFIG = TransportConfig(step_timeout_s=120.0, health_interval_s=60.0, lease_s=300.0)
-PROMPT = (1, 2, 3)
 WAIT_S = 20.0
-
-
-def _info(node_id: str, start: int, end: int) -> NodeInfo:
-    return NodeInfo(node_id, MODEL, LayerRange(start, end), "127.0.0.1:0")
-
-
-def _prefill(step_id: int, seq_id: int, micro_batch: int = 0) -> StepPlan:
-    return StepPlan(
-        step_id,
-        (ScheduledSequence(seq_id, 0, len(PROMPT), (), True),),
-        PROMPT,
-        (NewSequenceData(seq_id, PROMPT, len(PROMPT), SamplingParams(temperature=0.0)),),
-        micro_batch=micro_batch,
-    )
 
 
 @dataclass
@@ -70,22 +53,12 @@ class Swarm:
 @pytest.fixture
 def swarm() -> Iterator[Swarm]:
     """head [0, 1); replicas a and b of [1, 2); n serves [2, 4) behind either."""
-    head = PipelineExecutor(ToyStageExecutor(LayerRange(0, 1), MODEL), _info("h", 0, 1), CONFIG)
-    head.start()
-    nodes: dict[str, StageNode] = {}
     thawed = threading.Event()
-    try:
-        for node_id, start, end in (("a", 1, 2), ("b", 1, 2), ("n", 2, 4)):
-            executor = ToyStageExecutor(LayerRange(start, end), MODEL)
-            info = _info(node_id, start, end)
-            nodes[node_id] = StageNode(executor, info, CONFIG, initial_peer=head.address).start()
-        assert wait_until(lambda: len(head.pipeline().stages) == 4 and head.readiness() is None)
-        yield Swarm(head, nodes, thawed)
-    finally:
-        thawed.set()
-        for node in nodes.values():
-            node.stop()
-        head.close()
+    with toy_swarm(REPLICAS_BEFORE_N, CONFIG) as toy:
+        try:
+            yield Swarm(toy.head, toy.nodes, thawed)
+        finally:
+            thawed.set()
 
 
 def _route_through(head: PipelineExecutor, replica: str) -> Route:
@@ -105,8 +78,8 @@ def _submit_on(head: PipelineExecutor, plan: StepPlan, replica: str) -> None:
 
 def test_two_micro_batches_on_two_routes_both_come_back(swarm: Swarm) -> None:
     head = swarm.head
-    _submit_on(head, _prefill(0, 1, micro_batch=0), "a")
-    _submit_on(head, _prefill(1, 2, micro_batch=1), "b")
+    _submit_on(head, prefill(0, 1, micro_batch=0), "a")
+    _submit_on(head, prefill(1, 2, micro_batch=1), "b")
     assert wait_until(lambda: head.metrics().steps_completed == 2, WAIT_S)
     results = results_of(head, 2)  # one poll has both
     by_step = {r.step_id: r for r in results}
@@ -117,8 +90,8 @@ def test_two_micro_batches_on_two_routes_both_come_back(swarm: Swarm) -> None:
     assert {s: head.routes.route_of(s).key for s in (1, 2)} == {1: "h->a->n", 2: "h->b->n"}
 
     # The helper for one step in flight refuses to pick one of two.
-    _submit_on(head, _prefill(2, 3, micro_batch=0), "a")
-    _submit_on(head, _prefill(3, 4, micro_batch=1), "b")
+    _submit_on(head, prefill(2, 3, micro_batch=0), "a")
+    _submit_on(head, prefill(3, 4, micro_batch=1), "b")
     assert wait_until(lambda: head.metrics().steps_completed == 4, WAIT_S)
     with pytest.raises(AssertionError, match="2 results came back, 1 expected"):
         first_result(head)
@@ -128,7 +101,7 @@ def test_a_step_whose_route_loses_a_node_before_it_is_on_record_fails_at_once(
     swarm: Swarm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     head = swarm.head
-    _submit_on(head, _prefill(0, 1), "a")
+    _submit_on(head, prefill(0, 1), "a")
     assert first_result(head, WAIT_S).error is None
     swarm.freeze("a")  # a step that reached it would never come back
     start = head._flights.start
@@ -156,7 +129,7 @@ def test_an_overdue_step_on_a_route_without_one_of_its_nodes_fails_at_the_next_c
 ) -> None:
     head = swarm.head
     route = _route_through(head, "a")
-    head._flights.start(_prefill(0, 1), route)  # on record; its result will never come
+    head._flights.start(prefill(0, 1), route)  # on record; its result will never come
     assert head.evict_node("b", "unrelated")  # a node of another route: nothing fails
     assert head.poll(0.0) == []
     # The node of its route leaves the registry without the step being failed with it

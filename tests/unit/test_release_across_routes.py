@@ -12,59 +12,27 @@ from collections.abc import Iterator
 
 import pytest
 
-from molink.config import LayerRange
-from molink.pipeline import NodeInfo, PipelineExecutor, StageNode
-from molink.pipeline.toy import ToyStageExecutor, expected_token, toy_identity
+from molink.pipeline import PipelineExecutor
+from molink.pipeline.toy import ToyStageExecutor, expected_token
 from molink.sampling_params import SamplingParams
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan
-from molink.transport.config import TransportConfig
-from tests.helpers.polling import first_result, wait_until
-
-MODEL = toy_identity(4)
-CONFIG = TransportConfig(step_timeout_s=30.0, health_interval_s=60.0, lease_s=200.0)
-PROMPT = (1, 2, 3)
+from tests.helpers.polling import first_result
+from tests.helpers.toy_swarm import PROMPT, REPLICAS_BEFORE_N, decode, prefill, toy_swarm
 
 Swarm = tuple[PipelineExecutor, dict[str, ToyStageExecutor]]
 
 
-def _info(node_id: str, start: int, end: int) -> NodeInfo:
-    return NodeInfo(node_id, MODEL, LayerRange(start, end), "127.0.0.1:0")
-
-
-def _prefill(step_id: int, seq_id: int) -> StepPlan:
-    return StepPlan(
-        step_id,
-        (ScheduledSequence(seq_id, 0, len(PROMPT), (), True),),
-        PROMPT,
-        (NewSequenceData(seq_id, PROMPT, len(PROMPT), SamplingParams(temperature=0.0)),),
-    )
-
-
 @pytest.fixture
 def swarm() -> Iterator[Swarm]:
-    head = PipelineExecutor(ToyStageExecutor(LayerRange(0, 1), MODEL), _info("h", 0, 1), CONFIG)
-    head.start()
-    executors: dict[str, ToyStageExecutor] = {}
-    nodes: list[StageNode] = []
-    try:
-        for node_id, start, end in (("a", 1, 2), ("b", 1, 2), ("n", 2, 4)):
-            executors[node_id] = ToyStageExecutor(LayerRange(start, end), MODEL)
-            info = _info(node_id, start, end)
-            nodes.append(StageNode(executors[node_id], info, CONFIG, initial_peer=head.address))
-            nodes[-1].start()
-        assert wait_until(lambda: len(head.pipeline().stages) == 4 and head.readiness() is None)
-        yield head, executors
-    finally:
-        for node in nodes:
-            node.stop()
-        head.close()
+    with toy_swarm(REPLICAS_BEFORE_N) as swarm:
+        yield swarm.head, swarm.executors
 
 
 def test_a_release_that_arrives_after_a_copy_sent_by_another_route_keeps_it(
     swarm: Swarm, monkeypatch
 ) -> None:
     head, executors = swarm
-    head.submit(_prefill(0, 7))
+    head.submit(prefill(0, 7))
     assert first_result(head).error is None
     (old,) = [n for n, count in head.routes.load().items() if count and n in ("a", "b")]
     other = "b" if old == "a" else "a"
@@ -84,7 +52,7 @@ def test_a_release_that_arrives_after_a_copy_sent_by_another_route_keeps_it(
     monkeypatch.setattr(last, "release", noted_release)
     head.release([7])  # e.g. preempted: freed along its old route
     head.routes.avoid(old, 60.0)  # sent again, it takes the other replica
-    head.submit(_prefill(1, 7))
+    head.submit(prefill(1, 7))
     first = first_result(head)
     assert first.error is None
     route = head.routes.route_of(7)
@@ -93,7 +61,7 @@ def test_a_release_that_arrives_after_a_copy_sent_by_another_route_keeps_it(
     assert at_n.wait(30.0)
     assert ("h", 7) in last.sequences
     token = first.sampled[0].token_id
-    head.submit(StepPlan(2, (ScheduledSequence(7, len(PROMPT), 1, (), True),), (token,)))
+    head.submit(decode(2, 7, token))
     second = first_result(head)
     assert second.error is None, second.error
     assert second.sampled[0].token_id == expected_token(token, 7, 4)
@@ -102,30 +70,16 @@ def test_a_release_that_arrives_after_a_copy_sent_by_another_route_keeps_it(
 @pytest.fixture
 def two_spans() -> Iterator[Swarm]:
     """head [0, 1); replicas a and b of [1, 2); n of [2, 3); replicas x and y of [3, 4)."""
-    head = PipelineExecutor(ToyStageExecutor(LayerRange(0, 1), MODEL), _info("h", 0, 1), CONFIG)
-    head.start()
-    executors: dict[str, ToyStageExecutor] = {}
-    nodes: list[StageNode] = []
     spans = (("a", 1, 2), ("b", 1, 2), ("n", 2, 3), ("x", 3, 4), ("y", 3, 4))
-    try:
-        for node_id, start, end in spans:
-            executors[node_id] = ToyStageExecutor(LayerRange(start, end), MODEL)
-            info = _info(node_id, start, end)
-            nodes.append(StageNode(executors[node_id], info, CONFIG, initial_peer=head.address))
-            nodes[-1].start()
-        assert wait_until(lambda: len(head.pipeline().stages) == 6 and head.readiness() is None)
-        yield head, executors
-    finally:
-        for node in nodes:
-            node.stop()
-        head.close()
+    with toy_swarm(spans) as swarm:
+        yield swarm.head, swarm.executors
 
 
 def test_a_failover_release_that_arrives_after_the_replay_keeps_the_new_copy(
     two_spans: Swarm, monkeypatch
 ) -> None:
     head, executors = two_spans
-    head.submit(_prefill(0, 7))
+    head.submit(prefill(0, 7))
     first = first_result(head)
     assert first.error is None
     route = head.routes.route_of(7)
@@ -148,14 +102,14 @@ def test_a_failover_release_that_arrives_after_the_replay_keeps_the_new_copy(
     monkeypatch.setattr(middle, "release", noted_release)
     assert head.evict_node(lost, "taken out by the test")  # n, before it, is freed in band
     head.routes.avoid(old, 60.0)  # the replay takes the other replica of [1, 2)
-    head.submit(_prefill(1, 7))
+    head.submit(prefill(1, 7))
     replayed = first_result(head)
     assert replayed.error is None, replayed.error
     gate.set()  # the release goes on from the old replica to n, after the replay's copy
     assert at_n.wait(30.0)
     assert ("h", 7) in middle.sequences
     token = replayed.sampled[0].token_id
-    head.submit(StepPlan(2, (ScheduledSequence(7, len(PROMPT), 1, (), True),), (token,)))
+    head.submit(decode(2, 7, token))
     second = first_result(head)
     assert second.error is None, second.error
     assert second.sampled[0].token_id == expected_token(token, 7, 4)
@@ -196,7 +150,7 @@ def test_a_step_that_frees_a_sequence_after_its_new_copy_came_by_another_route_k
     head.submit(decode_8)
     # ... and it is sent again through the other replica, which gets to n first.
     head.routes.avoid(old, 60.0)
-    head.submit(_prefill(2, 7))
+    head.submit(prefill(2, 7))
     again = first_result(head)
     assert again.step_id == 2 and again.error is None, again.error
     gate.set()
@@ -204,7 +158,7 @@ def test_a_step_that_frees_a_sequence_after_its_new_copy_came_by_another_route_k
     assert late.step_id == 1 and late.error is None, late.error
     assert ("h", 7) in last.sequences
     token = again.sampled[0].token_id
-    head.submit(StepPlan(3, (ScheduledSequence(7, len(PROMPT), 1, (), True),), (token,)))
+    head.submit(decode(3, 7, token))
     second = first_result(head)
     assert second.error is None, second.error
     assert second.sampled[0].token_id == expected_token(token, 7, 4)
