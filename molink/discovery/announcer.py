@@ -36,7 +36,7 @@ class Announcer:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5.0)
-        self._directory.withdraw(self._info())
+        self._directory.withdraw(self._info(), self._ttl_s)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._ttl_s / 3):

@@ -18,13 +18,21 @@ import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from molink.discovery.newest import NewestRecords, SequenceClock, SwarmRecord
 from molink.discovery.parent_death import die_with_parent
-from molink.discovery.records import RecordError, info_of, record_of, record_ttl, swarm_key
+from molink.discovery.records import (
+    RecordError,
+    info_of,
+    record_leaving,
+    record_of,
+    record_seq,
+    record_ttl,
+    swarm_key,
+)
 from molink.errors import PipelineError
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.security.credentials import SwarmCredentials
@@ -37,11 +45,7 @@ BOOTSTRAP_TIMEOUT_S = 30.0
 WITHDRAW_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
-class SwarmRecord:
-    info: NodeInfo
-    expires_in_s: float  # until the record expires unless renewed
-    age_s: float | None  # since the node last announced it; None: its lifetime is not said
+__all__ = ["SwarmDirectory", "SwarmRecord", "advertised_maddr"]
 
 
 def _node_bound_dht_class(base: type) -> type:
@@ -99,6 +103,8 @@ class SwarmDirectory:
         self._dht: Any = None
         self._advertise_host: str | None = None
         self._ignored: dict[str, str] = {}  # node id -> why its record is ignored (logged once)
+        self._sequence = SequenceClock()
+        self._newest = NewestRecords()
 
     def start(
         self,
@@ -147,21 +153,23 @@ class SwarmDirectory:
         return bool(
             self._dht.store(
                 self._key,
-                self._value(info, ttl_s),
+                self._value(info, ttl_s, leaving=False),
                 expiration_time=get_dht_time() + ttl_s,
                 subkey=info.node_id,
             )
         )
 
-    def withdraw(self, info: NodeInfo) -> None:
-        """Best effort: an expired copy replaces the record at once (else it expires)."""
+    def withdraw(self, info: NodeInfo, ttl_s: float) -> None:
+        """Best effort (else the record expires): a leaving record replaces it. It lives as
+        long as a renewal would, so that it outlives, and in every merge outranks, each
+        copy of the node's earlier records that a peer or a cache still holds."""
         from hivemind.utils import get_dht_time
 
         if not self._dht.is_alive():
             return  # its process is gone (a signal to the whole group): nothing would answer
         try:
-            value = self._value(info, 1.0)
-            expires = get_dht_time() + 0.01
+            value = self._value(info, ttl_s, leaving=True)
+            expires = get_dht_time() + ttl_s
             stored = self._dht.store(
                 self._key, value, expires, subkey=info.node_id, return_future=True
             )
@@ -169,10 +177,11 @@ class SwarmDirectory:
         except Exception:
             logger.debug("withdrawing the DHT record failed", exc_info=True)
 
-    def _value(self, info: NodeInfo, ttl_s: float) -> object:
+    def _value(self, info: NodeInfo, ttl_s: float, leaving: bool) -> object:
+        record = record_of(info, ttl_s, self._sequence.next(), leaving)
         if self._seal is None:
-            return record_of(info, ttl_s)
-        return self._seal.seal(msgpack.packb(record_of(info, ttl_s)), ttl_s)
+            return record
+        return self._seal.seal(msgpack.packb(record), ttl_s)
 
     def _record(self, node_id: str, value: object) -> object:
         """The plain record in a stored value; RecordError if it is not a valid one."""
@@ -191,9 +200,11 @@ class SwarmDirectory:
         return {r.info.node_id: (r.info, r.expires_in_s) for r in self.records()}
 
     def records(self) -> list[SwarmRecord]:
-        """Every valid, unexpired record, with its age; invalid ones are logged and left out."""
+        """Every valid, unexpired record, with its age; invalid ones are logged and left out.
+        Per node the newest read (``NewestRecords``); a node that left is left out."""
         from hivemind.utils import get_dht_time
 
+        self._newest.forget_expired()
         found = self._dht.get(self._key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
@@ -211,10 +222,14 @@ class SwarmDirectory:
             if info.node_id != subkey:
                 self._ignore(str(subkey), f"the record names node {info.node_id!r}")
                 continue
+            checked: dict[str, Any] = record  # type: ignore[assignment]  # info_of checked it
             expires_in = entry.expiration_time - now
-            ttl = record_ttl(record)  # type: ignore[arg-type]
+            ttl = record_ttl(checked)
             age = max(0.0, ttl - expires_in) if ttl > 0 else None
-            records.append(SwarmRecord(info, expires_in, age))
+            read = SwarmRecord(info, expires_in, age)
+            chosen = self._newest.choose(record_seq(checked), record_leaving(checked), read)
+            if chosen is not None:
+                records.append(chosen)
         return sorted(records, key=lambda r: (r.info.layers.start, r.info.node_id))
 
     def _ignore(self, node_id: str, reason: str) -> None:

@@ -28,6 +28,9 @@ that predate it stay readable, so the version is unchanged):
 
   layer_step_s float  seconds one decoder layer takes for a probe step on its device,
                       measured at start (molink.stage.speed); placement balances by it
+  seq          int    raised by the node with every announcement (0: not said); of one
+                      node's records, readers take the newest (molink.discovery.newest)
+  leaving      bool   the node has left: readers drop it, and its older records with it
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ class RecordError(ValueError):
     """A record that is malformed or does not belong to this swarm's model."""
 
 
-def record_of(info: NodeInfo, ttl_s: float = 0.0) -> dict[str, Any]:
-    """``ttl_s``: the lifetime it is announced with (0: not said; then its age is unknown)."""
+def record_of(
+    info: NodeInfo, ttl_s: float = 0.0, seq: int = 0, leaving: bool = False
+) -> dict[str, Any]:
+    """``ttl_s``: the lifetime it is announced with (0: not said; then its age is unknown).
+    ``seq``: this announcement's number; ``leaving``: the node is leaving the swarm."""
     return {
         "ttl": float(ttl_s),
         "v": RECORD_VERSION,
@@ -97,6 +103,8 @@ def record_of(info: NodeInfo, ttl_s: float = 0.0) -> dict[str, Any]:
         "memory_total": info.memory_total_bytes,
         "memory_free": info.memory_free_bytes,
         "layer_step_s": float(info.layer_step_s),
+        "seq": seq,
+        "leaving": leaving,
     }
 
 
@@ -121,6 +129,8 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
     throughput = _finite(record, "throughput")
     _finite(record, "ttl")
     layer_step_s = _finite(record, "layer_step_s") if "layer_step_s" in record else 0.0
+    record_seq(record)
+    record_leaving(record)
     if record["protocol"] != protocol_version:
         raise RecordError(
             f"protocol version {record['protocol']}, this node speaks {protocol_version}"
@@ -158,6 +168,22 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
 def record_ttl(record: dict[str, Any]) -> float:
     """The lifetime a record checked by ``info_of`` was announced with."""
     return record["ttl"]
+
+
+def record_seq(record: dict[str, Any]) -> int:
+    """The announcement number of a record (0 when it does not say)."""
+    value = record.get("seq", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise RecordError("field 'seq' is not a count below 2**63")
+    return value
+
+
+def record_leaving(record: dict[str, Any]) -> bool:
+    """Whether a record says its node is leaving (False when it does not say)."""
+    value = record.get("leaving", False)
+    if not isinstance(value, bool):
+        raise RecordError("field 'leaving' is not true or false")
+    return value
 
 
 def _finite(record: dict[str, Any], name: str) -> float:

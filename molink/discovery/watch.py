@@ -104,7 +104,7 @@ class DiscoveryWatch:
                 self._gone.discard(node_id)
             if node_id not in announced and node_id in known:
                 self._seen.discard(node_id)
-                self._head.drop_node(node_id, "its DHT record expired")
+                self._head.drop_node(node_id, "its DHT record expired, or it left")
 
     def _note_times(self, records: dict[str, SwarmRecord]) -> set[str]:
         """Updates ``record_times``; returns the nodes whose record is new or renewed. A

@@ -34,7 +34,7 @@ def test_withdraw_returns_when_the_dht_process_is_dead() -> None:
         info = NodeInfo("head", MODEL, LayerRange(0, 2), "127.0.0.1:1")
         done = threading.Event()
         worker = threading.Thread(
-            target=lambda: (directory.withdraw(info), done.set()), daemon=True
+            target=lambda: (directory.withdraw(info, 15.0), done.set()), daemon=True
         )
         worker.start()
         assert done.wait(BOUND_S), "withdraw waited on a dead DHT process"

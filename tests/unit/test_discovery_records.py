@@ -51,6 +51,10 @@ def test_a_record_round_trips() -> None:
         ({"device": None}, "field 'device' is missing or not a string"),
         ({"memory_free": -1}, "field 'memory_free' is missing or not a count"),
         ({"ttl": "15"}, "field 'ttl' is missing or not a finite number"),
+        ({"seq": -1}, "field 'seq' is not a count below 2"),
+        ({"seq": 2**64}, "field 'seq' is not a count below 2"),
+        ({"seq": True}, "field 'seq' is not a count"),
+        ({"leaving": 1}, "field 'leaving' is not true or false"),
     ],
 )
 def test_foreign_or_malformed_records_are_refused(change: dict, reason: str) -> None:

@@ -1,0 +1,87 @@
+"""Per node, only its newest record counts, and a node that left stays gone.
+
+The DHT keeps, per node, the copy that expires last, and a reading merges the copies that
+its peers, their caches and its own cache hold: an older record (a former span, a former
+address, the node before it left) can come back from one of them while it lives. Each
+record carries a sequence number its node raises with every announcement (nanoseconds of
+its clock, so a restarted node goes on above its former records); a reader remembers the
+newest it read per node, and while that one lives it is what the reader reports: an older
+copy read later is not, and a leaving record hides the node.
+
+Only one node's own records are compared, so clock skew between nodes does not matter; a
+node whose clock stepped back is believed again once the newest record it had sent expires.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from molink.pipeline.identity import NodeInfo
+
+
+@dataclass(frozen=True)
+class SwarmRecord:
+    info: NodeInfo
+    expires_in_s: float  # until the record expires unless renewed
+    age_s: float | None  # since the node last announced it; None: its lifetime is not said
+
+
+@dataclass(frozen=True)
+class _Kept:
+    seq: int
+    leaving: bool
+    record: SwarmRecord
+    read_at: float  # this reader's monotonic clock
+
+    def left_s(self, now: float) -> float:
+        return self.record.expires_in_s - (now - self.read_at)
+
+
+class NewestRecords:
+    """One reader's memory of the newest record read per node, until it expires."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._kept: dict[str, _Kept] = {}
+
+    def choose(self, seq: int, leaving: bool, record: SwarmRecord) -> SwarmRecord | None:
+        """What to report for the node of ``record`` just read: itself when it is the
+        newest, the newest kept when it is older, None when the node left."""
+        node_id = record.info.node_id
+        now = self._clock()
+        with self._lock:
+            kept = self._kept.get(node_id)
+            if kept is None or kept.left_s(now) <= 0 or seq >= kept.seq:
+                self._kept[node_id] = _Kept(seq, leaving, record, now)
+                return None if leaving else record
+        if kept.leaving:
+            return None
+        elapsed = now - kept.read_at
+        age = kept.record.age_s + elapsed if kept.record.age_s is not None else None
+        return SwarmRecord(kept.record.info, kept.left_s(now), age)
+
+    def forget_expired(self) -> None:
+        """Drops what has expired, so that memory follows the records that live."""
+        now = self._clock()
+        with self._lock:
+            for node_id in [n for n, kept in self._kept.items() if kept.left_s(now) <= 0]:
+                del self._kept[node_id]
+
+
+class SequenceClock:
+    """Strictly increasing announcement numbers: this clock's nanoseconds, or one more than
+    the last when the clock has not moved on (or stepped back)."""
+
+    def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(self._clock(), self._last + 1)
+            return self._last

@@ -1,0 +1,131 @@
+"""Of one node's records a reader takes the newest, and a node that left stays gone: an
+older copy that a DHT peer or cache still holds is not read as current."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from molink.config import LayerRange
+from molink.discovery.dht import SwarmDirectory
+from molink.discovery.newest import NewestRecords, SequenceClock, SwarmRecord
+from molink.discovery.records import record_of
+from molink.pipeline.identity import NodeInfo
+from molink.pipeline.toy import toy_identity
+
+MODEL = toy_identity(4)
+TTL = 15.0
+OLD = NodeInfo("s1", MODEL, LayerRange(2, 4), "127.0.0.1:5", 10, 16)
+NEW = dataclasses.replace(OLD, layers=LayerRange(1, 4), address="127.0.0.1:7")
+
+
+class _Entry:
+    def __init__(self, value: object, expiration_time: float) -> None:
+        self.value = value
+        self.expiration_time = expiration_time
+
+
+class _FakeDHT:
+    """Answers each reading with the next of the given answers (the copies a merge chose)."""
+
+    def __init__(self, *answers: dict[str, _Entry]) -> None:
+        self._answers = list(answers)
+
+    def get(self, key: str, latest: bool) -> _Entry:
+        return _Entry(self._answers.pop(0), 0.0)
+
+
+def _directory(*answers: dict[str, _Entry]) -> SwarmDirectory:
+    directory = SwarmDirectory(MODEL, OLD.protocol_version)
+    directory._dht = _FakeDHT(*answers)
+    return directory
+
+
+def _entry(info: NodeInfo, seq: int, leaving: bool = False, left_s: float = 10.0) -> _Entry:
+    from hivemind.utils import get_dht_time
+
+    return _Entry(record_of(info, TTL, seq, leaving), get_dht_time() + left_s)
+
+
+def test_an_older_record_read_after_a_newer_one_is_not_current() -> None:
+    directory = _directory(
+        {"s1": _entry(NEW, seq=2)},
+        {"s1": _entry(OLD, seq=1, left_s=12.0)},  # an old copy that expires later
+    )
+    assert directory.nodes()["s1"][0] == NEW
+    (record,) = directory.records()
+    assert record.info == NEW and record.expires_in_s <= 10.0
+
+
+def test_a_node_that_left_does_not_come_back_from_an_older_record() -> None:
+    directory = _directory(
+        {"s1": _entry(OLD, seq=1)},
+        {"s1": _entry(OLD, seq=2, leaving=True)},
+        {"s1": _entry(OLD, seq=1)},
+        {"s1": _entry(NEW, seq=3)},  # it comes back: a newer record
+    )
+    assert list(directory.nodes()) == ["s1"]
+    assert directory.nodes() == {}
+    assert directory.nodes() == {}
+    assert directory.nodes()["s1"][0] == NEW
+
+
+def test_records_that_do_not_say_their_number_are_read_as_before() -> None:
+    plain = {k: v for k, v in record_of(NEW, TTL).items() if k not in ("seq", "leaving")}
+    from hivemind.utils import get_dht_time
+
+    directory = _directory({"s1": _Entry(plain, get_dht_time() + 5)})
+    assert directory.nodes()["s1"][0] == NEW
+
+
+def test_the_newest_is_kept_only_while_it_lives() -> None:
+    now = [100.0]
+    newest = NewestRecords(clock=lambda: now[0])
+    assert newest.choose(5, True, SwarmRecord(OLD, 3.0, 12.0)) is None
+    now[0] += 2.0
+    assert newest.choose(4, False, SwarmRecord(OLD, 9.0, 6.0)) is None  # still gone
+    now[0] += 1.5  # the leaving record has expired: a clock that stepped back is believed
+    read = SwarmRecord(NEW, 9.0, 6.0)
+    assert newest.choose(4, False, read) == read
+    now[0] += 1.0
+    kept = newest.choose(3, False, SwarmRecord(OLD, 9.0, 6.0))
+    assert kept is not None and kept.info == NEW
+    assert (kept.expires_in_s, kept.age_s) == pytest.approx((8.0, 7.0))
+    now[0] += 20.0
+    newest.forget_expired()
+    assert newest._kept == {}
+
+
+def test_announcement_numbers_rise_even_when_the_clock_steps_back() -> None:
+    ticks = iter([1000, 1000, 400, 2000])
+    clock = SequenceClock(clock=lambda: next(ticks))
+    assert [clock.next() for _ in range(4)] == [1000, 1001, 1002, 2000]
+
+
+def test_a_directory_numbers_its_announcements_and_its_leaving() -> None:
+    stored: list[tuple[dict, float]] = []
+
+    class _StoringDHT:
+        def store(self, key, value, expiration_time, subkey, return_future=False):
+            stored.append((value, expiration_time))
+
+            class _Done:
+                def result(self, timeout: float) -> bool:
+                    return True
+
+            return _Done() if return_future else True
+
+        def is_alive(self) -> bool:
+            return True
+
+    from hivemind.utils import get_dht_time
+
+    directory = SwarmDirectory(MODEL, OLD.protocol_version)
+    directory._dht = _StoringDHT()
+    assert directory.announce(OLD, TTL)
+    directory.withdraw(OLD, TTL)
+    (first, first_expiry), (leaving, leaving_expiry) = stored
+    assert first["seq"] < leaving["seq"] and not first["leaving"] and leaving["leaving"]
+    # the leaving record outranks every earlier copy in a DHT merge: it expires later
+    assert leaving_expiry >= first_expiry and leaving_expiry > get_dht_time() + TTL - 1
