@@ -38,7 +38,10 @@ class ToolPlan:
         if self.mode == "named":
             return None, [ParsedToolCall(self.function_name or "", text)]
         if self.mode == "required":
-            return None, _required_calls(text)[: 1 if self.single else None]
+            calls = _required_calls(text)[: 1 if self.single else None]
+            # No complete call (cut by max_tokens): the text is the content, as a stream
+            # sends it.
+            return (None if calls else text), calls
         if self.mode == "auto" and self.parser is not None:
             content, calls = self.parser.parse(text)
             return content, calls[: 1 if self.single else None]

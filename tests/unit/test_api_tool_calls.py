@@ -105,3 +105,21 @@ def test_hermes_streamed_reply_equals_the_non_streamed_one(script: str) -> None:
     assert streamed == whole
     if whole["calls"]:
         assert whole["content"] == (script[: script.find("<tool_call>")] or None)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 10])
+@pytest.mark.parametrize(
+    "script", ['[{"name": "f", "parameters": {"a": 1}}]', '[{"name": "f", "param']
+)
+def test_required_streamed_reply_equals_the_non_streamed_one(script: str, max_tokens) -> None:
+    """A reply that holds no complete call (cut by max_tokens) was the content of a stream
+    but null without one; it is the content of both now, so a client sees what was written."""
+    body: dict = {"tools": [TOOL], "tool_choice": "required"}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    with client_for(script) as client:
+        whole = complete(client, **body)
+        streamed = stream(client, **body)
+    assert streamed == whole
+    if not whole["calls"]:
+        assert whole["content"] == script[:max_tokens]
