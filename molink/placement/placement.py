@@ -19,6 +19,11 @@ The rule, in order:
    count as equal: a probe of a few milliseconds varies that much between runs on a busy
    machine, and resizing for less would make spans differ for noise. Without both
    measurements it takes the span as it is.
+4. A replica ends where a route can go on from it: where another node's span starts, or
+   at the model's last layer (a route passes from one node to the next only where one
+   span ends and the next starts, so a replica ending elsewhere would be on no route). Of
+   those ends, it takes the one nearest the size of rule 3 that its memory holds; when
+   none fits, the next weakest span is tried, and when none fits anywhere, it is an error.
 
 Layers below the end of the heads' own spans are left out: a head computes its own layers,
 so a replica of them would never be on a route. The size comes from ``max_layers``, what
@@ -84,16 +89,38 @@ def choose_span(
     candidates = sorted({(s.start, s.end) for s in served if s.start >= floor and s.start > 0})
     if not candidates:
         raise PipelineError("every layer is served and no span beyond the heads' own to replicate")
-    start, end = min(candidates, key=lambda c: (min(strength[c[0] : c[1]]), c[0]))
-    weakest = min(strength[start:end])
-    size, why = speed_sized(end - start, _slowest(served, start, end), layer_step_s)
-    end = min(start + size, num_layers, start + max_layers)
-    return Placement(
-        start,
-        end,
-        f"layers from {start} are the weakest served (strength {weakest:g} tokens/s): "
-        f"this node becomes a replica there; {why} (memory holds {max_layers})",
+    for start, end in sorted(candidates, key=lambda c: (min(strength[c[0] : c[1]]), c[0])):
+        weakest = min(strength[start:end])
+        size, why = speed_sized(end - start, _slowest(served, start, end), layer_step_s)
+        usable = _usable_end(served, num_layers, start, start + size, start + max_layers)
+        if usable is None:
+            continue  # no span that a route can use fits in memory here
+        if usable != start + size:
+            why += f", to layer {usable}, where a route goes on"
+        return Placement(
+            start,
+            usable,
+            f"layers from {start} are the weakest served (strength {weakest:g} tokens/s): "
+            f"this node becomes a replica there; {why} (memory holds {max_layers})",
+        )
+    shortest = min(candidates, key=lambda c: c[1] - c[0])
+    raise PipelineError(
+        f"this node's memory holds {max_layers} layer(s), too few for a replica a route can "
+        f"use: a route goes from one node to the next only where a span ends and another "
+        f"starts, and the shortest span here, [{shortest[0]}, {shortest[1]}), has "
+        f"{shortest[1] - shortest[0]} (see --molink-max-memory, or give the layers)"
     )
+
+
+def _usable_end(
+    served: Sequence[ServedSpan], num_layers: int, start: int, wanted: int, most: int
+) -> int | None:
+    """The end nearest ``wanted`` and at most ``most`` at which a route can go on from a
+    span starting at ``start``: where a served span starts, or the model's end (a replica
+    ending anywhere else is on no route). Ties go to the shorter span; None: none fits."""
+    ends = {s.start for s in served if s.start > start} | {num_layers}
+    fitting = [end for end in ends if end <= most]
+    return min(fitting, key=lambda end: (abs(end - wanted), end), default=None)
 
 
 def _slowest(served: Sequence[ServedSpan], start: int, end: int) -> float:

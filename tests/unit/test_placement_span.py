@@ -6,6 +6,7 @@ import pytest
 
 from molink.errors import PipelineError
 from molink.placement.placement import ServedSpan, choose_span, layers_that_fit
+from molink.placement.router import Candidate, best_route
 
 
 def test_the_missing_span_is_taken_exactly_or_as_far_as_memory_allows() -> None:
@@ -31,3 +32,32 @@ def test_memory_decides_the_size() -> None:
     assert layers_that_fit(500, 900, 100) == 0
     with pytest.raises(PipelineError, match="holds no layer"):
         choose_span(30, [ServedSpan(0, 12)], max_layers=0)
+
+
+def _on_a_route(swarm: list[ServedSpan], replica: tuple[int, int], replaced: int) -> bool:
+    """Whether a route over ``swarm`` with the replica in place of ``swarm[replaced]`` exists."""
+    nodes = [Candidate(f"n{i}", "", s.start, s.end) for i, s in enumerate(swarm) if i]
+    nodes = [n for n in nodes if n.node_id != f"n{replaced}"]
+    nodes.append(Candidate("replica", "", *replica))
+    head = Candidate("n0", "", swarm[0].start, swarm[0].end)
+    return best_route(head, nodes, swarm[-1].end, "") is not None
+
+
+def test_a_replica_ends_where_a_route_can_go_on() -> None:
+    # A replica cut short by memory, or sized by speed, to end where no node starts was
+    # on no route: a route passes from one node to the next only where spans meet.
+    swarm = [ServedSpan(0, 4), ServedSpan(4, 12, 10.0, 0.004), ServedSpan(12, 24, 50.0)]
+    for max_layers, step_s in [(100, 0.002), (100, 0.008), (13, 0.002), (9, 0.0)]:
+        placement = choose_span(24, swarm, max_layers, step_s)
+        assert placement.start == 4 and placement.end in (12, 24), (max_layers, step_s)
+        assert placement.end - placement.start <= max_layers
+        assert _on_a_route(swarm, (placement.start, placement.end), replaced=1)
+
+
+def test_a_replica_that_fits_nowhere_usable_is_an_error_or_goes_elsewhere() -> None:
+    swarm = [ServedSpan(0, 4), ServedSpan(4, 12, 10.0), ServedSpan(12, 24, 50.0)]
+    with pytest.raises(PipelineError, match=r"holds 5 layer\(s\), too few.*\[4, 12\), has 8"):
+        choose_span(24, swarm, max_layers=5)
+    short = [ServedSpan(0, 4), ServedSpan(4, 12, 10.0), ServedSpan(12, 14, 50.0)]
+    placement = choose_span(14, short, max_layers=5)  # [4, 12) is weakest but does not fit
+    assert (placement.start, placement.end) == (12, 14)

@@ -34,17 +34,22 @@ def _full_swarm(step_s: float) -> list[ServedSpan]:
 
 
 def test_a_fast_node_takes_twice_the_layers_of_a_slow_one() -> None:
+    # 8 layers x 2 = 16, to the nearest layer where a route goes on: 24 (the model's end).
     fast = choose_span(24, _full_swarm(SLOW_S), max_layers=100, layer_step_s=FAST_S)
-    assert (fast.start, fast.end) == (4, 20)  # 8 layers x 2
-    assert "speed x2.00" in fast.reason
+    assert (fast.start, fast.end) == (4, 24)
+    assert "speed x2.00" in fast.reason and "to layer 24" in fast.reason
+    # 8 layers x 0.5 = 4, but no node starts at 8: the span as served.
     slow = choose_span(24, _full_swarm(FAST_S), max_layers=100, layer_step_s=SLOW_S)
-    assert (slow.start, slow.end) == (4, 8)  # 8 layers x 0.5
+    assert (slow.start, slow.end) == (4, 12)
     assert "speed x0.50" in slow.reason
+    between = [ServedSpan(0, 4), ServedSpan(4, 12, 10.0, FAST_S), ServedSpan(8, 24, 50.0)]
+    half = choose_span(24, between, max_layers=100, layer_step_s=SLOW_S)
+    assert (half.start, half.end) == (4, 8)  # a node starts at 8
 
 
 def test_memory_still_caps_a_fast_node_and_the_model_ends_its_span() -> None:
-    capped = choose_span(24, _full_swarm(SLOW_S), max_layers=5, layer_step_s=FAST_S)
-    assert (capped.start, capped.end) == (4, 9)
+    capped = choose_span(24, _full_swarm(SLOW_S), max_layers=12, layer_step_s=FAST_S)
+    assert (capped.start, capped.end) == (4, 12)  # 16 wanted, 12 held: the span as served
     tail = [ServedSpan(0, 4), ServedSpan(4, 16, 50.0), ServedSpan(16, 24, 10.0, SLOW_S)]
     assert choose_span(24, tail, max_layers=100, layer_step_s=FAST_S).end == 24
 
@@ -52,7 +57,7 @@ def test_memory_still_caps_a_fast_node_and_the_model_ends_its_span() -> None:
 def test_the_slowest_node_on_the_span_is_the_reference() -> None:
     swarm = [ServedSpan(0, 4), ServedSpan(4, 12, 5.0, FAST_S), ServedSpan(4, 12, 5.0, SLOW_S)]
     placement = choose_span(24, [*swarm, ServedSpan(12, 24, 50.0)], 100, layer_step_s=FAST_S)
-    assert (placement.start, placement.end) == (4, 20)
+    assert (placement.start, placement.end) == (4, 24)  # x2 against SLOW_S, not x1
 
 
 def test_equal_or_unmeasured_speeds_keep_the_span_and_missing_layers_follow_memory() -> None:
