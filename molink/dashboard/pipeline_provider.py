@@ -189,9 +189,7 @@ class PipelineSwarmProvider:
             active_sequences=(
                 report.active_sequences if report else (stats.num_running if stats else None)
             ),
-            # Block ids mean the same on every stage: the head's free count is everyone's.
-            kv_free_tokens=min(free_tokens, stage.kv_capacity_tokens),
-            kv_total_tokens=stage.kv_capacity_tokens,
+            **_kv_of(stage, report, free_tokens),
             record_age_s=max(0.0, now - self._seen[stage.node_id].renewed_at),
             is_head=is_head,
         )
@@ -210,6 +208,22 @@ class PipelineSwarmProvider:
             kv_total_tokens=info.kv_capacity_tokens,
             record_age_s=max(0.0, now - seen.renewed_at),
         )
+
+
+def _kv_of(
+    stage: NodeInfo, report: pb.HealthResponse | None, head_free_tokens: int
+) -> dict[str, int]:
+    """A node's KV as its health answer reports its own pool; a node that reports none
+    takes the block ids the head chooses, so the head's free count is its own."""
+    if report is not None and report.total_kv_blocks:
+        return {
+            "kv_free_tokens": report.free_kv_blocks * stage.block_size,
+            "kv_total_tokens": report.total_kv_blocks * stage.block_size,
+        }
+    return {
+        "kv_free_tokens": min(head_free_tokens, stage.kv_capacity_tokens),
+        "kv_total_tokens": stage.kv_capacity_tokens,
+    }
 
 
 def _with_ban(node: NodeView, reason: str | None) -> NodeView:

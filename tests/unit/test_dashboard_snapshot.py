@@ -242,3 +242,14 @@ def test_a_banned_node_shows_banned_with_the_reason_and_its_span_uncovered() -> 
     assert (banned.node_id, banned.health) == ("s1", "banned")
     assert banned.detail == "banned: its hidden states disagreed with two replicas that agreed"
     assert [(s.start, s.end) for s in snapshot.missing_spans()] == [(15, 30)]
+
+
+def test_a_node_that_owns_its_kv_shows_its_own_free_kv_not_the_heads() -> None:
+    # Each node allocates its own KV blocks and reports its pool in its health answer; the
+    # head's free blocks say nothing about it (the dashboard showed the head's 4 free).
+    head, clock = FakeHead(), Clock()
+    head.health["s1"] = pb.HealthResponse(
+        status=pb.HEALTH_STATUS_SERVING, total_kv_blocks=12, free_kv_blocks=1
+    )
+    s1 = _provider(head, clock).snapshot().nodes[1]
+    assert (s1.kv_free_tokens, s1.kv_total_tokens) == (1 * 16, 12 * 16)
