@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from decimal import Decimal
 
 from molink.errors import InvalidParameterError
 
@@ -46,6 +47,28 @@ def size_arg(text: str) -> int:
         return parse_size(text)
     except InvalidParameterError as exc:
         raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+_DECIMAL_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_TOKEN_COUNT_PATTERN = re.compile(r"(-?\d+)|(\d+(?:\.\d+)?)([kmgt])|(\d+)([KMGT])")
+
+
+def token_count_arg(text: str) -> int:
+    """A token count as vLLM reads it (its human_readable_int): 4096, or with a suffix,
+    k/m/g/t decimal (25.6k is 25600) or K/M/G/T binary (32K is 32768, whole numbers only).
+    Ranges are checked with the other flags (a negative number is parsed, then refused)."""
+    match = _TOKEN_COUNT_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a token count such as 4096, 4k (4000) or 4K (4096)"
+        )
+    plain, decimal, decimal_suffix, binary, binary_suffix = match.groups()
+    if plain is not None:
+        return int(plain)
+    if decimal is not None:
+        return int(Decimal(decimal) * _DECIMAL_SUFFIXES[decimal_suffix])
+    return int(binary) * _BINARY_SUFFIXES[binary_suffix]
 
 
 def parse_host_port(text: str, field_name: str) -> tuple[str, int]:

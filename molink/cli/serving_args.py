@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from molink.cli.default_model import DEFAULT_MODEL_NAME
-from molink.cli.flag_values import size_arg
+from molink.cli.flag_values import size_arg, token_count_arg
 from molink.config import ENGINE_DEFAULTS
 from molink.device import DEVICE_CHOICES
 from molink.quant.config import KV_CACHE_DTYPE_CHOICES, QUANTIZATION_CHOICES
@@ -75,9 +75,10 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--max-model-len",
-        type=int,
+        type=token_count_arg,
         default=None,
-        help="context length in tokens (default: the model's own)",
+        help="context length in tokens, e.g. 4096, 4k (4000) or 4K (4096) (default: the "
+        "model's own)",
     )
     model.add_argument(
         "--tensor-parallel-size",
@@ -115,7 +116,7 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument(
         "--max-num-batched-tokens",
-        type=int,
+        type=token_count_arg,
         default=ENGINE_DEFAULTS.max_num_batched_tokens,
         help="most tokens in one step (default: %(default)s)",
     )

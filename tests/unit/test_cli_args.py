@@ -179,6 +179,28 @@ def test_a_token_budget_below_max_num_seqs_names_both_flags_and_values(
     assert "--max-num-batched-tokens 32" in err and "--max-num-seqs 64" in err, err
 
 
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [("4096", 4096), ("4k", 4000), ("32K", 32768), ("25.6k", 25600), ("1m", 1_000_000),
+     ("2M", 2 * 2**20)],
+)  # fmt: skip
+def test_token_counts_take_vllms_suffixes(text: str, tokens: int) -> None:
+    """vLLM reads --max-model-len and --max-num-batched-tokens as human-readable integers
+    (k, m, g decimal; K, M, G binary); "32k" copied from a vLLM command was a usage error."""
+    args = parse(f"--max-model-len {text} --max-num-batched-tokens {text} --max-num-seqs 1")
+    assert (args.max_model_len, args.max_num_batched_tokens) == (tokens, tokens)
+
+
+@pytest.mark.parametrize("text", ["1.5K", "4x", "k", "4 k", "-"])
+def test_a_token_count_that_is_not_one_is_a_usage_error(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--max-model-len", text])
+    assert exit_info.value.code == 2
+    assert "--max-model-len" in capsys.readouterr().err
+
+
 def test_engine_args_validate_in_code() -> None:
     with pytest.raises(InvalidParameterError) as error:
         EngineArgs(molink_enabled=True, molink_start_layer=3, molink_end_layer=2)
