@@ -204,9 +204,9 @@ class SwarmDirectory:
         Per node the newest read (``NewestRecords``); a node that left is left out."""
         from hivemind.utils import get_dht_time
 
-        self._newest.forget_expired()
         found = self._dht.get(self._key, latest=True)
         if found is None or not isinstance(found.value, dict):
+            self._newest.forget_expired(set())
             return []
         now = get_dht_time()
         records: list[SwarmRecord] = []
@@ -227,9 +227,10 @@ class SwarmDirectory:
             ttl = record_ttl(checked)
             age = max(0.0, ttl - expires_in) if ttl > 0 else None
             read = SwarmRecord(info, expires_in, age)
-            chosen = self._newest.choose(record_seq(checked), record_leaving(checked), read)
+            chosen = self._newest.choose(record_seq(checked), record_leaving(checked), read, ttl)
             if chosen is not None:
                 records.append(chosen)
+        self._newest.forget_expired({str(subkey) for subkey in found.value})
         return sorted(records, key=lambda r: (r.info.layers.start, r.info.node_id))
 
     def _ignore(self, node_id: str, reason: str) -> None:

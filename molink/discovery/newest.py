@@ -10,6 +10,9 @@ copy read later is not, and a leaving record hides the node.
 
 Only one node's own records are compared, so clock skew between nodes does not matter; a
 node whose clock stepped back is believed again once the newest record it had sent expires.
+An announcement's lifetime is counted on the reader's clock from when it was first read,
+at most the lifetime the record says: the DHT expires records by their writer's clock, so
+the record of a node whose clock runs ahead would otherwise outlive the node by that much.
 """
 
 from __future__ import annotations
@@ -48,28 +51,41 @@ class NewestRecords:
         self._lock = threading.Lock()
         self._kept: dict[str, _Kept] = {}
 
-    def choose(self, seq: int, leaving: bool, record: SwarmRecord) -> SwarmRecord | None:
+    def choose(
+        self, seq: int, leaving: bool, record: SwarmRecord, ttl_s: float = 0.0
+    ) -> SwarmRecord | None:
         """What to report for the node of ``record`` just read: itself when it is the
-        newest, the newest kept when it is older, None when the node left."""
+        newest, the newest kept when it is older, None when the node left or its newest
+        announcement outlived its lifetime. ``ttl_s``: the lifetime the record says it was
+        announced with (0: not said)."""
         node_id = record.info.node_id
         now = self._clock()
         with self._lock:
             kept = self._kept.get(node_id)
-            if kept is None or kept.left_s(now) <= 0 or seq >= kept.seq:
+            if kept is not None and seq == kept.seq and seq > 0:
+                pass  # the same announcement again: its times run from its first reading
+            elif kept is None or seq > kept.seq or seq == 0 or kept.left_s(now) <= 0:
+                if 0 < ttl_s < record.expires_in_s:
+                    # It expires later than its lifetime allows: its node's clock is ahead.
+                    # Counted here instead, a node that dies without leaving still goes.
+                    record = SwarmRecord(record.info, ttl_s, record.age_s)
                 self._kept[node_id] = _Kept(seq, leaving, record, now)
                 return None if leaving else record
-        if kept.leaving:
+        if kept.leaving or kept.left_s(now) <= 0:
             return None
         elapsed = now - kept.read_at
         age = kept.record.age_s + elapsed if kept.record.age_s is not None else None
         return SwarmRecord(kept.record.info, kept.left_s(now), age)
 
-    def forget_expired(self) -> None:
-        """Drops what has expired, so that memory follows the records that live."""
+    def forget_expired(self, read: set[str]) -> None:
+        """Drops what has expired and was not in the latest reading (``read``: its node
+        ids), so that memory follows the records that live; an expired announcement the
+        DHT still returns stays known as such."""
         now = self._clock()
         with self._lock:
-            for node_id in [n for n, kept in self._kept.items() if kept.left_s(now) <= 0]:
-                del self._kept[node_id]
+            for node_id, kept in list(self._kept.items()):
+                if node_id not in read and kept.left_s(now) <= 0:
+                    del self._kept[node_id]
 
 
 class SequenceClock:

@@ -93,7 +93,9 @@ def test_the_newest_is_kept_only_while_it_lives() -> None:
     assert kept is not None and kept.info == NEW
     assert (kept.expires_in_s, kept.age_s) == pytest.approx((8.0, 7.0))
     now[0] += 20.0
-    newest.forget_expired()
+    newest.forget_expired({"s1"})  # expired, but still in the DHT: remembered as such
+    assert list(newest._kept) == ["s1"]
+    newest.forget_expired(set())
     assert newest._kept == {}
 
 
@@ -129,3 +131,29 @@ def test_a_directory_numbers_its_announcements_and_its_leaving() -> None:
     assert first["seq"] < leaving["seq"] and not first["leaving"] and leaving["leaving"]
     # the leaving record outranks every earlier copy in a DHT merge: it expires later
     assert leaving_expiry >= first_expiry and leaving_expiry > get_dht_time() + TTL - 1
+
+
+def test_a_node_whose_clock_runs_ahead_still_goes_when_it_stops_renewing() -> None:
+    # Its record expires by its own clock, an hour late: it was read as serving for an
+    # hour after the node died. Its lifetime now runs on the reader's clock.
+    now = [100.0]
+    newest = NewestRecords(clock=lambda: now[0])
+    ahead = SwarmRecord(NEW, 3600.0 + TTL, 0.0)
+    first = newest.choose(7, False, ahead, TTL)
+    assert first is not None and first.expires_in_s == TTL
+    now[0] += TTL - 1
+    again = newest.choose(7, False, ahead, TTL)  # the same announcement: not renewed
+    assert again is not None and again.expires_in_s == pytest.approx(1.0)
+    now[0] += 2
+    assert newest.choose(7, False, ahead, TTL) is None  # dead, though the DHT keeps it
+    renewed = newest.choose(8, False, ahead, TTL)  # a renewal: a new number
+    assert renewed is not None and renewed.expires_in_s == TTL
+
+
+def test_a_directory_counts_a_skewed_records_lifetime_itself() -> None:
+    from hivemind.utils import get_dht_time
+
+    ahead = _Entry(record_of(NEW, TTL, 9), get_dht_time() + 3600 + TTL)
+    directory = _directory({"s1": ahead})
+    (record,) = directory.records()
+    assert record.expires_in_s == TTL
