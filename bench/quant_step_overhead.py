@@ -1,0 +1,156 @@
+"""What a decode step of SmolLM2 Q4_1 costs at 1-8 rows in this tree and in an earlier one,
+side by side: the Python and small-op overhead around the int4 kernel.
+
+The earlier tree (``--base``) is exported from git (as ``bench/engine_loop_bench.py`` does);
+each tree runs one ``bench/quant_step_worker.py`` process (offline engine, one torch
+thread, ``--quantized-batch-kernel int4``), loaded once. Rounds alternate the trees ABBA;
+for each row count a worker times ``--steps`` decode steps (median wall and CPU ms). The
+ratio is the median over rounds of each round's paired ratio, since the shared host's
+load drifts. Both trees must compute bit-identical logits (SHA-256 of every logit of the
+timed steps): the run fails otherwise.
+
+    OMP_NUM_THREADS=1 python bench/quant_step_overhead.py --base main [--rows 1,8]
+        [--rounds 4] [--name quant_step_overhead]
+
+Writes ``bench/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import write_results  # noqa: E402
+from bench.swarm_overhead_bench import export_tree  # noqa: E402
+
+logger = logging.getLogger("quant_step_overhead")
+WORKER = Path(__file__).resolve().parent / "quant_step_worker.py"
+
+
+class Worker:
+    """A worker process on one tree, asked for one measurement at a time."""
+
+    def __init__(self, tree: Path, steps: int, kernel: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), "--steps", str(steps), "--kernel", kernel],
+            cwd=tree,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        ready = self._read()
+        if not ready["molink"].startswith(str(tree / "molink")):
+            raise RuntimeError(f"the worker imported {ready['molink']}, not the tree {tree}")
+
+    def _read(self) -> dict[str, Any]:
+        stdout: IO[str] | None = self.process.stdout
+        assert stdout is not None
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def measure(self, rows: int) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{rows}\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def summarize(runs: list[dict[str, Any]], rows: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in rows:
+        mine = [r for r in runs if r["rows"] == n]
+        entry: dict[str, Any] = {}
+        for key in ("wall_ms", "cpu_ms"):
+            for phase in ("now", "before"):
+                values = [r[key] for r in mine if r["phase"] == phase]
+                entry[f"{phase}_{key}"] = round(statistics.median(values), 3)
+            ratios = []
+            for round_index in sorted({r["round"] for r in mine}):
+                pair = {p: 0.0 for p in ("now", "before")}
+                for r in mine:
+                    if r["round"] == round_index:
+                        pair[r["phase"]] += r[key]
+                ratios.append(pair["before"] / pair["now"])
+            entry[f"speedup_{key}"] = round(statistics.median(ratios), 4)
+        for phase in ("now", "before"):
+            entry[f"{phase}_calls_per_step"] = next(
+                r["calls_per_step"] for r in mine if r["phase"] == phase
+            )
+        out[str(n)] = entry
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="main", help="git revision of 'before'")
+    parser.add_argument("--rows", default="1,8")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--kernel", default="int4")
+    parser.add_argument("--name", default="quant_step_overhead")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    rows = [int(n) for n in args.rows.split(",")]
+    runs: list[dict[str, Any]] = []
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        base_commit = export_tree(args.base, Path(tmp))
+        trees = {"now": REPO_ROOT, "before": Path(tmp) / "tree"}
+        workers = {p: Worker(t, args.steps, args.kernel) for p, t in trees.items()}
+        try:
+            for round_index in range(args.rounds):
+                order = ("now", "before") if round_index % 2 == 0 else ("before", "now")
+                for n in rows:
+                    for phase in order:
+                        result = workers[phase].measure(n)
+                        runs.append({"round": round_index, "phase": phase, "rows": n, **result})
+                        logger.info("%s rows=%d: %s", phase, n, result)
+                load.append(os.getloadavg()[0])
+        finally:
+            for worker in workers.values():
+                worker.close()
+    for n in rows:
+        digests = {(r["logits_sha256"], r["tokens_sha256"]) for r in runs if r["rows"] == n}
+        if len({d for d, _ in digests}) != 1:
+            raise RuntimeError(f"the trees' logits differ at {n} rows: {digests}")
+    summary = summarize(runs, rows)
+    logger.info("summary: %s", json.dumps(summary))
+    write_results(
+        args.name,
+        {
+            "base": {"revision": args.base, "commit": base_commit},
+            "kernel": args.kernel,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "load_average_1m": [round(x, 2) for x in load],
+            "logits_bit_identical": True,
+            "summary": summary,
+            "runs": runs,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
