@@ -18,7 +18,7 @@ relative to the zero point itself. ``rounding_report`` measures both on a real m
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ from molink.quant.groups import GroupInts
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 SCALE_DTYPE = torch.bfloat16
+# Looked up once: ``torch.ops`` resolves attributes on every access.
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
 @functools.cache
@@ -70,6 +72,13 @@ class Int4Planes:
     rows: int
     cols: int
     group: int
+    # Each plane with its scales, sliced once at load: a decode step runs ~120 products.
+    _kernel_args: list[tuple[torch.Tensor, torch.Tensor]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        self._kernel_args = [(p, self.scale_zero[i]) for i, p in enumerate(self.packed)]
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +98,20 @@ class Int4Planes:
                 out += torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x, self.packed[plane], self.group, self.scale_zero[plane]
                 )
+        return out if out.shape[1] == self.rows else out[:, : self.rows]
+
+    def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 ``x @ W.T`` for float x [T, cols]: exactly ``matmul(x.to(bfloat16))
+        .float()``, in fewer calls (the path of every decode-sized product)."""
+        x = x.to(torch.bfloat16)
+        args = self._kernel_args
+        packed, scale_zero = args[0]
+        out = _INT4_MM(x, packed, self.group, scale_zero)
+        if len(args) == 1:
+            return (out if out.shape[1] == self.rows else out[:, : self.rows]).float()
+        out = out.float()  # planes add up in float32, as in ``matmul``
+        for packed, scale_zero in args[1:]:
+            out += _INT4_MM(x, packed, self.group, scale_zero)
         return out if out.shape[1] == self.rows else out[:, : self.rows]
 
     def dequantize_blocks(self, start: int, end: int) -> torch.Tensor:

@@ -136,6 +136,18 @@ def check_batch_kernel(value: str) -> None:
         )
 
 
+def int4_max_rows(batch_kernel: str, planes: int = 1) -> int:
+    """The most rows ``choose_kernel`` hands to the int4 kernel (0: it never does). A layer
+    reads it once at load so that a decode step's products skip the choice."""
+    if batch_kernel == "int8act" or (batch_kernel in ("fp16", "bf16") and planes != 1):
+        return 0
+    if batch_kernel == "fp16":
+        return INT4_FEW_ROWS_BF16 if native_bf16() else INT4_FEW_ROWS
+    if batch_kernel == "bf16":
+        return INT4_FEW_ROWS_BF16
+    return INT4_MAX_ROWS
+
+
 def choose_kernel(rows: int, batch_kernel: str, planes: int = 1) -> Kernel:
     """The kernel for a product with ``rows`` activation rows, W in ``planes`` int4 planes
     (two run the int4 kernel twice: with a float16 copy at hand, that copy is faster)."""

@@ -22,7 +22,7 @@ from molink.quant.device import DeviceMatrix, check_device, device_matrix
 from molink.quant.fp16_gemm import Fp16Packed
 from molink.quant.groups import GroupInts, quantize_float
 from molink.quant.int4 import Int4Planes, padded_rows, to_int4_planes
-from molink.quant.kernels import check_batch_kernel, choose_kernel
+from molink.quant.kernels import check_batch_kernel, choose_kernel, int4_max_rows
 from molink.quant.nbits import NBitsProduct
 
 # Elements per band of dequantized rows: 2**17 float32 (512 KiB) stays in a core's L2.
@@ -90,6 +90,9 @@ class QuantLinear(nn.Module):
         self.nbits: NBitsProduct | None = None
         self.dense: torch.Tensor | None = None
         self.source_type = "unloaded"
+        # Batches of up to this many rows run the int4 kernel (kernels.choose_kernel, read
+        # once at load): forward goes there without the choice.
+        self._int4_rows = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -122,6 +125,7 @@ class QuantLinear(nn.Module):
         self.planes, self.dense, self.source_type = planes, None, source_type
         self.wide = self._wide_copy(planes, self.batch_kernel)
         self.nbits = NBitsProduct(planes) if self.batch_kernel == "int8act" else None
+        self._int4_rows = int4_max_rows(self.batch_kernel, len(planes.packed))
 
     def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The loaded weight as tensors and a description (molink.weights.packed_cache):
@@ -174,10 +178,14 @@ class QuantLinear(nn.Module):
         """Nothing to do: the int4 planes are the kernel's packed form already."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.product(x)
+        planes = self.planes
+        if planes is not None and x.shape[0] <= self._int4_rows:
+            y = planes.matmul_float(x)  # what ``product`` would run, without the choice
+        else:
+            y = self.product(x)
         if self.bias is not None:
             y += self.bias
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without the bias (a tensor-parallel rank's partial sum)."""
@@ -200,10 +208,12 @@ class QuantLinear(nn.Module):
             return self.nbits.matmul(x)
         if kernel == "dequant":
             return dequant_matmul(self.planes, x.float())
-        return self.planes.matmul(x.to(torch.bfloat16)).float()
+        return self.planes.matmul_float(x)
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return residual + self(x)
+        # forward() directly: no hooks are registered on these layers (as the decoder's
+        # layer calls), and nn.Module.__call__ costs more than a small product's overhead.
+        return residual + self.forward(x)
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of W as float32 (the same matrix as an input embedding)."""

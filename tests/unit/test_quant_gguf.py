@@ -18,8 +18,15 @@ from molink.quant.factory import QuantLinearFactory
 from molink.quant.fp16_gemm import fp16_gemm_available
 from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
 from molink.quant.int4 import padded_rows, rounding_report, to_int4_planes
-from molink.quant.kernels import INT4_FEW_ROWS, INT4_FEW_ROWS_BF16, INT4_MAX_ROWS, choose_kernel
-from molink.quant.linear import QuantLinear
+from molink.quant.kernels import (
+    BATCH_KERNEL_CHOICES,
+    INT4_FEW_ROWS,
+    INT4_FEW_ROWS_BF16,
+    INT4_MAX_ROWS,
+    choose_kernel,
+    int4_max_rows,
+)
+from molink.quant.linear import QuantLinear, dequant_matmul
 
 gguf = pytest.importorskip("gguf")
 ROWS, COLS = 200, 512  # 200: not a multiple of the kernel's row blocks
@@ -153,6 +160,41 @@ def test_kernel_choice_covers_every_path(monkeypatch: pytest.MonkeyPatch) -> Non
     assert choose_kernel(1, "fp16", planes=2) == "fp16"
     assert choose_kernel(1, "bf16", planes=2) == "bf16"
     assert {choose_kernel(r, "int8act") for r in (1, INT4_MAX_ROWS + 1, 4096)} == {"nbits"}
+
+
+def test_int4_rows_read_at_load_are_the_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    for native in (False, True):
+        monkeypatch.setattr(kernels, "native_bf16", lambda native=native: native)
+        for kernel in BATCH_KERNEL_CHOICES:
+            for planes in (1, 2):
+                most = int4_max_rows(kernel, planes)
+                chosen = [choose_kernel(r, kernel, planes) == "int4" for r in range(1, 200)]
+                assert chosen == [r <= most for r in range(1, 200)], (native, kernel, planes)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])  # one plane, two planes
+def test_products_are_the_chosen_kernels_bit_for_bit(type_name: str) -> None:
+    """forward's shortcut to the int4 kernel gives exactly what the kernel choice runs:
+    the planes' product of bfloat16 activations, the bias added in float32, the result in
+    the activations' dtype; above INT4_MAX_ROWS the dequantizing path."""
+    ints = decode_blocks(make_blocks(type_name, ROWS, COLS, seed=8), type_name, ROWS, COLS)
+    layer = QuantLinear(COLS, ROWS, bias=True)
+    layer.load_weight(ints, pack=False)
+    assert layer.planes is not None and layer.bias is not None
+    layer.bias.copy_(torch.randn(ROWS, generator=torch.Generator().manual_seed(9)))
+    for rows in (1, 2, 8, INT4_MAX_ROWS, INT4_MAX_ROWS + 1):
+        x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(rows))
+        if rows <= INT4_MAX_ROWS:
+            product = layer.planes.matmul(x.to(torch.bfloat16)).float()
+        else:
+            product = dequant_matmul(layer.planes, x)
+        expected = product + layer.bias
+        assert torch.equal(layer(x), expected), rows
+        assert torch.equal(layer.product(x), product), rows
+        assert torch.equal(layer.add_to(x[:, :ROWS], x), x[:, :ROWS] + expected), rows
+        assert torch.equal(
+            layer(x.bfloat16()), (layer.product(x.bfloat16()) + layer.bias).bfloat16()
+        )
 
 
 def test_int8_activations_only_where_the_model_keeps_them() -> None:
