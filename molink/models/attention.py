@@ -297,8 +297,12 @@ def store_kv(
     meta: AttentionMetadata,
 ) -> None:
     """Write ``k`` [T, kv_heads, Dk] and ``v`` [T, kv_heads, Dv] into their cache slots."""
-    # A cache in another dtype (--kv-cache-dtype bfloat16) is written with a cast.
-    k, v = k.to(key_cache.dtype), v.to(value_cache.dtype)
+    # A cache in another dtype (--kv-cache-dtype bfloat16) is written with a cast; the
+    # checks skip a no-op call per layer and step where it is not.
+    if k.dtype != key_cache.dtype:
+        k = k.to(key_cache.dtype)
+    if v.dtype != value_cache.dtype:
+        v = v.to(value_cache.dtype)
     key_cache.view(-1, k.shape[1], k.shape[2]).index_copy_(0, meta.slot_mapping, k)
     if value_cache.shape[-1]:
         value_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, meta.slot_mapping, v)
@@ -374,10 +378,11 @@ def _decode(
         return decode_triton(q[group.rows], key_cache, value_cache, table, group.lengths, params)
     # Query heads sharing a kv head become that head's "query rows": [B, kv, group, D].
     query = q[group.rows].view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    keys = _gather(key_cache, group.block_table, batch, group.context_len).to(q.dtype)
+    keys = _as_dtype(_gather(key_cache, group.block_table, batch, group.context_len), q.dtype)
     values = _gathered_values(
         key_cache, value_cache, keys, group.block_table, batch, group.context_len, head_dim_v
-    ).to(q.dtype)
+    )
+    values = _as_dtype(values, q.dtype)
     if options.eager:
         mask = None if group.mask is None else group.mask.unsqueeze(1)
         out = _eager(query.unsqueeze(3), keys, values, mask, options)
@@ -386,6 +391,11 @@ def _decode(
             query, keys, values, attn_mask=group.mask, scale=options.scale
         )
     return out.reshape(batch, num_heads * head_dim_v)
+
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` without the call where it would return ``x`` itself."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -413,10 +423,11 @@ def _prefill(
         keys = k[group.rows].transpose(0, 1).unsqueeze(0)
         values = v[group.rows].transpose(0, 1).unsqueeze(0)
     else:
-        keys = _gather(key_cache, group.block_table, 1, group.context_len).to(q.dtype)
+        keys = _as_dtype(_gather(key_cache, group.block_table, 1, group.context_len), q.dtype)
         values = _gathered_values(
             key_cache, value_cache, keys, group.block_table, 1, group.context_len, head_dim_v
-        ).to(q.dtype)
+        )
+        values = _as_dtype(values, q.dtype)
     if options.eager:
         if mask is None:
             n = query.shape[2]
