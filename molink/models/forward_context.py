@@ -43,6 +43,17 @@ class ForwardContext:
             self._angles[key] = angles
         return tables.apply(x, *angles)
 
+    def rotate_qk(
+        self, key: str, qk: torch.Tensor, num_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k rotated in one pass: ``qk`` [T, heads + kv_heads, head_dim] holds q's
+        heads then k's (the fused projection's rows). Every head goes through the same
+        elementwise ops as when q and k are rotated apart, so the values are the same;
+        one pass saves a rotation's calls per layer. Returns views [T, heads, head_dim]
+        and [T, kv_heads, head_dim] of one tensor."""
+        both = self.rotate(key, qk)
+        return both[:, :num_heads], both[:, num_heads:]
+
     def _sequence_lengths(self) -> torch.Tensor:
         """Per token, its sequence's length as of this forward (the end of its chunk)."""
         ends = [c.start_pos + c.num_tokens for c in self.meta.chunks for _ in range(c.num_tokens)]

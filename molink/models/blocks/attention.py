@@ -127,7 +127,11 @@ class SelfAttention(nn.Module):
         k = k.view(num_tokens, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm in ("head", "head_layernorm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        if spec.rope is not None:
+        if spec.rope is not None and spec.qk_norm is None:
+            # q and k lie side by side in each row of qkv: one rotation covers both.
+            qk = qkv[:, : spec.q_size + spec.kv_size].view(num_tokens, -1, spec.head_dim)
+            q, k = ctx.rotate_qk(spec.rope, qk, spec.num_heads)
+        elif spec.rope is not None:
             q, k = ctx.rotate(spec.rope, q), ctx.rotate(spec.rope, k)
         meta = ctx.attention_meta(spec.window)
         return paged_attention(q, k, v, key_cache, value_cache, meta, self.options())
