@@ -108,20 +108,33 @@ def default_rope_spec(config: ModelConfig, interleaved: bool = False) -> RopeSpe
     )
 
 
-def layer_types(config: ModelConfig) -> list[str] | None:
+SLIDING, FULL = "sliding_attention", "full_attention"
+LAYER_TYPES = (SLIDING, FULL)
+
+
+def configured_layer_types(config: ModelConfig, slides: Callable[[int], bool]) -> list[str]:
+    """The config's ``layer_types``; configs written before transformers named them leave
+    them out, and each family then has transformers' pattern: ``slides(index)``."""
     types = config.raw.get("layer_types")
-    return list(types) if isinstance(types, list) else None
+    if isinstance(types, list):
+        return [str(t) for t in types]
+    return [SLIDING if slides(i) else FULL for i in range(config.num_layers)]
 
 
-def layer_window(config: ModelConfig, index: int) -> int | None:
-    """The sliding window of layer ``index``: ``layer_types`` says which layers slide;
-    without it every layer uses the config's window (None: full attention)."""
-    if config.sliding_window is None:
-        return None
-    types = layer_types(config)
-    if types is None:
-        return config.sliding_window
-    return config.sliding_window if types[index] == "sliding_attention" else None
+def every_layer_slides(config: ModelConfig) -> list[str]:
+    """The config's window holds for every layer; families whose code predates layer_types
+    ignore them."""
+    return [SLIDING] * config.num_layers
+
+
+def check_layer_types(types: list[str], num_layers: int) -> None:
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown or len(types) != num_layers:
+        raise InvalidParameterError(
+            "layer_types",
+            f"{types!r} must list one of {', '.join(LAYER_TYPES)} for each of the "
+            f"{num_layers} layers" + (f"; {', '.join(unknown)} not supported" if unknown else ""),
+        )
 
 
 def check_quantization(config: ModelConfig) -> None:
@@ -176,6 +189,7 @@ class DecoderArchitecture:
     def check_config(self, config: ModelConfig) -> None:
         """Refuse, naming the field, whatever this architecture cannot run."""
         check_quantization(config)
+        check_layer_types(self.layer_types(config), config.num_layers)
         self.activation(config)
         for spec in self.rope_specs(config).values():
             spec.check()
@@ -189,6 +203,18 @@ class DecoderArchitecture:
 
     def kv_layout(self, config: ModelConfig) -> KVLayout:
         return KVLayout(config.num_kv_heads, config.head_dim, config.head_dim)
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        """Per layer, whether it attends to the last ``sliding_window`` positions only
+        (``sliding_attention``), as transformers' code of this family decides: Llama's
+        ignores any window in the config."""
+        return [FULL] * config.num_layers
+
+    def layer_window(self, config: ModelConfig, index: int) -> int | None:
+        """The sliding window of layer ``index`` (None: full attention)."""
+        if config.sliding_window is None or self.layer_types(config)[index] != SLIDING:
+            return None
+        return config.sliding_window
 
     # --- the shared ends of the decoder ------------------------------------------------
 

@@ -13,8 +13,8 @@ from molink.models.architecture import (
     Binding,
     DecoderArchitecture,
     attention_bindings,
+    configured_layer_types,
     gated_mlp_bindings,
-    layer_window,
     norm_binding,
     plus_one,
 )
@@ -90,6 +90,10 @@ class Gemma2(DecoderArchitecture):
     def final_norm_bindings(self, config: ModelConfig) -> list[Binding]:
         return [norm_binding("", "model.norm.weight", plus_one)]
 
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        # Without layer_types, sliding and global layers alternate, starting with a sliding one.
+        return configured_layer_types(config, lambda i: i % 2 == 0)
+
     def rope_key(self, config: ModelConfig, index: int) -> str:
         return "default"
 
@@ -106,7 +110,7 @@ class Gemma2(DecoderArchitecture):
             o_bias=config.attention_bias,
             qk_norm=self.qk_norm(),
             rope=self.rope_key(config, index),
-            window=layer_window(config, index),
+            window=self.layer_window(config, index),
             scale=float(scalar) ** -0.5,
             softcap=float(softcap) if softcap else None,
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from molink.config import ModelConfig
-from molink.models.architecture import layer_types
+from molink.models.architecture import configured_layer_types
 from molink.models.archs.gemma2 import Gemma2
 from molink.models.rope import RopeSpec, rope_type_of
 
@@ -45,9 +45,13 @@ class Gemma3(Gemma2):
     def qk_norm(self) -> str | None:
         return "head"
 
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        # Configs without layer_types say sliding_window_pattern: every n-th layer is global.
+        every = int(config.raw.get("sliding_window_pattern") or _GLOBAL_EVERY)
+        return configured_layer_types(config, lambda i: (i + 1) % every != 0)
+
     def rope_key(self, config: ModelConfig, index: int) -> str:
-        types = layer_types(config)
-        return types[index] if types is not None else _GLOBAL
+        return self.layer_types(config)[index]
 
     def rope_specs(self, config: ModelConfig) -> dict[str, RopeSpec]:
         params = config.raw.get("rope_parameters")

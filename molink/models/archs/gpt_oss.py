@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from molink.config import ModelConfig
-from molink.models.architecture import Binding, GGUFJoin
+from molink.models.architecture import Binding, GGUFJoin, configured_layer_types
 from molink.models.archs.llama import Llama
 from molink.models.blocks.attention import AttentionSpec
 from molink.models.blocks.linear import LinearFactory
@@ -115,6 +115,10 @@ class GptOss(Llama):
                 prefix = name[: -len(suffix)] + "mlp.experts."
                 return GGUFJoin(tuple(prefix + part for part in parts), join)
         return None
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        # Without layer_types, sliding and full layers alternate, starting with a sliding one.
+        return configured_layer_types(config, lambda i: i % 2 == 0)
 
     def attention_spec(self, config: ModelConfig, index: int) -> AttentionSpec:
         spec = super().attention_spec(config, index)

@@ -13,7 +13,6 @@ from molink.models.architecture import (
     DecoderArchitecture,
     attention_bindings,
     gated_mlp_bindings,
-    layer_window,
     norm_binding,
 )
 from molink.models.blocks.attention import AttentionSpec, SelfAttention
@@ -71,7 +70,7 @@ class Llama(DecoderArchitecture):
             qkv_bias=self.qkv_bias(config),
             o_bias=self.o_bias(config),
             qk_norm=self.qk_norm(config),
-            window=layer_window(config, index),
+            window=self.layer_window(config, index),
         )
 
     def build_mlp(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from molink.config import ModelConfig
+from molink.models.architecture import configured_layer_types
 from molink.models.archs.llama import Llama
 
 
@@ -17,6 +18,11 @@ class Mistral(Llama):
 
     def mlp_bias(self, config: ModelConfig) -> bool:
         return False
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        # Every layer slides; transformers loads a Mistral config that lists layer_types
+        # as Ministral, which follows them.
+        return configured_layer_types(config, lambda i: True)
 
 
 ARCHITECTURE = Mistral()

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from molink.config import ModelConfig
-from molink.models.architecture import Binding, expert_bindings
+from molink.models.architecture import Binding, every_layer_slides, expert_bindings
 from molink.models.archs.mistral import Mistral
 from molink.models.blocks.linear import LinearFactory
 from molink.models.blocks.moe import MoE, MoESpec
@@ -22,6 +22,9 @@ class Mixtral(Mistral):
             "num_local_experts": int(field("expert_count")),
             "num_experts_per_tok": int(field("expert_used_count")),
         }
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        return every_layer_slides(config)  # Mixtral's code ignores layer_types
 
     def build_mlp(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
         spec = MoESpec(

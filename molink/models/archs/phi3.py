@@ -7,7 +7,12 @@ from dataclasses import replace
 from typing import Any
 
 from molink.config import ModelConfig
-from molink.models.architecture import Binding, default_rope_spec, norm_binding
+from molink.models.architecture import (
+    Binding,
+    default_rope_spec,
+    every_layer_slides,
+    norm_binding,
+)
 from molink.models.archs.llama import Llama
 from molink.models.rope import RopeSpec, rope_type_of
 
@@ -47,6 +52,9 @@ class Phi3(Llama):
             # Phi-3's early configs called longrope "yarn" (transformers reads them so too).
             spec = replace(spec, scaling={**spec.scaling, "rope_type": "longrope"})
         return {"default": spec}
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        return every_layer_slides(config)
 
     def qkv_bias(self, config: ModelConfig) -> bool:
         return False

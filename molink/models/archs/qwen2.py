@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from molink.config import ModelConfig
+from molink.models.architecture import configured_layer_types
 from molink.models.archs.llama import Llama
+
+_MAX_WINDOW_LAYERS = 28  # transformers' default
+
+
+def qwen_layer_types(config: ModelConfig) -> list[str]:
+    """Without layer_types, layers from ``max_window_layers`` on slide (when the config's
+    use_sliding_window leaves it a window)."""
+    first = int(config.raw.get("max_window_layers", _MAX_WINDOW_LAYERS))
+    return configured_layer_types(config, lambda i: i >= first)
 
 
 class Qwen2(Llama):
@@ -18,6 +28,9 @@ class Qwen2(Llama):
 
     def mlp_bias(self, config: ModelConfig) -> bool:
         return False
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        return qwen_layer_types(config)
 
 
 ARCHITECTURE = Qwen2()

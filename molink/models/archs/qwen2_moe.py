@@ -7,7 +7,12 @@ from typing import Any
 from torch import nn
 
 from molink.config import ModelConfig
-from molink.models.architecture import Binding, expert_bindings, gated_mlp_bindings
+from molink.models.architecture import (
+    Binding,
+    configured_layer_types,
+    expert_bindings,
+    gated_mlp_bindings,
+)
 from molink.models.archs.qwen2 import Qwen2
 from molink.models.blocks.linear import LinearFactory
 from molink.models.blocks.moe import MoE, MoESpec
@@ -63,6 +68,12 @@ class Qwen2Moe(Qwen2):
         if self.shared_expert and shared:
             cfg["shared_expert_intermediate_size"] = int(shared)
         return cfg
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        # transformers' Qwen2-MoE default (unlike Qwen2's): even layers below
+        # max_window_layers slide.
+        last = int(config.raw.get("max_window_layers", 28))
+        return configured_layer_types(config, lambda i: i % 2 == 0 and i < last)
 
     def build_mlp(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
         if not is_sparse(config, index):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from molink.config import ModelConfig
 from molink.models.archs.llama import Llama
+from molink.models.archs.qwen2 import qwen_layer_types
 
 
 class Qwen3(Llama):
@@ -15,6 +16,9 @@ class Qwen3(Llama):
 
     def mlp_bias(self, config: ModelConfig) -> bool:
         return False
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        return qwen_layer_types(config)
 
 
 ARCHITECTURE = Qwen3()

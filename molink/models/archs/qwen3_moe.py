@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from molink.config import ModelConfig
+from molink.models.architecture import every_layer_slides
 from molink.models.archs.qwen2_moe import Qwen2Moe
 
 
@@ -19,6 +20,9 @@ class Qwen3Moe(Qwen2Moe):
 
     def qk_norm(self, config: ModelConfig) -> str | None:
         return "head"
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        return every_layer_slides(config)  # Qwen3-MoE has no layer_types
 
 
 ARCHITECTURE = Qwen3Moe()

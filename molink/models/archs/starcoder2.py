@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from molink.config import ModelConfig
-from molink.models.architecture import Binding, attention_bindings
+from molink.models.architecture import Binding, attention_bindings, every_layer_slides
 from molink.models.archs.llama import Llama
 from molink.models.blocks.attention import SelfAttention
 from molink.models.blocks.linear import LinearFactory
@@ -49,6 +49,9 @@ class Starcoder2(Llama):
             "use_bias": field.has_tensor("blk.0.attn_output.bias"),
             "sliding_window": int(window) if window else None,
         }
+
+    def layer_types(self, config: ModelConfig) -> list[str]:
+        return every_layer_slides(config)
 
     def qkv_bias(self, config: ModelConfig) -> bool:
         return _use_bias(config)
