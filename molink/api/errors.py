@@ -96,12 +96,25 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
         return APIError(400, "invalid request body")
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}")
+        detail = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+        return APIError(400, f"the request body is not valid JSON: {detail}")
+    if tuple(first.get("loc", ())) == ("body",):
+        return _whole_body_error(first.get("input"))
     param = _field_path(first.get("loc", ()))
     message = first.get("msg", "invalid value")
     if param:
         message = f"{param}: {message}"
     return APIError(400, message, param or None)
+
+
+def _whole_body_error(received: Any) -> APIError:
+    """The body as a whole is wrong: pydantic's words ("Field required") name nothing."""
+    if isinstance(received, bytes | str):
+        # FastAPI reads JSON only under a JSON content type (curl -d sends a form one).
+        return APIError(
+            400, "the request body must be a JSON object sent with Content-Type: application/json"
+        )
+    return APIError(400, "the request body must be a JSON object")
 
 
 def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:

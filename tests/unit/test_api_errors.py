@@ -77,6 +77,29 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     assert_still_serving(client)
 
 
+@pytest.mark.parametrize(
+    ("content", "content_type", "says"),
+    [
+        (b"", "application/json", "JSON object"),
+        (b"[]", "application/json", "JSON object"),
+        # curl -d without -H sends a form content type: the JSON in it was never read.
+        (b'{"prompt": "Hi"}', "application/x-www-form-urlencoded", "application/json"),
+        (b'{"prompt": "Hi"}', "text/plain", "application/json"),
+        (b'{"prompt": "Hi",}', "application/json", "double quotes"),
+    ],
+)
+def test_a_body_that_is_no_json_object_says_what_is_wrong(
+    client: TestClient, content: bytes, content_type: str, says: str
+) -> None:
+    """These said "Field required" or "Input should be a valid dictionary...", naming no
+    field; a JSON syntax error did not say where."""
+    response = client.post(
+        "/v1/completions", content=content, headers={"content-type": content_type}
+    )
+    error = assert_error(response, 400)
+    assert says in error["message"], error["message"]
+
+
 def test_missing_required_field_is_400(client: TestClient) -> None:
     assert_error(client.post("/v1/completions", json={"max_tokens": 2}), 400, "prompt")
     assert_error(client.post("/v1/chat/completions", json={}), 400, "messages")
