@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from molink.errors import PipelineError
 
 SPEED_DEADBAND = 1.5  # speed ratios closer to 1 than this factor count as equal
+_MAX_SIZED_LAYERS = float(2**31)  # far above any model's layer count
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ def speed_sized(span_layers: int, theirs_s: float, mine_s: float) -> tuple[int, 
     ratio = theirs_s / mine_s  # > 1: this node is faster
     if 1 / SPEED_DEADBAND < ratio < SPEED_DEADBAND:
         return span_layers, f"{span_layers} layer(s) as served (speed x{ratio:.2f}: about equal)"
-    size = max(1, round(span_layers * ratio))
+    # Speeds come from peers' records: a ratio of extreme (finite) speeds can overflow,
+    # and no replica takes more layers than a model has anyway (its end caps it).
+    size = max(1, round(min(span_layers * ratio, _MAX_SIZED_LAYERS)))
     return size, (
         f"{size} layer(s) for its speed x{ratio:.2f} of the slowest node serving them "
         f"({mine_s * 1e3:.3g} vs {theirs_s * 1e3:.3g} ms per layer)"

@@ -124,3 +124,13 @@ def test_a_configured_speed_replaces_the_probe(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(builder, "layer_step_seconds", lambda *args: FAST_S)
     probed = _args("--molink-enabled")
     assert builder.node_layer_step_seconds(probed, CONFIG, torch.float32, cpu) == FAST_S
+
+
+def test_extreme_speeds_from_a_peers_record_do_not_break_placement() -> None:
+    # A record may say any finite speed; 1e308 s per layer against 1e-10 overflowed to
+    # infinity and placement raised OverflowError.
+    assert speed_sized(8, 1e308, 1e-10)[0] >= 8
+    assert speed_sized(8, 1e-300, 1e300)[0] == 1
+    swarm = [ServedSpan(0, 4), ServedSpan(4, 12, 1.0, 1e308), ServedSpan(12, 24, 50.0)]
+    placement = choose_span(24, swarm, 100, 1e-10)
+    assert (placement.start, placement.end) == (4, 24)
