@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections import OrderedDict
 from typing import Any
 
 import msgpack
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 BOOTSTRAP_TIMEOUT_S = 30.0
 # A stopping node waits this long for its record's withdrawal; the record expires anyway.
 WITHDRAW_TIMEOUT_S = 5.0
+MAX_IGNORED_NODES = 1024  # refused records remembered (so as to log each reason once)
 
 
 __all__ = ["SwarmDirectory", "SwarmRecord", "advertised_maddr"]
@@ -102,7 +104,8 @@ class SwarmDirectory:
         self._key = self._seal.scoped(swarm_key(model)) if self._seal else swarm_key(model)
         self._dht: Any = None
         self._advertise_host: str | None = None
-        self._ignored: dict[str, str] = {}  # node id -> why its record is ignored (logged once)
+        # node id -> why its record is ignored (logged once while remembered)
+        self._ignored: OrderedDict[str, str] = OrderedDict()
         self._sequence = SequenceClock()
         self._newest = NewestRecords()
 
@@ -234,9 +237,17 @@ class SwarmDirectory:
         return sorted(records, key=lambda r: (r.info.layers.start, r.info.node_id))
 
     def _ignore(self, node_id: str, reason: str) -> None:
-        if self._ignored.get(node_id) != reason:
-            self._ignored[node_id] = reason
-            logger.warning("ignoring the DHT record of node %s: %s", node_id, reason)
+        """Logs why once per node; the node ids (subkeys any peer may write) are bounded in
+        number and in the length logged."""
+        if self._ignored.get(node_id) == reason:
+            self._ignored.move_to_end(node_id)
+            return
+        self._ignored[node_id] = reason
+        self._ignored.move_to_end(node_id)
+        while len(self._ignored) > MAX_IGNORED_NODES:
+            self._ignored.popitem(last=False)
+        shown = node_id if len(node_id) <= 80 else f"{node_id[:80]}... ({len(node_id)} chars)"
+        logger.warning("ignoring the DHT record of node %s: %s", shown, reason)
 
     def shutdown(self) -> None:
         if self._dht is not None:

@@ -66,6 +66,9 @@ _INT_FIELDS = (
     "memory_total",
     "memory_free",
 )
+# Node ids are key hashes or host:port, the rest names, dtypes, multiaddresses: a record
+# from a peer is stored, shown and logged, so its text is bounded.
+MAX_TEXT_CHARS = 512
 _MAX_PUBLIC_KEY_BYTES = 1024  # a P-256 or Ed25519 key in DER is under 100 bytes
 
 
@@ -113,8 +116,14 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
     if not isinstance(record, dict):
         raise RecordError("the record is not a map")
     for name in _STR_FIELDS:
-        if not isinstance(record.get(name), str):
+        value = record.get(name)
+        if not isinstance(value, str):
             raise RecordError(f"field {name!r} is missing or not a string")
+        if len(value) > MAX_TEXT_CHARS:
+            raise RecordError(f"field {name!r} is longer than {MAX_TEXT_CHARS} characters")
+    for name in ("node_id", "address"):
+        if not record[name]:
+            raise RecordError(f"field {name!r} is empty")
     for name in _INT_FIELDS:
         value = record.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -55,6 +55,10 @@ def test_a_record_round_trips() -> None:
         ({"seq": 2**64}, "field 'seq' is not a count below 2"),
         ({"seq": True}, "field 'seq' is not a count"),
         ({"leaving": 1}, "field 'leaving' is not true or false"),
+        ({"address": "a" * 100_000}, "field 'address' is longer than 512 characters"),
+        ({"served_name": "m" * 513}, "field 'served_name' is longer than 512"),
+        ({"node_id": ""}, "field 'node_id' is empty"),
+        ({"address": ""}, "field 'address' is empty"),
     ],
 )
 def test_foreign_or_malformed_records_are_refused(change: dict, reason: str) -> None:
@@ -128,3 +132,23 @@ def test_the_directory_ignores_foreign_records_and_logs_why_once(
     assert any("node s2" in r and "model 'x'" in r for r in reasons)
     assert any("node s3" in r and "protocol version 1" in r for r in reasons)
     assert any("node s4" in r and "span [2, 9) is not part of [0, 4)" in r for r in reasons)
+
+
+def test_refused_records_are_remembered_in_bounded_number_and_logged_short(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from hivemind.utils import get_dht_time
+
+    from molink.discovery.dht import MAX_IGNORED_NODES
+
+    later = get_dht_time() + 10
+    bad = {**record_of(INFO, TTL), "protocol": 1}
+    entries = {f"x{i}": _Entry(bad, later) for i in range(MAX_IGNORED_NODES + 50)}
+    entries["y" * 5000] = _Entry(bad, later)
+    directory = SwarmDirectory(MODEL, INFO.protocol_version)
+    directory._dht = _FakeDHT(entries)
+    with caplog.at_level(logging.WARNING, logger="molink.discovery.dht"):
+        assert directory.nodes() == {}
+    assert len(directory._ignored) == MAX_IGNORED_NODES
+    assert max(len(r.getMessage()) for r in caplog.records) < 400
+    assert any("(5000 chars)" in r.getMessage() for r in caplog.records)
