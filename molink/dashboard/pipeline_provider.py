@@ -57,6 +57,14 @@ class RecoveryCounters(Protocol):
 
 
 @runtime_checkable
+class RoutingHead(Protocol):
+    """Offered by a head that routes among replicas."""
+
+    def route_nodes(self) -> tuple[NodeInfo, ...]:
+        """The nodes, head first, of the route a new sequence would take now."""
+
+
+@runtime_checkable
 class DhtRecords(Protocol):
     """Offered by a head that reads the swarm's DHT (empty when it does not)."""
 
@@ -94,8 +102,13 @@ class PipelineSwarmProvider:
         self._seen: dict[str, _Seen] = {}
 
     def route(self) -> tuple[str, ...]:
+        """The nodes a new sequence takes now: with replicas, one of each span, as the
+        head's router chose (all stages would name every replica as one route)."""
         view = self._head.pipeline()
-        return tuple(s.node_id for s in view.stages) if view.readiness() is None else ()
+        if view.readiness() is not None:
+            return ()
+        nodes = self._head.route_nodes() if isinstance(self._head, RoutingHead) else view.stages
+        return tuple(n.node_id for n in nodes)
 
     def snapshot(self) -> SwarmSnapshot:
         now = self._clock()

@@ -253,3 +253,24 @@ def test_a_node_that_owns_its_kv_shows_its_own_free_kv_not_the_heads() -> None:
     )
     s1 = _provider(head, clock).snapshot().nodes[1]
     assert (s1.kv_free_tokens, s1.kv_total_tokens) == (1 * 16, 12 * 16)
+
+
+class RoutingFakeHead(FakeHead):
+    """A head with a replica of s1's span, whose router sends new sequences to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages.append(_info("s1b", 15, 30))
+
+    def route_nodes(self) -> tuple[NodeInfo, ...]:
+        return (self.stages[0], self.stages[2])
+
+
+def test_with_replicas_the_route_shown_is_the_one_the_router_takes() -> None:
+    # All stages were shown as one route, head -> s1 -> s1b, which no step takes.
+    head, clock = RoutingFakeHead(), Clock()
+    provider = _provider(head, clock)
+    assert provider.route() == ("head", "s1b")
+    assert provider.snapshot().routes == (("head", "s1b"),)
+    head.stages = head.stages[:1]  # layers missing: no route at all
+    assert provider.route() == () and provider.snapshot().routes == ()
