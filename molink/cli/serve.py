@@ -66,39 +66,54 @@ def run_server(args: EngineArgs, engine_factory: EngineFactory | None = None) ->
 
 
 async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
+    # Files the flags name are read first: a wrong path fails now, not once the model has
+    # loaded (minutes for a large one).
+    chat_template = read_chat_template(args.chat_template)
+    folder_defaults = _folder_generation_defaults(args.generation_config)
     # The engine is built inside the running loop, so it may start tasks of its own.
     engine = engine_factory(args)
-    return_freed_memory()  # what building the engine freed (molink.quant.memory)
-    names = [args.model_name]
-    if engine.model_name not in names:
-        names.append(engine.model_name)
-    for note in args.ignored_flags():
-        logger.info("%s", note)
-    config = ApiConfig(
-        served_model_names=tuple(names),
-        api_key=args.api_key,
-        metric_sources=_metric_sources(engine),
-        chat=chat_options(args, engine),
-    )
-    app = create_app(engine, config)
-    tls = HttpsFiles(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
-    scheme = "https" if tls else "http"
-    logger.info("serving %s on %s://%s:%d", names[0], scheme, args.host, args.port)
     try:
+        return_freed_memory()  # what building the engine freed (molink.quant.memory)
+        names = [args.model_name]
+        if engine.model_name not in names:
+            names.append(engine.model_name)
+        for note in args.ignored_flags():
+            logger.info("%s", note)
+        if folder_defaults is None:
+            folder_defaults = generation_defaults(args.generation_config, engine)
+        chat = chat_options(args, chat_template, folder_defaults)
+        config = ApiConfig(
+            served_model_names=tuple(names),
+            api_key=args.api_key,
+            metric_sources=_metric_sources(engine),
+            chat=chat,
+        )
+        app = create_app(engine, config)
+        tls = HttpsFiles(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
+        scheme = "https" if tls else "http"
+        logger.info("serving %s on %s://%s:%d", names[0], scheme, args.host, args.port)
         server = await serve_app(app, args.host, args.port, args.log_level, tls=tls)
     finally:
         await _close_engine(engine)
     return 0 if server.started else 1
 
 
-def chat_options(args: EngineArgs, engine: EngineClient) -> ChatOptions:
+def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) -> ChatOptions:
     return ChatOptions(
-        chat_template=read_chat_template(args.chat_template),
+        chat_template=chat_template,
         trust_request_chat_template=args.trust_request_chat_template,
         tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        generation_defaults=generation_defaults(args.generation_config, engine),
+        generation_defaults=defaults,
     )
+
+
+def _folder_generation_defaults(setting: str) -> dict | None:
+    """The defaults of --generation-config FOLDER or 'vllm'; None for 'auto' (the model's
+    folder is known once the engine is built)."""
+    if setting == "auto":
+        return None
+    return generation_defaults(setting, None)
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -116,12 +131,16 @@ def read_chat_template(value: str | None) -> str | None:
         raise MolinkError(f"--chat-template: cannot read {value}: {exc}") from exc
 
 
-def generation_defaults(setting: str, engine: EngineClient) -> dict:
+def generation_defaults(setting: str, engine: EngineClient | None) -> dict:
     """Sampling defaults of generation_config.json: the model's ('auto'), a folder's, or none
     ('vllm'). Only the fields vLLM takes from it, max_new_tokens as max_tokens."""
     if setting == "vllm":
         return {}
-    folder = Path(engine.tokenizer.name_or_path) if setting == "auto" else Path(setting)
+    if setting == "auto":
+        assert engine is not None, "'auto' reads the folder the engine's model came from"
+        folder = Path(engine.tokenizer.name_or_path)
+    else:
+        folder = Path(setting)
     path = folder / "generation_config.json"
     if not path.exists():
         if setting != "auto":
