@@ -25,6 +25,7 @@ from collections.abc import Callable
 import grpc
 
 from molink.engine.recovery import NodeFailure, RecoveryStats
+from molink.pipeline.head_flights import CarriedRelease
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.worker import ReleaseJob
 from molink.placement.route import Route
@@ -92,6 +93,13 @@ class FailoverDesk:
         with self._lock:
             self._failures.append(failure)
         return failure
+
+    def release_carried(self, release: CarriedRelease, lost_id: str) -> None:
+        """A step lost with ``lost_id`` carried releases (its route's finished sequences,
+        already gone from the route book): the nodes of its route other than the lost one
+        free them, up to copies started by that step, as a node that failed the step
+        would have passed them on."""
+        self._release_survivors(release.route, lost_id, release.seq_ids, release.step_id)
 
     def _release_survivors(
         self, route: Route, lost_id: str, seq_ids: tuple[int, ...], before: int

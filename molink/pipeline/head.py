@@ -37,7 +37,7 @@ from molink.errors import PipelineError
 from molink.pipeline.deadlines import DeadlinePolicy, StepDeadlines
 from molink.pipeline.failover import FailoverDesk
 from molink.pipeline.head_detection import LossDetection, gone_node
-from molink.pipeline.head_flights import StepFlights, error_result
+from molink.pipeline.head_flights import CarriedRelease, StepFlights, error_result
 from molink.pipeline.head_membership import Membership
 from molink.pipeline.head_metrics import HopTally, PipelineMetrics, swarm_metric_lines
 from molink.pipeline.head_release import SequenceReleases
@@ -218,11 +218,15 @@ class PipelineExecutor:
         # the evicted node and wait for its hard deadline.
         gone = self._gone_from(route)
         if gone is not None:
-            self._flights.complete(
+            failed = self._flights.complete(
                 error_result(
                     key, f"the pipeline is not ready: {gone[0]}", FailureKind.UNREACHABLE, gone[1]
                 )
             )
+            if failed is not None and plan.finished_seq_ids:
+                # Their routes were forgotten above, so the eviction did not free them.
+                carried = CarriedRelease(route, plan.step_id, plan.finished_seq_ids)
+                self._failover.release_carried(carried, gone[1])
             return
         mirror = self._spot.plan(plan, route, self._registry.view().stages) if self._spot else None
         sent = mirror.declare(plan) if mirror is not None else plan

@@ -24,12 +24,24 @@ StepKey = tuple[int, int]  # (step_id, micro_batch)
 
 @dataclasses.dataclass
 class Flight:
-    """A step in flight: the route it took, its deadlines, and its size (for timings)."""
+    """A step in flight: the route it took, its deadlines, its size (for timings) and the
+    releases it carries (``finished_seq_ids``)."""
 
     route: Route
     clock: StepClock
     num_tokens: int
     decode_only: bool
+    finished_seq_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CarriedRelease:
+    """The releases a step carried when it failed on its way: the nodes of its route that
+    it did not reach must still free them (up to copies started by ``step_id``)."""
+
+    route: Route
+    step_id: int
+    seq_ids: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,7 @@ class StepFlights:
                 self._deadlines.clock_for(route, plan.num_tokens, ahead),
                 plan.num_tokens,
                 _is_decode_only(plan),
+                plan.finished_seq_ids,
             )
 
     def refuse(self, key: StepKey, message: str, kind: FailureKind) -> None:
@@ -70,13 +83,15 @@ class StepFlights:
         with self._lock:
             self._failed += 1
 
-    def complete(self, result: StepResult) -> None:
-        """Hand a step's outcome to poll() once; late or duplicate outcomes are dropped."""
+    def complete(self, result: StepResult) -> Flight | None:
+        """Hand a step's outcome to poll() once; late or duplicate outcomes are dropped.
+        Returns the step's record (None: it was no longer in flight)."""
         key = (result.step_id, result.micro_batch)
         with self._lock:
-            if self._in_flight.pop(key, None) is None:
+            flight = self._in_flight.pop(key, None)
+            if flight is None:
                 logger.debug("dropping a late outcome of step %d (micro-batch %d)", *key)
-                return
+                return None
             if result.error is None:
                 self._completed += 1
                 self._sampled += len(result.sampled)
@@ -85,6 +100,7 @@ class StepFlights:
         if result.error is not None:
             logger.warning("step %d (micro-batch %d) failed: %s", *key, result.error)
         self._results.put(result)
+        return flight
 
     def poll(self, timeout: float) -> list[StepResult]:
         try:
@@ -103,16 +119,21 @@ class StepFlights:
 
     def fail(
         self, reason: str, through: str | None = None, kind: FailureKind = FailureKind.NONE
-    ) -> None:
-        """Fail the steps in flight (only those whose route passes ``through``, if given)."""
+    ) -> list[CarriedRelease]:
+        """Fail the steps in flight (only those whose route passes ``through``, if given);
+        returns the releases the failed steps carried."""
         with self._lock:
             keys = [
                 key
                 for key, flight in self._in_flight.items()
                 if through is None or flight.route.contains(through)
             ]
+        carried = []
         for key in keys:
-            self.complete(error_result(key, reason, kind, through or ""))
+            flight = self.complete(error_result(key, reason, kind, through or ""))
+            if flight is not None and flight.finished_seq_ids:
+                carried.append(CarriedRelease(flight.route, key[0], flight.finished_seq_ids))
+        return carried
 
     def overdue(self, now: float) -> list[tuple[StepKey, StepClock, Route]]:
         with self._lock:

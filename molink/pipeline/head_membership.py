@@ -189,8 +189,12 @@ class Membership:
             self._lost[stage.node_id] = (stage, reason)
         # Fail the steps first, so that they carry this reason rather than the one of the
         # sender that closing its stream gives.
-        self._flights.fail(f"{reason}; the step was lost", through=stage.node_id, kind=kind)
+        carried = self._flights.fail(
+            f"{reason}; the step was lost", through=stage.node_id, kind=kind
+        )
         self._failover.node_lost(stage, kind, detail, self._routes.evict(stage.node_id))
+        for release in carried:  # their sequences are no longer in the route book
+            self._failover.release_carried(release, stage.node_id)
         if self._spot is not None:
             self._spot.node_down(stage.node_id)  # its check routes end
         self._node.links.drop_peer(stage.address)

@@ -49,9 +49,14 @@ def prefill(
     )
 
 
-def decode(step_id: int, seq_id: int, token: int) -> StepPlan:
+def decode(step_id: int, seq_id: int, token: int, finished: tuple[int, ...] = ()) -> StepPlan:
     """The first token after ``PROMPT``'s prefill."""
-    return StepPlan(step_id, (ScheduledSequence(seq_id, len(PROMPT), 1, (), True),), (token,))
+    return StepPlan(
+        step_id,
+        (ScheduledSequence(seq_id, len(PROMPT), 1, (), True),),
+        (token,),
+        finished_seq_ids=finished,
+    )
 
 
 @dataclass

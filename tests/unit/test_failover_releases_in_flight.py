@@ -1,0 +1,89 @@
+"""A step carries the releases of its route's finished sequences (``finished_seq_ids``),
+and the head forgets those sequences' routes when it sends the step. When a node of that
+route is lost while the step is out, the nodes after it never see the step: the head's
+failover must free those sequences there too, or they keep their KV for as long as the
+head renews its lease."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from molink.pipeline.toy import ToyStageExecutor
+from tests.helpers.polling import first_result, wait_until
+from tests.helpers.toy_swarm import ToySwarm, decode, prefill, toy_swarm
+
+
+@pytest.fixture
+def chain() -> Iterator[ToySwarm]:
+    """head [0, 1) -> a [1, 2) -> n [2, 4)."""
+    with toy_swarm((("a", 1, 2), ("n", 2, 4))) as swarm:
+        yield swarm
+
+
+def _hold_step(executor: ToyStageExecutor, step_id: int, gate: threading.Event, monkeypatch):
+    original = executor.execute
+    reached = threading.Event()
+
+    def held_execute(plan, hidden, head_id=""):
+        if plan.step_id == step_id:
+            reached.set()
+            gate.wait(30.0)
+        return original(plan, hidden, head_id)
+
+    monkeypatch.setattr(executor, "execute", held_execute)
+    return reached
+
+
+def test_a_lost_node_frees_after_it_the_sequences_its_failed_step_was_releasing(
+    chain: ToySwarm, monkeypatch
+) -> None:
+    head, last = chain.head, chain.executors["n"]
+    head.submit(prefill(0, 7))
+    assert first_result(head).error is None
+    head.submit(prefill(1, 8))
+    token = first_result(head).sampled[0].token_id
+    assert ("h", 7) in last.sequences and ("h", 8) in last.sequences
+    gate = threading.Event()
+    try:
+        reached = _hold_step(chain.executors["a"], 2, gate, monkeypatch)
+        # Sequence 7 finished: 8's next step frees it along the route, and a holds it.
+        head.submit(decode(2, 8, token, finished=(7,)))
+        assert reached.wait(30.0)
+        assert head.evict_node("a", "taken out by the test")
+        assert first_result(head).error is not None
+        assert wait_until(lambda: ("h", 8) not in last.sequences)  # it was on a's route
+        # 7 was released by the step a held: n must free it too (it kept it for good).
+        assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
+    finally:
+        gate.set()
+
+
+def test_a_step_whose_node_is_lost_as_it_leaves_frees_what_it_carried(
+    chain: ToySwarm, monkeypatch
+) -> None:
+    """The node is evicted after the step's releases were taken from the route book and
+    before the step is on record: the step fails at once, never sent, and its releases
+    must still reach the route's other nodes."""
+    head, last = chain.head, chain.executors["n"]
+    head.submit(prefill(0, 7))
+    assert first_result(head).error is None
+    head.submit(prefill(1, 8))
+    token = first_result(head).sampled[0].token_id
+    desk = head._failover
+    noted = desk.note_submitted
+
+    def lost_as_it_leaves(step_id: int) -> None:
+        if step_id == 2:
+            assert head.evict_node("a", "taken out by the test")
+        noted(step_id)
+
+    monkeypatch.setattr(desk, "note_submitted", lost_as_it_leaves)
+    head.submit(decode(2, 8, token, finished=(7,)))
+    failed = first_result(head)
+    assert failed.step_id == 2 and failed.error is not None
+    assert "is gone" in failed.error  # it never left
+    assert wait_until(lambda: ("h", 8) not in last.sequences)  # it was on a's route
+    assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
