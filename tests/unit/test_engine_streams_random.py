@@ -87,6 +87,9 @@ def _failure(executor: HeldExecutor, step_id: int, came_back: bool) -> None:
         executor.deliver(step_id)
     before = max(p.step_id for p in executor.submitted) + 1
     seq_ids = tuple(s.seq_id for s in plan.scheduled)
+    for seq_id in seq_ids:  # their KV went with the node
+        executor.stage.tables.pop(seq_id, None)
+        executor.stage.histories.pop(seq_id, None)
     executor.failures.append(
         NodeFailure("z", FailureKind.UNREACHABLE, "gone", seq_ids, time.monotonic(), before)
     )
