@@ -44,9 +44,10 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
-        from molink.models.registry import resolve_architecture
+        from molink.models.registry import config_defaults, resolve_architecture
 
         arch = resolve_architecture(archs)
+        cfg = {**config_defaults(arch), **cfg}  # fields the file leaves out, as transformers
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")

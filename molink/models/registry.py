@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from molink.errors import UnsupportedArchitectureError
 
@@ -25,6 +25,42 @@ class Entry:
     gguf: str | None = None  # llama.cpp's general.architecture for this family
     # (Mistral's files are Llama's: the same computation under llama.cpp's "llama")
 
+
+# What transformers' config class of a family assumes for a field its config.json leaves
+# out, where MoLink's reading of a missing field would differ (files written by older
+# transformers versions, or by hand, rely on these). Only fields MoLink reads are listed.
+_GEMMA: dict[str, Any] = {
+    "tie_word_embeddings": True,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+}
+_QWEN: dict[str, Any] = {"use_sliding_window": False}
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "MistralForCausalLM": {"sliding_window": 4096},
+    "Qwen2ForCausalLM": _QWEN,
+    "Qwen3ForCausalLM": _QWEN,
+    "Gemma2ForCausalLM": {
+        **_GEMMA,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
+    "Gemma3ForCausalLM": _GEMMA,
+    "Starcoder2ForCausalLM": {"tie_word_embeddings": True},
+    "CohereForCausalLM": {"tie_word_embeddings": True, "logit_scale": 0.0625},
+    "Glm4ForCausalLM": {"attention_bias": True, "head_dim": 128, "partial_rotary_factor": 0.5},
+    "Qwen2MoeForCausalLM": {**_QWEN, "shared_expert_intermediate_size": 5632},
+    "Qwen3MoeForCausalLM": _QWEN,
+    "GptOssForCausalLM": {"attention_bias": True, "head_dim": 64, "sliding_window": 128},
+    "DeepseekV2ForCausalLM": {"n_shared_experts": 2},
+    "DeepseekV3ForCausalLM": {
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 2.5,
+        "n_group": 8,
+        "topk_group": 4,
+        "first_k_dense_replace": 3,
+    },
+}
 
 _REGISTRY: dict[str, Entry] = {
     "LlamaForCausalLM": Entry("llama", gguf="llama"),
@@ -66,6 +102,12 @@ def resolve_architecture(archs: Sequence[str] | None) -> str:
     raise UnsupportedArchitectureError(
         list(archs) if archs is not None else None, list(SUPPORTED_ARCHITECTURES)
     )
+
+
+def config_defaults(architecture: str) -> dict[str, Any]:
+    """transformers' values for the fields of ``architecture``'s config.json that a file may
+    leave out (see _DEFAULTS); a field the file has, even null, wins."""
+    return dict(_DEFAULTS.get(architecture, {}))
 
 
 def architecture_for(config: ModelConfig) -> DecoderArchitecture:
