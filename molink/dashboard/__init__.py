@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
@@ -21,6 +22,8 @@ from molink.dashboard.snapshot import SwarmProvider, SwarmSnapshot
 from molink.dashboard.state import DashboardState
 from molink.engine.protocol import EngineStats
 from molink.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SwarmProvider", "SwarmSnapshot", "install_dashboard", "is_public", "provider_for"]
 
@@ -72,6 +75,16 @@ def _sample_while_running(app: FastAPI, history: MetricsHistory) -> None:
 
 
 async def _sample_forever(history: MetricsHistory) -> None:
+    """Samples until cancelled. A failed sample (the engine's or the swarm's counters
+    raised) is logged, once until a sample succeeds again, and skipped: ending the task
+    would freeze the charts for the rest of the server's life."""
+    failing = False
     while True:
-        history.sample_if_due()
+        try:
+            history.sample_if_due()
+            failing = False
+        except Exception:
+            if not failing:
+                logger.warning("taking a dashboard chart sample failed", exc_info=True)
+            failing = True
         await asyncio.sleep(SAMPLE_INTERVAL_S)

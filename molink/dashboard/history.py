@@ -85,8 +85,10 @@ class MetricsHistory:
 
     def observe(self, output: RequestOutput) -> None:
         """Called by the API for every request that finished."""
+        now = self._clock()
         with self._lock:
-            self._finished.append(finished_request(output, self._clock()))
+            self._finished.append(finished_request(output, now))
+            self._forget_before(now - WINDOW_S)  # bounded even while nothing samples
 
     def points(self, since: float = 0.0) -> list[dict]:
         with self._lock:
@@ -98,8 +100,7 @@ class MetricsHistory:
         with self._lock:
             if self._points and now - self._points[-1].t < SAMPLE_INTERVAL_S * 0.95:
                 return False
-            while self._finished and now - self._finished[0].at > WINDOW_S:
-                self._finished.popleft()
+            self._forget_before(now - WINDOW_S)
             recent = list(self._finished)
         stats = self._stats()
         failovers, replays = self._recovery()
@@ -123,3 +124,8 @@ class MetricsHistory:
         with self._lock:
             self._points.append(point)
         return True
+
+    def _forget_before(self, oldest: float) -> None:
+        """Drops requests that finished before ``oldest``; the caller holds the lock."""
+        while self._finished and self._finished[0].at < oldest:
+            self._finished.popleft()
