@@ -60,6 +60,7 @@ class EngineArgs:
 
     model: str | None = None  # None: the embedded default model
     served_model_name: str | None = None
+    served_model_aliases: tuple[str, ...] = ()  # further --served-model-name names
     host: str = "0.0.0.0"
     port: int = 8000
     dtype: str = ENGINE_DEFAULTS.dtype
@@ -194,6 +195,10 @@ class EngineArgs:
         values = {
             f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)
         }
+        names = values.get("served_model_name")
+        if isinstance(names, list):  # --served-model-name takes one or more names
+            values["served_model_name"] = names[0]
+            values["served_model_aliases"] = tuple(names[1:])
         if values.get("api_key") is None:
             values["api_key"] = os.environ.get(API_KEY_ENV) or None
         start, end = values.get("molink_start_layer"), values.get("molink_end_layer")

@@ -74,16 +74,14 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
     engine = engine_factory(args)
     try:
         return_freed_memory()  # what building the engine freed (molink.quant.memory)
-        names = [args.model_name]
-        if engine.model_name not in names:
-            names.append(engine.model_name)
+        names = served_names(args, engine.model_name)
         for note in args.ignored_flags():
             logger.info("%s", note)
         if folder_defaults is None:
             folder_defaults = generation_defaults(args.generation_config, engine)
         chat = chat_options(args, chat_template, folder_defaults)
         config = ApiConfig(
-            served_model_names=tuple(names),
+            served_model_names=names,
             api_key=args.api_key,
             metric_sources=_metric_sources(engine),
             chat=chat,
@@ -96,6 +94,13 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
     finally:
         await _close_engine(engine)
     return 0 if server.started else 1
+
+
+def served_names(args: EngineArgs, engine_model_name: str) -> tuple[str, ...]:
+    """The names requests may give as "model": --served-model-name's (the first is the one
+    responses carry), then the engine's own; each once."""
+    names = (args.model_name, *args.served_model_aliases, engine_model_name)
+    return tuple(dict.fromkeys(names))
 
 
 def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) -> ChatOptions:

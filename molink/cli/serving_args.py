@@ -29,8 +29,11 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--served-model-name",
+        nargs="+",
         default=None,
-        help="name clients send as 'model' (default: the --model value)",
+        metavar="NAME",
+        help="one or more names clients send as 'model'; responses carry the first "
+        "(default: the --model value)",
     )
     model.add_argument(
         "--dtype",

@@ -106,7 +106,9 @@ def test_defaults() -> None:
 
 def test_help_lists_every_flag_with_its_default() -> None:
     text = add_engine_args(argparse.ArgumentParser(prog="x")).format_help()
-    derived = {"molink_auto_place"}  # set from which flags were given, not a flag itself
+    # Set from which flags were given, or from a flag of another name (the names after the
+    # first of --served-model-name), not flags themselves.
+    derived = {"molink_auto_place", "served_model_aliases"}
     fields = [f for f in dataclasses.fields(EngineArgs) if f.name not in derived]
     for field in fields:
         flag = "--" + field.name.replace("_", "-")
@@ -199,6 +201,15 @@ def test_a_token_count_that_is_not_one_is_a_usage_error(
         main(["serve", "--max-model-len", text])
     assert exit_info.value.code == 2
     assert "--max-model-len" in capsys.readouterr().err
+
+
+def test_served_model_name_takes_several_names_as_in_vllm() -> None:
+    """vLLM's --served-model-name takes one or more names (responses carry the first); a
+    second name was an unrecognized argument."""
+    args = parse("--model /m --served-model-name first second first")
+    assert args.model_name == "first"
+    assert serve_module.served_names(args, "/m") == ("first", "second", "/m")
+    assert serve_module.served_names(parse("--model /m"), "/m") == ("/m",)
 
 
 def test_engine_args_validate_in_code() -> None:
