@@ -1,4 +1,4 @@
-"""API-key check for every route but the probes (health, version).
+"""API-key check for every route but the probes (health, ping, version).
 
 Metrics and the dashboard need the key when one is set: they show the swarm's nodes,
 addresses and load, which is not for anyone who can reach the port.
@@ -15,7 +15,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from molink.api.errors import APIError, error_response
 
-OPEN_PATHS = frozenset({"/health", "/version"})
+# The probes: a load balancer or orchestrator calls them without the key.
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
 
 
 def _digest(value: str) -> bytes:

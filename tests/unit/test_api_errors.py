@@ -251,5 +251,9 @@ def test_api_key_accepted_health_open_metrics_keyed(keyed_client: TestClient) ->
         == 200
     )
     assert keyed_client.get("/health").status_code == 200
+    # vLLM's (and SageMaker's) liveness probe answers as /health does: it was keyed, so a
+    # probe of /ping failed on a server started with --api-key.
+    assert keyed_client.get("/ping").status_code == 200
+    assert keyed_client.post("/ping").status_code == 200
     assert keyed_client.get("/metrics").status_code == 401
     assert keyed_client.get("/metrics", headers=headers).status_code == 200
