@@ -1,7 +1,8 @@
 """What a client streaming from the head relies on while nodes die, in seeded random runs
 of the engine: lost plans (reported at once or steps later), nodes lost while plans are
 out or after they came back, plans refused for room, results missing a sequence's token,
-aborts and preemption in a small KV cache, with long prompts in chunks and n = 2.
+aborts and preemption in a small KV cache, tokens held for a spot check's verdict (kept
+or refused), with long prompts in chunks and n = 2.
 
 Every stream gets each token once, in order, and the tokens are those of a run without
 failures (the fake stage's token depends on the history only); its text is the text of
@@ -17,12 +18,13 @@ import time
 import pytest
 
 from molink.engine.llm_engine import LLMEngine
-from molink.engine.recovery import NodeFailure
+from molink.engine.recovery import NodeFailure, TokenVerdict
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 from molink.step import FailureKind, StepResult
 from tests.helpers.fake_engine import FakeTokenizer
 from tests.unit.test_engine_replay_random import SurvivorStage
+from tests.unit.test_engine_replay_records import VerdictExecutor
 from tests.unit.test_engine_state_ownership import HeldExecutor
 from tests.unit.test_scheduler_helpers import default_token, make_scheduler
 
@@ -81,6 +83,21 @@ def _drop_a_token(executor: HeldExecutor, step_id: int) -> None:
     executor.deliver(step_id)
 
 
+def _hold_tokens(executor: VerdictExecutor, step_id: int, awaiting: list) -> None:
+    """The result's tokens wait for a spot check's verdict."""
+    result = executor.held[step_id]
+    held = tuple(token.seq_id for token in result.sampled)
+    executor.held[step_id] = dataclasses.replace(result, held_seq_ids=held)
+    executor.deliver(step_id)
+    awaiting += [(seq_id, step_id) for seq_id in held]
+
+
+def _give_verdicts(executor: VerdictExecutor, awaiting: list, rng: random.Random) -> None:
+    for seq_id, step_id in awaiting:
+        executor.verdicts.append(TokenVerdict(seq_id, step_id, keep=rng.random() < 0.7))
+    awaiting.clear()
+
+
 def _failure(executor: HeldExecutor, step_id: int, came_back: bool) -> None:
     plan = next(p for p in executor.submitted if p.step_id == step_id)
     if came_back:
@@ -95,24 +112,34 @@ def _failure(executor: HeldExecutor, step_id: int, came_back: bool) -> None:
     )
 
 
-def _act(engine: LLMEngine, executor: HeldExecutor, rng: random.Random, later: list) -> None:
+def _act(
+    engine: LLMEngine,
+    executor: VerdictExecutor,
+    rng: random.Random,
+    later: list,
+    awaiting: list,
+) -> None:
     roll = rng.random()
     step_id = rng.choice(list(executor.held)) if executor.held else None
     if roll < 0.05 and engine._requests:
         engine.abort_request(rng.choice(list(engine._requests)))
+    elif roll < 0.08 and awaiting:
+        _give_verdicts(executor, awaiting, rng)
     elif step_id is None:
         return
-    elif roll < 0.08:
+    elif roll < 0.10:
         executor.lose(step_id)
-    elif roll < 0.11:
+    elif roll < 0.12:
         executor.lose(step_id)
         later.append([rng.randint(1, 4), executor.failures.pop()])
-    elif roll < 0.14:
+    elif roll < 0.15:
         _failure(executor, step_id, came_back=rng.random() < 0.5)
-    elif roll < 0.17:
+    elif roll < 0.18:
         _refuse_for_room(executor, step_id)
-    elif roll < 0.19:
+    elif roll < 0.20:
         _drop_a_token(executor, step_id)
+    elif roll < 0.25:
+        _hold_tokens(executor, step_id, awaiting)
     elif roll < 0.6:
         executor.deliver(step_id)
 
@@ -133,13 +160,14 @@ def test_every_stream_gets_each_token_once_and_ends_clearly(seed: int) -> None:
         max_num_batched_tokens=16,
         long_prefill_token_threshold=rng.choice([0, 4]),
     )
-    executor = HeldExecutor(SurvivorStage(scheduler))
+    executor = VerdictExecutor(SurvivorStage(scheduler))
     engine = LLMEngine(
         scheduler, executor, FakeTokenizer(), rng.choice([1, 2, 3]), recovery=executor
     )
     streams = _Streams()
     expected: dict[str, list[int]] = {}
-    later: list = []
+    later: list = []  # [steps until reported, failure]
+    awaiting: list[tuple[int, int]] = []  # (seq id, step id) of tokens held for a verdict
     for index in range(200):
         if rng.random() < 0.12:
             prompt = [rng.randint(70, 80) for _ in range(rng.randint(1, 20))]
@@ -152,7 +180,7 @@ def test_every_stream_gets_each_token_once_and_ends_clearly(seed: int) -> None:
             )
             engine.add_request(f"r{index}", prompt, params)
             expected[f"r{index}"] = _reference(prompt, params.max_tokens)
-        _act(engine, executor, rng, later)
+        _act(engine, executor, rng, later, awaiting)
         _report_due(executor, later)
         streams.take(engine.step())
         scheduler.check_integrity()
@@ -160,6 +188,7 @@ def test_every_stream_gets_each_token_once_and_ends_clearly(seed: int) -> None:
         if not engine.has_unfinished_requests() and not later:
             break
         executor.deliver_all()
+        _give_verdicts(executor, awaiting, rng)
         _report_due(executor, later)
         streams.take(engine.step())
     assert not engine.has_unfinished_requests()
