@@ -211,11 +211,19 @@ class LLMEngine:
         now_s = time.monotonic()
         for seq_id in self.scheduler.take_replayed():  # e.g. after a plan failed on its route
             self._replayed_at.setdefault(seq_id, self._failed_at.pop(seq_id, now_s))
+        # Those that will not replay after all (their plan came back refused for room: they
+        # restart as a preemption) keep no failure time for a later replay to be timed from.
+        for seq_id in [s for s in self._failed_at if not self._replay_pending(s)]:
+            del self._failed_at[seq_id]
         now = (self.scheduler.num_replayed_sequences, self.scheduler.num_replayed_tokens)
         if now != self._replays_counted:
             sequences, tokens = (a - b for a, b in zip(now, self._replays_counted, strict=True))
             self.recovery.recovery_stats().note_replayed(sequences, tokens)
             self._replays_counted = now
+
+    def _replay_pending(self, seq_id: int) -> bool:
+        seq = self.scheduler.get_sequence(seq_id)
+        return seq is not None and seq.replay_pending and not seq.is_finished
 
     def _fill_pipeline(self) -> None:
         self.nothing_to_schedule = False

@@ -4,12 +4,15 @@ move it again, even when the sequence was already sent on another route in betwe
 
 from __future__ import annotations
 
+import time
+
 from molink.config import LayerRange
+from molink.engine.recovery import NodeFailure
 from molink.pipeline import NodeInfo
 from molink.pipeline.failover import FailoverDesk
 from molink.pipeline.toy import toy_identity
 from molink.sampling_params import SamplingParams
-from molink.step import FailureKind
+from molink.step import FailureKind, StepResult
 from molink.transport.config import TransportConfig
 from tests.unit.test_engine_state_ownership import _engine
 
@@ -59,3 +62,26 @@ def test_the_loss_report_names_the_first_step_not_yet_submitted() -> None:
     node = NodeInfo("x", toy_identity(2), LayerRange(1, 2), "127.0.0.1:0")
     failure = desk.node_lost(node, FailureKind.UNREACHABLE, "gone", {})
     assert failure.before_step == 5 and desk.take() == [failure]
+
+
+def test_a_sequence_refused_for_room_after_its_node_was_lost_keeps_no_failure_record() -> None:
+    """The node is reported lost while the plan is out, and the plan comes back refused
+    for room: the sequence restarts as a preemption, not a replay, so the failure's time
+    must not stay with it (a later replay of it would be timed from this failure)."""
+    engine, executor = _engine(num_micro_batches=1)
+    engine.add_request("a", [5, 6, 7], _params(max_tokens=6))
+    engine.step()
+    executor.deliver_all()
+    engine.step()  # the first token
+    engine.step()  # the decode plan is out
+    (out_step,) = executor.held
+    executor.failures.append(
+        NodeFailure("x", FailureKind.UNREACHABLE, "gone", (0,), time.monotonic(), out_step + 1)
+    )
+    engine.step()
+    assert 0 in engine._failed_at
+    executor.held.pop(out_step)
+    executor.ready.append(StepResult(out_step, error="no room", failure_kind=FailureKind.KV_FULL))
+    engine.step()
+    assert engine.scheduler.num_preemptions == 1 and engine.has_unfinished_requests()
+    assert engine._failed_at == {}
