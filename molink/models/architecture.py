@@ -23,7 +23,7 @@ from molink.models.blocks.linear import LinearFactory
 from molink.models.blocks.mlp import activation
 from molink.models.blocks.norms import RMSNorm
 from molink.models.forward_context import ForwardContext
-from molink.models.rope import RopeSpec
+from molink.models.rope import RopeSpec, standard_scaling
 from molink.quant.config import checkpoint_method
 
 Assemble = Callable[[list[torch.Tensor]], torch.Tensor]
@@ -97,14 +97,15 @@ def partial_rotary_factor(config: ModelConfig) -> float:
 def default_rope_spec(config: ModelConfig, interleaved: bool = False) -> RopeSpec:
     rotary_dim = int(config.head_dim * partial_rotary_factor(config))
     original = config.raw.get("original_max_position_embeddings")
+    original = int(original) if original else None
     return RopeSpec(
         theta=config.rope_theta,
         head_dim=config.head_dim,
         max_positions=config.max_position_embeddings,
         rotary_dim=rotary_dim if rotary_dim != config.head_dim else 0,
-        scaling=config.rope_scaling,
+        scaling=standard_scaling(config.rope_scaling, original, config.max_position_embeddings),
         interleaved=interleaved,
-        original_max_positions=int(original) if original else None,
+        original_max_positions=original,
     )
 
 

@@ -28,6 +28,23 @@ def rope_type_of(scaling: dict[str, Any] | None) -> str:
     return "longrope" if name == "su" else name  # Phi-3's first configs said "su"
 
 
+_PRETRAINED_CONTEXT_TYPES = ("llama3", "yarn", "longrope")
+
+
+def standard_scaling(
+    scaling: dict[str, Any] | None, config_original: int | None, max_positions: int
+) -> dict[str, Any] | None:
+    """The scaling with its pre-training context as transformers settles it for llama3, yarn
+    and longrope: a config's own ``original_max_position_embeddings`` (Phi-3 keeps it
+    outside the rope parameters) wins over the parameters', and ``max_positions`` stands in
+    when neither says."""
+    if rope_type_of(scaling) not in _PRETRAINED_CONTEXT_TYPES:
+        return scaling
+    assert scaling is not None
+    original = config_original or scaling.get("original_max_position_embeddings")
+    return {**scaling, "original_max_position_embeddings": int(original or max_positions)}
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     """Everything that decides the rotation of one kind of layer."""

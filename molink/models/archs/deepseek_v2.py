@@ -27,7 +27,7 @@ from molink.models.blocks.mla import LatentAttention, MLASpec
 from molink.models.blocks.moe import MoE, MoESpec
 from molink.models.blocks.norms import RMSNorm
 from molink.models.blocks.prenorm import PreNormLayer
-from molink.models.rope import RopeSpec, rope_type_of, yarn_mscale
+from molink.models.rope import RopeSpec, rope_type_of, standard_scaling, yarn_mscale
 
 
 def _kv_b_part(parts: list[torch.Tensor], heads: int, start: int, stop: int) -> torch.Tensor:
@@ -156,7 +156,11 @@ class DeepseekV2(Llama):
                 theta=theta,
                 head_dim=int(config.raw["qk_rope_head_dim"]),
                 max_positions=config.max_position_embeddings,
-                scaling=config.rope_scaling,
+                scaling=standard_scaling(
+                    config.rope_scaling,
+                    config.raw.get("original_max_position_embeddings"),
+                    config.max_position_embeddings,
+                ),
                 interleaved=self.interleaved_rope_for(config),
             )
         }
