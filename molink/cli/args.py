@@ -111,6 +111,7 @@ class EngineArgs:
     chat_template: str | None = None  # a file, or the template text itself
     trust_request_chat_template: bool = False
     generation_config: str = "auto"  # "auto": the model's sampling defaults; "vllm": none
+    override_generation_config: str | None = None  # JSON object laid over generation_config
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
     gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization

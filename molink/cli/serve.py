@@ -15,6 +15,7 @@ from molink.api.metrics import MetricSource
 from molink.api.sampling import GENERATION_DEFAULT_FIELDS
 from molink.api.server import HttpsFiles, serve_app
 from molink.cli.args import EngineArgs
+from molink.cli.vllm_args import override_generation_config
 from molink.engine.protocol import EngineClient
 from molink.errors import MolinkError
 from molink.quant.memory import RESIDENT, return_freed_memory
@@ -69,7 +70,9 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
     # Files the flags name are read first: a wrong path fails now, not once the model has
     # loaded (minutes for a large one).
     chat_template = read_chat_template(args.chat_template)
-    folder_defaults = _folder_generation_defaults(args.generation_config)
+    folder_defaults = _folder_generation_defaults(
+        args.generation_config, args.override_generation_config
+    )
     # The engine is built inside the running loop, so it may start tasks of its own.
     engine = engine_factory(args)
     try:
@@ -78,7 +81,9 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
         for note in args.ignored_flags():
             logger.info("%s", note)
         if folder_defaults is None:
-            folder_defaults = generation_defaults(args.generation_config, engine)
+            folder_defaults = generation_defaults(
+                args.generation_config, engine, args.override_generation_config
+            )
         chat = chat_options(args, chat_template, folder_defaults)
         config = ApiConfig(
             served_model_names=names,
@@ -113,12 +118,12 @@ def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) ->
     )
 
 
-def _folder_generation_defaults(setting: str) -> dict | None:
+def _folder_generation_defaults(setting: str, override: str | None) -> dict | None:
     """The defaults of --generation-config FOLDER or 'vllm'; None for 'auto' (the model's
     folder is known once the engine is built)."""
     if setting == "auto":
         return None
-    return generation_defaults(setting, None)
+    return generation_defaults(setting, None, override)
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -136,25 +141,16 @@ def read_chat_template(value: str | None) -> str | None:
         raise MolinkError(f"--chat-template: cannot read {value}: {exc}") from exc
 
 
-def generation_defaults(setting: str, engine: EngineClient | None) -> dict:
+def generation_defaults(
+    setting: str, engine: EngineClient | None, override: str | None = None
+) -> dict:
     """Sampling defaults of generation_config.json: the model's ('auto'), a folder's, or none
-    ('vllm'). Only the fields vLLM takes from it, max_new_tokens as max_tokens."""
-    if setting == "vllm":
-        return {}
-    if setting == "auto":
-        assert engine is not None, "'auto' reads the folder the engine's model came from"
-        folder = Path(engine.tokenizer.name_or_path)
-    else:
-        folder = Path(setting)
-    path = folder / "generation_config.json"
-    if not path.exists():
-        if setting != "auto":
-            raise MolinkError(f"--generation-config: {path} does not exist")
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MolinkError(f"--generation-config: cannot read {path}: {exc}") from exc
+    ('vllm'), with --override-generation-config's object laid over it, as vLLM does. Only
+    the fields vLLM takes from it, max_new_tokens as max_tokens."""
+    config, source = _generation_config(setting, engine)
+    if override is not None:
+        config.update(override_generation_config(override))
+        source += " and --override-generation-config"
     defaults = {k: config[k] for k in GENERATION_DEFAULT_FIELDS if k in config}
     max_new_tokens = config.get("max_new_tokens")
     if max_new_tokens is not None:
@@ -164,11 +160,34 @@ def generation_defaults(setting: str, engine: EngineClient | None) -> dict:
             defaults["max_tokens"] = max_new_tokens
         else:
             logger.warning(
-                "%s: max_new_tokens %r is not a token count; ignored", path, max_new_tokens
+                "%s: max_new_tokens %r is not a token count; ignored", source, max_new_tokens
             )
     if defaults:
-        logger.info("sampling defaults from %s: %s", path, defaults)
+        logger.info("sampling defaults from %s: %s", source, defaults)
     return defaults
+
+
+def _generation_config(setting: str, engine: EngineClient | None) -> tuple[dict, str]:
+    """The generation_config.json --generation-config names, and where it came from."""
+    if setting == "vllm":
+        return {}, "--generation-config vllm"
+    if setting == "auto":
+        assert engine is not None, "'auto' reads the folder the engine's model came from"
+        folder = Path(engine.tokenizer.name_or_path)
+    else:
+        folder = Path(setting)
+    path = folder / "generation_config.json"
+    if not path.exists():
+        if setting != "auto":
+            raise MolinkError(f"--generation-config: {path} does not exist")
+        return {}, str(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MolinkError(f"--generation-config: cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise MolinkError(f"--generation-config: {path} does not hold a JSON object")
+    return config, str(path)
 
 
 def _metric_sources(engine: EngineClient) -> tuple[MetricSource, ...]:

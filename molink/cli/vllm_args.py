@@ -5,6 +5,7 @@ no effect. Unknown flags still fail, as argparse makes them."""
 from __future__ import annotations
 
 import argparse
+import json
 from typing import TYPE_CHECKING
 
 from molink.config import ENGINE_DEFAULTS
@@ -26,8 +27,27 @@ def validate_vllm_flags(args: EngineArgs) -> None:
         raise InvalidParameterError(
             "enable_auto_tool_choice", "needs --tool-call-parser to read the model's calls"
         )
+    if args.override_generation_config is not None:
+        override_generation_config(args.override_generation_config)
     if not 0 < args.gpu_memory_utilization <= 1:
         raise InvalidParameterError("gpu_memory_utilization", "must be in (0, 1]")
+
+
+def override_generation_config(text: str | None) -> dict:
+    """--override-generation-config's JSON object ({} when not given)."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameterError(
+            "override_generation_config", f"not valid JSON: {exc}"
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidParameterError(
+            "override_generation_config", 'must be a JSON object, e.g. {"temperature": 0.5}'
+        )
+    return value
 
 
 def ignored_vllm_flags(args: EngineArgs) -> list[str]:
@@ -87,6 +107,13 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="'auto': sampling defaults from the model's generation_config.json; 'vllm': "
         "none; or a folder holding one (default: %(default)s)",
+    )
+    group.add_argument(
+        "--override-generation-config",
+        default=None,
+        metavar="JSON",
+        help="a JSON object laid over the generation config, e.g. "
+        '\'{"temperature": 0.5, "max_new_tokens": 256}\' (default: none)',
     )
     group.add_argument(
         "--tool-call-parser",

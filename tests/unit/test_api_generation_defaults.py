@@ -85,3 +85,35 @@ def test_without_a_default_max_tokens_stays_open() -> None:
     with client_with(engine, {"temperature": 0.5}) as client:
         post(client, "/v1/chat/completions", {"messages": USER})
     assert sent_max_tokens(engine) == [None]
+
+
+def test_override_generation_config_wins_over_the_file_as_in_vllm(tmp_path: Path) -> None:
+    """vLLM's --override-generation-config (a JSON object laid over generation_config.json,
+    with any --generation-config); the flag was an unrecognized argument."""
+    import argparse
+
+    from molink.cli.args import EngineArgs, add_engine_args
+    from molink.cli.main import parse_engine_args
+
+    config = {"max_new_tokens": 7, "temperature": 0.5}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config), encoding="utf-8")
+    parser = add_engine_args(argparse.ArgumentParser())
+    override = '{"temperature": 0.9, "max_new_tokens": 3, "top_k": 4}'
+
+    def defaults(setting: str) -> dict:
+        flags = ["--generation-config", setting, "--override-generation-config", override]
+        args: EngineArgs = parse_engine_args(parser, parser.parse_args(flags))
+        return generation_defaults(setting, FakeEngine(), args.override_generation_config)
+
+    assert defaults(str(tmp_path)) == {"temperature": 0.9, "max_tokens": 3, "top_k": 4}
+    assert defaults("vllm") == {"temperature": 0.9, "max_tokens": 3, "top_k": 4}
+
+
+@pytest.mark.parametrize("value", ["[1]", "{oops", '"x"'])
+def test_an_override_that_is_no_json_object_is_a_usage_error(value: str, capsys) -> None:
+    from molink.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--override-generation-config", value])
+    assert exit_info.value.code == 2
+    assert "--override-generation-config" in capsys.readouterr().err

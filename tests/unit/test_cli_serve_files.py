@@ -42,11 +42,12 @@ def test_a_missing_file_fails_before_the_model_loads(
     assert "/nonexistent/" in caplog.text
 
 
+@pytest.mark.parametrize("content", ["{not json", "[1]"])
 def test_an_unreadable_model_generation_config_shuts_the_engine_down(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str
 ) -> None:
     """The engine was left running (its stages, threads and sockets) when this failed."""
-    (tmp_path / "generation_config.json").write_text("{not json", encoding="utf-8")
+    (tmp_path / "generation_config.json").write_text(content, encoding="utf-8")
     factory = _Factory(tokenizer_dir=tmp_path)
     assert run_server(EngineArgs(port=0), engine_factory=factory) == 1
     (engine,) = factory.engines
