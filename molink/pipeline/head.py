@@ -204,7 +204,9 @@ class PipelineExecutor:
         route = self.routes.route_for_plan(plan) if not_ready is None else None
         if route is None:
             not_ready = not_ready or f"no route takes step {plan.step_id}'s sequences"
-            # Its sequences wait for a route (replay), up to the failover timeout.
+            # Its sequences wait for a route (replay), up to the failover timeout; the
+            # releases it carries go along their own routes (it goes nowhere).
+            self._releases.release(list(plan.finished_seq_ids))
             self._flights.refuse(
                 key, f"the pipeline is not ready: {not_ready}", FailureKind.UNREACHABLE
             )

@@ -13,7 +13,7 @@ import pytest
 
 from molink.pipeline.toy import ToyStageExecutor
 from tests.helpers.polling import first_result, wait_until
-from tests.helpers.toy_swarm import ToySwarm, decode, prefill, toy_swarm
+from tests.helpers.toy_swarm import REPLICAS_BEFORE_N, ToySwarm, decode, prefill, toy_swarm
 
 
 @pytest.fixture
@@ -87,3 +87,22 @@ def test_a_step_whose_node_is_lost_as_it_leaves_frees_what_it_carried(
     assert "is gone" in failed.error  # it never left
     assert wait_until(lambda: ("h", 8) not in last.sequences)  # it was on a's route
     assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
+
+
+def test_a_step_no_route_takes_still_frees_what_it_carried(monkeypatch) -> None:
+    """Both replicas of [1, 2) are suspected (no new sequence goes through either) when a
+    step with a new sequence comes, carrying the release of a sequence on a's or b's
+    route: no route takes the step, so it fails at the head, and the release it carried
+    must still go out along the finished sequence's own route."""
+    with toy_swarm(REPLICAS_BEFORE_N) as swarm:
+        head, last = swarm.head, swarm.executors["n"]
+        head.submit(prefill(0, 7))
+        assert first_result(head).error is None
+        assert ("h", 7) in last.sequences
+        head.routes.avoid("a", 60.0)
+        head.routes.avoid("b", 60.0)
+        head.submit(prefill(1, 8, finished=(7,)))
+        refused = first_result(head)
+        assert refused.error is not None and "no route" in refused.error
+        assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
+        assert head.routes.route_of(7) is None
