@@ -98,7 +98,7 @@ class Gemma2(DecoderArchitecture):
         return "default"
 
     def attention_spec(self, config: ModelConfig, index: int) -> AttentionSpec:
-        softcap = config.raw.get("attn_logit_softcapping")
+        softcap = self.attention_softcap(config)
         scalar = config.raw.get("query_pre_attn_scalar") or config.head_dim
         return AttentionSpec(
             hidden_size=config.hidden_size,
@@ -112,8 +112,12 @@ class Gemma2(DecoderArchitecture):
             rope=self.rope_key(config, index),
             window=self.layer_window(config, index),
             scale=float(scalar) ** -0.5,
-            softcap=float(softcap) if softcap else None,
+            softcap=softcap,
         )
+
+    def attention_softcap(self, config: ModelConfig) -> float | None:
+        cap = config.raw.get("attn_logit_softcapping")
+        return float(cap) if cap else None
 
     def qk_norm(self) -> str | None:
         return None

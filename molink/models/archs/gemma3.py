@@ -45,6 +45,11 @@ class Gemma3(Gemma2):
     def qk_norm(self) -> str | None:
         return "head"
 
+    def attention_softcap(self, config: ModelConfig) -> float | None:
+        # transformers' Gemma 3 reads attn_logit_softcapping but never applies it (nor does
+        # llama.cpp); the released configs say null.
+        return None
+
     def layer_types(self, config: ModelConfig) -> list[str]:
         # Configs without layer_types say sliding_window_pattern: every n-th layer is global.
         every = int(config.raw.get("sliding_window_pattern") or _GLOBAL_EVERY)

@@ -1,0 +1,12 @@
+"""Config settings real checkpoints use, each computed as transformers computes it."""
+
+from __future__ import annotations
+
+from tests.helpers.config_variants import max_logit_diff
+
+TOLERANCE = 1e-4
+
+
+def test_gemma3_does_not_softcap_attention_scores_as_transformers(tiny_model_dir) -> None:
+    path = tiny_model_dir("gemma3", attn_logit_softcapping=3.0)
+    assert max_logit_diff(path, 12, 2) <= TOLERANCE
