@@ -28,8 +28,11 @@ from molink.errors import InvalidParameterError
 from molink.models import decode_plan
 from molink.models.decode_paths import (
     decode_in_place,
+    decode_keys_values,
     decode_params,
     decode_triton,
+    gather_blocks,
+    gathered_values,
     use_triton,
 )
 from molink.models.decode_plan import InPlaceDecode, plan_in_place
@@ -54,6 +57,9 @@ class DecodeGroup:
     lengths: torch.Tensor  # [batch_size] int32 context lengths, for kernels reading in place
     window: int | None = None
     in_kernel: bool = False  # True: a kernel reads the blocks in place (no gather, no mask)
+    # A lone sequence whose blocks follow one another: its keys are slots
+    # [run_start, run_start + context_len) of the cache, read in place (no gather).
+    run_start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,9 @@ def _decode_group(
         mask = mask.view(len(chunks), 1, 1, context_len)
     first = rows[0]
     contiguous = rows == list(range(first, first + len(rows)))
+    run_start = None
+    if len(chunks) == 1 and mask is None and not kernel:
+        run_start = _one_run(table, block_size)
     return DecodeGroup(
         rows=(
             slice(first, first + len(rows))
@@ -243,7 +252,16 @@ def _decode_group(
         lengths=torch.tensor(lengths, dtype=torch.int32, device=device),
         window=window,
         in_kernel=kernel,
+        run_start=run_start,
     )
+
+
+def _one_run(block_ids: list[int], block_size: int) -> int | None:
+    """The first slot of ``block_ids`` if they follow one another (one run of slots)."""
+    first = block_ids[0]
+    if block_ids != list(range(first, first + len(block_ids))):
+        return None
+    return first * block_size
 
 
 def _prefill_group(
@@ -347,20 +365,6 @@ def paged_attention(
     return out
 
 
-def _gathered_values(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    keys: torch.Tensor,
-    table: torch.Tensor,
-    batch: int,
-    length: int,
-    head_dim_v: int,
-) -> torch.Tensor:
-    if value_cache.shape[-1]:
-        return _gather(value_cache, table, batch, length)
-    return keys[..., :head_dim_v]
-
-
 def _decode(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -378,11 +382,8 @@ def _decode(
         return decode_triton(q[group.rows], key_cache, value_cache, table, group.lengths, params)
     # Query heads sharing a kv head become that head's "query rows": [B, kv, group, D].
     query = q[group.rows].view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    keys = _as_dtype(_gather(key_cache, group.block_table, batch, group.context_len), q.dtype)
-    values = _gathered_values(
-        key_cache, value_cache, keys, group.block_table, batch, group.context_len, head_dim_v
-    )
-    values = _as_dtype(values, q.dtype)
+    keys, values = decode_keys_values(key_cache, value_cache, group, head_dim_v)
+    keys, values = _as_dtype(keys, q.dtype), _as_dtype(values, q.dtype)
     if options.eager:
         mask = None if group.mask is None else group.mask.unsqueeze(1)
         out = _eager(query.unsqueeze(3), keys, values, mask, options)
@@ -396,13 +397,6 @@ def _decode(
 def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.to(dtype)`` without the call where it would return ``x`` itself."""
     return x if x.dtype == dtype else x.to(dtype)
-
-
-def _gather(cache: torch.Tensor, table: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """Blocks of ``table`` as [batch, kv_heads, length, D] (a strided view of one copy)."""
-    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
-    blocks = cache.index_select(0, table).view(batch, -1, num_kv_heads, head_dim)
-    return blocks[:, :length].transpose(1, 2)
 
 
 def _prefill(
@@ -423,8 +417,8 @@ def _prefill(
         keys = k[group.rows].transpose(0, 1).unsqueeze(0)
         values = v[group.rows].transpose(0, 1).unsqueeze(0)
     else:
-        keys = _as_dtype(_gather(key_cache, group.block_table, 1, group.context_len), q.dtype)
-        values = _gathered_values(
+        keys = _as_dtype(gather_blocks(key_cache, group.block_table, 1, group.context_len), q.dtype)
+        values = gathered_values(
             key_cache, value_cache, keys, group.block_table, 1, group.context_len, head_dim_v
         )
         values = _as_dtype(values, q.dtype)

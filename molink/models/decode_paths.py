@@ -3,7 +3,9 @@
 * On CUDA: the Triton kernel (molink/kernels/triton_decode.py) walks each sequence's
   block table; nothing is gathered.
 * On a CPU: long sequences are attended one at a time over strided views of their runs of
-  consecutive slots (molink/models/decode_plan.py); only short runs are copied.
+  consecutive slots (molink/models/decode_plan.py); only short runs are copied. A lone
+  shorter sequence in one run of slots is read through views too (``decode_keys_values``);
+  other batches gather their blocks into one padded copy.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from molink.kernels.paged_reference import DecodeParams, paged_decode_reference
 from molink.models.decode_plan import InPlaceDecode
+
+if TYPE_CHECKING:
+    from molink.models.attention import DecodeGroup
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +122,58 @@ def _pieces_attention(
         offset += v.shape[0]
     assert out is not None
     return out
+
+
+def gathered_values(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    keys: torch.Tensor,
+    table: torch.Tensor,
+    batch: int,
+    length: int,
+    head_dim_v: int,
+) -> torch.Tensor:
+    """Gathered values, or (latent attention: an empty value cache) the keys' first
+    ``head_dim_v`` channels."""
+    if value_cache.shape[-1]:
+        return gather_blocks(value_cache, table, batch, length)
+    return keys[..., :head_dim_v]
+
+
+def decode_keys_values(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, group: DecodeGroup, head_dim_v: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [batch, kv_heads, context_len, D]: views of the cache for a lone
+    sequence in one run of slots (two copies fewer per layer for a single stream; SDPA
+    sees the same strides as over a gathered copy, so the same values), else gathered."""
+    if group.run_start is None:
+        keys = gather_blocks(key_cache, group.block_table, group.batch_size, group.context_len)
+        values = gathered_values(
+            key_cache,
+            value_cache,
+            keys,
+            group.block_table,
+            group.batch_size,
+            group.context_len,
+            head_dim_v,
+        )
+        return keys, values
+    keys = _run_view(key_cache, group.run_start, group.context_len)
+    if not value_cache.shape[-1]:
+        return keys, keys[..., :head_dim_v]
+    return keys, _run_view(value_cache, group.run_start, group.context_len)
+
+
+def _run_view(cache: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Slots [start, start + length) of ``cache`` as [1, kv_heads, length, D], in place."""
+    flat = cache.view(-1, cache.shape[2], cache.shape[3])
+    return flat[start : start + length].transpose(0, 1).unsqueeze(0)
+
+
+def gather_blocks(
+    cache: torch.Tensor, table: torch.Tensor, batch: int, length: int
+) -> torch.Tensor:
+    """Blocks of ``table`` as [batch, kv_heads, length, D] (a strided view of one copy)."""
+    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
+    blocks = cache.index_select(0, table).view(batch, -1, num_kv_heads, head_dim)
+    return blocks[:, :length].transpose(1, 2)
