@@ -20,7 +20,7 @@ from molink.errors import InvalidParameterError
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 from molink.scheduler.scheduler import Scheduler
-from molink.scheduler.validation import check_prompt_token_ids
+from molink.scheduler.validation import check_prompt_token_ids, check_sampled_tokens
 from molink.step import StepPlan, StepResult
 from molink.tokenizer.protocol import TokenizerLike
 
@@ -162,6 +162,7 @@ class LLMEngine:
                     result.failure_kind.name,
                     result.error,
                 )
+            result = check_sampled_tokens(result, self.vocab_size)
             served = served_route(result)
             for update in self.scheduler.update(plan, result):
                 state = self._requests.get(update.request_id)

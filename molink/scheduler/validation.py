@@ -1,11 +1,14 @@
-"""Checks a request against the context length and the KV cache before it is queued."""
+"""Checks a request against the context length and the KV cache before it is queued, and
+the tokens a step's result brings back against the vocabulary."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from molink.errors import ContextLengthExceededError, InvalidParameterError, OutOfCapacityError
 from molink.sampling_params import SamplingParams
+from molink.step import SampledToken, StepResult
 
 
 def max_output_tokens_for(
@@ -60,3 +63,30 @@ def _check_prompt(prompt_token_ids: Sequence[int]) -> None:
     for token_id in prompt_token_ids:
         if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
             raise InvalidParameterError("prompt", "token ids must be non-negative integers")
+
+
+def check_sampled_tokens(result: StepResult, vocab_size: int) -> StepResult:
+    """``result`` with every sampled token that names an id outside [0, vocab_size) (as
+    its own id or as a logprob alternative) turned into its sequence's own failure. A
+    node sends these ids; the head feeds a sampled token to its own stage in the next
+    step, where an id without an embedding row would fail the whole batch."""
+    if result.error is not None or all(_in_range(t, vocab_size) for t in result.sampled):
+        return result
+    checked = tuple(
+        token
+        if _in_range(token, vocab_size)
+        else SampledToken(
+            token.seq_id,
+            0,
+            error=f"the last stage sent a token id outside the vocabulary [0, {vocab_size})",
+        )
+        for token in result.sampled
+    )
+    return dataclasses.replace(result, sampled=checked)
+
+
+def _in_range(token: SampledToken, vocab_size: int) -> bool:
+    ids = [token.token_id, *(alt.token_id for alt in token.top_logprobs)]
+    for entry in token.prompt_logprobs:
+        ids += [alt.token_id for alt in entry.top]
+    return all(0 <= token_id < vocab_size for token_id in ids)
