@@ -177,11 +177,11 @@ async def _complete(ctx: ServerContext, run: GenerationRun, meta: ChatMeta) -> J
 
 def _message(meta: ChatMeta, text: str) -> dict:
     content, calls = meta.tools.read(text)
+    if meta.echo_text:  # with tool calls too, as vLLM does and a stream sends it
+        content = meta.echo_text + (content or "")
     message: dict = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = [call.to_openai() for call in calls]
-    elif meta.echo_text:
-        message["content"] = meta.echo_text + (content or "")
     return message
 
 

@@ -123,3 +123,19 @@ def test_required_streamed_reply_equals_the_non_streamed_one(script: str, max_to
     assert streamed == whole
     if not whole["calls"]:
         assert whole["content"] == script[:max_tokens]
+
+
+@pytest.mark.parametrize(
+    ("script", "tool_choice"),
+    [('{"a": 1}', {"type": "function", "function": {"name": "f"}}), (CALL_1, "auto")],
+)
+def test_echo_opens_a_reply_with_tool_calls_too(script: str, tool_choice) -> None:
+    """As vLLM does, and as a stream did already: echo's final assistant message opens the
+    content; a non-streamed reply with tool calls dropped it."""
+    messages = [*USER, {"role": "assistant", "content": "Sure:"}]
+    body = {"messages": messages, "tools": [TOOL], "tool_choice": tool_choice, "echo": True}
+    with client_for(script) as client:
+        whole = complete(client, **body)
+        streamed = stream(client, **body)
+    assert streamed == whole
+    assert whole["content"] == "Sure:" and len(whole["calls"]) == 1
