@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers.config_variants import max_logit_diff
 
 TOLERANCE = 1e-4
@@ -10,3 +12,11 @@ TOLERANCE = 1e-4
 def test_gemma3_does_not_softcap_attention_scores_as_transformers(tiny_model_dir) -> None:
     path = tiny_model_dir("gemma3", attn_logit_softcapping=3.0)
     assert max_logit_diff(path, 12, 2) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "arch", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
+)
+def test_experts_use_the_configured_activation(tiny_model_dir, arch: str) -> None:
+    path = tiny_model_dir(arch, hidden_act="gelu")
+    assert max_logit_diff(path, 10, 2) <= TOLERANCE

@@ -196,7 +196,7 @@ class DeepseekV2(Llama):
     def build_layer(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
         dtype, device = factory.dtype, factory.device
         if self.is_sparse(config, index):
-            mlp = MoE(self.moe_spec(config), factory, shared_act=self.activation(config))
+            mlp = MoE(self.moe_spec(config), factory, activation=self.activation(config))
         else:
             mlp = self.build_mlp(config, index, factory)
         return PreNormLayer(

@@ -33,7 +33,7 @@ class Mixtral(Mistral):
             num_experts=int(config.raw["num_local_experts"]),
             top_k=int(config.raw["num_experts_per_tok"]),
         )
-        return MoE(spec, factory)
+        return MoE(spec, factory, activation=self.activation(config))
 
     def mlp_bindings(self, config: ModelConfig, index: int) -> list[Binding]:
         p = self.layer_prefix(index) + "block_sparse_moe."

@@ -79,7 +79,7 @@ class Qwen2Moe(Qwen2):
         if not is_sparse(config, index):
             return super().build_mlp(config, index, factory)
         return MoE(
-            qwen_moe_spec(config, self.shared_expert), factory, shared_act=self.activation(config)
+            qwen_moe_spec(config, self.shared_expert), factory, activation=self.activation(config)
         )
 
     def mlp_bindings(self, config: ModelConfig, index: int) -> list[Binding]:

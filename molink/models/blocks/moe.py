@@ -47,21 +47,30 @@ class MoESpec:
 GluActivation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+class Gated:
+    """``activation(gate) * up``: SwiGLU with silu, GeGLU with gelu."""
+
+    def __init__(self, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.activation = activation
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.activation(gate) * up
 
 
 class MoE(nn.Module):
+    """``activation`` is the config's (hidden_act): the shared experts' and, gated, the
+    routed experts' unless ``act`` gives those another GLU (GPT-OSS's clamped one)."""
+
     def __init__(
         self,
         spec: MoESpec,
         factory: LinearFactory,
-        act: GluActivation = swiglu,
-        shared_act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+        act: GluActivation | None = None,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
     ) -> None:
         super().__init__()
         self.spec = spec
-        self.act = act
+        self.act = act if act is not None else Gated(activation)
         e, hidden, inter = spec.num_experts, spec.hidden_size, spec.intermediate_size
         # The router stays in float32 (as transformers keeps it): expert choice is discrete.
         on = factory.device
@@ -84,7 +93,7 @@ class MoE(nn.Module):
         self.gate_up = factory.grouped_column(e, hidden, (rows, rows), spec.expert_bias)
         self.down = factory.grouped_row(e, (rows,), hidden, spec.expert_bias)
         self.shared = (
-            GatedMLP(hidden, spec.shared_intermediate, shared_act, factory)
+            GatedMLP(hidden, spec.shared_intermediate, activation, factory)
             if spec.shared_intermediate
             else None
         )
