@@ -29,6 +29,7 @@ from molink.cli.serving_args import (
     API_KEY_ENV,
     DTYPE_CHOICES,
     LOG_LEVEL_CHOICES,
+    VLLM_API_KEY_ENV,
     add_serving_args,
 )
 from molink.cli.vllm_args import add_vllm_args, ignored_vllm_flags, validate_vllm_flags
@@ -201,7 +202,9 @@ class EngineArgs:
             values["served_model_name"] = names[0]
             values["served_model_aliases"] = tuple(names[1:])
         if values.get("api_key") is None:
-            values["api_key"] = os.environ.get(API_KEY_ENV) or None
+            values["api_key"] = (
+                os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV) or None
+            )
         start, end = values.get("molink_start_layer"), values.get("molink_end_layer")
         values["molink_auto_place"] = start is None and end is None
         values["molink_start_layer"] = 0 if start is None else start

@@ -15,6 +15,8 @@ from molink.quant.config import KV_CACHE_DTYPE_CHOICES, QUANTIZATION_CHOICES
 from molink.quant.kernels import BATCH_KERNEL_CHOICES
 
 API_KEY_ENV = "MOLINK_API_KEY"
+# vLLM's variable, read after MoLink's: a vLLM deployment that sets only it stays keyed.
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half")
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 
@@ -104,7 +106,8 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else none)",
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else "
+        f"${VLLM_API_KEY_ENV}, else none)",
     )
     server.add_argument(
         "--log-level", default="info", choices=LOG_LEVEL_CHOICES, help="(default: %(default)s)"

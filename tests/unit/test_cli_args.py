@@ -58,6 +58,7 @@ def test_readme_second_server() -> None:
 
 def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(args_module.API_KEY_ENV, raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
     args = parse(ALL_FLAGS)
     assert args == EngineArgs(
         model="/models/qwen",
@@ -89,6 +90,7 @@ def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_parser_defaults_match_the_dataclass(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(args_module.API_KEY_ENV, raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
     parsed = parse("")
     # Derived from the command line: no layer flag given, so the node may place itself.
     assert parsed.molink_auto_place and not parse("--molink-start-layer 0").molink_auto_place
@@ -231,6 +233,17 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(args_module.API_KEY_ENV, "from-env")
     assert parse("").api_key == "from-env"
     assert parse("--api-key flag").api_key == "flag"
+
+
+def test_vllms_api_key_variable_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM takes its key from $VLLM_API_KEY when --api-key is not given; a server started
+    that way here served everyone, without a key."""
+    monkeypatch.delenv(args_module.API_KEY_ENV, raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm-env")
+    assert parse("").api_key == "from-vllm-env"
+    assert parse("--api-key flag").api_key == "flag"
+    monkeypatch.setenv(args_module.API_KEY_ENV, "from-env")
+    assert parse("").api_key == "from-env"
 
 
 def test_embedded_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
