@@ -6,10 +6,11 @@ Both keep, per linear layer ``X``, ``X.qweight`` (eight 4-bit integers per int32
 
 * AWQ (AutoAWQ's GEMM layout): qweight [in, out / 8] and qzeros [in / group, out / 8],
   packed along outputs in the order 0, 2, 4, 6, 1, 3, 5, 7 within each int32.
-* GPTQ (AutoGPTQ / GPTQModel, format v1): qweight [in / 8, out] packed along inputs,
-  qzeros [in / group, out / 8] packed along outputs in order, each zero stored minus one.
-  Act-order checkpoints (``desc_act``, a ``g_idx`` that is not ``i // group``) are
-  refused.
+* GPTQ (AutoGPTQ / GPTQModel): qweight [in / 8, out] packed along inputs, qzeros
+  [in / group, out / 8] packed along outputs in order, each zero stored minus one (format
+  v1, ``checkpoint_format`` ``gptq`` or absent) or as it is (``gptq_v2``, GPTQModel's);
+  other layouts (``marlin``, ``bitblas``, ...) are refused naming them, as are act-order
+  checkpoints (``desc_act``, a ``g_idx`` that is not ``i // group``).
 
 The integers and float16 scales are taken exactly (``offset = -zero * scale``); the int4
 kernel's bfloat16 scales are the only rounding (molink.quant.int4).
@@ -25,6 +26,8 @@ from molink.errors import WeightLoadError
 from molink.quant.groups import GroupInts
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# GPTQ checkpoint formats read, and what each adds to a stored zero point.
+GPTQ_ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -59,7 +62,21 @@ def quant_settings(raw_config: dict[str, Any], method: str) -> tuple[int, int]:
         )
     if method == "gptq" and quant.get("desc_act"):
         raise WeightLoadError("quantization_config.desc_act = true: act-order GPTQ is not run")
+    if method == "gptq":
+        gptq_zero_offset(raw_config)
     return bits, group
+
+
+def gptq_zero_offset(raw_config: dict[str, Any]) -> int:
+    """What a GPTQ checkpoint's stored zero points need added (``checkpoint_format``)."""
+    quant = raw_config.get("quantization_config") or {}
+    layout = quant.get("checkpoint_format") or "gptq"
+    if layout not in GPTQ_ZERO_OFFSETS:
+        raise WeightLoadError(
+            f"quantization_config.checkpoint_format = {layout!r}: GPTQ runs "
+            f"{' and '.join(GPTQ_ZERO_OFFSETS)} checkpoints only"
+        )
+    return GPTQ_ZERO_OFFSETS[layout]
 
 
 def awq_group_ints(
@@ -76,13 +93,15 @@ def gptq_group_ints(
     scales: torch.Tensor,
     group: int,
     g_idx: torch.Tensor | None = None,
+    zero_offset: int = 1,
 ) -> GroupInts:
+    """``zero_offset``: added to the stored zero points (1 for format v1, 0 for v2)."""
     q = _nibbles(qweight).permute(0, 2, 1).reshape(-1, qweight.shape[1])  # [in, out]
     if g_idx is not None:
         expected = torch.arange(q.shape[0]) // group
         if not torch.equal(g_idx.to(torch.long), expected):
             raise WeightLoadError("GPTQ g_idx is not in order (act-order): not supported")
-    zeros = _unpack_outputs(qzeros, tuple(range(8))) + 1  # format v1 stores zero - 1
+    zeros = _unpack_outputs(qzeros, tuple(range(8))) + zero_offset
     return _group_ints(q, zeros, scales, group, "gptq", qweight, qzeros)
 
 

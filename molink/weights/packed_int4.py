@@ -15,8 +15,10 @@ from molink.weights.source import TensorStore
 
 
 class PackedInt4Store(TensorStore):
-    def __init__(self, inner: TensorStore, method: str, group: int) -> None:
+    def __init__(self, inner: TensorStore, method: str, group: int, zero_offset: int = 1) -> None:
+        """``zero_offset``: what GPTQ's stored zero points need added (awq_gptq)."""
         super().__init__()
+        self._zero_offset = zero_offset
         self._inner = inner
         self._method = method
         self._group = group
@@ -50,4 +52,4 @@ class PackedInt4Store(TensorStore):
         if self._method == "awq":
             return awq_group_ints(qweight, qzeros, scales, self._group)
         g_idx = self._inner[base + ".g_idx"] if base + ".g_idx" in self._inner else None
-        return gptq_group_ints(qweight, qzeros, scales, self._group, g_idx)
+        return gptq_group_ints(qweight, qzeros, scales, self._group, g_idx, self._zero_offset)

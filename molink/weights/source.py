@@ -16,7 +16,7 @@ from molink.models.decoder import DecoderSlice, checkpoint_tensor_names
 from molink.models.parallel.check import check_tensor_parallel
 from molink.models.parallel.factory import ParallelLinearFactory
 from molink.models.parallel.group import SINGLE, ParallelGroup
-from molink.quant.awq_gptq import quant_settings
+from molink.quant.awq_gptq import gptq_zero_offset, quant_settings
 from molink.quant.config import checkpoint_method, fp8_block, resolve_quantization
 from molink.quant.memory import RESIDENT, quant_factory, resident_weight_bytes
 from molink.quant.parallel import parallel_quant_factory
@@ -123,7 +123,8 @@ class ModelSource(abc.ABC):
             from molink.weights.packed_int4 import PackedInt4Store  # it subclasses TensorStore
 
             _, group = quant_settings(self.model_config.raw, method)
-            return PackedInt4Store(store, method, group)
+            offset = gptq_zero_offset(self.model_config.raw) if method == "gptq" else 0
+            return PackedInt4Store(store, method, group, offset)
         return store
 
     def load_slice(

@@ -2,8 +2,8 @@
 float checkpoint those integers stand for, so that a test can load both and compare.
 
 Packing follows the formats' public descriptions: AWQ (GEMM) packs eight 4-bit values
-per int32 along outputs in the order 0, 2, 4, 6, 1, 3, 5, 7; GPTQ (v1) packs qweight along
-inputs in order and stores each zero point minus one.
+per int32 along outputs in the order 0, 2, 4, 6, 1, 3, 5, 7; GPTQ packs qweight along
+inputs in order and stores each zero point minus one (format v1) or as it is (v2).
 """
 
 from __future__ import annotations
@@ -55,18 +55,24 @@ def awq_tensors(q, zeros, scales) -> dict[str, torch.Tensor]:
     }
 
 
-def gptq_tensors(q, zeros, scales, group: int) -> dict[str, torch.Tensor]:
+def gptq_tensors(q, zeros, scales, group: int, v2: bool = False) -> dict[str, torch.Tensor]:
+    """GPTQ's layout; ``v2`` (``checkpoint_format: gptq_v2``) stores zero points as they
+    are, format v1 minus one."""
     inp = q.shape[1]
+    stored_zeros = zeros if v2 else (zeros - 1) & 0x0F
     return {
         "qweight": _pack(q.contiguous(), tuple(range(8))).t().contiguous(),  # [in / 8, out]
-        "qzeros": _pack((zeros - 1).t().contiguous() & 0x0F, tuple(range(8))),
+        "qzeros": _pack(stored_zeros.t().contiguous(), tuple(range(8))),
         "scales": scales.t().contiguous(),
         "g_idx": (torch.arange(inp) // group).to(torch.int32),
     }
 
 
-def make_int4_checkpoints(float_dir: Path, out_root: Path, method: str, group: int):
-    """(quantized dir, dequantized float dir) built from ``float_dir``."""
+def make_int4_checkpoints(
+    float_dir: Path, out_root: Path, method: str, group: int, checkpoint_format: str = "gptq"
+):
+    """(quantized dir, dequantized float dir) built from ``float_dir``; a GPTQ
+    ``checkpoint_format`` other than ``gptq`` (v1) is written into the config."""
     tensors = load_file(str(float_dir / "model.safetensors"))
     quant, deq = dict(tensors), dict(tensors)
     for name, weight in tensors.items():
@@ -78,7 +84,7 @@ def make_int4_checkpoints(float_dir: Path, out_root: Path, method: str, group: i
         packed = (
             awq_tensors(q, zeros, scales)
             if method == "awq"
-            else gptq_tensors(q, zeros, scales, group)
+            else gptq_tensors(q, zeros, scales, group, v2=checkpoint_format == "gptq_v2")
         )
         quant.update({f"{base}.{k}": v for k, v in packed.items()})
         deq[name] = dequantized(q, zeros, scales, group)
@@ -86,6 +92,8 @@ def make_int4_checkpoints(float_dir: Path, out_root: Path, method: str, group: i
     quant_config = {"quant_method": method, "bits": 4, "group_size": group}
     quant_config.update({"version": "gemm", "zero_point": True} if method == "awq" else {
         "desc_act": False, "sym": False})  # fmt: skip
+    if method == "gptq" and checkpoint_format != "gptq":
+        quant_config["checkpoint_format"] = checkpoint_format
     dirs = []
     for kind, data, cfg in (
         ("q", quant, {**config, "quantization_config": quant_config}),

@@ -72,6 +72,29 @@ def test_checkpoint_matches_its_dequantized_float_model(
     assert resident_weight_bytes(model) < 0.5 * resident_weight_bytes(float_model)
 
 
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_gptq_zero_points_follow_the_checkpoint_format(
+    tiny_model_dir, tmp_path: Path, checkpoint_format: str
+) -> None:
+    """GPTQModel's ``checkpoint_format: gptq_v2`` stores zero points as they are (v1:
+    minus one); both read back into exactly the matrices they stand for."""
+    qdir, fdir = make_int4_checkpoints(
+        tiny_model_dir("llama", **SHAPE), tmp_path, "gptq", 32, checkpoint_format
+    )
+    quantized = resolve_model_source(str(qdir)).open_tensors_for("gptq")
+    floats = resolve_model_source(str(fdir)).open_tensors()
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(quantized[name].dequantize(), floats[name])
+
+
+def test_gptq_layouts_we_cannot_read_are_refused(tiny_model_dir, tmp_path: Path) -> None:
+    qdir, _ = make_int4_checkpoints(
+        tiny_model_dir("llama", **SHAPE), tmp_path, "gptq", 32, "marlin"
+    )
+    with pytest.raises(WeightLoadError, match="checkpoint_format = 'marlin'"):
+        _run(qdir)
+
+
 def test_quantization_choices_are_checked() -> None:
     assert resolve_quantization(None, "awq") == "awq"
     assert resolve_quantization(None, "gguf") == "gguf"
