@@ -10,7 +10,10 @@ copy of a quantized matrix is written, and a start reads only its slice's files.
 The packed layout belongs to the torch build (molink.quant.int4.packed_block), so the
 entry is keyed by torch's version and that block as well as by the file and by
 ``CONVERSION_VERSION``. Files appear by an atomic rename; a slice whose parts are not all
-cached loads from the GGUF file and writes the missing parts.
+cached loads from the GGUF file and writes the missing parts. A part's float tensors (the
+norms) are held in the dtype its slice runs in, so each dtype other than float32 has its
+own part files (``layer-00000.bfloat16.safetensors``): a float32 start after a bfloat16 one
+would otherwise get bfloat16-rounded norms.
 """
 
 from __future__ import annotations
@@ -125,6 +128,13 @@ def _restore_part(part: nn.Module, tensors: dict[str, torch.Tensor], infos: dict
                 param.copy_(saved)
 
 
+def _part_file(entry: Path, name: str, model: nn.Module) -> Path:
+    """Where part ``name`` of ``model`` is cached: float32 parts keep the plain name."""
+    dtype = getattr(model, "dtype", torch.float32)
+    suffix = "" if dtype == torch.float32 else "." + str(dtype).removeprefix("torch.")
+    return entry / f"{name}{suffix}.safetensors"
+
+
 class PackedCache:
     """One GGUF file's cached parts (see the module doc)."""
 
@@ -136,7 +146,7 @@ class PackedCache:
         from safetensors import safe_open
 
         parts = _parts(model)
-        files = {name: self.entry / f"{name}.safetensors" for name in parts}
+        files = {name: _part_file(self.entry, name, model) for name in parts}
         if not all(path.is_file() for path in files.values()):
             return False
         for name, part in parts.items():
@@ -161,7 +171,7 @@ class PackedCache:
 
         self.entry.mkdir(parents=True, exist_ok=True)
         for name, part in _parts(model).items():
-            path = self.entry / f"{name}.safetensors"
+            path = _part_file(self.entry, name, model)
             if path.is_file():
                 continue
             tensors, infos = _part_state(part)

@@ -90,3 +90,25 @@ def test_float_weights_are_not_cached(quantized_gguf: Path) -> None:
     source = GGUFSource(quantized_gguf)
     source.load_slice(LayerRange(0, 1), "float32", quantization="none")
     assert not (packed_entry_for(quantized_gguf) / "layer-00000.safetensors").exists()
+
+
+def test_a_start_in_another_dtype_gets_its_own_float_weights(
+    quantized_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The norms (and other float tensors) of a part are cached in the dtype the slice ran
+    in: a float32 start after a bfloat16 one must not get them rounded to bfloat16."""
+    num_layers = GGUFSource(quantized_gguf).model_config.num_layers
+    layers = LayerRange(0, num_layers)
+    GGUFSource(quantized_gguf).load_slice(layers, "bfloat16", quantization="gguf")
+    after_bf16 = GGUFSource(quantized_gguf).load_slice(layers, "float32", quantization="gguf")
+    monkeypatch.setenv("MOLINK_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    from_file = GGUFSource(quantized_gguf).load_slice(layers, "float32", quantization="gguf")
+    expected = from_file.state_dict()
+    for name, tensor in after_bf16.state_dict().items():
+        assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
+    # Each dtype's parts are then restored from the cache, not read from the file again.
+    for dtype in ("bfloat16", "float32"):
+        monkeypatch.setenv("MOLINK_CACHE_DIR", str(tmp_path / "cache"))
+        again = GGUFSource(quantized_gguf)
+        again.load_slice(layers, dtype, quantization="gguf")
+        assert again.last_store is None, dtype
