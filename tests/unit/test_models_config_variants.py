@@ -20,3 +20,8 @@ def test_gemma3_does_not_softcap_attention_scores_as_transformers(tiny_model_dir
 def test_experts_use_the_configured_activation(tiny_model_dir, arch: str) -> None:
     path = tiny_model_dir(arch, hidden_act="gelu")
     assert max_logit_diff(path, 10, 2) <= TOLERANCE
+
+
+def test_qwen2_moe_without_qkv_bias(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen2_moe", qkv_bias=False)
+    assert max_logit_diff(path, 10, 2) <= TOLERANCE

@@ -69,6 +69,9 @@ class Qwen2Moe(Qwen2):
             cfg["shared_expert_intermediate_size"] = int(shared)
         return cfg
 
+    def qkv_bias(self, config: ModelConfig) -> bool:
+        return bool(config.raw.get("qkv_bias", True))  # Qwen2-MoE's own flag, set by default
+
     def layer_types(self, config: ModelConfig) -> list[str]:
         # transformers' Qwen2-MoE default (unlike Qwen2's): even layers below
         # max_window_layers slide.
