@@ -72,12 +72,17 @@ class FailoverDesk:
         kind: FailureKind,
         detail: str,
         groups: dict[str, tuple[Route, list[int]]],
+        before: int | None = None,
     ) -> NodeFailure:
         """``node`` is out of the registry and its routes are forgotten; ``groups`` are the
-        sequences that were on each of its routes."""
+        sequences that were on each of its routes. ``before``: the first step not yet
+        submitted when it left the registry (None: now). A step submitted from then on
+        either avoids the node or fails at once (the head checks its route after putting
+        it on record), so a copy it sent is not lost with the node, even when the engine
+        sent it before the routes were forgotten."""
         seq_ids = tuple(sorted(s for _, ids in groups.values() for s in ids))
-        with self._lock:
-            before = self._next_step
+        if before is None:
+            before = self.next_step()
         failure = NodeFailure(node.node_id, kind, detail, seq_ids, time.monotonic(), before)
         self.stats.note_failover()
         logger.error(

@@ -184,6 +184,7 @@ class Membership:
         nodes and handed to the engine for replay."""
         if self._registry.remove(stage.node_id) is None:
             return
+        before = self._failover.next_step()  # steps from here on see the node gone
         reason = f"stage {stage.describe()} stopped answering ({detail})"
         with self._lock:
             self._lost[stage.node_id] = (stage, reason)
@@ -192,7 +193,7 @@ class Membership:
         carried = self._flights.fail(
             f"{reason}; the step was lost", through=stage.node_id, kind=kind
         )
-        self._failover.node_lost(stage, kind, detail, self._routes.evict(stage.node_id))
+        self._failover.node_lost(stage, kind, detail, self._routes.evict(stage.node_id), before)
         for release in carried:  # their sequences are no longer in the route book
             self._failover.release_carried(release, stage.node_id)
         if self._spot is not None:

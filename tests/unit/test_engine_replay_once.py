@@ -14,6 +14,7 @@ from molink.pipeline.toy import toy_identity
 from molink.sampling_params import SamplingParams
 from molink.step import FailureKind, StepResult
 from molink.transport.config import TransportConfig
+from tests.helpers.toy_swarm import toy_swarm
 from tests.unit.test_engine_state_ownership import _engine
 
 
@@ -85,3 +86,23 @@ def test_a_sequence_refused_for_room_after_its_node_was_lost_keeps_no_failure_re
     engine.step()
     assert engine.scheduler.num_preemptions == 1 and engine.has_unfinished_requests()
     assert engine._failed_at == {}
+
+
+def test_a_copy_sent_while_the_routes_are_forgotten_is_not_reported_lost(monkeypatch) -> None:
+    """The engine may send a replayed sequence again after the node left the registry and
+    before the head forgot its routes: that step saw the node gone (it avoids it, or fails
+    at once), so the loss report must not name it as lost."""
+    with toy_swarm((("a", 1, 2), ("n", 2, 4))) as swarm:
+        head = swarm.head
+        desk = head._failover
+        desk.note_submitted(40)
+        evict = head.routes.evict
+
+        def evict_after_a_step(node_id: str):
+            desk.note_submitted(41)  # sent meanwhile
+            return evict(node_id)
+
+        monkeypatch.setattr(head.routes, "evict", evict_after_a_step)
+        assert head.evict_node("a", "taken out by the test")
+        (failure,) = head.take_failures()
+        assert failure.before_step == 41
