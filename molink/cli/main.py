@@ -16,8 +16,23 @@ from molink.security.swarm_key import SwarmKey, generate_swarm_key, load_swarm_k
 logger = logging.getLogger(__name__)
 
 
+def _add_model_tag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="the model, as in `vllm serve MODEL` (the same as --model)",
+    )
+
+
 def parse_engine_args(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> EngineArgs:
     """EngineArgs from parsed flags; a bad value exits with status 2 naming its flag."""
+    tag = getattr(namespace, "model_tag", None)
+    if tag is not None:
+        if namespace.model is not None and namespace.model != tag:
+            parser.error(f"the model is given twice: {tag} and --model {namespace.model}")
+        namespace.model = tag
     try:
         return EngineArgs.from_namespace(namespace)
     except InvalidParameterError as exc:
@@ -35,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model over the OpenAI and vLLM APIs",
         description="Serve a model over the OpenAI and vLLM APIs (alone, or as a pipeline's head).",
     )
+    _add_model_tag(serve)
     add_engine_args(serve)
     serve.set_defaults(flag_parser=serve)
     stage = commands.add_parser(
@@ -42,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve one stage of a pipeline (serve with --molink-enabled)",
         description="Serve one stage of a distributed pipeline; same flags as serve.",
     )
+    _add_model_tag(stage)
     add_engine_args(stage)
     stage.set_defaults(molink_enabled=True, flag_parser=stage)
     status = commands.add_parser(

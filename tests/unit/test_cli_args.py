@@ -268,6 +268,21 @@ def captured_runs(monkeypatch: pytest.MonkeyPatch) -> list[EngineArgs]:
     return runs
 
 
+def test_serve_takes_the_model_as_vllm_serve_does(
+    captured_runs: list[EngineArgs], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vllm serve MODEL ...`: the same command with molink was "unrecognized arguments"."""
+    assert main(["serve", "/models/qwen", "--port", "8123"]) == 0
+    assert main(["stage", "/models/qwen", "--molink-start-layer", "3"]) == 0
+    assert main(["serve", "/models/qwen", "--model", "/models/qwen"]) == 0
+    assert [a.model for a in captured_runs] == ["/models/qwen"] * 3
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "/models/a", "--model", "/models/b"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "/models/a" in err and "/models/b" in err
+
+
 def test_serve_and_stage_build_engine_args(captured_runs: list[EngineArgs]) -> None:
     assert main(["serve", "--port", "8123"]) == 0
     assert main(["stage", "--molink-start-layer", "3"]) == 0
