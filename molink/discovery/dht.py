@@ -236,6 +236,10 @@ class SwarmDirectory:
         self._newest.forget_expired({str(subkey) for subkey in found.value})
         return sorted(records, key=lambda r: (r.info.layers.start, r.info.node_id))
 
+    def left(self) -> set[str]:
+        """Nodes whose newest record, as ``records`` last read it, says they left."""
+        return self._newest.left()
+
     def _ignore(self, node_id: str, reason: str) -> None:
         """Logs why once per node; the node ids (subkeys any peer may write) are bounded in
         number and in the length logged."""

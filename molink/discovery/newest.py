@@ -77,6 +77,12 @@ class NewestRecords:
         age = kept.record.age_s + elapsed if kept.record.age_s is not None else None
         return SwarmRecord(kept.record.info, kept.left_s(now), age)
 
+    def left(self) -> set[str]:
+        """Nodes whose newest record read says they left (while it lives)."""
+        now = self._clock()
+        with self._lock:
+            return {n for n, kept in self._kept.items() if kept.leaving and kept.left_s(now) > 0}
+
     def forget_expired(self, read: set[str]) -> None:
         """Drops what has expired and was not in the latest reading (``read``: its node
         ids), so that memory follows the records that live; an expired announcement the

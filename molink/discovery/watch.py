@@ -2,8 +2,10 @@
 nodes whose records expire leave it.
 
 A record is admitted with the same checks as a join (model, layer count, protocol,
-span); a refusal is logged once per node. A node is dropped when its record, once seen,
-is no longer there (it stopped renewing), the same way a failed health check drops it. A
+span); a refusal is logged once per node. A node is dropped when it left (its newest
+record says so) or its record, once seen, expired (it stopped renewing), the same way a
+failed health check drops it. A reading that merely misses a record that still lives (a
+DHT reading that failed or came back short) drops nothing: it would drop every node. A
 node the head dropped for failing its health checks is admitted again only once it renews
 its record: until then the record is a dead node's leftover, not a sign of life.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from molink.discovery.dht import SwarmDirectory, SwarmRecord
@@ -42,10 +45,19 @@ RENEWAL_SLACK_S = 0.5
 
 
 class DiscoveryWatch:
-    def __init__(self, directory: SwarmDirectory, head: DiscoveringHead, interval_s: float) -> None:
+    def __init__(
+        self,
+        directory: SwarmDirectory,
+        head: DiscoveringHead,
+        interval_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._directory = directory
         self._head = head
         self._interval_s = interval_s
+        self._clock = clock
+        # When the newest record read of each node seen expires (wall time).
+        self._expires_at: dict[str, float] = {}
         self._seen: set[str] = set()
         # Seen announced, then found gone from the head: only a renewal seen after that
         # brings one back (one renewed just before it was killed must not).
@@ -99,17 +111,25 @@ class DiscoveryWatch:
             if reason is not None and self._refused.get(node_id) != reason:
                 self._refused[node_id] = reason
                 logger.warning("not using node %s found in the DHT: %s", node_id, reason)
+        left = self._directory.left()
+        now = self._clock()
         for node_id in list(self._seen):
-            if node_id not in announced:
-                self._gone.discard(node_id)
-            if node_id not in announced and node_id in known:
+            if node_id in announced:
+                self._expires_at[node_id] = now + records[node_id].expires_in_s
+                continue
+            self._gone.discard(node_id)
+            reason = _why_gone(node_id in left, self._expires_at.get(node_id, 0.0), now)
+            if reason is None:
+                continue  # missed by this reading only: its record still lives
+            self._expires_at.pop(node_id, None)
+            if node_id in known:
                 self._seen.discard(node_id)
-                self._head.drop_node(node_id, "its DHT record expired, or it left")
+                self._head.drop_node(node_id, reason)
 
     def _note_times(self, records: dict[str, SwarmRecord]) -> set[str]:
         """Updates ``record_times``; returns the nodes whose record is new or renewed. A
         record that says its lifetime tells its age; else it counts from when it was seen."""
-        now = time.time()
+        now = self._clock()
         renewed: set[str] = set()
         with self._times_lock:
             previous, self._times = self._times, {}
@@ -130,3 +150,12 @@ class DiscoveryWatch:
                 self.check_once()
             except Exception:
                 logger.warning("reading the DHT failed", exc_info=True)
+
+
+def _why_gone(left: bool, expires_at: float, now: float) -> str | None:
+    """Why a node missing from a reading is gone, or None when its record still lives."""
+    if left:
+        return "it left the swarm (its DHT record says so)"
+    if now >= expires_at - RENEWAL_SLACK_S:
+        return "its DHT record expired"
+    return None

@@ -53,6 +53,9 @@ class FakeDirectory:
     def records(self) -> list[SwarmRecord]:
         return [SwarmRecord(i, left, max(0.0, TTL_S - left)) for i, left in self.entries.values()]
 
+    def left(self) -> set[str]:
+        return set()
+
 
 class FakeDiscoveringHead:
     head_id = "head"
@@ -74,8 +77,8 @@ class FakeDiscoveringHead:
 
 
 def test_a_node_dropped_by_the_head_comes_back_only_when_it_renews_its_record() -> None:
-    directory, head = FakeDirectory(), FakeDiscoveringHead()
-    watch = DiscoveryWatch(directory, head, interval_s=1.0)  # type: ignore[arg-type]
+    directory, head, clock = FakeDirectory(), FakeDiscoveringHead(), Clock()
+    watch = DiscoveryWatch(directory, head, interval_s=1.0, clock=clock)  # type: ignore[arg-type]
     stage = NodeInfo("s1", MODEL, LayerRange(15, 30), "s1:1")
     directory.entries["s1"] = (stage, TTL_S)
     watch.check_once()
@@ -100,6 +103,7 @@ def test_a_node_dropped_by_the_head_comes_back_only_when_it_renews_its_record() 
     assert head.admitted == ["s1", "s1"]
     assert watch.record_times()["s1"].renewed_at >= first.renewed_at
     directory.entries.clear()  # expired: dropped
+    clock.now += TTL_S + 5.0
     watch.check_once()
     assert "s1" not in head.known and watch.record_times() == {}
 

@@ -65,10 +65,10 @@ def test_a_node_that_left_does_not_come_back_from_an_older_record() -> None:
         {"s1": _entry(OLD, seq=1)},
         {"s1": _entry(NEW, seq=3)},  # it comes back: a newer record
     )
-    assert list(directory.nodes()) == ["s1"]
+    assert list(directory.nodes()) == ["s1"] and directory.left() == set()
+    assert directory.nodes() == {} and directory.left() == {"s1"}
     assert directory.nodes() == {}
-    assert directory.nodes() == {}
-    assert directory.nodes()["s1"][0] == NEW
+    assert directory.nodes()["s1"][0] == NEW and directory.left() == set()
 
 
 def test_records_that_do_not_say_their_number_are_read_as_before() -> None:
