@@ -26,7 +26,9 @@ The rule, in order:
    none fits, the next weakest span is tried, and when none fits anywhere, it is an error.
 
 Layers below the end of the heads' own spans are left out: a head computes its own layers,
-so a replica of them would never be on a route. The size comes from ``max_layers``, what
+so a replica of them would never be on a route. Nor does a head's span count as serving
+layers for anyone: a head with a longer span than another serves none of the other's
+routes, whose next node must start where that head's span ends. The size comes from ``max_layers``, what
 the node's memory holds (``layers_that_fit``).
 """
 
@@ -75,6 +77,8 @@ def choose_span(
     floor = min((s.end for s in served if s.start == 0), default=0)
     strength = [0.0] * num_layers
     for span in served:
+        if span.start == 0:
+            continue  # a head: it computes its layers for its own routes only
         for layer in range(span.start, span.end):
             strength[layer] += span.throughput if span.throughput > 0 else 1.0
     missing = next((layer for layer in range(floor, num_layers) if strength[layer] == 0), None)

@@ -61,3 +61,13 @@ def test_a_replica_that_fits_nowhere_usable_is_an_error_or_goes_elsewhere() -> N
     short = [ServedSpan(0, 4), ServedSpan(4, 12, 10.0), ServedSpan(12, 14, 50.0)]
     placement = choose_span(14, short, max_layers=5)  # [4, 12) is weakest but does not fit
     assert (placement.start, placement.end) == (12, 14)
+
+
+def test_another_heads_layers_do_not_count_as_served_for_routes() -> None:
+    # Heads [0, 4) and [0, 6) with one node [6, 24): the first head has no route, as no
+    # node starts at 4. Layers 4 and 5 counted as served (by the second head, which
+    # serves no one's route), so the joining node replicated [6, 24) instead.
+    swarm = [ServedSpan(0, 4), ServedSpan(0, 6), ServedSpan(6, 24, 50.0)]
+    placement = choose_span(24, swarm, max_layers=100)
+    assert (placement.start, placement.end) == (4, 6)
+    assert "served by no node" in placement.reason
