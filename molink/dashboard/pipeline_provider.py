@@ -302,13 +302,20 @@ def _slow_nodes(stages: tuple[NodeInfo, ...], timings: dict[str, StageTiming]) -
 
 
 def _link(estimate: LinkEstimate) -> LinkView:
+    """Nodes report their own links in their health answers: a number that is no
+    measurement (not finite, or negative) shows as unknown, as an unmeasured one does (a
+    NaN made every snapshot fail to serialize)."""
     source, _, target = estimate.hop.partition("->")
     measured = estimate.samples > 0
-    bandwidth = estimate.bandwidth_bytes_per_s
+    bandwidth, rtt = estimate.bandwidth_bytes_per_s, estimate.rtt_s
     return LinkView(
         source=source,
         target=target,
-        bandwidth_bytes_per_s=bandwidth if measured and math.isfinite(bandwidth) else None,
-        rtt_s=estimate.rtt_s if measured else None,
+        bandwidth_bytes_per_s=bandwidth if measured and _a_measurement(bandwidth) else None,
+        rtt_s=rtt if measured and _a_measurement(rtt) else None,
         samples=estimate.samples,
     )
+
+
+def _a_measurement(value: float) -> bool:
+    return math.isfinite(value) and value >= 0

@@ -274,3 +274,24 @@ def test_with_replicas_the_route_shown_is_the_one_the_router_takes() -> None:
     assert provider.snapshot().routes == (("head", "s1b"),)
     head.stages = head.stages[:1]  # layers missing: no route at all
     assert provider.route() == () and provider.snapshot().routes == ()
+
+
+class BadLinksHead(FakeHead):
+    """A stage whose health answers report its link with numbers that are no measurement."""
+
+    def link_estimates(self) -> list[LinkEstimate]:
+        return [
+            LinkEstimate("head->s1", math.nan, math.nan, 4),
+            LinkEstimate("s1->head", -5.0, math.inf, 3),
+        ]
+
+
+def test_a_peers_unusable_link_numbers_show_as_unknown_and_the_snapshot_still_serializes() -> None:
+    # A NaN round trip went into the snapshot as is: json.dumps(allow_nan=False) raised on
+    # every snapshot and event, and the dashboard stayed blank while the report lasted.
+    import json
+
+    snapshot = _provider(BadLinksHead(), Clock()).snapshot()
+    for link in snapshot.links:
+        assert link.bandwidth_bytes_per_s is None and link.rtt_s is None
+    json.dumps(snapshot.to_json(), allow_nan=False)
