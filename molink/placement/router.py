@@ -86,10 +86,14 @@ def link_s(sender: Candidate, receiver: Candidate, step_bytes: float, links: Lin
     rtt = receiver.rtt_s if receiver.rtt_s > 0 else PRIOR_RTT_S
     bandwidth = math.inf
     if measured is not None:
-        rtt = measured.rtt_s if measured.rtt_s > 0 else rtt
-        bandwidth = measured.bandwidth_bytes_per_s
-    transfer = step_bytes * (receiver.load + 1) / bandwidth if bandwidth > 0 else math.inf
-    return rtt / 2 + transfer
+        # Nodes report their own links: a number that is no measurement (NaN, negative,
+        # zero, an infinite round trip) counts as none, not as an endless hop (which left
+        # the head without a route when there was no other way round).
+        if 0 < measured.rtt_s < math.inf:
+            rtt = measured.rtt_s
+        if measured.bandwidth_bytes_per_s > 0:  # +inf: no rate measured yet
+            bandwidth = measured.bandwidth_bytes_per_s
+    return rtt / 2 + step_bytes * (receiver.load + 1) / bandwidth
 
 
 def best_route(

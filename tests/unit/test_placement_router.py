@@ -98,3 +98,15 @@ def test_a_node_not_probed_yet_is_taken_as_near_as_its_probed_peers() -> None:
     ]
     busy = _node("a", 10, 20, rtt_s=0.05, load=1)
     assert _ids(best_route(HEAD, [busy, _node("b", 10, 20)], 20, "h:1")) == ["head", "b"]
+
+
+def test_a_link_reported_with_numbers_that_are_no_measurement_counts_as_unmeasured() -> None:
+    # Links are reported by the nodes themselves. A NaN or negative bandwidth cost the hop
+    # an infinite time, and with no other way round the head had no route at all.
+    a = _node("a", 10, 20)
+    for bandwidth, rtt in [(float("nan"), float("nan")), (-1.0, -1.0), (0.0, float("inf"))]:
+        bad = LinkCost(bandwidth_bytes_per_s=bandwidth, rtt_s=rtt)
+        found = best_route(HEAD, [a], 20, "h:1", step_bytes=1e4, links=lambda x, y, c=bad: c)
+        unmeasured = best_route(HEAD, [a], 20, "h:1", step_bytes=1e4)
+        assert found is not None and unmeasured is not None, (bandwidth, rtt)
+        assert found[1] == unmeasured[1]
