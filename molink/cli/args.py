@@ -27,6 +27,7 @@ from molink.cli.pipeline_args import (
 from molink.cli.security_args import add_security_args, validate_security_args
 from molink.cli.serving_args import (
     API_KEY_ENV,
+    DTYPE_ALIASES,
     DTYPE_CHOICES,
     LOG_LEVEL_CHOICES,
     VLLM_API_KEY_ENV,
@@ -126,8 +127,8 @@ class EngineArgs:
     uvicorn_log_level: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype == "half":
-            object.__setattr__(self, "dtype", "float16")
+        if self.dtype in DTYPE_ALIASES:
+            object.__setattr__(self, "dtype", DTYPE_ALIASES[self.dtype])
         self.validate()
 
     @property

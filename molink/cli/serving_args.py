@@ -17,7 +17,9 @@ from molink.quant.kernels import BATCH_KERNEL_CHOICES
 API_KEY_ENV = "MOLINK_API_KEY"
 # vLLM's variable, read after MoLink's: a vLLM deployment that sets only it stays keyed.
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half")
+# vLLM's choices: half is float16, float is float32.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half", "float")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error", "critical")
 
 

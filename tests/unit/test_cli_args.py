@@ -214,6 +214,12 @@ def test_served_model_name_takes_several_names_as_in_vllm() -> None:
     assert serve_module.served_names(parse("--model /m"), "/m") == ("/m",)
 
 
+@pytest.mark.parametrize(("flag", "dtype"), [("half", "float16"), ("float", "float32")])
+def test_vllms_dtype_aliases(flag: str, dtype: str) -> None:
+    """vLLM's --dtype choices include half and float; float was an invalid choice."""
+    assert parse(f"--dtype {flag}").dtype == dtype
+
+
 def test_engine_args_validate_in_code() -> None:
     with pytest.raises(InvalidParameterError) as error:
         EngineArgs(molink_enabled=True, molink_start_layer=3, molink_end_layer=2)
