@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from molink.errors import InvalidParameterError
 from molink.models import decode_plan
 from molink.models.decode_paths import (
+    as_bytes,
     decode_in_place,
     decode_keys_values,
     decode_params,
@@ -321,6 +322,8 @@ def store_kv(
         k = k.to(key_cache.dtype)
     if v.dtype != value_cache.dtype:
         v = v.to(value_cache.dtype)
+    if key_cache.dtype == torch.float8_e4m3fn:  # --kv-cache-dtype fp8: copied as bytes
+        key_cache, value_cache, k, v = map(as_bytes, (key_cache, value_cache, k, v))
     key_cache.view(-1, k.shape[1], k.shape[2]).index_copy_(0, meta.slot_mapping, k)
     if value_cache.shape[-1]:
         value_cache.view(-1, v.shape[1], v.shape[2]).index_copy_(0, meta.slot_mapping, v)

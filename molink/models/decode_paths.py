@@ -61,10 +61,23 @@ def decode_triton(
     return out.reshape(q.shape[0], -1)
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor (an fp8 KV cache) as its uint8 bytes, others as they are: copying
+    kernels (index_copy_, index_select) are not built for float8 on every device."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _select(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``flat.index_select(0, index)``, through the bytes of a float8 cache."""
+    if flat.dtype != torch.float8_e4m3fn:
+        return flat.index_select(0, index)
+    return flat.view(torch.uint8).index_select(0, index).view(flat.dtype)
+
+
 def _pieces(flat: torch.Tensor, plan: InPlaceDecode) -> list[torch.Tensor]:
     pieces = [flat[run.start : run.start + run.length] for run in plan.views]
     if plan.gathered is not None:
-        pieces.append(flat.index_select(0, plan.gathered))
+        pieces.append(_select(flat, plan.gathered))
     return pieces
 
 
@@ -175,5 +188,5 @@ def gather_blocks(
 ) -> torch.Tensor:
     """Blocks of ``table`` as [batch, kv_heads, length, D] (a strided view of one copy)."""
     num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
-    blocks = cache.index_select(0, table).view(batch, -1, num_kv_heads, head_dim)
+    blocks = _select(cache, table).view(batch, -1, num_kv_heads, head_dim)
     return blocks[:, :length].transpose(1, 2)

@@ -30,8 +30,8 @@ from molink.models.rope_length import model_max_context
 logger = logging.getLogger(__name__)
 
 # A KV cache may be stored in these whatever the activations' dtype (--kv-cache-dtype):
-# attention writes into it and reads from it with a cast.
-KV_STORAGE_DTYPES = (torch.float32, torch.bfloat16)
+# attention writes into it and reads from it with a cast (float8: fp8 on a GPU).
+KV_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
 # Above this much matrix memory a slice does not keep a second, oneDNN-packed copy.
 PREPACK_MAX_BYTES = 4 << 30
 

@@ -40,3 +40,26 @@ def test_engine_with_bfloat16_cache_holds_twice_the_blocks(tiny_model_dir) -> No
         engine, _, _ = build_local_engine(options)
         sizes[kv] = engine.scheduler.kv.num_total_blocks
     assert sizes["bfloat16"] == 2 * sizes["auto"]
+
+
+def test_float8_cache_tracks_float32(tiny_model_dir) -> None:
+    """--kv-cache-dtype fp8 (allocated on a GPU) stores keys and values as float8_e4m3fn
+    bytes: written, gathered (two sequences), read in place (one) and cast back, here on
+    the CPU, which has the same tensor paths (the GPU's decode kernel loads them as float)."""
+    source = resolve_model_source(str(tiny_model_dir("qwen3")))
+    model = source.load_slice(LayerRange(0, source.model_config.num_layers), "float32")
+    exact, fp8 = _logits(model, torch.float32), _logits(model, torch.float8_e4m3fn)
+    # 3 mantissa bits: each stored key and value within 2**-4 of itself.
+    assert (exact - fp8).abs().max() <= 0.1 * exact.abs().max()
+    assert (exact.argmax(-1) == fp8.argmax(-1)).float().mean() >= 0.8
+    runner = PagedRunner([model], num_blocks=8, block_size=4)
+    runner.caches = [
+        KVCache.allocate(model.config, model.num_local_layers, 8, 4, torch.float8_e4m3fn)
+    ]
+    lone = [runner.forward([SeqChunk(0, 5, [2, 3])], [5, 9, 33, 70, 2])]
+    lone += [runner.forward([SeqChunk(5 + i, 1, [2, 3])], [40 + i]) for i in range(3)]
+    runner.caches = [KVCache.allocate(model.config, model.num_local_layers, 8, 4, torch.float32)]
+    full = [runner.forward([SeqChunk(0, 5, [2, 3])], [5, 9, 33, 70, 2])]
+    full += [runner.forward([SeqChunk(5 + i, 1, [2, 3])], [40 + i]) for i in range(3)]
+    got, expected = model.compute_logits(torch.cat(lone)), model.compute_logits(torch.cat(full))
+    assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
