@@ -24,8 +24,8 @@ def structured_spec(body: SamplingFields) -> StructuredOutputSpec | None:
     found = [
         (field, spec)
         for field, spec in (
-            ("response_format", _from_response_format(body)),
-            ("structured_outputs", _from_structured_outputs(body)),
+            _from_response_format(body),
+            _from_structured_outputs(body),
             ("guided_json", _json_spec(body.guided_json, "guided_json")),
             ("guided_regex", _simple("regex", body.guided_regex)),
             ("guided_choice", _choice(body.guided_choice, "guided_choice")),
@@ -36,11 +36,18 @@ def structured_spec(body: SamplingFields) -> StructuredOutputSpec | None:
     if not found:
         return None
     if len(found) > 1:
-        names = ", ".join(field for field, _ in found)
-        raise APIError(400, f"only one output constraint may be given, got {names}", found[0][0])
+        names = ", ".join(_source(field) for field, _ in found)
+        raise APIError(
+            400, f"only one output constraint may be given, got {names}", _source(found[0][0])
+        )
     field, spec = found[0]
-    check_spec(spec, field)
+    check_spec(spec, field)  # named by the sub-field that holds it
     return spec
+
+
+def _source(field: str) -> str:
+    """The request field a constraint came from (structured_outputs.regex: structured_outputs)."""
+    return field.split(".", 1)[0]
 
 
 def check_spec(spec: StructuredOutputSpec, field: str) -> None:
@@ -54,18 +61,17 @@ def json_schema_spec(schema: dict[str, Any]) -> StructuredOutputSpec:
     return StructuredOutputSpec("json", json.dumps(schema, ensure_ascii=False))
 
 
-def _from_response_format(body: SamplingFields) -> StructuredOutputSpec | None:
+def _from_response_format(body: SamplingFields) -> tuple[str, StructuredOutputSpec | None]:
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
-        return None
+        return "response_format", None
     if fmt.type == "json_object":
-        return StructuredOutputSpec("json", ANY_JSON_OBJECT)
+        return "response_format", StructuredOutputSpec("json", ANY_JSON_OBJECT)
     if fmt.type == "json_schema":
+        field = "response_format.json_schema.schema"
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise APIError(
-                400, "json_schema.schema is required", "response_format.json_schema.schema"
-            )
-        return json_schema_spec(fmt.json_schema.schema_)
+            raise APIError(400, "json_schema.schema is required", field)
+        return field, json_schema_spec(fmt.json_schema.schema_)
     raise APIError(
         400,
         f"response_format type {fmt.type!r} is not one of text, json_object, json_schema",
@@ -73,18 +79,21 @@ def _from_response_format(body: SamplingFields) -> StructuredOutputSpec | None:
     )
 
 
-def _from_structured_outputs(body: SamplingFields) -> StructuredOutputSpec | None:
+def _from_structured_outputs(body: SamplingFields) -> tuple[str, StructuredOutputSpec | None]:
     so = body.structured_outputs
     if so is None:
-        return None
+        return "structured_outputs", None
     specs = [
-        spec
-        for spec in (
-            _json_spec(so.json_, "structured_outputs.json"),
-            _simple("regex", so.regex),
-            _choice(so.choice, "structured_outputs.choice"),
-            _simple("grammar", so.grammar),
-            StructuredOutputSpec("json", ANY_JSON_OBJECT) if so.json_object else None,
+        (f"structured_outputs.{name}", spec)
+        for name, spec in (
+            ("json", _json_spec(so.json_, "structured_outputs.json")),
+            ("regex", _simple("regex", so.regex)),
+            ("choice", _choice(so.choice, "structured_outputs.choice")),
+            ("grammar", _simple("grammar", so.grammar)),
+            (
+                "json_object",
+                StructuredOutputSpec("json", ANY_JSON_OBJECT) if so.json_object else None,
+            ),
         )
         if spec is not None
     ]

@@ -165,7 +165,17 @@ def test_stream_logprobs(client: TestClient) -> None:
         ({"tool_choice": "required"}, "tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
-        ({"structured_outputs": {"regex": "(("}}, "structured_outputs"),
+        # The sub-field that holds the bad constraint (it named only "structured_outputs" or
+        # "response_format").
+        ({"structured_outputs": {"regex": "(("}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"json": {"type": "nope"}}}, "structured_outputs.json"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 1}}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"guided_json": {"type": "nope"}}, "guided_json"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
         ({"chat_template": "{{ 1 }}"}, "chat_template"),
         ({"temperature": 2.5}, "temperature"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
