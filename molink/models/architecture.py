@@ -176,6 +176,9 @@ class DecoderArchitecture:
     lm_head_name = "lm_head.weight"
     activation_field = "hidden_act"
     default_activation = "silu"
+    # Whether partial_rotary_factor applies: transformers' code of most families rotates
+    # whole heads whatever the config says (Phi-3 and GLM-4 rotate a part).
+    partial_rotary = False
 
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
@@ -191,6 +194,13 @@ class DecoderArchitecture:
         """Refuse, naming the field, whatever this architecture cannot run."""
         check_quantization(config)
         check_layer_types(self.layer_types(config), config.num_layers)
+        factor = partial_rotary_factor(config)
+        if factor != 1 and not self.partial_rotary:
+            raise InvalidParameterError(
+                "partial_rotary_factor",
+                f"{factor} is not supported for {config.architecture}, whose attention "
+                "rotates whole heads; only 1.0",
+            )
         self.activation(config)
         for spec in self.rope_specs(config).values():
             spec.check()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from molink.config import LayerRange
+from molink.errors import InvalidParameterError
+from molink.weights import resolve_model_source
 from tests.helpers.config_variants import max_logit_diff
 
 TOLERANCE = 1e-4
@@ -25,3 +28,15 @@ def test_experts_use_the_configured_activation(tiny_model_dir, arch: str) -> Non
 def test_qwen2_moe_without_qkv_bias(tiny_model_dir) -> None:
     path = tiny_model_dir("qwen2_moe", qkv_bias=False)
     assert max_logit_diff(path, 10, 2) <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "cohere", "starcoder2"])
+def test_partial_rotary_is_refused_where_the_family_rotates_whole_heads(
+    tiny_model_dir, arch: str
+) -> None:
+    """transformers' code of these families ignores the factor with unscaled rotary and
+    cannot run it with scaling; only Phi-3 and GLM-4 rotate part of a head."""
+    path = tiny_model_dir(arch, partial_rotary_factor=0.5)
+    with pytest.raises(InvalidParameterError, match="0.5 is not supported") as info:
+        resolve_model_source(str(path)).load_slice(LayerRange(0, 1), "float32")
+    assert info.value.field == "partial_rotary_factor"

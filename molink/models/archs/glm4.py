@@ -24,6 +24,7 @@ from molink.models.rope import RopeSpec
 
 class Glm4(Llama):
     model_type = "glm4"
+    partial_rotary = True
     gguf_permuted_qk = False  # GLM rotates adjacent pairs, as llama.cpp does
 
     def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:

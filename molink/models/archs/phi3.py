@@ -19,6 +19,7 @@ from molink.models.rope import RopeSpec, rope_type_of
 
 class Phi3(Llama):
     model_type = "phi3"
+    partial_rotary = True
     gguf_permuted_qk = False
 
     def gguf_config(self, cfg: dict[str, Any], field: Any) -> dict[str, Any]:
