@@ -121,6 +121,8 @@ def info_of(record: object, model: ModelIdentity, protocol_version: int) -> Node
             raise RecordError(f"field {name!r} is missing or not a string")
         if len(value) > MAX_TEXT_CHARS:
             raise RecordError(f"field {name!r} is longer than {MAX_TEXT_CHARS} characters")
+        if not value.isprintable():  # shown in terminals and logs: no escape sequences
+            raise RecordError(f"field {name!r} holds control or other unprintable characters")
     for name in ("node_id", "address"):
         if not record[name]:
             raise RecordError(f"field {name!r} is empty")

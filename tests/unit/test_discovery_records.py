@@ -59,6 +59,8 @@ def test_a_record_round_trips() -> None:
         ({"served_name": "m" * 513}, "field 'served_name' is longer than 512"),
         ({"node_id": ""}, "field 'node_id' is empty"),
         ({"address": ""}, "field 'address' is empty"),
+        ({"device": "cpu\x1b[2J\x1b[H"}, "field 'device' holds control"),
+        ({"node_id": "s1\nFAKE LINE"}, "field 'node_id' holds control"),
     ],
 )
 def test_foreign_or_malformed_records_are_refused(change: dict, reason: str) -> None:
