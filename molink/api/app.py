@@ -13,6 +13,7 @@ import molink
 from molink.api import chat, completions, generate, info
 from molink.api.auth import BearerAuthMiddleware
 from molink.api.context import ChatOptions, ServerContext
+from molink.api.cors import CorsPolicy, install_cors
 from molink.api.errors import install_error_handlers
 from molink.api.metrics import MetricSource, ServerMetrics
 from molink.api.middleware import CatchAllMiddleware, LoadCounterMiddleware
@@ -31,6 +32,7 @@ class ApiConfig:
     metric_sources: tuple[MetricSource, ...] = ()  # extra Prometheus lines, e.g. link bandwidth
     swarm: SwarmProvider | None = None  # what /dashboard shows; None: derived from the engine
     chat: ChatOptions = field(default_factory=ChatOptions)
+    cors: CorsPolicy | None = None  # None: no cross-origin access
 
 
 def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI:
@@ -69,6 +71,8 @@ def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI
     if config.api_key:
         app.add_middleware(BearerAuthMiddleware, api_key=config.api_key, public=is_public)
     app.add_middleware(LoadCounterMiddleware, context=context)
+    if config.cors is not None:
+        install_cors(app, config.cors)
     # Outermost of the app's own middleware: an unexpected error becomes a 500 here, so
     # Starlette's last-resort handler never re-raises it and the connection stays usable.
     app.add_middleware(CatchAllMiddleware)

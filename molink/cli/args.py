@@ -10,6 +10,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
+from molink.cli.cors_args import add_cors_args
 from molink.cli.default_model import (
     DEFAULT_MODEL_NAME,
     EMBEDDED_MODEL_PACKAGE,
@@ -106,6 +107,10 @@ class EngineArgs:
     molink_verify_fraction: float = (
         0.0  # spot checks at the head (molink.pipeline.head_spot_checks)
     )
+    allowed_origins: tuple[str, ...] = ()  # CORS; none: no cross-origin access
+    allow_credentials: bool = False
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
     # vLLM's serving flags, so that a vLLM command line starts this server unchanged.
@@ -216,6 +221,7 @@ class EngineArgs:
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds every serving flag, with its default shown in --help."""
     add_serving_args(parser)
+    add_cors_args(parser)
     add_vllm_args(parser)
     add_pipeline_args(parser)
     add_security_args(parser)

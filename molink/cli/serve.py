@@ -11,6 +11,7 @@ from pathlib import Path
 
 from molink.api import ApiConfig, create_app
 from molink.api.context import ChatOptions
+from molink.api.cors import CorsPolicy
 from molink.api.metrics import MetricSource
 from molink.api.sampling import GENERATION_DEFAULT_FIELDS
 from molink.api.server import HttpsFiles, serve_app
@@ -90,6 +91,7 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
             api_key=args.api_key,
             metric_sources=_metric_sources(engine),
             chat=chat,
+            cors=cors_policy(args),
         )
         app = create_app(engine, config)
         tls = HttpsFiles(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
@@ -106,6 +108,15 @@ def served_names(args: EngineArgs, engine_model_name: str) -> tuple[str, ...]:
     responses carry), then the engine's own; each once."""
     names = (args.model_name, *args.served_model_aliases, engine_model_name)
     return tuple(dict.fromkeys(names))
+
+
+def cors_policy(args: EngineArgs) -> CorsPolicy | None:
+    """What --allowed-origins and friends allow; None when no origin is named."""
+    if not args.allowed_origins:
+        return None
+    return CorsPolicy(
+        args.allowed_origins, args.allow_credentials, args.allowed_methods, args.allowed_headers
+    )
 
 
 def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) -> ChatOptions:
