@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import transformers
 
+from molink.config import ModelConfig
 from molink.models.registry import _DEFAULTS, config_defaults
 from tests.helpers.config_variants import edited_copy, max_logit_diff, without
 from tests.helpers.tiny_models import WINDOW, tiny_config_kwargs
@@ -26,6 +27,10 @@ _TINY_OF = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "GptOssForCausalLM": "gpt_oss",
+    "Phi3ForCausalLM": "phi3",
+    "Olmo2ForCausalLM": "olmo2",
+    "GraniteForCausalLM": "granite",
+    "MixtralForCausalLM": "mixtral",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
 }
@@ -43,6 +48,17 @@ def test_each_default_is_the_transformers_config_class_default(architecture: str
     defaults = getattr(transformers, cls_name)()
     for key, value in config_defaults(architecture).items():
         assert _class_default(defaults, key) == value, f"{architecture}.{key}"
+
+
+@pytest.mark.parametrize("architecture", sorted(_TINY_OF))
+def test_a_config_without_norm_epsilon_has_the_class_default(architecture: str) -> None:
+    cls_name, kwargs = tiny_config_kwargs(_TINY_OF[architecture])
+    expected = getattr(transformers, cls_name)()
+    eps_keys = ("rms_norm_eps", "layer_norm_eps", "norm_epsilon")
+    eps = next(getattr(expected, key) for key in eps_keys if hasattr(expected, key))
+    fields = {k: v for k, v in kwargs.items() if k not in eps_keys}
+    config = ModelConfig.from_hf_dict({**fields, "architectures": [architecture]})
+    assert config.rms_norm_eps == eps
 
 
 def _drop_everywhere(*keys: str):
