@@ -44,6 +44,7 @@ from molink.pipeline.wire import node_to_proto, view_from_proto
 from molink.pipeline.witness import InputWitness
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
 from molink.placement.route import Route
+from molink.security.limits import StreamLimiter
 from molink.security.route_seal import RouteSigner, RouteVerifier
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepResult
@@ -130,6 +131,7 @@ class StageNode:
             make_results=None if head_role is not None else senders.results,
         )
         self._outbox = NodeOutbox(info.node_id, self.links, head_role)
+        self.streams = StreamLimiter(self.config.max_streams_per_peer)
         self._server: grpc.Server | None = None
         self._stopping = threading.Event()
         self._closers: list = []

@@ -22,7 +22,7 @@ from molink.pipeline.authorization import (
 from molink.pipeline.wire import node_to_proto, route_from_proto, view_from_proto, view_to_proto
 from molink.pipeline.worker import ReleaseJob
 from molink.security.credentials import peer_node_id
-from molink.security.limits import LimitExceededError, RateLimiter, RefusalLog, StreamLimiter
+from molink.security.limits import LimitExceededError, RateLimiter, RefusalLog
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.convert import result_from_proto
 from molink.transport.framing import parse_forward
@@ -53,7 +53,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     def __init__(self, node: StageNode) -> None:
         self._node = node
         config = node.config
-        self._streams = StreamLimiter(config.max_streams_per_peer)
+        self._streams = node.streams
         self._joins = RateLimiter(
             "joins", config.join_burst, config.join_interval_s, config.node_join_burst
         )
