@@ -131,7 +131,9 @@ class StageNode:
             make_results=None if head_role is not None else senders.results,
         )
         self._outbox = NodeOutbox(info.node_id, self.links, head_role)
-        self.streams = StreamLimiter(self.config.max_streams_per_peer)
+        self.streams = StreamLimiter(
+            self.config.max_streams_per_peer, self.config.max_streams_per_node
+        )
         self._server: grpc.Server | None = None
         self._stopping = threading.Event()
         self._closers: list = []

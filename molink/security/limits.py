@@ -22,28 +22,38 @@ class LimitExceededError(Exception):
 
 
 class StreamLimiter:
-    """At most ``per_peer`` streams held at once by one peer."""
+    """At most ``per_peer`` streams held at once by one peer, and ``per_node`` by all
+    peers together, whatever identities they present (unauthenticated callers count only
+    against the node)."""
 
-    def __init__(self, per_peer: int) -> None:
+    def __init__(self, per_peer: int, per_node: int) -> None:
         self.per_peer = per_peer
+        self.per_node = per_node
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
+        self._total = 0
 
     def acquire(self, peer: str | None) -> None:
-        """Counts one more stream of ``peer`` (None: not counted), or raises."""
-        if peer is None:
-            return
+        """Counts one more stream of ``peer``, or raises."""
         with self._lock:
-            if self._held.get(peer, 0) >= self.per_peer:
+            if peer is not None and self._held.get(peer, 0) >= self.per_peer:
                 raise LimitExceededError(
                     f"node {peer} already holds {self.per_peer} streams on this node"
                 )
-            self._held[peer] = self._held.get(peer, 0) + 1
+            if self._total >= self.per_node:
+                raise LimitExceededError(
+                    f"this node already holds {self.per_node} streams of its peers "
+                    f"(max_streams_per_node)"
+                )
+            self._total += 1
+            if peer is not None:
+                self._held[peer] = self._held.get(peer, 0) + 1
 
     def release(self, peer: str | None) -> None:
-        if peer is None:
-            return
         with self._lock:
+            self._total -= 1
+            if peer is None:
+                return
             self._held[peer] -= 1
             if not self._held[peer]:
                 del self._held[peer]
@@ -60,6 +70,10 @@ class StreamLimiter:
     def held(self, peer: str) -> int:
         with self._lock:
             return self._held.get(peer, 0)
+
+    def total(self) -> int:
+        with self._lock:
+            return self._total
 
 
 @dataclass

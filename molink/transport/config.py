@@ -43,8 +43,11 @@ class TransportConfig:
     server_workers: int = 32  # streams hold a worker each for their whole life
     # Per-peer bounds (molink.security.limits): streams one member holds on a node at once,
     # joins (a burst, then one per interval, per member and for the node), and sequences
-    # one head may hold on a stage.
+    # one head may hold on a stage. Any member can mint identities, so each comes with a
+    # node-wide bound; streams stay below server_workers so unary calls (health checks,
+    # releases) always find a worker.
     max_streams_per_peer: int = 8
+    max_streams_per_node: int = 24
     join_burst: int = 5
     join_interval_s: float = 2.0
     node_join_burst: int = 30
@@ -67,12 +70,19 @@ class TransportConfig:
             "health_failures_to_down",
             "server_workers",
             "max_streams_per_peer",
+            "max_streams_per_node",
             "join_burst",
             "node_join_burst",
             "max_sequences_per_head",
         ):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, "must be >= 1")
+        if self.max_streams_per_node >= self.server_workers:
+            raise InvalidParameterError(
+                "max_streams_per_node",
+                f"must be below server_workers ({self.server_workers}): each stream holds "
+                "a worker for its whole life, and unary calls need one too",
+            )
         if self.max_message_bytes >= 2**31:
             # gRPC keeps message sizes in a signed 32-bit int.
             raise InvalidParameterError("max_message_bytes", "must be < 2 GiB")

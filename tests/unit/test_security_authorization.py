@@ -41,6 +41,7 @@ BASE = TransportConfig(
     step_timeout_s=5.0,
     rpc_timeout_s=3.0,
     max_streams_per_peer=3,
+    max_streams_per_node=6,
     join_burst=4,
     max_sequences_per_head=3,
 )

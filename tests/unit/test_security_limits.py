@@ -48,7 +48,7 @@ def test_rate_limiter_bounds_the_node_across_peers() -> None:
 
 
 def test_stream_limiter_counts_streams_per_peer() -> None:
-    limiter = StreamLimiter(per_peer=2)
+    limiter = StreamLimiter(per_peer=2, per_node=100)
     with limiter.hold("a"), limiter.hold("a"):
         with pytest.raises(LimitExceededError, match="already holds 2 streams"):
             limiter.acquire("a")
@@ -58,6 +58,22 @@ def test_stream_limiter_counts_streams_per_peer() -> None:
     assert limiter.held("a") == 0
     limiter.acquire("a")
     limiter.release("a")
+
+
+def test_stream_limiter_bounds_the_node_whatever_identities_callers_present() -> None:
+    """Any member can mint fresh identities, each with its own per-peer allowance: the
+    node-wide bound holds across all of them, and unauthenticated callers count too."""
+    limiter = StreamLimiter(per_peer=2, per_node=5)
+    for peer in ("minted-1", "minted-2", "minted-3", None):
+        limiter.acquire(peer)
+    limiter.acquire("minted-1")
+    for peer in ("minted-4", "minted-2", None):
+        with pytest.raises(LimitExceededError, match="already holds 5 streams of its peers"):
+            limiter.acquire(peer)
+    assert limiter.total() == 5 and limiter.held("minted-4") == 0
+    limiter.release(None)
+    limiter.acquire("minted-4")  # room again once one is released
+    assert limiter.total() == 5
 
 
 def test_refusals_are_logged_without_flooding(caplog: pytest.LogCaptureFixture) -> None:
