@@ -57,7 +57,7 @@ from molink.transport.codec import decode_tensor, wire_dtype_of
 from molink.transport.config import TransportConfig
 from molink.transport.convert import plan_from_proto
 from molink.transport.generated import molink_pb2 as pb
-from molink.transport.validate import PlanLimits, validate_plan
+from molink.transport.validate import PlanLimits, check_release_size, validate_plan
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +292,11 @@ class StageNode:
             route = self._check_route(request, releasing=kind == "release")
             if kind == "release":
                 release = request.release
+                check_release_size(
+                    len(release.seq_ids),
+                    self.config.max_sequences_per_head,
+                    f"release of head {request.head_id}",
+                )
                 before = (
                     release.started_before_step if release.HasField("started_before_step") else None
                 )

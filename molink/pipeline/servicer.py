@@ -28,6 +28,7 @@ from molink.transport.convert import result_from_proto
 from molink.transport.framing import parse_forward
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
+from molink.transport.validate import check_release_size
 
 if TYPE_CHECKING:
     from molink.pipeline.node import HeadRole, StageNode
@@ -227,6 +228,14 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
         caller = peer_node_id(context)
         refusal = check_release(caller, request.head_id)
         self._deny_if_refused(caller, refusal, context)
+        try:
+            check_release_size(
+                len(request.seq_ids),
+                self._node.config.max_sequences_per_head,
+                f"release of head {request.head_id}",
+            )
+        except ProtocolError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         before = request.started_before_step if request.HasField("started_before_step") else None
         job = ReleaseJob(request.head_id, None, tuple(request.seq_ids), False, before)
         try:

@@ -63,6 +63,17 @@ def check_known_sequences(plan: StepPlan, known: Collection[int]) -> None:
         )
 
 
+def check_release_size(num_seq_ids: int, max_sequences_per_head: int, where: str) -> None:
+    """A release names at most ``max_sequences_per_head`` sequences: no head holds more on
+    a stage, so an honest release never names more, and a longer list would only make the
+    compute thread walk ids a peer chose."""
+    if num_seq_ids > max_sequences_per_head:
+        raise ProtocolError(
+            f"{where}: seq_ids names {num_seq_ids} sequences, over the limit of "
+            f"{max_sequences_per_head} (max_sequences_per_head)"
+        )
+
+
 def _check_counts(plan: StepPlan, limits: PlanLimits, where: str) -> None:
     _at_most(len(plan.scheduled), limits.max_seqs_per_step, f"{where}: scheduled sequences")
     _at_most(len(plan.new_sequences), limits.max_seqs_per_step, f"{where}: new sequences")

@@ -1,6 +1,7 @@
-"""Node-wide bounds hold whatever identities callers present: any member can mint fresh
-node ids (the swarm authority derives from the shared key), each with its own per-peer
-allowance, so a per-peer bound alone does not bound the node."""
+"""Bounds on what a peer can make a node hold. Node-wide ones hold whatever identities
+callers present: any member can mint fresh node ids (the swarm authority derives from the
+shared key), each with its own per-peer allowance, so a per-peer bound alone does not
+bound the node. A release names no more sequences than a head may hold."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from molink.transport.generated import molink_pb2 as pb
 from tests.helpers.polling import first_result, wait_until
 from tests.unit.test_security_authorization import (
     BASE,
     HOLD_S,
     Swarm,
+    _forward,
     _prefill,
     _refused_stream,
     idle_until,
@@ -58,3 +61,27 @@ def test_streams_of_minted_identities_are_bounded_per_node(swarm: Swarm) -> None
     assert wait_until(lambda: streams.total() <= 1)  # at most the route's own stream
     swarm.head.submit(_prefill(1, 5, (10,)))
     assert first_result(swarm.head).error is None
+
+
+def test_a_release_names_at_most_as_many_sequences_as_a_head_may_hold(swarm: Swarm) -> None:
+    swarm.head.submit(_prefill(1, 5, (10,)))
+    assert first_result(swarm.head).error is None
+    limit = BASE.max_sequences_per_head
+    too_many = [5, *range(100, 100 + limit)]
+    channel, stub = swarm.stub(swarm.last.address, swarm.head.config)
+    with channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Release(
+                pb.ReleaseRequest(head_id=swarm.head.head_id, seq_ids=too_many), timeout=10
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        named = f"seq_ids names {limit + 1} sequences, over the limit of {limit}"
+        assert named in caught.value.details()
+        in_band = _forward(swarm, 5, "release")
+        in_band.release.seq_ids[:] = too_many
+        (ack,) = stub.Forward(iter([in_band]), timeout=10)
+        assert named in ack.error
+        assert swarm.last.health().active_sequences == 1  # nothing was released
+        enough = [5, *range(100, 100 + limit - 1)]
+        stub.Release(pb.ReleaseRequest(head_id=swarm.head.head_id, seq_ids=enough), timeout=10)
+    assert wait_until(lambda: swarm.last.health().active_sequences == 0)
