@@ -188,7 +188,7 @@ def angle_tables(
 
 
 class RotaryTables:
-    """cos and sign-folded sin for every position up to ``spec.max_positions``.
+    """cos and sign-folded sin for every position a sequence may reach (rope_length.max_context).
 
     ``sin_signed`` folds the sign of the rotation into the table so that one ``roll``
     (halves) or one pair swap (interleaved) replaces transformers' slice/neg/cat while
@@ -200,10 +200,10 @@ class RotaryTables:
     """
 
     def __init__(self, spec: RopeSpec, dtype: torch.dtype, device: torch.device) -> None:
-        from molink.models.rope_length import long_context_angles
+        from molink.models.rope_length import long_context_angles, max_context
 
         inv_freq, attention_scaling = inv_freq_table(spec)
-        positions = torch.arange(spec.max_positions, dtype=torch.float32)
+        positions = torch.arange(max_context(spec), dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         cos, sin_signed = angle_tables(freqs, attention_scaling, spec.interleaved)
         self.cos = cos.to(device=device, dtype=dtype)

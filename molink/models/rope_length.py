@@ -32,10 +32,17 @@ if TYPE_CHECKING:
 
 
 def max_context(spec: RopeSpec) -> int:
-    """The longest sequence the variant rotates: dynamic NTK extends the context by its
-    factor (as vLLM derives its limit); every other variant stops at ``max_positions``."""
-    if rope_type_of(spec.scaling) == "dynamic" and spec.scaling is not None:
-        return int(spec.max_positions * float(spec.scaling["factor"]))
+    """The longest sequence the variant rotates, as vLLM derives its limit: dynamic NTK
+    extends the context by its factor, YaRN reaches its pre-training context times its
+    factor (Qwen's long-context recipe adds YaRN with factor 4 to a model whose
+    max_position_embeddings stays 32k or 40k); every other variant stops at
+    ``max_positions``."""
+    rope_type, scaling = rope_type_of(spec.scaling), spec.scaling
+    if rope_type == "dynamic" and scaling is not None:
+        return int(spec.max_positions * float(scaling["factor"]))
+    if rope_type == "yarn" and scaling is not None and scaling.get("factor"):
+        original = scaling.get("original_max_position_embeddings") or spec.max_positions
+        return max(spec.max_positions, int(int(original) * float(scaling["factor"])))
     return spec.max_positions
 
 

@@ -47,3 +47,19 @@ def test_phi3_own_original_context_picks_the_long_factors(tiny_model_dir, tmp_pa
 
     path = edited_copy(tiny_model_dir("phi3"), tmp_path / "m", edit)
     assert max_logit_diff(path, 40, 3) <= TOLERANCE
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def test_yarn_serves_its_original_context_times_its_factor(tiny_model_dir) -> None:
+    """Qwen's long-context recipe: YaRN (factor 4 over a 16-token pre-training context) added
+    to a model whose max_position_embeddings stays 32; prompts up to 64 tokens are rotated
+    as transformers rotates them."""
+    from molink.engine.factory import resolve_max_model_len
+    from molink.weights import resolve_model_source
+
+    path = tiny_model_dir("qwen2", rope_scaling=YARN, max_position_embeddings=32)
+    config = resolve_model_source(str(path)).model_config
+    assert resolve_max_model_len(config, None) == 64
+    assert max_logit_diff(path, 56, 7, num_stages=2) <= TOLERANCE
