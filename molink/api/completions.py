@@ -283,13 +283,16 @@ class _StreamFormatter:
                 continue
             text = _prompt_text(self._tokenizer, self._meta.prompts[prompt_index], first)
             logprobs = None
+            # The generated tokens' offsets go on from the prompt tokens' texts, as in a
+            # non-streamed answer (a "<s>" counts, though the echoed prompt lacks it).
+            offset = len(text)
             if self._meta.want_logprobs:
-                logprobs, _ = echo_logprobs(
+                logprobs, offset = echo_logprobs(
                     self._tokenizer, first.prompt_token_ids, first.prompt_logprobs
                 )
             for choice_index in range(self._meta.n):
                 index = prompt_index * self._meta.n + choice_index
-                self._offsets[index] = len(text)
+                self._offsets[index] = offset
                 chunks.append(self._chunk(_stream_choice(index, text, logprobs, None)))
         return chunks
 

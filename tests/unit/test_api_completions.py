@@ -216,6 +216,23 @@ def test_stream_echo_and_logprobs(client: TestClient) -> None:
     assert "".join(tokens) == "".join(c["choices"][0]["text"] for c in chunks)
 
 
+@pytest.mark.parametrize("prompt", ["Hi", [[40, 41], [42]]])
+def test_echo_logprobs_streamed_equal_the_non_streamed_ones(client: TestClient, prompt) -> None:
+    """The generated tokens' text_offset went on from the prompt's text length in a stream
+    but from the prompt tokens' (the "<s>" included) without one, as vLLM's non-streamed
+    answer counts them."""
+    body = {"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1, "n": 2}
+    whole = {c["index"]: c["logprobs"] for c in complete(client, **body)["choices"]}
+    response = client.post("/v1/completions", json={**body, "stream": True})
+    streamed: dict[int, dict] = {}
+    for payload in sse_payloads(response.text)[:-1]:
+        for choice in json.loads(payload)["choices"]:
+            logprobs = streamed.setdefault(choice["index"], {})
+            for key, values in choice["logprobs"].items():
+                logprobs[key] = logprobs.get(key, []) + values
+    assert streamed == whole
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
