@@ -203,7 +203,10 @@ class RotaryTables:
         from molink.models.rope_length import long_context_angles, max_context
 
         inv_freq, attention_scaling = inv_freq_table(spec)
-        positions = torch.arange(max_context(spec), dtype=torch.float32)
+        self.long_context = long_context_angles(spec, dtype, device)
+        # Past max_positions, dynamic NTK's angles are computed per sequence length.
+        rows = spec.max_positions if self.long_context is not None else max_context(spec)
+        positions = torch.arange(rows, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         cos, sin_signed = angle_tables(freqs, attention_scaling, spec.interleaved)
         self.cos = cos.to(device=device, dtype=dtype)
@@ -211,7 +214,6 @@ class RotaryTables:
         self.dim = spec.dim
         self.partial = spec.dim != spec.head_dim
         self.interleaved = spec.interleaved
-        self.long_context = long_context_angles(spec, dtype, device)
 
     @property
     def depends_on_length(self) -> bool:
