@@ -13,6 +13,10 @@ Freeing happens in two parts, because the lost node cuts each route in two:
   sequences through the same node may arrive first: it names the first step not yet
   submitted when the node was lost, and a node keeps a copy that a plan of that step
   or a later one started.
+
+The lost node itself may be alive (frozen for a while, cut off) and keep what it held
+until its lease on this head's sequences lapses; when the head takes it back before that
+(``node_back``), it frees them there with the same kind of call.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class FailoverDesk:
         self._lock = threading.Lock()
         self._failures: list[NodeFailure] = []
         self._next_step = 0  # the first step id not yet submitted
+        # Lost node -> (the sequences it held, the step bound, when): a node evicted while
+        # alive keeps them until its lease on this head lapses, unless taken back first.
+        self._left_behind: dict[str, tuple[set[int], int, float]] = {}
 
     def note_submitted(self, step_id: int) -> None:
         """The head submitted ``step_id`` (step ids grow; replays get new ones)."""
@@ -97,7 +104,37 @@ class FailoverDesk:
             self._release_survivors(route, node.node_id, tuple(ids), before)
         with self._lock:
             self._failures.append(failure)
+            self._forget_left_behind(failure.detected_at)
+            self._left_behind[node.node_id] = (set(seq_ids), before, failure.detected_at)
         return failure
+
+    def node_back(self, node: NodeInfo) -> None:
+        """``node`` joins the pipeline again: free there what it held when it was lost (a
+        node evicted while alive keeps it, and the head's health checks renew its lease
+        from now on). Copies that steps from the loss on started there stay."""
+        with self._lock:
+            held = self._left_behind.pop(node.node_id, None)
+        if held is None or not held[0]:
+            return
+        seq_ids, before, _ = held
+        logger.info(
+            "node %s is back: freeing the %d sequence(s) it held when it was lost",
+            node.describe(),
+            len(seq_ids),
+        )
+        threading.Thread(
+            target=self._release_directly,
+            args=([node.address], tuple(sorted(seq_ids)), before),
+            name="head-release",
+            daemon=True,
+        ).start()
+
+    def _forget_left_behind(self, now: float) -> None:
+        """Past twice the lease, a lost node's lease on these sequences has lapsed."""
+        expired = now - 2 * self._config.lease_s
+        for node_id, (_, _, at) in list(self._left_behind.items()):
+            if at < expired:
+                del self._left_behind[node_id]
 
     def release_carried(self, release: CarriedRelease, lost_id: str) -> None:
         """A step lost with ``lost_id`` carried releases (its route's finished sequences,
@@ -105,6 +142,10 @@ class FailoverDesk:
         free them, up to copies started by that step, as a node that failed the step
         would have passed them on."""
         self._release_survivors(release.route, lost_id, release.seq_ids, release.step_id)
+        with self._lock:  # the lost node may not have got them either
+            held = self._left_behind.get(lost_id)
+            if held is not None:
+                held[0].update(release.seq_ids)
 
     def _release_survivors(
         self, route: Route, lost_id: str, seq_ids: tuple[int, ...], before: int

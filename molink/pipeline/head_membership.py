@@ -114,6 +114,7 @@ class Membership:
             # left to its predecessor there may sit in gRPC's reconnect backoff and fail the
             # first steps sent to the newcomer.
             self._node.links.drop_peer(node.address)
+            self._failover.node_back(node)  # or the same one, evicted while alive
         for other in self._registry.overlapping(node):
             if other.node_id == self.head_id:
                 continue
