@@ -40,3 +40,10 @@ def test_partial_rotary_is_refused_where_the_family_rotates_whole_heads(
     with pytest.raises(InvalidParameterError, match="0.5 is not supported") as info:
         resolve_model_source(str(path)).load_slice(LayerRange(0, 1), "float32")
     assert info.value.field == "partial_rotary_factor"
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_mlp_bias_as_transformers(tiny_model_dir, arch: str) -> None:
+    """V2's dense MLPs and shared experts take mlp_bias; V3's code ignores the field."""
+    path = tiny_model_dir(arch, mlp_bias=True)
+    assert max_logit_diff(path, 10, 2) <= TOLERANCE

@@ -191,6 +191,7 @@ class DeepseekV2(Llama):
             num_groups=int(raw.get("n_group") or 1),
             topk_groups=int(raw.get("topk_group") or 1),
             shared_intermediate=inter * int(raw.get("n_shared_experts") or 0),
+            shared_bias=self.mlp_bias(config),
         )
 
     def build_layer(self, config: ModelConfig, index: int, factory: LinearFactory) -> nn.Module:
@@ -246,14 +247,17 @@ class DeepseekV2(Llama):
             norm_binding("post_norm", p + "post_attention_layernorm.weight"),
             *self.attention_bindings(config, index),
         ]
+        bias = self.mlp_bias(config)  # dense and shared experts' (routed experts have none)
         if not self.is_sparse(config, index):
-            return bindings + gated_mlp_bindings(p)
+            return bindings + gated_mlp_bindings(p, bias=bias)
         bindings += self.router_bindings(config, index)
         bindings += expert_bindings(
             p + "mlp.experts.", self.num_experts(config), "gate_proj", "up_proj", "down_proj"
         )
         if self.moe_spec(config).shared_intermediate:
-            bindings += gated_mlp_bindings(p, target="mlp.shared", module="mlp.shared_experts")
+            bindings += gated_mlp_bindings(
+                p, bias=bias, target="mlp.shared", module="mlp.shared_experts"
+            )
         return bindings
 
 

@@ -15,6 +15,9 @@ class DeepseekV3(DeepseekV2):
     model_type = "deepseek_v3"
     routing_methods = ()  # sigmoid scores, a selection bias and group limits, always
 
+    def mlp_bias(self, config: ModelConfig) -> bool:
+        return False  # V3's MLPs have no biases whatever the config says
+
     def interleaved_rope_for(self, config: ModelConfig) -> bool:
         return bool(config.raw.get("rope_interleave", True))
 

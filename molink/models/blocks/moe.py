@@ -39,6 +39,7 @@ class MoESpec:
     expert_bias: bool = False
     shared_intermediate: int = 0  # dense shared experts (0: none)
     shared_gate: bool = False  # Qwen2-MoE: a sigmoid gate on the shared expert
+    shared_bias: bool = False  # DeepSeek-V2's mlp_bias: biases on the shared experts
 
     def __post_init__(self) -> None:
         assert self.routing in ROUTINGS, self.routing
@@ -93,7 +94,7 @@ class MoE(nn.Module):
         self.gate_up = factory.grouped_column(e, hidden, (rows, rows), spec.expert_bias)
         self.down = factory.grouped_row(e, (rows,), hidden, spec.expert_bias)
         self.shared = (
-            GatedMLP(hidden, spec.shared_intermediate, activation, factory)
+            GatedMLP(hidden, spec.shared_intermediate, activation, factory, spec.shared_bias)
             if spec.shared_intermediate
             else None
         )
