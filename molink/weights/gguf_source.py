@@ -34,6 +34,8 @@ from molink.weights.source import ModelSource, TensorStore
 
 logger = logging.getLogger(__name__)
 
+# Tensor types that are plain numbers, not blocks of quantized weights.
+UNQUANTIZED_TYPES = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
 # Bumped when conversions change (2: family chat templates for files without one), so that
 # cached conversions of an older MoLink are not reused.
 CONVERSION_VERSION = 2
@@ -242,6 +244,7 @@ class GGUFSource(ModelSource):
         self.model_config = ModelConfig.from_hf_dict(self.config_dict)
         self.name = name or self.path.stem
         self.checkpoint_dtype = None  # dequantized weights: float32 unless asked otherwise
+        self._inflation_told = False
 
     @cached_property
     def _reader(self) -> Any:
@@ -255,7 +258,21 @@ class GGUFSource(ModelSource):
 
     def detected_quantization(self) -> str:
         """``gguf`` when the file holds block-quantized tensors MoLink keeps quantized."""
-        return "gguf" if self._tensor_types & set(BLOCK_TYPES) else "none"
+        if not self._tensor_types & set(BLOCK_TYPES):
+            return "none"
+        inflated = sorted(self._tensor_types - set(BLOCK_TYPES) - UNQUANTIZED_TYPES)
+        if inflated and not self._inflation_told:
+            # Such files still run (those tensors dequantized, as in every mode), but a
+            # stage of them takes more memory than the file: say which types do that.
+            self._inflation_told = True
+            logger.warning(
+                "%s: GGUF types %s cannot stay quantized (kept quantized: %s); their "
+                "tensors are held as float32",
+                self.path.name,
+                ", ".join(inflated),
+                ", ".join(BLOCK_TYPES),
+            )
+        return "gguf"
 
     @cached_property
     def tokenizer_dir(self) -> Path:  # type: ignore[override]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +127,12 @@ def write_tiny_gguf(
     drop: Iterable[str] = (),
     quantize: Iterable[str] = (),
     arch_override: str | None = None,
+    raw_blocks: Mapping[str, tuple[str, np.ndarray]] | None = None,
 ) -> Path:
     """Write ``hf_dir`` (made by make_tiny_model) as ``out_path``.
 
-    ``drop``: GGUF tensor names to leave out; ``quantize``: GGUF names stored as Q8_0.
+    ``drop``: GGUF tensor names to leave out; ``quantize``: GGUF names stored as Q8_0;
+    ``raw_blocks``: GGUF names stored as the given type's blocks (uint8 [rows, bytes]).
     """
     import gguf
 
@@ -144,7 +146,11 @@ def write_tiny_gguf(
     for name, array in _gguf_tensors(arch, config, hf_dir).items():
         if name in drop:
             continue
-        if name in quantize:
+        if raw_blocks and name in raw_blocks:
+            type_name, blocks = raw_blocks[name]
+            qtype = getattr(gguf.GGMLQuantizationType, type_name)
+            writer.add_tensor(name, blocks, raw_dtype=qtype)
+        elif name in quantize:
             qtype = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:

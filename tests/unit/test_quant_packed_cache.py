@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -112,3 +114,40 @@ def test_a_start_in_another_dtype_gets_its_own_float_weights(
         again = GGUFSource(quantized_gguf)
         again.load_slice(layers, dtype, quantization="gguf")
         assert again.last_store is None, dtype
+
+
+def _q2_k_blocks(rows: int, cols: int) -> np.ndarray:
+    """Valid Q2_K blocks (84 bytes per 256 weights): random integers and sub-scales under
+    small float16 super-block scales."""
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (rows * cols // 256, 84), dtype=np.uint8)
+    blocks[:, 80:82] = np.full(len(blocks), 1e-3, np.float16).view(np.uint8).reshape(-1, 2)
+    blocks[:, 82:84] = np.full(len(blocks), 5e-4, np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def test_matrices_of_a_type_that_cannot_stay_quantized_are_named(
+    tiny_model_dir,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Q2_K matrix (a type the int4 kernel does not take) in a quantized stage is held as
+    float32: the load says so, naming the type, instead of inflating it silently."""
+    monkeypatch.setenv("MOLINK_CACHE_DIR", str(tmp_path / "cache"))
+    hf_dir = tiny_model_dir("llama", hidden_size=256, intermediate_size=512)
+    config = json.loads((hf_dir / "config.json").read_text())
+    blocks = _q2_k_blocks(config["intermediate_size"], config["hidden_size"])
+    path = write_tiny_gguf(
+        hf_dir,
+        tmp_path / "tiny-q2k.gguf",
+        quantize=["blk.0.attn_q.weight"],
+        raw_blocks={"blk.0.ffn_up.weight": ("Q2_K", blocks)},
+    )
+    source = GGUFSource(path)
+    with caplog.at_level(logging.WARNING, logger="molink.weights.gguf_source"):
+        model = source.load_slice(LayerRange(0, 1), "float32", quantization="gguf")
+    up = model.layers[0].mlp.gate_up
+    assert isinstance(up, QuantLinear) and up.planes is None  # gate (F32) + up (Q2_K): float
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("Q2_K" in w and "float32" in w for w in warnings), warnings
