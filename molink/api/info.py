@@ -116,4 +116,6 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
             f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
             "tokens",
         )
-    return JSONResponse({"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)})
+    # Off the event loop, as tokenizing is: a long list would stall every other request.
+    text = await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)
+    return JSONResponse({"prompt": text})

@@ -109,3 +109,35 @@ def test_ping_and_load(client: TestClient) -> None:
     assert client.get("/ping").status_code == 200
     assert client.post("/ping").status_code == 200
     assert client.get("/load").json() == {"server_load": 1}  # this request itself
+
+
+class _BlockingDecodeTokenizer(FakeTokenizer):
+    """decode waits (at most 10 s) until the test lets it go, and says whether it was."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.released_in_time: bool | None = None
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if len(token_ids) == 3:  # only the test's /detokenize request
+            self.entered.set()
+            self.released_in_time = self.release.wait(timeout=10.0)
+        return super().decode(token_ids, skip_special_tokens)
+
+
+def test_detokenizing_does_not_block_the_event_loop(engine: FakeEngine) -> None:
+    """/detokenize decoded on the event loop: a long token list stalled every request."""
+    tokenizer = _BlockingDecodeTokenizer()
+    engine.tokenizer = tokenizer
+    with TestClient(create_app(engine)) as client:
+        slow = threading.Thread(
+            target=client.post, args=("/detokenize",), kwargs={"json": {"tokens": [40, 41, 42]}}
+        )
+        slow.start()
+        assert tokenizer.entered.wait(timeout=10.0)
+        # Served while decode waits only if decode is off the loop; else after its timeout.
+        assert client.get("/health").status_code == 200
+        tokenizer.release.set()
+        slow.join(timeout=20.0)
+    assert tokenizer.released_in_time is True
