@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 BOOTSTRAP_TIMEOUT_S = 30.0
 # A stopping node waits this long for its record's withdrawal; the record expires anyway.
 WITHDRAW_TIMEOUT_S = 5.0
+# A record stored to outlast a copy that expires later expires this much after it.
+OUTLAST_S = 1.0
 MAX_IGNORED_NODES = 1024  # refused records remembered (so as to log each reason once)
 
 
@@ -107,6 +109,7 @@ class SwarmDirectory:
         # node id -> why its record is ignored (logged once while remembered)
         self._ignored: OrderedDict[str, str] = OrderedDict()
         self._sequence = SequenceClock()
+        self._announced = False  # whether a record of this run was stored yet
         self._newest = NewestRecords()
 
     def start(
@@ -151,16 +154,36 @@ class SwarmDirectory:
         return advertised_maddr(maddrs, self._advertise_host)
 
     def announce(self, info: NodeInfo, ttl_s: float) -> bool:
+        """Stores this node's record for ``ttl_s``. The DHT keeps, per node, the copy that
+        expires last and refuses the others: when a copy of this node that expires later
+        is stored (its leaving record, or a former run's record with a longer lifetime),
+        the record is stored to expire just after it instead, else the node would stay
+        unseen (or be read as its former self) until that copy expired. Checked at the
+        first announcement and whenever one is refused."""
         from hivemind.utils import get_dht_time
 
-        return bool(
-            self._dht.store(
-                self._key,
-                self._value(info, ttl_s, leaving=False),
-                expiration_time=get_dht_time() + ttl_s,
-                subkey=info.node_id,
-            )
-        )
+        expires = get_dht_time() + ttl_s
+        if self._announced and self._store(info, expires, leaving=False):
+            return True
+        self._announced = True
+        stored_until = self._stored_expiry(info.node_id)
+        if stored_until is not None and stored_until >= expires:
+            expires = stored_until + OUTLAST_S
+        return self._store(info, expires, leaving=False)
+
+    def _store(self, info: NodeInfo, expires: float, leaving: bool) -> bool:
+        from hivemind.utils import get_dht_time
+
+        value = self._value(info, max(0.0, expires - get_dht_time()), leaving)
+        return bool(self._dht.store(self._key, value, expires, subkey=info.node_id))
+
+    def _stored_expiry(self, node_id: str) -> float | None:
+        """When the copy of ``node_id``'s record that the DHT holds expires (None: none)."""
+        found = self._dht.get(self._key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return None
+        entry = found.value.get(node_id)
+        return float(entry.expiration_time) if entry is not None else None
 
     def withdraw(self, info: NodeInfo, ttl_s: float) -> None:
         """Best effort (else the record expires): a leaving record replaces it. It lives as

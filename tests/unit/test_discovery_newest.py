@@ -105,32 +105,65 @@ def test_announcement_numbers_rise_even_when_the_clock_steps_back() -> None:
     assert [clock.next() for _ in range(4)] == [1000, 1001, 1002, 2000]
 
 
+class _StoringDHT:
+    """hivemind's storage rule: per subkey, a copy is stored only if it expires later."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, _Entry] = {}
+        self.offered: list[tuple[dict, float]] = []
+
+    def store(self, key, value, expiration_time, subkey, return_future=False):
+        self.offered.append((value, expiration_time))
+        before = self.stored.get(subkey)
+        accepted = before is None or expiration_time > before.expiration_time
+        if accepted:
+            self.stored[subkey] = _Entry(value, expiration_time)
+
+        class _Done:
+            def result(self, timeout: float) -> bool:
+                return accepted
+
+        return _Done() if return_future else accepted
+
+    def get(self, key: str, latest: bool) -> _Entry | None:
+        return _Entry(dict(self.stored), 0.0) if self.stored else None
+
+    def is_alive(self) -> bool:
+        return True
+
+
+def _storing_directory(dht: _StoringDHT) -> SwarmDirectory:
+    directory = SwarmDirectory(MODEL, OLD.protocol_version)
+    directory._dht = dht
+    return directory
+
+
 def test_a_directory_numbers_its_announcements_and_its_leaving() -> None:
-    stored: list[tuple[dict, float]] = []
-
-    class _StoringDHT:
-        def store(self, key, value, expiration_time, subkey, return_future=False):
-            stored.append((value, expiration_time))
-
-            class _Done:
-                def result(self, timeout: float) -> bool:
-                    return True
-
-            return _Done() if return_future else True
-
-        def is_alive(self) -> bool:
-            return True
-
     from hivemind.utils import get_dht_time
 
-    directory = SwarmDirectory(MODEL, OLD.protocol_version)
-    directory._dht = _StoringDHT()
+    dht = _StoringDHT()
+    directory = _storing_directory(dht)
     assert directory.announce(OLD, TTL)
     directory.withdraw(OLD, TTL)
-    (first, first_expiry), (leaving, leaving_expiry) = stored
+    (first, first_expiry), (leaving, leaving_expiry) = dht.offered
     assert first["seq"] < leaving["seq"] and not first["leaving"] and leaving["leaving"]
     # the leaving record outranks every earlier copy in a DHT merge: it expires later
     assert leaving_expiry >= first_expiry and leaving_expiry > get_dht_time() + TTL - 1
+
+
+def test_a_node_back_with_a_shorter_lifetime_outlasts_its_former_records() -> None:
+    # Its leaving record (or a former run's record) expires later than a record with the
+    # new, shorter lifetime would: the DHT refused every announcement until it expired.
+    dht = _StoringDHT()
+    former = _storing_directory(dht)
+    assert former.announce(OLD, 60.0)
+    former.withdraw(OLD, 60.0)
+    back = _storing_directory(dht)  # the node's next run
+    assert back.announce(NEW, 5.0)
+    assert back.nodes()["s1"][0] == NEW
+    renewed = back.announce(NEW, 5.0)  # a renewal refused the same way is stored too
+    assert renewed and dht.stored["s1"].value["seq"] == dht.offered[-1][0]["seq"]
+    assert dht.stored["s1"].value["ttl"] > 60.0 - 1  # it lives as long as the copy it outlasts
 
 
 def test_a_node_whose_clock_runs_ahead_still_goes_when_it_stops_renewing() -> None:
