@@ -9,8 +9,9 @@ Both keep, per linear layer ``X``, ``X.qweight`` (eight 4-bit integers per int32
 * GPTQ (AutoGPTQ / GPTQModel): qweight [in / 8, out] packed along inputs, qzeros
   [in / group, out / 8] packed along outputs in order, each zero stored minus one (format
   v1, ``checkpoint_format`` ``gptq`` or absent) or as it is (``gptq_v2``, GPTQModel's);
-  other layouts (``marlin``, ``bitblas``, ...) are refused naming them, as are act-order
-  checkpoints (``desc_act``, a ``g_idx`` that is not ``i // group``).
+  other layouts (``marlin``, ``bitblas``, ...) are refused naming them. Act-order
+  checkpoints (``desc_act``: ``g_idx`` puts inputs that are not neighbours in one group)
+  are held with their columns sorted by group (``GroupInts.input_order``).
 
 The integers and float16 scales are taken exactly (``offset = -zero * scale``); the int4
 kernel's bfloat16 scales are the only rounding (molink.quant.int4).
@@ -18,6 +19,7 @@ kernel's bfloat16 scales are the only rounding (molink.quant.int4).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -60,8 +62,6 @@ def quant_settings(raw_config: dict[str, Any], method: str) -> tuple[int, int]:
         raise WeightLoadError(
             f"quantization_config.version = {quant.get('version')!r}: AWQ runs the GEMM layout"
         )
-    if method == "gptq" and quant.get("desc_act"):
-        raise WeightLoadError("quantization_config.desc_act = true: act-order GPTQ is not run")
     if method == "gptq":
         gptq_zero_offset(raw_config)
     return bits, group
@@ -97,12 +97,29 @@ def gptq_group_ints(
 ) -> GroupInts:
     """``zero_offset``: added to the stored zero points (1 for format v1, 0 for v2)."""
     q = _nibbles(qweight).permute(0, 2, 1).reshape(-1, qweight.shape[1])  # [in, out]
-    if g_idx is not None:
-        expected = torch.arange(q.shape[0]) // group
-        if not torch.equal(g_idx.to(torch.long), expected):
-            raise WeightLoadError("GPTQ g_idx is not in order (act-order): not supported")
+    order = None if g_idx is None else act_order(g_idx, q.shape[0], group)
+    if order is not None:
+        q = q[order]  # inputs sorted by group: each group's inputs side by side
     zeros = _unpack_outputs(qzeros, tuple(range(8))) + zero_offset
-    return _group_ints(q, zeros, scales, group, "gptq", qweight, qzeros)
+    ints = _group_ints(q, zeros, scales, group, "gptq", qweight, qzeros)
+    return ints if order is None else replace(ints, input_order=order)
+
+
+def act_order(g_idx: torch.Tensor, inputs: int, group: int) -> torch.Tensor | None:
+    """The inputs sorted by their group (None where ``g_idx`` is ``i // group`` already);
+    every group must hold ``group`` inputs, as GPTQ's act-order writes them."""
+    g_idx = g_idx.to(torch.long)
+    expected = torch.arange(inputs) // group
+    if g_idx.shape != (inputs,):
+        raise WeightLoadError(f"GPTQ g_idx has shape {tuple(g_idx.shape)}, expected ({inputs},)")
+    if torch.equal(g_idx, expected):
+        return None
+    order = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[order], expected):
+        raise WeightLoadError(
+            f"GPTQ g_idx does not put {group} inputs in every group (group size {group})"
+        )
+    return order
 
 
 def _group_ints(

@@ -8,6 +8,10 @@ row and group of ``group`` consecutive inputs, a ``scale`` and an ``offset``, so
 
 exactly (float32 scale and offset hold every GGUF/AWQ/GPTQ scale without rounding). The
 kernel packing (molink.quant.int4) is where rounding may happen, and only there.
+
+Act-order GPTQ groups inputs that are not neighbours; its columns are then held sorted by
+group (``input_order``: column ``j`` is input ``input_order[j]``), and a product takes its
+activations in that order (``x[:, input_order]``), which gives the same sums.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class GroupInts:
     group: int
     source_type: str  # "Q4_K", "awq", "int4" ... for messages and reports
     file_bytes: int  # bytes the checkpoint spends on this matrix
+    input_order: torch.Tensor | None = None  # long [K]: the input of each column (act-order)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,8 +59,12 @@ class GroupInts:
         """The float32 matrix the integers stand for (a reference; kernels never call it)."""
         n, k = self.shape
         q = self.q.view(n, k // self.group, self.group).float()
-        w = q * self.scale[..., None] + self.offset[..., None]
-        return w.view(n, k)
+        w = (q * self.scale[..., None] + self.offset[..., None]).view(n, k)
+        if self.input_order is None:
+            return w
+        inputs = torch.empty_like(w)
+        inputs[:, self.input_order] = w
+        return inputs
 
     def rows(self, index: torch.Tensor) -> GroupInts:
         return GroupInts(
@@ -65,6 +74,7 @@ class GroupInts:
             self.group,
             self.source_type,
             self.file_bytes * int(index.numel()) // max(1, self.shape[0]),
+            self.input_order,
         )
 
 
@@ -78,6 +88,10 @@ def cat_rows(parts: Sequence[GroupInts]) -> GroupInts:
                 f"{part.group} matrix with a {first.source_type} [{first.shape[0]}, "
                 f"{first.shape[1]}] group {first.group} one"
             )
+        if not _same_order(part.input_order, first.input_order):
+            raise WeightLoadError(
+                f"cannot fuse {part.source_type} matrices whose act-order input orders differ"
+            )
     types = sorted({p.source_type for p in parts})
     return GroupInts(
         torch.cat([p.q for p in parts]),
@@ -86,7 +100,14 @@ def cat_rows(parts: Sequence[GroupInts]) -> GroupInts:
         first.group,
         "+".join(types),
         sum(p.file_bytes for p in parts),
+        first.input_order,
     )
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a, b)
 
 
 def quantize_float(weight: torch.Tensor, bits: int, group: int = 32) -> GroupInts:

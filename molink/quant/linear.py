@@ -90,6 +90,8 @@ class QuantLinear(nn.Module):
         self.nbits: NBitsProduct | None = None
         self.dense: torch.Tensor | None = None
         self.source_type = "unloaded"
+        # Act-order GPTQ: the input each column of the held matrix multiplies (groups.py).
+        self.input_order: torch.Tensor | None = None
         # Batches of up to this many rows run the int4 kernel (kernels.choose_kernel, read
         # once at load): forward goes there without the choice.
         self._int4_rows = 0
@@ -107,6 +109,11 @@ class QuantLinear(nn.Module):
         quantized = isinstance(weight, GroupInts)
         self._check_shape(weight.shape if quantized else tuple(weight.shape))  # type: ignore[union-attr]
         self.source_type = weight.source_type if quantized else "float32"  # type: ignore[union-attr]
+        order = weight.input_order if isinstance(weight, GroupInts) else None
+        if order is not None and self.table:
+            raise WeightLoadError("an act-order matrix cannot be an embedding (rows gathered)")
+        # fp8 rows are made from the dequantized matrix: its columns are in input order.
+        self.input_order = None if order is None or self.fp8 else order.to(self.device)
         if self.device.type != "cpu":
             self.on_device = device_matrix(weight, self.device, self.bits, self.fp8, self.table)
             if self.on_device is None:
@@ -125,13 +132,17 @@ class QuantLinear(nn.Module):
         self.planes, self.dense, self.source_type = planes, None, source_type
         self.wide = self._wide_copy(planes, self.batch_kernel)
         self.nbits = NBitsProduct(planes) if self.batch_kernel == "int8act" else None
-        self._int4_rows = int4_max_rows(self.batch_kernel, len(planes.packed))
+        # An act-order matrix takes the way through ``product``, which orders the inputs.
+        most = int4_max_rows(self.batch_kernel, len(planes.packed))
+        self._int4_rows = 0 if self.input_order is not None else most
 
     def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The loaded weight as tensors and a description (molink.weights.packed_cache):
         the packed planes as the CPU kernel reads them, or the float matrix."""
         if self.on_device is not None:
             raise WeightLoadError("quantized matrices on an accelerator are not saved")
+        if self.input_order is not None:
+            raise WeightLoadError("act-order matrices are not saved")
         if self.planes is not None:
             tensors = {f"plane{i}": p for i, p in enumerate(self.planes.packed)}
             tensors["scale_zero"] = self.planes.scale_zero
@@ -143,6 +154,7 @@ class QuantLinear(nn.Module):
 
     def restore_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         """Take back what ``saved_state`` gave, checking it fits this layer."""
+        self.input_order = None
         if info.get("kind") == "dense":
             self._check_shape(tuple(tensors["dense"].shape))
             self.dense, self.planes, self.wide, self.nbits = tensors["dense"], None, None, None
@@ -189,6 +201,8 @@ class QuantLinear(nn.Module):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` without the bias (a tensor-parallel rank's partial sum)."""
+        if self.input_order is not None:
+            x = x[:, self.input_order]
         if self.on_device is not None:  # a CUDA layer holds neither planes nor a float matrix
             return self.on_device.matmul(x)
         if self.planes is None:

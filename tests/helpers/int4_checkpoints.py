@@ -55,45 +55,76 @@ def awq_tensors(q, zeros, scales) -> dict[str, torch.Tensor]:
     }
 
 
-def gptq_tensors(q, zeros, scales, group: int, v2: bool = False) -> dict[str, torch.Tensor]:
+def gptq_tensors(
+    q, zeros, scales, group: int, v2: bool = False, g_idx: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """GPTQ's layout; ``v2`` (``checkpoint_format: gptq_v2``) stores zero points as they
-    are, format v1 minus one."""
+    are, format v1 minus one; ``g_idx``: each input's group (act-order), else ``i // group``."""
     inp = q.shape[1]
     stored_zeros = zeros if v2 else (zeros - 1) & 0x0F
     return {
         "qweight": _pack(q.contiguous(), tuple(range(8))).t().contiguous(),  # [in / 8, out]
         "qzeros": _pack(stored_zeros.t().contiguous(), tuple(range(8))),
         "scales": scales.t().contiguous(),
-        "g_idx": (torch.arange(inp) // group).to(torch.int32),
+        "g_idx": (torch.arange(inp) // group if g_idx is None else g_idx).to(torch.int32),
     }
 
 
+def act_order_quantize(weight: torch.Tensor, group: int):
+    """GPTQ act-order: groups of inputs taken in a shuffled order (the same for every matrix
+    with as many inputs, as q/k/v and gate/up share theirs). Returns q [out, in] in input
+    order, zeros and scales per group, g_idx, and the float matrix they stand for."""
+    inp = weight.shape[1]
+    order = torch.randperm(inp, generator=torch.Generator().manual_seed(inp))
+    q_sorted, zeros, scales = quantize(weight[:, order], group)
+    q = torch.empty_like(q_sorted)
+    q[:, order] = q_sorted
+    g_idx = torch.empty(inp, dtype=torch.long)
+    g_idx[order] = torch.arange(inp) // group
+    floats = torch.empty(weight.shape)
+    floats[:, order] = dequantized(q_sorted, zeros, scales, group)
+    return q, zeros, scales, g_idx, floats
+
+
 def make_int4_checkpoints(
-    float_dir: Path, out_root: Path, method: str, group: int, checkpoint_format: str = "gptq"
+    float_dir: Path,
+    out_root: Path,
+    method: str,
+    group: int,
+    checkpoint_format: str = "gptq",
+    act_order: bool = False,
 ):
     """(quantized dir, dequantized float dir) built from ``float_dir``; a GPTQ
-    ``checkpoint_format`` other than ``gptq`` (v1) is written into the config."""
+    ``checkpoint_format`` other than ``gptq`` (v1) is written into the config;
+    ``act_order``: GPTQ with ``desc_act`` (groups of shuffled inputs)."""
     tensors = load_file(str(float_dir / "model.safetensors"))
     quant, deq = dict(tensors), dict(tensors)
     for name, weight in tensors.items():
         if not any(f".{linear}.weight" in name for linear in LINEARS):
             continue
-        q, zeros, scales = quantize(weight, group)
+        g_idx = None
+        if act_order:
+            q, zeros, scales, g_idx, deq[name] = act_order_quantize(weight, group)
+        else:
+            q, zeros, scales = quantize(weight, group)
+            deq[name] = dequantized(q, zeros, scales, group)
         base = name.removesuffix(".weight")
         del quant[name]
+        v2 = checkpoint_format == "gptq_v2"
         packed = (
             awq_tensors(q, zeros, scales)
             if method == "awq"
-            else gptq_tensors(q, zeros, scales, group, v2=checkpoint_format == "gptq_v2")
+            else gptq_tensors(q, zeros, scales, group, v2=v2, g_idx=g_idx)
         )
         quant.update({f"{base}.{k}": v for k, v in packed.items()})
-        deq[name] = dequantized(q, zeros, scales, group)
     config = json.loads((float_dir / "config.json").read_text())
     quant_config = {"quant_method": method, "bits": 4, "group_size": group}
     quant_config.update({"version": "gemm", "zero_point": True} if method == "awq" else {
         "desc_act": False, "sym": False})  # fmt: skip
     if method == "gptq" and checkpoint_format != "gptq":
         quant_config["checkpoint_format"] = checkpoint_format
+    if act_order:
+        quant_config["desc_act"] = True
     dirs = []
     for kind, data, cfg in (
         ("q", quant, {**config, "quantization_config": quant_config}),
