@@ -2,7 +2,9 @@
 
 A result advances each sequence's computed count, registers its computed blocks in the
 prefix cache and appends its sampled token (stopping the sequence when a stop condition
-holds). A failed plan's sequences are requeued (the node had no room: ``KV_FULL``),
+holds); a sequence the result owes a token and lacks one replays, as after a failed
+plan (the last stage failing one sequence alone says so in the token's ``error``, and
+that sequence fails). A failed plan's sequences are requeued (the node had no room: ``KV_FULL``),
 replayed on another route (the node was lost, late, refused or erred; after
 ``MAX_REPLAYS`` replays they fail instead, so a node that fails a sequence every time
 cannot hold it forever), or failed (any other error).
@@ -79,6 +81,7 @@ class PlanOutcomes:
         sampled = {token.seq_id: token for token in result.sampled}
         updates = []
         replays = []
+        unserved: set[int] = set()  # owed a token that the last stage did not send
         for scheduled, seq in zip(plan.scheduled, seqs, strict=True):
             seq.in_flight_step = None
             if seq.is_finished:  # aborted or stopped while in flight
@@ -92,13 +95,28 @@ class PlanOutcomes:
             if scheduled.sample and seq.seq_id in result.held_seq_ids and token is not None:
                 if not seq.replay_pending:  # else its route lost a node: it replays without
                     lifecycle.hold_unverified(seq.seq_id, plan.step_id, token)
+            elif scheduled.sample and token is None:
+                # What the route holds of it is unknown: it starts again, as after a
+                # failed step (and fails after MAX_REPLAYS, if every route does this).
+                logger.warning(
+                    "step %d brought no token for sequence %d; it replays",
+                    plan.step_id,
+                    seq.seq_id,
+                )
+                unserved.add(seq.seq_id)
+                replays.append(seq)
+                continue
             elif scheduled.sample:
                 updates.append(self._accept_sample(seq, token))
             if seq.replay_pending and not seq.is_finished:
                 replays.append(seq)
         # Newest first, each to the front of the queue: the oldest is admitted first again.
         for seq in sorted(replays, key=arrival_key, reverse=True):
-            lifecycle.replay_sequence(seq)
+            if seq.seq_id in unserved:
+                message = f"the last stage sent no token for sequence {seq.seq_id}"
+                updates += self._replay_plan([seq], message)
+            else:
+                lifecycle.replay_sequence(seq)
         return updates
 
     def resolve_unverified(self, seq_id: int, step_id: int, keep: bool) -> list[SequenceUpdate]:
@@ -121,11 +139,9 @@ class PlanOutcomes:
         lifecycle.prune_running()
         return [update]
 
-    def _accept_sample(self, seq: Sequence, token: SampledToken | None) -> SequenceUpdate:
-        if token is None or token.error is not None:
-            message = f"the last stage sampled no token for sequence {seq.seq_id}"
-            if token is not None:
-                message = f"sequence {seq.seq_id} failed on the last stage: {token.error}"
+    def _accept_sample(self, seq: Sequence, token: SampledToken) -> SequenceUpdate:
+        if token.error is not None:
+            message = f"sequence {seq.seq_id} failed on the last stage: {token.error}"
             self._lifecycle.finish(seq, "error")
             return SequenceUpdate.of(seq, None, error=message)
         seq.token_ids.append(token.token_id)

@@ -4,11 +4,14 @@ the tokens a step's result brings back against the vocabulary."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 from molink.errors import ContextLengthExceededError, InvalidParameterError, OutOfCapacityError
 from molink.sampling_params import SamplingParams
 from molink.step import SampledToken, StepResult
+
+logger = logging.getLogger(__name__)
 
 
 def max_output_tokens_for(
@@ -66,23 +69,25 @@ def _check_prompt(prompt_token_ids: Sequence[int]) -> None:
 
 
 def check_sampled_tokens(result: StepResult, vocab_size: int) -> StepResult:
-    """``result`` with every sampled token that names an id outside [0, vocab_size) (as
-    its own id or as a logprob alternative) turned into its sequence's own failure. A
-    node sends these ids; the head feeds a sampled token to its own stage in the next
-    step, where an id without an embedding row would fail the whole batch."""
+    """``result`` without the sampled tokens that name an id outside [0, vocab_size) (as
+    their own id or as a logprob alternative): a node sends these ids, and the head feeds
+    a sampled token to its own stage in the next step, where an id without an embedding
+    row would fail the whole batch. A sequence left without its token replays
+    (molink/scheduler/outcomes.py)."""
     if result.error is not None or all(_in_range(t, vocab_size) for t in result.sampled):
         return result
-    checked = tuple(
-        token
-        if _in_range(token, vocab_size)
-        else SampledToken(
-            token.seq_id,
-            0,
-            error=f"the last stage sent a token id outside the vocabulary [0, {vocab_size})",
-        )
-        for token in result.sampled
-    )
-    return dataclasses.replace(result, sampled=checked)
+    for token in result.sampled:
+        if not _in_range(token, vocab_size):
+            logger.warning(
+                "step %d: the last stage sent token id %d for sequence %d, or an alternative "
+                "outside the vocabulary [0, %d); the token is dropped",
+                result.step_id,
+                token.token_id,
+                token.seq_id,
+                vocab_size,
+            )
+    kept = tuple(t for t in result.sampled if _in_range(t, vocab_size))
+    return dataclasses.replace(result, sampled=kept)
 
 
 def _in_range(token: SampledToken, vocab_size: int) -> bool:

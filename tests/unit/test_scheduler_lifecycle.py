@@ -173,7 +173,7 @@ def test_error_result_fails_every_sequence_of_the_plan_only():
     run_to_completion(sched, stage)
 
 
-def test_missing_token_and_mismatched_step_are_errors():
+def test_a_missing_token_replays_and_a_mismatched_step_is_an_error():
     sched = make_scheduler()
     stage = FakeStage(sched)
     a, b = (sched.add_request(r, prompt(5, 100 * i), params())[0] for i, r in enumerate("ab"))
@@ -181,13 +181,15 @@ def test_missing_token_and_mismatched_step_are_errors():
     result = stage.execute(plan)
     partial = StepResult(step_id=plan.step_id, sampled=result.sampled[1:])
     updates = sched.update(plan, partial)
-    assert [(u.seq_id, u.finish_reason) for u in updates] == [(a, "error"), (b, None)]
+    assert [(u.seq_id, u.finish_reason) for u in updates] == [(b, None)]
+    assert sched.num_replayed_sequences == 1  # a starts again
     sched.check_integrity()
     plan = sched.schedule()
     stage.execute(plan)
     updates = sched.update(plan, StepResult(step_id=plan.step_id + 7, sampled=()))
     assert [(u.seq_id, u.finish_reason) for u in updates] == [(b, "error")]
-    flush(sched, stage)
+    outputs = run_to_completion(sched, stage)
+    assert len(outputs[a]) == params().max_tokens
 
 
 def test_fail_all_frees_everything_and_ignores_late_results():
