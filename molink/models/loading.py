@@ -107,6 +107,20 @@ def bind(
                 raise WeightLoadError(f"{what}: {exc}") from exc
         else:
             raise TypeError(f"binding target {binding.target!r} is {type(target).__name__}")
+    check_all_bound(module, bindings)
+
+
+def check_all_bound(module: nn.Module, bindings: list[Binding]) -> None:
+    """Every parameter is filled by a binding: one left out would keep whatever its
+    allocation held (a config asking for a bias the architecture binds no tensor to).
+    A binding of a linear layer fills its weights, not its bias (a binding of its own)."""
+    targets = [binding.target for binding in bindings]
+    for name, _ in module.named_parameters():
+        if name in targets or any(
+            name.startswith(target + ".") and name != target + ".bias" for target in targets
+        ):
+            continue
+        raise WeightLoadError(f"no checkpoint tensor fills {name}; bound: {', '.join(targets)}")
 
 
 def shard_rule_at(module: nn.Module, path: str) -> ShardRule | None:

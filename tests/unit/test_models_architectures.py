@@ -153,3 +153,23 @@ def test_phi3_yarn_named_scaling_is_longrope(tiny_model_dir) -> None:
     phi3 = architecture_named("Phi3ForCausalLM")
     a, b = phi3.rope_specs(config)["default"], phi3.rope_specs(yarn_named)["default"]
     assert a.scaling == b.scaling and a.scaling["rope_type"] == "longrope"
+
+
+def test_a_parameter_no_binding_fills_is_refused_at_load() -> None:
+    """A bias the architecture builds but binds no tensor to would keep its allocation."""
+    from molink.errors import WeightLoadError
+    from molink.models.architecture import gated_mlp_bindings
+    from molink.models.blocks.mlp import GatedMLP
+    from molink.models.loading import bind
+
+    layer = torch.nn.Module()
+    layer.mlp = GatedMLP(
+        8, 16, torch.nn.functional.silu, LinearFactory(torch.float32, torch.device("cpu")), True
+    )
+    tensors = {
+        "mlp.gate_proj.weight": torch.randn(16, 8),
+        "mlp.up_proj.weight": torch.randn(16, 8),
+        "mlp.down_proj.weight": torch.randn(8, 16),
+    }
+    with pytest.raises(WeightLoadError, match="mlp.gate_up.bias"):
+        bind(layer, gated_mlp_bindings(""), tensors, pack=False)
