@@ -26,8 +26,11 @@ import torch
 
 from molink.errors import WeightLoadError
 from molink.quant.groups import GroupInts
+from molink.quant.int4 import KERNEL_GROUPS
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# group_size of checkpoints with one scale and zero point per output row.
+PER_CHANNEL = -1
 # GPTQ checkpoint formats read, and what each adds to a stored zero point.
 GPTQ_ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -48,15 +51,16 @@ def _unpack_outputs(packed: torch.Tensor, order: tuple[int, ...]) -> torch.Tenso
 
 
 def quant_settings(raw_config: dict[str, Any], method: str) -> tuple[int, int]:
-    """(bits, group size) from ``quantization_config``; only 4-bit with groups is run."""
+    """(bits, group size) from ``quantization_config``; only 4-bit is run. Group size -1
+    (one scale per output row, GPTQ's "per channel") is returned as -1."""
     quant = raw_config.get("quantization_config") or {}
     bits = int(quant.get("bits", quant.get("w_bit", 4)))
     group = int(quant.get("group_size", quant.get("q_group_size", 128)))
     if bits != 4:
         raise WeightLoadError(f"quantization_config.bits = {bits}: {method} runs 4-bit only")
-    if group <= 0:
+    if group <= 0 and group != PER_CHANNEL:
         raise WeightLoadError(
-            f"quantization_config.group_size = {group}: per-channel {method} is not supported"
+            f"quantization_config.group_size = {group}: a group size is > 0, or -1 (per channel)"
         )
     if method == "awq" and str(quant.get("version", "gemm")).lower() != "gemm":
         raise WeightLoadError(
@@ -84,6 +88,7 @@ def awq_group_ints(
 ) -> GroupInts:
     q = _unpack_outputs(qweight, AWQ_ORDER)  # [in, out]
     zeros = _unpack_outputs(qzeros, AWQ_ORDER)  # [in / group, out]
+    group = q.shape[0] if group == PER_CHANNEL else group
     return _group_ints(q, zeros, scales, group, "awq", qweight, qzeros)
 
 
@@ -97,6 +102,7 @@ def gptq_group_ints(
 ) -> GroupInts:
     """``zero_offset``: added to the stored zero points (1 for format v1, 0 for v2)."""
     q = _nibbles(qweight).permute(0, 2, 1).reshape(-1, qweight.shape[1])  # [in, out]
+    group = q.shape[0] if group == PER_CHANNEL else group
     order = None if g_idx is None else act_order(g_idx, q.shape[0], group)
     if order is not None:
         q = q[order]  # inputs sorted by group: each group's inputs side by side
@@ -141,4 +147,11 @@ def _group_ints(
     scale = scales.float().t().contiguous()  # [out, in / group]
     offset = -zeros.float().t() * scale
     file_bytes = sum(t.numel() * t.element_size() for t in packed) + scales.numel() * 2
+    if group > KERNEL_GROUPS[-1]:
+        # Per channel (or groups wider than the kernel's): the same scale and zero point
+        # repeated over the largest kernel group that divides the group, exactly.
+        kernel_group = next((g for g in reversed(KERNEL_GROUPS) if group % g == 0), group)
+        repeat = group // kernel_group
+        scale, offset = scale.repeat_interleave(repeat, 1), offset.repeat_interleave(repeat, 1)
+        group = kernel_group
     return GroupInts(q.t().contiguous(), scale, offset.contiguous(), group, method, file_bytes)

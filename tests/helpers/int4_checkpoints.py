@@ -103,18 +103,19 @@ def make_int4_checkpoints(
         if not any(f".{linear}.weight" in name for linear in LINEARS):
             continue
         g_idx = None
+        size = weight.shape[1] if group == -1 else group  # -1: one group per row
         if act_order:
-            q, zeros, scales, g_idx, deq[name] = act_order_quantize(weight, group)
+            q, zeros, scales, g_idx, deq[name] = act_order_quantize(weight, size)
         else:
-            q, zeros, scales = quantize(weight, group)
-            deq[name] = dequantized(q, zeros, scales, group)
+            q, zeros, scales = quantize(weight, size)
+            deq[name] = dequantized(q, zeros, scales, size)
         base = name.removesuffix(".weight")
         del quant[name]
         v2 = checkpoint_format == "gptq_v2"
         packed = (
             awq_tensors(q, zeros, scales)
             if method == "awq"
-            else gptq_tensors(q, zeros, scales, group, v2=v2, g_idx=g_idx)
+            else gptq_tensors(q, zeros, scales, size, v2=v2, g_idx=g_idx)
         )
         quant.update({f"{base}.{k}": v for k, v in packed.items()})
     config = json.loads((float_dir / "config.json").read_text())

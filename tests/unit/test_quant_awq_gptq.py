@@ -57,7 +57,7 @@ def _run(source_dir: Path, quantization: str | None = None) -> tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
-@pytest.mark.parametrize("group", [128, 32])
+@pytest.mark.parametrize("group", [128, 32, -1])  # -1: per channel (one group per row)
 def test_checkpoint_matches_its_dequantized_float_model(
     tiny_model_dir, tmp_path: Path, method: str, group: int
 ) -> None:
