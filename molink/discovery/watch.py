@@ -121,9 +121,10 @@ class DiscoveryWatch:
             reason = _why_gone(node_id in left, self._expires_at.get(node_id, 0.0), now)
             if reason is None:
                 continue  # missed by this reading only: its record still lives
+            # Its record is gone for good: a record read after this is a new run's.
             self._expires_at.pop(node_id, None)
+            self._seen.discard(node_id)
             if node_id in known:
-                self._seen.discard(node_id)
                 self._head.drop_node(node_id, reason)
 
     def _note_times(self, records: dict[str, SwarmRecord]) -> set[str]:

@@ -66,3 +66,19 @@ def test_a_node_that_left_is_dropped_at_once() -> None:
     clock.now += 1.0
     watch.check_once()
     assert "s1" not in head.known
+
+
+def test_a_node_back_after_its_record_expired_is_admitted_at_its_first_record() -> None:
+    # Dropped by the head (health checks), its record expired, and it started again: its
+    # first record was taken for the dead node's leftover, and it waited for a renewal.
+    watch, directory, head, clock = _watch()
+    directory.entries["s1"] = TTL_S
+    watch.check_once()
+    head.known.clear()  # its health checks failed: the head dropped it
+    directory.entries.clear()
+    clock.now += TTL_S + 1.0  # its record expired
+    watch.check_once()
+    directory.entries["s1"] = TTL_S  # it runs again
+    clock.now += 30.0
+    watch.check_once()
+    assert head.admitted == ["s1", "s1"] and "s1" in head.known
