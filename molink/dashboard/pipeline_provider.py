@@ -108,7 +108,8 @@ class PipelineSwarmProvider:
         if view.readiness() is not None:
             return ()
         nodes = self._head.route_nodes() if isinstance(self._head, RoutingHead) else view.stages
-        return tuple(n.node_id for n in nodes)
+        # A head with no route answers its stages: shown as a route only if they chain.
+        return tuple(n.node_id for n in nodes) if _chains(nodes, view.num_layers) else ()
 
     def snapshot(self) -> SwarmSnapshot:
         now = self._clock()
@@ -135,12 +136,13 @@ class PipelineSwarmProvider:
         bans = self._head.banned_nodes() if isinstance(self._head, BannedNodes) else {}
         nodes = [_with_ban(node, bans.get(node.node_id)) for node in nodes]
         counters = self._head if isinstance(self._head, RecoveryCounters) else None
+        route = self.route()
         return SwarmSnapshot(
             model=view.stages[0].model.served_name if view.stages else "",
             num_layers=view.num_layers,
             nodes=tuple(nodes),
             links=tuple(_link(e) for e in self._head.link_estimates()),
-            routes=(self.route(),) if view.readiness() is None else (),
+            routes=(route,) if route else (),
             failovers_total=counters.failovers_total() if counters else 0,
             replays_total=counters.replays_total() if counters else 0,
             taken_at=now,
@@ -237,6 +239,16 @@ def _kv_of(
         "kv_free_tokens": min(head_free_tokens, stage.kv_capacity_tokens),
         "kv_total_tokens": stage.kv_capacity_tokens,
     }
+
+
+def _chains(nodes: tuple[NodeInfo, ...], num_layers: int) -> bool:
+    """Whether ``nodes``, in order, compute layers 0 to ``num_layers`` one after another."""
+    covered = 0
+    for node in nodes:
+        if node.layers.start != covered:
+            return False
+        covered = node.layers.end
+    return bool(nodes) and covered == num_layers
 
 
 def _with_ban(node: NodeView, reason: str | None) -> NodeView:

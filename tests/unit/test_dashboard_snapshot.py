@@ -295,3 +295,16 @@ def test_a_peers_unusable_link_numbers_show_as_unknown_and_the_snapshot_still_se
     for link in snapshot.links:
         assert link.bandwidth_bytes_per_s is None and link.rtt_s is None
     json.dumps(snapshot.to_json(), allow_nan=False)
+
+
+class RoutelessHead(RoutingFakeHead):
+    """Its router finds no route (e.g. every replica avoided): it answers every stage."""
+
+    def route_nodes(self) -> tuple[NodeInfo, ...]:
+        return tuple(self.stages)
+
+
+def test_without_a_route_no_route_is_shown() -> None:
+    # Every layer served but no route to take: all stages were shown as the route.
+    provider = _provider(RoutelessHead(), Clock())
+    assert provider.route() == () and provider.snapshot().routes == ()
