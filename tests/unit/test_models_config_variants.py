@@ -47,3 +47,10 @@ def test_deepseek_mlp_bias_as_transformers(tiny_model_dir, arch: str) -> None:
     """V2's dense MLPs and shared experts take mlp_bias; V3's code ignores the field."""
     path = tiny_model_dir(arch, mlp_bias=True)
     assert max_logit_diff(path, 10, 2) <= TOLERANCE
+
+
+def test_gemma3_attending_both_ways_is_refused(tiny_model_dir) -> None:
+    path = tiny_model_dir("gemma3", use_bidirectional_attention=True)
+    with pytest.raises(InvalidParameterError, match="causal") as info:
+        resolve_model_source(str(path)).load_slice(LayerRange(0, 1), "float32")
+    assert info.value.field == "use_bidirectional_attention"

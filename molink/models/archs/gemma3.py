@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from molink.config import ModelConfig
+from molink.errors import InvalidParameterError
 from molink.models.architecture import configured_layer_types
 from molink.models.archs.gemma2 import Gemma2
 from molink.models.rope import RopeSpec, rope_type_of
@@ -41,6 +42,15 @@ class Gemma3(Gemma2):
             _GLOBAL: full,
         }
         return cfg
+
+    def check_config(self, config: ModelConfig) -> None:
+        super().check_config(config)
+        if config.raw.get("use_bidirectional_attention"):
+            # transformers then attends both ways (and halves the window): an encoder.
+            raise InvalidParameterError(
+                "use_bidirectional_attention",
+                "true is not supported; MoLink runs causal decoders only",
+            )
 
     def qk_norm(self) -> str | None:
         return "head"
