@@ -26,6 +26,7 @@ from molink.transport.config import TransportConfig
 from molink.transport.convert import plan_to_proto
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
+from tests.helpers.polling import first_result
 
 MODEL = toy_identity(4)
 CONFIG = TransportConfig(
@@ -256,27 +257,41 @@ def test_join_refusal_is_raised_on_the_stage_and_logged_by_the_head(
     assert any("refused node 's9': model mismatch" in r.getMessage() for r in caplog.records)
 
 
-def test_joining_through_a_member_reaches_the_head(head: PipelineExecutor) -> None:
-    first = _stage(head, "s1", 2, 3)
+# For tests of joins and of the path of a step, not of failure detection: on a loaded
+# machine a process running a head and its stages as threads can stall for seconds, and
+# CONFIG's detectors (1 s health checks, 3 s step timeout, 2 s deadline with a 1 s probe)
+# then drop a healthy stage or fail a healthy step.
+STEADY = dataclasses.replace(
+    CONFIG, step_timeout_s=60.0, health_interval_s=60.0, deadline_floor_s=60.0, lease_s=300.0
+)
+
+
+def test_joining_through_a_member_reaches_the_head() -> None:
+    head = PipelineExecutor(ToyStageExecutor(LayerRange(0, 2), MODEL), _info("head", 0, 2), STEADY)
+    head.start()
     try:
-        second = StageNode(
-            ToyStageExecutor(LayerRange(3, 4), MODEL),
-            _info("s2", 3, 4),
-            CONFIG,
-            initial_peer=first.address,
-        ).start()
+        first = _stage(head, "s1", 2, 3, config=STEADY)
         try:
-            assert head.readiness() is None
-            head.submit(_prefill(1, 1, (9,)))
-            assert _one(head).sampled[0].token_id == expected_token(9, 1, 4)
-            table = pipeline_status(second.address, CONFIG)
-            assert "ready: every layer is served" in table
-            for node_id in ("head", "s1", "s2"):
-                assert node_id in table
+            second = StageNode(
+                ToyStageExecutor(LayerRange(3, 4), MODEL),
+                _info("s2", 3, 4),
+                STEADY,
+                initial_peer=first.address,
+            ).start()
+            try:
+                assert head.readiness() is None
+                head.submit(_prefill(1, 1, (9,)))
+                assert first_result(head).sampled[0].token_id == expected_token(9, 1, 4)
+                table = pipeline_status(second.address, STEADY)
+                assert "ready: every layer is served" in table
+                for node_id in ("head", "s1", "s2"):
+                    assert node_id in table
+            finally:
+                second.stop()
         finally:
-            second.stop()
+            first.stop()
     finally:
-        first.stop()
+        head.close()
 
 
 def test_release_travels_in_band(head: PipelineExecutor, stage: StageNode) -> None:
