@@ -69,11 +69,14 @@ def layers_that_fit(
 def choose_span(
     num_layers: int, served: Sequence[ServedSpan], max_layers: int, layer_step_s: float = 0.0
 ) -> Placement:
-    """``layer_step_s``: this node's own measured seconds per layer (0: not measured)."""
+    """``layer_step_s``: this node's own measured seconds per layer (0: not measured).
+    Spans that are not part of the model (as a peer may report them) are left out: no
+    route could use them."""
     if max_layers < 1:
         raise PipelineError(
             "this node's memory holds no layer of the model (see --molink-max-memory)"
         )
+    served = [s for s in served if 0 <= s.start < s.end <= num_layers]
     floor = min((s.end for s in served if s.start == 0), default=0)
     strength = [0.0] * num_layers
     for span in served:

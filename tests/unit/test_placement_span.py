@@ -71,3 +71,11 @@ def test_another_heads_layers_do_not_count_as_served_for_routes() -> None:
     placement = choose_span(24, swarm, max_layers=100)
     assert (placement.start, placement.end) == (4, 6)
     assert "served by no node" in placement.reason
+
+
+def test_spans_outside_the_model_are_left_out() -> None:
+    # A span past the last layer raised IndexError; one starting below 0 counted, through
+    # negative indexing, as serving the last layers.
+    for bad in (ServedSpan(4, 30), ServedSpan(-2, 8), ServedSpan(8, 6)):
+        placement = choose_span(24, [ServedSpan(0, 4), bad], max_layers=100)
+        assert (placement.start, placement.end) == (4, 24), bad
