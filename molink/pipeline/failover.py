@@ -8,8 +8,9 @@ Freeing happens in two parts, because the lost node cuts each route in two:
   (a replay may still reach one of them first along another route: like the call below,
   the release names the first step not yet submitted when the node was lost);
 * the nodes after it get a ``Release`` call of their own (nothing reaches them through
-  the lost node any more). Their lease on this head's sequences frees anything a
-  release misses. That call travels apart from the steps, so a replay of one of its
+  the lost node any more). The head goes on checking them, which renews their lease
+  on its sequences, so a call that fails is made again (a node gone as well frees them
+  when its lease lapses). That call travels apart from the steps, so a replay of one of its
   sequences through the same node may arrive first: it names the first step not yet
   submitted when the node was lost, and a node keeps a copy that a plan of that step
   or a later one started.
@@ -40,6 +41,8 @@ from molink.transport.config import TransportConfig
 logger = logging.getLogger(__name__)
 
 SubmitJob = Callable[[ReleaseJob], None]
+RELEASE_ATTEMPTS = 3  # of a direct release call to one node
+RELEASE_RETRY_S = 0.5  # between them
 
 
 class FailoverDesk:
@@ -173,18 +176,31 @@ class FailoverDesk:
         for address in addresses:
             client = NodeClient(address, self._config)
             try:
+                self._release_on(client, seq_ids, before)
+            finally:
+                client.close()
+
+    def _release_on(self, client: NodeClient, seq_ids: tuple[int, ...], before: int) -> None:
+        """A node the head still checks renews its lease on these sequences, so a release
+        that fails once (a busy node's timeout) is tried again; a node that is gone too
+        loses them with its own lease."""
+        for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            try:
                 client.release(
                     self.head_id,
                     list(seq_ids),
                     timeout=self._config.rpc_timeout_s,
                     started_before_step=before,
                 )
+                return
             except grpc.RpcError as exc:
                 logger.warning(
-                    "release of %d sequences on %s failed (its lease frees them): %s",
+                    "release of %d sequences on %s failed (attempt %d of %d): %s",
                     len(seq_ids),
-                    address,
+                    client.address,
+                    attempt,
+                    RELEASE_ATTEMPTS,
                     describe_rpc_error(exc),
                 )
-            finally:
-                client.close()
+            if attempt < RELEASE_ATTEMPTS:
+                time.sleep(RELEASE_RETRY_S)

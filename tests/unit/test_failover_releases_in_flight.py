@@ -9,9 +9,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from molink.pipeline.toy import ToyStageExecutor
+from molink.transport.channel import NodeClient
 from tests.helpers.polling import first_result, wait_until
 from tests.helpers.toy_swarm import REPLICAS_BEFORE_N, ToySwarm, decode, prefill, toy_swarm
 
@@ -106,3 +108,27 @@ def test_a_step_no_route_takes_still_frees_what_it_carried(monkeypatch) -> None:
         assert refused.error is not None and "no route" in refused.error
         assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
         assert head.routes.route_of(7) is None
+
+
+def test_a_release_call_that_fails_once_is_made_again(chain: ToySwarm, monkeypatch) -> None:
+    """The call that frees a lost node's sequences on the nodes after it fails once (a
+    timeout on a busy node): those nodes still hear from the head, so their lease never
+    frees the sequences; the head calls again."""
+    head, last = chain.head, chain.executors["n"]
+    head.submit(prefill(0, 7))
+    assert first_result(head).error is None
+    calls: list[str] = []
+    release = NodeClient.release
+
+    def failing_once(self, *args, **kwargs):
+        calls.append(self.address)
+        if len(calls) == 1:
+            raise grpc.RpcError("deadline exceeded")
+        return release(self, *args, **kwargs)
+
+    monkeypatch.setattr(NodeClient, "release", failing_once)
+    # Nothing passes through a (lost) to n in band: the call alone frees it there.
+    monkeypatch.setattr(head._failover, "_submit", lambda job: None)
+    assert head.evict_node("a", "taken out by the test")
+    assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
+    assert len(calls) == 2
