@@ -45,6 +45,15 @@ def standard_scaling(
     return {**scaling, "original_max_position_embeddings": int(original or max_positions)}
 
 
+# What each scaling type cannot do without (yarn and longrope derive their factor).
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("short_factor", "long_factor"),
+}
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     """Everything that decides the rotation of one kind of layer."""
@@ -69,6 +78,20 @@ class RopeSpec:
                 f"rope type {rope_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}",
             )
+        scaling = self.scaling or {}
+        missing = [key for key in _REQUIRED.get(rope_type, ()) if scaling.get(key) is None]
+        if missing:
+            raise InvalidParameterError(
+                "rope_scaling", f"{rope_type} scaling needs {', '.join(missing)}"
+            )
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(scaling[key]) != self.dim // 2:
+                    raise InvalidParameterError(
+                        "rope_scaling",
+                        f"longrope {key} has {len(scaling[key])} values; a rotated head of "
+                        f"{self.dim} needs {self.dim // 2}",
+                    )
 
 
 def base_inv_freq(theta: float, dim: int) -> torch.Tensor:

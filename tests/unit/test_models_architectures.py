@@ -75,6 +75,23 @@ def test_rope_variants_are_refused_or_built_per_config() -> None:
     b = build_model(plain, LayerRange(0, 1), torch.float32).rotaries["default"]
     # Inside max_position_embeddings dynamic NTK does not rescale (as in transformers).
     assert torch.equal(a.cos, b.cos)
+    from molink.errors import InvalidParameterError
+
+    incomplete = [
+        ({"rope_type": "linear"}, "linear scaling needs factor"),
+        ({"type": "dynamic"}, "dynamic scaling needs factor"),
+        ({"rope_type": "llama3", "factor": 8.0}, "needs low_freq_factor, high_freq_factor"),
+        ({"rope_type": "longrope", "short_factor": [1.0] * 4}, "needs long_factor"),
+        (
+            {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 4},
+            "short_factor has 3 values; a rotated head of 8 needs 4",
+        ),
+    ]
+    for scaling, message in incomplete:
+        config = ModelConfig(**base, rope_scaling=scaling)
+        with pytest.raises(InvalidParameterError, match=message) as info:
+            build_model(config, LayerRange(0, 1), torch.float32)
+        assert info.value.field == "rope_scaling"
 
 
 def _with_config(tmp_path, source_dir, **changes) -> str:
