@@ -127,7 +127,7 @@ class FailoverDesk:
         )
         threading.Thread(
             target=self._release_directly,
-            args=([node.address], tuple(sorted(seq_ids)), before),
+            args=([(node.address, node.node_id)], tuple(sorted(seq_ids)), before),
             name="head-release",
             daemon=True,
         ).start()
@@ -161,7 +161,7 @@ class FailoverDesk:
             self._submit(ReleaseJob(self.head_id, route, seq_ids, True, before))
         except Exception:
             logger.warning("in-band release of %d sequences failed", len(seq_ids), exc_info=True)
-        after = [hop.address for hop in route.hops[index + 1 :]]
+        after = [(hop.address, hop.node_id) for hop in route.hops[index + 1 :]]
         if after:
             threading.Thread(
                 target=self._release_directly,
@@ -171,10 +171,11 @@ class FailoverDesk:
             ).start()
 
     def _release_directly(
-        self, addresses: list[str], seq_ids: tuple[int, ...], before: int
+        self, hops: list[tuple[str, str]], seq_ids: tuple[int, ...], before: int
     ) -> None:
-        for address in addresses:
-            client = NodeClient(address, self._config)
+        """Frees ``seq_ids`` on each (address, node id) of ``hops``."""
+        for address, node_id in hops:
+            client = NodeClient(address, self._config, node_id)
             try:
                 self._release_on(client, seq_ids, before)
             finally:

@@ -17,7 +17,7 @@ import grpc
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.registry import PipelineView, StageRegistry
 from molink.pipeline.wire import view_to_proto
-from molink.transport.channel import NodeClient, call_metadata, describe_rpc_error
+from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
 
@@ -100,21 +100,17 @@ class HealthMonitor:
         open, so only the timeout notices it)."""
         calls = []
         for stage in stages:
-            stub = self._client(stage.address).stub
-            calls.append(
-                (
-                    stage,
-                    stub.Health.future(
-                        self._request(),
-                        timeout=self._config.health_timeout_s,
-                        metadata=call_metadata(),
-                    ),
-                )
+            client = self._client(stage)
+            metadata, nonce = client.proof_request()
+            call = client.stub.Health.future(
+                self._request(), timeout=self._config.health_timeout_s, metadata=metadata
             )
+            calls.append((stage, client, call, nonce))
         failures = {}
-        for stage, call in calls:
+        for stage, client, call, nonce in calls:
             try:
                 call.result()
+                client.check_proof(call, nonce)
             except grpc.RpcError as exc:
                 failures[stage.node_id] = describe_rpc_error(exc)
         return failures
@@ -130,18 +126,20 @@ class HealthMonitor:
         for stage in view.stages:
             if stage.node_id == view.head_id:
                 continue
-            stub = self._client(stage.address).stub
+            client = self._client(stage)
+            metadata, nonce = client.proof_request()
             started = time.monotonic()
-            call = stub.Health.future(
-                self._request(), timeout=self._config.health_timeout_s, metadata=call_metadata()
+            call = client.stub.Health.future(
+                self._request(), timeout=self._config.health_timeout_s, metadata=metadata
             )
             call.add_done_callback(
                 lambda _, node_id=stage.node_id: done.setdefault(node_id, time.monotonic())
             )
-            calls.append((stage, call, started))
-        for stage, call, started in calls:
+            calls.append((stage, client, call, nonce, started))
+        for stage, client, call, nonce, started in calls:
             try:
                 response = call.result()
+                client.check_proof(call, nonce)
             except grpc.RpcError as exc:
                 self._failed(stage, describe_rpc_error(exc))
                 continue
@@ -197,7 +195,7 @@ class HealthMonitor:
         message = view_to_proto(view)
         for stage in targets:
             try:
-                self._client(stage.address).update_pipeline(message)
+                self._client(stage).update_pipeline(message)
             except grpc.RpcError as exc:
                 logger.warning(
                     "could not push pipeline epoch %d to %s: %s",
@@ -206,9 +204,15 @@ class HealthMonitor:
                     describe_rpc_error(exc),
                 )
 
-    def _client(self, address: str) -> NodeClient:
+    def _client(self, stage: NodeInfo) -> NodeClient:
+        """The client of ``stage``'s address; in a swarm the node there must prove to be
+        ``stage`` (a client made for another node id is replaced)."""
         with self._lock:
-            client = self._clients.get(address)
+            client = self._clients.get(stage.address)
+            if client is not None and client.expected_node_id not in (None, stage.node_id):
+                stale, client = client, None
+                stale.close()
             if client is None:
-                client = self._clients[address] = NodeClient(address, self._config)
+                client = NodeClient(stage.address, self._config, stage.node_id)
+                self._clients[stage.address] = client
             return client

@@ -23,7 +23,7 @@ from molink.transport.sender import StreamSender
 
 logger = logging.getLogger(__name__)
 
-# (address, peer description) -> sender
+# (address, the node id expected there) -> sender
 SenderFactory = Callable[[str, str], StreamSender[Any]]
 
 
@@ -76,7 +76,7 @@ class LinkTable:
             stream = self._forward.get(address)
             if stream is None or stream.to_node_id != node_id:
                 stale = stream
-                sender = self._make_forward(address, f"node {node_id} at {address}")
+                sender = self._make_forward(address, node_id)
                 stream = self._forward[address] = _Stream(sender, node_id, "")
             else:
                 stale = None
@@ -91,7 +91,7 @@ class LinkTable:
             stream = self._results.get(address)
             if stream is None or stream.head_id != head_id:
                 stale = stream
-                sender = self._make_results(address, f"head {head_id} at {address}")
+                sender = self._make_results(address, head_id)
                 stream = self._results[address] = _Stream(sender, head_id, head_id)
             else:
                 stale = None

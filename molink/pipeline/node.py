@@ -45,6 +45,7 @@ from molink.pipeline.witness import InputWitness
 from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutput
 from molink.placement.route import Route
 from molink.security.limits import StreamLimiter
+from molink.security.peer_proof import PeerProver
 from molink.security.route_seal import RouteSigner, RouteVerifier
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepResult
@@ -161,7 +162,8 @@ class StageNode:
         """Bind and serve; with an initial peer, join (raises PipelineError, or
         JoinRefusedError with the head's reason, after stopping the node)."""
         server = make_server(self.config)
-        add_node_service(NodeServicer(self), server, NodeServicer.RAW_REQUESTS)
+        prover = PeerProver(self.config.security.identity) if self.config.security else None
+        add_node_service(NodeServicer(self), server, NodeServicer.RAW_REQUESTS, prover)
         port = add_server_port(server, self._bind_address, self.config)
         if port == 0:
             raise PipelineError(f"node {self.node_id} could not bind {self._bind_address}")

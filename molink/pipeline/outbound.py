@@ -89,8 +89,10 @@ class SenderFactory:
         self._is_head = is_head
         self._on_broken = on_broken  # (address, reason) of a Forward stream that broke
 
-    def forward(self, address: str, peer: str) -> StreamSender[Any]:
-        """A Forward stream to the next stage; ``peer`` names it in error messages."""
+    def forward(self, address: str, node_id: str) -> StreamSender[Any]:
+        """A Forward stream to node ``node_id`` at ``address`` (in a swarm, the peer there
+        must prove to be that node before anything is sent)."""
+        peer = f"node {node_id} at {address}"
         return StreamSender(
             observer=LinkEstimator(),
             name=f"{self._node_id}->{address}",
@@ -102,9 +104,14 @@ class SenderFactory:
             on_failure=lambda item, reason: self._forward_failed(item, peer, reason),
             on_ack=self._forward_acked,
             on_broken=self._on_broken,
+            expected_node_id=node_id,
         )
 
-    def results(self, address: str, peer: str) -> StreamSender[Any]:
+    def results(self, address: str, head_id: str) -> StreamSender[Any]:
+        """A ReturnResults stream to head ``head_id`` at ``address`` (in a swarm, the peer
+        there must prove to be that head)."""
+        peer = f"head {head_id} at {address}"
+
         def failed(message: pb.ReturnResultsRequest, reason: str) -> None:
             logger.error(
                 "stage %s could not return step %d to %s: %s",
@@ -123,6 +130,7 @@ class SenderFactory:
             ack_type=pb.ReturnResultsAck,
             build=lambda message: message,
             on_failure=failed,
+            expected_node_id=head_id,
         )
 
     def _build_forward(self, item: Outbound) -> pb.ForwardRequest | bytes:

@@ -220,7 +220,7 @@ class SpotJudge:
             step_id = step.step_id if group < 0 else shadow_id(step.step_id, group)
             request.queries.add(step_id=step_id, micro_batch=step.micro_batch, seq_ids=ids)
         try:
-            response = self._client(step.witness.address).witness(request)
+            response = self._client(step.witness.address, step.witness.node_id).witness(request)
         except grpc.RpcError as exc:
             logger.info(
                 "spot checks: node %s cannot tell what step %d carried: %s",
@@ -245,8 +245,12 @@ class SpotJudge:
                 logger.warning("spot checks: %s", exc)
         return rows
 
-    def _client(self, address: str) -> NodeClient:
+    def _client(self, address: str, node_id: str) -> NodeClient:
+        """In a swarm the node at ``address`` must prove to be ``node_id``."""
         client = self._clients.get(address)
+        if client is not None and client.expected_node_id not in (None, node_id):
+            client.close()
+            client = None
         if client is None:
-            client = self._clients[address] = NodeClient(address, self._config)
+            client = self._clients[address] = NodeClient(address, self._config, node_id)
         return client

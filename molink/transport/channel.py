@@ -8,10 +8,13 @@ again within seconds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent import futures
+from typing import Any
 
 import grpc
 
+from molink.security.peer_proof import NONCE_KEY, PeerProver, new_nonce, proof_problem
 from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
@@ -85,17 +88,21 @@ def add_node_service(
     servicer: pb_grpc.MolinkNodeServicer,
     server: grpc.Server,
     raw_requests: frozenset[str] = frozenset(),
+    prover: PeerProver | None = None,
 ) -> None:
     """Register ``servicer`` like the generated code does, except that the methods named in
     ``raw_requests`` get the request as bytes: the servicer parses it once and knows its
-    exact size without serializing it again."""
+    exact size without serializing it again. With a ``prover`` (a swarm member), every
+    call that asks for it first gets the proof of this node's id
+    (molink.security.peer_proof)."""
     handlers = {}
     for method in SERVICE.methods:
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
         make = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        behavior = getattr(servicer, method.name)
         handlers[method.name] = make(
-            getattr(servicer, method.name),
+            behavior if prover is None else _proving(behavior, prover),
             request_deserializer=None if method.name in raw_requests else request_type.FromString,
             response_serializer=response_type.SerializeToString,
         )
@@ -103,6 +110,14 @@ def add_node_service(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
     )
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _proving(behavior: Callable[[Any, Any], Any], prover: PeerProver) -> Callable[[Any, Any], Any]:
+    def proving(request: Any, context: grpc.ServicerContext) -> Any:
+        prover.answer(context)
+        return behavior(request, context)
+
+    return proving
 
 
 _HANDLER_FACTORIES = {
@@ -113,51 +128,88 @@ _HANDLER_FACTORIES = {
 }
 
 
+class PeerIdentityError(grpc.RpcError):
+    """The peer that answered did not prove to be the node the caller expected."""
+
+
 def describe_rpc_error(exc: grpc.RpcError) -> str:
     """``CODE: details`` of a failed call, for messages that name what went wrong."""
+    if isinstance(exc, PeerIdentityError):
+        return f"UNAUTHENTICATED: {exc}"
     # A failed call is also a grpc.Call (code and details); other RpcErrors carry a message.
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     return f"{code.name if code is not None else 'UNKNOWN'}: {details}"
 
 
-def call_metadata() -> tuple[tuple[str, str], ...]:
+def call_metadata() -> tuple[tuple[str, str | bytes], ...]:
     """Metadata attached to every call. A caller's identity is not among it: in a swarm it
     is the certificate proven in the TLS handshake (molink.security)."""
     return ()
 
 
 class NodeClient:
-    """Unary calls to one node, each bounded by ``config.rpc_timeout_s`` unless told."""
+    """Unary calls to one node, each bounded by ``config.rpc_timeout_s`` unless told.
 
-    def __init__(self, address: str, config: TransportConfig) -> None:
+    With ``expected_node_id`` in a swarm, every answer must come with the proof that the
+    peer at ``address`` is that node (molink.security.peer_proof), else the call raises
+    PeerIdentityError; without one, any member there may answer."""
+
+    def __init__(
+        self, address: str, config: TransportConfig, expected_node_id: str | None = None
+    ) -> None:
         self.address = address
         self._config = config
+        self.expected_node_id = expected_node_id if config.security is not None else None
         self._channel = make_channel(address, config)
         self.stub = pb_grpc.MolinkNodeStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float:
         return self._config.rpc_timeout_s if timeout is None else timeout
 
-    def describe(self, timeout: float | None = None) -> pb.NodeInfo:
-        return self.stub.Describe(
-            pb.DescribeRequest(), timeout=self._timeout(timeout), metadata=call_metadata()
+    def proof_request(self) -> tuple[tuple[tuple[str, str | bytes], ...], bytes]:
+        """The metadata of one call, and the nonce its answer must prove."""
+        nonce = new_nonce()
+        if self.expected_node_id is None:
+            return call_metadata(), nonce
+        return (*call_metadata(), (NONCE_KEY, nonce)), nonce
+
+    def check_proof(self, call: grpc.Call, nonce: bytes) -> None:
+        """Raises PeerIdentityError unless ``call`` (answered) proves the expected node."""
+        if self.expected_node_id is None:
+            return
+        assert self._config.security is not None
+        problem = proof_problem(
+            call.initial_metadata(), nonce, self._config.security.node_id, self.expected_node_id
         )
+        if problem is not None:
+            raise PeerIdentityError(
+                f"the peer at {self.address} is not node {self.expected_node_id}: {problem}"
+            )
+
+    def _unary(
+        self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout: float | None
+    ) -> Any:
+        metadata, nonce = self.proof_request()
+        response, call = method.with_call(
+            request, timeout=self._timeout(timeout), metadata=metadata
+        )
+        self.check_proof(call, nonce)
+        return response
+
+    def describe(self, timeout: float | None = None) -> pb.NodeInfo:
+        return self._unary(self.stub.Describe, pb.DescribeRequest(), timeout)
 
     def join(self, request: pb.JoinRequest, timeout: float | None = None) -> pb.JoinResponse:
-        return self.stub.Join(request, timeout=self._timeout(timeout), metadata=call_metadata())
+        return self._unary(self.stub.Join, request, timeout)
 
     def get_pipeline(self, timeout: float | None = None) -> pb.Pipeline:
-        return self.stub.GetPipeline(
-            pb.GetPipelineRequest(), timeout=self._timeout(timeout), metadata=call_metadata()
-        )
+        return self._unary(self.stub.GetPipeline, pb.GetPipelineRequest(), timeout)
 
     def update_pipeline(
         self, pipeline: pb.Pipeline, timeout: float | None = None
     ) -> pb.UpdatePipelineResponse:
-        return self.stub.UpdatePipeline(
-            pipeline, timeout=self._timeout(timeout), metadata=call_metadata()
-        )
+        return self._unary(self.stub.UpdatePipeline, pipeline, timeout)
 
     def release(
         self,
@@ -171,22 +223,15 @@ class NodeClient:
         request = pb.ReleaseRequest(head_id=head_id, seq_ids=seq_ids)
         if started_before_step is not None:
             request.started_before_step = started_before_step
-        response = self.stub.Release(
-            request,
-            timeout=self._timeout(timeout),
-            metadata=call_metadata(),
-        )
-        return response.num_released
+        return self._unary(self.stub.Release, request, timeout).num_released
 
     def witness(
         self, request: pb.WitnessRequest, timeout: float | None = None
     ) -> pb.WitnessResponse:
-        return self.stub.Witness(request, timeout=self._timeout(timeout), metadata=call_metadata())
+        return self._unary(self.stub.Witness, request, timeout)
 
     def health(self, timeout: float | None = None) -> pb.HealthResponse:
-        return self.stub.Health(
-            pb.HealthRequest(), timeout=self._timeout(timeout), metadata=call_metadata()
-        )
+        return self._unary(self.stub.Health, pb.HealthRequest(), timeout)
 
     def close(self) -> None:
         self._channel.close()

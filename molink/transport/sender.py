@@ -27,6 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from molink.security.peer_proof import NONCE_KEY, new_nonce, proof_problem
 from molink.transport.channel import call_metadata, describe_rpc_error, make_channel
 from molink.transport.config import TransportConfig
 
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _WAIT_SLICE_S = 0.25  # how often a waiting request generator re-checks for shutdown
+
+
+class _NotTheExpectedNode(Exception):
+    """The peer at the address did not prove to be the node the sender was made for."""
 
 
 class DeliveryObserver(Protocol):
@@ -55,11 +60,14 @@ class _Pending(Generic[T]):
 
 
 class _Stream:
-    __slots__ = ("call", "closed")
+    __slots__ = ("call", "closed", "proven")
 
     def __init__(self) -> None:
         self.closed = False
         self.call: Any = None
+        # Set once the peer proved to be the node expected (at once when none is):
+        # nothing is sent before.
+        self.proven = threading.Event()
 
 
 class StreamSender(Generic[T]):
@@ -86,6 +94,7 @@ class StreamSender(Generic[T]):
         on_ack: Callable[[T, Any], None] | None = None,
         observer: DeliveryObserver | None = None,
         on_broken: Callable[[str, str], None] | None = None,
+        expected_node_id: str | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -97,6 +106,9 @@ class StreamSender(Generic[T]):
         # a peer that died after acknowledging everything is noticed at once.
         self._on_broken = on_broken
         self.observer = observer
+        # In a swarm, the peer at ``address`` must prove it is this node before any
+        # message goes out (molink.security.peer_proof).
+        self._expected = expected_node_id if config.security is not None else None
         self._cond = threading.Condition()
         self._queued: deque[_Pending[T]] = deque()
         self._unacked: deque[_Pending[T]] = deque()
@@ -159,11 +171,23 @@ class StreamSender(Generic[T]):
         reason = f"stream to {self.address} was closed by the peer"
         broken = False
         try:
-            stream.call = self._rpc(self._requests(stream), metadata=call_metadata())
+            nonce = new_nonce()
+            metadata = call_metadata()
+            if self._expected is not None:
+                metadata += ((NONCE_KEY, nonce),)
+            stream.call = self._rpc(self._requests(stream), metadata=metadata)
+            problem = self._proof_problem(stream, nonce)
+            if problem is not None and not stream.call.done():
+                stream.call.cancel()
+                raise _NotTheExpectedNode(problem)
+            stream.proven.set()  # or the call ended first: reading it tells how
             for ack in stream.call:
                 self._acknowledge(ack)
         except grpc.RpcError as exc:
             reason = f"stream to {self.address} failed: {describe_rpc_error(exc)}"
+            broken = True
+        except _NotTheExpectedNode as exc:
+            reason = f"the peer at {self.address} is not node {self._expected}: {exc}"
             broken = True
         except Exception as exc:  # a callback bug must not kill the sender
             logger.exception("sender %s: unexpected error", self.name)
@@ -185,7 +209,20 @@ class StreamSender(Generic[T]):
             except Exception:
                 logger.exception("sender %s: the broken-stream callback failed", self.name)
 
+    def _proof_problem(self, stream: _Stream, nonce: bytes) -> str | None:
+        """Why the peer did not prove to be the node expected (None: it did, or none is
+        expected); waits for the peer's initial metadata."""
+        if self._expected is None:
+            return None
+        assert self._config.security is not None
+        own_id = self._config.security.node_id
+        return proof_problem(stream.call.initial_metadata(), nonce, own_id, self._expected)
+
     def _requests(self, stream: _Stream) -> Iterator[bytes]:
+        while not stream.proven.wait(_WAIT_SLICE_S):
+            with self._cond:
+                if self._stopped or stream.closed:
+                    return
         while True:
             with self._cond:
                 self._cond.wait_for(
