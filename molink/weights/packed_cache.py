@@ -18,6 +18,7 @@ would otherwise get bfloat16-rounded norms.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from molink.errors import WeightLoadError
@@ -135,6 +137,16 @@ def _part_file(entry: Path, name: str, model: nn.Module) -> Path:
     return entry / f"{name}{suffix}.safetensors"
 
 
+def _read_part(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A part file's tensors and their descriptions (QuantLinear.saved_state)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        infos = json.loads((handle.metadata() or {}).get(_INFO_KEY, "{}"))
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    return tensors, infos
+
+
 class PackedCache:
     """One GGUF file's cached parts (see the module doc)."""
 
@@ -142,21 +154,31 @@ class PackedCache:
         self.entry = entry
 
     def restore(self, model: nn.Module) -> bool:
-        """Fill ``model`` from the cache; False (and nothing changed) if a part is missing."""
-        from safetensors import safe_open
-
+        """Fill ``model`` from the cache; False if a part is missing or cannot be used (the
+        caller then reads the whole slice from the GGUF file, and ``save`` rewrites it)."""
         parts = _parts(model)
         files = {name: _part_file(self.entry, name, model) for name in parts}
         if not all(path.is_file() for path in files.values()):
             return False
         for name, part in parts.items():
-            with safe_open(str(files[name]), framework="pt") as handle:
-                infos = json.loads((handle.metadata() or {}).get(_INFO_KEY, "{}"))
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
             try:
-                _restore_part(part, tensors, infos)
-            except (KeyError, WeightLoadError) as exc:
-                raise WeightLoadError(f"cached weights {files[name]} do not fit: {exc}") from exc
+                _restore_part(part, *_read_part(files[name]))
+            except (
+                SafetensorError,
+                OSError,
+                ValueError,
+                KeyError,
+                RuntimeError,
+                WeightLoadError,
+            ) as exc:
+                # Cut short (a full disk, an interrupted copy) or not what this slice holds:
+                # dropped, so that the slice read from the file writes it again.
+                logger.warning(
+                    "cached weights %s cannot be used (%s); reading the file", files[name], exc
+                )
+                with contextlib.suppress(OSError):  # a read-only cache: the file stays
+                    files[name].unlink(missing_ok=True)
+                return False
         return True
 
     def save(self, model: nn.Module) -> None:

@@ -151,3 +151,21 @@ def test_matrices_of_a_type_that_cannot_stay_quantized_are_named(
     assert isinstance(up, QuantLinear) and up.planes is None  # gate (F32) + up (Q2_K): float
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("Q2_K" in w and "float32" in w for w in warnings), warnings
+
+
+def test_an_unreadable_part_is_read_from_the_file_again(quantized_gguf: Path) -> None:
+    """A part file cut short (a full disk, a copy interrupted) or overwritten with other
+    bytes is not trusted: the slice is read from the GGUF file and the part rewritten."""
+    source = GGUFSource(quantized_gguf)
+    layers = LayerRange(0, source.model_config.num_layers)
+    loaded = source.load_slice(layers, "float32", quantization="gguf")
+    part = packed_entry_for(quantized_gguf) / "layer-00000.safetensors"
+    part.write_bytes(part.read_bytes()[:100])
+    again = GGUFSource(quantized_gguf)
+    restored = again.load_slice(layers, "float32", quantization="gguf")
+    assert again.last_store is not None  # read from the file
+    tokens = [1, 5, 9, 3, 7, 2]
+    assert torch.equal(_logits([restored], tokens), _logits([loaded], tokens))
+    third = GGUFSource(quantized_gguf)
+    third.load_slice(layers, "float32", quantization="gguf")
+    assert third.last_store is None  # the rewritten part is read from the cache
