@@ -82,13 +82,14 @@ class MetricsHistory:
         self._lock = threading.Lock()
         self._finished: deque[FinishedRequest] = deque()
         self._points: deque[Point] = deque(maxlen=HISTORY_POINTS)
+        self._sampled_at: float | None = None  # the clock's time at the last sample
 
     def observe(self, output: RequestOutput) -> None:
         """Called by the API for every request that finished."""
         now = self._clock()
         with self._lock:
+            self._forget_outside(now)  # bounded even while nothing samples
             self._finished.append(finished_request(output, now))
-            self._forget_before(now - WINDOW_S)  # bounded even while nothing samples
 
     def points(self, since: float = 0.0) -> list[dict]:
         with self._lock:
@@ -98,16 +99,22 @@ class MetricsHistory:
         """Adds a point when the last one is at least a sample interval old."""
         now = self._clock()
         with self._lock:
-            if self._points and now - self._points[-1].t < SAMPLE_INTERVAL_S * 0.95:
-                return False
-            self._forget_before(now - WINDOW_S)
+            last = self._sampled_at if self._points else None
+            if last is not None and 0 <= now - last < SAMPLE_INTERVAL_S * 0.95:
+                return False  # (a clock that stepped back makes a sample due at once)
+            self._sampled_at = now
+            self._forget_outside(now)
             recent = list(self._finished)
+            # The pages ask for the points after the last they have: after the clock
+            # stepped back, points go on a sample interval apart until it catches up.
+            newest = self._points[-1].t if self._points else None
+            t = now if newest is None or now > newest else newest + SAMPLE_INTERVAL_S
         stats = self._stats()
         failovers, replays = self._recovery()
         ttfts = [r.ttft_s for r in recent if r.ttft_s is not None]
         itls = [r.itl_s for r in recent if r.itl_s is not None]
         point = Point(
-            t=now,
+            t=t,
             tokens_per_s=sum(r.tokens for r in recent) / WINDOW_S,
             running=stats.num_running,
             waiting=stats.num_waiting,
@@ -125,7 +132,10 @@ class MetricsHistory:
             self._points.append(point)
         return True
 
-    def _forget_before(self, oldest: float) -> None:
-        """Drops requests that finished before ``oldest``; the caller holds the lock."""
-        while self._finished and self._finished[0].at < oldest:
+    def _forget_outside(self, now: float) -> None:
+        """Drops requests that finished before the window; all of them when the clock
+        stepped back (their times then say nothing). The caller holds the lock."""
+        if self._finished and self._finished[-1].at > now:
+            self._finished.clear()
+        while self._finished and self._finished[0].at < now - WINDOW_S:
             self._finished.popleft()

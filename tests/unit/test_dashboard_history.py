@@ -57,3 +57,26 @@ def test_finished_requests_are_kept_for_the_window_only_without_samples() -> Non
         clock.now += 1.0
         history.observe(_finished(0.0, 0.1, 0.5, 4))
     assert len(history._finished) <= WINDOW_S + 1
+
+
+def test_the_charts_go_on_when_the_clock_steps_back() -> None:
+    # Points are stamped with the wall clock and the pages ask for points after the last
+    # they have: after the clock stepped back an hour, no sample was due for an hour, and
+    # requests that finished before the step were kept (none of them looked old).
+    clock = Clock()
+    history = MetricsHistory(lambda: EngineStats(1, 0, 10, 5), lambda: (0, 0), clock)
+    for _ in range(20):
+        clock.now += 1.0
+        history.observe(_finished(0.0, 0.1, 0.5, 4))
+    assert history.sample_if_due()
+    before = history.points()[-1]["t"]
+    clock.now -= 3600.0
+    for _ in range(1000):
+        clock.now += 1.0
+        history.observe(_finished(0.0, 0.1, 0.5, 4))
+        assert history.sample_if_due()
+    after = history.points(since=before)
+    assert len(after) == 300  # the history keeps its last 300 points
+    assert all(b["t"] > a["t"] for a, b in zip(after, after[1:], strict=False))
+    assert len(history._finished) <= WINDOW_S + 1
+    assert after[-1]["tokens_per_s"] == pytest.approx(4 * 11 / WINDOW_S)
