@@ -58,7 +58,8 @@ def cached_metadata(
 ) -> dict[str, Any]:
     """What ``read()`` makes of the file's metadata (JSON), computed on the first start only.
 
-    A cache that cannot be written (a read-only home) costs the parse, nothing else."""
+    A cache that cannot be written (a read-only home) or whose file is damaged costs the
+    parse, nothing else."""
     entry = packed_entry_for(gguf_path, cache_dir)
 
     def build(tmp: Path) -> None:
@@ -67,7 +68,7 @@ def cached_metadata(
     try:
         build_entry(entry, build, {"source": str(gguf_path.resolve())})
         return json.loads((entry / METADATA_FILE).read_text())
-    except OSError as exc:
+    except (OSError, json.JSONDecodeError) as exc:  # unwritable, or a damaged file
         logger.warning("cannot use the weights cache %s (%s); reading %s", entry, exc, gguf_path)
         return read()
 

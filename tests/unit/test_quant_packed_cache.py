@@ -169,3 +169,10 @@ def test_an_unreadable_part_is_read_from_the_file_again(quantized_gguf: Path) ->
     third = GGUFSource(quantized_gguf)
     third.load_slice(layers, "float32", quantization="gguf")
     assert third.last_store is None  # the rewritten part is read from the cache
+
+
+def test_unreadable_cached_metadata_is_parsed_from_the_file_again(quantized_gguf: Path) -> None:
+    first = GGUFSource(quantized_gguf)
+    (packed_entry_for(quantized_gguf) / METADATA_FILE).write_text('{"config": {"hidden')
+    again = GGUFSource(quantized_gguf)
+    assert again.model_config == first.model_config
