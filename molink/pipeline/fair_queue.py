@@ -7,7 +7,8 @@ one pass of its own, however many steps it has queued. Jobs of different heads t
 disjoint sequences, so the order between heads changes no result.
 
 Each head may queue at most ``max_per_head`` jobs: one head's backlog cannot fill the room
-that another head's steps need.
+that another head's steps need. All heads together may queue at most ``max_total``: any
+swarm member can make itself fresh head ids, each with its own allowance.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ J = TypeVar("J", bound=HeadJob)
 
 
 class QueueFullError(Exception):
-    """A head's queue stayed full for the whole timeout."""
+    """A head's queue, or the whole queue, stayed full for the whole timeout; the message
+    says which."""
 
 
 class HeadFairQueue(Generic[J]):
-    def __init__(self, max_per_head: int) -> None:
+    def __init__(self, max_per_head: int, max_total: int | None = None) -> None:
         self.max_per_head = max_per_head
+        self.max_total = max_total
         self._queues: dict[str, deque[J]] = {}
         self._turns: deque[str] = deque()  # heads with queued jobs, next to be served first
         self._size = 0
@@ -42,13 +45,13 @@ class HeadFairQueue(Generic[J]):
 
     def put(self, job: J, timeout: float) -> None:
         """Queue ``job`` behind its head's others; QueueFullError after ``timeout`` seconds
-        while that head already has ``max_per_head`` queued."""
+        while that head already has ``max_per_head`` queued, or all heads ``max_total``."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while len(self._queues.get(job.head_id, ())) >= self.max_per_head:
+            while (full := self._full(job.head_id)) is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise QueueFullError(job.head_id)
+                    raise QueueFullError(full)
                 self._changed.wait(left)
             queue = self._queues.setdefault(job.head_id, deque())
             if not queue:
@@ -56,6 +59,14 @@ class HeadFairQueue(Generic[J]):
             queue.append(job)
             self._size += 1
             self._changed.notify_all()
+
+    def _full(self, head_id: str) -> str | None:
+        """Why a job of ``head_id`` cannot be queued now (None: it can)."""
+        if len(self._queues.get(head_id, ())) >= self.max_per_head:
+            return f"{self.max_per_head} steps of head {head_id} are queued"
+        if self.max_total is not None and self._size >= self.max_total:
+            return f"{self.max_total} steps of all heads are queued (max_queued_steps_per_node)"
+        return None
 
     def get(self, timeout: float) -> J | None:
         """The first job of the head whose turn it is (None after ``timeout`` idle); that

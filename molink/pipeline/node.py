@@ -112,6 +112,8 @@ class StageNode:
             max_sequences_per_head=self.config.max_sequences_per_head,
             leases=None if head_role is not None else LeaseTable(self.config.lease_s),
             on_lapse=self._lease_lapsed,
+            max_sequences_per_node=self.config.max_sequences_per_node,
+            max_queued_per_node=self.config.max_queued_steps_per_node,
         )
         self._joined_head: str | None = None  # the head joined through the initial peer
         self._rejoining = threading.Lock()

@@ -96,15 +96,22 @@ class ComputeWorker:
         max_sequences_per_head: int = 4096,
         leases: LeaseTable | None = None,
         on_lapse: Callable[[str], None] | None = None,
+        max_sequences_per_node: int | None = None,
+        max_queued_per_node: int | None = None,
     ) -> None:
         self._executor = executor
         self._max_sequences_per_head = max_sequences_per_head
+        # Any member can make itself fresh head ids: the node-wide bounds hold whatever
+        # heads the steps name (None: not bounded, for a head's own stage).
+        self._max_sequences_per_node = max_sequences_per_node
         self._node_id = node_id
         self._on_output = on_output
         self._on_error = on_error
         self._on_release = on_release
         # Heads take turns; each keeps its own order (molink.pipeline.fair_queue).
-        self._jobs: HeadFairQueue[StepJob | ReleaseJob] = HeadFairQueue(max_per_head=max_queued)
+        self._jobs: HeadFairQueue[StepJob | ReleaseJob] = HeadFairQueue(
+            max_per_head=max_queued, max_total=max_queued_per_node
+        )
         self._stall_after_s = upstream_stall_s
         self.leases = leases  # None: a head's own stage, whose steps are its own
         self._on_lapse = on_lapse
@@ -130,10 +137,9 @@ class ComputeWorker:
         """Queue a job; raise PipelineError if the queue stays full for ``timeout``."""
         try:
             self._jobs.put(job, timeout=timeout)
-        except QueueFullError:
+        except QueueFullError as exc:
             raise PipelineError(
-                f"stage {self._node_id} is overloaded: {self._jobs.max_per_head} steps of "
-                f"head {job.head_id} queued for more than {timeout:.0f}s"
+                f"stage {self._node_id} is overloaded: {exc} for more than {timeout:.0f}s"
             ) from None
 
     @property
@@ -328,6 +334,13 @@ class ComputeWorker:
             raise ProtocolError(
                 f"head {job.head_id} would hold {held} sequences on stage {self._node_id}; "
                 f"one head may hold at most {self._max_sequences_per_head}"
+            )
+        limit = self._max_sequences_per_node
+        total = self.active_sequences - len(known) + held
+        if limit is not None and total > limit:
+            raise ProtocolError(
+                f"all heads would hold {total} sequences on stage {self._node_id}; "
+                f"they may hold at most {limit} together (max_sequences_per_node)"
             )
 
     def _release(self, job: ReleaseJob) -> None:

@@ -52,6 +52,8 @@ class TransportConfig:
     join_interval_s: float = 2.0
     node_join_burst: int = 30
     max_sequences_per_head: int = 4096
+    max_sequences_per_node: int = 16384
+    max_queued_steps_per_node: int = 256  # all heads' steps received, not yet computed
     # Mutual TLS with the swarm's authority on every server and channel; None: open mode
     # (plaintext, any caller), for trusted networks and development only.
     security: SwarmCredentials | None = field(default=None, compare=False)
@@ -74,6 +76,8 @@ class TransportConfig:
             "join_burst",
             "node_join_burst",
             "max_sequences_per_head",
+            "max_sequences_per_node",
+            "max_queued_steps_per_node",
         ):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, "must be >= 1")

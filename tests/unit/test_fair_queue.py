@@ -61,6 +61,21 @@ def test_one_heads_backlog_does_not_block_anothers_submission() -> None:
     assert queue.qsize() == 4
 
 
+def test_fresh_head_ids_do_not_escape_the_node_wide_bound() -> None:
+    """Any member can make itself new head ids, each with a queue of its own: all heads
+    together queue at most ``max_total``; a job waits for room, then is refused."""
+    queue: HeadFairQueue[Job] = HeadFairQueue(max_per_head=3, max_total=4)
+    for n in range(4):
+        queue.put(Job(f"minted-{n}", 0), timeout=0)
+    with pytest.raises(QueueFullError, match="4 steps of all heads are queued"):
+        queue.put(Job("minted-4", 0), timeout=0.01)
+    with pytest.raises(QueueFullError, match="4 steps of all heads"):
+        queue.put(Job("minted-0", 1), timeout=0.01)  # within its own head's bound
+    threading.Timer(0.05, lambda: queue.get(timeout=0)).start()
+    queue.put(Job("minted-4", 0), timeout=10)  # room once a job is taken
+    assert queue.qsize() == 4
+
+
 def _step(head_id: str, step_id: int) -> StepJob:
     plan = StepPlan(step_id, (ScheduledSequence(step_id, 0, 1),), (1,))
     return StepJob(head_id, 0, plan, None, trusted=True)

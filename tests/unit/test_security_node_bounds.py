@@ -11,8 +11,14 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from molink.config import LayerRange
+from molink.pipeline.toy import ToyStageExecutor
+from molink.pipeline.worker import ComputeWorker, StepJob
+from molink.placement.route import Route, RouteHop
 from molink.transport.generated import molink_pb2 as pb
 from tests.helpers.polling import first_result, wait_until
+from tests.helpers.toy_swarm import MODEL as TOY_MODEL
+from tests.helpers.toy_swarm import hidden, prefill
 from tests.unit.test_security_authorization import (
     BASE,
     HOLD_S,
@@ -23,6 +29,10 @@ from tests.unit.test_security_authorization import (
     idle_until,
     member,
     running_swarm,
+)
+
+TOY_ROUTE = Route(
+    (RouteHop("h", "x:1", 0, 1), RouteHop("s", "x:2", 1, 2), RouteHop("t", "x:3", 2, 4)), "x:1"
 )
 
 
@@ -85,3 +95,30 @@ def test_a_release_names_at_most_as_many_sequences_as_a_head_may_hold(swarm: Swa
         enough = [5, *range(100, 100 + limit - 1)]
         stub.Release(pb.ReleaseRequest(head_id=swarm.head.head_id, seq_ids=enough), timeout=10)
     assert wait_until(lambda: swarm.last.health().active_sequences == 0)
+
+
+def test_sequences_of_minted_heads_are_bounded_per_node() -> None:
+    """Each fresh head id may hold max_sequences_per_head sequences on a stage; all heads
+    together hold at most max_sequences_per_node."""
+    errors: list[str] = []
+    worker = ComputeWorker(
+        ToyStageExecutor(LayerRange(1, 2), TOY_MODEL),
+        "s",
+        on_output=lambda out: None,
+        on_error=lambda job, message, kind: errors.append(message),
+        on_release=lambda job: None,
+        max_queued=8,
+        upstream_stall_s=60.0,
+        max_sequences_per_head=2,
+        max_sequences_per_node=3,
+    )
+    for head_id, seq_id in (("minted-1", 1), ("minted-1", 2), ("minted-2", 1)):
+        plan = prefill(seq_id, seq_id)
+        worker._steps([StepJob(head_id, TOY_ROUTE, plan, hidden(plan))])
+    assert errors == [] and worker.active_sequences == 3
+    plan = prefill(4, 4)
+    worker._steps([StepJob("minted-3", TOY_ROUTE, plan, hidden(plan))])
+    assert worker.active_sequences == 3
+    (error,) = errors
+    assert "all heads would hold 4 sequences" in error
+    assert "at most 3 together (max_sequences_per_node)" in error
