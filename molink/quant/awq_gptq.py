@@ -1,4 +1,5 @@
-"""AWQ and GPTQ checkpoints: 4-bit integers packed in int32, read into ``GroupInts``.
+"""AWQ and GPTQ checkpoints: 4-bit (GPTQ also 8-bit) integers packed in int32, read into
+``GroupInts``.
 
 Both keep, per linear layer ``X``, ``X.qweight`` (eight 4-bit integers per int32),
 ``X.qzeros`` (the same for each group's zero point) and ``X.scales`` (float16,
@@ -7,7 +8,9 @@ Both keep, per linear layer ``X``, ``X.qweight`` (eight 4-bit integers per int32
 * AWQ (AutoAWQ's GEMM layout): qweight [in, out / 8] and qzeros [in / group, out / 8],
   packed along outputs in the order 0, 2, 4, 6, 1, 3, 5, 7 within each int32.
 * GPTQ (AutoGPTQ / GPTQModel): qweight [in / 8, out] packed along inputs, qzeros
-  [in / group, out / 8] packed along outputs in order, each zero stored minus one (format
+  [in / group, out / 8] packed along outputs in order (8-bit, as Qwen's GPTQ-Int8: four
+  integers per int32, [in / 4, out] and [in / group, out / 4], held centred on 128 so
+  that they fit int4.plane_split's two planes), each zero stored minus one (format
   v1, ``checkpoint_format`` ``gptq`` or absent) or as it is (``gptq_v2``, GPTQModel's);
   other layouts (``marlin``, ``bitblas``, ...) are refused naming them. Act-order
   checkpoints (``desc_act``: ``g_idx`` puts inputs that are not neighbours in one group)
@@ -36,28 +39,34 @@ GPTQ_ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [..., n] -> int16 [..., n, 8]: nibble j of each int32 (least significant first)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    return ((packed.to(torch.int32)[..., None] >> shifts) & 0x0F).to(torch.int16)
+def _nibbles(packed: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """int32 [..., n] -> int16 [..., n, 32 / bits]: field j of each int32 (least
+    significant first); ``bits`` 4 (nibbles) or 8 (bytes)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    mask = (1 << bits) - 1
+    return ((packed.to(torch.int32)[..., None] >> shifts) & mask).to(torch.int16)
 
 
-def _unpack_outputs(packed: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-    """[rows, out / 8] int32 packed along outputs -> [rows, out] int16."""
-    nib = _nibbles(packed)  # [rows, out / 8, 8]: nibble j
-    inverse = torch.empty(8, dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(8)
+def _unpack_outputs(packed: torch.Tensor, order: tuple[int, ...], bits: int = 4) -> torch.Tensor:
+    """[rows, out * bits / 32] int32 packed along outputs -> [rows, out] int16."""
+    nib = _nibbles(packed, bits)  # [rows, out * bits / 32, 32 / bits]: field j
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
     return nib[..., inverse].reshape(packed.shape[0], -1)
 
 
 def quant_settings(raw_config: dict[str, Any], method: str) -> tuple[int, int]:
-    """(bits, group size) from ``quantization_config``; only 4-bit is run. Group size -1
-    (one scale per output row, GPTQ's "per channel") is returned as -1."""
+    """(bits, group size) from ``quantization_config``: AWQ 4-bit, GPTQ 4- or 8-bit. Group
+    size -1 (one scale per output row, GPTQ's "per channel") is returned as -1."""
     quant = raw_config.get("quantization_config") or {}
     bits = int(quant.get("bits", quant.get("w_bit", 4)))
     group = int(quant.get("group_size", quant.get("q_group_size", 128)))
-    if bits != 4:
-        raise WeightLoadError(f"quantization_config.bits = {bits}: {method} runs 4-bit only")
+    allowed = (4, 8) if method == "gptq" else (4,)
+    if bits not in allowed:
+        raise WeightLoadError(
+            f"quantization_config.bits = {bits}: {method} runs "
+            f"{' or '.join(map(str, allowed))}-bit only"
+        )
     if group <= 0 and group != PER_CHANNEL:
         raise WeightLoadError(
             f"quantization_config.group_size = {group}: a group size is > 0, or -1 (per channel)"
@@ -99,15 +108,19 @@ def gptq_group_ints(
     group: int,
     g_idx: torch.Tensor | None = None,
     zero_offset: int = 1,
+    bits: int = 4,
 ) -> GroupInts:
-    """``zero_offset``: added to the stored zero points (1 for format v1, 0 for v2)."""
-    q = _nibbles(qweight).permute(0, 2, 1).reshape(-1, qweight.shape[1])  # [in, out]
+    """``zero_offset``: added to the stored zero points (1 for format v1, 0 for v2);
+    ``bits``: 4 (eight integers per int32) or 8 (four)."""
+    q = _nibbles(qweight, bits).permute(0, 2, 1).reshape(-1, qweight.shape[1])  # [in, out]
     group = q.shape[0] if group == PER_CHANNEL else group
     order = None if g_idx is None else act_order(g_idx, q.shape[0], group)
     if order is not None:
         q = q[order]  # inputs sorted by group: each group's inputs side by side
-    zeros = _unpack_outputs(qzeros, tuple(range(8))) + zero_offset
-    ints = _group_ints(q, zeros, scales, group, "gptq", qweight, qzeros)
+    zeros = _unpack_outputs(qzeros, tuple(range(32 // bits)), bits) + zero_offset
+    # 8-bit integers 0..255 are held centred (-128..127: two int4 planes, int4.plane_split).
+    center = 128 if bits == 8 else 0
+    ints = _group_ints(q - center, zeros - center, scales, group, "gptq", qweight, qzeros)
     return ints if order is None else replace(ints, input_order=order)
 
 

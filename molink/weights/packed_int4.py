@@ -15,10 +15,14 @@ from molink.weights.source import TensorStore
 
 
 class PackedInt4Store(TensorStore):
-    def __init__(self, inner: TensorStore, method: str, group: int, zero_offset: int = 1) -> None:
-        """``zero_offset``: what GPTQ's stored zero points need added (awq_gptq)."""
+    def __init__(
+        self, inner: TensorStore, method: str, group: int, zero_offset: int = 1, bits: int = 4
+    ) -> None:
+        """``zero_offset``: what GPTQ's stored zero points need added; ``bits``: GPTQ's
+        4 or 8 (molink.quant.awq_gptq)."""
         super().__init__()
         self._zero_offset = zero_offset
+        self._bits = bits
         self._inner = inner
         self._method = method
         self._group = group
@@ -52,4 +56,6 @@ class PackedInt4Store(TensorStore):
         if self._method == "awq":
             return awq_group_ints(qweight, qzeros, scales, self._group)
         g_idx = self._inner[base + ".g_idx"] if base + ".g_idx" in self._inner else None
-        return gptq_group_ints(qweight, qzeros, scales, self._group, g_idx, self._zero_offset)
+        return gptq_group_ints(
+            qweight, qzeros, scales, self._group, g_idx, self._zero_offset, self._bits
+        )

@@ -122,9 +122,9 @@ class ModelSource(abc.ABC):
         if method in ("awq", "gptq"):
             from molink.weights.packed_int4 import PackedInt4Store  # it subclasses TensorStore
 
-            _, group = quant_settings(self.model_config.raw, method)
+            bits, group = quant_settings(self.model_config.raw, method)
             offset = gptq_zero_offset(self.model_config.raw) if method == "gptq" else 0
-            return PackedInt4Store(store, method, group, offset)
+            return PackedInt4Store(store, method, group, offset, bits)
         return store
 
     def load_slice(

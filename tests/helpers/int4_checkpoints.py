@@ -19,14 +19,17 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
-def quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit per group: q [out, in], zeros [out, in/g] in 0..15, scales fp16."""
+def quantize(
+    weight: torch.Tensor, group: int, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per group: q [out, in], zeros [out, in/g] in 0..2**bits - 1, scales fp16."""
     out, inp = weight.shape
+    top = (1 << bits) - 1
     groups = weight.float().view(out, inp // group, group)
     lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
-    scales = ((hi - lo) / 15).clamp(min=1e-6).half()
-    zeros = (-lo / scales.float()).round().clamp(0, 15)
-    q = (groups / scales.float()[..., None] + zeros[..., None]).round().clamp(0, 15)
+    scales = ((hi - lo) / top).clamp(min=1e-6).half()
+    zeros = (-lo / scales.float()).round().clamp(0, top)
+    q = (groups / scales.float()[..., None] + zeros[..., None]).round().clamp(0, top)
     return q.view(out, inp).to(torch.int32), zeros.to(torch.int32), scales
 
 
@@ -37,13 +40,15 @@ def dequantized(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, grou
     return (q.float() - z) * s
 
 
-def _pack(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-    """[rows, n] 0..15 -> [rows, n / 8] int32, nibble j holding column 8c + order[j]."""
+def _pack(values: torch.Tensor, order: tuple[int, ...], bits: int = 4) -> torch.Tensor:
+    """[rows, n] 0..2**bits - 1 -> [rows, n / per] int32 (per = 32 / bits integers), field j
+    holding column per * c + order[j]."""
     rows, n = values.shape
-    v = values.view(rows, n // 8, 8)[..., list(order)].to(torch.int64)
-    packed = torch.zeros(rows, n // 8, dtype=torch.int64)
-    for j in range(8):
-        packed |= v[..., j] << (4 * j)
+    per = 32 // bits
+    v = values.view(rows, n // per, per)[..., list(order)].to(torch.int64)
+    packed = torch.zeros(rows, n // per, dtype=torch.int64)
+    for j in range(per):
+        packed |= v[..., j] << (bits * j)
     return (packed - ((packed >> 31) & 1) * (1 << 32)).to(torch.int32)  # as signed int32
 
 
@@ -56,15 +61,22 @@ def awq_tensors(q, zeros, scales) -> dict[str, torch.Tensor]:
 
 
 def gptq_tensors(
-    q, zeros, scales, group: int, v2: bool = False, g_idx: torch.Tensor | None = None
+    q,
+    zeros,
+    scales,
+    group: int,
+    v2: bool = False,
+    g_idx: torch.Tensor | None = None,
+    bits: int = 4,
 ) -> dict[str, torch.Tensor]:
     """GPTQ's layout; ``v2`` (``checkpoint_format: gptq_v2``) stores zero points as they
     are, format v1 minus one; ``g_idx``: each input's group (act-order), else ``i // group``."""
     inp = q.shape[1]
-    stored_zeros = zeros if v2 else (zeros - 1) & 0x0F
+    order = tuple(range(32 // bits))
+    stored_zeros = zeros if v2 else (zeros - 1) & ((1 << bits) - 1)
     return {
-        "qweight": _pack(q.contiguous(), tuple(range(8))).t().contiguous(),  # [in / 8, out]
-        "qzeros": _pack(stored_zeros.t().contiguous(), tuple(range(8))),
+        "qweight": _pack(q.contiguous(), order, bits).t().contiguous(),  # [in * bits / 32, out]
+        "qzeros": _pack(stored_zeros.t().contiguous(), order, bits),
         "scales": scales.t().contiguous(),
         "g_idx": (torch.arange(inp) // group if g_idx is None else g_idx).to(torch.int32),
     }
@@ -93,6 +105,7 @@ def make_int4_checkpoints(
     group: int,
     checkpoint_format: str = "gptq",
     act_order: bool = False,
+    bits: int = 4,
 ):
     """(quantized dir, dequantized float dir) built from ``float_dir``; a GPTQ
     ``checkpoint_format`` other than ``gptq`` (v1) is written into the config;
@@ -107,7 +120,7 @@ def make_int4_checkpoints(
         if act_order:
             q, zeros, scales, g_idx, deq[name] = act_order_quantize(weight, size)
         else:
-            q, zeros, scales = quantize(weight, size)
+            q, zeros, scales = quantize(weight, size, bits)
             deq[name] = dequantized(q, zeros, scales, size)
         base = name.removesuffix(".weight")
         del quant[name]
@@ -115,11 +128,11 @@ def make_int4_checkpoints(
         packed = (
             awq_tensors(q, zeros, scales)
             if method == "awq"
-            else gptq_tensors(q, zeros, scales, size, v2=v2, g_idx=g_idx)
+            else gptq_tensors(q, zeros, scales, size, v2=v2, g_idx=g_idx, bits=bits)
         )
         quant.update({f"{base}.{k}": v for k, v in packed.items()})
     config = json.loads((float_dir / "config.json").read_text())
-    quant_config = {"quant_method": method, "bits": 4, "group_size": group}
+    quant_config = {"quant_method": method, "bits": bits, "group_size": group}
     quant_config.update({"version": "gemm", "zero_point": True} if method == "awq" else {
         "desc_act": False, "sym": False})  # fmt: skip
     if method == "gptq" and checkpoint_format != "gptq":

@@ -120,6 +120,24 @@ def test_act_order_checkpoint_matches_its_dequantized_float_model(
     assert torch.allclose(up.product(x), x.bfloat16().float() @ weight.t(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_eight_bit_gptq_matches_its_dequantized_float_model(
+    tiny_model_dir, tmp_path: Path, checkpoint_format: str
+) -> None:
+    """GPTQ-Int8 (four integers per int32, 0..255) was refused; it runs as two int4 planes
+    of its centred integers, exactly the matrix it stands for up to bfloat16 scales."""
+    base = tiny_model_dir("llama", **SHAPE)
+    qdir, fdir = make_int4_checkpoints(base, tmp_path, "gptq", 32, checkpoint_format, bits=8)
+    name = "model.layers.0.mlp.down_proj.weight"
+    ints = resolve_model_source(str(qdir)).open_tensors_for("gptq")[name]
+    assert torch.equal(ints.dequantize(), resolve_model_source(str(fdir)).open_tensors()[name])
+    got, model = _run(qdir)
+    expected, _ = _run(fdir)
+    assert all(len(layer.attn.qkv.planes.packed) == 2 for layer in model.layers)
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
 def test_gptq_layouts_we_cannot_read_are_refused(tiny_model_dir, tmp_path: Path) -> None:
     qdir, _ = make_int4_checkpoints(
         tiny_model_dir("llama", **SHAPE), tmp_path, "gptq", 32, "marlin"
