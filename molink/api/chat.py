@@ -18,6 +18,7 @@ from molink.api.prompt_logprobs import vllm_prompt_logprobs
 from molink.api.runner import GenerationRun
 from molink.api.sampling import (
     build_sampling_params,
+    check_max_logprobs,
     continuous_usage,
     include_usage,
     reject_streamed_prompt_logprobs,
@@ -42,6 +43,7 @@ class ChatMeta:
     tools: ToolPlan
     want_prompt_logprobs: bool = False  # vLLM's prompt_logprobs, beside the choices
     echo_text: str = ""  # the final assistant message, sent back first with echo
+    role: str = "assistant"  # of the reply: --response-role, or the last message's
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, obj: str, choices: list[dict]) -> dict:
@@ -77,6 +79,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         constraint = tools.constraint
     num_top = _num_top_logprobs(body)
     reject_streamed_prompt_logprobs(body)
+    check_max_logprobs(
+        {"top_logprobs": body.top_logprobs, "prompt_logprobs": body.prompt_logprobs},
+        ctx.chat.max_logprobs,
+    )
     params = build_sampling_params(
         body,
         max_tokens=_max_tokens(body),
@@ -98,6 +104,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         tools,
         want_prompt_logprobs=body.prompt_logprobs is not None,
         echo_text=_echo_text(body),
+        role=_reply_role(ctx, body),
     )
     run = ctx.new_run([meta.request_id], [prompt_ids], params)
     if body.stream:
@@ -123,6 +130,15 @@ def _echo_text(body: ChatCompletionRequest) -> str:
     if isinstance(last.content, str):
         return last.content
     return "\n".join(part.text or "" for part in last.content)
+
+
+def _reply_role(ctx: ServerContext, body: ChatCompletionRequest) -> str:
+    """As vLLM: --response-role after a generation prompt, else the reply continues the
+    last message, whose role it keeps."""
+    generation_prompt = body.add_generation_prompt
+    if generation_prompt is None:
+        generation_prompt = not body.continue_final_message
+    return ctx.chat.response_role if generation_prompt else body.messages[-1].role
 
 
 def _max_tokens(body: ChatCompletionRequest) -> int | None:
@@ -179,7 +195,7 @@ def _message(meta: ChatMeta, text: str) -> dict:
     content, calls = meta.tools.read(text)
     if meta.echo_text:  # with tool calls too, as vLLM does and a stream sends it
         content = meta.echo_text + (content or "")
-    message: dict = {"role": "assistant", "content": content}
+    message: dict = {"role": meta.role, "content": content}
     if calls:
         message["tool_calls"] = [call.to_openai() for call in calls]
     return message

@@ -87,7 +87,7 @@ class ChatStreamFormatter:
         self._prompt_tokens = len(first.prompt_token_ids)
         chunks = []
         for index in range(self._meta.n):
-            delta = {"role": "assistant", "content": ""}
+            delta = {"role": self._meta.role, "content": ""}
             chunks.append(self._chunk(_item(index, delta)))
             if self._meta.echo_text:
                 chunks.append(self._chunk(_item(index, {"content": self._meta.echo_text})))

@@ -23,6 +23,7 @@ from molink.api.prompt_logprobs import echo_logprobs, join_logprobs, vllm_prompt
 from molink.api.runner import GenerationRun, Prompt
 from molink.api.sampling import (
     build_sampling_params,
+    check_max_logprobs,
     continuous_usage,
     include_usage,
     reject_streamed_prompt_logprobs,
@@ -75,6 +76,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     ctx.ensure_ready()
     _reject_unsupported(body)
     reject_streamed_prompt_logprobs(body)  # before echo asks for them itself
+    check_max_logprobs(
+        {"logprobs": body.logprobs, "prompt_logprobs": body.prompt_logprobs},
+        ctx.chat.max_logprobs,
+    )
     prompts = normalize_prompts(body.prompt, ctx.engine.tokenizer.vocab_size)
     for prompt in prompts:
         if isinstance(prompt, str):

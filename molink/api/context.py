@@ -26,6 +26,8 @@ class ChatOptions:
     tool_call_parser: str | None = None  # molink.api.tool_parsers name
     enable_auto_tool_choice: bool = False
     generation_defaults: dict = field(default_factory=dict)  # from generation_config.json
+    max_logprobs: int = 20  # --max-logprobs: most logprobs/top_logprobs/prompt_logprobs
+    response_role: str = "assistant"  # --response-role: a reply's role after a gen. prompt
 
 
 @dataclass

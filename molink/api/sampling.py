@@ -133,6 +133,18 @@ def reject_streamed_prompt_logprobs(body: SamplingFields) -> None:
         )
 
 
+def check_max_logprobs(fields: Mapping[str, int | None], limit: int) -> None:
+    """--max-logprobs bounds each logprobs field a request sends, as vLLM's does."""
+    for name, value in fields.items():
+        if value is not None and value > limit:
+            raise APIError(
+                400,
+                f"{name}: {value} is more than this server allows (--max-logprobs {limit}); "
+                f"ask for at most {limit}",
+                name,
+            )
+
+
 def include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 

@@ -60,7 +60,10 @@ def make_server(
     log_level: str = "info",
     graceful_seconds: float = GRACEFUL_SHUTDOWN_SECONDS,
     tls: HttpsFiles | None = None,
+    root_path: str = "",
+    access_log: bool = True,
 ) -> GracefulServer:
+    """``root_path``: the prefix a proxy serves the API under (--root-path)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -71,6 +74,8 @@ def make_server(
         # uvicorn's own TLS (Python's ssl module), as vLLM's server does.
         ssl_keyfile=tls.keyfile if tls else None,
         ssl_certfile=tls.certfile if tls else None,
+        root_path=root_path,
+        access_log=access_log,
     )
     return GracefulServer(config, server_context(app).streams)
 
@@ -84,9 +89,17 @@ class HttpsFiles:
 
 
 async def serve_app(
-    app: FastAPI, host: str, port: int, log_level: str = "info", tls: HttpsFiles | None = None
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    tls: HttpsFiles | None = None,
+    root_path: str = "",
+    access_log: bool = True,
 ) -> GracefulServer:
     """Serves until stopped by a signal (or ``server.should_exit``); HTTPS with ``tls``."""
-    server = make_server(app, host, port, log_level, tls=tls)
+    server = make_server(
+        app, host, port, log_level, tls=tls, root_path=root_path, access_log=access_log
+    )
     await server.serve()
     return server

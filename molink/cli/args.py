@@ -34,7 +34,13 @@ from molink.cli.serving_args import (
     VLLM_API_KEY_ENV,
     add_serving_args,
 )
+from molink.cli.vllm_api_args import DEFAULT_MAX_LOGPROBS, ignored_api_flags, validate_api_flags
 from molink.cli.vllm_args import add_vllm_args, ignored_vllm_flags, validate_vllm_flags
+from molink.cli.vllm_loading_args import (
+    ignored_loading_flags,
+    kv_cache_dtype_name,
+    validate_loading_flags,
+)
 from molink.config import ENGINE_DEFAULTS
 from molink.device import check_device_text
 from molink.errors import InvalidParameterError
@@ -130,10 +136,28 @@ class EngineArgs:
     enable_chunked_prefill: bool | None = None
     swap_space: float | None = None
     uvicorn_log_level: str | None = None
+    # Where the model and tokenizer come from (molink.cli.vllm_loading_args).
+    tokenizer: str | None = None  # a folder holding tokenizer.json; None: the model's
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    tokenizer_mode: str = "auto"
+    download_dir: str | None = None
+    load_format: str = "auto"
+    # The HTTP API (molink.cli.vllm_api_args).
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
+    root_path: str | None = None
+    response_role: str = "assistant"
+    guided_decoding_backend: str = "auto"
+    structured_outputs_config: str | None = None
+    max_seq_len_to_capture: int | None = None
+    enable_log_requests: bool = False
+    disable_uvicorn_access_log: bool = False
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype in DTYPE_ALIASES:
             object.__setattr__(self, "dtype", DTYPE_ALIASES[self.dtype])
+        object.__setattr__(self, "kv_cache_dtype", kv_cache_dtype_name(self.kv_cache_dtype))
         self.validate()
 
     @property
@@ -161,6 +185,7 @@ class EngineArgs:
         check_device_text(self.device)
         check_quantization_choice(self.quantization)
         check_batch_kernel(self.quantized_batch_kernel)
+        validate_loading_flags(self)  # before the dtype check: it names fp8_e5m2 itself
         check_kv_cache_dtype(self.kv_cache_dtype)
         validate_pipeline_settings(self)
         check_choice(self.log_level, LOG_LEVEL_CHOICES, "log_level")
@@ -193,10 +218,11 @@ class EngineArgs:
 
     def _validate_vllm_flags(self) -> None:
         validate_vllm_flags(self)
+        validate_api_flags(self)
 
     def ignored_flags(self) -> list[str]:
         """What each vLLM flag given here that means nothing on this server is, one line each."""
-        return ignored_vllm_flags(self)
+        return ignored_vllm_flags(self) + ignored_loading_flags(self) + ignored_api_flags(self)
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> EngineArgs:

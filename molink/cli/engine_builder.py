@@ -30,6 +30,8 @@ def engine_options(args: EngineArgs) -> EngineOptions:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
     )
 
 

@@ -35,6 +35,7 @@ from molink.engine.factory import (
     follower_settings,
     graph_settings,
     last_stage_grammars,
+    model_source,
     num_blocks_for,
     profiled_num_blocks,
     profiles_kv_memory,
@@ -65,7 +66,7 @@ from molink.stage.speed import PROBE_TOKENS, layer_step_seconds
 from molink.stage.worker import StageWorker
 from molink.tokenizer.tokenizer import Tokenizer
 from molink.transport.config import TransportConfig
-from molink.weights import ModelSource, resolve_model_source
+from molink.weights import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def build_pipeline_engine(args: EngineArgs, options: EngineOptions):
     host = grpc_bind_host(args.host, advertise_host(args), credentials is not None)
     bind = f"{host}:{args.molink_grpc_port}"
     resolve_device(options.device)  # a device this machine lacks fails before any loading
-    source = resolve_model_source(options.model, quantization=options.quantization)
+    source = model_source(options)
     model = ModelIdentity.from_model_config(args.model_name, source.model_config)
 
     def join_dht() -> SwarmDirectory | None:

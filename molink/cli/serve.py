@@ -72,7 +72,7 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
     # loaded (minutes for a large one).
     chat_template = read_chat_template(args.chat_template)
     folder_defaults = _folder_generation_defaults(
-        args.generation_config, args.override_generation_config
+        _generation_setting(args), args.override_generation_config
     )
     # The engine is built inside the running loop, so it may start tasks of its own.
     engine = engine_factory(args)
@@ -97,7 +97,15 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
         tls = HttpsFiles(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
         scheme = "https" if tls else "http"
         logger.info("serving %s on %s://%s:%d", names[0], scheme, args.host, args.port)
-        server = await serve_app(app, args.host, args.port, args.log_level, tls=tls)
+        server = await serve_app(
+            app,
+            args.host,
+            args.port,
+            args.log_level,
+            tls=tls,
+            root_path=args.root_path or "",
+            access_log=not args.disable_uvicorn_access_log,
+        )
     finally:
         await _close_engine(engine)
     return 0 if server.started else 1
@@ -126,7 +134,26 @@ def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) ->
         tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         generation_defaults=defaults,
+        max_logprobs=args.max_logprobs,
+        response_role=args.response_role,
     )
+
+
+def _generation_setting(args: EngineArgs) -> str:
+    """'auto' reads the folder the engine's tokenizer came from: with --tokenizer that is
+    not the model's, so the model's folder is named instead (a hub model's is not known
+    here: its defaults are then left out, and said so)."""
+    if args.generation_config != "auto" or args.tokenizer is None:
+        return args.generation_config
+    folder = Path(args.model) if args.model is not None else None
+    if folder is not None and (folder / "generation_config.json").is_file():
+        return str(folder)
+    if folder is None or not folder.is_dir():
+        logger.warning(
+            "--tokenizer: the model's generation_config.json is not read (its folder is not "
+            "known here); pass it with --generation-config FOLDER"
+        )
+    return "vllm"
 
 
 def _folder_generation_defaults(setting: str, override: str | None) -> dict | None:

@@ -9,6 +9,7 @@ import argparse
 
 from molink.cli.default_model import DEFAULT_MODEL_NAME
 from molink.cli.flag_values import size_arg, token_count_arg
+from molink.cli.vllm_loading_args import KV_CACHE_DTYPE_ALIASES, REFUSED_KV_CACHE_DTYPES
 from molink.config import ENGINE_DEFAULTS
 from molink.device import DEVICE_CHOICES
 from molink.quant.config import KV_CACHE_DTYPE_CHOICES, QUANTIZATION_CHOICES
@@ -76,9 +77,9 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--kv-cache-dtype",
         default=ENGINE_DEFAULTS.kv_cache_dtype,
-        choices=KV_CACHE_DTYPE_CHOICES,
+        choices=(*KV_CACHE_DTYPE_CHOICES, *KV_CACHE_DTYPE_ALIASES, *REFUSED_KV_CACHE_DTYPES),
         help="KV cache dtype; auto: the model dtype; bfloat16 halves CPU cache memory; "
-        "fp8 needs a GPU (default: %(default)s)",
+        "fp8 (fp8_e4m3) needs a GPU; fp8_e5m2 is refused (default: %(default)s)",
     )
     model.add_argument(
         "--max-model-len",

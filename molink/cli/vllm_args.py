@@ -8,6 +8,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from molink.cli.vllm_api_args import add_api_args
+from molink.cli.vllm_loading_args import add_loading_args
 from molink.config import ENGINE_DEFAULTS
 from molink.errors import InvalidParameterError
 
@@ -161,3 +163,5 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--uvicorn-log-level", default=None, help="accepted; see --log-level (default: none)"
     )
+    add_loading_args(group)
+    add_api_args(group)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -67,6 +68,8 @@ class EngineOptions:
     max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
     enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     tensor_parallel_size: int = 1
+    tokenizer: str | None = None  # a folder holding tokenizer.json; None: the model's
+    revision: str | None = None  # of a hub model
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -198,7 +201,7 @@ def build_local_engine(
     Returns the engine, its model source and max_model_len.
     """
     device = resolve_device(options.device)  # before any loading: a bad device fails at once
-    source = resolve_model_source(options.model, quantization=options.quantization)
+    source = model_source(options)
     config = source.model_config
     dtype = torch_dtype_for(source, options.dtype, device, options.quantization)
     kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
@@ -251,6 +254,16 @@ def build_local_engine(
     executor = LocalExecutor(stages, wire_dtype)
     engine = LLMEngine(scheduler, executor, tokenizer, vocab_size=config.vocab_size)
     return engine, source, max_model_len
+
+
+def model_source(options: EngineOptions) -> ModelSource:
+    """The model the options name, at their revision, with their tokenizer folder if any."""
+    source = resolve_model_source(
+        options.model, options.revision, quantization=options.quantization
+    )
+    if options.tokenizer is not None:
+        source.tokenizer_dir = Path(options.tokenizer)
+    return source
 
 
 def follower_settings(
