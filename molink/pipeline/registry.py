@@ -154,12 +154,43 @@ class StageRegistry:
     def _refusal_locked(self, node: NodeInfo) -> str | None:
         head = self._head
         checks = (
+            _check_text(node),
             _check_protocol(node, head),
             _check_identity(node, head),
             _check_range(node, head),
             _check_blocks(node, head),
         )
         return next((reason for reason in checks if reason is not None), None)
+
+
+# A joining node's description is kept, pushed to every stage, shown and logged: its text
+# is bounded and printable as in a DHT record (molink.discovery.records).
+MAX_TEXT_CHARS = 512
+MAX_PUBLIC_KEY_BYTES = 1024  # a P-256 key in DER is 91 bytes
+
+
+def _check_text(node: NodeInfo) -> str | None:
+    fields = {
+        "node_id": node.node_id,
+        "address": node.address,
+        "served_name": node.model.served_name,
+        "fingerprint": node.model.fingerprint,
+        "dtype": node.dtype,
+        "wire_dtype": node.wire_dtype,
+        "dht_address": node.dht_address,
+        "device": node.device,
+    }
+    for name, value in fields.items():
+        if len(value) > MAX_TEXT_CHARS:
+            return f"field {name} of a joining node has {len(value)} characters, at most {MAX_TEXT_CHARS}"
+        if not value.isprintable():  # shown in terminals and logs: no escape sequences
+            return f"field {name} of a joining node holds control or other unprintable characters"
+    if len(node.public_key) > MAX_PUBLIC_KEY_BYTES:
+        return (
+            f"field public_key of a joining node has {len(node.public_key)} bytes, "
+            f"at most {MAX_PUBLIC_KEY_BYTES}"
+        )
+    return None
 
 
 def _check_protocol(node: NodeInfo, head: NodeInfo) -> str | None:

@@ -96,6 +96,12 @@ def test_every_change_bumps_the_epoch(registry: StageRegistry) -> None:
         (_node("head", 10, 20), "is the head's own id"),
         (_node("", 10, 20), "empty node id"),
         (_node("a", 10, 20, address=""), "advertises no address"),
+        (
+            _node("a", 10, 20, address="x" * 513),
+            "field address of a joining node has 513 characters, at most 512",
+        ),
+        (_node("a", 10, 20, device="cpu\x1b[2J"), "field device of a joining node holds control"),
+        (_node("a", 10, 20, public_key=b"k" * 1025), "public_key of a joining node has 1025 bytes"),
     ],
 )
 def test_join_refusals_say_why(registry: StageRegistry, node: NodeInfo, expected: str) -> None:
