@@ -2,8 +2,12 @@
 
 The rule, in order:
 
-1. Layers no node serves come first: the node takes the first missing range, from its
-   start, as far as its memory allows.
+1. A head without a route comes first: the node takes the shortest span its memory holds
+   that joins the head's chain of meeting spans to a chain that reaches the last layer
+   (layers no node serves, or spans that overlap without meeting). When none fits, layers
+   no node serves are taken from the first, as far as its memory allows (the next node
+   goes on from there); when none are missing, it becomes a replica (rule 2) if another
+   head has a route, else it is an error.
 2. Otherwise it becomes a replica where the swarm is weakest. Every layer's *strength*
    is the throughput of the nodes serving it (a node that has measured none counts as
    1 token/s), and the node takes the span of an existing node (so that routes can use it
@@ -28,8 +32,8 @@ The rule, in order:
 Layers below the end of the heads' own spans are left out: a head computes its own layers,
 so a replica of them would never be on a route. Nor does a head's span count as serving
 layers for anyone: a head with a longer span than another serves none of the other's
-routes, whose next node must start where that head's span ends. The size comes from ``max_layers``, what
-the node's memory holds (``layers_that_fit``).
+routes, whose next node must start where that head's span ends. The size comes from
+``max_layers``, what the node's memory holds (``layers_that_fit``).
 """
 
 from __future__ import annotations
@@ -84,7 +88,23 @@ def choose_span(
             continue  # a head: it computes its layers for its own routes only
         for layer in range(span.start, span.end):
             strength[layer] += span.throughput if span.throughput > 0 else 1.0
+    joining = _join(num_layers, served, max_layers)
+    if joining is not None and joining[1] - joining[0] <= max_layers:
+        start, end = joining
+        why = (
+            "were served by no node"
+            if all(strength[layer] == 0 for layer in range(start, end))
+            else "join spans that do not meet: no route reached the last layer"
+        )
+        return Placement(start, end, f"layers [{start}, {end}) {why} (memory holds {max_layers})")
     missing = next((layer for layer in range(floor, num_layers) if strength[layer] == 0), None)
+    if missing is None and joining is not None and not _some_head_routed(num_layers, served):
+        start, end = joining
+        raise PipelineError(
+            f"this node's memory holds {max_layers} layer(s), too few to give a head a route: "
+            f"the shortest span that would, [{start}, {end}), has {end - start} (see "
+            "--molink-max-memory, or give the layers)"
+        )
     if missing is not None:
         end = missing
         while end < num_layers and strength[end] == 0 and end - missing < max_layers:
@@ -118,6 +138,42 @@ def choose_span(
         f"starts, and the shortest span here, [{shortest[0]}, {shortest[1]}), has "
         f"{shortest[1] - shortest[0]} (see --molink-max-memory, or give the layers)"
     )
+
+
+def _join(num_layers: int, served: Sequence[ServedSpan], most: int) -> tuple[int, int] | None:
+    """For the first head (by its span's end) that has no route, the shortest span joining
+    its chain of meeting spans to one that reaches the last layer: the shortest of those
+    within ``most`` layers, else the shortest of all. None when every head has a route."""
+    nodes = [s for s in served if s.start > 0]
+    finishing = {num_layers}  # boundaries from which a chain of nodes reaches the end
+    while grown := {s.start for s in nodes if s.end in finishing} - finishing:
+        finishing |= grown
+    for head_end in sorted({s.end for s in served if s.start == 0}):
+        reached = _reached(nodes, head_end)
+        if num_layers in reached:
+            continue
+        joins = [(e - r, r, e) for r in reached for e in finishing if r < e]
+        _, start, end = min([j for j in joins if j[0] <= most] or joins)
+        return start, end
+    return None
+
+
+def _some_head_routed(num_layers: int, served: Sequence[ServedSpan]) -> bool:
+    nodes = [s for s in served if s.start > 0]
+    heads = {s.end for s in served if s.start == 0}
+    return any(num_layers in _reached(nodes, head_end) for head_end in heads)
+
+
+def _reached(nodes: Sequence[ServedSpan], start: int) -> set[int]:
+    """The boundaries a chain of meeting spans reaches from ``start``."""
+    reached, frontier = {start}, [start]
+    while frontier:
+        boundary = frontier.pop()
+        for span in nodes:
+            if span.start == boundary and span.end not in reached:
+                reached.add(span.end)
+                frontier.append(span.end)
+    return reached
 
 
 def _usable_end(

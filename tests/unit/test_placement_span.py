@@ -79,3 +79,22 @@ def test_spans_outside_the_model_are_left_out() -> None:
     for bad in (ServedSpan(4, 30), ServedSpan(-2, 8), ServedSpan(8, 6)):
         placement = choose_span(24, [ServedSpan(0, 4), bad], max_layers=100)
         assert (placement.start, placement.end) == (4, 24), bad
+
+
+def test_spans_that_do_not_meet_are_joined() -> None:
+    # Every layer served, but no route: [10, 20) and [15, 30) do not meet, nor do [0, 10)
+    # and [8, 30). The joining node became a replica of a span (no route still), or
+    # placement failed; it now takes the shortest span that makes a route.
+    overlap = [ServedSpan(0, 10), ServedSpan(10, 20, 5.0), ServedSpan(15, 30, 5.0)]
+    placement = choose_span(30, overlap, max_layers=100)
+    assert (placement.start, placement.end) == (10, 15)
+    assert "no route" in placement.reason
+    nodes = [Candidate(f"n{i}", "", s.start, s.end) for i, s in enumerate(overlap) if i]
+    head = Candidate("head", "", 0, 10)
+    assert best_route(head, nodes, 30, "") is None
+    assert best_route(head, [*nodes, Candidate("new", "", 10, 15)], 30, "") is not None
+    behind = [ServedSpan(0, 10), ServedSpan(8, 30, 5.0)]
+    joined = choose_span(30, behind, 100)
+    assert (joined.start, joined.end) == (10, 30)
+    with pytest.raises(PipelineError, match=r"holds 5 layer\(s\).*\[10, 30\), has 20"):
+        choose_span(30, behind, max_layers=5)  # no span it can hold makes a route
