@@ -110,8 +110,6 @@ class QuantLinear(nn.Module):
         self._check_shape(weight.shape if quantized else tuple(weight.shape))  # type: ignore[union-attr]
         self.source_type = weight.source_type if quantized else "float32"  # type: ignore[union-attr]
         order = weight.input_order if isinstance(weight, GroupInts) else None
-        if order is not None and self.table:
-            raise WeightLoadError("an act-order matrix cannot be an embedding (rows gathered)")
         # fp8 rows are made from the dequantized matrix: its columns are in input order.
         self.input_order = None if order is None or self.fp8 else order.to(self.device)
         if self.device.type != "cpu":
@@ -232,9 +230,15 @@ class QuantLinear(nn.Module):
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of W as float32 (the same matrix as an input embedding)."""
         if self.on_device is not None:
-            return self.on_device.gather_rows(ids)
-        if self.planes is None:
+            rows = self.on_device.gather_rows(ids)
+        elif self.planes is None:
             if self.dense is None:
                 raise WeightLoadError("quantized embedding used before its weight was loaded")
             return F.embedding(ids, self.dense)
-        return self.planes.gather_rows(ids)
+        else:
+            rows = self.planes.gather_rows(ids)
+        if self.input_order is None:
+            return rows
+        inputs = torch.empty_like(rows)  # act-order: columns back in input order
+        inputs[:, self.input_order] = rows
+        return inputs

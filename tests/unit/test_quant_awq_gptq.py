@@ -95,6 +95,13 @@ def test_act_order_unpacking_is_exact() -> None:
     ints = gptq_group_ints(gptq["qweight"], gptq["qzeros"], gptq["scales"], 32, gptq["g_idx"])
     assert ints.input_order is not None
     assert torch.equal(ints.dequantize(), expected)
+    # A quantized LM head may be act-order too (and tied, the embedding): rows come back
+    # in input order, as the int4 kernel holds them (bfloat16 scales).
+    table = QuantLinear(256, 96, bias=False, table=True)
+    table.load_weight(ints, pack=False)
+    ids = torch.tensor([0, 5, 95])
+    step = scales.float().abs().max()
+    assert (table.embedding(ids) - expected[ids]).abs().max() <= 16 * step * 2**-8
     with pytest.raises(WeightLoadError, match="does not put 32 inputs in every group"):
         gptq_group_ints(gptq["qweight"], gptq["qzeros"], gptq["scales"], 32, g_idx % 4)
 
