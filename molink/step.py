@@ -82,6 +82,9 @@ class PromptTokenLogprob:
 
     logprob: float
     top: tuple[TokenLogprob, ...] = ()
+    # How many vocabulary tokens are at least as likely there (1: the most likely), as
+    # vLLM's rank; None where it was not computed.
+    rank: int | None = None
 
 
 @dataclass(frozen=True)

@@ -53,13 +53,13 @@ def vllm_prompt_logprobs(
     tokenizer: TokenizerLike, prompt_ids: list[int], entries: list[PromptTokenLogprob] | None
 ) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's shape: per prompt token, None for the first, else token id -> logprob, rank
-    (1 = most likely; null when the prompt token is outside the top alternatives) and text."""
+    (1 = most likely; the prompt token's real rank, also outside the top alternatives) and
+    text."""
     result: list[dict[str, dict[str, Any]] | None] = [None]
     for token_id, entry in zip(prompt_ids[1:], entries or [], strict=False):
         ranked = {alt.token_id: rank for rank, alt in enumerate(entry.top, start=1)}
-        item = {
-            str(token_id): _vllm_entry(tokenizer, token_id, entry.logprob, ranked.get(token_id))
-        }
+        rank = entry.rank if entry.rank is not None else ranked.get(token_id)
+        item = {str(token_id): _vllm_entry(tokenizer, token_id, entry.logprob, rank)}
         for rank, alt in enumerate(entry.top, start=1):
             item.setdefault(
                 str(alt.token_id), _vllm_entry(tokenizer, alt.token_id, alt.logprob, rank)

@@ -25,13 +25,16 @@ def prompt_token_logprobs(
         piece = logits[start : start + len(piece_targets)].float()
         logprobs = torch.log_softmax(piece, dim=-1)
         index = torch.tensor(piece_targets, dtype=torch.long, device=logprobs.device)
-        chosen = logprobs.gather(1, index.unsqueeze(1)).squeeze(1).tolist()
+        chosen_column = logprobs.gather(1, index.unsqueeze(1))
+        chosen = chosen_column.squeeze(1).tolist()
+        # vLLM's rank: the tokens at least as likely as the prompt token, itself included.
+        ranks = (logprobs >= chosen_column).sum(dim=1).tolist()
         top_ids: list[list[int]] = [[] for _ in piece_targets]
         top_values: list[list[float]] = [[] for _ in piece_targets]
         if num_top > 0:
             top = logprobs.topk(min(num_top, logprobs.shape[1]), dim=-1)
             top_ids, top_values = top.indices.tolist(), top.values.tolist()
-        for value, ids, values in zip(chosen, top_ids, top_values, strict=True):
+        for value, rank, ids, values in zip(chosen, ranks, top_ids, top_values, strict=True):
             alternatives = tuple(TokenLogprob(t, v) for t, v in zip(ids, values, strict=True))
-            entries.append(PromptTokenLogprob(value, alternatives))
+            entries.append(PromptTokenLogprob(value, alternatives, rank))
     return entries

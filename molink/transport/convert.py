@@ -183,6 +183,7 @@ def _sampled_to_proto(token: SampledToken) -> pb.SampledToken:
             pb.PromptTokenLogprob(
                 logprob=entry.logprob,
                 top=[pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in entry.top],
+                rank=entry.rank,
             )
         )
     return msg
@@ -201,7 +202,11 @@ def result_from_proto(msg: pb.StepResult) -> StepResult:
                 top_logprobs=_logprobs_from_proto(t.top_logprobs),
                 error=t.error if t.HasField("error") else None,
                 prompt_logprobs=tuple(
-                    PromptTokenLogprob(p.logprob, _logprobs_from_proto(p.top))
+                    PromptTokenLogprob(
+                        p.logprob,
+                        _logprobs_from_proto(p.top),
+                        p.rank if p.HasField("rank") else None,
+                    )
                     for p in t.prompt_logprobs
                 ),
             )

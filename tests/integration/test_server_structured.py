@@ -197,4 +197,8 @@ def test_echo_logprobs_max_tokens_0_match_transformers(live_server: LiveServer, 
     for position, entry in enumerate(scored[1:], start=1):
         chosen = entry[str(ids[position])]
         assert abs(chosen["logprob"] - expected[position - 1]) < 1e-4
+        # The real rank, also outside the 2 alternatives (up to near-ties with transformers).
+        row = logprobs[position - 1]
+        assert int((row >= expected[position - 1] + 1e-4).sum()) <= chosen["rank"]
+        assert chosen["rank"] <= int((row >= expected[position - 1] - 1e-4).sum())
         assert len(entry) in (2, 3)  # the prompt token and the 2 most likely (maybe the same)
