@@ -193,6 +193,11 @@ class DecoderArchitecture:
     def check_config(self, config: ModelConfig) -> None:
         """Refuse, naming the field, whatever this architecture cannot run."""
         check_quantization(config)
+        if config.num_kv_heads < 1 or config.num_heads % config.num_kv_heads:
+            raise InvalidParameterError(
+                "num_key_value_heads",
+                f"{config.num_kv_heads} must divide num_attention_heads {config.num_heads}",
+            )
         check_layer_types(self.layer_types(config), config.num_layers)
         factor = partial_rotary_factor(config)
         if factor != 1 and not self.partial_rotary:

@@ -190,3 +190,47 @@ def test_a_parameter_no_binding_fills_is_refused_at_load() -> None:
     }
     with pytest.raises(WeightLoadError, match="mlp.gate_up.bias"):
         bind(layer, gated_mlp_bindings(""), tensors, pack=False)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"top_k": 7}, "num_experts_per_tok"),
+        ({"num_groups": 4}, "n_group"),
+        ({"num_groups": 2, "topk_groups": 3}, "topk_group"),
+        ({"routing": "sigmoid_group", "num_groups": 6}, "n_group"),
+        (
+            {"routing": "softmax_group", "num_groups": 3, "topk_groups": 1, "top_k": 3},
+            "num_experts_per_tok",
+        ),
+    ],
+)
+def test_an_expert_choice_no_token_can_make_is_refused_by_field(changes: dict, field: str) -> None:
+    from molink.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError) as info:
+        MoESpec(
+            **{"hidden_size": 16, "intermediate_size": 8, "num_experts": 6, "top_k": 2, **changes}
+        )
+    assert info.value.field == field
+
+
+def test_key_value_heads_that_do_not_divide_the_heads_are_refused() -> None:
+    from molink.errors import InvalidParameterError
+
+    config = ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=3,
+        head_dim=4,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=64,
+    )
+    with pytest.raises(InvalidParameterError) as info:
+        build_model(config, LayerRange(0, 1), torch.float32)
+    assert info.value.field == "num_key_value_heads"

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molink.errors import InvalidParameterError
 from molink.models.blocks.linear import LinearFactory
 from molink.models.blocks.mlp import GatedMLP
 from molink.models.parallel.shard import Segment, split_units
@@ -43,6 +44,34 @@ class MoESpec:
 
     def __post_init__(self) -> None:
         assert self.routing in ROUTINGS, self.routing
+        self._check_choice()
+
+    def _check_choice(self) -> None:
+        """Refuse, naming the config field, a choice of experts no token can make."""
+        experts, groups = self.num_experts, self.num_groups
+        if not 1 <= self.top_k <= experts:
+            raise InvalidParameterError(
+                "num_experts_per_tok", f"{self.top_k} must be in [1, {experts}] (the experts)"
+            )
+        if groups < 1 or experts % groups:
+            raise InvalidParameterError(
+                "n_group", f"{groups} must divide the {experts} routed experts"
+            )
+        if not 1 <= self.topk_groups <= groups:
+            raise InvalidParameterError(
+                "topk_group", f"{self.topk_groups} must be in [1, {groups}] (n_group)"
+            )
+        if self.routing == "sigmoid_group" and experts // groups < 2:
+            # a group's score is the sum of its two best experts
+            raise InvalidParameterError(
+                "n_group", f"{groups} groups of {experts} experts leave fewer than 2 per group"
+            )
+        if self.top_k > (experts // groups) * self.topk_groups:
+            raise InvalidParameterError(
+                "num_experts_per_tok",
+                f"{self.top_k} is more than the {self.topk_groups} chosen groups of "
+                f"{experts // groups} experts hold",
+            )
 
 
 GluActivation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
