@@ -24,13 +24,19 @@ class StreamOptions(_Body):
 
 
 class StructuredOutputs(_Body):
-    """vLLM's ``structured_outputs``: exactly one of these."""
+    """vLLM's ``structured_outputs``: exactly one constraint, and options."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    # Options beside the constraint (molink.api.structured_options).
+    disable_any_whitespace: bool | None = None
+    whitespace_pattern: str | None = None
+    disable_additional_properties: bool | None = None
+    disable_fallback: bool | None = None  # accepted: there is no fallback backend
+    structural_tag: str | dict[str, Any] | None = None  # refused
 
 
 class JsonSchemaFormat(_Body):
@@ -78,6 +84,8 @@ class SamplingFields(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None  # the whitespace a guided_json allows
+    guided_decoding_backend: str | None = None  # accepted: llguidance enforces every grammar
 
 
 class CompletionRequest(SamplingFields):

@@ -12,6 +12,11 @@ from typing import Any
 
 from molink.api.errors import APIError
 from molink.api.schemas import SamplingFields
+from molink.api.structured_options import (
+    apply_structured_options,
+    check_structured_options,
+    with_whitespace_pattern,
+)
 from molink.errors import InvalidParameterError
 from molink.sampling.structured import to_llguidance_grammar
 from molink.sampling_params import StructuredOutputSpec
@@ -34,6 +39,12 @@ def structured_spec(body: SamplingFields) -> StructuredOutputSpec | None:
         if spec is not None
     ]
     if not found:
+        if body.guided_whitespace_pattern is not None:
+            raise APIError(
+                400,
+                "guided_whitespace_pattern needs a JSON schema constraint",
+                "guided_whitespace_pattern",
+            )
         return None
     if len(found) > 1:
         names = ", ".join(_source(field) for field, _ in found)
@@ -41,6 +52,9 @@ def structured_spec(body: SamplingFields) -> StructuredOutputSpec | None:
             400, f"only one output constraint may be given, got {names}", _source(found[0][0])
         )
     field, spec = found[0]
+    spec = with_whitespace_pattern(
+        spec, body.guided_whitespace_pattern, "guided_whitespace_pattern"
+    )
     check_spec(spec, field)  # named by the sub-field that holds it
     return spec
 
@@ -83,6 +97,7 @@ def _from_structured_outputs(body: SamplingFields) -> tuple[str, StructuredOutpu
     so = body.structured_outputs
     if so is None:
         return "structured_outputs", None
+    check_structured_options(so)
     specs = [
         (f"structured_outputs.{name}", spec)
         for name, spec in (
@@ -103,7 +118,8 @@ def _from_structured_outputs(body: SamplingFields) -> tuple[str, StructuredOutpu
             "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
             "structured_outputs",
         )
-    return specs[0]
+    field, spec = specs[0]
+    return field, apply_structured_options(so, spec)
 
 
 def _json_spec(value: dict[str, Any] | str | None, field: str) -> StructuredOutputSpec | None:
