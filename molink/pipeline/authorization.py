@@ -14,7 +14,9 @@ has no caller identity and trusts every caller, as it trusts its network:
 * what a node received of head H's steps (molink.pipeline.witness) is told only to H;
 * a head takes sampled tokens only from the last node of the route it chose for that step,
   and error reports only from the nodes of that route; a report that no room was left
-  names its sender, one that a step could not be delivered names the hop after it.
+  names its sender, one that a step could not be delivered names the hop after it;
+* the timings a result's trace carries are taken only when they name the nodes of that
+  step's route, in order (the head keeps and exports an estimate per node named).
 
 Each check returns None when the call is allowed, else the reason it is not.
 """
@@ -116,3 +118,17 @@ def _blame_refusal(caller: str, result: pb.StepResult, route: Route) -> str | No
         f"node {caller} blames node {blamed}; it can report this failure only of "
         f"{allowed or 'no node'}"
     )
+
+
+def trace_problem(trace: list[pb.HopTrace], route: Route, complete: bool) -> str | None:
+    """Why a result's ``trace`` does not describe ``route`` (None: it does, one entry per
+    hop in the route's order; all of them when ``complete``, else the hops a failed step
+    got through). Each hop adds its own entry and passes on the others, so the last node
+    writes them all; naming nodes off the route would make the head keep estimates, and
+    export metrics, for any ids it chose."""
+    named = [hop.node_id for hop in trace]
+    expected = [hop.node_id for hop in route.hops]
+    if named == expected or (not complete and named == expected[: len(named)]):
+        return None
+    shown = ", ".join(named[:8]) + (" ..." if len(named) > 8 else "")
+    return f"its trace names [{shown}], not the nodes of route {route.key}"

@@ -34,6 +34,7 @@ import torch
 from molink.engine.recovery import NodeFailure, RecoveryStats, TokenVerdict
 from molink.engine.telemetry import LinkEstimate, StageTiming
 from molink.errors import PipelineError
+from molink.pipeline.authorization import trace_problem
 from molink.pipeline.deadlines import DeadlinePolicy, StepDeadlines
 from molink.pipeline.failover import FailoverDesk
 from molink.pipeline.head_detection import LossDetection, gone_node
@@ -382,13 +383,28 @@ class PipelineExecutor:
             self._detection.suspect(
                 result.failed_node_id, result.error or "a step could not reach it"
             )
+        flight = self._flights.get((result.step_id, result.micro_batch))
+        trace = self._routed_trace(result, trace, flight.route if flight else None)
         if result.error is None:
             self._hops.count(trace, sender_id, num_bytes)
-            flight = self._flights.get((result.step_id, result.micro_batch))
             if flight is not None:
                 self._telemetry.record_step(flight.num_tokens, trace, flight.decode_only)
         timings = trace_to_timings(trace)
         self._flights.complete(dataclasses.replace(result, stage_timings=timings))
+
+    def _routed_trace(
+        self, result: StepResult, trace: list[pb.HopTrace], route: Route | None
+    ) -> list[pb.HopTrace]:
+        """``trace`` when it names the nodes of the step's route, else nothing."""
+        if route is None:
+            return []  # no step of this head: nothing to check it against
+        problem = trace_problem(trace, route, complete=result.error is None)
+        if problem is None:
+            return trace
+        logger.warning(
+            "head %s ignores step %d's timings: %s", self.head_id, result.step_id, problem
+        )
+        return []
 
     # -- discovery (molink.discovery.watch) --------------------------------------
 

@@ -122,3 +122,42 @@ def test_sequences_of_minted_heads_are_bounded_per_node() -> None:
     (error,) = errors
     assert "all heads would hold 4 sequences" in error
     assert "at most 3 together (max_sequences_per_node)" in error
+
+
+def test_a_results_trace_counts_only_when_it_names_the_steps_route(
+    swarm: Swarm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last stage writes the whole trace it returns: one naming nodes off the step's
+    route would make the head keep an estimate, and export metrics, for every id named."""
+    executor = swarm.last._worker._executor
+    computing, gate = threading.Event(), threading.Event()
+    execute_many = executor.execute_many
+
+    def held(*args, **kwargs):  # the step stays in flight until the forged result is in
+        computing.set()
+        gate.wait(30)
+        return execute_many(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "execute_many", held)
+    swarm.head.submit(_prefill(1, 5, (10,)))
+    try:
+        assert computing.wait(30)
+        forged = pb.ReturnResultsRequest(head_id=swarm.head.head_id, sender_id=swarm.last.node_id)
+        forged.result.step_id = 1
+        forged.result.sampled.add(seq_id=5, token_id=7)
+        for node_id in (swarm.head.head_id, "minted-1", "minted-2"):
+            forged.result.trace.add(node_id=node_id, compute_s=100.0)
+        channel, stub = swarm.stub(swarm.head.address, swarm.last.config)
+        with channel:
+            assert len(list(stub.ReturnResults(iter([forged]), timeout=10))) == 1
+        result = first_result(swarm.head)
+    finally:
+        gate.set()
+    assert result.sampled[0].token_id == 7  # the last stage may answer for the step
+    assert result.stage_timings == {}
+    assert not any("minted" in hop for hop in swarm.head.metrics().hops)
+    assert not any("minted" in t.node_id for t in swarm.head.stage_timings())
+    swarm.head.submit(_prefill(2, 6, (10,)))  # an honest trace names the route: kept
+    honest = first_result(swarm.head)
+    route = [swarm.head.head_id, swarm.middle.node_id, swarm.last.node_id]
+    assert list(honest.stage_timings) == route
