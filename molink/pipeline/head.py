@@ -84,7 +84,7 @@ class PipelineExecutor:
         if info.layers.start != 0:
             raise PipelineError(f"the head must hold layer 0, not {info.layers.start}")
         self.config = config or TransportConfig()
-        self._registry = StageRegistry(info)
+        self._registry = StageRegistry(info, self.config.max_pipeline_nodes)
         self._node = StageNode(
             executor,
             info,

@@ -80,8 +80,11 @@ def missing_message(missing: list[LayerRange]) -> str | None:
 class StageRegistry:
     """Which node serves which layers. Thread-safe; every change bumps the epoch."""
 
-    def __init__(self, head: NodeInfo) -> None:
+    def __init__(self, head: NodeInfo, max_nodes: int = 1024) -> None:
         self._head = head
+        # Any member can make itself fresh ids: a pipeline holds at most this many nodes,
+        # the head among them (each is pushed to every stage with every change).
+        self._max_nodes = max_nodes
         self._lock = threading.Lock()
         self._stages: dict[str, NodeInfo] = {head.node_id: head}
         self._epoch = 1
@@ -153,8 +156,12 @@ class StageRegistry:
 
     def _refusal_locked(self, node: NodeInfo) -> str | None:
         head = self._head
+        full = node.node_id not in self._stages and len(self._stages) >= self._max_nodes
         checks = (
             _check_text(node),
+            f"the pipeline already holds {self._max_nodes} nodes (max_pipeline_nodes)"
+            if full
+            else None,
             _check_protocol(node, head),
             _check_identity(node, head),
             _check_range(node, head),

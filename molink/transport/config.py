@@ -54,6 +54,7 @@ class TransportConfig:
     max_sequences_per_head: int = 4096
     max_sequences_per_node: int = 16384
     max_queued_steps_per_node: int = 256  # all heads' steps received, not yet computed
+    max_pipeline_nodes: int = 1024  # nodes a head's pipeline holds, the head among them
     # Mutual TLS with the swarm's authority on every server and channel; None: open mode
     # (plaintext, any caller), for trusted networks and development only.
     security: SwarmCredentials | None = field(default=None, compare=False)
@@ -78,6 +79,7 @@ class TransportConfig:
             "max_sequences_per_head",
             "max_sequences_per_node",
             "max_queued_steps_per_node",
+            "max_pipeline_nodes",
         ):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, "must be >= 1")

@@ -147,3 +147,17 @@ def test_fingerprint_tells_shapes_apart() -> None:
     assert model_fingerprint(base) != model_fingerprint(dataclasses.replace(base, hidden_size=128))
     identity = ModelIdentity.from_model_config("m", base)
     assert (identity.num_layers, identity.hidden_size, identity.vocab_size) == (4, 64, 1000)
+
+
+def test_a_pipeline_holds_at_most_max_nodes() -> None:
+    """Any member can make itself fresh ids; each node is pushed to every stage with every
+    change, so a pipeline holds a bounded number (a node already in may join again)."""
+    registry = StageRegistry(_node("head", 0, 10), max_nodes=3)
+    registry.join(_node("a", 10, 40))
+    registry.join(_node("b", 10, 40))
+    with pytest.raises(JoinRefusedError, match=r"already holds 3 nodes \(max_pipeline_nodes\)"):
+        registry.join(_node("minted", 10, 40))
+    registry.join(_node("a", 10, 20))  # a rejoin takes no more room
+    registry.remove("b")
+    registry.join(_node("minted", 10, 40))
+    assert {s.node_id for s in registry.view().stages} == {"head", "a", "minted"}
