@@ -15,6 +15,7 @@ from molink.api.context import ServerContext, get_context, new_request_id, usage
 from molink.api.errors import APIError
 from molink.api.logprobs import chat_logprobs
 from molink.api.prompt_logprobs import vllm_prompt_logprobs
+from molink.api.reasoning import split_reasoning
 from molink.api.runner import GenerationRun
 from molink.api.sampling import (
     build_sampling_params,
@@ -44,6 +45,8 @@ class ChatMeta:
     want_prompt_logprobs: bool = False  # vLLM's prompt_logprobs, beside the choices
     echo_text: str = ""  # the final assistant message, sent back first with echo
     role: str = "assistant"  # of the reply: --response-role, or the last message's
+    reasoning_parser: str | None = None  # None: the reply is all content
+    include_reasoning: bool = True
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, obj: str, choices: list[dict]) -> dict:
@@ -105,6 +108,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         want_prompt_logprobs=body.prompt_logprobs is not None,
         echo_text=_echo_text(body),
         role=_reply_role(ctx, body),
+        reasoning_parser=_reasoning_parser(ctx, body, tools),
+        include_reasoning=body.include_reasoning is not False,
     )
     run = ctx.new_run([meta.request_id], [prompt_ids], params)
     if body.stream:
@@ -139,6 +144,21 @@ def _reply_role(ctx: ServerContext, body: ChatCompletionRequest) -> str:
     if generation_prompt is None:
         generation_prompt = not body.continue_final_message
     return ctx.chat.response_role if generation_prompt else body.messages[-1].role
+
+
+def _reasoning_parser(
+    ctx: ServerContext, body: ChatCompletionRequest, tools: ToolPlan
+) -> str | None:
+    """The parser that splits this reply: none for a constrained reply (the grammar holds
+    from its first token, so it has no thoughts; auto tool choice leaves text free until a
+    call opens), nor for Qwen3 told not to think."""
+    parser = ctx.chat.reasoning_parser
+    if parser is None or tools.mode in ("named", "required") or structured_spec(body):
+        return None
+    thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True)
+    if parser == "qwen3" and thinking is False:
+        return None
+    return parser
 
 
 def _max_tokens(body: ChatCompletionRequest) -> int | None:
@@ -192,18 +212,30 @@ async def _complete(ctx: ServerContext, run: GenerationRun, meta: ChatMeta) -> J
 
 
 def _message(meta: ChatMeta, text: str) -> dict:
-    content, calls = meta.tools.read(text)
+    reasoning, rest = _split(meta, text)
+    content, calls = meta.tools.read(rest) if rest is not None else (None, [])
     if meta.echo_text:  # with tool calls too, as vLLM does and a stream sends it
         content = meta.echo_text + (content or "")
     message: dict = {"role": meta.role, "content": content}
+    if reasoning is not None and meta.include_reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = [call.to_openai() for call in calls]
     return message
 
 
+def _split(meta: ChatMeta, text: str) -> tuple[str | None, str | None]:
+    """(reasoning, the rest) of a whole reply; all of it is the rest without a parser."""
+    if meta.reasoning_parser is None:
+        return None, text
+    split = split_reasoning(meta.reasoning_parser, text)
+    return split.reasoning, split.content
+
+
 def _finish_reason(meta: ChatMeta, choice: CompletionOutput) -> str | None:
     if choice.finish_reason == "stop" and meta.tools.mode in ("auto", "required"):
-        _, calls = meta.tools.read(choice.text)
+        _, rest = _split(meta, choice.text)
+        _, calls = meta.tools.read(rest) if rest is not None else (None, [])
         if calls:
             return "tool_calls"
     return choice.finish_reason

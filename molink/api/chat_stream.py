@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from molink.api.context import usage_body
+from molink.api.reasoning import ReasoningStream
 from molink.api.streaming import ChoiceCursor
 from molink.api.tool_parsers import ParsedToolCall, new_call_id
 from molink.outputs import RequestOutput
@@ -79,6 +80,7 @@ class ChatStreamFormatter:
         self._continuous = continuous
         self._cursors: dict[int, ChoiceCursor] = {}
         self._tools: dict[int, _ToolStream] = {}
+        self._thoughts: dict[int, ReasoningStream] = {}
         self._prompt_tokens = 0
         self._completion_tokens: dict[int, int] = {}
 
@@ -101,8 +103,8 @@ class ChatStreamFormatter:
                 continue
             self._completion_tokens[choice.index] = len(choice.token_ids)
             tools = self._tools.setdefault(choice.index, _ToolStream(self._meta))
-            message = self._delta(tools, delta.text)
             finish = delta.finish_reason
+            message = self._delta(choice.index, tools, delta.text, finish is not None)
             if finish is not None:
                 finish = self._finish(tools, message, finish)
             item = _item(choice.index, message, finish)
@@ -114,12 +116,23 @@ class ChatStreamFormatter:
             chunks.append(self._chunk(item))
         return chunks
 
-    def _delta(self, tools: _ToolStream, text: str) -> dict:
+    def _delta(self, index: int, tools: _ToolStream, text: str, last: bool) -> dict:
         if self._meta.tools.mode == "named":
             calls = tools.named_arguments(text)
             return {"tool_calls": calls} if calls else {}
+        message = {}
+        if self._meta.reasoning_parser is not None:
+            thoughts = self._thoughts.setdefault(index, ReasoningStream())
+            reasoning, text = thoughts.feed(text)
+            if last:
+                held_reasoning, held_text = thoughts.finish()
+                reasoning, text = reasoning + held_reasoning, text + held_text
+            if reasoning and self._meta.include_reasoning:
+                message["reasoning_content"] = reasoning
         content = tools.content_delta(text)
-        return {"content": content} if content else {}
+        if content:
+            message["content"] = content
+        return message
 
     def _finish(self, tools: _ToolStream, message: dict, finish: str) -> str:
         rest, calls = tools.finish()

@@ -28,6 +28,7 @@ class ChatOptions:
     generation_defaults: dict = field(default_factory=dict)  # from generation_config.json
     max_logprobs: int = 20  # --max-logprobs: most logprobs/top_logprobs/prompt_logprobs
     response_role: str = "assistant"  # --response-role: a reply's role after a gen. prompt
+    reasoning_parser: str | None = None  # --reasoning-parser (molink.api.reasoning)
 
 
 @dataclass

@@ -158,6 +158,8 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool | None = None
     # vLLM's: documents a retrieval-augmented chat template shows the model.
     documents: list[dict[str, str]] | None = None
+    # vLLM's: false leaves reasoning_content out (with --reasoning-parser).
+    include_reasoning: bool | None = None
 
 
 class TokenizeRequest(_Body):

@@ -145,6 +145,7 @@ class EngineArgs:
     load_format: str = "auto"
     # The HTTP API (molink.cli.vllm_api_args).
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
+    reasoning_parser: str | None = None  # molink.api.reasoning
     root_path: str | None = None
     response_role: str = "assistant"
     guided_decoding_backend: str = "auto"

@@ -136,6 +136,7 @@ def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) ->
         generation_defaults=defaults,
         max_logprobs=args.max_logprobs,
         response_role=args.response_role,
+        reasoning_parser=args.reasoning_parser,
     )
 
 

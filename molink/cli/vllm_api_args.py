@@ -25,12 +25,15 @@ GUIDED_DECODING_BACKENDS = (
     "outlines",
     "lm-format-enforcer",
 )
+# molink.api.reasoning's parsers (not imported: --help never loads the HTTP layer).
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 # --structured-outputs-config keys that ask for nothing an llguidance grammar does not do.
 _NEUTRAL_STRUCTURED_KEYS = ("backend", "disable_fallback")
 
 
 class ApiArgs(Protocol):
     max_logprobs: int
+    reasoning_parser: str | None
     root_path: str | None
     response_role: str
     guided_decoding_backend: str
@@ -119,6 +122,13 @@ def add_api_args(group: argparse._ArgumentGroup) -> None:
         default=DEFAULT_MAX_LOGPROBS,
         help="most logprobs, top_logprobs or prompt_logprobs a request may ask for; more is "
         f"a 400 (at most {LIMITS.max_logprobs}) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSERS,
+        help="split a chat reply's <think>...</think> part into reasoning_content, whole "
+        "and streamed: deepseek_r1 (DeepSeek-R1 and its distills) or qwen3 (default: none)",
     )
     group.add_argument(
         "--root-path",

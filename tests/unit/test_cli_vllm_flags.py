@@ -32,7 +32,8 @@ DEPLOYMENT_LINE = (
     "--enable-prefix-caching --seed 1 --swap-space 4 --enforce-eager --trust-remote-code "
     "--load-format auto --guided-decoding-backend xgrammar "
     '--structured-outputs-config \'{"backend": "xgrammar"}\' --max-logprobs 10 '
-    "--kv-cache-dtype fp8_e4m3 --enable-log-requests --disable-uvicorn-access-log -pp 1"
+    "--kv-cache-dtype fp8_e4m3 --enable-log-requests --disable-uvicorn-access-log -pp 1 "
+    "--reasoning-parser deepseek_r1"
 )
 
 
