@@ -13,6 +13,7 @@ with the reason.
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 import time
@@ -92,6 +93,12 @@ class RecordVerifier:
         signed = _signed_bytes(record.payload, record.issued_at, record.expires_at)
         if not verify_signature(certificate, signed, record.signature):
             return "bad signature"
+        # A signature proves who wrote the times, not that they are numbers: a NaN
+        # issued_at compares false with everything, so kept as the node's newest it would
+        # let every replay through, and a NaN or infinite expires_at would never expire.
+        for field, value in (("issued_at", record.issued_at), ("expires_at", record.expires_at)):
+            if not math.isfinite(value):
+                return f"{field} is {value!r}: record times must be finite seconds"
         now = self._clock()
         if record.expires_at <= now:
             return f"expired {now - record.expires_at:.0f}s ago"

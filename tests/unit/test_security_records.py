@@ -54,3 +54,25 @@ def test_records_that_prove_nothing_are_refused() -> None:
     assert "cannot be parsed" in verifier.check(garbage, node.node_id)
     future = sign_record(node, b"payload", ttl_s=30, now=clock.now + 3600)
     assert verifier.check(future, node.node_id) == "issued in the future"
+
+
+def test_a_non_finite_time_signed_by_a_member_is_refused_naming_the_field() -> None:
+    """A NaN issue time compares false with everything: accepted, it became the node's
+    newest, and every replay of that node's older records passed the replay check."""
+    clock = Clock()
+    verifier = RecordVerifier(AUTHORITY, clock=clock)
+    node = NodeIdentity.generate(AUTHORITY)
+    old = sign_record(node, b"span 0-12", ttl_s=30, now=clock.now)
+    assert verifier.check(old, node.node_id) is None
+    clock.now += 10
+    renewed = sign_record(node, b"span 0-12 renewed", ttl_s=30, now=clock.now)
+    assert verifier.check(renewed, node.node_id) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        issued = sign_record(node, b"span 0-12", ttl_s=30, now=bad)
+        reason = verifier.check(issued, node.node_id)
+        assert reason is not None and "issued_at" in reason and "finite" in reason, reason
+    assert "replayed" in verifier.check(old, node.node_id)  # the replay check still holds
+    for bad in (float("nan"), float("inf")):
+        forever = sign_record(node, b"span 0-12", ttl_s=bad, now=clock.now)
+        reason = verifier.check(forever, node.node_id)
+        assert reason is not None and "expires_at" in reason and "finite" in reason, reason
