@@ -13,7 +13,7 @@ from molink.api.chat_render import render_chat_prompt
 from molink.api.chat_stream import ChatStreamFormatter
 from molink.api.context import ServerContext, get_context, new_request_id, usage_body
 from molink.api.errors import APIError
-from molink.api.logprobs import chat_logprobs
+from molink.api.logprobs import chat_logprobs, logprob_names
 from molink.api.prompt_logprobs import vllm_prompt_logprobs
 from molink.api.reasoning import split_reasoning
 from molink.api.runner import GenerationRun
@@ -23,6 +23,7 @@ from molink.api.sampling import (
     continuous_usage,
     include_usage,
     reject_streamed_prompt_logprobs,
+    tokens_as_ids,
     with_default_max_tokens,
 )
 from molink.api.schemas import ChatCompletionRequest
@@ -47,6 +48,7 @@ class ChatMeta:
     role: str = "assistant"  # of the reply: --response-role, or the last message's
     reasoning_parser: str | None = None  # None: the reply is all content
     include_reasoning: bool = True
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:N"
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, obj: str, choices: list[dict]) -> dict:
@@ -63,7 +65,8 @@ class ChatMeta:
     ) -> dict | None:
         if self.num_top_logprobs is None:
             return None
-        return chat_logprobs(tokenizer, choice, start, end, self.num_top_logprobs)
+        names = logprob_names(tokenizer, self.tokens_as_ids)
+        return chat_logprobs(names, choice, start, end, self.num_top_logprobs)
 
 
 @router.post("/v1/chat/completions")
@@ -110,6 +113,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         role=_reply_role(ctx, body),
         reasoning_parser=_reasoning_parser(ctx, body, tools),
         include_reasoning=body.include_reasoning is not False,
+        tokens_as_ids=tokens_as_ids(body, ctx.chat.return_tokens_as_token_ids),
     )
     run = ctx.new_run([meta.request_id], [prompt_ids], params)
     if body.stream:

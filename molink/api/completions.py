@@ -18,7 +18,7 @@ from molink.api.context import (
     usage_body,
 )
 from molink.api.errors import APIError
-from molink.api.logprobs import completion_logprobs
+from molink.api.logprobs import completion_logprobs, logprob_names
 from molink.api.prompt_logprobs import echo_logprobs, join_logprobs, vllm_prompt_logprobs
 from molink.api.runner import GenerationRun, Prompt
 from molink.api.sampling import (
@@ -27,6 +27,7 @@ from molink.api.sampling import (
     continuous_usage,
     include_usage,
     reject_streamed_prompt_logprobs,
+    tokens_as_ids,
     with_default_max_tokens,
 )
 from molink.api.schemas import CompletionRequest
@@ -57,6 +58,7 @@ class _Meta:
     prompts: list[Prompt]
     score_only: bool = False  # max_tokens 0: the prompt is scored, nothing is generated
     want_prompt_logprobs: bool = False  # vLLM's prompt_logprobs field in each choice
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:N"
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, choices: list[dict]) -> dict:
@@ -124,6 +126,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         prompts,
         score_only=score_only,
         want_prompt_logprobs=body.prompt_logprobs is not None,
+        tokens_as_ids=tokens_as_ids(body, ctx.chat.return_tokens_as_token_ids),
     )
     if body.stream:
         firsts = await cancel_on_disconnect(request, run.start)
@@ -244,12 +247,11 @@ def _choice(
     if meta.want_logprobs:
         generated = None
         offset = 0
+        names = logprob_names(tokenizer, meta.tokens_as_ids)
         if meta.echo:
-            logprobs, offset = echo_logprobs(
-                tokenizer, output.prompt_token_ids, output.prompt_logprobs
-            )
+            logprobs, offset = echo_logprobs(names, output.prompt_token_ids, output.prompt_logprobs)
         if not meta.score_only:
-            generated, _ = completion_logprobs(tokenizer, choice, 0, len(choice.token_ids), offset)
+            generated, _ = completion_logprobs(names, choice, 0, len(choice.token_ids), offset)
         logprobs = generated if logprobs is None else join_logprobs(logprobs, generated)
     item = {
         "index": prompt_index * meta.n + choice.index,
@@ -272,6 +274,7 @@ class _StreamFormatter:
         self, tokenizer: TokenizerLike, meta: _Meta, include_usage: bool, continuous: bool
     ) -> None:
         self._tokenizer = tokenizer
+        self._names = logprob_names(tokenizer, meta.tokens_as_ids)
         self._meta = meta
         self._include_usage = include_usage
         self._continuous = continuous and include_usage
@@ -293,7 +296,7 @@ class _StreamFormatter:
             offset = len(text)
             if self._meta.want_logprobs:
                 logprobs, offset = echo_logprobs(
-                    self._tokenizer, first.prompt_token_ids, first.prompt_logprobs
+                    self._names, first.prompt_token_ids, first.prompt_logprobs
                 )
             for choice_index in range(self._meta.n):
                 index = prompt_index * self._meta.n + choice_index
@@ -312,7 +315,7 @@ class _StreamFormatter:
             logprobs = None
             if self._meta.want_logprobs:
                 logprobs, self._offsets[index] = completion_logprobs(
-                    self._tokenizer,
+                    self._names,
                     choice,
                     delta.start_token,
                     delta.end_token,

@@ -29,6 +29,7 @@ class ChatOptions:
     max_logprobs: int = 20  # --max-logprobs: most logprobs/top_logprobs/prompt_logprobs
     response_role: str = "assistant"  # --response-role: a reply's role after a gen. prompt
     reasoning_parser: str | None = None  # --reasoning-parser (molink.api.reasoning)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
 
 
 @dataclass

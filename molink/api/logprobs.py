@@ -26,6 +26,25 @@ def token_text(tokenizer: TokenizerLike, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+class TokenIdNames:
+    """A tokenizer whose single tokens read "token_id:N" in logprobs (vLLM's
+    return_tokens_as_token_ids): a token that is part of a character still has a name."""
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self._tokenizer = tokenizer
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"token_id:{token_id}" for token_id in token_ids)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._tokenizer, name)
+
+
+def logprob_names(tokenizer: TokenizerLike, as_token_ids: bool) -> TokenizerLike:
+    """What names tokens in a response's logprobs."""
+    return TokenIdNames(tokenizer) if as_token_ids else tokenizer  # type: ignore[return-value]
+
+
 def _slice(
     output: CompletionOutput, start: int, end: int
 ) -> tuple[list[int], list[float | None], list[list[TokenLogprob]]]:

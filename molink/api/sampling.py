@@ -105,7 +105,6 @@ _UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "bad_words": (None, []),
     "truncate_prompt_tokens": (None,),
     "logits_processors": (None, []),
-    "return_tokens_as_token_ids": (None, False),
     "functions": (None,),
     "function_call": (None,),
 }
@@ -143,6 +142,12 @@ def check_max_logprobs(fields: Mapping[str, int | None], limit: int) -> None:
                 f"ask for at most {limit}",
                 name,
             )
+
+
+def tokens_as_ids(body: SamplingFields, server_default: bool) -> bool:
+    """return_tokens_as_token_ids: the request's, else --return-tokens-as-token-ids."""
+    value = body.return_tokens_as_token_ids
+    return server_default if value is None else value
 
 
 def include_usage(body: SamplingFields) -> bool:

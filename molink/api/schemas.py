@@ -78,6 +78,8 @@ class SamplingFields(_Body):
     include_stop_str_in_output: bool | None = None
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
+    # vLLM's: logprobs name each token "token_id:N" (default: --return-tokens-as-token-ids).
+    return_tokens_as_token_ids: bool | None = None
     structured_outputs: StructuredOutputs | None = None
     # vLLM's older spelling of structured_outputs.
     guided_json: dict[str, Any] | str | None = None

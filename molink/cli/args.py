@@ -146,6 +146,7 @@ class EngineArgs:
     # The HTTP API (molink.cli.vllm_api_args).
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
     reasoning_parser: str | None = None  # molink.api.reasoning
+    return_tokens_as_token_ids: bool = False
     root_path: str | None = None
     response_role: str = "assistant"
     guided_decoding_backend: str = "auto"

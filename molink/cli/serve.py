@@ -137,6 +137,7 @@ def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) ->
         max_logprobs=args.max_logprobs,
         response_role=args.response_role,
         reasoning_parser=args.reasoning_parser,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
     )
 
 

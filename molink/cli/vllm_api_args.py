@@ -131,6 +131,11 @@ def add_api_args(group: argparse._ArgumentGroup) -> None:
         "and streamed: deepseek_r1 (DeepSeek-R1 and its distills) or qwen3 (default: none)",
     )
     group.add_argument(
+        "--return-tokens-as-token-ids",
+        action="store_true",
+        help="logprobs name each token 'token_id:N' unless a request says otherwise (default: off)",
+    )
+    group.add_argument(
         "--root-path",
         default=None,
         help="the path prefix a proxy serves this API under, e.g. /llm (default: none)",

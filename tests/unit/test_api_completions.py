@@ -263,7 +263,7 @@ def test_echo_logprobs_streamed_equal_the_non_streamed_ones(client: TestClient, 
         ({"use_beam_search": True}, "use_beam_search"),
         ({"truncate_prompt_tokens": 1}, "truncate_prompt_tokens"),
         ({"logits_processors": ["x"]}, "logits_processors"),
-        ({"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+        ({"return_tokens_as_token_ids": "yes"}, "return_tokens_as_token_ids"),
     ],
 )
 def test_unsupported_or_invalid_fields_are_400(client: TestClient, body: dict, param: str) -> None:
