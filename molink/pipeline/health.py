@@ -35,7 +35,9 @@ class HealthMonitor:
         self._registry = registry
         self._on_stage_down = on_stage_down
         self._lock = threading.Lock()
-        self._clients: dict[str, NodeClient] = {}
+        # (address, node id) -> client: in a swarm each call proves the node id, so two
+        # ids registered at one address (one of them lying) do not share a client.
+        self._clients: dict[tuple[str, str], NodeClient] = {}
         self._failures: dict[str, int] = {}
         self._latest: dict[str, pb.HealthResponse | str] = {}
         self._round_trips: dict[str, float] = {}  # node id -> smoothed health-call time
@@ -75,7 +77,7 @@ class HealthMonitor:
             self._failures.pop(node_id, None)
             self._latest.pop(node_id, None)
             self._round_trips.pop(node_id, None)
-            client = self._clients.pop(address, None) if address else None
+            client = self._clients.pop((address, node_id), None) if address else None
         if client is not None:
             client.close()
 
@@ -186,7 +188,7 @@ class HealthMonitor:
         if count >= self._config.health_failures_to_down:
             with self._lock:
                 self._failures.pop(stage.node_id, None)
-                client = self._clients.pop(stage.address, None)
+                client = self._clients.pop((stage.address, stage.node_id), None)
             if client is not None:  # a node that rejoins there gets a fresh channel
                 client.close()
             self._on_stage_down(stage, detail)
@@ -205,14 +207,11 @@ class HealthMonitor:
                 )
 
     def _client(self, stage: NodeInfo) -> NodeClient:
-        """The client of ``stage``'s address; in a swarm the node there must prove to be
-        ``stage`` (a client made for another node id is replaced)."""
+        """The client of ``stage``; in a swarm the node at its address must prove to be
+        ``stage``."""
+        key = (stage.address, stage.node_id)
         with self._lock:
-            client = self._clients.get(stage.address)
-            if client is not None and client.expected_node_id not in (None, stage.node_id):
-                stale, client = client, None
-                stale.close()
+            client = self._clients.get(key)
             if client is None:
-                client = NodeClient(stage.address, self._config, stage.node_id)
-                self._clients[stage.address] = client
+                client = self._clients[key] = NodeClient(stage.address, self._config, stage.node_id)
             return client

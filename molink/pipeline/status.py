@@ -46,7 +46,9 @@ def pipeline_status(address: str, config: TransportConfig | None = None) -> str:
         return "\n".join(lines)
     if pipeline.head_address and pipeline.head_address != node.address:
         try:  # the head's registry is the authority; a stage's view may lag
-            pipeline = _call(pipeline.head_address, config, NodeClient.get_pipeline)
+            pipeline = _call(
+                pipeline.head_address, config, NodeClient.get_pipeline, pipeline.head_id
+            )
         except grpc.RpcError as exc:
             lines.append(
                 f"head {pipeline.head_id} at {pipeline.head_address} is unreachable "
@@ -99,8 +101,14 @@ def _format_rate(bytes_per_s: float) -> str:
     return f"{bytes_per_s * 8 / 1e6:.1f} Mbit/s"
 
 
-def _call(address: str, config: TransportConfig, method: Callable[[NodeClient], T]) -> T:
-    client = NodeClient(address, config)
+def _call(
+    address: str,
+    config: TransportConfig,
+    method: Callable[[NodeClient], T],
+    expected_node_id: str | None = None,
+) -> T:
+    """``method``'s answer from ``address`` (in a swarm, from ``expected_node_id`` only)."""
+    client = NodeClient(address, config, expected_node_id)
     try:
         return method(client)
     finally:
@@ -109,7 +117,7 @@ def _call(address: str, config: TransportConfig, method: Callable[[NodeClient], 
 
 def _stage_row(stage: pb.NodeInfo, config: TransportConfig) -> tuple[str, ...]:
     info = node_from_proto(stage)
-    client = NodeClient(info.address, config)
+    client = NodeClient(info.address, config, info.node_id)
     try:
         health = client.health()
         state = "serving" if health.status == pb.HEALTH_STATUS_SERVING else "degraded"

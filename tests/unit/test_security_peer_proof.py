@@ -11,13 +11,15 @@ import pytest
 
 from molink.config import LayerRange
 from molink.pipeline import StageNode
+from molink.pipeline.status import pipeline_status
 from molink.pipeline.toy import ToyStageExecutor
+from molink.pipeline.wire import node_to_proto
 from molink.security.credentials import SwarmCredentials
 from molink.transport.channel import NodeClient, PeerIdentityError, method_path
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.sender import StreamSender
 from tests.helpers.polling import wait_until
-from tests.unit.test_security_authorization import KEY, MODEL, _info, member
+from tests.unit.test_security_authorization import KEY, MODEL, _info, member, running_swarm
 
 
 @pytest.fixture
@@ -88,3 +90,19 @@ def test_a_call_answered_by_another_member_is_refused(listener: StageNode) -> No
         assert "not part of any pipeline" in client.health().message  # it answered
     finally:
         client.close()
+
+
+def test_a_member_that_joins_at_another_members_address_is_dropped() -> None:
+    """A member joins under its own id (as it must) but advertises the address of another
+    member: calls to it reach that other member, which cannot prove the id, so the head's
+    health checks fail and the head drops it; ``molink status`` says why."""
+    with running_swarm() as swarm:
+        rogue_id = swarm.rogue.security.node_id
+        impostor = node_to_proto(_info(swarm.rogue, 2, 4).with_address(swarm.last.address))
+        channel, stub = swarm.stub(swarm.head.address)
+        with channel:
+            assert stub.Join(pb.JoinRequest(node=impostor), timeout=10).accepted
+        table = pipeline_status(swarm.head.address, swarm.head.config)
+        assert f"is not node {rogue_id}: it proved to be node {swarm.last.node_id}" in table
+        assert wait_until(lambda: rogue_id not in [s.node_id for s in swarm.head.pipeline().stages])
+        assert swarm.last.node_id in [s.node_id for s in swarm.head.pipeline().stages]
