@@ -44,7 +44,11 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
-        from molink.models.registry import config_defaults, resolve_architecture
+        from molink.models.registry import (
+            config_defaults,
+            max_positions_default,
+            resolve_architecture,
+        )
 
         arch = resolve_architecture(archs)
         cfg = {**config_defaults(arch), **cfg}  # fields the file leaves out, as transformers
@@ -67,14 +71,13 @@ class ModelConfig:
                 or cfg.get("norm_epsilon")
                 or 1e-6
             ),
-            rope_theta=float(
-                cfg.get("rope_theta")
-                or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+            rope_theta=_rope_theta(arch, cfg),
+            max_position_embeddings=int(
+                cfg.get("max_position_embeddings") or max_positions_default(arch)
             ),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
-            rope_scaling=cfg.get("rope_scaling") or _rope_params_scaling(cfg),
+            rope_scaling=_rope_scaling(arch, cfg),
             # Qwen configs carry a window they do not use unless use_sliding_window says so.
             sliding_window=(cfg.get("sliding_window") or None)
             if cfg.get("use_sliding_window", True)
@@ -84,6 +87,26 @@ class ModelConfig:
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw=dict(cfg),
         )
+
+
+def _rope_theta(arch: str, cfg: dict[str, Any]) -> float:
+    """The base a config states, else transformers' default for the family. As transformers
+    5 reads it, a base inside rope_parameters or rope_scaling wins over a top-level one."""
+    from molink.models.registry import rope_theta_default
+
+    for source in (cfg.get("rope_parameters"), cfg.get("rope_scaling"), cfg):
+        if isinstance(source, dict) and source.get("rope_theta"):
+            return float(source["rope_theta"])
+    return rope_theta_default(arch)
+
+
+def _rope_scaling(arch: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    if cfg.get("rope_scaling") or cfg.get("rope_parameters"):
+        return cfg.get("rope_scaling") or _rope_params_scaling(cfg)
+    from molink.models.registry import rope_scaling_default
+
+    # Null or absent both: transformers applies the family's default (GPT-OSS: YaRN).
+    return rope_scaling_default(arch)
 
 
 def _rope_params_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:

@@ -79,6 +79,45 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+# transformers' rope base and context length of each family, for a config.json that names
+# neither. They are kept apart from _DEFAULTS because a base written inside rope_parameters
+# or rope_scaling must still win over the family's value (config._rope_theta).
+_ROPE_THETA: dict[str, float] = {
+    "Gemma3ForCausalLM": 1_000_000.0,  # global layers; local ones read rope_local_base_freq
+    "CohereForCausalLM": 500_000.0,
+    "MixtralForCausalLM": 1_000_000.0,
+    "GptOssForCausalLM": 150_000.0,
+}
+_MAX_POSITIONS: dict[str, int] = {
+    "MistralForCausalLM": 131072,
+    "Qwen2ForCausalLM": 32768,
+    "Qwen3ForCausalLM": 32768,
+    "Gemma2ForCausalLM": 8192,
+    "Gemma3ForCausalLM": 131072,
+    "Phi3ForCausalLM": 4096,
+    "Starcoder2ForCausalLM": 4096,
+    "CohereForCausalLM": 8192,
+    "Glm4ForCausalLM": 131072,
+    "MixtralForCausalLM": 131072,
+    "Qwen2MoeForCausalLM": 32768,
+    "Qwen3MoeForCausalLM": 32768,
+    "GptOssForCausalLM": 131072,
+    "DeepseekV3ForCausalLM": 4096,
+}
+# transformers' GPT-OSS applies YaRN even when a config names no rope scaling at all.
+_ROPE_SCALING: dict[str, dict[str, Any]] = {
+    "GptOssForCausalLM": {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+    },
+}
+ROPE_THETA_DEFAULT = 10000.0  # transformers' default_theta for every other family
+MAX_POSITIONS_DEFAULT = 2048  # LlamaConfig's, and Olmo2's, Granite's, DeepSeek-V2's
+
 _REGISTRY: dict[str, Entry] = {
     "LlamaForCausalLM": Entry("llama", gguf="llama"),
     "MistralForCausalLM": Entry("mistral"),
@@ -125,6 +164,23 @@ def config_defaults(architecture: str) -> dict[str, Any]:
     """transformers' values for the fields of ``architecture``'s config.json that a file may
     leave out (see _DEFAULTS); a field the file has, even null, wins."""
     return dict(_DEFAULTS.get(architecture, {}))
+
+
+def rope_theta_default(architecture: str) -> float:
+    """transformers' rope base for ``architecture`` when a config gives none anywhere."""
+    return _ROPE_THETA.get(architecture, ROPE_THETA_DEFAULT)
+
+
+def max_positions_default(architecture: str) -> int:
+    """transformers' max_position_embeddings for ``architecture`` when a config omits it."""
+    return _MAX_POSITIONS.get(architecture, MAX_POSITIONS_DEFAULT)
+
+
+def rope_scaling_default(architecture: str) -> dict[str, Any] | None:
+    """The scaling transformers applies when a config has neither rope_scaling nor
+    rope_parameters (None: plain rope)."""
+    scaling = _ROPE_SCALING.get(architecture)
+    return dict(scaling) if scaling is not None else None
 
 
 def architecture_for(config: ModelConfig) -> DecoderArchitecture:
