@@ -36,7 +36,7 @@ class StructuredOutputs(_Body):
     whitespace_pattern: str | None = None
     disable_additional_properties: bool | None = None
     disable_fallback: bool | None = None  # accepted: there is no fallback backend
-    structural_tag: str | dict[str, Any] | None = None  # refused
+    structural_tag: str | dict[str, Any] | None = None  # molink.api.structural_tag
 
 
 class JsonSchemaFormat(_Body):

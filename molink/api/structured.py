@@ -12,6 +12,7 @@ from typing import Any
 
 from molink.api.errors import APIError
 from molink.api.schemas import SamplingFields
+from molink.api.structural_tag import structural_tag_spec
 from molink.api.structured_options import (
     apply_structured_options,
     check_structured_options,
@@ -86,9 +87,13 @@ def _from_response_format(body: SamplingFields) -> tuple[str, StructuredOutputSp
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
             raise APIError(400, "json_schema.schema is required", field)
         return field, json_schema_spec(fmt.json_schema.schema_)
+    if fmt.type == "structural_tag":
+        field = "response_format"
+        return field, structural_tag_spec(dict(fmt.model_extra or {}), field)
     raise APIError(
         400,
-        f"response_format type {fmt.type!r} is not one of text, json_object, json_schema",
+        f"response_format type {fmt.type!r} is not one of text, json_object, json_schema, "
+        "structural_tag",
         "response_format.type",
     )
 
@@ -109,13 +114,18 @@ def _from_structured_outputs(body: SamplingFields) -> tuple[str, StructuredOutpu
                 "json_object",
                 StructuredOutputSpec("json", ANY_JSON_OBJECT) if so.json_object else None,
             ),
+            (
+                "structural_tag",
+                structural_tag_spec(so.structural_tag, "structured_outputs.structural_tag"),
+            ),
         )
         if spec is not None
     ]
     if len(specs) != 1:
         raise APIError(
             400,
-            "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+            "structured_outputs takes exactly one of json, regex, choice, grammar, "
+            "json_object, structural_tag",
             "structured_outputs",
         )
     field, spec = specs[0]

@@ -1,7 +1,7 @@
 """vLLM's ``structured_outputs`` options beside the constraint itself, as llguidance takes
 them: JSON whitespace (``disable_any_whitespace``, ``whitespace_pattern``) through the
 schema's ``x-guidance`` object, ``disable_additional_properties`` by closing every object
-that does not say otherwise. Options it cannot honour are a 400 naming them.
+that does not say otherwise. Unknown options are a 400 naming them.
 """
 
 from __future__ import annotations
@@ -22,19 +22,12 @@ _SCHEMA_VALUES = ("items", "additionalItems", "not", "if", "then", "else", "cont
 
 
 def check_structured_options(so: StructuredOutputs) -> None:
-    """Refuses what no grammar here can do: unknown options and structural tags."""
+    """Refuses options no grammar here knows."""
     for name in so.model_extra or {}:
         raise APIError(
             400,
             f"structured_outputs.{name} is not a structured output option",
             f"structured_outputs.{name}",
-        )
-    if so.structural_tag is not None:
-        raise APIError(
-            400,
-            "structured_outputs.structural_tag is not supported by this server; use json, "
-            "regex, choice or grammar",
-            "structured_outputs.structural_tag",
         )
 
 

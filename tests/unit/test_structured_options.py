@@ -16,6 +16,7 @@ from molink.sampling.structured import GrammarCompiler
 from molink.tokenizer.tokenizer import Tokenizer
 from tests.helpers.fake_engine import FakeEngine
 
+TAG = {"begin": "<f>", "schema": {"type": "object"}, "end": "</f>"}
 SCHEMA = {
     "type": "object",
     "properties": {"a": {"type": "integer"}, "b": {"type": "object", "properties": {}}},
@@ -62,6 +63,14 @@ def test_disable_additional_properties_closes_every_object() -> None:
     ("options", "word"),
     [
         ({"structural_tag": '{"structures": []}'}, "structural_tag"),
+        ({"structural_tag": {"structures": [], "triggers": ["<f"]}}, "structural_tag"),
+        ({"structural_tag": "not json"}, "structural_tag"),
+        ({"structural_tag": {"structures": [TAG], "triggers": ["<g"]}}, "structural_tag"),
+        (
+            {"structural_tag": {"structures": [{"begin": "<f>"}], "triggers": ["<f"]}},
+            "structural_tag",
+        ),
+        ({"structural_tag": {"format": {"type": "triggered_tags"}}}, "structural_tag"),
         ({"whitespace_pattern": "[ ]?", "regex": "a+"}, "whitespace_pattern"),
         ({"disable_additional_properties": True, "choice": ["a"]}, "disable_additional"),
         ({"json": SCHEMA, "no_such_option": True}, "no_such_option"),
@@ -94,10 +103,16 @@ def test_the_route_answers_400_naming_the_field() -> None:
     with TestClient(create_app(FakeEngine())) as client:
         response = client.post(
             "/v1/completions",
-            json={"prompt": "x", "structured_outputs": {"regex": "a", "structural_tag": "{}"}},
+            json={
+                "prompt": "x",
+                "structured_outputs": {
+                    "regex": "a",
+                    "structural_tag": {"structures": [TAG], "triggers": ["<f"]},
+                },
+            },
         )
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "structured_outputs.structural_tag"
+    assert response.json()["error"]["param"] == "structured_outputs"
 
 
 def test_flexible_whitespace_allows_a_space_and_compact_does_not(smollm_dir) -> None:
@@ -127,3 +142,25 @@ def test_guided_whitespace_pattern_shapes_guided_json() -> None:
     for body in ({"guided_regex": "a+"}, {}):
         with pytest.raises(APIError, match="guided_whitespace_pattern"):
             structured_spec(CompletionRequest(prompt="x", guided_whitespace_pattern="[ ]?", **body))
+
+
+def test_a_structural_tag_holds_the_tagged_part_to_its_schema(smollm_dir) -> None:
+    tokenizer = Tokenizer.from_dir(smollm_dir)
+    compiler = GrammarCompiler(tokenizer.to_json(), tokenizer.vocab_size, tokenizer.eos_token_ids)
+    int_tag = {"begin": "<f>", "schema": {"type": "integer"}, "end": "</f>"}
+    tag = {"structures": [int_tag], "triggers": ["<f"]}
+    from_so = spec_of(structural_tag=json.dumps(tag))
+    body = CompletionRequest(prompt="x", response_format={"type": "structural_tag", **tag})
+    assert structured_spec(body) == from_so and from_so.kind == "grammar"
+
+    def takes(text: str) -> bool:
+        matcher = compiler.matcher(from_so)
+        try:
+            for token in tokenizer.encode(text, add_special_tokens=False):
+                matcher.accept(token)
+        except Exception:
+            return False
+        return True
+
+    assert takes("free text, then <f>12</f> and more")
+    assert not takes("free text, then <f>x")
