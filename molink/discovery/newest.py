@@ -13,6 +13,10 @@ node whose clock stepped back is believed again once the newest record it had se
 An announcement's lifetime is counted on the reader's clock from when it was first read,
 at most the lifetime the record says: the DHT expires records by their writer's clock, so
 the record of a node whose clock runs ahead would otherwise outlive the node by that much.
+Its age is counted there too where the reader can: a record's age is its lifetime less
+what the DHT says is left, by the writer's clock, so a node whose clock is behind reads
+that much older. An announcement that replaces one the reader read is no older than the
+time since that reading, and from then on it ages on the reader's clock.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from molink.pipeline.identity import NodeInfo
 
@@ -38,6 +42,7 @@ class _Kept:
     leaving: bool
     record: SwarmRecord
     read_at: float  # this reader's monotonic clock
+    seen_at: float  # the latest reading that returned this announcement, same clock
 
     def left_s(self, now: float) -> float:
         return self.record.expires_in_s - (now - self.read_at)
@@ -63,13 +68,19 @@ class NewestRecords:
         with self._lock:
             kept = self._kept.get(node_id)
             if kept is not None and seq == kept.seq and seq > 0:
-                pass  # the same announcement again: its times run from its first reading
+                # The same announcement again: its times run from its first reading.
+                self._kept[node_id] = replace(kept, seen_at=now)
             elif kept is None or seq > kept.seq or seq == 0 or kept.left_s(now) <= 0:
                 if 0 < ttl_s < record.expires_in_s:
                     # It expires later than its lifetime allows: its node's clock is ahead.
                     # Counted here instead, a node that dies without leaving still goes.
                     record = SwarmRecord(record.info, ttl_s, record.age_s)
-                self._kept[node_id] = _Kept(seq, leaving, record, now)
+                if kept is not None and seq > kept.seq > 0 and record.age_s is not None:
+                    # Announced since the reading that still returned the one before: an
+                    # age beyond that is the writer's clock being behind this one.
+                    age = min(record.age_s, now - kept.seen_at)
+                    record = SwarmRecord(record.info, record.expires_in_s, age)
+                self._kept[node_id] = _Kept(seq, leaving, record, now, now)
                 return None if leaving else record
         if kept.leaving or kept.left_s(now) <= 0:
             return None

@@ -190,3 +190,38 @@ def test_a_directory_counts_a_skewed_records_lifetime_itself() -> None:
     directory = _directory({"s1": ahead})
     (record,) = directory.records()
     assert record.expires_in_s == TTL
+
+
+def test_a_node_whose_clock_is_behind_shows_its_age_on_the_readers_clock() -> None:
+    # Its records expire early by its own clock, so each reads as 8 s older than it is:
+    # beyond two thirds of its lifetime the dashboard called a node that renews "missing".
+    # Once the reader has read an announcement of it, the next one is no older than the
+    # time since that reading.
+    behind = 8.0
+    now = [100.0]
+    newest = NewestRecords(clock=lambda: now[0])
+    first = newest.choose(7, False, SwarmRecord(NEW, TTL - behind, behind), TTL)
+    assert first is not None and first.age_s == behind  # nothing tells the skew yet
+    for _ in range(4):  # read once a second; it renews every TTL / 3 = 5 s
+        now[0] += 1.0
+        again = newest.choose(7, False, SwarmRecord(NEW, TTL - behind, behind), TTL)
+        assert again is not None and again.age_s == pytest.approx(behind + now[0] - 100.0)
+    now[0] += 1.0  # renewed 0.5 s ago: at 105 - 0.5 on the reader's clock
+    renewed = newest.choose(8, False, SwarmRecord(NEW, TTL - behind - 0.5, behind + 0.5), TTL)
+    assert renewed is not None and renewed.age_s == pytest.approx(1.0)  # was 8.5
+    now[0] += 2.0
+    later = newest.choose(8, False, SwarmRecord(NEW, TTL - behind - 2.5, behind + 2.5), TTL)
+    assert later is not None and later.age_s == pytest.approx(3.0)  # was 10.5: "missing"
+
+
+def test_a_directory_counts_a_renewed_records_age_itself() -> None:
+    from hivemind.utils import get_dht_time
+
+    def behind(seq: int) -> _Entry:  # announced now by a clock 8 s behind the reader's
+        return _Entry(record_of(NEW, TTL, seq), get_dht_time() + TTL - 8.0)
+
+    directory = _directory({"s1": behind(9)}, {"s1": behind(10)})
+    (first,) = directory.records()
+    assert first.age_s == pytest.approx(8.0, abs=0.5)
+    (renewed,) = directory.records()
+    assert renewed.age_s < 0.5  # read 8 s old before
