@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Protocol
 
 from molink.api.context import ServerContext
@@ -28,7 +29,25 @@ _ROLE_ALIASES = {
 }
 
 
-def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+CONTENT_FORMATS = ("auto", "string", "openai")
+# A loop over a message's content (message['content'] or message.content, whatever the
+# loop variable is called): such a template reads OpenAI's list of parts.
+_CONTENT_LOOP = re.compile(r"\bfor\s+\w+\s+in\s+\w+\s*(?:\[\s*['\"]content['\"]\s*\]|\.content\b)")
+
+
+def content_format_of(setting: str, template: str | None) -> str:
+    """--chat-template-content-format: ``auto`` is ``openai`` for a template that loops
+    over a message's content, else ``string`` (as vLLM detects it)."""
+    if setting != "auto":
+        return setting
+    return "openai" if template and _CONTENT_LOOP.search(template) else "string"
+
+
+def to_template_messages(
+    messages: list[ChatMessage], content_format: str = "string"
+) -> list[dict[str, Any]]:
+    """``content_format`` openai: each content is a list of text parts (a string is one
+    part, no content none), as vLLM passes it; string: the parts' texts joined by lines."""
     converted = []
     for index, message in enumerate(messages):
         role = _ROLE_ALIASES.get(message.role)
@@ -38,7 +57,13 @@ def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 f"role {message.role!r} is not supported; use system, user, assistant or tool",
                 f"messages[{index}].role",
             )
-        item: dict[str, Any] = {"role": role, "content": _message_text(message, index)}
+        texts = _message_texts(message, index)
+        content: str | list[dict[str, str]] = (
+            [{"type": "text", "text": text} for text in texts]
+            if content_format == "openai"
+            else "\n".join(texts)
+        )
+        item: dict[str, Any] = {"role": role, "content": content}
         if message.tool_calls:
             item["tool_calls"] = [_tool_call(c, index) for c in message.tool_calls]
         if role == "tool":
@@ -71,16 +96,17 @@ def _tool_call(call: ToolCall, index: int) -> dict[str, Any]:
     return result
 
 
-def _message_text(message: ChatMessage, index: int) -> str:
+def _message_texts(message: ChatMessage, index: int) -> list[str]:
+    """The texts of a message's content: one for a string, one per part of a list."""
     content = message.content
     field = f"messages[{index}].content"
     if content is None:
         if message.role == "assistant":
-            return ""
+            return []
         raise APIError(400, "content is required", field)
     if isinstance(content, str):
         check_unicode_field(content, field)
-        return content
+        return [content]
     texts = []
     for part in content:
         if part.type != "text" or part.text is None:
@@ -91,7 +117,7 @@ def _message_text(message: ChatMessage, index: int) -> str:
             )
         check_unicode_field(part.text, field)
         texts.append(part.text)
-    return "\n".join(texts)
+    return texts
 
 
 def check_unicode_field(text: str, field: str) -> None:
@@ -134,7 +160,6 @@ def render_chat_text(
     ctx: ServerContext, messages: list[ChatMessage], body: ChatRenderOptions
 ) -> str:
     """The templated conversation as text (the template writes any BOS token itself)."""
-    template_messages = to_template_messages(messages)
     kwargs = dict(body.chat_template_kwargs or {})
     template = body.chat_template
     # A template sent as a template keyword would be used too: the flag covers both ways.
@@ -150,6 +175,11 @@ def render_chat_text(
     template = template or ctx.chat.chat_template
     if template is not None:
         kwargs["chat_template"] = template
+    content_format = content_format_of(
+        ctx.chat.chat_template_content_format,
+        _template_text(kwargs.get("chat_template"), ctx.engine.tokenizer),
+    )
+    template_messages = to_template_messages(messages, content_format)
     if body.tools:
         kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
     if body.documents is not None:
@@ -172,6 +202,14 @@ def render_chat_text(
     except Exception as exc:
         logger.info("chat template rejected a conversation: %s", exc)
         raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
+
+
+def _template_text(template: str | None, tokenizer: Any) -> str | None:
+    """The template text a render uses: the one given (a name picks one of the
+    tokenizer's, whose default stands for it here), else the tokenizer's default."""
+    if template is not None and "{" in template:
+        return template
+    return getattr(tokenizer, "chat_template", None)
 
 
 def _flag(kwargs: dict[str, Any], name: str, default: bool | None) -> bool | None:

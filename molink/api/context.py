@@ -30,6 +30,7 @@ class ChatOptions:
     response_role: str = "assistant"  # --response-role: a reply's role after a gen. prompt
     reasoning_parser: str | None = None  # --reasoning-parser (molink.api.reasoning)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    chat_template_content_format: str = "auto"  # molink.api.chat_render.CONTENT_FORMATS
 
 
 @dataclass

@@ -147,6 +147,7 @@ class EngineArgs:
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
     reasoning_parser: str | None = None  # molink.api.reasoning
     return_tokens_as_token_ids: bool = False
+    chat_template_content_format: str = "auto"
     root_path: str | None = None
     response_role: str = "assistant"
     guided_decoding_backend: str = "auto"

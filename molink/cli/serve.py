@@ -138,6 +138,7 @@ def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) ->
         response_role=args.response_role,
         reasoning_parser=args.reasoning_parser,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        chat_template_content_format=args.chat_template_content_format,
     )
 
 

@@ -100,6 +100,14 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
         help="chat template file (or template text) replacing the model's (default: model's)",
     )
     group.add_argument(
+        "--chat-template-content-format",
+        default="auto",
+        choices=("auto", "string", "openai"),
+        help="how message content reaches the chat template: string (text parts joined by "
+        "lines), openai (a list of text parts), auto: openai for a template that loops over "
+        "the content, else string (default: %(default)s)",
+    )
+    group.add_argument(
         "--trust-request-chat-template",
         action="store_true",
         help="let requests send their own chat_template (default: refused)",
