@@ -16,14 +16,18 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from molink.dashboard.snapshot import Health, LinkView, NodeView, SwarmSnapshot
 from molink.engine.protocol import EngineStats
 from molink.engine.telemetry import LinkEstimate, StageTiming
-from molink.pipeline.identity import NodeInfo
-from molink.pipeline.registry import PipelineView, RecordTimes
 from molink.transport.generated import molink_pb2 as pb
+
+if TYPE_CHECKING:
+    # Annotations only: importing molink.pipeline loads gRPC and the TLS stack (~25 MiB
+    # resident), which a single-node server, whose dashboard imports this module, never uses.
+    from molink.pipeline.identity import NodeInfo
+    from molink.pipeline.registry import PipelineView, RecordTimes
 
 DEAD_RETENTION_S = 300.0
 # A stage whose compute per layer is this many times the median of its peers' is "slow".

@@ -6,13 +6,18 @@ its head last reported it; a single process is one node holding every layer.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from molink.dashboard.pipeline_provider import HeadView, PipelineSwarmProvider
 from molink.dashboard.snapshot import NodeView, SwarmSnapshot
 from molink.engine.protocol import EngineClient
-from molink.pipeline.registry import PipelineView
+
+if TYPE_CHECKING:
+    # Annotations only (see molink.dashboard.pipeline_provider: no gRPC on a single node).
+    from molink.pipeline.registry import PipelineView
 
 
 class StaticSwarmProvider:
@@ -87,10 +92,12 @@ def provider_for(engine: EngineClient) -> SwarmProviders:
     last told it; else the single process (layers counted from its stages)."""
     from molink.engine.async_engine import AsyncLLMEngine
     from molink.engine.local_executor import LocalExecutor
-    from molink.pipeline.stage_client import StageOnlyClient
     from molink.stage.worker import StageWorker
 
-    if isinstance(engine, StageOnlyClient):
+    # A stage's client exists only once its module is loaded; importing it to find out would
+    # load gRPC and the TLS stack into every single-node server.
+    stage_client = sys.modules.get("molink.pipeline.stage_client")
+    if stage_client is not None and isinstance(engine, stage_client.StageOnlyClient):
         info = engine.info
         return StageSwarmProvider(info.node_id, info.model.num_layers, engine.node.current_view)
     if not isinstance(engine, AsyncLLMEngine):
