@@ -16,7 +16,11 @@ from molink.api.context import ChatOptions, ServerContext
 from molink.api.cors import CorsPolicy, install_cors
 from molink.api.errors import install_error_handlers
 from molink.api.metrics import MetricSource, ServerMetrics
-from molink.api.middleware import CatchAllMiddleware, LoadCounterMiddleware
+from molink.api.middleware import (
+    CatchAllMiddleware,
+    LoadCounterMiddleware,
+    RequestIdMiddleware,
+)
 from molink.dashboard import SwarmProvider, install_dashboard, is_public, provider_for
 from molink.engine.protocol import EngineClient
 
@@ -33,6 +37,8 @@ class ApiConfig:
     swarm: SwarmProvider | None = None  # what /dashboard shows; None: derived from the engine
     chat: ChatOptions = field(default_factory=ChatOptions)
     cors: CorsPolicy | None = None  # None: no cross-origin access
+    disable_docs: bool = False  # --disable-fastapi-docs: no /docs, /redoc, /openapi.json
+    request_id_headers: bool = False  # --enable-request-id-headers
 
 
 def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI:
@@ -57,7 +63,13 @@ def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI
         # fallback for servers that go straight to the lifespan shutdown.
         context.streams.close_all("stop requested")
 
-    app = FastAPI(title="MoLink", version=molink.__version__, lifespan=lifespan)
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(
+        title="MoLink",
+        version=molink.__version__,
+        lifespan=lifespan,
+        **(docs if config.disable_docs else {}),
+    )
     app.state.molink = context
     install_error_handlers(app)
     for module in (info, completions, chat, generate):
@@ -71,6 +83,8 @@ def create_app(engine: EngineClient, config: ApiConfig | None = None) -> FastAPI
     if config.api_key:
         app.add_middleware(BearerAuthMiddleware, api_key=config.api_key, public=is_public)
     app.add_middleware(LoadCounterMiddleware, context=context)
+    if config.request_id_headers:
+        app.add_middleware(RequestIdMiddleware)
     if config.cors is not None:
         install_cors(app, config.cors)
     # Outermost of the app's own middleware: an unexpected error becomes a 500 here, so

@@ -121,7 +121,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         if isinstance(firsts, Response):
             return firsts
         formatter = ChatStreamFormatter(
-            ctx.engine.tokenizer, meta, include_usage(body), continuous_usage(body)
+            ctx.engine.tokenizer,
+            meta,
+            include_usage(body, ctx.chat.force_include_usage),
+            continuous_usage(body),
         )
         return StreamingResponse(
             stream_body(run, firsts, formatter, SSE), media_type=SSE.media_type

@@ -133,7 +133,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         if isinstance(firsts, Response):
             return firsts
         formatter = _StreamFormatter(
-            ctx.engine.tokenizer, meta, include_usage(body), continuous_usage(body)
+            ctx.engine.tokenizer,
+            meta,
+            include_usage(body, ctx.chat.force_include_usage),
+            continuous_usage(body),
         )
         return StreamingResponse(
             stream_body(run, firsts, formatter, SSE), media_type=SSE.media_type

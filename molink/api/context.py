@@ -31,6 +31,7 @@ class ChatOptions:
     reasoning_parser: str | None = None  # --reasoning-parser (molink.api.reasoning)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
     chat_template_content_format: str = "auto"  # molink.api.chat_render.CONTENT_FORMATS
+    force_include_usage: bool = False  # --enable-force-include-usage: streams end with usage
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""ASGI middleware: a 500 that keeps the connection, and the count of requests in flight."""
+"""ASGI middleware: a 500 that keeps the connection, the count of requests in flight, and
+X-Request-Id headers."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,3 +61,26 @@ class LoadCounterMiddleware:
             await self.app(scope, receive, send)
         finally:
             self._context.num_active_requests -= 1
+
+
+class RequestIdMiddleware:
+    """vLLM's --enable-request-id-headers: every response carries X-Request-Id, the
+    request's own when it sent one, else a new id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope.get("headers") or []).get(b"x-request-id")
+        request_id = sent or uuid.uuid4().hex.encode()
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, with_header)

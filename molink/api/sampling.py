@@ -150,8 +150,9 @@ def tokens_as_ids(body: SamplingFields, server_default: bool) -> bool:
     return server_default if value is None else value
 
 
-def include_usage(body: SamplingFields) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
+def include_usage(body: SamplingFields, forced: bool = False) -> bool:
+    """A streamed response's closing usage chunk: asked for, or --enable-force-include-usage."""
+    return forced or bool(body.stream_options and body.stream_options.include_usage)
 
 
 def continuous_usage(body: SamplingFields) -> bool:

@@ -36,6 +36,7 @@ from molink.cli.serving_args import (
 )
 from molink.cli.vllm_api_args import DEFAULT_MAX_LOGPROBS, ignored_api_flags, validate_api_flags
 from molink.cli.vllm_args import add_vllm_args, ignored_vllm_flags, validate_vllm_flags
+from molink.cli.vllm_compat_flags import compat_notes, compat_values, validate_compat_flags
 from molink.cli.vllm_loading_args import (
     ignored_loading_flags,
     kv_cache_dtype_name,
@@ -148,6 +149,12 @@ class EngineArgs:
     reasoning_parser: str | None = None  # molink.api.reasoning
     return_tokens_as_token_ids: bool = False
     chat_template_content_format: str = "auto"
+    disable_fastapi_docs: bool = False
+    enable_request_id_headers: bool = False
+    enable_force_include_usage: bool = False
+    # vLLM flags for features this server lacks: (flag, value) of those given
+    # (molink.cli.vllm_compat_flags: accepted with a note, or refused).
+    compat_flags: tuple[tuple[str, str], ...] = ()
     root_path: str | None = None
     response_role: str = "assistant"
     guided_decoding_backend: str = "auto"
@@ -222,16 +229,23 @@ class EngineArgs:
     def _validate_vllm_flags(self) -> None:
         validate_vllm_flags(self)
         validate_api_flags(self)
+        validate_compat_flags(self.compat_flags)
 
     def ignored_flags(self) -> list[str]:
         """What each vLLM flag given here that means nothing on this server is, one line each."""
-        return ignored_vllm_flags(self) + ignored_loading_flags(self) + ignored_api_flags(self)
+        return [
+            *ignored_vllm_flags(self),
+            *ignored_loading_flags(self),
+            *ignored_api_flags(self),
+            *compat_notes(self.compat_flags),
+        ]
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> EngineArgs:
         values = {
             f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)
         }
+        values["compat_flags"] = compat_values(namespace)
         names = values.get("served_model_name")
         if isinstance(names, list):  # --served-model-name takes one or more names
             values["served_model_name"] = names[0]

@@ -86,14 +86,7 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
                 args.generation_config, engine, args.override_generation_config
             )
         chat = chat_options(args, chat_template, folder_defaults)
-        config = ApiConfig(
-            served_model_names=names,
-            api_key=args.api_key,
-            metric_sources=_metric_sources(engine),
-            chat=chat,
-            cors=cors_policy(args),
-        )
-        app = create_app(engine, config)
+        app = create_app(engine, api_config(args, names, _metric_sources(engine), chat))
         tls = HttpsFiles(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
         scheme = "https" if tls else "http"
         logger.info("serving %s on %s://%s:%d", names[0], scheme, args.host, args.port)
@@ -109,6 +102,23 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
     finally:
         await _close_engine(engine)
     return 0 if server.started else 1
+
+
+def api_config(
+    args: EngineArgs,
+    names: tuple[str, ...],
+    metric_sources: tuple[MetricSource, ...],
+    chat: ChatOptions,
+) -> ApiConfig:
+    return ApiConfig(
+        served_model_names=names,
+        api_key=args.api_key,
+        metric_sources=metric_sources,
+        chat=chat,
+        cors=cors_policy(args),
+        disable_docs=args.disable_fastapi_docs,
+        request_id_headers=args.enable_request_id_headers,
+    )
 
 
 def served_names(args: EngineArgs, engine_model_name: str) -> tuple[str, ...]:
@@ -139,6 +149,7 @@ def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) ->
         reasoning_parser=args.reasoning_parser,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         chat_template_content_format=args.chat_template_content_format,
+        force_include_usage=args.enable_force_include_usage,
     )
 
 

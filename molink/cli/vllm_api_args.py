@@ -177,6 +177,23 @@ def add_api_args(group: argparse._ArgumentGroup) -> None:
         help="do not log each HTTP request's access line (default: off)",
     )
     group.add_argument(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="do not serve /docs, /redoc and /openapi.json (default: off)",
+    )
+    group.add_argument(
+        "--enable-request-id-headers",
+        action="store_true",
+        help="answer every request with an X-Request-Id header: the request's own, else a "
+        "new one (default: off)",
+    )
+    group.add_argument(
+        "--enable-force-include-usage",
+        action="store_true",
+        help="streamed responses end with a usage chunk even when stream_options does not "
+        "ask for one (default: off)",
+    )
+    group.add_argument(
         "--pipeline-parallel-size",
         "-pp",
         type=int,

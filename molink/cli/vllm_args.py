@@ -9,6 +9,7 @@ import json
 from typing import TYPE_CHECKING
 
 from molink.cli.vllm_api_args import add_api_args
+from molink.cli.vllm_compat_flags import add_compat_flags
 from molink.cli.vllm_loading_args import add_loading_args
 from molink.config import ENGINE_DEFAULTS
 from molink.errors import InvalidParameterError
@@ -173,3 +174,4 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     )
     add_loading_args(group)
     add_api_args(group)
+    add_compat_flags(parser.add_argument_group("vLLM flags for features this server lacks"))
