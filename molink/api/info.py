@@ -55,9 +55,15 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.api_route("/ping", methods=["GET", "POST"])
+@router.get("/ping")
 async def ping(request: Request) -> Response:
     """vLLM's (and SageMaker's) liveness probe: the same answer as /health."""
+    return await health(request)
+
+
+@router.post("/ping")
+async def ping_post(request: Request) -> Response:
+    """/ping by POST, as SageMaker sends it (its own route: one operation id each)."""
     return await health(request)
 
 
