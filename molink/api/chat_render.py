@@ -154,6 +154,8 @@ class ChatRenderOptions(Protocol):
     def add_special_tokens(self) -> bool | None: ...
     @property
     def documents(self) -> list[dict[str, str]] | None: ...
+    @property
+    def reasoning_effort(self) -> str | None: ...
 
 
 def render_chat_text(
@@ -184,6 +186,8 @@ def render_chat_text(
         kwargs["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
     if body.documents is not None:
         kwargs.setdefault("documents", body.documents)  # chat_template_kwargs win, as in vLLM
+    if body.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", body.reasoning_effort)
     # As in vLLM, chat_template_kwargs may set these too, and win over the fields.
     continue_final = bool(_flag(kwargs, "continue_final_message", body.continue_final_message))
     add_generation_prompt = _flag(kwargs, "add_generation_prompt", body.add_generation_prompt)

@@ -106,6 +106,8 @@ _UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "truncate_prompt_tokens": (None,),
     "logits_processors": (None, []),
     "functions": (None,),
+    "return_token_ids": (None, False),
+    "priority": (None, 0),
     "function_call": (None,),
 }
 
@@ -114,9 +116,15 @@ def reject_unsupported(body: SamplingFields) -> None:
     """Fields a client may rely on that this server cannot honour: say so rather than ignore."""
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options can only be set when stream is true", "stream_options")
-    for name, value in (body.model_extra or {}).items():
+    extra = body.model_extra or {}
+    for name, value in extra.items():
         if name in _UNIMPLEMENTED_FIELDS and not _is_one_of(value, _UNIMPLEMENTED_FIELDS[name]):
             raise APIError(400, f"{name} is not supported by this server", name)
+    best_of = extra.get("best_of")  # a completions field; chat clients send it too
+    if best_of is not None and best_of != (1 if body.n is None else body.n):
+        raise APIError(
+            400, "best_of must equal n: this server does not rank extra candidates", "best_of"
+        )
 
 
 def _is_one_of(value: Any, allowed: tuple[Any, ...]) -> bool:

@@ -9,7 +9,7 @@ names the offending field too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -162,6 +162,8 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
     # vLLM's: false leaves reasoning_content out (with --reasoning-parser).
     include_reasoning: bool | None = None
+    # OpenAI's, for reasoning models: reaches the chat template (gpt-oss reads it).
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
 
 
 class TokenizeRequest(_Body):
@@ -177,6 +179,7 @@ class TokenizeRequest(_Body):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     documents: list[dict[str, str]] | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
 
 
 class DetokenizeRequest(_Body):
