@@ -25,10 +25,14 @@ _REPLACEMENT_CHAR = "\ufffd"
 # first output token decodes as it does after the prompt (e.g. keeps its leading space).
 PROMPT_CONTEXT_TOKENS = 5
 # An incomplete UTF-8 character has at most 3 bytes; byte-level decoders show it as one
-# U+FFFD, byte-fallback decoders as one per byte. Holding back this many covers both.
-_MAX_HELD_CHARS = 3
+# U+FFFD, byte-fallback decoders as one per byte. A byte-fallback decoder also turns every
+# byte of the same run of byte tokens into U+FFFD while the run ends inside a character,
+# so the context character's bytes (at most 4) show as U+FFFD too: 4 + 3 covers both.
+_MAX_HELD_CHARS = 7
 # An incomplete character's bytes lie within this many trailing tokens.
 _TOKENS_FOR_HELD_CHARS = 4
+# Context that starts inside a character is moved back over at most this many tokens.
+_MAX_CHAR_TOKENS = 4
 # A window longer than this is shortened (e.g. a long run of tokens that all end inside a
 # character, or of skipped special tokens), so the work per token stays bounded.
 _MAX_WINDOW_TOKENS = 32
@@ -85,6 +89,12 @@ class _TokenStream:
         self._skip_special = skip_special_tokens
         self._spaces = spaces_between_special_tokens
         self._window: list[int] = list(context_ids)  # context tokens, then pending ones
+        # Context cut inside a character would join the output's byte tokens (see
+        # _character_start): it starts at the next character instead.
+        for _ in range(_MAX_CHAR_TOKENS - 1):
+            if not self._decode(self._window).startswith(_REPLACEMENT_CHAR):
+                break
+            self._window.pop(0)
         # Context ending inside a character would let the first output bytes complete that
         # character, which belongs to the prompt; without it they decode as they do alone.
         while self._window and self._decode(self._window).endswith(_REPLACEMENT_CHAR):
@@ -120,8 +130,23 @@ class _TokenStream:
             while start > 0 and self._tokenizer.is_special(self._window[start]):
                 start -= 1
         start = max(start, len(self._window) - _MAX_WINDOW_TOKENS)
+        start = self._character_start(start)
         self._window = self._window[start:]
         self._emitted = len(self._decode(self._window))
+
+    def _character_start(self, start: int) -> int:
+        """Move ``start`` back to the first token of the character it lies in. A context
+        token holding the last byte of a character split over byte-fallback tokens would
+        join the next run of byte tokens, which the decoder then shows as U+FFFD whole."""
+        earliest = max(0, start - _MAX_CHAR_TOKENS + 1)
+        candidate = start
+        while candidate > earliest and self._decode(self._window[candidate:]).startswith(
+            _REPLACEMENT_CHAR
+        ):
+            candidate -= 1
+        if self._decode(self._window[candidate:]).startswith(_REPLACEMENT_CHAR):
+            return start  # not a split character (or a replacement the model produced)
+        return candidate
 
     def _shorten(self, text: str, held: int) -> None:
         """Drop all but the last few tokens while some characters are held back.
