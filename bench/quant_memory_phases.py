@@ -13,7 +13,9 @@ fresh interpreter), VmRSS and VmHWM after each: Python alone, each import of the
 (torch, tokenizers, fastapi/uvicorn, then the rest of the serve path, and whether gRPC, the
 TLS stack, transformers or hivemind came along),
 the engine's phases (weights loaded, KV cache and grammar compiler, tokenizer), the engine
-built, the load-time frees returned, and the first request.
+built, the load-time frees returned, and the first request. ``phases_first_start``: the
+same with an empty cache (the file's first start: parsed, packed and cached, its tokenizer
+converted through transformers).
 
     python bench/quant_memory_phases.py [--name quant_memory_phases]
 
@@ -29,6 +31,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -180,14 +183,19 @@ def run_phases() -> list[dict[str, Any]]:
     return log
 
 
-def measure_phases() -> list[dict[str, Any]]:
+def measure_phases(cache_dir: str | None = None) -> list[dict[str, Any]]:
+    """``cache_dir``: an empty MOLINK_CACHE_DIR, for a first start (GGUF parsed and packed,
+    tokenizer converted through transformers); None: the warm cache a server restarts with."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if cache_dir is not None:
+        env["MOLINK_CACHE_DIR"] = cache_dir
     text = subprocess.run(
         [sys.executable, __file__, "--phases"],
         capture_output=True,
         text=True,
         check=True,
         cwd=REPO_ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=env,
     ).stdout
     return json.loads(text.splitlines()[-1])
 
@@ -205,6 +213,8 @@ def main() -> None:
     results["llama_server_peak_mib"] = LLAMA_SERVER_PEAK_MIB
     results["server"] = measure_server()
     results["phases"] = measure_phases()
+    with tempfile.TemporaryDirectory(prefix="molink-cold-") as cold:
+        results["phases_first_start"] = measure_phases(cold)
     results["load_average_after"] = os.getloadavg()
     write_results(args.name, results)
     logger.info("%s", json.dumps(results, indent=1))
