@@ -10,6 +10,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 
+from starlette._utils import get_route_path
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -50,12 +51,13 @@ class BearerAuthMiddleware:
         self._public = public or (lambda path: False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] in OPEN_PATHS
-            or self._public(scope["path"])
-            or self._authorized(scope)
-        ):
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        # The route's own path: behind --root-path the server's path carries the prefix.
+        # Starlette's own function, so the check sees exactly the path routing matches.
+        path = get_route_path(scope)
+        if path in OPEN_PATHS or self._public(path) or self._authorized(scope):
             await self._app(scope, receive, send)
             return
         response = error_response(

@@ -185,3 +185,13 @@ def test_generation_defaults_come_from_the_model_not_the_tokenizer(tmp_path: Pat
     args = make(f"--model {model} --tokenizer {tokenizer}")
     assert _generation_setting(args) == str(model)
     assert _generation_setting(make(f"--model {model}")) == "auto"
+
+
+def test_behind_a_root_path_the_probes_stay_open_and_routes_keyed() -> None:
+    """uvicorn's path carries --root-path: the key check must see the route's own path."""
+    app = create_app(FakeEngine(), ApiConfig(api_key="k"))
+    with TestClient(app, root_path="/llm") as client:
+        assert client.get("/llm/health").status_code == 200
+        assert client.get("/llm/v1/models").status_code == 401
+        keyed = client.get("/llm/v1/models", headers={"Authorization": "Bearer k"})
+        assert keyed.status_code == 200
