@@ -17,7 +17,7 @@ from molink.api.chat_render import check_unicode_field
 from molink.api.context import ServerContext, get_context, new_request_id
 from molink.api.errors import APIError
 from molink.api.runner import GenerationRun, Prompt
-from molink.api.sampling import logit_bias
+from molink.api.sampling import check_max_logprobs, logit_bias
 from molink.api.streaming import JSON_LINES, cancel_on_disconnect, collect_final, stream_body
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
@@ -57,6 +57,7 @@ async def generate(request: Request) -> Response:
             raise APIError(400, "logit_bias must map token ids to numbers", "logit_bias")
         body["logit_bias"] = logit_bias(bias, ctx.engine.tokenizer.vocab_size)
     params = sampling_params_from_dict(body)
+    check_max_logprobs({"logprobs": params.logprobs}, ctx.chat.max_logprobs)
     ctx.ensure_ready()
     run = ctx.new_run([new_request_id("gen")], [prompt], params)
     if stream:

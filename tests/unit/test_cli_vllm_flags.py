@@ -139,6 +139,7 @@ def client_for(command: str) -> TestClient:
         ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 6},
          "top_logprobs"),
         ("/v1/chat/completions", {"messages": USER, "prompt_logprobs": 6}, "prompt_logprobs"),
+        ("/generate", {"prompt": "Hi", "logprobs": 6}, "logprobs"),
     ],
 )  # fmt: skip
 def test_max_logprobs_bounds_every_logprobs_field(path: str, body: dict, field: str) -> None:
