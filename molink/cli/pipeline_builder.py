@@ -56,6 +56,7 @@ from molink.pipeline.head import PipelineExecutor
 from molink.pipeline.identity import ModelIdentity, NodeInfo, format_range
 from molink.pipeline.node import StageNode
 from molink.pipeline.stage_client import StageOnlyClient
+from molink.placement.resident import estimate_weights, held_as
 from molink.progress.waiting import Coverage, PipelineWaitStatus
 from molink.quant.config import resolve_kv_cache_dtype
 from molink.security.credentials import SwarmCredentials
@@ -145,7 +146,7 @@ def load_stage(
     kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
     # Known before placement (which sizes a replica by it) and announced in the record.
     step_s = node_layer_step_seconds(args, config, dtype, device)
-    layers = stage_layers(args, options, config, dtype, device, transport, directory, step_s)
+    layers = stage_layers(args, options, source, dtype, device, transport, directory, step_s)
     kv_config = rank_kv_config(config, options.tensor_parallel_size)
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     profile = profiles_kv_memory(options, device)
@@ -202,7 +203,7 @@ def node_layer_step_seconds(
 def stage_layers(
     args: EngineArgs,
     options: EngineOptions,
-    config: ModelConfig,
+    source: ModelSource,
     dtype: torch.dtype,
     device: torch.device,
     transport: TransportConfig | None,
@@ -211,6 +212,7 @@ def stage_layers(
 ) -> LayerRange:
     """The node's span: its layer flags when given, else what the swarm needs most, sized by
     its memory and speed (``step_s``: its measured seconds per layer)."""
+    config = source.model_config
     if args.molink_auto_place and args.molink_initial_peer:
         # No layer flags: take the span the swarm needs most (explicit flags always win).
         return place(
@@ -220,6 +222,12 @@ def stage_layers(
             options.block_size,
             args.molink_max_memory,
             transport or TransportConfig(),
+            estimate_weights(
+                source,
+                held_as(
+                    source, options.quantization, dtype, device, options.quantized_batch_kernel
+                ),
+            ),
             announced_spans(directory) if directory is not None else None,
             device,
             options.gpu_memory_utilization,

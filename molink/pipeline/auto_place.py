@@ -2,7 +2,10 @@
 
 It asks its initial peer for the swarm as that peer sees it (``GetPipeline``: the head's
 registry, replicas and nodes found in the DHT included), sizes itself to its memory
-(weights of a layer plus a minimum KV reserve per layer, out of ``--molink-max-memory``
+(the weights it will hold for each layer, in the form it holds them, quantized or not,
+experts and the embedding or LM head of a span that holds them included
+(molink/placement/resident.py), plus a minimum KV reserve per layer, out of
+``--molink-max-memory``
 or, by default, the memory the machine has available less a quarter; on a GPU, the
 device's memory times ``--gpu-memory-utilization``), and applies the
 rule of molink/placement/placement.py, which sizes a replica by this node's measured speed
@@ -22,7 +25,8 @@ import torch
 from molink.config import LayerRange, ModelConfig
 from molink.errors import PipelineError
 from molink.models.kv_cache import KVCache
-from molink.placement.placement import ServedSpan, choose_span, layers_that_fit
+from molink.placement.placement import ServedSpan, choose_span
+from molink.placement.resident import WeightEstimate
 from molink.stage.resources import host_memory
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.config import TransportConfig
@@ -49,14 +53,6 @@ def memory_budget(
     return int(available_memory_bytes() * (1 - HEADROOM))
 
 
-def weight_bytes_per_layer(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Attention (q, k, v, o) and the gated MLP of one decoder layer."""
-    hidden, kv_width = config.hidden_size, config.num_kv_heads * config.head_dim
-    q_width = config.num_heads * config.head_dim
-    params = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * config.intermediate_size
-    return params * torch.finfo(dtype).bits // 8
-
-
 def place(
     initial_peer: str,
     config: ModelConfig,
@@ -64,12 +60,14 @@ def place(
     block_size: int,
     max_memory: int | None,
     transport: TransportConfig,
+    weights: WeightEstimate,
     announced: Mapping[str, ServedSpan] | None = None,
     device: torch.device = torch.device("cpu"),
     gpu_memory_utilization: float = 0.9,
     layer_step_s: float = 0.0,
 ) -> LayerRange:
-    """``announced``: node id -> span of the records in the swarm's DHT, when this node
+    """``weights``: what this node holds per layer (molink.placement.resident).
+    ``announced``: node id -> span of the records in the swarm's DHT, when this node
     reads one; they cover nodes the peer's head has not admitted (other heads' nodes, nodes
     that joined elsewhere), and their throughput is the nodes' own latest measurement, their
     speed their probe's. ``layer_step_s``: this node's probe (0: not measured)."""
@@ -78,15 +76,22 @@ def place(
     served = list(swarm.values())
     budget = memory_budget(max_memory, device, gpu_memory_utilization)
     kv_reserve = KVCache.bytes_per_block(config, 1, block_size, dtype) * MIN_KV_BLOCKS
-    max_layers = layers_that_fit(budget, weight_bytes_per_layer(config, dtype), kv_reserve)
+    max_layers = weights.most_layers(budget, kv_reserve)
     placement = choose_span(config.num_layers, served, max_layers, layer_step_s)
+    while _needed(weights, placement.start, placement.end, kv_reserve) > budget:
+        # The span holds the embedding or the LM head, which the count above leaves out.
+        max_layers = placement.end - placement.start - 1
+        placement = choose_span(config.num_layers, served, max_layers, layer_step_s)
     logger.info(
-        "placement: serving layers [%d, %d): %s (memory budget %.1f GiB, %.3g ms per layer; "
+        "placement: serving layers [%d, %d): %s (memory budget %.1f GiB, weights %.1f MiB "
+        "and KV reserve %.1f MiB for the span, %.3g ms per layer; "
         "swarm view: %d node(s) from %s's pipeline, %d record(s) in the DHT, %d node(s) in all)",
         placement.start,
         placement.end,
         placement.reason,
         budget / 2**30,
+        weights.span_bytes(placement.start, placement.end) / 2**20,
+        kv_reserve * (placement.end - placement.start) / 2**20,
         layer_step_s * 1e3,
         len(from_peer),
         initial_peer,
@@ -94,6 +99,10 @@ def place(
         len(swarm),
     )
     return LayerRange(placement.start, placement.end)
+
+
+def _needed(weights: WeightEstimate, start: int, end: int, kv_reserve: int) -> int:
+    return weights.span_bytes(start, end) + kv_reserve * (end - start)
 
 
 def _served_spans(initial_peer: str, transport: TransportConfig) -> dict[str, ServedSpan]:

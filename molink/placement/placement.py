@@ -33,7 +33,7 @@ Layers below the end of the heads' own spans are left out: a head computes its o
 so a replica of them would never be on a route. Nor does a head's span count as serving
 layers for anyone: a head with a longer span than another serves none of the other's
 routes, whose next node must start where that head's span ends. The size comes from
-``max_layers``, what the node's memory holds (``layers_that_fit``).
+``max_layers``, what the node's memory holds (molink/placement/resident.py).
 """
 
 from __future__ import annotations
@@ -60,14 +60,6 @@ class Placement:
     start: int
     end: int
     reason: str
-
-
-def layers_that_fit(
-    budget_bytes: int, weight_bytes_per_layer: int, kv_reserve_bytes_per_layer: int
-) -> int:
-    """How many layers a node's memory holds: their weights plus a minimum KV reserve."""
-    per_layer = weight_bytes_per_layer + kv_reserve_bytes_per_layer
-    return max(0, budget_bytes // per_layer) if per_layer > 0 else 0
 
 
 def choose_span(

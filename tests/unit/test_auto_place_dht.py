@@ -10,9 +10,11 @@ import torch
 import molink.pipeline.auto_place as auto_place
 from molink.config import LayerRange, ModelConfig
 from molink.placement.placement import ServedSpan
+from molink.placement.resident import Held, WeightEstimate
 from molink.transport.config import TransportConfig
 
 CONFIG = ModelConfig("LlamaForCausalLM", 64, 16, 32, 6, 2, 2, 8, 1e-6, 10000.0, 128)
+WEIGHTS = WeightEstimate((Held(20_000),) * 6, Held(16_000), Held(16_000), packs=False)
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def peer_view(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _place(announced: dict[str, ServedSpan] | None) -> LayerRange:
     return auto_place.place(
-        "10.0.0.1:5", CONFIG, torch.float32, 16, 1 << 30, TransportConfig(), announced
+        "10.0.0.1:5", CONFIG, torch.float32, 16, 1 << 30, TransportConfig(), WEIGHTS, announced
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from molink.errors import PipelineError
-from molink.placement.placement import ServedSpan, choose_span, layers_that_fit
+from molink.placement.placement import ServedSpan, choose_span
 from molink.placement.router import Candidate, best_route
 
 
@@ -28,8 +28,6 @@ def test_a_full_swarm_gets_a_replica_of_its_weakest_span() -> None:
 
 
 def test_memory_decides_the_size() -> None:
-    assert layers_that_fit(10_000, 900, 100) == 10
-    assert layers_that_fit(500, 900, 100) == 0
     with pytest.raises(PipelineError, match="holds no layer"):
         choose_span(30, [ServedSpan(0, 12)], max_layers=0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import types
 
 import pytest
 import torch
@@ -85,14 +86,16 @@ def test_layer_flags_win_over_placement_and_placement_gets_the_speed(
         return LayerRange(1, 2)
 
     monkeypatch.setattr(builder, "place", fake_place)
-    config = CONFIG
+    monkeypatch.setattr(builder, "held_as", lambda *args: None)
+    monkeypatch.setattr(builder, "estimate_weights", lambda *args: None)
+    source = types.SimpleNamespace(model_config=CONFIG)
     peer = "--molink-enabled --molink-initial-peer 127.0.0.1:50061"
     options, cpu = EngineOptions(model="m"), torch.device("cpu")
     flags = _args(f"{peer} --molink-start-layer 0 --molink-end-layer 1")
-    chosen = builder.stage_layers(flags, options, config, torch.float32, cpu, None, None, FAST_S)
+    chosen = builder.stage_layers(flags, options, source, torch.float32, cpu, None, None, FAST_S)
     assert chosen == LayerRange(0, 1) and not calls
     auto = _args(peer)
-    chosen = builder.stage_layers(auto, options, config, torch.float32, cpu, None, None, FAST_S)
+    chosen = builder.stage_layers(auto, options, source, torch.float32, cpu, None, None, FAST_S)
     assert chosen == LayerRange(1, 2) and calls == [FAST_S]
 
 
