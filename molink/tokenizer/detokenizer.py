@@ -45,34 +45,16 @@ class DetokenizerStep:
 
 
 def decode_output(
-    tokenizer: TokenizerLike,
-    token_ids: Sequence[int],
-    skip_special_tokens: bool = True,
-    spaces_between_special_tokens: bool = True,
+    tokenizer: TokenizerLike, token_ids: Sequence[int], skip_special_tokens: bool = True
 ) -> str:
     """Decode a whole token sequence with the same rules as the incremental stream.
 
-    When special tokens are kept and ``spaces_between_special_tokens`` is set, each special
-    token and each run of other tokens are decoded separately and joined with single spaces,
-    as transformers' slow tokenizers and vLLM do (they also space out non-special added
-    tokens; here those decode as plain text, as with fast tokenizers, so that tool-call
-    markers and the like come out unchanged). Otherwise this is plain ``tokenizer.decode``.
+    This is ``tokenizer.decode``, as vLLM's detokenizer for fast (tokenizer.json) tokenizers
+    gives it. spaces_between_special_tokens changes nothing there: set, it inserts no
+    spaces (only slow tokenizers did); unset, it only drops a space a decoder puts between
+    two added tokens, which none of the byte-level, Metaspace or byte-fallback decoders do.
     """
-    if skip_special_tokens or not spaces_between_special_tokens:
-        return tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
-    segments: list[str] = []
-    run: list[int] = []
-    for token_id in token_ids:
-        if tokenizer.is_special(token_id):
-            if run:
-                segments.append(tokenizer.decode(run, skip_special_tokens=False))
-                run = []
-            segments.extend(tokenizer.convert_ids_to_tokens([token_id]))
-        else:
-            run.append(token_id)
-    if run:
-        segments.append(tokenizer.decode(run, skip_special_tokens=False))
-    return " ".join(segments)
+    return tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
 
 class _TokenStream:
@@ -83,11 +65,9 @@ class _TokenStream:
         tokenizer: TokenizerLike,
         context_ids: Sequence[int],
         skip_special_tokens: bool,
-        spaces_between_special_tokens: bool,
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._spaces = spaces_between_special_tokens
         self._window: list[int] = list(context_ids)  # context tokens, then pending ones
         # Context cut inside a character would join the output's byte tokens (see
         # _character_start): it starts at the next character instead.
@@ -162,7 +142,7 @@ class _TokenStream:
             self._emitted = len(window_text) - held
 
     def _decode(self, token_ids: list[int]) -> str:
-        return decode_output(self._tokenizer, token_ids, self._skip_special, self._spaces)
+        return decode_output(self._tokenizer, token_ids, self._skip_special)
 
 
 def _count_trailing_replacements(text: str) -> int:
@@ -193,9 +173,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self._params = params
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]) if prompt_token_ids else []
-        self._stream = _TokenStream(
-            tokenizer, context, params.skip_special_tokens, params.spaces_between_special_tokens
-        )
+        self._stream = _TokenStream(tokenizer, context, params.skip_special_tokens)
         self._stops = tuple(params.stop)
         self._max_stop_length = max((len(stop) for stop in self._stops), default=0)
         self._text = ""  # all final text so far, truncated at a matched stop string

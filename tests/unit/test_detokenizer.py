@@ -83,9 +83,7 @@ def test_random_token_sequences_add_up_to_the_full_decode(
             skip_special_tokens=skip,
             spaces_between_special_tokens=spaces,
         )
-        expected = decode_output(tokenizer, ids, skip, spaces)
-        if not skip and spaces and prompt and tokenizer.is_special(prompt[-1]):
-            expected = " " + expected  # the prompt's special token is followed by a space
+        expected = decode_output(tokenizer, ids, skip)
         # A sequence that ends inside a character ends before it (no trailing U+FFFD): a
         # byte-fallback decoder shows the run of byte tokens it ends in as U+FFFD whole,
         # the held-back context character included (up to 4 + 3 bytes).
@@ -119,8 +117,10 @@ def test_special_tokens_and_spacing(tokenizer: Tokenizer) -> None:
     kept = stream(tokenizer, ids, skip_special_tokens=False, spaces_between_special_tokens=False)
     assert joined(kept[0]) == "Hello<|im_end|> world<|endoftext|><|im_start|>"
     assert joined(kept[0]) == tokenizer.decode(ids, skip_special_tokens=False)
+    # As vLLM's detokenizer for fast tokenizers: no spaces are inserted around special
+    # tokens (slow tokenizers inserted them).
     spaced = stream(tokenizer, ids, skip_special_tokens=False)
-    assert joined(spaced[0]) == "Hello <|im_end|>  world <|endoftext|> <|im_start|>"
+    assert joined(spaced[0]) == "Hello<|im_end|> world<|endoftext|><|im_start|>"
 
 
 def test_deltas_follow_the_prompt_context(tokenizer: Tokenizer) -> None:

@@ -58,7 +58,11 @@ def test_encode_and_decode_match_transformers(pair: tuple[Tokenizer, Any], text:
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_streamed_text_equals_the_full_decode(pair: tuple[Tokenizer, Any], text: str) -> None:
-    ours, _ = pair
+    """vLLM streams a fast tokenizer's text with tokenizers' DecodeStream, primed with the
+    prompt: the output text is the decode of prompt and output past the prompt's decode.
+    spaces_between_special_tokens inserts nothing there (it only removes spaces a decoder
+    would put between two added tokens, which these decoders never do)."""
+    ours, reference = pair
     prompt = ours.encode("Say:", add_special_tokens=True)
     output = ours.encode(text, add_special_tokens=False)
     for skip in (True, False):
@@ -67,12 +71,13 @@ def test_streamed_text_equals_the_full_decode(pair: tuple[Tokenizer, Any], text:
             detokenizer = IncrementalDetokenizer(ours, prompt, params)
             deltas = [detokenizer.add_token(t).delta_text for t in output]
             deltas.append(detokenizer.flush().delta_text)
-            # The prompt's decode, then the output's: with spaces between special tokens a
-            # special token next to the prompt's last token is spaced from it (as vLLM).
-            before = decode_output(ours, prompt, skip, spaces)
-            full = decode_output(ours, prompt + output, skip, spaces)
+            before = reference.decode(prompt, skip_special_tokens=skip)
+            full = reference.decode(prompt + output, skip_special_tokens=skip)
             assert full.startswith(before)
             assert "".join(deltas) == full[len(before) :], (skip, spaces)
+            assert decode_output(ours, output, skip) == reference.decode(
+                output, skip_special_tokens=skip
+            )
             assert not any("\ufffd" in delta for delta in deltas)
 
 
