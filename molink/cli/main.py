@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from molink.cli.args import EngineArgs, add_engine_args
+from molink.cli.config_file import expand_config_file
 from molink.cli.security_args import add_swarm_key_args
 from molink.errors import InvalidParameterError, MolinkError
 from molink.security.swarm_key import SwarmKey, generate_swarm_key, load_swarm_key
@@ -23,6 +24,17 @@ def _add_model_tag(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MODEL",
         help="the model, as in `vllm serve MODEL` (the same as --model)",
+    )
+
+
+def _add_config_flag(parser: argparse.ArgumentParser) -> None:
+    # Read by expand_config_file before parsing; listed here for --help.
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a YAML file of flags (max-model-len: 4096, ...) as vllm serve --config takes; "
+        "flags on the command line win (default: none)",
     )
 
 
@@ -51,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over the OpenAI and vLLM APIs (alone, or as a pipeline's head).",
     )
     _add_model_tag(serve)
+    _add_config_flag(serve)
     add_engine_args(serve)
     serve.set_defaults(flag_parser=serve)
     stage = commands.add_parser(
@@ -59,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve one stage of a distributed pipeline; same flags as serve.",
     )
     _add_model_tag(stage)
+    _add_config_flag(stage)
     add_engine_args(stage)
     stage.set_defaults(molink_enabled=True, flag_parser=stage)
     status = commands.add_parser(
@@ -143,6 +157,8 @@ def run_keygen(output: str | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = expand_config_file(argv, add_engine_args(argparse.ArgumentParser(add_help=False)))
     namespace = parser.parse_args(argv)
     if namespace.command == "status":
         return run_status(
