@@ -3,9 +3,12 @@
 Pipeline for one step (rows only pay for the features they use):
 
 1. fast path: every row greedy, no penalties, no min_tokens masking, no logprobs -> argmax;
-2. logprobs: log-softmax of the raw logits (before any adjustment), as vLLM returns them;
-3. min_tokens masking and penalties on a copy of the logits;
-4. greedy rows: argmax; other rows: temperature, min-p, top-k, top-p, then inverse-CDF
+2. structured-output rows: the grammar's mask on a copy of the logits (vLLM applies it
+   before its sampler);
+3. logprobs: log-softmax of those logits (before any other adjustment), vLLM's default
+   ``raw_logprobs``;
+4. logit bias, min_tokens masking and penalties on a copy of the logits;
+5. greedy rows: argmax; other rows: temperature, min-p, top-k, top-p, then inverse-CDF
    sampling with one uniform number per row (seeded rows: from ``(seed, output step)``;
    unseeded rows: from the sampler's own generator).
 """
@@ -82,15 +85,19 @@ class Sampler:
         if not adjusted and not logprob_rows:
             if all(s.params.is_greedy for s in states):
                 return [(token_id, None, ()) for token_id in logits.argmax(dim=-1).tolist()]
+        if grammar_rows:
+            # vLLM masks the logits with the grammar before its sampler sees them, so its
+            # raw logprobs are those of the allowed tokens alone.
+            logits = logits.clone()
+            self._apply_grammars(logits, grammar_rows, states)
         raw_logprobs = None
         if logprob_rows:
             raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1)
-        if adjusted:
-            logits = logits.clone()
+        if blocked or penalty_rows or bias_rows:
+            logits = logits if grammar_rows else logits.clone()
             apply_logit_bias(logits, bias_rows, states)
             apply_min_tokens(logits, blocked)
             apply_penalties(logits, penalty_rows, states)
-            self._apply_grammars(logits, grammar_rows, states)
         token_ids = self._choose_tokens(logits, states)
         return self._with_logprobs(token_ids, raw_logprobs, logprob_rows, states)
 

@@ -18,7 +18,7 @@ import torch
 
 from molink.sampling import Sampler, SequenceSamplingState
 from molink.sampling.seeding import seeded_uniform
-from molink.sampling_params import SamplingParams
+from molink.sampling_params import SamplingParams, StructuredOutputSpec
 
 torch.set_num_threads(1)
 
@@ -134,3 +134,43 @@ def test_a_seeded_row_samples_alike_alone_and_batched(case: int) -> None:
     for row, state in enumerate(states):
         alone = Sampler(EOS, VOCAB, seed=2).sample(logits[row : row + 1], [state])[0]
         assert alone == batched[row]
+
+
+class _AllowOnly:
+    """A grammar that allows a fixed set of tokens at every step."""
+
+    def __init__(self, allowed: set[int]) -> None:
+        self.allowed = allowed
+
+    def fill_mask(self, mask: torch.Tensor) -> None:
+        for token_id in self.allowed:
+            word, bit = divmod(token_id, 32)
+            value = int(mask[word]) | (1 << bit)
+            mask[word] = value - (1 << 32) if value >= 1 << 31 else value
+
+    def accept(self, token_id: int) -> None:
+        assert token_id in self.allowed
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_of_a_structured_row_are_over_the_grammar_masked_logits(
+    temperature: float,
+) -> None:
+    """vLLM applies the grammar bitmask to the logits before its sampler, so even its raw
+    logprobs are those of the masked distribution: disallowed tokens get -inf."""
+    allowed = {2, 5, 40}
+    spec = StructuredOutputSpec("regex", "[a-z]+")
+    state = SequenceSamplingState(
+        SamplingParams(structured=spec, logprobs=4, temperature=temperature, seed=3), [1], 1
+    )
+    state.grammar = _AllowOnly(allowed)
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(4)) * 3
+    ((token, logprob, top),) = Sampler(EOS, VOCAB).sample(logits, [state])
+    masked = torch.full_like(logits[0], float("-inf"))
+    masked[sorted(allowed)] = logits[0, sorted(allowed)]
+    expected = torch.log_softmax(masked, dim=-1)
+    assert token in allowed
+    assert logprob == pytest.approx(expected[token].item(), abs=1e-6)
+    assert [t.token_id for t in top[:3]] == expected.topk(3).indices.tolist()
+    assert [t.logprob for t in top[:3]] == pytest.approx(expected.topk(3).values.tolist())
+    assert top[3].logprob == float("-inf")
