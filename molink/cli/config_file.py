@@ -3,12 +3,14 @@
 
 The file's flags go right after the command (and its MODEL), so that flags written on the
 command line come later and win. ``true`` gives a switch, ``false`` leaves it off (or gives
-``--no-X`` for a flag that has one), a list gives several values.
+``--no-X`` for a flag that has one), a list gives several values, or its JSON text to a
+flag that takes one value (``allowed-origins: ["*"]``), as a mapping does.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,8 @@ def _as_args(flag: str, value: Any, action: argparse.Action) -> list[str]:
         return [flag if value else "--no-" + flag[2:]]
     if action.nargs == 0:  # store_true and friends
         return [flag] if value else []
+    if isinstance(value, dict) or (isinstance(value, list) and action.nargs is None):
+        return [flag, json.dumps(value)]  # a flag that takes JSON (--allowed-origins, ...)
     if isinstance(value, list):
         return [flag, *(str(item) for item in value)]
     return [flag, str(value)]

@@ -20,6 +20,8 @@ enforce-eager: true
 trust-remote-code: false
 served-model-name: [first, second]
 max-model-len: 4k
+allowed-origins: ["https://ui.example"]
+override-generation-config: {temperature: 0.5}
 """
 
 
@@ -45,6 +47,8 @@ def test_a_config_file_gives_the_flags(tmp_path: Path, captured_runs: list[Engin
     assert (first.model, first.port, first.max_model_len) == ("/models/qwen", 8123, 4000)
     assert not first.enable_prefix_caching and first.enforce_eager
     assert (first.served_model_name, first.served_model_aliases) == ("first", ("second",))
+    assert first.allowed_origins == ("https://ui.example",)
+    assert first.override_generation_config == '{"temperature": 0.5}'
     assert second.port == 9000  # the command line wins
     assert third.enable_prefix_caching and third.molink_enabled
 
