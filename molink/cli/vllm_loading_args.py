@@ -48,6 +48,7 @@ class LoadingArgs(Protocol):
     tokenizer_mode: str
     download_dir: str | None
     load_format: str
+    tensor_parallel_size: int
 
 
 def kv_cache_dtype_name(value: str) -> str:
@@ -81,6 +82,13 @@ def validate_loading_flags(args: LoadingArgs) -> None:
             "download_dir",
             "hub models are read from the Hugging Face cache; set HF_HUB_CACHE to "
             f"{args.download_dir} instead",
+        )
+    if args.revision is not None and hub and args.tensor_parallel_size > 1:
+        # The other ranks load the model by name, at its default revision.
+        raise InvalidParameterError(
+            "revision",
+            "a hub revision cannot be combined with --tensor-parallel-size above 1; "
+            "download that revision and pass its folder as --model",
         )
     if args.tokenizer_revision is not None and hub and args.tokenizer is None:
         # The tokenizer comes with the model's files, so from --revision.

@@ -77,6 +77,7 @@ def test_fp8_e5m2_is_refused_by_name() -> None:
             "tokenizer_revision",
             "v1",
         ),
+        ("--model owner/name --revision v1 -tp 2", "revision", "tensor-parallel"),
         ("--max-logprobs 21", "max_logprobs", "20"),
         ("--max-logprobs -1", "max_logprobs", "20"),
         ("--root-path llm/", "root_path", "llm/"),
