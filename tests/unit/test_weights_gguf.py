@@ -199,3 +199,34 @@ def test_failed_build_leaves_no_entry(tmp_path: Path) -> None:
     with pytest.raises(WeightLoadError):
         build_entry(entry, build, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def _is_mapped(path: Path) -> bool:
+    return any(
+        line.endswith(str(path)) for line in Path("/proc/self/maps").read_text().splitlines()
+    )
+
+
+def test_the_file_is_released_once_slices_and_tokenizer_are_read(
+    gguf_files, monkeypatch, tmp_path: Path
+) -> None:
+    # The reader maps the whole file and holds its parsed metadata; an engine asks for the
+    # tokenizer after loading its slices, so from then on neither stays resident.
+    import gc
+    import shutil
+
+    monkeypatch.setenv("MOLINK_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    shutil.copy(gguf_files("qwen3"), path)
+    source = resolve_model_source(str(path))
+    num_layers = source.model_config.num_layers
+    whole = source.load_slice(LayerRange(0, num_layers), "float32")
+    assert _is_mapped(path)
+    assert source.tokenizer_dir.is_dir()
+    gc.collect()
+    assert "_reader" not in source.__dict__ and not _is_mapped(path)
+    again = source.load_slice(LayerRange(0, num_layers), "float32")  # the file is reopened
+    tokens = [3, 1, 4, 1, 5]
+    logits = [PagedRunner([m], 16, 4) for m in (whole, again)]
+    hidden = [r.forward([SeqChunk(0, len(tokens), list(range(8)))], tokens) for r in logits]
+    assert torch.equal(whole.compute_logits(hidden[0]), again.compute_logits(hidden[1]))
