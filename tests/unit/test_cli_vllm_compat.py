@@ -22,7 +22,10 @@ ACCEPTED = (
     "--max-parallel-loading-workers 2 --cpu-offload-gb 4 "
     '--speculative-config \'{"method": "ngram"}\' -O3 --limit-mm-per-prompt \'{"image": 0}\' '
     "--code-revision main --max-num-partial-prefills 2 --enable-sleep-mode "
-    "--enable-server-load-tracking --otlp-traces-endpoint http://127.0.0.1:4317"
+    "--enable-server-load-tracking --otlp-traces-endpoint http://127.0.0.1:4317 "
+    "--scheduling-policy fcfs --preemption-mode swap --num-scheduler-steps 8 "
+    "--enable-expert-parallel --disable-async-output-proc --use-v2-block-manager "
+    "--tokenizer-pool-size 4"
 )
 
 
@@ -34,7 +37,8 @@ def make(command: str) -> EngineArgs:
 def test_flags_that_change_nothing_are_accepted_with_a_note() -> None:
     notes = "\n".join(make(ACCEPTED).ignored_flags())
     for flag in ("--distributed-executor-backend", "--speculative-config", "--compilation-config",
-                 "--cpu-offload-gb", "--limit-mm-per-prompt", "--enable-sleep-mode"):  # fmt: skip
+                 "--cpu-offload-gb", "--limit-mm-per-prompt", "--enable-sleep-mode",
+                 "--preemption-mode", "--enable-expert-parallel"):  # fmt: skip
         assert flag in notes
     assert "--data-parallel-size" not in notes and "--task" not in notes  # asked for nothing
 
@@ -49,6 +53,9 @@ def test_flags_that_change_nothing_are_accepted_with_a_note() -> None:
         ("--hf-overrides '{\"rope_theta\": 1}'", "hf_overrides"),
         ("--disable-sliding-window", "disable_sliding_window"),
         ("--tool-parser-plugin p.py", "tool_parser_plugin"),
+        ("--enable-prompt-tokens-details", "enable_prompt_tokens_details"),
+        ("--scheduling-policy priority", "scheduling_policy"),
+        ("--quantization-param-path s.json", "quantization_param_path"),
     ],
 )
 def test_flags_that_would_change_outputs_are_refused(command: str, field: str) -> None:
