@@ -197,3 +197,18 @@ def test_behind_a_root_path_the_probes_stay_open_and_routes_keyed() -> None:
         assert client.get("/llm/v1/models").status_code == 401
         keyed = client.get("/llm/v1/models", headers={"Authorization": "Bearer k"})
         assert keyed.status_code == 200
+
+
+def test_a_model_without_a_tokenizer_serves_with_tokenizer(tmp_path: Path) -> None:
+    """A weights-only folder (no tokenizer.json) builds an engine once --tokenizer names one."""
+    from molink.engine.factory import EngineOptions, build_local_engine
+    from tests.helpers.tiny_models import make_tiny_model
+
+    model, tokenizer = make_tiny_model("llama", tmp_path / "model"), tmp_path / "tok"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.move(model / name, tokenizer / name)
+    options = EngineOptions(model=str(model), tokenizer=str(tokenizer), device="cpu")
+    engine, _, _ = build_local_engine(options)
+    assert engine.tokenizer.name_or_path == str(tokenizer)
+    assert engine.tokenizer.encode("hi", add_special_tokens=False)
