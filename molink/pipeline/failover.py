@@ -139,16 +139,28 @@ class FailoverDesk:
             if at < expired:
                 del self._left_behind[node_id]
 
-    def release_carried(self, release: CarriedRelease, lost_id: str) -> None:
-        """A step lost with ``lost_id`` carried releases (its route's finished sequences,
-        already gone from the route book): the nodes of its route other than the lost one
-        free them, up to copies started by that step, as a node that failed the step
-        would have passed them on."""
-        self._release_survivors(release.route, lost_id, release.seq_ids, release.step_id)
-        with self._lock:  # the lost node may not have got them either
+    def release_carried(self, release: CarriedRelease, failed_id: str) -> None:
+        """A step that failed (at ``failed_id``, "" when no node is named) carried
+        releases: its route's finished sequences, already gone from the route book. The
+        nodes it may not have reached free them, up to copies started by that step: in
+        band along the route, and by a call to the nodes after ``failed_id``, which
+        nothing may reach in band."""
+        route, seq_ids, step_id = release.route, release.seq_ids, release.step_id
+        if route.index_of(failed_id) is not None:
+            self._release_survivors(route, failed_id, seq_ids, step_id)
+            return
+        try:
+            self._submit(ReleaseJob(self.head_id, route, seq_ids, True, step_id))
+        except Exception:
+            logger.warning("in-band release of %d sequences failed", len(seq_ids), exc_info=True)
+
+    def left_behind(self, lost_id: str, seq_ids: tuple[int, ...]) -> None:
+        """Releases ``lost_id`` may not have got before it was lost (to free there if it
+        comes back)."""
+        with self._lock:
             held = self._left_behind.get(lost_id)
             if held is not None:
-                held[0].update(release.seq_ids)
+                held[0].update(seq_ids)
 
     def _release_survivors(
         self, route: Route, lost_id: str, seq_ids: tuple[int, ...], before: int
@@ -175,17 +187,18 @@ class FailoverDesk:
     ) -> None:
         """Frees ``seq_ids`` on each (address, node id) of ``hops``."""
         for address, node_id in hops:
-            client = NodeClient(address, self._config, node_id)
-            try:
-                self._release_on(client, seq_ids, before)
-            finally:
-                client.close()
+            self._release_on(address, node_id, seq_ids, before)
 
-    def _release_on(self, client: NodeClient, seq_ids: tuple[int, ...], before: int) -> None:
+    def _release_on(
+        self, address: str, node_id: str, seq_ids: tuple[int, ...], before: int
+    ) -> None:
         """A node the head still checks renews its lease on these sequences, so a release
         that fails once (a busy node's timeout) is tried again; a node that is gone too
-        loses them with its own lease."""
+        loses them with its own lease. Each attempt has a channel of its own, closed
+        before the wait: gRPC shares connections between channels to one address, and one
+        kept in its reconnect backoff would fail the head's other calls there at once."""
         for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            client = NodeClient(address, self._config, node_id)
             try:
                 client.release(
                     self.head_id,
@@ -198,10 +211,12 @@ class FailoverDesk:
                 logger.warning(
                     "release of %d sequences on %s failed (attempt %d of %d): %s",
                     len(seq_ids),
-                    client.address,
+                    address,
                     attempt,
                     RELEASE_ATTEMPTS,
                     describe_rpc_error(exc),
                 )
+            finally:
+                client.close()
             if attempt < RELEASE_ATTEMPTS:
                 time.sleep(RELEASE_RETRY_S)

@@ -38,7 +38,7 @@ from molink.pipeline.authorization import trace_problem
 from molink.pipeline.deadlines import DeadlinePolicy, StepDeadlines
 from molink.pipeline.failover import FailoverDesk
 from molink.pipeline.head_detection import LossDetection, gone_node
-from molink.pipeline.head_flights import CarriedRelease, StepFlights, error_result
+from molink.pipeline.head_flights import StepFlights, error_result
 from molink.pipeline.head_membership import Membership
 from molink.pipeline.head_metrics import HopTally, PipelineMetrics, swarm_metric_lines
 from molink.pipeline.head_release import SequenceReleases
@@ -118,7 +118,10 @@ class PipelineExecutor:
                 self.config.step_timeout_s,
                 self._telemetry.timings_by_node,
                 self._monitor.round_trips,
-            )
+            ),
+            on_carried_lost=lambda carried, node_id: self._failover.release_carried(
+                carried, node_id
+            ),
         )
         self._failover = FailoverDesk(info.node_id, self.config, self._node.submit)
         self._hops = HopTally(self._node.node_id)
@@ -221,15 +224,11 @@ class PipelineExecutor:
         # the evicted node and wait for its hard deadline.
         gone = self._gone_from(route)
         if gone is not None:
-            failed = self._flights.complete(
+            self._flights.complete(
                 error_result(
                     key, f"the pipeline is not ready: {gone[0]}", FailureKind.UNREACHABLE, gone[1]
                 )
             )
-            if failed is not None and plan.finished_seq_ids:
-                # Their routes were forgotten above, so the eviction did not free them.
-                carried = CarriedRelease(route, plan.step_id, plan.finished_seq_ids)
-                self._failover.release_carried(carried, gone[1])
             return
         mirror = self._spot.plan(plan, route, self._registry.view().stages) if self._spot else None
         sent = mirror.declare(plan) if mirror is not None else plan

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 from molink.pipeline.deadlines import StepClock, StepDeadlines
 from molink.placement.route import Route
@@ -55,8 +56,15 @@ class StepFlights:
     """Thread-safe: the engine submits and polls, the receiving, deadline and health
     threads complete steps."""
 
-    def __init__(self, deadlines: StepDeadlines) -> None:
+    def __init__(
+        self,
+        deadlines: StepDeadlines,
+        on_carried_lost: Callable[[CarriedRelease, str], None] | None = None,
+    ) -> None:
         self._deadlines = deadlines
+        # A failed step's releases, with the node it failed at ("" when none is named):
+        # the nodes it did not reach must still get them.
+        self._on_carried_lost = on_carried_lost
         self._lock = threading.Lock()
         self._in_flight: dict[StepKey, Flight] = {}
         self._results: queue.Queue[StepResult] = queue.Queue()
@@ -99,6 +107,9 @@ class StepFlights:
                 self._failed += 1
         if result.error is not None:
             logger.warning("step %d (micro-batch %d) failed: %s", *key, result.error)
+            if flight.finished_seq_ids and self._on_carried_lost is not None:
+                carried = CarriedRelease(flight.route, key[0], flight.finished_seq_ids)
+                self._on_carried_lost(carried, result.failed_node_id)
         self._results.put(result)
         return flight
 

@@ -71,6 +71,8 @@ class Membership:
             logger.warning("head %s refused node %r: %s", self.head_id, node.node_id, exc.reason)
             return pb.JoinResponse(accepted=False, reason=exc.reason)
         self._monitor.forget(node.node_id, node.address)
+        # Once no channel of the head's to its address is left in reconnect backoff.
+        self._failover.node_back(node)
         with self._lock:  # a replacement makes the old loss notes moot
             for lost_id, (lost, _) in list(self._lost.items()):
                 if lost_id == node.node_id or _overlaps(lost.layers, node.layers):
@@ -92,6 +94,7 @@ class Membership:
         except JoinRefusedError as exc:
             return exc.reason
         self._monitor.forget(info.node_id, info.address)
+        self._failover.node_back(info)
         logger.info(
             "head %s: node %s found in the DHT (epoch %d)",
             self.head_id,
@@ -114,7 +117,6 @@ class Membership:
             # left to its predecessor there may sit in gRPC's reconnect backoff and fail the
             # first steps sent to the newcomer.
             self._node.links.drop_peer(node.address)
-            self._failover.node_back(node)  # or the same one, evicted while alive
         for other in self._registry.overlapping(node):
             if other.node_id == self.head_id:
                 continue
@@ -195,8 +197,8 @@ class Membership:
             f"{reason}; the step was lost", through=stage.node_id, kind=kind
         )
         self._failover.node_lost(stage, kind, detail, self._routes.evict(stage.node_id), before)
-        for release in carried:  # their sequences are no longer in the route book
-            self._failover.release_carried(release, stage.node_id)
+        for release in carried:  # freed elsewhere as they failed; the node may keep them
+            self._failover.left_behind(stage.node_id, release.seq_ids)
         if self._spot is not None:
             self._spot.node_down(stage.node_id)  # its check routes end
         self._node.links.drop_peer(stage.address)

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from molink.pipeline.head_flights import error_result
 from molink.pipeline.toy import ToyStageExecutor
+from molink.step import FailureKind
 from molink.transport.channel import NodeClient
 from tests.helpers.polling import first_result, wait_until
 from tests.helpers.toy_swarm import REPLICAS_BEFORE_N, ToySwarm, decode, prefill, toy_swarm
@@ -132,3 +134,26 @@ def test_a_release_call_that_fails_once_is_made_again(chain: ToySwarm, monkeypat
     assert head.evict_node("a", "taken out by the test")
     assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
     assert len(calls) == 2
+
+
+def test_a_step_that_fails_on_its_way_frees_what_it_carried(chain: ToySwarm, monkeypatch) -> None:
+    """A step carrying a release fails on its way without any node being evicted: here
+    the head's stream to a breaks after a took it (a keeps running, and answers the probe
+    that follows). The nodes it did not reach must still free what it carried."""
+    head, last = chain.head, chain.executors["n"]
+    head.submit(prefill(0, 7))
+    assert first_result(head).error is None
+    head.submit(prefill(1, 8))
+    token = first_result(head).sampled[0].token_id
+    gate = threading.Event()
+    try:
+        reached = _hold_step(chain.executors["a"], 2, gate, monkeypatch)
+        head.submit(decode(2, 8, token, finished=(7,)))
+        assert reached.wait(30.0)
+        broken = error_result((2, 0), "stream to a broke", FailureKind.UNREACHABLE, "a")
+        head.deliver_result(broken, [], "h", 0)
+        assert first_result(head).error == "stream to a broke"
+        assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
+        assert head.pipeline().stage("a") is not None  # nothing was evicted
+    finally:
+        gate.set()
