@@ -38,6 +38,7 @@ from molink.cli.vllm_api_args import DEFAULT_MAX_LOGPROBS, ignored_api_flags, va
 from molink.cli.vllm_args import add_vllm_args, ignored_vllm_flags, validate_vllm_flags
 from molink.cli.vllm_compat_flags import compat_notes, compat_values, validate_compat_flags
 from molink.cli.vllm_loading_args import (
+    QUANTIZATION_ALIASES,
     ignored_loading_flags,
     kv_cache_dtype_name,
     validate_loading_flags,
@@ -168,6 +169,8 @@ class EngineArgs:
         if self.dtype in DTYPE_ALIASES:
             object.__setattr__(self, "dtype", DTYPE_ALIASES[self.dtype])
         object.__setattr__(self, "kv_cache_dtype", kv_cache_dtype_name(self.kv_cache_dtype))
+        if self.quantization in QUANTIZATION_ALIASES:
+            object.__setattr__(self, "quantization", QUANTIZATION_ALIASES[self.quantization])
         self.validate()
 
     @property

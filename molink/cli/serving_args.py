@@ -9,7 +9,11 @@ import argparse
 
 from molink.cli.default_model import DEFAULT_MODEL_NAME
 from molink.cli.flag_values import size_arg, token_count_arg
-from molink.cli.vllm_loading_args import KV_CACHE_DTYPE_ALIASES, REFUSED_KV_CACHE_DTYPES
+from molink.cli.vllm_loading_args import (
+    KV_CACHE_DTYPE_ALIASES,
+    QUANTIZATION_ALIASES,
+    REFUSED_KV_CACHE_DTYPES,
+)
 from molink.config import ENGINE_DEFAULTS
 from molink.device import DEVICE_CHOICES
 from molink.quant.config import KV_CACHE_DTYPE_CHOICES, QUANTIZATION_CHOICES
@@ -58,9 +62,10 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
         "--quantization",
         "-q",
         default=None,
-        choices=QUANTIZATION_CHOICES,
-        help="how weights are held: gguf/awq/gptq as the checkpoint is, int4/int8 quantized "
-        "at load, none for float (default: detected from the checkpoint)",
+        choices=(*QUANTIZATION_CHOICES, *QUANTIZATION_ALIASES),
+        help="how weights are held: gguf/awq/gptq as the checkpoint is (vLLM's awq_marlin "
+        "and gptq_marlin are awq and gptq), int4/int8 quantized at load, none for float "
+        "(default: detected from the checkpoint)",
     )
     model.add_argument(
         "--quantized-batch-kernel",

@@ -19,6 +19,8 @@ from molink.errors import InvalidParameterError
 # stores (float8_e4m3fn); e5m2 is another format, which it does not.
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
 REFUSED_KV_CACHE_DTYPES = ("fp8_e5m2",)
+# vLLM's Marlin kernels run the same AWQ/GPTQ checkpoints; here they take this server's.
+QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 TOKENIZER_MODES = ("auto", "hf", "slow", "mistral", "custom")
 # Modes that load tokenizer.json with the fast (Rust) tokenizers library, as this server does.
 _FAST_TOKENIZER_MODES = ("auto", "hf")

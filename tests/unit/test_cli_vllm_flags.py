@@ -57,6 +57,11 @@ def test_a_vllm_deployment_line_starts() -> None:
         assert flag in notes
 
 
+@pytest.mark.parametrize(("given", "method"), [("awq_marlin", "awq"), ("gptq_marlin", "gptq")])
+def test_vllms_marlin_methods_are_the_checkpoints(given: str, method: str) -> None:
+    assert parse(f"--quantization {given}").quantization == method
+
+
 def test_fp8_e5m2_is_refused_by_name() -> None:
     with pytest.raises(InvalidParameterError, match="fp8_e5m2") as info:
         make("--kv-cache-dtype fp8_e5m2")
