@@ -74,6 +74,8 @@ def make_server(
         # uvicorn's own TLS (Python's ssl module), as vLLM's server does.
         ssl_keyfile=tls.keyfile if tls else None,
         ssl_certfile=tls.certfile if tls else None,
+        ssl_ca_certs=tls.ca_certs if tls else None,
+        ssl_cert_reqs=tls.cert_reqs if tls else 0,
         root_path=root_path,
         access_log=access_log,
     )
@@ -82,10 +84,13 @@ def make_server(
 
 @dataclass(frozen=True)
 class HttpsFiles:
-    """A PEM private key and its certificate chain, for serving HTTPS."""
+    """A PEM private key and its certificate chain, for serving HTTPS; with ``ca_certs`` and
+    ``cert_reqs`` (ssl.CERT_OPTIONAL or CERT_REQUIRED) clients show certificates it signed."""
 
     keyfile: str
     certfile: str
+    ca_certs: str | None = None
+    cert_reqs: int = 0  # ssl.CERT_NONE
 
 
 async def serve_app(

@@ -121,6 +121,8 @@ class EngineArgs:
     allowed_headers: tuple[str, ...] = ("*",)
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None  # clients' CA (mutual TLS)
+    ssl_cert_reqs: int = 0  # ssl.CERT_NONE; 1 optional, 2 required
     # vLLM's serving flags, so that a vLLM command line starts this server unchanged.
     enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     chat_template: str | None = None  # a file, or the template text itself

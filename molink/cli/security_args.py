@@ -19,6 +19,8 @@ class SecurityArgs(Protocol):
     molink_swarm_key_file: str | None
     ssl_keyfile: str | None
     ssl_certfile: str | None
+    ssl_ca_certs: str | None
+    ssl_cert_reqs: int
     molink_verify_fraction: float
 
 
@@ -42,10 +44,21 @@ def validate_security_args(args: SecurityArgs) -> None:
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         missing = "ssl_certfile" if args.ssl_certfile is None else "ssl_keyfile"
         raise InvalidParameterError(missing, "HTTPS needs both --ssl-keyfile and --ssl-certfile")
-    for name in ("ssl_keyfile", "ssl_certfile"):
+    for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
             raise InvalidParameterError(name, f"{path} is not a readable file")
+    if args.ssl_cert_reqs not in (0, 1, 2):
+        raise InvalidParameterError(
+            "ssl_cert_reqs", f"{args.ssl_cert_reqs} must be 0 (none), 1 (optional) or 2 (required)"
+        )
+    if args.ssl_keyfile is None and (args.ssl_ca_certs is not None or args.ssl_cert_reqs):
+        name = "ssl_ca_certs" if args.ssl_ca_certs is not None else "ssl_cert_reqs"
+        raise InvalidParameterError(name, "client certificates need HTTPS (--ssl-keyfile)")
+    if args.ssl_cert_reqs and args.ssl_ca_certs is None:
+        raise InvalidParameterError(
+            "ssl_cert_reqs", "checking client certificates needs --ssl-ca-certs"
+        )
 
 
 def add_swarm_key_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -76,6 +89,18 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
         "--ssl-certfile",
         default=None,
         help="the certificate (chain) for --ssl-keyfile (default: none)",
+    )
+    https.add_argument(
+        "--ssl-ca-certs",
+        default=None,
+        help="CA certificates that sign the clients' certificates (default: none)",
+    )
+    https.add_argument(
+        "--ssl-cert-reqs",
+        type=int,
+        default=0,
+        help="client certificates: 0 not asked, 1 checked when shown, 2 required "
+        "(default: %(default)s)",
     )
     group = parser.add_argument_group("MoLink swarm membership")
     add_swarm_key_args(group)

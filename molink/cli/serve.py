@@ -87,7 +87,7 @@ async def _serve(args: EngineArgs, engine_factory: EngineFactory) -> int:
             )
         chat = chat_options(args, chat_template, folder_defaults)
         app = create_app(engine, api_config(args, names, _metric_sources(engine), chat))
-        tls = HttpsFiles(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None
+        tls = https_files(args)
         scheme = "https" if tls else "http"
         logger.info("serving %s on %s://%s:%d", names[0], scheme, args.host, args.port)
         server = await serve_app(
@@ -119,6 +119,12 @@ def api_config(
         disable_docs=args.disable_fastapi_docs,
         request_id_headers=args.enable_request_id_headers,
     )
+
+
+def https_files(args: EngineArgs) -> HttpsFiles | None:
+    if args.ssl_keyfile is None or args.ssl_certfile is None:
+        return None
+    return HttpsFiles(args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs, args.ssl_cert_reqs)
 
 
 def served_names(args: EngineArgs, engine_model_name: str) -> tuple[str, ...]:

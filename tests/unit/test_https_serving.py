@@ -120,3 +120,30 @@ def test_swarm_key_flags_need_a_pipeline_and_a_valid_key(tmp_path: Path) -> None
     assert "molink-swarm-v1" not in repr(
         EngineArgs(molink_enabled=True, molink_swarm_key="molink-swarm-v1:" + "A" * 43)
     )
+
+
+def test_client_certificate_flags_reach_uvicorn(tmp_path: Path) -> None:
+    """vLLM's --ssl-ca-certs/--ssl-cert-reqs (mutual TLS): they were 'unrecognized
+    arguments'; dropped, a server meant to require client certificates would not."""
+    from molink.api import create_app
+    from molink.api.server import make_server
+    from molink.cli.serve import https_files
+    from tests.helpers.fake_engine import FakeEngine
+
+    files = [tmp_path / name for name in ("key.pem", "cert.pem", "ca.pem")]
+    for path in files:
+        path.write_text("x")
+    key, cert, ca = map(str, files)
+    args = EngineArgs(ssl_keyfile=key, ssl_certfile=cert, ssl_ca_certs=ca, ssl_cert_reqs=2)
+    server = make_server(create_app(FakeEngine()), "127.0.0.1", 0, tls=https_files(args))
+    assert (server.config.ssl_ca_certs, server.config.ssl_cert_reqs) == (ca, ssl.CERT_REQUIRED)
+    for bad, field in (
+        ({"ssl_cert_reqs": 3}, "ssl_cert_reqs"),
+        ({"ssl_ca_certs": None}, "ssl_cert_reqs"),
+        ({"ssl_keyfile": None, "ssl_certfile": None}, "ssl_ca_certs"),
+        ({"ssl_ca_certs": str(tmp_path / "absent.pem")}, "ssl_ca_certs"),
+    ):
+        values = {"ssl_keyfile": key, "ssl_certfile": cert, "ssl_ca_certs": ca}
+        with pytest.raises(InvalidParameterError) as info:
+            EngineArgs(**{**values, "ssl_cert_reqs": 2, **bad})
+        assert info.value.field == field
