@@ -223,12 +223,16 @@ def _put_chat_template_in_config(out_dir: Path, template: str | None) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def cached_gguf_tokenizer(gguf_path: Path, reader: Any | None = None) -> Path:
+def cached_gguf_tokenizer(gguf_path: Path) -> Path:
+    """The tokenizer folder of ``gguf_path``, converted once, in a child process
+    (molink.weights.tokenizer_child: transformers never enters this one)."""
+    from molink.weights.tokenizer_child import export_in_child
+
     key = f"{file_key(gguf_path)}-v{CONVERSION_VERSION}"
     entry = default_cache_dir() / "tokenizers" / f"{gguf_path.stem}-{key}"
     return build_entry(
         entry,
-        lambda tmp: export_gguf_tokenizer(gguf_path, tmp, reader),
+        lambda tmp: export_in_child(gguf_path, tmp),
         {"source": str(gguf_path.resolve())},
     )
 
@@ -286,14 +290,13 @@ class GGUFSource(ModelSource):
     def tokenizer_dir(self) -> Path:  # type: ignore[override]
         """Converted on first use only: stages that never tokenize skip the cost.
 
-        The file's reader is released afterwards: an engine asks for its tokenizer once its
+        The file's reader is released first: an engine asks for its tokenizer once its
         slices are loaded, and the reader holds the whole file mapped (the pages its
         tensors were read from stay resident) and its parsed metadata; measured on a first
         start of SmolLM2 Q4_1 (bench/quant_memory_phases.py), ~220 MiB held while the KV
         cache was allocated. A later slice reopens the file."""
-        directory = cached_gguf_tokenizer(self.path, self.__dict__.get("_reader"))
         self.__dict__.pop("_reader", None)
-        return directory
+        return cached_gguf_tokenizer(self.path)
 
     def open_tensors(self) -> GGUFStore:
         return GGUFStore(self._reader, self.model_config, str(self.path))

@@ -230,3 +230,40 @@ def test_the_file_is_released_once_slices_and_tokenizer_are_read(
     logits = [PagedRunner([m], 16, 4) for m in (whole, again)]
     hidden = [r.forward([SeqChunk(0, len(tokens), list(range(8)))], tokens) for r in logits]
     assert torch.equal(whole.compute_logits(hidden[0]), again.compute_logits(hidden[1]))
+
+
+_CONVERT = """
+import sys
+from molink.weights.gguf_source import GGUFSource
+folder = GGUFSource(sys.argv[1]).tokenizer_dir
+print((folder / "tokenizer.json").is_file(), "transformers" in sys.modules)
+"""
+
+
+def test_the_tokenizer_is_converted_without_importing_transformers_here(
+    gguf_files, tmp_path: Path
+) -> None:
+    # transformers' modules would stay resident in the server (~90 MiB): a child converts.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MOLINK_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", _CONVERT, str(gguf_files("qwen3"))],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    assert out.split() == ["True", "False"]
+
+
+def test_a_tokenizer_the_child_cannot_convert_is_named(tmp_path: Path) -> None:
+    from molink.weights.tokenizer_child import export_in_child
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(WeightLoadError, match="bad.gguf"):
+        export_in_child(bad, tmp_path / "out")
