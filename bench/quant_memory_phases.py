@@ -17,7 +17,10 @@ built, the load-time frees returned, and the first request. ``phases_first_start
 same with an empty cache (the file's first start: parsed, packed and cached, its tokenizer
 converted through transformers).
 
-    python bench/quant_memory_phases.py [--name quant_memory_phases]
+``--llama-server BINARY``: llama.cpp's server on the same file measured the same way in the
+same run (one thread, ``-c 8192``: 189 MB of f16 KV).
+
+    python bench/quant_memory_phases.py [--name quant_memory_phases] [--llama-server BIN]
 
 Writes ``bench/results/<name>.json`` with the load average before and after.
 """
@@ -96,10 +99,23 @@ async def greedy_texts(base_url: str) -> list[str]:
     return texts
 
 
-def measure_server() -> dict[str, Any]:
+def llama_server_command(binary: str, port: int) -> list[str]:
+    """llama.cpp's server on the same file, one thread, 8,192 tokens of f16 KV (the 189 MB
+    molink's flags give: 30 layers x 3 KV heads x 64 x 2 x 2 bytes per token)."""
+    from molink.weights import default_model_gguf
+
+    gguf = str(default_model_gguf())
+    return [binary, "-m", gguf, "-t", "1", "-c", "8192", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def measure_server(llama_server: str | None = None) -> dict[str, Any]:
     port = free_port()
     env = {"OMP_NUM_THREADS": "1"}
-    with running_server(molink_serve_command(port, serve_flags()), port, env=env) as server:
+    if llama_server is not None:
+        command = llama_server_command(llama_server, port)
+    else:
+        command = molink_serve_command(port, serve_flags())
+    with running_server(command, port, env=env) as server:
         pid = server.process.pid
         idle = {**proc_status(pid), "smaps_rollup": smaps_rollup(pid)}
         texts = asyncio.run(greedy_texts(server.base_url))
@@ -108,7 +124,7 @@ def measure_server() -> dict[str, Any]:
             {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()}
         )
     return {
-        "flags": serve_flags(),
+        "command": command,
         "idle": idle,
         "after_requests": served,
         "peak_over_llama_server": round(served["VmHWM"] / LLAMA_SERVER_PEAK_MIB, 2),
@@ -204,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="quant_memory_phases")
     parser.add_argument("--phases", action="store_true", help="(internal) print the phases")
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary, measured too")
     args = parser.parse_args()
     if args.phases:
         print(json.dumps(run_phases()))
@@ -212,6 +229,8 @@ def main() -> None:
     results: dict[str, Any] = {"load_average_before": os.getloadavg()}
     results["llama_server_peak_mib"] = LLAMA_SERVER_PEAK_MIB
     results["server"] = measure_server()
+    if args.llama_server:
+        results["llama_server"] = measure_server(args.llama_server)
     results["phases"] = measure_phases()
     with tempfile.TemporaryDirectory(prefix="molink-cold-") as cold:
         results["phases_first_start"] = measure_phases(cold)
