@@ -29,6 +29,10 @@ def _size_options(config: TransportConfig) -> list[tuple[str, int]]:
 
 def channel_options(config: TransportConfig) -> list[tuple[str, int]]:
     return _size_options(config) + [
+        # Each channel connects on its own: by default channels to one address share
+        # gRPC's subchannels, so a channel made fresh for a node restarted there would
+        # inherit the reconnect backoff of a stale one still open and fail at once.
+        ("grpc.use_local_subchannel_pool", 1),
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
