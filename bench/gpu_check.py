@@ -113,7 +113,7 @@ def fidelity_fp32(device: torch.device, archs: tuple[str, ...], work: Path, new:
 def bf16_agreement(device: torch.device, work: Path, smoke: bool) -> dict:
     """Teacher-forced top-1 agreement and logits cosine of whole sequences, bfloat16."""
     from molink.config import LayerRange
-    from molink.models.attention import AttentionMetadata, SeqChunk
+    from molink.models.attention_metadata import AttentionMetadata, SeqChunk
     from molink.models.kv_cache import KVCache
     from molink.weights import resolve_model_source
 

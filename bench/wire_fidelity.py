@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from bench.common import RESULTS_DIR, write_results  # noqa: E402
 from molink.engine.local_executor import LocalExecutor  # noqa: E402
 from molink.engine.offline import LLM  # noqa: E402
-from molink.models.attention import AttentionMetadata, SeqChunk  # noqa: E402
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk  # noqa: E402
 from molink.sampling_params import SamplingParams  # noqa: E402
 from molink.transport import int8  # noqa: E402
 from molink.transport.codec import decode_tensor, wire_row_bytes  # noqa: E402

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from molink.errors import InvalidParameterError
-from molink.models.attention import AttentionMetadata, SeqChunk
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.models.decoder import DecoderSlice
 from molink.models.kv_cache import KVCache
 from molink.progress import progress_bar

@@ -18,14 +18,14 @@ if TYPE_CHECKING:
     import torch
 
     from molink.config import LayerRange, ModelConfig
-    from molink.models.attention import AttentionMetadata, SeqChunk
+    from molink.models.attention_metadata import AttentionMetadata, SeqChunk
     from molink.models.decoder import DecoderSlice
     from molink.models.kv_cache import KVCache
     from molink.models.loading import checkpoint_tensor_names
 
 _LAZY = {
-    "AttentionMetadata": "molink.models.attention",
-    "SeqChunk": "molink.models.attention",
+    "AttentionMetadata": "molink.models.attention_metadata",
+    "SeqChunk": "molink.models.attention_metadata",
     "DecoderSlice": "molink.models.decoder",
     "checkpoint_tensor_names": "molink.models.loading",
     "KVCache": "molink.models.kv_cache",

@@ -22,7 +22,7 @@ from molink.kernels.paged_reference import DecodeParams, paged_decode_reference
 from molink.models.decode_plan import InPlaceDecode
 
 if TYPE_CHECKING:
-    from molink.models.attention import DecodeGroup
+    from molink.models.attention_metadata import DecodeGroup
 
 logger = logging.getLogger(__name__)
 

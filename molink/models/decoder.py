@@ -16,7 +16,7 @@ from torch import nn
 
 from molink.config import LayerRange, ModelConfig
 from molink.errors import ContextLengthExceededError, InvalidParameterError
-from molink.models.attention import AttentionMetadata
+from molink.models.attention_metadata import AttentionMetadata
 from molink.models.blocks.linear import LinearFactory, LinearLike, TableLike, matrix_param
 from molink.models.cpu_linear import linear, prepack
 from molink.models.forward_context import ForwardContext

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from molink.models.attention import AttentionMetadata
+from molink.models.attention_metadata import AttentionMetadata
 from molink.models.rope import RotaryTables
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from molink.errors import ProtocolError
-from molink.models.attention import AttentionMetadata, SeqChunk
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.models.parallel.group import ParallelGroup
 
 SCHEMA_VERSION = 1

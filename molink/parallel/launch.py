@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from molink.errors import MolinkError
-from molink.models.attention import AttentionMetadata
+from molink.models.attention_metadata import AttentionMetadata
 from molink.models.parallel.group import IDLE_TIMEOUT, ParallelGroup, backend_for
 from molink.parallel.commands import CommandChannel
 

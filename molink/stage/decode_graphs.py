@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from molink.models.attention import AttentionMetadata, DecodeGroup, SeqChunk
+from molink.models.attention_metadata import AttentionMetadata, DecodeGroup, SeqChunk
 from molink.models.blocks.moe import MoE
 from molink.models.decoder import DecoderSlice
 from molink.models.kv_cache import KVCache

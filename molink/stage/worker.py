@@ -17,7 +17,7 @@ import torch
 from molink.config import LayerRange, ModelConfig
 from molink.errors import MolinkError, ProtocolError
 from molink.kv_cache.stage_pool import KVRoomError, StageBlockPool
-from molink.models.attention import AttentionMetadata, SeqChunk
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.models.kv_cache import KVCache
 from molink.quant.memory import RESIDENT
 from molink.sampling.prompt_logprobs import prompt_token_logprobs

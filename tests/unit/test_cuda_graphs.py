@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from molink.config import LayerRange
-from molink.models.attention import AttentionMetadata, SeqChunk
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.models.kv_cache import KVCache
 from molink.stage.decode_graphs import CudaGraphFactory, DecodeGraphs, bucket_sizes, pick_bucket
 from molink.weights import resolve_model_source

@@ -8,12 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from molink.models.attention import (
-    AttentionMetadata,
-    AttentionOptions,
-    SeqChunk,
-    paged_attention,
-)
+from molink.models.attention import AttentionOptions, paged_attention
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 
 BLOCK, KV_HEADS, HEADS, HEAD_DIM = 4, 2, 6, 16
 

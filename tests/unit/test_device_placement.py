@@ -19,7 +19,7 @@ from molink.config import LayerRange
 from molink.device import resolve_device
 from molink.engine.factory import EngineOptions, build_local_engine
 from molink.errors import InvalidParameterError
-from molink.models.attention import AttentionMetadata, SeqChunk
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.sampling_params import SamplingParams
 from molink.stage.worker import StageWorker
 from molink.step import NewSequenceData, ScheduledSequence, StepPlan

@@ -10,7 +10,8 @@ import torch
 
 from molink.kernels.paged_reference import DecodeParams, paged_decode_reference
 from molink.models import decode_plan
-from molink.models.attention import AttentionMetadata, AttentionOptions, SeqChunk, paged_attention
+from molink.models.attention import AttentionOptions, paged_attention
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.models.decode_plan import SlotRun, slot_runs
 
 BLOCK = 4

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from molink.config import LayerRange
 from molink.errors import InvalidParameterError, ProtocolError
-from molink.models.attention import AttentionMetadata, SeqChunk
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.models.parallel.check import check_tensor_parallel, rank_kv_config
 from molink.models.parallel.group import ParallelGroup, rank_device
 from molink.models.parallel.reading import read_shards

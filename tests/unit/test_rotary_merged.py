@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from molink.models.attention import AttentionMetadata, SeqChunk, paged_attention
+from molink.models.attention import paged_attention
+from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.models.blocks.attention import AttentionSpec, SelfAttention
 from molink.models.blocks.linear import LinearFactory
 from molink.models.forward_context import ForwardContext

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from molink.models.attention import AttentionMetadata
+from molink.models.attention_metadata import AttentionMetadata
 
 
 class StepLeader(Protocol):
