@@ -9,7 +9,7 @@ import pytest
 
 from molink.cli.args import EngineArgs, add_engine_args
 from molink.cli.main import parse_engine_args
-from molink.cli.pipeline_builder import advertise_host, advertise_port
+from molink.cli.stage_loader import advertise_host, advertise_port
 from molink.errors import InvalidParameterError
 from molink.pipeline.node import _advertised
 

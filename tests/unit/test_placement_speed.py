@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-import molink.cli.pipeline_builder as builder
+import molink.cli.stage_loader as loader
 from molink.cli.args import EngineArgs, add_engine_args
 from molink.cli.main import parse_engine_args
 from molink.config import LayerRange, ModelConfig
@@ -85,17 +85,17 @@ def test_layer_flags_win_over_placement_and_placement_gets_the_speed(
         calls.append(args[-1])  # type: ignore[arg-type]
         return LayerRange(1, 2)
 
-    monkeypatch.setattr(builder, "place", fake_place)
-    monkeypatch.setattr(builder, "held_as", lambda *args: None)
-    monkeypatch.setattr(builder, "estimate_weights", lambda *args: None)
+    monkeypatch.setattr(loader, "place", fake_place)
+    monkeypatch.setattr(loader, "held_as", lambda *args: None)
+    monkeypatch.setattr(loader, "estimate_weights", lambda *args: None)
     source = types.SimpleNamespace(model_config=CONFIG)
     peer = "--molink-enabled --molink-initial-peer 127.0.0.1:50061"
     options, cpu = EngineOptions(model="m"), torch.device("cpu")
     flags = _args(f"{peer} --molink-start-layer 0 --molink-end-layer 1")
-    chosen = builder.stage_layers(flags, options, source, torch.float32, cpu, None, None, FAST_S)
+    chosen = loader.stage_layers(flags, options, source, torch.float32, cpu, None, None, FAST_S)
     assert chosen == LayerRange(0, 1) and not calls
     auto = _args(peer)
-    chosen = builder.stage_layers(auto, options, source, torch.float32, cpu, None, None, FAST_S)
+    chosen = loader.stage_layers(auto, options, source, torch.float32, cpu, None, None, FAST_S)
     assert chosen == LayerRange(1, 2) and calls == [FAST_S]
 
 
@@ -120,13 +120,13 @@ def test_a_configured_speed_replaces_the_probe(monkeypatch: pytest.MonkeyPatch) 
     def no_probe(*args: object) -> float:
         raise AssertionError("the probe ran although the speed was configured")
 
-    monkeypatch.setattr(builder, "layer_step_seconds", no_probe)
+    monkeypatch.setattr(loader, "layer_step_seconds", no_probe)
     pinned = _args("--molink-enabled --molink-layer-step-ms 2.5")
     cpu = torch.device("cpu")
-    assert builder.node_layer_step_seconds(pinned, CONFIG, torch.float32, cpu) == 0.0025
-    monkeypatch.setattr(builder, "layer_step_seconds", lambda *args: FAST_S)
+    assert loader.node_layer_step_seconds(pinned, CONFIG, torch.float32, cpu) == 0.0025
+    monkeypatch.setattr(loader, "layer_step_seconds", lambda *args: FAST_S)
     probed = _args("--molink-enabled")
-    assert builder.node_layer_step_seconds(probed, CONFIG, torch.float32, cpu) == FAST_S
+    assert loader.node_layer_step_seconds(probed, CONFIG, torch.float32, cpu) == FAST_S
 
 
 def test_extreme_speeds_from_a_peers_record_do_not_break_placement() -> None:
