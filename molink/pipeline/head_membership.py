@@ -206,6 +206,7 @@ class Membership:
 
     def apply_view(self, view: PipelineView, skip: str | None = None) -> None:
         self._node.links.apply(view)
+        self._monitor.prune(view)
         self._monitor.push_view(view, skip=skip)
 
 

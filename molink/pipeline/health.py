@@ -81,6 +81,17 @@ class HealthMonitor:
         if client is not None:
             client.close()
 
+    def prune(self, view: PipelineView) -> None:
+        """Close the clients of nodes no longer in ``view`` at their address, whatever
+        took them out (eviction, a clean leave, a new registration elsewhere): each
+        holds a channel that would otherwise live as long as the head."""
+        current = {(stage.address, stage.node_id) for stage in view.stages}
+        with self._lock:
+            gone = [key for key in self._clients if key not in current]
+            clients = [self._clients.pop(key) for key in gone]
+        for client in clients:
+            client.close()
+
     def push_view(self, view: PipelineView, skip: str | None = None) -> None:
         """Tell every stage (but the head and ``skip``) about a new pipeline, in the
         background; a stage that misses it fetches the pipeline when a step's epoch is
