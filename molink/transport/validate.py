@@ -6,7 +6,7 @@ that the head can report it and the stage can go on serving.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from molink.errors import ProtocolError
@@ -61,6 +61,19 @@ def check_known_sequences(plan: StepPlan, known: Collection[int]) -> None:
             f"step {plan.step_id} (micro-batch {plan.micro_batch}) schedules sequences this "
             f"stage never received: {shown}"
         )
+
+
+# A release leaves a node in chunks of at most this many sequences: a stage refuses a
+# release naming more than its own max_sequences_per_head, which may be smaller than the
+# sender's. Every stage at the default bound (or any bound this large) accepts a chunk.
+RELEASE_CHUNK_SEQUENCES = 64
+
+
+def release_chunks(seq_ids: Sequence[int]) -> list[tuple[int, ...]]:
+    """``seq_ids`` in order, cut into chunks a stage accepts one release at a time."""
+    ids = tuple(seq_ids)
+    step = RELEASE_CHUNK_SEQUENCES
+    return [ids[i : i + step] for i in range(0, len(ids), step)]
 
 
 def check_release_size(num_seq_ids: int, max_sequences_per_head: int, where: str) -> None:
