@@ -19,6 +19,7 @@ from molink.pipeline.route_book import RouteBook
 from molink.pipeline.worker import ReleaseJob
 from molink.placement.route import Route
 from molink.step import StepPlan
+from molink.transport.validate import release_chunks
 
 
 class SequenceReleases:
@@ -53,7 +54,8 @@ class SequenceReleases:
         for route, shadows in self._spot.release(seq_ids) if self._spot else []:
             hop = route.hops[1]  # the head holds no shadow: they start at the next node
             sender = self._node.links.forward_to(hop.address, hop.node_id)
-            sender.put(OutboundRelease(self.head_id, route, shadows))
+            for chunk in release_chunks(shadows):
+                sender.put(OutboundRelease(self.head_id, route, chunk))
 
     def release_elsewhere(self, plan: StepPlan, route: Route) -> StepPlan:
         """Finished sequences of other routes are released along their own routes; the

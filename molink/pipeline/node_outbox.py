@@ -16,6 +16,7 @@ from molink.placement.route import Route
 from molink.step import FailureKind, StepResult
 from molink.transport.convert import result_to_proto
 from molink.transport.generated import molink_pb2 as pb
+from molink.transport.validate import release_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,8 @@ class NodeOutbox:
         next_hop = job.route.next_after(self._node_id)
         if next_hop is not None:
             sender = self._links.forward_to(next_hop.address, next_hop.node_id)
-            sender.put(
-                OutboundRelease(job.head_id, job.route, job.seq_ids, job.started_before_step)
-            )
+            for chunk in release_chunks(job.seq_ids):  # the next stage's bound may be smaller
+                sender.put(OutboundRelease(job.head_id, job.route, chunk, job.started_before_step))
 
     def return_result(self, route: Route, result: StepResult, trace: list[pb.HopTrace]) -> None:
         """Hand a result (or an error) to the route's head, locally or over ReturnResults."""

@@ -18,6 +18,7 @@ from molink.security.peer_proof import NONCE_KEY, PeerProver, new_nonce, proof_p
 from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
+from molink.transport.validate import release_chunks
 
 
 def _size_options(config: TransportConfig) -> list[tuple[str, int]]:
@@ -223,11 +224,15 @@ class NodeClient:
         started_before_step: int | None = None,
     ) -> int:
         """Free ``seq_ids`` of ``head_id`` (with ``started_before_step``: only copies a
-        plan of an earlier step started)."""
-        request = pb.ReleaseRequest(head_id=head_id, seq_ids=seq_ids)
-        if started_before_step is not None:
-            request.started_before_step = started_before_step
-        return self._unary(self.stub.Release, request, timeout).num_released
+        plan of an earlier step started). Sent in chunks a stage of a smaller
+        max_sequences_per_head than this node's still accepts."""
+        released = 0
+        for chunk in release_chunks(seq_ids):
+            request = pb.ReleaseRequest(head_id=head_id, seq_ids=chunk)
+            if started_before_step is not None:
+                request.started_before_step = started_before_step
+            released += self._unary(self.stub.Release, request, timeout).num_released
+        return released
 
     def witness(
         self, request: pb.WitnessRequest, timeout: float | None = None
