@@ -146,6 +146,14 @@ class FailoverDesk:
         band along the route, and by a call to the nodes after ``failed_id``, which
         nothing may reach in band."""
         route, seq_ids, step_id = release.route, release.seq_ids, release.step_id
+        if failed_id == self.head_id:
+            threading.Thread(
+                target=self._release_refused,
+                args=(route, seq_ids, step_id),
+                name="head-release",
+                daemon=True,
+            ).start()
+            return
         if route.index_of(failed_id) is not None:
             self._release_survivors(route, failed_id, seq_ids, step_id)
             return
@@ -153,6 +161,25 @@ class FailoverDesk:
             self._submit(ReleaseJob(self.head_id, route, seq_ids, True, step_id))
         except Exception:
             logger.warning("in-band release of %d sequences failed", len(seq_ids), exc_info=True)
+
+    def _release_refused(self, route: Route, seq_ids: tuple[int, ...], before: int) -> None:
+        """The head's own stage refused a step (its queue stayed full), so the step went
+        nowhere: the route's other nodes free what it carried by a call, and the head's
+        stage in band once its queue has room (a release queued now would wait for the
+        same room, so this runs on a thread of its own)."""
+        self._release_directly([(h.address, h.node_id) for h in route.hops[1:]], seq_ids, before)
+        for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            try:
+                self._submit(ReleaseJob(self.head_id, None, seq_ids, False, before))
+                return
+            except Exception as exc:
+                logger.warning(
+                    "release of %d sequences on the head's stage failed (attempt %d of %d): %s",
+                    len(seq_ids),
+                    attempt,
+                    RELEASE_ATTEMPTS,
+                    exc,
+                )
 
     def left_behind(self, lost_id: str, seq_ids: tuple[int, ...]) -> None:
         """Releases ``lost_id`` may not have got before it was lost (to free there if it

@@ -236,7 +236,9 @@ class PipelineExecutor:
         try:
             self._node.submit(job)
         except PipelineError as exc:
-            self._flights.complete(error_result(key, str(exc)))
+            # The head's own stage refused it (its queue stayed full): named, so that the
+            # releases it carried go on from the head (FailoverDesk.release_carried).
+            self._flights.complete(error_result(key, str(exc), node_id=self.head_id))
 
     def _gone_from(self, route: Route) -> tuple[str, str] | None:
         """Why ``route`` cannot be used, and the node: one of its nodes was evicted since

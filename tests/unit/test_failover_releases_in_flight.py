@@ -6,6 +6,7 @@ head renews its lease."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 
@@ -14,10 +15,18 @@ import pytest
 
 from molink.pipeline.head_flights import error_result
 from molink.pipeline.toy import ToyStageExecutor
+from molink.pipeline.worker import StepJob
 from molink.step import FailureKind
 from molink.transport.channel import NodeClient
-from tests.helpers.polling import first_result, wait_until
-from tests.helpers.toy_swarm import REPLICAS_BEFORE_N, ToySwarm, decode, prefill, toy_swarm
+from tests.helpers.polling import first_result, results_of, wait_until
+from tests.helpers.toy_swarm import (
+    CONFIG,
+    REPLICAS_BEFORE_N,
+    ToySwarm,
+    decode,
+    prefill,
+    toy_swarm,
+)
 
 
 @pytest.fixture
@@ -27,14 +36,20 @@ def chain() -> Iterator[ToySwarm]:
         yield swarm
 
 
-def _hold_step(executor: ToyStageExecutor, step_id: int, gate: threading.Event, monkeypatch):
+def _hold_step(
+    executor: ToyStageExecutor,
+    step_id: int,
+    gate: threading.Event,
+    monkeypatch,
+    hold_s: float = 30.0,
+):
     original = executor.execute
     reached = threading.Event()
 
     def held_execute(plan, hidden, head_id=""):
         if plan.step_id == step_id:
             reached.set()
-            gate.wait(30.0)
+            gate.wait(hold_s)
         return original(plan, hidden, head_id)
 
     monkeypatch.setattr(executor, "execute", held_execute)
@@ -157,3 +172,46 @@ def test_a_step_that_fails_on_its_way_frees_what_it_carried(chain: ToySwarm, mon
         assert head.pipeline().stage("a") is not None  # nothing was evicted
     finally:
         gate.set()
+
+
+def test_a_step_the_heads_full_queue_refuses_still_frees_what_it_carried(monkeypatch) -> None:
+    """The head's own stage is busy and its queue full when a step carrying the release
+    of sequence 7 comes: the queue refuses the step, which never leaves the head, and the
+    release it carried must still reach the route's nodes (the head's stage included,
+    once it has room) instead of being dropped with it."""
+    config = dataclasses.replace(CONFIG, max_queued_steps=2)
+    with toy_swarm((("a", 1, 2), ("n", 2, 4)), config) as swarm:
+        head, last = swarm.head, swarm.executors["n"]
+        own: ToyStageExecutor = head.node._worker._executor
+        head.submit(prefill(0, 7))
+        assert first_result(head).error is None
+        assert ("h", 7) in own.sequences and ("h", 7) in last.sequences
+        gate = threading.Event()
+        try:
+            reached = _hold_step(own, 1, gate, monkeypatch, hold_s=60.0)
+            head.submit(prefill(1, 8))
+            assert reached.wait(30.0)
+            head.submit(prefill(2, 9))
+            head.submit(prefill(3, 10))  # the head's queue is full now
+            submit = head.node.submit
+
+            def refused_at_once(job) -> None:  # the real refusal, without its long wait
+                if isinstance(job, StepJob) and job.plan.step_id == 4:
+                    head.node._worker.submit(job, timeout=0.1)
+                else:
+                    submit(job)
+
+            monkeypatch.setattr(head.node, "submit", refused_at_once)
+            head.submit(prefill(4, 11, finished=(7,)))
+            (refused,) = [r for r in head.poll(5.0) if r.step_id == 4]
+            assert refused.error is not None and "overloaded" in refused.error
+            assert refused.failure_kind is FailureKind.NONE  # its sequences: as before
+            assert wait_until(lambda: ("h", 7) not in last.sequences, timeout=10.0)
+        finally:
+            gate.set()
+        done = results_of(head, 3)
+        assert sorted(r.step_id for r in done) == [1, 2, 3]
+        assert all(r.error is None for r in done)
+        assert wait_until(lambda: ("h", 7) not in own.sequences, timeout=10.0)
+        assert ("h", 7) not in swarm.executors["a"].sequences
+        assert ("h", 8) in last.sequences  # the others' KV stays
