@@ -22,7 +22,7 @@ def structural_tag_spec(
 ) -> StructuredOutputSpec | None:
     if value is None:
         return None
-    tag = _as_object(value, field)
+    tag = json_object(value, field)
     structures, triggers = tag.get("structures"), tag.get("triggers")
     if not _strings(triggers) or not isinstance(structures, list) or not structures:
         raise APIError(
@@ -35,14 +35,18 @@ def structural_tag_spec(
     return StructuredOutputSpec("grammar", StructTag.to_grammar(tags, assume_special=False))
 
 
-def _as_object(value: str | dict[str, Any], field: str) -> dict[str, Any]:
+def json_object(
+    value: str | dict[str, Any], field: str, not_object: str = "must be a JSON object"
+) -> dict[str, Any]:
+    """A request field's JSON object, given as one or as its JSON text; a 400 naming
+    ``field`` otherwise."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise APIError(400, f"{field}: not valid JSON: {exc}", field) from None
     if not isinstance(value, dict):
-        raise APIError(400, f"{field}: must be a JSON object", field)
+        raise APIError(400, f"{field}: {not_object}", field)
     return value
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from molink.api.errors import APIError
 from molink.api.schemas import SamplingFields
-from molink.api.structural_tag import structural_tag_spec
+from molink.api.structural_tag import json_object, structural_tag_spec
 from molink.api.structured_options import (
     apply_structured_options,
     check_structured_options,
@@ -135,14 +135,7 @@ def _from_structured_outputs(body: SamplingFields) -> tuple[str, StructuredOutpu
 def _json_spec(value: dict[str, Any] | str | None, field: str) -> StructuredOutputSpec | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise APIError(400, f"{field}: not valid JSON: {exc}", field) from None
-        if not isinstance(value, dict):
-            raise APIError(400, f"{field}: a JSON schema must be an object", field)
-    return json_schema_spec(value)
+    return json_schema_spec(json_object(value, field, "a JSON schema must be an object"))
 
 
 def _simple(kind: str, value: str | None) -> StructuredOutputSpec | None:

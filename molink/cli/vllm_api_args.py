@@ -68,18 +68,22 @@ def validate_api_flags(args: ApiArgs) -> None:
         )
 
 
+def json_object_flag(field: str, text: str, example: str) -> dict[str, Any]:
+    """A flag's JSON object; InvalidParameterError naming ``field`` otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameterError(field, f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidParameterError(field, f"must be a JSON object, e.g. {example}")
+    return value
+
+
 def structured_outputs_config(text: str | None) -> dict[str, Any]:
     """--structured-outputs-config's object; keys that would change outputs are refused."""
     if text is None:
         return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidParameterError("structured_outputs_config", f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidParameterError(
-            "structured_outputs_config", 'must be a JSON object, e.g. {"backend": "xgrammar"}'
-        )
+    value = json_object_flag("structured_outputs_config", text, '{"backend": "xgrammar"}')
     for key, item in value.items():
         if key not in _NEUTRAL_STRUCTURED_KEYS and item not in (None, False, ""):
             raise InvalidParameterError(

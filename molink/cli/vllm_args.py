@@ -5,10 +5,9 @@ no effect. Unknown flags still fail, as argparse makes them."""
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING
 
-from molink.cli.vllm_api_args import add_api_args
+from molink.cli.vllm_api_args import add_api_args, json_object_flag
 from molink.cli.vllm_compat_flags import add_compat_flags
 from molink.cli.vllm_loading_args import add_loading_args
 from molink.config import ENGINE_DEFAULTS
@@ -40,17 +39,7 @@ def override_generation_config(text: str | None) -> dict:
     """--override-generation-config's JSON object ({} when not given)."""
     if text is None:
         return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidParameterError(
-            "override_generation_config", f"not valid JSON: {exc}"
-        ) from None
-    if not isinstance(value, dict):
-        raise InvalidParameterError(
-            "override_generation_config", 'must be a JSON object, e.g. {"temperature": 0.5}'
-        )
-    return value
+    return json_object_flag("override_generation_config", text, '{"temperature": 0.5}')
 
 
 def ignored_vllm_flags(args: EngineArgs) -> list[str]:
