@@ -41,6 +41,8 @@ class HealthMonitor:
         self._failures: dict[str, int] = {}
         self._latest: dict[str, pb.HealthResponse | str] = {}
         self._round_trips: dict[str, float] = {}  # node id -> smoothed health-call time
+        self._members_view: PipelineView | None = None
+        self._members_of_view: frozenset[tuple[str, str]] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="head-health", daemon=True)
 
@@ -112,14 +114,17 @@ class HealthMonitor:
         that does not answer within the health timeout (a frozen process keeps its socket
         open, so only the timeout notices it)."""
         calls = []
+        failures: dict[str, str] = {}
         for stage in stages:
             client = self._client(stage)
+            if client is None:
+                failures[stage.node_id] = "no longer in the pipeline"
+                continue
             metadata, nonce = client.proof_request()
             call = client.stub.Health.future(
                 self._request(), timeout=self._config.health_timeout_s, metadata=metadata
             )
             calls.append((stage, client, call, nonce))
-        failures = {}
         for stage, client, call, nonce in calls:
             try:
                 call.result()
@@ -140,6 +145,8 @@ class HealthMonitor:
             if stage.node_id == view.head_id:
                 continue
             client = self._client(stage)
+            if client is None:  # removed since the round read the view
+                continue
             metadata, nonce = client.proof_request()
             started = time.monotonic()
             call = client.stub.Health.future(
@@ -207,8 +214,11 @@ class HealthMonitor:
     def _push(self, view: PipelineView, targets: list[NodeInfo]) -> None:
         message = view_to_proto(view)
         for stage in targets:
+            client = self._client(stage)
+            if client is None:  # removed since this view: the push is not its to get
+                continue
             try:
-                self._client(stage).update_pipeline(message)
+                client.update_pipeline(message)
             except grpc.RpcError as exc:
                 logger.warning(
                     "could not push pipeline epoch %d to %s: %s",
@@ -217,12 +227,27 @@ class HealthMonitor:
                     describe_rpc_error(exc),
                 )
 
-    def _client(self, stage: NodeInfo) -> NodeClient:
+    def _client(self, stage: NodeInfo) -> NodeClient | None:
         """The client of ``stage``; in a swarm the node at its address must prove to be
-        ``stage``."""
+        ``stage``. None when ``stage`` is no longer in the pipeline at that address: the
+        push thread, a probe or a check round may work from a view read before a removal,
+        and a client made after the removal's prune would never be closed."""
         key = (stage.address, stage.node_id)
         with self._lock:
+            # Under the lock: a removal's prune (which takes it) comes after the registry
+            # changed, so a client made before that change is closed by the prune.
+            if key not in self._members():
+                return None
             client = self._clients.get(key)
             if client is None:
                 client = self._clients[key] = NodeClient(stage.address, self._config, stage.node_id)
             return client
+
+    def _members(self) -> frozenset[tuple[str, str]]:
+        """(address, node id) of every node of the current view; made once per view (a
+        round asks it for each of up to max_pipeline_nodes stages). Under ``_lock``."""
+        view = self._registry.view()
+        if view is not self._members_view:
+            self._members_view = view
+            self._members_of_view = frozenset((s.address, s.node_id) for s in view.stages)
+        return self._members_of_view
