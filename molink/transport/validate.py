@@ -65,7 +65,7 @@ def check_known_sequences(plan: StepPlan, known: Collection[int]) -> None:
 
 # A release leaves a node in chunks of at most this many sequences: a stage refuses a
 # release naming more than its own max_sequences_per_head, which may be smaller than the
-# sender's. Every stage at the default bound (or any bound this large) accepts a chunk.
+# sender's. Every stage accepts a chunk, whatever its bound (check_release_size).
 RELEASE_CHUNK_SEQUENCES = 64
 
 
@@ -77,13 +77,17 @@ def release_chunks(seq_ids: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def check_release_size(num_seq_ids: int, max_sequences_per_head: int, where: str) -> None:
-    """A release names at most ``max_sequences_per_head`` sequences: no head holds more on
-    a stage, so an honest release never names more, and a longer list would only make the
-    compute thread walk ids a peer chose."""
-    if num_seq_ids > max_sequences_per_head:
+    """A release names at most ``max_sequences_per_head`` sequences, or one chunk when
+    that is more: no head holds more on a stage, so an honest release never names more,
+    and a longer list would only make the compute thread walk ids a peer chose. A chunk
+    is always accepted: a head sends its releases in chunks without knowing each stage's
+    bound (a stage below RELEASE_CHUNK_SEQUENCES would free nothing), and a bound meant
+    for the sequences a head holds has no reason to cap how many it lets go."""
+    limit = max(max_sequences_per_head, RELEASE_CHUNK_SEQUENCES)
+    if num_seq_ids > limit:
         raise ProtocolError(
-            f"{where}: seq_ids names {num_seq_ids} sequences, over the limit of "
-            f"{max_sequences_per_head} (max_sequences_per_head)"
+            f"{where}: seq_ids names {num_seq_ids} sequences, over the limit of {limit} "
+            f"(max_sequences_per_head, or {RELEASE_CHUNK_SEQUENCES} when it is smaller)"
         )
 
 

@@ -1,7 +1,8 @@
 """Bounds on what a peer can make a node hold. Node-wide ones hold whatever identities
 callers present: any member can mint fresh node ids (the swarm authority derives from the
 shared key), each with its own per-peer allowance, so a per-peer bound alone does not
-bound the node. A release names no more sequences than a head may hold."""
+bound the node. A release names no more sequences than a head may hold, or than one
+release chunk when that is more."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from molink.pipeline.toy import ToyStageExecutor
 from molink.pipeline.worker import ComputeWorker, StepJob
 from molink.placement.route import Route, RouteHop
 from molink.transport.generated import molink_pb2 as pb
+from molink.transport.validate import RELEASE_CHUNK_SEQUENCES
 from tests.helpers.polling import first_result, wait_until
 from tests.helpers.toy_swarm import MODEL as TOY_MODEL
 from tests.helpers.toy_swarm import hidden, prefill
@@ -76,7 +78,8 @@ def test_streams_of_minted_identities_are_bounded_per_node(swarm: Swarm) -> None
 def test_a_release_names_at_most_as_many_sequences_as_a_head_may_hold(swarm: Swarm) -> None:
     swarm.head.submit(_prefill(1, 5, (10,)))
     assert first_result(swarm.head).error is None
-    limit = BASE.max_sequences_per_head
+    # A bound below a release chunk still lets a whole chunk go (heads send no more).
+    limit = max(BASE.max_sequences_per_head, RELEASE_CHUNK_SEQUENCES)
     too_many = [5, *range(100, 100 + limit)]
     channel, stub = swarm.stub(swarm.last.address, swarm.head.config)
     with channel:
