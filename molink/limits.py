@@ -28,7 +28,13 @@ class RequestLimits:
     max_stop_strings: int = 64  # the transport's PlanLimits default
     max_stop_string_chars: int = 1024
     max_stop_token_ids: int = 1024
-    max_logprobs: int = 20  # OpenAI's top_logprobs range
+    # Alternatives per sampled token. The sampler takes any k (a top-k of the log-softmax);
+    # the bound is the wire: a step of 4096 sequences (PlanLimits' most) at 1025 entries of
+    # ~16 bytes each is ~67 MB, a quarter of the 256 MiB message limit, so a request at the
+    # bound cannot make a step's result too large for the requests batched with it.
+    max_logprobs: int = 1024
+    # Per prompt token. The whole prompt's logprobs travel with the first token in one
+    # message (a 128k-token prompt at 21 entries is ~43 MB): OpenAI's 20 stays the bound.
     max_prompt_logprobs: int = 20
     max_logit_bias_entries: int = 1024
     max_logit_bias: float = 100.0  # OpenAI's range is [-100, 100]

@@ -88,6 +88,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     check_max_logprobs(
         {"top_logprobs": body.top_logprobs, "prompt_logprobs": body.prompt_logprobs},
         ctx.chat.max_logprobs,
+        per_prompt_token=("prompt_logprobs",),
     )
     params = build_sampling_params(
         body,

@@ -81,6 +81,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     check_max_logprobs(
         {"logprobs": body.logprobs, "prompt_logprobs": body.prompt_logprobs},
         ctx.chat.max_logprobs,
+        # With echo, logprobs asks for the prompt's too.
+        per_prompt_token=("prompt_logprobs", "logprobs") if body.echo else ("prompt_logprobs",),
     )
     prompts = normalize_prompts(body.prompt, ctx.engine.tokenizer.vocab_size)
     for prompt in prompts:

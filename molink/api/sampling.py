@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from molink.api.errors import APIError
 from molink.api.schemas import SamplingFields
+from molink.limits import LIMITS
 from molink.sampling_params import SamplingParams, StructuredOutputSpec
 
 # Sampling fields a model's generation_config.json may set defaults for (as vLLM reads it).
@@ -140,14 +141,25 @@ def reject_streamed_prompt_logprobs(body: SamplingFields) -> None:
         )
 
 
-def check_max_logprobs(fields: Mapping[str, int | None], limit: int) -> None:
-    """--max-logprobs bounds each logprobs field a request sends, as vLLM's does."""
+def check_max_logprobs(
+    fields: Mapping[str, int | None], limit: int, per_prompt_token: Sequence[str] = ()
+) -> None:
+    """--max-logprobs bounds each logprobs field a request sends, as vLLM's does; the fields
+    named in ``per_prompt_token`` ask for prompt logprobs, which have a bound of their own."""
     for name, value in fields.items():
         if value is not None and value > limit:
             raise APIError(
                 400,
                 f"{name}: {value} is more than this server allows (--max-logprobs {limit}); "
                 f"ask for at most {limit}",
+                name,
+            )
+        bound = LIMITS.max_prompt_logprobs
+        if name in per_prompt_token and value is not None and value > bound:
+            raise APIError(
+                400,
+                f"{name}: {value} asks for more than the {bound} alternatives per prompt "
+                f"token this server returns (a prompt's logprobs travel in one message)",
                 name,
             )
 

@@ -147,7 +147,8 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # OpenAI's range ends at 20; vLLM's (and this server's) at --max-logprobs.
+    top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     echo: bool | None = None

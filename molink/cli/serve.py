@@ -19,6 +19,7 @@ from molink.cli.args import EngineArgs
 from molink.cli.vllm_args import override_generation_config
 from molink.engine.protocol import EngineClient
 from molink.errors import MolinkError
+from molink.limits import LIMITS
 from molink.quant.memory import RESIDENT, return_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def chat_options(args: EngineArgs, chat_template: str | None, defaults: dict) ->
         tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         generation_defaults=defaults,
-        max_logprobs=args.max_logprobs,
+        max_logprobs=LIMITS.max_logprobs if args.max_logprobs == -1 else args.max_logprobs,
         response_role=args.response_role,
         reasoning_parser=args.reasoning_parser,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,

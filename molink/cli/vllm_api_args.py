@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from molink.errors import InvalidParameterError
 from molink.limits import LIMITS
 
-# vLLM's default for --max-logprobs.
+# vLLM's default for --max-logprobs; -1 (vLLM's "no cap") leaves only the server's bounds.
 DEFAULT_MAX_LOGPROBS = 20
 GUIDED_DECODING_BACKENDS = (
     "auto",
@@ -45,11 +45,11 @@ class ApiArgs(Protocol):
 
 
 def validate_api_flags(args: ApiArgs) -> None:
-    if not 0 <= args.max_logprobs <= LIMITS.max_logprobs:
+    if not -1 <= args.max_logprobs <= LIMITS.max_logprobs:
         raise InvalidParameterError(
             "max_logprobs",
-            f"{args.max_logprobs} must be in [0, {LIMITS.max_logprobs}]: this server returns "
-            f"at most {LIMITS.max_logprobs} alternatives per token",
+            f"{args.max_logprobs} must be -1 or in [0, {LIMITS.max_logprobs}]: this server "
+            f"returns at most {LIMITS.max_logprobs} alternatives per token (-1: up to that)",
         )
     if args.root_path is not None and not (
         args.root_path.startswith("/") and not args.root_path.endswith("/")
@@ -125,7 +125,8 @@ def add_api_args(group: argparse._ArgumentGroup) -> None:
         type=int,
         default=DEFAULT_MAX_LOGPROBS,
         help="most logprobs, top_logprobs or prompt_logprobs a request may ask for; more is "
-        f"a 400 (at most {LIMITS.max_logprobs}) (default: %(default)s)",
+        f"a 400; -1: up to this server's own bounds ({LIMITS.max_logprobs} alternatives per "
+        f"token, {LIMITS.max_prompt_logprobs} per prompt token) (default: %(default)s)",
     )
     group.add_argument(
         "--reasoning-parser",
