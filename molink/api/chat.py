@@ -49,6 +49,8 @@ class ChatMeta:
     reasoning_parser: str | None = None  # None: the reply is all content
     include_reasoning: bool = True
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:N"
+    # vLLM's: prompt_token_ids beside the choices, token_ids in each
+    return_token_ids: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, obj: str, choices: list[dict]) -> dict:
@@ -115,6 +117,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         reasoning_parser=_reasoning_parser(ctx, body, tools),
         include_reasoning=body.include_reasoning is not False,
         tokens_as_ids=tokens_as_ids(body, ctx.chat.return_tokens_as_token_ids),
+        return_token_ids=bool(body.return_token_ids),
     )
     run = ctx.new_run([meta.request_id], [prompt_ids], params)
     if body.stream:
@@ -205,6 +208,7 @@ async def _complete(ctx: ServerContext, run: GenerationRun, meta: ChatMeta) -> J
             "logprobs": meta.logprobs(tokenizer, choice, 0, len(choice.token_ids)),
             "finish_reason": _finish_reason(meta, choice),
             "stop_reason": choice.stop_reason,
+            **({"token_ids": list(choice.token_ids)} if meta.return_token_ids else {}),
         }
         for choice in sorted(final.outputs, key=lambda c: c.index)
     ]
@@ -213,6 +217,8 @@ async def _complete(ctx: ServerContext, run: GenerationRun, meta: ChatMeta) -> J
         body["prompt_logprobs"] = vllm_prompt_logprobs(
             tokenizer, final.prompt_token_ids, final.prompt_logprobs
         )
+    if meta.return_token_ids:
+        body["prompt_token_ids"] = list(final.prompt_token_ids)
     body["usage"] = usage_body(
         len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs)
     )

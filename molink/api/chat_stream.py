@@ -91,6 +91,9 @@ class ChatStreamFormatter:
         for index in range(self._meta.n):
             delta = {"role": self._meta.role, "content": ""}
             chunks.append(self._chunk(_item(index, delta)))
+            if index == 0 and self._meta.return_token_ids:
+                # vLLM's return_token_ids: the prompt's ids once, in the stream's first chunk.
+                chunks[0]["prompt_token_ids"] = list(first.prompt_token_ids)
             if self._meta.echo_text:
                 chunks.append(self._chunk(_item(index, {"content": self._meta.echo_text})))
         return chunks
@@ -113,6 +116,8 @@ class ChatStreamFormatter:
             )
             if finish is not None:
                 item["stop_reason"] = choice.stop_reason
+            if self._meta.return_token_ids:
+                item["token_ids"] = choice.token_ids[delta.start_token : delta.end_token]
             chunks.append(self._chunk(item))
         return chunks
 

@@ -59,6 +59,7 @@ class _Meta:
     score_only: bool = False  # max_tokens 0: the prompt is scored, nothing is generated
     want_prompt_logprobs: bool = False  # vLLM's prompt_logprobs field in each choice
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:N"
+    return_token_ids: bool = False  # vLLM's prompt_token_ids and token_ids in each choice
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, choices: list[dict]) -> dict:
@@ -129,6 +130,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         score_only=score_only,
         want_prompt_logprobs=body.prompt_logprobs is not None,
         tokens_as_ids=tokens_as_ids(body, ctx.chat.return_tokens_as_token_ids),
+        return_token_ids=bool(body.return_token_ids),
     )
     if body.stream:
         firsts = await cancel_on_disconnect(request, run.start)
@@ -265,10 +267,14 @@ def _choice(
         "finish_reason": "length" if meta.score_only else choice.finish_reason,
         "stop_reason": None if meta.score_only else choice.stop_reason,
     }
+    if meta.return_token_ids:
+        item["token_ids"] = [] if meta.score_only else list(choice.token_ids)
     if meta.want_prompt_logprobs:
         item["prompt_logprobs"] = vllm_prompt_logprobs(
             tokenizer, output.prompt_token_ids, output.prompt_logprobs
         )
+    if meta.return_token_ids:
+        item["prompt_token_ids"] = list(output.prompt_token_ids)
     return item
 
 
@@ -287,11 +293,18 @@ class _StreamFormatter:
         self._offsets: dict[int, int] = {}
         self._prompt_tokens: dict[int, int] = {}
         self._completion_tokens: dict[int, int] = {}
+        # With return_token_ids: each prompt's ids, until the first chunk of each of its
+        # choices has carried them.
+        self._prompt_ids: dict[int, list[int]] = {}
 
     def on_start(self, firsts: list[RequestOutput]) -> list[dict]:
         chunks = []
         for prompt_index, first in enumerate(firsts):
             self._prompt_tokens[prompt_index] = len(first.prompt_token_ids)
+            if self._meta.return_token_ids:
+                for choice_index in range(self._meta.n):
+                    index = prompt_index * self._meta.n + choice_index
+                    self._prompt_ids[index] = list(first.prompt_token_ids)
             if not self._meta.echo:
                 continue
             text = _prompt_text(self._tokenizer, self._meta.prompts[prompt_index], first)
@@ -306,7 +319,8 @@ class _StreamFormatter:
             for choice_index in range(self._meta.n):
                 index = prompt_index * self._meta.n + choice_index
                 self._offsets[index] = offset
-                chunks.append(self._chunk(_stream_choice(index, text, logprobs, None)))
+                item = _stream_choice(index, text, logprobs, None)
+                chunks.append(self._chunk(self._with_token_ids(index, item, [])))
         return chunks
 
     def on_output(self, prompt_index: int, output: RequestOutput) -> list[dict]:
@@ -329,8 +343,20 @@ class _StreamFormatter:
             item = _stream_choice(index, delta.text, logprobs, delta.finish_reason)
             if delta.finish_reason is not None:
                 item["stop_reason"] = choice.stop_reason
-            chunks.append(self._chunk(item))
+            new_ids = choice.token_ids[delta.start_token : delta.end_token]
+            chunks.append(self._chunk(self._with_token_ids(index, item, new_ids)))
         return chunks
+
+    def _with_token_ids(self, index: int, item: dict, new_ids: list[int]) -> dict:
+        """vLLM's return_token_ids: the prompt's ids with a choice's first chunk, and the
+        ids each chunk adds."""
+        if not self._meta.return_token_ids:
+            return item
+        prompt_ids = self._prompt_ids.pop(index, None)
+        if prompt_ids is not None:
+            item["prompt_token_ids"] = prompt_ids
+        item["token_ids"] = list(new_ids)
+        return item
 
     def on_end(self) -> list[dict]:
         if not self._include_usage:

@@ -107,8 +107,6 @@ _UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "truncate_prompt_tokens": (None,),
     "logits_processors": (None, []),
     "functions": (None,),
-    "return_token_ids": (None, False),
-    "priority": (None, 0),
     "function_call": (None,),
 }
 
@@ -121,6 +119,14 @@ def reject_unsupported(body: SamplingFields) -> None:
     for name, value in extra.items():
         if name in _UNIMPLEMENTED_FIELDS and not _is_one_of(value, _UNIMPLEMENTED_FIELDS[name]):
             raise APIError(400, f"{name} is not supported by this server", name)
+    priority = extra.get("priority")
+    if not _is_one_of(priority, (None, 0)):
+        raise APIError(
+            400,
+            f"priority: {priority!r} asks for priority scheduling, which this server does not "
+            "do (as vLLM without --scheduling-policy priority); send 0 or leave it out",
+            "priority",
+        )
     best_of = extra.get("best_of")  # a completions field; chat clients send it too
     if best_of is not None and best_of != (1 if body.n is None else body.n):
         raise APIError(

@@ -80,6 +80,8 @@ class SamplingFields(_Body):
     prompt_logprobs: int | None = None
     # vLLM's: logprobs name each token "token_id:N" (default: --return-tokens-as-token-ids).
     return_tokens_as_token_ids: bool | None = None
+    # vLLM's: the prompt's token ids and each choice's generated ids in the response.
+    return_token_ids: bool | None = None
     structured_outputs: StructuredOutputs | None = None
     # vLLM's older spelling of structured_outputs.
     guided_json: dict[str, Any] | str | None = None

@@ -29,7 +29,6 @@ def client() -> TestClient:
     ("body", "field"),
     [
         ({"best_of": 2}, "best_of"),
-        ({"return_token_ids": True}, "return_token_ids"),
         ({"priority": 1}, "priority"),
     ],
 )
@@ -39,18 +38,11 @@ def test_chat_fields_that_would_be_ignored_are_400(
     response = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, **body})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == field
-    neutral = {"best_of": 1, "return_token_ids": False, "priority": 0}[field]
+    neutral = {"best_of": 1, "priority": 0}[field]
     ok = client.post(
         "/v1/chat/completions", json={"messages": USER, "max_tokens": 2, field: neutral}
     )
     assert ok.status_code == 200, ok.text
-
-
-def test_completions_refuse_return_token_ids(client: TestClient) -> None:
-    response = client.post(
-        "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "return_token_ids": True}
-    )
-    assert response.status_code == 400 and response.json()["error"]["param"] == "return_token_ids"
 
 
 def render(tokenizer: Tokenizer, **body: object) -> str:
