@@ -239,8 +239,19 @@ class GenerationRun:
             _raise_if_unavailable(output)
             first = failed[0]
             if first.finish_reason == "abort":
-                raise RequestFailedError(first.error or "the request was aborted by the engine")
-            raise RequestFailedError(first.error or "the engine failed while generating")
+                reason = first.error or "the request was aborted by the engine"
+            else:
+                reason = first.error or "the engine failed while generating"
+            raise RequestFailedError(self._naming_choice(index, first.index, reason))
+
+    def _naming_choice(self, prompt_index: int, choice_index: int, reason: str) -> str:
+        """With several choices, which one failed (its index in the answer): as in vLLM the
+        whole answer fails, and the others are stopped."""
+        n = self._params[prompt_index].n
+        if n * len(self._prompts) == 1:
+            return reason
+        number = prompt_index * n + choice_index
+        return f"choice {number} failed ({reason}); the request's other choices were stopped"
 
     def _note_tokens(self, index: int, output: RequestOutput) -> None:
         assert self._on_tokens is not None

@@ -75,6 +75,7 @@ class FakeEngineOptions:
     eos_after: int | None = None  # emit EOS after this many tokens
     fail_after: int | None = None  # raise PipelineError after this many steps
     error_after: int | None = None  # end with finish_reason "error" after this many steps
+    error_choices: tuple[int, ...] | None = None  # only these choices err; None: all of them
     submit_error: MolinkError | None = None  # raised before the first output
     # The route (node ids) that computes each step, the last one for every later step: a
     # change mid-request stands for a failover.
@@ -181,7 +182,9 @@ class FakeEngine:
             raise PipelineError("stage 1 stopped answering")
         if self.options.error_after is not None and step > self.options.error_after:
             for choice in choices:
-                choice.finish_reason, choice.error = "error", "stage 1 died"
+                chosen = self.options.error_choices
+                if choice.finish_reason is None and (chosen is None or choice.index in chosen):
+                    choice.finish_reason, choice.error = "error", "stage 1 died"
 
     def _advance(self, choice: CompletionOutput, params: SamplingParams, max_tokens: int) -> None:
         count = len(choice.token_ids)
