@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+
+# Lapse records kept, the oldest forgotten first: any member can mint head ids, each of
+# which can start a lease (a health check under its own id) and let it lapse, so one
+# record per head ever seen would grow without bound. A record matters only while a step
+# of that head received before the lapse still waits here; with at most
+# max_queued_steps_per_node steps queued, this many recent lapses covers honest heads
+# unless that many others lapsed in between.
+MAX_LAPSE_RECORDS = 10_000
 
 
 class LeaseTable:
@@ -24,7 +33,8 @@ class LeaseTable:
         self._clock = clock
         self._lock = threading.Lock()
         self._renewed: dict[str, float] = {}
-        self._lapsed_at: dict[str, float] = {}  # head -> when its last lease lapsed
+        # head -> when its last lease lapsed, oldest lapse first
+        self._lapsed_at: OrderedDict[str, float] = OrderedDict()
 
     def renew(self, head_id: str) -> None:
         if not head_id:
@@ -41,6 +51,9 @@ class LeaseTable:
             for head_id in gone:
                 del self._renewed[head_id]
                 self._lapsed_at[head_id] = now
+                self._lapsed_at.move_to_end(head_id)
+            while len(self._lapsed_at) > MAX_LAPSE_RECORDS:
+                self._lapsed_at.popitem(last=False)
         return gone
 
     def lapsed_since(self, head_id: str, since: float) -> bool:
