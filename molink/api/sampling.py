@@ -177,8 +177,17 @@ def tokens_as_ids(body: SamplingFields, server_default: bool) -> bool:
 
 
 def include_usage(body: SamplingFields, forced: bool = False) -> bool:
-    """A streamed response's closing usage chunk: asked for, or --enable-force-include-usage."""
-    return forced or bool(body.stream_options and body.stream_options.include_usage)
+    """A streamed response's closing usage chunk: asked for, or --enable-force-include-usage.
+
+    As in vLLM, include_usage defaults to true once stream_options is sent: {} or
+    {"continuous_usage_stats": true} alone ask for usage too.
+    """
+    options = body.stream_options
+    if forced:
+        return True
+    if options is None:
+        return False
+    return "include_usage" not in options.model_fields_set or bool(options.include_usage)
 
 
 def continuous_usage(body: SamplingFields) -> bool:
