@@ -23,6 +23,10 @@ from molink.transport.generated import molink_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+# A stage's status message is logged and shown in status tables: kept this long at most,
+# as the text of a node's description is (molink.pipeline.registry).
+MAX_HEALTH_MESSAGE_CHARS = 512
+
 
 class HealthMonitor:
     def __init__(
@@ -181,6 +185,7 @@ class HealthMonitor:
                 logger.exception("health check round failed")
 
     def _answered(self, stage: NodeInfo, response: pb.HealthResponse) -> None:
+        response = self._kept(stage, response)
         with self._lock:
             self._failures[stage.node_id] = 0
             previous = self._latest.get(stage.node_id)
@@ -190,6 +195,34 @@ class HealthMonitor:
         )
         if response.status == pb.HEALTH_STATUS_DEGRADED and not was_degraded:
             logger.warning("stage %s reports: %s", stage.describe(), response.message)
+
+    def _kept(self, stage: NodeInfo, response: pb.HealthResponse) -> pb.HealthResponse:
+        """What the head keeps of ``stage``'s answer: the router reads it for every new
+        sequence, so only this head's own usage there (one entry) and the stage's links
+        to nodes of this head's view (one per node, this head's or shared) are kept, not
+        whatever the stage chose to list; the message is cut and made printable."""
+        view = self._registry.view()
+        kept = pb.HealthResponse()
+        kept.CopyFrom(response)
+        kept.ClearField("heads")
+        kept.ClearField("links")
+        mine = next((u for u in response.heads if u.head_id == view.head_id), None)
+        if mine is not None:
+            kept.heads.append(mine)
+        members = {s.node_id for s in view.stages}
+        links: dict[str, pb.LinkReport] = {}
+        for report in response.links:
+            if (
+                report.from_node_id == stage.node_id
+                and report.head_id in ("", view.head_id)
+                and report.to_node_id in members
+            ):
+                links[report.to_node_id] = report
+        kept.links.extend(links.values())
+        kept.message = "".join(
+            c if c.isprintable() else "?" for c in response.message[:MAX_HEALTH_MESSAGE_CHARS]
+        )
+        return kept
 
     def _failed(self, stage: NodeInfo, detail: str) -> None:
         with self._lock:
