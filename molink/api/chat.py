@@ -30,6 +30,7 @@ from molink.api.schemas import ChatCompletionRequest
 from molink.api.streaming import SSE, cancel_on_disconnect, collect_final, stream_body
 from molink.api.structured import check_spec, structured_spec
 from molink.api.tool_choice import ToolPlan, plan_tools
+from molink.api.truncation import truncated, truncation_length
 from molink.outputs import CompletionOutput
 from molink.tokenizer.protocol import TokenizerLike
 
@@ -102,6 +103,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     # Rendering and tokenizing a long conversation takes a while: never on the event loop.
     prompt_ids = await asyncio.to_thread(render_chat_prompt, ctx, body.messages, body)
+    if body.truncate_prompt_tokens is not None:
+        keep = truncation_length(body.truncate_prompt_tokens, ctx.engine.max_model_len)
+        prompt_ids = truncated(prompt_ids, keep)
     params = with_default_max_tokens(
         params, ctx.chat.generation_defaults, len(prompt_ids), ctx.engine.max_model_len
     )

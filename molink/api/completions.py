@@ -39,6 +39,7 @@ from molink.api.streaming import (
     stream_body,
 )
 from molink.api.structured import structured_spec
+from molink.api.truncation import truncated, truncation_length
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 from molink.tokenizer.protocol import TokenizerLike
@@ -110,6 +111,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )
     request_id = new_request_id("cmpl")
     engine_prompts = await _engine_prompts(ctx.engine.tokenizer, prompts, body.add_special_tokens)
+    if body.truncate_prompt_tokens is not None:
+        keep = truncation_length(body.truncate_prompt_tokens, ctx.engine.max_model_len)
+        whole = await _tokenized(ctx.engine.tokenizer, engine_prompts)
+        engine_prompts = [truncated(ids, keep) for ids in whole]
+        prompts = list(engine_prompts)  # an echo shows what the model read
     per_prompt: SamplingParams | list[SamplingParams] = params
     if params.max_tokens is None and "max_tokens" in ctx.chat.generation_defaults:
         engine_prompts = await _tokenized(ctx.engine.tokenizer, engine_prompts)

@@ -104,7 +104,7 @@ _UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (None, False),
     "allowed_token_ids": (None,),
     "bad_words": (None, []),
-    "truncate_prompt_tokens": (None,),
+    "truncation_side": (None, "left"),  # truncate_prompt_tokens keeps a prompt's end
     "logits_processors": (None, []),
     "functions": (None,),
     "function_call": (None,),

@@ -82,6 +82,8 @@ class SamplingFields(_Body):
     return_tokens_as_token_ids: bool | None = None
     # vLLM's: the prompt's token ids and each choice's generated ids in the response.
     return_token_ids: bool | None = None
+    # vLLM's: a longer prompt keeps its last k tokens (-1: the context length).
+    truncate_prompt_tokens: int | None = None
     structured_outputs: StructuredOutputs | None = None
     # vLLM's older spelling of structured_outputs.
     guided_json: dict[str, Any] | str | None = None
