@@ -97,3 +97,18 @@ def test_the_sampler_returns_every_alternative_asked_for() -> None:
     assert [t.token_id for t in top] == expected.indices.tolist()
     assert token == expected.indices[0].item() and none == ()
     assert logprob == pytest.approx(expected.values[0].item(), abs=1e-6)
+
+
+def test_the_engine_returns_a_hundred_alternatives_per_token(tiny_model_dir) -> None:
+    from molink.engine.offline import LLM
+
+    llm = LLM(model=str(tiny_model_dir("llama")), dtype="float32", block_size=16, num_kv_blocks=16)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=100)
+    (output,) = llm.generate([[5, 6, 7, 8]], params)
+    choice = output.outputs[0]
+    assert len(choice.top_logprobs) == 3
+    rows = zip(choice.token_ids, choice.logprobs, choice.top_logprobs, strict=True)
+    for token, logprob, top in rows:
+        values = [t.logprob for t in top]
+        assert len(top) == 100 and values == sorted(values, reverse=True)
+        assert top[0].token_id == token and top[0].logprob == pytest.approx(logprob)
