@@ -191,6 +191,14 @@ def render_chat_text(
     # As in vLLM, chat_template_kwargs may set these too, and win over the fields.
     continue_final = bool(_flag(kwargs, "continue_final_message", body.continue_final_message))
     add_generation_prompt = _flag(kwargs, "add_generation_prompt", body.add_generation_prompt)
+    if continue_final and add_generation_prompt:
+        # The reply either goes on with the last message or starts a new one (vLLM: 400).
+        raise APIError(
+            400,
+            "continue_final_message and add_generation_prompt cannot both be true: the reply "
+            "either continues the final message or starts a new one",
+            "continue_final_message",
+        )
     if add_generation_prompt is None:
         add_generation_prompt = not continue_final
     if continue_final:
