@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 # (address, the node id expected there) -> sender
 SenderFactory = Callable[[str, str], StreamSender[Any]]
+
+# Streams of each kind (Forward, ReturnResults) a node keeps open. Routes name the
+# addresses, and any member can make itself a head whose signed routes name any number
+# of them; each stream holds a channel and a thread. Beyond this many, the least
+# recently used stream with nothing in flight is closed (it opens again when needed).
+MAX_STREAMS_PER_KIND = 128
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,9 @@ class LinkTable:
         self._make_forward = make_forward
         self._make_results = make_results  # None on a head: its own results stay local
         self._lock = threading.Lock()
-        self._forward: dict[str, _Stream] = {}
-        self._results: dict[str, _Stream] = {}
+        # address -> stream, least recently used first
+        self._forward: OrderedDict[str, _Stream] = OrderedDict()
+        self._results: OrderedDict[str, _Stream] = OrderedDict()
         self._views: dict[str, PipelineView] = {}
         # Nodes each head dropped from its pipeline (until a later view has them again):
         # a step whose route names one is stale, e.g. let go by a node resumed after a freeze.
@@ -74,13 +82,14 @@ class LinkTable:
         """The Forward stream to ``address`` (opened now if there is none)."""
         with self._lock:
             stream = self._forward.get(address)
+            stale: list[StreamSender[Any]] = []
             if stream is None or stream.to_node_id != node_id:
-                stale = stream
+                stale += [stream.sender] if stream else []
                 sender = self._make_forward(address, node_id)
                 stream = self._forward[address] = _Stream(sender, node_id, "")
-            else:
-                stale = None
-        self._close([stale.sender] if stale else [])
+                stale += _evicted(self._forward, address)
+            self._forward.move_to_end(address)
+        self._close(stale)
         return stream.sender
 
     def results_to(self, address: str, head_id: str) -> StreamSender[Any] | None:
@@ -89,13 +98,14 @@ class LinkTable:
             return None
         with self._lock:
             stream = self._results.get(address)
+            stale: list[StreamSender[Any]] = []
             if stream is None or stream.head_id != head_id:
-                stale = stream
+                stale += [stream.sender] if stream else []
                 sender = self._make_results(address, head_id)
                 stream = self._results[address] = _Stream(sender, head_id, head_id)
-            else:
-                stale = None
-        self._close([stale.sender] if stale else [])
+                stale += _evicted(self._results, address)
+            self._results.move_to_end(address)
+        self._close(stale)
         return stream.sender
 
     def drop_peer(self, address: str) -> None:
@@ -189,3 +199,17 @@ class LinkTable:
             self._retired_bytes += sum(s.bytes_sent for s in senders)
         for sender in senders:
             sender.close()
+
+
+def _evicted(streams: OrderedDict[str, _Stream], opened: str) -> list[StreamSender[Any]]:
+    """Take the least recently used streams with nothing in flight out of ``streams``
+    until at most MAX_STREAMS_PER_KIND remain, never the one just ``opened`` (about to
+    be used); returns their senders, to close outside the lock. Streams with messages in
+    flight stay (those messages are bounded by the queues that feed them)."""
+    evicted: list[StreamSender[Any]] = []
+    for address in list(streams):
+        if len(streams) <= MAX_STREAMS_PER_KIND:
+            break
+        if address != opened and streams[address].sender.pending() == 0:
+            evicted.append(streams.pop(address).sender)
+    return evicted
