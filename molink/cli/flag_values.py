@@ -71,6 +71,17 @@ def token_count_arg(text: str) -> int:
     return int(binary) * _BINARY_SUFFIXES[binary_suffix]
 
 
+def max_model_len_arg(text: str) -> int:
+    """``token_count_arg`` for --max-model-len, which names vLLM's auto (-1) for what it is."""
+    if text.strip() in ("auto", "-1"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} (vLLM's: the longest context the memory holds) is not supported: "
+            "leave --max-model-len out for the model's own context, or give a length such "
+            "as 32k"
+        )
+    return token_count_arg(text)
+
+
 def parse_host_port(text: str, field_name: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")

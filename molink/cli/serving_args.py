@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from molink.cli.default_model import DEFAULT_MODEL_NAME
-from molink.cli.flag_values import size_arg, token_count_arg
+from molink.cli.flag_values import max_model_len_arg, size_arg, token_count_arg
 from molink.cli.vllm_loading_args import (
     KV_CACHE_DTYPE_ALIASES,
     QUANTIZATION_ALIASES,
@@ -88,7 +88,7 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--max-model-len",
-        type=token_count_arg,
+        type=max_model_len_arg,
         default=None,
         help="context length in tokens, e.g. 4096, 4k (4000) or 4K (4096) (default: the "
         "model's own)",

@@ -216,3 +216,15 @@ def test_a_model_without_a_tokenizer_serves_with_tokenizer(tmp_path: Path) -> No
     engine, _, _ = build_local_engine(options)
     assert engine.tokenizer.name_or_path == str(tokenizer)
     assert engine.tokenizer.encode("hi", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("value", ["auto", "-1"])
+def test_max_model_len_auto_is_refused_saying_what_to_do(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vLLM's auto (-1): the longest context the memory holds. Not done here: the refusal
+    says so and how to get the model's own context, instead of a generic format error."""
+    with pytest.raises(SystemExit):
+        parse(f"--max-model-len {value}")
+    error = capsys.readouterr().err
+    assert "--max-model-len" in error and "leave" in error and "model's own" in error
