@@ -27,6 +27,7 @@ from molink.transport.convert import plan_to_proto
 from molink.transport.framing import join_forward
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.sender import StreamSender
+from molink.transport.validate import peer_text
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class SenderFactory:
                     item.route,
                     item.plan.step_id,
                     item.plan.micro_batch,
-                    ack.error,
+                    peer_text(ack.error),
                     FailureKind.REJECTED,
                     next_hop.node_id if next_hop else "",
                 )

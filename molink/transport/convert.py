@@ -19,6 +19,7 @@ from molink.step import (
     TokenLogprob,
 )
 from molink.transport.generated import molink_pb2 as pb
+from molink.transport.validate import peer_text
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
@@ -200,7 +201,7 @@ def result_from_proto(msg: pb.StepResult) -> StepResult:
                 token_id=t.token_id,
                 logprob=t.logprob if t.HasField("logprob") else None,
                 top_logprobs=_logprobs_from_proto(t.top_logprobs),
-                error=t.error if t.HasField("error") else None,
+                error=peer_text(t.error) if t.HasField("error") else None,
                 prompt_logprobs=tuple(
                     PromptTokenLogprob(
                         p.logprob,
@@ -212,7 +213,7 @@ def result_from_proto(msg: pb.StepResult) -> StepResult:
             )
             for t in msg.sampled
         ),
-        error=msg.error if msg.HasField("error") else None,
+        error=peer_text(msg.error) if msg.HasField("error") else None,
         failure_kind=_failure_kind(msg) if msg.HasField("error") else FailureKind.NONE,
         failed_node_id=msg.failed_node_id,
     )

@@ -91,6 +91,21 @@ def check_release_size(num_seq_ids: int, max_sequences_per_head: int, where: str
         )
 
 
+# Text a peer sends that a node keeps, logs or passes on (a step's error, a refusal in
+# an acknowledgement): at most this many characters, as the head's health answers keep.
+MAX_PEER_TEXT_CHARS = 2048
+
+
+def peer_text(text: str) -> str:
+    """``text`` from a peer as a node may log and show it: cut to MAX_PEER_TEXT_CHARS,
+    control characters (terminal escapes) replaced; line breaks and tabs stay, as a
+    multi-line error has them."""
+    kept = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text[:MAX_PEER_TEXT_CHARS])
+    if len(text) > MAX_PEER_TEXT_CHARS:
+        kept += f" ... ({len(text)} characters in all)"
+    return kept
+
+
 def _check_counts(plan: StepPlan, limits: PlanLimits, where: str) -> None:
     _at_most(len(plan.scheduled), limits.max_seqs_per_step, f"{where}: scheduled sequences")
     _at_most(len(plan.new_sequences), limits.max_seqs_per_step, f"{where}: new sequences")
