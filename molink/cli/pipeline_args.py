@@ -122,7 +122,8 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
         "--molink-max-memory",
         type=size_arg,
         default=None,
-        help="memory for this node's layers and KV when it picks its own layers, e.g. 4GiB "
+        help="memory for this node's layers and KV when it picks its own layers, e.g. 4GiB, "
+        "all its tensor-parallel ranks together "
         "(default: what the machine has available, less a quarter)",
     )
     pipeline.add_argument(

@@ -205,12 +205,18 @@ def stage_layers(
             estimate_weights(
                 source,
                 held_as(
-                    source, options.quantization, dtype, device, options.quantized_batch_kernel
+                    source,
+                    options.quantization,
+                    dtype,
+                    device,
+                    options.quantized_batch_kernel,
+                    options.tensor_parallel_size,
                 ),
             ),
             announced_spans(directory) if directory is not None else None,
             device,
             options.gpu_memory_utilization,
-            step_s,
+            layer_step_s=step_s,
+            tensor_parallel_size=options.tensor_parallel_size,
         )
     return LayerRange.resolve(args.molink_start_layer, args.molink_end_layer, config.num_layers)

@@ -7,7 +7,8 @@ experts and the embedding or LM head of a span that holds them included
 (molink/placement/resident.py), plus a minimum KV reserve per layer, out of
 ``--molink-max-memory``
 or, by default, the memory the machine has available less a quarter; on a GPU, the
-device's memory times ``--gpu-memory-utilization``), and applies the
+device's memory times ``--gpu-memory-utilization``; a tensor-parallel stage sizes one rank
+against its share: a rank holds its share of the weights and KV heads), and applies the
 rule of molink/placement/placement.py, which sizes a replica by this node's measured speed
 against that of the nodes it joins (molink/stage/speed.py). The choice and the reason are
 logged.
@@ -25,6 +26,8 @@ import torch
 from molink.config import LayerRange, ModelConfig
 from molink.errors import PipelineError
 from molink.models.kv_cache import KVCache
+from molink.models.parallel.check import rank_kv_config
+from molink.models.parallel.group import rank_device
 from molink.placement.placement import ServedSpan, choose_span
 from molink.placement.resident import WeightEstimate
 from molink.stage.resources import host_memory
@@ -43,14 +46,23 @@ def available_memory_bytes() -> int:
 
 
 def memory_budget(
-    max_memory: int | None, device: torch.device, gpu_memory_utilization: float
+    max_memory: int | None,
+    device: torch.device,
+    gpu_memory_utilization: float,
+    tensor_parallel_size: int = 1,
 ) -> int:
-    """What a node may fill with layers: the given bytes, else its device's memory."""
+    """What one rank of the node's stage may fill with layers (the node's only rank unless
+    it is tensor-parallel): its share of the given bytes, which are the whole node's; on
+    CUDA, the smallest of the ranks' own devices (rank r runs on the r-th device from the
+    stage's); on a CPU, its share of the host's memory, which every rank's process fills."""
     if max_memory is not None:
-        return max_memory
+        return max_memory // tensor_parallel_size
     if device.type == "cuda":  # weights and KV live on the GPU, not in host memory
-        return int(torch.cuda.mem_get_info(device)[1] * gpu_memory_utilization)
-    return int(available_memory_bytes() * (1 - HEADROOM))
+        return min(
+            int(torch.cuda.mem_get_info(rank_device(device, rank))[1] * gpu_memory_utilization)
+            for rank in range(tensor_parallel_size)
+        )
+    return int(available_memory_bytes() * (1 - HEADROOM)) // tensor_parallel_size
 
 
 def place(
@@ -65,8 +77,11 @@ def place(
     device: torch.device = torch.device("cpu"),
     gpu_memory_utilization: float = 0.9,
     layer_step_s: float = 0.0,
+    tensor_parallel_size: int = 1,
 ) -> LayerRange:
-    """``weights``: what this node holds per layer (molink.placement.resident).
+    """``weights``: what this node holds per layer (molink.placement.resident), one rank's
+    share of it when the node's stage is split across ``tensor_parallel_size`` ranks: each
+    rank is then sized against its own budget, with its own share of the KV heads.
     ``announced``: node id -> span of the records in the swarm's DHT, when this node
     reads one; they cover nodes the peer's head has not admitted (other heads' nodes, nodes
     that joined elsewhere), and their throughput is the nodes' own latest measurement, their
@@ -74,8 +89,9 @@ def place(
     from_peer = _served_spans(initial_peer, transport)
     swarm = {**from_peer, **(announced or {})}
     served = list(swarm.values())
-    budget = memory_budget(max_memory, device, gpu_memory_utilization)
-    kv_reserve = KVCache.bytes_per_block(config, 1, block_size, dtype) * MIN_KV_BLOCKS
+    budget = memory_budget(max_memory, device, gpu_memory_utilization, tensor_parallel_size)
+    kv_config = rank_kv_config(config, tensor_parallel_size)
+    kv_reserve = KVCache.bytes_per_block(kv_config, 1, block_size, dtype) * MIN_KV_BLOCKS
     max_layers = weights.most_layers(budget, kv_reserve)
     placement = choose_span(config.num_layers, served, max_layers, layer_step_s)
     while _needed(weights, placement.start, placement.end, kv_reserve) > budget:
@@ -84,7 +100,7 @@ def place(
         placement = choose_span(config.num_layers, served, max_layers, layer_step_s)
     logger.info(
         "placement: serving layers [%d, %d): %s (memory budget %.1f GiB, weights %.1f MiB "
-        "and KV reserve %.1f MiB for the span, %.3g ms per layer; "
+        "and KV reserve %.1f MiB for the span, per rank of %d; %.3g ms per layer; "
         "swarm view: %d node(s) from %s's pipeline, %d record(s) in the DHT, %d node(s) in all)",
         placement.start,
         placement.end,
@@ -92,6 +108,7 @@ def place(
         budget / 2**30,
         weights.span_bytes(placement.start, placement.end) / 2**20,
         kv_reserve * (placement.end - placement.start) / 2**20,
+        tensor_parallel_size,
         layer_step_s * 1e3,
         len(from_peer),
         initial_peer,

@@ -20,12 +20,16 @@ tensor types and shapes; no tensor data is read):
   last layer (a tied head is the embedding's matrix again, shared only when one slice holds
   both ends).
 
+A rank of a tensor-parallel stage holds its share of these (molink/placement/rank_share.py):
+the figures are then one rank's, which its own device (or its share of the host) must hold.
+
 The test (tests/unit/test_placement_resident.py) holds these figures to what a loaded
 slice reports (molink.quant.memory.resident_weight_bytes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -39,6 +43,7 @@ from molink.models.cpu_linear import prepack_supported
 from molink.models.decoder import PREPACK_MAX_BYTES
 from molink.models.loading import checkpoint_tensor_names, head_source
 from molink.models.registry import architecture_for
+from molink.placement.rank_share import rank_shapes
 from molink.quant.awq_gptq import PER_CHANNEL, quant_settings
 from molink.quant.config import ON_THE_FLY_BITS, resolve_quantization
 from molink.quant.gguf_blocks import BLOCK_TYPES, GROUP
@@ -55,12 +60,14 @@ _FLOAT32 = 4
 @dataclass(frozen=True)
 class HeldAs:
     """How a node holds the checkpoint: ``method`` as load_slice resolves it
-    (molink.quant.config), in compute ``dtype``; ``batch_kernel`` of quantized matrices."""
+    (molink.quant.config), in compute ``dtype``; ``batch_kernel`` of quantized matrices;
+    ``tensor_parallel_size``: the ranks its stage is split across (each holds a share)."""
 
     method: str
     dtype: torch.dtype
     device: torch.device = torch.device("cpu")
     batch_kernel: str = "int4"
+    tensor_parallel_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -134,8 +141,9 @@ def _with_copies(held: Held, packs: bool) -> int:
 
 
 def estimate_weights(source: ModelSource, held: HeldAs) -> WeightEstimate:
+    """Per layer, what the node holds; with several tensor-parallel ranks, what one holds."""
     config = source.model_config
-    tensors = checkpoint_tensors(source, held.method)
+    tensors = rank_tensors(config, checkpoint_tensors(source, held.method), held)
     every = LayerRange(0, config.num_layers)
     ends = set(checkpoint_tensor_names(config, every)) - {
         n for i in range(config.num_layers) for n in _layer_names(config, i)
@@ -150,9 +158,22 @@ def estimate_weights(source: ModelSource, held: HeldAs) -> WeightEstimate:
     table = _held(name, tensors[name], held, "head")
     norms = sum((_held(n, tensors[n], held) for n in ends - {arch.embed_name, name}), Held())
     # A slice holding both ends of a tied model holds the matrix once (and its copy).
-    shared = Held(table.plain, 0, table.matrices) if config.tie_word_embeddings else Held()
+    shared = Held(table.plain, embedding.packed, table.matrices)
+    if not config.tie_word_embeddings:
+        shared = Held()
     packs = held.device.type == "cpu" and prepack_supported(torch.empty(0, dtype=held.dtype))
     return WeightEstimate(layers, embedding, table + norms, packs, shared)
+
+
+def rank_tensors(
+    config: ModelConfig, tensors: dict[str, Tensor], held: HeldAs
+) -> dict[str, Tensor]:
+    """The tensors one rank of ``held.tensor_parallel_size`` holds (all of them for one)."""
+    if held.tensor_parallel_size == 1:
+        return tensors
+    shapes = {name: tensor.shape for name, tensor in tensors.items()}
+    shares = rank_shapes(config, shapes, held.tensor_parallel_size)
+    return {name: dataclasses.replace(t, shape=shares[name]) for name, t in tensors.items()}
 
 
 def _layer_names(config: ModelConfig, index: int) -> list[str]:
@@ -172,9 +193,11 @@ def _held(name: str, tensor: Tensor, held: HeldAs, role: str = "layer") -> Held:
     if len(tensor.shape) > 2 or _EXPERT.search(name):
         return Held(in_dtype, 0, in_dtype)  # grouped float experts, never packed
     if held.method == "none":
-        # A packed copy of every linear layer and of the LM head, not of the embedding; a
-        # bfloat16 copy serves every batch, so a layer keeps it instead of its matrix.
-        copy = role == "head" or (role == "layer" and held.dtype != torch.bfloat16)
+        # A packed copy of every linear layer and of the LM head, not of the embedding
+        # (but of a rank's vocabulary band, which is both: VocabParallelTable); a bfloat16
+        # copy serves every batch, so a layer keeps it instead of its matrix.
+        band = held.tensor_parallel_size > 1 and role == "embedding"
+        copy = role == "head" or band or (role == "layer" and held.dtype != torch.bfloat16)
         return Held(in_dtype, in_dtype if copy else 0, in_dtype)
     bits = ON_THE_FLY_BITS.get(held.method, tensor.bits)
     if bits is None:  # a float matrix of a quantized checkpoint: float32 (QuantLinear)
@@ -292,8 +315,9 @@ def held_as(
     dtype: torch.dtype,
     device: torch.device,
     batch_kernel: str = "int4",
+    tensor_parallel_size: int = 1,
 ) -> HeldAs:
     """How a node will hold ``source`` with these settings (as ModelSource.load_slice
     resolves them; ``dtype``: the compute dtype it runs in)."""
     method = resolve_quantization(quantization, source.detected_quantization(), device)
-    return HeldAs(method, dtype, device, batch_kernel)
+    return HeldAs(method, dtype, device, batch_kernel, tensor_parallel_size)

@@ -12,6 +12,7 @@ from torch import nn
 
 from molink.models.blocks.linear import DenseLinear, LinearFactory
 from molink.models.decoder import DecoderSlice
+from molink.models.parallel.layers import VocabParallelTable
 from molink.quant.config import ON_THE_FLY_BITS
 from molink.quant.device import check_device
 from molink.quant.factory import QuantLinearFactory
@@ -46,7 +47,7 @@ def resident_weight_bytes(model: nn.Module) -> int:
         if isinstance(module, QuantLinear) and id(module) not in seen:
             seen.add(id(module))
             total += module.weight_bytes
-        if isinstance(module, DenseLinear) and module.packed is not None:
+        if isinstance(module, (DenseLinear, VocabParallelTable)) and module.packed is not None:
             tensors.append(module.packed)
         if isinstance(module, DecoderSlice) and module.lm_head_packed is not None:
             tensors.append(module.lm_head_packed)

@@ -79,10 +79,10 @@ def _args(command: str) -> EngineArgs:
 def test_layer_flags_win_over_placement_and_placement_gets_the_speed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[float] = []
+    calls: list[tuple[object, object]] = []
 
-    def fake_place(*args: object) -> LayerRange:
-        calls.append(args[-1])  # type: ignore[arg-type]
+    def fake_place(*args: object, **kwargs: object) -> LayerRange:
+        calls.append((kwargs["layer_step_s"], kwargs["tensor_parallel_size"]))
         return LayerRange(1, 2)
 
     monkeypatch.setattr(loader, "place", fake_place)
@@ -96,7 +96,11 @@ def test_layer_flags_win_over_placement_and_placement_gets_the_speed(
     assert chosen == LayerRange(0, 1) and not calls
     auto = _args(peer)
     chosen = loader.stage_layers(auto, options, source, torch.float32, cpu, None, None, FAST_S)
-    assert chosen == LayerRange(1, 2) and calls == [FAST_S]
+    assert chosen == LayerRange(1, 2) and calls == [(FAST_S, 1)]
+    calls.clear()
+    split = EngineOptions(model="m", tensor_parallel_size=2)
+    loader.stage_layers(auto, split, source, torch.float32, cpu, None, None, FAST_S)
+    assert calls == [(FAST_S, 2)]  # placement sizes one rank of the two
 
 
 def test_the_record_carries_the_speed_and_older_records_still_read() -> None:
