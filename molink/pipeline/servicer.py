@@ -23,12 +23,13 @@ from molink.pipeline.wire import node_to_proto, route_from_proto, view_from_prot
 from molink.pipeline.worker import ReleaseJob
 from molink.security.credentials import peer_node_id
 from molink.security.limits import LimitExceededError, RateLimiter, RefusalLog
+from molink.step import FailureKind, StepResult
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.convert import result_from_proto
 from molink.transport.framing import parse_forward
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.generated import molink_pb2_grpc as pb_grpc
-from molink.transport.validate import check_release_size
+from molink.transport.validate import check_release_size, result_problem
 
 if TYPE_CHECKING:
     from molink.pipeline.node import HeadRole, StageNode
@@ -214,13 +215,29 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
                     f"from {caller or request.sender_id}; it is not that head",
                 )
             else:
+                sender = caller or request.sender_id  # the certificate, when there is one
                 head_role.deliver_result(
-                    result_from_proto(request.result),
+                    self._result_of(request.result, sender),
                     list(request.result.trace),
-                    caller or request.sender_id,  # the certificate, when there is one
+                    sender,
                     request.ByteSize(),
                 )
             yield ack
+
+    def _result_of(self, message: pb.StepResult, sender: str) -> StepResult:
+        """The result ``message`` carries; one over the bounds of any step fails that step
+        (its sequences replay), named, rather than be built."""
+        problem = result_problem(message, self._node.config)
+        if problem is None:
+            return result_from_proto(message)
+        error = f"node {sender} returned a result over the limits: {problem}"
+        self._refusals.refused(sender, f"head {self._node.node_id}: {error}")
+        return StepResult(
+            step_id=message.step_id,
+            micro_batch=message.micro_batch,
+            error=error,
+            failure_kind=FailureKind.REJECTED,
+        )
 
     def Release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext

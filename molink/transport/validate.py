@@ -10,8 +10,10 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from molink.errors import ProtocolError
+from molink.limits import LIMITS
 from molink.step import StepPlan
 from molink.transport.config import TransportConfig
+from molink.transport.generated import molink_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,40 @@ def peer_text(text: str) -> str:
     if len(text) > MAX_PEER_TEXT_CHARS:
         kept += f" ... ({len(text)} characters in all)"
     return kept
+
+
+def result_problem(result: pb.StepResult, config: TransportConfig) -> str | None:
+    """Why ``result`` holds more than any step can produce (None: it does not): more
+    sampled tokens than a plan may schedule sequences, more prompt logprob entries than
+    a plan may carry tokens, more alternatives for a token than a request may ask for.
+    Checked on the message, before a single object is built from it: the last node of a
+    route could otherwise make the head build millions from one result."""
+    if len(result.sampled) > config.max_seqs_per_step:
+        return (
+            f"{len(result.sampled)} sampled tokens, over the limit of "
+            f"{config.max_seqs_per_step} (max_seqs_per_step)"
+        )
+    prompt_entries = 0
+    for token in result.sampled:
+        if len(token.top_logprobs) > LIMITS.max_logprobs:
+            return (
+                f"{len(token.top_logprobs)} alternatives for the token of sequence "
+                f"{token.seq_id}, over the limit of {LIMITS.max_logprobs} (logprobs)"
+            )
+        prompt_entries += len(token.prompt_logprobs)
+        if prompt_entries > config.max_tokens_per_step:
+            return (
+                f"{prompt_entries} prompt logprob entries, over the limit of "
+                f"{config.max_tokens_per_step} (max_tokens_per_step)"
+            )
+        for entry in token.prompt_logprobs:
+            if len(entry.top) > LIMITS.max_prompt_logprobs:
+                return (
+                    f"{len(entry.top)} alternatives for a prompt token of sequence "
+                    f"{token.seq_id}, over the limit of {LIMITS.max_prompt_logprobs} "
+                    "(prompt_logprobs)"
+                )
+    return None
 
 
 def _check_counts(plan: StepPlan, limits: PlanLimits, where: str) -> None:
