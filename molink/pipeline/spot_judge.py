@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -45,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 _MAX_PENDING = 10_000
 _MAX_QUEUED = 1_000  # steps waiting to be judged; beyond that new ones are skipped
+# Clients (gRPC channels) to the nodes asked what a step carried: nodes come and go at new
+# addresses, and any member can join under fresh ids and ports; the least recently asked
+# is closed first beyond this many.
+MAX_WITNESS_CLIENTS = 64
 
 
 @dataclass
@@ -146,7 +151,8 @@ class SpotJudge:
         self._on_verdict = on_verdict
         self._on_judged = on_judged
         self._queue: queue.Queue[CheckedStep | None] = queue.Queue(maxsize=_MAX_QUEUED)
-        self._clients: dict[str, NodeClient] = {}
+        # address -> client, least recently used first (used on the judging thread only)
+        self._clients: OrderedDict[str, NodeClient] = OrderedDict()
         self._lock = threading.Lock()
         self._hidden = {"compared": 0, "unavailable": 0}  # steps, by whether rows were had
         self._thread = threading.Thread(target=self._run, name="spot-judge", daemon=True)
@@ -253,4 +259,7 @@ class SpotJudge:
             client = None
         if client is None:
             client = self._clients[address] = NodeClient(address, self._config, node_id)
+        self._clients.move_to_end(address)
+        while len(self._clients) > MAX_WITNESS_CLIENTS:
+            self._clients.popitem(last=False)[1].close()
         return client
