@@ -148,5 +148,12 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
         f"{ENGINE_DEFAULTS.kv_cache_memory_bytes // 2**20}MiB on a CPU)",
     )
     engine.add_argument(
+        "--kv-cache-memory-bytes",
+        dest="kv_cache_memory",
+        type=token_count_arg,  # vLLM's reading: 4G is 4 GiB, 4g 4e9 bytes
+        default=None,
+        help="vLLM's name for --kv-cache-memory, in bytes (as vLLM reads 4G or 4g)",
+    )
+    engine.add_argument(
         "--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )

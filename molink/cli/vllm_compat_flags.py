@@ -128,6 +128,21 @@ COMPAT_FLAGS = (
     CompatFlag("--enable-sleep-mode", "switch", "the engine does not sleep"),
     CompatFlag("--enable-server-load-tracking", "switch", "/load always answers"),
     CompatFlag("--otlp-traces-endpoint", "value", "no traces are exported"),
+    CompatFlag("--async-scheduling", "switch", f"scheduling only; {_NO_OUTPUT_CHANGE}"),
+    CompatFlag(
+        "--logprobs-mode",
+        "value",
+        "logprobs are the raw log-probabilities of the model's logits (vLLM's raw_logprobs), "
+        "before temperature, penalties or filters; no other mode is served",
+        refused=True,
+        neutral=("raw_logprobs",),
+    ),
+    CompatFlag("--max-log-len", "value", "requests are not logged"),
+    CompatFlag("--enable-log-outputs", "switch", "outputs are not logged"),
+    CompatFlag("--model-impl", "value", "models run this server's own implementation"),
+    CompatFlag("--h11-max-incomplete-event-size", "value", "uvicorn's own h11 limits apply"),
+    CompatFlag("--h11-max-header-count", "value", "uvicorn's own h11 limits apply"),
+    CompatFlag("--safetensors-load-strategy", "value", "each stage loads its own slice"),
 )
 
 

@@ -99,3 +99,26 @@ def test_forced_usage_closes_every_stream() -> None:
         )
     assert json.loads(chunks[-2])["usage"]["completion_tokens"] == 2
     assert json.loads(sse_payloads(chat.text)[-2])["usage"]["completion_tokens"] == 2
+
+
+def test_newer_vllm_flags_start_or_stop_naming_themselves() -> None:
+    """Flags of recent vLLM lines were unrecognized arguments (argparse's usage error)."""
+    line = (
+        "--async-scheduling --logprobs-mode raw_logprobs --max-log-len 100 "
+        "--enable-log-outputs --model-impl transformers --h11-max-incomplete-event-size 1000 "
+        "--h11-max-header-count 100 --safetensors-load-strategy eager"
+    )
+    notes = "\n".join(make(line).ignored_flags())
+    for flag in ("--async-scheduling", "--max-log-len", "--enable-log-outputs", "--model-impl",
+                 "--h11-max-incomplete-event-size", "--safetensors-load-strategy"):  # fmt: skip
+        assert flag in notes
+    assert "--logprobs-mode" not in notes  # raw_logprobs is what the sampler returns
+    # vLLM's exact KV-cache size is this server's --kv-cache-memory.
+    assert make("--kv-cache-memory-bytes 4G").kv_cache_memory == 4 * 2**30
+    for command, field in (
+        ("--logprobs-mode processed_logprobs", "logprobs_mode"),
+        ("--logprobs-mode raw_logits", "logprobs_mode"),
+    ):
+        with pytest.raises(InvalidParameterError, match="not supported") as info:
+            make(command)
+        assert info.value.field == field
