@@ -111,15 +111,24 @@ def build_body(
     return body
 
 
+class MalformedChunk(ValueError):
+    """A streamed chunk that is JSON but not shaped as the API's chunks are."""
+
+
 def chunk_content(chunk: dict[str, Any]) -> str:
-    """The generated text a chunk carries, for either route ("" for role or usage chunks)."""
+    """The generated text a chunk carries, for either route ("" for role or usage chunks).
+    Raises MalformedChunk for choices that are not a list of objects."""
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise MalformedChunk(f"choices is not a list of objects: {str(choices)[:80]}")
     parts = []
-    for choice in chunk.get("choices") or ():
+    for choice in choices:
         text = choice.get("text")
         if text is None:
-            text = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            text = delta.get("content") if isinstance(delta, dict) else None
         if text:
-            parts.append(text)
+            parts.append(str(text))
     return "".join(parts)
 
 
@@ -165,10 +174,13 @@ async def _read_stream(response: httpx.Response, result: RequestResult, started:
             break
         try:
             chunk = json.loads(payload)
-        except json.JSONDecodeError:
-            result.error = f"malformed SSE data: {payload[:_ERROR_BODY_CHARS]}"
+            if not isinstance(chunk, dict):
+                raise MalformedChunk("not a JSON object")
+            recorded = _record_chunk(chunk, result, now)
+        except (json.JSONDecodeError, MalformedChunk) as exc:
+            result.error = f"malformed SSE data ({exc}): {payload[:_ERROR_BODY_CHARS]}"
             return
-        if _record_chunk(chunk, result, now):
+        if recorded:
             num_chunks += 1
         if result.error is not None:
             return
@@ -189,9 +201,9 @@ def _record_chunk(chunk: dict[str, Any], result: RequestResult, now: float) -> b
         return False
     usage = chunk.get("usage")
     if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
-        result.output_tokens = int(usage["completion_tokens"])
+        result.output_tokens = _count(usage, "completion_tokens")
         prompt_tokens = usage.get("prompt_tokens")
-        result.prompt_tokens = int(prompt_tokens) if prompt_tokens is not None else None
+        result.prompt_tokens = None if prompt_tokens is None else _count(usage, "prompt_tokens")
         result.usage_reported = True
     if not chunk_content(chunk):
         return False
@@ -199,3 +211,10 @@ def _record_chunk(chunk: dict[str, Any], result: RequestResult, now: float) -> b
         result.ttft = now
     result.chunk_times.append(now)
     return True
+
+
+def _count(usage: dict[str, Any], name: str) -> int:
+    value = usage[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedChunk(f"usage {name} is not a token count: {str(value)[:80]}")
+    return value

@@ -48,6 +48,14 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+# Valid JSON that is not a chunk as the API shapes one (a proxy's or a broken server's).
+_MALFORMED: dict[str, Any] = {
+    "not_object": "[1, 2]",
+    "choices_not_list": {"choices": {"text": "x"}},
+    "usage_not_count": {"choices": [], "usage": {"completion_tokens": "many"}},
+}
+
+
 def _token_chunk(chat: bool, text: str) -> dict[str, Any]:
     choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
     return {"object": "chunk", "model": MODEL, "choices": [choice]}
@@ -72,6 +80,8 @@ async def _stream(body: dict[str, Any], chat: bool, state: FakeState) -> AsyncIt
             if mode == "stream_error" and sent >= max_tokens // 2:
                 yield _sse({"error": {"message": "engine died", "code": 500}})
                 return
+            if mode in _MALFORMED and sent >= max_tokens // 2:
+                yield _sse(_MALFORMED[mode])
             num_tokens = min(per_chunk, max_tokens - sent)
             state.generation_tokens += num_tokens
             yield _sse(_token_chunk(chat, "tok " * num_tokens))
@@ -231,6 +241,18 @@ async def test_broken_streams_are_errors(server: FakeServer, mode: str, message:
     run = await _run(fixed_workload(2, 4, 6), _config(server, extra_body={"fake_mode": mode}))
     assert run.summary.num_errors == 2
     assert all(message in r.error for r in run.results)
+
+
+@pytest.mark.parametrize("mode", list(_MALFORMED))
+async def test_a_chunk_of_the_wrong_shape_is_that_requests_error(
+    server: FakeServer, mode: str
+) -> None:
+    """Counted with its message, not raised out of the request's task (which left the
+    request failed with no error to show, and its exception unretrieved)."""
+    run = await _run(fixed_workload(2, 4, 6), _config(server, extra_body={"fake_mode": mode}))
+    assert run.summary.num_errors == 2
+    assert all(r.error is not None and "malformed" in r.error for r in run.results)
+    assert run.summary.error_samples and "malformed" in run.summary.error_samples[0]
 
 
 async def test_connection_refused_is_an_error() -> None:
