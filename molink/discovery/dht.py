@@ -14,6 +14,7 @@ unsigned, from a non-member, expired or replayed is ignored with a log line.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import logging
 import os
@@ -44,6 +45,11 @@ logger = logging.getLogger(__name__)
 BOOTSTRAP_TIMEOUT_S = 30.0
 # A stopping node waits this long for its record's withdrawal; the record expires anyway.
 WITHDRAW_TIMEOUT_S = 5.0
+# The longest a read or a store waits for the DHT process's answer. hivemind's blocking
+# calls wait without a bound, so a DHT process that died or stopped answering (killed,
+# stopped, wedged) would hold the announcing and watching threads, and whoever joins
+# them, forever; a lookup across a live swarm takes a few of its 3 s request timeouts.
+DHT_CALL_TIMEOUT_S = 30.0
 # A record stored to outlast a copy that expires later expires this much after it.
 OUTLAST_S = 1.0
 MAX_IGNORED_NODES = 1024  # refused records remembered (so as to log each reason once)
@@ -111,6 +117,7 @@ class SwarmDirectory:
         self._sequence = SequenceClock()
         self._announced = False  # whether a record of this run was stored yet
         self._newest = NewestRecords()
+        self.call_timeout_s = DHT_CALL_TIMEOUT_S
 
     def start(
         self,
@@ -175,11 +182,12 @@ class SwarmDirectory:
         from hivemind.utils import get_dht_time
 
         value = self._value(info, max(0.0, expires - get_dht_time()), leaving)
-        return bool(self._dht.store(self._key, value, expires, subkey=info.node_id))
+        stored = self._dht.store(self._key, value, expires, subkey=info.node_id, return_future=True)
+        return bool(self._answer(stored, "a store of this node's record"))
 
     def _stored_expiry(self, node_id: str) -> float | None:
         """When the copy of ``node_id``'s record that the DHT holds expires (None: none)."""
-        found = self._dht.get(self._key, latest=True)
+        found = self._read()
         if found is None or not isinstance(found.value, dict):
             return None
         entry = found.value.get(node_id)
@@ -202,6 +210,23 @@ class SwarmDirectory:
             stored.result(timeout=WITHDRAW_TIMEOUT_S)
         except Exception:
             logger.debug("withdrawing the DHT record failed", exc_info=True)
+
+    def _read(self) -> Any:
+        """The model's key as the DHT holds it now (hivemind's ValueWithExpiration or None)."""
+        return self._answer(self._dht.get(self._key, latest=True, return_future=True), "a read")
+
+    def _answer(self, future: Any, what: str) -> Any:
+        """The DHT process's answer to one call, waited for at most DHT_CALL_TIMEOUT_S;
+        PipelineError when it does not come (the call is cancelled)."""
+        try:
+            return future.result(timeout=self.call_timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            alive = "running" if self._dht.is_alive() else "gone"
+            raise PipelineError(
+                f"the DHT did not answer {what} within {self.call_timeout_s:g}s "
+                f"(its process is {alive})"
+            ) from None
 
     def _value(self, info: NodeInfo, ttl_s: float, leaving: bool) -> object:
         record = record_of(info, ttl_s, self._sequence.next(), leaving)
@@ -230,7 +255,7 @@ class SwarmDirectory:
         Per node the newest read (``NewestRecords``); a node that left is left out."""
         from hivemind.utils import get_dht_time
 
-        found = self._dht.get(self._key, latest=True)
+        found = self._read()
         if found is None or not isinstance(found.value, dict):
             self._newest.forget_expired(set())
             return []

@@ -4,6 +4,7 @@ older copy that a DHT peer or cache still holds is not read as current."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from molink.discovery.newest import NewestRecords, SequenceClock, SwarmRecord
 from molink.discovery.records import record_of
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.toy import toy_identity
+from tests.helpers.dht_answers import answered
 
 MODEL = toy_identity(4)
 TTL = 15.0
@@ -32,8 +34,8 @@ class _FakeDHT:
     def __init__(self, *answers: dict[str, _Entry]) -> None:
         self._answers = list(answers)
 
-    def get(self, key: str, latest: bool) -> _Entry:
-        return _Entry(self._answers.pop(0), 0.0)
+    def get(self, key: str, latest: bool, return_future: bool = False) -> Any:
+        return answered(_Entry(self._answers.pop(0), 0.0), return_future)
 
 
 def _directory(*answers: dict[str, _Entry]) -> SwarmDirectory:
@@ -125,8 +127,9 @@ class _StoringDHT:
 
         return _Done() if return_future else accepted
 
-    def get(self, key: str, latest: bool) -> _Entry | None:
-        return _Entry(dict(self.stored), 0.0) if self.stored else None
+    def get(self, key: str, latest: bool, return_future: bool = False) -> Any:
+        found = _Entry(dict(self.stored), 0.0) if self.stored else None
+        return answered(found, return_future)
 
     def is_alive(self) -> bool:
         return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,7 @@ from molink.discovery.dht import SwarmDirectory
 from molink.discovery.records import RECORD_VERSION, RecordError, info_of, record_of, swarm_key
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.toy import toy_identity
+from tests.helpers.dht_answers import answered
 
 MODEL = toy_identity(4)
 TTL = 15.0
@@ -101,8 +103,8 @@ class _FakeDHT:
     def __init__(self, entries: dict[str, _Entry]) -> None:
         self._found = _Entry(entries, 0.0)
 
-    def get(self, key: str, latest: bool) -> _Entry:
-        return self._found
+    def get(self, key: str, latest: bool, return_future: bool = False) -> Any:
+        return answered(self._found, return_future)
 
 
 def test_the_directory_ignores_foreign_records_and_logs_why_once(

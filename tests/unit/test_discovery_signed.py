@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import pytest
@@ -19,6 +20,7 @@ from molink.security.credentials import SwarmCredentials
 from molink.security.sealing import RecordSeal
 from molink.security.swarm_key import generate_swarm_key
 from molink.transport import PROTOCOL_VERSION
+from tests.helpers.dht_answers import answered
 
 MODEL = toy_identity(4)
 KEY = generate_swarm_key()
@@ -39,8 +41,8 @@ class FakeDht:
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
 
-    def get(self, key: str, latest: bool) -> Found:
-        return Found(dict(self.entries))
+    def get(self, key: str, latest: bool, return_future: bool = False) -> Any:
+        return answered(Found(dict(self.entries)), return_future)
 
 
 def _directory() -> tuple[SwarmDirectory, FakeDht]:
