@@ -58,7 +58,12 @@ from molink.transport.codec import decode_tensor, wire_dtype_of
 from molink.transport.config import TransportConfig
 from molink.transport.convert import plan_from_proto
 from molink.transport.generated import molink_pb2 as pb
-from molink.transport.validate import PlanLimits, check_release_size, validate_plan
+from molink.transport.validate import (
+    PlanLimits,
+    check_plan_message,
+    check_release_size,
+    validate_plan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +351,7 @@ class StageNode:
         num_bytes: int,
         hidden_data: memoryview | None,
     ) -> StepJob:
+        check_plan_message(request.step.plan, self._limits)
         plan = plan_from_proto(request.step.plan)
         validate_plan(plan, self._limits)
         hidden = decode_tensor(

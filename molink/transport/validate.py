@@ -43,6 +43,28 @@ class PlanLimits:
         )
 
 
+def check_plan_message(msg: pb.StepPlan, limits: PlanLimits) -> None:
+    """The counts of a received plan, read off the message before a single object is built
+    from it: each id in a repeated field becomes a Python object several times its wire
+    size, so a plan over the limits is refused first. ``validate_plan`` checks the rest."""
+    where = f"step {msg.step_id} (micro-batch {msg.micro_batch})"
+    seqs = limits.max_seqs_per_step
+    _at_most(len(msg.scheduled), seqs, f"{where}: scheduled sequences")
+    _at_most(len(msg.new_sequences), seqs, f"{where}: new sequences")
+    _at_most(len(msg.finished_seq_ids), seqs, f"{where}: finished ids")
+    _at_most(len(msg.witness.seq_ids), seqs, f"{where}: witnessed sequences")
+    _at_most(len(msg.token_ids), limits.max_tokens_per_step, f"{where}: token ids")
+    num_blocks = sum(len(s.new_block_ids) for s in msg.scheduled)
+    _at_most(num_blocks, limits.max_blocks_per_step, f"{where}: new block ids")
+    for new in msg.new_sequences:
+        what = f"{where}: new sequence {new.seq_id}"
+        _at_most(len(new.token_ids), limits.max_tokens_per_sequence, f"{what}: tokens")
+        sampling = new.sampling
+        _at_most(len(sampling.stop), limits.max_stop_strings, f"{what}: stop strings")
+        _at_most(len(sampling.stop_token_ids), LIMITS.max_stop_token_ids, f"{what}: stop token ids")
+        _at_most(len(sampling.logit_bias), LIMITS.max_logit_bias_entries, f"{what}: logit bias")
+
+
 def validate_plan(plan: StepPlan, limits: PlanLimits) -> None:
     """Everything that can be checked without the stage's sequence state."""
     where = f"step {plan.step_id} (micro-batch {plan.micro_batch})"
@@ -146,6 +168,8 @@ def _check_counts(plan: StepPlan, limits: PlanLimits, where: str) -> None:
     _at_most(len(plan.scheduled), limits.max_seqs_per_step, f"{where}: scheduled sequences")
     _at_most(len(plan.new_sequences), limits.max_seqs_per_step, f"{where}: new sequences")
     _at_most(len(plan.finished_seq_ids), limits.max_seqs_per_step, f"{where}: finished ids")
+    witnessed = len(plan.witness_seq_ids or ())
+    _at_most(witnessed, limits.max_seqs_per_step, f"{where}: witnessed sequences")
     _at_most(plan.num_tokens, limits.max_tokens_per_step, f"{where}: tokens")
     num_blocks = sum(len(s.new_block_ids) for s in plan.scheduled)
     _at_most(num_blocks, limits.max_blocks_per_step, f"{where}: new block ids")
