@@ -19,9 +19,10 @@ _UNLIMITED_BUFFER_BYTES = 8 * 1024 * 1024
 
 _RATE_UNITS = {"bit": 1e-6, "kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}
 _TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"  # 20, 2.5, 2., .5: what float() takes, not "1.2.3"
 _SPEC_RE = re.compile(
-    r"^\s*(?P<rate>[0-9.]+|inf)\s*(?P<runit>[kmg]?bit)?\s*/\s*"
-    r"(?P<delay>[0-9.]+)\s*(?P<dunit>us|ms|s)\s*(?P<kind>-?(rtt|one-?way|ow))?\s*$",
+    rf"^\s*(?P<rate>{_NUMBER}|inf)\s*(?P<runit>[kmg]?bit)?\s*/\s*"
+    rf"(?P<delay>{_NUMBER})\s*(?P<dunit>us|ms|s)\s*(?P<kind>-?(rtt|one-?way|ow))?\s*$",
     re.IGNORECASE,
 )
 

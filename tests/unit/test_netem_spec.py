@@ -28,7 +28,21 @@ def test_parse(text: str, rate_mbit: float, one_way_ms: float) -> None:
     assert spec.one_way_delay_ms == pytest.approx(one_way_ms)
 
 
-@pytest.mark.parametrize("text", ["", "100mbit", "fast/10ms", "100mbit/10", "100mbit/10ms-bogus"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "100mbit",
+        "fast/10ms",
+        "100mbit/10",
+        "100mbit/10ms-bogus",
+        # Dots that make no number: a clear error, not float()'s ValueError.
+        "1.2.3mbit/5ms",
+        "100mbit/1.2.3ms",
+        ".mbit/5ms",
+        "100mbit/.ms",
+    ],
+)
 def test_parse_rejects_garbage(text: str) -> None:
     with pytest.raises(InvalidParameterError):
         LinkSpec.parse(text)
