@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from molink.config import LayerRange
+from molink.config import LayerRange, ModelConfig
 from molink.errors import MolinkError
 from molink.models.decoder import DecoderSlice
 from molink.models.kv_cache import KVCache
@@ -42,6 +42,23 @@ def follow(model: DecoderSlice, kv_cache: KVCache, channel: CommandChannel) -> i
         except MolinkError as exc:
             # Rank 0 runs the same checks on the same inputs and reports the error.
             logger.debug("command %d failed as on rank 0: %s", count, exc)
+
+
+def rank_kv_cache(
+    args: argparse.Namespace, config: ModelConfig, model_dtype: torch.dtype, device: torch.device
+) -> KVCache:
+    """This rank's cache: rank 0's blocks and dtype for its share of the KV heads, on this
+    rank's own device (which decides whether an fp8 cache is allowed, as on rank 0)."""
+    from molink.quant.config import resolve_kv_cache_dtype
+
+    return KVCache.allocate(
+        rank_kv_config(config, args.tensor_parallel_size),
+        args.end_layer - args.start_layer,
+        args.num_blocks,
+        args.block_size,
+        resolve_kv_cache_dtype(args.kv_cache_dtype, model_dtype, device),
+        device,
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -74,7 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     # Imported here: resolving a model pulls in the weight formats and tokenizers.
-    from molink.quant.config import resolve_kv_cache_dtype
     from molink.quant.memory import return_freed_memory
     from molink.weights import resolve_model_source
 
@@ -88,15 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = source.load_slice(
         layers, args.dtype, device, args.quantization, plan, args.quantized_batch_kernel
     )
-    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, model.dtype)
-    kv_cache = KVCache.allocate(
-        rank_kv_config(config, size),
-        layers.end - layers.start,
-        args.num_blocks,
-        args.block_size,
-        kv_dtype,
-        device,
-    )
+    kv_cache = rank_kv_cache(args, config, model.dtype, device)
     return_freed_memory()  # what loading freed (molink.quant.memory)
     store.set(f"ready/{args.rank}", "1")
     group = join_group(store, args.rank, size, device)

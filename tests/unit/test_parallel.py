@@ -23,6 +23,7 @@ from molink.parallel.commands import (
     encode_chunks,
 )
 from molink.parallel.follower import parse_args as parse_follower_args
+from molink.parallel.follower import rank_kv_cache
 from molink.parallel.launch import FollowerSettings
 from molink.weights.hf_dir import hf_dir_source
 
@@ -149,6 +150,22 @@ def test_follower_command_line_carries_every_setting() -> None:
         "cuda:1",
         3,
     )
+
+
+def test_a_follower_builds_rank_0s_cache_on_its_own_device(tiny_model_dir) -> None:
+    """An fp8 cache is refused on a CPU only: a rank on a GPU (here the meta device, which
+    is not a CPU either) builds it as rank 0 does. The follower judged it against the CPU
+    and exited, so an fp8 tensor-parallel stage on GPUs never started."""
+    config = hf_dir_source(tiny_model_dir("llama")).model_config
+    settings = FollowerSettings("/m", 1, 3, "bfloat16", "fp8", 5, 16, device="cuda:0")
+    args = parse_follower_args(settings.argv(rank=1, size=2, port=1)[3:])
+    cache = rank_kv_cache(args, config, torch.bfloat16, torch.device("meta"))
+    assert cache.dtype == torch.float8_e4m3fn and cache.num_blocks == 5
+    assert (
+        cache.num_layers == 2 and cache.keys[0].shape[2] == rank_kv_config(config, 2).num_kv_heads
+    )
+    with pytest.raises(InvalidParameterError, match="kv_cache_dtype"):
+        rank_kv_cache(args, config, torch.bfloat16, torch.device("cpu"))
 
 
 def test_cuda_ranks_take_the_devices_after_the_stage_device() -> None:
