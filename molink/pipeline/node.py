@@ -352,6 +352,13 @@ class StageNode:
         hidden_data: memoryview | None,
     ) -> StepJob:
         check_plan_message(request.step.plan, self._limits)
+        hops_before = route.index_of(self.node_id) or 0
+        if len(request.step.trace) > hops_before:
+            # One entry per hop before this one; more would only be copied and passed on.
+            raise ProtocolError(
+                f"step {request.step.plan.step_id}: {len(request.step.trace)} trace entries "
+                f"for the {hops_before} hop(s) before node {self.node_id} on route {route.key}"
+            )
         plan = plan_from_proto(request.step.plan)
         validate_plan(plan, self._limits)
         hidden = decode_tensor(

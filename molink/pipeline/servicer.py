@@ -227,7 +227,7 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
     def _result_of(self, message: pb.StepResult, sender: str) -> StepResult:
         """The result ``message`` carries; one over the bounds of any step fails that step
         (its sequences replay), named, rather than be built."""
-        problem = result_problem(message, self._node.config)
+        problem = result_problem(message, self._node.config, self._node.info.model.num_layers)
         if problem is None:
             return result_from_proto(message)
         error = f"node {sender} returned a result over the limits: {problem}"

@@ -130,12 +130,15 @@ def peer_text(text: str) -> str:
     return kept
 
 
-def result_problem(result: pb.StepResult, config: TransportConfig) -> str | None:
+def result_problem(result: pb.StepResult, config: TransportConfig, max_hops: int) -> str | None:
     """Why ``result`` holds more than any step can produce (None: it does not): more
     sampled tokens than a plan may schedule sequences, more prompt logprob entries than
-    a plan may carry tokens, more alternatives for a token than a request may ask for.
-    Checked on the message, before a single object is built from it: the last node of a
-    route could otherwise make the head build millions from one result."""
+    a plan may carry tokens, more alternatives for a token than a request may ask for,
+    more trace entries than a route has hops (``max_hops``: a route has at most one per
+    layer). Checked on the message, before a single object is built from it: the last
+    node of a route could otherwise make the head build millions from one result."""
+    if len(result.trace) > max_hops:
+        return f"{len(result.trace)} trace entries, more than a route's {max_hops} hops at most"
     if len(result.sampled) > config.max_seqs_per_step:
         return (
             f"{len(result.sampled)} sampled tokens, over the limit of "

@@ -88,3 +88,22 @@ def test_a_stage_refuses_a_plan_over_its_counts_without_building_it(
         ack = stage.handle_forward(request, request.ByteSize(), None)
         assert "token ids: 17 exceeds the limit of 16" in ack.error
         assert not built
+
+
+def test_a_stage_refuses_more_trace_entries_than_hops_before_it() -> None:
+    with toy_swarm((("n", 1, 4),)) as swarm:
+        head, stage = swarm.head, swarm.nodes["n"]
+        request = pb.ForwardRequest(head_id=head.head_id, sender_id="h")
+        route = head.routes.route_for_new(3)
+        assert route is not None
+        request.route.CopyFrom(route_to_proto(route))
+        request.step.plan.CopyFrom(_message())
+        request.step.hidden.CopyFrom(encode_tensor(torch.zeros(3, MODEL.hidden_size), "float32"))
+        request.step.trace.add(node_id="h")  # the head's own entry: n is hop 1
+        assert not stage.handle_forward(request, request.ByteSize(), None).error
+        request.step.plan.step_id = 2
+        request.step.plan.new_sequences[0].seq_id = 6
+        request.step.plan.scheduled[0].seq_id = 6
+        request.step.trace.add(node_id="x")
+        ack = stage.handle_forward(request, request.ByteSize(), None)
+        assert "2 trace entries for the 1 hop(s) before node n" in ack.error

@@ -10,6 +10,7 @@ import dataclasses
 
 from molink.limits import LIMITS
 from molink.step import FailureKind, PromptTokenLogprob, TokenLogprob
+from molink.transport.generated import molink_pb2 as pb
 from tests.helpers.polling import first_result
 from tests.helpers.toy_swarm import CONFIG, prefill, toy_swarm
 
@@ -52,3 +53,19 @@ def test_an_honest_result_still_arrives_whole() -> None:
         assert result.error is None
         (token,) = result.sampled
         assert len(token.top_logprobs) == LIMITS.max_logprobs
+
+
+def test_a_result_with_more_trace_entries_than_a_route_has_hops_fails_its_step() -> None:
+    with toy_swarm((("n", 1, 4),)) as swarm:
+        outbox = swarm.nodes["n"]._outbox
+        honest = outbox.return_result
+
+        def stuffed(route, result, trace):  # type: ignore[no-untyped-def]
+            honest(route, result, [*trace, *(pb.HopTrace(node_id="x") for _ in range(4))])
+
+        outbox.return_result = stuffed
+        swarm.head.submit(prefill(1, 5))
+        result = first_result(swarm.head)
+        assert result.failure_kind is FailureKind.REJECTED and not result.sampled
+        assert result.error is not None
+        assert "6 trace entries, more than a route's 4 hops at most" in result.error
