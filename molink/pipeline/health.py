@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 # A stage's status message is logged and shown in status tables: kept this long at most,
 # as the text of a node's description is (molink.pipeline.registry).
 MAX_HEALTH_MESSAGE_CHARS = 512
+# The most the head receives in one answer on its clients (health checks, pipeline
+# pushes, releases: all answers are small). An honest health answer lists the heads
+# holding KV on the stage (at most max_sequences_per_node, a few MiB at the default)
+# and its streams (at most 256); without this, a stage could answer every check with
+# max_message_bytes (256 MiB), held while the round lasts.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
 class HealthMonitor:
@@ -273,7 +279,9 @@ class HealthMonitor:
                 return None
             client = self._clients.get(key)
             if client is None:
-                client = self._clients[key] = NodeClient(stage.address, self._config, stage.node_id)
+                client = self._clients[key] = NodeClient(
+                    stage.address, self._config, stage.node_id, MAX_ANSWER_BYTES
+                )
             return client
 
     def _members(self) -> frozenset[tuple[str, str]]:

@@ -53,14 +53,22 @@ def server_options(config: TransportConfig) -> list[tuple[str, int]]:
     ]
 
 
-def make_channel(address: str, config: TransportConfig) -> grpc.Channel:
-    """Mutual TLS with the swarm's authority when the config has credentials, else plaintext."""
+def make_channel(
+    address: str, config: TransportConfig, max_receive_bytes: int | None = None
+) -> grpc.Channel:
+    """Mutual TLS with the swarm's authority when the config has credentials, else plaintext.
+    ``max_receive_bytes``: a lower receive limit than ``config.max_message_bytes``, for a
+    channel whose answers are all small."""
+    options = channel_options(config)
+    if max_receive_bytes is not None:
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_receive_bytes))
     if config.security is None:
-        return grpc.insecure_channel(address, options=channel_options(config))
+        return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(
         address,
         config.security.channel_credentials(),
-        options=channel_options(config) + config.security.channel_options(),
+        options=options + config.security.channel_options(),
     )
 
 
@@ -161,12 +169,16 @@ class NodeClient:
     PeerIdentityError; without one, any member there may answer."""
 
     def __init__(
-        self, address: str, config: TransportConfig, expected_node_id: str | None = None
+        self,
+        address: str,
+        config: TransportConfig,
+        expected_node_id: str | None = None,
+        max_receive_bytes: int | None = None,
     ) -> None:
         self.address = address
         self._config = config
         self.expected_node_id = expected_node_id if config.security is not None else None
-        self._channel = make_channel(address, config)
+        self._channel = make_channel(address, config, max_receive_bytes)
         self.stub = pb_grpc.MolinkNodeStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float:

@@ -7,7 +7,7 @@ printable (it is logged and shown)."""
 
 from __future__ import annotations
 
-from molink.pipeline.health import MAX_HEALTH_MESSAGE_CHARS
+from molink.pipeline.health import MAX_ANSWER_BYTES, MAX_HEALTH_MESSAGE_CHARS
 from molink.transport.generated import molink_pb2 as pb
 from tests.helpers.toy_swarm import toy_swarm
 
@@ -51,3 +51,14 @@ def test_the_head_keeps_only_its_own_part_of_a_stuffed_health_answer() -> None:
         assert len(kept.message) <= MAX_HEALTH_MESSAGE_CHARS and kept.message.isprintable()
         assert (kept.total_kv_blocks, kept.free_kv_blocks) == (100, 40)
         assert kept.ByteSize() < 4096
+
+
+def test_a_health_answer_over_the_bound_fails_the_check_unread() -> None:
+    with toy_swarm((("a", 1, 2), ("n", 2, 4))) as swarm:
+        head, stage = swarm.head, swarm.nodes["a"]
+        huge = pb.HealthResponse(message="x" * (MAX_ANSWER_BYTES + 1))
+        stage.health = lambda: huge
+        failure = head._monitor.probe(stage.info)
+        assert failure is not None and "RESOURCE_EXHAUSTED" in failure
+        del stage.health  # the stage's own answer again
+        assert head._monitor.probe(stage.info) is None
