@@ -13,6 +13,38 @@ Rounding a float16 GGUF scale to bfloat16 keeps 8 of its 11 significant bits: a 
 error of at most 2**-9 per group, the only rounding of the lossless types; where a zero
 point absorbs an offset (Q4_1, Q4_K, Q5_1, Q5_K, AWQ, GPTQ) its bfloat16 rounding is
 relative to the zero point itself. ``rounding_report`` measures both on a real matrix.
+
+Two planes of a layer's matrix are joined along the inputs, ``[high | low]``
+(``Int4Planes.join_planes``: the packed layout of the [N, 2K] matrix, each plane's bytes a
+slice of it), and run as one kernel call on ``[x | x]``: the planes' products add up in
+the kernel's float32 accumulator and the sum is rounded to bfloat16 once, where two calls
+round each plane's product and add them in float32. The same integers and scales, one
+pass over activations and outputs instead of two. SmolLM2's Q8_0 LM head (49152 x 576),
+one thread, AVX-512 EPYC, weights out of cache, ms per product and the relative RMS error
+against the float64 product with gguf's dequantized matrix (bench/quant_q8_head.py,
+bench/results/quant_q8_head.json: medians of 15 interleaved rounds, load 1.4-1.5):
+
+    rows                              1      2      8     error (1 row)   bytes held
+    two int4 calls                  2.34   2.50   6.07    4.0e-3          35.4 MB
+    one call, planes joined         1.94   2.22   5.67    4.0e-3          35.4 MB
+    int8, one scale per row         1.74   1.79   3.85    1.7e-2          28.4 MB
+    MatMulNBits 8-bit, int8 act.    1.59   2.47   3.54    8.4e-3          31.9 MB
+    fbgemm float16 copy             1.87   2.01   2.96    2.7e-4          56.6 MB
+    oneDNN bfloat16 copy            1.78   1.95   2.63    3.9e-3          56.6 MB
+    float32 (MKL)                   6.16  11.96  10.91    2.6e-7         113.2 MB
+
+The embedding and LM head (``table`` layers) keep two calls: bfloat16 logits are 1/8
+apart at 16..32, so near ties become exact and argmax takes the lower id. On SmolLM2
+Q4_1's teacher-forced predictions (tests/unit/test_quant_smollm.py, 20 prompts x 64) one
+call leaves the top two logits exactly equal in 56 of 1280 and agrees with float32 on
+1245, two calls (float32 sum) in 2 and 1251; the test's bar is 1249. The candidates
+faster than two calls fail a bar too: ``_weight_int8pack_mm`` has one scale per output
+row, so Q8_0's 32-weight scales are requantized onto it (about 4x the error) and its
+logits are bfloat16 as well; onnxruntime's ``MatMulNBits`` (float32 logits, activations
+rounded to int8 per block of 32) and the float16/bfloat16 copies hold the matrix again
+beside the planes the tied embedding gathers from (+32 to +57 MB, where SmolLM2 Q4_1
+holds 101.9 MB against the 127.9 its 1.3x-file memory bar allows). The int4 kernel with
+float16 activations (finer logits) takes a generic path 40-100x slower.
 """
 
 from __future__ import annotations
@@ -76,9 +108,36 @@ class Int4Planes:
     _kernel_args: list[tuple[torch.Tensor, torch.Tensor]] = field(
         init=False, repr=False, compare=False
     )
+    # Two planes joined along the inputs (``join_planes``): what one kernel call
+    # multiplies, [N, planes * K / 2] bytes and [planes * K / group, N, 2] scales.
+    joined: tuple[torch.Tensor, torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self._kernel_args = [(p, self.scale_zero[i]) for i, p in enumerate(self.packed)]
+
+    def join_planes(self) -> None:
+        """Hold two planes as one [N, 2K] matrix, multiplied in one call (module doc).
+
+        The kernel's layout is [N / block, K, block / 2] bytes, so the [N, 2K] matrix's is
+        the planes' blocks joined along K; the planes become views into it (no second
+        copy) and every other path reads them as before."""
+        count = len(self.packed)
+        if count == 1 or self.joined is not None:
+            return
+        padded, half = padded_rows(self.rows), packed_block() // 2
+        blocks = [p.reshape(-1, self.cols, half) for p in self.packed]
+        joined = torch.cat(blocks, dim=1)  # [N / block, planes * K, block / 2]
+        scales = self.scale_zero.view(-1, *self.scale_zero.shape[2:])
+        self.joined = (joined.view(padded, -1), scales)
+        self.packed = [joined[:, i * self.cols : (i + 1) * self.cols] for i in range(count)]
+        self._kernel_args = []  # the planes alone are not contiguous: the kernel refuses them
+
+    def plane_tensors(self) -> list[torch.Tensor]:
+        """Each plane as the kernel packs it alone ([N, K / 2] bytes, contiguous)."""
+        padded = padded_rows(self.rows)
+        return [p.reshape(padded, self.cols // 2).contiguous() for p in self.packed]
 
     @property
     def nbytes(self) -> int:
@@ -88,31 +147,33 @@ class Int4Planes:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` through the int4 kernel; x is [T, cols] bfloat16 (the result is
         bfloat16 for one plane, float32 for two)."""
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed[0], self.group, self.scale_zero[0]
-        )
+        out = self._product(x)
         if len(self.packed) > 1:
-            # Planes add up in float32: a bfloat16 sum would round the total once more.
             out = out.float()
-            for plane in range(1, len(self.packed)):
-                out += torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    x, self.packed[plane], self.group, self.scale_zero[plane]
-                )
         return out if out.shape[1] == self.rows else out[:, : self.rows]
 
     def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
         """float32 ``x @ W.T`` for float x [T, cols]: exactly ``matmul(x.to(bfloat16))
-        .float()``, in fewer calls (the path of every decode-sized product)."""
-        x = x.to(torch.bfloat16)
+        .float()`` (the path of every decode-sized product)."""
+        out = self._product(x.to(torch.bfloat16)).float()
+        return out if out.shape[1] == self.rows else out[:, : self.rows]
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, padded rows]: bfloat16 from one call (one plane, or joined planes on
+        ``[x | x]``); float32 from separate planes, whose products add up in float32 (a
+        bfloat16 sum would round the total once more)."""
+        if self.joined is not None:
+            packed, scale_zero = self.joined
+            return _INT4_MM(x.repeat(1, len(self.packed)), packed, self.group, scale_zero)
         args = self._kernel_args
         packed, scale_zero = args[0]
         out = _INT4_MM(x, packed, self.group, scale_zero)
         if len(args) == 1:
-            return (out if out.shape[1] == self.rows else out[:, : self.rows]).float()
-        out = out.float()  # planes add up in float32, as in ``matmul``
+            return out
+        out = out.float()
         for packed, scale_zero in args[1:]:
             out += _INT4_MM(x, packed, self.group, scale_zero)
-        return out if out.shape[1] == self.rows else out[:, : self.rows]
+        return out
 
     def dequantize_blocks(self, start: int, end: int) -> torch.Tensor:
         """float32 W.T of rows [start, end) in the kernel's blocking: [blocks, cols, block],

@@ -128,6 +128,10 @@ class QuantLinear(nn.Module):
 
     def _set_planes(self, planes: Int4Planes, source_type: str) -> None:
         self.planes, self.dense, self.source_type = planes, None, source_type
+        if not self.table:
+            # One kernel call for two planes (molink.quant.int4); the embedding and LM head
+            # keep two, whose float32 sum keeps logits apart that bfloat16 would tie.
+            planes.join_planes()
         self.wide = self._wide_copy(planes, self.batch_kernel)
         self.nbits = NBitsProduct(planes) if self.batch_kernel == "int8act" else None
         # An act-order matrix takes the way through ``product``, which orders the inputs.
@@ -142,7 +146,7 @@ class QuantLinear(nn.Module):
         if self.input_order is not None:
             raise WeightLoadError("act-order matrices are not saved")
         if self.planes is not None:
-            tensors = {f"plane{i}": p for i, p in enumerate(self.planes.packed)}
+            tensors = {f"plane{i}": p for i, p in enumerate(self.planes.plane_tensors())}
             tensors["scale_zero"] = self.planes.scale_zero
             group = self.planes.group
             return tensors, {"kind": "int4", "group": group, "source_type": self.source_type}

@@ -17,7 +17,13 @@ from molink.quant.bf16_gemm import Bf16Packed, bf16_gemm_available
 from molink.quant.factory import QuantLinearFactory
 from molink.quant.fp16_gemm import fp16_gemm_available
 from molink.quant.gguf_blocks import BLOCK_TYPES, decode_blocks
-from molink.quant.int4 import padded_rows, rounding_report, to_int4_planes
+from molink.quant.int4 import (
+    pack_plane,
+    padded_plane_parts,
+    padded_rows,
+    rounding_report,
+    to_int4_planes,
+)
 from molink.quant.kernels import (
     BATCH_KERNEL_CHOICES,
     INT4_FEW_ROWS,
@@ -134,6 +140,35 @@ def test_wider_integers_take_two_planes_and_pad_rows() -> None:
     planes = to_int4_planes(ints)
     assert len(planes.packed) == 2
     assert planes.scale_zero.shape == (2, 2, padded_rows(70), 2)
+
+
+def test_two_planes_join_into_one_matrix_except_in_tables() -> None:
+    """A layer's two planes become one packed [N, 2K] matrix (the planes are views into
+    it: the same bytes, rows and saved state); the embedding/LM head keeps them apart."""
+    ints = decode_blocks(make_blocks("Q8_0", ROWS, COLS, seed=10), "Q8_0", ROWS, COLS)
+    layer = QuantLinear(COLS, ROWS, bias=False)
+    table = QuantLinear(COLS, ROWS, bias=False, table=True)
+    for module in (layer, table):
+        module.load_weight(ints, pack=False)
+    assert layer.planes is not None and table.planes is not None
+    assert table.planes.joined is None and layer.planes.joined is not None
+    ints_parts = [q for q, _ in padded_plane_parts(ints, "int4 kernel")]
+    assert torch.equal(layer.planes.joined[0], pack_plane(torch.cat(ints_parts, dim=1)))
+    assert layer.weight_bytes == table.weight_bytes
+    saved, _ = layer.saved_state()
+    for name, tensor in table.saved_state()[0].items():
+        assert torch.equal(saved[name], tensor), name
+    ids = torch.tensor([0, 63, 64, 199])
+    assert torch.equal(layer.embedding(ids), table.embedding(ids))
+    padded = padded_rows(ROWS)
+    assert torch.equal(
+        layer.planes.dequantize_rows(0, padded), table.planes.dequantize_rows(0, padded)
+    )
+    restored = QuantLinear(COLS, ROWS, bias=False)
+    restored.restore_state(*layer.saved_state())
+    x = torch.randn(3, COLS, generator=torch.Generator().manual_seed(11))
+    assert restored.planes is not None and restored.planes.joined is not None
+    assert torch.equal(restored(x), layer(x))
 
 
 def test_unsupported_type_and_bad_sizes_are_named() -> None:
