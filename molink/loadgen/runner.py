@@ -53,12 +53,22 @@ class LoadConfig:
             raise ValueError(f"endpoint must be one of {list(ENDPOINT_PATHS)}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        # A bound of 0 or below would cancel every request at once, and count each one as a
+        # failure of the server; NaN would bound nothing.
+        _check_bound("read_timeout_s", self.read_timeout_s)
+        if self.run_timeout_s is not None:
+            _check_bound("run_timeout_s", self.run_timeout_s)
 
     def to_dict(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
         values.pop("api_key")  # a secret has no place in a results file
         values["rate"] = "inf" if math.isinf(self.rate) else self.rate
         return values
+
+
+def _check_bound(name: str, seconds: float) -> None:
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {seconds}")
 
 
 @dataclass

@@ -183,6 +183,28 @@ def test_load_config_validates_and_hides_the_key() -> None:
     assert "api_key" not in document and document["rate"] == "inf"
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("read_timeout_s", 0.0),
+        ("read_timeout_s", -1.0),
+        ("read_timeout_s", math.nan),
+        ("read_timeout_s", math.inf),
+        ("run_timeout_s", 0.0),
+        ("run_timeout_s", -5.0),
+        ("run_timeout_s", math.nan),
+    ],
+)
+def test_load_config_refuses_timeouts_that_end_a_run_before_it_starts(
+    field: str, value: float
+) -> None:
+    """A run timeout of 0 or below cancelled every request and reported them all as
+    failures of the server; NaN never timed out. Refused, naming the field."""
+    with pytest.raises(ValueError, match=field):
+        LoadConfig("http://127.0.0.1:1", **{field: value})
+    assert LoadConfig("http://127.0.0.1:1", run_timeout_s=None).run_timeout_s is None
+
+
 def test_cli_parses_the_documented_command() -> None:
     args = build_parser().parse_args(
         "--url http://127.0.0.1:8000 --model NAME --workload mixed --num-requests 64 "
