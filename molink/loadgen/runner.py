@@ -108,10 +108,16 @@ async def fetch_model_name(client: httpx.AsyncClient) -> str:
     """The first model the server lists at /v1/models."""
     response = await client.get("/v1/models")
     response.raise_for_status()
-    models = response.json().get("data") or []
-    if not models:
-        raise RuntimeError("the server lists no models at /v1/models")
-    return str(models[0]["id"])
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    models = answer.get("data") if isinstance(answer, dict) else None
+    first = models[0] if isinstance(models, list) and models else None
+    if not isinstance(first, dict) or "id" not in first:
+        shown = response.text[:200]
+        raise RuntimeError(f"the server lists no model (with an id) at /v1/models: {shown}")
+    return str(first["id"])
 
 
 async def run_load(specs: list[RequestSpec], config: LoadConfig) -> RunResult:

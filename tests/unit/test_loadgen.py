@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import statistics
 
+import httpx
 import pytest
 
 from molink.loadgen import (
@@ -22,7 +24,7 @@ from molink.loadgen import (
 from molink.loadgen.arrivals import ArrivalError
 from molink.loadgen.cli import build_parser, workload_from_args
 from molink.loadgen.client import build_body, chunk_content, sse_payload
-from molink.loadgen.runner import LoadConfig
+from molink.loadgen.runner import LoadConfig, fetch_model_name
 from molink.loadgen.workload import sample_length
 
 
@@ -203,6 +205,26 @@ def test_load_config_refuses_timeouts_that_end_a_run_before_it_starts(
     with pytest.raises(ValueError, match=field):
         LoadConfig("http://127.0.0.1:1", **{field: value})
     assert LoadConfig("http://127.0.0.1:1", run_timeout_s=None).run_timeout_s is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b'{"data": [{"name": "m"}]}', b'{"data": "m"}', b"[1]", b"not json", b'{"data": [3]}'],
+)
+def test_a_model_list_of_the_wrong_shape_is_a_clear_error(answer: bytes) -> None:
+    """The CLI reports a RuntimeError as "cannot start the run"; a KeyError or a
+    JSONDecodeError left it with a traceback."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=answer)
+
+    async def fetch() -> str:
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+            return await fetch_model_name(client)
+
+    with pytest.raises(RuntimeError, match="/v1/models"):
+        asyncio.run(fetch())
 
 
 def test_cli_parses_the_documented_command() -> None:
