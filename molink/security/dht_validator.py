@@ -47,8 +47,10 @@ class SealedRecordValidator(RecordValidatorBase):
         signed, reason = self._seal.open(value, subkey)
         if signed is None:
             return f"node {subkey}: {reason}"
-        if record.expiration_time > signed.expires_at + _EXPIRY_SLACK_S:
-            return f"node {subkey}: kept past its signed expiry"
+        # Written so that NaN fails too: the store's expiry is not signed, and a NaN one
+        # compares false with every time, so hivemind's storage would never expire it.
+        if not record.expiration_time <= signed.expires_at + _EXPIRY_SLACK_S:
+            return f"node {subkey}: kept past its signed expiry ({record.expiration_time!r})"
         return ""
 
     @property

@@ -86,3 +86,14 @@ def test_the_dht_hook_stores_only_members_records_under_their_own_id() -> None:
     assert not validator.validate(_stored(outsider, MEMBER.node_id, now + 30))
     assert not validator.validate(DHTRecord(b"k", b"\xc1", b"\xc1", now + 30))  # garbage
     assert not validator.validate(_stored(b"MLS1" + b"\0" * 100_000, MEMBER.node_id, now + 30))
+
+
+def test_the_dht_hook_refuses_a_store_whose_expiry_is_not_a_number() -> None:
+    # The store's expiry travels beside the signed record, so anyone can replay a valid
+    # record with an expiry of NaN: it compares false with every time, so the check
+    # against the signed expiry passed, and hivemind's storage would never expire it.
+    validator = SealedRecordValidator(RecordSeal(SwarmCredentials.from_key(KEY)))
+    sealed = RecordSeal(MEMBER).seal(b"x", ttl_s=30)
+    assert validator.validate(_stored(sealed, MEMBER.node_id, time.time() + 30))
+    assert not validator.validate(_stored(sealed, MEMBER.node_id, float("nan")))
+    assert not validator.validate(_stored(sealed, MEMBER.node_id, float("inf")))
