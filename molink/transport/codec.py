@@ -49,6 +49,7 @@ _WIRE_TO_TORCH = {
     pb.WIRE_DTYPE_INT8: torch.int8,
 }
 _WIRE_TO_NAME = {wire: name for name, wire in _NAME_TO_WIRE.items()}
+_SHOWN_DIMS = 8  # a refused shape with more dimensions is named by their count
 
 
 def wire_dtype_of(name: str) -> int:
@@ -125,6 +126,11 @@ def decode_tensor(
             f"{', '.join(f'{v} ({n})' for v, n in _WIRE_TO_NAME.items())}"
         )
     dtype = _WIRE_TO_TORCH[msg.dtype]
+    if len(msg.shape) != len(expected_shape) and len(msg.shape) > _SHOWN_DIMS:
+        # Counted, not read: a peer may declare millions of dimensions in one message.
+        raise ProtocolError(
+            f"{what} has {len(msg.shape)} dimensions, expected {list(expected_shape)}"
+        )
     shape = tuple(int(d) for d in msg.shape)
     if shape != tuple(expected_shape):
         raise ProtocolError(f"{what} has shape {list(shape)}, expected {list(expected_shape)}")

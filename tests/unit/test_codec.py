@@ -94,6 +94,17 @@ def test_malformed_tensors_are_refused(overrides: dict, expected: str) -> None:
         decode_tensor(_message(**overrides), (5, HIDDEN), LIMIT)
 
 
+def test_a_shape_of_a_million_dimensions_is_refused_by_its_count() -> None:
+    """The shape's length is checked first and a long one is not printed: the refusal had
+    every dimension in it (3 MB of text to log and send back for a 2 MB message; on a
+    256 MiB message, hundreds of MB and tens of seconds of the receiving thread)."""
+    msg = _message(shape=[1] * 1_000_000)
+    with pytest.raises(ProtocolError) as info:
+        decode_tensor(msg, (5, HIDDEN), LIMIT)
+    assert "1000000 dimensions, expected [5, 16]" in str(info.value)
+    assert len(str(info.value)) < 200
+
+
 def test_oversized_tensor_is_refused_before_reading_it() -> None:
     big = pb.Tensor(dtype=pb.WIRE_DTYPE_FLOAT32, shape=[1 << 20, HIDDEN], data=b"")
     with pytest.raises(ProtocolError, match="exceeds the limit"):
