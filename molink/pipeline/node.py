@@ -62,6 +62,7 @@ from molink.transport.validate import (
     PlanLimits,
     check_plan_message,
     check_release_size,
+    peer_text,
     validate_plan,
 )
 
@@ -333,8 +334,8 @@ class StageNode:
         return pb.ForwardAck(step_id=plan.step_id, micro_batch=plan.micro_batch, error=message)
 
     def reject_unparsable(self, num_bytes: int, exc: Exception) -> pb.ForwardAck:
+        """Counted and answered; the servicer logs it, at a bounded rate per peer."""
         message = f"stage {self.node_id} got a forward message it cannot parse: {exc}"
-        logger.warning("%s", message)
         with self._counter_lock:
             self.bytes_received += num_bytes
             self.steps_rejected += 1
@@ -384,7 +385,8 @@ class StageNode:
         plan = request.step.plan
         message = (
             f"stage {self.node_id} rejected step {plan.step_id} (micro-batch "
-            f"{plan.micro_batch}) from {request.sender_id or 'an unnamed peer'}: {exc}"
+            f"{plan.micro_batch}) from {peer_text(request.sender_id) or 'an unnamed peer'}: "
+            f"{peer_text(str(exc))}"
         )
         logger.warning("%s", message)
         with self._counter_lock:

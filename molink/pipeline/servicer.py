@@ -155,7 +155,9 @@ class NodeServicer(pb_grpc.MolinkNodeServicer):
                 try:
                     request, hidden_data = parse_forward(raw)
                 except DecodeError as exc:
-                    yield self._node.reject_unparsable(len(raw), exc)
+                    ack = self._node.reject_unparsable(len(raw), exc)
+                    self._refusals.refused(caller, ack.error)
+                    yield ack
                     continue
                 refusal = self._forward_refusal(caller, request)
                 if refusal is not None:

@@ -16,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from molink.transport.validate import peer_text
+
 
 class LimitExceededError(Exception):
     """A peer went over one of its bounds; the message says which."""
@@ -174,4 +176,5 @@ class RefusalLog:
             while len(self._peers) > RateLimiter._MAX_PEERS:
                 self._peers.popitem(last=False)
         more = f" ({suppressed} more refused since the last line)" if suppressed else ""
-        self._logger.warning("%s%s", message, more)
+        # A refusal quotes what the peer sent (ids, routes): bounded and printable.
+        self._logger.warning("%s%s", peer_text(message), more)
