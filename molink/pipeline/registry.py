@@ -6,6 +6,7 @@ the router's business (molink/placement/router.py), not the registry's.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -159,6 +160,7 @@ class StageRegistry:
         full = node.node_id not in self._stages and len(self._stages) >= self._max_nodes
         checks = (
             _check_text(node),
+            _check_numbers(node),
             f"the pipeline already holds {self._max_nodes} nodes (max_pipeline_nodes)"
             if full
             else None,
@@ -197,6 +199,16 @@ def _check_text(node: NodeInfo) -> str | None:
             f"field public_key of a joining node has {len(node.public_key)} bytes, "
             f"at most {MAX_PUBLIC_KEY_BYTES}"
         )
+    return None
+
+
+def _check_numbers(node: NodeInfo) -> str | None:
+    """The speeds a node announces, as a DHT record's (molink.discovery.records): the
+    router and placement compare them, and NaN compares false with everything."""
+    for name in ("throughput_tokens_per_s", "layer_step_s"):
+        value = getattr(node, name)
+        if not (math.isfinite(value) and value >= 0):
+            return f"field {name} of a joining node is {value!r}: a finite number >= 0"
     return None
 
 

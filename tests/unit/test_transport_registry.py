@@ -102,6 +102,13 @@ def test_every_change_bumps_the_epoch(registry: StageRegistry) -> None:
         ),
         (_node("a", 10, 20, device="cpu\x1b[2J"), "field device of a joining node holds control"),
         (_node("a", 10, 20, public_key=b"k" * 1025), "public_key of a joining node has 1025 bytes"),
+        # As in a DHT record: the router and placement read these speeds.
+        (
+            _node("a", 10, 20, throughput_tokens_per_s=float("nan")),
+            "field throughput_tokens_per_s of a joining node is nan: a finite number >= 0",
+        ),
+        (_node("a", 10, 20, layer_step_s=float("inf")), "field layer_step_s .* is inf"),
+        (_node("a", 10, 20, layer_step_s=-1.0), "field layer_step_s .* is -1.0"),
     ],
 )
 def test_join_refusals_say_why(registry: StageRegistry, node: NodeInfo, expected: str) -> None:
