@@ -8,6 +8,7 @@ join) and fails the steps in flight.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -228,6 +229,12 @@ class HealthMonitor:
         kept.message = "".join(
             c if c.isprintable() else "?" for c in response.message[:MAX_HEALTH_MESSAGE_CHARS]
         )
+        # Pushed to every stage as the node's speed (and shown): a number that is no
+        # measurement (NaN, infinite, negative) counts as none, as a join's would not pass.
+        for name in ("throughput_tokens_per_s", "uptime_s"):
+            value = getattr(kept, name)
+            if not (math.isfinite(value) and value >= 0):
+                setattr(kept, name, 0.0)
         return kept
 
     def _failed(self, stage: NodeInfo, detail: str) -> None:

@@ -34,6 +34,8 @@ def _stuffed(
         for _ in range(MANY)
     )
     answer.links.append(pb.LinkReport(from_node_id=node_id, to_node_id=next_id, rtt_s=0.002))
+    answer.throughput_tokens_per_s = float("nan")
+    answer.uptime_s = -5.0
     return answer
 
 
@@ -50,6 +52,8 @@ def test_the_head_keeps_only_its_own_part_of_a_stuffed_health_answer() -> None:
         assert [(r.to_node_id, r.rtt_s) for r in kept.links] == [("n", 0.002)]
         assert len(kept.message) <= MAX_HEALTH_MESSAGE_CHARS and kept.message.isprintable()
         assert (kept.total_kv_blocks, kept.free_kv_blocks) == (100, 40)
+        # No measurement: unknown, as a node that has computed nothing yet.
+        assert (kept.throughput_tokens_per_s, kept.uptime_s) == (0.0, 0.0)
         assert kept.ByteSize() < 4096
 
 
