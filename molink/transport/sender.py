@@ -60,11 +60,14 @@ class _Pending(Generic[T]):
 
 
 class _Stream:
-    __slots__ = ("call", "closed", "proven")
+    __slots__ = ("call", "closed", "proven", "stray_acks")
 
     def __init__(self) -> None:
         self.closed = False
         self.call: Any = None
+        # Acknowledgements of no message in flight: logged once per stream, as the peer
+        # could send any number.
+        self.stray_acks = 0
         # Set once the peer proved to be the node expected (at once when none is):
         # nothing is sent before.
         self.proven = threading.Event()
@@ -182,7 +185,7 @@ class StreamSender(Generic[T]):
                 raise _NotTheExpectedNode(problem)
             stream.proven.set()  # or the call ended first: reading it tells how
             for ack in stream.call:
-                self._acknowledge(ack)
+                self._acknowledge(ack, stream)
         except grpc.RpcError as exc:
             reason = f"stream to {self.address} failed: {describe_rpc_error(exc)}"
             broken = True
@@ -263,12 +266,18 @@ class StreamSender(Generic[T]):
         self.messages_sent += 1
         return payload
 
-    def _acknowledge(self, ack: Any) -> None:
+    def _acknowledge(self, ack: Any, stream: _Stream) -> None:
         acked_at = time.monotonic()
         with self._cond:
             pending = self._unacked.popleft() if self._unacked else None
         if pending is None:
-            logger.warning("sender %s: acknowledgement for no message in flight", self.name)
+            stream.stray_acks += 1
+            if stream.stray_acks == 1:
+                logger.warning(
+                    "sender %s: acknowledgement for no message in flight (further ones on "
+                    "this stream are not logged)",
+                    self.name,
+                )
             return
         if self.observer is not None:
             self.observer.observe(pending.num_bytes, pending.sent_at, acked_at)
