@@ -19,17 +19,44 @@ from tests.integration.test_tensor_parallel import PROMPTS, rank0_slice
 pytestmark = pytest.mark.integration
 pytest.importorskip("gguf")
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
-# The int4 kernel returns bfloat16 products (molink.quant.linear): each rank's partial sum
-# of a row-parallel matrix is rounded to bfloat16 (8 bits of mantissa) before the ranks add
-# them, where one rank rounds the whole sum once. Logprobs agree to that rounding (measured
-# up to 0.028 on this model), the tokens exactly.
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
+# The int4 kernel returns bfloat16 products (molink.quant.int4, molink.quant.linear): each
+# rank's partial sum of a row-parallel matrix is rounded to bfloat16 (8 bits of mantissa)
+# before the ranks add them, where one rank rounds the whole sum once. Logprobs agree to
+# that rounding (measured up to 0.028 on this model); so do tokens, except where the
+# reference's two best are closer than that (a tie at 0.009 on this model's third prompt:
+# one rank and two took different sides of it as the kernel's rounding changed).
 LOGPROB_TOLERANCE = 0.05
 
+Generation = tuple[list[int], list[float], list[list[tuple[int, float]]]]
 
-def greedy(llm: LLM) -> list[tuple[list[int], list[float]]]:
+
+def greedy(llm: LLM) -> list[Generation]:
     outputs = llm.generate(list(PROMPTS), GREEDY)
-    return [(list(o.outputs[0].token_ids), list(o.outputs[0].logprobs or ())) for o in outputs]
+    return [
+        (
+            list(o.outputs[0].token_ids),
+            list(o.outputs[0].logprobs or ()),
+            [[(t.token_id, t.logprob) for t in top] for top in o.outputs[0].top_logprobs or ()],
+        )
+        for o in outputs
+    ]
+
+
+def assert_equal_up_to_rounding(got: Generation, expected: Generation) -> None:
+    """Equal tokens and logprobs within the tolerance, up to a step where the reference's
+    two best tokens are within twice the tolerance and the two runs took different ones:
+    the sequences go different ways from there, so the comparison stops."""
+    tokens, logprobs, _ = got
+    ref_tokens, ref_logprobs, ref_top = expected
+    assert len(tokens) == len(ref_tokens) and len(logprobs) == len(tokens)
+    for step, (token, ref_token) in enumerate(zip(tokens, ref_tokens, strict=True)):
+        if token != ref_token:
+            best = dict(ref_top[step][:2])
+            assert token in best, f"step {step}: {token} is not the reference's runner-up"
+            assert best[ref_token] - best[token] <= 2 * LOGPROB_TOLERANCE, f"step {step}"
+            return
+        assert abs(logprobs[step] - ref_logprobs[step]) <= LOGPROB_TOLERANCE
 
 
 def test_two_quantized_ranks_equal_one(tiny_model_dir, tmp_path, monkeypatch) -> None:
@@ -51,8 +78,8 @@ def test_two_quantized_ranks_equal_one(tiny_model_dir, tmp_path, monkeypatch) ->
     finally:
         leader.close()
     assert all(p.poll() is not None for p in leader.processes), "a follower outlived close()"
-    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, expected, strict=True):
-        assert tokens == ref_tokens
-        assert len(logprobs) == len(tokens)
-        for a, b in zip(logprobs, ref_logprobs, strict=True):
-            assert abs(a - b) <= LOGPROB_TOLERANCE
+    for generation, reference in zip(got, expected, strict=True):
+        assert_equal_up_to_rounding(generation, reference)
+    # Ties are rare: most prompts are the same tokens all through.
+    whole = sum(tokens == ref for (tokens, _, _), (ref, _, _) in zip(got, expected, strict=True))
+    assert whole >= len(PROMPTS) // 2
