@@ -41,6 +41,7 @@ from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.codec import decode_tensor
 from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
+from molink.transport.validate import peer_text
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class SpotJudge:
         rows: dict[int, torch.Tensor] = {}
         for group, answer in zip(groups, response.answers, strict=False):
             if answer.missing:
-                logger.info("spot checks: %s", answer.missing)
+                logger.info("spot checks: %s", peer_text(answer.missing))
                 continue
             try:
                 rows[group] = decode_tensor(
