@@ -27,6 +27,7 @@ from molink.errors import PipelineError, ProtocolError
 from molink.kv_cache.stage_pool import KVRoomError
 from molink.pipeline.fair_queue import HeadFairQueue, QueueFullError
 from molink.pipeline.leases import LeaseTable
+from molink.pipeline.release_bounds import ReleaseBounds
 from molink.placement.route import Route
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepPlan, StepResult
@@ -118,6 +119,7 @@ class ComputeWorker:
         self._known: dict[str, set[int]] = {}
         # head -> sequence -> the step whose plan last (re)started it here
         self._started: dict[str, dict[int, int]] = {}
+        self._release_bounds = ReleaseBounds()  # out-of-band releases' steps, per sequence
         self._stop = threading.Event()
         self._last_input = time.monotonic()
         self._stalled = False
@@ -200,8 +202,7 @@ class ComputeWorker:
         if self.leases is None:
             return
         for head_id in self.leases.lapsed():
-            known = self._known.pop(head_id, set())
-            self._started.pop(head_id, None)
+            known = self._forget_head(head_id)
             logger.warning(
                 "stage %s: the lease of head %s lapsed; freeing its %d sequence(s)",
                 self._node_id,
@@ -214,6 +215,13 @@ class ComputeWorker:
                 logger.exception("stage %s: freeing head %s failed", self._node_id, head_id)
             if self._on_lapse is not None:
                 self._on_lapse(head_id)
+
+    def _forget_head(self, head_id: str) -> set[int]:
+        """Forget what this stage knows of ``head_id`` (its lease lapsed); returns the
+        sequences it held here."""
+        self._started.pop(head_id, None)
+        self._release_bounds.forget_head(head_id)
+        return self._known.pop(head_id, set())
 
     def _is_stale(self, job: StepJob) -> bool:
         """A step received before its head's lease lapsed (this node was frozen, or the
@@ -315,6 +323,7 @@ class ComputeWorker:
         """Track the head's sequences as the plan says; reject untrusted plans naming
         strangers. Trusted plans are tracked too, so that the head's health reports the
         sequences its own stage holds."""
+        self._release_bounds.check(job.head_id, job.plan)  # older than a release here?
         known = self._known.setdefault(job.head_id, set())
         started = self._started.setdefault(job.head_id, {})
         plan = job.plan = _keeping_later_copies(job.plan, started)
@@ -344,6 +353,8 @@ class ComputeWorker:
             )
 
     def _release(self, job: ReleaseJob) -> None:
+        if job.route is None and job.started_before_step is not None:  # out of band
+            self._release_bounds.note(job.head_id, job.seq_ids, job.started_before_step)
         seq_ids = self._releasable(job)
         known = self._known.get(job.head_id)
         if known is not None:
