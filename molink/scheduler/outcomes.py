@@ -4,8 +4,9 @@ A result advances each sequence's computed count, registers its computed blocks 
 prefix cache and appends its sampled token (stopping the sequence when a stop condition
 holds); a sequence the result owes a token and lacks one replays, as after a failed
 plan (the last stage failing one sequence alone says so in the token's ``error``, and
-that sequence fails). A failed plan's sequences are requeued (the node had no room: ``KV_FULL``),
-replayed on another route (the node was lost, late, refused or erred; after
+that sequence fails). A failed plan's sequences are requeued (the node had no room:
+``KV_FULL``; past ``MAX_ROOM_REFUSALS`` refusals the largest of them fails instead, so
+a sequence no stage has room for cannot restart for ever), replayed on another route (the node was lost, late, refused or erred; after
 ``MAX_REPLAYS`` replays they fail instead, so a node that fails a sequence every time
 cannot hold it forever), or failed (any other error).
 
@@ -41,6 +42,11 @@ REPLAYABLE = frozenset(
     {FailureKind.UNREACHABLE, FailureKind.DEADLINE, FailureKind.NODE_ERROR, FailureKind.REJECTED}
 )
 MAX_REPLAYS = 8
+# Room refusals (KV_FULL) after which a sequence fails: a stage's room frees up as other
+# sequences finish (the head waits FULL_COOLDOWN_S before sending it new ones), so this
+# many refusals means the sequence is unlikely ever to fit; without a bound it would
+# restart from scratch for ever.
+MAX_ROOM_REFUSALS = 16
 
 
 class PlanOutcomes:
@@ -64,7 +70,7 @@ class PlanOutcomes:
         if error is None and result.step_id != sent_plan.step_id:
             error = f"result of step {result.step_id} given for step {sent_plan.step_id}"
         if error is not None and result.failure_kind is FailureKind.KV_FULL:
-            updates = self._requeue_plan(seqs)
+            updates = self._requeue_plan(seqs, error)
         elif error is not None and result.failure_kind in REPLAYABLE:
             updates = self._replay_plan(seqs, error)
         elif error is not None:
@@ -150,17 +156,45 @@ class PlanOutcomes:
             self._lifecycle.finish(seq, decision.finish_reason, decision.stop_reason)
         return SequenceUpdate.of(seq, token)
 
-    def _requeue_plan(self, seqs: list[Sequence]) -> list[SequenceUpdate]:
+    def _requeue_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
         """A node had no room for the plan and kept nothing of it: its sequences restart
-        from scratch once there is room (preemption by recompute), nothing fails."""
+        from scratch once there is room (preemption by recompute). One refused more than
+        ``MAX_ROOM_REFUSALS`` times fails instead (``_refused_too_often``)."""
+        updates = []
+        culprit = self._refused_too_often(seqs)
         # Newest first, each to the front of the queue: the oldest is admitted first again.
         for seq in sorted(seqs, key=arrival_key, reverse=True):
+            if seq is culprit:
+                message = (
+                    f"{error} (no KV room for sequence {seq.seq_id} of {seq.num_tokens} "
+                    f"tokens: refused {seq.num_room_refusals} times)"
+                )
+                updates += self._fail_plan([seq], message)
+                continue
             seq.in_flight_step = None
             if seq.is_finished:
                 self._lifecycle.release(seq)
             elif seq.status is SequenceStatus.RUNNING:
                 self._lifecycle.preempt(seq)
-        return []
+        return updates
+
+    @staticmethod
+    def _refused_too_often(seqs: list[Sequence]) -> Sequence | None:
+        """Counts a refusal against each running sequence of the plan; returns the one to
+        fail, if any went over the bound. A refusal does not say which sequence lacked
+        room, so only one fails per refusal: the largest (the newest of equals), and the
+        others' count starts again (their refusals are put down to it)."""
+        running = [s for s in seqs if s.status is SequenceStatus.RUNNING and not s.is_finished]
+        for seq in running:
+            seq.num_room_refusals += 1
+        over = [s for s in running if s.num_room_refusals > MAX_ROOM_REFUSALS]
+        if not over:
+            return None
+        culprit = max(over, key=lambda s: (s.num_tokens, s.arrival_order))
+        for seq in running:
+            if seq is not culprit:
+                seq.num_room_refusals = 0
+        return culprit
 
     def _replay_plan(self, seqs: list[Sequence], error: str) -> list[SequenceUpdate]:
         """A node on the plan's route failed (unreachable, late, refused, erred): its

@@ -87,6 +87,7 @@ class Sequence:
         "is_released",
         "replay_pending",
         "num_replays",
+        "num_room_refusals",
         "sent_in_step",
     )
 
@@ -118,6 +119,7 @@ class Sequence:
         self.is_released = False  # finished and its blocks freed for good
         self.replay_pending = False  # its KV was lost while in flight: replay on return
         self.num_replays = 0  # times it was moved to another route after a failure
+        self.num_room_refusals = 0  # plans with it that a stage refused for lack of KV room
         self.sent_in_step: int | None = None  # the step that sent the stages' current copy
 
     @property
