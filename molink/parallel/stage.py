@@ -9,7 +9,7 @@ import torch
 from molink.config import LayerRange
 from molink.models.decoder import DecoderSlice
 from molink.models.parallel.check import check_tensor_parallel
-from molink.models.parallel.group import ParallelGroup
+from molink.models.parallel.group import ParallelGroup, rank_devices
 from molink.parallel.launch import Followers, FollowerSettings
 from molink.quant.config import resolve_quantization
 from molink.weights.source import ModelSource
@@ -37,6 +37,7 @@ def load_stage_slice(
         device = torch.device("cuda", 0)
     method = resolve_quantization(quantization, source.detected_quantization(), device)
     check_tensor_parallel(source.model_config, tensor_parallel_size, method)
+    rank_devices(device, tensor_parallel_size)  # before any rank starts
     # The other ranks follow this rank's device (CUDA: the next devices after it) and load
     # their shares of the same weights, quantized as this rank's are.
     settings = dataclasses.replace(

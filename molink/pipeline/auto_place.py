@@ -27,7 +27,7 @@ from molink.config import LayerRange, ModelConfig
 from molink.errors import PipelineError
 from molink.models.kv_cache import KVCache
 from molink.models.parallel.check import rank_kv_config
-from molink.models.parallel.group import rank_device
+from molink.models.parallel.group import rank_devices
 from molink.placement.placement import ServedSpan, choose_span
 from molink.placement.resident import WeightEstimate
 from molink.stage.resources import host_memory
@@ -59,8 +59,8 @@ def memory_budget(
         return max_memory // tensor_parallel_size
     if device.type == "cuda":  # weights and KV live on the GPU, not in host memory
         return min(
-            int(torch.cuda.mem_get_info(rank_device(device, rank))[1] * gpu_memory_utilization)
-            for rank in range(tensor_parallel_size)
+            int(torch.cuda.mem_get_info(rank)[1] * gpu_memory_utilization)
+            for rank in rank_devices(device, tensor_parallel_size)
         )
     return int(available_memory_bytes() * (1 - HEADROOM)) // tensor_parallel_size
 

@@ -11,7 +11,7 @@ from molink.config import LayerRange
 from molink.errors import InvalidParameterError, ProtocolError
 from molink.models.attention_metadata import AttentionMetadata, SeqChunk
 from molink.models.parallel.check import check_tensor_parallel, rank_kv_config
-from molink.models.parallel.group import ParallelGroup, rank_device
+from molink.models.parallel.group import ParallelGroup, rank_device, rank_devices
 from molink.models.parallel.reading import read_shards
 from molink.models.parallel.shard import Segment, local_units, segment_rule, vocab_rule
 from molink.parallel.commands import (
@@ -166,6 +166,26 @@ def test_a_follower_builds_rank_0s_cache_on_its_own_device(tiny_model_dir) -> No
     )
     with pytest.raises(InvalidParameterError, match="kv_cache_dtype"):
         rank_kv_cache(args, config, torch.bfloat16, torch.device("cpu"))
+
+
+def test_ranks_past_the_last_cuda_device_are_refused_before_any_starts(
+    tiny_model_dir, monkeypatch
+) -> None:
+    """Two ranks from cuda:0 on a machine with one GPU: refused at start naming the
+    devices, instead of rank 1 failing as it loads (torch's "invalid device ordinal")."""
+    from molink.parallel import stage
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    started: list[object] = []
+    monkeypatch.setattr(stage, "Followers", lambda *args: started.append(args))
+    source = hf_dir_source(tiny_model_dir("llama"))
+    settings = FollowerSettings(None, 0, 4, "float32", "auto", 8, 16)
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(InvalidParameterError, match=r"cuda:0 to cuda:1; this machine has 1"):
+        stage.load_stage_slice(source, LayerRange(0, 4), "float32", "none", 2, settings, cuda)
+    assert not started
+    assert rank_devices(torch.device("cuda", 1), 1) == [torch.device("cuda", 1)]
+    assert rank_devices(torch.device("cpu"), 3) == [torch.device("cpu")] * 3
 
 
 def test_cuda_ranks_take_the_devices_after_the_stage_device() -> None:

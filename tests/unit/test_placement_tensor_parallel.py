@@ -11,6 +11,7 @@ import torch
 
 import molink.pipeline.auto_place as auto_place
 from molink.config import LayerRange
+from molink.errors import InvalidParameterError
 from molink.models.blocks.linear import DenseLinear
 from molink.models.kv_cache import KVCache
 from molink.models.parallel.group import ParallelGroup
@@ -120,12 +121,16 @@ def test_a_tensor_parallel_gpu_node_fits_each_rank_in_its_own_device(
         return (per_layer * 3 // 2, per_layer * 3 // 2)
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     gpu = dict(max_memory=None, device=torch.device("cuda", 0), gpu_memory_utilization=1.0)
     one = _placed(monkeypatch, path, 1, **gpu)
     two = _placed(monkeypatch, path, 2, **gpu)
     assert (one.start, one.end) == (1, 2)
     assert (two.start, two.end) == (1, 3)
     assert torch.device("cuda", 1) in devices  # rank 1's device was asked, not only rank 0's
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InvalidParameterError, match="tensor_parallel_size"):
+        auto_place.memory_budget(None, torch.device("cuda", 0), 1.0, 2)
 
 
 def test_the_given_memory_is_the_whole_nodes(

@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from molink.errors import InvalidParameterError
+
 # A follower waits this long for rank 0's next command before the collective gives up; a
 # stage may idle for hours between requests.
 IDLE_TIMEOUT = timedelta(days=7)
@@ -69,3 +71,20 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     if device.type != "cuda":
         return device
     return torch.device("cuda", (device.index or 0) + rank)
+
+
+def rank_devices(device: torch.device, size: int) -> list[torch.device]:
+    """Every rank's device; a CUDA device past the machine's last one is refused, naming
+    the devices the ranks need (a rank would otherwise fail as it loads, or placement
+    as it reads the device's memory, with torch's "invalid device ordinal")."""
+    devices = [rank_device(device, rank) for rank in range(size)]
+    if device.type == "cuda" and size > 1:  # one rank's device was checked at start
+        count = torch.cuda.device_count()
+        last = devices[-1].index
+        if last is not None and last >= count:
+            raise InvalidParameterError(
+                "tensor_parallel_size",
+                f"{size} ranks from {devices[0]} need cuda:{devices[0].index} to cuda:{last}; "
+                f"this machine has {count} CUDA device(s)",
+            )
+    return devices
