@@ -33,7 +33,7 @@ from molink.engine.recovery import NodeFailure, RecoveryStats
 from molink.pipeline.head_flights import CarriedRelease
 from molink.pipeline.identity import NodeInfo
 from molink.pipeline.worker import ReleaseJob
-from molink.placement.route import Route
+from molink.placement.route import Route, RouteHop
 from molink.step import FailureKind
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.config import TransportConfig
@@ -147,12 +147,7 @@ class FailoverDesk:
         nothing may reach in band."""
         route, seq_ids, step_id = release.route, release.seq_ids, release.step_id
         if failed_id == self.head_id:
-            threading.Thread(
-                target=self._release_refused,
-                args=(route, seq_ids, step_id),
-                name="head-release",
-                daemon=True,
-            ).start()
+            self._release_apart(route.hops[1:], seq_ids, step_id)
             return
         if route.index_of(failed_id) is not None:
             self._release_survivors(route, failed_id, seq_ids, step_id)
@@ -161,13 +156,28 @@ class FailoverDesk:
             self._submit(ReleaseJob(self.head_id, route, seq_ids, True, step_id))
         except Exception:
             logger.warning("in-band release of %d sequences failed", len(seq_ids), exc_info=True)
+            self._release_apart(route.hops[1:], seq_ids, step_id)
 
-    def _release_refused(self, route: Route, seq_ids: tuple[int, ...], before: int) -> None:
-        """The head's own stage refused a step (its queue stayed full), so the step went
-        nowhere: the route's other nodes free what it carried by a call, and the head's
-        stage in band once its queue has room (a release queued now would wait for the
-        same room, so this runs on a thread of its own)."""
-        self._release_directly([(h.address, h.node_id) for h in route.hops[1:]], seq_ids, before)
+    def _release_apart(
+        self, hops: tuple[RouteHop, ...], seq_ids: tuple[int, ...], before: int
+    ) -> None:
+        """On a thread of its own: ``_release_refused``."""
+        threading.Thread(
+            target=self._release_refused,
+            args=([(h.address, h.node_id) for h in hops], seq_ids, before),
+            name="head-release",
+            daemon=True,
+        ).start()
+
+    def _release_refused(
+        self, hops: list[tuple[str, str]], seq_ids: tuple[int, ...], before: int
+    ) -> None:
+        """The head's own stage refused a step or an in-band release (its queue stayed
+        full), so nothing went along the route: ``hops`` (address, node id) free the
+        sequences by a call, and the head's stage in band once its queue has room (a
+        release queued now would wait for the same room). A step older than ``before``
+        still on its way to those nodes is dropped there (molink.pipeline.release_bounds)."""
+        self._release_directly(hops, seq_ids, before)
         for attempt in range(1, RELEASE_ATTEMPTS + 1):
             try:
                 self._submit(ReleaseJob(self.head_id, None, seq_ids, False, before))
@@ -200,6 +210,7 @@ class FailoverDesk:
             self._submit(ReleaseJob(self.head_id, route, seq_ids, True, before))
         except Exception:
             logger.warning("in-band release of %d sequences failed", len(seq_ids), exc_info=True)
+            self._release_apart(route.hops[1:index], seq_ids, before)
         after = [(hop.address, hop.node_id) for hop in route.hops[index + 1 :]]
         if after:
             threading.Thread(
