@@ -98,6 +98,8 @@ class PlanOutcomes:
             if seq.seq_index == 0 and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 lifecycle.release_held_siblings(seq.request)
             token = sampled.get(seq.seq_id)
+            if scheduled.sample and token is not None:
+                seq.num_room_refusals = 0  # the route had room for all of it
             if scheduled.sample and seq.seq_id in result.held_seq_ids and token is not None:
                 if not seq.replay_pending:  # else its route lost a node: it replays without
                     lifecycle.hold_unverified(seq.seq_id, plan.step_id, token)
@@ -180,8 +182,9 @@ class PlanOutcomes:
 
     @staticmethod
     def _refused_too_often(seqs: list[Sequence]) -> Sequence | None:
-        """Counts a refusal against each running sequence of the plan; returns the one to
-        fail, if any went over the bound. A refusal does not say which sequence lacked
+        """Counts a refusal against each running sequence of the plan (since its last
+        token: the route had room for all of it then); returns the one to fail, if any
+        went over the bound. A refusal does not say which sequence lacked
         room, so only one fails per refusal: the largest (the newest of equals), and the
         others' count starts again (their refusals are put down to it)."""
         running = [s for s in seqs if s.status is SequenceStatus.RUNNING and not s.is_finished]

@@ -119,7 +119,7 @@ class Sequence:
         self.is_released = False  # finished and its blocks freed for good
         self.replay_pending = False  # its KV was lost while in flight: replay on return
         self.num_replays = 0  # times it was moved to another route after a failure
-        self.num_room_refusals = 0  # plans with it that a stage refused for lack of KV room
+        self.num_room_refusals = 0  # room refusals (KV_FULL) of its plans since its last token
         self.sent_in_step: int | None = None  # the step that sent the stages' current copy
 
     @property

@@ -80,3 +80,34 @@ def test_the_sequence_that_never_fits_fails_alone() -> None:
     assert list(errors) == [long_id]
     assert outputs.get(short_id) == expected[0]
     flush(sched, stage)
+
+
+def test_refusals_count_again_from_each_token_the_sequence_gets() -> None:
+    """A long generation on a busy swarm may be refused now and then over its life: once
+    a stage had room for all of it (a token came back), its earlier refusals no longer
+    say that it does not fit."""
+    sched = make_scheduler()
+    stage = FakeStage(sched)
+    (seq_id,) = sched.add_request("r", SHORT_PROMPT, params(max_tokens=3))
+    outputs: dict[int, list[int]] = {}
+    errors: list[str] = []
+    refusals = 0
+    for _ in range(400):
+        if not sched.has_unfinished():
+            break
+        plan = sched.schedule()
+        if plan.is_empty:
+            stage.execute(plan)
+            continue
+        tokens = len(outputs.get(seq_id, []))
+        if refusals < (tokens + 1) * (MAX_ROOM_REFUSALS - 2):  # 14 refusals per token
+            refusals += 1
+            updates = sched.update(plan, _refused(stage, plan))
+        else:
+            updates = sched.update(plan, stage.execute(plan))
+        collect(outputs, updates)
+        errors += [u.error for u in updates if u.error]
+    assert errors == []
+    assert refusals > MAX_ROOM_REFUSALS
+    assert len(outputs[seq_id]) == 3
+    flush(sched, stage)
