@@ -50,6 +50,8 @@ WITHDRAW_TIMEOUT_S = 5.0
 # stopped, wedged) would hold the announcing and watching threads, and whoever joins
 # them, forever; a lookup across a live swarm takes a few of its 3 s request timeouts.
 DHT_CALL_TIMEOUT_S = 30.0
+# A DHT process reports ready at most this long after its own bootstrap timeout.
+READY_MARGIN_S = 15.0
 # A record stored to outlast a copy that expires later expires this much after it.
 OUTLAST_S = 1.0
 MAX_IGNORED_NODES = 1024  # refused records remembered (so as to log each reason once)
@@ -70,6 +72,15 @@ def _node_bound_dht_class(base: type) -> type:
             super().run()
 
     return NodeBoundDHT
+
+
+def _end(dht: Any) -> None:
+    """Stops a DHT process that did not start (it may hang, or be half-started)."""
+    if dht.is_alive():
+        dht.terminate()
+        dht.join(5.0)
+        if dht.is_alive():
+            dht.kill()
 
 
 def advertised_maddr(maddrs: list[str], advertise_host: str | None) -> str:
@@ -135,20 +146,27 @@ class SwarmDirectory:
         from molink.security.dht_validator import SealedRecordValidator
 
         started = time.monotonic()
+        dht = _node_bound_dht_class(hivemind.DHT)(
+            initial_peers=initial_peers or None,
+            host_maddrs=[f"/ip4/{host}/tcp/0"],
+            start=False,
+            startup_timeout=BOOTSTRAP_TIMEOUT_S,
+            record_validators=[SealedRecordValidator(self._seal)] if self._seal else [],
+            client_mode=client_mode,
+        )
         try:
-            self._dht = _node_bound_dht_class(hivemind.DHT)(
-                initial_peers=initial_peers or None,
-                host_maddrs=[f"/ip4/{host}/tcp/0"],
-                start=True,
-                startup_timeout=BOOTSTRAP_TIMEOUT_S,
-                record_validators=[SealedRecordValidator(self._seal)] if self._seal else [],
-                client_mode=client_mode,
-            )
+            # hivemind's own start waits for the process's "ready" without a bound; a
+            # process that never says it (e.g. it inherited a lock a killed sibling held)
+            # would hold this node forever.
+            dht.run_in_background(await_ready=True, timeout=BOOTSTRAP_TIMEOUT_S + READY_MARGIN_S)
         except Exception as exc:  # hivemind raises its daemon's own errors
+            _end(dht)
+            why = str(exc) or "its process did not report ready"
             raise PipelineError(
                 f"could not join the DHT through {', '.join(initial_peers) or 'no peer'} "
-                f"within {time.monotonic() - started:.0f}s: {exc}"
+                f"within {time.monotonic() - started:.0f}s: {why}"
             ) from None
+        self._dht = dht
         logger.info("DHT node at %s", self.address)
         return self
 
