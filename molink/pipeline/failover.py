@@ -41,8 +41,10 @@ from molink.transport.config import TransportConfig
 logger = logging.getLogger(__name__)
 
 SubmitJob = Callable[[ReleaseJob], None]
-RELEASE_ATTEMPTS = 3  # of a direct release call to one node
-RELEASE_RETRY_S = 0.5  # between them
+RELEASE_ATTEMPTS = 3  # of an in-band release the head's own stage refused
+RELEASE_RETRY_S = 0.5  # first wait before a failed release call is made again
+RELEASE_RETRY_MAX_S = 4.0  # longest wait between two calls
+RELEASE_GIVE_UP_LEASES = 2.0  # calls stop this many leases after the first
 
 
 class FailoverDesk:
@@ -60,6 +62,12 @@ class FailoverDesk:
         # Lost node -> (the sequences it held, the step bound, when): a node evicted while
         # alive keeps them until its lease on this head lapses, unless taken back first.
         self._left_behind: dict[str, tuple[set[int], int, float]] = {}
+        self._closed = threading.Event()  # the head closed: release calls stop
+
+    def close(self) -> None:
+        """The head is closing: calls still being made again stop (a node restarted at
+        the address later must not get them)."""
+        self._closed.set()
 
     def note_submitted(self, step_id: int) -> None:
         """The head submitted ``step_id`` (step ids grow; replays get new ones)."""
@@ -223,38 +231,56 @@ class FailoverDesk:
     def _release_directly(
         self, hops: list[tuple[str, str]], seq_ids: tuple[int, ...], before: int
     ) -> None:
-        """Frees ``seq_ids`` on each (address, node id) of ``hops``."""
-        for address, node_id in hops:
-            self._release_on(address, node_id, seq_ids, before)
-
-    def _release_on(
-        self, address: str, node_id: str, seq_ids: tuple[int, ...], before: int
-    ) -> None:
-        """A node the head still checks renews its lease on these sequences, so a release
-        that fails once (a busy node's timeout) is tried again; a node that is gone too
-        loses them with its own lease. Each attempt has a channel of its own, closed
-        before the wait: gRPC shares connections between channels to one address, and one
-        kept in its reconnect backoff would fail the head's other calls there at once."""
-        for attempt in range(1, RELEASE_ATTEMPTS + 1):
-            client = NodeClient(address, self._config, node_id)
-            try:
-                client.release(
-                    self.head_id,
-                    list(seq_ids),
-                    timeout=self._config.rpc_timeout_s,
-                    started_before_step=before,
+        """Frees ``seq_ids`` on each (address, node id) of ``hops``. A node the head still
+        checks renews its lease on these sequences, so a call that fails (a busy node, a
+        link down for a while) is made again, after a wait that grows, until the node took
+        it or twice its lease has passed (by then a node the head could not reach lost
+        them with its lease; one it reached took a call too). One slow node does not hold
+        up the others: each round calls those not done yet."""
+        give_up_at = time.monotonic() + RELEASE_GIVE_UP_LEASES * self._config.lease_s
+        wait, attempt = RELEASE_RETRY_S, 1
+        while True:
+            hops = [h for h in hops if not self._release_on(*h, seq_ids, before, attempt)]
+            if not hops:
+                return
+            if self._closed.is_set():
+                return
+            if time.monotonic() + wait > give_up_at:
+                logger.error(
+                    "gave up freeing %d sequences on %s after %d attempts",
+                    len(seq_ids),
+                    ", ".join(address for address, _ in hops),
+                    attempt,
                 )
                 return
-            except grpc.RpcError as exc:
-                logger.warning(
-                    "release of %d sequences on %s failed (attempt %d of %d): %s",
-                    len(seq_ids),
-                    address,
-                    attempt,
-                    RELEASE_ATTEMPTS,
-                    describe_rpc_error(exc),
-                )
-            finally:
-                client.close()
-            if attempt < RELEASE_ATTEMPTS:
-                time.sleep(RELEASE_RETRY_S)
+            if self._closed.wait(wait):
+                return
+            wait, attempt = min(2 * wait, RELEASE_RETRY_MAX_S), attempt + 1
+
+    def _release_on(
+        self, address: str, node_id: str, seq_ids: tuple[int, ...], before: int, attempt: int
+    ) -> bool:
+        """One release call; whether the node took it. Each call has a channel of its own,
+        closed before any wait: gRPC shares connections between channels to one address,
+        and one kept in its reconnect backoff would fail the head's other calls there at
+        once."""
+        client = NodeClient(address, self._config, node_id)
+        try:
+            client.release(
+                self.head_id,
+                list(seq_ids),
+                timeout=self._config.rpc_timeout_s,
+                started_before_step=before,
+            )
+            return True
+        except grpc.RpcError as exc:
+            logger.warning(
+                "release of %d sequences on %s failed (attempt %d): %s",
+                len(seq_ids),
+                address,
+                attempt,
+                describe_rpc_error(exc),
+            )
+            return False
+        finally:
+            client.close()

@@ -180,6 +180,7 @@ class PipelineExecutor:
             close()
         self._detection.stop()
         self._monitor.stop()
+        self._failover.close()
         self._node.stop()
         self._flights.fail("the pipeline executor was closed")
 
