@@ -97,11 +97,17 @@ class HealthMonitor:
     def prune(self, view: PipelineView) -> None:
         """Close the clients of nodes no longer in ``view`` at their address, whatever
         took them out (eviction, a clean leave, a new registration elsewhere): each
-        holds a channel that would otherwise live as long as the head."""
+        holds a channel that would otherwise live as long as the head. What the head
+        kept of a departed node (its latest answer, failure count, round trip) goes too:
+        a swarm's churn mints new node ids, and those entries would pile up for good."""
         current = {(stage.address, stage.node_id) for stage in view.stages}
+        ids = {stage.node_id for stage in view.stages}
         with self._lock:
             gone = [key for key in self._clients if key not in current]
             clients = [self._clients.pop(key) for key in gone]
+            for kept in (self._failures, self._latest, self._round_trips):
+                for node_id in [n for n in kept if n not in ids]:
+                    del kept[node_id]
         for client in clients:
             client.close()
 
@@ -174,13 +180,14 @@ class HealthMonitor:
             except grpc.RpcError as exc:
                 self._failed(stage, describe_rpc_error(exc))
                 continue
-            self._note_round_trip(
-                stage.node_id, done.get(stage.node_id, time.monotonic()) - started
-            )
+            self._note_round_trip(stage, done.get(stage.node_id, time.monotonic()) - started)
             self._answered(stage, response)
 
-    def _note_round_trip(self, node_id: str, seconds: float) -> None:
+    def _note_round_trip(self, stage: NodeInfo, seconds: float) -> None:
+        node_id = stage.node_id
         with self._lock:
+            if (stage.address, node_id) not in self._members():
+                return  # left while the round ran: its entries were pruned
             old = self._round_trips.get(node_id)
             self._round_trips[node_id] = seconds if old is None else 0.7 * old + 0.3 * seconds
 
@@ -194,6 +201,8 @@ class HealthMonitor:
     def _answered(self, stage: NodeInfo, response: pb.HealthResponse) -> None:
         response = self._kept(stage, response)
         with self._lock:
+            if (stage.address, stage.node_id) not in self._members():
+                return  # left while the round ran: its entries were pruned
             self._failures[stage.node_id] = 0
             previous = self._latest.get(stage.node_id)
             self._latest[stage.node_id] = response
@@ -239,6 +248,8 @@ class HealthMonitor:
 
     def _failed(self, stage: NodeInfo, detail: str) -> None:
         with self._lock:
+            if (stage.address, stage.node_id) not in self._members():
+                return  # left while the round ran: nothing to count or take down
             count = self._failures.get(stage.node_id, 0) + 1
             self._failures[stage.node_id] = count
             self._latest[stage.node_id] = f"unreachable: {detail}"
