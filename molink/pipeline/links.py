@@ -32,6 +32,11 @@ SenderFactory = Callable[[str, str], StreamSender[Any]]
 # of them; each stream holds a channel and a thread. Beyond this many, the least
 # recently used stream with nothing in flight is closed (it opens again when needed).
 MAX_STREAMS_PER_KIND = 128
+# Node ids each head dropped that a node remembers (for refusing stale routes). A swarm's
+# churn mints new node ids for as long as it runs; beyond this many per head, the ones
+# dropped longest ago are forgotten (a step naming one is far older than any step still
+# in flight: it would have had to wait out thousands of membership changes).
+MAX_DROPPED_PER_HEAD = 4096
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,8 @@ class LinkTable:
         self._views: dict[str, PipelineView] = {}
         # Nodes each head dropped from its pipeline (until a later view has them again):
         # a step whose route names one is stale, e.g. let go by a node resumed after a freeze.
-        self._dropped: dict[str, set[str]] = {}
+        # head id -> dropped node ids, oldest drop first (an ordered set: values unused)
+        self._dropped: dict[str, OrderedDict[str, None]] = {}
         self._retired_bytes = 0  # bytes sent by senders closed since
 
     # -- streams -----------------------------------------------------------------------
@@ -165,16 +171,21 @@ class LinkTable:
                 return False
             self._views[view.head_id] = view
             members = {s.node_id for s in view.stages}
-            dropped = self._dropped.setdefault(view.head_id, set())
+            dropped = self._dropped.setdefault(view.head_id, OrderedDict())
             if known is not None:
-                dropped |= {s.node_id for s in known.stages} - members
-            dropped -= members
+                for node_id in [s.node_id for s in known.stages if s.node_id not in members]:
+                    dropped[node_id] = None
+                    dropped.move_to_end(node_id)
+            for node_id in members & dropped.keys():
+                del dropped[node_id]
+            while len(dropped) > MAX_DROPPED_PER_HEAD:
+                dropped.popitem(last=False)
         return True
 
     def dropped_by(self, head_id: str) -> frozenset[str]:
         """The nodes ``head_id`` has dropped from its pipeline since this node joined it."""
         with self._lock:
-            return frozenset(self._dropped.get(head_id, ()))
+            return frozenset(self._dropped.get(head_id, {}))
 
     def forget_head(self, head_id: str) -> None:
         """Forget a head's pipeline (before joining it again: a restarted head counts its
