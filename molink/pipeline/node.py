@@ -46,6 +46,7 @@ from molink.pipeline.worker import ComputeWorker, ReleaseJob, StepJob, StepOutpu
 from molink.placement.route import Route
 from molink.security.limits import StreamLimiter
 from molink.security.peer_proof import PeerProver
+from molink.security.peer_text import peer_text
 from molink.security.route_seal import RouteSigner, RouteVerifier
 from molink.stage.protocol import StageExecutor
 from molink.step import FailureKind, StepResult
@@ -62,7 +63,6 @@ from molink.transport.validate import (
     PlanLimits,
     check_plan_message,
     check_release_size,
-    peer_text,
     validate_plan,
 )
 

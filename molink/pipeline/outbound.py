@@ -18,6 +18,7 @@ import torch
 from molink.pipeline.link_estimator import LinkEstimator
 from molink.pipeline.wire import route_to_proto
 from molink.placement.route import Route, RouteSeal
+from molink.security.peer_text import peer_text
 from molink.security.route_seal import RouteSigner
 from molink.step import FailureKind, StepPlan
 from molink.transport.channel import method_path
@@ -27,7 +28,6 @@ from molink.transport.convert import plan_to_proto
 from molink.transport.framing import join_forward
 from molink.transport.generated import molink_pb2 as pb
 from molink.transport.sender import StreamSender
-from molink.transport.validate import peer_text
 
 logger = logging.getLogger(__name__)
 

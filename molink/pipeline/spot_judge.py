@@ -35,13 +35,13 @@ from molink.errors import ProtocolError
 from molink.pipeline.mirroring import is_shadow, original_id, shadow_id, unshadow
 from molink.pipeline.spot_holds import HeldTokens
 from molink.placement.route import RouteHop
+from molink.security.peer_text import peer_text
 from molink.security.spot_check import Answer, SpotChecker, Tolerance
 from molink.step import StepResult
 from molink.transport.channel import NodeClient, describe_rpc_error
 from molink.transport.codec import decode_tensor
 from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
-from molink.transport.validate import peer_text
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from molink.transport.validate import peer_text
+from molink.security.peer_text import peer_text
 
 
 class LimitExceededError(Exception):

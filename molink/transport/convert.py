@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from molink.errors import InvalidParameterError, ProtocolError
 from molink.sampling_params import SamplingParams, StructuredOutputSpec
+from molink.security.peer_text import peer_text
 from molink.step import (
     FailureKind,
     NewSequenceData,
@@ -19,7 +20,6 @@ from molink.step import (
     TokenLogprob,
 )
 from molink.transport.generated import molink_pb2 as pb
-from molink.transport.validate import peer_text
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:

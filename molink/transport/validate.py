@@ -115,21 +115,6 @@ def check_release_size(num_seq_ids: int, max_sequences_per_head: int, where: str
         )
 
 
-# Text a peer sends that a node keeps, logs or passes on (a step's error, a refusal in
-# an acknowledgement): at most this many characters, as the head's health answers keep.
-MAX_PEER_TEXT_CHARS = 2048
-
-
-def peer_text(text: str) -> str:
-    """``text`` from a peer as a node may log and show it: cut to MAX_PEER_TEXT_CHARS,
-    control characters (terminal escapes) replaced; line breaks and tabs stay, as a
-    multi-line error has them."""
-    kept = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text[:MAX_PEER_TEXT_CHARS])
-    if len(text) > MAX_PEER_TEXT_CHARS:
-        kept += f" ... ({len(text)} characters in all)"
-    return kept
-
-
 def result_problem(result: pb.StepResult, config: TransportConfig, max_hops: int) -> str | None:
     """Why ``result`` holds more than any step can produce (None: it does not): more
     sampled tokens than a plan may schedule sequences, more prompt logprob entries than

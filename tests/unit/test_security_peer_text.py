@@ -9,11 +9,11 @@ import torch
 
 from molink.pipeline.outbound import OutboundStep, SenderFactory, StepError
 from molink.placement.route import Route, RouteHop
+from molink.security.peer_text import MAX_PEER_TEXT_CHARS, peer_text
 from molink.step import FailureKind, StepPlan, StepResult
 from molink.transport.config import TransportConfig
 from molink.transport.convert import result_from_proto
 from molink.transport.generated import molink_pb2 as pb
-from molink.transport.validate import MAX_PEER_TEXT_CHARS, peer_text
 
 LONG = "\x1b[2J\x07" + "x" * 100_000
 

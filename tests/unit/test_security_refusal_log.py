@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from molink.security.limits import RefusalLog
+from molink.security.peer_text import MAX_PEER_TEXT_CHARS
 from molink.transport.channel import method_path
 from molink.transport.generated import molink_pb2 as pb
-from molink.transport.validate import MAX_PEER_TEXT_CHARS
 from tests.helpers.toy_swarm import toy_swarm
 
 

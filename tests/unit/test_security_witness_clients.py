@@ -13,10 +13,10 @@ from molink.pipeline import spot_judge
 from molink.pipeline.spot_judge import MAX_WITNESS_CLIENTS, CheckedStep, SpotJudge
 from molink.placement.route import RouteHop
 from molink.security.bans import BanList, Verdicts
+from molink.security.peer_text import MAX_PEER_TEXT_CHARS
 from molink.security.spot_check import SpotChecker, tolerance_for
 from molink.transport.config import TransportConfig
 from molink.transport.generated import molink_pb2 as pb
-from molink.transport.validate import MAX_PEER_TEXT_CHARS
 
 
 class _FakeClient:
