@@ -138,9 +138,13 @@ class HealthMonitor:
                 failures[stage.node_id] = "no longer in the pipeline"
                 continue
             metadata, nonce = client.proof_request()
-            call = client.stub.Health.future(
-                self._request(), timeout=self._config.health_timeout_s, metadata=metadata
-            )
+            try:
+                call = client.stub.Health.future(
+                    self._request(), timeout=self._config.health_timeout_s, metadata=metadata
+                )
+            except ValueError:  # CLOSED_CHANNEL
+                failures[stage.node_id] = "no longer in the pipeline"
+                continue
             calls.append((stage, client, call, nonce))
         for stage, client, call, nonce in calls:
             try:
@@ -166,9 +170,12 @@ class HealthMonitor:
                 continue
             metadata, nonce = client.proof_request()
             started = time.monotonic()
-            call = client.stub.Health.future(
-                self._request(), timeout=self._config.health_timeout_s, metadata=metadata
-            )
+            try:
+                call = client.stub.Health.future(
+                    self._request(), timeout=self._config.health_timeout_s, metadata=metadata
+                )
+            except ValueError:  # CLOSED_CHANNEL: the other nodes are still checked
+                continue
             call.add_done_callback(
                 lambda _, node_id=stage.node_id: done.setdefault(node_id, time.monotonic())
             )
@@ -276,6 +283,8 @@ class HealthMonitor:
                 continue
             try:
                 client.update_pipeline(message)
+            except ValueError:  # CLOSED_CHANNEL
+                logger.debug("%s left before the push of epoch %d", stage.describe(), view.epoch)
             except grpc.RpcError as exc:
                 logger.warning(
                     "could not push pipeline epoch %d to %s: %s",
@@ -283,6 +292,10 @@ class HealthMonitor:
                     stage.describe(),
                     describe_rpc_error(exc),
                 )
+
+    # CLOSED_CHANNEL: gRPC raises ValueError for a call on a closed channel. A client
+    # handed out by ``_client`` can be closed before its call starts, by a removal's prune
+    # on another thread: the node left, so there is nothing to call.
 
     def _client(self, stage: NodeInfo) -> NodeClient | None:
         """The client of ``stage``; in a swarm the node at its address must prove to be

@@ -43,3 +43,17 @@ def test_a_round_that_ends_after_the_node_left_records_nothing_of_it() -> None:
             monitor._failed(info, "deadline exceeded")
         assert _entries(monitor, "a") == []
         assert downs == []  # no second take-down of a node already gone
+
+
+def test_a_client_closed_under_a_round_fails_no_thread() -> None:
+    # A removal's prune (another thread) can close a client between the monitor handing
+    # it out and its call: gRPC then raises ValueError, which killed the push thread and
+    # aborted a check round (the other nodes went unchecked) or a probe.
+    with toy_swarm((("a", 1, 2), ("n", 2, 4))) as swarm:
+        head, monitor, info = swarm.head, swarm.head._monitor, swarm.nodes["a"].info
+        assert monitor.probe(info) is None
+        monitor._clients[(info.address, info.node_id)].close()
+        monitor._push(head._registry.view(), [info])
+        monitor.check_once()
+        assert _entries(monitor, "n") == ["latest", "failures", "round_trips"]
+        assert monitor.probe(info) == "no longer in the pipeline"
