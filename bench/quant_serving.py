@@ -73,6 +73,13 @@ rounds 41-74 tok/s, so its medians are noisy): llama-server 124.9, 114.1, 145.3;
 212.0, 246.2 (0.50x, 1.86x, 1.69x llama-server; 2.20x, 1.15x, 0.87x float32); bf16 50.2,
 213.0, 430.1 (0.40x, 1.87x, 2.96x; 1.75x, 1.15x, 1.52x); float32 28.7, 184.5, 283.8;
 bfloat16 54.6, 247.7, 483.4.
+``quant_serving_stop22.json``: the same four servers on a later tree, 2 ABBA rounds on a
+quiet host (load 0.8-1.1; the page cache held SmolLM2's converted weights only after the
+first start): llama-server 173.7, 139.3, 173.0 (TPOT 5.7 ms at 1 stream); int4 87.5,
+268.8, 318.4 (**0.50x, 1.93x, 1.84x llama-server**; 2.45x, 1.21x, 0.84x float32); bf16
+87.4, 315.3, 581.6 (0.50x, 2.26x, 3.36x; 2.45x, 1.42x, 1.53x); float32 35.7, 221.4, 379.2.
+Peak RSS (the highest of the rounds, the first start's conversion included): llama-server
+354, int4 1064, bf16 1221, float32 1917 MiB.
 """
 
 from __future__ import annotations
