@@ -52,6 +52,7 @@ WITHDRAW_TIMEOUT_S = 5.0
 DHT_CALL_TIMEOUT_S = 30.0
 # A DHT process reports ready at most this long after its own bootstrap timeout.
 READY_MARGIN_S = 15.0
+EXIT_GRACE_S = 2.0  # for a DHT process that failed to start to exit by itself
 # A record stored to outlast a copy that expires later expires this much after it.
 OUTLAST_S = 1.0
 MAX_IGNORED_NODES = 1024  # refused records remembered (so as to log each reason once)
@@ -75,7 +76,13 @@ def _node_bound_dht_class(base: type) -> type:
 
 
 def _end(dht: Any) -> None:
-    """Stops a DHT process that did not start (it may hang, or be half-started)."""
+    """Stops a DHT process that did not start (it may hang, or be half-started). One that
+    reported its failure exits by itself and is given EXIT_GRACE_S to: a signal could stop
+    it inside one of the writes hivemind guards with a lock shared by every process forked
+    from this one, leaving that lock held for good."""
+    if dht.pid is None:  # never forked
+        return
+    dht.join(EXIT_GRACE_S)
     if dht.is_alive():
         dht.terminate()
         dht.join(5.0)
