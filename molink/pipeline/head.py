@@ -148,6 +148,7 @@ class PipelineExecutor:
             self.swarm,
             self._failover,
             self._spot,
+            on_view=self._forget_departed,
         )
         self._detection = LossDetection(
             self._node.node_id,
@@ -305,6 +306,11 @@ class PipelineExecutor:
         on other routes (for a node found dead, frozen or untrustworthy). False if it was
         not part of the pipeline."""
         return self._members.evict_node(node_id, reason, kind)
+
+    def _forget_departed(self, view: PipelineView) -> None:
+        """What the head measured of nodes no longer in ``view`` goes with them."""
+        self._telemetry.prune(view)
+        self._hops.prune(view)
 
     def stage_health(self) -> dict[str, pb.HealthResponse | str]:
         """The latest health answer of each stage (or why there is none)."""

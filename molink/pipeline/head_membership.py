@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from molink.config import LayerRange
 from molink.pipeline.failover import FailoverDesk
@@ -44,6 +45,7 @@ class Membership:
         swarm: SwarmView,
         failover: FailoverDesk,
         spot: HeadSpotChecks | None,
+        on_view: Callable[[PipelineView], None] = lambda view: None,
     ) -> None:
         self._node = node
         self._registry = registry
@@ -53,6 +55,7 @@ class Membership:
         self._swarm = swarm
         self._failover = failover
         self._spot = spot
+        self._on_view = on_view  # the head's other per-node records follow each view
         self._lock = threading.Lock()
         self._coverage_of: tuple[int, str | None] | None = None  # (registry epoch, why not)
         self._lost: dict[str, tuple[NodeInfo, str]] = {}
@@ -207,6 +210,7 @@ class Membership:
     def apply_view(self, view: PipelineView, skip: str | None = None) -> None:
         self._node.links.apply(view)
         self._monitor.prune(view)
+        self._on_view(view)
         self._monitor.push_view(view, skip=skip)
 
 

@@ -21,7 +21,7 @@ class HopTally:
     def __init__(self, head_id: str) -> None:
         self._head_id = head_id
         self._lock = threading.Lock()
-        self._hops: dict[str, HopCounters] = {}
+        self._hops: dict[tuple[str, str], HopCounters] = {}  # (from, to) node ids
 
     def count(self, trace: list[pb.HopTrace], sender_id: str, num_bytes: int) -> None:
         """A step's trace names each hop it took; the last node's reply to the head is
@@ -33,13 +33,21 @@ class HopTally:
             hops.append((sender_id, self._head_id, num_bytes))
         with self._lock:
             for src, dst, size in hops:
-                name = f"{src}->{dst}"
-                old = self._hops.get(name, HopCounters())
-                self._hops[name] = HopCounters(old.messages + 1, old.bytes + size)
+                old = self._hops.get((src, dst), HopCounters())
+                self._hops[(src, dst)] = HopCounters(old.messages + 1, old.bytes + size)
+
+    def prune(self, view: PipelineView) -> None:
+        """Forget the hops to or from nodes no longer in ``view``: a swarm's churn mints
+        node ids, and every pair of them would stay counted (and exported) for good."""
+        members = {s.node_id for s in view.stages}
+        with self._lock:
+            for hop in [h for h in self._hops if not (h[0] in members and h[1] in members)]:
+                del self._hops[hop]
 
     def snapshot(self) -> dict[str, HopCounters]:
+        """Counters by hop name, "<from>-><to>"."""
         with self._lock:
-            return dict(self._hops)
+            return {f"{src}->{dst}": counters for (src, dst), counters in self._hops.items()}
 
 
 @dataclass(frozen=True)

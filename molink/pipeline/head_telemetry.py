@@ -133,6 +133,14 @@ class HeadTelemetry:
                     estimator = self._compute[hop.node_id] = ComputeEstimator(hop.node_id)
                 estimator.add(num_tokens, hop.compute_s, decode_only)
 
+    def prune(self, view: PipelineView) -> None:
+        """Forget the compute estimates of nodes no longer in ``view`` (a swarm's churn
+        mints node ids; a node taken back starts measuring afresh)."""
+        members = {s.node_id for s in view.stages}
+        with self._lock:
+            for node_id in [n for n in self._compute if n not in members]:
+                del self._compute[node_id]
+
     def link_estimates(self) -> list[LinkEstimate]:
         stages = self._route()
         if len(stages) < 2:
