@@ -248,8 +248,11 @@ class RouteBook:
                 used[hop.node_id] = used.get(hop.node_id, 0) + extra_blocks
         now = self._clock()
         with self._lock:
-            full = {n for n, until in self._full_until.items() if until > now}
-            avoided = {n for n, until in self._avoid_until.items() if until > now}
+            # Cooldowns that ran out are dropped, not only skipped: a swarm's churn mints
+            # node ids, and each one ever marked would stay.
+            self._full_until = {n: u for n, u in self._full_until.items() if u > now}
+            self._avoid_until = {n: u for n, u in self._avoid_until.items() if u > now}
+            full, avoided = set(self._full_until), set(self._avoid_until)
         nodes = [_with_usage(n, load, used, full) for n in snap.nodes if n.node_id not in avoided]
         head = _with_usage(snap.head, load, used, set())
         needed = -(-num_tokens // snap.block_size) if snap.block_size else 0

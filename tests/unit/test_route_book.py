@@ -263,3 +263,19 @@ def test_the_route_for_new_sequences_is_worked_out_once_per_step() -> None:
     assert book.new_route().key == "head->a" and len(reads) == 7
     book.evict("b")
     assert book.new_route().key == "head->a" and len(reads) == 8
+
+
+def test_cooldowns_that_ran_out_are_dropped() -> None:
+    # A swarm's churn mints node ids: a cooldown kept after it ran out would stay for good.
+    now = [0.0]
+    book = RouteBook(
+        lambda: _snapshot(Candidate("a", "a:1", 2, 4, room_blocks=100)), lambda: now[0]
+    )
+    for i in range(100):
+        book.mark_full(f"gone{i}")
+        book.avoid(f"left{i}", 5.0)
+    book.mark_full("a")
+    assert book.route_for_new(3) is None  # a, the only node, is full
+    now[0] += 3600.0
+    assert book.route_for_new(3).key == "head->a"
+    assert book._full_until == {} and book._avoid_until == {}
