@@ -30,6 +30,11 @@ from molink.transport.generated import molink_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+# Why each lost node was lost, kept to explain missing layers until a node covers them
+# again. A swarm's churn mints node ids and a replica's loss leaves nothing missing (so
+# no join clears its note): beyond this many, the oldest notes go first.
+MAX_LOSS_NOTES = 256
+
 
 class Membership:
     """Thread-safe: joins arrive on gRPC threads, losses from the health, deadline and
@@ -193,7 +198,10 @@ class Membership:
         before = self._failover.next_step()  # steps from here on see the node gone
         reason = f"stage {stage.describe()} stopped answering ({detail})"
         with self._lock:
+            self._lost.pop(stage.node_id, None)  # a second loss is the newest note
             self._lost[stage.node_id] = (stage, reason)
+            while len(self._lost) > MAX_LOSS_NOTES:
+                del self._lost[next(iter(self._lost))]
         # Fail the steps first, so that they carry this reason rather than the one of the
         # sender that closing its stream gives.
         carried = self._flights.fail(
