@@ -37,6 +37,9 @@ class RequestLimits:
     # message (a 128k-token prompt at 21 entries is ~43 MB): OpenAI's 20 stays the bound.
     max_prompt_logprobs: int = 20
     max_logit_bias_entries: int = 1024
+    # vLLM's allowed_token_ids: a step carries each new sequence's list, so a step of
+    # 4096 new sequences at the bound stays near 50 MB of the 256 MiB message limit.
+    max_allowed_token_ids: int = 4096
     max_logit_bias: float = 100.0  # OpenAI's range is [-100, 100]
     max_structured_spec_chars: int = 1 << 20
 

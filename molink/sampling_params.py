@@ -44,6 +44,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
+    # vLLM's allowed_token_ids: only these may be sampled (empty: any), ids ascending
+    allowed_token_ids: tuple[int, ...] = ()
     structured: StructuredOutputSpec | None = None
     prompt_logprobs: int | None = None  # None: none; k: each prompt token + k alternatives
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -55,6 +57,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         object.__setattr__(self, "logit_bias", tuple(tuple(kv) for kv in self.logit_bias or ()))
+        object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids or ()))
         self.validate()
 
     @property
@@ -100,6 +103,7 @@ class SamplingParams:
             )
         self._validate_stops()
         self._validate_logit_bias()
+        self._validate_allowed_token_ids()
         self._validate_structured()
 
     def _validate_lengths(self) -> None:
@@ -176,6 +180,18 @@ class SamplingParams:
                 "logit_bias",
                 f"values must be in [{-bound:g}, {bound:g}]",
             )
+
+    def _validate_allowed_token_ids(self) -> None:
+        _check(
+            len(self.allowed_token_ids) <= LIMITS.max_allowed_token_ids,
+            "allowed_token_ids",
+            f"at most {LIMITS.max_allowed_token_ids} ids are allowed",
+        )
+        _check(
+            all(_is_int(t) and 0 <= t <= LIMITS.max_token_id for t in self.allowed_token_ids),
+            "allowed_token_ids",
+            f"must be integers in [0, {LIMITS.max_token_id}]",
+        )
 
     def _validate_structured(self) -> None:
         spec = self.structured

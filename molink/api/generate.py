@@ -17,7 +17,7 @@ from molink.api.chat_render import check_unicode_field
 from molink.api.context import ServerContext, get_context, new_request_id
 from molink.api.errors import APIError
 from molink.api.runner import GenerationRun, Prompt
-from molink.api.sampling import check_max_logprobs, logit_bias
+from molink.api.sampling import allowed_token_ids, check_max_logprobs, logit_bias
 from molink.api.streaming import JSON_LINES, cancel_on_disconnect, collect_final, stream_body
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
@@ -56,6 +56,9 @@ async def generate(request: Request) -> Response:
         if bias is not None and not isinstance(bias, dict):
             raise APIError(400, "logit_bias must map token ids to numbers", "logit_bias")
         body["logit_bias"] = logit_bias(bias, ctx.engine.tokenizer.vocab_size)
+    if "allowed_token_ids" in body:
+        vocab_size = ctx.engine.tokenizer.vocab_size
+        body["allowed_token_ids"] = allowed_token_ids(body["allowed_token_ids"], vocab_size)
     params = sampling_params_from_dict(body)
     check_max_logprobs({"logprobs": params.logprobs}, ctx.chat.max_logprobs)
     ctx.ensure_ready()

@@ -49,6 +49,7 @@ def build_sampling_params(
         include_stop_str_in_output=_or(body.include_stop_str_in_output, False),
         spaces_between_special_tokens=_or(body.spaces_between_special_tokens, True),
         logit_bias=logit_bias(body.logit_bias, vocab_size),
+        allowed_token_ids=allowed_token_ids(body.allowed_token_ids, vocab_size),
         structured=structured,
         prompt_logprobs=body.prompt_logprobs,
     )
@@ -95,6 +96,31 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
     return tuple(sorted(entries))
 
 
+def allowed_token_ids(value: Any, vocab_size: int) -> tuple[int, ...]:
+    """vLLM's allowed_token_ids: only these ids may be sampled. None: any. As in vLLM, an
+    empty list and ids outside the vocabulary are refused; repeats count once."""
+    if value is None:
+        return ()
+    bound = LIMITS.max_allowed_token_ids
+    if not isinstance(value, list) or not value or len(value) > bound:
+        raise APIError(
+            400,
+            f"allowed_token_ids must be a non-empty list of at most {bound} token ids",
+            "allowed_token_ids",
+        )
+    for token_id in value:
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise APIError(400, "allowed_token_ids must hold integers", "allowed_token_ids")
+        if not 0 <= token_id < vocab_size:
+            raise APIError(
+                400,
+                f"allowed_token_ids: {token_id} is not a token id: ids must be in "
+                f"[0, {vocab_size - 1}]",
+                "allowed_token_ids",
+            )
+    return tuple(sorted(set(value)))
+
+
 _CANONICAL_ID = re.compile(r"0|[1-9][0-9]*")
 
 
@@ -102,7 +128,6 @@ _CANONICAL_ID = re.compile(r"0|[1-9][0-9]*")
 # the values that ask for nothing; any other value is refused rather than ignored.
 _UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (None, False),
-    "allowed_token_ids": (None,),
     "bad_words": (None, []),
     "truncation_side": (None, "left"),  # truncate_prompt_tokens keeps a prompt's end
     "logits_processors": (None, []),

@@ -65,6 +65,7 @@ class SamplingFields(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: Any = None  # vLLM's; checked by molink.api.sampling
     user: Any = None  # accepted and ignored
     response_format: ResponseFormat | None = None
     # vLLM's extra sampling parameters.

@@ -1,4 +1,5 @@
-"""OpenAI's ``logit_bias``: a per-token value added to the logits before sampling."""
+"""OpenAI's ``logit_bias`` (a per-token value added to the logits before sampling) and
+vLLM's ``allowed_token_ids`` (every other token masked out)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,21 @@ def apply_logit_bias(
         torch.tensor(values, dtype=logits.dtype, device=device),
         accumulate=True,
     )
+
+
+def apply_allowed_token_ids(
+    logits: torch.Tensor, rows: Sequence[int], states: Sequence[SequenceSamplingState]
+) -> None:
+    """Sets every logit of each listed row to -inf but its allowed ids', in place, as vLLM
+    does after the raw logprobs. Ids beyond the vocabulary are ignored (the API refuses
+    them, but a stage must not fail on a peer's plan); a row left with none allowed is
+    left as it was rather than made all -inf."""
+    vocab_size = logits.shape[1]
+    for row in rows:
+        allowed = [t for t in states[row].params.allowed_token_ids if t < vocab_size]
+        if not allowed:
+            continue
+        keep = torch.tensor(allowed, dtype=torch.long, device=logits.device)
+        kept = logits[row, keep]
+        logits[row].fill_(-torch.inf)
+        logits[row, keep] = kept

@@ -40,6 +40,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         include_stop_str_in_output=params.include_stop_str_in_output,
         spaces_between_special_tokens=params.spaces_between_special_tokens,
         logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in params.logit_bias],
+        allowed_token_ids=list(params.allowed_token_ids),
     )
     if params.structured is not None:
         msg.structured.kind = params.structured.kind
@@ -78,6 +79,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
             include_stop_str_in_output=msg.include_stop_str_in_output,
             spaces_between_special_tokens=msg.spaces_between_special_tokens,
             logit_bias=tuple((b.token_id, b.bias) for b in msg.logit_bias),
+            allowed_token_ids=tuple(msg.allowed_token_ids),
             structured=(
                 StructuredOutputSpec(msg.structured.kind, msg.structured.spec)
                 if msg.HasField("structured")

@@ -63,6 +63,11 @@ def check_plan_message(msg: pb.StepPlan, limits: PlanLimits) -> None:
         _at_most(len(sampling.stop), limits.max_stop_strings, f"{what}: stop strings")
         _at_most(len(sampling.stop_token_ids), LIMITS.max_stop_token_ids, f"{what}: stop token ids")
         _at_most(len(sampling.logit_bias), LIMITS.max_logit_bias_entries, f"{what}: logit bias")
+        _at_most(
+            len(sampling.allowed_token_ids),
+            LIMITS.max_allowed_token_ids,
+            f"{what}: allowed token ids",
+        )
 
 
 def validate_plan(plan: StepPlan, limits: PlanLimits) -> None:

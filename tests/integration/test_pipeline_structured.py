@@ -1,10 +1,11 @@
-"""Structured output through a 2-stage pipeline: the grammar travels with the sequence to
-the last stage, which masks the logits there."""
+"""Structured output and allowed_token_ids through a 2-stage pipeline: the grammar (or the
+allowed ids) travels with the sequence to the last stage, which masks the logits there."""
 
 from __future__ import annotations
 
 import re
 
+import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
@@ -36,3 +37,12 @@ def test_structured_output_through_two_stages() -> None:
         ).choices[0].text  # fmt: skip
         assert re.fullmatch(pattern, text), text
         client.close()
+        allowed = {100, 200, 300}
+        body = {
+            "model": model, "prompt": "A code:", "max_tokens": 8, "temperature": 1.0,
+            "ignore_eos": True, "allowed_token_ids": sorted(allowed), "return_token_ids": True,
+        }  # fmt: skip
+        answer = httpx.post(f"{pipeline.base_url}/v1/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        tokens = answer.json()["choices"][0]["token_ids"]
+        assert len(tokens) == 8 and set(tokens) <= allowed, tokens

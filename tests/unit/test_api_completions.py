@@ -259,7 +259,12 @@ def test_echo_logprobs_streamed_equal_the_non_streamed_ones(client: TestClient, 
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         # vLLM's fields this server does not implement: they were accepted and ignored.
         ({"bad_words": ["Hello"]}, "bad_words"),
-        ({"allowed_token_ids": [75]}, "allowed_token_ids"),
+        # vLLM's refusals of allowed_token_ids: empty, outside the vocabulary; not ids.
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [75, 99999]}, "allowed_token_ids"),
+        ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+        ({"allowed_token_ids": [True]}, "allowed_token_ids"),
+        ({"allowed_token_ids": "75"}, "allowed_token_ids"),
         ({"use_beam_search": True}, "use_beam_search"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"truncation_side": "right"}, "truncation_side"),
@@ -274,3 +279,14 @@ def test_unsupported_or_invalid_fields_are_400(client: TestClient, body: dict, p
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert error["message"]
+
+
+def test_allowed_token_ids_reach_the_engine_sorted_once_each(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    complete(client, prompt="Hi", max_tokens=1, allowed_token_ids=[80, 75, 80])
+    assert engine.submitted[-1][2].allowed_token_ids == (75, 80)
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    response = client.post("/v1/chat/completions", json={**chat, "allowed_token_ids": [9]})
+    assert response.status_code == 200, response.text
+    assert engine.submitted[-1][2].allowed_token_ids == (9,)

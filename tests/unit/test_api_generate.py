@@ -99,3 +99,12 @@ def test_generate_body_must_be_an_object(client: TestClient) -> None:
         "/generate", content=b"{oops", headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
+
+
+def test_generate_takes_allowed_token_ids(client: TestClient, engine: FakeEngine) -> None:
+    response = client.post("/generate", json={"prompt": "x", "allowed_token_ids": [80, 75]})
+    assert response.status_code == 200, response.text
+    assert engine.submitted[-1][2].allowed_token_ids == (75, 80)
+    response = client.post("/generate", json={"prompt": "x", "allowed_token_ids": [99999]})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "allowed_token_ids"

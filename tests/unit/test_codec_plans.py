@@ -46,6 +46,7 @@ FULL_PARAMS = SamplingParams(
     skip_special_tokens=False,
     include_stop_str_in_output=True,
     spaces_between_special_tokens=False,
+    allowed_token_ids=(3, 9, 11),
 )
 
 

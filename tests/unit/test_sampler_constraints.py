@@ -1,4 +1,5 @@
-"""logit_bias, grammar masks and per-row failure isolation in the sampler."""
+"""logit_bias, allowed_token_ids, grammar masks and per-row failure isolation in the
+sampler."""
 
 from __future__ import annotations
 
@@ -23,6 +24,39 @@ def test_logit_bias_moves_the_greedy_choice() -> None:
     states = [state(temperature=0.0, logit_bias=[(7, 100.0)]), state(temperature=0.0)]
     tokens = [t for t, _, _ in Sampler((0,), 10).sample(logits, states)]
     assert tokens == [7, 4]
+
+
+def test_allowed_token_ids_keep_every_other_token_out() -> None:
+    logits = torch.zeros(3, 10)
+    logits[:, 4] = 5.0
+    logits[:, 6] = 2.0
+    states = [
+        state(temperature=0.0, allowed_token_ids=[2, 6]),  # 4, the best, is not allowed
+        state(temperature=0.0),
+        state(temperature=0.0, allowed_token_ids=[2, 6], logprobs=1),
+    ]
+    results = Sampler((0,), 10).sample(logits, states)
+    assert [t for t, _, _ in results] == [6, 4, 6]
+    # Logprobs are the raw ones, before the mask (vLLM's raw_logprobs).
+    raw = torch.log_softmax(logits[2], dim=-1)
+    token, logprob, top = results[2]
+    assert logprob == pytest.approx(float(raw[6]))
+    assert top[0].token_id == 4  # the best raw alternative, masked out for sampling
+    # Sampled rows draw from the allowed ids alone, whatever the logits say.
+    sampler = Sampler((0,), 10, seed=0)
+    rows = [state(temperature=1.0, allowed_token_ids=[1, 8]) for _ in range(64)]
+    drawn = {t for t, _, _ in sampler.sample(torch.randn(64, 10) * 3, rows)}
+    assert drawn <= {1, 8} and len(drawn) == 2
+
+
+def test_allowed_token_ids_beyond_the_logits_are_ignored() -> None:
+    # A peer's plan may name ids the API would refuse: the stage must not fail on them.
+    logits = torch.zeros(1, 10)
+    logits[0, 4] = 5.0
+    only_beyond = [state(temperature=0.0, allowed_token_ids=[12])]
+    assert Sampler((0,), 10).sample(logits, only_beyond)[0][0] == 4
+    some_beyond = [state(temperature=0.0, allowed_token_ids=[3, 12])]
+    assert Sampler((0,), 10).sample(logits, some_beyond)[0][0] == 3
 
 
 def test_a_failing_row_fails_alone() -> None:

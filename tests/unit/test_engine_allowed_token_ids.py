@@ -1,0 +1,29 @@
+"""allowed_token_ids through the engine (a tiny llama): every sampled token, greedy or
+not, is one of the allowed ids; the same requests without them sample others."""
+
+from __future__ import annotations
+
+from molink.engine.offline import LLM
+from molink.sampling_params import SamplingParams
+
+ALLOWED = (5, 9, 17)
+
+
+def test_every_token_is_an_allowed_one(tiny_model_dir) -> None:
+    llm = LLM(
+        model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=64, num_kv_blocks=32
+    )
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True)
+    free = [o.outputs[0].token_ids for o in llm.generate([[8, 9], [8, 9]], [greedy, sampled])]
+    assert any(set(tokens) - set(ALLOWED) for tokens in free)  # not allowed by chance
+    limited = [
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, allowed_token_ids=ALLOWED),
+        SamplingParams(
+            temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, allowed_token_ids=ALLOWED
+        ),
+    ]
+    outputs = llm.generate([[8, 9], [8, 9]], limited)
+    for output in outputs:
+        tokens = output.outputs[0].token_ids
+        assert len(tokens) == 8 and set(tokens) <= set(ALLOWED), tokens
