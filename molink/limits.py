@@ -40,6 +40,11 @@ class RequestLimits:
     # vLLM's allowed_token_ids: a step carries each new sequence's list, so a step of
     # 4096 new sequences at the bound stays near 50 MB of the 256 MiB message limit.
     max_allowed_token_ids: int = 4096
+    # vLLM's bad_words, as the token sequences they become (two spellings per word).
+    max_bad_words: int = 128  # words a request may send
+    max_bad_word_chars: int = 256
+    max_bad_word_sequences: int = 256  # token sequences on the wire
+    max_bad_word_tokens: int = 64  # tokens in one sequence
     max_logit_bias: float = 100.0  # OpenAI's range is [-100, 100]
     max_structured_spec_chars: int = 1 << 20
 

@@ -46,6 +46,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
     # vLLM's allowed_token_ids: only these may be sampled (empty: any), ids ascending
     allowed_token_ids: tuple[int, ...] = ()
+    # vLLM's bad_words as token sequences: a sequence's last token is never sampled right
+    # after the rest of it (a one-token sequence: never)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     structured: StructuredOutputSpec | None = None
     prompt_logprobs: int | None = None  # None: none; k: each prompt token + k alternatives
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -58,6 +61,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         object.__setattr__(self, "logit_bias", tuple(tuple(kv) for kv in self.logit_bias or ()))
         object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids or ()))
+        bad = tuple(tuple(ids) for ids in self.bad_words_token_ids or ())
+        object.__setattr__(self, "bad_words_token_ids", bad)
         self.validate()
 
     @property
@@ -104,6 +109,7 @@ class SamplingParams:
         self._validate_stops()
         self._validate_logit_bias()
         self._validate_allowed_token_ids()
+        self._validate_bad_words()
         self._validate_structured()
 
     def _validate_lengths(self) -> None:
@@ -192,6 +198,21 @@ class SamplingParams:
             "allowed_token_ids",
             f"must be integers in [0, {LIMITS.max_token_id}]",
         )
+
+    def _validate_bad_words(self) -> None:
+        _check(
+            len(self.bad_words_token_ids) <= LIMITS.max_bad_word_sequences,
+            "bad_words",
+            f"at most {LIMITS.max_bad_word_sequences} token sequences are allowed",
+        )
+        longest = LIMITS.max_bad_word_tokens
+        for ids in self.bad_words_token_ids:
+            _check(
+                0 < len(ids) <= longest
+                and all(_is_int(t) and 0 <= t <= LIMITS.max_token_id for t in ids),
+                "bad_words",
+                f"each must be 1 to {longest} token ids in [0, {LIMITS.max_token_id}]",
+            )
 
     def _validate_structured(self) -> None:
         spec = self.structured

@@ -100,6 +100,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         vocab_size=ctx.engine.tokenizer.vocab_size,
         structured=constraint,
         defaults=ctx.chat.generation_defaults,
+        tokenizer=ctx.engine.tokenizer,
     )
     # Rendering and tokenizing a long conversation takes a while: never on the event loop.
     prompt_ids = await asyncio.to_thread(render_chat_prompt, ctx, body.messages, body)

@@ -108,6 +108,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         vocab_size=ctx.engine.tokenizer.vocab_size,
         structured=structured_spec(body),
         defaults=ctx.chat.generation_defaults,
+        tokenizer=ctx.engine.tokenizer,
     )
     request_id = new_request_id("cmpl")
     engine_prompts = await _engine_prompts(ctx.engine.tokenizer, prompts, body.add_special_tokens)

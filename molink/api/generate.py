@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from molink.api.bad_words import bad_words_token_ids
 from molink.api.chat_render import check_unicode_field
 from molink.api.context import ServerContext, get_context, new_request_id
 from molink.api.errors import APIError
@@ -30,6 +31,7 @@ _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} - {
     "extra",
     "structured",
     "prompt_logprobs",
+    "bad_words_token_ids",  # sent as bad_words (words, tokenized here)
 }
 _BOOL_FIELDS = {
     "ignore_eos",
@@ -59,7 +61,10 @@ async def generate(request: Request) -> Response:
     if "allowed_token_ids" in body:
         vocab_size = ctx.engine.tokenizer.vocab_size
         body["allowed_token_ids"] = allowed_token_ids(body["allowed_token_ids"], vocab_size)
+    bad_words = bad_words_token_ids(body.pop("bad_words", None), ctx.engine.tokenizer)
     params = sampling_params_from_dict(body)
+    if bad_words:
+        params = dataclasses.replace(params, bad_words_token_ids=bad_words)
     check_max_logprobs({"logprobs": params.logprobs}, ctx.chat.max_logprobs)
     ctx.ensure_ready()
     run = ctx.new_run([new_request_id("gen")], [prompt], params)

@@ -7,10 +7,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from molink.api.bad_words import bad_words_token_ids
 from molink.api.errors import APIError
 from molink.api.schemas import SamplingFields
 from molink.limits import LIMITS
 from molink.sampling_params import SamplingParams, StructuredOutputSpec
+from molink.tokenizer.protocol import TokenizerLike
 
 # Sampling fields a model's generation_config.json may set defaults for (as vLLM reads it).
 GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -25,9 +27,11 @@ def build_sampling_params(
     vocab_size: int,
     structured: StructuredOutputSpec | None = None,
     defaults: Mapping[str, Any] | None = None,
+    tokenizer: TokenizerLike | None = None,
 ) -> SamplingParams:
     """Raises InvalidParameterError (field named) for out-of-range values. A field left out
-    or sent as null takes the model's generation default, else OpenAI's."""
+    or sent as null takes the model's generation default, else OpenAI's. ``tokenizer``
+    turns bad_words into token sequences (without one, bad_words are refused)."""
     reject_unsupported(body)
     chosen = {
         name: _pick(getattr(body, name), (defaults or {}).get(name), _NEUTRAL[name])
@@ -50,9 +54,18 @@ def build_sampling_params(
         spaces_between_special_tokens=_or(body.spaces_between_special_tokens, True),
         logit_bias=logit_bias(body.logit_bias, vocab_size),
         allowed_token_ids=allowed_token_ids(body.allowed_token_ids, vocab_size),
+        bad_words_token_ids=_bad_words(body.bad_words, tokenizer),
         structured=structured,
         prompt_logprobs=body.prompt_logprobs,
     )
+
+
+def _bad_words(value: Any, tokenizer: TokenizerLike | None) -> tuple[tuple[int, ...], ...]:
+    if value in (None, []):
+        return ()
+    if tokenizer is None:
+        raise APIError(400, "bad_words is not supported here", "bad_words")
+    return bad_words_token_ids(value, tokenizer)
 
 
 def with_default_max_tokens(
@@ -128,7 +141,6 @@ _CANONICAL_ID = re.compile(r"0|[1-9][0-9]*")
 # the values that ask for nothing; any other value is refused rather than ignored.
 _UNIMPLEMENTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (None, False),
-    "bad_words": (None, []),
     "truncation_side": (None, "left"),  # truncate_prompt_tokens keeps a prompt's end
     "logits_processors": (None, []),
     "functions": (None,),

@@ -66,6 +66,7 @@ class SamplingFields(_Body):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: Any = None  # vLLM's; checked by molink.api.sampling
+    bad_words: Any = None  # vLLM's; tokenized by molink.api.bad_words
     user: Any = None  # accepted and ignored
     response_format: ResponseFormat | None = None
     # vLLM's extra sampling parameters.

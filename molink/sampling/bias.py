@@ -1,5 +1,6 @@
-"""OpenAI's ``logit_bias`` (a per-token value added to the logits before sampling) and
-vLLM's ``allowed_token_ids`` (every other token masked out)."""
+"""OpenAI's ``logit_bias`` (a per-token value added to the logits before sampling), vLLM's
+``allowed_token_ids`` (every other token masked out) and ``bad_words`` (a word's last token
+masked out right after the rest of it)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,21 @@ def apply_allowed_token_ids(
         kept = logits[row, keep]
         logits[row].fill_(-torch.inf)
         logits[row, keep] = kept
+
+
+def apply_bad_words(
+    logits: torch.Tensor, rows: Sequence[int], states: Sequence[SequenceSamplingState]
+) -> None:
+    """For each listed row, sets to -inf the last token of every bad-word sequence whose
+    other tokens end the row's generated tokens (a one-token word: always), in place, as
+    vLLM does: the prompt does not count, and ids beyond the vocabulary are ignored."""
+    vocab_size = logits.shape[1]
+    for row in rows:
+        state = states[row]
+        generated = state.token_ids[state.num_prompt_tokens :]
+        for word in state.params.bad_words_token_ids:
+            *prefix, last = word
+            if last >= vocab_size or len(prefix) > len(generated):
+                continue
+            if not prefix or tuple(generated[len(generated) - len(prefix) :]) == tuple(prefix):
+                logits[row, last] = -torch.inf

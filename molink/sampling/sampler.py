@@ -7,8 +7,8 @@ Pipeline for one step (rows only pay for the features they use):
    before its sampler);
 3. logprobs: log-softmax of those logits (before any other adjustment), vLLM's default
    ``raw_logprobs``;
-4. allowed token ids (vLLM's mask: every other token -inf), logit bias, min_tokens
-   masking and penalties on a copy of the logits;
+4. allowed token ids (vLLM's mask: every other token -inf), bad words, logit bias,
+   min_tokens masking and penalties on a copy of the logits;
 5. greedy rows: argmax; other rows: temperature, min-p, top-k, top-p, then inverse-CDF
    sampling with one uniform number per row (seeded rows: from ``(seed, output step)``;
    unseeded rows: from the sampler's own generator).
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from molink.errors import MolinkError
-from molink.sampling.bias import apply_allowed_token_ids, apply_logit_bias
+from molink.sampling.bias import apply_allowed_token_ids, apply_bad_words, apply_logit_bias
 from molink.sampling.filters import apply_min_p, apply_top_k_top_p
 from molink.sampling.penalties import (
     apply_min_tokens,
@@ -82,8 +82,10 @@ class Sampler:
         logprob_rows = [row for row, s in enumerate(states) if s.params.logprobs is not None]
         bias_rows = [row for row, s in enumerate(states) if s.params.logit_bias]
         allowed_rows = [row for row, s in enumerate(states) if s.params.allowed_token_ids]
+        bad_word_rows = [row for row, s in enumerate(states) if s.params.bad_words_token_ids]
+        masked = allowed_rows or bad_word_rows
         grammar_rows = [row for row, s in enumerate(states) if s.params.structured is not None]
-        adjusted = blocked or penalty_rows or bias_rows or allowed_rows or grammar_rows
+        adjusted = blocked or penalty_rows or bias_rows or masked or grammar_rows
         if not adjusted and not logprob_rows:
             if all(s.params.is_greedy for s in states):
                 return [(token_id, None, ()) for token_id in logits.argmax(dim=-1).tolist()]
@@ -95,9 +97,10 @@ class Sampler:
         raw_logprobs = None
         if logprob_rows:
             raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1)
-        if blocked or penalty_rows or bias_rows or allowed_rows:
+        if blocked or penalty_rows or bias_rows or masked:
             logits = logits if grammar_rows else logits.clone()
             apply_allowed_token_ids(logits, allowed_rows, states)
+            apply_bad_words(logits, bad_word_rows, states)
             apply_logit_bias(logits, bias_rows, states)
             apply_min_tokens(logits, blocked)
             apply_penalties(logits, penalty_rows, states)

@@ -41,6 +41,7 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         spaces_between_special_tokens=params.spaces_between_special_tokens,
         logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in params.logit_bias],
         allowed_token_ids=list(params.allowed_token_ids),
+        bad_words=[pb.TokenSequence(token_ids=ids) for ids in params.bad_words_token_ids],
     )
     if params.structured is not None:
         msg.structured.kind = params.structured.kind
@@ -80,6 +81,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
             spaces_between_special_tokens=msg.spaces_between_special_tokens,
             logit_bias=tuple((b.token_id, b.bias) for b in msg.logit_bias),
             allowed_token_ids=tuple(msg.allowed_token_ids),
+            bad_words_token_ids=tuple(tuple(s.token_ids) for s in msg.bad_words),
             structured=(
                 StructuredOutputSpec(msg.structured.kind, msg.structured.spec)
                 if msg.HasField("structured")

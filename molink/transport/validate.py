@@ -68,6 +68,9 @@ def check_plan_message(msg: pb.StepPlan, limits: PlanLimits) -> None:
             LIMITS.max_allowed_token_ids,
             f"{what}: allowed token ids",
         )
+        _at_most(len(sampling.bad_words), LIMITS.max_bad_word_sequences, f"{what}: bad words")
+        for bad in sampling.bad_words:
+            _at_most(len(bad.token_ids), LIMITS.max_bad_word_tokens, f"{what}: a bad word's ids")
 
 
 def validate_plan(plan: StepPlan, limits: PlanLimits) -> None:

@@ -182,7 +182,7 @@ def test_stream_logprobs(client: TestClient) -> None:
         ({"stream": "yes"}, "stream"),
         ({"seed": 1.5}, "seed"),
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
-        ({"bad_words": ["Hello"]}, "bad_words"),
+        ({"bad_words": "Hello"}, "bad_words"),  # a list of words, as vLLM takes them
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
     ],

@@ -94,6 +94,8 @@ def test_add_special_tokens_false_leaves_out_the_bos(
 def test_unimplemented_vllm_fields_asking_for_nothing_are_accepted(client: TestClient) -> None:
     off = {"bad_words": [], "allowed_token_ids": None, "use_beam_search": False}
     assert complete(client, prompt="Hi", max_tokens=1, **off)["choices"][0]["text"] == "H"
+    off = {"bad_words": None}
+    assert complete(client, prompt="Hi", max_tokens=1, **off)["choices"][0]["text"] == "H"
 
 
 def test_echo(client: TestClient) -> None:
@@ -258,7 +260,13 @@ def test_echo_logprobs_streamed_equal_the_non_streamed_ones(client: TestClient, 
         # A stream has no place for them (vLLM refuses them too); they were dropped silently.
         ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         # vLLM's fields this server does not implement: they were accepted and ignored.
-        ({"bad_words": ["Hello"]}, "bad_words"),
+        # vLLM's bad_words must be a list of words.
+        ({"bad_words": "Hello"}, "bad_words"),
+        ({"bad_words": [""]}, "bad_words"),
+        ({"bad_words": ["  "]}, "bad_words"),
+        ({"bad_words": [5]}, "bad_words"),
+        ({"bad_words": ["w"] * 129}, "bad_words"),
+        ({"bad_words": ["w" * 257]}, "bad_words"),
         # vLLM's refusals of allowed_token_ids: empty, outside the vocabulary; not ids.
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"allowed_token_ids": [75, 99999]}, "allowed_token_ids"),
@@ -290,3 +298,18 @@ def test_allowed_token_ids_reach_the_engine_sorted_once_each(
     response = client.post("/v1/chat/completions", json={**chat, "allowed_token_ids": [9]})
     assert response.status_code == 200, response.text
     assert engine.submitted[-1][2].allowed_token_ids == (9,)
+
+
+def test_bad_words_reach_the_engine_as_token_sequences(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    # The fake tokenizer has one token per character, so " Hi" is not the same word as "Hi"
+    # (one token more): only the spelling without the space is kept, as vLLM keeps it.
+    tokenizer = engine.tokenizer
+    complete(client, prompt="x", max_tokens=1, bad_words=["Hi", "  Hi", "K"])
+    hi, k = tuple(tokenizer.encode("Hi", False)), tuple(tokenizer.encode("K", False))
+    assert engine.submitted[-1][2].bad_words_token_ids == (hi, k)
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    response = client.post("/v1/chat/completions", json={**chat, "bad_words": ["K"]})
+    assert response.status_code == 200, response.text
+    assert engine.submitted[-1][2].bad_words_token_ids == (k,)

@@ -108,3 +108,12 @@ def test_generate_takes_allowed_token_ids(client: TestClient, engine: FakeEngine
     response = client.post("/generate", json={"prompt": "x", "allowed_token_ids": [99999]})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "allowed_token_ids"
+
+
+def test_generate_takes_bad_words(client: TestClient, engine: FakeEngine) -> None:
+    response = client.post("/generate", json={"prompt": "x", "bad_words": ["K"]})
+    assert response.status_code == 200, response.text
+    k = tuple(engine.tokenizer.encode("K", False))
+    assert engine.submitted[-1][2].bad_words_token_ids == (k,)
+    raw = {"prompt": "x", "bad_words_token_ids": [[5]]}  # only as words, as in vLLM
+    assert client.post("/generate", json=raw).status_code == 400

@@ -47,6 +47,7 @@ FULL_PARAMS = SamplingParams(
     include_stop_str_in_output=True,
     spaces_between_special_tokens=False,
     allowed_token_ids=(3, 9, 11),
+    bad_words_token_ids=((5,), (6, 7, 8)),
 )
 
 

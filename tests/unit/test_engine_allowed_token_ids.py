@@ -1,5 +1,6 @@
-"""allowed_token_ids through the engine (a tiny llama): every sampled token, greedy or
-not, is one of the allowed ids; the same requests without them sample others."""
+"""allowed_token_ids and bad words through the engine (a tiny llama): every sampled token,
+greedy or not, is one of the allowed ids (the same requests without them sample others);
+a bad word's last token is not sampled right after the rest of it."""
 
 from __future__ import annotations
 
@@ -27,3 +28,20 @@ def test_every_token_is_an_allowed_one(tiny_model_dir) -> None:
     for output in outputs:
         tokens = output.outputs[0].token_ids
         assert len(tokens) == 8 and set(tokens) <= set(ALLOWED), tokens
+
+
+def test_bad_words_keep_their_last_token_out(tiny_model_dir) -> None:
+    llm = LLM(
+        model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=64, num_kv_blocks=32
+    )
+
+    def greedy(**extra: object) -> list[int]:
+        params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, **extra)
+        (output,) = llm.generate([[8, 9]], params)
+        return list(output.outputs[0].token_ids)
+
+    free = greedy()
+    first, second = free[0], free[1]
+    assert first not in greedy(bad_words_token_ids=[(first,)])  # a one-token word: never
+    after = greedy(bad_words_token_ids=[(first, second)])  # second never right after first
+    assert after[0] == first and after[1] != second

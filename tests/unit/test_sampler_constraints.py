@@ -59,6 +59,24 @@ def test_allowed_token_ids_beyond_the_logits_are_ignored() -> None:
     assert Sampler((0,), 10).sample(logits, some_beyond)[0][0] == 3
 
 
+def test_bad_words_mask_a_last_token_right_after_the_rest() -> None:
+    logits = torch.zeros(4, 10)
+    logits[:, 4] = 5.0
+    logits[:, 6] = 2.0
+    words = [(4,), (2, 6)]  # 4 never; 6 never right after 2
+    states = [
+        state(temperature=0.0, bad_words_token_ids=words),  # prompt [1, 2, 3]
+        state(temperature=0.0, bad_words_token_ids=[(7, 6)]),
+        state(temperature=0.0, bad_words_token_ids=[(3, 4)]),
+        state(temperature=0.0, bad_words_token_ids=words),
+    ]
+    states[1].token_ids += [7]  # 7 generated: 6 masked, 4 (the best) not
+    states[3].token_ids += [2]  # 2 generated: 6 masked, and 4 always
+    # Row 2's prefix is only in the prompt: vLLM looks at generated tokens alone.
+    tokens = [t for t, _, _ in Sampler((0,), 10).sample(logits, states)]
+    assert tokens == [6, 4, 4, 0]
+
+
 def test_a_failing_row_fails_alone() -> None:
     sampler = Sampler((0,), 10)
     broken = state(temperature=0.0)
