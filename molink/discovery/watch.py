@@ -111,6 +111,10 @@ class DiscoveryWatch:
             if reason is not None and self._refused.get(node_id) != reason:
                 self._refused[node_id] = reason
                 logger.warning("not using node %s found in the DHT: %s", node_id, reason)
+        # A refusal is logged once while its record lives; the reasons of records gone
+        # are let go (a swarm's churn mints node ids, and they would stay for good).
+        for node_id in [n for n in self._refused if n not in announced]:
+            del self._refused[node_id]
         left = self._directory.left()
         now = self._clock()
         for node_id in list(self._seen):

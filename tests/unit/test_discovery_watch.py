@@ -7,7 +7,7 @@ from molink.config import LayerRange
 from molink.discovery.dht import SwarmRecord
 from molink.discovery.watch import DiscoveryWatch
 from molink.pipeline.identity import NodeInfo
-from tests.unit.test_dashboard_records import TTL_S, FakeDiscoveringHead
+from tests.unit.test_dashboard_records import TTL_S, FakeDirectory, FakeDiscoveringHead
 from tests.unit.test_dashboard_snapshot import MODEL, Clock
 
 STAGE = NodeInfo("s1", MODEL, LayerRange(15, 30), "s1:1")
@@ -82,3 +82,22 @@ def test_a_node_back_after_its_record_expired_is_admitted_at_its_first_record() 
     clock.now += 30.0
     watch.check_once()
     assert head.admitted == ["s1", "s1"] and "s1" in head.known
+
+
+class RefusingHead(FakeDiscoveringHead):
+    def admit_discovered(self, info: NodeInfo) -> str | None:
+        return f"{info.node_id} serves another model"
+
+
+def test_refusals_are_logged_once_and_forgotten_with_their_record(caplog) -> None:
+    directory, head, clock = FakeDirectory(), RefusingHead(), Clock()
+    watch = DiscoveryWatch(directory, head, interval_s=1.0, clock=clock)  # type: ignore[arg-type]
+    for i in range(50):
+        directory.entries[f"x{i}"] = (NodeInfo(f"x{i}", MODEL, LayerRange(15, 30), "x:1"), TTL_S)
+    with caplog.at_level("WARNING", logger="molink.discovery.watch"):
+        watch.check_once()
+        watch.check_once()
+    assert len([r for r in caplog.records if "not using node" in r.getMessage()]) == 50
+    directory.entries.clear()  # their records are gone
+    watch.check_once()
+    assert watch._refused == {}
