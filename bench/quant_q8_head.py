@@ -8,9 +8,12 @@ the rest of a model pass streams between two heads), rounds interleaved candidat
 candidate; the relative RMS and max errors of the result; the bytes each keeps. Candidates:
 
 * ``int4_two_calls``: the two int4 planes (high and low nibbles) in two calls of
-  ``_weight_int4pack_mm_for_cpu``, added in float32 (what the LM head runs);
+  ``_weight_int4pack_mm_for_cpu``, added in float32 (the path before ``int4_joined``);
 * ``int4_joined``: the same planes joined along the inputs, one call on ``[x | x]``
-  (molink.quant.int4.Int4Planes.join_planes: what other two-plane layers run);
+  (molink.quant.int4.Int4Planes.join_planes: what two-plane layers run);
+* ``int4_joined_ties``: the same, with a row's tied top logits recomputed in float32
+  (``Int4Planes.logits``: what an LM head runs; the random activations here rarely tie,
+  so this is the cost of the check);
 * ``int8_rows``: ``_weight_int8pack_mm``, int8 weights with one bfloat16 scale per row
   (Q8_0's 32-weight scales requantized onto the row's largest: lossy);
 * ``nbits8_int8act``: onnxruntime's ``MatMulNBits`` 8-bit with the file's integers and
@@ -100,6 +103,7 @@ def candidates(ints: GroupInts, w: torch.Tensor) -> dict[str, tuple[Product, int
     found: dict[str, tuple[Product, int]] = {
         "int4_two_calls": (planes.matmul_float, planes.nbytes),
         "int4_joined": (joined.matmul_float, joined.nbytes),
+        "int4_joined_ties": (joined.logits, joined.nbytes),
         "int8_rows": int8_rows(w),
     }
     if nbits_available():

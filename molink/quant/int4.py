@@ -33,18 +33,23 @@ bench/results/quant_q8_head.json: medians of 15 interleaved rounds, load 1.4-1.5
     oneDNN bfloat16 copy            1.78   1.95   2.63    3.9e-3          56.6 MB
     float32 (MKL)                   6.16  11.96  10.91    2.6e-7         113.2 MB
 
-The embedding and LM head (``table`` layers) keep two calls: bfloat16 logits are 1/8
-apart at 16..32, so near ties become exact and argmax takes the lower id. On SmolLM2
-Q4_1's teacher-forced predictions (tests/unit/test_quant_smollm.py, 20 prompts x 64) one
-call leaves the top two logits exactly equal in 56 of 1280 and agrees with float32 on
-1245, two calls (float32 sum) in 2 and 1251; the test's bar is 1249. The candidates
-faster than two calls fail a bar too: ``_weight_int8pack_mm`` has one scale per output
-row, so Q8_0's 32-weight scales are requantized onto it (about 4x the error) and its
-logits are bfloat16 as well; onnxruntime's ``MatMulNBits`` (float32 logits, activations
-rounded to int8 per block of 32) and the float16/bfloat16 copies hold the matrix again
-beside the planes the tied embedding gathers from (+32 to +57 MB, where SmolLM2 Q4_1
-holds 101.9 MB against the 127.9 its 1.3x-file memory bar allows). The int4 kernel with
-float16 activations (finer logits) takes a generic path 40-100x slower.
+An LM head's logits come out of the kernel in bfloat16, 1/8 apart at 16..32: near ties
+become exact ties and argmax takes the lower id. ``Int4Planes.logits`` recomputes the
+outputs tied at a row's top in float32 (W's rows as held, x as given: the float32
+product), so argmax orders them as float32 does; other logits are the kernel's. On SmolLM2
+Q4_1's teacher-forced predictions (tests/unit/test_quant_smollm.py, 20 prompts x 64,
+against the same model in float32) the top two logits are exactly equal in 2 of 1280 with
+two calls and 56 with one; agreement is 1251 with two calls, 1245 with one, and 1270
+with one call and ties broken. A row without a tie costs a max and a compare over the
+vocabulary (``int4_joined_ties`` above).
+
+The candidates faster than the int4 kernel at one row fail a bar: ``_weight_int8pack_mm``
+has one scale per output row, so Q8_0's 32-weight scales are requantized onto it (about
+4x the error, and its logits are bfloat16 as well); onnxruntime's ``MatMulNBits``
+(activations rounded to int8 per block of 32) and the float16/bfloat16 copies hold the
+matrix again beside the planes the tied embedding gathers from (+32 to +57 MB, where
+SmolLM2 Q4_1 holds 101.9 MB against the 127.9 its 1.3x-file memory bar allows). The int4
+kernel with float16 activations (finer logits) takes a generic path 40-100x slower.
 """
 
 from __future__ import annotations
@@ -157,6 +162,25 @@ class Int4Planes:
         .float()`` (the path of every decode-sized product)."""
         out = self._product(x.to(torch.bfloat16)).float()
         return out if out.shape[1] == self.rows else out[:, : self.rows]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``matmul_float`` for an LM head: where a row's largest output is shared by
+        several outputs (bfloat16 ties values that float32 tells apart), those outputs are
+        recomputed in float32 from W's rows and x itself (module doc)."""
+        y = self.matmul_float(x)
+        top = y.amax(dim=-1, keepdim=True)
+        # Every output at the top adds ``tiny`` to its row's sum, every other one nothing
+        # (bfloat16 values below the top lie at least 4 ``tiny`` under it), so only a row
+        # whose top is shared reaches 2 ``tiny``. Float ops only: a comparison's bool
+        # result over the vocabulary costs several times more.
+        tiny = torch.ldexp(torch.ones_like(top), torch.frexp(top.abs()).exponent - 11)
+        shared = (y - (top - tiny)).clamp_min_(0).sum(dim=-1) > 1.5 * tiny[:, 0]
+        if bool(shared.any()):
+            rows = shared.nonzero()[:, 0]
+            which, outputs = (y[rows] == top[rows]).nonzero(as_tuple=True)
+            rows = rows[which]
+            y[rows, outputs] = (self.gather_rows(outputs) * x[rows].float()).sum(-1)
+        return y
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """[T, padded rows]: bfloat16 from one call (one plane, or joined planes on

@@ -95,6 +95,7 @@ class QuantLinear(nn.Module):
         # Batches of up to this many rows run the int4 kernel (kernels.choose_kernel, read
         # once at load): forward goes there without the choice.
         self._int4_rows = 0
+        self._logits = False
 
     @property
     def weight_bytes(self) -> int:
@@ -128,15 +129,14 @@ class QuantLinear(nn.Module):
 
     def _set_planes(self, planes: Int4Planes, source_type: str) -> None:
         self.planes, self.dense, self.source_type = planes, None, source_type
-        if not self.table:
-            # One kernel call for two planes (molink.quant.int4); the embedding and LM head
-            # keep two, whose float32 sum keeps logits apart that bfloat16 would tie.
-            planes.join_planes()
+        # One kernel call for two planes (molink.quant.int4); the LM head's ties broken.
+        planes.join_planes()
         self.wide = self._wide_copy(planes, self.batch_kernel)
         self.nbits = NBitsProduct(planes) if self.batch_kernel == "int8act" else None
         # An act-order matrix takes the way through ``product``, which orders the inputs.
         most = int4_max_rows(self.batch_kernel, len(planes.packed))
         self._int4_rows = 0 if self.input_order is not None else most
+        self._logits = self.table  # the embedding matrix may be the LM head too
 
     def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The loaded weight as tensors and a description (molink.weights.packed_cache):
@@ -194,7 +194,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         planes = self.planes
         if planes is not None and x.shape[0] <= self._int4_rows:
-            y = planes.matmul_float(x)  # what ``product`` would run, without the choice
+            # What ``product`` would run, without the choice; an LM head's ties broken.
+            y = planes.logits(x) if self._logits else planes.matmul_float(x)
         else:
             y = self.product(x)
         if self.bias is not None:

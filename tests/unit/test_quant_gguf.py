@@ -6,6 +6,8 @@ Blocks are built by the test with valid scales: gguf's own quantizer where it ha
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -142,33 +144,61 @@ def test_wider_integers_take_two_planes_and_pad_rows() -> None:
     assert planes.scale_zero.shape == (2, 2, padded_rows(70), 2)
 
 
-def test_two_planes_join_into_one_matrix_except_in_tables() -> None:
-    """A layer's two planes become one packed [N, 2K] matrix (the planes are views into
-    it: the same bytes, rows and saved state); the embedding/LM head keeps them apart."""
+def test_two_planes_join_into_one_matrix() -> None:
+    """A matrix's two planes become one packed [N, 2K] matrix (the planes are views into
+    it): the same bytes, rows and saved state as planes packed apart."""
     ints = decode_blocks(make_blocks("Q8_0", ROWS, COLS, seed=10), "Q8_0", ROWS, COLS)
     layer = QuantLinear(COLS, ROWS, bias=False)
-    table = QuantLinear(COLS, ROWS, bias=False, table=True)
-    for module in (layer, table):
-        module.load_weight(ints, pack=False)
-    assert layer.planes is not None and table.planes is not None
-    assert table.planes.joined is None and layer.planes.joined is not None
+    layer.load_weight(ints, pack=False)
+    apart = to_int4_planes(ints)
+    assert layer.planes is not None and layer.planes.joined is not None
+    assert apart.joined is None
     ints_parts = [q for q, _ in padded_plane_parts(ints, "int4 kernel")]
     assert torch.equal(layer.planes.joined[0], pack_plane(torch.cat(ints_parts, dim=1)))
-    assert layer.weight_bytes == table.weight_bytes
+    assert layer.weight_bytes == apart.nbytes
     saved, _ = layer.saved_state()
-    for name, tensor in table.saved_state()[0].items():
-        assert torch.equal(saved[name], tensor), name
+    for i, plane in enumerate(apart.packed):
+        assert torch.equal(saved[f"plane{i}"], plane)
     ids = torch.tensor([0, 63, 64, 199])
-    assert torch.equal(layer.embedding(ids), table.embedding(ids))
+    assert torch.equal(layer.embedding(ids), apart.gather_rows(ids))
     padded = padded_rows(ROWS)
-    assert torch.equal(
-        layer.planes.dequantize_rows(0, padded), table.planes.dequantize_rows(0, padded)
-    )
+    assert torch.equal(layer.planes.dequantize_rows(0, padded), apart.dequantize_rows(0, padded))
     restored = QuantLinear(COLS, ROWS, bias=False)
     restored.restore_state(*layer.saved_state())
     x = torch.randn(3, COLS, generator=torch.Generator().manual_seed(11))
     assert restored.planes is not None and restored.planes.joined is not None
     assert torch.equal(restored(x), layer(x))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0"])  # one plane, two planes
+def test_lm_head_breaks_bfloat16_ties_in_float32(type_name: str) -> None:
+    """Rows 0 and 1 differ in one small weight: their bfloat16 logits tie, and the LM head
+    recomputes both in float32, so its argmax is the float32 product's; elsewhere (and in
+    rows without a tie) its logits are the kernel's."""
+    blocks = make_blocks(type_name, ROWS, COLS, seed=12)
+    ints = decode_blocks(blocks, type_name, ROWS, COLS)
+    q = ints.q.clone()
+    q[1] = q[0]
+    # Row 0 sets to 0 the integer of row 1 whose weight is the smallest non-zero one.
+    step = ints.scale[0].abs().repeat_interleave(ints.group)
+    size = torch.where(q[1] != 0, (q[1].abs() * step), torch.inf)
+    q[0, int(size.argmin())] = 0
+    scale, offset = ints.scale.clone(), ints.offset.clone()
+    scale[1], offset[1] = scale[0], offset[0]
+    near = replace(ints, q=q, scale=scale, offset=offset)
+    head = QuantLinear(COLS, ROWS, bias=False, table=True)
+    head.load_weight(near, pack=False)
+    assert head.planes is not None
+    w = head.planes.dequantize_rows(0, padded_rows(ROWS))[:ROWS].double()
+    # Row 1 on top in float32, tied with row 0 (the lower id) in bfloat16.
+    x = torch.stack([w[1].float() * 40, w[5].float() * 40])  # row 5 alone on top
+    kernel = head.planes.matmul_float(x)
+    assert kernel[0, 0] == kernel[0, 1] == kernel[0].max()  # tied in bfloat16
+    assert int((kernel[1] == kernel[1].max()).sum()) == 1  # no tie in the second row
+    got, exact = head(x), x.double() @ w.t()
+    assert int(exact[0].argmax()) == 1 and int(got[0].argmax()) == 1
+    assert torch.allclose(got[0, :2].double(), exact[0, :2], rtol=1e-6, atol=0)
+    assert torch.equal(got[0, 2:], kernel[0, 2:]) and torch.equal(got[1], kernel[1])
 
 
 def test_unsupported_type_and_bad_sizes_are_named() -> None:
