@@ -108,7 +108,7 @@ class SamplingParams:
             )
         self._validate_stops()
         self._validate_logit_bias()
-        self._validate_allowed_token_ids()
+        _check_token_ids(self.allowed_token_ids, "allowed_token_ids", LIMITS.max_allowed_token_ids)
         self._validate_bad_words()
         self._validate_structured()
 
@@ -157,16 +157,7 @@ class SamplingParams:
             f"must be non-empty valid Unicode strings of at most "
             f"{LIMITS.max_stop_string_chars} characters",
         )
-        _check(
-            len(self.stop_token_ids) <= LIMITS.max_stop_token_ids,
-            "stop_token_ids",
-            f"at most {LIMITS.max_stop_token_ids} ids are allowed",
-        )
-        _check(
-            all(_is_int(t) and 0 <= t <= LIMITS.max_token_id for t in self.stop_token_ids),
-            "stop_token_ids",
-            f"must be integers in [0, {LIMITS.max_token_id}]",
-        )
+        _check_token_ids(self.stop_token_ids, "stop_token_ids", LIMITS.max_stop_token_ids)
 
     def _validate_logit_bias(self) -> None:
         _check(
@@ -186,18 +177,6 @@ class SamplingParams:
                 "logit_bias",
                 f"values must be in [{-bound:g}, {bound:g}]",
             )
-
-    def _validate_allowed_token_ids(self) -> None:
-        _check(
-            len(self.allowed_token_ids) <= LIMITS.max_allowed_token_ids,
-            "allowed_token_ids",
-            f"at most {LIMITS.max_allowed_token_ids} ids are allowed",
-        )
-        _check(
-            all(_is_int(t) and 0 <= t <= LIMITS.max_token_id for t in self.allowed_token_ids),
-            "allowed_token_ids",
-            f"must be integers in [0, {LIMITS.max_token_id}]",
-        )
 
     def _validate_bad_words(self) -> None:
         _check(
@@ -231,6 +210,15 @@ class SamplingParams:
             f"must be non-empty valid Unicode text of at most "
             f"{LIMITS.max_structured_spec_chars} characters",
         )
+
+
+def _check_token_ids(ids: tuple[int, ...], name: str, most: int) -> None:
+    _check(len(ids) <= most, name, f"at most {most} ids are allowed")
+    _check(
+        all(_is_int(t) and 0 <= t <= LIMITS.max_token_id for t in ids),
+        name,
+        f"must be integers in [0, {LIMITS.max_token_id}]",
+    )
 
 
 def _is_int(value: object) -> bool:

@@ -25,13 +25,13 @@ def build_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     vocab_size: int,
+    tokenizer: TokenizerLike,
     structured: StructuredOutputSpec | None = None,
     defaults: Mapping[str, Any] | None = None,
-    tokenizer: TokenizerLike | None = None,
 ) -> SamplingParams:
     """Raises InvalidParameterError (field named) for out-of-range values. A field left out
     or sent as null takes the model's generation default, else OpenAI's. ``tokenizer``
-    turns bad_words into token sequences (without one, bad_words are refused)."""
+    turns bad_words into token sequences."""
     reject_unsupported(body)
     chosen = {
         name: _pick(getattr(body, name), (defaults or {}).get(name), _NEUTRAL[name])
@@ -54,18 +54,10 @@ def build_sampling_params(
         spaces_between_special_tokens=_or(body.spaces_between_special_tokens, True),
         logit_bias=logit_bias(body.logit_bias, vocab_size),
         allowed_token_ids=allowed_token_ids(body.allowed_token_ids, vocab_size),
-        bad_words_token_ids=_bad_words(body.bad_words, tokenizer),
+        bad_words_token_ids=bad_words_token_ids(body.bad_words, tokenizer),
         structured=structured,
         prompt_logprobs=body.prompt_logprobs,
     )
-
-
-def _bad_words(value: Any, tokenizer: TokenizerLike | None) -> tuple[tuple[int, ...], ...]:
-    if value in (None, []):
-        return ()
-    if tokenizer is None:
-        raise APIError(400, "bad_words is not supported here", "bad_words")
-    return bad_words_token_ids(value, tokenizer)
 
 
 def with_default_max_tokens(

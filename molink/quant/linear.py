@@ -95,7 +95,6 @@ class QuantLinear(nn.Module):
         # Batches of up to this many rows run the int4 kernel (kernels.choose_kernel, read
         # once at load): forward goes there without the choice.
         self._int4_rows = 0
-        self._logits = False
 
     @property
     def weight_bytes(self) -> int:
@@ -136,7 +135,6 @@ class QuantLinear(nn.Module):
         # An act-order matrix takes the way through ``product``, which orders the inputs.
         most = int4_max_rows(self.batch_kernel, len(planes.packed))
         self._int4_rows = 0 if self.input_order is not None else most
-        self._logits = self.table  # the embedding matrix may be the LM head too
 
     def saved_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The loaded weight as tensors and a description (molink.weights.packed_cache):
@@ -194,8 +192,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         planes = self.planes
         if planes is not None and x.shape[0] <= self._int4_rows:
-            # What ``product`` would run, without the choice; an LM head's ties broken.
-            y = planes.logits(x) if self._logits else planes.matmul_float(x)
+            # What ``product`` would run, without the choice; an LM head's ties broken (a
+            # table: the embedding matrix may be the LM head too).
+            y = planes.logits(x) if self.table else planes.matmul_float(x)
         else:
             y = self.product(x)
         if self.bias is not None:

@@ -66,10 +66,15 @@ def apply_bad_words(
     vocab_size = logits.shape[1]
     for row in rows:
         state = states[row]
-        generated = state.token_ids[state.num_prompt_tokens :]
-        for word in state.params.bad_words_token_ids:
-            *prefix, last = word
-            if last >= vocab_size or len(prefix) > len(generated):
+        words = state.params.bad_words_token_ids
+        num_generated = len(state.token_ids) - state.num_prompt_tokens
+        # Only the tail a word's prefix can match is read: a copy of every generated token
+        # would cost O(output) on each step.
+        longest = min(num_generated, max(len(word) for word in words) - 1)
+        tail = tuple(state.token_ids[len(state.token_ids) - longest :]) if longest else ()
+        for word in words:
+            prefix, last = word[:-1], word[-1]
+            if last >= vocab_size or len(prefix) > num_generated:
                 continue
-            if not prefix or tuple(generated[len(generated) - len(prefix) :]) == tuple(prefix):
+            if not prefix or tail[len(tail) - len(prefix) :] == prefix:
                 logits[row, last] = -torch.inf

@@ -77,6 +77,18 @@ def test_bad_words_mask_a_last_token_right_after_the_rest() -> None:
     assert tokens == [6, 4, 4, 0]
 
 
+def test_bad_words_look_at_the_end_of_a_long_output() -> None:
+    logits = torch.zeros(2, 10)
+    logits[:, 6] = 5.0
+    words = ((2, 3, 6), (9,))
+    ends = state(temperature=0.0, bad_words_token_ids=words)
+    earlier = state(temperature=0.0, bad_words_token_ids=words)
+    ends.token_ids += [5] * 300 + [2, 3]  # the prefix ends the output: 6 masked
+    earlier.token_ids += [2, 3] + [5] * 300  # the prefix is earlier only: 6 allowed
+    tokens = [t for t, _, _ in Sampler((0,), 10).sample(logits, [ends, earlier])]
+    assert tokens == [0, 6]
+
+
 def test_a_failing_row_fails_alone() -> None:
     sampler = Sampler((0,), 10)
     broken = state(temperature=0.0)
