@@ -42,18 +42,28 @@ def load_pipeline(
 
 
 class PagedRunner:
-    def __init__(self, slices: Sequence[DecoderSlice], num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        slices: Sequence[DecoderSlice],
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """``device``: where the slices' weights are (caches and inputs are put there)."""
         self.slices = list(slices)
         self.block_size = block_size
+        self.device = torch.device(device)
         self.caches = [
-            KVCache.allocate(s.config, s.num_local_layers, num_blocks, block_size, s.dtype)
+            KVCache.allocate(
+                s.config, s.num_local_layers, num_blocks, block_size, s.dtype, self.device
+            )
             for s in self.slices
         ]
 
     def forward(self, chunks: Sequence[SeqChunk], token_ids: Sequence[int]) -> torch.Tensor:
         """Final hidden states [T, hidden] of the flattened batch."""
-        meta = AttentionMetadata.build(chunks, self.block_size)
-        x = torch.tensor(list(token_ids), dtype=torch.long)
+        meta = AttentionMetadata.build(chunks, self.block_size, device=self.device)
+        x = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
         for model, cache in zip(self.slices, self.caches, strict=True):
             x = model(x, meta, cache)
         return x
@@ -70,7 +80,9 @@ class PagedRunner:
             token_ids.extend(seq.tokens[start : start + num_new])
         hidden = self.forward(chunks, token_ids)
         last_rows = torch.tensor(
-            [sum(n for _, n in work[: i + 1]) - 1 for i in range(len(work))], dtype=torch.long
+            [sum(n for _, n in work[: i + 1]) - 1 for i in range(len(work))],
+            dtype=torch.long,
+            device=self.device,
         )
         logits = self.slices[-1].compute_logits(hidden[last_rows])
         results: list[torch.Tensor | None] = []

@@ -303,9 +303,13 @@ def make_tiny_tokenizer(path: Path, vocab_size: int = 320) -> Path:
     return path
 
 
-def load_reference_model(path: Path) -> torch.nn.Module:
-    """transformers' own model for ``path``, in float32 eval mode (test reference only)."""
+def load_reference_model(path: Path, attn_implementation: str | None = None) -> torch.nn.Module:
+    """transformers' own model for ``path``, in float32 eval mode (test reference only).
+
+    ``attn_implementation``: transformers' choice when None; ``"eager"`` is its plain
+    definition (its SDPA path drops Gemma 2's soft-capping, for one)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options)
     return model.eval()

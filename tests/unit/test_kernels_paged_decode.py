@@ -97,3 +97,26 @@ def test_latent_attention_reads_values_from_the_keys() -> None:
 def test_half_precision_caches() -> None:
     case = _case([7, 19], 8, 2, dtype=torch.bfloat16)
     _check(case, DecodeParams(scale=0.25, head_dim_v=16), atol=2e-2)
+
+
+@pytest.mark.parametrize("heads_per_program", [None, 16, 3, 1])
+def test_a_group_split_over_several_programs(heads_per_program: int | None) -> None:
+    """A key/value head's 16 query heads in shares, an uneven last one too (3): every
+    share's heads, and only those, are written. 16 asks for the whole group, which blocks
+    of 4 (no tensor-core dots) still split in shares of 8: the whole group through the
+    reduction path computed wrong outputs on an H200."""
+    case = _case([2, 9, 14], 32, 2, seed=5)
+    params = DecodeParams(scale=0.25, head_dim_v=16)
+    device_case = tuple(t.to(DEVICE) for t in case)
+    expected = paged_decode_reference(*device_case, params)
+    got = paged_decode(*device_case, params, heads_per_program=heads_per_program)
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_reductions_take_at_most_eight_heads_and_dots_the_whole_group() -> None:
+    from molink.kernels.triton_decode import REDUCTION_HEADS_PER_PROGRAM, _heads_per_program
+
+    assert REDUCTION_HEADS_PER_PROGRAM == 8
+    assert _heads_per_program(16, 4, 16) == 8  # blocks of 4: no dots
+    assert _heads_per_program(16, 16, 16) == 16  # dots: each key read once
+    assert _heads_per_program(4, 16, 16) == 8  # a small group: capped, so taken whole
