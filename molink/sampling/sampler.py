@@ -44,6 +44,32 @@ class SamplerInputError(MolinkError, ValueError):
     """The logits do not match the states or the vocabulary the sampler was built for."""
 
 
+def _refuse_rows_without_tokens(
+    logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+) -> None:
+    """A row whose every token is masked out has nothing to sample (greedy would take token
+    0, sampling would draw from NaNs): its request fails, naming what excluded them, e.g.
+    ``allowed_token_ids`` holding only stop tokens while ``min_tokens`` holds those back."""
+    empty = torch.isneginf(logits).all(dim=-1)
+    if not bool(empty.any()):
+        return
+    params = states[int(empty.nonzero()[0])].params
+    used = [
+        name
+        for name, on in (
+            ("allowed_token_ids", bool(params.allowed_token_ids)),
+            ("bad_words", bool(params.bad_words_token_ids)),
+            ("logit_bias", bool(params.logit_bias)),
+            ("min_tokens", params.min_tokens > 0),
+            ("structured output", params.structured is not None),
+        )
+        if on
+    ]
+    raise SamplerInputError(
+        "no token can be sampled: " + ", ".join(used) + " together exclude every token"
+    )
+
+
 class Sampler:
     """Samples one token per sequence from ``[N, V]`` logits; appends nothing to the states."""
 
@@ -104,6 +130,8 @@ class Sampler:
             apply_logit_bias(logits, bias_rows, states)
             apply_min_tokens(logits, blocked)
             apply_penalties(logits, penalty_rows, states)
+        if masked or bias_rows or blocked or grammar_rows:
+            _refuse_rows_without_tokens(logits, states)
         token_ids = self._choose_tokens(logits, states)
         return self._with_logprobs(token_ids, raw_logprobs, logprob_rows, states)
 
@@ -137,6 +165,8 @@ class Sampler:
         if not any(s.error for s in states):
             try:
                 return list(self.sample(logits, states))
+            except MolinkError as exc:  # a request's own parameters: no stack to show
+                logger.info("sampling a batch failed (%s); retrying row by row", exc)
             except Exception:
                 if len(states) <= 1:
                     logger.exception("sampling failed")

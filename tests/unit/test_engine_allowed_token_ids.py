@@ -45,3 +45,16 @@ def test_bad_words_keep_their_last_token_out(tiny_model_dir) -> None:
     assert first not in greedy(bad_words_token_ids=[(first,)])  # a one-token word: never
     after = greedy(bad_words_token_ids=[(first, second)])  # second never right after first
     assert after[0] == first and after[1] != second
+
+
+def test_a_request_that_can_sample_nothing_fails_and_the_other_finishes(tiny_model_dir) -> None:
+    llm = LLM(
+        model=str(tiny_model_dir("llama")), dtype="float32", max_model_len=64, num_kv_blocks=32
+    )
+    eos = min(llm.engine.scheduler.eos_token_ids)
+    nothing = SamplingParams(temperature=0.0, max_tokens=8, allowed_token_ids=[eos], min_tokens=3)
+    free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    failed, finished = llm.generate([[8, 9], [8, 9]], [nothing, free])
+    assert failed.outputs[0].finish_reason == "error" and failed.outputs[0].token_ids == []
+    assert finished.outputs[0].finish_reason == "length" and len(finished.outputs[0].token_ids) == 8
+    assert not llm.engine.has_unfinished_requests()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from molink.sampling.sampler import Sampler, SequenceSamplingState
+from molink.sampling.sampler import Sampler, SamplerInputError, SequenceSamplingState
 from molink.sampling.structured import GrammarCompiler
 from molink.sampling_params import SamplingParams, StructuredOutputSpec
 from molink.tokenizer.tokenizer import Tokenizer
@@ -155,3 +155,23 @@ def test_a_gbnf_grammar_is_enforced(compiler) -> None:
                 break
             sampler.accept(seq, token)
         assert tokenizer.decode(seq.token_ids[1:]) in ("yes!", "no!")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_left_without_tokens_fails_alone_naming_why(temperature: float) -> None:
+    """allowed_token_ids holding only the end-of-sequence id, which min_tokens holds back:
+    nothing may be sampled. Greedy would take token 0 and sampling would draw from NaNs;
+    that request fails instead, and the others in the batch are sampled."""
+    logits = torch.zeros(2, 10)
+    logits[:, 4] = 5.0
+    states = [
+        state(temperature=temperature, allowed_token_ids=[0], min_tokens=2),
+        state(temperature=0.0),
+    ]
+    results = Sampler((0,), 10, seed=0).sample_isolated(logits, states)
+    assert isinstance(results[0], SamplerInputError)
+    assert "no token can be sampled: allowed_token_ids, min_tokens" in str(results[0])
+    assert results[1][0] == 4
+    # Once min_tokens are out, the same row samples its one allowed id.
+    done = SequenceSamplingState(SamplingParams(allowed_token_ids=[0], min_tokens=2), [1, 5, 6], 1)
+    assert Sampler((0,), 10).sample(logits[:1], [done])[0][0] == 0
