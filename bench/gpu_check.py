@@ -43,7 +43,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere, without ins
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import machine_info, write_results  # noqa: E402
-from bench.gpu_models import SHAPES, build_shaped  # noqa: E402
+from bench.gpu_models import SHAPES, build_shaped, greedy_tokens  # noqa: E402
 from bench.gpu_throughput import throughput_section  # noqa: E402
 from molink.engine.offline import LLM  # noqa: E402
 from molink.sampling_params import SamplingParams  # noqa: E402
@@ -102,18 +102,7 @@ def fidelity_fp32(device: torch.device, archs: tuple[str, ...], work: Path, new:
         # transformers' eager attention: on CUDA its SDPA path drops Gemma 2's soft-capping
         # (seen on an H200, transformers 5.17: eager matched our tokens, SDPA did not).
         reference = load_reference_model(path, attn_implementation="eager").to(device)
-        theirs = []
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device=device)
-            out = reference.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            theirs.append(out[0, len(prompt) :].tolist())
+        theirs = greedy_tokens(reference, prompts, new, device)
         equal = sum(a == b for a, b in zip(ours, theirs, strict=True))
         rows[arch] = {
             "equal_sequences": equal,

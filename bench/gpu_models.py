@@ -120,3 +120,23 @@ def memory_bandwidth(device: torch.device, num_bytes: int) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def greedy_tokens(
+    reference: torch.nn.Module, prompts: list[list[int]], new: int, device: torch.device
+) -> list[list[int]]:
+    """transformers ``generate``'s greedy continuations, exactly ``new`` tokens each."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=device)
+        with torch.no_grad():
+            generated = reference.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        out.append(generated[0, len(prompt) :].tolist())
+    return out

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench.gpu_models import build_shaped, greedy_tokens, weight_bytes
 from molink.config import LayerRange
 from molink.engine.offline import LLM
 from molink.models import SeqChunk
@@ -97,23 +98,12 @@ def greedy(
 
 
 def transformers_greedy(path: Path, device: torch.device, new: int, vocab: int) -> list[list[int]]:
-    reference = load_reference_model(path).to(device)
-    out = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([[t % vocab for t in prompt]], device=device)
-        with torch.no_grad():
-            generated = reference.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        out.append(generated[0, ids.shape[1] :].tolist())
+    reference = load_reference_model(path, attn_implementation="eager").to(device)
+    prompts = [[t % vocab for t in p] for p in PROMPTS]
+    tokens = greedy_tokens(reference, prompts, new, device)
     del reference
     release(device)
-    return out
+    return tokens
 
 
 def compare_tokens(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, Any]:
@@ -249,8 +239,6 @@ def _decode_rates(
 def throughput(
     device: torch.device, work: Path, smoke: bool, time_left: Callable[[], float]
 ) -> dict[str, Any]:
-    from bench.gpu_models import build_shaped, weight_bytes
-
     path = work / "quant-throughput-llama-3.2-1b"
     reference = build_shaped("llama-3.2-1b", path, device, torch.bfloat16, smoke)
     vocab = reference.config.vocab_size
