@@ -10,11 +10,33 @@ token ``p`` of a sequence lives in block ``block_ids[p // block_size]`` at offse
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from molink.config import ModelConfig
 from molink.errors import InvalidParameterError
 from molink.models.registry import architecture_for
+
+# Below this, a CPU cache is plain torch.zeros (a mapping's page granularity buys nothing).
+LAZY_ZERO_MIN_BYTES = 1 << 20
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor. On a CPU, a large one lies in an anonymous memory mapping, whose
+    pages the kernel hands out zeroed when first touched: the cache then holds resident
+    memory for the blocks sequences have used, not for all of them from the start
+    (``torch.zeros`` writes every page at once), and untouched padding still reads as 0."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < LAZY_ZERO_MIN_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    # The tensor keeps the mapping alive (torch.frombuffer holds a reference to it); the
+    # mapping is unmapped when the last view of the cache is gone.
+    buffer = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class KVCache:
@@ -55,11 +77,9 @@ class KVCache:
         head = (num_blocks, block_size, layout.num_heads)
         if layout.key_dim == layout.value_dim:
             shape = (num_local_layers, 2, *head, layout.key_dim)
-            return cls(torch.zeros(shape, dtype=dtype, device=device), block_size)
-        keys = torch.zeros((num_local_layers, *head, layout.key_dim), dtype=dtype, device=device)
-        values = torch.zeros(
-            (num_local_layers, *head, layout.value_dim), dtype=dtype, device=device
-        )
+            return cls(zeroed(shape, dtype, device), block_size)
+        keys = zeroed((num_local_layers, *head, layout.key_dim), dtype, device)
+        values = zeroed((num_local_layers, *head, layout.value_dim), dtype, device)
         return cls(keys, block_size, values)
 
     @staticmethod
