@@ -12,8 +12,8 @@ keeps an online softmax (running maximum, running sum, rescaled accumulator) for
 heads it takes of those that share that key/value head, so grouped-query attention reads
 each key once per share (one share where the products are tensor-core dots). Sliding
 windows skip the blocks before the window; soft-capping and attention sinks are applied
-inside the loop and at its end. With an empty value cache, values are the keys' first channels (latent
-attention).
+inside the loop and at its end. With an empty value cache, values are the keys' first
+channels (latent attention).
 """
 
 from __future__ import annotations

@@ -65,9 +65,8 @@ def _refuse_rows_without_tokens(
         )
         if on
     ]
-    raise SamplerInputError(
-        "no token can be sampled: " + ", ".join(used) + " together exclude every token"
-    )
+    why = ", ".join(used) + " together exclude every token" if used else "every logit is -inf"
+    raise SamplerInputError(f"no token can be sampled: {why}")
 
 
 class Sampler:
