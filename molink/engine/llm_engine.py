@@ -139,15 +139,19 @@ class LLMEngine:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def step(self, poll_timeout: float = 0.0) -> list[RequestOutput]:
-        """Fill free micro-batch slots, collect what came back, and emit outputs."""
+    def step(self, poll_timeout: float = 0.0, finished_only: bool = False) -> list[RequestOutput]:
+        """Fill free micro-batch slots, collect what came back, and emit outputs.
+
+        ``finished_only``: emit only requests that finished (vLLM's ``FINAL_ONLY`` output
+        kind, what ``LLM.generate`` asks for): an unfinished request is not copied out on
+        every step, and its first output then carries every token as its delta."""
         self._recover()
         now = time.monotonic()
         touched = self._take_verdicts(now)
         self._fill_pipeline()
         in_flight = self._plans
         if not len(in_flight) and not self.scheduler.num_unverified:
-            return [self._emit(state) for state in touched.values()]
+            return self._emit_all(touched, finished_only)
         results = self.executor.poll(poll_timeout)  # with nothing in flight: a short wait
         now = time.monotonic()
         for result in results:
@@ -172,7 +176,7 @@ class LLMEngine:
                         state.route = served
                     touched[state.request_id] = state
         self._count_replays()
-        return [self._emit(state) for state in touched.values()]
+        return self._emit_all(touched, finished_only)
 
     def _take_verdicts(self, now: float) -> dict[str, RequestState]:
         """Held tokens that stand reach their requests now; the others are dropped."""
@@ -335,6 +339,14 @@ class LLMEngine:
             self.scheduler.finish_sequence(update.seq_id, "stop", step.stop_string)
             out.finish_reason = "stop"
             out.stop_reason = step.stop_string
+
+    def _emit_all(
+        self, touched: dict[str, RequestState], finished_only: bool
+    ) -> list[RequestOutput]:
+        states = touched.values()
+        if finished_only:
+            return [self._emit(state) for state in states if state.finished]
+        return [self._emit(state) for state in states]
 
     def _emit(self, state: RequestState) -> RequestOutput:
         output = state.snapshot()

@@ -55,9 +55,8 @@ class LLM:
             raise
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
+            for output in self.engine.step(finished_only=True):
+                finished[output.request_id] = output
         # The streamed outputs share the scheduler's prompt tuple; the caller gets a list of
         # its own, as vLLM's LLM.generate returns.
         return [_own_prompt_list(finished[request_id]) for request_id in order]

@@ -50,3 +50,33 @@ def test_a_refused_prompt_leaves_no_request_of_the_call_behind(tiny_model_dir) -
     assert kv.num_free_blocks == kv.num_total_blocks
     (output,) = llm.generate([[8, 9]], params)
     assert output.prompt_token_ids == [8, 9] and len(output.outputs[0].token_ids) == 3
+
+
+def test_finished_only_steps_emit_each_request_once_with_all_it_made(tiny_model_dir) -> None:
+    """vLLM's FINAL_ONLY, which ``LLM.generate`` uses: no per-step copies of unfinished
+    requests; the one output is the same as the last of the every-step outputs, with every
+    token and the whole text as its delta."""
+    llm = LLM(model=str(tiny_model_dir("llama")), dtype="float32", num_kv_blocks=64)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=1) for n in (3, 9)
+    ]
+
+    def run(finished_only: bool) -> list[list]:
+        for i, p in enumerate(params):
+            llm.engine.add_request(f"{finished_only}-{i}", [5, 6, 7, i], p)
+        steps = []
+        while llm.engine.has_unfinished_requests():
+            steps.append(llm.engine.step(finished_only=finished_only))
+        return steps
+
+    every = [out for step in run(False) for out in step]
+    only = [out for step in run(True) for out in step]
+    assert len(only) == 2 and all(out.finished for out in only)
+    assert len(every) > 2  # the same requests, copied out on each step
+    for i, final in enumerate(sorted(only, key=lambda o: o.request_id)):
+        last = [o for o in every if o.request_id == f"False-{i}"][-1]
+        (mine,), (theirs,) = final.outputs, last.outputs
+        assert mine.token_ids == theirs.token_ids and len(mine.token_ids) == (3, 9)[i]
+        assert mine.text == theirs.text and mine.logprobs == theirs.logprobs
+        assert mine.delta_token_ids == mine.token_ids  # nothing was sent before
+        assert mine.delta_text == mine.text
