@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from molink.errors import InvalidParameterError
+
 
 @dataclass(frozen=True)
 class DeviceMemory:
@@ -42,6 +44,19 @@ def host_memory() -> DeviceMemory:
     total = fields.get("MemTotal", os.sysconf("SC_PHYS_PAGES") * page)
     free = fields.get("MemAvailable", os.sysconf("SC_AVPHYS_PAGES") * page)
     return DeviceMemory(total, free)
+
+
+def check_host_room(kv_bytes: int) -> None:
+    """A CPU KV cache becomes resident as its blocks fill (molink.models.kv_cache), so one
+    larger than the memory available now would be found out mid-serving, by the kernel's
+    out-of-memory killer: it is refused at start instead, naming the setting."""
+    free = host_memory().free_bytes
+    if kv_bytes > free:
+        raise InvalidParameterError(
+            "kv_cache_memory",
+            f"{kv_bytes / 2**30:.2f} GiB of KV cache do not fit in the {free / 2**30:.2f} GiB "
+            "of memory this machine has available",
+        )
 
 
 def _meminfo() -> dict[str, int]:

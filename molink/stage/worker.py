@@ -24,6 +24,7 @@ from molink.sampling.prompt_logprobs import prompt_token_logprobs
 from molink.sampling.sampler import Sampler, SequenceSamplingState
 from molink.sampling.structured import GrammarCompiler
 from molink.stage.decode_graphs import GraphSettings, capture_decode_graphs
+from molink.stage.resources import check_host_room
 from molink.step import SampledToken, ScheduledSequence, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,12 @@ class StageWorker:
         num_local_layers = layer_range.end - layer_range.start
         # Every tensor of a step lives where the model's weights do (--device).
         self.device = _device_of(model)
+        kv_layout = kv_config or model_config
+        if self.device.type == "cpu":
+            per_block = KVCache.bytes_per_block(kv_layout, num_local_layers, block_size, dtype)
+            check_host_room(per_block * num_blocks)
         self.kv_cache = KVCache.allocate(
-            kv_config or model_config, num_local_layers, num_blocks, block_size, dtype, self.device
+            kv_layout, num_local_layers, num_blocks, block_size, dtype, self.device
         )
         RESIDENT.add("kv_cache", self.kv_cache.nbytes)
         self.graphs = capture_decode_graphs(model, self.kv_cache, graphs)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import gc
 import os
 
+import pytest
 import torch
 
-from molink.models.kv_cache import LAZY_ZERO_MIN_BYTES, zeroed
+from molink.models.kv_cache import LAZY_ZERO_MIN_BYTES, KVCache, zeroed
 
 
 def _rss_kib() -> int:
@@ -38,3 +39,25 @@ def test_small_caches_other_dtypes_and_devices() -> None:
     assert fp8.dtype == torch.float8_e4m3fn and not fp8.view(torch.uint8).any()
     fp8.view(torch.uint8)[5, 1] = 7
     assert int(fp8.view(torch.uint8).sum()) == 7
+
+
+def test_a_cpu_cache_larger_than_the_available_memory_is_refused_at_start(
+    tiny_model_dir, monkeypatch
+) -> None:
+    """Its pages would only be found missing once sequences filled them."""
+    from molink.config import LayerRange
+    from molink.errors import InvalidParameterError
+    from molink.stage import resources
+    from molink.stage.worker import StageWorker
+    from molink.weights import resolve_model_source
+
+    source = resolve_model_source(str(tiny_model_dir("llama")))
+    config = source.model_config
+    layers = LayerRange(0, config.num_layers)
+    model = source.load_slice(layers, "float32")
+    per_block = KVCache.bytes_per_block(config, config.num_layers, 4, torch.float32)
+    free = resources.DeviceMemory(total_bytes=1 << 40, free_bytes=per_block * 100)
+    monkeypatch.setattr(resources, "host_memory", lambda: free)
+    assert StageWorker(model, config, layers, 100, 4, torch.float32).kv_cache.num_blocks == 100
+    with pytest.raises(InvalidParameterError, match="kv_cache_memory.*do not fit"):
+        StageWorker(model, config, layers, 101, 4, torch.float32)
