@@ -2,7 +2,8 @@
 
 A CUDA device reports its own total and free bytes (``torch.cuda.mem_get_info``); a CPU
 stage reports the machine's memory from /proc/meminfo (MemTotal, MemAvailable), with
-sysconf where there is no /proc.
+sysconf where there is no /proc, cut to its control group's limit where one is set (a
+container's: molink.stage.cgroup_memory).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from molink.errors import InvalidParameterError
+from molink.stage.cgroup_memory import cgroup_memory
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ def host_memory() -> DeviceMemory:
     page = os.sysconf("SC_PAGE_SIZE")
     total = fields.get("MemTotal", os.sysconf("SC_PHYS_PAGES") * page)
     free = fields.get("MemAvailable", os.sysconf("SC_AVPHYS_PAGES") * page)
+    limit = cgroup_memory()
+    if limit is not None:
+        total, free = min(total, limit.limit_bytes), min(free, limit.available_bytes)
     return DeviceMemory(total, free)
 
 
@@ -55,7 +60,7 @@ def check_host_room(kv_bytes: int) -> None:
         raise InvalidParameterError(
             "kv_cache_memory",
             f"{kv_bytes / 2**30:.2f} GiB of KV cache do not fit in the {free / 2**30:.2f} GiB "
-            "of memory this machine has available",
+            "of memory this machine (or its container's memory limit) has available",
         )
 
 
