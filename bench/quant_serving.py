@@ -159,6 +159,16 @@ def servers(
     common = ["--num-threads", "1", "--max-num-seqs", "64"]
     found: dict[str, list[str] | None] = {
         "molink_q4_1": ["--model", gguf, "--quantization", "gguf", *common],
+        # Its KV cache in bfloat16, as llama.cpp keeps its own in 16 bits (float16).
+        "molink_q4_1_kv_bf16": [
+            "--model",
+            gguf,
+            "--quantization",
+            "gguf",
+            "--kv-cache-dtype",
+            "bfloat16",
+            *common,
+        ],
         "molink_q4_1_fp16": [
             "--model",
             gguf,
@@ -309,7 +319,14 @@ def run(
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
     """Each quantized server's tok/s over each other server's, per stream count."""
     out: dict[str, Any] = {}
-    for quantized in ("molink_q4_1", "molink_q4_1_fp16", "molink_q4_1_bf16", "molink_q4_1_int8act"):
+    quantized_servers = (
+        "molink_q4_1",
+        "molink_q4_1_kv_bf16",
+        "molink_q4_1_fp16",
+        "molink_q4_1_bf16",
+        "molink_q4_1_int8act",
+    )
+    for quantized in quantized_servers:
         if "runs" not in results.get(quantized, {}):
             continue
         base = {r["streams"]: r["output_tok_s"] for r in results[quantized]["runs"]}

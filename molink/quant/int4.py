@@ -139,6 +139,28 @@ class Int4Planes:
         self.packed = [joined[:, i * self.cols : (i + 1) * self.cols] for i in range(count)]
         self._kernel_args = []  # the planes alone are not contiguous: the kernel refuses them
 
+    @classmethod
+    def from_joined(
+        cls, joined: torch.Tensor, scale_zero: torch.Tensor, rows: int, cols: int, group: int
+    ) -> Int4Planes:
+        """Planes as ``join_planes`` leaves them, from its [N, planes * K / 2] bytes and
+        [planes, K / group, N, 2] scales as saved: views into those tensors, so a matrix
+        read from the packed cache's mapped file is not copied (its pages and a joined
+        copy would both be resident)."""
+        count = scale_zero.shape[0]
+        blocks = joined.view(-1, count * cols, packed_block() // 2)
+        planes = cls(
+            [blocks[:, i * cols : (i + 1) * cols] for i in range(count)],
+            scale_zero,
+            rows,
+            cols,
+            group,
+        )
+        scales = scale_zero.view(-1, *scale_zero.shape[2:])
+        planes.joined = (joined, scales)
+        planes._kernel_args = []
+        return planes
+
     def plane_tensors(self) -> list[torch.Tensor]:
         """Each plane as the kernel packs it alone ([N, K / 2] bytes, contiguous)."""
         padded = padded_rows(self.rows)

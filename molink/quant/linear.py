@@ -144,10 +144,14 @@ class QuantLinear(nn.Module):
         if self.input_order is not None:
             raise WeightLoadError("act-order matrices are not saved")
         if self.planes is not None:
-            tensors = {f"plane{i}": p for i, p in enumerate(self.planes.plane_tensors())}
-            tensors["scale_zero"] = self.planes.scale_zero
-            group = self.planes.group
-            return tensors, {"kind": "int4", "group": group, "source_type": self.source_type}
+            planes = self.planes
+            info = {"kind": "int4", "group": planes.group, "source_type": self.source_type}
+            if planes.joined is not None:
+                # As the kernel reads them: restored as views, with no joined copy made.
+                return {"joined": planes.joined[0], "scale_zero": planes.scale_zero}, info
+            tensors = {f"plane{i}": p for i, p in enumerate(planes.plane_tensors())}
+            tensors["scale_zero"] = planes.scale_zero
+            return tensors, info
         if self.dense is None:
             raise WeightLoadError("quantized linear layer saved before its weight was loaded")
         return {"dense": self.dense}, {"kind": "dense", "source_type": self.source_type}
@@ -160,16 +164,25 @@ class QuantLinear(nn.Module):
             self.dense, self.planes, self.wide, self.nbits = tensors["dense"], None, None, None
             self.source_type = str(info["source_type"])
             return
-        packed = [tensors[f"plane{i}"] for i in range(len(tensors) - 1)]
-        planes = Int4Planes(
-            packed, tensors["scale_zero"], self.out_features, self.in_features, int(info["group"])
-        )
-        expected = (len(packed), self.in_features // planes.group, padded_rows(planes.rows), 2)
-        if tuple(planes.scale_zero.shape) != expected:
+        group, scale_zero = int(info["group"]), tensors["scale_zero"]
+        count = len(tensors) - 1 if "joined" not in tensors else scale_zero.shape[0]
+        expected = (count, self.in_features // group, padded_rows(self.out_features), 2)
+        if tuple(scale_zero.shape) != expected:
             raise WeightLoadError(
-                f"saved int4 scales have shape {tuple(planes.scale_zero.shape)}, "
-                f"expected {expected}"
+                f"saved int4 scales have shape {tuple(scale_zero.shape)}, expected {expected}"
             )
+        rows, cols = self.out_features, self.in_features
+        if "joined" in tensors:
+            joined = tensors["joined"]
+            if tuple(joined.shape) != (padded_rows(rows), count * cols // 2):
+                raise WeightLoadError(
+                    f"saved joined int4 planes have shape {tuple(joined.shape)}, expected "
+                    f"{(padded_rows(rows), count * cols // 2)}"
+                )
+            planes = Int4Planes.from_joined(joined, scale_zero, rows, cols, group)
+        else:
+            packed = [tensors[f"plane{i}"] for i in range(count)]
+            planes = Int4Planes(packed, scale_zero, rows, cols, group)
         self._set_planes(planes, str(info["source_type"]))
 
     @staticmethod

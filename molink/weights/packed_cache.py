@@ -38,8 +38,9 @@ from molink.weights.cache import build_entry, default_cache_dir, file_key
 
 logger = logging.getLogger(__name__)
 
-# Bumped when what a part file holds changes.
-PACKED_VERSION = 1
+# Bumped when what a part file holds changes (2: a matrix of two planes is saved joined,
+# as the kernel reads it).
+PACKED_VERSION = 2
 METADATA_FILE = "gguf-metadata.json"
 _INFO_KEY = "molink.quant"
 

@@ -157,8 +157,10 @@ def test_two_planes_join_into_one_matrix() -> None:
     assert torch.equal(layer.planes.joined[0], pack_plane(torch.cat(ints_parts, dim=1)))
     assert layer.weight_bytes == apart.nbytes
     saved, _ = layer.saved_state()
-    for i, plane in enumerate(apart.packed):
-        assert torch.equal(saved[f"plane{i}"], plane)
+    assert set(saved) == {"joined", "scale_zero"}  # saved as the kernel reads it
+    assert torch.equal(saved["joined"], layer.planes.joined[0])
+    for mine, theirs in zip(layer.planes.plane_tensors(), apart.packed, strict=True):
+        assert torch.equal(mine, theirs)
     ids = torch.tensor([0, 63, 64, 199])
     assert torch.equal(layer.embedding(ids), apart.gather_rows(ids))
     padded = padded_rows(ROWS)
@@ -167,7 +169,26 @@ def test_two_planes_join_into_one_matrix() -> None:
     restored.restore_state(*layer.saved_state())
     x = torch.randn(3, COLS, generator=torch.Generator().manual_seed(11))
     assert restored.planes is not None and restored.planes.joined is not None
+    # Restored as views of the saved (in the cache: mapped) bytes, not copied.
+    assert restored.planes.joined[0].data_ptr() == saved["joined"].data_ptr()
+    for mine, theirs in zip(restored.planes.plane_tensors(), apart.packed, strict=True):
+        assert torch.equal(mine, theirs)
+    assert torch.equal(restored.planes.dequantize_rows(0, padded), apart.dequantize_rows(0, padded))
+    assert torch.equal(restored.embedding(ids), apart.gather_rows(ids))
     assert torch.equal(restored(x), layer(x))
+    assert torch.equal(restored(x[:1]), layer(x[:1]))
+
+
+def test_saved_planes_of_the_wrong_shape_are_refused() -> None:
+    ints = decode_blocks(make_blocks("Q8_0", ROWS, COLS, seed=10), "Q8_0", ROWS, COLS)
+    layer = QuantLinear(COLS, ROWS, bias=False)
+    layer.load_weight(ints, pack=False)
+    saved, info = layer.saved_state()
+    cut = {**saved, "joined": saved["joined"][:, : COLS // 2]}
+    with pytest.raises(WeightLoadError, match="joined int4 planes have shape"):
+        QuantLinear(COLS, ROWS, bias=False).restore_state(cut, info)
+    with pytest.raises(WeightLoadError, match="int4 scales have shape"):
+        QuantLinear(COLS, ROWS + 64, bias=False).restore_state(saved, info)
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0"])  # one plane, two planes
