@@ -80,6 +80,12 @@ first start): llama-server 173.7, 139.3, 173.0 (TPOT 5.7 ms at 1 stream); int4 8
 87.4, 315.3, 581.6 (0.50x, 2.26x, 3.36x; 2.45x, 1.42x, 1.53x); float32 35.7, 221.4, 379.2.
 Peak RSS (the highest of the rounds, the first start's conversion included): llama-server
 354, int4 1064, bf16 1221, float32 1917 MiB.
+``quant_serving_joined_head.json``: after two-plane matrices are cached joined (no copy at
+load) and with ``molink_q4_1_kv_bf16`` (16-bit KV, as llama.cpp's), one round, quiet host
+(load 0.3-0.6): llama-server 165.4, 141.0, 169.7; int4 86.1, 251.8, 296.2 (0.52x, 1.79x,
+1.75x; 2.38x, 1.29x, 0.83x float32); int4 with bfloat16 KV 88.6, 259.2, 296.9 (0.54x,
+1.84x, 1.75x); float32 36.1, 195.3, 357.7. Peak RSS: llama-server 353, int4 576 (1.63x),
+int4 with bfloat16 KV **505 (1.43x)**, float32 1842 MiB.
 """
 
 from __future__ import annotations

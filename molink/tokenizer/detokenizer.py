@@ -68,6 +68,9 @@ class _TokenStream:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # The last decode's ids and text: a token's step decodes the same ids up to three
+        # times (its slide checks the one-token window, then measures it).
+        self._last_decoded: tuple[list[int], str] = ([], "")
         self._window: list[int] = list(context_ids)  # context tokens, then pending ones
         # Context cut inside a character would join the output's byte tokens (see
         # _character_start): it starts at the next character instead.
@@ -142,7 +145,12 @@ class _TokenStream:
             self._emitted = len(window_text) - held
 
     def _decode(self, token_ids: list[int]) -> str:
-        return decode_output(self._tokenizer, token_ids, self._skip_special)
+        last_ids, last_text = self._last_decoded
+        if token_ids == last_ids:
+            return last_text
+        text = decode_output(self._tokenizer, token_ids, self._skip_special)
+        self._last_decoded = (list(token_ids), text)
+        return text
 
 
 def _count_trailing_replacements(text: str) -> int:
@@ -252,7 +260,10 @@ def find_stop_string(
 
 def partial_stop_length(text: str, stops: Sequence[str], max_stop_length: int) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
+    firsts = {stop[0] for stop in stops if stop}
     for length in range(min(len(text), max_stop_length - 1), 0, -1):
+        if text[-length] not in firsts:
+            continue  # no stop string starts with this tail's first character
         tail = text[-length:]
         if any(len(stop) > length and stop.startswith(tail) for stop in stops):
             return length

@@ -278,3 +278,25 @@ def test_partial_stop_length() -> None:
     assert partial_stop_length("hello", ["lo!", "llo?"], 4) == 3
     assert partial_stop_length("hello", ["xyz"], 3) == 0
     assert partial_stop_length("abc", ["c"], 1) == 0  # a full match is not a partial one
+
+
+def test_a_token_of_plain_text_costs_two_decodes(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step decodes its window and, sliding, the new one-token window once: the
+    slide's checks and its measure of that window reuse the same decode."""
+    text = "abc xyz. abc, xyz! " * 20
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, [], SamplingParams())
+    calls = 0
+    decode = tokenizer.decode
+
+    def counting(token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        nonlocal calls
+        calls += 1
+        return decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    monkeypatch.setattr(tokenizer, "decode", counting)
+    deltas = [detokenizer.add_token(token_id).delta_text for token_id in ids]
+    assert "".join(deltas) + detokenizer.flush().delta_text == text
+    assert calls <= 2 * len(ids) + 1
