@@ -2,7 +2,8 @@
 
 A cache entry is a directory that appears in one ``rename``: readers either see all of it or
 nothing, so concurrent processes never load half a conversion. When two processes convert
-at the same time, the first rename wins and the other discards its copy.
+at the same time, the first rename wins and the other discards its copy. Building an entry
+removes the ones it makes useless (molink.weights.cache_prune).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from molink.weights.cache_prune import prune_superseded
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,12 @@ def build_entry(entry: Path, build: Callable[[Path], None], info: dict[str, obje
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    source = info.get("source")
+    if isinstance(source, str):
+        try:
+            prune_superseded(entry, source, MARKER_FILE)
+        except OSError as exc:  # an unreadable cache folder costs disk space only
+            logger.warning("cannot prune the cache beside %s: %s", entry, exc)
     return entry
 
 
