@@ -83,8 +83,9 @@ def add_serving_args(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         default=ENGINE_DEFAULTS.kv_cache_dtype,
         choices=(*KV_CACHE_DTYPE_CHOICES, *KV_CACHE_DTYPE_ALIASES, *REFUSED_KV_CACHE_DTYPES),
-        help="KV cache dtype; auto: the model dtype; bfloat16 halves CPU cache memory; "
-        "fp8 (fp8_e4m3) needs a GPU; fp8_e5m2 is refused (default: %(default)s)",
+        help="KV cache dtype; auto: the model dtype (bfloat16 for weights kept quantized "
+        "on a CPU); bfloat16 halves CPU cache memory; fp8 (fp8_e4m3) needs a GPU; "
+        "fp8_e5m2 is refused (default: %(default)s)",
     )
     model.add_argument(
         "--max-model-len",

@@ -28,6 +28,7 @@ from molink.engine.factory import (
     dtype_name,
     follower_settings,
     graph_settings,
+    kv_cache_dtype_for,
     last_stage_grammars,
     num_blocks_for,
     profiled_num_blocks,
@@ -40,7 +41,6 @@ from molink.parallel.stage import load_stage_slice
 from molink.pipeline.auto_place import place
 from molink.pipeline.identity import ModelIdentity, NodeInfo
 from molink.placement.resident import estimate_weights, held_as
-from molink.quant.config import resolve_kv_cache_dtype
 from molink.security.credentials import SwarmCredentials
 from molink.security.identity import NodeIdentity
 from molink.stage.resources import device_of, memory_of
@@ -123,7 +123,7 @@ def load_stage(
     device = resolve_device(options.device)
     config = source.model_config
     dtype = torch_dtype_for(source, options.dtype, device, options.quantization)
-    kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
+    kv_dtype = kv_cache_dtype_for(source, options, dtype, device)
     # Known before placement (which sizes a replica by it) and announced in the record.
     step_s = node_layer_step_seconds(args, config, dtype, device)
     layers = stage_layers(args, options, source, dtype, device, transport, directory, step_s)
@@ -138,7 +138,7 @@ def load_stage(
         dtype_name(dtype),
         options.quantization,
         options.tensor_parallel_size,
-        follower_settings(options, layers, dtype, num_blocks),
+        follower_settings(options, layers, dtype, num_blocks, kv_dtype),
         device,
         batch_kernel=options.quantized_batch_kernel,
     )

@@ -29,7 +29,11 @@ from molink.models.parallel.check import rank_kv_config
 from molink.models.rope_length import model_max_context
 from molink.parallel.launch import FollowerSettings
 from molink.parallel.stage import load_stage_slice
-from molink.quant.config import resolve_kv_cache_dtype, resolve_quantization
+from molink.quant.config import (
+    KV_CACHE_DTYPE_NAMES,
+    resolve_kv_cache_dtype,
+    resolve_quantization,
+)
 from molink.sampling.structured import GrammarCompiler, grammar_compiler_for
 from molink.scheduler.scheduler import Scheduler
 from molink.stage.decode_graphs import CudaGraphFactory, GraphSettings
@@ -95,6 +99,14 @@ def torch_dtype_for(
     if method != "none" and resolved == torch.float16:
         return torch.float32
     return resolved
+
+
+def kv_cache_dtype_for(
+    source: ModelSource, options: EngineOptions, dtype: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The KV cache's dtype: ``--kv-cache-dtype`` for the method that runs the weights."""
+    method = resolve_quantization(options.quantization, source.detected_quantization(), device)
+    return resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device, method)
 
 
 def resolve_max_model_len(config: ModelConfig, requested: int | None) -> int:
@@ -204,7 +216,7 @@ def build_local_engine(
     source = model_source(options)
     config = source.model_config
     dtype = torch_dtype_for(source, options.dtype, device, options.quantization)
-    kv_dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, dtype, device)
+    kv_dtype = kv_cache_dtype_for(source, options, dtype, device)
     max_model_len = resolve_max_model_len(config, options.max_model_len)
     bounds = [0, *(layer_splits or []), config.num_layers]
     ranges = [LayerRange.resolve(a, b, config.num_layers) for a, b in itertools.pairwise(bounds)]
@@ -226,7 +238,7 @@ def build_local_engine(
             dtype_name(dtype),
             options.quantization,
             tp_size,
-            follower_settings(options, r, dtype, num_blocks),
+            follower_settings(options, r, dtype, num_blocks, kv_dtype),
             device,
             batch_kernel=options.quantized_batch_kernel,
         )
@@ -267,15 +279,23 @@ def model_source(options: EngineOptions) -> ModelSource:
 
 
 def follower_settings(
-    options: EngineOptions, layers: LayerRange, dtype: torch.dtype, num_blocks: int
+    options: EngineOptions,
+    layers: LayerRange,
+    dtype: torch.dtype,
+    num_blocks: int,
+    kv_dtype: torch.dtype,
 ) -> FollowerSettings:
-    """What the other tensor-parallel ranks of a stage load: what rank 0 does."""
+    """What the other tensor-parallel ranks of a stage load: what rank 0 does. A cache
+    dtype other than the model's goes by name (a follower does not know the method that
+    made rank 0's ``auto`` bfloat16); the model's own stays ``auto`` (it may be float16,
+    which --kv-cache-dtype does not name)."""
+    kv_name = "auto" if kv_dtype == dtype else KV_CACHE_DTYPE_NAMES[kv_dtype]
     return FollowerSettings(
         model=options.model,
         start_layer=layers.start,
         end_layer=layers.end,
         dtype=dtype_name(dtype),
-        kv_cache_dtype=options.kv_cache_dtype,
+        kv_cache_dtype=kv_name,
         num_blocks=num_blocks,
         block_size=options.block_size,
         num_threads=torch.get_num_threads(),

@@ -1,11 +1,12 @@
-"""--kv-cache-dtype bfloat16: a float32 slice stores and reads its KV cache in bfloat16."""
+"""--kv-cache-dtype bfloat16: a float32 slice stores and reads its KV cache in bfloat16;
+``auto`` gives it to weights quantized on a CPU."""
 
 from __future__ import annotations
 
 import torch
 
 from molink.config import LayerRange
-from molink.engine.factory import EngineOptions, build_local_engine
+from molink.engine.factory import EngineOptions, build_local_engine, follower_settings
 from molink.models import KVCache, SeqChunk
 from molink.weights import resolve_model_source
 from tests.helpers.paged_runner import PagedRunner
@@ -63,3 +64,35 @@ def test_float8_cache_tracks_float32(tiny_model_dir) -> None:
     full += [runner.forward([SeqChunk(5 + i, 1, [2, 3])], [40 + i]) for i in range(3)]
     got, expected = model.compute_logits(torch.cat(lone)), model.compute_logits(torch.cat(full))
     assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
+
+
+def test_weights_quantized_on_cpu_default_to_a_bfloat16_cache(tiny_model_dir) -> None:
+    """``auto`` on a CPU whose weights go through the int4 kernel: a bfloat16 cache, twice
+    the blocks of the float model's in the same memory; an explicit float32 stays."""
+    model = str(tiny_model_dir("llama"))
+    caches = {}
+    for quantization, kv in ((None, "auto"), ("int4", "auto"), ("int4", "float32")):
+        options = EngineOptions(
+            model=model,
+            kv_cache_memory_bytes=1 << 20,
+            kv_cache_dtype=kv,
+            quantization=quantization,
+        )
+        engine, _, _ = build_local_engine(options)
+        (stage,) = engine.executor.stages
+        caches[quantization, kv] = (stage.kv_cache.dtype, engine.scheduler.kv.num_total_blocks)
+    assert caches[None, "auto"][0] == torch.float32
+    assert caches["int4", "auto"][0] == torch.bfloat16
+    assert caches["int4", "float32"][0] == torch.float32
+    assert caches["int4", "auto"][1] == 2 * caches[None, "auto"][1]
+
+
+def test_followers_get_the_cache_dtype_rank_zero_resolved() -> None:
+    options = EngineOptions(model="/m", kv_cache_dtype="auto")
+    layers = LayerRange(0, 4)
+    quantized = follower_settings(options, layers, torch.float32, 8, torch.bfloat16)
+    assert quantized.kv_cache_dtype == "bfloat16"
+    own = follower_settings(options, layers, torch.float16, 8, torch.float16)
+    assert own.kv_cache_dtype == "auto"  # the model's own dtype, which auto gives there too
+    fp8 = follower_settings(options, layers, torch.bfloat16, 8, torch.float8_e4m3fn)
+    assert fp8.kv_cache_dtype == "fp8"

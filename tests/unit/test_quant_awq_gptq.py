@@ -173,6 +173,13 @@ def test_quantization_choices_are_checked() -> None:
 def test_kv_cache_dtypes() -> None:
     assert resolve_kv_cache_dtype("auto", torch.float32) == torch.float32
     assert resolve_kv_cache_dtype("bfloat16", torch.float32) == torch.bfloat16
+    # Weights through the CPU's int4 kernel (bfloat16 products): auto is bfloat16.
+    for method in ("gguf", "awq", "gptq", "int4", "int8"):
+        assert resolve_kv_cache_dtype("auto", torch.float32, "cpu", method) == torch.bfloat16
+        assert resolve_kv_cache_dtype("float32", torch.float32, "cpu", method) == torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.float32, "cpu", "none") == torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.float16, "cuda", "awq") == torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.float32, "cuda", "gguf") == torch.float32
     with pytest.raises(InvalidParameterError, match="fp8 KV cache needs a GPU"):
         resolve_kv_cache_dtype("fp8", torch.float32)
 
