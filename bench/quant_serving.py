@@ -90,6 +90,12 @@ int4 with bfloat16 KV **505 (1.43x)**, float32 1842 MiB.
 load ~0.9): the Q4_1 server with its default bfloat16 cache against ``molink_q4_1_kv_f32``:
 decode tok/s 49.3 against 45.2 at 1 stream, 24.2 against 20.3 at 8; peak 810 against
 1073 MiB.
+``quant_serving_stop23.json``: llama-server, the Q4_1 server with its defaults (bfloat16
+cache) and float32, 2 ABBA rounds, load 0.2-0.9, every server slower than in the run
+before on this host (llama-server 139.5/152.5 at 1 stream against 165.4): llama-server
+139.5, 126.9, 162.6; Q4_1 73.4, 223.2, 262.0 (0.53x, 1.76x, 1.61x llama-server; 2.31x,
+1.16x, 0.81x float32); float32 31.8, 192.5, 324.7. Peak RSS: llama-server 354, Q4_1
+**501 (1.42x)**, float32 1842 MiB.
 """
 
 from __future__ import annotations
