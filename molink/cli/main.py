@@ -1,4 +1,5 @@
-"""``molink``: serve a model, serve one pipeline stage, or show a pipeline's status."""
+"""``molink``: serve a model, serve one pipeline stage, show a pipeline's status, make a
+swarm key, or list and prune the on-disk cache."""
 
 from __future__ import annotations
 
@@ -97,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument(
         "--output", default=None, metavar="PATH", help="write it to a new file (mode 0600)"
     )
+    cache = commands.add_parser(
+        "cache",
+        help="list the on-disk cache (converted models, packed weights, tokenizers)",
+        description="List every cache entry with its size, source file and state: current, "
+        "changed (its file has changed since), missing (its file is gone) or superseded (a "
+        "newer format of the same file exists). The cache is $MOLINK_CACHE_DIR, else "
+        "~/.cache/molink.",
+    )
+    cache.add_argument(
+        "--prune", action="store_true", help="remove every entry that is not current"
+    )
     return parser
 
 
@@ -155,6 +167,21 @@ def run_keygen(output: str | None) -> int:
     return 0
 
 
+def run_cache(prune: bool) -> int:
+    from molink.weights.cache import default_cache_dir
+    from molink.weights.cache_scan import format_entries, prune_cache, scan_cache
+
+    root = default_cache_dir()
+    try:
+        entries = prune_cache(root) if prune else scan_cache(root)
+    except OSError as exc:
+        sys.stderr.write(f"cannot read the cache {root}: {exc}\n")
+        return 1
+    heading = "removed from" if prune else "in"
+    sys.stdout.write(f"{heading} {root}:\n{format_entries(entries)}\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -166,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if namespace.command == "keygen":
         return run_keygen(namespace.output)
+    if namespace.command == "cache":
+        return run_cache(namespace.prune)
     args = parse_engine_args(namespace.flag_parser, namespace)
     from molink.cli.serve import run_server
 

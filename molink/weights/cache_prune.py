@@ -69,9 +69,9 @@ def prune_superseded(entry: Path, source: str, marker_file: str) -> list[Path]:
         old = EntryName.parse(sibling.name)
         if old is None:
             continue
-        if _source_of(sibling / marker_file) != source or not superseded_by(new, old):
+        if source_of(sibling / marker_file) != source or not superseded_by(new, old):
             continue
-        size = _size_of(sibling)
+        size = size_of(sibling)
         shutil.rmtree(sibling, ignore_errors=True)
         if not sibling.exists():
             logger.info(
@@ -84,7 +84,7 @@ def prune_superseded(entry: Path, source: str, marker_file: str) -> list[Path]:
     return removed
 
 
-def _source_of(marker: Path) -> str | None:
+def source_of(marker: Path) -> str | None:
     try:
         info = json.loads(marker.read_text())
     except (OSError, ValueError):
@@ -93,7 +93,7 @@ def _source_of(marker: Path) -> str | None:
     return source if isinstance(source, str) else None
 
 
-def _size_of(directory: Path) -> int:
+def size_of(directory: Path) -> int:
     total = 0
     for path in directory.rglob("*"):
         try:
