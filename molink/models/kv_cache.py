@@ -30,7 +30,7 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     (``torch.zeros`` writes every page at once), and untouched padding still reads as 0."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < LAZY_ZERO_MIN_BYTES:
         return torch.zeros(shape, dtype=dtype)
     # The tensor keeps the mapping alive (torch.frombuffer holds a reference to it); the

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from molink.weights.cache import MARKER_FILE, file_key
-from molink.weights.cache_prune import EntryName, size_of, source_of
+from molink.weights.cache_prune import EntryName, size_of, source_of, superseded_by
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,9 @@ def _states(kind: str, named: list[tuple[Path, str, EntryName]]) -> list[CacheEn
     result = []
     for directory, source, name in named:
         state = _file_state(Path(source), name)
+        # Only an entry of the same key can supersede a current one (other keys are stale).
         if state == "current" and any(
-            other_source == source
-            and other.key == name.key
-            and other.build == name.build
-            and other.version > name.version
+            other_source == source and other.key == name.key and superseded_by(other, name)
             for _, other_source, other in named
         ):
             state = "superseded"
