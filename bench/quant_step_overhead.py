@@ -22,6 +22,14 @@ decode step at 1, 2 and 8 rows, CPU ms 11.29 -> 10.88, 12.09 -> 11.75, 26.44 -> 
 6167 -> 5384; logits bit-identical. What remains at 1 row is mostly kernels: with the
 int4 kernel stubbed out, a step costs ~3.0 ms of the ~10.4 (the LM head, a Q8_0 matrix
 run as two int4 planes, ~3.5 ms of the kernels' ~7.3).
+
+``quant_step_aligned.json`` (``--base 2440d67 --rounds 6 --rows 1,2,8``, both trees
+restoring the model from their packed caches, quiet host): the tree whose cache files put
+every tensor on a 64-byte boundary (molink/weights/aligned_safetensors.py) against the one
+whose mapped tensors started 56 bytes past a cache line: per step at 1, 2 and 8 rows,
+wall ms 12.59 -> 11.44, 14.18 -> 12.47, 27.95 -> 26.35 (paired ratios 1.11x, 1.14x,
+1.05x); logits bit-identical. A first start, which multiplies the planes it has just
+packed in (aligned) memory, does not show the difference: run the bench twice.
 """
 
 from __future__ import annotations

@@ -34,13 +34,16 @@ from torch import nn
 from molink.errors import WeightLoadError
 from molink.quant.int4 import packed_block
 from molink.quant.linear import QuantLinear
+from molink.weights.aligned_safetensors import aligned
+from molink.weights.aligned_safetensors import write as write_aligned
 from molink.weights.cache import build_entry, default_cache_dir, file_key
 
 logger = logging.getLogger(__name__)
 
 # Bumped when what a part file holds changes (2: a matrix of two planes is saved joined,
-# as the kernel reads it).
-PACKED_VERSION = 2
+# as the kernel reads it; 3: tensors start on 64-byte boundaries, molink.weights.
+# aligned_safetensors).
+PACKED_VERSION = 3
 METADATA_FILE = "gguf-metadata.json"
 _INFO_KEY = "molink.quant"
 
@@ -145,7 +148,9 @@ def _read_part(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
     with safe_open(str(path), framework="pt") as handle:
         infos = json.loads((handle.metadata() or {}).get(_INFO_KEY, "{}"))
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        # Views of the mapped file; a tensor off a cache line (a file written before the
+        # cache aligned them, or an odd shape before it) is copied (aligned_safetensors).
+        tensors = {key: aligned(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
     return tensors, infos
 
 
@@ -191,8 +196,6 @@ class PackedCache:
             logger.warning("cannot write packed weights to %s: %s", self.entry, exc)
 
     def _write_missing(self, model: nn.Module) -> None:
-        from safetensors.torch import save_file
-
         self.entry.mkdir(parents=True, exist_ok=True)
         for name, part in _parts(model).items():
             path = _part_file(self.entry, name, model)
@@ -202,7 +205,7 @@ class PackedCache:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.entry)
             os.close(fd)
             try:
-                save_file(tensors, tmp, metadata={_INFO_KEY: json.dumps(infos)})
+                write_aligned(tmp, tensors, {_INFO_KEY: json.dumps(infos)})
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, path)
             finally:

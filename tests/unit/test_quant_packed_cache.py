@@ -67,6 +67,23 @@ def test_cache_holds_no_float_copy_of_quantized_matrices(quantized_gguf: Path) -
     assert all("norm" in k for k in floats), floats  # only the layer norms are float32
 
 
+def test_restored_kernel_tensors_are_aligned_views_of_the_files(quantized_gguf: Path) -> None:
+    """What the int4 kernel reads sits on 64-byte boundaries in the mapped part files, so
+    restoring copies nothing (molink.weights.aligned_safetensors)."""
+    source = GGUFSource(quantized_gguf)
+    layers = LayerRange(0, source.model_config.num_layers)
+    source.load_slice(layers, "float32", quantization="gguf")
+    with safe_open(str(packed_entry_for(quantized_gguf) / "layer-00000.safetensors"), "pt") as f:
+        starts = {key: f.get_tensor(key).data_ptr() % 64 for key in f.keys()}  # noqa: SIM118
+    assert starts and set(starts.values()) == {0}, starts
+
+    restored = GGUFSource(quantized_gguf).load_slice(layers, "float32", quantization="gguf")
+    planes = [m.planes for m in restored.modules() if isinstance(m, QuantLinear) and m.planes]
+    # What the kernel is called on: the joined matrix of two planes, or each plane alone.
+    tensors = [t for p in planes for t in (p.joined or (*p.packed, p.scale_zero))]
+    assert tensors and all(t.data_ptr() % 64 == 0 for t in tensors)
+
+
 def test_slices_restore_from_a_whole_model_cache(quantized_gguf: Path) -> None:
     source = GGUFSource(quantized_gguf)
     num_layers = source.model_config.num_layers
