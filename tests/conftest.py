@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,21 @@ def pytest_configure(config: pytest.Config) -> None:
 def _one_torch_thread() -> None:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_cache_entries_of_temporary_files(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[None]:
+    """Tests that load files from their temporary folders into MoLink's real cache would
+    leave entries there for files that are soon deleted: removed when the session ends."""
+    yield
+    from molink.weights.cache import default_cache_dir
+    from molink.weights.cache_scan import remove_entries, scan_cache
+
+    temporary = tmp_path_factory.getbasetemp().resolve()
+    ours = [e for e in scan_cache(default_cache_dir()) if Path(e.source).is_relative_to(temporary)]
+    remove_entries(ours)
 
 
 @pytest.fixture(scope="session")

@@ -85,10 +85,13 @@ def _file_state(source: Path, name: EntryName) -> str:
 
 def prune_cache(root: Path) -> list[CacheEntry]:
     """Remove every entry that is not current; returns those removed."""
+    return remove_entries([entry for entry in scan_cache(root) if entry.state != "current"])
+
+
+def remove_entries(entries: list[CacheEntry]) -> list[CacheEntry]:
+    """Remove these scanned entries' folders; returns those removed."""
     removed = []
-    for entry in scan_cache(root):
-        if entry.state == "current":
-            continue
+    for entry in entries:
         shutil.rmtree(entry.path, ignore_errors=True)
         if not entry.path.exists():
             logger.info("removed %s (%s)", entry.path, entry.state)
