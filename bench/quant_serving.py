@@ -96,6 +96,11 @@ before on this host (llama-server 139.5/152.5 at 1 stream against 165.4): llama-
 139.5, 126.9, 162.6; Q4_1 73.4, 223.2, 262.0 (0.53x, 1.76x, 1.61x llama-server; 2.31x,
 1.16x, 0.81x float32); float32 31.8, 192.5, 324.7. Peak RSS: llama-server 354, Q4_1
 **501 (1.42x)**, float32 1842 MiB.
+``quant_serving_aligned.json``: the same three servers after the packed cache put its
+tensors on 64-byte boundaries (molink/weights/aligned_safetensors.py), one round, load
+0.5-0.9, llama-server again slower than on the quietest runs: llama-server 136.2, 118.3,
+155.0; Q4_1 74.3, 220.3, 253.4 (0.55x, 1.86x, 1.63x llama-server; 2.37x, 1.20x, 0.80x
+float32); float32 31.4, 183.0, 314.8. Peak RSS: llama-server 355, Q4_1 504 (1.42x).
 """
 
 from __future__ import annotations
