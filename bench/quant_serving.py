@@ -101,6 +101,10 @@ tensors on 64-byte boundaries (molink/weights/aligned_safetensors.py), one round
 0.5-0.9, llama-server again slower than on the quietest runs: llama-server 136.2, 118.3,
 155.0; Q4_1 74.3, 220.3, 253.4 (0.55x, 1.86x, 1.63x llama-server; 2.37x, 1.20x, 0.80x
 float32); float32 31.4, 183.0, 314.8. Peak RSS: llama-server 355, Q4_1 504 (1.42x).
+``quant_serving_aligned_2rounds.json``: the same with 2 ABBA rounds, load 0.6-0.9:
+llama-server 146.4, 126.0, 155.4; Q4_1 78.6, 235.5, 274.3 (0.54x, 1.87x, 1.77x
+llama-server; 2.53x, 1.25x, 0.98x float32; TPOT at 1 stream 12.26 ms against 6.80);
+float32 31.1, 189.0, 279.7. Peak RSS: llama-server 353, Q4_1 505 (1.43x), float32 1841.
 """
 
 from __future__ import annotations
