@@ -39,6 +39,7 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
     short = -_data_start(data) % ALIGN
     if short == 0:
         return data
+    del data  # a part of a large model is hundreds of MiB: never two copies at once
     # The library pads the header to 8 bytes, so ``short`` (a multiple of 8) more spaces
     # in one value move the data section exactly that far.
     return save(tensors, metadata={**metadata, PAD_KEY: " " * short})
