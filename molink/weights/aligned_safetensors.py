@@ -18,7 +18,6 @@ norms of every real model's shapes are); ``aligned`` copies a tensor that is not
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -47,17 +46,6 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
 
 def write(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     Path(path).write_bytes(serialize(tensors, metadata))
-
-
-def tensor_offsets(data: bytes) -> dict[str, int]:
-    """Each tensor's byte offset from the start of serialized ``data`` (for checks)."""
-    start = _data_start(data)
-    header = json.loads(data[8:start])
-    return {
-        name: start + int(entry["data_offsets"][0])
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
 
 
 def aligned(tensor: torch.Tensor) -> torch.Tensor:
