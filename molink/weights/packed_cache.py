@@ -148,8 +148,8 @@ def _read_part(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
     with safe_open(str(path), framework="pt") as handle:
         infos = json.loads((handle.metadata() or {}).get(_INFO_KEY, "{}"))
-        # Views of the mapped file; a tensor off a cache line (a file written before the
-        # cache aligned them, or an odd shape before it) is copied (aligned_safetensors).
+        # Views of the mapped file; a tensor off a cache line (one that follows a tensor
+        # whose size is not a multiple of 64 bytes) is copied (aligned_safetensors).
         tensors = {key: aligned(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118
     return tensors, infos
 

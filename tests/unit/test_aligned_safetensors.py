@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from molink.weights import aligned_safetensors as ast
+from molink.weights import aligned_safetensors as aligned_st
 
 
 def tensor_offsets(data: bytes) -> dict[str, int]:
@@ -37,16 +37,16 @@ def _tensors(extra_name_length: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name_length", range(1, 17))
 def test_every_tensor_starts_on_a_64_byte_boundary(name_length: int) -> None:
     tensors = _tensors(name_length)
-    data = ast.serialize(tensors, {"info": "x" * name_length})
+    data = aligned_st.serialize(tensors, {"info": "x" * name_length})
     offsets = tensor_offsets(data)
     assert set(offsets) == set(tensors)
-    assert all(offset % ast.ALIGN == 0 for offset in offsets.values()), offsets
+    assert all(offset % aligned_st.ALIGN == 0 for offset in offsets.values()), offsets
 
 
 def test_the_plain_library_would_not_align_them() -> None:
     """The case the module exists for: some header lengths leave the data off a line."""
     starts = {
-        tensor_offsets(save(_tensors(n), {"info": "x" * n}))["layer.planes"] % ast.ALIGN
+        tensor_offsets(save(_tensors(n), {"info": "x" * n}))["layer.planes"] % aligned_st.ALIGN
         for n in range(1, 17)
     }
     assert starts != {0}
@@ -55,21 +55,22 @@ def test_the_plain_library_would_not_align_them() -> None:
 def test_the_file_reads_back_with_its_metadata(tmp_path: Path) -> None:
     tensors = _tensors(5)
     path = tmp_path / "part.safetensors"
-    ast.write(path, tensors, {"molink.quant": '{"a": 1}'})
+    aligned_st.write(path, tensors, {"molink.quant": '{"a": 1}'})
     with safe_open(str(path), framework="pt") as handle:
         assert set(handle.keys()) == set(tensors)
         assert (handle.metadata() or {})["molink.quant"] == '{"a": 1}'
         for name, tensor in tensors.items():
             read = handle.get_tensor(name)
             assert torch.equal(read, tensor)
-            assert read.data_ptr() % ast.ALIGN == 0  # the mapping is page-aligned
+            assert read.data_ptr() % aligned_st.ALIGN == 0  # the mapping is page-aligned
 
 
 def test_aligned_copies_only_a_tensor_off_a_boundary() -> None:
     base = torch.zeros(256, dtype=torch.uint8)
-    assert base.data_ptr() % ast.ALIGN == 0
-    assert ast.aligned(base) is base
+    assert base.data_ptr() % aligned_st.ALIGN == 0
+    assert aligned_st.aligned(base) is base
     off = base[8:72]
-    copy = ast.aligned(off)
-    assert copy is not off and copy.data_ptr() % ast.ALIGN == 0 and torch.equal(copy, off)
-    assert ast.aligned(base[:0]) is not None
+    copy = aligned_st.aligned(off)
+    assert copy is not off and copy.data_ptr() % aligned_st.ALIGN == 0 and torch.equal(copy, off)
+    empty = base[8:8]  # nothing to read: kept wherever it points
+    assert aligned_st.aligned(empty) is empty

@@ -14,6 +14,8 @@ from safetensors import safe_open
 from molink.config import LayerRange
 from molink.models import SeqChunk
 from molink.quant.linear import QuantLinear
+from molink.weights import packed_cache
+from molink.weights.aligned_safetensors import aligned
 from molink.weights.gguf_source import GGUFSource
 from molink.weights.packed_cache import METADATA_FILE, packed_entry_for
 from tests.helpers.paged_runner import PagedRunner
@@ -67,7 +69,9 @@ def test_cache_holds_no_float_copy_of_quantized_matrices(quantized_gguf: Path) -
     assert all("norm" in k for k in floats), floats  # only the layer norms are float32
 
 
-def test_restored_kernel_tensors_are_aligned_views_of_the_files(quantized_gguf: Path) -> None:
+def test_restored_kernel_tensors_are_aligned_views_of_the_files(
+    quantized_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What the int4 kernel reads sits on 64-byte boundaries in the mapped part files, so
     restoring copies nothing (molink.weights.aligned_safetensors)."""
     source = GGUFSource(quantized_gguf)
@@ -77,7 +81,17 @@ def test_restored_kernel_tensors_are_aligned_views_of_the_files(quantized_gguf: 
         starts = {key: f.get_tensor(key).data_ptr() % 64 for key in f.keys()}  # noqa: SIM118
     assert starts and set(starts.values()) == {0}, starts
 
+    copied: list[str] = []
+
+    def recording(tensor: torch.Tensor) -> torch.Tensor:
+        kept = aligned(tensor)
+        if kept is not tensor:
+            copied.append(str(tuple(tensor.shape)))
+        return kept
+
+    monkeypatch.setattr(packed_cache, "aligned", recording)
     restored = GGUFSource(quantized_gguf).load_slice(layers, "float32", quantization="gguf")
+    assert copied == []  # every tensor restored as a view of its file
     planes = [m.planes for m in restored.modules() if isinstance(m, QuantLinear) and m.planes]
     # What the kernel is called on: the joined matrix of two planes, or each plane alone.
     tensors = [t for p in planes for t in (p.joined or (*p.packed, p.scale_zero))]
