@@ -169,16 +169,30 @@ def _peak_rss_mib(pid: int) -> float | None:
 # slots (as molink batches its sequences), one thread for decode and for batches; 256 tokens
 # of 16-bit KV per slot (prompt + 64 new tokens fit).
 LLAMA_SERVER_SLOTS = 32
+LLAMA_SLOT_TOKENS = 256
 
 
-def llama_server_flags(binary: str, gguf: str) -> list[str]:
+def llama_server_flags(
+    binary: str, gguf: str, slots: int = LLAMA_SERVER_SLOTS, slot_tokens: int = LLAMA_SLOT_TOKENS
+) -> list[str]:
+    """llama-server splits ``--ctx-size`` evenly between its ``--parallel`` slots."""
     return [binary, "--model", gguf, "--threads", "1", "--threads-batch", "1",
-            "--parallel", str(LLAMA_SERVER_SLOTS), "--cont-batching",
-            "--ctx-size", str(256 * LLAMA_SERVER_SLOTS), "--host", LOOPBACK]  # fmt: skip
+            "--parallel", str(slots), "--cont-batching",
+            "--ctx-size", str(slot_tokens * slots), "--host", LOOPBACK]  # fmt: skip
+
+
+def llama_slots(stream_counts: list[int], prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
+    """Slots and tokens per slot: long prompts get as many slots as the largest run has
+    streams, each holding its prompt and answer (llama-server refuses a longer request)."""
+    if not prompt_tokens:
+        return LLAMA_SERVER_SLOTS, LLAMA_SLOT_TOKENS
+    return max(stream_counts), prompt_tokens + new_tokens + 64
 
 
 def servers(
-    llama_python: str | None, llama_server: str | None = None
+    llama_python: str | None,
+    llama_server: str | None = None,
+    slots: tuple[int, int] = (LLAMA_SERVER_SLOTS, LLAMA_SLOT_TOKENS),
 ) -> dict[str, list[str] | None]:
     gguf = str(default_model_gguf())
     common = ["--num-threads", "1", "--max-num-seqs", "64"]
@@ -242,7 +256,7 @@ def servers(
             *common,
         ],
         "llama_cpp": None,
-        "llama_server": llama_server_flags(llama_server, gguf) if llama_server else None,
+        "llama_server": llama_server_flags(llama_server, gguf, *slots) if llama_server else None,
     }
     if llama_python:
         found["llama_cpp"] = [llama_python, "-m", "llama_cpp.server", "--model", gguf,
@@ -317,7 +331,8 @@ def run(
 ) -> dict[str, Any]:
     """``llama``: llama-cpp-python's interpreter and llama.cpp's server binary (or None)."""
     results: dict[str, Any] = {}
-    for name, flags in servers(*llama).items():
+    slots = llama_slots(stream_counts, prompt_tokens, new_tokens)
+    for name, flags in servers(*llama, slots).items():
         if only is not None and name not in only.split(","):
             continue
         if flags is None:
