@@ -64,8 +64,9 @@ from molink.quant.groups import GroupInts
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 SCALE_DTYPE = torch.bfloat16
-# Looked up once: ``torch.ops`` resolves attributes on every access.
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+# The op's binding in torch's namespace: a built-in call, where ``torch.ops.aten``'s packet
+# adds a Python frame to each of a decode step's ~120 products.
+_INT4_MM = torch._weight_int4pack_mm_for_cpu
 
 
 @functools.cache
@@ -182,7 +183,13 @@ class Int4Planes:
     def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
         """float32 ``x @ W.T`` for float x [T, cols]: exactly ``matmul(x.to(bfloat16))
         .float()`` (the path of every decode-sized product)."""
-        out = self._product(x.to(torch.bfloat16)).float()
+        x = x.to(torch.bfloat16)
+        args = self._kernel_args
+        if len(args) == 1:  # one plane (most matrices): ``_product`` without its frame
+            packed, scale_zero = args[0]
+            out = _INT4_MM(x, packed, self.group, scale_zero).float()
+        else:
+            out = self._product(x).float()
         return out if out.shape[1] == self.rows else out[:, : self.rows]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

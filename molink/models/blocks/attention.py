@@ -95,6 +95,13 @@ class SelfAttention(nn.Module):
             self.q_norm, self.k_norm = _qk_norms(self.spec, factory)
         spec = self.spec
         self.sinks = factory.vector(spec.num_heads) if spec.sinks else None
+        # Read by every decode step: sizes as plain ints, and the options made once where
+        # they hold no tensor (sinks are a parameter, which loading may replace).
+        self._q_end = spec.q_size
+        self._k_end = spec.q_size + spec.kv_size
+        self._plain_options = (
+            None if spec.sinks else AttentionOptions(scale=spec.scale, softcap=spec.softcap)
+        )
 
     def shard_rule(self, attr: str) -> ShardRule | None:
         """Sinks are per query head: each rank keeps its heads' (see molink.models.parallel)."""
@@ -104,6 +111,8 @@ class SelfAttention(nn.Module):
         return segment_rule(0, (heads,), self.group.size, self.group.rank)
 
     def options(self) -> AttentionOptions:
+        if self._plain_options is not None:
+            return self._plain_options
         spec = self.spec
         return AttentionOptions(scale=spec.scale, softcap=spec.softcap, sinks=self.sinks)
 
@@ -117,24 +126,32 @@ class SelfAttention(nn.Module):
         """[T, hidden] -> the heads' output [T, heads * head_dim] (before ``o``)."""
         spec = self.spec
         num_tokens = h.shape[0]
-        qkv = self.qkv(h)
-        q = qkv[:, : spec.q_size]
-        k = qkv[:, spec.q_size : spec.q_size + spec.kv_size]
-        v = qkv[:, spec.q_size + spec.kv_size :].view(num_tokens, spec.num_kv_heads, -1)
+        qkv = self.qkv.forward(h)  # no hooks on blocks (see prenorm.py)
+        q_end, k_end = self._q_end, self._k_end
+        v = qkv[:, k_end:].view(num_tokens, spec.num_kv_heads, -1)
+        if spec.rope is not None and spec.qk_norm is None:
+            # q and k lie side by side in each row of qkv: one rotation covers both.
+            qk = qkv[:, :k_end].view(num_tokens, -1, spec.head_dim)
+            q, k = ctx.rotate_qk(spec.rope, qk, spec.num_heads)
+        else:
+            q, k = self._normed_qk(qkv[:, :q_end], qkv[:, q_end:k_end], num_tokens)
+            if spec.rope is not None:
+                q, k = ctx.rotate(spec.rope, q), ctx.rotate(spec.rope, k)
+        meta = ctx.attention_meta(spec.window)
+        return paged_attention(q, k, v, key_cache, value_cache, meta, self.options())
+
+    def _normed_qk(
+        self, q: torch.Tensor, k: torch.Tensor, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, head_dim] and k [T, kv_heads, head_dim], through the q/k norms."""
+        spec = self.spec
         if spec.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(num_tokens, spec.num_heads, spec.head_dim)
         k = k.view(num_tokens, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm in ("head", "head_layernorm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        if spec.rope is not None and spec.qk_norm is None:
-            # q and k lie side by side in each row of qkv: one rotation covers both.
-            qk = qkv[:, : spec.q_size + spec.kv_size].view(num_tokens, -1, spec.head_dim)
-            q, k = ctx.rotate_qk(spec.rope, qk, spec.num_heads)
-        elif spec.rope is not None:
-            q, k = ctx.rotate(spec.rope, q), ctx.rotate(spec.rope, k)
-        meta = ctx.attention_meta(spec.window)
-        return paged_attention(q, k, v, key_cache, value_cache, meta, self.options())
+        return q, k
 
 
 def _qk_norms(spec: AttentionSpec, factory: LinearFactory) -> tuple[nn.Module | None, ...]:

@@ -59,7 +59,7 @@ class GatedMLP(nn.Module):
         self.down = factory.row((rows,), hidden, bias)
 
     def inner(self, h: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(h)
+        gate_up = self.gate_up.forward(h)  # no hooks on blocks (see prenorm.py)
         return self.act(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ class PlainMLP(nn.Module):
         self.down = factory.row((rows,), hidden, bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(h)))
+        return self.down.forward(self.act(self.up.forward(h)))
 
     def add_to(self, residual: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self.down.add_to(residual, self.act(self.up(h)))
+        return self.down.add_to(residual, self.act(self.up.forward(h)))

@@ -44,11 +44,14 @@ class PreNormLayer(nn.Module):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
     ) -> torch.Tensor:
-        heads = self.attn(self.input_norm(x), ctx, key_cache, value_cache)
+        # forward() directly, as the decoder calls its layers (molink/models/decoder.py):
+        # no hooks are registered on blocks, and a decode step makes ~150 such calls.
+        attn = self.attn
+        heads = attn.forward(self.input_norm.forward(x), ctx, key_cache, value_cache)
         mlp: FeedForward = self.mlp  # type: ignore[assignment]
         scale = self.residual_multiplier
         if scale is None:
-            x = self.attn.o.add_to(x, heads)
-            return mlp.add_to(x, self.post_norm(x))
-        x = x + self.attn.o(heads) * scale
-        return x + mlp(self.post_norm(x)) * scale
+            x = attn.o.add_to(x, heads)
+            return mlp.add_to(x, self.post_norm.forward(x))
+        x = x + attn.o(heads) * scale
+        return x + mlp(self.post_norm.forward(x)) * scale

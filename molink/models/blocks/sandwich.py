@@ -39,8 +39,11 @@ class SandwichLayer(nn.Module):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
     ) -> torch.Tensor:
-        h = x if self.pre_attn_norm is None else self.pre_attn_norm(x)
-        heads = self.attn(h, ctx, key_cache, value_cache)
-        x = x + self.post_attn_norm(self.attn.o(heads))
-        h = x if self.pre_mlp_norm is None else self.pre_mlp_norm(x)
-        return x + self.post_mlp_norm(self.mlp(h))
+        # forward() directly: no hooks on blocks (see prenorm.py).
+        pre_attn, pre_mlp = self.pre_attn_norm, self.pre_mlp_norm
+        h = x if pre_attn is None else pre_attn.forward(x)
+        attn = self.attn
+        heads = attn.forward(h, ctx, key_cache, value_cache)
+        x = x + self.post_attn_norm.forward(attn.o(heads))
+        h = x if pre_mlp is None else pre_mlp.forward(x)
+        return x + self.post_mlp_norm.forward(self.mlp.forward(h))
