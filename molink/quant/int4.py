@@ -255,7 +255,30 @@ class Int4Planes:
         return blocks.permute(0, 2, 1).reshape(end - start, self.cols)
 
     def gather_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """float32 [len(index), cols]: rows of W (the embedding lookup)."""
+        """float32 [len(index), cols]: rows of W (the embedding lookup).
+
+        One plane, or joined planes, are read in one pass: ~30 small ops fewer per decode
+        step for a two-plane table (SmolLM2's Q8_0 embedding) than a pass per plane."""
+        count = len(self.packed)
+        source = self.joined[0] if self.joined is not None else self.packed[0]
+        if count > 1 and self.joined is None:
+            return self._gather_rows_apart(index)
+        block = packed_block()
+        half = block // 2
+        rows, within = len(index), index % block
+        p = source.view(-1, count * self.cols, half)
+        bytes_ = p[index // block, :, within % half]  # [T, count * cols]
+        shift = ((within >= half).to(torch.uint8) * 4)[:, None]
+        q = ((bytes_ >> shift) & 0x0F).view(rows, count, -1, self.group).float()
+        sz = self.scale_zero[:, :, index].float()  # [count, K / group, T, 2]
+        scale = sz[..., 0].permute(2, 0, 1).contiguous()[..., None]  # [T, count, groups, 1]
+        zero = (sz[..., 1] - 8 * sz[..., 0]).permute(2, 0, 1).contiguous()[..., None]
+        w = torch.addcmul(zero, q, scale)  # [T, count, groups, group]
+        # The planes' sum in plane order, as ``_gather_rows_apart`` adds them.
+        return (w[:, 0] if count == 1 else w.sum(1)).view(rows, self.cols)
+
+    def _gather_rows_apart(self, index: torch.Tensor) -> torch.Tensor:
+        """``gather_rows`` for planes held apart (not joined), a pass per plane."""
         block = packed_block()
         half = block // 2
         within = index % block
