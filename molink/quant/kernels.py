@@ -97,7 +97,9 @@ So ``--quantized-batch-kernel``:
 
 * ``int4`` (default: weights stay at the file's size): the int4 kernel up to
   ``INT4_MAX_ROWS`` rows, dequantizing a band at a time into MKL above (they tie between
-  96 and 128 rows; bench/results/quant_kernels_crossover.json);
+  96 and 128 rows on the AVX2 CPU; bench/results/quant_kernels_crossover.json). On a CPU
+  with bfloat16 dot products the int4 kernel stays ahead at every size a step multiplies
+  (prefill chunks included), so it has no row limit there (``int4_row_limit``);
 * ``fp16``: the int4 kernel up to ``INT4_FEW_ROWS`` rows (``INT4_FEW_ROWS_BF16`` on a CPU
   with bfloat16 dot products), fbgemm's float16 copy above
   (decode batches and prefill chunks), for nodes that trade memory for batch speed; a
@@ -112,6 +114,7 @@ So ``--quantized-batch-kernel``:
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 from molink.errors import InvalidParameterError
@@ -120,6 +123,12 @@ from molink.models.cpu_linear import native_bf16
 BATCH_KERNEL_CHOICES = ("int4", "fp16", "bf16", "int8act")
 # Up to this many rows the int4 kernel beats dequantize-and-multiply (table above).
 INT4_MAX_ROWS = 128
+# Where the CPU multiplies bfloat16 natively the int4 kernel leads the dequantizing path
+# at every size (SmolLM2's 30 layers' products, one thread, AMD EPYC with avx512_bf16,
+# medians of 3 interleaved rounds, ms at 64, 128, 256, 512, 1,024, 2,048 rows: 106, 205,
+# 405, 864, 1751, 3495 against 277, 452, 800, 1581, 3257, 7564;
+# bench/results/quant_kernels_crossover_avx512bf16.json): no limit there.
+UNLIMITED_ROWS = sys.maxsize
 # With a float16 copy, up to this many rows the int4 kernel ties or wins (tables above).
 INT4_FEW_ROWS = 2
 # On a CPU with bfloat16 dot products the int4 kernel is faster and wins up to this many
@@ -145,7 +154,12 @@ def int4_max_rows(batch_kernel: str, planes: int = 1) -> int:
         return INT4_FEW_ROWS_BF16 if native_bf16() else INT4_FEW_ROWS
     if batch_kernel == "bf16":
         return INT4_FEW_ROWS_BF16
-    return INT4_MAX_ROWS
+    return int4_row_limit()
+
+
+def int4_row_limit() -> int:
+    """The most rows the ``int4`` choice multiplies with the int4 kernel (above: dequant)."""
+    return UNLIMITED_ROWS if native_bf16() else INT4_MAX_ROWS
 
 
 def choose_kernel(rows: int, batch_kernel: str, planes: int = 1) -> Kernel:
@@ -158,4 +172,4 @@ def choose_kernel(rows: int, batch_kernel: str, planes: int = 1) -> Kernel:
         return "int4" if rows <= INT4_FEW_ROWS_BF16 and planes == 1 else "bf16"
     if batch_kernel == "int8act":
         return "nbits"
-    return "int4" if rows <= INT4_MAX_ROWS else "dequant"
+    return "int4" if rows <= int4_row_limit() else "dequant"

@@ -232,11 +232,17 @@ def test_unsupported_type_and_bad_sizes_are_named() -> None:
 def test_kernel_choice_covers_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 1 <= INT4_MAX_ROWS < max(BATCHES)
     assert 1 <= INT4_FEW_ROWS < max(BATCHES)
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
     assert [choose_kernel(r, "int4") for r in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1)] == [
         "int4",
         "int4",
         "dequant",
     ]
+    # With bfloat16 dot products the int4 kernel leads at every size: prefill chunks too.
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+    assert {choose_kernel(r, "int4", p) for r in (1, INT4_MAX_ROWS + 1, 4096) for p in (1, 2)} == {
+        "int4"
+    }
     fp16_few = ((False, "fp16", INT4_FEW_ROWS), (True, "fp16", INT4_FEW_ROWS_BF16))
     for native, kernel, few in (*fp16_few, (True, "bf16", INT4_FEW_ROWS_BF16)):
         monkeypatch.setattr(kernels, "native_bf16", lambda native=native: native)
@@ -258,11 +264,16 @@ def test_int4_rows_read_at_load_are_the_kernel_choice(monkeypatch: pytest.Monkey
                 assert chosen == [r <= most for r in range(1, 200)], (native, kernel, planes)
 
 
+@pytest.mark.parametrize("native", [False, True])  # bfloat16 dot products or not
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])  # one plane, two planes
-def test_products_are_the_chosen_kernels_bit_for_bit(type_name: str) -> None:
+def test_products_are_the_chosen_kernels_bit_for_bit(
+    type_name: str, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """forward's shortcut to the int4 kernel gives exactly what the kernel choice runs:
     the planes' product of bfloat16 activations, the bias added in float32, the result in
-    the activations' dtype; above INT4_MAX_ROWS the dequantizing path."""
+    the activations' dtype; above INT4_MAX_ROWS the dequantizing path, where the CPU has
+    no bfloat16 dot products."""
+    monkeypatch.setattr(kernels, "native_bf16", lambda: native)
     ints = decode_blocks(make_blocks(type_name, ROWS, COLS, seed=8), type_name, ROWS, COLS)
     layer = QuantLinear(COLS, ROWS, bias=True)
     layer.load_weight(ints, pack=False)
@@ -270,7 +281,7 @@ def test_products_are_the_chosen_kernels_bit_for_bit(type_name: str) -> None:
     layer.bias.copy_(torch.randn(ROWS, generator=torch.Generator().manual_seed(9)))
     for rows in (1, 2, 8, INT4_MAX_ROWS, INT4_MAX_ROWS + 1):
         x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(rows))
-        if rows <= INT4_MAX_ROWS:
+        if rows <= INT4_MAX_ROWS or native:
             product = layer.planes.matmul(x.to(torch.bfloat16)).float()
         else:
             product = dequant_matmul(layer.planes, x)
