@@ -105,6 +105,26 @@ float32); float32 31.4, 183.0, 314.8. Peak RSS: llama-server 355, Q4_1 504 (1.42
 llama-server 146.4, 126.0, 155.4; Q4_1 78.6, 235.5, 274.3 (0.54x, 1.87x, 1.77x
 llama-server; 2.53x, 1.25x, 0.98x float32; TPOT at 1 stream 12.26 ms against 6.80);
 float32 31.1, 189.0, 279.7. Peak RSS: llama-server 353, Q4_1 505 (1.43x), float32 1841.
+``quant_serving_streamlined.json``: after the decode path's call overhead was cut
+(bench/quant_step_overhead.py's ``quant_step_streamlined.json``), 2 ABBA rounds, load
+0.5-1.0: llama-server 145.6, 130.0, 157.9; Q4_1 80.8, 241.2, 269.9 (0.55x, 1.85x, 1.71x;
+2.61x, 1.35x, 0.87x float32; TPOT at 1 stream 12.0 ms); float32 31.0, 178.5, 311.8.
+``quant_serving_prefill_int4.json``: then with the int4 kernel for prefill chunks too on
+this CPU (molink/quant/kernels.py's ``int4_row_limit``), 2 ABBA rounds, load 0.2-0.9:
+llama-server 152.0, 133.2, 167.5 (TPOT 6.56 ms at 1 stream); Q4_1 **87.2, 253.0, 302.0**
+(**0.57x, 1.90x, 1.80x llama-server; 2.64x, 1.32x, 0.98x float32**; TPOT 11.1 ms; TTFT at
+32 streams 951 ms against llama-server's 1338); float32 33.1, 192.0, 308.6. Peak RSS:
+llama-server 355, Q4_1 502 (1.41x), float32 1842 MiB.
+Long contexts against llama-server (``--prompt-tokens 1500 --streams 1,8 --servers
+llama_server,molink_q4_1 --rounds 2``; llama-server then gets 8 slots of 1,628 tokens,
+``llama_slots``): ``quant_serving_long_llama.json`` (before the int4 prefill) Q4_1 10.47
+and 12.05 tok/s at 1 and 8 streams against 8.17 and 9.16 (1.28x, 1.32x), TTFT 4.9 s
+against 7.0 s at one stream; ``quant_serving_long_llama_prefill_int4.json`` (after) Q4_1
+**14.21 and 17.05** against 8.27 and 9.33 (**1.72x, 1.83x**), TTFT **3.3 s** against 7.0 s
+(13.7 s against 27.4 s at 8 streams); decode alone (streams x 1000 / TPOT) 52.8 and 31.1
+tok/s against 81.6 and 18.4: llama-server's single stream decodes a 1,500-token context
+faster (12.3 ms per token against 18.9), its 8 streams slower. Peak RSS 819 against
+473 MiB (molink's servers get a 2 GiB KV cache for long prompts, filled as needed).
 """
 
 from __future__ import annotations
