@@ -31,13 +31,14 @@ wall ms 12.59 -> 11.44, 14.18 -> 12.47, 27.95 -> 26.35 (paired ratios 1.11x, 1.1
 1.05x); logits bit-identical. A first start, which multiplies the planes it has just
 packed in (aligned) memory, does not show the difference: run the bench twice.
 
-``quant_step_streamlined.json`` (``--base 8e3c451 --rounds 6 --rows 1,2,8``, quiet host):
+``quant_step_streamlined.json`` (``--base 8e3c451 --rounds 6 --rows 1,2,8``, load ~1):
 the decode path with blocks calling ``forward()`` directly, attention's sizes and options
 kept, torch's built-in binding of the int4 product, one-pass embedding rows of joined
 planes and no runtime-protocol ``isinstance`` per forward, against the tree before: per
-step at 1, 2 and 8 rows, wall ms 11.12 -> 10.61, 12.66 -> 12.05, 25.48 -> 24.91 (paired
-ratios 1.054x, 1.056x, 1.024x), function calls 4492 -> 3031, 4662 -> 3201, 5723 -> 4246;
-logits bit-identical.
+step at 1, 2 and 8 rows, wall ms 11.73 -> 10.95, 13.32 -> 12.35, 27.00 -> 25.81 (paired
+ratios 1.065x, 1.077x, 1.050x), function calls 4510 -> 3150, 4680 -> 3320, 5741 -> 4365;
+logits bit-identical. (A run before a last simplification, on a quieter host: 1.054x,
+1.056x, 1.024x.)
 """
 
 from __future__ import annotations

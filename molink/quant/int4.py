@@ -183,13 +183,7 @@ class Int4Planes:
     def matmul_float(self, x: torch.Tensor) -> torch.Tensor:
         """float32 ``x @ W.T`` for float x [T, cols]: exactly ``matmul(x.to(bfloat16))
         .float()`` (the path of every decode-sized product)."""
-        x = x.to(torch.bfloat16)
-        args = self._kernel_args
-        if len(args) == 1:  # one plane (most matrices): ``_product`` without its frame
-            packed, scale_zero = args[0]
-            out = _INT4_MM(x, packed, self.group, scale_zero).float()
-        else:
-            out = self._product(x).float()
+        out = self._product(x.to(torch.bfloat16)).float()
         return out if out.shape[1] == self.rows else out[:, : self.rows]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,9 +254,9 @@ class Int4Planes:
         One plane, or joined planes, are read in one pass: ~30 small ops fewer per decode
         step for a two-plane table (SmolLM2's Q8_0 embedding) than a pass per plane."""
         count = len(self.packed)
-        source = self.joined[0] if self.joined is not None else self.packed[0]
         if count > 1 and self.joined is None:
             return self._gather_rows_apart(index)
+        source = self.packed[0] if self.joined is None else self.joined[0]
         block = packed_block()
         half = block // 2
         rows, within = len(index), index % block
