@@ -46,6 +46,10 @@ class InPlaceDecode:
     views: tuple[SlotRun, ...]
     gathered: torch.Tensor | None  # slot ids [n] of the other attended tokens, or None
     num_keys: int
+    # Where each view and each gathered slot lies among the attended keys (0 = the first
+    # attended position): enough to lay the pieces out again in position order.
+    view_offsets: tuple[int, ...] = ()
+    gathered_offsets: torch.Tensor | None = None
 
 
 def slot_runs(block_ids: Sequence[int], block_size: int, lo: int, hi: int) -> list[SlotRun]:
@@ -73,11 +77,22 @@ def plan_in_place(
     """The plan for a sequence whose new token is its ``length``-th."""
     lo = max(0, length - window) if window is not None else 0
     views: list[SlotRun] = []
+    view_offsets: list[int] = []
     slots: list[int] = []
+    slot_offsets: list[int] = []
+    offset = 0
     for run in slot_runs(block_ids, block_size, lo, length):
         if run.length >= MIN_VIEW_TOKENS:
             views.append(run)
+            view_offsets.append(offset)
         else:
             slots.extend(range(run.start, run.start + run.length))
-    gathered = torch.tensor(slots, dtype=torch.long, device=device) if slots else None
-    return InPlaceDecode(row, tuple(views), gathered, length - lo)
+            slot_offsets.extend(range(offset, offset + run.length))
+        offset += run.length
+    gathered = gathered_offsets = None
+    if slots:
+        gathered = torch.tensor(slots, dtype=torch.long, device=device)
+        gathered_offsets = torch.tensor(slot_offsets, dtype=torch.long, device=device)
+    return InPlaceDecode(
+        row, tuple(views), gathered, length - lo, tuple(view_offsets), gathered_offsets
+    )

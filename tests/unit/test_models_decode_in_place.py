@@ -12,6 +12,7 @@ from molink.kernels.paged_reference import DecodeParams, paged_decode_reference
 from molink.models import decode_plan
 from molink.models.attention import AttentionOptions, paged_attention
 from molink.models.attention_metadata import AttentionMetadata, SeqChunk
+from molink.models.decode_paths import decode_in_place
 from molink.models.decode_plan import SlotRun, slot_runs
 
 BLOCK = 4
@@ -117,3 +118,52 @@ def test_latent_attention_and_a_bfloat16_cache_match_the_reference() -> None:
         DecodeParams(dim**-0.5, dim_v),
     )
     torch.testing.assert_close(got.view(2, heads, dim_v), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_pieces_of_a_converted_cache_attend_exactly_as_one_run(cache_dtype) -> None:
+    # A sequence whose first block came from the prefix cache (or whose blocks were
+    # interleaved with other sequences') reads views and gathered slots; laid out again in
+    # position order they must give the very values that one run of the same slots gives.
+    heads, kv_heads, dim, length = 6, 2, 8, 28
+    gen = torch.Generator().manual_seed(4)
+    caches = [
+        torch.randn(12, BLOCK, kv_heads, dim, generator=gen).to(cache_dtype) for _ in range(2)
+    ]
+    q = torch.randn(1, heads, dim, generator=gen)
+    params = DecodeParams(dim**-0.5, dim)
+    one_run = decode_plan.plan_in_place(0, list(range(1, 8)), length, BLOCK, None, "cpu")
+    assert one_run.views == (SlotRun(4, length),) and one_run.gathered is None
+    # The same slots planned as a gathered block, a view of three blocks, then four
+    # gathered slots: the pieces interleave in position order.
+    pieces = decode_plan.InPlaceDecode(
+        0,
+        (SlotRun(8, 12),),
+        torch.tensor([4, 5, 6, 7, *range(20, 32)]),
+        length,
+        (4,),
+        torch.tensor([0, 1, 2, 3, *range(16, 28)]),
+    )
+    expected = decode_in_place(q, *caches, one_run, params)
+    assert torch.equal(decode_in_place(q, *caches, pieces, params), expected)
+    reference = paged_decode_reference(
+        q,
+        caches[0].float(),
+        caches[1].float(),
+        torch.tensor([list(range(1, 8))]),
+        torch.tensor([length]),
+        params,
+    )
+    torch.testing.assert_close(expected.view(1, heads, dim), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_plan_places_every_piece_at_its_position() -> None:
+    table = [3, 4, 5, 9, 1, 2]
+    plan = decode_plan.plan_in_place(0, table, 22, BLOCK, None, "cpu")
+    assert plan.view_offsets == (0,)
+    assert plan.gathered_offsets.tolist() == list(range(12, 22))
+    windowed = decode_plan.plan_in_place(0, [7, 3, 4, 5, 0], 20, BLOCK, 18, "cpu")
+    # Positions 2..19: slots 30, 31 (block 7), then blocks 3, 4, 5 (one run), then block 0.
+    assert windowed.views == (SlotRun(12, 12),) and windowed.view_offsets == (2,)
+    assert windowed.gathered.tolist() == [30, 31, 0, 1, 2, 3]
+    assert windowed.gathered_offsets.tolist() == [0, 1, 14, 15, 16, 17]
