@@ -99,10 +99,13 @@ def decode_in_place(
     plain = params.softcap is None and params.sinks is None
     # One piece, or pieces that a cache in another dtype (--kv-cache-dtype) must convert
     # anyway: one tensor in position order and one SDPA call. The converting copies cost
-    # what converting each piece would, the pieces' own matmuls and softmax are saved
-    # (SmolLM2's shapes, one thread, bfloat16 cache, a view plus 16 gathered slots: 73 -> 57
-    # us per layer at 300 keys, 402 -> 333 at 3,000; one view: 49 and 322), and a sequence
-    # that found its prompt in the prefix cache attends as if its blocks were one run.
+    # what converting each piece would and the pieces' own matmuls and softmax are saved:
+    # SmolLM2's shapes, one thread, bfloat16 cache, a view plus 16 gathered slots, us per
+    # layer, 73 -> 67 at 300 keys and 399 -> 337 at 3,000 in isolation (one view: 49, 321);
+    # inside the engine, a prompt found in the prefix cache then 200 tokens, 118 -> 111 at
+    # 500 keys, 229 -> 224 at 1,500, 426 -> 393 at 3,000 (means of ~3,000 calls, ad hoc).
+    # The pieces also give the very values one run of the same slots gives.
+    # A cache in q's dtype keeps the pieces: copying its views would cost what they save.
     if plain and (_piece_count(plan) == 1 or key_flat.dtype != q.dtype):
         keys = _in_order(key_flat, plan, q.dtype)
         if value_flat is None:  # latent attention: values are the keys' first channels
