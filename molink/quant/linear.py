@@ -10,6 +10,7 @@ rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -238,6 +239,15 @@ class QuantLinear(nn.Module):
         if kernel == "dequant":
             return dequant_matmul(self.planes, x.float())
         return self.planes.matmul_float(x)
+
+    def plain_product(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``forward`` for float32 x of ``rows`` rows where it is the int4 planes' product
+        alone (molink.models.blocks.direct_decode): no bias, no reordered inputs, not an
+        LM head's ties, a row count the int4 kernel takes; else None."""
+        planes = self.planes
+        if planes is None or rows > self._int4_rows or self.table or self.bias is not None:
+            return None
+        return planes.matmul_float
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # forward() directly: no hooks are registered on these layers (as the decoder's

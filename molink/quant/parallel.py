@@ -62,6 +62,10 @@ class QuantRowParallel(QuantLinear):
         self.rule = rule
         self.group = group
 
+    def plain_product(self, rows: int) -> None:
+        """Never: this rank's product is summed with the other ranks' (``forward``)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.group.all_reduce(self.product(x).contiguous())
         if self.bias is not None:

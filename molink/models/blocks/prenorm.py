@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from molink.models.blocks.attention import SelfAttention
+from molink.models.blocks.direct_decode import DirectPreNorm
 from molink.models.forward_context import ForwardContext
 
 
@@ -36,6 +37,8 @@ class PreNormLayer(nn.Module):
         self.post_norm = post_norm
         self.mlp = mlp
         self.residual_multiplier = residual_multiplier
+        # The same forward without module dispatch, where the parts allow it (its module).
+        self.direct = DirectPreNorm.of(self)
 
     def forward(
         self,
@@ -44,6 +47,11 @@ class PreNormLayer(nn.Module):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
     ) -> torch.Tensor:
+        direct = self.direct
+        if direct is not None:
+            out = direct.forward(x, ctx, key_cache, value_cache)
+            if out is not None:
+                return out
         # forward() directly, as the decoder calls its layers (molink/models/decoder.py):
         # no hooks are registered on blocks, and a decode step makes ~150 such calls.
         attn = self.attn
