@@ -24,7 +24,10 @@ measured in the serving runs).
     OMP_NUM_THREADS=1 python bench/quant_decode_floor.py [--steps 64] [--rounds 5]
         [--name quant_decode_floor]
 
-Writes ``bench/results/<name>.json``.
+Writes ``bench/results/<name>.json``. The committed run (AMD EPYC with avx512_bf16, load
+~0.5, 5 rounds of 64 steps): engine 10.21 ms, lean 8.48, products 6.21 per step, i.e.
+0.64x, 0.77x and 1.06x llama-server's 6.56 ms TPOT; the lean decode predicts 94.8% of the
+engine's tokens (its prompt goes token by token, the engine's in one prefill chunk).
 """
 
 from __future__ import annotations

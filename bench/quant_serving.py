@@ -125,6 +125,12 @@ against 7.0 s at one stream; ``quant_serving_long_llama_prefill_int4.json`` (aft
 tok/s against 81.6 and 18.4: llama-server's single stream decodes a 1,500-token context
 faster (12.3 ms per token against 18.9), its 8 streams slower. Peak RSS 819 against
 473 MiB (molink's servers get a 2 GiB KV cache for long prompts, filled as needed).
+
+``quant_serving_direct.json`` (2 ABBA rounds, load 0.35-0.9), after pre-norm layers of int4
+planes skip module dispatch (molink/models/blocks/direct_decode.py): Q4_1 91.8, 243.9,
+296.6 tok/s at 1, 8, 32 streams (TPOT 10.56 ms at one) against llama-server's 151.6, 127.7,
+167.7 (0.61x, 1.91x, 1.77x) and float32's 30.9, 188.6, 291.6 (2.97x, 1.29x, 1.02x); peak
+497 MiB against 355 (1.40x).
 """
 
 from __future__ import annotations

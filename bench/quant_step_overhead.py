@@ -39,6 +39,12 @@ step at 1, 2 and 8 rows, wall ms 11.73 -> 10.95, 13.32 -> 12.35, 27.00 -> 25.81 
 ratios 1.065x, 1.077x, 1.050x), function calls 4510 -> 3150, 4680 -> 3320, 5741 -> 4365;
 logits bit-identical. (A run before a last simplification, on a quieter host: 1.054x,
 1.056x, 1.024x.)
+
+``quant_step_direct.json`` (``--base 0c64bb6 --rounds 6 --rows 1,2,8``, load ~0.5): pre-norm
+layers whose matrices are int4 planes running their forward without module dispatch
+(molink/models/blocks/direct_decode.py) against the tree before: wall ms 10.28 -> 10.21,
+11.59 -> 11.41, 24.49 -> 24.25 (paired ratios 1.019x, 1.020x, 1.015x), calls per step
+3150 -> 2700, 3320 -> 2870, 4365 -> 3915; logits bit-identical.
 """
 
 from __future__ import annotations
