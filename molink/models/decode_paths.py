@@ -105,7 +105,8 @@ def decode_in_place(
     # inside the engine, a prompt found in the prefix cache then 200 tokens, 118 -> 111 at
     # 500 keys, 229 -> 224 at 1,500, 426 -> 393 at 3,000 (means of ~3,000 calls, ad hoc).
     # The pieces also give the very values one run of the same slots gives.
-    # A cache in q's dtype keeps the pieces: copying its views would cost what they save.
+    # A cache in q's dtype keeps the pieces: copying its views costs more than they save
+    # (float32 cache, the same plan: 60 -> 64 us at 300 keys, 113 -> 148 at 1,000).
     if plain and (_piece_count(plan) == 1 or key_flat.dtype != q.dtype):
         keys = _in_order(key_flat, plan, q.dtype)
         if value_flat is None:  # latent attention: values are the keys' first channels
