@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from molink.models.attention import paged_attention
+from molink.models.attention import AttentionOptions, paged_attention
 from molink.models.blocks.attention import SelfAttention
 from molink.models.blocks.mlp import GatedMLP
 from molink.models.blocks.norms import RMSNorm
@@ -54,6 +54,9 @@ class DirectPreNorm:
     o: DirectProduct
     gate_up: DirectProduct
     down: DirectProduct
+    # From the attention's spec, which does not change after construction.
+    k_end: int  # q's and k's channels of the fused projection
+    options: AttentionOptions  # no sinks (a parameter loading may replace): fixed
 
     @classmethod
     def of(cls, layer: PreNormLayer) -> DirectPreNorm | None:
@@ -67,14 +70,16 @@ class DirectPreNorm:
             and type(mlp) is GatedMLP
             and attn.spec.qk_norm is None
             and attn.spec.rope is not None
-            and attn._plain_options is not None
+            and not attn.spec.sinks
             and not attn.group.is_parallel
         ):
             return None
         matrices = (attn.qkv, attn.o, mlp.gate_up, mlp.down)
         if not all(isinstance(m, DirectProduct) for m in matrices):
             return None
-        return cls(layer.input_norm, layer.post_norm, attn, mlp, *matrices)
+        spec = attn.spec
+        k_end = spec.q_size + spec.kv_size
+        return cls(layer.input_norm, layer.post_norm, attn, mlp, *matrices, k_end, attn.options())
 
     def forward(
         self,
@@ -92,15 +97,15 @@ class DirectPreNorm:
         gate_up, down = self.gate_up.plain_product(rows), self.down.plain_product(rows)
         if qkv is None or o is None or gate_up is None or down is None:
             return None
-        attn, spec = self.attn, self.attn.spec
+        spec = self.attn.spec
         norm = self.input_norm
         fused = qkv(torch.rms_norm(x, norm.shape, norm.weight, norm.eps))
-        k_end = attn._k_end
+        k_end = self.k_end
         v = fused[:, k_end:].view(rows, spec.num_kv_heads, -1)
         qk = fused[:, :k_end].view(rows, -1, spec.head_dim)
         q, k = ctx.rotate_qk(spec.rope, qk, spec.num_heads)
         meta = ctx.attention_meta(spec.window)
-        heads = paged_attention(q, k, v, key_cache, value_cache, meta, attn._plain_options)
+        heads = paged_attention(q, k, v, key_cache, value_cache, meta, self.options)
         x = x + o(heads)
         norm = self.post_norm
         h = gate_up(torch.rms_norm(x, norm.shape, norm.weight, norm.eps))
