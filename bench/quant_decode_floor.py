@@ -25,8 +25,8 @@ measured in the serving runs).
         [--name quant_decode_floor]
 
 Writes ``bench/results/<name>.json``. The committed run (AMD EPYC with avx512_bf16, load
-~0.5, 5 rounds of 64 steps): engine 10.21 ms, lean 8.48, products 6.21 per step, i.e.
-0.64x, 0.77x and 1.06x llama-server's 6.56 ms TPOT; the lean decode predicts 94.8% of the
+~0.2, 5 rounds of 64 steps): engine 9.72 ms, lean 8.43, products 6.23 per step, i.e.
+0.67x, 0.78x and 1.05x llama-server's 6.56 ms TPOT; the lean decode predicts 94.8% of the
 engine's tokens (its prompt goes token by token, the engine's in one prefill chunk).
 """
 
@@ -59,47 +59,19 @@ from molink.weights import default_model_gguf  # noqa: E402
 
 logger = logging.getLogger("quant_decode_floor")
 LLAMA_RESULTS = RESULTS_DIR / "quant_serving_prefill_int4.json"
-_INT4_MM = torch._weight_int4pack_mm_for_cpu
-
-
-@dataclass(frozen=True, eq=False)
-class Product:
-    """One int4 product as the engine runs it: bfloat16 in, one kernel call, float32 out."""
-
-    packed: torch.Tensor
-    scale_zero: torch.Tensor
-    group: int
-    rows: int
-    copies: int  # joined planes multiply [x | x]
-
-    @classmethod
-    def of(cls, planes: Int4Planes) -> Product:
-        if planes.joined is not None:
-            packed, scale_zero = planes.joined
-            return cls(packed, scale_zero, planes.group, planes.rows, len(planes.packed))
-        ((packed, scale_zero),) = planes._kernel_args
-        return cls(packed, scale_zero, planes.group, planes.rows, 1)
-
-    def input_width(self) -> int:
-        """Columns of x: scales and zeros are [columns of the kernel's input / group, ...]."""
-        return self.scale_zero.shape[0] * self.group // self.copies
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)
-        if self.copies > 1:
-            xb = xb.repeat(1, self.copies)
-        out = _INT4_MM(xb, self.packed, self.group, self.scale_zero).float()
-        return out if out.shape[1] == self.rows else out[:, : self.rows]
 
 
 @dataclass(frozen=True)
 class LeanLayer:
+    """One layer's weights; products are ``Int4Planes.matmul_float``, what the engine's
+    int4 layers run (bfloat16 in, one kernel call, float32 out)."""
+
     input_norm: torch.Tensor
-    qkv: Product
-    o: Product
+    qkv: Int4Planes
+    o: Int4Planes
     post_norm: torch.Tensor
-    gate_up: Product
-    down: Product
+    gate_up: Int4Planes
+    down: Int4Planes
     keys: torch.Tensor  # [max positions, kv heads, head dim], bfloat16
     values: torch.Tensor
 
@@ -119,7 +91,7 @@ class LeanDecoder:
         self.rotary = model.rotaries["default"]
         self.embed = model.embed
         self.final_norm = model.final_norm.weight
-        self.head = Product.of(model.lm_head.planes)
+        self.head: Int4Planes = model.lm_head.planes
 
         def cache() -> torch.Tensor:
             shape = (max_positions, self.kv_heads, self.head_dim)
@@ -128,18 +100,18 @@ class LeanDecoder:
         self.layers = [
             LeanLayer(
                 layer.input_norm.weight,
-                Product.of(layer.attn.qkv.planes),
-                Product.of(layer.attn.o.planes),
+                layer.attn.qkv.planes,
+                layer.attn.o.planes,
                 layer.post_norm.weight,
-                Product.of(layer.mlp.gate_up.planes),
-                Product.of(layer.mlp.down.planes),
+                layer.mlp.gate_up.planes,
+                layer.mlp.down.planes,
                 cache(),
                 cache(),
             )
             for layer in model.layers
         ]
 
-    def products(self) -> list[Product]:
+    def products(self) -> list[Int4Planes]:
         return [p for la in self.layers for p in (la.qkv, la.o, la.gate_up, la.down)] + [self.head]
 
     def step(self, token: int, position: int) -> torch.Tensor:
@@ -152,7 +124,7 @@ class LeanDecoder:
         length = position + 1
         for la in self.layers:
             h = torch.rms_norm(x, (hidden,), la.input_norm, self.eps)
-            qkv = la.qkv(h)
+            qkv = la.qkv.matmul_float(h)
             qk = qkv[:, :k_end].view(1, heads + kv, dim)
             qk = torch.addcmul(qk * cos, torch.roll(qk, shifts=dim // 2, dims=-1), sin)
             la.keys[position] = qk[0, heads:]
@@ -161,12 +133,12 @@ class LeanDecoder:
             values = la.values[:length].float().transpose(0, 1).unsqueeze(0)
             query = qk[:, :heads].reshape(1, kv, heads // kv, dim)
             attn = F.scaled_dot_product_attention(query, keys, values).reshape(1, q_end)
-            x = x + la.o(attn)
+            x = x + la.o.matmul_float(attn)
             h = torch.rms_norm(x, (hidden,), la.post_norm, self.eps)
-            gate_up = la.gate_up(h)
+            gate_up = la.gate_up.matmul_float(h)
             act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-            x = x + la.down(act)
-        return self.head(torch.rms_norm(x, (hidden,), self.final_norm, self.eps))
+            x = x + la.down.matmul_float(act)
+        return self.head.matmul_float(torch.rms_norm(x, (hidden,), self.final_norm, self.eps))
 
 
 def engine_tokens(llm: LLM, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
@@ -202,14 +174,14 @@ def lean_pass(lean: LeanDecoder, sequence: list[int], first_timed: int) -> tuple
     return hits, times
 
 
-def products_pass(products: list[Product], steps: int) -> list[float]:
-    calls = [(p, torch.randn(1, p.input_width())) for p in products]
+def products_pass(products: list[Int4Planes], steps: int) -> list[float]:
+    calls = [(p, torch.randn(1, p.cols)) for p in products]
     times = []
     with torch.inference_mode():
         for _ in range(steps):
             start = time.perf_counter()
-            for product, x in calls:
-                product(x)
+            for planes, x in calls:
+                planes.matmul_float(x)
             times.append(time.perf_counter() - start)
     return times
 
