@@ -63,6 +63,16 @@ def store_kv(
     meta: AttentionMetadata,
 ) -> None:
     """Write ``k`` [T, kv_heads, Dk] and ``v`` [T, kv_heads, Dv] into their cache slots."""
+    if meta.slot_run is not None and key_cache.dtype != torch.float8_e4m3fn:
+        # Consecutive slots (a lone decode, one prompt's chunk): one copy into a slice,
+        # which also casts to a cache in another dtype. An index copy needs the cast as a
+        # call of its own: SmolLM2's shapes, one decode token, a bfloat16 cache, 6.6 ->
+        # 3.7 us per layer (ad hoc, timeit).
+        first, count = meta.slot_run
+        key_cache.view(-1, k.shape[1], k.shape[2])[first : first + count].copy_(k)
+        if value_cache.shape[-1]:
+            value_cache.view(-1, v.shape[1], v.shape[2])[first : first + count].copy_(v)
+        return
     # A cache in another dtype (--kv-cache-dtype bfloat16) is written with a cast; the
     # checks skip a no-op call per layer and step where it is not.
     if k.dtype != key_cache.dtype:

@@ -89,7 +89,9 @@ class AttentionMetadata:
     """Index tensors of one forward, shared by every layer of a stage.
 
     ``positions`` [T] and ``slot_mapping`` [T] (``block_id * block_size + offset``) cover
-    every new token in chunk order.
+    every new token in chunk order. ``slot_run``: ``(first slot, T)`` where those slots
+    follow one another (one decoding sequence, or one prompt's chunk in consecutive
+    blocks), so that the new keys are written through a slice rather than an index.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class AttentionMetadata:
         prefills: tuple[PrefillGroup, ...],
         sliding_window: int | None,
         in_place: tuple[InPlaceDecode, ...] = (),
+        slot_run: tuple[int, int] | None = None,
     ) -> None:
         self.chunks = chunks
         self.block_size = block_size
@@ -111,6 +114,7 @@ class AttentionMetadata:
         self.prefills = prefills
         self.in_place = in_place
         self.sliding_window = sliding_window
+        self.slot_run = slot_run
         self.num_tokens = int(positions.shape[0])
         self.max_context_len = max(c.start_pos + c.num_tokens for c in chunks)
 
@@ -176,6 +180,7 @@ class AttentionMetadata:
             tuple(prefills),
             sliding_window,
             tuple(in_place),
+            _slot_run(slots),
         )
 
     def with_sliding_window(self, window: int) -> AttentionMetadata:
@@ -200,6 +205,14 @@ class AttentionMetadata:
             sliding_window=window,
             kernel=decode.in_kernel if decode is not None else None,
         )
+
+
+def _slot_run(slots: list[int]) -> tuple[int, int] | None:
+    """``(first, count)`` where ``slots`` are consecutive, else None."""
+    first = slots[0]
+    if slots[-1] - first != len(slots) - 1 or slots != list(range(first, first + len(slots))):
+        return None
+    return first, len(slots)
 
 
 def _decode_group(

@@ -49,6 +49,36 @@ def test_positions_and_slots_follow_chunk_order() -> None:
     assert meta.prefills[1].mask.tolist() == [[True, True, True, False], [True, True, True, True]]
 
 
+def test_consecutive_slots_are_planned_as_one_run() -> None:
+    assert AttentionMetadata.build([SeqChunk(5, 1, [7, 2])], block_size=4).slot_run == (9, 1)
+    prompt = AttentionMetadata.build([SeqChunk(2, 5, [3, 4])], block_size=4)
+    assert prompt.slot_run == (14, 5)  # blocks 3 and 4 hold slots 12..19
+    assert AttentionMetadata.build([SeqChunk(2, 5, [4, 3])], block_size=4).slot_run is None
+    two = [SeqChunk(5, 1, [7, 2]), SeqChunk(6, 1, [7, 2])]  # slots 9, 10: still one run
+    assert AttentionMetadata.build(two, block_size=4).slot_run == (9, 2)
+    apart = [SeqChunk(5, 1, [7, 2]), SeqChunk(3, 1, [1])]
+    assert AttentionMetadata.build(apart, block_size=4).slot_run is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_a_run_of_slots_is_written_as_an_index_writes_it(dtype: torch.dtype) -> None:
+    from molink.models.attention import store_kv
+
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 8, generator=gen)
+    run = AttentionMetadata.build([SeqChunk(2, 5, [3, 4])], block_size=4)
+    assert run.slot_run is not None
+    by_index = AttentionMetadata(
+        run.chunks, 4, run.positions, run.slot_mapping, run.decode, run.prefills, None
+    )
+    caches = [torch.zeros(6, 4, 2, 8, dtype=dtype) for _ in range(4)]
+    store_kv(k, v, caches[0], caches[1], run)
+    store_kv(k, v, caches[2], caches[3], by_index)
+    assert caches[0].view(torch.uint8).equal(caches[2].view(torch.uint8))
+    assert caches[1].view(torch.uint8).equal(caches[3].view(torch.uint8))
+    assert caches[0].view(-1, 2, 8)[14:19].float().abs().sum() > 0
+
+
 def test_decode_group_pads_and_masks_shorter_sequences() -> None:
     meta = AttentionMetadata.build(
         [SeqChunk(5, 1, [3, 8, 6]), SeqChunk(0, 2, [1]), SeqChunk(1, 1, [0])], block_size=4
