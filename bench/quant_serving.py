@@ -130,7 +130,12 @@ faster (12.3 ms per token against 18.9), its 8 streams slower. Peak RSS 819 agai
 planes skip module dispatch (molink/models/blocks/direct_decode.py): Q4_1 91.8, 243.9,
 296.6 tok/s at 1, 8, 32 streams (TPOT 10.56 ms at one) against llama-server's 151.6, 127.7,
 167.7 (0.61x, 1.91x, 1.77x) and float32's 30.9, 188.6, 291.6 (2.97x, 1.29x, 1.02x); peak
-497 MiB against 355 (1.40x).
+497 MiB against 355 (1.40x). ``quant_serving_slot_run.json`` (the same command, a later
+tree whose new keys go into a run of slots with one copy; load 0.7-0.9): Q4_1 88.5, 254.9,
+314.1 (TPOT 10.95 ms) against llama-server's 158.8, 133.1, 164.8 (TPOT 6.28: 0.56x, 1.92x,
+1.91x) and float32's 33.2, 206.6, 299.6 (2.67x, 1.23x, 1.05x); peak 500 MiB against 354.
+One stream's TPOT moves by ~0.5 ms between runs on this shared host (10.2-10.6 ms in
+repeated single requests to one server the same hour, ad hoc).
 """
 
 from __future__ import annotations
