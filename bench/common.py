@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -32,8 +32,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere, without ins
 from molink.loadgen.stats import mean, percentile  # noqa: E402  (re-exported for benchmarks)
 from tests.helpers.server_process import free_port  # noqa: E402  (re-exported for benchmarks)
 
+if TYPE_CHECKING:
+    from molink.engine.offline import LLM
+
 __all__ = [
     "LOOPBACK",
+    "quantized_default_model",
     "REPO_ROOT",
     "RESULTS_DIR",
     "ServerProcess",
@@ -76,6 +80,22 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")[-num_chars:]
         except OSError:
             return ""
+
+
+def quantized_default_model(kernel: str = "int4", max_num_seqs: int = 8) -> LLM:
+    """The default model's GGUF kept quantized in the offline engine with a 256 MiB KV cache:
+    the setup of the benches that time its decode steps in one process. Imported here, not
+    at the top: most benches drive servers and need no engine in their own process."""
+    from molink.engine.offline import LLM
+    from molink.weights import default_model_gguf
+
+    return LLM(
+        model=str(default_model_gguf()),
+        quantization="gguf",
+        quantized_batch_kernel=kernel,
+        max_num_seqs=max_num_seqs,
+        kv_cache_memory_bytes=1 << 28,
+    )
 
 
 def molink_serve_command(port: int, args: Sequence[str] = ()) -> list[str]:

@@ -47,12 +47,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import molink.models.blocks.attention as block_attention  # noqa: E402
-from bench.common import write_results  # noqa: E402
-from molink.engine.offline import LLM  # noqa: E402
+from bench.common import quantized_default_model, write_results  # noqa: E402
 from molink.models import attention as paged  # noqa: E402
 from molink.models.forward_context import ForwardContext  # noqa: E402
 from molink.sampling_params import SamplingParams  # noqa: E402
-from molink.weights import default_model_gguf  # noqa: E402
 
 logger = logging.getLogger("cpu_compile_probe")
 PROMPT = "Write a long story about a lighthouse keeper:"
@@ -105,13 +103,7 @@ def _compiled_forward(model: Any, compiled: Any) -> Any:
 
 
 def run(mode: str, steps: int) -> dict[str, Any]:
-    llm = LLM(
-        model=str(default_model_gguf()),
-        quantization="gguf",
-        quantized_batch_kernel="int4",
-        max_num_seqs=8,
-        kv_cache_memory_bytes=1 << 28,
-    )
+    llm = quantized_default_model()
     engine = llm.engine
     (stage,) = engine.executor.stages
     if mode != "eager":

@@ -59,12 +59,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import RESULTS_DIR, write_results  # noqa: E402
+from bench.common import RESULTS_DIR, quantized_default_model, write_results  # noqa: E402
 from bench.quant_serving import PROMPT, cpu_flags  # noqa: E402
 from molink.engine.offline import LLM  # noqa: E402
 from molink.quant.int4 import Int4Planes  # noqa: E402
 from molink.sampling_params import SamplingParams  # noqa: E402
-from molink.weights import default_model_gguf  # noqa: E402
 
 logger = logging.getLogger("quant_decode_floor")
 LLAMA_RESULTS = RESULTS_DIR / "quant_serving_prefill_int4.json"
@@ -245,13 +244,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    llm = LLM(
-        model=str(default_model_gguf()),
-        quantization="gguf",
-        quantized_batch_kernel="int4",
-        max_num_seqs=8,
-        kv_cache_memory_bytes=1 << 28,
-    )
+    llm = quantized_default_model()
     prompt = llm.tokenizer.encode(f"{PROMPT} 1:")
     lean = LeanDecoder(llm, len(prompt) + args.steps + 2)
     products = lean.products()
