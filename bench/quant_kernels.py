@@ -41,7 +41,9 @@ Writes ``bench/results/quant_kernels.json``: milliseconds per model pass (median
 rounds) per candidate and row count, and the slow float32 paths on one matrix at 1 row.
 The committed files are from an AVX2 CPU, except ``quant_kernels_avx512bf16.json`` (AVX-512
 with ``avx512_bf16``, where ``bf16`` and ``int4_g32`` run faster paths; the figures are in
-molink/quant/kernels.py).
+molink/quant/kernels.py) and ``quant_kernels_bound.json`` (the same CPU, the four
+fastest candidates and float32 at 1, 8 and 32 rows: what bounds a quantized step against
+float32, in the same module doc).
 """
 
 from __future__ import annotations

@@ -93,6 +93,23 @@ makes 2.24x, 1.60x, 1.59x float32's tok/s at 1, 8, 32 streams (66.2, 266.4, 464.
 29.5, 166.7, 292.7), ahead of ``fp16`` (2.06x, 1.40x, 1.12x) and ``int4`` (2.10x, 1.26x,
 0.78x), with a smaller peak (1259 MiB against fp16's 1431; int4 982, float32 2178).
 
+What bounds a quantized step against float32 at 8 and 32 rows: the same model pass, every
+candidate of this torch pin side by side, one thread, medians of 5 interleaved rounds, load
+0.2-0.4 (bench/results/quant_kernels_bound.json), ms:
+
+    rows                         1      8     32
+    int4 g32 kernel            6.3   15.3   54.2
+    bfloat16 packed (oneDNN)  11.8   16.3   30.3
+    fbgemm float16 packed     11.3   15.9   47.6
+    MatMulNBits int4 x int8    7.6   18.3   50.1
+    float32 (oneDNN packed)   18.4   24.7   51.8
+
+The fastest products are 2.9x float32's at one row, 1.6x at 8 (int4) and 1.7x at 32 (the
+bfloat16 copy; int4 0.96x). The rest of a step (attention, norms, sampling) is the same
+work in either, so a step of 8 or 32 rows cannot reach 2x float32's with any of them: the
+products alone do not. At one row the int4 kernel's 6.3 ms is about llama-server's whole
+token on this host (TPOT 6.3-7.4 ms served, bench/quant_serving.py).
+
 So ``--quantized-batch-kernel``:
 
 * ``int4`` (default: weights stay at the file's size): the int4 kernel up to
