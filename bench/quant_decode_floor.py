@@ -36,6 +36,9 @@ code already cached on disk: 30 s to load it, 228 s to compile it the first time
 9.72 ms, lean 8.56, compiled 8.52, products 6.28 (0.68x, 0.77x, 0.77x, 1.04x); the compiled
 decode predicts the same 94.8%. Compiling does not lower the floor: what the lean decode
 spends between its products (2.2-2.3 ms) is the small ops' own work, not Python's calls.
+``quant_decode_floor_stop28.json`` (``--llama-tpot-ms 7.29``, llama-server's TPOT in
+``quant_serving_stop28.json`` the same hour, a host ~7% slower than the day before, load
+0.26-0.67): engine 10.99 ms, lean 9.36, products 6.86 (0.66x, 0.78x, 1.06x).
 """
 
 from __future__ import annotations

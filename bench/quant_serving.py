@@ -136,6 +136,14 @@ tree whose new keys go into a run of slots with one copy; load 0.7-0.9): Q4_1 88
 1.91x) and float32's 33.2, 206.6, 299.6 (2.67x, 1.23x, 1.05x); peak 500 MiB against 354.
 One stream's TPOT moves by ~0.5 ms between runs on this shared host (10.2-10.6 ms in
 repeated single requests to one server the same hour, ad hoc).
+``quant_serving_stop28.json`` (the same three servers, ``--rounds 4``, load 0.34-1.05, this
+host ~7% slower for every server than the day before): Q4_1 88.4, 253.0, 313.7 (TPOT 10.92
+ms) against llama-server's 137.0, 127.2, 165.4 (TPOT 7.29: 0.65x, 1.99x, 1.90x) and
+float32's 31.8, 187.5, 326.9 (2.78x, 1.35x, 0.96x); peak 504 MiB against 355 (1.42x).
+``quant_serving_stop28_5way.json`` (just before it, ``--servers llama_server,molink_q4_1,
+molink_q4_1_bf16,molink_float32,molink_bfloat16 --rounds 2``, load 0.31-1.07): llama-server
+134.1, 127.0, 163.7; Q4_1 80.9, 239.3, 283.6; Q4_1 with the ``bf16`` kernel 68.7, 280.2,
+442.0 (peak 887 MiB); float32 30.6, 193.5, 334.8; bfloat16 59.6, 308.8, 535.8 (peak 1179).
 """
 
 from __future__ import annotations
